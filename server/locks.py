@@ -1,0 +1,327 @@
+"""Sleeping locks on asyncio, with the kernel's lock order checked at run time (lockdep).
+
+The kernel's order, outermost first, is kept in ``LOCK_ORDER`` below and nowhere else:
+
+    mmap_lock  ->  folio lock  ->  anon_vma root rwsem  ->  page-table lock (PTL)
+
+Every blocking acquisition is checked against the locks the acquiring task already holds: taking a
+lock whose class ranks at or above a held one is a violation, except for the two nestings the
+kernel annotates (fork's ``mmap_write_lock_nested`` on the child mm, and a second PTL taken
+``spin_lock_nested``, as ``double_pt_lock`` (in address order) and ``copy_pte_range`` do). Trylocks are
+exempt from the check, as in lockdep, but what they take counts as held.
+
+Uncontended acquisition never awaits: ``down_read``/``down_write``/``lock`` return True when they got
+the lock synchronously, and only a False answer is followed by ``await wait(cur)``. A waiter that is
+cancelled leaves the queue, or gives back a lock that was handed to it before it could run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .detectors import Detectors
+
+
+class LockClass(IntEnum):
+    """Lock classes, ranked outermost (0) to innermost."""
+
+    MMAP_LOCK = 0
+    FOLIO_LOCK = 1
+    ANON_VMA = 2
+    PTL = 3
+
+
+#: The one lock-order table: (class, kernel name, which nesting of the same class is allowed).
+LOCK_ORDER: tuple[tuple[LockClass, str, str], ...] = (
+    (LockClass.MMAP_LOCK, "mm->mmap_lock", "mmap_write_lock_nested (fork: parent, then child)"),
+    (LockClass.FOLIO_LOCK, "folio lock (PG_locked)", "none"),
+    (LockClass.ANON_VMA, "anon_vma->root->rwsem", "none"),
+    (LockClass.PTL, "page-table lock", "spin_lock_nested (double_pt_lock by address; copy_pte_range dst, then src)"),
+)
+
+
+class Current:
+    """Per-task kernel state (what ``current`` points at): held locks, RCU nesting, a name."""
+
+    __slots__ = ("name", "held", "rcu_nesting", "waiting")
+
+    def __init__(self, name: str = "task") -> None:
+        self.name = name
+        self.held: list[_Lock] = []
+        self.rcu_nesting = 0
+        self.waiting: _Waiter | None = None
+
+    def __repr__(self) -> str:
+        return f"<Current {self.name}>"
+
+
+class _Waiter:
+    __slots__ = ("fut", "cur", "write")
+
+    def __init__(self, fut: asyncio.Future[None], cur: Current, write: bool) -> None:
+        self.fut = fut
+        self.cur = cur
+        self.write = write
+
+
+class LockdepState:
+    """Where violations go; shared by all locks of one model instance."""
+
+    __slots__ = ("detectors", "enabled")
+
+    def __init__(self, detectors: Detectors | None = None, enabled: bool = True) -> None:
+        self.detectors = detectors
+        self.enabled = enabled
+
+
+_lock_seq = 0
+
+
+class _Lock:
+    __slots__ = ("name", "rank", "key", "lockdep", "waiters")
+
+    def __init__(self, name: str, rank: LockClass, lockdep: LockdepState) -> None:
+        global _lock_seq
+        _lock_seq += 1
+        self.name = name
+        self.rank = rank
+        # Stands in for the lock's address: double_pt_lock orders PTLs by it.
+        self.key = _lock_seq
+        self.lockdep = lockdep
+        self.waiters: deque[_Waiter] = deque()
+
+    def _check_order(self, cur: Current, nested: bool) -> None:
+        """lockdep: a blocking acquisition must rank below every lock already held."""
+        rank = self.rank
+        for h in cur.held:
+            if h.rank < rank:
+                continue
+            if h is self:
+                why = "recursive acquisition"
+            elif h.rank == rank and nested:
+                continue
+            elif h.rank == rank:
+                why = "same class without a nesting annotation"
+            else:
+                why = "inverted order"
+            ld = self.lockdep
+            if ld.detectors is not None:
+                ld.detectors.report(
+                    "lock-order",
+                    task=cur.name,
+                    acquiring=self.name,
+                    held=h.name,
+                    why=why,
+                )
+            return
+
+    async def wait(self, cur: Current) -> None:
+        """Sleep until the acquisition queued by a False answer is granted (cancellation-safe)."""
+        w = cur.waiting
+        assert w is not None, "wait() without a queued acquisition"
+        try:
+            await w.fut
+        except asyncio.CancelledError:
+            if w.fut.done() and not w.fut.cancelled():
+                # Granted, but cancelled before running: give it back.
+                self._release_granted(w)
+            else:
+                try:
+                    self.waiters.remove(w)
+                except ValueError:
+                    pass
+                self._wake()
+            raise
+        finally:
+            cur.waiting = None
+
+    def _enqueue(self, cur: Current, write: bool) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        w = _Waiter(fut, cur, write)
+        self.waiters.append(w)
+        cur.waiting = w
+
+    def _release_granted(self, w: _Waiter) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _wake(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class RwSem(_Lock):
+    """A fair reader/writer semaphore (``struct rw_semaphore``)."""
+
+    __slots__ = ("readers", "owner")
+
+    def __init__(self, name: str, rank: LockClass, lockdep: LockdepState) -> None:
+        super().__init__(name, rank, lockdep)
+        self.readers = 0
+        self.owner: Current | None = None
+
+    def is_locked(self) -> bool:
+        return self.readers > 0 or self.owner is not None
+
+    # -- trylocks: no order check, fail when anyone holds it for write or waits for it
+    def down_read_trylock(self, cur: Current) -> bool:
+        if self.owner is None and not self.waiters:
+            self.readers += 1
+            cur.held.append(self)
+            return True
+        return False
+
+    def down_write_trylock(self, cur: Current) -> bool:
+        if self.owner is None and self.readers == 0 and not self.waiters:
+            self.owner = cur
+            cur.held.append(self)
+            return True
+        return False
+
+    # -- blocking acquisitions: True if taken now; False means "await self.wait(cur)"
+    def down_read(self, cur: Current, nested: bool = False) -> bool:
+        if cur.held and self.lockdep.enabled:
+            self._check_order(cur, nested)
+        if self.owner is None and not self.waiters:
+            self.readers += 1
+            cur.held.append(self)
+            return True
+        self._enqueue(cur, False)
+        return False
+
+    def down_write(self, cur: Current, nested: bool = False) -> bool:
+        if cur.held and self.lockdep.enabled:
+            self._check_order(cur, nested)
+        if self.owner is None and self.readers == 0 and not self.waiters:
+            self.owner = cur
+            cur.held.append(self)
+            return True
+        self._enqueue(cur, True)
+        return False
+
+    def up_read(self, cur: Current) -> None:
+        self.readers -= 1
+        cur.held.remove(self)
+        if self.readers == 0 and self.waiters:
+            self._wake()
+
+    def up_write(self, cur: Current) -> None:
+        self.owner = None
+        cur.held.remove(self)
+        if self.waiters:
+            self._wake()
+
+    def _release_granted(self, w: _Waiter) -> None:
+        if w.write:
+            self.up_write(w.cur)
+        else:
+            self.up_read(w.cur)
+
+    def _wake(self) -> None:
+        """Hand the lock to the head of the queue: one writer, or every reader up to a writer."""
+        q = self.waiters
+        while q:
+            w = q[0]
+            if w.write:
+                if self.owner is None and self.readers == 0:
+                    q.popleft()
+                    self.owner = w.cur
+                    w.cur.held.append(self)
+                    w.fut.set_result(None)
+                return
+            if self.owner is not None:
+                return
+            q.popleft()
+            self.readers += 1
+            w.cur.held.append(self)
+            w.fut.set_result(None)
+
+
+class Mutex(_Lock):
+    """A sleeping lock held by one task: the folio lock, and the PTLs."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, name: str, rank: LockClass, lockdep: LockdepState) -> None:
+        super().__init__(name, rank, lockdep)
+        self.owner: Current | None = None
+
+    def is_locked(self) -> bool:
+        return self.owner is not None
+
+    def trylock(self, cur: Current) -> bool:
+        if self.owner is None and not self.waiters:
+            self.owner = cur
+            cur.held.append(self)
+            return True
+        return False
+
+    def lock(self, cur: Current, nested: bool = False) -> bool:
+        if cur.held and self.lockdep.enabled:
+            self._check_order(cur, nested)
+        if self.owner is None and not self.waiters:
+            self.owner = cur
+            cur.held.append(self)
+            return True
+        self._enqueue(cur, True)
+        return False
+
+    def unlock(self, cur: Current) -> None:
+        self.owner = None
+        cur.held.remove(self)
+        if self.waiters:
+            self._wake()
+
+    def _release_granted(self, w: _Waiter) -> None:
+        self.unlock(w.cur)
+
+    def _wake(self) -> None:
+        q = self.waiters
+        if q and self.owner is None:
+            w = q.popleft()
+            self.owner = w.cur
+            w.cur.held.append(self)
+            w.fut.set_result(None)
+
+
+def release_all(cur: Current) -> None:
+    """Drop every lock ``cur`` still holds, innermost first (used on cancellation paths)."""
+    for lk in reversed(list(cur.held)):
+        if isinstance(lk, RwSem):
+            if lk.owner is cur:
+                lk.up_write(cur)
+            else:
+                lk.up_read(cur)
+        elif isinstance(lk, Mutex):
+            lk.unlock(cur)
+        else:
+            assert isinstance(lk, SpinLock)
+            lk.spin_unlock(cur)
+
+
+class SpinLock(_Lock):
+    """A spinning lock (the PTLs). Nobody sleeps while holding one, so in a single-threaded model a
+    spin_lock() always finds it free; finding it taken means a holder slept, which is a bug."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, name: str, rank: LockClass, lockdep: LockdepState) -> None:
+        super().__init__(name, rank, lockdep)
+        self.owner: Current | None = None
+
+    def is_locked(self) -> bool:
+        return self.owner is not None
+
+    def spin_lock(self, cur: Current, nested: bool = False) -> None:
+        if cur.held and self.lockdep.enabled:
+            self._check_order(cur, nested)
+        if self.owner is not None:
+            raise RuntimeError(f"{cur.name} spins on {self.name}, held by {self.owner.name} across a sleep")
+        self.owner = cur
+        cur.held.append(self)
+
+    def spin_unlock(self, cur: Current) -> None:
+        self.owner = None
+        cur.held.remove(self)

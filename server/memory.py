@@ -1,0 +1,237 @@
+"""Page faults, zapping and fork's PTE copy (mm/memory.c)."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .locks import Current
+from .mm_types import (
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    VM_READ,
+    VM_UFFD_MISSING,
+    VM_WRITE,
+    ZERO_PAGE,
+    Folio,
+    Mm,
+    MmError,
+    PageTable,
+    Pte,
+    Vma,
+)
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+def folio_put(k: Kernel, folio: Folio) -> None:
+    folio.refcount -= 1
+    if folio.refcount == 0:
+        k.folio_free(folio)
+
+
+async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
+    """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
+
+    Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL.
+    """
+    if not vma.flags & VM_READ or (write and not vma.flags & VM_WRITE):
+        raise MmError(errno.EFAULT, f"{'write' if write else 'read'} access to {addr:#x} not permitted (SIGSEGV)")
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    while True:
+        pt = mm.pgtables.get(addr >> PMD_SHIFT)
+        pte = pt.ptes.get(vpn) if pt is not None else None
+        if pte is None:
+            if vma.flags & VM_UFFD_MISSING:
+                raise MmError(
+                    errno.EAGAIN,
+                    f"missing page at {addr:#x} in a userfaultfd MISSING range: the kernel would block "
+                    "until a userfault handler resolves it",
+                )
+            done = await do_anonymous_page(k, cur, vma, addr, write, value)
+        elif not write:
+            pte.young = True
+            return pte.folio.value
+        elif pte.write:
+            pte.folio.value = value
+            pte.young = pte.dirty = True
+            return value
+        else:
+            done = await do_wp_page(k, cur, vma, addr, value)
+        if done:
+            return value if write else 0
+
+
+async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int) -> bool:
+    """Fault on a none PTE: the zero page for a read, a new exclusive folio for a write.
+
+    Returns False if the PTE changed under us and the fault must be retried.
+    """
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    if not write:
+        pt = mm.pte_alloc(addr)
+        pt.ptl.spin_lock(cur)
+        raced = vpn in pt.ptes
+        if not raced:
+            pt.ptes[vpn] = Pte(ZERO_PAGE, False, True, False)
+        pt.ptl.spin_unlock(cur)
+        return not raced
+    await anon_vma_prepare(k, cur, vma)
+    sched = k.sched
+    if sched.active and sched.should_preempt("fault:before-pte-lock"):
+        await sched.yield_now("fault:before-pte-lock")
+    pt = mm.pte_alloc(addr)
+    pt.ptl.spin_lock(cur)
+    if vpn in pt.ptes:
+        pt.ptl.spin_unlock(cur)
+        return False
+    folio = k.folio_alloc()
+    folio.value = value
+    folio.refcount = 1
+    folio_add_new_anon_rmap(folio, vma, addr)
+    pt.ptes[vpn] = Pte(folio, True, True, True)
+    mm.rss_anon += 1
+    pt.ptl.spin_unlock(cur)
+    k.stats["fault_new_folio"] += 1
+    return True
+
+
+async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool:
+    """Write fault on a present, write-protected PTE: reuse the folio if this is its only user
+    (re-establishing exclusivity through folio_move_anon_rmap), else copy it (wp_page_copy)."""
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    pt = mm.pgtables[addr >> PMD_SHIFT]
+    pt.ptl.spin_lock(cur)
+    pte = pt.ptes.get(vpn)
+    if pte is None or pte.write:
+        pt.ptl.spin_unlock(cur)
+        return False
+    folio = pte.folio
+    if folio is not ZERO_PAGE and (folio.exclusive or wp_can_reuse_anon_folio(cur, folio, vma)):
+        folio.exclusive = True  # SetPageAnonExclusive
+        folio.value = value
+        pte.write = pte.young = pte.dirty = True
+        pt.ptl.spin_unlock(cur)
+        k.stats["fault_wp_reuse"] += 1
+        return True
+    pt.ptl.spin_unlock(cur)
+    return await wp_page_copy(k, cur, vma, addr, pte, value)
+
+
+def wp_can_reuse_anon_folio(cur: Current, folio: Folio, vma: Vma) -> bool:
+    """Expects the PTL held. The folio may be reused when no one else holds a reference; the
+    folio lock is only tried, never waited for. On success the folio moves to ``vma``'s own
+    anon_vma (same root, so the root lock of any walker still covers it)."""
+    if folio.refcount > 1:
+        return False
+    lock = folio.lock
+    assert lock is not None
+    if not lock.trylock(cur):
+        return False
+    if folio.refcount > 1:
+        lock.unlock(cur)
+        return False
+    folio_move_anon_rmap(folio, vma)
+    lock.unlock(cur)
+    return True
+
+
+async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, value: int) -> bool:
+    """Break COW: map a new exclusive folio holding the written value. Takes the anon_vma root
+    (anon_vma_prepare), then the PTL."""
+    await anon_vma_prepare(k, cur, vma)
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    pt = mm.pgtables[addr >> PMD_SHIFT]
+    pt.ptl.spin_lock(cur)
+    if pt.ptes.get(vpn) is not orig or orig.write:
+        pt.ptl.spin_unlock(cur)
+        return False
+    old = orig.folio
+    new = k.folio_alloc()
+    new.value = value
+    new.refcount = 1
+    folio_add_new_anon_rmap(new, vma, addr)
+    pt.ptes[vpn] = Pte(new, True, True, True)
+    if old is ZERO_PAGE:
+        mm.rss_anon += 1
+    else:
+        old.mapcount -= 1
+        folio_put(k, old)
+    pt.ptl.spin_unlock(cur)
+    k.stats["fault_cow"] += 1
+    return True
+
+
+def zap_pte_range(k: Kernel, cur: Current, mm: Mm, start: int, end: int) -> int:
+    """Unmap every PTE in [start, end), dropping mapcounts and references. Takes each PTL.
+    Returns the number of PTEs zapped."""
+    zapped = 0
+    lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+    for idx in range(start >> PMD_SHIFT, ((end - 1) >> PMD_SHIFT) + 1):
+        pt = mm.pgtables.get(idx)
+        if pt is None or not pt.ptes:
+            continue
+        pt.ptl.spin_lock(cur)
+        ptes = pt.ptes
+        vpns = [v for v in ptes if lo <= v < hi] if len(ptes) < hi - lo else [v for v in range(lo, hi) if v in ptes]
+        for vpn in vpns:
+            folio = ptes.pop(vpn).folio
+            zapped += 1
+            if folio is not ZERO_PAGE:
+                folio.mapcount -= 1
+                mm.rss_anon -= 1
+                folio_put(k, folio)
+        pt.ptl.spin_unlock(cur)
+    return zapped
+
+
+def free_pgtables(mm: Mm, start: int, end: int) -> None:
+    """Free the PTE tables of [start, end) that no VMA overlaps any more. Expects mmap_lock (write)."""
+    for idx in range(start >> PMD_SHIFT, ((end - 1) >> PMD_SHIFT) + 1):
+        pt = mm.pgtables.get(idx)
+        if pt is None:
+            continue
+        lo = idx << PMD_SHIFT
+        if not mm.vmas_in(lo, lo + (1 << PMD_SHIFT)):
+            assert not pt.ptes, "PTEs left outside every VMA"
+            del mm.pgtables[idx]
+
+
+def copy_page_range(k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma) -> int:
+    """Fork's PTE copy for one VMA. Expects both mmap_locks held (write). Takes the child's PTL,
+    then the parent's nested. Present anon pages lose exclusivity and gain a mapping; both PTEs
+    are write-protected; the child's PTE is made old. Returns the number of PTEs copied."""
+    src_mm, dst_mm = src_vma.mm, dst_vma.mm
+    lo, hi = src_vma.start >> PAGE_SHIFT, src_vma.end >> PAGE_SHIFT
+    copied = 0
+    for idx in range(src_vma.start >> PMD_SHIFT, ((src_vma.end - 1) >> PMD_SHIFT) + 1):
+        src_pt = src_mm.pgtables.get(idx)
+        if src_pt is None or not src_pt.ptes:
+            continue
+        dst_pt: PageTable = dst_mm.pte_alloc(idx << PMD_SHIFT)
+        dst_pt.ptl.spin_lock(cur)
+        src_pt.ptl.spin_lock(cur, nested=True)
+        dst_ptes = dst_pt.ptes
+        rss = 0
+        for vpn, pte in src_pt.ptes.items():
+            if vpn < lo or vpn >= hi:
+                continue
+            folio = pte.folio
+            if folio is not ZERO_PAGE:
+                folio.refcount += 1
+                folio.mapcount += 1
+                folio.exclusive = False
+                pte.write = False
+                rss += 1
+            dst_ptes[vpn] = Pte(folio, False, False, pte.dirty)
+            copied += 1
+        dst_mm.rss_anon += rss
+        src_pt.ptl.spin_unlock(cur)
+        dst_pt.ptl.spin_unlock(cur)
+    return copied

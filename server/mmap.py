@@ -1,0 +1,265 @@
+"""Private anonymous mappings (mm/mmap.c, mm/vma.c, mm/madvise.c): mmap, munmap, madvise, and
+the VMA splitting and merging they do. Every function here expects mmap_lock held for write."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .locks import Current
+from .mm_types import (
+    MMAP_MIN_ADDR,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_FLAGS,
+    VM_ACCOUNT,
+    VM_DONTCOPY,
+    VM_IGNORE_MERGE,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYWRITE,
+    VM_WIPEONFORK,
+    VM_WRITE,
+    Mm,
+    MmError,
+    Vma,
+)
+from .memory import free_pgtables, zap_pte_range
+from .rmap import AnonVma, anon_vma_clone, unlink_anon_vmas
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+    from .userfaultfd import UserfaultfdCtx
+
+#: The default vm.max_map_count.
+MAX_MAP_COUNT = 65530
+
+
+def page_align(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & PAGE_MASK
+
+
+def get_unmapped_area(mm: Mm, length: int) -> int:
+    """Top-down placement: the highest gap below mmap_base that fits ``length``."""
+    high = mm.mmap_base
+    for vma in reversed(mm.vmas):
+        if vma.start >= high:
+            continue
+        if high - vma.end >= length:
+            return high - length
+        high = vma.start
+    if high - MMAP_MIN_ADDR >= length:
+        return high - length
+    raise MmError(errno.ENOMEM, "no free address range large enough")
+
+
+def vm_flags_for(prot: str) -> int:
+    if prot not in PROT_FLAGS:
+        raise MmError(errno.EINVAL, f"prot must be one of {', '.join(PROT_FLAGS)}, not {prot!r}")
+    flags = PROT_FLAGS[prot] | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    if flags & VM_WRITE:
+        flags |= VM_ACCOUNT  # a private writable mapping is accounted
+    return flags
+
+
+async def do_mmap(k: Kernel, cur: Current, mm: Mm, addr: int | None, length: int, prot: str) -> int:
+    """mmap(MAP_PRIVATE|MAP_ANONYMOUS), with MAP_FIXED_NOREPLACE when ``addr`` is given.
+    Returns the address mapped (the VMA holding it may be larger after a merge)."""
+    if length <= 0:
+        raise MmError(errno.EINVAL, "length must be positive")
+    flags = vm_flags_for(prot)
+    length = page_align(length)
+    if length > mm.task_size:
+        raise MmError(errno.ENOMEM, "length exceeds the address space")
+    if addr is None:
+        addr = get_unmapped_area(mm, length)
+    else:
+        if addr & ~PAGE_MASK:
+            raise MmError(errno.EINVAL, f"address {addr:#x} is not page-aligned")
+        if addr < MMAP_MIN_ADDR:
+            raise MmError(errno.EPERM, f"address {addr:#x} is below mmap_min_addr")
+        if addr + length > mm.task_size:
+            raise MmError(errno.ENOMEM, "range exceeds the address space")
+        if mm.vmas_in(addr, addr + length):
+            raise MmError(errno.EEXIST, f"[{addr:#x}, {addr + length:#x}) overlaps an existing mapping")
+    if mm.map_count >= MAX_MAP_COUNT:
+        raise MmError(errno.ENOMEM, "too many mappings")
+    vma = Vma(k.next_vma_id(), mm, addr, addr + length, addr >> PAGE_SHIFT, flags)
+    mm.vma_link(vma)
+    await vma_merge(k, cur, vma)
+    return addr
+
+
+def _flags_mergeable(a: Vma, b: Vma) -> bool:
+    return not ((a.flags ^ b.flags) & ~VM_IGNORE_MERGE) and a.uffd_ctx is b.uffd_ctx
+
+
+def _had_uncowed_parents(vma: Vma) -> bool:
+    return vma.anon_vma is not None and len(vma.anon_vma_chain) != 1
+
+
+def _anon_vmas_mergeable(tgt: Vma, src: Vma) -> bool:
+    """is_mergeable_anon_vma: may ``src`` be folded into ``tgt``?"""
+    if tgt.anon_vma is None and src.anon_vma is not None:
+        return not _had_uncowed_parents(src)
+    if tgt.anon_vma is not None and src.anon_vma is None:
+        return not _had_uncowed_parents(tgt)
+    return tgt.anon_vma is src.anon_vma
+
+
+def can_vma_merge(a: Vma, b: Vma) -> bool:
+    """Can ``a`` and the VMA ``b`` directly above it become one?"""
+    return (
+        a.end == b.start
+        and _flags_mergeable(a, b)
+        and b.pgoff == a.pgoff + a.pages
+        and (_anon_vmas_mergeable(a, b) or _anon_vmas_mergeable(b, a))
+    )
+
+
+async def _merge_pair(k: Kernel, cur: Current, a: Vma, b: Vma) -> Vma:
+    """Fold ``b`` into ``a`` (a directly below b). dup_anon_vma, then unlink the removed VMA."""
+    mm = a.mm
+    if a.anon_vma is None and b.anon_vma is not None:
+        a.anon_vma = b.anon_vma
+        await anon_vma_clone(k, cur, a, b)
+    mm.vma_unlink(b)
+    a.end = b.end
+    await unlink_anon_vmas(k, cur, b)
+    k.stats["vma_merge"] += 1
+    return a
+
+
+async def vma_merge(k: Kernel, cur: Current, vma: Vma) -> Vma:
+    """Merge ``vma`` with its neighbours where the kernel would; returns the surviving VMA."""
+    prev, nxt = vma.mm.vma_prev_next(vma)
+    left = prev is not None and can_vma_merge(prev, vma)
+    right = nxt is not None and can_vma_merge(vma, nxt)
+    if left and right:
+        assert prev is not None and nxt is not None
+        # All three become one only if prev's and next's anon_vmas are compatible.
+        pa: AnonVma | None = prev.anon_vma
+        na: AnonVma | None = nxt.anon_vma
+        if pa is not None and na is not None and pa is not na:
+            right = False
+    if left:
+        assert prev is not None
+        vma = await _merge_pair(k, cur, prev, vma)
+    if right:
+        assert nxt is not None
+        vma = await _merge_pair(k, cur, vma, nxt)
+    return vma
+
+
+async def split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
+    """__split_vma: cut ``vma`` at ``addr``; returns the new upper part. Takes the root rwsem
+    (anon_vma_clone)."""
+    assert vma.start < addr < vma.end
+    mm = vma.mm
+    new = Vma(k.next_vma_id(), mm, addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.flags)
+    new.uffd_ctx = vma.uffd_ctx
+    new.anon_vma = vma.anon_vma
+    await anon_vma_clone(k, cur, new, vma)
+    vma.end = addr
+    mm.vma_link(new)
+    k.stats["vma_split"] += 1
+    return new
+
+
+async def vmas_isolate_range(k: Kernel, cur: Current, mm: Mm, start: int, end: int) -> list[Vma]:
+    """Split VMAs at ``start`` and ``end``; return those wholly inside [start, end)."""
+    vmas = mm.vmas_in(start, end)
+    if not vmas:
+        return []
+    first, last = vmas[0], vmas[-1]
+    if first.start < start:
+        new = await split_vma(k, cur, first, start)
+        if last is first:
+            last = new
+        vmas[0] = new
+    if last.end > end:
+        await split_vma(k, cur, last, end)
+    return vmas
+
+
+async def do_munmap(k: Kernel, cur: Current, mm: Mm, start: int, length: int) -> list[Vma]:
+    """munmap: split at the edges, zap, unlink the anon_vmas, free page tables."""
+    if start & ~PAGE_MASK:
+        raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
+    if length <= 0:
+        raise MmError(errno.EINVAL, "length must be positive")
+    length = page_align(length)
+    if start > mm.task_size or length > mm.task_size - start:
+        raise MmError(errno.EINVAL, "range exceeds the address space")
+    end = start + length
+    vmas = await vmas_isolate_range(k, cur, mm, start, end)
+    for vma in vmas:
+        zap_pte_range(k, cur, mm, vma.start, vma.end)
+        mm.vma_unlink(vma)
+    if vmas:
+        free_pgtables(mm, start, end)
+    for vma in vmas:
+        await unlink_anon_vmas(k, cur, vma)
+    return vmas
+
+
+MADVISE = {
+    "dontfork": (VM_DONTCOPY, True),
+    "dofork": (VM_DONTCOPY, False),
+    "wipeonfork": (VM_WIPEONFORK, True),
+    "keeponfork": (VM_WIPEONFORK, False),
+}
+
+
+async def do_madvise(k: Kernel, cur: Current, mm: Mm, start: int, length: int, advice: str) -> None:
+    """madvise for the fork controls: MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK."""
+    if advice not in MADVISE:
+        raise MmError(errno.EINVAL, f"advice must be one of {', '.join(MADVISE)}, not {advice!r}")
+    if start & ~PAGE_MASK:
+        raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
+    if length < 0:
+        raise MmError(errno.EINVAL, "length must not be negative")
+    length = page_align(length)
+    end = start + length
+    if end < start or end > mm.task_size:
+        raise MmError(errno.EINVAL, "range exceeds the address space")
+    if length == 0:
+        return
+    bit, on = MADVISE[advice]
+    covered = sum(min(v.end, end) - max(v.start, start) for v in mm.vmas_in(start, end))
+
+    def update(vma: Vma) -> tuple[int, UserfaultfdCtx | None] | None:
+        new_flags = vma.flags | bit if on else vma.flags & ~bit
+        return None if new_flags == vma.flags else (new_flags, vma.uffd_ctx)
+
+    await vma_modify(k, cur, mm, start, end, update)
+    if covered != length:
+        raise MmError(errno.ENOMEM, "part of the range is not mapped")
+
+
+async def vma_modify(
+    k: Kernel,
+    cur: Current,
+    mm: Mm,
+    start: int,
+    end: int,
+    update: Callable[[Vma], tuple[int, UserfaultfdCtx | None] | None],
+) -> None:
+    """Apply ``update`` (new flags and uffd ctx, or None for no change) to [start, end): split
+    each VMA that changes at the range's edges, change it, and merge it where possible."""
+    addr = start
+    while addr < end:
+        vma = mm.find_vma(addr)
+        if vma is None or vma.start >= end:
+            return
+        change = update(vma)
+        if change is not None:
+            if vma.start < start:
+                vma = await split_vma(k, cur, vma, start)
+            if vma.end > end:
+                await split_vma(k, cur, vma, end)
+            vma.flags, vma.uffd_ctx = change
+            vma = await vma_merge(k, cur, vma)
+        addr = vma.end

@@ -1,0 +1,101 @@
+"""The seeded scheduler behind the named preemption points.
+
+A preemption point marks a place where another CPU could act. At each point the scheduler draws
+from its own ``random.Random(seed)`` whether the running task yields, and for how many turns of the
+event loop. Everything else in a model run is deterministic (one event loop, FIFO wake-ups, no
+timers or I/O), so the same seed and the same workload give the same interleaving and result.
+
+Hot paths test ``sched.active`` first, so a scheduler with nothing armed costs one attribute load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+#: The named points. Each is placed in the function its name gives.
+POINTS = (
+    "walk:after-mapping-read",  # folio_lock_anon_vma_read: between READ_ONCE(mapping) and locking root
+    "walk:slow-before-lock",  # folio_lock_anon_vma_read slow path: ref taken, RCU dropped, before sleeping
+    "walk:per-vma",  # rmap_walk_anon: between two VMAs of one walk
+    "move:after-folio-lock",  # move_pages_pte: between the folio lock and the anon_vma lock
+    "move:anon-vma-locked",  # move_pages_pte: inside the src anon_vma write-locked section
+    "move:between-pages",  # move_pages: between two steps (cond_resched)
+    "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
+    "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
+    "exit:between-vmas",  # exit_mmap: between tearing down two VMAs
+)
+
+
+class Breakpoint:
+    """A pause at a named point: the next task to reach it stops there until ``release()``.
+
+    ``reached`` is set once a task is parked; tests use it to script an exact interleaving
+    (for instance, park a walker after it read ``folio->mapping``, run a move, release it).
+    """
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.reached = asyncio.Event()
+        self._go = asyncio.Event()
+        self.task_name: str | None = None
+
+    def release(self) -> None:
+        self._go.set()
+
+    async def wait_reached(self) -> None:
+        await self.reached.wait()
+
+
+class Scheduler:
+    def __init__(self, seed: int = 0, preempt: float = 0.0, max_burst: int = 4) -> None:
+        if not 0.0 <= preempt <= 1.0:
+            raise ValueError("preempt probability must be within [0, 1]")
+        if max_burst < 1:
+            raise ValueError("max_burst must be at least 1")
+        self.seed = seed
+        self.preempt = preempt
+        self.max_burst = max_burst
+        self.rng = random.Random(seed)
+        self.hits: Counter[str] = Counter()
+        self.yields: Counter[str] = Counter()
+        self._breakpoints: dict[str, list[Breakpoint]] = {}
+        #: True when any point may yield; hot paths test only this.
+        self.active = preempt > 0.0
+
+    def pause_at(self, point: str) -> Breakpoint:
+        """Arm a one-shot breakpoint at ``point`` (one of POINTS)."""
+        if point not in POINTS:
+            raise ValueError(f"unknown preemption point {point!r}")
+        bp = Breakpoint(point)
+        self._breakpoints.setdefault(point, []).append(bp)
+        self.active = True
+        return bp
+
+    def should_preempt(self, point: str) -> bool:
+        """Decide whether the task at ``point`` yields; call only when ``self.active``."""
+        self.hits[point] += 1
+        if self._breakpoints.get(point):
+            return True
+        if self.preempt and self.rng.random() < self.preempt:
+            self.yields[point] += 1
+            return True
+        return False
+
+    async def yield_now(self, point: str) -> None:
+        """Let other tasks run: until released at an armed breakpoint, else for a seeded number
+        of event-loop turns."""
+        bps = self._breakpoints.get(point)
+        if bps:
+            bp = bps.pop(0)
+            if not bps:
+                del self._breakpoints[point]
+            self.active = self.preempt > 0.0 or bool(self._breakpoints)
+            task = asyncio.current_task()
+            bp.task_name = task.get_name() if task is not None else None
+            bp.reached.set()
+            await bp._go.wait()
+            return
+        for _ in range(self.rng.randint(1, self.max_burst)):
+            await asyncio.sleep(0)

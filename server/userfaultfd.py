@@ -1,0 +1,358 @@
+"""userfaultfd registration and UFFDIO_MOVE (fs/userfaultfd.c, mm/userfaultfd.c), as in 6.18."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import TYPE_CHECKING, Callable
+
+from .locks import Current, SpinLock
+from .mm_types import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_SHIFT,
+    VM_ACCESS_FLAGS,
+    VM_LOCKED,
+    VM_SHARED,
+    VM_UFFD_FLAGS,
+    VM_UFFD_MISSING,
+    VM_UFFD_WP,
+    VM_WRITE,
+    ZERO_PAGE,
+    Folio,
+    Mm,
+    MmError,
+    PageTable,
+    Pte,
+    Vma,
+)
+from .mmap import vma_modify
+from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+UFFDIO_MOVE_MODE_DONTWAKE = 1 << 0
+UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
+UFFD_FEATURE_MOVE = 1 << 16
+
+UFFDIO_REGISTER_MODES = {"missing": VM_UFFD_MISSING, "wp": VM_UFFD_WP, "missing+wp": VM_UFFD_MISSING | VM_UFFD_WP}
+
+
+class UserfaultfdCtx:
+    """struct userfaultfd_ctx: one per mm here, opened on first registration."""
+
+    def __init__(self, cid: int, mm: Mm) -> None:
+        self.id = cid
+        self.mm = mm
+        self.features = UFFD_FEATURE_MOVE
+        self.mmap_changing = 0  # raised only by non-cooperative events, which are not modelled
+
+    def __repr__(self) -> str:
+        return f"<UserfaultfdCtx {self.id} mm={self.mm.id}>"
+
+
+def validate_range(mm: Mm, start: int, length: int) -> None:
+    """fs/userfaultfd.c validate_range: EINVAL on misalignment, zero length or out of range."""
+    if start & ~PAGE_MASK:
+        raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
+    if length & ~PAGE_MASK:
+        raise MmError(errno.EINVAL, f"length {length:#x} is not page-aligned")
+    if length <= 0:
+        raise MmError(errno.EINVAL, "length must be positive")
+    if start >= mm.task_size or length > mm.task_size - start:
+        raise MmError(errno.EINVAL, "range exceeds the address space")
+
+
+async def userfaultfd_register(k: Kernel, cur: Current, mm: Mm, start: int, length: int, mode: str) -> None:
+    """UFFDIO_REGISTER. Expects mmap_lock held for write."""
+    if mode not in UFFDIO_REGISTER_MODES:
+        raise MmError(errno.EINVAL, f"mode must be one of {', '.join(UFFDIO_REGISTER_MODES)}, not {mode!r}")
+    validate_range(mm, start, length)
+    end = start + length
+    vmas = mm.vmas_in(start, end)
+    if not vmas:
+        raise MmError(errno.EINVAL, "no mapping in the range")
+    if mm.uffd is None:
+        mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
+    ctx = mm.uffd
+    for vma in vmas:
+        if vma.flags & VM_SHARED:
+            raise MmError(errno.EINVAL, "shared mappings are not supported")
+        if vma.uffd_ctx is not None and vma.uffd_ctx is not ctx:
+            raise MmError(errno.EBUSY, "range registered with another userfaultfd")
+    vm_flags = UFFDIO_REGISTER_MODES[mode]
+
+    def update(vma: Vma) -> tuple[int, UserfaultfdCtx | None] | None:
+        if vma.uffd_ctx is ctx and (vma.flags & vm_flags) == vm_flags:
+            return None
+        return (vma.flags & ~VM_UFFD_FLAGS) | vm_flags, ctx
+
+    await vma_modify(k, cur, mm, start, end, update)
+
+
+async def userfaultfd_unregister(k: Kernel, cur: Current, mm: Mm, start: int, length: int) -> None:
+    """UFFDIO_UNREGISTER. Expects mmap_lock held for write."""
+    validate_range(mm, start, length)
+    end = start + length
+    if not mm.vmas_in(start, end):
+        raise MmError(errno.EINVAL, "no mapping in the range")
+
+    def update(vma: Vma) -> tuple[int, UserfaultfdCtx | None] | None:
+        if vma.uffd_ctx is None:
+            return None
+        return vma.flags & ~VM_UFFD_FLAGS, None
+
+    await vma_modify(k, cur, mm, start, end, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# UFFDIO_MOVE
+
+
+class MoveProgress:
+    """How far a move got: bytes moved so far, and a hook run after each completed step."""
+
+    __slots__ = ("moved", "on_step")
+
+    def __init__(self, on_step: Callable[[int, int, int], None] | None = None) -> None:
+        self.moved = 0
+        self.on_step = on_step  # (src_addr, dst_addr, bytes)
+
+
+def double_pt_lock(cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
+    """Take two PTLs in address order, the second nested; one lock is taken once."""
+    if ptl1 is ptl2:
+        ptl1.spin_lock(cur)
+        return
+    if ptl2.key < ptl1.key:
+        ptl1, ptl2 = ptl2, ptl1
+    ptl1.spin_lock(cur)
+    ptl2.spin_lock(cur, nested=True)
+
+
+def double_pt_unlock(cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
+    ptl1.spin_unlock(cur)
+    if ptl2 is not ptl1:
+        ptl2.spin_unlock(cur)
+
+
+def validate_move_areas(ctx: UserfaultfdCtx, src_vma: Vma, dst_vma: Vma) -> None:
+    """Only a private anonymous, writable, same-prot pair with dst registered with ``ctx``."""
+    if (src_vma.flags & VM_ACCESS_FLAGS) != (dst_vma.flags & VM_ACCESS_FLAGS):
+        raise MmError(errno.EINVAL, "src and dst protections differ")
+    if (src_vma.flags & VM_LOCKED) != (dst_vma.flags & VM_LOCKED):
+        raise MmError(errno.EINVAL, "src and dst mlock states differ")
+    if not src_vma.flags & VM_WRITE:
+        raise MmError(errno.EINVAL, "src is not writable")
+    if dst_vma.uffd_ctx is not ctx:
+        raise MmError(errno.EINVAL, "dst is not registered with this userfaultfd")
+
+
+async def userfaultfd_move(
+    k: Kernel, cur: Current, mm: Mm, dst: int, src: int, length: int, mode: int, progress: MoveProgress
+) -> int:
+    """The UFFDIO_MOVE ioctl. Returns ``length``; raises MmError with ``moved`` set otherwise:
+    EAGAIN with the bytes moved for a short move, or the error with nothing moved."""
+    ctx = mm.uffd
+    if ctx is None:
+        raise MmError(errno.EINVAL, "no userfaultfd registered in this process")
+    if ctx.mmap_changing:
+        raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
+    validate_range(mm, dst, length)
+    validate_range(mm, src, length)
+    if mode & ~(UFFDIO_MOVE_MODE_DONTWAKE | UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES):
+        raise MmError(errno.EINVAL, f"unknown mode bits {mode:#x}")
+    if mm.users == 0:  # mmget_not_zero
+        raise MmError(errno.ESRCH, "process has exited")
+    await move_pages(k, cur, ctx, dst, src, length, mode, progress)
+    moved = progress.moved
+    if moved != length:
+        raise MmError(errno.EAGAIN, f"moved {moved} of {length} bytes", moved=moved)
+    return moved
+
+
+async def move_pages(
+    k: Kernel, cur: Current, ctx: UserfaultfdCtx, dst_start: int, src_start: int, length: int, mode: int,
+    progress: MoveProgress,
+) -> None:
+    """Move ``length`` bytes page by page. Expects nothing held; takes mmap_lock for read (where
+    6.9+ takes the two VMA read locks, at the same level), then per step what move_pages_pte takes.
+
+    Leaves the bytes moved in ``progress``. An error after some progress is swallowed (the caller
+    reports a short move as EAGAIN); an error with none is raised.
+    """
+    mm = ctx.mm
+    lock = mm.mmap_lock
+    if not lock.down_read(cur):
+        await lock.wait(cur)
+    try:
+        if mm.users == 0:
+            raise MmError(errno.ESRCH, "process has exited")
+        # uffd_move_lock: dst first (preparing its anon_vma now, 6.9+), then src.
+        dst_vma = mm.vma_lookup(dst_start)
+        if dst_vma is None:
+            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
+        if not dst_vma.flags & VM_SHARED:
+            await anon_vma_prepare(k, cur, dst_vma)
+        src_vma = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
+        if src_vma is None:
+            raise MmError(errno.ENOENT, f"no mapping at src {src_start:#x}")
+        if ctx.mmap_changing:
+            raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
+        if src_vma.flags & VM_SHARED or dst_vma.flags & VM_SHARED:
+            raise MmError(errno.EINVAL, "shared mappings cannot be moved")
+        if src_start + length > src_vma.end:
+            raise MmError(errno.EINVAL, "src range leaves its mapping")
+        if dst_start + length > dst_vma.end:
+            raise MmError(errno.EINVAL, "dst range leaves its mapping")
+        validate_move_areas(ctx, src_vma, dst_vma)
+
+        sched = k.sched
+        holes = bool(mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES)
+        pgtables = mm.pgtables
+        src_addr, dst_addr, src_end = src_start, dst_start, src_start + length
+        err = 0
+        while src_addr < src_end:
+            src_pt = pgtables.get(src_addr >> PMD_SHIFT)
+            if src_pt is None:
+                if not holes:
+                    err = errno.ENOENT
+                    break
+                src_pt = mm.pte_alloc(src_addr)
+            dst_pt = mm.pte_alloc(dst_addr)
+            err = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, holes, dst_pt, src_pt)
+            if err:
+                if err == errno.EAGAIN:
+                    k.stats["move_retry"] += 1
+                    await asyncio.sleep(0)  # cond_resched: let whoever changed the PTE finish
+                    continue
+                break
+            progress.moved += PAGE_SIZE
+            if progress.on_step is not None:
+                progress.on_step(src_addr, dst_addr, PAGE_SIZE)
+            src_addr += PAGE_SIZE
+            dst_addr += PAGE_SIZE
+            if sched.active and sched.should_preempt("move:between-pages"):
+                await sched.yield_now("move:between-pages")
+        k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
+        if err and not progress.moved:
+            raise MmError(err, f"at src {src_addr:#x} dst {dst_addr:#x}")
+    finally:
+        lock.up_read(cur)
+
+
+async def move_pages_pte(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, holes: bool,
+    dst_pt: PageTable, src_pt: PageTable,
+) -> int:
+    """One page. Expects mmap_lock held (read). Takes the src folio lock, then the src folio's
+    anon_vma root rwsem for write (not under the folio-lock protocol), then both PTLs (in
+    move_present_pte). Blocking acquisitions happen with nothing but mmap_lock held and then
+    restart the step. Returns 0, or an errno (EAGAIN: retry this step)."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    src_folio: Folio | None = None
+    folio_locked = False
+    src_anon_vma: AnonVma | None = None
+    av_locked = False
+    orig_src_pte: Pte | None = None
+    proto = k.protocol
+    sched = k.sched
+    try:
+        while True:  # retry:
+            if dvpn in dst_pt.ptes:
+                return errno.EEXIST
+            src_pte = src_pt.ptes.get(svpn)
+            if src_pte is None:
+                return 0 if holes else errno.ENOENT
+            if src_folio is not None and (src_pte is not orig_src_pte or src_pte.folio is not src_folio):
+                return errno.EAGAIN
+            folio = src_pte.folio
+            if folio is ZERO_PAGE:
+                return move_zeropage_pte(cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, src_pte)
+            if src_folio is None:
+                if not folio.exclusive:
+                    return errno.EBUSY
+                folio.refcount += 1  # folio_get
+                src_folio = folio
+                orig_src_pte = src_pte
+                lock = folio.lock
+                assert lock is not None
+                if not lock.trylock(cur):
+                    if not lock.lock(cur):
+                        await lock.wait(cur)
+                    folio_locked = True
+                    continue
+                folio_locked = True
+            if proto.mover_anon_vma_lock and src_anon_vma is None:
+                if sched.active and sched.should_preempt("move:after-folio-lock"):
+                    await sched.yield_now("move:after-folio-lock")
+                src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
+                if src_anon_vma is None:
+                    return errno.EAGAIN
+                rw = src_anon_vma.root.rwsem
+                if not rw.down_write_trylock(cur):
+                    if not rw.down_write(cur):
+                        await rw.wait(cur)
+                    av_locked = True
+                    continue
+                av_locked = True
+            elif not proto.mover_anon_vma_lock and sched.active and sched.should_preempt("move:after-folio-lock"):
+                await sched.yield_now("move:after-folio-lock")
+                continue
+            if sched.active and sched.should_preempt("move:anon-vma-locked"):
+                await sched.yield_now("move:anon-vma-locked")
+                continue
+            assert orig_src_pte is not None
+            return move_present_pte(k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_pte, src_folio)
+    finally:
+        if src_anon_vma is not None:
+            if av_locked:
+                src_anon_vma.root.rwsem.up_write(cur)
+            await put_anon_vma(k, cur, src_anon_vma)
+        if src_folio is not None:
+            if folio_locked:
+                assert src_folio.lock is not None
+                src_folio.lock.unlock(cur)
+            src_folio.refcount -= 1  # folio_put: still mapped, never the last reference
+            assert src_folio.refcount > 0
+
+
+def move_present_pte(
+    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
+    orig_src_pte: Pte, folio: Folio,
+) -> int:
+    """Expects the folio lock (and the old root's rwsem for write). Takes both PTLs. Clears the
+    src PTE, then moves the folio to dst's anon_vma at dst's index; mapcount is unchanged."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
+    try:
+        if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
+            return errno.EAGAIN
+        if not folio.exclusive:
+            return errno.EBUSY
+        del src_pt.ptes[svpn]  # ptep_clear_flush
+        folio_move_anon_rmap(folio, dst_vma)
+        folio.index = dst_vma.linear_page_index(dst_addr)
+        # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
+        dst_pt.ptes[dvpn] = Pte(folio, True, True, orig_src_pte.dirty)
+        return 0
+    finally:
+        double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+
+
+def move_zeropage_pte(
+    cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
+) -> int:
+    """The zero page moves as a special PTE (6.9+): no folio, no rmap. Takes both PTLs."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
+    try:
+        if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
+            return errno.EAGAIN
+        del src_pt.ptes[svpn]
+        dst_pt.ptes[dvpn] = Pte(ZERO_PAGE, False, True, False)
+        return 0
+    finally:
+        double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
