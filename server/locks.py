@@ -47,13 +47,18 @@ LOCK_ORDER: tuple[tuple[LockClass, str, str], ...] = (
 class Current:
     """Per-task kernel state (what ``current`` points at): held locks, RCU nesting, a name."""
 
-    __slots__ = ("name", "held", "rcu_nesting", "waiting")
+    __slots__ = ("op", "tag", "held", "rcu_nesting", "waiting")
 
-    def __init__(self, name: str = "task") -> None:
-        self.name = name
+    def __init__(self, op: str = "task", tag: object = None) -> None:
+        self.op = op
+        self.tag = tag  # formatted into the name only when one is needed
         self.held: list[_Lock] = []
         self.rcu_nesting = 0
         self.waiting: _Waiter | None = None
+
+    @property
+    def name(self) -> str:
+        return self.op if self.tag is None else f"{self.op}({self.tag})"
 
     def __repr__(self) -> str:
         return f"<Current {self.name}>"
@@ -97,6 +102,11 @@ class _Lock:
     def _check_order(self, cur: Current, nested: bool) -> None:
         """lockdep: a blocking acquisition must rank below every lock already held."""
         rank = self.rank
+        for h in cur.held:
+            if h.rank >= rank:
+                break
+        else:
+            return
         for h in cur.held:
             if h.rank < rank:
                 continue
@@ -315,8 +325,12 @@ class SpinLock(_Lock):
         return self.owner is not None
 
     def spin_lock(self, cur: Current, nested: bool = False) -> None:
-        if cur.held and self.lockdep.enabled:
-            self._check_order(cur, nested)
+        if self.lockdep.enabled:
+            rank = self.rank
+            for h in cur.held:
+                if h.rank >= rank:
+                    self._check_order(cur, nested)
+                    break
         if self.owner is not None:
             raise RuntimeError(f"{cur.name} spins on {self.name}, held by {self.owner.name} across a sleep")
         self.owner = cur

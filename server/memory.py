@@ -80,7 +80,8 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
             pt.ptes[vpn] = Pte(ZERO_PAGE, False, True, False)
         pt.ptl.spin_unlock(cur)
         return not raced
-    await anon_vma_prepare(k, cur, vma)
+    if vma.anon_vma is None:  # anon_vma_prepare's inline test
+        await anon_vma_prepare(k, cur, vma)
     sched = k.sched
     if sched.active and sched.should_preempt("fault:before-pte-lock"):
         await sched.yield_now("fault:before-pte-lock")
@@ -144,7 +145,8 @@ def wp_can_reuse_anon_folio(cur: Current, folio: Folio, vma: Vma) -> bool:
 async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, value: int) -> bool:
     """Break COW: map a new exclusive folio holding the written value. Takes the anon_vma root
     (anon_vma_prepare), then the PTL."""
-    await anon_vma_prepare(k, cur, vma)
+    if vma.anon_vma is None:
+        await anon_vma_prepare(k, cur, vma)
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]

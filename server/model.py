@@ -86,6 +86,23 @@ class WalkResult:
         return self.fast_retries + self.slow_retries
 
 
+class PageLedger(dict[int, int]):
+    """Expected contents of one process: virtual page number -> value, for pages holding a folio."""
+
+    def moved(self, src_addr: int, dst_addr: int, nbytes: int) -> None:
+        """UFFDIO_MOVE carried ``nbytes`` from src to dst (holes and zero pages carry nothing)."""
+        s, d = src_addr >> PAGE_SHIFT, dst_addr >> PAGE_SHIFT
+        if nbytes == PAGE_SIZE:
+            value = self.pop(s, None)
+            if value is not None:
+                self[d] = value
+            return
+        for i in range(nbytes >> PAGE_SHIFT):
+            value = self.pop(s + i, None)
+            if value is not None:
+                self[d + i] = value
+
+
 def _uffd_mode(flags: int) -> str | None:
     modes = [name for bit, name in ((VM_UFFD_MISSING, "missing"), (VM_UFFD_WP, "wp")) if flags & bit]
     return "+".join(modes) or None
@@ -117,9 +134,8 @@ class MemoryModel:
         self.processes: dict[int, Mm] = {}
         self.parents: dict[int, int | None] = {}
         self._pids = count(1)
-        self._tasks = count(1)
         #: Expected contents: pid -> {virtual page number: value} for every page holding a folio.
-        self.ledger: dict[int, dict[int, int]] = {}
+        self.ledger: dict[int, PageLedger] = {}
 
     @property
     def protocol(self) -> str:
@@ -131,7 +147,7 @@ class MemoryModel:
 
     # -- helpers
     def _cur(self, op: str, pid: int) -> Current:
-        return Current(f"{op}#{next(self._tasks)}(pid {pid})")
+        return Current(op, pid)
 
     def _mm(self, pid: int) -> Mm:
         mm = self.processes.get(pid)
@@ -161,7 +177,7 @@ class MemoryModel:
         pid = next(self._pids)
         self.processes[pid] = Mm(pid, self.k.lockdep)
         self.parents[pid] = None
-        self.ledger[pid] = {}
+        self.ledger[pid] = PageLedger()
         return pid
 
     async def fork(self, pid: int) -> int:
@@ -189,9 +205,9 @@ class MemoryModel:
             self.processes[cpid] = child
             self.parents[cpid] = pid
             copied = [(v.start >> PAGE_SHIFT, v.end >> PAGE_SHIFT) for v in child.vmas if not v.flags & VM_WIPEONFORK]
-            self.ledger[cpid] = {
-                vpn: val for vpn, val in self.ledger[pid].items() if any(lo <= vpn < hi for lo, hi in copied)
-            }
+            self.ledger[cpid] = PageLedger(
+                (vpn, val) for vpn, val in self.ledger[pid].items() if any(lo <= vpn < hi for lo, hi in copied)
+            )
         finally:
             lock.up_write(cur)
         return cpid
@@ -296,22 +312,18 @@ class MemoryModel:
     ) -> int:
         """UFFDIO_MOVE within process ``pid``. Returns the bytes moved (== length); raises MmError
         with ``moved`` for a short move (EAGAIN) or an error."""
-        mm = self._mm(pid)
-        self._check_addr(dst, "dst")
-        self._check_addr(src, "src")
-        self._check_addr(length, "len")
-        self._check_addr(mode, "mode")
-        ledger = self.ledger[pid]
-
-        def on_step(src_addr: int, dst_addr: int, nbytes: int) -> None:
-            value = ledger.pop(src_addr >> PAGE_SHIFT, None)
-            if value is not None:
-                ledger[dst_addr >> PAGE_SHIFT] = value
-
+        mm = self.processes.get(pid)
+        if mm is None:
+            raise MmError(errno.ESRCH, f"no process {pid}")
+        if not (type(dst) is int and type(src) is int and type(length) is int and type(mode) is int) or not (
+            0 <= (dst | src | length | mode) <= U64_MAX
+        ):
+            for what, v in (("dst", dst), ("src", src), ("len", length), ("mode", mode)):
+                self._check_addr(v, what)
         if progress is None:
             progress = MoveProgress()
-        progress.on_step = on_step
-        cur = self._cur("move", pid)
+        progress.on_step = self.ledger[pid].moved
+        cur = Current("move", pid)
         return await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
 
     async def remap(

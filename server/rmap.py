@@ -96,6 +96,11 @@ async def put_anon_vma(k: Kernel, cur: Current, av: AnonVma) -> None:
         await __put_anon_vma(k, cur, av)
 
 
+async def put_anon_vma_final(k: Kernel, cur: Current, av: AnonVma) -> None:
+    """put_anon_vma's slow half, for callers that dropped the count themselves and saw zero."""
+    await __put_anon_vma(k, cur, av)
+
+
 async def __put_anon_vma(k: Kernel, cur: Current, av: AnonVma) -> None:
     """Free ``av`` and drop its reference on the root (which may free the root)."""
     root = av.root
@@ -283,23 +288,25 @@ def folio_move_anon_rmap(folio: Folio, vma: Vma) -> None:
     folio.mapping = vma.anon_vma
 
 
-async def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
-    """A referenced anon_vma of a mapped folio, or None. Takes and drops the RCU read lock."""
+def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
+    """A referenced anon_vma of a mapped folio, or None. Takes and drops the RCU read lock.
+
+    (The kernel tests folio_mapped again after the increment, against a concurrent unmap; no other
+    task runs inside this function here, so that second test is the assertion below.)
+    """
     rcu = k.rcu
     rcu.read_lock(cur)
     av = folio.mapping
     if av is None or folio.mapcount == 0:
         rcu.read_unlock(cur)
         return None
-    rcu.check_access(cur, av, "folio_get_anon_vma")
+    if av.freed:
+        rcu.check_access(cur, av, "folio_get_anon_vma")
     if av.refcount == 0:  # atomic_inc_not_zero failed
         rcu.read_unlock(cur)
         return None
     av.refcount += 1
-    if folio.mapcount == 0:
-        rcu.read_unlock(cur)
-        await put_anon_vma(k, cur, av)
-        return None
+    assert folio.mapcount > 0
     rcu.read_unlock(cur)
     return av
 
@@ -339,7 +346,8 @@ async def folio_lock_anon_vma_read(k: Kernel, cur: Current, folio: Folio, rwc: R
             except BaseException:
                 rcu.read_unlock(cur)
                 raise
-        rcu.check_access(cur, av, "READ_ONCE(anon_vma->root)")
+        if av.freed:
+            rcu.check_access(cur, av, "READ_ONCE(anon_vma->root)")
         root = av.root
         if root.rwsem.down_read_trylock(cur):
             if proto.recheck_fast and folio.mapping is not av:
@@ -407,15 +415,21 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
         if detect:
             _check_walk(k, cur, folio, root, walk_root, walk_index, "walk start")
         pgoff = folio.index
+        folio_locked = k.protocol.walker_folio_lock
         sched = k.sched
         rcu = k.rcu
-        rcu.check_access(cur, av, "rmap_walk_anon tree")
+        if av.freed:
+            rcu.check_access(cur, av, "rmap_walk_anon tree")
         for avc in list(av.rb_root):
             vma = avc.vma
             vpg = vma.pgoff
             if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):
                 continue
-            if detect:
+            if detect and (
+                folio.index != walk_index
+                or (folio.lock.owner is not cur if folio_locked else folio.mapping.root is not root)  # type: ignore[union-attr]
+                or folio.mapping.root is not walk_root  # type: ignore[union-attr]
+            ):
                 _check_walk(k, cur, folio, root, walk_root, walk_index, "visit")
             addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
             rwc.vmas_visited += 1
@@ -468,11 +482,9 @@ def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: R
     if pt is None:
         return True
     ptl = pt.ptl
-    ptl.spin_lock(cur)
+    ptl.spin_lock(cur)  # page_vma_mapped_walk
     pte = pt.ptes.get(addr >> PAGE_SHIFT)
-    found = pte is not None and pte.folio is folio
-    if found:
-        assert pte is not None
+    if pte is not None and pte.folio is folio:
         if pte.young:
             pte.young = False
             rwc.referenced += 1

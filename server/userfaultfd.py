@@ -12,6 +12,7 @@ from .mm_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_SHIFT,
+    PMD_SIZE,
     VM_ACCESS_FLAGS,
     VM_LOCKED,
     VM_SHARED,
@@ -28,7 +29,7 @@ from .mm_types import (
     Vma,
 )
 from .mmap import vma_modify
-from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma
+from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma_final
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -194,7 +195,7 @@ async def move_pages(
         dst_vma = mm.vma_lookup(dst_start)
         if dst_vma is None:
             raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
-        if not dst_vma.flags & VM_SHARED:
+        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:  # anon_vma_prepare's inline test
             await anon_vma_prepare(k, cur, dst_vma)
         src_vma = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
         if src_vma is None:
@@ -221,19 +222,22 @@ async def move_pages(
                     err = errno.ENOENT
                     break
                 src_pt = mm.pte_alloc(src_addr)
-            dst_pt = mm.pte_alloc(dst_addr)
-            err = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, holes, dst_pt, src_pt)
-            if err:
+            dst_pt = pgtables.get(dst_addr >> PMD_SHIFT) or mm.pte_alloc(dst_addr)
+            # The largest extent one PTL pair covers: up to the end of either PMD.
+            extent = min(src_end - src_addr, PMD_SIZE - (src_addr & (PMD_SIZE - 1)), PMD_SIZE - (dst_addr & (PMD_SIZE - 1)))
+            step = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, holes, dst_pt, src_pt)
+            if step < 0:
+                err = -step
                 if err == errno.EAGAIN:
                     k.stats["move_retry"] += 1
                     await asyncio.sleep(0)  # cond_resched: let whoever changed the PTE finish
                     continue
                 break
-            progress.moved += PAGE_SIZE
+            progress.moved += step
             if progress.on_step is not None:
-                progress.on_step(src_addr, dst_addr, PAGE_SIZE)
-            src_addr += PAGE_SIZE
-            dst_addr += PAGE_SIZE
+                progress.on_step(src_addr, dst_addr, step)
+            src_addr += step
+            dst_addr += step
             if sched.active and sched.should_preempt("move:between-pages"):
                 await sched.yield_now("move:between-pages")
         k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
@@ -244,13 +248,16 @@ async def move_pages(
 
 
 async def move_pages_pte(
-    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, holes: bool,
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
     dst_pt: PageTable, src_pt: PageTable,
 ) -> int:
-    """One page. Expects mmap_lock held (read). Takes the src folio lock, then the src folio's
-    anon_vma root rwsem for write (not under the folio-lock protocol), then both PTLs (in
-    move_present_pte). Blocking acquisitions happen with nothing but mmap_lock held and then
-    restart the step. Returns 0, or an errno (EAGAIN: retry this step)."""
+    """One step: a page, or a batch of present pages within one PMD (move_present_ptes).
+
+    Expects mmap_lock held (read). Takes the src folio lock, then the src folio's anon_vma root
+    rwsem for write (not under the folio-lock protocol), then both PTLs. Blocking acquisitions
+    happen with only mmap_lock held and restart the step. Returns the bytes moved (> 0), or a
+    negative errno (-EAGAIN: retry this step).
+    """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
     folio_locked = False
@@ -262,18 +269,18 @@ async def move_pages_pte(
     try:
         while True:  # retry:
             if dvpn in dst_pt.ptes:
-                return errno.EEXIST
+                return -errno.EEXIST
             src_pte = src_pt.ptes.get(svpn)
             if src_pte is None:
-                return 0 if holes else errno.ENOENT
+                return PAGE_SIZE if holes else -errno.ENOENT  # a hole moves as nothing
             if src_folio is not None and (src_pte is not orig_src_pte or src_pte.folio is not src_folio):
-                return errno.EAGAIN
+                return -errno.EAGAIN
             folio = src_pte.folio
             if folio is ZERO_PAGE:
-                return move_zeropage_pte(cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, src_pte)
+                return move_zeropage_pte(cur, dst_addr, src_addr, dst_pt, src_pt, src_pte)
             if src_folio is None:
                 if not folio.exclusive:
-                    return errno.EBUSY
+                    return -errno.EBUSY
                 folio.refcount += 1  # folio_get
                 src_folio = folio
                 orig_src_pte = src_pte
@@ -285,12 +292,13 @@ async def move_pages_pte(
                     folio_locked = True
                     continue
                 folio_locked = True
+            if sched.active and sched.should_preempt("move:after-folio-lock"):
+                await sched.yield_now("move:after-folio-lock")
+                continue
             if proto.mover_anon_vma_lock and src_anon_vma is None:
-                if sched.active and sched.should_preempt("move:after-folio-lock"):
-                    await sched.yield_now("move:after-folio-lock")
-                src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
+                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
                 if src_anon_vma is None:
-                    return errno.EAGAIN
+                    return -errno.EAGAIN
                 rw = src_anon_vma.root.rwsem
                 if not rw.down_write_trylock(cur):
                     if not rw.down_write(cur):
@@ -298,19 +306,20 @@ async def move_pages_pte(
                     av_locked = True
                     continue
                 av_locked = True
-            elif not proto.mover_anon_vma_lock and sched.active and sched.should_preempt("move:after-folio-lock"):
-                await sched.yield_now("move:after-folio-lock")
-                continue
             if sched.active and sched.should_preempt("move:anon-vma-locked"):
                 await sched.yield_now("move:anon-vma-locked")
                 continue
             assert orig_src_pte is not None
-            return move_present_pte(k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_pte, src_folio)
+            return move_present_ptes(
+                k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, src_folio
+            )
     finally:
         if src_anon_vma is not None:
             if av_locked:
                 src_anon_vma.root.rwsem.up_write(cur)
-            await put_anon_vma(k, cur, src_anon_vma)
+            src_anon_vma.refcount -= 1  # put_anon_vma: the folio's VMA still holds it
+            if src_anon_vma.refcount == 0:
+                await put_anon_vma_final(k, cur, src_anon_vma)
         if src_folio is not None:
             if folio_locked:
                 assert src_folio.lock is not None
@@ -319,40 +328,68 @@ async def move_pages_pte(
             assert src_folio.refcount > 0
 
 
-def move_present_pte(
-    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
-    orig_src_pte: Pte, folio: Folio,
+def move_present_ptes(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
+    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
 ) -> int:
-    """Expects the folio lock (and the old root's rwsem for write). Takes both PTLs. Clears the
-    src PTE, then moves the folio to dst's anon_vma at dst's index; mapcount is unchanged."""
+    """Move the locked ``folio``, then every following page of ``extent`` that can go under the
+    same PTL pair: dst none, src present and not the zero page, its folio trylockable, exclusive
+    and under the same anon_vma (6.18's batched move). Expects the folio lock (and the old root's
+    rwsem for write); takes both PTLs. Each folio moves to dst's anon_vma at dst's index; mapcounts
+    do not change. Returns the bytes moved, or a negative errno."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
     double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
     try:
-        if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
-            return errno.EAGAIN
+        if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
+            return -errno.EAGAIN
         if not folio.exclusive:
-            return errno.EBUSY
-        del src_pt.ptes[svpn]  # ptep_clear_flush
-        folio_move_anon_rmap(folio, dst_vma)
-        folio.index = dst_vma.linear_page_index(dst_addr)
-        # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
-        dst_pt.ptes[dvpn] = Pte(folio, True, True, orig_src_pte.dirty)
-        return 0
+            return -errno.EBUSY
+        anon_vma = folio.mapping
+        new_anon_vma = dst_vma.anon_vma
+        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
+        pte = orig_src_pte
+        n = 0
+        last = extent >> PAGE_SHIFT
+        while True:
+            del src_ptes[svpn + n]  # ptep_clear_flush
+            folio_move_anon_rmap(folio, dst_vma)
+            folio.index = index + n
+            # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
+            dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
+            if n:
+                folio.lock.unlock(cur)  # type: ignore[union-attr]
+            n += 1
+            if n == last:
+                break
+            # check_ptes_for_batched_move
+            if dvpn + n in dst_ptes:
+                break
+            pte = src_ptes.get(svpn + n)  # type: ignore[assignment]
+            if pte is None or pte.folio is ZERO_PAGE:
+                break
+            folio = pte.folio
+            if not folio.lock.trylock(cur):  # type: ignore[union-attr]
+                break
+            if not folio.exclusive or folio.mapping is not anon_vma:
+                folio.lock.unlock(cur)  # type: ignore[union-attr]
+                break
+        return n << PAGE_SHIFT
     finally:
         double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
 
 
 def move_zeropage_pte(
-    cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
+    cur: Current, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
 ) -> int:
     """The zero page moves as a special PTE (6.9+): no folio, no rmap. Takes both PTLs."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
     try:
         if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
-            return errno.EAGAIN
+            return -errno.EAGAIN
         del src_pt.ptes[svpn]
         dst_pt.ptes[dvpn] = Pte(ZERO_PAGE, False, True, False)
-        return 0
+        return PAGE_SIZE
     finally:
         double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)

@@ -1,0 +1,7 @@
+"""``python -m mmsim.server``: the ``mmsim`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
