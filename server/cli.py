@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -52,9 +52,110 @@ def cmd_race(args: argparse.Namespace) -> int:
     return 1 if unsafe_missed else 0
 
 
+def _env(name: str, default: object, conv: Callable[[str], object] = str) -> object:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return conv(raw)
+    except ValueError as e:
+        raise SystemExit(f"mmsim: bad value for {name}: {raw!r} ({e})") from None
+
+
+def _bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _probability(raw: str) -> float:
+    v = float(raw)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError("must be within [0, 1]")
+    return v
+
+
+def _listen(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    return raw
+
+
+def _positive(raw: str) -> int:
+    v = int(raw)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return v
+
+
+#: (flag, env var, ServerConfig field, type, help)
+SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
+    ("--listen", "MMSIM_LISTEN", "listen", _listen, "address to listen on, HOST:PORT"),
+    ("--protocol", "MMSIM_PROTOCOL", "protocol", str, f"rmap/move protocol variant: {' | '.join(PROTOCOLS)}"),
+    ("--preempt", "MMSIM_PREEMPT", "preempt", _probability, "probability that a preemption point yields"),
+    ("--seed", "MMSIM_SEED", "seed", int, "seed of the preemption scheduler"),
+    ("--detectors", "MMSIM_DETECTORS", "detectors", _bool, "run lockdep, the walk detectors and the RCU checks"),
+    ("--max-concurrent-rpcs", "MMSIM_MAX_CONCURRENT_RPCS", "max_concurrent_rpcs", _positive,
+     "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    ("--max-message-bytes", "MMSIM_MAX_MESSAGE_BYTES", "max_message_bytes", _positive,
+     "largest request or response message"),
+    ("--max-remap-bytes", "MMSIM_MAX_REMAP_BYTES", "max_remap_bytes", _positive,
+     "largest length of one Remap; longer ones get INVALID_ARGUMENT"),
+    ("--max-munmap-bytes", "MMSIM_MAX_MUNMAP_BYTES", "max_munmap_bytes", _positive,
+     "largest length of one Munmap; longer ones get INVALID_ARGUMENT"),
+    ("--max-batch-ops", "MMSIM_MAX_BATCH_OPS", "max_batch_ops", _positive, "operations in one Batch request"),
+    ("--max-processes", "MMSIM_MAX_PROCESSES", "max_processes", _positive,
+     "simulated processes per server; more get RESOURCE_EXHAUSTED"),
+    ("--max-pages", "MMSIM_MAX_PAGES", "max_pages", _positive,
+     "resident simulated pages per server; more get RESOURCE_EXHAUSTED"),
+    ("--grace", "MMSIM_GRACE", "grace", float, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
+    ("--log-format", "MMSIM_LOG_FORMAT", "log_format", str, "auto (JSON unless on a terminal) | json | console"),
+    ("--log-level", "MMSIM_LOG_LEVEL", "log_level", str, "debug | info | warning | error"),
+)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gRPC server in the foreground until SIGTERM or SIGINT."""
+    import asyncio
+
+    from .app import ServerConfig, configure_logging, serve
+
+    config = ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS})
+    configure_logging(config.log_format, config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except OSError as e:
+        print(f"mmsim serve: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .app import ServerConfig
+
     p = argparse.ArgumentParser(prog="mmsim", description="Simulator of the Linux anonymous reverse map.")
     sub = p.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser(
+        "serve",
+        help=cmd_serve.__doc__,
+        description=cmd_serve.__doc__ + " Every flag can also be set by the environment variable shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = ServerConfig()
+    choices = {"protocol": list(PROTOCOLS), "log_format": ["auto", "json", "console"],
+               "log_level": ["debug", "info", "warning", "error"]}
+    for flag, env, dest, conv, text in SERVE_FLAGS:
+        serve_p.add_argument(
+            flag,
+            dest=dest,
+            type=conv,
+            choices=choices.get(dest),
+            default=_env(env, getattr(defaults, dest), conv),
+            help=f"{text} [{env}]",
+        )
+    serve_p.set_defaults(func=cmd_serve)
     race = sub.add_parser("race", help=cmd_race.__doc__, description=cmd_race.__doc__)
     race.add_argument(
         "--protocol",

@@ -40,6 +40,7 @@ from .rmap import AnonVma, folio_referenced
 from .userfaultfd import (
     UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
     UFFDIO_MOVE_MODE_DONTWAKE,
+    UFFDIO_REGISTER_MODES,
     MoveProgress,
     userfaultfd_move,
     userfaultfd_register,
@@ -86,6 +87,15 @@ class WalkResult:
         return self.fast_retries + self.slow_retries
 
 
+class LimitExceeded(Exception):
+    """A configured limit of the model (processes, resident pages) was reached."""
+
+    def __init__(self, limit: str, value: int) -> None:
+        super().__init__(f"{limit} limit of {value} reached")
+        self.limit = limit
+        self.value = value
+
+
 class PageLedger(dict[int, int]):
     """Expected contents of one process: virtual page number -> value, for pages holding a folio."""
 
@@ -129,8 +139,18 @@ class MemoryModel:
     walk detectors and the use-after-free check on.
     """
 
-    def __init__(self, protocol: str = "recheck", seed: int = 0, preempt: float = 0.0, detectors: bool = True) -> None:
+    def __init__(
+        self,
+        protocol: str = "recheck",
+        seed: int = 0,
+        preempt: float = 0.0,
+        detectors: bool = True,
+        max_processes: int | None = None,
+        max_pages: int | None = None,
+    ) -> None:
         self.k = Kernel(protocol=protocol, seed=seed, preempt=preempt, detectors=detectors)
+        self.max_processes = max_processes
+        self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}
         self.parents: dict[int, int | None] = {}
         self._pids = count(1)
@@ -173,7 +193,12 @@ class MemoryModel:
             lock.up_write(cur)
 
     # -- processes
+    def _check_process_limit(self) -> None:
+        if self.max_processes is not None and len(self.processes) >= self.max_processes:
+            raise LimitExceeded("max_processes", self.max_processes)
+
     async def create_process(self) -> int:
+        self._check_process_limit()
         pid = next(self._pids)
         self.processes[pid] = Mm(pid, self.k.lockdep)
         self.parents[pid] = None
@@ -183,6 +208,7 @@ class MemoryModel:
     async def fork(self, pid: int) -> int:
         """fork(): dup_mmap under both mmap_locks. A cancelled fork leaves no child behind."""
         parent = self._mm(pid)
+        self._check_process_limit()
         cur = self._cur("fork", pid)
         k = self.k
         cpid = next(self._pids)
@@ -226,14 +252,26 @@ class MemoryModel:
         await self._write_locked(mm, cur, body)
 
     # -- mappings
-    async def mmap(self, pid: int, length: int, prot: str = "rw", addr: int | None = None) -> VmaInfo:
+    async def mmap(
+        self, pid: int, length: int, prot: str = "rw", addr: int | None = None, uffd: str | None = None
+    ) -> VmaInfo:
+        """mmap of private anonymous memory; with ``uffd`` ("missing", "wp") the new range is
+        registered with the process's userfaultfd under the same mmap_lock."""
         mm = self._mm(pid)
         if addr is not None:
             self._check_addr(addr)
+        if uffd is not None and uffd not in UFFDIO_REGISTER_MODES:
+            raise MmError(errno.EINVAL, f"uffd mode must be one of {', '.join(UFFDIO_REGISTER_MODES)}, not {uffd!r}")
         cur = self._cur("mmap", pid)
 
         async def body() -> VmaInfo:
             start = await do_mmap(self.k, cur, mm, addr, length, prot)
+            if uffd is not None:
+                try:
+                    await userfaultfd_register(self.k, cur, mm, start, page_align(length), uffd)
+                except MmError:
+                    await do_munmap(self.k, cur, mm, start, length)
+                    raise
             vma = mm.vma_lookup(start)
             assert vma is not None
             # The range just mapped; the VMA holding it may be larger after a merge.
@@ -304,6 +342,8 @@ class MemoryModel:
         """A write access: a new folio, a COW copy, or the folio reused in place."""
         if not isinstance(value, int) or not 0 <= value <= U64_MAX:
             raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
+        if self.max_pages is not None and self.k.folios_live >= self.max_pages:
+            raise LimitExceeded("max_pages", self.max_pages)
         await self._access(pid, addr, True, value)
 
     # -- UFFDIO_MOVE
@@ -439,4 +479,4 @@ class MemoryModel:
         return out
 
 
-__all__ = ["PROTOCOLS", "PAGE_SIZE", "FolioInfo", "MemoryModel", "MmError", "VmaInfo", "WalkResult"]
+__all__ = ["PROTOCOLS", "PAGE_SIZE", "FolioInfo", "LimitExceeded", "MemoryModel", "MmError", "VmaInfo", "WalkResult"]

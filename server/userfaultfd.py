@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from typing import TYPE_CHECKING, Callable
 
 from .locks import Current, SpinLock
@@ -39,6 +40,14 @@ UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES = 1 << 1
 UFFD_FEATURE_MOVE = 1 << 16
 
 UFFDIO_REGISTER_MODES = {"missing": VM_UFFD_MISSING, "wp": VM_UFFD_WP, "missing+wp": VM_UFFD_MISSING | VM_UFFD_WP}
+
+
+#: What a per-page error of move_pages means.
+_STEP_ERRORS = {
+    errno.EEXIST: "dst page is already populated",
+    errno.ENOENT: "src page is not mapped",
+    errno.EBUSY: "src page is not exclusive to this process",
+}
 
 
 class UserfaultfdCtx:
@@ -242,7 +251,7 @@ async def move_pages(
                 await sched.yield_now("move:between-pages")
         k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
         if err and not progress.moved:
-            raise MmError(err, f"at src {src_addr:#x} dst {dst_addr:#x}")
+            raise MmError(err, f"{_STEP_ERRORS.get(err, os.strerror(err))} (src {src_addr:#x}, dst {dst_addr:#x})")
     finally:
         lock.up_read(cur)
 

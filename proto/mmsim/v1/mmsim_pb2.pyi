@@ -1,0 +1,383 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Prot(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROT_UNSPECIFIED: _ClassVar[Prot]
+    PROT_R: _ClassVar[Prot]
+    PROT_RW: _ClassVar[Prot]
+
+class UffdMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UFFD_MODE_NONE: _ClassVar[UffdMode]
+    UFFD_MODE_MISSING: _ClassVar[UffdMode]
+    UFFD_MODE_WP: _ClassVar[UffdMode]
+    UFFD_MODE_MISSING_WP: _ClassVar[UffdMode]
+
+class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADVICE_UNSPECIFIED: _ClassVar[Advice]
+    ADVICE_DONTFORK: _ClassVar[Advice]
+    ADVICE_DOFORK: _ClassVar[Advice]
+    ADVICE_WIPEONFORK: _ClassVar[Advice]
+    ADVICE_KEEPONFORK: _ClassVar[Advice]
+
+class RemapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REMAP_MODE_NONE: _ClassVar[RemapMode]
+    REMAP_MODE_DONTWAKE: _ClassVar[RemapMode]
+    REMAP_MODE_ALLOW_SRC_HOLES: _ClassVar[RemapMode]
+PROT_UNSPECIFIED: Prot
+PROT_R: Prot
+PROT_RW: Prot
+UFFD_MODE_NONE: UffdMode
+UFFD_MODE_MISSING: UffdMode
+UFFD_MODE_WP: UffdMode
+UFFD_MODE_MISSING_WP: UffdMode
+ADVICE_UNSPECIFIED: Advice
+ADVICE_DONTFORK: Advice
+ADVICE_DOFORK: Advice
+ADVICE_WIPEONFORK: Advice
+ADVICE_KEEPONFORK: Advice
+REMAP_MODE_NONE: RemapMode
+REMAP_MODE_DONTWAKE: RemapMode
+REMAP_MODE_ALLOW_SRC_HOLES: RemapMode
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateProcessRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Process(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class ProcessRequest(_message.Message):
+    __slots__ = ("process",)
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    def __init__(self, process: _Optional[str] = ...) -> None: ...
+
+class ExitResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MmapRequest(_message.Message):
+    __slots__ = ("process", "length", "prot", "addr", "uffd")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    UFFD_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    length: int
+    prot: Prot
+    addr: int
+    uffd: UffdMode
+    def __init__(self, process: _Optional[str] = ..., length: _Optional[int] = ..., prot: _Optional[_Union[Prot, str]] = ..., addr: _Optional[int] = ..., uffd: _Optional[_Union[UffdMode, str]] = ...) -> None: ...
+
+class Vma(_message.Message):
+    __slots__ = ("start", "end", "prot", "uffd", "dontfork", "wipeonfork", "pgoff", "anon_vma")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    UFFD_FIELD_NUMBER: _ClassVar[int]
+    DONTFORK_FIELD_NUMBER: _ClassVar[int]
+    WIPEONFORK_FIELD_NUMBER: _ClassVar[int]
+    PGOFF_FIELD_NUMBER: _ClassVar[int]
+    ANON_VMA_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    prot: Prot
+    uffd: UffdMode
+    dontfork: bool
+    wipeonfork: bool
+    pgoff: int
+    anon_vma: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., prot: _Optional[_Union[Prot, str]] = ..., uffd: _Optional[_Union[UffdMode, str]] = ..., dontfork: _Optional[bool] = ..., wipeonfork: _Optional[bool] = ..., pgoff: _Optional[int] = ..., anon_vma: _Optional[int] = ...) -> None: ...
+
+class RangeRequest(_message.Message):
+    __slots__ = ("process", "addr", "length")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    length: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class MadviseRequest(_message.Message):
+    __slots__ = ("process", "addr", "length", "advice")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADVICE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    length: int
+    advice: Advice
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., advice: _Optional[_Union[Advice, str]] = ...) -> None: ...
+
+class UffdRegisterRequest(_message.Message):
+    __slots__ = ("process", "addr", "length", "mode")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    length: int
+    mode: UffdMode
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., mode: _Optional[_Union[UffdMode, str]] = ...) -> None: ...
+
+class AccessRequest(_message.Message):
+    __slots__ = ("process", "addr")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
+
+class ReadResponse(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: int
+    def __init__(self, value: _Optional[int] = ...) -> None: ...
+
+class WriteRequest(_message.Message):
+    __slots__ = ("process", "addr", "value")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    value: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+
+class RemapRequest(_message.Message):
+    __slots__ = ("process", "dst", "src", "len", "mode")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    dst: int
+    src: int
+    len: int
+    mode: int
+    def __init__(self, process: _Optional[str] = ..., dst: _Optional[int] = ..., src: _Optional[int] = ..., len: _Optional[int] = ..., mode: _Optional[int] = ...) -> None: ...
+
+class RemapResponse(_message.Message):
+    __slots__ = ("moved",)
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    moved: int
+    def __init__(self, moved: _Optional[int] = ...) -> None: ...
+
+class WalkRequest(_message.Message):
+    __slots__ = ("process", "addr", "blocking")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    BLOCKING_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    blocking: bool
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., blocking: _Optional[bool] = ...) -> None: ...
+
+class Mapping(_message.Message):
+    __slots__ = ("process", "addr")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
+
+class WalkResponse(_message.Message):
+    __slots__ = ("referenced", "contended", "mappings", "fast_retries", "slow_retries")
+    REFERENCED_FIELD_NUMBER: _ClassVar[int]
+    CONTENDED_FIELD_NUMBER: _ClassVar[int]
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    FAST_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    SLOW_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    referenced: int
+    contended: bool
+    mappings: _containers.RepeatedCompositeFieldContainer[Mapping]
+    fast_retries: int
+    slow_retries: int
+    def __init__(self, referenced: _Optional[int] = ..., contended: _Optional[bool] = ..., mappings: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., fast_retries: _Optional[int] = ..., slow_retries: _Optional[int] = ...) -> None: ...
+
+class FolioResponse(_message.Message):
+    __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    MAPCOUNT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ANON_VMA_FIELD_NUMBER: _ClassVar[int]
+    WRITABLE_FIELD_NUMBER: _ClassVar[int]
+    YOUNG_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    zero_page: bool
+    value: int
+    mapcount: int
+    exclusive: bool
+    index: int
+    anon_vma: int
+    writable: bool
+    young: bool
+    def __init__(self, present: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., value: _Optional[int] = ..., mapcount: _Optional[int] = ..., exclusive: _Optional[bool] = ..., index: _Optional[int] = ..., anon_vma: _Optional[int] = ..., writable: _Optional[bool] = ..., young: _Optional[bool] = ...) -> None: ...
+
+class ListVmasResponse(_message.Message):
+    __slots__ = ("vmas",)
+    VMAS_FIELD_NUMBER: _ClassVar[int]
+    vmas: _containers.RepeatedCompositeFieldContainer[Vma]
+    def __init__(self, vmas: _Optional[_Iterable[_Union[Vma, _Mapping]]] = ...) -> None: ...
+
+class AnonVmaTreeRequest(_message.Message):
+    __slots__ = ("process", "addr")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
+
+class AnonVma(_message.Message):
+    __slots__ = ("id", "root", "parent", "refcount", "num_children", "num_active_vmas", "vmas")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    REFCOUNT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_VMAS_FIELD_NUMBER: _ClassVar[int]
+    VMAS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    root: int
+    parent: int
+    refcount: int
+    num_children: int
+    num_active_vmas: int
+    vmas: _containers.RepeatedCompositeFieldContainer[Mapping]
+    def __init__(self, id: _Optional[int] = ..., root: _Optional[int] = ..., parent: _Optional[int] = ..., refcount: _Optional[int] = ..., num_children: _Optional[int] = ..., num_active_vmas: _Optional[int] = ..., vmas: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ...) -> None: ...
+
+class AnonVmaTreeResponse(_message.Message):
+    __slots__ = ("anon_vmas",)
+    ANON_VMAS_FIELD_NUMBER: _ClassVar[int]
+    anon_vmas: _containers.RepeatedCompositeFieldContainer[AnonVma]
+    def __init__(self, anon_vmas: _Optional[_Iterable[_Union[AnonVma, _Mapping]]] = ...) -> None: ...
+
+class CheckInvariantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckInvariantsResponse(_message.Message):
+    __slots__ = ("problems",)
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, problems: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("counters",)
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class Op(_message.Message):
+    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio")
+    CREATE_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    FORK_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    MMAP_FIELD_NUMBER: _ClassVar[int]
+    MUNMAP_FIELD_NUMBER: _ClassVar[int]
+    MADVISE_FIELD_NUMBER: _ClassVar[int]
+    UFFD_REGISTER_FIELD_NUMBER: _ClassVar[int]
+    UFFD_UNREGISTER_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    REMAP_FIELD_NUMBER: _ClassVar[int]
+    WALK_FIELD_NUMBER: _ClassVar[int]
+    GET_FOLIO_FIELD_NUMBER: _ClassVar[int]
+    create_process: CreateProcessRequest
+    fork: ProcessRequest
+    exit: ProcessRequest
+    mmap: MmapRequest
+    munmap: RangeRequest
+    madvise: MadviseRequest
+    uffd_register: UffdRegisterRequest
+    uffd_unregister: RangeRequest
+    read: AccessRequest
+    write: WriteRequest
+    remap: RemapRequest
+    walk: WalkRequest
+    get_folio: AccessRequest
+    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ...) -> None: ...
+
+class OpError(_message.Message):
+    __slots__ = ("code", "message", "errno", "moved")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    errno: int
+    moved: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., errno: _Optional[int] = ..., moved: _Optional[int] = ...) -> None: ...
+
+class OpResult(_message.Message):
+    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit")
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_FIELD_NUMBER: _ClassVar[int]
+    VMA_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    REMAP_FIELD_NUMBER: _ClassVar[int]
+    WALK_FIELD_NUMBER: _ClassVar[int]
+    FOLIO_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    error: OpError
+    process: Process
+    empty: Empty
+    vma: Vma
+    read: ReadResponse
+    remap: RemapResponse
+    walk: WalkResponse
+    folio: FolioResponse
+    exit: ExitResponse
+    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("ops", "stop_on_error")
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    STOP_ON_ERROR_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[Op]
+    stop_on_error: bool
+    def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., stop_on_error: _Optional[bool] = ...) -> None: ...
+
+class BatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[OpResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[OpResult, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,382 @@
+"""The MemoryManager gRPC servicer: translation between protobuf and MemoryModel, nothing more.
+
+Each operation has an executor ``_op_<name>(request) -> response`` that raises on failure; the
+unary handlers turn the exception into a status with rich details, the batch handlers into an
+``OpError`` result. Process handles are ``<instance>.<pid>``, where the instance id is random per
+server start, so a handle from before a restart is unknown (NOT_FOUND), never someone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from mmsim.v1 import mmsim_pb2 as pb
+from mmsim.v1 import mmsim_pb2_grpc
+
+from . import errors
+from .model import LimitExceeded, MemoryModel, MmError, VmaInfo
+from .userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
+
+PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw"}
+PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}
+UFFD_FROM_PB = {pb.UFFD_MODE_MISSING: "missing", pb.UFFD_MODE_WP: "wp", pb.UFFD_MODE_MISSING_WP: "missing+wp"}
+UFFD_TO_PB = {None: pb.UFFD_MODE_NONE, **{v: k for k, v in UFFD_FROM_PB.items()}}
+ADVICE_FROM_PB = {
+    pb.ADVICE_DONTFORK: "dontfork",
+    pb.ADVICE_DOFORK: "dofork",
+    pb.ADVICE_WIPEONFORK: "wipeonfork",
+    pb.ADVICE_KEEPONFORK: "keeponfork",
+}
+assert UFFDIO_MOVE_MODE_DONTWAKE == pb.REMAP_MODE_DONTWAKE
+assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits enforced at the edge (the model enforces processes and pages)."""
+
+    max_remap_bytes: int = 1 << 30
+    max_munmap_bytes: int = 1 << 36
+    max_batch_ops: int = 10_000
+
+
+class BadRequest(Exception):
+    """A malformed request: INVALID_ARGUMENT with google.rpc.BadRequest field violations."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.violations = [(field, description)]
+
+
+class ProcessNotFound(Exception):
+    def __init__(self, handle: str) -> None:
+        super().__init__(f"no process {handle!r} on this server")
+        self.handle = handle
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], int, int]:
+    """(code, message, detail messages, errno, moved) for a failed operation."""
+    if isinstance(exc, MmError):
+        err = exc.errno or 0
+        name = errno_mod.errorcode.get(err, str(err))
+        info = error_details_pb2.ErrorInfo(
+            reason=name, domain=errors.DOMAIN, metadata={"errno": str(err), "moved": str(exc.moved)}
+        )
+        return errors.code_for_errno(err), f"[{name}] {exc.strerror}", [info], err, exc.moved
+    if isinstance(exc, BadRequest):
+        br = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations
+            ]
+        )
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [br], 0, 0
+    if isinstance(exc, ProcessNotFound):
+        info = error_details_pb2.ErrorInfo(
+            reason=errors.PROCESS_NOT_FOUND, domain=errors.DOMAIN, metadata={"process": exc.handle}
+        )
+        return grpc.StatusCode.NOT_FOUND, str(exc), [info], 0, 0
+    if isinstance(exc, LimitExceeded):
+        info = error_details_pb2.ErrorInfo(
+            reason=errors.LIMIT_EXCEEDED, domain=errors.DOMAIN, metadata={"limit": exc.limit, "value": str(exc.value)}
+        )
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=str(exc))]
+        )
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), [info, quota], 0, 0
+    raise exc
+
+
+def _rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
+    anys = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        anys.append(a)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=anys))
+
+
+_HANDLED = (MmError, BadRequest, ProcessNotFound, LimitExceeded)
+
+
+class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
+    def __init__(self, model: MemoryModel, limits: Limits | None = None, instance: str | None = None) -> None:
+        self.model = model
+        self.limits = limits or Limits()
+        self.instance = instance or secrets.token_hex(8)
+        self._ops: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "create_process": self._op_create_process,
+            "fork": self._op_fork,
+            "exit": self._op_exit,
+            "mmap": self._op_mmap,
+            "munmap": self._op_munmap,
+            "madvise": self._op_madvise,
+            "uffd_register": self._op_uffd_register,
+            "uffd_unregister": self._op_uffd_unregister,
+            "read": self._op_read,
+            "write": self._op_write,
+            "remap": self._op_remap,
+            "walk": self._op_walk,
+            "get_folio": self._op_get_folio,
+        }
+
+    # -- handles
+    def handle(self, pid: int) -> str:
+        return f"{self.instance}.{pid}"
+
+    def pid(self, handle: str, field: str = "process") -> int:
+        if not handle:
+            raise BadRequest(field, "a process handle is required")
+        inst, _, num = handle.rpartition(".")
+        if inst != self.instance or not num.isdigit() or int(num) not in self.model.processes:
+            raise ProcessNotFound(handle)
+        return int(num)
+
+    # -- running one operation
+    async def _unary(self, context: grpc.aio.ServicerContext, op: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+        try:
+            return await op(request)
+        except _HANDLED as exc:
+            code, message, details, _, _ = _status_for(exc)
+            await context.abort_with_status(_rich_status(code, message, details))
+
+    async def _batch(self, request: pb.BatchRequest) -> pb.BatchResponse:
+        if len(request.ops) > self.limits.max_batch_ops:
+            raise BadRequest("ops", f"at most {self.limits.max_batch_ops} operations per batch")
+        results = []
+        for i, op in enumerate(request.ops):
+            kind = op.WhichOneof("op")
+            if kind is None:
+                results.append(pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set"))))
+            else:
+                try:
+                    results.append(_op_result(await self._ops[kind](getattr(op, kind))))
+                except _HANDLED as exc:
+                    results.append(pb.OpResult(error=_op_error(exc)))
+            if request.stop_on_error and results[-1].HasField("error"):
+                break
+            if i % 64 == 63:
+                await asyncio.sleep(0)  # let other calls run between chunks of a long batch
+        return pb.BatchResponse(results=results)
+
+    # -- executors: request message -> response message, raising on failure
+    async def _op_create_process(self, request: pb.CreateProcessRequest) -> pb.Process:
+        return pb.Process(handle=self.handle(await self.model.create_process()))
+
+    async def _op_fork(self, request: pb.ProcessRequest) -> pb.Process:
+        return pb.Process(handle=self.handle(await self.model.fork(self.pid(request.process))))
+
+    async def _op_exit(self, request: pb.ProcessRequest) -> pb.ExitResponse:
+        await self.model.exit(self.pid(request.process))
+        return pb.ExitResponse()
+
+    async def _op_mmap(self, request: pb.MmapRequest) -> pb.Vma:
+        pid = self.pid(request.process)
+        prot = _enum(PROT_FROM_PB, request.prot, "prot")
+        uffd = None if request.uffd == pb.UFFD_MODE_NONE else _enum(UFFD_FROM_PB, request.uffd, "uffd")
+        addr = request.addr if request.HasField("addr") else None
+        return vma_to_pb(await self.model.mmap(pid, request.length, prot, addr, uffd))
+
+    async def _op_munmap(self, request: pb.RangeRequest) -> pb.Empty:
+        pid = self.pid(request.process)
+        if request.length > self.limits.max_munmap_bytes:
+            raise BadRequest("length", f"at most {self.limits.max_munmap_bytes} bytes per munmap")
+        await self.model.munmap(pid, request.addr, request.length)
+        return pb.Empty()
+
+    async def _op_madvise(self, request: pb.MadviseRequest) -> pb.Empty:
+        pid = self.pid(request.process)
+        await self.model.madvise(pid, request.addr, request.length, _enum(ADVICE_FROM_PB, request.advice, "advice"))
+        return pb.Empty()
+
+    async def _op_uffd_register(self, request: pb.UffdRegisterRequest) -> pb.Empty:
+        pid = self.pid(request.process)
+        mode = _enum(UFFD_FROM_PB, request.mode, "mode")
+        await self.model.uffd_register(pid, request.addr, request.length, mode)
+        return pb.Empty()
+
+    async def _op_uffd_unregister(self, request: pb.RangeRequest) -> pb.Empty:
+        await self.model.uffd_unregister(self.pid(request.process), request.addr, request.length)
+        return pb.Empty()
+
+    async def _op_read(self, request: pb.AccessRequest) -> pb.ReadResponse:
+        return pb.ReadResponse(value=await self.model.read(self.pid(request.process), request.addr))
+
+    async def _op_write(self, request: pb.WriteRequest) -> pb.Empty:
+        await self.model.write(self.pid(request.process), request.addr, request.value)
+        return pb.Empty()
+
+    async def _op_remap(self, request: pb.RemapRequest) -> pb.RemapResponse:
+        pid = self.pid(request.process)
+        if request.len > self.limits.max_remap_bytes:
+            raise BadRequest("len", f"at most {self.limits.max_remap_bytes} bytes per remap")
+        moved = await self.model.move(pid, request.dst, request.src, request.len, request.mode)
+        return pb.RemapResponse(moved=moved)
+
+    async def _op_walk(self, request: pb.WalkRequest) -> pb.WalkResponse:
+        w = await self.model.walk(self.pid(request.process), request.addr, request.blocking)
+        return pb.WalkResponse(
+            referenced=w.referenced,
+            contended=w.contended,
+            mappings=[pb.Mapping(process=self.handle(p), addr=a) for p, a in w.mappings],
+            fast_retries=w.fast_retries,
+            slow_retries=w.slow_retries,
+        )
+
+    async def _op_get_folio(self, request: pb.AccessRequest) -> pb.FolioResponse:
+        f = self.model.folio(self.pid(request.process), request.addr)
+        if f is None:
+            return pb.FolioResponse(present=False)
+        return pb.FolioResponse(
+            present=True,
+            zero_page=f.zero_page,
+            value=f.value,
+            mapcount=f.mapcount,
+            exclusive=f.exclusive,
+            index=f.index,
+            anon_vma=f.anon_vma or 0,
+            writable=f.writable,
+            young=f.young,
+        )
+
+    # -- RPCs
+    async def CreateProcess(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_create_process, request)
+
+    async def Fork(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_fork, request)
+
+    async def Exit(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_exit, request)
+
+    async def Mmap(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_mmap, request)
+
+    async def Munmap(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_munmap, request)
+
+    async def Madvise(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_madvise, request)
+
+    async def UffdRegister(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_uffd_register, request)
+
+    async def UffdUnregister(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_uffd_unregister, request)
+
+    async def Read(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_read, request)
+
+    async def Write(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_write, request)
+
+    async def Remap(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_remap, request)
+
+    async def Walk(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_walk, request)
+
+    async def GetFolio(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_get_folio, request)
+
+    async def ListVmas(self, request, context):  # type: ignore[no-untyped-def]
+        async def op(req: pb.ProcessRequest) -> pb.ListVmasResponse:
+            return pb.ListVmasResponse(vmas=[vma_to_pb(v) for v in self.model.vmas(self.pid(req.process))])
+
+        return await self._unary(context, op, request)
+
+    async def DumpAnonVmaTree(self, request, context):  # type: ignore[no-untyped-def]
+        async def op(req: pb.AnonVmaTreeRequest) -> pb.AnonVmaTreeResponse:
+            addr = req.addr if req.HasField("addr") else None
+            tree = self.model.anon_vma_tree(self.pid(req.process), addr)
+            return pb.AnonVmaTreeResponse(
+                anon_vmas=[
+                    pb.AnonVma(
+                        id=a["id"],
+                        root=a["root"],
+                        parent=a["parent"],
+                        refcount=a["refcount"],
+                        num_children=a["num_children"],
+                        num_active_vmas=a["num_active_vmas"],
+                        vmas=[pb.Mapping(process=self.handle(p), addr=s) for p, s in a["vmas"]],
+                    )
+                    for a in tree
+                ]
+            )
+
+        return await self._unary(context, op, request)
+
+    async def CheckInvariants(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.CheckInvariantsResponse(problems=self.model.check_invariants())
+
+    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.StatsResponse(counters=self.model.stats())
+
+    async def Batch(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._batch, request)
+
+    async def BatchStream(
+        self, request_iterator: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.BatchResponse]:
+        async for request in request_iterator:
+            try:
+                yield await self._batch(request)
+            except _HANDLED as exc:
+                code, message, details, _, _ = _status_for(exc)
+                await context.abort_with_status(_rich_status(code, message, details))
+
+    async def Ping(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.Empty()
+
+
+def _enum(table: dict[int, str], value: int, field: str) -> str:
+    try:
+        return table[value]
+    except KeyError:
+        raise BadRequest(field, f"unspecified or unknown value {value}; one of {sorted(table)} is required") from None
+
+
+def vma_to_pb(v: VmaInfo) -> pb.Vma:
+    return pb.Vma(
+        start=v.start,
+        end=v.end,
+        prot=PROT_TO_PB[v.prot],
+        uffd=UFFD_TO_PB[v.uffd],
+        dontfork=v.dontfork,
+        wipeonfork=v.wipeonfork,
+        pgoff=v.pgoff,
+        anon_vma=v.anon_vma or 0,
+    )
+
+
+_RESULT_FIELD = {
+    pb.Process: "process",
+    pb.Empty: "empty",
+    pb.Vma: "vma",
+    pb.ReadResponse: "read",
+    pb.RemapResponse: "remap",
+    pb.WalkResponse: "walk",
+    pb.FolioResponse: "folio",
+    pb.ExitResponse: "exit",
+}
+
+
+def _op_result(response: Any) -> pb.OpResult:
+    return pb.OpResult(**{_RESULT_FIELD[type(response)]: response})
+
+
+def _op_error(exc: BaseException) -> pb.OpError:
+    code, message, _, err, moved = _status_for(exc)
+    return pb.OpError(code=code.value[0], message=message, errno=err, moved=moved)
+
+
+__all__ = ["BadRequest", "Limits", "MemoryManagerServicer", "ProcessNotFound"]
