@@ -20,6 +20,7 @@ U64 = (1 << 64) - 1
 class Harness:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)  # grpc.aio looks the loop up
         self.server: RunningServer = self.loop.run_until_complete(
             start_server(ServerConfig(listen="127.0.0.1:0", log_level="error", max_remap_bytes=64 * P))
         )
@@ -34,6 +35,7 @@ class Harness:
         self.loop.run_until_complete(self.channel.close())
         self.loop.run_until_complete(self.server.stop(None))
         self.loop.close()
+        asyncio.set_event_loop(None)
 
 
 @pytest.fixture(scope="module")
