@@ -42,6 +42,9 @@ UFFD_FEATURE_MOVE = 1 << 16
 UFFDIO_REGISTER_MODES = {"missing": VM_UFFD_MISSING, "wp": VM_UFFD_WP, "missing+wp": VM_UFFD_MISSING | VM_UFFD_WP}
 
 
+#: A long move lets other tasks run after this many bytes (one PMD's worth).
+RESCHED_BYTES = PMD_SIZE
+
 #: What a per-page error of move_pages means.
 _STEP_ERRORS = {
     errno.EEXIST: "dst page is already populated",
@@ -224,6 +227,7 @@ async def move_pages(
         pgtables = mm.pgtables
         src_addr, dst_addr, src_end = src_start, dst_start, src_start + length
         err = 0
+        since_resched = 0
         while src_addr < src_end:
             src_pt = pgtables.get(src_addr >> PMD_SHIFT)
             if src_pt is None:
@@ -249,6 +253,10 @@ async def move_pages(
             dst_addr += step
             if sched.active and sched.should_preempt("move:between-pages"):
                 await sched.yield_now("move:between-pages")
+            since_resched += step
+            if since_resched >= RESCHED_BYTES:
+                since_resched = 0
+                await asyncio.sleep(0)  # cond_resched: a long move must not starve other calls
         k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
         if err and not progress.moved:
             raise MmError(err, f"{_STEP_ERRORS.get(err, os.strerror(err))} (src {src_addr:#x}, dst {dst_addr:#x})")
