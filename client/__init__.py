@@ -1,0 +1,44 @@
+"""The Python client SDK of mmsim.
+
+Example::
+
+    from mmsim.client import Client, ops
+
+    async with Client("127.0.0.1:7077") as mm:
+        p = await mm.create_process()
+        v = await p.mmap(8 * 4096, prot="rw")
+        await p.write(v.start, 42)
+        child = await p.fork()
+        print(await p.walk(v.start), await child.read(v.start))
+"""
+
+from . import ops
+from ._client import BatchStream, Client, Process, Result, Timeout
+from ._types import AnonVma, FolioInfo, Vma, WalkResult
+from .errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    LimitExceededError,
+    MmsimError,
+    ProcessNotFoundError,
+    ServerUnavailableError,
+)
+
+__all__ = [
+    "AnonVma",
+    "BatchStream",
+    "Client",
+    "DeadlineExceededError",
+    "FolioInfo",
+    "InvalidRequestError",
+    "LimitExceededError",
+    "MmsimError",
+    "Process",
+    "ProcessNotFoundError",
+    "Result",
+    "ServerUnavailableError",
+    "Timeout",
+    "Vma",
+    "WalkResult",
+    "ops",
+]

@@ -1,0 +1,139 @@
+"""Result types of the SDK: plain frozen dataclasses, and their conversion from protobuf."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mmsim.v1 import mmsim_pb2 as pb
+
+PROT_TO_PB: Mapping[str, int] = {"r": pb.PROT_R, "rw": pb.PROT_RW}
+PROT_FROM_PB: Mapping[int, str] = {v: k for k, v in PROT_TO_PB.items()}
+UFFD_TO_PB: Mapping[str | None, int] = {
+    None: pb.UFFD_MODE_NONE,
+    "missing": pb.UFFD_MODE_MISSING,
+    "wp": pb.UFFD_MODE_WP,
+    "missing+wp": pb.UFFD_MODE_MISSING_WP,
+}
+UFFD_FROM_PB: Mapping[int, str | None] = {v: k for k, v in UFFD_TO_PB.items()}
+ADVICE_TO_PB: Mapping[str, int] = {
+    "dontfork": pb.ADVICE_DONTFORK,
+    "dofork": pb.ADVICE_DOFORK,
+    "wipeonfork": pb.ADVICE_WIPEONFORK,
+    "keeponfork": pb.ADVICE_KEEPONFORK,
+}
+
+
+@dataclass(frozen=True)
+class Vma:
+    """A mapping of a process (for ``mmap``: the range just mapped)."""
+
+    start: int
+    end: int
+    prot: str
+    """``"r"`` or ``"rw"``."""
+    uffd: str | None
+    """``None``, ``"missing"``, ``"wp"`` or ``"missing+wp"``."""
+    dontfork: bool
+    wipeonfork: bool
+    pgoff: int
+    anon_vma: int | None
+    """Id of the VMA's anon_vma; ``None`` before the first fault."""
+
+
+@dataclass(frozen=True)
+class FolioInfo:
+    """The page mapped at an address (see ``Process.folio``)."""
+
+    zero_page: bool
+    value: int
+    mapcount: int
+    exclusive: bool
+    index: int
+    anon_vma: int | None
+    writable: bool
+    young: bool
+
+
+@dataclass(frozen=True)
+class WalkResult:
+    """The outcome of an rmap walk (``folio_referenced``) of one folio."""
+
+    referenced: int
+    """Number of mappings that referenced the folio; -1 when the trylock walk was contended."""
+    contended: bool
+    mappings: tuple[tuple[str, int], ...]
+    """``(process_id, addr)`` of each mapping found."""
+    fast_retries: int
+    slow_retries: int
+
+    @property
+    def retries(self) -> int:
+        return self.fast_retries + self.slow_retries
+
+
+@dataclass(frozen=True)
+class AnonVma:
+    """One anon_vma of a tree (see ``Process.anon_vma_tree``)."""
+
+    id: int
+    root: int
+    parent: int
+    refcount: int
+    num_children: int
+    num_active_vmas: int
+    vmas: tuple[tuple[str, int], ...]
+    """``(process_id, vma start)`` of each VMA in the anon_vma's interval tree."""
+
+
+def vma_from_pb(m: pb.Vma) -> Vma:
+    return Vma(
+        start=m.start,
+        end=m.end,
+        prot=PROT_FROM_PB.get(m.prot, "?"),
+        uffd=UFFD_FROM_PB.get(m.uffd),
+        dontfork=m.dontfork,
+        wipeonfork=m.wipeonfork,
+        pgoff=m.pgoff,
+        anon_vma=m.anon_vma or None,
+    )
+
+
+def folio_from_pb(m: pb.FolioResponse) -> FolioInfo | None:
+    if not m.present:
+        return None
+    return FolioInfo(
+        zero_page=m.zero_page,
+        value=m.value,
+        mapcount=m.mapcount,
+        exclusive=m.exclusive,
+        index=m.index,
+        anon_vma=m.anon_vma or None,
+        writable=m.writable,
+        young=m.young,
+    )
+
+
+def walk_from_pb(m: pb.WalkResponse) -> WalkResult:
+    return WalkResult(
+        referenced=m.referenced,
+        contended=m.contended,
+        mappings=tuple((x.process, x.addr) for x in m.mappings),
+        fast_retries=m.fast_retries,
+        slow_retries=m.slow_retries,
+    )
+
+
+def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
+    return AnonVma(
+        id=m.id,
+        root=m.root,
+        parent=m.parent,
+        refcount=m.refcount,
+        num_children=m.num_children,
+        num_active_vmas=m.num_active_vmas,
+        vmas=tuple((x.process, x.addr) for x in m.vmas),
+    )
+
+
+__all__ = ["AnonVma", "FolioInfo", "Vma", "WalkResult"]

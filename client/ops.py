@@ -1,0 +1,134 @@
+"""Builders of batch operations, for :meth:`Client.batch` and :meth:`Client.batch_stream`.
+
+Example::
+
+    from mmsim.client import ops
+
+    results = await mm.batch([ops.write(p, addr, 1), ops.remap(p, dst, addr, 4096), ops.read(p, dst)])
+    # [None, 4096, 1]; a failed operation gives its exception instance instead of raising
+
+Each builder takes the :class:`~mmsim.client.Process` it acts on; all the processes of one batch
+must live on the same server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from mmsim.v1 import mmsim_pb2 as pb
+
+from ._types import ADVICE_TO_PB, PROT_TO_PB, UFFD_TO_PB
+
+if TYPE_CHECKING:
+    from ._client import Process
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a batch: the process it acts on (None for create_process) and its message."""
+
+    process: Process | None
+    message: pb.Op
+
+    @property
+    def kind(self) -> str:
+        """The name of the operation (the ``Op`` oneof field), e.g. ``"remap"``."""
+        return self.message.WhichOneof("op") or ""
+
+    @property
+    def request(self) -> object:
+        """The request message of the operation, as its unary RPC takes it."""
+        return getattr(self.message, self.kind)
+
+
+def _lookup(table: Mapping[K, int], value: K, what: str) -> int:
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"unknown {what} {value!r}; one of {', '.join(map(repr, table))}") from None
+
+
+def create_process() -> Op:
+    return Op(None, pb.Op(create_process=pb.CreateProcessRequest()))
+
+
+def fork(p: Process) -> Op:
+    return Op(p, pb.Op(fork=pb.ProcessRequest(process=p.id)))
+
+
+def exit(p: Process) -> Op:  # noqa: A001 - mirrors the RPC's name
+    return Op(p, pb.Op(exit=pb.ProcessRequest(process=p.id)))
+
+
+def mmap(p: Process, length: int, prot: str = "rw", uffd: str | None = None, addr: int | None = None) -> Op:
+    req = pb.MmapRequest(
+        process=p.id, length=length, prot=_lookup(PROT_TO_PB, prot, "prot"), uffd=_lookup(UFFD_TO_PB, uffd, "uffd")
+    )
+    if addr is not None:
+        req.addr = addr
+    return Op(p, pb.Op(mmap=req))
+
+
+def munmap(p: Process, addr: int, length: int) -> Op:
+    return Op(p, pb.Op(munmap=pb.RangeRequest(process=p.id, addr=addr, length=length)))
+
+
+def madvise(p: Process, addr: int, length: int, advice: str) -> Op:
+    req = pb.MadviseRequest(process=p.id, addr=addr, length=length, advice=_lookup(ADVICE_TO_PB, advice, "advice"))
+    return Op(p, pb.Op(madvise=req))
+
+
+def uffd_register(p: Process, addr: int, length: int, mode: str = "missing") -> Op:
+    if mode is None:
+        raise ValueError("uffd_register needs a mode")
+    req = pb.UffdRegisterRequest(process=p.id, addr=addr, length=length, mode=_lookup(UFFD_TO_PB, mode, "uffd mode"))
+    return Op(p, pb.Op(uffd_register=req))
+
+
+def uffd_unregister(p: Process, addr: int, length: int) -> Op:
+    return Op(p, pb.Op(uffd_unregister=pb.RangeRequest(process=p.id, addr=addr, length=length)))
+
+
+def read(p: Process, addr: int) -> Op:
+    return Op(p, pb.Op(read=pb.AccessRequest(process=p.id, addr=addr)))
+
+
+def write(p: Process, addr: int, value: int) -> Op:
+    return Op(p, pb.Op(write=pb.WriteRequest(process=p.id, addr=addr, value=value)))
+
+
+def remap(
+    p: Process, dst: int, src: int, length: int, *, allow_src_holes: bool = False, dontwake: bool = False
+) -> Op:
+    mode = (pb.REMAP_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0) | (pb.REMAP_MODE_DONTWAKE if dontwake else 0)
+    return Op(p, pb.Op(remap=pb.RemapRequest(process=p.id, dst=dst, src=src, len=length, mode=mode)))
+
+
+def walk(p: Process, addr: int, blocking: bool = False) -> Op:
+    return Op(p, pb.Op(walk=pb.WalkRequest(process=p.id, addr=addr, blocking=blocking)))
+
+
+def folio(p: Process, addr: int) -> Op:
+    return Op(p, pb.Op(get_folio=pb.AccessRequest(process=p.id, addr=addr)))
+
+
+__all__ = [
+    "Op",
+    "create_process",
+    "exit",
+    "fork",
+    "folio",
+    "madvise",
+    "mmap",
+    "munmap",
+    "read",
+    "remap",
+    "uffd_register",
+    "uffd_unregister",
+    "walk",
+    "write",
+]

@@ -1,0 +1,272 @@
+"""Every RPC through the SDK against a real server on a loopback port, with the errno mapping."""
+
+import asyncio
+import errno
+import random
+import socket
+
+import pytest
+
+from mmsim.client import (
+    Client,
+    DeadlineExceededError,
+    InvalidRequestError,
+    LimitExceededError,
+    ProcessNotFoundError,
+    ops,
+)
+from mmsim.client.testing import serve_in_process
+
+P = 4096
+SRC, DST = 0x100000000, 0x200000000
+
+
+@pytest.fixture
+async def mm():  # type: ignore[no-untyped-def]
+    async with serve_in_process(log_level="warning") as addr:
+        async with Client(addr) as client:
+            yield client
+
+
+async def test_every_rpc(mm: Client) -> None:
+    await mm.ping()
+    p = await mm.create_process()
+    assert isinstance(p.id, str) and p.id
+    src = await p.mmap(4 * P, prot="rw", addr=SRC)
+    assert (src.start, src.end, src.prot, src.uffd) == (SRC, SRC + 4 * P, "rw", None)
+    dst = await p.mmap(4 * P, prot="rw", addr=DST, uffd="missing")
+    assert dst.uffd == "missing"
+    placed = await p.mmap(2 * P, prot="r")  # top-down placement
+    assert placed.prot == "r" and placed.end - placed.start == 2 * P
+    await p.write(SRC, 42)
+    assert await p.read(SRC) == 42
+    assert await p.read(placed.start) == 0  # zero page
+    f = await p.folio(SRC)
+    assert f is not None and (f.value, f.mapcount, f.exclusive, f.zero_page) == (42, 1, True, False)
+    assert await p.folio(SRC + P) is None
+    assert (await p.folio(placed.start)).zero_page  # type: ignore[union-attr]
+    assert await p.remap(DST, SRC, P) == P
+    moved = await p.folio(DST)
+    assert moved is not None and moved.value == 42 and moved.index == DST >> 12
+    w = await p.walk(DST)
+    assert (w.referenced, w.contended, list(w.mappings)) == (1, False, [(p.id, DST)])
+    assert (await p.walk(DST, blocking=True)).referenced == 0
+    tree = await p.anon_vma_tree(DST)
+    assert len(tree) == 1 and tree[0].id == moved.anon_vma and list(tree[0].vmas) == [(p.id, DST)]
+    await p.write(SRC + P, 7)
+    assert await p.remap(DST + P, SRC, 2 * P, allow_src_holes=True, dontwake=True) == 2 * P
+    await p.madvise(SRC, 4 * P, "dontfork")
+    assert [v.dontfork for v in await p.vmas() if v.start == SRC] == [True]
+    await p.madvise(SRC, 4 * P, "dofork")
+    await p.madvise(DST, 4 * P, "wipeonfork")
+    await p.madvise(DST, 4 * P, "keeponfork")
+    await p.uffd_unregister(DST, 4 * P)
+    await p.uffd_register(DST, 4 * P, mode="wp")
+    assert [v.uffd for v in await p.vmas() if v.start == DST] == ["wp"]
+    child = await p.fork()
+    assert child.id != p.id
+    assert await child.read(DST) == 42
+    w = await p.walk(DST)
+    assert sorted(w.mappings) == sorted([(p.id, DST), (child.id, DST)])
+    assert [v.uffd for v in await child.vmas() if v.start == DST] == [None]  # dropped at fork
+    await p.munmap(placed.start, 2 * P)
+    assert all(v.start != placed.start for v in await p.vmas())
+    await child.exit()
+    with pytest.raises(ProcessNotFoundError):
+        await child.read(DST)
+    assert await mm.check_invariants() == []
+    stats = await mm.stats()
+    assert stats["processes"] == 1 and stats["violations"] == 0 and stats["fork"] == 1
+    results = await mm.batch([ops.write(p, SRC, 9), ops.read(p, SRC), ops.remap(p, DST, SRC, P), ops.folio(p, SRC)])
+    assert results[1] == 9 and isinstance(results[2], FileExistsError) and results[3] is not None
+    async with mm.batch_stream() as s:
+        for i in range(3):
+            r = await s.run([ops.write(p, SRC, 100 + i), ops.read(p, SRC)])
+            assert r[1] == 100 + i
+    await p.exit()
+    assert await mm.check_invariants() == []
+
+
+async def _two(mm: Client):  # type: ignore[no-untyped-def]
+    p = await mm.create_process()
+    await p.mmap(4 * P, addr=SRC)
+    await p.mmap(4 * P, addr=DST, uffd="missing")
+    return p
+
+
+@pytest.mark.parametrize(
+    "name, exc_type, err",
+    [
+        ("populated dst", FileExistsError, errno.EEXIST),
+        ("src hole", FileNotFoundError, errno.ENOENT),
+        ("no vma", FileNotFoundError, errno.ENOENT),
+        ("misaligned", OSError, errno.EINVAL),
+        ("unregistered dst", OSError, errno.EINVAL),
+        ("shared page", OSError, errno.EBUSY),
+        ("write to read-only", OSError, errno.EFAULT),
+        ("fixed overlap", FileExistsError, errno.EEXIST),
+        ("below mmap_min_addr", PermissionError, errno.EPERM),
+        ("madvise hole", OSError, errno.ENOMEM),
+        ("missing page in MISSING range", BlockingIOError, errno.EAGAIN),
+    ],
+)
+async def test_errno_mapping(mm: Client, name: str, exc_type: type, err: int) -> None:
+    p = await _two(mm)
+    await p.write(SRC, 1)
+    calls = {
+        "populated dst": lambda: p.remap(DST, SRC, P),
+        "src hole": lambda: p.remap(DST, SRC + P, P),
+        "no vma": lambda: p.remap(DST, 0x300000000, P),
+        "misaligned": lambda: p.remap(DST, SRC + 1, P),
+        "unregistered dst": lambda: p.remap(SRC + P, SRC, P),
+        "write to read-only": None,
+        "fixed overlap": lambda: p.mmap(P, addr=SRC),
+        "below mmap_min_addr": lambda: p.mmap(P, addr=0x1000),
+        "madvise hole": lambda: p.madvise(0x300000000, P, "dontfork"),
+        "missing page in MISSING range": lambda: p.write(DST, 1),
+        "shared page": None,
+    }
+    if name == "populated dst":
+        assert await p.remap(DST, SRC, P) == P
+        await p.write(SRC, 2)
+        call = calls[name]
+    elif name == "shared page":
+        await p.fork()
+        call = lambda: p.remap(DST, SRC, P)  # noqa: E731
+    elif name == "write to read-only":
+        ro = await p.mmap(P, prot="r")
+        call = lambda: p.write(ro.start, 1)  # noqa: E731
+    else:
+        call = calls[name]
+    with pytest.raises(OSError) as e:
+        await call()
+    assert isinstance(e.value, exc_type) and e.value.errno == err
+    assert e.value.moved == 0
+    assert await mm.check_invariants() == []
+
+
+async def test_partial_progress_carries_moved(mm: Client) -> None:
+    p = await _two(mm)
+    for i in range(4):
+        if i != 2:
+            await p.write(SRC + i * P, i)
+    with pytest.raises(BlockingIOError) as e:  # EAGAIN: a short move
+        await p.remap(DST, SRC, 4 * P)
+    assert e.value.errno == errno.EAGAIN and e.value.moved == 2 * P
+    with pytest.raises(FileNotFoundError):  # retrying from the hole shows the real error
+        await p.remap(DST + 2 * P, SRC + 2 * P, 2 * P)
+    assert await p.remap(DST + 3 * P, SRC + 3 * P, P) == P
+    res = await mm.batch([ops.remap(p, DST, SRC, P), ops.remap(p, DST + 2 * P, SRC + 2 * P, P)])
+    # dst is checked before src: a populated dst wins over a src hole
+    assert isinstance(res[0], FileExistsError) and res[0].errno == errno.EEXIST
+    assert isinstance(res[1], FileNotFoundError) and res[1].moved == 0
+
+
+async def test_malformed_and_limits() -> None:
+    async with serve_in_process(log_level="warning", max_processes=2, max_remap_bytes=8 * P) as addr:
+        async with Client(addr) as mm:
+            p = await mm.create_process()
+            with pytest.raises(InvalidRequestError) as e:
+                await p.remap(DST, SRC, 16 * P)
+            assert [f for f, _ in e.value.field_violations] == ["len"]
+            with pytest.raises(ValueError):
+                await p.mmap(P, prot="rwx")  # refused by the SDK before sending
+            await mm.create_process()
+            with pytest.raises(LimitExceededError) as le:
+                await mm.create_process()
+            assert le.value.limit == "max_processes"
+
+
+async def test_deadline_exceeded_through_the_sdk() -> None:
+    async with serve_in_process(log_level="warning") as addr:
+        async with Client(addr, timeout=0.2) as mm:
+            p = await mm.create_process()
+            await p.mmap(P, addr=SRC)
+            await p.write(SRC, 1)
+            # Hold the folio's anon_vma root so a blocking walk has to wait past its deadline.
+            from mmsim.server.locks import Current
+
+            model = _server_model(addr)
+            av = next(iter(model.processes.values())).pte_lookup(SRC).folio.mapping
+            holder = Current("holder")
+            assert av.root.rwsem.down_write(holder)
+            try:
+                with pytest.raises(DeadlineExceededError):
+                    await p.walk(SRC, blocking=True)
+            finally:
+                while av.root.rwsem.waiters:
+                    await asyncio.sleep(0)
+                av.root.rwsem.up_write(holder)
+            assert await mm.check_invariants() == []
+
+
+def _server_model(addr: str):  # type: ignore[no-untyped-def]
+    """The model of the in-process server listening on ``addr`` (found through the GC)."""
+    import gc
+
+    from mmsim.server.app import RunningServer
+
+    port = int(addr.rsplit(":", 1)[1])
+    return next(o for o in gc.get_objects() if isinstance(o, RunningServer) and o.port == port).model
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_handles_do_not_survive_a_restart() -> None:
+    port = _free_port()
+    async with serve_in_process(listen=f"127.0.0.1:{port}", log_level="warning") as addr:
+        async with Client(addr) as mm:
+            old = await mm.create_process()
+            await old.mmap(P, addr=SRC)
+    async with serve_in_process(listen=f"127.0.0.1:{port}", log_level="warning") as addr:
+        async with Client(addr) as mm:
+            new = await mm.create_process()  # the same pid inside the new server
+            await new.mmap(P, addr=SRC)
+            assert new.id != old.id
+            stale = type(old)(mm, mm.conns[0], old.id)
+            with pytest.raises(ProcessNotFoundError):
+                await stale.vmas()
+            assert len(await new.vmas()) == 1
+
+
+async def test_two_hundred_concurrent_clients() -> None:
+    async with serve_in_process(log_level="warning") as addr:
+
+        async def one_client(seed: int) -> int:
+            rng = random.Random(seed)
+            done = 0
+            async with Client(addr) as mm:
+                p = await mm.create_process()
+                a = await p.mmap(8 * P)
+                b = await p.mmap(8 * P, uffd="missing")
+                for _ in range(20):
+                    i = rng.randrange(8)
+                    kind = rng.choice(["write", "read", "remap", "walk", "fork"])
+                    try:
+                        if kind == "write":
+                            await p.write(a.start + i * P, rng.randrange(1 << 32))
+                        elif kind == "read":
+                            await p.read(a.start + i * P)
+                        elif kind == "remap":
+                            await p.remap(b.start + i * P, a.start + i * P, P)
+                        elif kind == "walk":
+                            await p.walk(b.start + i * P, blocking=rng.random() < 0.5)
+                        else:
+                            c = await p.fork()
+                            await c.exit()
+                        done += 1
+                    except OSError as e:
+                        assert e.errno in (errno.EEXIST, errno.ENOENT, errno.EBUSY, errno.EAGAIN), e
+                await p.exit()
+            return done
+
+        counts = await asyncio.gather(*(one_client(s) for s in range(200)))
+        assert sum(counts) > 200 * 5
+        async with Client(addr) as mm:
+            assert await mm.check_invariants() == []
+            stats = await mm.stats()
+            assert stats["processes"] == 0 and stats["violations"] == 0
