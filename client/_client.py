@@ -385,11 +385,14 @@ class Process:
         allow_src_holes: bool = False,
         dontwake: bool = False,
         *,
+        mode_bits: int = 0,
         timeout: Timeout = ...,
     ) -> int:
         """UFFDIO_MOVE: the bytes moved. A short move raises OSError (EAGAIN: BlockingIOError)
-        with ``.moved``."""
-        op = _ops.remap(self, dst, src, length, allow_src_holes=allow_src_holes, dontwake=dontwake)
+        with ``.moved``. ``mode_bits`` adds raw mode bits to the two flags."""
+        op = _ops.remap(
+            self, dst, src, length, allow_src_holes=allow_src_holes, dontwake=dontwake, mode_bits=mode_bits
+        )
         return await self._run(op, timeout)  # type: ignore[no-any-return]
 
     async def walk(self, addr: int, blocking: bool = False, *, timeout: Timeout = ...) -> WalkResult:

@@ -102,9 +102,18 @@ def write(p: Process, addr: int, value: int) -> Op:
 
 
 def remap(
-    p: Process, dst: int, src: int, length: int, *, allow_src_holes: bool = False, dontwake: bool = False
+    p: Process,
+    dst: int,
+    src: int,
+    length: int,
+    *,
+    allow_src_holes: bool = False,
+    dontwake: bool = False,
+    mode_bits: int = 0,
 ) -> Op:
+    """UFFDIO_MOVE. ``mode_bits`` adds raw mode bits (the server rejects unknown ones with EINVAL)."""
     mode = (pb.REMAP_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0) | (pb.REMAP_MODE_DONTWAKE if dontwake else 0)
+    mode |= mode_bits
     return Op(p, pb.Op(remap=pb.RemapRequest(process=p.id, dst=dst, src=src, len=length, mode=mode)))
 
 

@@ -132,6 +132,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Run scenarios on the live Linux kernel and on mmsim, and show every step that differs."""
+    import asyncio
+
+    from .conformance.scenario import ScenarioError
+    from .conformance.tool import EXIT_USAGE, conformance
+
+    if not args.scenarios and not args.random:
+        print("mmsim conformance: give scenario files or directories, or --random N", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(
+            conformance(
+                args.scenarios,
+                server=args.server,
+                random_count=args.random,
+                seed=args.seed,
+                step_timeout=args.step_timeout,
+                save=args.save,
+                console=Console(width=None if sys.stdout.isatty() else 140),
+            )
+        )
+    except (ScenarioError, OSError) as e:
+        print(f"mmsim conformance: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .app import ServerConfig
 
@@ -156,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} [{env}]",
         )
     serve_p.set_defaults(func=cmd_serve)
+    conf = sub.add_parser(
+        "conformance",
+        help=cmd_conformance.__doc__,
+        description=cmd_conformance.__doc__
+        + " Exit status: 0 all the same, 1 some differ, 2 bad usage or scenario, 3 kernel oracle unavailable.",
+    )
+    conf.add_argument("scenarios", nargs="*", help="scenario JSON files, or directories of them")
+    conf.add_argument("--server", help="an mmsim server HOST:PORT (default: one started in this process)")
+    conf.add_argument("--random", type=int, default=0, metavar="N", help="also run N random scenarios")
+    conf.add_argument("--seed", type=int, default=0, help="seed of the random scenarios")
+    conf.add_argument("--step-timeout", type=float, default=5.0, help="seconds before a kernel step counts as blocked")
+    conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")
+    conf.set_defaults(func=cmd_conformance)
     race = sub.add_parser("race", help=cmd_race.__doc__, description=cmd_race.__doc__)
     race.add_argument(
         "--protocol",

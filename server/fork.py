@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from .locks import Current
 from .memory import copy_page_range, free_pgtables, zap_pte_range
 from .mm_types import VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm, Vma
 from .rmap import anon_vma_fork, unlink_anon_vmas
+from .sched import uninterruptible
 
 if TYPE_CHECKING:
     from .kernel import Kernel
-
-T = TypeVar("T")
-
-
-async def uninterruptible(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn()`` to completion even if the caller is cancelled (TASK_UNINTERRUPTIBLE), then
-    deliver the cancellation. Used for teardown that must not stop half-way."""
-    task = asyncio.ensure_future(fn())
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError()
-    return result
-
 
 async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm) -> None:
     """Copy the parent's VMAs into the new mm. Expects oldmm's mmap_lock and, nested, mm's held for

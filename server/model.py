@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
-from .fork import dup_mmap, exit_mmap, uninterruptible
+from .fork import dup_mmap, exit_mmap
+from .sched import uninterruptible
 from .invariants import check_invariants
 from .kernel import PROTOCOLS, Kernel
 from .locks import Current

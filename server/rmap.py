@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .locks import Current, LockClass, LockdepState, RwSem
 from .mm_types import PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
 from .rcu import TypesafeObject
+from .sched import uninterruptible
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -228,8 +229,13 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
     await anon_vma_clone(k, cur, vma, pvma)
     if vma.anon_vma is not None:
         return
-    # Lock the (shared) root before allocating, so a cancelled wait leaves nothing half-built.
-    await anon_vma_lock_write(cur, pvma.anon_vma)
+    # Lock the (shared) root before allocating, so a cancelled wait leaves nothing half-built
+    # but the chain anon_vma_clone made, which the kernel's error path unlinks.
+    try:
+        await anon_vma_lock_write(cur, pvma.anon_vma)
+    except BaseException:
+        await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))
+        raise
     av = anon_vma_alloc(k)
     av.num_active_vmas += 1
     av.root = pvma.anon_vma.root

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: The named points. Each is placed in the function its name gives.
 POINTS = (
@@ -99,3 +103,21 @@ class Scheduler:
             return
         for _ in range(self.rng.randint(1, self.max_burst)):
             await asyncio.sleep(0)
+
+
+async def uninterruptible(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn()`` to completion even if the caller is cancelled (TASK_UNINTERRUPTIBLE), then
+    deliver the cancellation. Used for teardown that must not stop half-way."""
+    task = asyncio.ensure_future(fn())
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
+    return result

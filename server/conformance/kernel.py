@@ -1,0 +1,797 @@
+"""The kernel oracle: run a conformance scenario on the live Linux kernel.
+
+Every named process of a scenario is a real OS process, a *helper*, that performs the steps on
+its own address space (mmap, munmap, madvise, userfaultfd, faulting accesses, UFFDIO_MOVE) and
+reports what the kernel said. ``KernelRunner.run`` drives the helpers one step at a time and
+returns one :class:`StepResult` per step.
+
+Process tree and channels
+-------------------------
+``run`` starts one *anchor* (``python -m mmsim.server.conformance.kernel --helper SPEC``) in a new
+session. The anchor makes itself a child subreaper, ignores SIGCHLD (so every descendant that
+exits is reaped at once, also orphans: this machine's init does not reap) and forks one helper
+per scenario root process. Each helper talks to the runner over its own ``AF_UNIX``
+``SOCK_SEQPACKET`` socket pair, one JSON message per command and per reply. A ``fork`` step makes
+the parent's helper create a new socket pair and ``os.fork()``; the child keeps one end and
+serves on it, the parent passes the other end to the runner with ``SCM_RIGHTS`` in its reply.
+
+Cleanup
+-------
+A step that does not answer within ``step_timeout`` gets its helper killed (SIGKILL). When
+``run`` ends, however it ends, the runner kills every helper it knows, waits until they are gone,
+then closes the anchor's stdin; the anchor then kills whatever is still left in its process
+group (e.g. a child whose fork reply never arrived), waits until it is gone and exits. Helpers
+also exit when their channel reaches EOF, and the anchor when its stdin does, so a runner that
+dies leaves nothing behind either.
+
+How steps touch memory
+----------------------
+``write`` uses ``process_vm_writev`` on the helper's own pid (a GUP write fault, so the same
+COW/reuse as a store, but EFAULT instead of SIGSEGV on a read-only page). ``read`` of a page that
+is not present uses ``process_vm_readv`` (faults the zero page in). The value of a page that
+*is* present (``read``, ``peek``) is taken with a plain user-mode load: ``process_vm_readv`` pins
+(FOLL_PIN), and a pinning read of a page shared after fork unshares it (copies it), which would
+change the mapcount being observed. The userfaultfd is opened without ``UFFD_USER_MODE_ONLY``
+(allowed for root; that flag is only the fallback), because with it the kernel-mode faults of
+``process_vm_readv/writev`` on a missing page of a MISSING-registered range fail with EFAULT at
+once, where the user-mode access they stand for blocks.
+
+Not disturbing the address space
+--------------------------------
+Helpers run with ``PYTHONMALLOC=malloc`` (small allocations come from the brk heap, not from
+mmap'd arenas), import everything before touching memory, learn the zero page's PFN with a
+scratch mapping that is unmapped again, fill the holes between the interpreter's mappings with
+PROT_NONE placeholders and then map one PROT_NONE guard page with ``mmap(NULL)``. Regions, placed
+top-down by ``mmap(NULL)``, therefore start right below the guard and never merge with the
+interpreter's own mappings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .scenario import PAGE, Scenario, StepResult, move_len, move_mode, place
+
+# ---------------------------------------------------------------------------------------------
+# uAPI constants (the installed headers predate some of them)
+
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+_O_CLOEXEC = 0o2000000
+_O_NONBLOCK = 0o4000
+_UFFD_USER_MODE_ONLY = 1
+
+_PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
+_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x20, 0x4000
+_MAP_FIXED_NOREPLACE = 0x100000
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MADV = {"dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19}
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _ioc(direction: int, typ: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (typ << 8) | nr
+
+
+_IOC_READ_WRITE, _IOC_READ = 3, 2
+UFFD_API = 0xAA
+UFFD_FEATURE_MOVE = 1 << 16
+UFFDIO_API = _ioc(_IOC_READ_WRITE, 0xAA, 0x3F, 24)
+UFFDIO_REGISTER = _ioc(_IOC_READ_WRITE, 0xAA, 0x00, 32)
+UFFDIO_UNREGISTER = _ioc(_IOC_READ, 0xAA, 0x01, 16)
+UFFDIO_MOVE = _ioc(_IOC_READ_WRITE, 0xAA, 0x05, 40)
+UFFDIO_REGISTER_MODE = {"missing": 1, "wp": 2}
+
+# The userfaultfd is opened WITHOUT UFFD_USER_MODE_ONLY when the kernel lets us (root): the
+# helper's accesses are kernel-mode (process_vm_readv/writev go through GUP), and with
+# USER_MODE_ONLY a kernel-mode fault on a MISSING-registered page fails at once with EFAULT
+# instead of waiting for a handler the way the user-mode access it stands for would.
+_UFFD_FLAG_CHOICES = (_O_CLOEXEC | _O_NONBLOCK, _O_CLOEXEC | _O_NONBLOCK | _UFFD_USER_MODE_ONLY)
+
+_PM_PRESENT = 1 << 63
+_PM_PFN_MASK = (1 << 55) - 1
+_U64 = (1 << 64) - 1
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _UffdioApi(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _UffdioRange(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _UffdioRegister(ctypes.Structure):
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
+
+
+class _UffdioMove(ctypes.Structure):
+    _fields_ = [
+        ("dst", ctypes.c_uint64),
+        ("src", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("move", ctypes.c_int64),
+    ]
+
+
+assert ctypes.sizeof(_UffdioApi) == 24 and ctypes.sizeof(_UffdioRegister) == 32
+assert ctypes.sizeof(_UffdioRange) == 16 and ctypes.sizeof(_UffdioMove) == 40
+
+
+class _Libc:
+    """The few libc entry points the helpers use, typed."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        c = ctypes
+        self.syscall = libc.syscall
+        self.syscall.restype = c.c_long
+        self.mmap = libc.mmap
+        self.mmap.restype = c.c_void_p
+        self.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
+        self.munmap = libc.munmap
+        self.munmap.restype = c.c_int
+        self.munmap.argtypes = [c.c_void_p, c.c_size_t]
+        self.madvise = libc.madvise
+        self.madvise.restype = c.c_int
+        self.madvise.argtypes = [c.c_void_p, c.c_size_t, c.c_int]
+        self.ioctl = libc.ioctl
+        self.ioctl.restype = c.c_int
+        self.ioctl.argtypes = [c.c_int, c.c_ulong, c.c_void_p]
+        self.prctl = libc.prctl
+        self.prctl.restype = c.c_int
+        self.prctl.argtypes = [c.c_int, c.c_ulong, c.c_ulong, c.c_ulong, c.c_ulong]
+        rw_args = [c.c_int, c.POINTER(_Iovec), c.c_ulong, c.POINTER(_Iovec), c.c_ulong, c.c_ulong]
+        self.process_vm_readv = libc.process_vm_readv
+        self.process_vm_readv.restype = c.c_ssize_t
+        self.process_vm_readv.argtypes = rw_args
+        self.process_vm_writev = libc.process_vm_writev
+        self.process_vm_writev.restype = c.c_ssize_t
+        self.process_vm_writev.argtypes = rw_args
+
+    @staticmethod
+    def errno() -> int:
+        return ctypes.get_errno()
+
+    def userfaultfd(self, flags: int) -> int:
+        nr = _SYS_USERFAULTFD[platform.machine()]
+        return int(self.syscall(ctypes.c_long(nr), ctypes.c_long(flags)))
+
+
+def _open_uffd(libc: _Libc) -> tuple[int, int]:
+    """Open a userfaultfd and do the API handshake asking for MOVE: ``(fd, 0)`` or ``(-1, errno)``."""
+    err = errno.EINVAL
+    for flags in _UFFD_FLAG_CHOICES:
+        fd = libc.userfaultfd(flags)
+        if fd >= 0:
+            break
+        err = libc.errno()
+    else:
+        return -1, err
+    api = _UffdioApi(UFFD_API, UFFD_FEATURE_MOVE, 0)
+    if libc.ioctl(fd, UFFDIO_API, ctypes.addressof(api)) != 0:
+        err = libc.errno()
+        os.close(fd)
+        return -1, err
+    if not api.features & UFFD_FEATURE_MOVE:
+        os.close(fd)
+        return -1, errno.EOPNOTSUPP
+    return fd, 0
+
+
+def oracle_unavailable() -> str | None:
+    """Why the kernel oracle cannot run on this machine, or None if it can."""
+    if sys.platform != "linux":
+        return f"not Linux ({sys.platform})"
+    if platform.machine() not in _SYS_USERFAULTFD:
+        return f"unknown userfaultfd syscall number for {platform.machine()}"
+    if os.sysconf("SC_PAGE_SIZE") != PAGE:
+        return f"page size is {os.sysconf('SC_PAGE_SIZE')}, not {PAGE}"
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        libc = _Libc()
+    except (OSError, AttributeError) as e:
+        return f"libc lacks an entry point: {e}"
+    fd = -1
+    for flags in _UFFD_FLAG_CHOICES:
+        fd = libc.userfaultfd(flags)
+        if fd >= 0:
+            break
+    if fd < 0:
+        return f"no userfaultfd: {errno.errorcode.get(libc.errno(), libc.errno())}"
+    try:
+        api = _UffdioApi(UFFD_API, UFFD_FEATURE_MOVE, 0)
+        if libc.ioctl(fd, UFFDIO_API, ctypes.addressof(api)) != 0:
+            return f"no UFFD_FEATURE_MOVE: UFFDIO_API: {errno.errorcode.get(libc.errno(), libc.errno())}"
+        if not api.features & UFFD_FEATURE_MOVE:
+            return "no UFFD_FEATURE_MOVE"
+    finally:
+        os.close(fd)
+    try:
+        with open("/proc/kpagecount", "rb", buffering=0) as f:
+            if len(f.read(8)) != 8:
+                return "/proc/kpagecount unreadable"
+    except OSError as e:
+        return f"/proc/kpagecount unreadable: {e.strerror}"
+    try:
+        buf = ctypes.create_string_buffer(8)
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            entry = struct.unpack("<Q", os.pread(f.fileno(), 8, (ctypes.addressof(buf) // PAGE) * 8))[0]
+        if not entry & _PM_PRESENT or not entry & _PM_PFN_MASK:
+            return "/proc/self/pagemap does not show PFNs"
+    except OSError as e:
+        return f"/proc/self/pagemap unreadable: {e.strerror}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Helper side: runs inside the helper processes
+
+
+class _BecameChild(Exception):
+    """Raised in the child of a ``fork`` command: the serve loop carries on with a new channel."""
+
+
+def _maps() -> list[tuple[int, int, str]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi, parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+class _Helper:
+    def __init__(self, chan: socket.socket) -> None:
+        self.chan = chan
+        self.libc = _Libc()
+        self.pid = os.getpid()
+        self.uffd = -1
+        self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.kpagecount = os.open("/proc/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
+        self.buf = ctypes.create_string_buffer(8)
+        self.local = _Iovec(ctypes.addressof(self.buf), 8)
+        self.remote = _Iovec(0, 8)
+        self.zero_pfn = -1
+        self.guard = 0
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        lib = self.libc
+        # The zero page's PFN: read-fault a scratch private page, then unmap it again.
+        p = lib.mmap(None, PAGE, _PROT_READ, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        if p != _MAP_FAILED:
+            ctypes.c_uint64.from_address(p).value  # noqa: B018  (a user-mode read fault)
+            entry = self._pagemap(p)
+            if entry & _PM_PRESENT:
+                self.zero_pfn = entry & _PM_PFN_MASK
+            lib.munmap(p, PAGE)
+        self._fill_holes()
+        g = lib.mmap(None, PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        self.guard = 0 if g == _MAP_FAILED else g
+
+    def _fill_holes(self) -> None:
+        """Plug the holes between the interpreter's mappings in the mmap area (PROT_NONE)."""
+        vmas = sorted((lo, hi) for lo, hi, name in _maps() if name not in ("[stack]", "[vsyscall]"))
+        stack = [lo for lo, hi, name in _maps() if name == "[stack]"]
+        if stack:
+            vmas = [v for v in vmas if v[1] <= stack[0]]
+        if len(vmas) < 2:
+            return
+        # The mmap area is everything above the largest gap (the one between brk and mmap).
+        gaps = [(vmas[i + 1][0] - vmas[i][1], i) for i in range(len(vmas) - 1)]
+        _, split = max(gaps)
+        area = vmas[split + 1 :]
+        for (_, hi), (lo, _) in zip(area, area[1:]):
+            if lo > hi:
+                self.libc.mmap(
+                    hi,
+                    lo - hi,
+                    _PROT_NONE,
+                    _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+
+    # -- primitives ----------------------------------------------------------------------------
+
+    def _pagemap(self, addr: int) -> int:
+        return struct.unpack("<Q", os.pread(self.pagemap, 8, (addr // PAGE) * 8))[0]
+
+    def _vm_rw(self, addr: int, write: bool) -> int:
+        self.remote.base = addr
+        fn = self.libc.process_vm_writev if write else self.libc.process_vm_readv
+        n = fn(self.pid, ctypes.byref(self.local), 1, ctypes.byref(self.remote), 1, 0)
+        if n == 8:
+            return 0
+        return self.libc.errno() if n < 0 else errno.EFAULT
+
+    def _uffd(self) -> int:
+        """The process's userfaultfd, opened on first need: fd, or -errno."""
+        if self.uffd < 0:
+            fd, err = _open_uffd(self.libc)
+            if fd < 0:
+                return -err
+            self.uffd = fd
+        return self.uffd
+
+    def _register(self, addr: int, length: int, mode: str) -> int:
+        fd = self._uffd()
+        if fd < 0:
+            return -fd
+        reg = _UffdioRegister(addr, length, UFFDIO_REGISTER_MODE[mode], 0)
+        if self.libc.ioctl(fd, UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
+            return self.libc.errno()
+        return 0
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def do_mmap(self, c: dict[str, Any]) -> dict[str, Any]:
+        prot = _PROT_READ | (_PROT_WRITE if c["prot"] == "rw" else 0)
+        p = self.libc.mmap(None, c["len"], prot, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        if p == _MAP_FAILED or p is None:
+            return {"errno": self.libc.errno()}
+        out: dict[str, Any] = {"errno": 0, "addr": p}
+        if c.get("uffd"):
+            err = self._register(p, c["len"], c["uffd"])
+            if err:
+                out.update(errno=err, note="UFFDIO_REGISTER failed")
+        return out
+
+    def do_munmap(self, c: dict[str, Any]) -> dict[str, Any]:
+        rc = self.libc.munmap(c["addr"], c["len"])
+        return {"errno": self.libc.errno() if rc else 0}
+
+    def do_madvise(self, c: dict[str, Any]) -> dict[str, Any]:
+        rc = self.libc.madvise(c["addr"], c["len"], _MADV[c["advice"]])
+        return {"errno": self.libc.errno() if rc else 0}
+
+    def do_uffd_register(self, c: dict[str, Any]) -> dict[str, Any]:
+        return {"errno": self._register(c["addr"], c["len"], c["mode"])}
+
+    def do_uffd_unregister(self, c: dict[str, Any]) -> dict[str, Any]:
+        fd = self._uffd()
+        if fd < 0:
+            return {"errno": -fd}
+        rng = _UffdioRange(c["addr"], c["len"])
+        rc = self.libc.ioctl(fd, UFFDIO_UNREGISTER, ctypes.addressof(rng))
+        return {"errno": self.libc.errno() if rc else 0}
+
+    def do_write(self, c: dict[str, Any]) -> dict[str, Any]:
+        struct.pack_into("<Q", self.buf, 0, c["value"] & _U64)
+        return {"errno": self._vm_rw(c["addr"], write=True)}
+
+    def _load(self, addr: int) -> int:
+        # A user-mode load of a page known to be present: no fault, and unlike a FOLL_PIN read
+        # through process_vm_readv it does not unshare a page shared with another process.
+        return int(ctypes.c_uint64.from_address(addr).value)
+
+    def do_read(self, c: dict[str, Any]) -> dict[str, Any]:
+        addr = c["addr"]
+        if self._pagemap(addr) & _PM_PRESENT:
+            return {"errno": 0, "value": self._load(addr)}
+        err = self._vm_rw(addr, write=False)  # faults the page in (the zero page)
+        if err:
+            return {"errno": err}
+        return {"errno": 0, "value": struct.unpack_from("<Q", self.buf)[0]}
+
+    def do_peek(self, c: dict[str, Any]) -> dict[str, Any]:
+        addr = c["addr"]
+        if not self._pagemap(addr) & _PM_PRESENT:
+            return {"errno": 0, "present": False}
+        return {"errno": 0, "present": True, "value": self._load(addr)}
+
+    def do_present(self, c: dict[str, Any]) -> dict[str, Any]:
+        return {"errno": 0, "present": bool(self._pagemap(c["addr"]) & _PM_PRESENT)}
+
+    def do_mapcount(self, c: dict[str, Any]) -> dict[str, Any]:
+        entry = self._pagemap(c["addr"])
+        if not entry & _PM_PRESENT:
+            return {"errno": 0, "present": False}
+        pfn = entry & _PM_PFN_MASK
+        if pfn == self.zero_pfn:
+            return {"errno": 0, "present": True, "mapcount": 0, "pfn": pfn}
+        count = struct.unpack("<Q", os.pread(self.kpagecount, 8, pfn * 8))[0]
+        return {"errno": 0, "present": True, "mapcount": count, "pfn": pfn}
+
+    def do_move(self, c: dict[str, Any]) -> dict[str, Any]:
+        fd = self._uffd()
+        if fd < 0:
+            return {"errno": -fd, "moved": 0, "note": "no userfaultfd"}
+        mv = _UffdioMove(c["dst"] & _U64, c["src"] & _U64, c["len"] & _U64, c["mode"] & _U64, 0)
+        if self.libc.ioctl(fd, UFFDIO_MOVE, ctypes.addressof(mv)) == 0:
+            return {"errno": 0, "moved": c["len"], "raw_move": mv.move}
+        return {"errno": self.libc.errno(), "moved": max(mv.move, 0), "raw_move": mv.move}
+
+    def do_fork(self, c: dict[str, Any]) -> dict[str, Any]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            # The child: its own channel, no inherited uffd (registration was dropped at fork,
+            # and UFFDIO_MOVE needs ctx->mm == current->mm), its own pagemap.
+            mine.close()
+            self.chan.close()
+            self.chan = theirs
+            if self.uffd >= 0:
+                os.close(self.uffd)
+                self.uffd = -1
+            os.close(self.pagemap)
+            self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self.pid = os.getpid()
+            raise _BecameChild
+        theirs.close()
+        try:
+            data = json.dumps({"errno": 0, "pid": pid}).encode()
+            self.chan.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", mine.fileno()))])
+        finally:
+            mine.close()
+        return {}  # already answered
+
+    def do_maps(self, c: dict[str, Any]) -> dict[str, Any]:
+        return {"errno": 0, "maps": open("/proc/self/maps").read(), "guard": self.guard}
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data = self.chan.recv(16384)
+            except OSError:
+                os._exit(1)
+            if not data:
+                os._exit(0)  # the runner has gone
+            cmd = json.loads(data)
+            op = cmd["op"]
+            if op == "exit":
+                self.chan.send(b'{"errno": 0}')
+                os._exit(0)
+            try:
+                reply = getattr(self, "do_" + op)(cmd)
+            except _BecameChild:
+                continue
+            except Exception as e:  # a bug, not a kernel answer: report it, keep serving
+                reply = {"errno": errno.EIO, "note": f"helper error: {type(e).__name__}: {e}"}
+            if reply:
+                self.chan.send(json.dumps(reply).encode())
+
+
+def _helper_main(fd: int) -> None:
+    chan = socket.socket(fileno=fd)
+    try:
+        h = _Helper(chan)
+        h.setup()
+    except Exception as e:  # report at the first command
+        err = f"helper setup failed: {type(e).__name__}: {e}"
+        while chan.recv(16384):
+            chan.send(json.dumps({"errno": errno.EIO, "note": err}).encode())
+        os._exit(1)
+    h.serve()
+
+
+def _pgid_members(pgid: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            pids.append(int(name))
+    return pids
+
+
+def _anchor_main(spec: dict[str, Any]) -> int:
+    """The anchor: subreaper of all helpers, forks the root helpers, sweeps up at the end."""
+    libc = _Libc()
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # inherited by the helpers: no zombies
+    fds = [int(fd) for _, fd in spec["procs"]]
+    pids = {}
+    for name, fd in spec["procs"]:
+        pid = os.fork()
+        if pid == 0:
+            for other in fds:
+                if other != fd:
+                    os.close(other)
+            os.close(0)
+            os.close(1)
+            _helper_main(fd)
+            os._exit(0)
+        pids[name] = pid
+    for fd in fds:
+        os.close(fd)
+    sys.stdout.write(json.dumps({"pids": pids}) + "\n")
+    sys.stdout.flush()
+    while sys.stdin.buffer.read(4096):
+        pass
+    me, pgid = os.getpid(), os.getpgrp()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = [p for p in _pgid_members(pgid) if p != me]
+        if not left:
+            break
+        for p in left:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.005)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner side
+
+
+class _Proc:
+    def __init__(self, name: str, pid: int, chan: socket.socket) -> None:
+        self.name, self.pid, self.chan = name, pid, chan
+        self.gone = False
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists (a zombie counts as existing)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    delay = 0.0005
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Gone(Exception):
+    pass
+
+
+class _Run:
+    """One scenario's helpers."""
+
+    def __init__(self, roots: list[str], startup_timeout: float) -> None:
+        self.procs: dict[str, _Proc] = {}
+        self.pids: list[int] = []
+        self.anchor: subprocess.Popen[bytes] | None = None
+        ends = {name: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for name in roots}
+        try:
+            spec = {"procs": [[name, theirs.fileno()] for name, (_, theirs) in ends.items()]}
+            env = dict(os.environ, PYTHONMALLOC="malloc")
+            self.anchor = subprocess.Popen(
+                [sys.executable, "-m", "mmsim.server.conformance.kernel", "--helper", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=[theirs.fileno() for _, theirs in ends.values()],
+                start_new_session=True,
+                env=env,
+            )
+            self.pids.append(self.anchor.pid)
+        finally:
+            for _, theirs in ends.values():
+                theirs.close()
+        try:
+            assert self.anchor.stdout is not None
+            poller = select.poll()
+            poller.register(self.anchor.stdout, select.POLLIN | select.POLLHUP)
+            ready = poller.poll(int(startup_timeout * 1000))
+            line = self.anchor.stdout.readline() if ready else b""
+            if not line:
+                raise RuntimeError("the kernel oracle's helpers did not start")
+            pids = json.loads(line)["pids"]
+        except BaseException:
+            for mine, _ in ends.values():
+                mine.close()
+            self.close()
+            raise
+        for name, (mine, _) in ends.items():
+            self.procs[name] = _Proc(name, int(pids[name]), mine)
+            self.pids.append(int(pids[name]))
+
+    def call(self, proc: _Proc, cmd: dict[str, Any], timeout: float) -> tuple[dict[str, Any], list[int]]:
+        """Send one command and wait for its reply (and any passed fds)."""
+        try:
+            proc.chan.send(json.dumps(cmd).encode())
+        except OSError:
+            raise _Gone from None
+        poller = select.poll()
+        poller.register(proc.chan, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(max(0, int(timeout * 1000))):
+            raise _Timeout
+        try:
+            data, anc, _, _ = proc.chan.recvmsg(65536, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        except OSError:
+            raise _Gone from None
+        fds: list[int] = []
+        for level, typ, payload in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise _Gone
+        return json.loads(data), fds
+
+    def kill(self, proc: _Proc, timeout: float = 5.0) -> None:
+        if not proc.gone:
+            proc.gone = True
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(proc.pid, timeout)
+        proc.chan.close()
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if not proc.gone:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            self.kill(proc)
+        if self.anchor is not None:
+            assert self.anchor.stdin is not None and self.anchor.stdout is not None
+            try:
+                self.anchor.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.anchor.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.anchor.kill()
+                self.anchor.wait()
+            self.anchor.stdout.close()
+
+
+class KernelRunner:
+    """Runs scenarios on the live kernel, one helper process per scenario process."""
+
+    def __init__(self, step_timeout: float = 5.0) -> None:
+        self.step_timeout = step_timeout
+        #: The pids of the last run's processes (anchor first), all gone once ``run`` returns.
+        self.pids: list[int] = []
+
+    def run(self, scenario: Scenario | dict[str, Any]) -> list[StepResult]:
+        if isinstance(scenario, dict):
+            scenario = Scenario.from_dict(scenario)
+        self.pids = []
+        run = _Run(list(scenario.processes), startup_timeout=max(15.0, self.step_timeout))
+        self.pids = run.pids
+        addrs: dict[str, int] = {}
+        results: list[StepResult] = []
+        try:
+            for step in scenario.steps:
+                results.append(self._step(run, scenario, addrs, step))
+        finally:
+            run.close()
+        return results
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _step(self, run: _Run, sc: Scenario, addrs: dict[str, int], step: dict[str, Any]) -> StepResult:
+        op = step["op"]
+        name = step.get("proc", sc.processes[0] if sc.processes else None)
+        proc = run.procs.get(name)  # type: ignore[arg-type]
+        if proc is None or proc.gone:
+            return StepResult(errno=errno.ESRCH, note="process gone")
+        try:
+            cmd = self._command(step, addrs)
+        except KeyError as e:
+            return StepResult(errno=errno.EINVAL, note=f"region {e.args[0]!r} has no address")
+        try:
+            reply, fds = run.call(proc, cmd, self.step_timeout)
+        except _Timeout:
+            run.kill(proc)
+            return StepResult(errno=errno.ETIMEDOUT, note="blocked")
+        except _Gone:
+            run.kill(proc)
+            return StepResult(errno=errno.ESRCH, note="process gone")
+        res = StepResult(errno=int(reply.get("errno", 0)), note=str(reply.get("note", "")))
+        if op == "mmap":
+            if "addr" in reply:
+                res.addr = int(reply["addr"])
+                addrs[step["region"]] = res.addr
+        elif op == "read":
+            res.value = reply.get("value")
+        elif op == "peek":
+            res.present = bool(reply["present"]) if "present" in reply else None
+            res.value = reply.get("value")
+        elif op == "present":
+            res.present = reply.get("present")
+        elif op == "mapcount":
+            res.present = reply.get("present")
+            res.mapcount = reply.get("mapcount")
+        elif op == "move":
+            res.moved = int(reply.get("moved", 0))
+        elif op == "fork":
+            if fds and "pid" in reply:
+                chan = socket.socket(fileno=fds[0])
+                for extra in fds[1:]:
+                    os.close(extra)
+                child = _Proc(step["child"], int(reply["pid"]), chan)
+                run.procs[step["child"]] = child
+                run.pids.append(child.pid)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                res.errno = res.errno or errno.EIO
+                res.note = res.note or "fork reply carried no channel"
+        elif op == "exit":
+            proc.gone = True
+            if not _wait_gone(proc.pid, self.step_timeout):
+                run.kill(proc)
+                return StepResult(errno=errno.ETIMEDOUT, note="did not exit")
+            proc.chan.close()
+        return res
+
+    @staticmethod
+    def _command(step: dict[str, Any], addrs: dict[str, int]) -> dict[str, Any]:
+        op = step["op"]
+        cmd: dict[str, Any] = {"op": op}
+        if op == "mmap":
+            cmd.update(len=int(step["pages"]) * PAGE, prot=step.get("prot", "rw"), uffd=step.get("uffd"))
+        elif op in ("munmap", "madvise", "uffd_register", "uffd_unregister"):
+            cmd.update(addr=place(addrs, step["at"]), len=int(step["pages"]) * PAGE)
+            if op == "madvise":
+                cmd["advice"] = step["advice"]
+            elif op == "uffd_register":
+                cmd["mode"] = step["mode"]
+        elif op == "write":
+            cmd.update(addr=place(addrs, step["at"]), value=int(step["value"]))
+        elif op in ("read", "peek", "present", "mapcount"):
+            cmd["addr"] = place(addrs, step["at"])
+        elif op == "move":
+            cmd.update(
+                dst=place(addrs, step["dst"]),
+                src=place(addrs, step["src"]),
+                len=move_len(step),
+                mode=move_mode(step),
+            )
+        return cmd
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--helper":
+        return _anchor_main(json.loads(argv[1]))
+    print("usage: python -m mmsim.server.conformance.kernel --helper SPEC", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

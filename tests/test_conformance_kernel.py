@@ -1,0 +1,229 @@
+"""The kernel oracle (server/conformance/kernel.py) against facts of the reference, on the live kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+import pytest
+
+from mmsim.server.conformance.kernel import KernelRunner, oracle_unavailable
+from mmsim.server.conformance.scenario import PAGE, Scenario, StepResult
+
+REASON = oracle_unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"kernel oracle unavailable: {REASON}")
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _pgid_members(pgid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[2]) == pgid:
+                out.append(int(name))
+    return out
+
+
+def run(steps: list[dict[str, Any]], processes: tuple[str, ...] = ("P",), timeout: float = 5.0) -> list[StepResult]:
+    runner = KernelRunner(step_timeout=timeout)
+    sc = Scenario.from_dict({"name": "t", "processes": list(processes), "steps": steps})
+    results = runner.run(sc)
+    assert len(results) == len(steps)
+    # Nothing is left behind: every helper (and the anchor) is gone, zombies included.
+    assert runner.pids, "the runner records its processes"
+    assert all(_gone(p) for p in runner.pids), [p for p in runner.pids if not _gone(p)]
+    assert _pgid_members(runner.pids[0]) == []
+    return results
+
+
+def mm(region: str, pages: int, uffd: str | None = None, proc: str = "P") -> dict[str, Any]:
+    return {"op": "mmap", "proc": proc, "region": region, "pages": pages, "uffd": uffd}
+
+
+def w(region: str, page: int, value: int, proc: str = "P") -> dict[str, Any]:
+    return {"op": "write", "proc": proc, "at": [region, page], "value": value}
+
+
+def mv(dst: int, src: int, pages: int, mode: list[str] | None = None, proc: str = "P") -> dict[str, Any]:
+    return {"op": "move", "proc": proc, "dst": ["dst", dst], "src": ["src", src], "pages": pages, "mode": mode or []}
+
+
+def at(op: str, region: str, page: int, proc: str = "P") -> dict[str, Any]:
+    return {"op": op, "proc": proc, "at": [region, page]}
+
+
+def test_basic_move() -> None:
+    r = run(
+        [
+            mm("src", 4),
+            mm("dst", 4, "missing"),
+            w("src", 0, 42),
+            at("mapcount", "src", 0),
+            mv(0, 0, 1),
+            at("present", "src", 0),
+            at("peek", "dst", 0),
+            at("mapcount", "dst", 0),
+        ]
+    )
+    assert all(x.errno == 0 for x in r), r
+    assert r[0].addr and r[1].addr and r[0].addr != r[1].addr
+    assert r[3].compared() == {"errno": 0, "present": True, "mapcount": 1}
+    assert r[4].compared() == {"errno": 0, "moved": PAGE}
+    assert r[5].present is False
+    assert r[6].compared() == {"errno": 0, "present": True, "value": 42}
+    assert r[7].compared() == {"errno": 0, "present": True, "mapcount": 1}
+
+
+def test_populated_dst_is_eexist() -> None:
+    r = run([mm("src", 1), mm("dst", 1, "wp"), w("src", 0, 1), w("dst", 0, 2), mv(0, 0, 1), at("peek", "src", 0)])
+    assert r[4].compared() == {"errno": errno.EEXIST, "moved": 0}
+    assert r[5].compared() == {"errno": 0, "present": True, "value": 1}
+
+
+def test_src_hole() -> None:
+    steps = [mm("src", 3), mm("dst", 3, "missing"), w("src", 0, 10), w("src", 2, 12)]
+    r = run([*steps, mv(0, 0, 3), at("present", "dst", 0), at("present", "dst", 1), at("present", "src", 2)])
+    assert r[4].compared() == {"errno": errno.EAGAIN, "moved": PAGE}
+    assert [x.present for x in r[5:]] == [True, False, True]
+
+    r = run([*steps, mv(0, 0, 3, ["allow_src_holes"]), at("peek", "dst", 0), at("present", "dst", 1), at("peek", "dst", 2)])
+    assert r[4].compared() == {"errno": 0, "moved": 3 * PAGE}
+    assert (r[5].value, r[6].present, r[7].value) == (10, False, 12)
+
+
+def test_shared_after_fork_then_exit_then_write() -> None:
+    r = run(
+        [
+            mm("src", 1),
+            mm("dst", 1, "missing"),
+            w("src", 0, 7),
+            {"op": "fork", "proc": "P", "child": "C"},
+            at("peek", "src", 0),  # a non-faulting read must not unshare the page
+            at("peek", "src", 0, proc="C"),
+            mv(0, 0, 1),  # 6
+            at("mapcount", "src", 0),
+            at("mapcount", "src", 0, proc="C"),
+            {"op": "exit", "proc": "C"},  # 9
+            mv(0, 0, 1),  # 10
+            at("mapcount", "src", 0),
+            at("mapcount", "src", 0, proc="C"),  # 12: C is gone
+            w("src", 0, 8),
+            mv(0, 0, 1),  # 14
+            at("present", "src", 0),
+            at("peek", "dst", 0),
+        ]
+    )
+    assert all(x.errno == 0 for x in r[:6]), r
+    assert r[4].value == r[5].value == 7
+    assert r[6].compared() == {"errno": errno.EBUSY, "moved": 0}
+    assert r[7].compared() == r[8].compared() == {"errno": 0, "present": True, "mapcount": 2}
+    assert r[9].errno == 0
+    assert r[10].compared() == {"errno": errno.EBUSY, "moved": 0}
+    assert r[11].compared() == {"errno": 0, "present": True, "mapcount": 1}
+    assert r[12].errno == errno.ESRCH and r[12].note == "process gone"
+    assert r[13].errno == 0
+    assert r[14].compared() == {"errno": 0, "moved": PAGE}
+    assert r[15].present is False
+    assert r[16].compared() == {"errno": 0, "present": True, "value": 8}
+
+
+def test_zero_page_then_move_onto_it() -> None:
+    r = run(
+        [
+            mm("src", 1),
+            mm("dst", 2, "wp"),  # WP-only: a read fault does not wait for a handler
+            mm("dst2", 1),
+            w("src", 0, 5),
+            at("read", "dst", 0),  # 4
+            at("mapcount", "dst", 0),
+            at("peek", "dst", 0),
+            mv(0, 0, 1),  # 7
+            at("read", "dst2", 0),  # 8: fault first, register afterwards
+            {"op": "uffd_register", "proc": "P", "at": ["dst2", 0], "pages": 1, "mode": "missing"},
+            {"op": "move", "proc": "P", "dst": ["dst2", 0], "src": ["src", 0], "pages": 1},
+            at("peek", "src", 0),
+        ]
+    )
+    assert r[4].compared() == {"errno": 0, "value": 0}
+    assert r[5].compared() == {"errno": 0, "present": True, "mapcount": 0}
+    assert r[6].compared() == {"errno": 0, "present": True, "value": 0}
+    assert r[7].compared() == {"errno": errno.EEXIST, "moved": 0}
+    assert r[8].compared() == {"errno": 0, "value": 0}
+    assert r[9].errno == 0
+    assert r[10].compared() == {"errno": errno.EEXIST, "moved": 0}
+    assert r[11].compared() == {"errno": 0, "present": True, "value": 5}
+
+
+def test_blocked_step_is_timed_out_and_cleaned_up() -> None:
+    r = run(
+        [
+            mm("dst", 2, "missing"),
+            mm("q", 1, proc="Q"),
+            w("dst", 0, 1),  # 2: blocks: a missing page in a MISSING-registered range, no handler
+            w("q", 0, 3, proc="Q"),  # the other processes carry on
+            {"op": "fork", "proc": "Q", "child": "QC"},
+            {"op": "exit", "proc": "Q"},  # QC is orphaned
+            at("peek", "q", 0, proc="QC"),
+            at("mapcount", "q", 0, proc="QC"),
+            w("q", 0, 4, proc="QC"),
+            at("peek", "q", 0, proc="QC"),
+            at("present", "dst", 0),  # 10: P is gone
+            {"op": "exit", "proc": "P"},
+        ],
+        processes=("P", "Q"),
+        timeout=1.0,
+    )
+    assert r[2].errno == errno.ETIMEDOUT and r[2].note == "blocked"
+    assert all(x.errno == 0 for x in r[3:10]), r
+    assert r[6].compared() == {"errno": 0, "present": True, "value": 3}
+    assert r[7].compared() == {"errno": 0, "present": True, "mapcount": 1}
+    assert r[9].compared() == {"errno": 0, "present": True, "value": 4}
+    for x in r[10:]:
+        assert x.errno == errno.ESRCH and x.note == "process gone", r
+
+
+def test_blocked_fork_child_is_cleaned_up() -> None:
+    """A child left blocked (and orphaned) when the run ends is still killed and reaped."""
+    r = run(
+        [
+            mm("dst", 1, "missing"),
+            {"op": "fork", "proc": "P", "child": "C"},
+            {"op": "uffd_register", "proc": "C", "at": ["dst", 0], "pages": 1, "mode": "missing"},
+            {"op": "exit", "proc": "P"},
+            w("dst", 0, 1, proc="C"),
+        ],
+        timeout=1.0,
+    )
+    assert [x.errno for x in r] == [0, 0, 0, 0, errno.ETIMEDOUT]
+
+
+def test_oracle_unavailable_is_none_here() -> None:
+    assert oracle_unavailable() is None
+
+
+def test_runner_error_still_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = KernelRunner(step_timeout=1.0)
+    real = KernelRunner._command
+
+    def failing(step: dict[str, Any], addrs: dict[str, int]) -> dict[str, Any]:
+        if step["op"] == "peek":
+            raise RuntimeError("boom")
+        return real(step, addrs)
+
+    monkeypatch.setattr(KernelRunner, "_command", staticmethod(failing))
+    sc = Scenario.from_dict(
+        {"name": "t", "steps": [mm("a", 1), w("a", 0, 1), {"op": "fork", "proc": "P", "child": "C"}, at("peek", "a", 0)]}
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run(sc)
+    assert len(runner.pids) == 3
+    assert all(_gone(p) for p in runner.pids)
