@@ -234,6 +234,9 @@ class RwSem(_Lock):
         q = self.waiters
         while q:
             w = q[0]
+            if w.fut.done():  # cancelled before it could run: it only has to leave the queue
+                q.popleft()
+                continue
             if w.write:
                 if self.owner is None and self.readers == 0:
                     q.popleft()
@@ -289,8 +292,10 @@ class Mutex(_Lock):
 
     def _wake(self) -> None:
         q = self.waiters
-        if q and self.owner is None:
+        while q and self.owner is None:
             w = q.popleft()
+            if w.fut.done():  # cancelled before it could run
+                continue
             self.owner = w.cur
             w.cur.held.append(self)
             w.fut.set_result(None)
