@@ -344,7 +344,9 @@ class MemoryModel:
         if not isinstance(value, int) or not 0 <= value <= U64_MAX:
             raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
         if self.max_pages is not None and self.k.folios_live >= self.max_pages:
-            raise LimitExceeded("max_pages", self.max_pages)
+            pte = self._mm(pid).pte_lookup(addr & PAGE_MASK) if isinstance(addr, int) and addr >= 0 else None
+            if pte is None or not pte.write:  # the write may need a new folio
+                raise LimitExceeded("max_pages", self.max_pages)
         await self._access(pid, addr, True, value)
 
     # -- UFFDIO_MOVE
