@@ -123,7 +123,8 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         def done(context: grpc.aio.ServicerContext, t0: float) -> None:
             code = context.code()
             if code not in (None, grpc.StatusCode.OK):
-                log.info("rpc failed", code=code.name, details=context.details(), ms=round((time.perf_counter() - t0) * 1e3, 3))
+                # Memory-semantics errors are ordinary answers: debug level, not noise at info.
+                log.debug("rpc failed", code=code.name, details=context.details(), ms=round((time.perf_counter() - t0) * 1e3, 3))
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
@@ -178,6 +179,10 @@ class RunningServer:
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
+    """Start serving ``config.listen`` (port 0: a free one) in the running event loop."""
+    if not structlog.is_configured():
+        # Embedded (tests, the conformance tool): keep structlog's defaults, filtered to the level.
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(config.log_level.upper())))
     model = MemoryModel(
         protocol=config.protocol,
         seed=config.seed,

@@ -170,7 +170,8 @@ async def userfaultfd_move(
     EAGAIN with the bytes moved for a short move, or the error with nothing moved."""
     ctx = mm.uffd
     if ctx is None:
-        raise MmError(errno.EINVAL, "no userfaultfd registered in this process")
+        # The process's userfaultfd, opened but with nothing registered yet.
+        ctx = mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
     if ctx.mmap_changing:
         raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
     validate_range(mm, dst, length)

@@ -43,6 +43,8 @@ class MmsimRunner:
                 except MmsimError as e:
                     r.errno = errno_mod.ESRCH if e.code is not None and e.code.name == "NOT_FOUND" else errno_mod.EINVAL
                     r.note = str(e)
+                    if step["op"] == "move":
+                        r.moved = 0
                 results.append(r)
         finally:
             for name in alive:
