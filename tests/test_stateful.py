@@ -400,7 +400,9 @@ class MemoryMachine(RuleBasedStateMachine):
         mode = 2 if holes else 0  # UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
         moved, err = self.call("move", self.m.move(pid, dst, src, npages * P, mode))
         if not self.has_uffd[pid]:
-            assert err is not None and err.errno == errno.EINVAL, "no userfaultfd: EINVAL"
+            # Nothing registered: the VMA lookup (ENOENT) or the dst registration check (EINVAL)
+            # fails, as on the kernel, after dst got its anon_vma.
+            assert err is not None and err.errno in (errno.ENOENT, errno.EINVAL), "nothing registered"
         if err is None:
             assert moved == npages * P
             nbytes = moved

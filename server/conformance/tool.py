@@ -91,7 +91,7 @@ def render(outcome: Outcome, console: Console) -> None:
     table.add_column("kernel")
     table.add_column("mmsim")
     for d in outcome.differences:
-        table.add_row(str(d.step), d.description, _fmt(d.kernel), _fmt(d.mmsim))
+        table.add_row(str(d.step), d.description, ("expected: " if d.expected else "") + _fmt(d.kernel), _fmt(d.mmsim))
     console.print(table)
 
 

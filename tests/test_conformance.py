@@ -1,0 +1,239 @@
+"""The conformance corpus (tests/conformance/*.json) and the random-scenario generator.
+
+Independent of the kernel: every corpus file loads and validates, the corpus covers every required
+category, mmsim satisfies each scenario's own ``expect`` fields, and ``random_scenario`` is
+deterministic and generates only valid, runnable scenarios.
+
+Against the kernel (skipped where the oracle is unavailable): the whole corpus and 200 random
+scenarios (seed 2026) behave the same on the live kernel and on mmsim.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from mmsim.client import Client
+from mmsim.client.testing import serve_in_process
+from mmsim.server.conformance.generate import random_scenario
+from mmsim.server.conformance.mmsim_runner import MmsimRunner, compare
+from mmsim.server.conformance.scenario import FIELDS, Scenario
+from mmsim.server.conformance.tool import Outcome, load_scenarios, render, run_one, shrink
+
+CORPUS = Path(__file__).parent / "conformance"
+FILES = sorted(CORPUS.glob("*.json"))
+NAME = re.compile(r"^(\d\d)-([a-z]+)(-[a-z0-9]+)*$")
+
+#: Every category the corpus must cover: the word after the number in a file's name, which is
+#: also the first word of its description ("einval: ...").
+REQUIRED_CATEGORIES = {
+    "basic",  # plain moves
+    "einval", "enoent", "eexist", "ebusy", "eagain",  # each errno of UFFDIO_MOVE
+    "partial",  # partial progress at every position of a 4-page move
+    "holes",  # ALLOW_SRC_HOLES
+    "zeropage",  # zero-page moves and destinations
+    "samevma",  # moves within one VMA, forward and overlapping
+    "crossvma",  # ranges crossing into a neighbouring VMA, split and merged again
+    "forkchain",  # P -> C -> G with exits in every order
+    "cow",  # copy-on-write in parent and child
+    "exclusive",  # exclusivity re-established by a write
+    "dontfork", "dofork", "wipeonfork", "keeponfork",  # madvise fork flags
+    "munmap",  # head, tail, middle (splitting), and moves into the holes
+    "childuffd",  # a child registering its own userfaultfd ranges
+    "childmove",  # moves in a child's new anon_vma
+}
+
+RANDOM_SEED = 2026
+RANDOM_COUNT = 200
+
+
+def category(path: Path) -> str:
+    m = NAME.match(path.stem)
+    assert m, f"{path.name}: name must be NN-category-words"
+    return m.group(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus, without the kernel
+
+
+def test_corpus_size() -> None:
+    assert len(FILES) >= 40, f"only {len(FILES)} corpus files"
+    numbers = [p.name[:2] for p in FILES]
+    assert len(set(numbers)) == len(numbers), "corpus file numbers must be unique"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_corpus_file_loads(path: Path) -> None:
+    doc = json.loads(path.read_text())
+    s = Scenario.load(path)  # validates
+    assert s.name == path.stem
+    assert s.description and "\n" not in s.description
+    assert s.description.split(":")[0] == category(path), "the description starts with the category"
+    for i, st in enumerate(doc["steps"]):
+        for k in st.get("expect", {}):
+            assert k in FIELDS, f"step {i}: unknown expect field {k}"
+        # Nothing may block on the kernel: MISSING ranges are only moved into, never touched.
+        assert st.get("mode") != "missing" or st["op"] == "uffd_register"
+
+
+def test_corpus_categories() -> None:
+    have = {category(p) for p in FILES}
+    assert REQUIRED_CATEGORIES <= have, f"missing categories: {sorted(REQUIRED_CATEGORIES - have)}"
+    assert have <= REQUIRED_CATEGORIES, f"unknown categories: {sorted(have - REQUIRED_CATEGORIES)}"
+
+
+def test_corpus_partial_progress_positions() -> None:
+    names = {p.stem.split("-", 1)[1] for p in FILES}
+    for k in (1, 2, 3):
+        assert f"partial-src-hole-at-{k}" in names
+        assert f"partial-dst-populated-at-{k}" in names
+    assert sum(1 for n in names if n.startswith("forkchain-exit-")) == 6
+
+
+async def test_corpus_expectations_on_mmsim() -> None:
+    """mmsim alone satisfies every ``expect`` the corpus states."""
+    failures: list[str] = []
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            for s in load_scenarios([str(CORPUS)]):
+                results = await MmsimRunner(client).run(s)
+                for d in compare(s, None, results):
+                    failures.append(f"{s.name} step {d.step}: {d.description}: expected {d.kernel}, mmsim {d.mmsim}")
+            assert await client.check_invariants() == []
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator, without the kernel
+
+
+def check_runnable(s: Scenario) -> None:
+    """What the generator promises beyond Scenario.validate."""
+    assert 5 <= len(s.steps) <= 30, len(s.steps)
+    regions: dict[str, set[str]] = {p: set() for p in s.processes}
+    alive = set(s.processes)
+    created = set(s.processes)
+    mapped = 0
+    for i, st in enumerate(s.steps):
+        proc = st["proc"]
+        assert proc in alive, f"step {i}: {proc} is not alive"
+        for key in ("at", "dst", "src"):
+            if key in st:
+                assert st[key][0] in regions[proc], f"step {i}: region {st[key][0]} does not exist in {proc}"
+        if st["op"] == "mmap":
+            assert 1 <= st["pages"] <= 8
+            assert st.get("uffd") in (None, "wp")
+            regions[proc].add(st["region"])
+            mapped += 1
+        elif st["op"] == "uffd_register":
+            assert st["mode"] == "wp"
+        elif st["op"] == "fork":
+            assert st["child"] not in created
+            created.add(st["child"])
+            alive.add(st["child"])
+            regions[st["child"]] = set(regions[proc])
+        elif st["op"] == "exit":
+            alive.discard(proc)
+    assert alive, "some process stays alive"
+    assert 1 <= len(created) <= 3
+    assert 2 <= mapped <= 4
+
+
+def test_random_scenarios_deterministic_and_valid() -> None:
+    ops: set[str] = set()
+    for seed in range(300):
+        a = random_scenario(random.Random(seed), name=f"r{seed}")
+        b = random_scenario(random.Random(seed), name=f"r{seed}")
+        assert a.to_dict() == b.to_dict(), f"seed {seed} is not deterministic"
+        Scenario.from_dict(json.loads(json.dumps(a.to_dict())))  # valid, and survives JSON
+        check_runnable(a)
+        ops |= {st["op"] for st in a.steps}
+    assert ops == {
+        "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "write", "read", "peek",
+        "present", "mapcount", "move", "fork", "exit",
+    }
+    # One rng drawn from repeatedly gives the same sequence again.
+    r1, r2 = random.Random(7), random.Random(7)
+    assert [random_scenario(r1, "x").to_dict() for _ in range(20)] == [
+        random_scenario(r2, "x").to_dict() for _ in range(20)
+    ]
+
+
+async def test_random_scenarios_run_on_mmsim() -> None:
+    """Generated scenarios run on mmsim without malformed requests and leave the model sound."""
+    rng = random.Random(RANDOM_SEED)
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            for n in range(100):
+                s = random_scenario(rng, name=f"random-{n}")
+                for i, r in enumerate(await MmsimRunner(client).run(s)):
+                    assert not r.note, (s.name, i, s.steps[i], r)  # no malformed request, no dead process
+            assert await client.check_invariants() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the kernel
+
+
+def _oracle_or_skip() -> Any:
+    from mmsim.server.conformance.kernel import KernelRunner, oracle_unavailable
+
+    why = oracle_unavailable()
+    if why is not None:
+        pytest.skip(f"kernel oracle unavailable: {why}")
+    return KernelRunner(step_timeout=5.0)
+
+
+def _report(bad: list[Outcome], extra: list[str] | None = None) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, force_terminal=False, color_system=None)
+    for o in bad:
+        render(o, console)
+    return f"{len(bad)} scenario(s) differ between the kernel and mmsim:\n" + buf.getvalue() + "\n".join(extra or [])
+
+
+async def test_corpus_on_kernel() -> None:
+    runner = _oracle_or_skip()
+    bad: list[Outcome] = []
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            for s in load_scenarios([str(CORPUS)]):
+                outcome = await run_one(s, runner, client)
+                if outcome.differences:
+                    bad.append(outcome)
+    if bad:
+        pytest.fail(_report(bad), pytrace=False)
+
+
+async def test_random_scenarios_on_kernel() -> None:
+    runner = _oracle_or_skip()
+    rng = random.Random(RANDOM_SEED)
+    bad: list[Outcome] = []
+    reproducers: list[str] = []
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            for n in range(RANDOM_COUNT):
+                s = random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}")
+                outcome = await run_one(s, runner, client)
+                if not outcome.differences:
+                    continue
+                if len(bad) < 2:  # shrink the first few, to show a minimal reproducer
+
+                    async def fails(c: Scenario) -> bool:
+                        return bool((await run_one(c, runner, client)).differences)
+
+                    small = await shrink(s, fails)
+                    outcome = await run_one(small, runner, client)
+                    reproducers.append(json.dumps(small.to_dict()))
+                bad.append(outcome)
+    if bad:
+        pytest.fail(_report(bad, ["minimal reproducers:", *reproducers]), pytrace=False)
