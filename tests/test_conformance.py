@@ -10,6 +10,7 @@ scenarios (seed 2026) behave the same on the live kernel and on mmsim.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import random
@@ -237,3 +238,38 @@ async def test_random_scenarios_on_kernel() -> None:
                 bad.append(outcome)
     if bad:
         pytest.fail(_report(bad, ["minimal reproducers:", *reproducers]), pytrace=False)
+
+
+async def test_shrink_finds_a_one_minimal_reproducer() -> None:
+    """The shrinker keeps only the steps a failure needs: here, a move that fails EBUSY."""
+    noisy = Scenario.from_dict(
+        {
+            "name": "noisy-ebusy",
+            "processes": ["P"],
+            "steps": [
+                {"op": "mmap", "proc": "P", "region": "a", "pages": 2},
+                {"op": "mmap", "proc": "P", "region": "b", "pages": 2, "uffd": "wp"},
+                {"op": "write", "proc": "P", "at": ["a", 1], "value": 5},
+                {"op": "read", "proc": "P", "at": ["a", 0]},
+                {"op": "write", "proc": "P", "at": ["a", 0], "value": 7},
+                {"op": "peek", "proc": "P", "at": ["b", 1]},
+                {"op": "fork", "proc": "P", "child": "C"},
+                {"op": "mapcount", "proc": "C", "at": ["a", 0]},
+                {"op": "move", "proc": "P", "dst": ["b", 0], "src": ["a", 0], "pages": 1},
+                {"op": "present", "proc": "P", "at": ["a", 1]},
+            ],
+        }
+    )
+    async with serve_in_process(log_level="warning") as addr:
+        async with Client(addr) as client:
+            runner = MmsimRunner(client)
+
+            async def fails(s: Scenario) -> bool:
+                return any(r.errno == errno.EBUSY for r in await runner.run(s))
+
+            assert await fails(noisy)
+            small = await shrink(noisy, fails)
+    ops = [st["op"] for st in small.steps]
+    # mmap a, mmap b, a write to a[0], the fork that shares it, and the move: nothing else.
+    assert ops == ["mmap", "mmap", "write", "fork", "move"]
+    assert small.steps[2]["at"] == ["a", 0]

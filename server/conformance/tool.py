@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +61,7 @@ async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> 
     return Outcome(scenario, kernel, mmsim, compare(scenario, kernel, mmsim))
 
 
-async def shrink(scenario: Scenario, fails: Callable[[Scenario], "asyncio.Future[bool] | object"]) -> Scenario:
+async def shrink(scenario: Scenario, fails: Callable[[Scenario], Awaitable[bool]]) -> Scenario:
     """The smallest scenario (by removing steps, one at a time, to a fixed point) that still
     differs; a candidate that is no longer a valid scenario is skipped."""
     current = scenario
@@ -74,7 +74,7 @@ async def shrink(scenario: Scenario, fails: Callable[[Scenario], "asyncio.Future
                 cand = Scenario.from_dict({**current.to_dict(), "steps": steps})
             except ValueError:
                 continue
-            if await fails(cand):  # type: ignore[misc]
+            if await fails(cand):
                 current, changed = cand, True
     return current
 
