@@ -202,11 +202,6 @@ class Mm:
         del self.vmas[i]
         del self._starts[i]
 
-    def vma_reindex(self) -> None:
-        """Re-sort after VMA bounds changed in place (split/merge)."""
-        self.vmas.sort(key=lambda v: v.start)
-        self._starts = [v.start for v in self.vmas]
-
     @property
     def map_count(self) -> int:
         return len(self.vmas)

@@ -39,8 +39,6 @@ from .mm_types import (
 from .mmap import do_madvise, do_mmap, do_munmap, page_align
 from .rmap import AnonVma, folio_referenced
 from .userfaultfd import (
-    UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
-    UFFDIO_MOVE_MODE_DONTWAKE,
     UFFDIO_REGISTER_MODES,
     MoveProgress,
     userfaultfd_move,
@@ -368,14 +366,6 @@ class MemoryModel:
         progress.on_step = self.ledger[pid].moved
         cur = Current("move", pid)
         return await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
-
-    async def remap(
-        self, pid: int, dst: int, src: int, length: int, *, allow_src_holes: bool = False, dontwake: bool = False
-    ) -> int:
-        mode = (UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0) | (
-            UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0
-        )
-        return await self.move(pid, dst, src, length, mode)
 
     # -- rmap walk
     async def walk(self, pid: int, addr: int, blocking: bool = False) -> WalkResult:
