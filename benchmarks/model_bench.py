@@ -53,7 +53,7 @@ async def bench_moves(n: int, pages: int) -> float:
     length = pages * P
     move = m.move
     t0 = time.perf_counter()
-    for i in range(n // 2):
+    for _ in range(n // 2):
         await move(pid, b, a, length)
         await move(pid, a, b, length)
     dt = time.perf_counter() - t0

@@ -8,7 +8,6 @@ from .locks import Current
 from .memory import copy_page_range, free_pgtables, zap_pte_range
 from .mm_types import VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm, Vma
 from .rmap import anon_vma_fork, unlink_anon_vmas
-from .sched import uninterruptible
 
 if TYPE_CHECKING:
     from .kernel import Kernel

@@ -364,7 +364,6 @@ def move_present_ptes(
         if not folio.exclusive:
             return -errno.EBUSY
         anon_vma = folio.mapping
-        new_anon_vma = dst_vma.anon_vma
         index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
         pte = orig_src_pte
         n = 0

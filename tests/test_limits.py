@@ -3,7 +3,6 @@ operations do not starve other calls."""
 
 import asyncio
 
-import grpc
 import pytest
 
 from mmsim.client import Client, InvalidRequestError, LimitExceededError, ops

@@ -306,7 +306,7 @@ class _Helper:
         gaps = [(vmas[i + 1][0] - vmas[i][1], i) for i in range(len(vmas) - 1)]
         _, split = max(gaps)
         area = vmas[split + 1 :]
-        for (_, hi), (lo, _) in zip(area, area[1:]):
+        for (_, hi), (lo, _) in zip(area, area[1:], strict=False):
             if lo > hi:
                 self.libc.mmap(
                     hi,
