@@ -270,3 +270,22 @@ async def test_two_hundred_concurrent_clients() -> None:
             assert await mm.check_invariants() == []
             stats = await mm.stats()
             assert stats["processes"] == 0 and stats["violations"] == 0
+
+
+async def test_several_servers_round_robin_and_children_stay_home() -> None:
+    async with serve_in_process(log_level="warning") as a, serve_in_process(log_level="warning") as b:
+        async with Client([a, b]) as mm:
+            p1, p2, p3 = [await mm.create_process() for _ in range(3)]
+            assert [p.target for p in (p1, p2, p3)] == [a, b, a]
+            c = await p2.fork()
+            assert c.target == b
+            v = await p2.mmap(P)
+            await p2.write(v.start, 3)
+            child = await p2.fork()
+            assert await child.read(v.start) == 3
+            stats = await mm.stats()
+            assert stats["processes"] == 5  # summed over both servers
+            per = [(await mm.stats(target=t))["processes"] for t in (a, b)]
+            assert per == [2, 3]
+            assert await mm.check_invariants() == []
+            await mm.ping()
