@@ -273,3 +273,16 @@ async def test_shrink_finds_a_one_minimal_reproducer() -> None:
     # mmap a, mmap b, a write to a[0], the fork that shares it, and the move: nothing else.
     assert ops == ["mmap", "mmap", "write", "fork", "move"]
     assert small.steps[2]["at"] == ["a", 0]
+
+
+def test_command_reports_an_unavailable_oracle_with_its_own_status(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Seen as an unprivileged user, the command says why the kernel oracle is unavailable and
+    exits 3 (not 0, not 1)."""
+    import os
+
+    from mmsim.server.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    corpus = sorted(Path(__file__).parent.joinpath("conformance").glob("*.json"))[0]
+    assert main(["conformance", str(corpus)]) == 3
+    assert "kernel oracle unavailable: not root" in capsys.readouterr().out
