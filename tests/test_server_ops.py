@@ -118,3 +118,31 @@ async def test_signal_while_calls_are_in_flight_exits_zero(sig: signal.Signals) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_json_logs_carry_request_id_and_method() -> None:
+    import json
+
+    addr = f"127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsim.server", "serve", "--listen", addr, "--log-level", "debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        await _wait_serving(addr, proc)
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Read(pb.AccessRequest(process="nope.1", addr=0), metadata=(("x-request-id", "req-42"),))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]  # JSON: not a terminal
+    failed = [r for r in records if r.get("event") == "rpc failed"]
+    assert failed and failed[0]["request_id"] == "req-42"
+    assert failed[0]["method"] == "/mmsim.v1.MemoryManager/Read" and failed[0]["code"] == "NOT_FOUND"
+    assert all("timestamp" in r and "level" in r for r in records)
+    assert any(r.get("event") == "serving" for r in records)
