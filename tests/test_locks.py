@@ -386,6 +386,7 @@ def order_events(d: Detectors) -> list[dict]:
     return [e.detail for e in d.events if e.kind == "lock-order"]
 
 
+@pytest.mark.violations_expected
 def test_lockdep_ptl_then_mmap_lock_is_reported() -> None:
     state, d = ld()
     cur = Current("t")
@@ -398,6 +399,7 @@ def test_lockdep_ptl_then_mmap_lock_is_reported() -> None:
     assert ev["acquiring"] == "mm.mmap_lock" and ev["held"] == "ptl" and ev["why"] == "inverted order"
 
 
+@pytest.mark.violations_expected
 def test_lockdep_anon_vma_then_folio_lock_is_reported() -> None:
     state, d = ld()
     cur = Current("t")
@@ -422,6 +424,7 @@ def test_lockdep_kernel_order_is_clean() -> None:
     release_all(cur)
 
 
+@pytest.mark.violations_expected
 def test_lockdep_trylocks_are_exempt_but_count_as_held() -> None:
     state, d = ld()
     cur = Current("t")
@@ -443,6 +446,7 @@ def test_lockdep_trylocks_are_exempt_but_count_as_held() -> None:
     release_all(cur)
 
 
+@pytest.mark.violations_expected
 def test_lockdep_nested_mmap_lock() -> None:
     state, d = ld()
     cur = Current("fork")
@@ -458,6 +462,7 @@ def test_lockdep_nested_mmap_lock() -> None:
     release_all(cur)
 
 
+@pytest.mark.violations_expected
 def test_lockdep_double_pt_lock_is_allowed() -> None:
     state, d = ld()
     cur = Current("mover")
@@ -487,6 +492,7 @@ def test_lockdep_double_pt_lock_is_allowed() -> None:
     release_all(cur)
 
 
+@pytest.mark.violations_expected
 def test_lockdep_recursive_acquisition_is_reported() -> None:
     state, d = ld()
     cur = Current("t")
@@ -506,6 +512,7 @@ def test_lockdep_recursive_acquisition_is_reported() -> None:
     s.spin_unlock(cur)
 
 
+@pytest.mark.violations_expected
 async def test_lockdep_recursive_mutex_is_reported() -> None:
     state, d = ld()
     cur = Current("t")
@@ -662,6 +669,7 @@ def uaf_events(d: Detectors) -> list[dict]:
     return [e.detail for e in d.events if e.kind == "use-after-free"]
 
 
+@pytest.mark.violations_expected
 def test_check_access_use_after_free() -> None:
     d = Detectors()
     rcu = Rcu(d)
@@ -686,6 +694,7 @@ def test_check_access_use_after_free() -> None:
     assert d.counts["use-after-free"] == 2
 
 
+@pytest.mark.violations_expected
 def test_check_access_grace_period_begun_before_the_free_does_not_count() -> None:
     d = Detectors()
     rcu = Rcu(d)
@@ -781,6 +790,7 @@ def test_run_race_is_deterministic_per_seed() -> None:
     assert len(sigs) > 1
 
 
+@pytest.mark.violations_expected
 def test_run_race_unsafe_protocol_deterministic() -> None:
     a, b = run_race("no-recheck", 4), run_race("no-recheck", 4)
     assert a.signature == b.signature and a.violations == b.violations and a.events == b.events

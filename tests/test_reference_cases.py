@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 import pytest
 
+#: The mutation runs: an unsafe protocol, whose race the detectors must catch.
+UNSAFE = pytest.mark.violations_expected
+
 from mmsim.server.locks import Current
 from mmsim.server.mm_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, MmError
 from mmsim.server.model import MemoryModel, WalkResult
@@ -723,7 +726,10 @@ async def test_case31_move_within_one_vma() -> None:
 # 33-35: the seed races and contention
 
 
-@pytest.mark.parametrize("protocol", ["recheck", "no-recheck", "recheck-slow-only"])
+@pytest.mark.parametrize(
+    "protocol",
+    ["recheck", pytest.param("no-recheck", marks=UNSAFE), pytest.param("recheck-slow-only", marks=UNSAFE)],
+)
 async def test_case33_seed_race_fast_path(protocol: str) -> None:
     m, pid = await new_env(protocol)
     avs = vma(m, pid, SRC).anon_vma
@@ -781,7 +787,10 @@ async def test_case33_seed_race_fast_path_folio_lock_protocol() -> None:
     quiescent(m)
 
 
-@pytest.mark.parametrize("protocol", ["recheck", "recheck-slow-only", "no-recheck"])
+@pytest.mark.parametrize(
+    "protocol",
+    ["recheck", "recheck-slow-only", pytest.param("no-recheck", marks=UNSAFE)],
+)
 async def test_case34_seed_race_slow_path(protocol: str) -> None:
     m, pid = await new_env(protocol)
     avs = vma(m, pid, SRC).anon_vma
