@@ -10,36 +10,20 @@ Run as a script to print a table of the three modes.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from mmsim.server.conformance.kernel import uffd_move_unavailable
+
 SOURCE = Path(__file__).resolve().with_name("kernel_move.c")
 MODES = ("single", "bulk64", "bulk")
-
-# userfaultfd(2) syscall numbers by machine.
-_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
-
-# Constants from <linux/userfaultfd.h> and <fcntl.h> (Linux, x86_64/aarch64).
-_UFFD_USER_MODE_ONLY = 1
-_O_CLOEXEC = 0o2000000
-_O_NONBLOCK = 0o4000
-_UFFD_API = 0xAA
-_UFFD_FEATURE_MOVE = 1 << 16
-# _IOWR(0xAA, 0x3F, struct uffdio_api { __u64 api, features, ioctls; })
-_UFFDIO_API = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F
-
 
 def _compiler() -> str | None:
     return shutil.which("cc")
@@ -47,34 +31,9 @@ def _compiler() -> str | None:
 
 def kernel_oracle_unavailable() -> str | None:
     """Return why the kernel baseline cannot run here, or None if it can."""
-    if sys.platform != "linux":
-        return f"not Linux ({sys.platform})"
-    if os.geteuid() != 0:
-        return "not running as root"
-    nr = _SYS_USERFAULTFD.get(platform.machine())
-    if nr is None:
-        return f"unknown userfaultfd syscall number for {platform.machine()}"
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    flags = _O_CLOEXEC | _O_NONBLOCK
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(flags | _UFFD_USER_MODE_ONLY))
-    if fd < 0 and ctypes.get_errno() == errno.EINVAL:
-        fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(flags))
-    if fd < 0:
-        return f"userfaultfd syscall failed: {os.strerror(ctypes.get_errno())}"
-    try:
-        buf = bytearray(struct.pack("=QQQ", _UFFD_API, _UFFD_FEATURE_MOVE, 0))
-        try:
-            fcntl.ioctl(fd, _UFFDIO_API, buf)
-        except OSError as exc:
-            return f"UFFDIO_API refused UFFD_FEATURE_MOVE: {exc.strerror}"
-        _, features, _ = struct.unpack("=QQQ", buf)
-        if not features & _UFFD_FEATURE_MOVE:
-            return "UFFDIO_API does not offer UFFD_FEATURE_MOVE"
-    finally:
-        os.close(fd)
-
+    why = uffd_move_unavailable()
+    if why is not None:
+        return why
     if _compiler() is None:
         return "no C compiler (cc) on PATH"
     return None

@@ -202,6 +202,29 @@ def _open_uffd(libc: _Libc) -> tuple[int, int]:
 
 def oracle_unavailable() -> str | None:
     """Why the kernel oracle cannot run on this machine, or None if it can."""
+    why = uffd_move_unavailable()
+    if why is not None:
+        return why
+    try:
+        with open("/proc/kpagecount", "rb", buffering=0) as f:
+            if len(f.read(8)) != 8:
+                return "/proc/kpagecount unreadable"
+    except OSError as e:
+        return f"/proc/kpagecount unreadable: {e.strerror}"
+    try:
+        buf = ctypes.create_string_buffer(8)
+        with open("/proc/self/pagemap", "rb", buffering=0) as f:
+            entry = struct.unpack("<Q", os.pread(f.fileno(), 8, (ctypes.addressof(buf) // PAGE) * 8))[0]
+        if not entry & _PM_PRESENT or not entry & _PM_PFN_MASK:
+            return "/proc/self/pagemap does not show PFNs"
+    except OSError as e:
+        return f"/proc/self/pagemap unreadable: {e.strerror}"
+    return None
+
+
+def uffd_move_unavailable() -> str | None:
+    """Why this process cannot use UFFDIO_MOVE (not Linux, not root, no userfaultfd, no
+    UFFD_FEATURE_MOVE), or None if it can."""
     if sys.platform != "linux":
         return f"not Linux ({sys.platform})"
     if platform.machine() not in _SYS_USERFAULTFD:
@@ -229,20 +252,6 @@ def oracle_unavailable() -> str | None:
             return "no UFFD_FEATURE_MOVE"
     finally:
         os.close(fd)
-    try:
-        with open("/proc/kpagecount", "rb", buffering=0) as f:
-            if len(f.read(8)) != 8:
-                return "/proc/kpagecount unreadable"
-    except OSError as e:
-        return f"/proc/kpagecount unreadable: {e.strerror}"
-    try:
-        buf = ctypes.create_string_buffer(8)
-        with open("/proc/self/pagemap", "rb", buffering=0) as f:
-            entry = struct.unpack("<Q", os.pread(f.fileno(), 8, (ctypes.addressof(buf) // PAGE) * 8))[0]
-        if not entry & _PM_PRESENT or not entry & _PM_PFN_MASK:
-            return "/proc/self/pagemap does not show PFNs"
-    except OSError as e:
-        return f"/proc/self/pagemap unreadable: {e.strerror}"
     return None
 
 
