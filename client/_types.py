@@ -62,7 +62,7 @@ class WalkResult:
     referenced: int
     """Number of mappings that referenced the folio; -1 when the trylock walk was contended."""
     contended: bool
-    mappings: tuple[tuple[str, int], ...]
+    mappings: list[tuple[str, int]]
     """``(process_id, addr)`` of each mapping found."""
     fast_retries: int
     slow_retries: int
@@ -82,7 +82,7 @@ class AnonVma:
     refcount: int
     num_children: int
     num_active_vmas: int
-    vmas: tuple[tuple[str, int], ...]
+    vmas: list[tuple[str, int]]
     """``(process_id, vma start)`` of each VMA in the anon_vma's interval tree."""
 
 
@@ -118,7 +118,7 @@ def walk_from_pb(m: pb.WalkResponse) -> WalkResult:
     return WalkResult(
         referenced=m.referenced,
         contended=m.contended,
-        mappings=tuple((x.process, x.addr) for x in m.mappings),
+        mappings=[(x.process, x.addr) for x in m.mappings],
         fast_retries=m.fast_retries,
         slow_retries=m.slow_retries,
     )
@@ -132,7 +132,7 @@ def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
         refcount=m.refcount,
         num_children=m.num_children,
         num_active_vmas=m.num_active_vmas,
-        vmas=tuple((x.process, x.addr) for x in m.vmas),
+        vmas=[(x.process, x.addr) for x in m.vmas],
     )
 
 

@@ -249,11 +249,10 @@ def test_walk_conversion() -> None:
             slow_retries=2,
         )
     )
-    assert w == WalkResult(2, False, (("x.1", 0x1000), ("x.2", 0x1000)), 1, 2)
+    assert w == WalkResult(2, False, [("x.1", 0x1000), ("x.2", 0x1000)], 1, 2)
     assert w.retries == 3
     c = walk_from_pb(pb.WalkResponse(referenced=-1, contended=True))
-    assert c.referenced == -1 and c.contended and c.mappings == ()
-    hash(w)
+    assert c.referenced == -1 and c.contended and c.mappings == []
 
 
 def test_anon_vma_conversion() -> None:
@@ -263,7 +262,7 @@ def test_anon_vma_conversion() -> None:
             vmas=[pb.Mapping(process="x.2", addr=0x7000)],
         )
     )
-    assert a == AnonVma(2, 1, 1, 1, 0, 1, (("x.2", 0x7000),))
+    assert a == AnonVma(2, 1, 1, 1, 0, 1, [("x.2", 0x7000)])
 
 
 # -- batch operation builders
@@ -372,7 +371,7 @@ async def test_process_methods_convert_results_and_pass_deadlines() -> None:
     assert await p.write(4096, 1) is None
     assert await p.remap(0x10000, 4096, 4096, allow_src_holes=True) == 4096
     assert await p.folio(4096) is None
-    assert (await p.walk(4096)).mappings == (("opaque/1", 4096),)
+    assert (await p.walk(4096)).mappings == [("opaque/1", 4096)]
     assert (await p.vmas())[0].anon_vma == 3
     assert (await p.anon_vma_tree(addr=4096))[0].id == 3
     child = await p.fork()

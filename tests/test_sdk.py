@@ -49,10 +49,10 @@ async def test_every_rpc(mm: Client) -> None:
     moved = await p.folio(DST)
     assert moved is not None and moved.value == 42 and moved.index == DST >> 12
     w = await p.walk(DST)
-    assert (w.referenced, w.contended, list(w.mappings)) == (1, False, [(p.id, DST)])
+    assert (w.referenced, w.contended, w.mappings) == (1, False, [(p.id, DST)])
     assert (await p.walk(DST, blocking=True)).referenced == 0
     tree = await p.anon_vma_tree(DST)
-    assert len(tree) == 1 and tree[0].id == moved.anon_vma and list(tree[0].vmas) == [(p.id, DST)]
+    assert len(tree) == 1 and tree[0].id == moved.anon_vma and tree[0].vmas == [(p.id, DST)]
     await p.write(SRC + P, 7)
     assert await p.remap(DST + P, SRC, 2 * P, allow_src_holes=True, dontwake=True) == 2 * P
     await p.madvise(SRC, 4 * P, "dontfork")
