@@ -76,10 +76,6 @@ class Folio:
         self.lock = lock
         self.freed = False
 
-    @property
-    def is_zero_page(self) -> bool:
-        return self.id == 0
-
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
 

@@ -326,7 +326,6 @@ class RmapWalkControl:
     referenced: int = 0
     mapcount: int = 0
     mappings: list[tuple[int, int]] = field(default_factory=list)
-    vmas_visited: int = 0
     fast_retries: int = 0
     slow_retries: int = 0
 
@@ -438,7 +437,6 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
             ):
                 _check_walk(k, cur, folio, root, walk_root, walk_index, "visit")
             addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
-            rwc.vmas_visited += 1
             if not folio_referenced_one(cur, folio, vma, addr, rwc):
                 break
             if sched.active and sched.should_preempt("walk:per-vma"):

@@ -43,7 +43,6 @@ class Breakpoint:
         self.point = point
         self.reached = asyncio.Event()
         self._go = asyncio.Event()
-        self.task_name: str | None = None
 
     def release(self) -> None:
         self._go.set()
@@ -96,8 +95,6 @@ class Scheduler:
             if not bps:
                 del self._breakpoints[point]
             self.active = self.preempt > 0.0 or bool(self._breakpoints)
-            task = asyncio.current_task()
-            bp.task_name = task.get_name() if task is not None else None
             bp.reached.set()
             await bp._go.wait()
             return
