@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mmsim.server.conformance.kernel import uffd_move_unavailable
+from mmsim.server.tools.conformance.kernel import uffd_move_unavailable
 
 SOURCE = Path(__file__).resolve().with_name("kernel_move.c")
 MODES = ("single", "bulk64", "bulk")

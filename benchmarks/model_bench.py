@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_baseline import kernel_oracle_unavailable, run_kernel_move  # noqa: E402
 
-from mmsim.server.model import MemoryModel  # noqa: E402
+from mmsim.server.mm.model import MemoryModel  # noqa: E402
 
 P = 4096
 GOALS = {

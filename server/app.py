@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
-from .model import MemoryModel
+from .mm.model import MemoryModel
 from .service import Limits, MemoryManagerServicer
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .kernel import PROTOCOLS
-from .workload import run_race
+from .mm.kernel import PROTOCOLS
+from .tools.race import run_race
 
 
 def cmd_race(args: argparse.Namespace) -> int:
@@ -136,8 +136,8 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     """Run scenarios on the live Linux kernel and on mmsim, and show every step that differs."""
     import asyncio
 
-    from .conformance.scenario import ScenarioError
-    from .conformance.tool import EXIT_USAGE, conformance
+    from .tools.conformance.scenario import ScenarioError
+    from .tools.conformance.tool import EXIT_USAGE, conformance
 
     if not args.scenarios and not args.random:
         print("mmsim conformance: give scenario files or directories, or --random N", file=sys.stderr)

@@ -24,8 +24,8 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from . import errors
-from .model import LimitExceeded, MemoryModel, MmError, VmaInfo
-from .userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
+from .mm.model import LimitExceeded, MemoryModel, MmError, VmaInfo
+from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw"}
 PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}

@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
-from mmsim.server.locks import Current
-from mmsim.server.model import PAGE_SIZE, MemoryModel
-from mmsim.server.userfaultfd import MoveProgress
+from mmsim.server.mm.locks import Current
+from mmsim.server.mm.model import PAGE_SIZE, MemoryModel
+from mmsim.server.mm.userfaultfd import MoveProgress
 
 P = PAGE_SIZE
 SRC = 0x10000000

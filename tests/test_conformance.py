@@ -23,10 +23,10 @@ from rich.console import Console
 
 from mmsim.client import Client
 from mmsim.client.testing import serve_in_process
-from mmsim.server.conformance.generate import random_scenario
-from mmsim.server.conformance.mmsim_runner import MmsimRunner, compare
-from mmsim.server.conformance.scenario import FIELDS, Scenario
-from mmsim.server.conformance.tool import Outcome, load_scenarios, render, run_one, shrink
+from mmsim.server.tools.conformance.generate import random_scenario
+from mmsim.server.tools.conformance.mmsim_runner import MmsimRunner, compare
+from mmsim.server.tools.conformance.scenario import FIELDS, Scenario
+from mmsim.server.tools.conformance.tool import Outcome, load_scenarios, render, run_one, shrink
 
 CORPUS = Path(__file__).parent / "conformance"
 FILES = sorted(CORPUS.glob("*.json"))
@@ -186,7 +186,7 @@ async def test_random_scenarios_run_on_mmsim() -> None:
 
 
 def _oracle_or_skip() -> Any:
-    from mmsim.server.conformance.kernel import KernelRunner, oracle_unavailable
+    from mmsim.server.tools.conformance.kernel import KernelRunner, oracle_unavailable
 
     why = oracle_unavailable()
     if why is not None:

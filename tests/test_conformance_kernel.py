@@ -1,4 +1,4 @@
-"""The kernel oracle (server/conformance/kernel.py) against facts of the reference, on the live kernel."""
+"""The kernel oracle (server/tools/conformance/kernel.py) against facts of the reference, on the live kernel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from mmsim.server.conformance.kernel import KernelRunner, oracle_unavailable
-from mmsim.server.conformance.scenario import PAGE, Scenario, StepResult
+from mmsim.server.tools.conformance.kernel import KernelRunner, oracle_unavailable
+from mmsim.server.tools.conformance.scenario import PAGE, Scenario, StepResult
 
 REASON = oracle_unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"kernel oracle unavailable: {REASON}")

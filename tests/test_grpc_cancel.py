@@ -5,7 +5,7 @@ import asyncio
 import grpc
 import pytest
 
-from mmsim.server.locks import Current
+from mmsim.server.mm.locks import Current
 from mmsim.v1 import mmsim_pb2 as pb
 
 P = 4096

@@ -11,13 +11,13 @@ import errno
 
 import pytest
 
-from mmsim.server.detectors import Detectors
-from mmsim.server.locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock, release_all
-from mmsim.server.model import PAGE_SIZE, MemoryModel
-from mmsim.server.rcu import Rcu, TypesafeCache, TypesafeObject
-from mmsim.server.sched import POINTS, Scheduler
-from mmsim.server.userfaultfd import double_pt_lock, double_pt_unlock
-from mmsim.server.workload import run_race
+from mmsim.server.mm.detectors import Detectors
+from mmsim.server.mm.locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock, release_all
+from mmsim.server.mm.model import PAGE_SIZE, MemoryModel
+from mmsim.server.mm.rcu import Rcu, TypesafeCache, TypesafeObject
+from mmsim.server.mm.sched import POINTS, Scheduler
+from mmsim.server.mm.userfaultfd import double_pt_lock, double_pt_unlock
+from mmsim.server.tools.race import run_race
 
 P = PAGE_SIZE
 
@@ -798,7 +798,7 @@ def test_run_race_unsafe_protocol_deterministic() -> None:
 
 def test_errno_constants_sane() -> None:
     # The model raises OSError subclasses carrying the kernel's errno.
-    from mmsim.server.model import MmError
+    from mmsim.server.mm.model import MmError
 
     e = MmError(errno.EAGAIN, "x", moved=P)
     assert isinstance(e, OSError) and e.errno == errno.EAGAIN and e.moved == P

@@ -6,7 +6,7 @@ recheck path ran; the unsafe ones must be caught by the detectors within the sam
 
 import pytest
 
-from mmsim.server.workload import run_race
+from mmsim.server.tools.race import run_race
 
 SEEDS = range(200)
 

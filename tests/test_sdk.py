@@ -184,7 +184,7 @@ async def test_deadline_exceeded_through_the_sdk() -> None:
             await p.mmap(P, addr=SRC)
             await p.write(SRC, 1)
             # Hold the folio's anon_vma root so a blocking walk has to wait past its deadline.
-            from mmsim.server.locks import Current
+            from mmsim.server.mm.locks import Current
 
             model = _server_model(addr)
             av = next(iter(model.processes.values())).pte_lookup(SRC).folio.mapping

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mmsim.server.model import PAGE_SIZE, MemoryModel, MmError
+from mmsim.server.mm.model import PAGE_SIZE, MemoryModel, MmError
 
 P = PAGE_SIZE
 SHIFT = 12

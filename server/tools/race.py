@@ -14,8 +14,8 @@ import errno
 import random
 from dataclasses import dataclass, field
 
-from .mm_types import PAGE_SIZE, MmError
-from .model import MemoryModel
+from ..mm.mm_types import PAGE_SIZE, MmError
+from ..mm.model import MemoryModel
 
 #: Errors a racing operation may legitimately get.
 EXPECTED_ERRNOS = {errno.EBUSY, errno.EEXIST, errno.ENOENT, errno.EAGAIN, errno.ESRCH}

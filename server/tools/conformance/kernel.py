@@ -7,7 +7,7 @@ returns one :class:`StepResult` per step.
 
 Process tree and channels
 -------------------------
-``run`` starts one *anchor* (``python -m mmsim.server.conformance.kernel --helper SPEC``) in a new
+``run`` starts one *anchor* (``python -m mmsim.server.tools.conformance.kernel --helper SPEC``) in a new
 session. The anchor makes itself a child subreaper, ignores SIGCHLD (so every descendant that
 exits is reaped at once, also orphans: this machine's init does not reap) and forks one helper
 per scenario root process. Each helper talks to the runner over its own ``AF_UNIX``
@@ -602,7 +602,7 @@ class _Run:
             spec = {"procs": [[name, theirs.fileno()] for name, (_, theirs) in ends.items()]}
             env = dict(os.environ, PYTHONMALLOC="malloc")
             self.anchor = subprocess.Popen(
-                [sys.executable, "-m", "mmsim.server.conformance.kernel", "--helper", json.dumps(spec)],
+                [sys.executable, "-m", "mmsim.server.tools.conformance.kernel", "--helper", json.dumps(spec)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 pass_fds=[theirs.fileno() for _, theirs in ends.values()],
@@ -798,7 +798,7 @@ class KernelRunner:
 def _main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--helper":
         return _anchor_main(json.loads(argv[1]))
-    print("usage: python -m mmsim.server.conformance.kernel --helper SPEC", file=sys.stderr)
+    print("usage: python -m mmsim.server.tools.conformance.kernel --helper SPEC", file=sys.stderr)
     return 2
 
 
