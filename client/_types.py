@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 
 from mmsim.v1 import mmsim_pb2 as pb
 
@@ -24,6 +24,48 @@ ADVICE_TO_PB: Mapping[str, int] = {
 }
 
 
+def _hex(value: object) -> str:
+    """An address or page offset as the kernel and the error messages print it: ``0x7f...``."""
+    return hex(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+
+
+def _hex_pairs(pairs: Iterable[object]) -> str:
+    """``[(who, 0xaddr), ...]``: the first element as is (a process), the address in hex."""
+    shown = []
+    for pair in pairs:
+        if isinstance(pair, tuple) and len(pair) == 2:
+            shown.append(f"({pair[0]!r}, {_hex(pair[1])})")
+        else:
+            shown.append(repr(pair))
+    return "[" + ", ".join(shown) + "]"
+
+
+def _repr_in_hex(*hex_fields: str, pairs: tuple[str, ...] = ()) -> Callable[[object], str]:
+    """A dataclass ``__repr__`` like the generated one, with ``hex_fields`` in hex and the
+    addresses of the ``(who, addr)`` lists named by ``pairs`` in hex; the rest unchanged.
+
+    Assigned in the class body, where ``@dataclass`` leaves it in place (it only adds a ``__repr__``
+    a class does not define); equality and the fields are the generated ones.
+    """
+
+    def __repr__(self: object) -> str:
+        shown = []
+        for f in fields(self):  # type: ignore[arg-type]
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            if f.name in hex_fields:
+                text = _hex(value)
+            elif f.name in pairs:
+                text = _hex_pairs(value)
+            else:
+                text = repr(value)
+            shown.append(f"{f.name}={text}")
+        return f"{type(self).__qualname__}({', '.join(shown)})"
+
+    return __repr__
+
+
 @dataclass(frozen=True)
 class Vma:
     """A mapping of a process (for ``mmap``: the range just mapped)."""
@@ -40,6 +82,8 @@ class Vma:
     anon_vma: int | None
     """Id of the VMA's anon_vma; ``None`` before the first fault."""
 
+    __repr__ = _repr_in_hex("start", "end", "pgoff")
+
 
 @dataclass(frozen=True)
 class FolioInfo:
@@ -54,6 +98,8 @@ class FolioInfo:
     writable: bool
     young: bool
 
+    __repr__ = _repr_in_hex("index")
+
 
 @dataclass(frozen=True)
 class WalkResult:
@@ -66,6 +112,8 @@ class WalkResult:
     """``(process_id, addr)`` of each mapping found."""
     fast_retries: int
     slow_retries: int
+
+    __repr__ = _repr_in_hex(pairs=("mappings",))
 
     @property
     def retries(self) -> int:
@@ -84,6 +132,8 @@ class AnonVma:
     num_active_vmas: int
     vmas: list[tuple[str, int]]
     """``(process_id, vma start)`` of each VMA in the anon_vma's interval tree."""
+
+    __repr__ = _repr_in_hex(pairs=("vmas",))
 
 
 def vma_from_pb(m: pb.Vma) -> Vma:
