@@ -286,7 +286,7 @@ async def test_cancel_fork_waiting_in_anon_vma_fork() -> None:
     assert root.rwsem.down_write(x)
     fork = asyncio.create_task(m.fork(pid))
     await turns()
-    assert [w.cur.name.startswith("fork") for w in root.rwsem.waiters] == [True]
+    assert [w.cur.name.startswith("fork") for w in root.rwsem.waiters or ()] == [True]
     assert root.rwsem.down_write(y) is False  # y queues behind the fork
 
     async def y_waits() -> None:
@@ -340,7 +340,7 @@ async def test_cancel_blocking_walk_waiting_on_root_rwsem() -> None:
     assert root.rwsem.down_write(holder)
     task = asyncio.create_task(m.walk(pid, SRC, blocking=True))
     await turns()
-    assert not task.done() and len(root.rwsem.waiters) == 1
+    assert not task.done() and len(root.rwsem.waiters or ()) == 1
     # The slow path pinned the anon_vma and left its RCU section before sleeping.
     assert av.refcount == ref_before + 1 and not m.k.rcu.readers
     task.cancel()

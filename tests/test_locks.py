@@ -181,7 +181,7 @@ async def test_rwsem_fifo_handoff() -> None:
         asyncio.create_task(acquire_read(sem, r3, log)),
     ]
     await turns()
-    assert [w.cur.name for w in sem.waiters] == ["r1", "r2", "w2", "r3"]
+    assert [w.cur.name for w in sem.waiters or ()] == ["r1", "r2", "w2", "r3"]
     sem.up_write(w1)
     await turns()
     # Every reader up to the first waiting writer is granted at once; r3 stays behind w2.
@@ -230,7 +230,7 @@ async def test_cancelled_waiter_leaves_queue_and_wakes_next() -> None:
     log: list[str] = []
     tr = asyncio.create_task(acquire_read(sem, r2, log))
     await turns()
-    assert [x.cur for x in sem.waiters] == [w, r2] and log == []
+    assert [x.cur for x in sem.waiters or ()] == [w, r2] and log == []
     tw.cancel()
     with pytest.raises(asyncio.CancelledError):
         await tw
@@ -255,7 +255,7 @@ async def test_cancelled_mutex_waiter_in_the_middle() -> None:
     tb.cancel()
     with pytest.raises(asyncio.CancelledError):
         await tb
-    assert [x.cur for x in mx.waiters] == [c]
+    assert [x.cur for x in mx.waiters or ()] == [c]
     assert mx.owner is a
     mx.unlock(a)
     await tc
@@ -544,7 +544,7 @@ def test_model_lock_order_objects() -> None:
     mm = m.processes[pid]
     assert mm.mmap_lock.rank == LockClass.MMAP_LOCK
     assert mm.page_table_lock.rank == LockClass.PTL
-    assert mm.pte_alloc(0x100000).ptl.rank == LockClass.PTL
+    assert mm.pte_alloc(Current("test"), 0x100000).ptl.rank == LockClass.PTL
     assert LockClass.MMAP_LOCK < LockClass.FOLIO_LOCK < LockClass.ANON_VMA < LockClass.PTL
 
 

@@ -718,7 +718,7 @@ async def test_case31_move_within_one_vma() -> None:
     assert_moved_folio(m, pid, dst, sval(0), folio=f)
     assert f.mapping is v.anon_vma
     assert f.index == v.linear_page_index(dst) == v.pgoff + 5
-    assert m.processes[pid].vmas == [v] and len(chain(v)) == 1
+    assert list(m.processes[pid].vmas) == [v] and len(chain(v)) == 1
     quiescent(m)
 
 
@@ -776,7 +776,7 @@ async def test_case33_seed_race_fast_path_folio_lock_protocol() -> None:
     assert f.lock.is_locked()
 
     mover = asyncio.create_task(m.move(pid, DST, SRC, P))
-    await run_until(lambda: len(f.lock.waiters) == 1)  # M sleeps on the folio lock
+    await run_until(lambda: len(f.lock.waiters or ()) == 1)  # M sleeps on the folio lock
     assert m.folio(pid, DST) is None and m.folio(pid, SRC) is not None
 
     bp.release()
@@ -811,7 +811,7 @@ async def test_case34_seed_race_slow_path(protocol: str) -> None:
     await bp_walk.wait_reached()
     assert avs.refcount == prior + 2
     bp_walk.release()
-    await run_until(lambda: any(not wt.write for wt in rs.waiters))
+    await run_until(lambda: any(not wt.write for wt in rs.waiters or ()))
 
     bp_move.release()
     assert await mover == P

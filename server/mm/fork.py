@@ -5,48 +5,76 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .locks import Current
-from .memory import copy_page_range, free_pgtables, zap_pte_range
-from .mm_types import VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm, Vma
+from .memory import copy_page_range, zap_pte_range
+from .mm_types import PGTABLE_BYTES, VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm
+from .mmap import vm_area_alloc, vm_area_free
 from .rmap import anon_vma_fork, unlink_anon_vmas
+from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm) -> None:
+
+async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm, copied: list[int] | None = None) -> None:
     """Copy the parent's VMAs into the new mm. Expects oldmm's mmap_lock and, nested, mm's held for
     write. Per VMA takes the anon_vma root rwsem (anon_vma_fork), then both PTLs (copy_page_range).
 
     VM_DONTCOPY VMAs are skipped; VM_WIPEONFORK ones come with no anon_vma and no pages; the child
-    loses userfaultfd registration (no UFFD_FEATURE_EVENT_FORK) and mlock.
+    loses userfaultfd registration (no UFFD_FEATURE_EVENT_FORK) and mlock. Every object is charged
+    as it is made; ENOMEM (or cancellation) leaves a half-built child that the caller tears down
+    with exit_mmap. Appends the page number of every folio mapped into the child to ``copied``. Lets other tasks run every RESCHED_WORK VMAs or PTEs.
     """
     sched = k.sched
-    for mpnt in list(oldmm.vmas):
+    work = 0
+    # The parent's VMAs cannot change under its mmap_lock; iterate the tree itself.
+    for mpnt in oldmm.vmas:
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
         if mpnt.flags & VM_DONTCOPY:
             continue
-        tmp = Vma(k.next_vma_id(), mm, mpnt.start, mpnt.end, mpnt.pgoff, mpnt.flags & ~(VM_UFFD_FLAGS | VM_LOCKED))
+        tmp = vm_area_alloc(k, cur, mm, mpnt.start, mpnt.end, mpnt.pgoff, mpnt.flags & ~(VM_UFFD_FLAGS | VM_LOCKED))
         wipe = bool(mpnt.flags & VM_WIPEONFORK)
         if not wipe:
-            await anon_vma_fork(k, cur, tmp, mpnt)
+            try:
+                await anon_vma_fork(k, cur, tmp, mpnt)
+            except BaseException:
+                vm_area_free(k, tmp)
+                raise
         mm.vma_link(tmp)
         if sched.active and sched.should_preempt("fork:after-anon-vma-fork"):
             await sched.yield_now("fork:after-anon-vma-fork")
         if not wipe and mpnt.anon_vma is not None:  # vma_needs_copy
-            copy_page_range(k, cur, tmp, mpnt)
+            work += await copy_page_range(k, cur, tmp, mpnt, copied)
     k.stats["fork"] += 1
 
 
 async def exit_mmap(k: Kernel, cur: Current, mm: Mm) -> None:
     """Tear down every VMA: zap, unlink from the anon_vmas, free page tables. Expects mmap_lock
-    held for write; takes each PTL and anon_vma root in turn."""
+    held for write; takes each PTL and anon_vma root in turn. Lets other tasks run every
+    RESCHED_WORK VMAs or PTEs."""
     mm.users = 0
     sched = k.sched
-    while mm.vmas:
-        vma = mm.vmas[-1]
-        zap_pte_range(k, cur, mm, vma.start, vma.end)
+    work = 0
+    while mm.mm_mt:
+        vma = mm.mm_mt.peekitem(-1)[1]
+        work += 1 + len(vma.anon_vma_chain) + await zap_pte_range(k, cur, mm, vma.start, vma.end)
         mm.vma_unlink(vma)
-        free_pgtables(mm, vma.start, vma.end)
         await unlink_anon_vmas(k, cur, vma)
+        vm_area_free(k, vma)
         if sched.active and sched.should_preempt("exit:between-vmas"):
             await sched.yield_now("exit:between-vmas")
-    mm.pgtables.clear()
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
+    # free_pgtables of the whole address space: every table is empty now.
+    pgtables = mm.pgtables
+    while pgtables:
+        n = min(len(pgtables), RESCHED_WORK)
+        for _ in range(n):
+            pgtables.popitem()
+        k.memcg.uncharge(n * PGTABLE_BYTES)
+        if pgtables:
+            await cond_resched()
     mm.uffd = None

@@ -1,42 +1,75 @@
-"""check_invariants: a full audit of the model at a quiescent point (no call in flight).
+"""The audit: every invariant of the model, checked at a quiescent point (no call in flight).
 
 Checks invariants I1-I7 of the reference, plus: mapcount equals the PTEs mapping a folio,
 exclusive implies mapcount 1, refcounts, num_children / num_active_vmas, every mapping
-reachable through its folio's anon_vma tree, no lock held, and data conservation against the
-model's ledger.
+reachable through its folio's anon_vma tree, no lock held, data conservation against the
+model's ledger, and the memory budget's usage against the objects that exist.
+
+``audit_steps`` is a generator that yields every RESCHED_WORK units of work, so that a running
+server can let other tasks run; it needs no memory that grows with the model beyond counters per
+anon_vma (folios carry their own scratch counters).
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterator
+from itertools import count
 from typing import TYPE_CHECKING
 
-from .mm_types import PAGE_SHIFT, PMD_SHIFT, ZERO_PAGE, Folio
+from .mm_types import (
+    ANON_VMA_BYTES,
+    AVC_BYTES,
+    FOLIO_BYTES,
+    MM_BYTES,
+    PAGE_SHIFT,
+    PGTABLE_BYTES,
+    PMD_SHIFT,
+    PTE_BYTES,
+    VMA_BYTES,
+    ZERO_PAGE,
+)
+from .sched import RESCHED_WORK
 
 if TYPE_CHECKING:
     from .model import MemoryModel
     from .rmap import AnonVma
 
+#: At most this many problems are listed; the rest are counted in one more line.
+MAX_PROBLEMS = 1000
 
-def check_invariants(model: MemoryModel) -> list[str]:
+_generations = count(1)
+
+
+def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
+    """Append every problem found to ``problems``, yielding every RESCHED_WORK units of work."""
     k = model.k
-    problems: list[str] = []
-    bad = problems.append
-    live_avs: set[AnonVma] = set(k.anon_vma_cache.live)
-    ptes_of: Counter[Folio] = Counter()
-    folios: set[Folio] = set()
-    active: Counter[AnonVma] = Counter()
-    tree_vmas: dict[AnonVma, set[int]] = defaultdict(set)
+    found = 0
 
+    def bad(p: str) -> None:
+        nonlocal found
+        found += 1
+        if found <= MAX_PROBLEMS:
+            problems.append(p)
+
+    gen = next(_generations)
+    live_avs = k.anon_vma_cache.live
+    active: Counter[AnonVma] = Counter()
+    tree_avcs = 0  # AVCs reached from the VMAs (each must be in its anon_vma's tree)
+    charged = len(model.processes) * MM_BYTES + len(live_avs) * ANON_VMA_BYTES + k.folios_live * FOLIO_BYTES
+    work = 0
+
+    # Pass 1: VMAs, chains, page tables; count the PTEs of each folio on the folio itself.
     for pid, mm in model.processes.items():
         where = f"pid {pid}"
         if mm.mmap_lock.is_locked():
             bad(f"{where}: mmap_lock held at a quiescent point")
         if mm.page_table_lock.is_locked():
             bad(f"{where}: page_table_lock held")
-        # VMAs: sorted, disjoint, aligned
         prev_end = 0
-        for v in mm.vmas:
+        for key, v in mm.mm_mt.items():
+            if key != v.start:
+                bad(f"{where}: {v} filed under {key:#x} in the VMA tree")
             if v.start >= v.end or v.start & 0xFFF or v.end & 0xFFF:
                 bad(f"{where}: malformed {v}")
             if v.start < prev_end:
@@ -44,30 +77,36 @@ def check_invariants(model: MemoryModel) -> list[str]:
             prev_end = v.end
             if v.mm is not mm:
                 bad(f"{where}: {v} belongs to another mm")
-        if [v.start for v in mm.vmas] != mm._starts:
-            bad(f"{where}: VMA index out of sync")
-        for v in mm.vmas:
+            charged += VMA_BYTES + len(v.anon_vma_chain) * AVC_BYTES
             if v.anon_vma is not None:
                 active[v.anon_vma] += 1
-                if v.anon_vma not in {avc.anon_vma for avc in v.anon_vma_chain}:
+                if not any(avc.anon_vma is v.anon_vma for avc in v.anon_vma_chain):
                     bad(f"{where}: {v} has no AVC for its own anon_vma")
-            roots = {avc.anon_vma.root for avc in v.anon_vma_chain}
-            if len(roots) > 1:
-                bad(f"{where}: {v} is chained to {len(roots)} anon_vma trees")
+            root = v.anon_vma_chain[0].anon_vma.root if v.anon_vma_chain else None
             for avc in v.anon_vma_chain:
                 av = avc.anon_vma
+                if av.root is not root:
+                    bad(f"{where}: {v} is chained to more than one anon_vma tree")
                 if avc.vma is not v:
                     bad(f"{where}: AVC of {v} points at another VMA")
                 if av.freed or av not in live_avs:
                     bad(f"{where}: {v} chained to freed {av}")
                 elif avc not in av.rb_root:
                     bad(f"{where}: AVC of {v} missing from {av}'s tree")
-                tree_vmas[av].add(id(v))
-        # Page tables and PTEs
+                else:
+                    tree_avcs += 1
+            work += 1 + len(v.anon_vma_chain)
+            if work >= RESCHED_WORK:
+                work = 0
+                yield
+        charged += len(mm.pgtables) * PGTABLE_BYTES
         rss = 0
+        folio_ptes = 0
+        ledger = model.ledger.get(pid, {})
         for idx, pt in mm.pgtables.items():
             if pt.ptl.is_locked():
                 bad(f"{where}: PTL {idx:#x} held")
+            charged += len(pt.ptes) * PTE_BYTES
             for vpn, pte in pt.ptes.items():
                 addr = vpn << PAGE_SHIFT
                 if vpn >> (PMD_SHIFT - PAGE_SHIFT) != idx:
@@ -82,8 +121,16 @@ def check_invariants(model: MemoryModel) -> list[str]:
                         bad(f"{where}: writable zero-page PTE at {addr:#x}")
                     continue
                 rss += 1
-                ptes_of[f] += 1
-                folios.add(f)
+                folio_ptes += 1
+                if f.audit_gen != gen:
+                    f.audit_gen = gen
+                    f.audit_ptes = 0
+                f.audit_ptes += 1
+                expected = ledger.get(vpn)
+                if expected is None:
+                    bad(f"{where}: contents differ from the ledger: unexpected page at {addr:#x}")
+                elif expected != f.value:
+                    bad(f"{where}: contents differ from the ledger: wrong value at {addr:#x}")
                 if f.freed:
                     bad(f"{where}: PTE at {addr:#x} maps freed folio {f.id}")
                     continue
@@ -102,37 +149,45 @@ def check_invariants(model: MemoryModel) -> list[str]:
                     bad(f"{where}: folio {f.id} root differs from its VMA's at {addr:#x}")  # I2
                 if not any(avc.anon_vma is av for avc in vma.anon_vma_chain):
                     bad(f"{where}: {vma} not in folio {f.id}'s anon_vma tree (unreachable by rmap)")
+            work += 1 + len(pt.ptes)
+            if work >= RESCHED_WORK:
+                work = 0
+                yield
         if rss != mm.rss_anon:
             bad(f"{where}: RSS counter {mm.rss_anon} != {rss} mapped folios")
-        # Data conservation
-        actual = {
-            vpn: pte.folio.value for pt in mm.pgtables.values() for vpn, pte in pt.ptes.items() if pte.folio is not ZERO_PAGE
-        }
-        expected = model.ledger.get(pid, {})
-        if actual != expected:
-            lost = sorted(set(expected) - set(actual))[:4]
-            extra = sorted(set(actual) - set(expected))[:4]
-            wrong = sorted(v for v in set(actual) & set(expected) if actual[v] != expected[v])[:4]
-            bad(
-                f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}, "
-                f"unexpected {[hex(v << PAGE_SHIFT) for v in extra]}, wrong {[hex(v << PAGE_SHIFT) for v in wrong]}"
-            )
+        if len(ledger) != folio_ptes:
+            lost = [vpn for vpn in ledger if mm.pte_lookup(vpn << PAGE_SHIFT) is None][:4]
+            bad(f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}")
 
-    for f in folios:
-        if f.mapcount != ptes_of[f]:
-            bad(f"folio {f.id}: mapcount {f.mapcount} != {ptes_of[f]} PTEs")
-        if f.exclusive and f.mapcount != 1:
-            bad(f"folio {f.id}: exclusive with mapcount {f.mapcount}")
-        if f.refcount != f.mapcount:
-            bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} at a quiescent point")
-        if f.lock is not None and f.lock.is_locked():
-            bad(f"folio {f.id}: locked at a quiescent point")
-    if k.folios_live != len(folios):
-        bad(f"{k.folios_live} folios allocated but {len(folios)} mapped (leak)")
+    # Pass 2: each folio once, against the PTEs counted on it.
+    folios = 0
+    for mm in model.processes.values():
+        for pt in mm.pgtables.values():
+            for pte in pt.ptes.values():
+                f = pte.folio
+                if f.audit_gen != gen:
+                    continue
+                f.audit_gen = -gen  # seen
+                folios += 1
+                if f.mapcount != f.audit_ptes:
+                    bad(f"folio {f.id}: mapcount {f.mapcount} != {f.audit_ptes} PTEs")
+                if f.exclusive and f.mapcount != 1:
+                    bad(f"folio {f.id}: exclusive with mapcount {f.mapcount}")
+                if f.refcount != f.mapcount:
+                    bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} at a quiescent point")
+                if f.lock is not None and f.lock.is_locked():
+                    bad(f"folio {f.id}: locked at a quiescent point")
+            work += 1 + len(pt.ptes)
+            if work >= RESCHED_WORK:
+                work = 0
+                yield
+    if k.folios_live != folios:
+        bad(f"{k.folios_live} folios allocated but {folios} mapped (leak)")
 
     # anon_vma trees
     children: Counter[AnonVma] = Counter()
     nonroot_refs: Counter[AnonVma] = Counter()
+    tree_total = 0
     for av in live_avs:
         if av.freed:
             bad(f"{av} is in the live set but freed")
@@ -148,9 +203,18 @@ def check_invariants(model: MemoryModel) -> list[str]:
             nonroot_refs[av.root] += 1
         if av.rwsem.is_locked():
             bad(f"{av}: rwsem held at a quiescent point")
+        tree_total += len(av.rb_root)
         for avc in av.rb_root:
-            if id(avc.vma) not in tree_vmas[av]:
+            v = avc.vma
+            owner = model.processes.get(v.mm.id)
+            if owner is not v.mm or v.mm.mm_mt.get(v.start) is not v:
                 bad(f"{av}: tree holds an AVC of a VMA that is gone")
+        work += 1 + len(av.rb_root)
+        if work >= RESCHED_WORK:
+            work = 0
+            yield
+    if tree_total != tree_avcs:
+        bad(f"the anon_vma trees hold {tree_total} AVCs but the VMAs' chains {tree_avcs}")
     for av in live_avs:
         own = 1 if av.rb_root else 0
         if av.refcount != own + nonroot_refs[av]:
@@ -163,4 +227,7 @@ def check_invariants(model: MemoryModel) -> list[str]:
             bad(f"{av}: live with refcount 0")
     if k.rcu.readers:
         bad(f"{len(k.rcu.readers)} tasks still inside RCU read sections")
-    return problems
+    if k.memcg.usage != charged:
+        bad(f"memory budget: {k.memcg.usage} bytes charged but the objects that exist come to {charged}")
+    if found > MAX_PROBLEMS:
+        problems.append(f"... and {found - MAX_PROBLEMS} more problems")

@@ -12,7 +12,8 @@ from itertools import count
 
 from .detectors import Detectors
 from .locks import LockClass, LockdepState, Mutex
-from .mm_types import Folio
+from .memcontrol import MemCgroup
+from .mm_types import FOLIO_BYTES, Folio
 from .rcu import Rcu, TypesafeCache
 from .sched import Scheduler
 
@@ -50,6 +51,7 @@ class Kernel:
         seed: int = 0,
         preempt: float = 0.0,
         detectors: bool = True,
+        max_memory: int | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
@@ -58,6 +60,7 @@ class Kernel:
         self.detect = detectors
         self.lockdep = LockdepState(self.detectors if detectors else None, enabled=detectors)
         self.rcu = Rcu(self.detectors if detectors else None)
+        self.memcg = MemCgroup(max_memory)
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 
@@ -69,6 +72,7 @@ class Kernel:
         self.stats: Counter[str] = Counter()
 
     def folio_alloc(self) -> Folio:
+        """A new folio; the caller has charged FOLIO_BYTES."""
         fid = next(self._folio_ids)
         self.folios_live += 1
         return Folio(fid, Mutex(f"folio{fid}.lock", LockClass.FOLIO_LOCK, self.lockdep))
@@ -79,6 +83,7 @@ class Kernel:
         folio.mapping = None
         folio.exclusive = False
         self.folios_live -= 1
+        self.memcg.uncharge(FOLIO_BYTES)
 
     def next_vma_id(self) -> int:
         return next(self._vma_ids)

@@ -47,7 +47,7 @@ LOCK_ORDER: tuple[tuple[LockClass, str, str], ...] = (
 class Current:
     """Per-task kernel state (what ``current`` points at): held locks, RCU nesting, a name."""
 
-    __slots__ = ("op", "tag", "held", "rcu_nesting", "waiting")
+    __slots__ = ("op", "tag", "held", "rcu_nesting", "waiting", "memcg_stock")
 
     def __init__(self, op: str = "task", tag: object = None) -> None:
         self.op = op
@@ -55,6 +55,7 @@ class Current:
         self.held: list[_Lock] = []
         self.rcu_nesting = 0
         self.waiting: _Waiter | None = None
+        self.memcg_stock = 0  # bytes reserved for this task's next charges (memcontrol)
 
     @property
     def name(self) -> str:
@@ -97,7 +98,8 @@ class _Lock:
         # Stands in for the lock's address: double_pt_lock orders PTLs by it.
         self.key = _lock_seq
         self.lockdep = lockdep
-        self.waiters: deque[_Waiter] = deque()
+        # Made on first contention: most locks (one per folio) are never waited for.
+        self.waiters: deque[_Waiter] | None = None
 
     def _check_order(self, cur: Current, nested: bool) -> None:
         """lockdep: a blocking acquisition must rank below every lock already held."""
@@ -141,7 +143,7 @@ class _Lock:
                 self._release_granted(w)
             else:
                 try:
-                    self.waiters.remove(w)
+                    self.waiters.remove(w)  # type: ignore[union-attr]
                 except ValueError:
                     pass
                 self._wake()
@@ -152,6 +154,8 @@ class _Lock:
     def _enqueue(self, cur: Current, write: bool) -> None:
         fut = asyncio.get_running_loop().create_future()
         w = _Waiter(fut, cur, write)
+        if self.waiters is None:
+            self.waiters = deque()
         self.waiters.append(w)
         cur.waiting = w
 

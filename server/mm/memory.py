@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING
 
 from .locks import Current
 from .mm_types import (
+    FOLIO_BYTES,
     PAGE_SHIFT,
     PMD_SHIFT,
+    PMD_SIZE,
+    PTE_BYTES,
     VM_READ,
     VM_UFFD_MISSING,
     VM_WRITE,
@@ -21,6 +24,7 @@ from .mm_types import (
     Vma,
 )
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap
+from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -72,23 +76,29 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     """
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
+    memcg = k.memcg
     if not write:
-        pt = mm.pte_alloc(addr)
+        pt = mm.pte_alloc(cur, addr)
+        memcg.charge(cur, PTE_BYTES)
         pt.ptl.spin_lock(cur)
         raced = vpn in pt.ptes
         if not raced:
             pt.ptes[vpn] = Pte(ZERO_PAGE, False, True, False)
         pt.ptl.spin_unlock(cur)
+        if raced:
+            memcg.uncharge(PTE_BYTES)
         return not raced
     if vma.anon_vma is None:  # anon_vma_prepare's inline test
         await anon_vma_prepare(k, cur, vma)
     sched = k.sched
     if sched.active and sched.should_preempt("fault:before-pte-lock"):
         await sched.yield_now("fault:before-pte-lock")
-    pt = mm.pte_alloc(addr)
+    pt = mm.pte_alloc(cur, addr)
+    memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
     if vpn in pt.ptes:
         pt.ptl.spin_unlock(cur)
+        memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
         return False
     folio = k.folio_alloc()
     folio.value = value
@@ -150,9 +160,12 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
+    memcg = k.memcg
+    memcg.charge(cur, FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
     if pt.ptes.get(vpn) is not orig or orig.write:
         pt.ptl.spin_unlock(cur)
+        memcg.uncharge(FOLIO_BYTES)
         return False
     old = orig.folio
     new = k.folio_alloc()
@@ -170,59 +183,93 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     return True
 
 
-def zap_pte_range(k: Kernel, cur: Current, mm: Mm, start: int, end: int) -> int:
-    """Unmap every PTE in [start, end), dropping mapcounts and references. Takes each PTL.
-    Returns the number of PTEs zapped."""
+async def zap_pte_range(
+    k: Kernel, cur: Current, mm: Mm, start: int, end: int, unmapped: list[int] | None = None
+) -> int:
+    """Unmap every PTE in [start, end), dropping mapcounts and references. Expects mmap_lock held
+    for write; takes each PTL in turn. Visits only the PTE tables that exist and lets other tasks
+    run between tables every RESCHED_WORK PTEs (no PTL held then). Appends the virtual page number
+    of every folio unmapped to ``unmapped``. Returns the number of PTEs zapped."""
     zapped = 0
+    work = 0
     lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
-    for idx in range(start >> PMD_SHIFT, ((end - 1) >> PMD_SHIFT) + 1):
+    memcg = k.memcg
+    for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes:
             continue
         pt.ptl.spin_lock(cur)
         ptes = pt.ptes
-        vpns = [v for v in ptes if lo <= v < hi] if len(ptes) < hi - lo else [v for v in range(lo, hi) if v in ptes]
+        if lo <= idx << (PMD_SHIFT - PAGE_SHIFT) and ((idx + 1) << (PMD_SHIFT - PAGE_SHIFT)) <= hi:
+            vpns = list(ptes)
+        else:
+            vpns = [v for v in ptes if lo <= v < hi]
         for vpn in vpns:
             folio = ptes.pop(vpn).folio
-            zapped += 1
             if folio is not ZERO_PAGE:
                 folio.mapcount -= 1
                 mm.rss_anon -= 1
                 folio_put(k, folio)
+                if unmapped is not None:
+                    unmapped.append(vpn)
         pt.ptl.spin_unlock(cur)
+        memcg.uncharge(len(vpns) * PTE_BYTES)
+        zapped += len(vpns)
+        work += len(vpns) + 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
     return zapped
 
 
-def free_pgtables(mm: Mm, start: int, end: int) -> None:
-    """Free the PTE tables of [start, end) that no VMA overlaps any more. Expects mmap_lock (write)."""
-    for idx in range(start >> PMD_SHIFT, ((end - 1) >> PMD_SHIFT) + 1):
-        pt = mm.pgtables.get(idx)
-        if pt is None:
-            continue
+async def free_pgtables(mm: Mm, start: int, end: int) -> None:
+    """Free the PTE tables of [start, end) that no VMA overlaps any more. Expects mmap_lock held
+    for write; lets other tasks run every RESCHED_WORK tables."""
+    work = 0
+    for idx in mm.pgtables_in(start, end):
         lo = idx << PMD_SHIFT
-        if not mm.vmas_in(lo, lo + (1 << PMD_SHIFT)):
-            assert not pt.ptes, "PTEs left outside every VMA"
-            del mm.pgtables[idx]
+        if not mm.vmas_in(lo, lo + PMD_SIZE):
+            mm.pte_free(idx)
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
 
 
-def copy_page_range(k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma) -> int:
-    """Fork's PTE copy for one VMA. Expects both mmap_locks held (write). Takes the child's PTL,
-    then the parent's nested. Present anon pages lose exclusivity and gain a mapping; both PTEs
-    are write-protected; the child's PTE is made old. Returns the number of PTEs copied."""
+async def copy_page_range(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, folio_vpns: list[int] | None = None
+) -> int:
+    """Fork's PTE copy for one VMA. Expects both mmap_locks held (write). Per PTE table of the
+    parent that exists: charges the child's table and PTEs (ENOMEM before anything of that table
+    is copied), takes the child's PTL, then the parent's nested. Present anon pages lose
+    exclusivity and gain a mapping; both PTEs are write-protected; the child's PTE is made old.
+    Lets other tasks run between tables every RESCHED_WORK PTEs. Appends the page number of every
+    folio mapped into the child to ``folio_vpns``. Returns the PTEs copied."""
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     lo, hi = src_vma.start >> PAGE_SHIFT, src_vma.end >> PAGE_SHIFT
+    memcg = k.memcg
     copied = 0
-    for idx in range(src_vma.start >> PMD_SHIFT, ((src_vma.end - 1) >> PMD_SHIFT) + 1):
+    work = 0
+    for idx in src_mm.pgtables_in(src_vma.start, src_vma.end):
         src_pt = src_mm.pgtables.get(idx)
         if src_pt is None or not src_pt.ptes:
             continue
-        dst_pt: PageTable = dst_mm.pte_alloc(idx << PMD_SHIFT)
+        whole = lo <= idx << (PMD_SHIFT - PAGE_SHIFT) and ((idx + 1) << (PMD_SHIFT - PAGE_SHIFT)) <= hi
+        n = len(src_pt.ptes) if whole else sum(1 for v in src_pt.ptes if lo <= v < hi)
+        if not n:
+            continue
+        memcg.charge(cur, n * PTE_BYTES)
+        try:
+            dst_pt: PageTable = dst_mm.pte_alloc(cur, idx << PMD_SHIFT)
+        except BaseException:
+            memcg.uncharge(n * PTE_BYTES)
+            raise
         dst_pt.ptl.spin_lock(cur)
         src_pt.ptl.spin_lock(cur, nested=True)
         dst_ptes = dst_pt.ptes
         rss = 0
         for vpn, pte in src_pt.ptes.items():
-            if vpn < lo or vpn >= hi:
+            if not whole and (vpn < lo or vpn >= hi):
                 continue
             folio = pte.folio
             if folio is not ZERO_PAGE:
@@ -231,9 +278,15 @@ def copy_page_range(k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma) -> int:
                 folio.exclusive = False
                 pte.write = False
                 rss += 1
+                if folio_vpns is not None:
+                    folio_vpns.append(vpn)
             dst_ptes[vpn] = Pte(folio, False, False, pte.dirty)
-            copied += 1
         dst_mm.rss_anon += rss
         src_pt.ptl.spin_unlock(cur)
         dst_pt.ptl.spin_unlock(cur)
+        copied += n
+        work += n + 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
     return copied

@@ -6,13 +6,16 @@ table covers one PMD (2 MiB) and carries its own split PTL, as with USE_SPLIT_PT
 
 from __future__ import annotations
 
-import bisect
 import errno as _errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .locks import LockClass, LockdepState, Mutex, RwSem, SpinLock
+from sortedcontainers import SortedDict
+
+from .locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock
 
 if TYPE_CHECKING:
+    from .memcontrol import MemCgroup
     from .rmap import AnonVma, AnonVmaChain
     from .userfaultfd import UserfaultfdCtx
 
@@ -51,6 +54,23 @@ VM_IGNORE_MERGE = VM_SOFTDIRTY
 
 PROT_FLAGS = {"r": VM_READ, "rw": VM_READ | VM_WRITE}
 
+# What each object is charged to the memory budget (memcontrol): its measured footprint on 64-bit
+# CPython 3.11, rounded up, including the dict and list slots that index it.
+#: A present PTE: the Pte object, its slot in the PTE table, its entry in the content ledger.
+PTE_BYTES = 192
+#: A folio with its folio lock.
+FOLIO_BYTES = 640
+#: A PTE table with its split PTL and its slot in the mm's table index.
+PGTABLE_BYTES = 1536
+#: A vm_area_struct and its slot in the mm's VMA tree.
+VMA_BYTES = 512
+#: An anon_vma with its rwsem.
+ANON_VMA_BYTES = 640
+#: One anon_vma_chain link, in the VMA's list and in the anon_vma's tree.
+AVC_BYTES = 224
+#: An mm_struct with its locks, tables and per-process bookkeeping.
+MM_BYTES = 3072
+
 
 class MmError(OSError):
     """A memory-semantics error: the kernel's errno, and the bytes moved before it (UFFDIO_MOVE)."""
@@ -63,7 +83,9 @@ class MmError(OSError):
 class Folio:
     """A small (order-0) anonymous folio. ``value`` stands in for the page's contents."""
 
-    __slots__ = ("id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed")
+    __slots__ = (
+        "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen", "audit_ptes"
+    )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:
         self.id = fid
@@ -75,6 +97,9 @@ class Folio:
         self.exclusive = False  # PageAnonExclusive
         self.lock = lock
         self.freed = False
+        # The audit's scratch space: the PTEs it counted, valid while audit_gen is its generation.
+        self.audit_gen = 0
+        self.audit_ptes = 0
 
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
@@ -139,17 +164,23 @@ class Vma:
 
 
 class Mm:
-    """mm_struct: its VMAs in address order, its page tables and its mmap_lock."""
+    """mm_struct: its VMAs in address order, its page tables and its mmap_lock.
 
-    def __init__(self, mid: int, lockdep: LockdepState) -> None:
+    The VMAs are kept in a sorted map keyed by start address (the kernel's maple tree): lookup,
+    insert and delete take logarithmic time. The PTE tables are kept in a sorted map keyed by PMD
+    index, so that walks over a range visit only the tables that exist, as the kernel's page-table
+    walk skips empty PMDs.
+    """
+
+    def __init__(self, mid: int, lockdep: LockdepState, memcg: MemCgroup | None = None) -> None:
         self.id = mid
         self.lockdep = lockdep
+        self.memcg = memcg
         self.mmap_lock = RwSem(f"mm{mid}.mmap_lock", LockClass.MMAP_LOCK, lockdep)
         # mm->page_table_lock: taken by anon_vma_prepare; ranks with the PTLs.
         self.page_table_lock = SpinLock(f"mm{mid}.page_table_lock", LockClass.PTL, lockdep)
-        self.vmas: list[Vma] = []
-        self._starts: list[int] = []
-        self.pgtables: dict[int, PageTable] = {}  # PMD index -> PTE table
+        self.mm_mt: SortedDict[int, Vma] = SortedDict()  # vma.start -> vma
+        self.pgtables: SortedDict[int, PageTable] = SortedDict()  # PMD index -> PTE table
         self.users = 1  # mm_users
         self.rss_anon = 0  # MM_ANONPAGES
         self.uffd: UserfaultfdCtx | None = None
@@ -157,63 +188,84 @@ class Mm:
         self.task_size = TASK_SIZE
 
     # -- the VMA tree
+    @property
+    def vmas(self) -> Sequence[Vma]:
+        """The VMAs in address order (a live, indexable view)."""
+        return self.mm_mt.values()
+
     def find_vma(self, addr: int) -> Vma | None:
         """The first VMA whose end lies above ``addr`` (find_vma)."""
-        i = bisect.bisect_right(self._starts, addr)
-        if i and self.vmas[i - 1].end > addr:
-            return self.vmas[i - 1]
-        return self.vmas[i] if i < len(self.vmas) else None
+        mt = self.mm_mt
+        i = mt.bisect_right(addr)
+        if i:
+            v = mt.peekitem(i - 1)[1]
+            if v.end > addr:
+                return v
+        return mt.peekitem(i)[1] if i < len(mt) else None
 
     def vma_lookup(self, addr: int) -> Vma | None:
         """The VMA containing ``addr``, or None."""
-        i = bisect.bisect_right(self._starts, addr)
+        mt = self.mm_mt
+        i = mt.bisect_right(addr)
         if i:
-            v = self.vmas[i - 1]
+            v = mt.peekitem(i - 1)[1]
             if v.end > addr:
                 return v
         return None
 
     def vmas_in(self, start: int, end: int) -> list[Vma]:
         """VMAs overlapping [start, end), in address order."""
-        i = bisect.bisect_right(self._starts, start)
-        if i and self.vmas[i - 1].end > start:
-            i -= 1
-        out = []
-        while i < len(self.vmas) and self.vmas[i].start < end:
-            out.append(self.vmas[i])
-            i += 1
+        first = self.vma_lookup(start)
+        out = [first] if first is not None else []
+        mt = self.mm_mt
+        for key in mt.irange(start, end, inclusive=(first is None, False)):
+            out.append(mt[key])
         return out
 
     def vma_prev_next(self, vma: Vma) -> tuple[Vma | None, Vma | None]:
-        i = self.vmas.index(vma)
-        return (self.vmas[i - 1] if i else None, self.vmas[i + 1] if i + 1 < len(self.vmas) else None)
+        mt = self.mm_mt
+        i = mt.index(vma.start)
+        return (mt.peekitem(i - 1)[1] if i else None, mt.peekitem(i + 1)[1] if i + 1 < len(mt) else None)
 
     def vma_link(self, vma: Vma) -> None:
-        i = bisect.bisect_left(self._starts, vma.start)
-        self.vmas.insert(i, vma)
-        self._starts.insert(i, vma.start)
+        assert vma.start not in self.mm_mt
+        self.mm_mt[vma.start] = vma
 
     def vma_unlink(self, vma: Vma) -> None:
-        i = self.vmas.index(vma)
-        del self.vmas[i]
-        del self._starts[i]
+        del self.mm_mt[vma.start]
 
     @property
     def map_count(self) -> int:
-        return len(self.vmas)
+        return len(self.mm_mt)
 
     # -- page tables
     def pte_lookup(self, addr: int) -> Pte | None:
         pt = self.pgtables.get(addr >> PMD_SHIFT)
         return pt.ptes.get(addr >> PAGE_SHIFT) if pt is not None else None
 
-    def pte_alloc(self, addr: int) -> PageTable:
+    def pte_alloc(self, cur: Current, addr: int) -> PageTable:
+        """The PTE table covering ``addr``, allocated (and charged: ENOMEM) if there is none."""
         idx = addr >> PMD_SHIFT
         pt = self.pgtables.get(idx)
         if pt is None:
+            if self.memcg is not None:
+                self.memcg.charge(cur, PGTABLE_BYTES)
             pt = PageTable(SpinLock(f"mm{self.id}.ptl[{idx:#x}]", LockClass.PTL, self.lockdep))
             self.pgtables[idx] = pt
         return pt
 
+    def pte_free(self, idx: int) -> None:
+        """Free the (empty) PTE table at PMD index ``idx``."""
+        pt = self.pgtables.pop(idx)
+        assert not pt.ptes, "freeing a PTE table that still maps pages"
+        if self.memcg is not None:
+            self.memcg.uncharge(PGTABLE_BYTES)
+
+    def pgtables_in(self, start: int, end: int) -> list[int]:
+        """PMD indexes of the PTE tables that exist in [start, end)."""
+        if end <= start:
+            return []
+        return list(self.pgtables.irange(start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT))
+
     def __repr__(self) -> str:
-        return f"<Mm {self.id} vmas={len(self.vmas)} rss={self.rss_anon}>"
+        return f"<Mm {self.id} vmas={len(self.mm_mt)} rss={self.rss_anon}>"

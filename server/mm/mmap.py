@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .locks import Current
 from .mm_types import (
+    AVC_BYTES,
     MMAP_MIN_ADDR,
     PAGE_MASK,
     PAGE_SHIFT,
@@ -22,12 +23,14 @@ from .mm_types import (
     VM_MAYWRITE,
     VM_WIPEONFORK,
     VM_WRITE,
+    VMA_BYTES,
     Mm,
     MmError,
     Vma,
 )
 from .memory import free_pgtables, zap_pte_range
 from .rmap import AnonVma, anon_vma_clone, unlink_anon_vmas
+from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -41,18 +44,47 @@ def page_align(n: int) -> int:
     return (n + PAGE_SIZE - 1) & PAGE_MASK
 
 
-def get_unmapped_area(mm: Mm, length: int) -> int:
-    """Top-down placement: the highest gap below mmap_base that fits ``length``."""
+async def get_unmapped_area(mm: Mm, length: int) -> int:
+    """Top-down placement: the highest gap below mmap_base that fits ``length``. Lets other tasks
+    run every RESCHED_WORK VMAs passed over."""
     high = mm.mmap_base
-    for vma in reversed(mm.vmas):
-        if vma.start >= high:
-            continue
+    mt = mm.mm_mt
+    work = 0
+    for key in mt.irange(maximum=high, inclusive=(True, False), reverse=True):
+        vma = mt[key]
         if high - vma.end >= length:
             return high - length
         high = vma.start
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
     if high - MMAP_MIN_ADDR >= length:
         return high - length
     raise MmError(errno.ENOMEM, "no free address range large enough")
+
+
+def vm_area_alloc(k: Kernel, cur: Current, mm: Mm, start: int, end: int, pgoff: int, flags: int) -> Vma:
+    """A new VMA, charged (ENOMEM before anything changes)."""
+    k.memcg.charge(cur, VMA_BYTES)
+    return Vma(k.next_vma_id(), mm, start, end, pgoff, flags)
+
+
+def vm_area_free(k: Kernel, vma: Vma) -> None:
+    """The VMA is gone: unlinked from its mm and from every anon_vma."""
+    k.memcg.uncharge(VMA_BYTES)
+
+
+def vma_split_reserve(k: Kernel, cur: Current, mm: Mm, start: int, end: int) -> None:
+    """Reserve what splitting the VMAs at ``start`` and ``end`` may make (two VMAs with their
+    chains), so that an operation over [start, end) cannot fail half-way. ENOMEM if no room."""
+    need = 0
+    for addr in (start, end):
+        vma = mm.vma_lookup(addr)
+        if vma is not None and vma.start < addr:
+            need += VMA_BYTES + len(vma.anon_vma_chain) * AVC_BYTES
+    if need:
+        k.memcg.reserve(cur, need)
 
 
 def vm_flags_for(prot: str) -> int:
@@ -74,7 +106,7 @@ async def do_mmap(k: Kernel, cur: Current, mm: Mm, addr: int | None, length: int
     if length > mm.task_size:
         raise MmError(errno.ENOMEM, "length exceeds the address space")
     if addr is None:
-        addr = get_unmapped_area(mm, length)
+        addr = await get_unmapped_area(mm, length)
     else:
         if addr & ~PAGE_MASK:
             raise MmError(errno.EINVAL, f"address {addr:#x} is not page-aligned")
@@ -86,7 +118,7 @@ async def do_mmap(k: Kernel, cur: Current, mm: Mm, addr: int | None, length: int
             raise MmError(errno.EEXIST, f"[{addr:#x}, {addr + length:#x}) overlaps an existing mapping")
     if mm.map_count >= MAX_MAP_COUNT:
         raise MmError(errno.ENOMEM, "too many mappings")
-    vma = Vma(k.next_vma_id(), mm, addr, addr + length, addr >> PAGE_SHIFT, flags)
+    vma = vm_area_alloc(k, cur, mm, addr, addr + length, addr >> PAGE_SHIFT, flags)
     mm.vma_link(vma)
     await vma_merge(k, cur, vma)
     return addr
@@ -124,10 +156,11 @@ async def _merge_pair(k: Kernel, cur: Current, a: Vma, b: Vma) -> Vma:
     mm = a.mm
     if a.anon_vma is None and b.anon_vma is not None:
         a.anon_vma = b.anon_vma
-        await anon_vma_clone(k, cur, a, b)
+        await anon_vma_clone(k, cur, a, b, nofail=True)  # b's links go back just below
     mm.vma_unlink(b)
     a.end = b.end
     await unlink_anon_vmas(k, cur, b)
+    vm_area_free(k, b)
     k.stats["vma_merge"] += 1
     return a
 
@@ -158,10 +191,15 @@ async def split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
     (anon_vma_clone)."""
     assert vma.start < addr < vma.end
     mm = vma.mm
-    new = Vma(k.next_vma_id(), mm, addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.flags)
+    k.memcg.reserve(cur, VMA_BYTES + len(vma.anon_vma_chain) * AVC_BYTES)  # ENOMEM: nothing changed
+    new = vm_area_alloc(k, cur, mm, addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.flags)
     new.uffd_ctx = vma.uffd_ctx
     new.anon_vma = vma.anon_vma
-    await anon_vma_clone(k, cur, new, vma)
+    try:
+        await anon_vma_clone(k, cur, new, vma)
+    except BaseException:
+        vm_area_free(k, new)
+        raise
     vma.end = addr
     mm.vma_link(new)
     k.stats["vma_split"] += 1
@@ -184,8 +222,12 @@ async def vmas_isolate_range(k: Kernel, cur: Current, mm: Mm, start: int, end: i
     return vmas
 
 
-async def do_munmap(k: Kernel, cur: Current, mm: Mm, start: int, length: int) -> list[Vma]:
-    """munmap: split at the edges, zap, unlink the anon_vmas, free page tables."""
+async def do_munmap(
+    k: Kernel, cur: Current, mm: Mm, start: int, length: int, unmapped: list[int] | None = None
+) -> list[Vma]:
+    """munmap: split at the edges (its worst case reserved first), zap, free page tables, unlink
+    the anon_vmas. Appends the page number of every folio unmapped to ``unmapped``. Lets other
+    tasks run every RESCHED_WORK VMAs or PTEs."""
     if start & ~PAGE_MASK:
         raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
     if length <= 0:
@@ -194,14 +236,24 @@ async def do_munmap(k: Kernel, cur: Current, mm: Mm, start: int, length: int) ->
     if start > mm.task_size or length > mm.task_size - start:
         raise MmError(errno.EINVAL, "range exceeds the address space")
     end = start + length
+    vma_split_reserve(k, cur, mm, start, end)
     vmas = await vmas_isolate_range(k, cur, mm, start, end)
+    work = 0
     for vma in vmas:
-        zap_pte_range(k, cur, mm, vma.start, vma.end)
+        work += 1 + await zap_pte_range(k, cur, mm, vma.start, vma.end, unmapped)
         mm.vma_unlink(vma)
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
     if vmas:
-        free_pgtables(mm, start, end)
+        await free_pgtables(mm, start, end)
     for vma in vmas:
+        work += 1 + len(vma.anon_vma_chain)
         await unlink_anon_vmas(k, cur, vma)
+        vm_area_free(k, vma)
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
     return vmas
 
 
@@ -248,9 +300,17 @@ async def vma_modify(
     update: Callable[[Vma], tuple[int, UserfaultfdCtx | None] | None],
 ) -> None:
     """Apply ``update`` (new flags and uffd ctx, or None for no change) to [start, end): split
-    each VMA that changes at the range's edges, change it, and merge it where possible."""
+    each VMA that changes at the range's edges, change it, and merge it where possible. The splits'
+    worst case is reserved first, so ENOMEM comes before anything changes. Lets other tasks run
+    every RESCHED_WORK VMAs."""
+    vma_split_reserve(k, cur, mm, start, end)
     addr = start
+    work = 0
     while addr < end:
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
         vma = mm.find_vma(addr)
         if vma is None or vma.start >= end:
             return

@@ -11,19 +11,23 @@ as the pages themselves, so that ``check_invariants`` can prove data is neither 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, islice
 from typing import Any
 
 from .fork import dup_mmap, exit_mmap
-from .sched import uninterruptible
-from .invariants import check_invariants
+from .invariants import audit_steps
 from .kernel import PROTOCOLS, Kernel
 from .locks import Current
+from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put, handle_mm_fault
 from .mm_types import (
+    AVC_BYTES,
+    MM_BYTES,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -31,6 +35,7 @@ from .mm_types import (
     VM_UFFD_MISSING,
     VM_UFFD_WP,
     VM_WIPEONFORK,
+    VMA_BYTES,
     ZERO_PAGE,
     Mm,
     MmError,
@@ -38,6 +43,7 @@ from .mm_types import (
 )
 from .mmap import do_madvise, do_mmap, do_munmap, page_align
 from .rmap import AnonVma, folio_referenced
+from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .userfaultfd import (
     UFFDIO_REGISTER_MODES,
     MoveProgress,
@@ -95,6 +101,15 @@ class LimitExceeded(Exception):
         self.value = value
 
 
+class ResultTooLarge(Exception):
+    """An inspection result would hold more than the caller's limit of entries."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} has more than {limit} entries")
+        self.what = what
+        self.limit = limit
+
+
 class PageLedger(dict[int, int]):
     """Expected contents of one process: virtual page number -> value, for pages holding a folio."""
 
@@ -135,7 +150,8 @@ class MemoryModel:
 
     ``protocol`` picks the rmap/move protocol generation (see ``kernel.PROTOCOLS``); ``seed`` and
     ``preempt`` drive the scheduler at the named preemption points; ``detectors`` turns lockdep, the
-    walk detectors and the use-after-free check on.
+    walk detectors and the use-after-free check on. ``max_memory`` is the budget, in bytes, that
+    every object the model grows with is charged to (ENOMEM beyond it; None: no limit).
     """
 
     def __init__(
@@ -146,8 +162,9 @@ class MemoryModel:
         detectors: bool = True,
         max_processes: int | None = None,
         max_pages: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
-        self.k = Kernel(protocol=protocol, seed=seed, preempt=preempt, detectors=detectors)
+        self.k = Kernel(protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory)
         self.max_processes = max_processes
         self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}
@@ -155,6 +172,12 @@ class MemoryModel:
         self._pids = count(1)
         #: Expected contents: pid -> {virtual page number: value} for every page holding a folio.
         self.ledger: dict[int, PageLedger] = {}
+        # The audit's quiescent point: calls in progress, and, while an audit waits for them to
+        # finish or runs, the event that new calls wait for.
+        self._calls = 0
+        self._paused: asyncio.Event | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._audit_lock: asyncio.Lock | None = None
 
     @property
     def protocol(self) -> str:
@@ -179,17 +202,35 @@ class MemoryModel:
         if not isinstance(addr, int) or addr < 0 or addr > U64_MAX:
             raise MmError(errno.EINVAL, f"{what} must be an unsigned 64-bit integer")
 
+    async def _wait_audit(self) -> None:
+        while self._paused is not None:
+            await self._paused.wait()
+
+    def _call_done(self, cur: Current) -> None:
+        """End of a system call: give back the task's unused memory reservation, and let a waiting
+        audit start once no call is left."""
+        self.k.memcg.drain(cur)
+        self._calls -= 1
+        if not self._calls and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
     async def _write_locked(self, mm: Mm, cur: Current, body: Any) -> Any:
         """Take mmap_lock for write (cancellable), then run ``body`` to completion."""
-        lock = mm.mmap_lock
-        if not lock.down_write(cur):
-            await lock.wait(cur)
+        if self._paused is not None:
+            await self._wait_audit()
+        self._calls += 1
         try:
-            if mm.users == 0:
-                raise MmError(errno.ESRCH, "process has exited")
-            return await uninterruptible(body)
+            lock = mm.mmap_lock
+            if not lock.down_write(cur):
+                await lock.wait(cur)
+            try:
+                if mm.users == 0:
+                    raise MmError(errno.ESRCH, "process has exited")
+                return await uninterruptible(body)
+            finally:
+                lock.up_write(cur)
         finally:
-            lock.up_write(cur)
+            self._call_done(cur)
 
     # -- processes
     def _check_process_limit(self) -> None:
@@ -198,43 +239,54 @@ class MemoryModel:
 
     async def create_process(self) -> int:
         self._check_process_limit()
+        if self._paused is not None:
+            await self._wait_audit()
+        self.k.memcg.charge(Current("create_process"), MM_BYTES)
         pid = next(self._pids)
-        self.processes[pid] = Mm(pid, self.k.lockdep)
+        self.processes[pid] = Mm(pid, self.k.lockdep, self.k.memcg)
         self.parents[pid] = None
         self.ledger[pid] = PageLedger()
         return pid
 
     async def fork(self, pid: int) -> int:
-        """fork(): dup_mmap under both mmap_locks. A cancelled fork leaves no child behind."""
+        """fork(): dup_mmap under both mmap_locks. A fork that fails (ENOMEM) or is cancelled leaves
+        no child behind."""
         parent = self._mm(pid)
         self._check_process_limit()
+        if self._paused is not None:
+            await self._wait_audit()
+        self._calls += 1
         cur = self._cur("fork", pid)
         k = self.k
-        cpid = next(self._pids)
-        child = Mm(cpid, k.lockdep)
-        child.mmap_base = parent.mmap_base
-        lock = parent.mmap_lock
-        if not lock.down_write(cur):
-            await lock.wait(cur)
         try:
-            if parent.users == 0:
-                raise MmError(errno.ESRCH, "process has exited")
-            child.mmap_lock.down_write(cur, nested=True)  # mmap_write_lock_nested: new, uncontended
+            lock = parent.mmap_lock
+            if not lock.down_write(cur):
+                await lock.wait(cur)
             try:
-                await dup_mmap(k, cur, child, parent)
-            except BaseException:
-                await uninterruptible(lambda: exit_mmap(k, cur, child))
-                raise
+                if parent.users == 0:
+                    raise MmError(errno.ESRCH, "process has exited")
+                k.memcg.charge(cur, MM_BYTES)
+                cpid = next(self._pids)
+                child = Mm(cpid, k.lockdep, k.memcg)
+                child.mmap_base = parent.mmap_base
+                child.mmap_lock.down_write(cur, nested=True)  # mmap_write_lock_nested: new, uncontended
+                copied: list[int] = []
+                try:
+                    await dup_mmap(k, cur, child, parent, copied)
+                except BaseException:
+                    await uninterruptible(lambda: exit_mmap(k, cur, child))
+                    k.memcg.uncharge(MM_BYTES)
+                    raise
+                finally:
+                    child.mmap_lock.up_write(cur)
+                self.processes[cpid] = child
+                self.parents[cpid] = pid
+                parent_ledger = self.ledger[pid]
+                self.ledger[cpid] = PageLedger((vpn, parent_ledger[vpn]) for vpn in copied if vpn in parent_ledger)
             finally:
-                child.mmap_lock.up_write(cur)
-            self.processes[cpid] = child
-            self.parents[cpid] = pid
-            copied = [(v.start >> PAGE_SHIFT, v.end >> PAGE_SHIFT) for v in child.vmas if not v.flags & VM_WIPEONFORK]
-            self.ledger[cpid] = PageLedger(
-                (vpn, val) for vpn, val in self.ledger[pid].items() if any(lo <= vpn < hi for lo, hi in copied)
-            )
+                lock.up_write(cur)
         finally:
-            lock.up_write(cur)
+            self._call_done(cur)
         return cpid
 
     async def exit(self, pid: int) -> None:
@@ -245,6 +297,7 @@ class MemoryModel:
 
         async def body() -> None:
             await exit_mmap(k, cur, mm)
+            k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
             self.ledger.pop(pid, None)
 
@@ -264,6 +317,10 @@ class MemoryModel:
         cur = self._cur("mmap", pid)
 
         async def body() -> VmaInfo:
+            if uffd is not None:
+                # The VMA, and two splits of the VMA it may merge into (whose chain is at most one
+                # link long), so that registering, or undoing the mmap, cannot fail half-way.
+                self.k.memcg.reserve(cur, 3 * VMA_BYTES + 2 * AVC_BYTES)
             start = await do_mmap(self.k, cur, mm, addr, length, prot)
             if uffd is not None:
                 try:
@@ -286,11 +343,11 @@ class MemoryModel:
         cur = self._cur("munmap", pid)
 
         async def body() -> None:
-            removed = await do_munmap(self.k, cur, mm, addr, length)
+            unmapped: list[int] = []
+            await do_munmap(self.k, cur, mm, addr, length, unmapped)
             ledger = self.ledger[pid]
-            for v in removed:
-                for vpn in [p for p in ledger if v.start >> PAGE_SHIFT <= p < v.end >> PAGE_SHIFT]:
-                    del ledger[vpn]
+            for vpn in unmapped:
+                ledger.pop(vpn, None)
 
         await self._write_locked(mm, cur, body)
 
@@ -316,22 +373,28 @@ class MemoryModel:
     async def _access(self, pid: int, addr: int, write: bool, value: int) -> int:
         mm = self._mm(pid)
         self._check_addr(addr)
+        if self._paused is not None:
+            await self._wait_audit()
+        self._calls += 1
         cur = self._cur("write" if write else "read", pid)
-        lock = mm.mmap_lock
-        if not lock.down_read(cur):
-            await lock.wait(cur)
         try:
-            if mm.users == 0:
-                raise MmError(errno.ESRCH, "process has exited")
-            vma = mm.vma_lookup(addr)
-            if vma is None:
-                raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
-            result = await handle_mm_fault(self.k, cur, vma, addr & PAGE_MASK, write, value)
-            if write:
-                self.ledger[pid][addr >> PAGE_SHIFT] = value
-            return result
+            lock = mm.mmap_lock
+            if not lock.down_read(cur):
+                await lock.wait(cur)
+            try:
+                if mm.users == 0:
+                    raise MmError(errno.ESRCH, "process has exited")
+                vma = mm.vma_lookup(addr)
+                if vma is None:
+                    raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
+                result = await handle_mm_fault(self.k, cur, vma, addr & PAGE_MASK, write, value)
+                if write:
+                    self.ledger[pid][addr >> PAGE_SHIFT] = value
+                return result
+            finally:
+                lock.up_read(cur)
         finally:
-            lock.up_read(cur)
+            self._call_done(cur)
 
     async def read(self, pid: int, addr: int) -> int:
         """A read access: faults in the zero page where nothing is mapped."""
@@ -364,26 +427,36 @@ class MemoryModel:
         if progress is None:
             progress = MoveProgress()
         progress.on_step = self.ledger[pid].moved
+        if self._paused is not None:
+            await self._wait_audit()
+        self._calls += 1
         cur = Current("move", pid)
-        return await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
+        try:
+            return await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
+        finally:
+            self._call_done(cur)
 
     # -- rmap walk
     async def walk(self, pid: int, addr: int, blocking: bool = False) -> WalkResult:
         """folio_referenced on the folio mapped at ``addr``: trylock mode, or blocking (slow path)."""
         mm = self._mm(pid)
         self._check_addr(addr)
+        if self._paused is not None:
+            await self._wait_audit()
         pte = mm.pte_lookup(addr)
         if pte is None:
             raise MmError(errno.ENOENT, f"nothing mapped at {addr:#x}")
         folio = pte.folio
         if folio is ZERO_PAGE:
             raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
+        self._calls += 1
         cur = self._cur("walk", pid)
         folio.refcount += 1  # the caller's reference, as reclaim holds one
         try:
             rwc = await folio_referenced(self.k, cur, folio, try_lock=not blocking)
         finally:
             folio_put(self.k, folio)
+            self._call_done(cur)
         self.k.stats["walk"] += 1
         self.k.stats["walk_fast_retries"] += rwc.fast_retries
         self.k.stats["walk_slow_retries"] += rwc.slow_retries
@@ -422,38 +495,123 @@ class MemoryModel:
     def vmas(self, pid: int) -> list[VmaInfo]:
         return [vma_info(v) for v in self._mm(pid).vmas]
 
-    def anon_vma_tree(self, pid: int, addr: int | None = None) -> list[dict[str, Any]]:
-        """The anon_vma trees reachable from a process (or from the folio at ``addr``): one entry
-        per anon_vma with its root, parent, counters and the (pid, vma start) of each AVC."""
+    async def vmas_iter(self, pid: int) -> AsyncIterator[VmaInfo]:
+        """The process's VMAs in address order, letting other tasks run every RESCHED_WORK (as
+        /proc/pid/maps does, the listing is not one snapshot when the VMAs change meanwhile)."""
+        mt = self._mm(pid).mm_mt
+        last: int | None = None
+        while True:
+            keys = mt.irange() if last is None else mt.irange(minimum=last, inclusive=(False, True))
+            chunk = list(islice(keys, RESCHED_WORK))
+            for key in chunk:
+                v = mt.get(key)
+                if v is not None:
+                    yield vma_info(v)
+            if len(chunk) < RESCHED_WORK:
+                return
+            last = chunk[-1]
+            await cond_resched()
+
+    def _anon_vma_tree_steps(
+        self, pid: int, addr: int | None, max_mappings: int | None
+    ) -> Iterator[dict[str, Any] | None]:
+        """The records of ``anon_vma_tree``, one at a time, with a None every RESCHED_WORK units of
+        work (the async form lets other tasks run there). Raises ResultTooLarge as soon as the
+        trees are known to hold more than ``max_mappings`` AVCs (the records' ``vmas`` entries)."""
         mm = self._mm(pid)
-        seen: dict[int, AnonVma] = {}
         if addr is not None:
             pte = mm.pte_lookup(addr)
             if pte is None or pte.folio is ZERO_PAGE or pte.folio.mapping is None:
                 raise MmError(errno.ENOENT, f"no anonymous folio at {addr:#x}")
             roots = [pte.folio.mapping.root]
         else:
-            roots = list({id(avc.anon_vma.root): avc.anon_vma.root for v in mm.vmas for avc in v.anon_vma_chain}.values())
-        wanted = {id(r) for r in roots}
-        for av in self.k.anon_vma_cache.live:
-            if id(av.root) in wanted:
-                seen[av.id] = av
-        return [
-            {
+            seen_roots: dict[int, AnonVma] = {}
+            work = 0
+            for v in mm.vmas:
+                if v.anon_vma_chain:
+                    root = v.anon_vma_chain[0].anon_vma.root
+                    seen_roots[id(root)] = root
+                work += 1
+                if work >= RESCHED_WORK:
+                    work = 0
+                    yield None
+            roots = list(seen_roots.values())
+        # Every VMA of a tree is chained to its root; the anon_vmas of the tree are the root and
+        # whatever those VMAs' chains link to. Their AVCs are exactly the records' entries.
+        members: dict[int, AnonVma] = {}
+        total = 0
+        work = 0
+        for root in roots:
+            members[id(root)] = root
+            for root_avc in list(root.rb_root):
+                chain = root_avc.vma.anon_vma_chain
+                total += len(chain)
+                if max_mappings is not None and total > max_mappings:
+                    raise ResultTooLarge("the anon_vma tree", max_mappings)
+                for avc in chain:
+                    members[id(avc.anon_vma)] = avc.anon_vma
+                work += 1 + len(chain)
+                if work >= RESCHED_WORK:
+                    work = 0
+                    yield None
+        for av in sorted(members.values(), key=lambda a: a.id):
+            if av.freed:  # let go while we yielded
+                continue
+            vmas = sorted((avc.vma.mm.id, avc.vma.start) for avc in av.rb_root)
+            yield {
                 "id": av.id,
                 "root": av.root.id,
                 "parent": av.parent.id,
                 "refcount": av.refcount,
                 "num_children": av.num_children,
                 "num_active_vmas": av.num_active_vmas,
-                "vmas": sorted((avc.vma.mm.id, avc.vma.start) for avc in av.rb_root),
+                "vmas": vmas,
             }
-            for _, av in sorted(seen.items())
-        ]
+
+    def anon_vma_tree(self, pid: int, addr: int | None = None) -> list[dict[str, Any]]:
+        """The anon_vma trees reachable from a process (or from the folio at ``addr``): one entry
+        per anon_vma with its root, parent, counters and the (pid, vma start) of each AVC."""
+        return [r for r in self._anon_vma_tree_steps(pid, addr, None) if r is not None]
+
+    async def anon_vma_tree_iter(
+        self, pid: int, addr: int | None = None, max_mappings: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """``anon_vma_tree`` one record at a time, letting other tasks run every RESCHED_WORK units
+        of work; ResultTooLarge once more than ``max_mappings`` AVCs are known to be in it."""
+        for r in self._anon_vma_tree_steps(pid, addr, max_mappings):
+            if r is None:
+                await cond_resched()
+            else:
+                yield r
 
     def check_invariants(self) -> list[str]:
         """Audit the whole model at a quiescent point; every problem is also a detector event."""
-        problems = check_invariants(self)
+        problems: list[str] = []
+        for _ in audit_steps(self, problems):
+            pass
+        return self._report(problems)
+
+    async def audit(self) -> list[str]:
+        """``check_invariants`` from a running server: new calls wait while the calls in progress
+        finish and the audit runs, and the audit lets other tasks (not model calls) run every
+        RESCHED_WORK units of work, so the event loop never stalls."""
+        if self._audit_lock is None:
+            self._audit_lock = asyncio.Lock()
+        async with self._audit_lock:
+            self._paused = asyncio.Event()
+            try:
+                if self._calls:
+                    self._drained = asyncio.get_running_loop().create_future()
+                    await self._drained
+                problems: list[str] = []
+                for _ in audit_steps(self, problems):
+                    await cond_resched()
+                return self._report(problems)
+            finally:
+                paused, self._paused, self._drained = self._paused, None, None
+                paused.set()
+
+    def _report(self, problems: list[str]) -> list[str]:
         for p in problems:
             self.k.detectors.report("invariant", problem=p)
         return problems
@@ -469,7 +627,23 @@ class MemoryModel:
         out["anon_vma_cache_reused"] = k.anon_vma_cache.reused
         out["rcu_gp_completed"] = k.rcu.gp_completed
         out["preempt_yields"] = sum(k.sched.yields.values())
+        out["memory_bytes"] = k.memcg.usage
+        out["memory_peak_bytes"] = k.memcg.peak
+        out["memory_limit_failures"] = k.memcg.failcnt
+        if k.memcg.limit is not None:
+            out["memory_limit_bytes"] = k.memcg.limit
         return out
 
 
-__all__ = ["PROTOCOLS", "PAGE_SIZE", "FolioInfo", "LimitExceeded", "MemoryModel", "MmError", "VmaInfo", "WalkResult"]
+__all__ = [
+    "PROTOCOLS",
+    "PAGE_SIZE",
+    "FolioInfo",
+    "LimitExceeded",
+    "MemoryLimitExceeded",
+    "MemoryModel",
+    "MmError",
+    "ResultTooLarge",
+    "VmaInfo",
+    "WalkResult",
+]

@@ -13,6 +13,8 @@ the free has completed (the slab page could then be gone).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .locks import Current
@@ -118,13 +120,20 @@ class TypesafeObject:
 T = TypeVar("T", bound=TypesafeObject)
 
 
-class TypesafeCache(Generic[T]):
-    """A kmem_cache with SLAB_TYPESAFE_BY_RCU: freed objects are reused at once, most recent first."""
+#: Free objects a cache keeps for reuse; beyond it the oldest goes back to the allocator.
+CACHE_FREE_MAX = 4096
 
-    def __init__(self, rcu: Rcu, ctor: type[T]) -> None:
+
+class TypesafeCache(Generic[T]):
+    """A kmem_cache with SLAB_TYPESAFE_BY_RCU: freed objects are reused at once, most recent first.
+
+    At most CACHE_FREE_MAX free objects are kept (the rest are let go: a stale pointer still sees
+    a freed object of the right type, as on a slab page that stays type-stable)."""
+
+    def __init__(self, rcu: Rcu, ctor: Callable[[], T]) -> None:
         self.rcu = rcu
         self.ctor = ctor
-        self.free: list[T] = []
+        self.free: deque[T] = deque(maxlen=CACHE_FREE_MAX)
         self.live: set[T] = set()
         self.allocated = 0
         self.reused = 0

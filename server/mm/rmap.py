@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .locks import Current, LockClass, LockdepState, RwSem
-from .mm_types import PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
+from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
 from .rcu import TypesafeObject
-from .sched import uninterruptible
+from .sched import RESCHED_WORK, cond_resched, uninterruptible
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -54,7 +54,9 @@ class AnonVmaChain:
 # Allocation and lifetime
 
 
-def anon_vma_alloc(k: Kernel) -> AnonVma:
+def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
+    """A new anon_vma from the slab, charged (ENOMEM before anything changes)."""
+    k.memcg.charge(cur, ANON_VMA_BYTES)
     av = k.anon_vma_cache.alloc()
     av.id = k.next_anon_vma_id()
     av.refcount = 1
@@ -81,9 +83,11 @@ async def anon_vma_free(k: Kernel, cur: Current, av: AnonVma) -> None:
         finally:
             # Even when cancelled while waiting, the object is unreachable: it goes back to the cache.
             k.anon_vma_cache.release(av)
+            k.memcg.uncharge(ANON_VMA_BYTES)
             k.stats["anon_vma_free"] += 1
         return
     k.anon_vma_cache.release(av)
+    k.memcg.uncharge(ANON_VMA_BYTES)
     k.stats["anon_vma_free"] += 1
 
 
@@ -123,7 +127,7 @@ def anon_vma_unlock_write(cur: Current, av: AnonVma) -> None:
 
 
 def anon_vma_chain_link(vma: Vma, av: AnonVma) -> AnonVmaChain:
-    """Expects the root of ``av`` write-locked."""
+    """Expects the root of ``av`` write-locked and the link charged (AVC_BYTES) by the caller."""
     avc = AnonVmaChain(vma, av)
     vma.anon_vma_chain.append(avc)
     av.rb_root[avc] = None
@@ -168,10 +172,12 @@ async def anon_vma_prepare(k: Kernel, cur: Current, vma: Vma) -> None:
     if vma.anon_vma is not None:
         return
     mm = vma.mm
+    memcg = k.memcg
+    memcg.reserve(cur, ANON_VMA_BYTES + AVC_BYTES)  # ENOMEM here leaves nothing changed
     av = find_mergeable_anon_vma(vma)
     allocated = None
     if av is None:
-        av = allocated = anon_vma_alloc(k)
+        av = allocated = anon_vma_alloc(k, cur)
         av.num_children += 1  # self-parent link for a new root
     try:
         await anon_vma_lock_write(cur, av)
@@ -182,6 +188,7 @@ async def anon_vma_prepare(k: Kernel, cur: Current, vma: Vma) -> None:
         raise
     mm.page_table_lock.spin_lock(cur)
     if vma.anon_vma is None:
+        memcg.charge(cur, AVC_BYTES)
         vma.anon_vma = av
         anon_vma_chain_link(vma, av)
         av.num_active_vmas += 1
@@ -194,17 +201,25 @@ async def anon_vma_prepare(k: Kernel, cur: Current, vma: Vma) -> None:
         await put_anon_vma(k, cur, allocated)
 
 
-async def anon_vma_clone(k: Kernel, cur: Current, dst: Vma, src: Vma) -> None:
+async def anon_vma_clone(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bool = False) -> None:
     """Attach ``dst`` to every anon_vma ``src`` is attached to. Expects mmap_lock held for write.
 
-    Takes the root rwsem for write (all of a chain shares one root). When ``dst`` has no anon_vma
-    yet (fork), a candidate with no active VMA and at most one child is adopted as its own.
+    Charges the whole chain first (ENOMEM with nothing linked; ``nofail`` for a merge, which
+    gives as many links back at once), then takes the root rwsem for write (all of a chain
+    shares one root). When ``dst`` has no anon_vma yet (fork), a candidate with no active VMA and
+    at most one child is adopted as its own.
     """
     if not src.anon_vma_chain:
         return
+    cost = len(src.anon_vma_chain) * AVC_BYTES
+    k.memcg.charge(cur, cost, nofail=nofail)
     root = src.anon_vma_chain[0].anon_vma.root
     if not root.rwsem.down_write(cur):
-        await root.rwsem.wait(cur)
+        try:
+            await root.rwsem.wait(cur)
+        except BaseException:
+            k.memcg.uncharge(cost)
+            raise
     for pavc in src.anon_vma_chain:  # oldest first, as list_for_each_entry_reverse
         av = pavc.anon_vma
         anon_vma_chain_link(dst, av)
@@ -225,6 +240,8 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
     """Give the child VMA ``vma`` the parent's chain plus, unless one was reused, a new anon_vma."""
     if pvma.anon_vma is None:
         return
+    # The worst case, reserved first: the parent's chain, and a new anon_vma with its link.
+    k.memcg.reserve(cur, (len(pvma.anon_vma_chain) + 1) * AVC_BYTES + ANON_VMA_BYTES)
     vma.anon_vma = None
     await anon_vma_clone(k, cur, vma, pvma)
     if vma.anon_vma is not None:
@@ -236,12 +253,13 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
     except BaseException:
         await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))
         raise
-    av = anon_vma_alloc(k)
+    av = anon_vma_alloc(k, cur)
     av.num_active_vmas += 1
     av.root = pvma.anon_vma.root
     av.parent = pvma.anon_vma
     get_anon_vma(av.root)
     vma.anon_vma = av
+    k.memcg.charge(cur, AVC_BYTES)
     anon_vma_chain_link(vma, av)
     av.parent.num_children += 1
     anon_vma_unlock_write(cur, av)
@@ -266,6 +284,7 @@ async def unlink_anon_vmas(k: Kernel, cur: Current, vma: Vma) -> None:
     if vma.anon_vma is not None:
         vma.anon_vma.num_active_vmas -= 1
         vma.anon_vma = None
+    k.memcg.uncharge(len(chain) * AVC_BYTES)
     chain.clear()
     root.rwsem.up_write(cur)
     for av in emptied:
@@ -425,7 +444,12 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
         rcu = k.rcu
         if av.freed:
             rcu.check_access(cur, av, "rmap_walk_anon tree")
+        work = 0
         for avc in list(av.rb_root):
+            work += 1
+            if work >= RESCHED_WORK:  # a tree of thousands of VMAs: let others run (rwsem held)
+                work = 0
+                await cond_resched()
             vma = avc.vma
             vpg = vma.pgoff
             if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):

@@ -32,6 +32,20 @@ POINTS = (
 )
 
 
+#: Units of work (PTEs, VMAs, anon_vma chain links, pages audited) a loop whose length a client
+#: controls may do before it lets other tasks run (cond_resched). One unit costs well under a
+#: microsecond, so a slice stays far below a millisecond.
+RESCHED_WORK = 2048
+
+
+async def cond_resched() -> None:
+    """Let every other ready task run once (the kernel's cond_resched, between chunks of work).
+
+    Callers hold no spinlock (PTL) when they call it; sleeping locks may be held, as in the kernel.
+    """
+    await asyncio.sleep(0)
+
+
 class Breakpoint:
     """A pause at a named point: the next task to reach it stops there until ``release()``.
 

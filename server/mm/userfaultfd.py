@@ -29,6 +29,7 @@ from .mm_types import (
     Pte,
     Vma,
 )
+from .memcontrol import MemoryLimitExceeded
 from .mmap import vma_modify
 from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma_final
 
@@ -228,15 +229,20 @@ async def move_pages(
         pgtables = mm.pgtables
         src_addr, dst_addr, src_end = src_start, dst_start, src_start + length
         err = 0
+        oom: MemoryLimitExceeded | None = None
         since_resched = 0
         while src_addr < src_end:
             src_pt = pgtables.get(src_addr >> PMD_SHIFT)
-            if src_pt is None:
-                if not holes:
-                    err = errno.ENOENT
-                    break
-                src_pt = mm.pte_alloc(src_addr)
-            dst_pt = pgtables.get(dst_addr >> PMD_SHIFT) or mm.pte_alloc(dst_addr)
+            if src_pt is None and not holes:
+                err = errno.ENOENT
+                break
+            try:
+                if src_pt is None:
+                    src_pt = mm.pte_alloc(cur, src_addr)
+                dst_pt = pgtables.get(dst_addr >> PMD_SHIFT) or mm.pte_alloc(cur, dst_addr)
+            except MemoryLimitExceeded as e:
+                err, oom = errno.ENOMEM, e  # mm_alloc_pmd / pte_alloc failed
+                break
             # The largest extent one PTL pair covers: up to the end of either PMD.
             extent = min(src_end - src_addr, PMD_SIZE - (src_addr & (PMD_SIZE - 1)), PMD_SIZE - (dst_addr & (PMD_SIZE - 1)))
             step = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, holes, dst_pt, src_pt)
@@ -260,6 +266,8 @@ async def move_pages(
                 await asyncio.sleep(0)  # cond_resched: a long move must not starve other calls
         k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
         if err and not progress.moved:
+            if oom is not None:
+                raise oom
             raise MmError(err, f"{_STEP_ERRORS.get(err, os.strerror(err))} (src {src_addr:#x}, dst {dst_addr:#x})")
     finally:
         lock.up_read(cur)
