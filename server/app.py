@@ -4,9 +4,12 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import random
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -15,9 +18,10 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
@@ -25,6 +29,9 @@ from .mm.model import MemoryModel
 from .service import Limits, MemoryManagerServicer
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name
+#: Server reflection's current name; grpcio-reflection 1.85 only ships v1alpha, which is the same
+#: protocol on the wire under an older package name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 log = structlog.get_logger("mmsim.server")
 
 
@@ -47,6 +54,7 @@ class ServerConfig:
     grace: float = 10.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
+    access_log_sample: float = 1.0  # fraction of OK calls in the access log; failed calls always
     instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
@@ -64,16 +72,24 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     if not console:
         shared.append(structlog.processors.dict_tracebacks)
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Level first: below it (an access line at --log-level warning), nothing else runs.
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(processor=renderer, foreign_pre_chain=shared))
+    handler.addFilter(_quiet_grpc)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))
+
+
+def _quiet_grpc(record: logging.LogRecord) -> bool:
+    """grpc's own loggers only from WARNING up: at DEBUG they log every event loop they find."""
+    return record.levelno >= logging.WARNING or not record.name.startswith("grpc")
 
 
 class MalformedRequest:
@@ -101,9 +117,56 @@ async def _reject_malformed(context: grpc.aio.ServicerContext, request: Malforme
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request message does not parse: {request.error}")
 
 
+def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with, as far as the handler can tell."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class _Call:
+    """One call's log context and access-log line."""
+
+    __slots__ = ("method", "request_id", "sample", "t0")
+
+    def __init__(self, method: str, request_id: str | None, sample: float) -> None:
+        self.method = method
+        self.request_id = request_id or secrets.token_hex(6)
+        self.sample = sample
+        structlog.contextvars.bind_contextvars(method=method, request_id=self.request_id)
+        self.t0 = time.perf_counter()
+
+    def done(self, context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> None:
+        ms = round((time.perf_counter() - self.t0) * 1e3, 3)
+        code = _status(context, exc)
+        if code == grpc.StatusCode.OK:
+            if self.sample < 1.0 and (self.sample <= 0.0 or random.random() >= self.sample):
+                return
+            log.info("rpc", method=self.method, code=code.name, duration_ms=ms, request_id=self.request_id,
+                     peer=context.peer())
+            return
+        details = context.details() or (type(exc).__name__ if exc is not None else None)
+        log.info("rpc", method=self.method, code=code.name, duration_ms=ms, request_id=self.request_id,
+                 peer=context.peer(), details=details)
+        # Memory-semantics errors are ordinary answers: debug level, not noise at info.
+        log.debug("rpc failed", code=code.name, details=details, ms=ms)
+
+
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
-    """Binds a request id and the method to the log context of each call, logs failures, and
-    answers unparseable request messages with INVALID_ARGUMENT."""
+    """Binds a request id and the method to the log context of each call, writes the access log
+    (one ``rpc`` line per call at info: OK calls sampled, failed ones always), and answers
+    unparseable request messages with INVALID_ARGUMENT."""
+
+    def __init__(self, access_log_sample: float = 1.0) -> None:
+        self.access_log_sample = access_log_sample
 
     async def intercept_service(
         self,
@@ -111,32 +174,34 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return handler
         method = details.method
         rid = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), None)
+        sample = self.access_log_sample
+        if handler is None:  # gRPC answers UNIMPLEMENTED itself; no handler, so no context or peer
+            log.info("rpc", method=method, code="UNIMPLEMENTED", duration_ms=0.0,
+                     request_id=rid or secrets.token_hex(6), peer=None)
+            return handler
 
-        def bind() -> float:
-            structlog.contextvars.bind_contextvars(method=method, request_id=rid or secrets.token_hex(6))
-            return time.perf_counter()
-
-        def done(context: grpc.aio.ServicerContext, t0: float) -> None:
-            code = context.code()
-            if code not in (None, grpc.StatusCode.OK):
-                # Memory-semantics errors are ordinary answers: debug level, not noise at info.
-                log.debug("rpc failed", code=code.name, details=context.details(), ms=round((time.perf_counter() - t0) * 1e3, 3))
+        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for request in requests:
+                if isinstance(request, MalformedRequest):
+                    await _reject_malformed(context, request)
+                yield request
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                t0 = bind()
+                call = _Call(method, rid, sample)
                 try:
                     if isinstance(request, MalformedRequest):
                         await _reject_malformed(context, request)
-                    return await inner_uu(request, context)
-                finally:
-                    done(context, t0)
+                    response = await inner_uu(request, context)
+                except BaseException as e:
+                    call.done(context, e)
+                    raise
+                call.done(context)
+                return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -145,32 +210,74 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                t0 = bind()
-
-                async def checked() -> Any:
-                    async for request in requests:
-                        if isinstance(request, MalformedRequest):
-                            await _reject_malformed(context, request)
-                        yield request
-
+                call = _Call(method, rid, sample)  # one access line when the stream ends
                 try:
-                    async for response in inner_ss(checked(), context):
+                    async for response in inner_ss(checked(requests, context), context):
                         yield response
-                finally:
-                    done(context, t0)
+                except BaseException as e:
+                    call.done(context, e)
+                    raise
+                call.done(context)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
-        return handler  # unary-stream / stream-unary: none in this service; health's Watch passes through
+        if handler.unary_stream is not None:  # health's Watch
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(method, rid, sample)
+                try:
+                    if isinstance(request, MalformedRequest):
+                        await _reject_malformed(context, request)
+                    async for response in inner_us(request, context):
+                        yield response
+                except BaseException as e:
+                    call.done(context, e)
+                    raise
+                call.done(context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(method, rid, sample)
+                try:
+                    response = await inner_su(checked(requests, context), context)
+                except BaseException as e:
+                    call.done(context, e)
+                    raise
+                call.done(context)
+                return response
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, _tolerant(handler.request_deserializer), handler.response_serializer
+            )
+        return handler
+
+
+class ListenError(OSError):
+    """The server cannot listen on the address asked for (in use, not local, unknown host)."""
 
 
 class RunningServer:
-    def __init__(self, server: grpc.aio.Server, port: int, model: MemoryModel, health_servicer: Any) -> None:
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        model: MemoryModel,
+        health_servicer: Any,
+        addresses: tuple[str, ...] = (),
+    ) -> None:
         self.server = server
         self.port = port
         self.model = model
         self.health = health_servicer
+        #: Every address bound, ``IP:PORT`` (``[IPv6]:PORT``).
+        self.addresses = addresses
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish within ``grace`` seconds, cancel the rest."""
@@ -178,8 +285,110 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+def _hostport(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _bind_error(ip: str, port: int) -> str | None:
+    """Why ``ip:port`` cannot be bound (None if it can), found by binding a socket as gRPC does."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((ip, port))
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    return None
+
+
+async def _listen(server: grpc.aio.Server, listen: str) -> tuple[int, tuple[str, ...]]:
+    """Bind every address ``listen``'s host resolves to, all on one port (port 0: the port the
+    first bind got), or raise :class:`ListenError`. gRPC alone binds what it can of a name, and
+    says nothing when one of its addresses is taken."""
+    host, _, port_s = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    port = int(port_s)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {listen}: {e.strerror}") from None
+    ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def fail(ip: str, port: int, why: str | None) -> ListenError:
+        target = _hostport(ip, port)
+        where = listen if target == listen else f"{listen} ({target})"
+        return ListenError(f"cannot listen on {where}: {why or 'gRPC could not bind it'}")
+
+    # Every address is tried first, so that the usual failure binds nothing, says why, and
+    # spares gRPC's own error line on stderr.
+    for ip in ips:
+        if (why := _bind_error(ip, port)) is not None:
+            raise fail(ip, port, why)
+    bound: list[str] = []
+    for ip in ips:
+        try:
+            got = server.add_insecure_port(_hostport(ip, port))
+        except RuntimeError:
+            got = 0
+        if got == 0:
+            if bound:  # gRPC listens from add_insecure_port on, and only a stop closes those sockets
+                await server.start()
+                await server.stop(None)
+            raise fail(ip, port, _bind_error(ip, port))
+        port = got
+        bound.append(_hostport(ip, got))
+    if not all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips):
+        log.warning("the server has no authentication and is reachable from the network", listen=listen,
+                    addresses=bound)
+    return port, tuple(bound)
+
+
+def _reflection_v1_file() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default pool, so that reflection can
+    describe its own v1 service: v1alpha's descriptor under the v1 package, as upstream has it."""
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    old, new = "grpc.reflection.v1alpha", "grpc.reflection.v1"
+    fd = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fd)
+    fd.name, fd.package = name, new
+    fd.ClearField("options")
+    for message in fd.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(f".{old}.", f".{new}.")
+    for service in fd.service:
+        service.ClearField("options")
+        for m in service.method:
+            m.input_type = m.input_type.replace(f".{old}.", f".{new}.")
+            m.output_type = m.output_type.replace(f".{old}.", f".{new}.")
+    pool.AddSerializedFile(fd.SerializeToString())
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection as ``grpc.reflection.v1`` and ``grpc.reflection.v1alpha``: one servicer,
+    since the two are the same messages on the wire."""
+    _reflection_v1_file()
+    names = (*service_names, REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
-    """Start serving ``config.listen`` (port 0: a free one) in the running event loop."""
+    """Start serving ``config.listen`` (port 0: a free one) in the running event loop: every
+    address its host resolves to, or :class:`ListenError`."""
     if not structlog.is_configured():
         # Embedded (tests, the conformance tool): keep structlog's defaults, filtered to the level.
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(config.log_level.upper())))
@@ -197,7 +406,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_batch_ops=config.max_batch_ops,
     )
     server = grpc.aio.server(
-        interceptors=[RequestContextInterceptor()],
+        interceptors=[RequestContextInterceptor(config.access_log_sample)],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -210,27 +419,24 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    _add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    port, addresses = await _listen(server, config.listen)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("serving", listen=f"{host}:{port}", protocol=config.protocol, instance=config.instance)
-    return RunningServer(server, port, model, health_servicer)
+    log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
+             instance=config.instance)
+    return RunningServer(server, port, model, health_servicer, addresses)
 
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT, then drain within the grace period; a second signal cancels
     the calls still running. Returns the exit status (0)."""
-    running = await start_server(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = 0
+    running: RunningServer | None = None
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals
@@ -238,11 +444,13 @@ async def serve(config: ServerConfig) -> int:
         log.info("signal", signal=sig.name, action="drain" if signals == 1 else "cancel calls")
         if signals == 1:
             stopping.set()
-        else:
+        elif running is not None:
             asyncio.ensure_future(running.server.stop(0))
 
+    # Before the server starts, so that a signal right after "serving" is never the default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    running = await start_server(config)
     await stopping.wait()
     await running.stop(config.grace)
     problems = running.model.check_invariants()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +18,7 @@ from .tools.race import run_race
 
 def cmd_race(args: argparse.Namespace) -> int:
     """Run the concurrent Remap/Walk/Fork/Exit workload over many seeds, per protocol."""
-    protocols = args.protocol or list(PROTOCOLS)
+    protocols = args.protocol or args.env_protocols or list(PROTOCOLS)
     table = Table(
         title=f"seed race: {args.seeds} seeds per protocol (preempt {args.preempt})",
         caption="caught: seeds with a detector violation; fast/slow: walker mapping-recheck retries",
@@ -52,14 +54,70 @@ def cmd_race(args: argparse.Namespace) -> int:
     return 1 if unsafe_missed else 0
 
 
-def _env(name: str, default: object, conv: Callable[[str], object] = str) -> object:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+#: Exit status of ``mmsim conformance`` when the server given with ``--server`` cannot be reached
+#: (the others are in tools/conformance/tool.py).
+EXIT_UNREACHABLE = 4
+
+_USAGE_STATUS = "  2  bad usage: an unknown flag, or a bad value of a flag or of an MMSIM_* variable"
+SERVE_EPILOG = "\n".join((
+    "exit status:",
+    "  0  stopped on SIGTERM or SIGINT",
+    "  1  could not start: cannot listen on the address (in use, not local, unknown host)",
+    _USAGE_STATUS,
+))
+RACE_EPILOG = "\n".join((
+    "exit status:",
+    "  0  the safe protocols (recheck, folio-lock) were never caught and every audit was clean",
+    "  1  a safe protocol was caught by a detector, or an audit found problems",
+    _USAGE_STATUS,
+))
+CONFORMANCE_EPILOG = "\n".join((
+    "exit status:",
+    "  0  every scenario behaves the same on the kernel and on mmsim",
+    "  1  some differ",
+    "  2  bad usage or a bad scenario",
+    "  3  the kernel oracle is unavailable (not Linux, not root, no UFFD_FEATURE_MOVE, ...)",
+    f"  {EXIT_UNREACHABLE}  the mmsim server could not be reached (--server)",
+))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``PROG: error: MESSAGE`` on stderr, no usage) and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each flag; the epilog's exit statuses kept as written."""
+
+
+class _EnvError:
+    """The default of a flag whose environment variable has a bad value: an error only if the flag
+    is not given on the command line (see ``main``)."""
+
+    def __init__(self, env: str, why: str) -> None:
+        self.message = f"environment variable {env}: {why}"
+
+    def __str__(self) -> str:
+        return f"invalid ({self.message})"
+
+
+def _int(raw: str) -> int:
     try:
-        return conv(raw)
-    except ValueError as e:
-        raise SystemExit(f"mmsim: bad value for {name}: {raw!r} ({e})") from None
+        return int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {raw!r}") from None
+
+
+def _float(raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {raw!r}")
+    return v
 
 
 def _bool(raw: str) -> bool:
@@ -67,36 +125,66 @@ def _bool(raw: str) -> bool:
         return True
     if raw.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError("expected true or false")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
 
 
 def _probability(raw: str) -> float:
-    v = float(raw)
+    v = _float(raw)
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError("must be within [0, 1]")
+    return v
+
+
+def _seconds(raw: str) -> float:
+    v = _float(raw)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return v
 
 
 def _listen(raw: str) -> str:
     host, sep, port = raw.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError("expected HOST:PORT")
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
     return raw
 
 
 def _positive(raw: str) -> int:
-    v = int(raw)
+    v = _int(raw)
     if v <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return v
 
 
+def _non_negative(raw: str) -> int:
+    v = _int(raw)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return v
+
+
+def _env(env: str, default: object, conv: Callable[[str], object], choices: Sequence[object] | None = None) -> object:
+    """The value of ``env`` converted as its flag's value, ``default`` when unset or empty, or an
+    :class:`_EnvError` when it is bad."""
+    raw = os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = conv(raw)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        return _EnvError(env, str(e))
+    if choices is not None and value not in choices:
+        return _EnvError(env, f"invalid choice: {raw!r} (choose from {', '.join(map(str, choices))})")
+    return value
+
+
 #: (flag, env var, ServerConfig field, type, help)
 SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
-    ("--listen", "MMSIM_LISTEN", "listen", _listen, "address to listen on, HOST:PORT"),
+    ("--listen", "MMSIM_LISTEN", "listen", _listen,
+     "address to listen on, HOST:PORT; every address HOST resolves to is bound"),
     ("--protocol", "MMSIM_PROTOCOL", "protocol", str, f"rmap/move protocol variant: {' | '.join(PROTOCOLS)}"),
     ("--preempt", "MMSIM_PREEMPT", "preempt", _probability, "probability that a preemption point yields"),
-    ("--seed", "MMSIM_SEED", "seed", int, "seed of the preemption scheduler"),
+    ("--seed", "MMSIM_SEED", "seed", _int, "seed of the preemption scheduler"),
     ("--detectors", "MMSIM_DETECTORS", "detectors", _bool, "run lockdep, the walk detectors and the RCU checks"),
     ("--max-concurrent-rpcs", "MMSIM_MAX_CONCURRENT_RPCS", "max_concurrent_rpcs", _positive,
      "calls in progress at once; more get RESOURCE_EXHAUSTED"),
@@ -111,9 +199,11 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "simulated processes per server; more get RESOURCE_EXHAUSTED"),
     ("--max-pages", "MMSIM_MAX_PAGES", "max_pages", _positive,
      "resident simulated pages per server; more get RESOURCE_EXHAUSTED"),
-    ("--grace", "MMSIM_GRACE", "grace", float, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
+    ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
     ("--log-format", "MMSIM_LOG_FORMAT", "log_format", str, "auto (JSON unless on a terminal) | json | console"),
     ("--log-level", "MMSIM_LOG_LEVEL", "log_level", str, "debug | info | warning | error"),
+    ("--access-log-sample", "MMSIM_ACCESS_LOG_SAMPLE", "access_log_sample", _probability,
+     "fraction of successful calls written to the access log (0: none); failed calls are always written"),
 )
 
 
@@ -127,14 +217,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     try:
         return asyncio.run(serve(config))
-    except OSError as e:
-        print(f"mmsim serve: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # app.ListenError above all: the address is in use, not local, or unknown
+        print(f"mmsim serve: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+async def _reach(server: str) -> str | None:
+    """None if an mmsim server answers a Ping at ``server``, else why not."""
+    from mmsim.client import Client
+    from mmsim.client.errors import MmsimError
+
+    try:
+        async with Client(server, timeout=5.0, retries=0) as c:
+            await c.ping()
+    except MmsimError as e:
+        return f"{e.code.name}: {e.details}"
+    return None
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     """Run scenarios on the live Linux kernel and on mmsim, and show every step that differs."""
     import asyncio
+
+    from mmsim.client.errors import ServerUnavailableError
 
     from .tools.conformance.scenario import ScenarioError
     from .tools.conformance.tool import EXIT_USAGE, conformance
@@ -142,78 +247,117 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     if not args.scenarios and not args.random:
         print("mmsim conformance: give scenario files or directories, or --random N", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        return asyncio.run(
-            conformance(
-                args.scenarios,
-                server=args.server,
-                random_count=args.random,
-                seed=args.seed,
-                step_timeout=args.step_timeout,
-                save=args.save,
-                console=Console(width=None if sys.stdout.isatty() else 140),
-            )
+
+    async def run() -> int:
+        if args.server is not None and (why := await _reach(args.server)) is not None:
+            raise ServerUnavailableError(why)
+        return await conformance(
+            args.scenarios,
+            server=args.server,
+            random_count=args.random,
+            seed=args.seed,
+            step_timeout=args.step_timeout,
+            save=args.save,
+            console=Console(width=None if sys.stdout.isatty() else 140),
         )
+
+    try:
+        return asyncio.run(run())
+    except ServerUnavailableError as e:
+        if args.server is None:  # the server in this process: not a reachability problem
+            raise
+        print(f"mmsim conformance: cannot reach the mmsim server at {args.server}: {' '.join(str(e).split())}",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (ScenarioError, OSError) as e:
-        print(f"mmsim conformance: {e}", file=sys.stderr)
+        print(f"mmsim conformance: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .app import ServerConfig
 
-    p = argparse.ArgumentParser(prog="mmsim", description="Simulator of the Linux anonymous reverse map.")
+    p = _Parser(
+        prog="mmsim",
+        description="Simulator of the Linux anonymous reverse map.",
+        epilog="Each command's --help lists its exit statuses; 2 is always bad usage.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser(
         "serve",
         help=cmd_serve.__doc__,
-        description=cmd_serve.__doc__ + " Every flag can also be set by the environment variable shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=cmd_serve.__doc__ + "\nEvery flag can also be set by the environment variable shown.",
+        epilog=SERVE_EPILOG,
+        formatter_class=_Help,
     )
     defaults = ServerConfig()
     choices = {"protocol": list(PROTOCOLS), "log_format": ["auto", "json", "console"],
                "log_level": ["debug", "info", "warning", "error"]}
+    metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION"}
     for flag, env, dest, conv, text in SERVE_FLAGS:
         serve_p.add_argument(
             flag,
             dest=dest,
             type=conv,
             choices=choices.get(dest),
-            default=_env(env, getattr(defaults, dest), conv),
+            metavar=metavars.get(dest),
+            default=_env(env, getattr(defaults, dest), conv, choices.get(dest)),
             help=f"{text} [{env}]",
         )
-    serve_p.set_defaults(func=cmd_serve)
+    serve_p.set_defaults(func=cmd_serve, parser=serve_p)
     conf = sub.add_parser(
         "conformance",
         help=cmd_conformance.__doc__,
-        description=cmd_conformance.__doc__
-        + " Exit status: 0 all the same, 1 some differ, 2 bad usage or scenario, 3 kernel oracle unavailable.",
+        description=cmd_conformance.__doc__,
+        epilog=CONFORMANCE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conf.add_argument("scenarios", nargs="*", help="scenario JSON files, or directories of them")
     conf.add_argument("--server", help="an mmsim server HOST:PORT (default: one started in this process)")
-    conf.add_argument("--random", type=int, default=0, metavar="N", help="also run N random scenarios")
-    conf.add_argument("--seed", type=int, default=0, help="seed of the random scenarios")
-    conf.add_argument("--step-timeout", type=float, default=5.0, help="seconds before a kernel step counts as blocked")
+    conf.add_argument("--random", type=_non_negative, default=0, metavar="N", help="also run N random scenarios")
+    conf.add_argument("--seed", type=_int, default=0, help="seed of the random scenarios")
+    conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                      help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")
-    conf.set_defaults(func=cmd_conformance)
-    race = sub.add_parser("race", help=cmd_race.__doc__, description=cmd_race.__doc__)
+    conf.set_defaults(func=cmd_conformance, parser=conf)
+    race = sub.add_parser(
+        "race",
+        help=cmd_race.__doc__,
+        description=cmd_race.__doc__,
+        epilog=RACE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     race.add_argument(
         "--protocol",
         action="append",
         choices=list(PROTOCOLS),
-        default=[p for p in os.environ.get("MMSIM_PROTOCOL", "").split(",") if p] or None,
-        help="protocol variant (repeatable; default all) [MMSIM_PROTOCOL]",
+        help="protocol variant (repeatable; default all, or the comma-separated list in MMSIM_PROTOCOL)",
     )
-    race.add_argument("--seeds", type=int, default=200, help="number of seeds (default 200)")
-    race.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
-    race.add_argument("--preempt", type=float, default=0.35, help="preemption probability per point (default 0.35)")
+    race.add_argument("--seeds", type=_positive, default=200, help="number of seeds (default 200)")
+    race.add_argument("--first-seed", type=_int, default=0, help="first seed (default 0)")
+    race.add_argument("--preempt", type=_probability, default=0.35,
+                      help="preemption probability per point, within [0, 1] (default 0.35)")
     race.add_argument("-v", "--verbose", action="store_true", help="print the first violations caught")
-    race.set_defaults(func=cmd_race)
+    race.set_defaults(func=cmd_race, parser=race, env_protocols=_env_protocols())
     return p
+
+
+def _env_protocols() -> list[str] | _EnvError | None:
+    """The race's protocols from MMSIM_PROTOCOL (comma-separated), if set."""
+    raw = os.environ.get("MMSIM_PROTOCOL", "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    bad = [n for n in names if n not in PROTOCOLS]
+    if bad:
+        return _EnvError("MMSIM_PROTOCOL", f"invalid choice: {bad[0]!r} (choose from {', '.join(PROTOCOLS)})")
+    return names or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A bad environment variable is an error only where its flag did not override it.
+    bad = next((v for v in vars(args).values() if isinstance(v, _EnvError)), None)
+    if bad is not None and not (args.command == "race" and args.protocol):
+        args.parser.error(bad.message)
     return int(args.func(args))
 
 
