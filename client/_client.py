@@ -73,7 +73,7 @@ class _Conn:
 def _result(conn: _Conn, client: Client, response: Any) -> Result:
     """A unary response (or batch result payload) as the SDK returns it."""
     if isinstance(response, pb.Process):
-        return Process(client, conn, response.handle)
+        return Process(client, conn, response.handle, response.pid)
     if isinstance(response, pb.Vma):
         return vma_from_pb(response)
     if isinstance(response, pb.ReadResponse):
@@ -170,7 +170,7 @@ class Client:
         """A new, empty process on the next server (round-robin)."""
         conn = self._next_conn()
         reply = await conn.unary("CreateProcess", pb.CreateProcessRequest(), self._deadline(timeout))
-        return Process(self, conn, reply.handle)
+        return Process(self, conn, reply.handle, reply.pid)
 
     async def ping(self, *, timeout: Timeout = ...) -> None:
         """A call that does nothing, on every server."""
@@ -304,14 +304,20 @@ class BatchStream:
 
 
 class Process:
-    """A simulated process: an opaque handle ``id`` on the server (``target``) that issued it."""
+    """A simulated process on the server (``target``) that issued it.
 
-    __slots__ = ("_client", "_conn", "id")
+    ``id`` is its handle: an opaque, unguessable capability that lets whoever holds it act on the
+    process, so keep it as you would a password. ``pid`` is the process's number on its server: it
+    is how results (``WalkResult.mappings``, ``AnonVma.vmas``) name processes, and gives no access.
+    """
 
-    def __init__(self, client: Client, conn: _Conn, id: str) -> None:
+    __slots__ = ("_client", "_conn", "id", "pid")
+
+    def __init__(self, client: Client, conn: _Conn, id: str, pid: int = 0) -> None:
         self._client = client
         self._conn = conn
         self.id = id
+        self.pid = pid
 
     @property
     def target(self) -> str:
@@ -319,7 +325,7 @@ class Process:
         return self._conn.target
 
     def __repr__(self) -> str:
-        return f"Process({self.id!r}, target={self.target!r})"
+        return f"Process(pid={self.pid}, target={self.target!r})"  # the handle is a secret
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Process) and (self.id, self._conn) == (other.id, other._conn)

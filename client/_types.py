@@ -108,8 +108,8 @@ class WalkResult:
     referenced: int
     """Number of mappings that referenced the folio; -1 when the trylock walk was contended."""
     contended: bool
-    mappings: list[tuple[str, int]]
-    """``(process_id, addr)`` of each mapping found."""
+    mappings: list[tuple[int, int]]
+    """``(pid, addr)`` of each mapping found (``Process.pid`` names a process; it gives no access)."""
     fast_retries: int
     slow_retries: int
 
@@ -130,8 +130,8 @@ class AnonVma:
     refcount: int
     num_children: int
     num_active_vmas: int
-    vmas: list[tuple[str, int]]
-    """``(process_id, vma start)`` of each VMA in the anon_vma's interval tree."""
+    vmas: list[tuple[int, int]]
+    """``(pid, vma start)`` of each VMA in the anon_vma's interval tree."""
 
     __repr__ = _repr_in_hex(pairs=("vmas",))
 
@@ -168,7 +168,7 @@ def walk_from_pb(m: pb.WalkResponse) -> WalkResult:
     return WalkResult(
         referenced=m.referenced,
         contended=m.contended,
-        mappings=[(x.process, x.addr) for x in m.mappings],
+        mappings=[(x.pid, x.addr) for x in m.mappings],
         fast_retries=m.fast_retries,
         slow_retries=m.slow_retries,
     )
@@ -182,7 +182,7 @@ def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
         refcount=m.refcount,
         num_children=m.num_children,
         num_active_vmas=m.num_active_vmas,
-        vmas=[(x.process, x.addr) for x in m.vmas],
+        vmas=[(x.pid, x.addr) for x in m.vmas],
     )
 
 

@@ -51,6 +51,7 @@ class ServerConfig:
     max_batch_ops: int = 10_000
     max_processes: int = 10_000
     max_pages: int = 2_000_000
+    max_memory: int = 4 << 30  # the model's budget: 4 GiB, a sixth of this 24 GiB machine
     grace: float = 10.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -399,11 +400,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         detectors=config.detectors,
         max_processes=config.max_processes,
         max_pages=config.max_pages,
+        max_memory=config.max_memory,
     )
     limits = Limits(
         max_remap_bytes=config.max_remap_bytes,
         max_munmap_bytes=config.max_munmap_bytes,
         max_batch_ops=config.max_batch_ops,
+        max_message_bytes=config.max_message_bytes,
     )
     server = grpc.aio.server(
         interceptors=[RequestContextInterceptor(config.access_log_sample)],

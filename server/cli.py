@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -156,6 +157,20 @@ def _positive(raw: str) -> int:
     return v
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(raw: str) -> int:
+    """A positive size in bytes: a number, optionally with K, M, G or T (binary: 4G is 4 GiB)."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", raw)
+    if m is None:
+        raise argparse.ArgumentTypeError("expected a size such as 4294967296, 512M or 4G")
+    v = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return v
+
+
 def _non_negative(raw: str) -> int:
     v = _int(raw)
     if v < 0:
@@ -191,14 +206,18 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--max-message-bytes", "MMSIM_MAX_MESSAGE_BYTES", "max_message_bytes", _positive,
      "largest request or response message"),
     ("--max-remap-bytes", "MMSIM_MAX_REMAP_BYTES", "max_remap_bytes", _positive,
-     "largest length of one Remap; longer ones get INVALID_ARGUMENT"),
+     "largest length of one Remap; longer ones get RESOURCE_EXHAUSTED"),
     ("--max-munmap-bytes", "MMSIM_MAX_MUNMAP_BYTES", "max_munmap_bytes", _positive,
-     "largest length of one Munmap; longer ones get INVALID_ARGUMENT"),
-    ("--max-batch-ops", "MMSIM_MAX_BATCH_OPS", "max_batch_ops", _positive, "operations in one Batch request"),
+     "largest length of one Munmap; longer ones get RESOURCE_EXHAUSTED"),
+    ("--max-batch-ops", "MMSIM_MAX_BATCH_OPS", "max_batch_ops", _positive,
+     "operations in one Batch request; more get RESOURCE_EXHAUSTED"),
     ("--max-processes", "MMSIM_MAX_PROCESSES", "max_processes", _positive,
      "simulated processes per server; more get RESOURCE_EXHAUSTED"),
     ("--max-pages", "MMSIM_MAX_PAGES", "max_pages", _positive,
      "resident simulated pages per server; more get RESOURCE_EXHAUSTED"),
+    ("--max-memory", "MMSIM_MAX_MEMORY", "max_memory", _bytes,
+     "bytes of model objects (PTEs, page tables, VMAs, anon_vmas, chains, folios, processes); beyond it "
+     "RESOURCE_EXHAUSTED (ENOMEM); K, M, G suffixes"),
     ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
     ("--log-format", "MMSIM_LOG_FORMAT", "log_format", str, "auto (JSON unless on a terminal) | json | console"),
     ("--log-level", "MMSIM_LOG_LEVEL", "log_level", str, "debug | info | warning | error"),

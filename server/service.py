@@ -2,20 +2,28 @@
 
 Each operation has an executor ``_op_<name>(request) -> response`` that raises on failure; the
 unary handlers turn the exception into a status with rich details, the batch handlers into an
-``OpError`` result. Process handles are ``<instance>.<pid>``, where the instance id is random per
-server start, so a handle from before a restart is unknown (NOT_FOUND), never someone else's.
+``OpError`` result.
+
+Process handles are capabilities, ``<instance>.<pid>.<token>``: the instance id is random per server
+start (a handle from before a restart is unknown, NOT_FOUND, never someone else's) and the token is
+128 random bits per process, so that knowing one handle gives nothing else. A handle is parsed
+strictly (ASCII, canonical, bounded): anything else is INVALID_ARGUMENT. Results name other
+processes by pid only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno as errno_mod
+import hmac
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -24,7 +32,8 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from . import errors
-from .mm.model import LimitExceeded, MemoryModel, MmError, VmaInfo
+from .mm.memcontrol import MemoryLimitExceeded
+from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw"}
@@ -41,13 +50,42 @@ assert UFFDIO_MOVE_MODE_DONTWAKE == pb.REMAP_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
 
 
+log = structlog.get_logger("mmsim.server")
+
+#: A process handle: instance id, pid, token. Anything else is not a handle.
+HANDLE_RE = re.compile(r"([0-9a-f]{16})\.([1-9][0-9]{0,18})\.([0-9a-f]{32})", re.ASCII)
+#: The longest handle (HANDLE_RE's own bound); longer input is rejected before the regex runs.
+HANDLE_MAX = 16 + 1 + 19 + 1 + 32
+#: How much of a client's input an error message echoes.
+ECHO_MAX = 48
+#: Bytes of a response kept free for the message framing and a final error result.
+RESPONSE_SLACK = 1024
+
+
+def echo(value: str) -> str:
+    """A client's input as an error may quote it: bounded, and without a handle's token."""
+    m = HANDLE_RE.fullmatch(value) if len(value) <= HANDLE_MAX else None
+    if m is not None:
+        return f"{m.group(1)}.{m.group(2)}.…"
+    return value if len(value) <= ECHO_MAX else value[:ECHO_MAX] + f"… ({len(value)} characters)"
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits enforced at the edge (the model enforces processes and pages)."""
+    """Per-request limits enforced at the edge (the model enforces processes, pages and memory)."""
 
     max_remap_bytes: int = 1 << 30
     max_munmap_bytes: int = 1 << 36
     max_batch_ops: int = 10_000
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+class ResponseTooLarge(Exception):
+    """The response would exceed the message size limit: RESOURCE_EXHAUSTED."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} does not fit in a response of at most {limit} bytes (max-message-bytes)")
+        self.limit = limit
 
 
 class BadRequest(Exception):
@@ -60,8 +98,8 @@ class BadRequest(Exception):
 
 class ProcessNotFound(Exception):
     def __init__(self, handle: str) -> None:
-        super().__init__(f"no process {handle!r} on this server")
-        self.handle = handle
+        self.handle = echo(handle)
+        super().__init__(f"no process {self.handle!r} on this server")
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], int, int]:
@@ -72,7 +110,14 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], in
         info = error_details_pb2.ErrorInfo(
             reason=name, domain=errors.DOMAIN, metadata={"errno": str(err), "moved": str(exc.moved)}
         )
-        return errors.code_for_errno(err), f"[{name}] {exc.strerror}", [info], err, exc.moved
+        details: list[Any] = [info]
+        if isinstance(exc, MemoryLimitExceeded):
+            details.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[error_details_pb2.QuotaFailure.Violation(subject="max_memory", description=exc.strerror)]
+                )
+            )
+        return errors.code_for_errno(err), f"[{name}] {exc.strerror}", details, err, exc.moved
     if isinstance(exc, BadRequest):
         br = error_details_pb2.BadRequest(
             field_violations=[
@@ -85,15 +130,22 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], in
             reason=errors.PROCESS_NOT_FOUND, domain=errors.DOMAIN, metadata={"process": exc.handle}
         )
         return grpc.StatusCode.NOT_FOUND, str(exc), [info], 0, 0
+    if isinstance(exc, (ResultTooLarge, ResponseTooLarge)):
+        exc = LimitExceeded("max_message_bytes", exc.limit)  # type: ignore[union-attr]
+        return _status_for_limit(exc, "the response would exceed max_message_bytes")
     if isinstance(exc, LimitExceeded):
-        info = error_details_pb2.ErrorInfo(
-            reason=errors.LIMIT_EXCEEDED, domain=errors.DOMAIN, metadata={"limit": exc.limit, "value": str(exc.value)}
-        )
-        quota = error_details_pb2.QuotaFailure(
-            violations=[error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=str(exc))]
-        )
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), [info, quota], 0, 0
+        return _status_for_limit(exc, str(exc))
     raise exc
+
+
+def _status_for_limit(exc: LimitExceeded, message: str) -> tuple[grpc.StatusCode, str, list[Any], int, int]:
+    info = error_details_pb2.ErrorInfo(
+        reason=errors.LIMIT_EXCEEDED, domain=errors.DOMAIN, metadata={"limit": exc.limit, "value": str(exc.value)}
+    )
+    quota = error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=exc.limit, description=message)]
+    )
+    return grpc.StatusCode.RESOURCE_EXHAUSTED, message, [info, quota], 0, 0
 
 
 def _rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
@@ -105,7 +157,7 @@ def _rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grp
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=anys))
 
 
-_HANDLED = (MmError, BadRequest, ProcessNotFound, LimitExceeded)
+_HANDLED = (MmError, BadRequest, ProcessNotFound, LimitExceeded, ResultTooLarge, ResponseTooLarge)
 
 
 class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
@@ -113,6 +165,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         self.model = model
         self.limits = limits or Limits()
         self.instance = instance or secrets.token_hex(8)
+        if not re.fullmatch(r"[0-9a-f]{16}", self.instance):
+            raise ValueError("the instance id must be 16 lowercase hex digits")
+        self._tokens: dict[int, str] = {}  # pid -> the token of its handle
         self._ops: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "create_process": self._op_create_process,
             "fork": self._op_fork,
@@ -130,16 +185,30 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         }
 
     # -- handles
-    def handle(self, pid: int) -> str:
-        return f"{self.instance}.{pid}"
+    def issue(self, pid: int) -> pb.Process:
+        """The handle of a new process: a fresh random token."""
+        token = self._tokens[pid] = secrets.token_hex(16)
+        return pb.Process(handle=f"{self.instance}.{pid}.{token}", pid=pid)
 
     def pid(self, handle: str, field: str = "process") -> int:
+        """The pid a handle names: INVALID_ARGUMENT if it is not a handle, NOT_FOUND if it names no
+        process of this server (another instance, an exited process, a wrong token)."""
         if not handle:
             raise BadRequest(field, "a process handle is required")
-        inst, _, num = handle.rpartition(".")
-        if inst != self.instance or not num.isdigit() or int(num) not in self.model.processes:
+        m = HANDLE_RE.fullmatch(handle) if len(handle) <= HANDLE_MAX else None
+        if m is None:
+            raise BadRequest(field, f"{echo(handle)!r} is not a process handle (<instance>.<pid>.<token>)")
+        inst, num, token = m.groups()
+        pid = int(num)
+        known = self._tokens.get(pid)
+        if (
+            inst != self.instance
+            or known is None
+            or not hmac.compare_digest(known, token)
+            or pid not in self.model.processes
+        ):
             raise ProcessNotFound(handle)
-        return int(num)
+        return pid
 
     # -- running one operation
     async def _unary(self, context: grpc.aio.ServicerContext, op: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
@@ -149,20 +218,40 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             code, message, details, _, _ = _status_for(exc)
             await context.abort_with_status(_rich_status(code, message, details))
 
+    async def _run_op(self, i: int, op: pb.Op) -> pb.OpResult:
+        """One operation of a batch: its result, or its error. An unexpected failure of one
+        operation (a bug) is INTERNAL for that operation alone, logged with its traceback."""
+        kind = op.WhichOneof("op")
+        if kind is None:
+            return pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set")))
+        try:
+            return _op_result(await self._ops[kind](getattr(op, kind)))
+        except _HANDLED as exc:
+            return pb.OpResult(error=_op_error(exc))
+        except Exception:
+            log.exception("batch operation failed", op=kind, index=i)
+            return pb.OpResult(
+                error=pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message=f"operation {kind} failed on the server")
+            )
+
     async def _batch(self, request: pb.BatchRequest) -> pb.BatchResponse:
+        """Run the operations in order. The response stops growing at the message size limit: the
+        operation whose result would not fit gets a RESOURCE_EXHAUSTED result (what it did stands)
+        and the later ones are not run."""
         if len(request.ops) > self.limits.max_batch_ops:
-            raise BadRequest("ops", f"at most {self.limits.max_batch_ops} operations per batch")
+            raise LimitExceeded("max_batch_ops", self.limits.max_batch_ops)
+        budget = self.limits.max_message_bytes - RESPONSE_SLACK
+        size = 0
         results = []
         for i, op in enumerate(request.ops):
-            kind = op.WhichOneof("op")
-            if kind is None:
-                results.append(pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set"))))
-            else:
-                try:
-                    results.append(_op_result(await self._ops[kind](getattr(op, kind))))
-                except _HANDLED as exc:
-                    results.append(pb.OpResult(error=_op_error(exc)))
-            if request.stop_on_error and results[-1].HasField("error"):
+            result = await self._run_op(i, op)
+            n = result.ByteSize()
+            size += n + 1 + _varint_len(n)  # the field tag and length of a repeated element
+            if size > budget:
+                results.append(pb.OpResult(error=_op_error(ResponseTooLarge(f"the result of ops[{i}]", self.limits.max_message_bytes))))
+                break
+            results.append(result)
+            if request.stop_on_error and result.HasField("error"):
                 break
             if i % 64 == 63:
                 await asyncio.sleep(0)  # let other calls run between chunks of a long batch
@@ -170,13 +259,18 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     # -- executors: request message -> response message, raising on failure
     async def _op_create_process(self, request: pb.CreateProcessRequest) -> pb.Process:
-        return pb.Process(handle=self.handle(await self.model.create_process()))
+        return self.issue(await self.model.create_process())
 
     async def _op_fork(self, request: pb.ProcessRequest) -> pb.Process:
-        return pb.Process(handle=self.handle(await self.model.fork(self.pid(request.process))))
+        return self.issue(await self.model.fork(self.pid(request.process)))
 
     async def _op_exit(self, request: pb.ProcessRequest) -> pb.ExitResponse:
-        await self.model.exit(self.pid(request.process))
+        pid = self.pid(request.process)
+        try:
+            await self.model.exit(pid)
+        finally:
+            if pid not in self.model.processes:
+                self._tokens.pop(pid, None)
         return pb.ExitResponse()
 
     async def _op_mmap(self, request: pb.MmapRequest) -> pb.Vma:
@@ -189,7 +283,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     async def _op_munmap(self, request: pb.RangeRequest) -> pb.Empty:
         pid = self.pid(request.process)
         if request.length > self.limits.max_munmap_bytes:
-            raise BadRequest("length", f"at most {self.limits.max_munmap_bytes} bytes per munmap")
+            raise LimitExceeded("max_munmap_bytes", self.limits.max_munmap_bytes)
         await self.model.munmap(pid, request.addr, request.length)
         return pb.Empty()
 
@@ -218,7 +312,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     async def _op_remap(self, request: pb.RemapRequest) -> pb.RemapResponse:
         pid = self.pid(request.process)
         if request.len > self.limits.max_remap_bytes:
-            raise BadRequest("len", f"at most {self.limits.max_remap_bytes} bytes per remap")
+            raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
         moved = await self.model.move(pid, request.dst, request.src, request.len, request.mode)
         return pb.RemapResponse(moved=moved)
 
@@ -227,7 +321,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return pb.WalkResponse(
             referenced=w.referenced,
             contended=w.contended,
-            mappings=[pb.Mapping(process=self.handle(p), addr=a) for p, a in w.mappings],
+            mappings=[pb.Mapping(pid=p, addr=a) for p, a in w.mappings],
             fast_retries=w.fast_retries,
             slow_retries=w.slow_retries,
         )
@@ -290,33 +384,43 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def ListVmas(self, request, context):  # type: ignore[no-untyped-def]
         async def op(req: pb.ProcessRequest) -> pb.ListVmasResponse:
-            return pb.ListVmasResponse(vmas=[vma_to_pb(v) for v in self.model.vmas(self.pid(req.process))])
+            reply = pb.ListVmasResponse()
+            async for v in self.model.vmas_iter(self.pid(req.process)):
+                reply.vmas.append(vma_to_pb(v))
+            return reply
 
         return await self._unary(context, op, request)
 
     async def DumpAnonVmaTree(self, request, context):  # type: ignore[no-untyped-def]
         async def op(req: pb.AnonVmaTreeRequest) -> pb.AnonVmaTreeResponse:
             addr = req.addr if req.HasField("addr") else None
-            tree = self.model.anon_vma_tree(self.pid(req.process), addr)
-            return pb.AnonVmaTreeResponse(
-                anon_vmas=[
-                    pb.AnonVma(
-                        id=a["id"],
-                        root=a["root"],
-                        parent=a["parent"],
-                        refcount=a["refcount"],
-                        num_children=a["num_children"],
-                        num_active_vmas=a["num_active_vmas"],
-                        vmas=[pb.Mapping(process=self.handle(p), addr=s) for p, s in a["vmas"]],
-                    )
-                    for a in tree
-                ]
-            )
+            limit = self.limits.max_message_bytes
+            budget = limit - RESPONSE_SLACK
+            reply = pb.AnonVmaTreeResponse()
+            size = 0
+            # Every entry of ``vmas`` takes at least 6 bytes on the wire: give up before
+            # collecting more than can fit, and stop building as soon as the bytes pass the limit.
+            records = self.model.anon_vma_tree_iter(self.pid(req.process), addr, max_mappings=budget // 6)
+            async for a in records:
+                av = reply.anon_vmas.add(
+                    id=a["id"],
+                    root=a["root"],
+                    parent=a["parent"],
+                    refcount=a["refcount"],
+                    num_children=a["num_children"],
+                    num_active_vmas=a["num_active_vmas"],
+                    vmas=[pb.Mapping(pid=p, addr=s) for p, s in a["vmas"]],
+                )
+                n = av.ByteSize()
+                size += n + 1 + _varint_len(n)
+                if size > budget:
+                    raise ResponseTooLarge("the anon_vma tree", limit)
+            return reply
 
         return await self._unary(context, op, request)
 
     async def CheckInvariants(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.CheckInvariantsResponse(problems=self.model.check_invariants())
+        return pb.CheckInvariantsResponse(problems=await self.model.audit())
 
     async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
         return pb.StatsResponse(counters=self.model.stats())
@@ -374,9 +478,13 @@ def _op_result(response: Any) -> pb.OpResult:
     return pb.OpResult(**{_RESULT_FIELD[type(response)]: response})
 
 
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
 def _op_error(exc: BaseException) -> pb.OpError:
     code, message, _, err, moved = _status_for(exc)
     return pb.OpError(code=code.value[0], message=message, errno=err, moved=moved)
 
 
-__all__ = ["BadRequest", "Limits", "MemoryManagerServicer", "ProcessNotFound"]
+__all__ = ["BadRequest", "Limits", "MemoryManagerServicer", "ProcessNotFound", "ResponseTooLarge"]

@@ -67,7 +67,7 @@ def test_bad_flag_values_are_one_line_and_status_2(capsys, argv: list[str], mess
 
 #: A bad value for each kind of serve flag, by its converter.
 BAD_ENV = {cli._listen: "7077", cli._probability: "2", cli._int: "x", cli._bool: "maybe",
-           cli._positive: "0", cli._seconds: "-1", str: "bogus"}
+           cli._positive: "0", cli._seconds: "-1", cli._bytes: "4Q", str: "bogus"}
 
 
 @pytest.mark.parametrize("flag", SERVE_FLAGS, ids=[f[1] for f in SERVE_FLAGS])
@@ -144,3 +144,14 @@ def test_make_run_takes_host_and_port() -> None:
     assert _make("-n", "run", "PORT=7080").splitlines()[-1].endswith("mmsim serve --listen 127.0.0.1:7080")
     assert _make("-n", "run", "HOST=::1", "PORT=7081").splitlines()[-1].endswith("mmsim serve --listen ::1:7081")
     assert _make("-n", "run").splitlines()[-1].rstrip().endswith("mmsim serve")  # MMSIM_LISTEN still applies
+
+
+@pytest.mark.parametrize(("raw", "value"), [("4294967296", 1 << 32), ("512M", 512 << 20), ("4G", 4 << 30), ("64KiB", 64 << 10)])
+def test_max_memory_takes_sizes(raw: str, value: int) -> None:
+    args = cli.build_parser().parse_args(["serve", "--max-memory", raw])
+    assert args.max_memory == value
+
+
+@pytest.mark.parametrize("raw", ["0", "-1G", "4Q", "G", "1.5G"])
+def test_max_memory_rejects_bad_sizes(capsys, raw: str) -> None:  # type: ignore[no-untyped-def]
+    assert _usage_error(capsys, ["serve", "--max-memory", raw]).startswith("mmsim serve: error: argument --max-memory")

@@ -244,12 +244,12 @@ def test_walk_conversion() -> None:
     w = walk_from_pb(
         pb.WalkResponse(
             referenced=2,
-            mappings=[pb.Mapping(process="x.1", addr=0x1000), pb.Mapping(process="x.2", addr=0x1000)],
+            mappings=[pb.Mapping(pid=1, addr=0x1000), pb.Mapping(pid=2, addr=0x1000)],
             fast_retries=1,
             slow_retries=2,
         )
     )
-    assert w == WalkResult(2, False, [("x.1", 0x1000), ("x.2", 0x1000)], 1, 2)
+    assert w == WalkResult(2, False, [(1, 0x1000), (2, 0x1000)], 1, 2)
     assert w.retries == 3
     c = walk_from_pb(pb.WalkResponse(referenced=-1, contended=True))
     assert c.referenced == -1 and c.contended and c.mappings == []
@@ -259,10 +259,10 @@ def test_anon_vma_conversion() -> None:
     a = anon_vma_from_pb(
         pb.AnonVma(
             id=2, root=1, parent=1, refcount=1, num_children=0, num_active_vmas=1,
-            vmas=[pb.Mapping(process="x.2", addr=0x7000)],
+            vmas=[pb.Mapping(pid=2, addr=0x7000)],
         )
     )
-    assert a == AnonVma(2, 1, 1, 1, 0, 1, [("x.2", 0x7000)])
+    assert a == AnonVma(2, 1, 1, 1, 0, 1, [(2, 0x7000)])
 
 
 # -- batch operation builders
@@ -356,7 +356,7 @@ async def test_process_methods_convert_results_and_pass_deadlines() -> None:
             "Write": pb.Empty(),
             "Remap": pb.RemapResponse(moved=4096),
             "GetFolio": pb.FolioResponse(present=False),
-            "Walk": pb.WalkResponse(referenced=1, mappings=[pb.Mapping(process="opaque/1", addr=4096)]),
+            "Walk": pb.WalkResponse(referenced=1, mappings=[pb.Mapping(pid=1, addr=4096)]),
             "ListVmas": pb.ListVmasResponse(vmas=[pb.Vma(start=4096, end=8192, prot=pb.PROT_R, anon_vma=3)]),
             "DumpAnonVmaTree": pb.AnonVmaTreeResponse(anon_vmas=[pb.AnonVma(id=3, root=3, parent=3)]),
             "Exit": pb.ExitResponse(),
@@ -371,7 +371,7 @@ async def test_process_methods_convert_results_and_pass_deadlines() -> None:
     assert await p.write(4096, 1) is None
     assert await p.remap(0x10000, 4096, 4096, allow_src_holes=True) == 4096
     assert await p.folio(4096) is None
-    assert (await p.walk(4096)).mappings == [("opaque/1", 4096)]
+    assert (await p.walk(4096)).mappings == [(1, 4096)]
     assert (await p.vmas())[0].anon_vma == 3
     assert (await p.anon_vma_tree(addr=4096))[0].id == 3
     child = await p.fork()

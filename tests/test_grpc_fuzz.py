@@ -54,7 +54,26 @@ lengths = st.one_of(
     st.sampled_from([0, 1, P, 2 * P, 8 * P, 16 * P, 64 * P, 65 * P, 1 << 40, U64]), st.integers(0, 32 * P)
 )
 enum_vals = st.one_of(st.integers(0, 5), st.integers(-(2**31), 2**31 - 1))
-handle_choice = st.one_of(st.integers(0, 7), st.sampled_from(["", "x", "0.1", "deadbeef.1", "....", "\u00e9.2"]))
+#: Ways to spoil a real handle "<instance>.<pid>.<token>" (the pid part is a decimal number).
+MUTATIONS = {
+    "superscript": lambda h: h.replace("." + h.split(".")[1] + ".", ".\u00b2."),
+    "arabic-indic": lambda h: h.replace("." + h.split(".")[1] + ".", ".\u0661."),
+    "fullwidth": lambda h: h.replace("." + h.split(".")[1] + ".", ".\uff11."),
+    "leading-zero": lambda h: h.replace("." + h.split(".")[1] + ".", ".0" + h.split(".")[1] + "."),
+    "huge-pid": lambda h: h.replace("." + h.split(".")[1] + ".", "." + "9" * 5000 + "."),
+    "wrong-token": lambda h: h[:-1] + ("0" if h[-1] != "0" else "1"),
+    "upper-token": lambda h: h.upper(),
+    "no-token": lambda h: h.rsplit(".", 1)[0],
+    "trailing-newline": lambda h: h + "\n",
+    "padded": lambda h: " " + h,
+    "long": lambda h: h + "0" * 8192,
+}
+handle_choice = st.one_of(
+    st.integers(0, 7),
+    st.tuples(st.integers(0, 7), st.sampled_from(sorted(MUTATIONS))),
+    st.sampled_from(["", "x", "0.1", "deadbeef.1", "....", "\u00e9.2", "\u00b2", "9" * 5000, "a" * 8192]),
+    st.text(max_size=80),
+)
 
 
 def op_strategy() -> st.SearchStrategy[tuple[str, dict]]:
@@ -84,6 +103,7 @@ REQUEST = {
     "Write": pb.WriteRequest, "Remap": pb.RemapRequest, "Walk": pb.WalkRequest, "GetFolio": pb.AccessRequest,
     "ListVmas": pb.ProcessRequest, "DumpAnonVmaTree": pb.AnonVmaTreeRequest,
 }
+#: Never UNKNOWN or INTERNAL.
 ALLOWED = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -97,6 +117,9 @@ async def run_ops(h: Harness, ops: list[tuple[str, dict]], batched: bool) -> Non
         fields = dict(fields)
         if "process" in fields and isinstance(fields["process"], int):
             fields["process"] = h.handles[fields["process"] % len(h.handles)] if h.handles else ""
+        elif "process" in fields and isinstance(fields["process"], tuple):
+            i, how = fields["process"]
+            fields["process"] = MUTATIONS[how](h.handles[i % len(h.handles)]) if h.handles else ""
         if fields.get("addr", 0) is None:
             del fields["addr"]
         reqs.append((name, REQUEST[name](**fields)))
@@ -106,10 +129,11 @@ async def run_ops(h: Harness, ops: list[tuple[str, dict]], batched: bool) -> Non
                     "Read": "read", "Write": "write", "Remap": "remap", "Walk": "walk", "GetFolio": "get_folio"}
         batch = [pb.Op(**{field_of[n]: r}) for n, r in reqs if n in field_of]
         resp = await h.stub.Batch(pb.BatchRequest(ops=batch), timeout=10)
-        assert len(resp.results) == len(batch)
+        assert len(resp.results) == len(batch)  # a failing operation fails alone
         for r in resp.results:
             if r.HasField("error"):
                 assert grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == r.error.code)) in ALLOWED
+                assert len(r.error.message) < 512  # echoed input is truncated
             elif r.HasField("process"):
                 h.handles.append(r.process.handle)
         return
@@ -120,6 +144,7 @@ async def run_ops(h: Harness, ops: list[tuple[str, dict]], batched: bool) -> Non
                 h.handles.append(resp.handle)
         except grpc.aio.AioRpcError as e:
             assert e.code() in ALLOWED, (name, req, e.code(), e.details())
+            assert len(e.details() or "") < 512
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -140,5 +165,98 @@ def test_garbage_bytes_are_rejected_cleanly(harness: Harness) -> None:
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "does not parse" in (e.value.details() or "")
         await harness.stub.Ping(pb.Empty(), timeout=5)  # still serving
+
+    harness.loop.run_until_complete(go())
+
+
+def test_bad_handles_answer_invalid_argument_or_not_found(harness: Harness) -> None:
+    """Every process RPC, unary and in a batch, with each spoilt form of a real handle: INVALID_ARGUMENT
+    for what is not a handle, NOT_FOUND for a handle of no process; short messages that never echo a
+    token; a batch whose bad operation fails alone while the others take effect."""
+
+    async def go() -> None:
+        real = (await harness.stub.CreateProcess(pb.CreateProcessRequest(), timeout=5)).handle
+        token = real.rsplit(".", 1)[1]
+        unary = {
+            name: REQUEST[name] for name in REQUEST if name != "CreateProcess"
+        }
+        for how, spoil in MUTATIONS.items():
+            bad = spoil(real)
+            want = grpc.StatusCode.NOT_FOUND if how == "wrong-token" else grpc.StatusCode.INVALID_ARGUMENT
+            for name, request in unary.items():
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await getattr(harness.stub, name)(request(process=bad), timeout=5)
+                assert e.value.code() == want, (how, name, e.value.code(), e.value.details())
+                assert len(e.value.details()) < 200 and token not in e.value.details()
+            batch = pb.BatchRequest(
+                ops=[pb.Op(create_process=pb.CreateProcessRequest()), pb.Op(fork=pb.ProcessRequest(process=bad)),
+                     pb.Op(create_process=pb.CreateProcessRequest())]
+            )
+            resp = await harness.stub.Batch(batch, timeout=5)
+            assert [r.WhichOneof("result") for r in resp.results] == ["process", "error", "process"]
+            assert resp.results[1].error.code == want.value[0]
+            for r in (resp.results[0], resp.results[2]):
+                await harness.stub.Exit(pb.ProcessRequest(process=r.process.handle), timeout=5)
+        await harness.stub.Exit(pb.ProcessRequest(process=real), timeout=5)
+
+    harness.loop.run_until_complete(go())
+
+
+def test_handles_are_unguessable_capabilities(harness: Harness) -> None:
+    """Knowing one handle gives nothing else: the handles of two processes share only the server's
+    instance id; a neighbour's pid with this handle's token is NOT_FOUND; walk results name
+    other processes by pid, never by handle."""
+
+    async def go() -> None:
+        a = await harness.stub.CreateProcess(pb.CreateProcessRequest(), timeout=5)
+        b = await harness.stub.Fork(pb.ProcessRequest(process=a.handle), timeout=5)
+        inst_a, pid_a, tok_a = a.handle.split(".")
+        inst_b, pid_b, tok_b = b.handle.split(".")
+        assert inst_a == inst_b and int(pid_a) == a.pid and int(pid_b) == b.pid
+        assert len(tok_a) == len(tok_b) == 32 and tok_a != tok_b  # 128 random bits each
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await harness.stub.ListVmas(pb.ProcessRequest(process=f"{inst_a}.{pid_b}.{tok_a}"), timeout=5)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        v = await harness.stub.Mmap(pb.MmapRequest(process=a.handle, length=P, prot=pb.PROT_RW), timeout=5)
+        await harness.stub.Write(pb.WriteRequest(process=a.handle, addr=v.start, value=7), timeout=5)
+        c = await harness.stub.Fork(pb.ProcessRequest(process=a.handle), timeout=5)
+        w = await harness.stub.Walk(pb.WalkRequest(process=a.handle, addr=v.start), timeout=5)
+        assert sorted(m.pid for m in w.mappings) == sorted([a.pid, c.pid])
+        assert tok_a not in str(w) and c.handle.split(".")[2] not in str(w)
+        for h in (c.handle, b.handle, a.handle):
+            await harness.stub.Exit(pb.ProcessRequest(process=h), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await harness.stub.ListVmas(pb.ProcessRequest(process=a.handle), timeout=5)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND  # an exited process's handle is dead
+
+    harness.loop.run_until_complete(go())
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.tuples(st.sampled_from([0, 1, 10_000, 10_001, 12_000]), st.sampled_from(["", "\u00b2", "x" * 64])),
+        st.tuples(st.integers(1, 60), st.sampled_from(["9" * 5000, "x" * 100_000])),
+    )
+)
+def test_huge_repeated_fields(harness: Harness, case: tuple[int, str]) -> None:
+    """Batches at and past the operation limit, with huge strings in them: RESOURCE_EXHAUSTED for
+    too many operations (the server's limit) or too large a message, per-operation errors otherwise,
+    never UNKNOWN or INTERNAL."""
+
+    n, junk = case
+
+    async def go() -> None:
+        batch = pb.BatchRequest(ops=[pb.Op(get_folio=pb.AccessRequest(process=junk, addr=i)) for i in range(n)])
+        try:
+            resp = await harness.stub.Batch(batch, timeout=30)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (n, len(junk), e.code(), e.details())
+            assert n > 10_000 or batch.ByteSize() > 4 * 1024 * 1024
+            return
+        assert n <= 10_000
+        codes = {r.error.code for r in resp.results}
+        assert codes <= {grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+        assert len(resp.results) == n or resp.results[-1].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
     harness.loop.run_until_complete(go())

@@ -3,6 +3,7 @@ operations do not starve other calls."""
 
 import asyncio
 
+import grpc
 import pytest
 
 from mmsim.client import Client, InvalidRequestError, LimitExceededError, ops
@@ -32,12 +33,15 @@ async def test_max_munmap_and_batch_ops() -> None:
         async with Client(addr) as mm:
             p = await mm.create_process()
             v = await p.mmap(8 * P)
-            with pytest.raises(InvalidRequestError) as e:
+            # Every configured limit answers RESOURCE_EXHAUSTED, naming the limit.
+            with pytest.raises(LimitExceededError) as e:
                 await p.munmap(v.start, 8 * P)
-            assert e.value.field_violations[0][0] == "length"
-            with pytest.raises(InvalidRequestError):
+            assert e.value.limit == "max_munmap_bytes" and e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(LimitExceededError) as e:
                 await mm.batch([ops.read(p, v.start)] * 4)
+            assert e.value.limit == "max_batch_ops" and e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert len(await mm.batch([ops.read(p, v.start)] * 3)) == 3
+            assert len(await p.vmas()) == 1  # nothing was unmapped
 
 
 async def test_message_size_limit() -> None:

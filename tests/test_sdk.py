@@ -13,6 +13,7 @@ from mmsim.client import (
     InvalidRequestError,
     LimitExceededError,
     ProcessNotFoundError,
+    Process,
     ops,
 )
 from mmsim.client.testing import serve_in_process
@@ -49,10 +50,10 @@ async def test_every_rpc(mm: Client) -> None:
     moved = await p.folio(DST)
     assert moved is not None and moved.value == 42 and moved.index == DST >> 12
     w = await p.walk(DST)
-    assert (w.referenced, w.contended, w.mappings) == (1, False, [(p.id, DST)])
+    assert (w.referenced, w.contended, w.mappings) == (1, False, [(p.pid, DST)])
     assert (await p.walk(DST, blocking=True)).referenced == 0
     tree = await p.anon_vma_tree(DST)
-    assert len(tree) == 1 and tree[0].id == moved.anon_vma and tree[0].vmas == [(p.id, DST)]
+    assert len(tree) == 1 and tree[0].id == moved.anon_vma and tree[0].vmas == [(p.pid, DST)]
     await p.write(SRC + P, 7)
     assert await p.remap(DST + P, SRC, 2 * P, allow_src_holes=True, dontwake=True) == 2 * P
     await p.madvise(SRC, 4 * P, "dontfork")
@@ -67,7 +68,7 @@ async def test_every_rpc(mm: Client) -> None:
     assert child.id != p.id
     assert await child.read(DST) == 42
     w = await p.walk(DST)
-    assert sorted(w.mappings) == sorted([(p.id, DST), (child.id, DST)])
+    assert sorted(w.mappings) == sorted([(p.pid, DST), (child.pid, DST)])
     assert [v.uffd for v in await child.vmas() if v.start == DST] == [None]  # dropped at fork
     await p.munmap(placed.start, 2 * P)
     assert all(v.start != placed.start for v in await p.vmas())
@@ -166,9 +167,12 @@ async def test_malformed_and_limits() -> None:
     async with serve_in_process(log_level="warning", max_processes=2, max_remap_bytes=8 * P) as addr:
         async with Client(addr) as mm:
             p = await mm.create_process()
-            with pytest.raises(InvalidRequestError) as e:
+            with pytest.raises(LimitExceededError) as le:
                 await p.remap(DST, SRC, 16 * P)
-            assert [f for f, _ in e.value.field_violations] == ["len"]
+            assert le.value.limit == "max_remap_bytes"
+            with pytest.raises(InvalidRequestError) as e:
+                await Process(mm, p._conn, "not a handle").vmas()
+            assert [f for f, _ in e.value.field_violations] == ["process"]
             with pytest.raises(ValueError):
                 await p.mmap(P, prot="rwx")  # refused by the SDK before sending
             await mm.create_process()

@@ -133,7 +133,7 @@ async def test_json_logs_carry_request_id_and_method() -> None:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.Read(pb.AccessRequest(process="nope.1", addr=0), metadata=(("x-request-id", "req-42"),))
+                await stub.Read(pb.AccessRequest(process="0123456789abcdef.1.00000000000000000000000000000000", addr=0), metadata=(("x-request-id", "req-42"),))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

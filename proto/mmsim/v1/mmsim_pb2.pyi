@@ -58,10 +58,12 @@ class CreateProcessRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Process(_message.Message):
-    __slots__ = ("handle",)
+    __slots__ = ("handle", "pid")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     handle: str
-    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+    pid: int
+    def __init__(self, handle: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
     __slots__ = ("process",)
@@ -196,12 +198,12 @@ class WalkRequest(_message.Message):
     def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., blocking: _Optional[bool] = ...) -> None: ...
 
 class Mapping(_message.Message):
-    __slots__ = ("process", "addr")
-    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("addr", "pid")
     ADDR_FIELD_NUMBER: _ClassVar[int]
-    process: str
+    PID_FIELD_NUMBER: _ClassVar[int]
     addr: int
-    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, addr: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class WalkResponse(_message.Message):
     __slots__ = ("referenced", "contended", "mappings", "fast_retries", "slow_retries")
