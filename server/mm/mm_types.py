@@ -57,19 +57,19 @@ PROT_FLAGS = {"r": VM_READ, "rw": VM_READ | VM_WRITE}
 # What each object is charged to the memory budget (memcontrol): its measured footprint on 64-bit
 # CPython 3.11, rounded up, including the dict and list slots that index it.
 #: A present PTE: the Pte object, its slot in the PTE table, its entry in the content ledger.
-PTE_BYTES = 192
+PTE_BYTES = 160
 #: A folio with its folio lock.
-FOLIO_BYTES = 640
+FOLIO_BYTES = 544
 #: A PTE table with its split PTL and its slot in the mm's table index.
-PGTABLE_BYTES = 1536
+PGTABLE_BYTES = 512
 #: A vm_area_struct and its slot in the mm's VMA tree.
 VMA_BYTES = 512
 #: An anon_vma with its rwsem.
-ANON_VMA_BYTES = 640
+ANON_VMA_BYTES = 512
 #: One anon_vma_chain link, in the VMA's list and in the anon_vma's tree.
-AVC_BYTES = 224
-#: An mm_struct with its locks, tables and per-process bookkeeping.
-MM_BYTES = 3072
+AVC_BYTES = 128
+#: An mm_struct with its locks, tables and per-process bookkeeping (its ledger, its handle).
+MM_BYTES = 5120
 
 
 class MmError(OSError):
