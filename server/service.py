@@ -60,6 +60,8 @@ HANDLE_MAX = 16 + 1 + 19 + 1 + 32
 ECHO_MAX = 48
 #: Bytes of a response kept free for the message framing and a final error result.
 RESPONSE_SLACK = 1024
+#: Entries converted to protobuf between two chances for other calls to run.
+CONVERT_CHUNK = 4096
 
 
 def echo(value: str) -> str:
@@ -409,9 +411,18 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                     refcount=a["refcount"],
                     num_children=a["num_children"],
                     num_active_vmas=a["num_active_vmas"],
-                    vmas=[pb.Mapping(pid=p, addr=s) for p, s in a["vmas"]],
                 )
                 n = av.ByteSize()
+                vmas = a["vmas"]
+                for i in range(0, len(vmas), CONVERT_CHUNK):
+                    for p, s in vmas[i : i + CONVERT_CHUNK]:
+                        av.vmas.add(pid=p, addr=s)
+                        m = _mapping_size(p, s)
+                        n += m + 1 + _varint_len(m)
+                    if size + n > budget:
+                        raise ResponseTooLarge("the anon_vma tree", limit)
+                    if len(vmas) > CONVERT_CHUNK:
+                        await asyncio.sleep(0)  # a record of many thousands of entries
                 size += n + 1 + _varint_len(n)
                 if size > budget:
                     raise ResponseTooLarge("the anon_vma tree", limit)
@@ -480,6 +491,11 @@ def _op_result(response: Any) -> pb.OpResult:
 
 def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
+
+
+def _mapping_size(pid: int, addr: int) -> int:
+    """The encoded size of Mapping(pid, addr): each non-zero field is a tag byte and a varint."""
+    return (1 + _varint_len(addr) if addr else 0) + (1 + _varint_len(pid) if pid else 0)
 
 
 def _op_error(exc: BaseException) -> pb.OpError:

@@ -88,3 +88,34 @@ async def test_a_long_move_does_not_starve_other_calls() -> None:
             assert await move == pages * P
             assert answered_during >= 2
             assert (await p.folio(dst.start + (pages - 1) * P)).value == pages - 1  # type: ignore[union-attr]
+
+
+def test_the_response_size_accounting_matches_protobuf() -> None:
+    from mmsim.server.service import _mapping_size, _varint_len
+    from mmsim.v1 import mmsim_pb2 as pb
+
+    for pid, addr in [(0, 0), (1, 0x10000), (127, 1 << 47), (128, (1 << 64) - 1), (10_000, 0x7F0000000000)]:
+        assert _mapping_size(pid, addr) == pb.Mapping(pid=pid, addr=addr).ByteSize()
+        av = pb.AnonVma(vmas=[pb.Mapping(pid=pid, addr=addr)])
+        m = _mapping_size(pid, addr)
+        assert av.ByteSize() == m + 1 + _varint_len(m)
+
+
+async def test_a_tree_dump_past_the_message_limit_is_resource_exhausted() -> None:
+    for limit, fits in ((16 * 1024, False), (64 * 1024, True)):
+        async with serve_in_process(log_level="warning", max_message_bytes=limit) as addr:
+            async with Client(addr) as mm:
+                p = await mm.create_process()
+                v = await p.mmap(P)
+                await p.write(v.start, 1)
+                cur = p
+                for _ in range(60):  # 1,891 entries: about 24 KB on the wire
+                    cur = await cur.fork()
+                if fits:
+                    tree = await cur.anon_vma_tree()
+                    assert sum(len(a.vmas) for a in tree) == 61 * 62 // 2
+                else:
+                    with pytest.raises(LimitExceededError) as e:
+                        await cur.anon_vma_tree()
+                    assert e.value.limit == "max_message_bytes"
+                    assert len(await p.vmas()) == 1  # still serving

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import heapq
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import count, islice
@@ -279,10 +280,14 @@ class MemoryModel:
                     raise
                 finally:
                     child.mmap_lock.up_write(cur)
+                parent_ledger = self.ledger[pid]
+                ledger = PageLedger()
+                for i in range(0, len(copied), RESCHED_WORK):
+                    ledger.update((vpn, parent_ledger[vpn]) for vpn in copied[i : i + RESCHED_WORK] if vpn in parent_ledger)
+                    await cond_resched()
                 self.processes[cpid] = child
                 self.parents[cpid] = pid
-                parent_ledger = self.ledger[pid]
-                self.ledger[cpid] = PageLedger((vpn, parent_ledger[vpn]) for vpn in copied if vpn in parent_ledger)
+                self.ledger[cpid] = ledger
             finally:
                 lock.up_write(cur)
         finally:
@@ -299,7 +304,11 @@ class MemoryModel:
             await exit_mmap(k, cur, mm)
             k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
-            self.ledger.pop(pid, None)
+            ledger = self.ledger.pop(pid, None) or {}
+            while ledger:  # a big dict is let go of in slices too
+                for _ in range(min(len(ledger), RESCHED_WORK)):
+                    ledger.popitem()
+                await cond_resched()
 
         await self._write_locked(mm, cur, body)
 
@@ -346,8 +355,10 @@ class MemoryModel:
             unmapped: list[int] = []
             await do_munmap(self.k, cur, mm, addr, length, unmapped)
             ledger = self.ledger[pid]
-            for vpn in unmapped:
-                ledger.pop(vpn, None)
+            for i in range(0, len(unmapped), RESCHED_WORK):
+                for vpn in unmapped[i : i + RESCHED_WORK]:
+                    ledger.pop(vpn, None)
+                await cond_resched()
 
         await self._write_locked(mm, cur, body)
 
@@ -557,7 +568,19 @@ class MemoryModel:
         for av in sorted(members.values(), key=lambda a: a.id):
             if av.freed:  # let go while we yielded
                 continue
-            vmas = sorted((avc.vma.mm.id, avc.vma.start) for avc in av.rb_root)
+            avcs = list(av.rb_root)
+            if len(avcs) <= RESCHED_WORK:
+                vmas = sorted((avc.vma.mm.id, avc.vma.start) for avc in avcs)
+            else:  # sorted runs, merged, with room for others between them
+                runs = []
+                for i in range(0, len(avcs), RESCHED_WORK):
+                    runs.append(sorted((avc.vma.mm.id, avc.vma.start) for avc in avcs[i : i + RESCHED_WORK]))
+                    yield None
+                vmas = []
+                for entry in heapq.merge(*runs):
+                    vmas.append(entry)
+                    if len(vmas) % RESCHED_WORK == 0:
+                        yield None
             yield {
                 "id": av.id,
                 "root": av.root.id,
