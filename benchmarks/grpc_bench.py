@@ -58,6 +58,11 @@ MODES = ("sequential", "concurrent")
 # -- the server process -------------------------------------------------------------------------
 
 
+def progress(message: str) -> None:
+    """One line on stderr per step and per run, so a long benchmark shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (the server binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -227,6 +232,7 @@ async def bench(args: argparse.Namespace, target: str) -> dict[str, object]:
         pairs = [await make_pair(mm, 1000 + i) for i in range(c)]
 
         # Warm up every path (channel, server code, the interpreter's caches) before timing.
+        progress(f"warming up ({c} pairs ready)")
         await timed([ping_worker(mm)] * c, 100)
         await timed([remap_worker(p) for p in pairs], 100)
         await timed([batch_worker(mm, p, n) for p in pairs], 3)
@@ -238,6 +244,7 @@ async def bench(args: argparse.Namespace, target: str) -> dict[str, object]:
             probe = 10
             dt = await timed([batch_worker(mm, pairs[0], n)], probe)
             batch_calls = max(c, round(args.batch_seconds / (dt / probe)))
+            progress(f"batch runs sized to {batch_calls} calls")
 
         figures: list[Figure] = []
         for mode in MODES:
@@ -253,11 +260,16 @@ async def bench(args: argparse.Namespace, target: str) -> dict[str, object]:
                 figures.append(Figure(name, mode, [make(p) for p in chosen], each * workers, per_call, []))
 
         # Interleave the figures run by run, so slow drift of a noisy machine hits all alike.
-        for _ in range(args.repeats):
-            for f in figures:
+        for rep in range(args.repeats):
+            for k, f in enumerate(figures):
                 each = f.calls // len(f.workers)
                 dt = await timed(f.workers, each)
                 f.runs.append(f.calls * f.ops_per_call / dt)
+                progress(
+                    f"run {rep + 1}/{args.repeats}, figure {k + 1}/{len(figures)}: {f.name} {f.mode}: "
+                    f"{f.runs[-1]:,.0f} ops/s ({dt:.2f} s)"
+                )
+        progress("verifying pages, invariants and detectors")
 
         # Correctness: each page is where the ping-pong left it, with its value; nothing is at
         # the other end; the model's audit is clean and no detector fired.
@@ -323,10 +335,10 @@ def print_report(out: dict[str, object], args: argparse.Namespace) -> None:
             g = wanted.get((mode, name))
             goal = "-"
             if g is not None:
-                goal = f">= {g['want']} x {g['vs']}: {g['ratio']:.2f}, {'met' if g['met'] else 'NOT met'}"
+                goal = f">= {g['want']:.3f} x {g['vs']}: {g['ratio']:.3f}, {'met' if g['met'] else 'NOT met'}"
             print(
                 f"{name:14} {mode:11} {f['calls_per_run']:>9} {f['median_ops_per_s']:>12,.0f} "
-                f"{f['median_ops_per_s'] / ping:>7.2f}  {goal}"
+                f"{f['median_ops_per_s'] / ping:>7.3f}  {goal}"
             )
     print("all runs (ops/s):")
     for mode in MODES:
@@ -378,6 +390,7 @@ def main() -> int:
         os.sched_setaffinity(proc.pid, {cpus[0]})
         os.sched_setaffinity(0, {cpus[1]})
     try:
+        progress(f"starting the server on {target}")
         asyncio.run(wait_serving(target, proc))
         out = {"machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}"}
         out.update(asyncio.run(bench(args, target)))
@@ -386,6 +399,7 @@ def main() -> int:
             proc.kill()
             proc.wait()
         raise
+    progress("stopping the server")
     out["server_exit"] = stop_server_process(proc)
     out["goals"] = goals(out["figures"])  # type: ignore[arg-type]
     out["config"] = {

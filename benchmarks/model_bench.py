@@ -133,8 +133,16 @@ def bare_python_moves(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def median_of(repeats: int, fn) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
-    runs = [fn() for _ in range(repeats)]
+def progress(message: str) -> None:
+    """One line on stderr per run, so a long benchmark shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median_of(repeats: int, fn, label: str = "", unit: str = "/s") -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    runs = []
+    for i in range(repeats):
+        runs.append(fn())
+        progress(f"{label}: run {i + 1}/{repeats}: {runs[-1]:,.1f}{unit}")
     return statistics.median(runs), runs
 
 
@@ -146,19 +154,30 @@ def main() -> int:
     r = args.repeats
     out: dict[str, object] = {"machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}"}
 
-    out["single_moves_per_s"], out["single_runs"] = median_of(r, lambda: asyncio.run(bench_moves(20_000, 1)))
-    bulk, out["bulk64_runs"] = median_of(r, lambda: asyncio.run(bench_moves(2_000, 64)))
+    out["single_moves_per_s"], out["single_runs"] = median_of(
+        r, lambda: asyncio.run(bench_moves(20_000, 1)), "single-page moves", " moves/s"
+    )
+    bulk, out["bulk64_runs"] = median_of(r, lambda: asyncio.run(bench_moves(2_000, 64)), "64-page moves", " moves/s")
     out["bulk64_pages_per_s"] = bulk * 64
-    out["walks64_per_s"], out["walk_runs"] = median_of(r, lambda: asyncio.run(bench_walks(5_000)))
-    out["fork10k_ms"], out["fork_runs"] = median_of(max(r, 5), lambda: asyncio.run(bench_fork()))
-    out["bare_python_moves_per_s"], _ = median_of(r, lambda: bare_python_moves(500_000))
+    out["walks64_per_s"], out["walk_runs"] = median_of(
+        r, lambda: asyncio.run(bench_walks(5_000)), "walks over 64 mappings", " walks/s"
+    )
+    out["fork10k_ms"], out["fork_runs"] = median_of(
+        max(r, 5), lambda: asyncio.run(bench_fork()), "fork of 10,000 pages", " ms"
+    )
+    out["bare_python_moves_per_s"], _ = median_of(
+        r, lambda: bare_python_moves(500_000), "bare Python move loop", " moves/s"
+    )
 
     why = kernel_oracle_unavailable()
     if why is None:
+        progress(f"kernel baseline: single-page moves ({r} runs)")
         out["kernel_single_moves_per_s"] = run_kernel_move("single", 200_000, r)["median_ops_per_s"]
+        progress(f"kernel baseline: 64-page moves ({r} runs)")
         out["kernel_bulk64_pages_per_s"] = run_kernel_move("bulk64", 20_000, r)["median_pages_per_s"]
     else:
         out["kernel_unavailable"] = why
+        progress(f"kernel baseline unavailable: {why}")
 
     rows = [
         ("single-page moves/s", "single_moves_per_s", "kernel_single_moves_per_s", False),
