@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z_-]*:.*## / { printf "  %-6s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-test: $(STAMP) ## set up the virtualenv and run the whole test suite
-	$(PY) -m pytest -q
+test: $(STAMP) ## set up the virtualenv and run the whole test suite, one worker per core
+	$(PY) -m pytest -q -n auto
 
 run: $(STAMP) ## start the server in the foreground on 127.0.0.1:7077, or HOST=... PORT=...
 	$(VENV)/bin/mmsim serve $(RUN_ARGS)

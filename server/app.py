@@ -415,6 +415,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # A call waiting in gRPC core's queue is never cancelled for its age (the default is
+            # 30 s, answered CANCELLED though no one cancelled it): the client's deadline decides.
+            ("grpc.server_max_unrequested_time_in_server", 24 * 3600),
+            # Nor shed while fewer are queued than the limit of calls in progress lets through.
+            ("grpc.server.max_pending_requests", max(1000, 2 * config.max_concurrent_rpcs)),
+            ("grpc.server.max_pending_requests_hard_limit", max(3000, 4 * config.max_concurrent_rpcs)),
         ],
     )
     mmsim_pb2_grpc.add_MemoryManagerServicer_to_server(

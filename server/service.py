@@ -13,7 +13,6 @@ processes by pid only.
 
 from __future__ import annotations
 
-import asyncio
 import errno as errno_mod
 import hmac
 import re
@@ -33,6 +32,7 @@ from mmsim.v1 import mmsim_pb2_grpc
 
 from . import errors
 from .mm.memcontrol import MemoryLimitExceeded
+from .mm.sched import cond_resched
 from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 
@@ -61,7 +61,9 @@ ECHO_MAX = 48
 #: Bytes of a response kept free for the message framing and a final error result.
 RESPONSE_SLACK = 1024
 #: Entries converted to protobuf between two chances for other calls to run.
-CONVERT_CHUNK = 4096
+CONVERT_CHUNK = 1024
+#: Operations of a Batch run between two chances for other calls to run.
+BATCH_SLICE = 32
 
 
 def echo(value: str) -> str:
@@ -255,8 +257,8 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             results.append(result)
             if request.stop_on_error and result.HasField("error"):
                 break
-            if i % 64 == 63:
-                await asyncio.sleep(0)  # let other calls run between chunks of a long batch
+            if i % BATCH_SLICE == BATCH_SLICE - 1:
+                await cond_resched()  # let other calls run between slices of a long batch
         return pb.BatchResponse(results=results)
 
     # -- executors: request message -> response message, raising on failure
@@ -422,7 +424,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                     if size + n > budget:
                         raise ResponseTooLarge("the anon_vma tree", limit)
                     if len(vmas) > CONVERT_CHUNK:
-                        await asyncio.sleep(0)  # a record of many thousands of entries
+                        await cond_resched()  # a record of many thousands of entries
                 size += n + 1 + _varint_len(n)
                 if size > budget:
                     raise ResponseTooLarge("the anon_vma tree", limit)

@@ -53,6 +53,8 @@ REQUIRED_CATEGORIES = {
 
 RANDOM_SEED = 2026
 RANDOM_COUNT = 200
+#: The kernel runs are split into slices that `pytest -n` can run side by side.
+SLICES = 4
 
 
 def category(path: Path) -> str:
@@ -202,12 +204,13 @@ def _report(bad: list[Outcome], extra: list[str] | None = None) -> str:
     return f"{len(bad)} scenario(s) differ between the kernel and mmsim:\n" + buf.getvalue() + "\n".join(extra or [])
 
 
-async def test_corpus_on_kernel() -> None:
+@pytest.mark.parametrize("part", range(SLICES // 2))
+async def test_corpus_on_kernel(part: int) -> None:
     runner = _oracle_or_skip()
     bad: list[Outcome] = []
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
-            for s in load_scenarios([str(CORPUS)]):
+            for s in load_scenarios([str(CORPUS)])[part :: SLICES // 2]:
                 outcome = await run_one(s, runner, client)
                 if outcome.differences:
                     bad.append(outcome)
@@ -215,15 +218,16 @@ async def test_corpus_on_kernel() -> None:
         pytest.fail(_report(bad), pytrace=False)
 
 
-async def test_random_scenarios_on_kernel() -> None:
+@pytest.mark.parametrize("part", range(SLICES))
+async def test_random_scenarios_on_kernel(part: int) -> None:
     runner = _oracle_or_skip()
     rng = random.Random(RANDOM_SEED)
+    scenarios = [random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}") for n in range(RANDOM_COUNT)]
     bad: list[Outcome] = []
     reproducers: list[str] = []
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
-            for n in range(RANDOM_COUNT):
-                s = random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}")
+            for s in scenarios[part::SLICES]:
                 outcome = await run_one(s, runner, client)
                 if not outcome.differences:
                     continue

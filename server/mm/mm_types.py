@@ -53,6 +53,8 @@ VM_UFFD_FLAGS = VM_UFFD_MISSING | VM_UFFD_WP
 VM_IGNORE_MERGE = VM_SOFTDIRTY
 
 PROT_FLAGS = {"r": VM_READ, "rw": VM_READ | VM_WRITE}
+#: VMAs an mm remembers from its last lookups.
+VMACACHE_SIZE = 4
 
 # What each object is charged to the memory budget (memcontrol): its measured footprint on 64-bit
 # CPython 3.11, rounded up, including the dict and list slots that index it.
@@ -180,6 +182,9 @@ class Mm:
         # mm->page_table_lock: taken by anon_vma_prepare; ranks with the PTLs.
         self.page_table_lock = SpinLock(f"mm{mid}.page_table_lock", LockClass.PTL, lockdep)
         self.mm_mt: SortedDict[int, Vma] = SortedDict()  # vma.start -> vma
+        # The VMAs found last (the kernel's former per-thread vmacache): a move looks up its src and
+        # dst VMAs on every call, and a linked VMA's [start, end) is always its current extent.
+        self.vmacache: list[Vma] = []
         self.pgtables: SortedDict[int, PageTable] = SortedDict()  # PMD index -> PTE table
         self.users = 1  # mm_users
         self.rss_anon = 0  # MM_ANONPAGES
@@ -204,12 +209,19 @@ class Mm:
         return mt.peekitem(i)[1] if i < len(mt) else None
 
     def vma_lookup(self, addr: int) -> Vma | None:
-        """The VMA containing ``addr``, or None."""
+        """The VMA containing ``addr``, or None (vmacache_find, then the tree)."""
+        for v in self.vmacache:
+            if v.start <= addr < v.end:
+                return v
         mt = self.mm_mt
         i = mt.bisect_right(addr)
         if i:
             v = mt.peekitem(i - 1)[1]
             if v.end > addr:
+                cache = self.vmacache
+                if len(cache) >= VMACACHE_SIZE:
+                    del cache[0]
+                cache.append(v)
                 return v
         return None
 
@@ -233,6 +245,8 @@ class Mm:
 
     def vma_unlink(self, vma: Vma) -> None:
         del self.mm_mt[vma.start]
+        if vma in self.vmacache:
+            self.vmacache.remove(vma)
 
     @property
     def map_count(self) -> int:

@@ -33,17 +33,22 @@ POINTS = (
 
 
 #: Units of work (PTEs, VMAs, anon_vma chain links, pages audited) a loop whose length a client
-#: controls may do before it lets other tasks run (cond_resched). One unit costs well under a
-#: microsecond, so a slice stays far below a millisecond.
-RESCHED_WORK = 2048
+#: controls may do before it lets other tasks run (cond_resched). A unit costs about a microsecond,
+#: so a slice stays well under a millisecond.
+RESCHED_WORK = 256
+#: Turns of the event loop cond_resched gives. grpc.aio takes in a new call of a method only after
+#: the previous one has gone round the loop about five times; one turn per slice would let calls
+#: queue in gRPC core behind a long operation (and be cancelled there after
+#: grpc.server_max_unrequested_time_in_server).
+RESCHED_TURNS = 8
 
 
 async def cond_resched() -> None:
-    """Let every other ready task run once (the kernel's cond_resched, between chunks of work).
-
-    Callers hold no spinlock (PTL) when they call it; sleeping locks may be held, as in the kernel.
-    """
-    await asyncio.sleep(0)
+    """Let the other ready tasks and gRPC's intake run (the kernel's cond_resched, between chunks of
+    work). Callers hold no spinlock (PTL) when they call it; sleeping locks may be held, as in the
+    kernel."""
+    for _ in range(RESCHED_TURNS):
+        await asyncio.sleep(0)
 
 
 class Breakpoint:

@@ -31,6 +31,7 @@ from .mm_types import (
 )
 from .memcontrol import MemoryLimitExceeded
 from .mmap import vma_modify
+from .sched import RESCHED_WORK, cond_resched
 from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma_final
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ UFFD_FEATURE_MOVE = 1 << 16
 UFFDIO_REGISTER_MODES = {"missing": VM_UFFD_MISSING, "wp": VM_UFFD_WP, "missing+wp": VM_UFFD_MISSING | VM_UFFD_WP}
 
 
-#: A long move lets other tasks run after this many bytes (one PMD's worth).
-RESCHED_BYTES = PMD_SIZE
+#: A long move lets other tasks run after this many bytes (RESCHED_WORK pages).
+RESCHED_BYTES = RESCHED_WORK * PAGE_SIZE
 
 #: What a per-page error of move_pages means.
 _STEP_ERRORS = {
@@ -263,7 +264,7 @@ async def move_pages(
             since_resched += step
             if since_resched >= RESCHED_BYTES:
                 since_resched = 0
-                await asyncio.sleep(0)  # cond_resched: a long move must not starve other calls
+                await cond_resched()  # a long move must not starve other calls
         k.stats["move_pages"] += progress.moved >> PAGE_SHIFT
         if err and not progress.moved:
             if oom is not None:
