@@ -402,6 +402,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             budget = limit - RESPONSE_SLACK
             reply = pb.AnonVmaTreeResponse()
             size = 0
+            converted = 0
             # Every entry of ``vmas`` takes at least 6 bytes on the wire: give up before
             # collecting more than can fit, and stop building as soon as the bytes pass the limit.
             records = self.model.anon_vma_tree_iter(self.pid(req.process), addr, max_mappings=budget // 6)
@@ -417,14 +418,17 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 n = av.ByteSize()
                 vmas = a["vmas"]
                 for i in range(0, len(vmas), CONVERT_CHUNK):
-                    for p, s in vmas[i : i + CONVERT_CHUNK]:
+                    chunk = vmas[i : i + CONVERT_CHUNK]
+                    for p, s in chunk:
                         av.vmas.add(pid=p, addr=s)
                         m = _mapping_size(p, s)
                         n += m + 1 + _varint_len(m)
                     if size + n > budget:
                         raise ResponseTooLarge("the anon_vma tree", limit)
-                    if len(vmas) > CONVERT_CHUNK:
-                        await cond_resched()  # a record of many thousands of entries
+                    converted += len(chunk)
+                    if converted >= CONVERT_CHUNK:
+                        converted = 0
+                        await cond_resched()
                 size += n + 1 + _varint_len(n)
                 if size > budget:
                     raise ResponseTooLarge("the anon_vma tree", limit)

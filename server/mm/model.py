@@ -569,6 +569,10 @@ class MemoryModel:
             if av.freed:  # let go while we yielded
                 continue
             avcs = list(av.rb_root)
+            work += 1 + len(avcs)
+            if work >= RESCHED_WORK:
+                work = 0
+                yield None
             if len(avcs) <= RESCHED_WORK:
                 vmas = sorted((avc.vma.mm.id, avc.vma.start) for avc in avcs)
             else:  # sorted runs, merged, with room for others between them
