@@ -114,6 +114,17 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
+def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """The method's serializer, except for a response a handler has already serialized (bytes)."""
+    if serializer is None:
+        return None
+
+    def serialize(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serializer(response)
+
+    return serialize
+
+
 async def _reject_malformed(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request message does not parse: {request.error}")
 
@@ -157,8 +168,6 @@ class _Call:
         details = context.details() or (type(exc).__name__ if exc is not None else None)
         log.info("rpc", method=self.method, code=code.name, duration_ms=ms, request_id=self.request_id,
                  peer=context.peer(), details=details)
-        # Memory-semantics errors are ordinary answers: debug level, not noise at info.
-        log.debug("rpc failed", code=code.name, details=details, ms=ms)
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
@@ -205,7 +214,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _tolerant(handler.request_deserializer), handler.response_serializer
+                unary_unary, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
             )
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
@@ -221,7 +230,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 call.done(context)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+                stream_stream, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
             )
         if handler.unary_stream is not None:  # health's Watch
             inner_us = handler.unary_stream
@@ -239,7 +248,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 call.done(context)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _tolerant(handler.request_deserializer), handler.response_serializer
+                unary_stream, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
             )
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
@@ -255,7 +264,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 return response
 
             return grpc.stream_unary_rpc_method_handler(
-                stream_unary, _tolerant(handler.request_deserializer), handler.response_serializer
+                stream_unary, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
             )
         return handler
 

@@ -2,7 +2,8 @@
 
 Each operation has an executor ``_op_<name>(request) -> response`` that raises on failure; the
 unary handlers turn the exception into a status with rich details, the batch handlers into an
-``OpError`` result.
+``OpError`` result. The batch handlers answer with the response already serialized (bytes), which
+the server's handler wrapper (app.py) passes through as it is.
 
 Process handles are capabilities, ``<instance>.<pid>.<token>``: the instance id is random per server
 start (a handle from before a restart is unknown, NOT_FOUND, never someone else's) and the token is
@@ -238,28 +239,32 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 error=pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message=f"operation {kind} failed on the server")
             )
 
-    async def _batch(self, request: pb.BatchRequest) -> pb.BatchResponse:
-        """Run the operations in order. The response stops growing at the message size limit: the
-        operation whose result would not fit gets a RESOURCE_EXHAUSTED result (what it did stands)
-        and the later ones are not run."""
+    async def _batch(self, request: pb.BatchRequest) -> bytes:
+        """Run the operations in order; the serialized BatchResponse. Each result is serialized as
+        soon as it is known (a 4 MiB response is not built, nor encoded, in one go). The response
+        stops growing at the message size limit: the operation whose result would not fit gets a
+        RESOURCE_EXHAUSTED result (what it did stands) and the later ones are not run."""
         if len(request.ops) > self.limits.max_batch_ops:
             raise LimitExceeded("max_batch_ops", self.limits.max_batch_ops)
         budget = self.limits.max_message_bytes - RESPONSE_SLACK
         size = 0
-        results = []
+        parts: list[bytes] = []
         for i, op in enumerate(request.ops):
             result = await self._run_op(i, op)
-            n = result.ByteSize()
-            size += n + 1 + _varint_len(n)  # the field tag and length of a repeated element
+            data = result.SerializeToString()
+            field = _RESULTS_TAG + _varint(len(data))  # results = 1, length-delimited
+            size += len(field) + len(data)
             if size > budget:
-                results.append(pb.OpResult(error=_op_error(ResponseTooLarge(f"the result of ops[{i}]", self.limits.max_message_bytes))))
+                too_large = ResponseTooLarge(f"the result of ops[{i}]", self.limits.max_message_bytes)
+                data = pb.OpResult(error=_op_error(too_large)).SerializeToString()
+                parts += (_RESULTS_TAG + _varint(len(data)), data)
                 break
-            results.append(result)
+            parts += (field, data)
             if request.stop_on_error and result.HasField("error"):
                 break
-            if i % BATCH_SLICE == BATCH_SLICE - 1:
+            if i % BATCH_SLICE == BATCH_SLICE - 1 or len(data) > CONVERT_CHUNK * 16:
                 await cond_resched()  # let other calls run between slices of a long batch
-        return pb.BatchResponse(results=results)
+        return b"".join(parts)
 
     # -- executors: request message -> response message, raising on failure
     async def _op_create_process(self, request: pb.CreateProcessRequest) -> pb.Process:
@@ -322,13 +327,19 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def _op_walk(self, request: pb.WalkRequest) -> pb.WalkResponse:
         w = await self.model.walk(self.pid(request.process), request.addr, request.blocking)
-        return pb.WalkResponse(
+        reply = pb.WalkResponse(
             referenced=w.referenced,
             contended=w.contended,
-            mappings=[pb.Mapping(pid=p, addr=a) for p, a in w.mappings],
             fast_retries=w.fast_retries,
             slow_retries=w.slow_retries,
         )
+        mappings = w.mappings
+        for i in range(0, len(mappings), CONVERT_CHUNK):
+            for p, a in mappings[i : i + CONVERT_CHUNK]:
+                reply.mappings.add(pid=p, addr=a)
+            if len(mappings) > CONVERT_CHUNK:
+                await cond_resched()  # a folio mapped by thousands of processes
+        return reply
 
     async def _op_get_folio(self, request: pb.AccessRequest) -> pb.FolioResponse:
         f = self.model.folio(self.pid(request.process), request.addr)
@@ -447,7 +458,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def BatchStream(
         self, request_iterator: AsyncIterator[pb.BatchRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BatchResponse]:
+    ) -> AsyncIterator[bytes]:
         async for request in request_iterator:
             try:
                 yield await self._batch(request)
@@ -493,6 +504,18 @@ _RESULT_FIELD = {
 
 def _op_result(response: Any) -> pb.OpResult:
     return pb.OpResult(**{_RESULT_FIELD[type(response)]: response})
+
+
+_RESULTS_TAG = bytes([(1 << 3) | 2])  # BatchResponse.results: field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _varint_len(n: int) -> int:

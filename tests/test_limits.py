@@ -119,3 +119,12 @@ async def test_a_tree_dump_past_the_message_limit_is_resource_exhausted() -> Non
                         await cur.anon_vma_tree()
                     assert e.value.limit == "max_message_bytes"
                     assert len(await p.vmas()) == 1  # still serving
+
+
+def test_varints_match_protobuf() -> None:
+    from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
+
+    from mmsim.server.service import _varint, _varint_len
+
+    for n in (0, 1, 127, 128, 300, 16_383, 16_384, 4 << 20, (1 << 64) - 1):
+        assert _varint(n) == _VarintBytes(n) and _varint_len(n) == len(_VarintBytes(n))

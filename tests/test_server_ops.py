@@ -141,7 +141,7 @@ async def test_json_logs_carry_request_id_and_method() -> None:
             proc.kill()
             proc.wait()
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]  # JSON: not a terminal
-    failed = [r for r in records if r.get("event") == "rpc failed"]
+    failed = [r for r in records if r.get("event") == "rpc" and r.get("code") != "OK"]
     assert failed and failed[0]["request_id"] == "req-42"
     assert failed[0]["method"] == "/mmsim.v1.MemoryManager/Read" and failed[0]["code"] == "NOT_FOUND"
     assert all("timestamp" in r and "level" in r for r in records)
