@@ -207,6 +207,12 @@ class MemoryModel:
         while self._paused is not None:
             await self._paused.wait()
 
+    async def _call_begin(self) -> None:
+        """Start of a system call: wait while an audit waits for, or holds, the quiescent point."""
+        if self._paused is not None:
+            await self._wait_audit()
+        self._calls += 1
+
     def _call_done(self, cur: Current) -> None:
         """End of a system call: give back the task's unused memory reservation, and let a waiting
         audit start once no call is left."""
@@ -217,9 +223,7 @@ class MemoryModel:
 
     async def _write_locked(self, mm: Mm, cur: Current, body: Any) -> Any:
         """Take mmap_lock for write (cancellable), then run ``body`` to completion."""
-        if self._paused is not None:
-            await self._wait_audit()
-        self._calls += 1
+        await self._call_begin()
         try:
             lock = mm.mmap_lock
             if not lock.down_write(cur):
@@ -254,9 +258,7 @@ class MemoryModel:
         no child behind."""
         parent = self._mm(pid)
         self._check_process_limit()
-        if self._paused is not None:
-            await self._wait_audit()
-        self._calls += 1
+        await self._call_begin()
         cur = self._cur("fork", pid)
         k = self.k
         try:
@@ -384,9 +386,7 @@ class MemoryModel:
     async def _access(self, pid: int, addr: int, write: bool, value: int) -> int:
         mm = self._mm(pid)
         self._check_addr(addr)
-        if self._paused is not None:
-            await self._wait_audit()
-        self._calls += 1
+        await self._call_begin()
         cur = self._cur("write" if write else "read", pid)
         try:
             lock = mm.mmap_lock
@@ -438,7 +438,7 @@ class MemoryModel:
         if progress is None:
             progress = MoveProgress()
         progress.on_step = self.ledger[pid].moved
-        if self._paused is not None:
+        if self._paused is not None:  # _call_begin, inline on the hottest path
             await self._wait_audit()
         self._calls += 1
         cur = Current("move", pid)
@@ -452,21 +452,21 @@ class MemoryModel:
         """folio_referenced on the folio mapped at ``addr``: trylock mode, or blocking (slow path)."""
         mm = self._mm(pid)
         self._check_addr(addr)
-        if self._paused is not None:
-            await self._wait_audit()
-        pte = mm.pte_lookup(addr)
-        if pte is None:
-            raise MmError(errno.ENOENT, f"nothing mapped at {addr:#x}")
-        folio = pte.folio
-        if folio is ZERO_PAGE:
-            raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
-        self._calls += 1
+        await self._call_begin()
         cur = self._cur("walk", pid)
-        folio.refcount += 1  # the caller's reference, as reclaim holds one
         try:
-            rwc = await folio_referenced(self.k, cur, folio, try_lock=not blocking)
+            pte = mm.pte_lookup(addr)
+            if pte is None:
+                raise MmError(errno.ENOENT, f"nothing mapped at {addr:#x}")
+            folio = pte.folio
+            if folio is ZERO_PAGE:
+                raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
+            folio.refcount += 1  # the caller's reference, as reclaim holds one
+            try:
+                rwc = await folio_referenced(self.k, cur, folio, try_lock=not blocking)
+            finally:
+                folio_put(self.k, folio)
         finally:
-            folio_put(self.k, folio)
             self._call_done(cur)
         self.k.stats["walk"] += 1
         self.k.stats["walk_fast_retries"] += rwc.fast_retries
