@@ -134,6 +134,10 @@ async def test_json_logs_carry_request_id_and_method() -> None:
             stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Read(pb.AccessRequest(process="0123456789abcdef.1.00000000000000000000000000000000", addr=0), metadata=(("x-request-id", "req-42"),))
+            for bad in ("inst.\u00b2", "inst." + "9" * 5000, "x" * 8192):  # once UNKNOWN, with 9 KB of traceback
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Read(pb.AccessRequest(process=bad, addr=0))
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -145,4 +149,6 @@ async def test_json_logs_carry_request_id_and_method() -> None:
     assert failed and failed[0]["request_id"] == "req-42"
     assert failed[0]["method"] == "/mmsim.v1.MemoryManager/Read" and failed[0]["code"] == "NOT_FOUND"
     assert all("timestamp" in r and "level" in r for r in records)
+    assert not [r for r in records if "exception" in r or "Traceback" in str(r)]
+    assert max(len(line) for line in err.splitlines()) < 1024  # echoed input is truncated
     assert any(r.get("event") == "serving" for r in records)
