@@ -4,6 +4,7 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import random
@@ -448,6 +449,20 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return RunningServer(server, port, model, health_servicer, addresses)
 
 
+def freeze_after_full_collections() -> None:
+    """Keep CPython's full collections short however large the model grows: after each one, what
+    survived moves to the permanent generation (gc.freeze), so the next one scans only what was
+    made since (a full collection over a model of 300,000 objects took 30-90 ms, over millions,
+    seconds). The model frees its objects by reference counting alone, in no reference cycle
+    (tests/test_gc.py), so nothing frozen waits for the cyclic collector to be reclaimed."""
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            gc.freeze()
+
+    gc.callbacks.append(on_gc)
+
+
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT, then drain within the grace period; a second signal cancels
     the calls still running. Returns the exit status (0)."""
@@ -465,6 +480,7 @@ async def serve(config: ServerConfig) -> int:
         elif running is not None:
             asyncio.ensure_future(running.server.stop(0))
 
+    freeze_after_full_collections()
     # Before the server starts, so that a signal right after "serving" is never the default action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

@@ -116,6 +116,9 @@ class TypesafeObject:
         self.freed = False
         self.free_gp = 0
 
+    def slab_release(self, poison: TypesafeObject) -> None:
+        """The cache lets this free object go: point what it references at ``poison``."""
+
 
 T = TypeVar("T", bound=TypesafeObject)
 
@@ -127,13 +130,17 @@ CACHE_FREE_MAX = 4096
 class TypesafeCache(Generic[T]):
     """A kmem_cache with SLAB_TYPESAFE_BY_RCU: freed objects are reused at once, most recent first.
 
-    At most CACHE_FREE_MAX free objects are kept (the rest are let go: a stale pointer still sees
-    a freed object of the right type, as on a slab page that stays type-stable)."""
+    At most CACHE_FREE_MAX free objects are kept; the oldest beyond it is let go, its pointers
+    poisoned (``slab_release``): a stale pointer to it still sees a freed object of the right type,
+    and it is left in no reference cycle, so that it is reclaimed at once."""
 
     def __init__(self, rcu: Rcu, ctor: Callable[[], T]) -> None:
         self.rcu = rcu
         self.ctor = ctor
-        self.free: deque[T] = deque(maxlen=CACHE_FREE_MAX)
+        self.free: deque[T] = deque()
+        #: What the pointers of an object let go of are set to (slab poisoning): freed for good.
+        self.poison = ctor()
+        self.poison.freed = True
         self.live: set[T] = set()
         self.allocated = 0
         self.reused = 0
@@ -154,5 +161,7 @@ class TypesafeCache(Generic[T]):
         obj.freed = True
         obj.free_gp = self.rcu.gp_started
         self.live.discard(obj)
+        if len(self.free) >= CACHE_FREE_MAX:
+            self.free.popleft().slab_release(self.poison)
         self.free.append(obj)
         self.rcu.request_gp()

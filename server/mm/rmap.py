@@ -35,6 +35,11 @@ class AnonVma(TypesafeObject):
         self.rb_root: dict[AnonVmaChain, None] = {}
         self.rwsem = RwSem("anon_vma.rwsem", LockClass.ANON_VMA, lockdep)
 
+    def slab_release(self, poison: TypesafeObject) -> None:
+        # A root is its own root: without this, an anon_vma let go would wait for the cyclic GC.
+        self.root = self.parent = poison  # type: ignore[assignment]
+        self.rb_root.clear()
+
     def __repr__(self) -> str:
         state = " freed" if self.freed else ""
         return f"<AnonVma {self.id} root={self.root.id} ref={self.refcount}{state}>"
