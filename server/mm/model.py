@@ -216,9 +216,10 @@ class MemoryModel:
     def _call_done(self, cur: Current) -> None:
         """End of a system call: give back the task's unused memory reservation, and let a waiting
         audit start once no call is left."""
-        self.k.memcg.drain(cur)
+        if cur.memcg_stock:
+            self.k.memcg.drain(cur)
         self._calls -= 1
-        if not self._calls and self._drained is not None and not self._drained.done():
+        if self._drained is not None and not self._calls and not self._drained.done():
             self._drained.set_result(None)
 
     async def _write_locked(self, mm: Mm, cur: Current, body: Any) -> Any:
@@ -452,7 +453,9 @@ class MemoryModel:
         """folio_referenced on the folio mapped at ``addr``: trylock mode, or blocking (slow path)."""
         mm = self._mm(pid)
         self._check_addr(addr)
-        await self._call_begin()
+        if self._paused is not None:  # _call_begin, inline on a hot path
+            await self._wait_audit()
+        self._calls += 1
         cur = self._cur("walk", pid)
         try:
             pte = mm.pte_lookup(addr)

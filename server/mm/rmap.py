@@ -449,27 +449,26 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
         rcu = k.rcu
         if av.freed:
             rcu.check_access(cur, av, "rmap_walk_anon tree")
-        work = 0
-        for avc in list(av.rb_root):
-            work += 1
-            if work >= RESCHED_WORK:  # a tree of thousands of VMAs: let others run (rwsem held)
-                work = 0
+        avcs = list(av.rb_root)
+        for start in range(0, len(avcs), RESCHED_WORK):
+            if start:  # a tree of thousands of VMAs: let others run (the rwsem stays held)
                 await cond_resched()
-            vma = avc.vma
-            vpg = vma.pgoff
-            if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):
-                continue
-            if detect and (
-                folio.index != walk_index
-                or (folio.lock.owner is not cur if folio_locked else folio.mapping.root is not root)  # type: ignore[union-attr]
-                or folio.mapping.root is not walk_root  # type: ignore[union-attr]
-            ):
-                _check_walk(k, cur, folio, root, walk_root, walk_index, "visit")
-            addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
-            if not folio_referenced_one(cur, folio, vma, addr, rwc):
-                break
-            if sched.active and sched.should_preempt("walk:per-vma"):
-                await sched.yield_now("walk:per-vma")
+            for avc in avcs[start : start + RESCHED_WORK] if len(avcs) > RESCHED_WORK else avcs:
+                vma = avc.vma
+                vpg = vma.pgoff
+                if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):
+                    continue
+                if detect and (
+                    folio.index != walk_index
+                    or (folio.lock.owner is not cur if folio_locked else folio.mapping.root is not root)  # type: ignore[union-attr]
+                    or folio.mapping.root is not walk_root  # type: ignore[union-attr]
+                ):
+                    _check_walk(k, cur, folio, root, walk_root, walk_index, "visit")
+                addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
+                if not folio_referenced_one(cur, folio, vma, addr, rwc):
+                    return  # every mapping found
+                if sched.active and sched.should_preempt("walk:per-vma"):
+                    await sched.yield_now("walk:per-vma")
     finally:
         rw.up_read(cur)
 
