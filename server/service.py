@@ -64,7 +64,7 @@ RESPONSE_SLACK = 1024
 #: Entries converted to protobuf between two chances for other calls to run.
 CONVERT_CHUNK = 1024
 #: Operations of a Batch run between two chances for other calls to run.
-BATCH_SLICE = 32
+BATCH_SLICE = 64
 
 
 def echo(value: str) -> str:
