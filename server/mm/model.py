@@ -286,8 +286,9 @@ class MemoryModel:
                 parent_ledger = self.ledger[pid]
                 ledger = PageLedger()
                 for i in range(0, len(copied), RESCHED_WORK):
+                    if i:
+                        await cond_resched()
                     ledger.update((vpn, parent_ledger[vpn]) for vpn in copied[i : i + RESCHED_WORK] if vpn in parent_ledger)
-                    await cond_resched()
                 self.processes[cpid] = child
                 self.parents[cpid] = pid
                 self.ledger[cpid] = ledger
@@ -308,8 +309,8 @@ class MemoryModel:
             k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
             ledger = self.ledger.pop(pid, None) or {}
-            while ledger:  # a big dict is let go of in slices too
-                for _ in range(min(len(ledger), RESCHED_WORK)):
+            while len(ledger) > RESCHED_WORK:  # a big dict is let go of in slices too
+                for _ in range(RESCHED_WORK):
                     ledger.popitem()
                 await cond_resched()
 
@@ -359,9 +360,10 @@ class MemoryModel:
             await do_munmap(self.k, cur, mm, addr, length, unmapped)
             ledger = self.ledger[pid]
             for i in range(0, len(unmapped), RESCHED_WORK):
+                if i:
+                    await cond_resched()
                 for vpn in unmapped[i : i + RESCHED_WORK]:
                     ledger.pop(vpn, None)
-                await cond_resched()
 
         await self._write_locked(mm, cur, body)
 
