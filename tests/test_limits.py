@@ -6,7 +6,7 @@ import asyncio
 import grpc
 import pytest
 
-from mmsim.client import Client, InvalidRequestError, LimitExceededError, ops
+from mmsim.client import Client, LimitExceededError, ops
 from mmsim.client.testing import serve_in_process
 
 P = 4096
