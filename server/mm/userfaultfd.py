@@ -251,7 +251,7 @@ async def move_pages(
                 err = -step
                 if err == errno.EAGAIN:
                     k.stats["move_retry"] += 1
-                    await asyncio.sleep(0)  # cond_resched: let whoever changed the PTE finish
+                    await asyncio.sleep(0)  # let whoever changed the PTE finish, then retry the step
                     continue
                 break
             progress.moved += step
