@@ -16,7 +16,7 @@ RUN_ARGS := $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(o
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,locust]'
 	touch $(STAMP)
 
 help: ## list the targets
