@@ -194,6 +194,22 @@ class Client:
                 total[k] = total.get(k, 0) + v
         return total
 
+    async def protocol(self, *, target: str | None = None, timeout: Timeout = ...) -> str:
+        """The rmap/move protocol the server runs (of ``target``; of every server, joined with "+"
+        where they differ)."""
+        seen: list[str] = []
+        for c in self._select(target):
+            reply = await c.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
+            if reply.protocol not in seen:
+                seen.append(reply.protocol)
+        return "+".join(seen)
+
+    def process(self, handle: str, pid: int = 0, *, target: str | None = None) -> Process:
+        """A :class:`Process` for a handle obtained elsewhere (another client, another OS process),
+        on the server ``target`` (default: this client's first target)."""
+        conn = self._select(target)[0] if target is not None else self.conns[0]
+        return Process(self, conn, handle, pid)
+
     def _select(self, target: str | None) -> list[_Conn]:
         if target is None:
             return self.conns

@@ -451,7 +451,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return pb.CheckInvariantsResponse(problems=await self.model.audit())
 
     async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.StatsResponse(counters=self.model.stats())
+        return pb.StatsResponse(counters=self.model.stats(), protocol=self.model.protocol)
 
     async def Batch(self, request, context):  # type: ignore[no-untyped-def]
         return await self._unary(context, self._batch, request)

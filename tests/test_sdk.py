@@ -293,3 +293,15 @@ async def test_several_servers_round_robin_and_children_stay_home() -> None:
             assert per == [2, 3]
             assert await mm.check_invariants() == []
             await mm.ping()
+
+
+async def test_protocol_and_reattaching_a_handle() -> None:
+    async with serve_in_process(log_level="warning", protocol="no-recheck") as addr:
+        async with Client(addr) as mm, Client(addr) as other:
+            assert await mm.protocol() == "no-recheck"
+            p = await mm.create_process()
+            v = await p.mmap(P, addr=SRC)
+            await p.write(SRC, 7)
+            same = other.process(p.id, p.pid)  # the handle, passed to another client
+            assert await same.read(SRC) == 7 and same.pid == p.pid and same.target == addr
+            assert [x.start for x in await same.vmas()] == [v.start]

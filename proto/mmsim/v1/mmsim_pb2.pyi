@@ -294,7 +294,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("counters",)
+    __slots__ = ("counters", "protocol")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -303,8 +303,10 @@ class StatsResponse(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    protocol: str
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Op(_message.Message):
     __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio")
