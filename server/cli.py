@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preemption probability per point, within [0, 1] (default 0.35)")
     race.add_argument("-v", "--verbose", action="store_true", help="print the first violations caught")
     race.set_defaults(func=cmd_race, parser=race, env_protocols=_env_protocols())
+    # Listed here; main() hands its arguments to mmsim.loadgen, imported only then.
+    sub.add_parser("loadgen", help="load generator: mmsim loadgen --help", add_help=False)
     return p
 
 
@@ -372,6 +374,11 @@ def _env_protocols() -> list[str] | _EnvError | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["loadgen"]:
+        from mmsim.loadgen.cli import main as loadgen_main  # the server never imports the load generator
+
+        return loadgen_main(argv[1:])
     args = build_parser().parse_args(argv)
     # A bad environment variable is an error only where its flag did not override it.
     bad = next((v for v in vars(args).values() if isinstance(v, _EnvError)), None)

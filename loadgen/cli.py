@@ -1,0 +1,197 @@
+"""``mmsim loadgen``: the command line of the load generator.
+
+The ``mmsim`` command hands ``mmsim loadgen ...`` to ``main`` here, importing this package only then,
+so that the server never imports the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from rich.console import Console
+
+from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, parse_mix
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
+EPILOG = """\
+exit status:
+  0  the run completed, with no failed call and, under a safe protocol (recheck, folio-lock), no
+     detector violation
+  1  some calls failed (a status other than OK or an expected errno), or a detector fired under a
+     safe protocol
+  2  bad usage
+  4  a target could not be reached
+
+operations: """ + ", ".join(OPERATIONS) + """
+profiles: """ + "; ".join(f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return v
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return v
+
+
+def _int_in(lo: int, hi: int) -> object:
+    def conv(raw: str) -> int:
+        try:
+            v = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be within [{lo:,}, {hi:,}]")
+        return v
+
+    return conv
+
+
+def _target(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {raw!r}")
+    return raw
+
+
+def _mix(raw: str) -> dict[str, int]:
+    try:
+        return parse_mix(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .runner import cpu_count
+
+    p = _Parser(
+        prog="mmsim loadgen",
+        description="Hammer mmsim servers with a multi-process, closed- or open-loop workload; report HDR-exact "
+        "latencies, throughput, outcomes and the servers' own counters over the run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", action="append", type=_target, metavar="HOST:PORT",
+                   help="a server (repeatable: trees and load are spread over them; default 127.0.0.1:7077)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=_positive_float, metavar="S", help="measured seconds (default 10)")
+    stop.add_argument("--count", type=_int_in(1, 10**9), metavar="N", help="measured calls, instead of a duration")
+    p.add_argument("--warmup", type=_non_negative_float, default=1.0, metavar="S",
+                   help="seconds run first and left out of every figure (default 1)")
+    p.add_argument("--workers", type=_int_in(1, 256), default=max(1, cpu_count() // 2), metavar="W",
+                   help="worker OS processes (default: half the cores, at least 1)")
+    p.add_argument("--concurrency", type=_int_in(1, 4096), default=16, metavar="C",
+                   help="calls in flight per worker; in an open loop, the most (default 16)")
+    p.add_argument("--rate", type=_positive_float, metavar="OPS_PER_S",
+                   help="open loop: this many calls per second in all, on a fixed schedule (default: closed loop)")
+    mix = p.add_mutually_exclusive_group()
+    mix.add_argument("--profile", choices=list(PROFILES), help=f"a named mix (default {DEFAULT_PROFILE})")
+    mix.add_argument("--mix", type=_mix, metavar="OP=W,...", help="a mix of operations with weights, e.g. remap=3,walk=1")
+    p.add_argument("--pages", type=_int_in(1, 1 << 20), default=256, metavar="N",
+                   help="resident pages per tree in the region shared along the fork chain (default 256)")
+    p.add_argument("--trees", type=_int_in(1, 1024), default=2, metavar="N", help="process trees (default 2)")
+    p.add_argument("--fork-depth", type=_int_in(0, 64), default=2, metavar="D",
+                   help="descendants of each tree's root, a chain (default 2)")
+    p.add_argument("--seed", type=_int_in(0, 2**31), default=0, help="seed of the operation choices (default 0)")
+    p.add_argument("--call-timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="deadline of each call (default 30)")
+    p.add_argument("--keep", action="store_true", help="leave the workload on the server at the end")
+    p.add_argument("--json", metavar="REPORT.json", help="write the report here (schema: loadgen/report.schema.json)")
+    p.add_argument("--plot", metavar="FILE.png", help="plot latency percentiles and throughput and p99 over time")
+    p.add_argument("--quiet", action="store_true", help="no progress, no live line")
+    p.add_argument("--compare", nargs="+", metavar="REPORT.json",
+                   help="instead of a run: compare reports side by side (ratios to the first)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    if args.compare:
+        from .compare import print_compare
+
+        if len(args.compare) < 2:
+            parser.error("--compare needs at least two reports")
+        try:
+            print_compare(args.compare, console)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        return EXIT_OK
+
+    from .runner import Options, RunError, run
+
+    profile = None if args.mix else (args.profile or DEFAULT_PROFILE)
+    mix = args.mix or PROFILES[profile]
+    lanes = args.workers * args.concurrency
+    if -(-lanes // args.trees) * 65 + 8 > (1 << 20):
+        parser.error("--workers × --concurrency is too large for --trees: give more trees")
+    opts = Options(
+        targets=tuple(args.target or ["127.0.0.1:7077"]),
+        duration=None if args.count else (args.duration or 10.0),
+        count=args.count,
+        warmup=args.warmup,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        profile=profile,
+        mix=tuple(mix.items()),
+        pages=args.pages,
+        trees=args.trees,
+        fork_depth=args.fork_depth,
+        seed=args.seed,
+        call_timeout=args.call_timeout,
+        keep=args.keep,
+        json=args.json,
+        plot=args.plot,
+        quiet=args.quiet,
+    )
+    try:
+        report = asyncio.run(run(opts, console))
+    except RunError as e:
+        print(f"mmsim loadgen: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE if str(e).startswith("cannot reach") else EXIT_FAILED
+    except KeyboardInterrupt:
+        print("mmsim loadgen: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+    from .report import SAFE_PROTOCOLS, print_summary, validate
+
+    validate(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    if args.plot:
+        from .plot import plot_report
+
+        plot_report(report, args.plot)
+    print_summary(report, console)
+    failed = report["overall"]["failures"]
+    unsafe = report["server_deltas"].get("violations", 0) and report["server"]["protocol"] in SAFE_PROTOCOLS
+    return EXIT_FAILED if failed or unsafe else EXIT_OK

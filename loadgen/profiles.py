@@ -1,0 +1,51 @@
+"""The operations the load generator knows, and the named profiles (weighted mixes of them)."""
+
+from __future__ import annotations
+
+#: Every operation, with what one call of it does.
+OPERATIONS: dict[str, str] = {
+    "remap": "UFFDIO_MOVE of one page, ping-ponged between a source and a registered destination",
+    "remap64": "UFFDIO_MOVE of 64 pages at once, ping-ponged likewise",
+    "walk": "the rmap walk (folio_referenced), trylock mode, of a page shared along the fork chain",
+    "walk_blocking": "the same walk in blocking mode (sleeps on the anon_vma root)",
+    "fork": "fork of the tree's root, then exit of the child (one operation)",
+    "write": "a write of one page (a fault or a store)",
+    "read": "a read of one page",
+    "mmap": "mmap of one page, then munmap of it (one operation)",
+    "batch": "one Batch call of 256 single-page remaps (each counts as one operation)",
+    "stream": "the same 256 remaps as one list on a BatchStream (each counts as one operation)",
+}
+
+#: How many operations one call of each counts for.
+OPS_PER_CALL: dict[str, int] = {name: 1 for name in OPERATIONS} | {"batch": 256, "stream": 256}
+
+#: Named profiles: operation -> weight.
+PROFILES: dict[str, dict[str, int]] = {
+    "mixed": {"remap": 4, "remap64": 1, "walk": 3, "walk_blocking": 1, "fork": 1, "write": 2, "read": 2, "mmap": 1},
+    "remap": {"remap": 1},
+    "batch": {"batch": 1, "stream": 1},
+    "fork-storm": {"fork": 4, "walk": 1, "write": 1},
+    # Walks and moves on the same folios of the same trees, so that the mapping recheck fires.
+    "race": {"remap": 2, "walk": 3, "walk_blocking": 1},
+}
+DEFAULT_PROFILE = "mixed"
+
+#: Where the ops of the race profile act: the same pages for every lane of a tree.
+SHARED_PAGES_PROFILES = frozenset({"race"})
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """``op=weight,...`` (e.g. ``remap=3,walk=1``): a ValueError names what is wrong."""
+    mix: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, weight = part.strip().partition("=")
+        if not sep:
+            raise ValueError(f"{part.strip()!r} is not op=weight")
+        if name not in OPERATIONS:
+            raise ValueError(f"unknown operation {name!r}; one of {', '.join(OPERATIONS)}")
+        if not weight.isdecimal() or int(weight) <= 0:
+            raise ValueError(f"the weight of {name} must be a positive integer, not {weight!r}")
+        if name in mix:
+            raise ValueError(f"{name} is given twice")
+        mix[name] = int(weight)
+    return mix

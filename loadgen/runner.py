@@ -1,0 +1,377 @@
+"""One load-generator run: start the workers, build the workload, run, merge, report.
+
+The worker processes are started (``spawn``) before this process makes any gRPC object: only then
+does it open its own channels, build the workload through the SDK and hand each worker its lanes.
+The server's counters are read when the warm-up ends and after the last call, and reported as
+deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import multiprocessing
+import os
+import platform
+import subprocess
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mmsim.client import Client, MmsimError
+
+from . import histograms
+from .profiles import SHARED_PAGES_PROFILES
+from .worker import SERIES_DIGITS, WorkerSpec, worker_main
+from .workload import Workload, build, teardown
+
+SCHEMA_ID = "mmsim.loadgen.report/1"
+#: A worker that used this fraction of a core or more was the bottleneck.
+BOTTLENECK_UTILIZATION = 0.9
+#: Seconds the workers are given to start together once they have their specs.
+START_DELAY = 0.5
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of ``mmsim loadgen`` (see cli.py for what each means)."""
+
+    targets: tuple[str, ...]
+    duration: float | None
+    count: int | None
+    warmup: float
+    workers: int
+    concurrency: int
+    rate: float | None
+    profile: str | None
+    mix: tuple[tuple[str, int], ...]
+    pages: int
+    trees: int
+    fork_depth: int
+    seed: int
+    call_timeout: float
+    keep: bool
+    json: str | None
+    plot: str | None
+    quiet: bool
+
+
+class RunError(Exception):
+    """The run could not be made (a worker failed, the server is unreachable): one line to show."""
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name, dist in (("mmsim", "mmsim"), ("grpcio", "grpcio"), ("hdrhistogram", "hdrhistogram")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _start_workers(n: int) -> list[tuple[multiprocessing.process.BaseProcess, Connection]]:
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    for _ in range(n):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker_main, args=(child,), daemon=True)
+        p.start()
+        child.close()
+        out.append((p, parent))
+    return out
+
+
+def _stop_workers(workers: list[tuple[multiprocessing.process.BaseProcess, Connection]]) -> None:
+    for p, conn in workers:
+        try:
+            conn.close()
+        except OSError:
+            pass
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+class Live:
+    """The live line: rate, calls in flight, errors, rolling p99 (the last 2 s of every worker)."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.last: dict[int, dict[str, Any]] = {}
+        self.recent: list[tuple[float, HdrHistogram]] = []
+        self.t0 = time.monotonic()
+        self.calls_then = (self.t0, 0)
+        self.status = console.status("starting", spinner="dots") if not quiet else None
+
+    def __enter__(self) -> Live:
+        if self.status is not None:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(None, None, None)
+
+    def progress(self, msg: dict[str, Any]) -> None:
+        self.last[msg["worker"]] = msg
+        now = time.monotonic()
+        self.recent.append((now, histograms.decode(msg["interval"])))
+        self.recent = [(t, h) for t, h in self.recent if now - t <= 2.0]
+        if self.status is None:
+            return
+        calls = sum(m["calls"] for m in self.last.values())
+        t_then, calls_then = self.calls_then
+        rate = (calls - calls_then) / (now - t_then) if now > t_then else 0.0
+        if now - t_then >= 1.0:
+            self.calls_then = (now, calls)
+        merged = HdrHistogram(1, histograms.HIGHEST, SERIES_DIGITS)
+        for _, h in self.recent:
+            if h.get_total_count():
+                merged.add(h)
+        p99 = merged.get_value_at_percentile(99) / 1000 if merged.get_total_count() else 0.0
+        problems = sum(m["problems"] for m in self.last.values())
+        inflight = sum(m["inflight"] for m in self.last.values())
+        self.status.update(
+            f"{now - self.t0:5.1f} s  {rate:9,.0f} calls/s  in flight {inflight:4d}  "
+            f"errors {problems:,}  p99 (2 s) {p99:8.2f} ms"
+        )
+
+
+async def _collect(workers: list[tuple[Any, Connection]], live: Live) -> list[dict[str, Any]]:
+    """Wait for every worker's result, feeding the live line with their progress."""
+    loop = asyncio.get_running_loop()
+    results: dict[int, dict[str, Any]] = {}
+    failed: list[str] = []
+    done = asyncio.Event()
+
+    def on_readable(i: int, conn: Connection) -> None:
+        try:
+            while conn.poll():
+                kind, body = conn.recv()
+                if kind == "progress":
+                    live.progress(body)
+                elif kind == "result":
+                    results[i] = body
+                    loop.remove_reader(conn.fileno())
+                else:
+                    failed.append(str(body))
+                    loop.remove_reader(conn.fileno())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            if i not in results:
+                failed.append(f"worker {i} exited without a result")
+        if len(results) + len(failed) == len(workers):
+            done.set()
+
+    for i, (_, conn) in enumerate(workers):
+        loop.add_reader(conn.fileno(), on_readable, i, conn)
+    try:
+        await done.wait()
+    finally:
+        for _, conn in workers:
+            try:
+                loop.remove_reader(conn.fileno())
+            except (ValueError, OSError):
+                pass
+    if failed:
+        raise RunError(f"a worker failed: {failed[0].strip().splitlines()[-1]}")
+    return [results[i] for i in sorted(results)]
+
+
+def _sum_stats(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after)) if after.get(k, 0) - before.get(k, 0)}
+
+
+def merge(results: list[dict[str, Any]], opts: Options, duration: float) -> dict[str, Any]:
+    """The figures of the run: every worker's histograms and counts, merged exactly."""
+    names = sorted({name for r in results for name in r["ops"]})
+    operations: dict[str, Any] = {}
+    all_hists = []
+    total_ok = total_ops = 0
+    all_errors: Counter[str] = Counter()
+    all_failures: Counter[str] = Counter()
+    for name in names:
+        parts = [r["ops"][name] for r in results if name in r["ops"]]
+        h = histograms.merge(histograms.decode(p["hist"]) for p in parts)
+        ok = sum(p["ok"] for p in parts)
+        nops = sum(p["ops"] for p in parts)
+        errors = sum((Counter(p["errors"]) for p in parts), Counter())
+        failures = sum((Counter(p["failures"]) for p in parts), Counter())
+        fig = histograms.figures(h, ok, errors, failures, duration)
+        fig["ops"] = nops
+        fig["ops_per_s"] = nops / duration if duration > 0 else 0.0
+        operations[name] = fig
+        all_hists.append(h)
+        total_ok += ok
+        total_ops += nops
+        all_errors += errors
+        all_failures += failures
+    overall = histograms.figures(histograms.merge(all_hists), total_ok, all_errors, all_failures, duration)
+    overall["ops"] = total_ops
+    overall["ops_per_s"] = total_ops / duration if duration > 0 else 0.0
+    seconds = max((len(r["series"]) for r in results), default=0)
+    series = []
+    for t in range(seconds):
+        slots = [r["series"][t] for r in results if t < len(r["series"])]
+        h = HdrHistogram(1, histograms.HIGHEST, SERIES_DIGITS)
+        for _, _, enc in slots:
+            part = histograms.decode(enc)
+            if part.get_total_count():
+                h.add(part)
+        n = h.get_total_count()
+        series.append({
+            "t": t,
+            "ops": sum(s[0] for s in slots),
+            "errors": sum(s[1] for s in slots),
+            "p50_ms": h.get_value_at_percentile(50) / 1000 if n else None,
+            "p99_ms": h.get_value_at_percentile(99) / 1000 if n else None,
+        })
+    return {
+        "operations": operations,
+        "overall": overall,
+        "statuses": dict(sum((Counter(r["statuses"]) for r in results), Counter())),
+        "errnos": dict(sum((Counter(r["errnos"]) for r in results), Counter())),
+        "late_sends": sum(r["late"] for r in results),
+        "timeseries": series,
+    }
+
+
+async def run(opts: Options, console: Console) -> dict[str, Any]:
+    """Make the run described by ``opts``; the report (see report.schema.json)."""
+    workers = _start_workers(opts.workers)  # before any gRPC object exists in this process
+    try:
+        return await _run(opts, console, workers)
+    finally:
+        _stop_workers(workers)
+
+
+async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connection]]) -> dict[str, Any]:
+    clients = [Client(t, timeout=max(opts.call_timeout, 60.0), retries=3) for t in opts.targets]
+    try:
+        try:
+            protocols = [await c.protocol() for c in clients]
+        except Exception as e:  # the first call: say where it could not go
+            raise RunError(f"cannot reach {', '.join(opts.targets)}: {e}") from None
+        race = opts.profile in SHARED_PAGES_PROFILES
+        lanes_total = opts.workers * opts.concurrency
+        w = Workload()
+        try:
+            with Progress(
+                TextColumn("setup"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console, transient=True, disable=opts.quiet,
+            ) as bar:
+                task = bar.add_task("setup", total=None)
+                try:
+                    await build(
+                        w, clients, opts.trees, opts.pages, opts.fork_depth, lanes_total,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    )
+                except (OSError, MmsimError) as e:
+                    raise RunError(f"the workload could not be built: {e}") from None
+            report = await _measure(opts, console, workers, clients, w, race)
+        finally:
+            if not opts.keep:
+                await teardown(clients, w)
+        report["server"] = {"protocol": "+".join(dict.fromkeys(protocols))}
+        return report
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def _stats(clients: list[Client]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for c in clients:
+        total.update(await c.stats())
+    return dict(total)
+
+
+async def _measure(
+    opts: Options, console: Console, workers: list[tuple[Any, Connection]], clients: list[Client], w: Workload,
+    race: bool,
+) -> dict[str, Any]:
+    lanes = w.lanes(opts.workers * opts.concurrency, race)
+    start_at = time.time() + START_DELAY
+    per_rate = opts.rate / opts.workers if opts.rate is not None else None
+    for i, (_, conn) in enumerate(workers):
+        count = None
+        if opts.count is not None:
+            count = opts.count // opts.workers + (1 if i < opts.count % opts.workers else 0)
+        spec = WorkerSpec(
+            index=i,
+            targets=opts.targets,
+            trees=tuple(w.trees),
+            lanes=tuple(lanes[i * opts.concurrency : (i + 1) * opts.concurrency]),
+            mix=opts.mix,
+            mode="open" if opts.rate is not None else "closed",
+            rate=per_rate,
+            duration=opts.duration,
+            count=count,
+            warmup=opts.warmup,
+            start_at=start_at,
+            seed=opts.seed * 1000 + i,
+            call_timeout=opts.call_timeout,
+        )
+        conn.send(("go", spec))
+    live = Live(console, opts.quiet)
+    with live:
+        collect = asyncio.ensure_future(_collect(workers, live))
+        await asyncio.sleep(max(0.0, start_at + opts.warmup - time.time()))
+        before = await _stats(clients)
+        results = await collect
+    after = await _stats(clients)
+    duration = max((r["wall_s"] for r in results), default=0.0)
+    report: dict[str, Any] = {
+        "schema": SCHEMA_ID,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
+        "targets": list(opts.targets),
+        "mode": "open" if opts.rate is not None else "closed",
+        "target_rate": opts.rate,
+        "warmup_s": opts.warmup,
+        "duration_s": duration,
+        "end_reason": results[0]["end_reason"] if results else "duration",
+    }
+    report["options"]["mix"] = dict(opts.mix)
+    report.update(merge(results, opts, duration))
+    report["server_deltas"] = _sum_stats(before, after)
+    cpu = [
+        {"worker": r["worker"], "cpu_s": r["cpu_s"], "wall_s": r["wall_s"],
+         "utilization": r["cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else 0.0}
+        for r in results
+    ]
+    report["client"] = {"workers": opts.workers, "concurrency": opts.concurrency, "cpu": cpu}
+    report["bottleneck"] = "client" if any(c["utilization"] >= BOTTLENECK_UTILIZATION for c in cpu) else "server"
+    return report
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+__all__ = ["Options", "RunError", "cpu_count", "merge", "run"]

@@ -1,0 +1,413 @@
+"""A load-generator worker: one OS process (started with ``spawn``) with its own event loop and
+channels, driving its lanes in a closed or an open loop and recording every call in HDR histograms.
+
+The parent sends ``("go", WorkerSpec)``; the worker sends ``("progress", {...})`` every half second
+and ``("result", {...})`` (or ``("error", text)``) at the end. Latency is measured from the send in
+a closed loop and from the intended send time in an open loop, so that a stall of the server shows
+in the figures however the sends were delayed (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as errno_mod
+import random
+import time
+import traceback
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from mmsim.client import BatchStream, Client, MmsimError, Process, ProcessNotFoundError, ops
+
+from .histograms import encode, new_histogram
+from .profiles import OPS_PER_CALL
+from .workload import BLOCK, PAGE, LaneSpec, TreeSpec
+
+#: A send later than its intended time by more than this is counted late (open loop).
+LATE_S = 0.001
+PROGRESS_S = 0.5
+#: The per-second histograms keep 2 significant digits (the run's own keep 3).
+SERIES_DIGITS = 2
+HIGHEST_US = 60_000_000
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    targets: tuple[str, ...]
+    trees: tuple[TreeSpec, ...]
+    lanes: tuple[LaneSpec, ...]
+    mix: tuple[tuple[str, int], ...]
+    mode: str  # "closed" | "open"
+    rate: float | None  # this worker's operations per second, open loop
+    duration: float | None  # measured seconds (after the warm-up), or None with a count
+    count: int | None  # this worker's measured calls, or None with a duration
+    warmup: float
+    start_at: float  # time.time() at which every worker starts
+    seed: int
+    call_timeout: float
+
+
+@dataclass
+class OpStats:
+    hist: HdrHistogram = field(default_factory=new_histogram)
+    ok: int = 0
+    ops: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+class Recorder:
+    """Everything one worker measures. Calls that started (or were due) before the end of the
+    warm-up are not recorded."""
+
+    def __init__(self, warm_end: float) -> None:
+        self.warm_end = warm_end
+        self.ops: dict[str, OpStats] = {}
+        self.statuses: Counter[str] = Counter()
+        self.errnos: Counter[str] = Counter()
+        self.late = 0
+        self.series: list[list[Any]] = []  # per second: [ops, errors, histogram]
+        self.calls = 0
+        self.problems = 0  # errnos and failures, for the live line
+        self.interval = HdrHistogram(1, HIGHEST_US, SERIES_DIGITS)  # since the last progress message
+
+    def record(self, op: str, began: float, done: float, status: str, err: str | None, inner: Counter[str], nops: int) -> None:
+        if began < self.warm_end:
+            return
+        s = self.ops.get(op)
+        if s is None:
+            s = self.ops[op] = OpStats()
+        us = max(1, min(HIGHEST_US, int((done - began) * 1e6)))
+        s.hist.record_value(us)
+        self.interval.record_value(us)
+        self.statuses[status] += 1
+        self.calls += 1
+        problems = sum(inner.values())
+        if status == "OK":
+            s.ok += 1
+            s.ops += nops
+        elif err is not None:
+            s.errors[err] += 1
+            self.errnos[err] += 1
+            problems += 1
+        else:
+            s.failures[status] += 1
+            problems += 1
+        for name, n in inner.items():  # errnos of the operations inside a batch
+            s.errors[name] += n
+            self.errnos[name] += n
+        self.problems += problems
+        sec = int(done - self.warm_end)
+        while len(self.series) <= sec:
+            self.series.append([0, 0, HdrHistogram(1, HIGHEST_US, SERIES_DIGITS)])
+        slot = self.series[sec]
+        slot[0] += nops if status == "OK" else 0
+        slot[1] += problems
+        slot[2].record_value(us)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "ops": {
+                name: {"hist": encode(s.hist), "ok": s.ok, "ops": s.ops, "errors": dict(s.errors), "failures": dict(s.failures)}
+                for name, s in self.ops.items()
+            },
+            "statuses": dict(self.statuses),
+            "errnos": dict(self.errnos),
+            "late": self.late,
+            "series": [[n, e, encode(h)] for n, e, h in self.series],
+        }
+
+
+def classify(exc: BaseException) -> tuple[str, str | None]:
+    """(status name, errno name or None) of a failed call."""
+    if isinstance(exc, OSError) and exc.errno:
+        code = getattr(exc, "code", None)
+        return (code.name if code is not None else "UNKNOWN"), errno_mod.errorcode.get(exc.errno, str(exc.errno))
+    if isinstance(exc, MmsimError):
+        return exc.code.name, None
+    return "CLIENT_ERROR", None
+
+
+class Lane:
+    """One call in flight at a time, on pages of its own (shared ones in the race profile)."""
+
+    def __init__(self, spec: LaneSpec, tree: TreeSpec, root: Process, race_pos: dict[tuple[int, int], int]) -> None:
+        self.spec = spec
+        self.tree = tree
+        self.root = root
+        self.single_at = 0  # 0: the page is in the source region, 1: in the destination
+        self.block_at = 0
+        self.race_pos = race_pos
+        self.value = 0
+        self.stream: BatchStream | None = None
+
+    def regions(self, at: int) -> tuple[int, int]:
+        """(from, to) for a page now at ``at``."""
+        t = self.tree
+        return (t.src, t.dst) if at == 0 else (t.dst, t.src)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, mm: Client) -> None:
+        self.spec = spec
+        self.mm = mm
+        self.rng = random.Random(spec.seed)
+        names = [n for n, _ in spec.mix]
+        weights = [w for _, w in spec.mix]
+        self.choose: Callable[[], str] = lambda: self.rng.choices(names, weights)[0]
+        race_pos: dict[tuple[int, int], int] = {}
+        self.lanes = [
+            Lane(lane, spec.trees[lane.tree], mm.process(spec.trees[lane.tree].root, spec.trees[lane.tree].root_pid,
+                                                         target=spec.trees[lane.tree].target), race_pos)
+            for lane in spec.lanes
+        ]
+        self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
+            "remap": self.op_remap,
+            "remap64": self.op_remap64,
+            "walk": lambda lane: self.op_walk(lane, False),
+            "walk_blocking": lambda lane: self.op_walk(lane, True),
+            "fork": self.op_fork,
+            "write": self.op_write,
+            "read": self.op_read,
+            "mmap": self.op_mmap,
+            "batch": self.op_batch,
+            "stream": self.op_stream,
+        }
+        self.inflight = 0
+        self.orphans: list[Process] = []
+
+    # -- the operations: each returns the errnos of the operations inside it (a batch's)
+    async def op_remap(self, lane: Lane) -> Counter[str]:
+        if lane.spec.race:
+            return await self._race_remap(lane)
+        frm, to = lane.regions(lane.single_at)
+        off = lane.spec.single * PAGE
+        await lane.root.remap(to + off, frm + off, PAGE)
+        lane.single_at ^= 1
+        return Counter()
+
+    async def _race_remap(self, lane: Lane) -> Counter[str]:
+        key = (lane.spec.tree, self.rng.choice(lane.spec.race))
+        at = lane.race_pos.get(key, 0)
+        frm, to = lane.regions(at)
+        off = key[1] * PAGE
+        try:
+            await lane.root.remap(to + off, frm + off, PAGE)
+        except OSError as e:
+            if e.errno in (errno_mod.ENOENT, errno_mod.EEXIST):  # another lane moved it: it is there
+                lane.race_pos[key] = at ^ 1
+            raise
+        lane.race_pos[key] = at ^ 1
+        return Counter()
+
+    async def op_remap64(self, lane: Lane) -> Counter[str]:
+        frm, to = lane.regions(lane.block_at)
+        off = lane.spec.block * PAGE
+        await lane.root.remap(to + off, frm + off, BLOCK * PAGE)
+        lane.block_at ^= 1
+        return Counter()
+
+    async def op_walk(self, lane: Lane, blocking: bool) -> Counter[str]:
+        if lane.spec.race:
+            key = (lane.spec.tree, self.rng.choice(lane.spec.race))
+            addr = lane.regions(lane.race_pos.get(key, 0))[0] + key[1] * PAGE
+        else:
+            addr = lane.tree.shared + lane.spec.walk_page * PAGE
+        await lane.root.walk(addr, blocking)
+        return Counter()
+
+    async def op_fork(self, lane: Lane) -> Counter[str]:
+        child = await lane.root.fork()
+        try:
+            await child.exit()
+        except BaseException:
+            self.orphans.append(child)  # exited at the end of the run, whatever happened
+            raise
+        return Counter()
+
+    async def op_write(self, lane: Lane) -> Counter[str]:
+        lane.value += 1
+        await lane.root.write(lane.tree.rw + lane.spec.rw_page * PAGE, lane.value)
+        return Counter()
+
+    async def op_read(self, lane: Lane) -> Counter[str]:
+        await lane.root.read(lane.tree.rw + lane.spec.rw_page * PAGE)
+        return Counter()
+
+    async def op_mmap(self, lane: Lane) -> Counter[str]:
+        v = await lane.root.mmap(PAGE)
+        await lane.root.munmap(v.start, PAGE)
+        return Counter()
+
+    def _ping_pong(self, lane: Lane) -> list[ops.Op]:
+        """256 single-page remaps of the lane's page, there and back."""
+        off = lane.spec.single * PAGE
+        a, b = lane.regions(lane.single_at)
+        there = ops.remap(lane.root, b + off, a + off, PAGE)
+        back = ops.remap(lane.root, a + off, b + off, PAGE)
+        return [there, back] * (OPS_PER_CALL["batch"] // 2)
+
+    def _settle(self, lane: Lane, results: list[Any]) -> Counter[str]:
+        inner: Counter[str] = Counter()
+        for r in results:
+            if isinstance(r, BaseException):
+                _, err = classify(r)
+                inner[err or type(r).__name__] += 1
+            else:
+                lane.single_at ^= 1  # each move that worked moved the page across
+        return inner
+
+    async def op_batch(self, lane: Lane) -> Counter[str]:
+        return self._settle(lane, await self.mm.batch(self._ping_pong(lane)))
+
+    async def op_stream(self, lane: Lane) -> Counter[str]:
+        if lane.stream is None:
+            lane.stream = self.mm.batch_stream(via=lane.root)
+            await lane.stream.__aenter__()
+        return self._settle(lane, await lane.stream.run(self._ping_pong(lane)))
+
+    # -- running one operation on a lane
+    async def call(self, lane: Lane, op: str, began: float, rec: Recorder) -> None:
+        self.inflight += 1
+        inner: Counter[str] = Counter()
+        try:
+            inner = await self.ops[op](lane)
+            status, err = "OK", None
+        except (OSError, MmsimError) as e:
+            status, err = classify(e)
+        finally:
+            self.inflight -= 1
+        rec.record(op, began, time.perf_counter(), status, err, inner, OPS_PER_CALL[op])
+
+    async def close(self) -> None:
+        for lane in self.lanes:
+            if lane.stream is not None:
+                await lane.stream.__aexit__(None, None, None)
+        for child in self.orphans:
+            try:
+                await child.exit()
+            except (ProcessNotFoundError, ProcessLookupError):
+                pass  # it did exit
+
+
+async def _progress(worker: Worker, rec: Recorder, conn: Connection, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), PROGRESS_S)
+        except TimeoutError:
+            pass
+        hist = encode(rec.interval)
+        rec.interval.reset()
+        conn.send(("progress", {"worker": worker.spec.index, "calls": rec.calls, "problems": rec.problems,
+                                "inflight": worker.inflight, "interval": hist}))
+
+
+async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
+    async with Client(list(spec.targets), timeout=spec.call_timeout, retries=0) as mm:
+        worker = Worker(spec, mm)
+        await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+        t0 = time.perf_counter()
+        warm_end = t0 + spec.warmup
+        end = warm_end + spec.duration if spec.duration is not None else float("inf")
+        rec = Recorder(warm_end)
+        cpu_at_warm_end: list[float] = []
+
+        async def mark_warm_end() -> None:
+            await asyncio.sleep(spec.warmup)
+            cpu_at_warm_end.append(time.process_time())
+
+        marker = asyncio.create_task(mark_warm_end())
+        stop_progress = asyncio.Event()
+        progress = asyncio.create_task(_progress(worker, rec, conn, stop_progress))
+        counted = 0
+
+        def may_issue(began: float) -> bool:
+            nonlocal counted
+            if began >= end:
+                return False
+            if spec.count is not None and began >= warm_end:
+                if counted >= spec.count:
+                    return False
+                counted += 1
+            return True
+
+        if spec.mode == "closed":
+            async def lane_loop(lane: Lane) -> None:
+                while True:
+                    began = time.perf_counter()
+                    if not may_issue(began):
+                        return
+                    await worker.call(lane, worker.choose(), began, rec)
+
+            await asyncio.gather(*(lane_loop(lane) for lane in worker.lanes))
+        else:
+            assert spec.rate is not None and spec.rate > 0
+            interval = 1.0 / spec.rate
+            free: asyncio.Queue[Lane] = asyncio.Queue()
+            for lane in worker.lanes:
+                free.put_nowait(lane)
+            tasks: set[asyncio.Task[None]] = set()
+
+            async def run_on(lane: Lane, op: str, intended: float) -> None:
+                try:
+                    await worker.call(lane, op, intended, rec)
+                finally:
+                    free.put_nowait(lane)
+
+            k = 0
+            while True:
+                intended = t0 + k * interval
+                if not may_issue(intended):
+                    break
+                ahead = intended - time.perf_counter()
+                if ahead > LATE_S:
+                    await asyncio.sleep(ahead)
+                lane = await free.get()  # every lane busy: this send leaves late
+                if time.perf_counter() - intended > LATE_S and intended >= warm_end:
+                    rec.late += 1
+                task = asyncio.create_task(run_on(lane, worker.choose(), intended))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                k += 1
+            if tasks:
+                await asyncio.gather(*tasks)
+        finished = time.perf_counter()
+        marker.cancel()
+        cpu0 = cpu_at_warm_end[0] if cpu_at_warm_end else time.process_time()
+        cpu = time.process_time() - cpu0
+        stop_progress.set()
+        await progress
+        await worker.close()
+        result = rec.result()
+        wall = max(0.0, finished - warm_end)
+        result.update(
+            worker=spec.index,
+            cpu_s=cpu,
+            wall_s=wall,
+            end_reason="count" if spec.count is not None else "duration",
+        )
+        return result
+
+
+def worker_main(conn: Connection) -> None:
+    """The worker process: wait for the spec, run, send the result."""
+    try:
+        msg = conn.recv()
+        if msg[0] != "go":
+            return
+        conn.send(("result", asyncio.run(run_worker(msg[1], conn))))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        pass
+    except Exception:
+        try:
+            conn.send(("error", traceback.format_exc(limit=8)))
+        except (BrokenPipeError, OSError):
+            pass
+    finally:
+        conn.close()
