@@ -172,9 +172,9 @@ class Client:
         reply = await conn.unary("CreateProcess", pb.CreateProcessRequest(), self._deadline(timeout))
         return Process(self, conn, reply.handle, reply.pid)
 
-    async def ping(self, *, timeout: Timeout = ...) -> None:
-        """A call that does nothing, on every server."""
-        for c in self.conns:
+    async def ping(self, *, target: str | None = None, timeout: Timeout = ...) -> None:
+        """A call that does nothing, on every server (or on ``target``)."""
+        for c in self._select(target):
             await c.unary("Ping", pb.Empty(), self._deadline(timeout))
 
     async def check_invariants(self, *, target: str | None = None, timeout: Timeout = ...) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 #: Every operation, with what one call of it does.
 OPERATIONS: dict[str, str] = {
+    "ping": "the empty RPC: the cost of a call on this stack, the baseline of every other figure",
     "remap": "UFFDIO_MOVE of one page, ping-ponged between a source and a registered destination",
     "remap64": "UFFDIO_MOVE of 64 pages at once, ping-ponged likewise",
     "walk": "the rmap walk (folio_referenced), trylock mode, of a page shared along the fork chain",
@@ -23,6 +24,7 @@ OPS_PER_CALL: dict[str, int] = {name: 1 for name in OPERATIONS} | {"batch": 256,
 PROFILES: dict[str, dict[str, int]] = {
     "mixed": {"remap": 4, "remap64": 1, "walk": 3, "walk_blocking": 1, "fork": 1, "write": 2, "read": 2, "mmap": 1},
     "remap": {"remap": 1},
+    "ping": {"ping": 1},
     "batch": {"batch": 1, "stream": 1},
     "fork-storm": {"fork": 4, "walk": 1, "write": 1},
     # Walks and moves on the same folios of the same trees, so that the mapping recheck fires.

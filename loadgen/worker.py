@@ -168,6 +168,7 @@ class Worker:
             for lane in spec.lanes
         ]
         self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
+            "ping": self.op_ping,
             "remap": self.op_remap,
             "remap64": self.op_remap64,
             "walk": lambda lane: self.op_walk(lane, False),
@@ -183,6 +184,10 @@ class Worker:
         self.orphans: list[Process] = []
 
     # -- the operations: each returns the errnos of the operations inside it (a batch's)
+    async def op_ping(self, lane: Lane) -> Counter[str]:
+        await self.mm.ping(target=lane.tree.target)
+        return Counter()
+
     async def op_remap(self, lane: Lane) -> Counter[str]:
         if lane.spec.race:
             return await self._race_remap(lane)

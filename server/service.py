@@ -15,7 +15,7 @@ processes by pid only.
 from __future__ import annotations
 
 import errno as errno_mod
-import hmac
+import functools
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -172,7 +172,10 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         self.instance = instance or secrets.token_hex(8)
         if not re.fullmatch(r"[0-9a-f]{16}", self.instance):
             raise ValueError("the instance id must be 16 lowercase hex digits")
-        self._tokens: dict[int, str] = {}  # pid -> the token of its handle
+        # The handles issued, both ways. Looking a handle up whole is the fast path; a handle that is
+        # not here is parsed only to tell INVALID_ARGUMENT from NOT_FOUND.
+        self._handles: dict[str, int] = {}
+        self._handle_of: dict[int, str] = {}
         self._ops: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "create_process": self._op_create_process,
             "fork": self._op_fork,
@@ -192,28 +195,28 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     # -- handles
     def issue(self, pid: int) -> pb.Process:
         """The handle of a new process: a fresh random token."""
-        token = self._tokens[pid] = secrets.token_hex(16)
-        return pb.Process(handle=f"{self.instance}.{pid}.{token}", pid=pid)
+        handle = f"{self.instance}.{pid}.{secrets.token_hex(16)}"
+        self._handles[handle] = pid
+        self._handle_of[pid] = handle
+        return pb.Process(handle=handle, pid=pid)
+
+    def revoke(self, pid: int) -> None:
+        """The process is gone: its handle names nothing any more."""
+        handle = self._handle_of.pop(pid, None)
+        if handle is not None:
+            del self._handles[handle]
 
     def pid(self, handle: str, field: str = "process") -> int:
         """The pid a handle names: INVALID_ARGUMENT if it is not a handle, NOT_FOUND if it names no
         process of this server (another instance, an exited process, a wrong token)."""
+        pid = self._handles.get(handle)
+        if pid is not None and pid in self.model.processes:
+            return pid
         if not handle:
             raise BadRequest(field, "a process handle is required")
-        m = HANDLE_RE.fullmatch(handle) if len(handle) <= HANDLE_MAX else None
-        if m is None:
+        if len(handle) > HANDLE_MAX or HANDLE_RE.fullmatch(handle) is None:
             raise BadRequest(field, f"{echo(handle)!r} is not a process handle (<instance>.<pid>.<token>)")
-        inst, num, token = m.groups()
-        pid = int(num)
-        known = self._tokens.get(pid)
-        if (
-            inst != self.instance
-            or known is None
-            or not hmac.compare_digest(known, token)
-            or pid not in self.model.processes
-        ):
-            raise ProcessNotFound(handle)
-        return pid
+        raise ProcessNotFound(handle)  # another instance, an exited process, a wrong token
 
     # -- running one operation
     async def _unary(self, context: grpc.aio.ServicerContext, op: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
@@ -223,21 +226,23 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             code, message, details, _, _ = _status_for(exc)
             await context.abort_with_status(_rich_status(code, message, details))
 
-    async def _run_op(self, i: int, op: pb.Op) -> pb.OpResult:
-        """One operation of a batch: its result, or its error. An unexpected failure of one
-        operation (a bug) is INTERNAL for that operation alone, logged with its traceback."""
+    async def _run_op(self, i: int, op: pb.Op) -> tuple[bytes, bool]:
+        """One operation of a batch: its serialized OpResult, and whether it is an error. An
+        unexpected failure of one operation (a bug) is INTERNAL for that operation alone, logged
+        with its traceback."""
         kind = op.WhichOneof("op")
         if kind is None:
-            return pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set")))
+            return pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set"))).SerializeToString(), True
         try:
-            return _op_result(await self._ops[kind](getattr(op, kind)))
+            if kind == "remap":  # the batch path's commonest operation, straight to its encoding
+                return _remap_result(await self._remap(op.remap)), False
+            return _encode_result(await self._ops[kind](getattr(op, kind))), False
         except _HANDLED as exc:
-            return pb.OpResult(error=_op_error(exc))
+            return pb.OpResult(error=_op_error(exc)).SerializeToString(), True
         except Exception:
             log.exception("batch operation failed", op=kind, index=i)
-            return pb.OpResult(
-                error=pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message=f"operation {kind} failed on the server")
-            )
+            error = pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message=f"operation {kind} failed on the server")
+            return pb.OpResult(error=error).SerializeToString(), True
 
     async def _batch(self, request: pb.BatchRequest) -> bytes:
         """Run the operations in order; the serialized BatchResponse. Each result is serialized as
@@ -250,9 +255,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         size = 0
         parts: list[bytes] = []
         for i, op in enumerate(request.ops):
-            result = await self._run_op(i, op)
-            data = result.SerializeToString()
-            field = _RESULTS_TAG + _varint(len(data))  # results = 1, length-delimited
+            data, failed = await self._run_op(i, op)
+            n = len(data)
+            field = _SHORT_RESULT_HEADERS[n] if n < 128 else _RESULTS_TAG + _varint(n)  # results = 1, length-delimited
             size += len(field) + len(data)
             if size > budget:
                 too_large = ResponseTooLarge(f"the result of ops[{i}]", self.limits.max_message_bytes)
@@ -260,7 +265,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 parts += (_RESULTS_TAG + _varint(len(data)), data)
                 break
             parts += (field, data)
-            if request.stop_on_error and result.HasField("error"):
+            if request.stop_on_error and failed:
                 break
             if i % BATCH_SLICE == BATCH_SLICE - 1 or len(data) > CONVERT_CHUNK * 16:
                 await cond_resched()  # let other calls run between slices of a long batch
@@ -279,7 +284,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             await self.model.exit(pid)
         finally:
             if pid not in self.model.processes:
-                self._tokens.pop(pid, None)
+                self.revoke(pid)
         return pb.ExitResponse()
 
     async def _op_mmap(self, request: pb.MmapRequest) -> pb.Vma:
@@ -318,12 +323,15 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         await self.model.write(self.pid(request.process), request.addr, request.value)
         return pb.Empty()
 
-    async def _op_remap(self, request: pb.RemapRequest) -> pb.RemapResponse:
+    async def _remap(self, request: pb.RemapRequest) -> int:
         pid = self.pid(request.process)
-        if request.len > self.limits.max_remap_bytes:
+        length = request.len
+        if length > self.limits.max_remap_bytes:
             raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
-        moved = await self.model.move(pid, request.dst, request.src, request.len, request.mode)
-        return pb.RemapResponse(moved=moved)
+        return await self.model.move(pid, request.dst, request.src, length, request.mode)
+
+    async def _op_remap(self, request: pb.RemapRequest) -> pb.RemapResponse:
+        return pb.RemapResponse(moved=await self._remap(request))
 
     async def _op_walk(self, request: pb.WalkRequest) -> pb.WalkResponse:
         w = await self.model.walk(self.pid(request.process), request.addr, request.blocking)
@@ -506,7 +514,28 @@ def _op_result(response: Any) -> pb.OpResult:
     return pb.OpResult(**{_RESULT_FIELD[type(response)]: response})
 
 
+_EMPTY_RESULT = pb.OpResult(empty=pb.Empty()).SerializeToString()
+
+
+@functools.lru_cache(maxsize=4096)
+def _remap_result(moved: int) -> bytes:
+    return pb.OpResult(remap=pb.RemapResponse(moved=moved)).SerializeToString()
+
+
+def _encode_result(response: Any) -> bytes:
+    """A serialized OpResult holding ``response``; the commonest (a remap, an empty answer) are
+    made once."""
+    kind = type(response)
+    if kind is pb.RemapResponse:
+        return _remap_result(response.moved)
+    if kind is pb.Empty:
+        return _EMPTY_RESULT
+    return _op_result(response).SerializeToString()
+
+
 _RESULTS_TAG = bytes([(1 << 3) | 2])  # BatchResponse.results: field 1, length-delimited
+#: The tag and length of a result shorter than 128 bytes (most are a few bytes).
+_SHORT_RESULT_HEADERS = [_RESULTS_TAG + bytes([n]) for n in range(128)]
 
 
 def _varint(n: int) -> bytes:
