@@ -83,18 +83,23 @@ def figures(
     errors: Mapping[str, int],
     failures: Mapping[str, int],
     duration_s: float,
+    ops: int | None = None,
 ) -> dict[str, object]:
     """One "figures" object of the schema for the calls whose latencies ``h`` holds.
 
-    ``errors`` is errno name -> calls, ``failures`` gRPC status name -> calls that failed without an errno.
+    ``errors`` is errno name -> calls, ``failures`` gRPC status name -> calls that failed without an errno;
+    ``ops`` the operations the successful calls carried (default: one a call).
     """
     count = h.get_total_count()
+    ops = ok if ops is None else ops
     return {
         "count": count,
         "ok": ok,
+        "ops": ops,
         "errors": dict(errors),
         "failures": dict(failures),
         "throughput": count / duration_s if duration_s > 0 else 0.0,
+        "ops_per_s": ops / duration_s if duration_s > 0 else 0.0,
         "latency_ms": percentiles(h),
         "histogram": encode(h),
     }

@@ -220,18 +220,13 @@ def merge(results: list[dict[str, Any]], opts: Options, duration: float) -> dict
         nops = sum(p["ops"] for p in parts)
         errors = sum((Counter(p["errors"]) for p in parts), Counter())
         failures = sum((Counter(p["failures"]) for p in parts), Counter())
-        fig = histograms.figures(h, ok, errors, failures, duration)
-        fig["ops"] = nops
-        fig["ops_per_s"] = nops / duration if duration > 0 else 0.0
-        operations[name] = fig
+        operations[name] = histograms.figures(h, ok, errors, failures, duration, nops)
         all_hists.append(h)
         total_ok += ok
         total_ops += nops
         all_errors += errors
         all_failures += failures
-    overall = histograms.figures(histograms.merge(all_hists), total_ok, all_errors, all_failures, duration)
-    overall["ops"] = total_ops
-    overall["ops_per_s"] = total_ops / duration if duration > 0 else 0.0
+    overall = histograms.figures(histograms.merge(all_hists), total_ok, all_errors, all_failures, duration, total_ops)
     seconds = max((len(r["series"]) for r in results), default=0)
     series = []
     for t in range(seconds):
