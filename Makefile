@@ -28,6 +28,9 @@ test: $(STAMP) ## set up the virtualenv and run the whole test suite, one worker
 run: $(STAMP) ## start the server in the foreground on 127.0.0.1:7077, or HOST=... PORT=...
 	$(VENV)/bin/mmsim serve $(RUN_ARGS)
 
+demo: $(STAMP) ## start a server, run the race profile 10 s against it, print the report, write demo.png
+	$(PY) -m mmsim.loadgen.demo
+
 bench: $(STAMP) ## run the model benchmarks (benchmarks/model_bench.py)
 	$(PY) benchmarks/model_bench.py
 

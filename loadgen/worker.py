@@ -66,8 +66,9 @@ class Recorder:
     """Everything one worker measures. Calls that started (or were due) before the end of the
     warm-up are not recorded."""
 
-    def __init__(self, warm_end: float) -> None:
+    def __init__(self, warm_end: float, end: float) -> None:
         self.warm_end = warm_end
+        self.end = end  # calls completing later (the drain) count in the figures, not in the series
         self.ops: dict[str, OpStats] = {}
         self.statuses: Counter[str] = Counter()
         self.errnos: Counter[str] = Counter()
@@ -103,6 +104,8 @@ class Recorder:
             s.errors[name] += n
             self.errnos[name] += n
         self.problems += problems
+        if done >= self.end:
+            return
         sec = int(done - self.warm_end)
         while len(self.series) <= sec:
             self.series.append([0, 0, HdrHistogram(1, HIGHEST_US, SERIES_DIGITS)])
@@ -320,7 +323,7 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
         t0 = time.perf_counter()
         warm_end = t0 + spec.warmup
         end = warm_end + spec.duration if spec.duration is not None else float("inf")
-        rec = Recorder(warm_end)
+        rec = Recorder(warm_end, end)
         cpu_at_warm_end: list[float] = []
 
         async def mark_warm_end() -> None:
