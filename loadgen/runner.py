@@ -13,6 +13,7 @@ import datetime
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -332,11 +333,22 @@ async def _measure(
         )
         conn.send(("go", spec))
     live = Live(console, opts.quiet)
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:  # Ctrl-C: stop the workers; what they measured is reported
+        for _, conn in workers:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
     with live:
         collect = asyncio.ensure_future(_collect(workers, live))
         await asyncio.sleep(max(0.0, start_at + opts.warmup - time.time()))
         before = await _stats(clients)
         results = await collect
+    loop.remove_signal_handler(signal.SIGINT)
     after = await _stats(clients)
     duration = max((r["wall_s"] for r in results), default=0.0)
     report: dict[str, Any] = {
@@ -350,7 +362,8 @@ async def _measure(
         "target_rate": opts.rate,
         "warmup_s": opts.warmup,
         "duration_s": duration,
-        "end_reason": results[0]["end_reason"] if results else "duration",
+        "end_reason": next((r["end_reason"] for r in results if r["end_reason"] == "interrupted"),
+                           results[0]["end_reason"] if results else "duration"),
     }
     report["options"]["mix"] = dict(opts.mix)
     report.update(merge(results, opts, duration))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno as errno_mod
 import random
+import signal
 import time
 import traceback
 from collections import Counter
@@ -334,10 +335,24 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
         stop_progress = asyncio.Event()
         progress = asyncio.create_task(_progress(worker, rec, conn, stop_progress))
         counted = 0
+        interrupted = False
+
+        def on_message() -> None:  # the parent's ("stop",): no new call; those in flight finish
+            nonlocal interrupted
+            try:
+                while conn.poll():
+                    if conn.recv()[0] == "stop":
+                        interrupted = True
+            except (EOFError, OSError):
+                interrupted = True  # the parent is gone
+            if interrupted:
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+
+        asyncio.get_running_loop().add_reader(conn.fileno(), on_message)
 
         def may_issue(began: float) -> bool:
             nonlocal counted
-            if began >= end:
+            if began >= end or interrupted:
                 return False
             if spec.count is not None and began >= warm_end:
                 if counted >= spec.count:
@@ -386,6 +401,8 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
             if tasks:
                 await asyncio.gather(*tasks)
         finished = time.perf_counter()
+        if not interrupted:
+            asyncio.get_running_loop().remove_reader(conn.fileno())
         marker.cancel()
         cpu0 = cpu_at_warm_end[0] if cpu_at_warm_end else time.process_time()
         cpu = time.process_time() - cpu0
@@ -398,13 +415,15 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
             worker=spec.index,
             cpu_s=cpu,
             wall_s=wall,
-            end_reason="count" if spec.count is not None else "duration",
+            end_reason="interrupted" if interrupted else "count" if spec.count is not None else "duration",
         )
         return result
 
 
 def worker_main(conn: Connection) -> None:
-    """The worker process: wait for the spec, run, send the result."""
+    """The worker process: wait for the spec, run, send the result. Ctrl-C reaches the parent, which
+    stops the workers with a message (their figures up to then are reported)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         msg = conn.recv()
         if msg[0] != "go":

@@ -218,3 +218,26 @@ def test_make_demo_runs_the_race_profile_and_writes_its_plot(tmp_path: Any) -> N
     assert report["options"]["profile"] == "race" and report["server"]["protocol"] == "recheck"
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
     assert "violations" in r.stdout and "latency (ms) and throughput" in r.stdout
+
+
+def test_ctrl_c_stops_the_run_and_still_reports(server: ServerProcess, tmp_path: Any) -> None:
+    """SIGINT to the generator: the workers stop issuing calls, what was measured is reported
+    (end_reason "interrupted"), and the workload is torn down."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsim.server", "loadgen", "--target", server.addr, "--duration", "120", "--warmup", "0",
+         "--trees", "1", "--pages", "8", "--json", str(out), "--profile", "remap"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    before = asyncio.run(server_state(server.addr))[0].get("move_pages", 0)
+    while asyncio.run(server_state(server.addr))[0].get("move_pages", 0) < before + 200:  # the run is under way
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout
+    report = json.loads(out.read_text())
+    validate(report)
+    assert report["end_reason"] == "interrupted" and report["overall"]["count"] > 0
+    assert report["duration_s"] < 60
+    stats, problems = asyncio.run(server_state(server.addr))
+    assert problems == [] and stats["processes"] == 0
