@@ -7,14 +7,8 @@ Each path runs against its own ``mmsim serve`` process, whose RSS is read from /
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -25,6 +19,8 @@ from mmsim.client import Client, LimitExceededError, Process, ops
 from mmsim.server.mm.model import MemoryModel
 from mmsim.server.mm.mm_types import PAGE_SIZE as P
 
+from servers import ServerProcess, mmsim_serve
+
 BUDGET = 16 << 20
 #: What RSS may exceed the budget by: the interpreter's free lists and arenas that the model's
 #: objects have been through, gRPC's buffers for one call in flight, the audit's working set
@@ -34,44 +30,27 @@ SLACK = 48 << 20
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 
 
-def _status(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], addr: str) -> None:
+    """A budgeted server and its RSS once warmed up."""
+
+    def __init__(self, proc: ServerProcess) -> None:
         self.proc = proc
-        self.addr = addr
+        self.addr = proc.addr
         self.baseline = 0
 
     @property
     def rss(self) -> int:
-        return _status(self.proc.pid, "VmRSS")
+        return self.proc.status("VmRSS")
 
     @property
     def peak(self) -> int:
-        return _status(self.proc.pid, "VmHWM")
+        return self.proc.status("VmHWM")
 
 
 @pytest_asyncio.fixture
 async def budget_server() -> AsyncIterator[Server]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmsim.server", "serve", "--listen", "127.0.0.1:0", "--log-format", "json",
-         "--access-log-sample", "0", "--max-memory", str(BUDGET)],
-        stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        line = await asyncio.to_thread(proc.stderr.readline)
-        event = json.loads(line)
-        assert event["event"] == "serving", line
-        server = Server(proc, event["listen"])
-        drain = threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True)  # type: ignore[union-attr]
-        drain.start()  # the server's log must never fill the pipe
+    with mmsim_serve("--max-memory", str(BUDGET)) as proc:
+        server = Server(proc)
         async with Client(server.addr) as mm:  # warm the server's code paths before the baseline
             p = await mm.create_process()
             v = await p.mmap(16 * P)
@@ -79,11 +58,6 @@ async def budget_server() -> AsyncIterator[Server]:
             await mm.check_invariants()
         server.baseline = server.rss
         yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 30)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 async def grow_until_enomem(step: Callable[[], Awaitable[object]], max_steps: int = 100_000) -> OSError:
