@@ -18,16 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from mmsim.client.testing import serve_subprocess
 
 UNARY = ["ping", "remap", "remap64", "walk", "walk_blocking", "fork", "write", "read", "mmap"]
 BATCHED = ["batch", "stream"]
@@ -37,24 +37,6 @@ err = Console(stderr=True)
 
 def log(msg: str) -> None:
     err.log(msg)
-
-
-class Server:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mmsim.server", "serve", "--listen", "127.0.0.1:0", "--log-format", "json",
-             "--access-log-sample", "0", *args],
-            stderr=subprocess.PIPE, text=True,
-        )
-        assert self.proc.stderr is not None
-        event = json.loads(self.proc.stderr.readline())
-        assert event["event"] == "serving", event
-        self.addr = event["listen"]
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
 
 
 def loadgen(addr: str, out: Path, *args: str) -> dict[str, Any]:
@@ -67,13 +49,8 @@ def loadgen(addr: str, out: Path, *args: str) -> dict[str, Any]:
 
 
 def one(name: str, out: Path, server_args: list[str], *args: str) -> dict[str, Any]:
-    s = Server(*server_args)
-    try:
-        report = loadgen(s.addr, out / f"{name}.json", *args)
-    finally:
-        status = s.stop()
-    if status != 0:
-        raise SystemExit(f"the server of {name} exited {status}")
+    with serve_subprocess(*server_args) as server:  # a fresh server each time; it must exit 0
+        report = loadgen(server.addr, out / f"{name}.json", *args)
     f = report["overall"]
     log(f"{name}: {f['ops_per_s']:,.0f} ops/s, p50 {f['latency_ms']['p50']:.3f} ms, p99 {f['latency_ms']['p99']:.3f} ms, "
         f"bottleneck {report['bottleneck']}")

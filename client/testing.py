@@ -1,9 +1,16 @@
-"""Helpers for tests of code that uses the SDK: a real mmsim server inside the test's process."""
+"""Helpers for tests of code that uses the SDK: a real mmsim server inside the test's process
+(``serve_in_process``), or as a separate OS process (``serve_subprocess``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -31,4 +38,60 @@ async def serve_in_process(**server_options: Any) -> AsyncIterator[str]:
         await running.stop(None)
 
 
-__all__ = ["serve_in_process"]
+@dataclass(frozen=True)
+class ServerProcess:
+    """A running ``mmsim serve``: its address and its OS process."""
+
+    addr: str
+    proc: subprocess.Popen[str]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self, key: str) -> int:
+        """A /proc/<pid>/status figure in bytes (VmRSS, VmHWM): Linux only."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+
+@contextmanager
+def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProcess]:
+    """Run ``mmsim serve --listen 127.0.0.1:0 ARGS`` as a separate OS process (the access log off),
+    and yield it once it serves. On exit it is stopped with SIGTERM; with ``check_exit``, an exit
+    status other than 0 raises RuntimeError. Its log is read and dropped, so it never blocks.
+
+    Example::
+
+        with serve_subprocess("--protocol", "no-recheck") as server:
+            ... Client(server.addr) ...
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmsim.server", "serve", "--listen", "127.0.0.1:0", "--log-format", "json",
+         "--access-log-sample", "0", *args],
+        stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        line = proc.stderr.readline()
+        event = json.loads(line) if line.startswith("{") else {}
+        if event.get("event") != "serving":
+            raise RuntimeError(f"mmsim serve did not start: {line.strip() or proc.wait(30)}")
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+        yield ServerProcess(event["listen"], proc)
+        proc.send_signal(signal.SIGCONT)  # in case it was left stopped
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(60)
+        if check_exit and status != 0:
+            raise RuntimeError(f"mmsim serve exited {status}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+__all__ = ["ServerProcess", "serve_in_process", "serve_subprocess"]
