@@ -374,12 +374,18 @@ async def _measure(
         for r in results
     ]
     report["client"] = {"workers": opts.workers, "concurrency": opts.concurrency, "cpu": cpu}
-    report["bottleneck"] = "client" if any(c["utilization"] >= BOTTLENECK_UTILIZATION for c in cpu) else "server"
+    report["bottleneck"] = bottleneck(cpu)
     return report
+
+
+def bottleneck(cpu: list[dict[str, Any]]) -> str:
+    """"client" when a worker used BOTTLENECK_UTILIZATION of a core or more: the figures are then
+    the generator's, not the server's."""
+    return "client" if any(c["utilization"] >= BOTTLENECK_UTILIZATION for c in cpu) else "server"
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["Options", "RunError", "cpu_count", "merge", "run"]
+__all__ = ["Options", "RunError", "bottleneck", "cpu_count", "merge", "run"]

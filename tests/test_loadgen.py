@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from mmsim.loadgen import histograms
 from mmsim.loadgen.cli import main
 from mmsim.loadgen.profiles import PROFILES
 from mmsim.loadgen.report import validate
-from mmsim.loadgen.runner import Options, merge, run
+from mmsim.loadgen.runner import Options, bottleneck, merge, run
 
 from servers import ServerProcess, mmsim_serve
 
@@ -241,3 +242,16 @@ def test_ctrl_c_stops_the_run_and_still_reports(server: ServerProcess, tmp_path:
     assert report["duration_s"] < 60
     stats, problems = asyncio.run(server_state(server.addr))
     assert problems == [] and stats["processes"] == 0
+
+
+def test_a_saturated_generator_is_flagged(capsys: Any) -> None:
+    from mmsim.loadgen.report import print_summary
+
+    busy, idle = {"worker": 0, "cpu_s": 4.8, "wall_s": 5.0, "utilization": 0.96}, {"worker": 1, "cpu_s": 2.0,
+                                                                                    "wall_s": 5.0, "utilization": 0.4}
+    assert bottleneck([idle]) == "server" and bottleneck([idle, busy]) == "client"
+    report = json.loads((Path(__file__).parent / "data" / "loadgen-report.json").read_text())
+    report["client"]["cpu"], report["bottleneck"] = [idle, busy], "client"
+    validate(report)
+    print_summary(report, Console(width=200))
+    assert "the client was the bottleneck" in capsys.readouterr().out
