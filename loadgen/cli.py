@@ -17,6 +17,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, parse_mix
+from .workload import REGION_PAGES_MAX, remap_pages
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
 EPILOG = """\
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     mix = p.add_mutually_exclusive_group()
     mix.add_argument("--profile", choices=list(PROFILES), help=f"a named mix (default {DEFAULT_PROFILE})")
     mix.add_argument("--mix", type=_mix, metavar="OP=W,...", help="a mix of operations with weights, e.g. remap=3,walk=1")
-    p.add_argument("--pages", type=_int_in(1, 1 << 20), default=256, metavar="N",
+    p.add_argument("--pages", type=_int_in(1, REGION_PAGES_MAX), default=256, metavar="N",
                    help="resident pages per tree in the region shared along the fork chain (default 256)")
     p.add_argument("--trees", type=_int_in(1, 1024), default=2, metavar="N", help="process trees (default 2)")
     p.add_argument("--fork-depth", type=_int_in(0, 64), default=2, metavar="D",
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = None if args.mix else (args.profile or DEFAULT_PROFILE)
     mix = args.mix or PROFILES[profile]
     lanes = args.workers * args.concurrency
-    if -(-lanes // args.trees) * 65 + 8 > (1 << 20):
+    if remap_pages(lanes, args.trees) > REGION_PAGES_MAX:
         parser.error("--workers × --concurrency is too large for --trees: give more trees")
     opts = Options(
         targets=tuple(args.target or ["127.0.0.1:7077"]),

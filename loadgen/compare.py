@@ -10,17 +10,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jsonschema.exceptions import best_match
-from jsonschema.protocols import Validator
-from jsonschema.validators import validator_for
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from .report import validate as validate_report
 
 #: The latency figures compared, by their key in ``latency_ms``.
 LATENCIES: tuple[str, ...] = ("p50", "p90", "p99", "p99.9", "max")
@@ -39,28 +36,6 @@ ABSENT = "—"
 
 WORSE = "red"
 BETTER = "green"
-
-
-@cache
-def schema() -> dict[str, Any]:
-    """The report's JSON Schema, as shipped in the ``mmsim.loadgen`` package."""
-    text = resources.files("mmsim.loadgen").joinpath("report.schema.json").read_text(encoding="utf-8")
-    loaded: dict[str, Any] = json.loads(text)
-    return loaded
-
-
-@cache
-def _validator() -> Validator:
-    cls = validator_for(schema())
-    cls.check_schema(schema())
-    return cls(schema())
-
-
-def validate_report(report: object, name: str = "report") -> None:
-    """Raise a ValueError naming the first problem (the most relevant one) if ``report`` is not a report."""
-    error = best_match(_validator().iter_errors(report))
-    if error is not None:
-        raise ValueError(f"{name} is not an mmsim loadgen report: {error.message} (at {error.json_path})")
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

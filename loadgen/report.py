@@ -7,7 +7,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import jsonschema
+from jsonschema.exceptions import best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import validator_for
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -23,16 +25,25 @@ KEY_DELTAS = (
 
 @cache
 def schema() -> dict[str, Any]:
-    return json.loads(resources.files("mmsim.loadgen").joinpath("report.schema.json").read_text())  # type: ignore[no-any-return]
+    """The report's JSON Schema, as shipped in the ``mmsim.loadgen`` package."""
+    loaded: dict[str, Any] = json.loads(
+        resources.files("mmsim.loadgen").joinpath("report.schema.json").read_text(encoding="utf-8")
+    )
+    return loaded
 
 
-def validate(report: dict[str, Any]) -> None:
-    """Raise ValueError naming the first problem if ``report`` does not follow the schema."""
-    try:
-        jsonschema.validate(report, schema(), cls=jsonschema.Draft202012Validator)
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "the top level"
-        raise ValueError(f"not a loadgen report: at {where}: {e.message}") from None
+@cache
+def _validator() -> Validator:
+    cls = validator_for(schema())
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+def validate(report: object, name: str = "report") -> None:
+    """Raise a ValueError naming the first problem (the most relevant one) if ``report`` is not a report."""
+    error = best_match(_validator().iter_errors(report))
+    if error is not None:
+        raise ValueError(f"{name} is not an mmsim loadgen report: {error.message} (at {error.json_path})")
 
 
 def _ms(v: float) -> str:

@@ -202,7 +202,7 @@ async def _collect(workers: list[tuple[Any, Connection]], live: Live) -> list[di
     return [results[i] for i in sorted(results)]
 
 
-def _sum_stats(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+def _deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after)) if after.get(k, 0) - before.get(k, 0)}
 
 
@@ -367,7 +367,7 @@ async def _measure(
     }
     report["options"]["mix"] = dict(opts.mix)
     report.update(merge(results, opts, duration))
-    report["server_deltas"] = _sum_stats(before, after)
+    report["server_deltas"] = _deltas(before, after)
     cpu = [
         {"worker": r["worker"], "cpu_s": r["cpu_s"], "wall_s": r["wall_s"],
          "utilization": r["cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else 0.0}

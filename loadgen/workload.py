@@ -92,6 +92,15 @@ def lanes_per_tree(lanes: int, trees: int) -> int:
     return -(-lanes // trees)
 
 
+def remap_pages(lanes: int, trees: int) -> int:
+    """Pages of each remap region: the race pages, then a page and a block for each lane."""
+    return RACE_PAGES + lanes_per_tree(lanes, trees) * (1 + BLOCK)
+
+
+#: The most pages a region may have: the regions of a root are mapped this far apart.
+REGION_PAGES_MAX = (SRC_AT - SHARED_AT) // PAGE
+
+
 async def build(
     w: Workload, clients: list[Client], trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None
 ) -> None:
@@ -99,7 +108,7 @@ async def build(
     ``lanes_per_tree`` lanes. Every process is in ``w.created`` as soon as it exists, so that a
     failed build is torn down too. ``progress`` is called with (done, total) after each step."""
     per_tree = lanes_per_tree(lanes, trees)
-    remap_pages = RACE_PAGES + per_tree * (1 + BLOCK)
+    remap = remap_pages(lanes, trees)
     steps_per_tree = 4 + fork_depth
     total = trees * steps_per_tree
     done = 0
@@ -125,13 +134,13 @@ async def build(
             chain.append((parent.id, parent.pid))
             w.created.append((parent.id, target))
             step()
-        src = await root.mmap(remap_pages * PAGE, addr=SRC_AT)
-        await _write_pages(mm, root, src.start, remap_pages)  # before registering: no fault handler
+        src = await root.mmap(remap * PAGE, addr=SRC_AT)
+        await _write_pages(mm, root, src.start, remap)  # before registering: no fault handler
         step()
-        await root.uffd_register(src.start, remap_pages * PAGE, "missing")  # moves come back to it
-        dst = await root.mmap(remap_pages * PAGE, uffd="missing", addr=DST_AT)
+        await root.uffd_register(src.start, remap * PAGE, "missing")  # moves come back to it
+        dst = await root.mmap(remap * PAGE, uffd="missing", addr=DST_AT)
         for region in (src, dst):
-            await root.madvise(region.start, remap_pages * PAGE, "dontfork")
+            await root.madvise(region.start, remap * PAGE, "dontfork")
         step()
         rw_pages = per_tree
         rw = await root.mmap(rw_pages * PAGE, addr=RW_AT)
@@ -141,7 +150,7 @@ async def build(
         w.trees.append(
             TreeSpec(
                 target=target, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
-                shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap_pages, rw=rw.start,
+                shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
                 rw_pages=rw_pages,
             )
         )

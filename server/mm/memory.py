@@ -183,6 +183,11 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     return True
 
 
+def _table_within(idx: int, lo: int, hi: int) -> bool:
+    """Does the PTE table at PMD index ``idx`` lie wholly within page numbers [lo, hi)?"""
+    return lo <= idx << (PMD_SHIFT - PAGE_SHIFT) and (idx + 1) << (PMD_SHIFT - PAGE_SHIFT) <= hi
+
+
 async def zap_pte_range(
     k: Kernel, cur: Current, mm: Mm, start: int, end: int, unmapped: list[int] | None = None
 ) -> int:
@@ -200,7 +205,7 @@ async def zap_pte_range(
             continue
         pt.ptl.spin_lock(cur)
         ptes = pt.ptes
-        if lo <= idx << (PMD_SHIFT - PAGE_SHIFT) and ((idx + 1) << (PMD_SHIFT - PAGE_SHIFT)) <= hi:
+        if _table_within(idx, lo, hi):
             vpns = list(ptes)
         else:
             vpns = [v for v in ptes if lo <= v < hi]
@@ -254,7 +259,7 @@ async def copy_page_range(
         src_pt = src_mm.pgtables.get(idx)
         if src_pt is None or not src_pt.ptes:
             continue
-        whole = lo <= idx << (PMD_SHIFT - PAGE_SHIFT) and ((idx + 1) << (PMD_SHIFT - PAGE_SHIFT)) <= hi
+        whole = _table_within(idx, lo, hi)
         n = len(src_pt.ptes) if whole else sum(1 for v in src_pt.ptes if lo <= v < hi)
         if not n:
             continue
