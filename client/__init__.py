@@ -14,6 +14,7 @@ Example::
 
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
+from .credentials import read_token, tls_credentials
 from ._types import AnonVma, FolioInfo, Vma, WalkResult
 from .errors import (
     DeadlineExceededError,
@@ -22,6 +23,9 @@ from .errors import (
     MmsimError,
     ProcessNotFoundError,
     ServerUnavailableError,
+    ShardRestartedError,
+    UnauthenticatedError,
+    WrongShardError,
 )
 
 __all__ = [
@@ -37,8 +41,13 @@ __all__ = [
     "ProcessNotFoundError",
     "Result",
     "ServerUnavailableError",
+    "ShardRestartedError",
     "Timeout",
+    "UnauthenticatedError",
     "Vma",
     "WalkResult",
+    "WrongShardError",
     "ops",
+    "read_token",
+    "tls_credentials",
 ]

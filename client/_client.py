@@ -1,7 +1,9 @@
-"""The client: channels, deadlines and retries (transport), and Process handles (domain)."""
+"""The client: channels, deadlines, retries and routing to shards (transport), and Process handles
+(domain)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +17,7 @@ from mmsim.v1 import mmsim_pb2_grpc
 
 from . import ops as _ops
 from ._types import AnonVma, FolioInfo, Vma, WalkResult, anon_vma_from_pb, folio_from_pb, vma_from_pb, walk_from_pb
-from .errors import from_op_error, from_rpc_error
+from .errors import MmsimError, from_op_error, from_rpc_error
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryManager"].full_name
 
@@ -55,25 +57,70 @@ def service_config(retries: int) -> str:
     return json.dumps({"methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": policy}]})
 
 
+#: The metadata header on which a proxy routes a call to its shard.
+SHARD_HEADER = "x-mmsim-shard"
+
+
+def shard_of(handle: str) -> int | None:
+    """The shard index a process handle carries (``<shard>.<generation>.<pid>.<token>``), or None."""
+    head = handle.split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) <= 3 else None
+
+
 class _Conn:
-    """One channel to one server address."""
+    """One channel to one address, and the metadata every call on it carries (the token)."""
 
-    def __init__(self, target: str, options: Sequence[tuple[str, Any]]) -> None:
+    def __init__(
+        self,
+        target: str,
+        options: Sequence[tuple[str, Any]],
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=list(options))
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=list(options))
         self.stub = mmsim_pb2_grpc.MemoryManagerStub(self.channel)
+        self.base: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._shard_md: dict[int, tuple[tuple[str, str], ...]] = {}
 
-    async def unary(self, method: str, request: Any, timeout: float | None) -> Any:
+    def metadata(self, shard: int | None) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata: the token, and the shard header where a proxy routes (``shard``)."""
+        if shard is None:
+            return self.base or None
+        md = self._shard_md.get(shard)
+        if md is None:
+            md = self._shard_md[shard] = (*self.base, (SHARD_HEADER, str(shard)))
+        return md
+
+    async def unary(self, method: str, request: Any, timeout: float | None, shard: int | None = None) -> Any:
         try:
-            return await getattr(self.stub, method)(request, timeout=timeout)
+            return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata(shard))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
 
-def _result(conn: _Conn, client: Client, response: Any) -> Result:
+class _Route:
+    """Where the calls of one shard go: a channel, and the shard header to send on it (None when the
+    channel reaches that shard directly)."""
+
+    __slots__ = ("conn", "header", "shard")
+
+    def __init__(self, conn: _Conn, shard: int | None, header: bool) -> None:
+        self.conn = conn
+        self.shard = shard
+        self.header = shard if header else None
+
+    async def unary(self, method: str, request: Any, timeout: float | None) -> Any:
+        return await self.conn.unary(method, request, timeout, self.header)
+
+
+def _result(route: _Route, client: Client, response: Any) -> Result:
     """A unary response (or batch result payload) as the SDK returns it."""
     if isinstance(response, pb.Process):
-        return Process(client, conn, response.handle, response.pid)
+        return Process(client, route, response.handle, response.pid)
     if isinstance(response, pb.Vma):
         return vma_from_pb(response)
     if isinstance(response, pb.ReadResponse):
@@ -87,15 +134,15 @@ def _result(conn: _Conn, client: Client, response: Any) -> Result:
     return None  # Empty, ExitResponse
 
 
-def _op_result(conn: _Conn, client: Client, r: pb.OpResult) -> Result:
+def _op_result(route: _Route, client: Client, r: pb.OpResult) -> Result:
     kind = r.WhichOneof("result")
     if kind == "error":
         return from_op_error(r.error)
-    return _result(conn, client, getattr(r, kind) if kind else None)
+    return _result(route, client, getattr(r, kind) if kind else None)
 
 
 class Client:
-    """A client of one or more mmsim servers.
+    """A client of an mmsim deployment: one server, N shards, or N shards behind one proxy.
 
     Example::
 
@@ -105,11 +152,27 @@ class Client:
             await p.write(v.start, 42)
             assert await p.read(v.start) == 42
 
-    ``target`` is an address or a list of them (one channel each; ``create_process`` goes
-    round-robin over them and each :class:`Process` stays on its server). ``timeout`` is the default
-    deadline of every call in seconds (``None``: none); each method takes ``timeout=`` to override
-    it. ``retries`` is how many times a call failing with UNAVAILABLE is retried, by gRPC's own
-    retry policy (at most 4). ``options`` are extra channel arguments, applied last.
+    With one address, the client first asks it for the deployment's topology (GetTopology) and
+    routes every call that acts on a process to that process's shard (handles carry it):
+
+    - **direct**: the address is a shard itself; the client opens a channel to every shard's
+      advertised address (an unspecified host, 0.0.0.0 or ::, is taken as the host of ``target``);
+    - **proxy**: the address is a proxy that routes on the ``x-mmsim-shard`` metadata header (a
+      probe with that header set reaches the shard it names); every call goes to the proxy, with the
+      header wherever the call acts on a process or asks for a shard.
+
+    ``routing`` forces one ("direct" or "proxy"; default "auto": told apart by that probe).
+    ``create_process`` spreads new trees over the shards round-robin, or takes ``shard=``.
+    ``check_invariants``, ``stats``, ``protocol`` and ``ping`` ask every shard and merge.
+
+    ``target`` may also be a list of addresses (one channel each, no discovery): ``create_process``
+    goes round-robin over them and each :class:`Process` stays on its server.
+
+    ``timeout`` is the default deadline of every call in seconds (``None``: none); each method
+    takes ``timeout=`` to override it. ``retries`` is how many times a call failing with UNAVAILABLE
+    is retried, by gRPC's own retry policy (at most 4). ``options`` are extra channel arguments,
+    applied last. ``credentials`` (see :func:`mmsim.client.tls_credentials`) makes the channels
+    TLS; ``token`` is sent as ``authorization: Bearer TOKEN`` on every call.
     """
 
     def __init__(
@@ -119,28 +182,52 @@ class Client:
         timeout: float | None = 10.0,
         retries: int = 3,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        routing: str = "auto",
     ) -> None:
         self.targets: list[str] = [target] if isinstance(target, str) else list(target)
         if not self.targets:
             raise ValueError("at least one target address is needed")
+        if routing not in ("auto", "direct", "proxy"):
+            raise ValueError(f"routing must be auto, direct or proxy, not {routing!r}")
         self.timeout = timeout
         self.retries = retries
         merged: dict[str, Any] = {"grpc.enable_retries": 1, "grpc.service_config": service_config(retries)}
         merged.update(options)
         self.options: list[tuple[str, Any]] = list(merged.items())
+        self.credentials = credentials
+        self.token = token
+        #: "auto" until discovery, then "direct", "proxy" or "static" (a list of targets; a lone
+        #: server without GetTopology).
+        self.routing = routing if isinstance(target, str) else "static"
+        #: The deployment's shards as the last discovery found them (pb.ShardInfo), in index order.
+        self.topology: list[pb.ShardInfo] = []
         self._conns: list[_Conn] | None = None
+        self._routes: list[_Route] | None = None  # one per shard (per target when static)
+        self._discovery: asyncio.Future[None] | None = None
         self._rr = itertools.count()
 
     # -- lifecycle
+    def _conn(self, target: str) -> _Conn:
+        for c in self._conns or ():
+            if c.target == target:
+                return c
+        c = _Conn(target, self.options, self.credentials, self.token)
+        self._conns = [*(self._conns or ()), c]
+        return c
+
     @property
     def conns(self) -> list[_Conn]:
         # Channels are made on first use, inside the running event loop.
         if self._conns is None:
-            self._conns = [_Conn(t, self.options) for t in self.targets]
+            for t in self.targets:
+                self._conn(t)
+        assert self._conns is not None
         return self._conns
 
     async def __aenter__(self) -> Client:
-        _ = self.conns  # open the channels now, inside the running loop
+        _ = self.conns  # open the channels now, inside the running loop; discovery on first call
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -148,120 +235,230 @@ class Client:
 
     async def close(self) -> None:
         """Close every channel; calls still running are cancelled."""
-        conns, self._conns = self._conns, None
+        conns, self._conns, self._routes, self._discovery = self._conns, None, None, None
         for c in conns or ():
             await c.channel.close()
 
     def _deadline(self, timeout: Timeout) -> float | None:
         return self.timeout if timeout is ... else timeout
 
-    def _next_conn(self) -> _Conn:
-        conns = self.conns
-        return conns[next(self._rr) % len(conns)]
+    # -- routing
+    async def routes(self) -> list[_Route]:
+        """One route per shard (per target with a list of targets), discovering them on first use."""
+        if self._routes is not None:
+            return self._routes
+        if self.routing == "static":
+            self._routes = [_Route(c, None, False) for c in self.conns]
+            return self._routes
+        if self._discovery is None:
+            self._discovery = asyncio.ensure_future(self._discover())
+        try:
+            await asyncio.shield(self._discovery)
+        except BaseException:
+            if self._discovery is not None and self._discovery.done():
+                self._discovery = None  # a failed discovery is tried again by the next call
+            raise
+        assert self._routes is not None
+        return self._routes
 
-    def _conn_for(self, processes: Sequence[Process | None]) -> _Conn:
-        conns = {id(p._conn): p._conn for p in processes if p is not None}
-        if len(conns) > 1:
-            raise ValueError("the operations of one batch must act on processes of the same server")
-        return next(iter(conns.values())) if conns else self._next_conn()
+    async def _topology(self, conn: _Conn, shard: int | None) -> pb.Topology:
+        return await conn.unary("GetTopology", pb.TopologyRequest(), self._deadline(...), shard)
+
+    async def _discover(self) -> None:
+        """Ask the one target for the topology, and tell a shard from a proxy in front of shards."""
+        conn = self.conns[0]
+        try:
+            first = await self._topology(conn, None)
+        except MmsimError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            self.routing, self._routes = "static", [_Route(conn, None, False)]  # a server without shards
+            return
+        shards = list(first.shards)
+        self.topology = shards
+        if len(shards) <= 1:
+            if self.routing == "auto":
+                self.routing = "direct"
+            self._routes = [_Route(conn, first.shard if self.routing == "proxy" else None, self.routing == "proxy")]
+            return
+        routing = self.routing
+        if routing == "auto":
+            # Through a proxy, the header picks the shard that answers; a shard answers for itself.
+            other = (first.shard + 1) % len(shards)
+            probe = await self._topology(conn, other)
+            routing = "proxy" if probe.shard == other else "direct"
+        if routing == "proxy":
+            self._routes = [_Route(conn, s.index, True) for s in shards]
+        else:
+            host = _host(conn.target)
+            routes = []
+            for s in shards:
+                address = conn.target if s.index == first.shard else _advertised(s.address, host)
+                routes.append(_Route(self._conn(address), s.index, False))
+            self._routes = routes
+        self.routing = routing
+
+    async def _route_of(self, handle: str) -> _Route:
+        """Where the calls on the process ``handle`` go."""
+        routes = await self.routes()
+        if self.routing == "static":
+            return routes[0]
+        shard = shard_of(handle)
+        if shard is None or shard >= len(routes):
+            return routes[0]  # the server answers INVALID_ARGUMENT or NOT_FOUND naming the shard
+        return routes[shard]
+
+    async def _next_route(self, shard: int | None = None) -> _Route:
+        routes = await self.routes()
+        if shard is None:
+            return routes[next(self._rr) % len(routes)]
+        if self.routing == "static" or not 0 <= shard < len(routes):
+            raise ValueError(f"no shard {shard} in this client's deployment of {len(routes)}")
+        return routes[shard]
+
+    async def _route_for(self, processes: Sequence[Process | None]) -> _Route:
+        routes = {id(r): r for p in processes if p is not None for r in (await p._resolve(),)}
+        if len(routes) > 1:
+            raise ValueError("the operations of one batch must act on processes of the same shard")
+        return next(iter(routes.values())) if routes else await self._next_route()
+
+    async def _select(self, target: str | None, shard: int | None = None) -> list[_Route]:
+        routes = await self.routes()
+        if shard is not None:
+            return [await self._next_route(shard)]
+        if target is None:
+            return routes
+        found = [r for r in routes if r.conn.target == target]
+        if not found:
+            raise ValueError(f"{target!r} is not one of this client's targets {[r.conn.target for r in routes]}")
+        return found
 
     # -- calls
-    async def create_process(self, *, timeout: Timeout = ...) -> Process:
-        """A new, empty process on the next server (round-robin)."""
-        conn = self._next_conn()
-        reply = await conn.unary("CreateProcess", pb.CreateProcessRequest(), self._deadline(timeout))
-        return Process(self, conn, reply.handle, reply.pid)
+    async def create_process(self, *, shard: int | None = None, timeout: Timeout = ...) -> Process:
+        """A new, empty process: a new tree, on the next shard (round-robin) or on ``shard``."""
+        route = await self._next_route(shard)
+        request = pb.CreateProcessRequest() if shard is None else pb.CreateProcessRequest(shard=shard)
+        reply = await route.unary("CreateProcess", request, self._deadline(timeout))
+        return Process(self, route, reply.handle, reply.pid)
 
-    async def ping(self, *, target: str | None = None, timeout: Timeout = ...) -> None:
-        """A call that does nothing, on every server (or on ``target``)."""
-        for c in self._select(target):
-            await c.unary("Ping", pb.Empty(), self._deadline(timeout))
+    async def ping(self, *, target: str | None = None, shard: int | None = None, timeout: Timeout = ...) -> None:
+        """A call that does nothing, on every shard or server (or on ``target`` or ``shard``)."""
+        for r in await self._select(target, shard):
+            await r.unary("Ping", pb.Empty(), self._deadline(timeout))
 
-    async def check_invariants(self, *, target: str | None = None, timeout: Timeout = ...) -> list[str]:
-        """Audit the model: the problems found (empty when sound), of every server or of ``target``."""
+    async def check_invariants(
+        self, *, target: str | None = None, shard: int | None = None, timeout: Timeout = ...
+    ) -> list[str]:
+        """Audit the model: the problems found (empty when sound), of every shard or server (or of
+        ``target`` or ``shard``); with several, each problem starts with the shard it is on."""
         problems: list[str] = []
-        for c in self._select(target):
-            reply = await c.unary("CheckInvariants", pb.CheckInvariantsRequest(), self._deadline(timeout))
-            problems.extend(reply.problems)
+        routes = await self._select(target, shard)
+        for r in routes:
+            reply = await r.unary("CheckInvariants", pb.CheckInvariantsRequest(), self._deadline(timeout))
+            where = f"shard {r.shard}: " if len(routes) > 1 and r.shard is not None else ""
+            problems.extend(where + p for p in reply.problems)
         return problems
 
-    async def stats(self, *, target: str | None = None, timeout: Timeout = ...) -> dict[str, int]:
-        """The model's counters, summed over every server (or those of ``target``)."""
+    async def stats(
+        self, *, target: str | None = None, shard: int | None = None, timeout: Timeout = ...
+    ) -> dict[str, int]:
+        """The model's counters, summed over every shard or server (or those of ``target`` or ``shard``)."""
         total: dict[str, int] = {}
-        for c in self._select(target):
-            reply = await c.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
+        for r in await self._select(target, shard):
+            reply = await r.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
             for k, v in reply.counters.items():
                 total[k] = total.get(k, 0) + v
         return total
 
     async def protocol(self, *, target: str | None = None, timeout: Timeout = ...) -> str:
-        """The rmap/move protocol the server runs (of ``target``; of every server, joined with "+"
+        """The rmap/move protocol the server runs (of ``target``; of every shard, joined with "+"
         where they differ)."""
         seen: list[str] = []
-        for c in self._select(target):
-            reply = await c.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
+        for r in await self._select(target):
+            reply = await r.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
             if reply.protocol not in seen:
                 seen.append(reply.protocol)
         return "+".join(seen)
 
-    def process(self, handle: str, pid: int = 0, *, target: str | None = None) -> Process:
-        """A :class:`Process` for a handle obtained elsewhere (another client, another OS process),
-        on the server ``target`` (default: this client's first target)."""
-        conn = self._select(target)[0] if target is not None else self.conns[0]
-        return Process(self, conn, handle, pid)
+    async def shards(self, *, timeout: Timeout = ...) -> list[pb.ShardInfo]:
+        """The deployment's shards as they are now (GetTopology): index, address, generation, state."""
+        routes = await self.routes()
+        if self.routing == "static":
+            return []
+        reply = await routes[0].unary("GetTopology", pb.TopologyRequest(), self._deadline(timeout))
+        self.topology = list(reply.shards)
+        return self.topology
 
-    def _select(self, target: str | None) -> list[_Conn]:
-        if target is None:
-            return self.conns
-        found = [c for c in self.conns if c.target == target]
-        if not found:
-            raise ValueError(f"{target!r} is not one of this client's targets {self.targets}")
-        return found
+    def process(self, handle: str, pid: int = 0, *, target: str | None = None) -> Process:
+        """A :class:`Process` for a handle obtained elsewhere (another client, another OS process):
+        on its shard, or with a list of targets on the server ``target`` (default: the first)."""
+        if self.routing == "static":
+            conn = self._conn(target) if target is not None else self.conns[0]
+            if target is not None and target not in self.targets:
+                raise ValueError(f"{target!r} is not one of this client's targets {self.targets}")
+            return Process(self, _Route(conn, None, False), handle, pid)
+        return Process(self, None, handle, pid)  # routed on first use, once the topology is known
 
     async def batch(
         self, ops: Sequence[_ops.Op], *, stop_on_error: bool = False, timeout: Timeout = ...
     ) -> list[Result]:
         """Run ``ops`` (built with :mod:`mmsim.client.ops`) in order in one call.
 
-        Returns one entry per operation run: its result, as the unary method returns it, or the
-        exception instance it failed with (not raised). With ``stop_on_error`` the list ends at the
-        first failure. A failure of the whole call (e.g. too many operations) raises.
+        The operations must act on processes of one shard. Returns one entry per operation run: its
+        result, as the unary method returns it, or the exception instance it failed with (not
+        raised). With ``stop_on_error`` the list ends at the first failure. A failure of the whole
+        call (e.g. too many operations) raises.
         """
-        conn = self._conn_for([op.process for op in ops])
+        route = await self._route_for([op.process for op in ops])
         request = pb.BatchRequest(ops=[op.message for op in ops], stop_on_error=stop_on_error)
-        reply = await conn.unary("Batch", request, self._deadline(timeout))
-        return [_op_result(conn, self, r) for r in reply.results]
+        reply = await route.unary("Batch", request, self._deadline(timeout))
+        return [_op_result(route, self, r) for r in reply.results]
 
     def batch_stream(self, *, via: Process | None = None, timeout: float | None = None) -> BatchStream:
         """A BatchStream call: send lists of operations and receive their results, on one stream.
 
         Example::
 
-            async with mm.batch_stream() as stream:
+            async with mm.batch_stream(via=p) as stream:
                 for i in range(100):
                     results = await stream.run([ops.write(p, addr, i), ops.read(p, addr)])
 
-        The stream is opened to the server of ``via`` (default: the next one, round-robin); its
+        The stream is opened to the shard of ``via`` (default: the next one, round-robin); its
         deadline ``timeout`` covers the whole stream and is none by default. Sending and receiving may
         also be split over two tasks: ``send()`` ..., ``done_writing()``, and ``async for results in
         stream`` gets each list of results in order.
         """
-        conn = via._conn if via is not None else self._next_conn()
-        return BatchStream(self, conn, timeout)
+        return BatchStream(self, via, timeout)
+
+
+def _host(target: str) -> str:
+    """The host part of ``HOST:PORT`` (brackets kept for IPv6)."""
+    return target.rpartition(":")[0]
+
+
+def _advertised(address: str, target_host: str) -> str:
+    """A shard's advertised address, with an unspecified host replaced by the host the client used."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        return f"{target_host}:{port}"
+    return address
 
 
 class BatchStream:
     """An open BatchStream call (see :meth:`Client.batch_stream`); use it with ``async with``."""
 
-    def __init__(self, client: Client, conn: _Conn, timeout: float | None) -> None:
+    def __init__(self, client: Client, via: Process | None, timeout: float | None) -> None:
         self._client = client
-        self._conn = conn
+        self._via = via
+        self._route: _Route | None = None
         self._timeout = timeout
         self._call: Any = None
         self._writing = True
 
     async def __aenter__(self) -> BatchStream:
-        self._call = self._conn.stub.BatchStream(timeout=self._timeout)
+        route = await self._via._resolve() if self._via is not None else await self._client._next_route()
+        self._route = route
+        self._call = route.conn.stub.BatchStream(timeout=self._timeout, metadata=route.conn.metadata(route.header))
         return self
 
     async def __aexit__(
@@ -282,8 +479,9 @@ class BatchStream:
 
     async def send(self, ops: Sequence[_ops.Op], *, stop_on_error: bool = False) -> None:
         """Send one list of operations; its results come back, in order, from :meth:`recv`."""
-        if any(op.process is not None and op.process._conn is not self._conn for op in ops):
-            raise ValueError("the operations of a stream must act on processes of the stream's server")
+        for op in ops:
+            if op.process is not None and await op.process._resolve() is not self._route:
+                raise ValueError("the operations of a stream must act on processes of the stream's shard")
         try:
             await self._call.write(pb.BatchRequest(ops=[op.message for op in ops], stop_on_error=stop_on_error))
         except grpc.aio.AioRpcError as e:
@@ -297,7 +495,8 @@ class BatchStream:
             raise from_rpc_error(e) from e
         if reply is grpc.aio.EOF:
             raise EOFError("the stream has ended")
-        return [_op_result(self._conn, self._client, r) for r in reply.results]
+        assert self._route is not None
+        return [_op_result(self._route, self._client, r) for r in reply.results]
 
     async def run(self, ops: Sequence[_ops.Op], *, stop_on_error: bool = False) -> list[Result]:
         """Send ``ops`` and wait for their results."""
@@ -320,41 +519,56 @@ class BatchStream:
 
 
 class Process:
-    """A simulated process on the server (``target``) that issued it.
+    """A simulated process on the shard (or server) that issued it.
 
     ``id`` is its handle: an opaque, unguessable capability that lets whoever holds it act on the
-    process, so keep it as you would a password. ``pid`` is the process's number on its server: it
+    process, so keep it as you would a password. ``pid`` is the process's number on its shard: it
     is how results (``WalkResult.mappings``, ``AnonVma.vmas``) name processes, and gives no access.
+    ``shard`` is the index of its shard (the handle carries it).
     """
 
-    __slots__ = ("_client", "_conn", "id", "pid")
+    __slots__ = ("_client", "_route", "id", "pid")
 
-    def __init__(self, client: Client, conn: _Conn, id: str, pid: int = 0) -> None:
+    def __init__(self, client: Client, route: _Route | None, id: str, pid: int = 0) -> None:
         self._client = client
-        self._conn = conn
+        self._route = route
         self.id = id
         self.pid = pid
 
     @property
+    def shard(self) -> int | None:
+        """The index of the shard this process lives on (None if the handle does not say)."""
+        return shard_of(self.id)
+
+    @property
     def target(self) -> str:
-        """The address of the server this process lives on."""
-        return self._conn.target
+        """The address its calls go to: its shard's, or the proxy's."""
+        if self._route is None:
+            return self._client.targets[0]
+        return self._route.conn.target
 
     def __repr__(self) -> str:
-        return f"Process(pid={self.pid}, target={self.target!r})"  # the handle is a secret
+        return f"Process(pid={self.pid}, shard={self.shard}, target={self.target!r})"  # the handle is a secret
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Process) and (self.id, self._conn) == (other.id, other._conn)
+        return isinstance(other, Process) and (self.id, self._client) == (other.id, other._client)
 
     def __hash__(self) -> int:
-        return hash((self.id, id(self._conn)))
+        return hash((self.id, id(self._client)))
+
+    async def _resolve(self) -> _Route:
+        route = self._route
+        if route is None:
+            route = self._route = await self._client._route_of(self.id)
+        return route
 
     async def _call(self, method: str, request: Any, timeout: Timeout) -> Any:
-        return await self._conn.unary(method, request, self._client._deadline(timeout))
+        route = self._route or await self._resolve()
+        return await route.conn.unary(method, request, self._client._deadline(timeout), route.header)
 
     async def _run(self, op: _ops.Op, timeout: Timeout) -> Result:
         response = await self._call(_METHODS[op.kind], op.request, timeout)
-        return _result(self._conn, self._client, response)
+        return _result(self._route, self._client, response)  # type: ignore[arg-type]
 
     # -- processes
     async def fork(self, *, timeout: Timeout = ...) -> Process:

@@ -53,6 +53,27 @@ class ProcessNotFoundError(MmsimError):
         return self.metadata.get("process")
 
 
+class WrongShardError(ProcessNotFoundError):
+    """The call reached a shard other than the one its process (or ``create_process(shard=)``)
+    names; ``shard`` is the right one."""
+
+    @property
+    def shard(self) -> int | None:
+        return _int(self.metadata.get("shard")) if "shard" in self.metadata else None
+
+
+class ShardRestartedError(ProcessNotFoundError):
+    """The process's shard restarted since the handle was issued: the process is gone."""
+
+    @property
+    def shard(self) -> int | None:
+        return _int(self.metadata.get("shard")) if "shard" in self.metadata else None
+
+
+class UnauthenticatedError(MmsimError):
+    """The server wants credentials (a bearer token) that the call did not carry or that are wrong."""
+
+
 class InvalidRequestError(MmsimError):
     """A malformed request (INVALID_ARGUMENT without an errno)."""
 
@@ -92,6 +113,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MmsimError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 _CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -143,6 +165,10 @@ def from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status |
         return _os_error(err, message, _int(metadata.get("moved")), code, reason)
     if reason == wire.PROCESS_NOT_FOUND:
         cls: type[MmsimError] = ProcessNotFoundError
+    elif reason == wire.WRONG_SHARD:
+        cls = WrongShardError
+    elif reason == wire.SHARD_RESTARTED:
+        cls = ShardRestartedError
     elif reason == wire.LIMIT_EXCEEDED:
         cls = LimitExceededError
     else:
@@ -176,4 +202,7 @@ __all__ = [
     "MmsimError",
     "ProcessNotFoundError",
     "ServerUnavailableError",
+    "ShardRestartedError",
+    "UnauthenticatedError",
+    "WrongShardError",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import json
 import logging
 import random
 import secrets
@@ -14,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
 from .mm.model import MemoryModel
 from .service import Limits, MemoryManagerServicer
+from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name
 #: Server reflection's current name; grpcio-reflection 1.85 only ships v1alpha, which is the same
@@ -57,7 +59,19 @@ class ServerConfig:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     access_log_sample: float = 1.0  # fraction of OK calls in the access log; failed calls always
-    instance: str = field(default_factory=lambda: secrets.token_hex(8))
+    # Sharding (topology.py, supervisor.py): with shards > 1, ``mmsim serve`` is a supervisor.
+    shards: int = 1
+    shard_index: int = 0
+    peers: tuple[str, ...] = ()  # every shard's address, in index order; empty: this one alone
+    generation: int = 0  # 0: topology.new_generation() at start
+    supervised: bool = False  # started by a supervisor: topology on stdin, "ready" line on stdout
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
+    # Access control (auth.py).
+    token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -282,6 +296,7 @@ class RunningServer:
         model: MemoryModel,
         health_servicer: Any,
         addresses: tuple[str, ...] = (),
+        topology: Topology | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -289,6 +304,7 @@ class RunningServer:
         self.health = health_servicer
         #: Every address bound, ``IP:PORT`` (``[IPv6]:PORT``).
         self.addresses = addresses
+        self.topology = topology
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish within ``grace`` seconds, cancel the rest."""
@@ -433,20 +449,44 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.server.max_pending_requests_hard_limit", max(3000, 4 * config.max_concurrent_rpcs)),
         ],
     )
-    mmsim_pb2_grpc.add_MemoryManagerServicer_to_server(
-        MemoryManagerServicer(model, limits, config.instance), server
-    )
+    generation = config.generation or new_generation()
+    topology = Topology.standalone(config.shard_index, generation, config.listen, config.peers)
+    mmsim_pb2_grpc.add_MemoryManagerServicer_to_server(MemoryManagerServicer(model, limits, topology), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port, addresses = await _listen(server, config.listen)
+    host = config.listen.rsplit(":", 1)[0]
+    topology.set_self(f"{host}:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    host = config.listen.rsplit(":", 1)[0]
+    await _follow_shard_health(topology, health_servicer)
     log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
-             instance=config.instance)
-    return RunningServer(server, port, model, health_servicer, addresses)
+             shard=topology.index, generation=generation)
+    return RunningServer(server, port, model, health_servicer, addresses, topology)
+
+
+def shard_health_service(index: int) -> str:
+    """The health service name that reports shard ``index`` of the deployment (on every shard that
+    knows it: SERVING, or NOT_SERVING while its supervisor restarts it)."""
+    return f"mmsim.shard.{index}"
+
+
+_HEALTH = {SERVING: health_pb2.HealthCheckResponse.SERVING, DOWN: health_pb2.HealthCheckResponse.NOT_SERVING}
+
+
+async def _follow_shard_health(topology: Topology, health_servicer: Any) -> None:
+    """Report each shard's state in this shard's health service, now and as the supervisor tells."""
+    for s in topology.shards:
+        if s.state in _HEALTH:
+            await health_servicer.set(shard_health_service(s.index), _HEALTH[s.state])
+
+    def changed(s: ShardInfo) -> None:
+        if s.state in _HEALTH:
+            asyncio.ensure_future(health_servicer.set(shard_health_service(s.index), _HEALTH[s.state]))
+
+    topology.on_change = changed
 
 
 def freeze_after_full_collections() -> None:
@@ -485,6 +525,11 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     running = await start_server(config)
+    if config.supervised:
+        assert running.topology is not None
+        print(json.dumps({"event": "ready", "address": running.topology.shards[config.shard_index].address,
+                          "generation": running.topology.generation}), flush=True)
+        follower = asyncio.ensure_future(follow_supervisor(running.topology, stopping.set))
     await stopping.wait()
     await running.stop(config.grace)
     problems = running.model.check_invariants()

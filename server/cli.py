@@ -171,6 +171,43 @@ def _bytes(raw: str) -> int:
     return v
 
 
+def _listen_or_off(raw: str) -> str:
+    """HOST:PORT, or empty for off."""
+    return "" if raw.strip() == "" else _listen(raw)
+
+
+def _addresses(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of HOST:PORT."""
+    return tuple(_listen(a.strip()) for a in raw.split(",") if a.strip())
+
+
+def _shards(raw: str) -> int:
+    from .topology import MAX_SHARDS
+
+    v = _positive(raw)
+    if v > MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SHARDS}")
+    return v
+
+
+def _shard_index(raw: str) -> int:
+    from .topology import MAX_SHARDS
+
+    v = _non_negative(raw)
+    if v >= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"must be below {MAX_SHARDS}")
+    return v
+
+
+def _file(raw: str) -> str:
+    """The path of a readable file, or empty for none."""
+    if raw and not os.path.isfile(raw):
+        raise argparse.ArgumentTypeError(f"no such file: {raw!r}")
+    if raw and not os.access(raw, os.R_OK):
+        raise argparse.ArgumentTypeError(f"cannot read {raw!r}")
+    return raw
+
+
 def _non_negative(raw: str) -> int:
     v = _int(raw)
     if v < 0:
@@ -223,6 +260,27 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--log-level", "MMSIM_LOG_LEVEL", "log_level", str, "debug | info | warning | error"),
     ("--access-log-sample", "MMSIM_ACCESS_LOG_SAMPLE", "access_log_sample", _probability,
      "fraction of successful calls written to the access log (0: none); failed calls are always written"),
+    ("--shards", "MMSIM_SHARDS", "shards", _shards,
+     "shard processes, each its own event loop, gRPC server and model; above 1 this process supervises "
+     "them, shard i listening on PORT+i, and restarts a shard that dies under a new generation"),
+    ("--shard-index", "MMSIM_SHARD_INDEX", "shard_index", _shard_index,
+     "this shard's index, for shards started one by one (docker-compose); handles carry it"),
+    ("--peers", "MMSIM_PEERS", "peers", _addresses,
+     "the gRPC addresses of every shard of the deployment in index order, comma-separated, for "
+     "GetTopology (empty: this shard alone)"),
+    ("--generation", "MMSIM_GENERATION", "generation", _non_negative,
+     "this start's generation, carried by handles; 0: the start time in milliseconds"),
+    ("--metrics-listen", "MMSIM_METRICS_LISTEN", "metrics_listen", _listen_or_off,
+     "serve Prometheus metrics at http://HOST:PORT/metrics (with --shards, shard i on PORT+i); empty: off"),
+    ("--token-file", "MMSIM_TOKEN_FILE", "token_file", _file,
+     "require 'authorization: Bearer TOKEN' on every call but health checks, TOKEN being this file's "
+     "content; a missing or wrong one is UNAUTHENTICATED"),
+    ("--tls-cert", "MMSIM_TLS_CERT", "tls_cert", _file, "serve TLS with this PEM certificate chain"),
+    ("--tls-key", "MMSIM_TLS_KEY", "tls_key", _file, "the PEM private key of --tls-cert"),
+    ("--tls-client-ca", "MMSIM_TLS_CLIENT_CA", "tls_client_ca", _file,
+     "mutual TLS: require client certificates signed by these PEM CA certificates"),
+    ("--insecure", "MMSIM_INSECURE", "insecure", _bool,
+     "allow listening on a non-loopback address without TLS or a token"),
 )
 
 
@@ -232,8 +290,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import ServerConfig, configure_logging, serve
 
-    config = ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS})
+    config = ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS}, supervised=args.supervised)
+    if config.shards > 1 and (config.shard_index or config.peers):
+        args.parser.error("--shard-index and --peers are for shards started one by one; "
+                          "with --shards the supervisor numbers its shards")
+    if config.peers and config.shard_index >= len(config.peers):
+        args.parser.error(f"--shard-index {config.shard_index} is not among the {len(config.peers)} --peers")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        args.parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        args.parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     configure_logging(config.log_format, config.log_level)
+    if config.shards > 1:
+        from .supervisor import supervise
+
+        return supervise(config, sys.argv[1:] if args.argv is None else args.argv)
     try:
         return asyncio.run(serve(config))
     except OSError as e:  # app.ListenError above all: the address is in use, not local, or unknown
@@ -312,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
     choices = {"protocol": list(PROTOCOLS), "log_format": ["auto", "json", "console"],
                "log_level": ["debug", "info", "warning", "error"]}
-    metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION"}
+    metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION", "shards": "N",
+                "shard_index": "I", "peers": "HOST:PORT,...", "generation": "G", "metrics_listen": "HOST:PORT",
+                "token_file": "FILE", "tls_cert": "FILE", "tls_key": "FILE", "tls_client_ca": "FILE",
+                "insecure": "BOOL"}
     for flag, env, dest, conv, text in SERVE_FLAGS:
         serve_p.add_argument(
             flag,
@@ -322,8 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavars.get(dest),
             default=_env(env, getattr(defaults, dest), conv, choices.get(dest)),
             help=f"{text} [{env}]",
+            **({"nargs": "?", "const": True} if dest == "insecure" else {}),
         )
-    serve_p.set_defaults(func=cmd_serve, parser=serve_p)
+    # Given by the supervisor to its shards: topology on stdin, a "ready" line on stdout.
+    serve_p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    serve_p.set_defaults(func=cmd_serve, parser=serve_p, argv=None)
     conf = sub.add_parser(
         "conformance",
         help=cmd_conformance.__doc__,
@@ -380,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return loadgen_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.argv = argv  # the supervisor passes them on to its shards
     # A bad environment variable is an error only where its flag did not override it.
     bad = next((v for v in vars(args).values() if isinstance(v, _EnvError)), None)
     if bad is not None and not (args.command == "race" and args.protocol):

@@ -11,6 +11,10 @@ import grpc
 DOMAIN = "mmsim.v1"
 #: ErrorInfo.reason for a process handle the server does not know (no errno).
 PROCESS_NOT_FOUND = "PROCESS_NOT_FOUND"
+#: ErrorInfo.reason for a handle (or a CreateProcess) that names another shard; metadata "shard".
+WRONG_SHARD = "WRONG_SHARD"
+#: ErrorInfo.reason for a handle of an earlier generation of the shard: it restarted since.
+SHARD_RESTARTED = "SHARD_RESTARTED"
 #: ErrorInfo.reason when a configured server limit is reached (no errno).
 LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
 

@@ -5,11 +5,12 @@ unary handlers turn the exception into a status with rich details, the batch han
 ``OpError`` result. The batch handlers answer with the response already serialized (bytes), which
 the server's handler wrapper (app.py) passes through as it is.
 
-Process handles are capabilities, ``<instance>.<pid>.<token>``: the instance id is random per server
-start (a handle from before a restart is unknown, NOT_FOUND, never someone else's) and the token is
-128 random bits per process, so that knowing one handle gives nothing else. A handle is parsed
-strictly (ASCII, canonical, bounded): anything else is INVALID_ARGUMENT. Results name other
-processes by pid only.
+Process handles are capabilities, ``<shard>.<generation>.<pid>.<token>``: the shard's index, its
+generation (it grows with every start of the shard, so a handle from before a restart is unknown,
+NOT_FOUND, never someone else's), the pid, and 128 random bits per process, so that knowing one
+handle gives nothing else. A handle is parsed strictly (ASCII, canonical, bounded): anything else is
+INVALID_ARGUMENT. A handle of another shard is NOT_FOUND naming the right one (topology.py). Results
+name other processes by pid only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from . import errors
 from .mm.memcontrol import MemoryLimitExceeded
 from .mm.sched import cond_resched
 from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
+from .topology import Topology, new_generation
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw"}
@@ -53,10 +55,12 @@ assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
 
 log = structlog.get_logger("mmsim.server")
 
-#: A process handle: instance id, pid, token. Anything else is not a handle.
-HANDLE_RE = re.compile(r"([0-9a-f]{16})\.([1-9][0-9]{0,18})\.([0-9a-f]{32})", re.ASCII)
+#: A process handle: shard, generation, pid, token. Anything else is not a handle.
+HANDLE_RE = re.compile(r"(0|[1-9][0-9]{0,2})\.([1-9][0-9]{0,18})\.([1-9][0-9]{0,18})\.([0-9a-f]{32})", re.ASCII)
 #: The longest handle (HANDLE_RE's own bound); longer input is rejected before the regex runs.
-HANDLE_MAX = 16 + 1 + 19 + 1 + 32
+HANDLE_MAX = 3 + 1 + 19 + 1 + 19 + 1 + 32
+#: What an echo leaves out: anything that may be (part of) a handle's token.
+TOKEN_LIKE = re.compile(r"[0-9a-fA-F]{12,}")
 #: How much of a client's input an error message echoes.
 ECHO_MAX = 48
 #: Bytes of a response kept free for the message framing and a final error result.
@@ -71,8 +75,9 @@ def echo(value: str) -> str:
     """A client's input as an error may quote it: bounded, and without a handle's token."""
     m = HANDLE_RE.fullmatch(value) if len(value) <= HANDLE_MAX else None
     if m is not None:
-        return f"{m.group(1)}.{m.group(2)}.…"
-    return value if len(value) <= ECHO_MAX else value[:ECHO_MAX] + f"… ({len(value)} characters)"
+        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}.…"
+    cut = value if len(value) <= ECHO_MAX else value[:ECHO_MAX] + f"… ({len(value)} characters)"
+    return TOKEN_LIKE.sub("…", cut)  # a malformed handle's token is no less a secret
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,14 @@ class BadRequest(Exception):
 
 
 class ProcessNotFound(Exception):
-    def __init__(self, handle: str) -> None:
+    """NOT_FOUND: ``reason`` says why (errors.PROCESS_NOT_FOUND, WRONG_SHARD, SHARD_RESTARTED)."""
+
+    def __init__(self, handle: str, message: str | None = None, reason: str = errors.PROCESS_NOT_FOUND,
+                 **metadata: str) -> None:
         self.handle = echo(handle)
-        super().__init__(f"no process {self.handle!r} on this server")
+        self.reason = reason
+        self.metadata = {"process": self.handle, **metadata} if handle else metadata
+        super().__init__(message or f"no process {self.handle!r} on this server")
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], int, int]:
@@ -131,9 +141,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], in
         )
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), [br], 0, 0
     if isinstance(exc, ProcessNotFound):
-        info = error_details_pb2.ErrorInfo(
-            reason=errors.PROCESS_NOT_FOUND, domain=errors.DOMAIN, metadata={"process": exc.handle}
-        )
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
         return grpc.StatusCode.NOT_FOUND, str(exc), [info], 0, 0
     if isinstance(exc, (ResultTooLarge, ResponseTooLarge)):
         exc = LimitExceeded("max_message_bytes", exc.limit)  # type: ignore[union-attr]
@@ -166,12 +174,12 @@ _HANDLED = (MmError, BadRequest, ProcessNotFound, LimitExceeded, ResultTooLarge,
 
 
 class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
-    def __init__(self, model: MemoryModel, limits: Limits | None = None, instance: str | None = None) -> None:
+    def __init__(self, model: MemoryModel, limits: Limits | None = None, topology: Topology | None = None) -> None:
         self.model = model
         self.limits = limits or Limits()
-        self.instance = instance or secrets.token_hex(8)
-        if not re.fullmatch(r"[0-9a-f]{16}", self.instance):
-            raise ValueError("the instance id must be 16 lowercase hex digits")
+        self.topology = topology or Topology.standalone(0, new_generation(), "")
+        #: What every handle of this shard's current generation starts with.
+        self.prefix = f"{self.topology.index}.{self.topology.generation}."
         # The handles issued, both ways. Looking a handle up whole is the fast path; a handle that is
         # not here is parsed only to tell INVALID_ARGUMENT from NOT_FOUND.
         self._handles: dict[str, int] = {}
@@ -195,7 +203,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     # -- handles
     def issue(self, pid: int) -> pb.Process:
         """The handle of a new process: a fresh random token."""
-        handle = f"{self.instance}.{pid}.{secrets.token_hex(16)}"
+        handle = f"{self.prefix}{pid}.{secrets.token_hex(16)}"
         self._handles[handle] = pid
         self._handle_of[pid] = handle
         return pb.Process(handle=handle, pid=pid)
@@ -208,15 +216,34 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     def pid(self, handle: str, field: str = "process") -> int:
         """The pid a handle names: INVALID_ARGUMENT if it is not a handle, NOT_FOUND if it names no
-        process of this server (another instance, an exited process, a wrong token)."""
+        process of this shard (another shard, an earlier generation, an exited process, a wrong
+        token), saying which."""
         pid = self._handles.get(handle)
         if pid is not None and pid in self.model.processes:
             return pid
         if not handle:
             raise BadRequest(field, "a process handle is required")
-        if len(handle) > HANDLE_MAX or HANDLE_RE.fullmatch(handle) is None:
-            raise BadRequest(field, f"{echo(handle)!r} is not a process handle (<instance>.<pid>.<token>)")
-        raise ProcessNotFound(handle)  # another instance, an exited process, a wrong token
+        m = HANDLE_RE.fullmatch(handle) if len(handle) <= HANDLE_MAX else None
+        if m is None:
+            raise BadRequest(field, f"{echo(handle)!r} is not a process handle (<shard>.<generation>.<pid>.<token>)")
+        shard, generation, me = int(m.group(1)), int(m.group(2)), self.topology
+        if shard != me.index:
+            raise self.wrong_shard(shard, handle)
+        if generation < me.generation:
+            raise ProcessNotFound(
+                handle, f"shard {me.index} restarted: the handle is of its generation {generation}, it now runs "
+                f"generation {me.generation}, and the processes of earlier generations are gone",
+                errors.SHARD_RESTARTED, shard=str(shard), generation=str(me.generation))
+        raise ProcessNotFound(handle)  # a later generation, an exited process, a wrong token
+
+    def wrong_shard(self, shard: int, handle: str = "") -> ProcessNotFound:
+        """NOT_FOUND for a call that belongs to another shard, naming it (and where it serves)."""
+        me = self.topology
+        info = me.shard(shard)
+        where = f" at {info.address}" if info is not None and info.address else ""
+        what = f"the process {echo(handle)!r} belongs to" if handle else "the call asks for"
+        return ProcessNotFound(handle, f"{what} shard {shard}{where}; this is shard {me.index}",
+                               errors.WRONG_SHARD, shard=str(shard), address=info.address if info else "")
 
     # -- running one operation
     async def _unary(self, context: grpc.aio.ServicerContext, op: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
@@ -273,6 +300,8 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     # -- executors: request message -> response message, raising on failure
     async def _op_create_process(self, request: pb.CreateProcessRequest) -> pb.Process:
+        if request.HasField("shard") and request.shard != self.topology.index:
+            raise self.wrong_shard(request.shard)
         return self.issue(await self.model.create_process())
 
     async def _op_fork(self, request: pb.ProcessRequest) -> pb.Process:
@@ -476,6 +505,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def Ping(self, request, context):  # type: ignore[no-untyped-def]
         return pb.Empty()
+
+    async def GetTopology(self, request, context):  # type: ignore[no-untyped-def]
+        return self.topology.to_pb()
 
 
 def _enum(table: dict[int, str], value: int, field: str) -> str:

@@ -325,7 +325,7 @@ class FakeStub:
         self.calls: list[tuple[str, Any, float | None]] = []
 
     def __getattr__(self, method: str) -> Any:
-        async def call(request: Any, timeout: float | None = None) -> Any:
+        async def call(request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
             self.calls.append((method, request, timeout))
             r = self.responses[method]
             if isinstance(r, BaseException):
@@ -340,7 +340,7 @@ def fake_client(*stubs: FakeStub, **kw: Any) -> Client:
     conns = []
     for i, stub in enumerate(stubs):
         conn = _Conn.__new__(_Conn)
-        conn.target, conn.stub = f"fake:{i}", stub
+        conn.target, conn.stub, conn.base, conn._shard_md = f"fake:{i}", stub, (), {}
         conns.append(conn)
     client._conns = conns
     return client
@@ -375,7 +375,7 @@ async def test_process_methods_convert_results_and_pass_deadlines() -> None:
     assert (await p.vmas())[0].anon_vma == 3
     assert (await p.anon_vma_tree(addr=4096))[0].id == 3
     child = await p.fork()
-    assert child.id == "opaque/2" and child._conn is p._conn
+    assert child.id == "opaque/2" and child._route is p._route
     assert await p.exit() is None
     timeouts = {m: t for m, _, t in stub.calls}
     assert timeouts["CreateProcess"] == 5.0 and timeouts["Mmap"] == 1.5 and timeouts["Read"] is None
@@ -439,7 +439,7 @@ async def test_batch_results_and_errors_are_returned() -> None:
     assert out[3] == 8192
     assert out[4] == FolioInfo(False, 7, 0, False, 0, None, False, False)
     assert out[5].contended and out[6].prot == "r"
-    assert isinstance(out[7], Process) and out[7].id == "new" and out[7]._conn is p._conn
+    assert isinstance(out[7], Process) and out[7].id == "new" and out[7]._route is p._route
     assert out[8] is None
     method, request, timeout = stub.calls[-1]
     assert method == "Batch" and timeout == 2.0 and request.stop_on_error
@@ -497,7 +497,7 @@ async def test_wire_rich_status_and_retries() -> None:
         async with Client(addr, retries=3) as mm:
             await mm.ping()
             assert servicer.attempts == 3
-            p = Process(mm, mm.conns[0], "any")
+            p = mm.process("any")
             with pytest.raises(BlockingIOError) as info:
                 await p.remap(0, 4096, 4 * 4096)
             assert info.value.moved == 12288  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ async def test_cancel_a_blocking_walk(server, stub) -> None:  # type: ignore[no-
     p, src, _ = await _setup(stub, 1)
     await stub.Write(pb.WriteRequest(process=p, addr=src, value=5))
     model = server.model
-    pid = int(p.split(".")[1])  # <instance>.<pid>.<token>
+    pid = int(p.split(".")[2])  # <shard>.<generation>.<pid>.<token>
     folio = model.processes[pid].pte_lookup(src).folio
     av = folio.mapping
     refcount = av.refcount
@@ -77,7 +77,7 @@ async def test_deadline_exceeded(server, stub) -> None:  # type: ignore[no-untyp
     p, src, _ = await _setup(stub, 1)
     await stub.Write(pb.WriteRequest(process=p, addr=src, value=5))
     model = server.model
-    pid = int(p.split(".")[1])  # <instance>.<pid>.<token>
+    pid = int(p.split(".")[2])  # <shard>.<generation>.<pid>.<token>
     av = model.processes[pid].pte_lookup(src).folio.mapping
     holder = Current("holder")
     assert av.root.rwsem.down_write(holder)

@@ -54,13 +54,13 @@ lengths = st.one_of(
     st.sampled_from([0, 1, P, 2 * P, 8 * P, 16 * P, 64 * P, 65 * P, 1 << 40, U64]), st.integers(0, 32 * P)
 )
 enum_vals = st.one_of(st.integers(0, 5), st.integers(-(2**31), 2**31 - 1))
-#: Ways to spoil a real handle "<instance>.<pid>.<token>" (the pid part is a decimal number).
+#: Ways to spoil a real handle "<shard>.<generation>.<pid>.<token>" (the pid part is a decimal number).
 MUTATIONS = {
-    "superscript": lambda h: h.replace("." + h.split(".")[1] + ".", ".\u00b2."),
-    "arabic-indic": lambda h: h.replace("." + h.split(".")[1] + ".", ".\u0661."),
-    "fullwidth": lambda h: h.replace("." + h.split(".")[1] + ".", ".\uff11."),
-    "leading-zero": lambda h: h.replace("." + h.split(".")[1] + ".", ".0" + h.split(".")[1] + "."),
-    "huge-pid": lambda h: h.replace("." + h.split(".")[1] + ".", "." + "9" * 5000 + "."),
+    "superscript": lambda h: h.replace("." + h.split(".")[2] + ".", ".\u00b2."),
+    "arabic-indic": lambda h: h.replace("." + h.split(".")[2] + ".", ".\u0661."),
+    "fullwidth": lambda h: h.replace("." + h.split(".")[2] + ".", ".\uff11."),
+    "leading-zero": lambda h: h.replace("." + h.split(".")[2] + ".", ".0" + h.split(".")[2] + "."),
+    "huge-pid": lambda h: h.replace("." + h.split(".")[2] + ".", "." + "9" * 5000 + "."),
     "wrong-token": lambda h: h[:-1] + ("0" if h[-1] != "0" else "1"),
     "upper-token": lambda h: h.upper(),
     "no-token": lambda h: h.rsplit(".", 1)[0],
@@ -203,16 +203,17 @@ def test_bad_handles_answer_invalid_argument_or_not_found(harness: Harness) -> N
 
 
 def test_handles_are_unguessable_capabilities(harness: Harness) -> None:
-    """Knowing one handle gives nothing else: the handles of two processes share only the server's
-    instance id; a neighbour's pid with this handle's token is NOT_FOUND; walk results name
+    """Knowing one handle gives nothing else: the handles of two processes share only the shard and
+    its generation; a neighbour's pid with this handle's token is NOT_FOUND; walk results name
     other processes by pid, never by handle."""
 
     async def go() -> None:
         a = await harness.stub.CreateProcess(pb.CreateProcessRequest(), timeout=5)
         b = await harness.stub.Fork(pb.ProcessRequest(process=a.handle), timeout=5)
-        inst_a, pid_a, tok_a = a.handle.split(".")
-        inst_b, pid_b, tok_b = b.handle.split(".")
-        assert inst_a == inst_b and int(pid_a) == a.pid and int(pid_b) == b.pid
+        shard_a, gen_a, pid_a, tok_a = a.handle.split(".")
+        shard_b, gen_b, pid_b, tok_b = b.handle.split(".")
+        inst_a = f"{shard_a}.{gen_a}"
+        assert (shard_a, gen_a) == (shard_b, gen_b) and int(pid_a) == a.pid and int(pid_b) == b.pid
         assert len(tok_a) == len(tok_b) == 32 and tok_a != tok_b  # 128 random bits each
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await harness.stub.ListVmas(pb.ProcessRequest(process=f"{inst_a}.{pid_b}.{tok_a}"), timeout=5)
@@ -222,7 +223,7 @@ def test_handles_are_unguessable_capabilities(harness: Harness) -> None:
         c = await harness.stub.Fork(pb.ProcessRequest(process=a.handle), timeout=5)
         w = await harness.stub.Walk(pb.WalkRequest(process=a.handle, addr=v.start), timeout=5)
         assert sorted(m.pid for m in w.mappings) == sorted([a.pid, c.pid])
-        assert tok_a not in str(w) and c.handle.split(".")[2] not in str(w)
+        assert tok_a not in str(w) and c.handle.split(".")[3] not in str(w)
         for h in (c.handle, b.handle, a.handle):
             await harness.stub.Exit(pb.ProcessRequest(process=h), timeout=5)
         with pytest.raises(grpc.aio.AioRpcError) as e:

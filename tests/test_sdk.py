@@ -12,8 +12,9 @@ from mmsim.client import (
     DeadlineExceededError,
     InvalidRequestError,
     LimitExceededError,
-    ProcessNotFoundError,
     Process,
+    ProcessNotFoundError,
+    ShardRestartedError,
     ops,
 )
 from mmsim.client.testing import serve_in_process
@@ -171,7 +172,7 @@ async def test_malformed_and_limits() -> None:
                 await p.remap(DST, SRC, 16 * P)
             assert le.value.limit == "max_remap_bytes"
             with pytest.raises(InvalidRequestError) as e:
-                await Process(mm, p._conn, "not a handle").vmas()
+                await mm.process("not a handle").vmas()
             assert [f for f, _ in e.value.field_violations] == ["process"]
             with pytest.raises(ValueError):
                 await p.mmap(P, prot="rwx")  # refused by the SDK before sending
@@ -231,9 +232,10 @@ async def test_handles_do_not_survive_a_restart() -> None:
             new = await mm.create_process()  # the same pid inside the new server
             await new.mmap(P, addr=SRC)
             assert new.id != old.id
-            stale = type(old)(mm, mm.conns[0], old.id)
-            with pytest.raises(ProcessNotFoundError):
+            stale = mm.process(old.id)
+            with pytest.raises(ShardRestartedError) as e:  # a ProcessNotFoundError, saying why
                 await stale.vmas()
+            assert isinstance(e.value, ProcessNotFoundError) and e.value.shard == 0
             assert len(await new.vmas()) == 1
 
 

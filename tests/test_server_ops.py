@@ -133,8 +133,8 @@ async def test_json_logs_carry_request_id_and_method() -> None:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.Read(pb.AccessRequest(process="0123456789abcdef.1.00000000000000000000000000000000", addr=0), metadata=(("x-request-id", "req-42"),))
-            for bad in ("inst.\u00b2", "inst." + "9" * 5000, "x" * 8192):  # once UNKNOWN, with 9 KB of traceback
+                await stub.Read(pb.AccessRequest(process="0.1.1.00000000000000000000000000000000", addr=0), metadata=(("x-request-id", "req-42"),))
+            for bad in ("0.1.\u00b2", "0.1." + "9" * 5000, "x" * 8192):  # once UNKNOWN, with 9 KB of traceback
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Read(pb.AccessRequest(process=bad, addr=0))
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

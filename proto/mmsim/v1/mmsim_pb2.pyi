@@ -33,6 +33,12 @@ class RemapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REMAP_MODE_NONE: _ClassVar[RemapMode]
     REMAP_MODE_DONTWAKE: _ClassVar[RemapMode]
     REMAP_MODE_ALLOW_SRC_HOLES: _ClassVar[RemapMode]
+
+class ShardState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_STATE_UNSPECIFIED: _ClassVar[ShardState]
+    SHARD_STATE_SERVING: _ClassVar[ShardState]
+    SHARD_STATE_DOWN: _ClassVar[ShardState]
 PROT_UNSPECIFIED: Prot
 PROT_R: Prot
 PROT_RW: Prot
@@ -48,14 +54,19 @@ ADVICE_KEEPONFORK: Advice
 REMAP_MODE_NONE: RemapMode
 REMAP_MODE_DONTWAKE: RemapMode
 REMAP_MODE_ALLOW_SRC_HOLES: RemapMode
+SHARD_STATE_UNSPECIFIED: ShardState
+SHARD_STATE_SERVING: ShardState
+SHARD_STATE_DOWN: ShardState
 
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CreateProcessRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    def __init__(self, shard: _Optional[int] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("handle", "pid")
@@ -385,3 +396,29 @@ class BatchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[OpResult]
     def __init__(self, results: _Optional[_Iterable[_Union[OpResult, _Mapping]]] = ...) -> None: ...
+
+class TopologyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("index", "address", "generation", "state", "metrics_address")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    generation: int
+    state: ShardState
+    metrics_address: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[ShardState, str]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+
+class Topology(_message.Message):
+    __slots__ = ("shards", "shard")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    shard: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., shard: _Optional[int] = ...) -> None: ...

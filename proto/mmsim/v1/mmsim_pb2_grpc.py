@@ -134,6 +134,11 @@ class MemoryManagerStub:
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
                 _registered_method=True)
+        self.GetTopology = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/GetTopology',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.TopologyRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Topology.FromString,
+                _registered_method=True)
 
 
 class MemoryManagerServicer:
@@ -268,6 +273,13 @@ class MemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTopology(self, request, context):
+        """The shards of the deployment this server belongs to: their addresses, generations and states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +382,11 @@ def add_MemoryManagerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
+            ),
+            'GetTopology': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTopology,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.TopologyRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Topology.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -912,6 +929,33 @@ class MemoryManager:
             '/mmsim.v1.MemoryManager/Ping',
             mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
             mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTopology(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/GetTopology',
+            mmsim_dot_v1_dot_mmsim__pb2.TopologyRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.Topology.FromString,
             options,
             channel_credentials,
             insecure,

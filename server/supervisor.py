@@ -1,0 +1,243 @@
+"""``mmsim serve --shards N``: a supervisor of N shard processes.
+
+Each shard is ``mmsim serve --shards 1 --shard-index i --supervised`` with the supervisor's other
+flags: its own OS process, event loop, gRPC server and model, listening on PORT+i (each its own free
+port with port 0). The supervisor itself holds no gRPC object at all: it starts the shards, feeds
+each the deployment's topology on its standard input (topology.py), restarts a shard that exits
+while the deployment runs under a new generation, and on SIGTERM or SIGINT has every shard drain
+and stop.
+
+A shard says it serves with one JSON line on its standard output, ``{"event": "ready", "address":
+..., "generation": ...}``; its log goes to the supervisor's standard error as it is. Shards run in
+their own session, so a terminal's Ctrl-C reaches the supervisor only, which then stops them in
+order; a shard whose supervisor is gone (its standard input closes) stops too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import structlog
+
+from .topology import DOWN, SERVING, UNKNOWN, ShardInfo, new_generation
+
+if TYPE_CHECKING:
+    from .app import ServerConfig
+
+log = structlog.get_logger("mmsim.supervisor")
+
+#: Seconds a shard may take to start before the supervisor gives up on that start.
+START_TIMEOUT = 60.0
+#: Restart backoff: the first delay, the longest, and how long a shard must have run to reset it.
+BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET = 0.1, 5.0, 10.0
+
+
+class StartFailed(Exception):
+    """A shard exited (or said nothing) before it served."""
+
+
+def _with_port(listen: str, offset: int) -> str:
+    """``HOST:PORT`` moved ``offset`` ports up (port 0 stays 0: each shard gets a free one)."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + offset if int(port) else 0}"
+
+
+#: The flags the supervisor sets for each shard itself.
+_PER_SHARD = ("--shards", "--shard-index", "--listen", "--generation", "--peers", "--metrics-listen")
+
+
+def _without(argv: list[str], flags: Sequence[str]) -> list[str]:
+    """``argv`` less ``flags`` and their values (``--flag VALUE`` or ``--flag=VALUE``)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif a == "--supervised" or a.split("=", 1)[0] in flags:
+            pass
+        else:
+            out.append(a)
+    return out
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+@dataclass
+class Shard:
+    """One shard as the supervisor runs it."""
+
+    index: int
+    listen: str
+    metrics_listen: str
+    info: ShardInfo
+    proc: asyncio.subprocess.Process | None = None
+    starts: int = 0
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig, argv: Sequence[str]) -> None:
+        self.config = config
+        # The shards get the supervisor's own flags, but those it sets for each.
+        self.argv = _without(list(argv[1:] if argv[:1] == ["serve"] else argv), _PER_SHARD)
+        self.shards = [
+            Shard(i, _with_port(config.listen, i),
+                  _with_port(config.metrics_listen, i) if config.metrics_listen else "",
+                  ShardInfo(i, _with_port(config.listen, i), 0, UNKNOWN))
+            for i in range(config.shards)
+        ]
+        self.stopping = False
+        self.ready = asyncio.Event()
+
+    def command(self, shard: Shard, generation: int) -> list[str]:
+        cmd = [sys.executable, "-m", "mmsim.server", "serve", *self.argv, "--shards", "1",
+               "--shard-index", str(shard.index), "--listen", shard.listen, "--generation", str(generation),
+               "--peers", "", "--supervised"]
+        if shard.metrics_listen:
+            cmd += ["--metrics-listen", shard.metrics_listen]
+        return cmd
+
+    # -- topology
+    def topology_line(self) -> bytes:
+        return (json.dumps({"shards": [s.info.to_json() for s in self.shards]}) + "\n").encode()
+
+    def broadcast(self) -> None:
+        """Tell every running shard the deployment's topology."""
+        line = self.topology_line()
+        for s in self.shards:
+            if s.proc is not None and s.proc.returncode is None and s.proc.stdin is not None:
+                try:
+                    s.proc.stdin.write(line)
+                except (BrokenPipeError, ConnectionResetError, RuntimeError):
+                    pass  # it is exiting; its watcher sees that
+
+    # -- one shard
+    async def start(self, shard: Shard, generation: int) -> None:
+        """Start ``shard`` under ``generation`` and wait until it serves; StartFailed if it does not."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.command(shard, generation), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        shard.proc = proc
+        shard.starts += 1
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+            ready = json.loads(line) if line.startswith(b"{") else {}
+        except (TimeoutError, ValueError):
+            ready = {}
+        if ready.get("event") != "ready":
+            if proc.returncode is None:
+                proc.kill()
+            status = await proc.wait()
+            raise StartFailed(f"shard {shard.index} did not start ({_status(status)})")
+        address = str(ready["address"])
+        if shard.listen.endswith(":0"):  # keep its port across restarts, so the topology stays
+            shard.listen = address
+        metrics = str(ready.get("metrics_address", "")) or shard.metrics_listen
+        if shard.metrics_listen.endswith(":0") and metrics:
+            shard.metrics_listen = metrics
+        shard.info = ShardInfo(shard.index, address, int(ready["generation"]), SERVING, metrics)
+        # Anything more it prints on stdout is drained, so that it never blocks on a full pipe.
+        asyncio.ensure_future(self._drain(proc))
+
+    @staticmethod
+    async def _drain(proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while await proc.stdout.readline():
+            pass
+
+    async def watch(self, shard: Shard) -> None:
+        """Restart ``shard`` each time it exits while the deployment runs, with backoff."""
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST
+        while True:
+            assert shard.proc is not None
+            started = loop.time()
+            status = await shard.proc.wait()
+            if self.stopping:
+                return
+            shard.info = replace(shard.info, state=DOWN)
+            log.warning("shard exited", shard=shard.index, generation=shard.info.generation, status=_status(status))
+            self.broadcast()
+            if loop.time() - started > BACKOFF_RESET:
+                delay = BACKOFF_FIRST
+            while not self.stopping:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                if self.stopping:
+                    return
+                generation = new_generation(shard.info.generation)
+                try:
+                    await self.start(shard, generation)
+                except StartFailed as e:
+                    log.error("shard restart failed", shard=shard.index, generation=generation, error=str(e))
+                    continue
+                log.warning("shard restarted", shard=shard.index, generation=generation, address=shard.info.address)
+                self.broadcast()
+                break
+
+    # -- the deployment
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        signals = 0
+
+        def on_signal(sig: signal.Signals) -> None:
+            nonlocal signals
+            signals += 1
+            log.info("signal", signal=sig.name, action="drain shards" if signals == 1 else "cancel calls")
+            self.stopping = True
+            for s in self.shards:  # a second signal reaches them as a second signal: cancel calls
+                if s.proc is not None and s.proc.returncode is None:
+                    s.proc.send_signal(signal.SIGTERM)
+            stopped.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        first = new_generation()
+        results = await asyncio.gather(*(self.start(s, first) for s in self.shards), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed or self.stopping:
+            for s in self.shards:
+                if s.proc is not None and s.proc.returncode is None:
+                    s.proc.send_signal(signal.SIGTERM)
+            await asyncio.gather(*(s.proc.wait() for s in self.shards if s.proc is not None))
+            if failed:
+                print(f"mmsim serve: {failed[0]}", file=sys.stderr)
+                return 1
+            return 0
+        self.broadcast()
+        for s in self.shards:
+            s.task = asyncio.ensure_future(self.watch(s))
+        log.info("serving", listen=self.shards[0].info.address, shards=[s.info.address for s in self.shards],
+                 generation=first, metrics=[s.info.metrics_address for s in self.shards if s.info.metrics_address])
+        await stopped.wait()
+        statuses = await asyncio.gather(*(s.proc.wait() for s in self.shards if s.proc is not None))
+        for s in self.shards:
+            if s.task is not None:
+                s.task.cancel()
+        bad = {s.index: _status(st) for s, st in zip(self.shards, statuses) if st != 0}
+        log.info("stopped", shards=len(self.shards), **({"failed": bad} if bad else {}))
+        return 0
+
+
+def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
+    """Run the supervisor until SIGTERM or SIGINT; the exit status (0, or 1 if a shard could not
+    start)."""
+    return asyncio.run(Supervisor(config, argv).run())
