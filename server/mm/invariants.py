@@ -56,6 +56,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     live_avs = k.anon_vma_cache.live
     active: Counter[AnonVma] = Counter()
     tree_avcs = 0  # AVCs reached from the VMAs (each must be in its anon_vma's tree)
+    vmas = 0
     charged = len(model.processes) * MM_BYTES + len(live_avs) * ANON_VMA_BYTES + k.folios_live * FOLIO_BYTES
     work = 0
 
@@ -78,6 +79,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
             if v.mm is not mm:
                 bad(f"{where}: {v} belongs to another mm")
             charged += VMA_BYTES + len(v.anon_vma_chain) * AVC_BYTES
+            vmas += 1
             if v.anon_vma is not None:
                 active[v.anon_vma] += 1
                 if not any(avc.anon_vma is v.anon_vma for avc in v.anon_vma_chain):
@@ -227,6 +229,8 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
             bad(f"{av}: live with refcount 0")
     if k.rcu.readers:
         bad(f"{len(k.rcu.readers)} tasks still inside RCU read sections")
+    if k.vmas_live != vmas:
+        bad(f"VMA count: {k.vmas_live} counted live but {vmas} in the VMA trees")
     if k.memcg.usage != charged:
         bad(f"memory budget: {k.memcg.usage} bytes charged but the objects that exist come to {charged}")
     if found > MAX_PROBLEMS:

@@ -69,7 +69,10 @@ class Kernel:
         self._folio_ids = count(1)
         self._vma_ids = count(1)
         self.folios_live = 0
+        self.vmas_live = 0
         self.stats: Counter[str] = Counter()
+        #: UFFDIO_MOVE outcomes: "OK", or the errno's name (EAGAIN for a short move).
+        self.move_results: Counter[str] = Counter()
 
     def folio_alloc(self) -> Folio:
         """A new folio; the caller has charged FOLIO_BYTES."""

@@ -13,13 +13,16 @@ exempt from the check, as in lockdep, but what they take counts as held.
 Uncontended acquisition never awaits: ``down_read``/``down_write``/``lock`` return True when they got
 the lock synchronously, and only a False answer is followed by ``await wait(cur)``. A waiter that is
 cancelled leaves the queue, or gives back a lock that was handed to it before it could run.
+A wait that ends with the lock granted is recorded, by lock class, in ``LockdepState.waits``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections import deque
 from enum import IntEnum
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -44,6 +47,33 @@ LOCK_ORDER: tuple[tuple[LockClass, str, str], ...] = (
 )
 
 
+#: Upper bounds, in seconds, of the lock-wait histogram's buckets (a last one, +Inf, follows).
+LOCK_WAIT_BOUNDS: tuple[float, ...] = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class LockWaitStats:
+    """Time spent waiting for a lock, per lock class: bucket counts over ``LOCK_WAIT_BOUNDS``
+    (not cumulative; the last bucket is +Inf), and the sum in seconds. Only waits are recorded:
+    an acquisition that does not sleep never reaches here."""
+
+    __slots__ = ("counts", "sums")
+
+    def __init__(self) -> None:
+        n = len(LOCK_WAIT_BOUNDS) + 1
+        self.counts: list[list[int]] = [[0] * n for _ in LockClass]
+        self.sums: list[float] = [0.0] * len(LockClass)
+
+    def observe(self, lock_class: LockClass, seconds: float) -> None:
+        self.counts[lock_class][bisect_left(LOCK_WAIT_BOUNDS, seconds)] += 1
+        self.sums[lock_class] += seconds
+
+    def snapshot(self, lock_class: LockClass) -> tuple[list[int], float]:
+        """Copies of one class's bucket counts and sum (safe to call from another thread)."""
+        return list(self.counts[lock_class]), self.sums[lock_class]
+
+
 class Current:
     """Per-task kernel state (what ``current`` points at): held locks, RCU nesting, a name."""
 
@@ -66,22 +96,24 @@ class Current:
 
 
 class _Waiter:
-    __slots__ = ("fut", "cur", "write")
+    __slots__ = ("fut", "cur", "write", "since")
 
     def __init__(self, fut: asyncio.Future[None], cur: Current, write: bool) -> None:
         self.fut = fut
         self.cur = cur
         self.write = write
+        self.since = perf_counter()
 
 
 class LockdepState:
-    """Where violations go; shared by all locks of one model instance."""
+    """Where violations go, and the lock-wait times; shared by all locks of one model instance."""
 
-    __slots__ = ("detectors", "enabled")
+    __slots__ = ("detectors", "enabled", "waits")
 
     def __init__(self, detectors: Detectors | None = None, enabled: bool = True) -> None:
         self.detectors = detectors
         self.enabled = enabled
+        self.waits = LockWaitStats()
 
 
 _lock_seq = 0
@@ -150,6 +182,7 @@ class _Lock:
             raise
         finally:
             cur.waiting = None
+        self.lockdep.waits.observe(self.rank, perf_counter() - w.since)
 
     def _enqueue(self, cur: Current, write: bool) -> None:
         fut = asyncio.get_running_loop().create_future()

@@ -67,11 +67,13 @@ async def get_unmapped_area(mm: Mm, length: int) -> int:
 def vm_area_alloc(k: Kernel, cur: Current, mm: Mm, start: int, end: int, pgoff: int, flags: int) -> Vma:
     """A new VMA, charged (ENOMEM before anything changes)."""
     k.memcg.charge(cur, VMA_BYTES)
+    k.vmas_live += 1
     return Vma(k.next_vma_id(), mm, start, end, pgoff, flags)
 
 
 def vm_area_free(k: Kernel, vma: Vma) -> None:
     """The VMA is gone: unlinked from its mm and from every anon_vma."""
+    k.vmas_live -= 1
     k.memcg.uncharge(VMA_BYTES)
 
 

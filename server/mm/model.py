@@ -446,9 +446,14 @@ class MemoryModel:
         self._calls += 1
         cur = Current("move", pid)
         try:
-            return await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
+            moved = await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
+        except MmError as e:
+            self.k.move_results[errno.errorcode.get(e.errno or 0, str(e.errno))] += 1
+            raise
         finally:
             self._call_done(cur)
+        self.k.move_results["OK"] += 1
+        return moved
 
     # -- rmap walk
     async def walk(self, pid: int, addr: int, blocking: bool = False) -> WalkResult:
@@ -655,6 +660,7 @@ class MemoryModel:
         out["violations"] = k.detectors.total
         out["processes"] = len(self.processes)
         out["folios"] = k.folios_live
+        out["vmas"] = k.vmas_live
         out["anon_vmas"] = len(k.anon_vma_cache.live)
         out["anon_vma_cache_reused"] = k.anon_vma_cache.reused
         out["rcu_gp_completed"] = k.rcu.gp_completed
