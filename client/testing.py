@@ -40,10 +40,12 @@ async def serve_in_process(**server_options: Any) -> AsyncIterator[str]:
 
 @dataclass(frozen=True)
 class ServerProcess:
-    """A running ``mmsim serve``: its address and its OS process."""
+    """A running ``mmsim serve``: its address (shard 0's, with shards), its OS process, and the
+    address of every shard."""
 
     addr: str
     proc: subprocess.Popen[str]
+    addresses: tuple[str, ...] = ()
 
     @property
     def pid(self) -> int:
@@ -61,8 +63,10 @@ class ServerProcess:
 @contextmanager
 def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProcess]:
     """Run ``mmsim serve --listen 127.0.0.1:0 ARGS`` as a separate OS process (the access log off),
-    and yield it once it serves. On exit it is stopped with SIGTERM; with ``check_exit``, an exit
-    status other than 0 raises RuntimeError. Its log is read and dropped, so it never blocks.
+    and yield it once it serves (with ``--shards N``, once every shard serves: ``addr`` is shard 0's
+    address and ``addresses`` every shard's). On exit it is stopped with SIGTERM; with
+    ``check_exit``, an exit status other than 0 raises RuntimeError. Its log is read and dropped, so
+    it never blocks.
 
     Example::
 
@@ -75,13 +79,19 @@ def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProc
         stderr=subprocess.PIPE, text=True,
     )
     assert proc.stderr is not None
+    # A supervisor's shards log their own "serving" first; the supervisor's line lists them all.
+    supervised = any(a == "--shards" or a.startswith("--shards=") for a in args) and \
+        _flag(args, "--shards") not in (None, "1")
     try:
-        line = proc.stderr.readline()
-        event = json.loads(line) if line.startswith("{") else {}
-        if event.get("event") != "serving":
-            raise RuntimeError(f"mmsim serve did not start: {line.strip() or proc.wait(30)}")
+        while True:
+            line = proc.stderr.readline()
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "serving" and (not supervised or "shards" in event):
+                break
+            if not line.startswith("{") or event.get("level") in ("error", "critical"):
+                raise RuntimeError(f"mmsim serve did not start: {line.strip() or proc.wait(30)}")
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-        yield ServerProcess(event["listen"], proc)
+        yield ServerProcess(event["listen"], proc, tuple(event.get("shards", (event["listen"],))))
         proc.send_signal(signal.SIGCONT)  # in case it was left stopped
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(60)
@@ -92,6 +102,17 @@ def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProc
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def _flag(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of the last ``flag VALUE`` or ``flag=VALUE`` in ``args``."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 __all__ = ["ServerProcess", "serve_in_process", "serve_subprocess"]
