@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="mmsim",
         description="Simulator of the Linux anonymous reverse map.",
-        epilog="Each command's --help lists its exit statuses; 2 is always bad usage.",
+        epilog="Each command's --help lists its exit statuses; 2 is bad usage (1 for health-probe, as "
+               "grpc_health_probe has it).",
     )
     sub = p.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser(
@@ -435,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preemption probability per point, within [0, 1] (default 0.35)")
     race.add_argument("-v", "--verbose", action="store_true", help="print the first violations caught")
     race.set_defaults(func=cmd_race, parser=race, env_protocols=_env_protocols())
+    from .deploy import add_commands  # nginx-config, health-probe
+
+    add_commands(sub)
     # Listed here; main() hands its arguments to mmsim.loadgen, imported only then.
     sub.add_parser("loadgen", help="load generator: mmsim loadgen --help", add_help=False)
     return p
