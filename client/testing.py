@@ -1,5 +1,6 @@
 """Helpers for tests of code that uses the SDK: a real mmsim server inside the test's process
-(``serve_in_process``), or as a separate OS process (``serve_subprocess``)."""
+(``serve_in_process``), or as a separate OS process (``serve_subprocess``), and throwaway TLS
+certificates (``write_test_certificates``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -115,4 +117,101 @@ def _flag(args: tuple[str, ...], flag: str) -> str | None:
     return value
 
 
-__all__ = ["ServerProcess", "serve_in_process", "serve_subprocess"]
+def write_test_certificates(directory: str | Path) -> dict[str, Path]:
+    """Write a throwaway PKI for TLS tests into ``directory`` (PEM files, valid for a day) and
+    return their paths by name:
+
+    - ``ca``: a CA certificate; ``server_cert``, ``server_key``: a server certificate it signed, for
+      ``localhost``, ``127.0.0.1`` and ``::1``; ``client_cert``, ``client_key``: a client
+      certificate it signed (mutual TLS);
+    - ``other_ca``, ``other_client_cert``, ``other_client_key``: an unrelated CA and a client
+      certificate it signed, for the cases that must fail.
+
+    Needs the ``cryptography`` package (installed with ``mmsim[test]``).
+
+    Example::
+
+        certs = write_test_certificates(tmp_path)
+        async with serve_in_process(tls_cert=str(certs["server_cert"]),
+                                    tls_key=str(certs["server_key"])) as addr:
+            async with Client(addr, credentials=tls_credentials(str(certs["ca"]))) as mm:
+                ...
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    paths: dict[str, Path] = {}
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(key_name: str, data: bytes) -> Path:
+        path = out / f"{key_name}.pem"
+        path.write_bytes(data)
+        paths[key_name] = path
+        return path
+
+    Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+
+    def issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: Issuer | None,
+              extensions: list[tuple[x509.ExtensionType, bool]]) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer[0].subject if issuer else name(subject))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def ca(key_name: str, subject: str) -> Issuer:
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                              encipher_only=False, decipher_only=False)
+        cert = issue(subject, key, None, [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)])
+        write(key_name, cert.public_bytes(serialization.Encoding.PEM))
+        return cert, key
+
+    def leaf(key_name: str, subject: str, issuer: Issuer, usage: x509.ObjectIdentifier,
+             san: list[x509.GeneralName] | None = None) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        extensions: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([usage]), False),
+        ]
+        if san:
+            extensions.append((x509.SubjectAlternativeName(san), False))
+        cert = issue(subject, key, issuer, extensions)
+        write(f"{key_name}_cert", cert.public_bytes(serialization.Encoding.PEM))
+        write(f"{key_name}_key", pem_key(key)).chmod(0o600)
+
+    root = ca("ca", "mmsim test CA")
+    leaf("server", "localhost", root, ExtendedKeyUsageOID.SERVER_AUTH, [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ])
+    leaf("client", "mmsim test client", root, ExtendedKeyUsageOID.CLIENT_AUTH)
+    other = ca("other_ca", "unrelated test CA")
+    leaf("other_client", "unrelated test client", other, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return paths
+
+
+__all__ = ["ServerProcess", "serve_in_process", "serve_subprocess", "write_test_certificates"]

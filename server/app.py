@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
+import inspect
 import json
 import logging
 import random
@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
+from .auth import TokenInterceptor, exposure_refusal, read_token, server_credentials
 from .mm.model import MemoryModel
 from .service import Limits, MemoryManagerServicer
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation
@@ -255,8 +256,12 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     if isinstance(request, MalformedRequest):
                         await _reject_malformed(context, request)
-                    async for response in inner_us(request, context):
-                        yield response
+                    responses = inner_us(request, context)
+                    if inspect.isawaitable(responses):  # a handler that writes with context.write (health's Watch)
+                        await responses
+                    else:
+                        async for response in responses:
+                            yield response
                 except BaseException as e:
                     call.done(context, e)
                     raise
@@ -327,10 +332,19 @@ def _bind_error(ip: str, port: int) -> str | None:
     return None
 
 
-async def _listen(server: grpc.aio.Server, listen: str) -> tuple[int, tuple[str, ...]]:
+async def _listen(
+    server: grpc.aio.Server,
+    listen: str,
+    credentials: grpc.ServerCredentials | None = None,
+    *,
+    token: bool = False,
+    insecure: bool = False,
+) -> tuple[int, tuple[str, ...]]:
     """Bind every address ``listen``'s host resolves to, all on one port (port 0: the port the
-    first bind got), or raise :class:`ListenError`. gRPC alone binds what it can of a name, and
-    says nothing when one of its addresses is taken."""
+    first bind got), with TLS when ``credentials`` are given, or raise :class:`ListenError`. gRPC
+    alone binds what it can of a name, and says nothing when one of its addresses is taken. An
+    address beyond loopback with neither TLS nor a ``token`` is refused before anything is bound,
+    unless ``insecure``."""
     host, _, port_s = listen.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     port = int(port_s)
@@ -345,6 +359,9 @@ async def _listen(server: grpc.aio.Server, listen: str) -> tuple[int, tuple[str,
         where = listen if target == listen else f"{listen} ({target})"
         return ListenError(f"cannot listen on {where}: {why or 'gRPC could not bind it'}")
 
+    exposed = [_hostport(ip, port) for ip in ips]
+    if (refusal := exposure_refusal(exposed, tls=credentials is not None, token=token, insecure=insecure)):
+        raise ListenError(refusal)
     # Every address is tried first, so that the usual failure binds nothing, says why, and
     # spares gRPC's own error line on stderr.
     for ip in ips:
@@ -353,7 +370,10 @@ async def _listen(server: grpc.aio.Server, listen: str) -> tuple[int, tuple[str,
     bound: list[str] = []
     for ip in ips:
         try:
-            got = server.add_insecure_port(_hostport(ip, port))
+            if credentials is None:
+                got = server.add_insecure_port(_hostport(ip, port))
+            else:
+                got = server.add_secure_port(_hostport(ip, port), credentials)
         except RuntimeError:
             got = 0
         if got == 0:
@@ -363,9 +383,9 @@ async def _listen(server: grpc.aio.Server, listen: str) -> tuple[int, tuple[str,
             raise fail(ip, port, _bind_error(ip, port))
         port = got
         bound.append(_hostport(ip, got))
-    if not all(ipaddress.ip_address(ip.split("%")[0]).is_loopback for ip in ips):
-        log.warning("the server has no authentication and is reachable from the network", listen=listen,
-                    addresses=bound)
+    if exposure_refusal(exposed, tls=credentials is not None, token=token, insecure=False):
+        log.warning("--insecure: the server is reachable from the network without TLS or a token",
+                    listen=listen, addresses=bound)
     return port, tuple(bound)
 
 
@@ -415,10 +435,16 @@ def _add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> 
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Start serving ``config.listen`` (port 0: a free one) in the running event loop: every
-    address its host resolves to, or :class:`ListenError`."""
+    address its host resolves to, or :class:`ListenError` (also for an address beyond loopback
+    without TLS or a token: auth.exposure_refusal). A token or TLS file that does not load is an
+    auth.CredentialsError."""
     if not structlog.is_configured():
         # Embedded (tests, the conformance tool): keep structlog's defaults, filtered to the level.
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(config.log_level.upper())))
+    # Access control first: a token or certificate that does not load is an error before anything starts.
+    token = read_token(config.token_file) if config.token_file else None
+    credentials = (server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca or None)
+                   if config.tls_cert else None)
     model = MemoryModel(
         protocol=config.protocol,
         seed=config.seed,
@@ -434,8 +460,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_batch_ops=config.max_batch_ops,
         max_message_bytes=config.max_message_bytes,
     )
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(config.access_log_sample)]
+    if token is not None:  # inside the access log: a refused call still gets its line
+        interceptors.append(TokenInterceptor(token))
     server = grpc.aio.server(
-        interceptors=[RequestContextInterceptor(config.access_log_sample)],
+        interceptors=interceptors,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -455,15 +484,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-    port, addresses = await _listen(server, config.listen)
+    port, addresses = await _listen(server, config.listen, credentials, token=token is not None,
+                                    insecure=config.insecure)
     host = config.listen.rsplit(":", 1)[0]
     topology.set_self(f"{host}:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await _follow_shard_health(topology, health_servicer)
+    tls = "mutual" if config.tls_client_ca else "on" if credentials is not None else "off"
     log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
-             shard=topology.index, generation=generation)
+             shard=topology.index, generation=generation, tls=tls, token=token is not None)
     return RunningServer(server, port, model, health_servicer, addresses, topology)
 
 

@@ -1,5 +1,6 @@
 """Where the server listens: every address of the name, a taken port as a one-line error, and a
-warning when it is reachable from the network."""
+warning when --insecure lets it be reachable from the network without TLS or a token (without
+--insecure it refuses: tests/test_auth.py)."""
 
 import asyncio
 import json
@@ -124,9 +125,9 @@ async def test_localhost_port_0_binds_ipv4_and_ipv6_on_one_port(localhost_both: 
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-async def test_a_non_loopback_listen_warns_that_there_is_no_authentication(fmt: str) -> None:
+async def test_an_insecure_non_loopback_listen_warns_that_there_is_no_authentication(fmt: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mmsim.server", "serve", "--listen", "0.0.0.0:0", "--log-format", fmt,
+        sys.executable, "-m", "mmsim.server", "serve", "--listen", "0.0.0.0:0", "--log-format", fmt, "--insecure",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
@@ -143,12 +144,12 @@ async def test_a_non_loopback_listen_warns_that_there_is_no_authentication(fmt: 
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
-    warnings = [line for line in lines if "no authentication" in line]
+    warnings = [line for line in lines if "without TLS or a token" in line]
     assert len(warnings) == 1
     if fmt == "json":
         record = json.loads(warnings[0])
         assert record["level"] == "warning" and record["listen"] == "0.0.0.0:0"
-        assert record["event"] == "the server has no authentication and is reachable from the network"
+        assert record["event"] == "--insecure: the server is reachable from the network without TLS or a token"
     else:
         assert "warning" in warnings[0] and "reachable from the network" in warnings[0]
 
