@@ -29,6 +29,7 @@ from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
 from .auth import TokenInterceptor, exposure_refusal, read_token, server_credentials
 from .mm.model import MemoryModel
+from .metrics import Metrics
 from .service import Limits, MemoryManagerServicer
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation
 
@@ -161,20 +162,28 @@ def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grp
 
 
 class _Call:
-    """One call's log context and access-log line."""
+    """One call's log context, access-log line and metrics."""
 
-    __slots__ = ("method", "request_id", "sample", "t0")
+    __slots__ = ("method", "metrics", "request_id", "rpc_type", "sample", "t0")
 
-    def __init__(self, method: str, request_id: str | None, sample: float) -> None:
+    def __init__(self, method: str, request_id: str | None, sample: float, metrics: Metrics | None = None,
+                 rpc_type: str = "unary") -> None:
         self.method = method
         self.request_id = request_id or secrets.token_hex(6)
         self.sample = sample
+        self.metrics = metrics
+        self.rpc_type = rpc_type
         structlog.contextvars.bind_contextvars(method=method, request_id=self.request_id)
+        if metrics is not None:
+            metrics.rpc_started(method, rpc_type)
         self.t0 = time.perf_counter()
 
     def done(self, context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> None:
-        ms = round((time.perf_counter() - self.t0) * 1e3, 3)
+        seconds = time.perf_counter() - self.t0
+        ms = round(seconds * 1e3, 3)
         code = _status(context, exc)
+        if self.metrics is not None:
+            self.metrics.rpc_handled(self.method, self.rpc_type, code, seconds)
         if code == grpc.StatusCode.OK:
             if self.sample < 1.0 and (self.sample <= 0.0 or random.random() >= self.sample):
                 return
@@ -188,11 +197,13 @@ class _Call:
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id and the method to the log context of each call, writes the access log
-    (one ``rpc`` line per call at info: OK calls sampled, failed ones always), and answers
-    unparseable request messages with INVALID_ARGUMENT."""
+    (one ``rpc`` line per call at info: OK calls sampled, failed ones always), counts each call in
+    the Prometheus metrics (when there are), and answers unparseable request messages with
+    INVALID_ARGUMENT."""
 
-    def __init__(self, access_log_sample: float = 1.0) -> None:
+    def __init__(self, access_log_sample: float = 1.0, metrics: Metrics | None = None) -> None:
         self.access_log_sample = access_log_sample
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -203,6 +214,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         rid = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), None)
         sample = self.access_log_sample
+        metrics = self.metrics
         if handler is None:  # gRPC answers UNIMPLEMENTED itself; no handler, so no context or peer
             log.info("rpc", method=method, code="UNIMPLEMENTED", duration_ms=0.0,
                      request_id=rid or secrets.token_hex(6), peer=None)
@@ -218,7 +230,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample)
+                call = _Call(method, rid, sample, metrics, "unary")
                 try:
                     if isinstance(request, MalformedRequest):
                         await _reject_malformed(context, request)
@@ -236,7 +248,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample)  # one access line when the stream ends
+                call = _Call(method, rid, sample, metrics, "bidi_stream")  # one access line when the stream ends
                 try:
                     async for response in inner_ss(checked(requests, context), context):
                         yield response
@@ -252,7 +264,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample)
+                call = _Call(method, rid, sample, metrics, "server_stream")
                 try:
                     if isinstance(request, MalformedRequest):
                         await _reject_malformed(context, request)
@@ -274,7 +286,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample)
+                call = _Call(method, rid, sample, metrics, "client_stream")
                 try:
                     response = await inner_su(checked(requests, context), context)
                 except BaseException as e:
@@ -302,6 +314,7 @@ class RunningServer:
         health_servicer: Any,
         addresses: tuple[str, ...] = (),
         topology: Topology | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -310,11 +323,16 @@ class RunningServer:
         #: Every address bound, ``IP:PORT`` (``[IPv6]:PORT``).
         self.addresses = addresses
         self.topology = topology
+        #: The Prometheus metrics, when served (``metrics_address``: where).
+        self.metrics = metrics
+        self.metrics_address = ""
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish within ``grace`` seconds, cancel the rest."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
 
 
 def _hostport(ip: str, port: int) -> str:
@@ -460,7 +478,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_batch_ops=config.max_batch_ops,
         max_message_bytes=config.max_message_bytes,
     )
-    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(config.access_log_sample)]
+    generation = config.generation or new_generation()
+    metrics = Metrics(model, shard=config.shard_index, generation=generation) if config.metrics_listen else None
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(config.access_log_sample, metrics)]
     if token is not None:  # inside the access log: a refused call still gets its line
         interceptors.append(TokenInterceptor(token))
     server = grpc.aio.server(
@@ -478,7 +498,6 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.server.max_pending_requests_hard_limit", max(3000, 4 * config.max_concurrent_rpcs)),
         ],
     )
-    generation = config.generation or new_generation()
     topology = Topology.standalone(config.shard_index, generation, config.listen, config.peers)
     mmsim_pb2_grpc.add_MemoryManagerServicer_to_server(MemoryManagerServicer(model, limits, topology), server)
     health_servicer = health.aio.HealthServicer()
@@ -487,15 +506,27 @@ async def start_server(config: ServerConfig) -> RunningServer:
     port, addresses = await _listen(server, config.listen, credentials, token=token is not None,
                                     insecure=config.insecure)
     host = config.listen.rsplit(":", 1)[0]
-    topology.set_self(f"{host}:{port}")
+    metrics_address = ""
+    if metrics is not None:
+        try:
+            metrics_port = metrics.start_http(config.metrics_listen)
+        except (OSError, ValueError) as e:
+            await server.start()
+            await server.stop(None)  # what _listen bound
+            raise ListenError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
+        metrics_address = f"{config.metrics_listen.rsplit(':', 1)[0]}:{metrics_port}"
+    topology.set_self(f"{host}:{port}", metrics_address)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await _follow_shard_health(topology, health_servicer)
     tls = "mutual" if config.tls_client_ca else "on" if credentials is not None else "off"
     log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
-             shard=topology.index, generation=generation, tls=tls, token=token is not None)
-    return RunningServer(server, port, model, health_servicer, addresses, topology)
+             shard=topology.index, generation=generation, tls=tls, token=token is not None,
+             **({"metrics": metrics_address} if metrics_address else {}))
+    running = RunningServer(server, port, model, health_servicer, addresses, topology, metrics)
+    running.metrics_address = metrics_address
+    return running
 
 
 def shard_health_service(index: int) -> str:
@@ -559,7 +590,8 @@ async def serve(config: ServerConfig) -> int:
     if config.supervised:
         assert running.topology is not None
         print(json.dumps({"event": "ready", "address": running.topology.shards[config.shard_index].address,
-                          "generation": running.topology.generation}), flush=True)
+                          "generation": running.topology.generation,
+                          "metrics_address": running.metrics_address}), flush=True)
         follower = asyncio.ensure_future(follow_supervisor(running.topology, stopping.set))
     await stopping.wait()
     await running.stop(config.grace)

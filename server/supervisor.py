@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -237,7 +238,26 @@ class Supervisor:
         return 0
 
 
+def exposure(config: ServerConfig) -> str | None:
+    """Why the shards would refuse to listen where they are told (auth.exposure_refusal), said once
+    here rather than by each shard; None when they may."""
+    from .auth import exposure_refusal
+
+    host, _, port = config.listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return None  # each shard says it cannot listen there
+    addresses = [f"[{i[4][0]}]:{port}" if ":" in str(i[4][0]) else f"{i[4][0]}:{port}" for i in infos]
+    return exposure_refusal(addresses, tls=bool(config.tls_cert), token=bool(config.token_file),
+                            insecure=config.insecure)
+
+
 def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
     """Run the supervisor until SIGTERM or SIGINT; the exit status (0, or 1 if a shard could not
     start)."""
+    if (why := exposure(config)) is not None:
+        print(f"mmsim serve: {why}", file=sys.stderr)
+        return 1
     return asyncio.run(Supervisor(config, argv).run())
