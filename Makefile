@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # command line count: shells export HOST, and without either `mmsim serve` keeps MMSIM_LISTEN.
 RUN_HOST := $(if $(findstring command line,$(origin HOST)),$(HOST))
 RUN_PORT := $(if $(findstring command line,$(origin PORT)),$(PORT))
-RUN_ARGS := $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077))
+RUN_ARGS := $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS)
 
 .PHONY: help test run bench clean proto
 
@@ -25,7 +25,7 @@ help: ## list the targets
 test: $(STAMP) ## set up the virtualenv and run the whole test suite, one worker per core
 	$(PY) -m pytest -q -n auto
 
-run: $(STAMP) ## start the server in the foreground on 127.0.0.1:7077, or HOST=... PORT=...
+run: $(STAMP) ## start the server in the foreground on 127.0.0.1:7077, or HOST=... PORT=... ARGS="more flags"
 	$(VENV)/bin/mmsim serve $(RUN_ARGS)
 
 demo: $(STAMP) ## start a server, run the race profile 10 s against it, print the report, write demo.png

@@ -11,7 +11,7 @@ wait between them. Needs the extra: ``pip install 'mmsim[locust]'`` (``make run`
     locust -f examples/locust/locustfile.py --host 127.0.0.1:7077
 
     # distributed: one master, and workers on as many machines as needed (the server must listen
-    # where they can reach it: mmsim serve --listen 0.0.0.0:7077)
+    # where they can reach it: mmsim serve --listen 0.0.0.0:7077 --token-file FILE)
     locust -f examples/locust/locustfile.py --master --host SERVER:7077                 # on one machine
     locust -f examples/locust/locustfile.py --worker --master-host MASTER               # on each load machine
 
