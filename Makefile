@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # command line count: shells export HOST, and without either `mmsim serve` keeps MMSIM_LISTEN.
 RUN_HOST := $(if $(findstring command line,$(origin HOST)),$(HOST))
 RUN_PORT := $(if $(findstring command line,$(origin PORT)),$(PORT))
-RUN_ARGS := $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS)
+RUN_ARGS := $(strip $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS))
 
 .PHONY: help test run bench clean proto
 
