@@ -4,6 +4,21 @@
 returned by the ``mmsim_server_options`` fixture (override it to change them); ``mmsim_client``
 yields a :class:`~mmsim.client.Client` connected to it.
 
+``mmsim_server_options`` are ``ServerConfig`` fields (``protocol``, ``seed``, ``max_processes``,
+...). With ``{"shards": N}`` and N above 1, ``mmsim_server`` runs ``mmsim serve --shards N`` as a
+separate OS process instead (the other options become its flags: ``max_processes=5`` is
+``--max-processes 5``) and yields shard 0's address; the client discovers the other shards.
+
+**An existing deployment.** With ``--mmsim-target HOST:PORT`` (or ``MMSIM_TARGET`` in the
+environment), ``mmsim_server`` starts nothing and yields that address, and ``mmsim_client``
+connects to it, with ``--mmsim-token-file FILE``, ``--mmsim-tls-ca FILE``, ``--mmsim-tls-cert FILE``
+and ``--mmsim-tls-key FILE`` (``MMSIM_TOKEN_FILE``, ``MMSIM_TLS_CA``, ``MMSIM_TLS_CERT``,
+``MMSIM_TLS_KEY``) as its credentials: TLS when a CA or a client certificate is given. The address
+may be one server, a shard of ``mmsim serve --shards N`` or a proxy in front of the shards: the
+client discovers which. ``mmsim_server_options`` are then not used, and every test shares that
+deployment's state (what other tests left, their processes among it). Without a target, the
+client of a server whose options name a ``token_file`` sends that token.
+
 Both are async fixtures run by pytest-asyncio (``pip install 'mmsim[test]'`` or
 ``pip install pytest-asyncio``) in the test's function-scoped event loop. A project using them
 needs this configuration, in ``pyproject.toml`` (or the same two keys under ``[pytest]`` in
@@ -27,6 +42,8 @@ pytest run; only a test that requests these fixtures fails, saying what is missi
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import types
 from collections.abc import AsyncIterator
@@ -35,7 +52,8 @@ from typing import Any
 import pytest
 
 from ._client import Client
-from .testing import serve_in_process
+from .credentials import read_token, tls_credentials
+from .testing import serve_in_process, serve_subprocess
 
 #: The configuration a project needs for the fixtures (pyproject.toml).
 CONFIGURATION = """\
@@ -51,21 +69,86 @@ NEEDS_PYTEST_ASYNCIO = (
 )
 
 
+#: The plugin's command-line options: (option, environment variable, help).
+OPTIONS: tuple[tuple[str, str, str], ...] = (
+    ("--mmsim-target", "MMSIM_TARGET",
+     "HOST:PORT of an mmsim deployment (a server, a shard or a proxy) for the mmsim fixtures, instead of "
+     "a server started per test"),
+    ("--mmsim-token-file", "MMSIM_TOKEN_FILE", "the bearer token of --mmsim-target, in this file"),
+    ("--mmsim-tls-ca", "MMSIM_TLS_CA", "TLS to --mmsim-target: trust the PEM CA certificates in this file"),
+    ("--mmsim-tls-cert", "MMSIM_TLS_CERT", "TLS to --mmsim-target: present this PEM client certificate"),
+    ("--mmsim-tls-key", "MMSIM_TLS_KEY", "the PEM private key of --mmsim-tls-cert"),
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("mmsim", "mmsim fixtures (mmsim_server, mmsim_client)")
+    for option, env, help_ in OPTIONS:
+        group.addoption(option, metavar="HOST:PORT" if option == "--mmsim-target" else "FILE", default=None,
+                        help=f"{help_} (env {env})")
+
+
+def _setting(config: pytest.Config, option: str) -> str | None:
+    """An option's value: the command line's, else its environment variable's."""
+    env = next(e for o, e, _ in OPTIONS if o == option)
+    value = config.getoption(option.lstrip("-").replace("-", "_"), None) or os.environ.get(env, "")
+    return value.strip() or None
+
+
 @pytest.fixture
 def mmsim_server_options() -> dict[str, Any]:
     """Options of the ``mmsim_server`` fixture (``ServerConfig`` fields); override to change them."""
     return {}
 
 
-async def mmsim_server(mmsim_server_options: dict[str, Any]) -> AsyncIterator[str]:
-    """The address ("127.0.0.1:PORT") of an mmsim server running in the test's event loop."""
-    async with serve_in_process(**mmsim_server_options) as address:
-        yield address
+def _flags(options: dict[str, Any]) -> list[str]:
+    """``mmsim serve`` flags for ServerConfig fields: ``max_processes=5`` -> ``--max-processes 5``."""
+    out: list[str] = []
+    for name, value in options.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
 
 
-async def mmsim_client(mmsim_server: str) -> AsyncIterator[Client]:
-    """A Client connected to ``mmsim_server``."""
-    async with Client(mmsim_server) as client:
+async def mmsim_server(mmsim_server_options: dict[str, Any], pytestconfig: pytest.Config) -> AsyncIterator[str]:
+    """The address ("HOST:PORT") of the mmsim deployment the test uses: ``--mmsim-target``, or a
+    server running in the test's event loop, or ``mmsim serve --shards N`` (options ``shards`` > 1)."""
+    target = _setting(pytestconfig, "--mmsim-target")
+    if target is not None:
+        yield target
+        return
+    options = dict(mmsim_server_options)
+    shards = int(options.pop("shards", 1))
+    if shards <= 1:
+        async with serve_in_process(**options) as address:
+            yield address
+        return
+    server = serve_subprocess("--shards", str(shards), *_flags(options))
+    started = await asyncio.to_thread(server.__enter__)  # it waits for every shard: not on the loop
+    try:
+        yield started.addr
+    finally:
+        await asyncio.to_thread(server.__exit__, None, None, None)
+
+
+async def mmsim_client(
+    mmsim_server: str, mmsim_server_options: dict[str, Any], pytestconfig: pytest.Config
+) -> AsyncIterator[Client]:
+    """A Client connected to ``mmsim_server`` (with the credentials of ``--mmsim-target``)."""
+    credentials = token = None
+    if _setting(pytestconfig, "--mmsim-target") is not None:
+        ca, cert, key = (_setting(pytestconfig, o) for o in ("--mmsim-tls-ca", "--mmsim-tls-cert", "--mmsim-tls-key"))
+        if ca or cert:
+            credentials = tls_credentials(ca, cert, key)
+        token_file = _setting(pytestconfig, "--mmsim-token-file")
+    else:
+        token_file = mmsim_server_options.get("token_file") or None
+    if token_file:
+        token = read_token(token_file)
+    async with Client(mmsim_server, credentials=credentials, token=token) as client:
         yield client
 
 

@@ -29,6 +29,10 @@ exit status:
   2  bad usage
   4  a target could not be reached
 
+targets: one --target is a deployment, discovered: one server, the shards of mmsim serve --shards N
+(each reached directly), or shards behind a proxy (routed by the x-mmsim-shard header); the trees are
+spread over the shards and each call goes to its tree's shard. Several --target are separate servers.
+
 operations: """ + ", ".join(OPERATIONS) + """
 profiles: """ + "; ".join(f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items())
 
@@ -80,6 +84,23 @@ def _target(raw: str) -> str:
     return raw
 
 
+def _readable(raw: str) -> str:
+    try:
+        with open(raw, "rb"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {raw!r}: {e.strerror}") from None
+    return raw
+
+
+def _metrics_url(raw: str) -> str:
+    if "://" in raw:
+        if not raw.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"expected an http(s) URL or HOST:PORT, not {raw!r}")
+        return raw
+    return _target(raw)
+
+
 def _mix(raw: str) -> dict[str, int]:
     try:
         return parse_mix(raw)
@@ -98,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", action="append", type=_target, metavar="HOST:PORT",
-                   help="a server (repeatable: trees and load are spread over them; default 127.0.0.1:7077)")
+                   help="a server, a shard or a proxy: the deployment is discovered and the trees spread over its "
+                   "shards (repeatable: separate servers, used as given; default 127.0.0.1:7077)")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--duration", type=_positive_float, metavar="S", help="measured seconds (default 10)")
     stop.add_argument("--count", type=_int_in(1, 10**9), metavar="N", help="measured calls, instead of a duration")
@@ -115,12 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mix", type=_mix, metavar="OP=W,...", help="a mix of operations with weights, e.g. remap=3,walk=1")
     p.add_argument("--pages", type=_int_in(1, REGION_PAGES_MAX), default=256, metavar="N",
                    help="resident pages per tree in the region shared along the fork chain (default 256)")
-    p.add_argument("--trees", type=_int_in(1, 1024), default=2, metavar="N", help="process trees (default 2)")
+    p.add_argument("--trees", type=_int_in(1, 1024), metavar="N",
+                   help="process trees, spread round-robin over the shards (default: 2, or one per shard if more)")
     p.add_argument("--fork-depth", type=_int_in(0, 64), default=2, metavar="D",
                    help="descendants of each tree's root, a chain (default 2)")
     p.add_argument("--seed", type=_int_in(0, 2**31), default=0, help="seed of the operation choices (default 0)")
     p.add_argument("--call-timeout", type=_positive_float, default=30.0, metavar="S",
                    help="deadline of each call (default 30)")
+    p.add_argument("--token-file", type=_readable, metavar="FILE",
+                   help="send the bearer token in FILE on every call (mmsim serve --token-file)")
+    p.add_argument("--tls-ca", type=_readable, metavar="FILE",
+                   help="TLS: trust the PEM CA certificates in FILE (with --tls-cert alone: the system's)")
+    p.add_argument("--tls-cert", type=_readable, metavar="FILE", help="TLS: present this PEM client certificate")
+    p.add_argument("--tls-key", type=_readable, metavar="FILE", help="the PEM private key of --tls-cert")
+    p.add_argument("--stats-from", choices=("grpc", "metrics"),
+                   help="where the servers' counters come from: GetStats (grpc, the default), or every shard's "
+                   "Prometheus endpoint (metrics)")
+    p.add_argument("--metrics-url", action="append", type=_metrics_url, metavar="URL",
+                   help="a shard's Prometheus endpoint (repeatable, one per shard; HOST:PORT means "
+                   "http://HOST:PORT/metrics); default: the addresses the topology gives; implies --stats-from metrics")
     p.add_argument("--keep", action="store_true", help="leave the workload on the server at the end")
     p.add_argument("--json", metavar="REPORT.json", help="write the report here (schema: loadgen/report.schema.json)")
     p.add_argument("--plot", metavar="FILE.png", help="plot latency percentiles and throughput and p99 over time")
@@ -145,12 +180,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(e))
         return EXIT_OK
 
-    from .runner import Options, RunError, run
+    from mmsim.client import read_token
 
+    from .runner import MIN_TREES, Options, RunError, run
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.token_file:
+        try:
+            read_token(args.token_file)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --token-file: {e}")
+    if args.metrics_url and args.stats_from == "grpc":
+        parser.error("--metrics-url is for --stats-from metrics")
+    stats_from = args.stats_from or ("metrics" if args.metrics_url else "grpc")
     profile = None if args.mix else (args.profile or DEFAULT_PROFILE)
     mix = args.mix or PROFILES[profile]
     lanes = args.workers * args.concurrency
-    if remap_pages(lanes, args.trees) > REGION_PAGES_MAX:
+    if remap_pages(lanes, args.trees or MIN_TREES) > REGION_PAGES_MAX:
         parser.error("--workers × --concurrency is too large for --trees: give more trees")
     opts = Options(
         targets=tuple(args.target or ["127.0.0.1:7077"]),
@@ -171,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         json=args.json,
         plot=args.plot,
         quiet=args.quiet,
+        token_file=args.token_file,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        stats_from=stats_from,
+        metrics_urls=tuple(args.metrics_url or ()),
     )
     try:
         report = asyncio.run(run(opts, console))

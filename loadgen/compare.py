@@ -142,6 +142,7 @@ def compare(reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Table
         return "—" if r["target_rate"] is None else f"{r['target_rate']:g}"
 
     _plain_row(table, "run", "server protocol", [r["server"]["protocol"] for r in reports])
+    _plain_row(table, "", "shards (routing)", [_shards(r["server"]) for r in reports])
     _plain_row(table, "", "mode", [r["mode"] for r in reports])
     _plain_row(table, "", "target rate (ops/s)", [rate(r) for r in reports])
     _plain_row(table, "", "measured (s)", [f"{r['duration_s']:g} ({r['end_reason']})" for r in reports])
@@ -173,6 +174,10 @@ def compare(reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Table
                     cell.stylize("bold red", 0, len(_int(value)))
         table.add_row("server" if n == 0 else "", key, *cells)
     return table
+
+
+def _shards(server: Mapping[str, Any]) -> str:
+    return f"{server['shards']} ({server.get('routing', '?')})" if "shards" in server else "—"
 
 
 def print_compare(paths: Sequence[str | Path], console: Console) -> None:

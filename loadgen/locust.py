@@ -15,6 +15,16 @@ and run ``locust -f locustfile.py --headless -u 20 -r 5 -t 10s --host 127.0.0.1:
 is the server's ``HOST:PORT``, with or without ``grpc://``). ``examples/locust/`` has the file and
 the command lines for the web UI and for distributed runs.
 
+**Credentials and shards.** A server started with ``--token-file`` or TLS needs them from the users
+too: ``--mmsim-token-file FILE``, ``--mmsim-tls-ca FILE``, ``--mmsim-tls-cert FILE`` and
+``--mmsim-tls-key FILE`` on Locust's command line (or ``MMSIM_TOKEN_FILE``, ``MMSIM_TLS_CA``,
+``MMSIM_TLS_CERT``, ``MMSIM_TLS_KEY`` in the environment, or the class attributes of the same names,
+which win), as ``mmsim loadgen`` takes them; a master passes them on to its workers, and each
+process reads the files. TLS is on with a CA or a client certificate, or with ``--host
+grpcs://HOST:PORT`` (the system's CAs). Every call on the user's process carries its shard in the
+``x-mmsim-shard`` header, so that ``--host`` may be a proxy in front of the shards of a deployment
+(the process is created wherever the proxy sends the first call); a shard itself ignores the header.
+
 Each user opens its own channel (its own connection) and, in ``on_start``, builds its workload: a
 process with a source region of :attr:`MmsimUser.pages` written pages, a destination region of as
 many pages registered with userfaultfd in MISSING mode (the source is registered too, so that
@@ -62,6 +72,8 @@ from locust import User, events, task
 from locust.exception import RescheduleTask, StopUser
 from locust.runners import WorkerRunner
 
+from mmsim.client import read_token, tls_credentials
+from mmsim.client._client import SHARD_HEADER, shard_of
 from mmsim.server import errors as wire
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
@@ -72,6 +84,13 @@ grpc_gevent.init_gevent()
 PAGE = 4096
 #: Where ``--host`` is not given: ``MMSIM_ADDR``, else the server's default address.
 DEFAULT_TARGET = "127.0.0.1:7077"
+#: The credential options: (Locust option, environment variable, MmsimUser attribute, help).
+CREDENTIAL_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("--mmsim-token-file", "MMSIM_TOKEN_FILE", "token_file", "send the bearer token in this file on every call"),
+    ("--mmsim-tls-ca", "MMSIM_TLS_CA", "tls_ca", "TLS: trust the PEM CA certificates in this file"),
+    ("--mmsim-tls-cert", "MMSIM_TLS_CERT", "tls_cert", "TLS: present this PEM client certificate"),
+    ("--mmsim-tls-key", "MMSIM_TLS_KEY", "tls_key", "the PEM private key of --mmsim-tls-cert"),
+)
 #: Trailing-metadata key of the serialized google.rpc.Status.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -134,20 +153,44 @@ def status_errno(error: grpc.RpcError) -> tuple[int, int]:
 
 
 def target_of(host: str | None) -> str:
-    """The gRPC target for Locust's ``--host``: ``HOST:PORT``, with or without ``grpc://``
-    (``http://`` is taken too, as Locust's web form suggests it); None or empty: ``MMSIM_ADDR``,
-    else ``127.0.0.1:7077``. Other gRPC target forms (``dns:///...``, ``unix:...``) pass as they are."""
+    """The gRPC target for Locust's ``--host``: ``HOST:PORT``, with or without ``grpc://`` or
+    ``grpcs://`` (``http://`` and ``https://`` are taken too, as Locust's web form suggests them);
+    None or empty: ``MMSIM_ADDR``, else ``127.0.0.1:7077``. Other gRPC target forms (``dns:///...``,
+    ``unix:...``) pass as they are."""
     target = (host or "").strip() or os.environ.get("MMSIM_ADDR", "").strip() or DEFAULT_TARGET
     lower = target.lower()
-    if lower.startswith(("https://", "grpcs://")):
-        raise ValueError(f"mmsim serves plaintext gRPC, not TLS: give --host as HOST:PORT, not {target!r}")
-    for scheme in ("grpc://", "http://"):
+    for scheme in ("grpc://", "grpcs://", "http://", "https://"):
         if lower.startswith(scheme):
             target = target[len(scheme) :].rstrip("/")
             break
     if not target:
         raise ValueError(f"no address in --host {host!r}: give it as HOST:PORT")
     return target
+
+
+def tls_scheme(host: str | None) -> bool:
+    """Whether ``--host`` asks for TLS by its scheme (``grpcs://``, ``https://``)."""
+    return (host or "").strip().lower().startswith(("grpcs://", "https://"))
+
+
+def credential_files(user: Any) -> dict[str, str | None]:
+    """The credential files of a user: its class attribute, else Locust's option, else the
+    environment variable (``token_file``, ``tls_ca``, ``tls_cert``, ``tls_key`` -> path or None)."""
+    parsed = getattr(getattr(user, "environment", None), "parsed_options", None)
+    out: dict[str, str | None] = {}
+    for option, env, attr, _ in CREDENTIAL_OPTIONS:
+        value = getattr(user, attr, None) or getattr(parsed, option[2:].replace("-", "_"), None) or os.environ.get(env)
+        out[attr] = value or None
+    return out
+
+
+def credentials(files: dict[str, str | None], tls: bool = False) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """(channel credentials or None, token or None) from the files of :func:`credential_files`; TLS
+    when a CA or a client certificate is given, or ``tls`` (the system's CAs)."""
+    token = read_token(files["token_file"]) if files.get("token_file") else None
+    if tls or files.get("tls_ca") or files.get("tls_cert"):
+        return tls_credentials(files.get("tls_ca"), files.get("tls_cert"), files.get("tls_key")), token
+    return None, token
 
 
 def _op_error_text(e: pb.OpError) -> str:
@@ -172,6 +215,8 @@ class MmsimClient:
         *,
         timeout: float | None = 10.0,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.environment = environment
@@ -179,10 +224,26 @@ class MmsimClient:
         # A connection of its own per user (gRPC shares one between channels of equal arguments).
         merged: dict[str, Any] = {"grpc.use_local_subchannel_pool": 1}
         merged.update(options)
-        self.channel = grpc.insecure_channel(target, options=list(merged.items()))
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=list(merged.items()))
+        else:
+            self.channel = grpc.insecure_channel(target, options=list(merged.items()))
         self.stub = mmsim_pb2_grpc.MemoryManagerStub(self.channel)
+        self._base: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] | None = self._base or None
+        self._shard: int | None = None
         self._atomic = 0
         self._exit_pending = False
+
+    @property
+    def shard(self) -> int | None:
+        """The shard every call names in the ``x-mmsim-shard`` header (None: no header)."""
+        return self._shard
+
+    @shard.setter
+    def shard(self, shard: int | None) -> None:
+        self._shard = shard
+        self._metadata = (*self._base, (SHARD_HEADER, str(shard))) if shard is not None else (self._base or None)
 
     def close(self) -> None:
         self.channel.close()
@@ -218,9 +279,10 @@ class MmsimClient:
         start = time.perf_counter()
         try:
             if method == "BatchStream":  # request: the BatchRequests to send; response: the list received
-                response: Any = list(self.stub.BatchStream(iter(request), timeout=self.timeout))
+                stream = self.stub.BatchStream(iter(request), timeout=self.timeout, metadata=self._metadata)
+                response: Any = list(stream)
             else:
-                response = getattr(self.stub, method)(request, timeout=self.timeout)
+                response = getattr(self.stub, method)(request, timeout=self.timeout, metadata=self._metadata)
             error = None
         except grpc.RpcError as exc:
             response, error = None, exc
@@ -311,6 +373,11 @@ class MmsimUser(User):
     timeout: float | None = 10.0
     #: Extra channel arguments.
     channel_options: Sequence[tuple[str, Any]] = ()
+    #: Credential files (None: ``--mmsim-token-file`` and the others, or their environment variables).
+    token_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     BLOCK = 64
 
@@ -326,8 +393,10 @@ class MmsimUser(User):
 
     # -- lifecycle
     def on_start(self) -> None:
+        creds, token = credentials(credential_files(self), tls_scheme(self.host))
         self.client = MmsimClient(
-            target_of(self.host), self.environment, timeout=self.timeout, options=self.channel_options
+            target_of(self.host), self.environment, timeout=self.timeout, options=self.channel_options,
+            credentials=creds, token=token,
         )
         with self.client.atomic():
             try:
@@ -370,6 +439,7 @@ class MmsimUser(User):
         proc = self._need(c.call("create_process", "CreateProcess", pb.CreateProcessRequest()))
         self.processes.append(proc.handle)
         self.handle, self.pid = proc.handle, proc.pid
+        c.shard = shard_of(proc.handle)  # through a proxy, every later call goes to this shard
         n, length = self.pages, self.pages * PAGE
         src = self._need(c.call("mmap", "Mmap", pb.MmapRequest(process=self.handle, length=length, prot=pb.PROT_RW)))
         dst = self._need(
@@ -582,6 +652,13 @@ class MmsimUser(User):
         self._batched("stream", "BatchStream")
 
 
+@events.init_command_line_parser.add_listener
+def _on_parser(parser: Any, **_: Any) -> None:
+    for option, env, _attr, help_ in CREDENTIAL_OPTIONS:
+        parser.add_argument(option, env_var=env, metavar="FILE", default=None, include_in_web_ui=False,
+                           help=f"{help_} (env {env})")
+
+
 # -- the expected outcomes: across workers, and printed at the end
 @events.init.add_listener
 def _on_init(environment: Any, **_: Any) -> None:
@@ -623,6 +700,7 @@ def _on_quit(**_: Any) -> None:
 
 
 __all__ = [
+    "CREDENTIAL_OPTIONS",
     "CallFailed",
     "CheckFailed",
     "MmsimClient",
@@ -631,6 +709,9 @@ __all__ = [
     "errno_name",
     "outcomes",
     "status_errno",
+    "credential_files",
+    "credentials",
     "summary",
     "target_of",
+    "tls_scheme",
 ]

@@ -44,6 +44,15 @@ def validate(report: object, name: str = "report") -> None:
     error = best_match(_validator().iter_errors(report))
     if error is not None:
         raise ValueError(f"{name} is not an mmsim loadgen report: {error.message} (at {error.json_path})")
+    assert isinstance(report, dict)
+    server, targets = report["server"], report["targets"]
+    routing = server.get("routing")
+    if routing in ("direct", "proxy") and len(targets) != 1:
+        raise ValueError(f"{name} is not an mmsim loadgen report: routing {routing} with {len(targets)} targets "
+                         "(at $.server.routing)")
+    if routing == "static" and server.get("shards", len(targets)) != len(targets):
+        raise ValueError(f"{name} is not an mmsim loadgen report: static routing to {len(targets)} targets counts "
+                         f"{server['shards']} shards (at $.server.shards)")
 
 
 def _ms(v: float) -> str:
@@ -59,7 +68,11 @@ def summary(report: dict[str, Any]) -> Group:
     protocol = report["server"]["protocol"]
     mode = report["mode"]
     head = Text()
-    head.append(f"{', '.join(report['targets'])}  protocol {protocol}  ", style="bold")
+    head.append(f"{', '.join(report['targets'])}  ", style="bold")
+    server = report["server"]
+    if "shards" in server:
+        head.append(f"{server['shards']} shard{'s' if server['shards'] != 1 else ''} ({server.get('routing', '?')})  ")
+    head.append(f"protocol {protocol}  ", style="bold")
     head.append(f"{mode} loop")
     if report["target_rate"]:
         achieved = report["overall"]["throughput"]

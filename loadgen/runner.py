@@ -3,7 +3,12 @@
 The worker processes are started (``spawn``) before this process makes any gRPC object: only then
 does it open its own channels, build the workload through the SDK and hand each worker its lanes.
 The server's counters are read when the warm-up ends and after the last call, and reported as
-deltas.
+deltas: from GetStats (every shard's, summed), or from every shard's Prometheus endpoint
+(``--stats-from metrics``, scrape.py).
+
+One target is a deployment the client discovers: one server, the shards of ``mmsim serve --shards
+N`` (reached directly), or shards behind a proxy; the trees are spread over the shards and every
+call goes to its tree's shard. Several targets are separate servers, used as given ("static").
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,12 @@ from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+import grpc
+
 from mmsim.client import Client, MmsimError
 
-from . import histograms
+from . import histograms, scrape
+from .access import Access
 from .profiles import SHARED_PAGES_PROFILES
 from .worker import SERIES_DIGITS, WorkerSpec, worker_main
 from .workload import Workload, build, teardown
@@ -54,7 +63,7 @@ class Options:
     profile: str | None
     mix: tuple[tuple[str, int], ...]
     pages: int
-    trees: int
+    trees: int | None  # None: max(2, the deployment's shards)
     fork_depth: int
     seed: int
     call_timeout: float
@@ -62,6 +71,24 @@ class Options:
     json: str | None
     plot: str | None
     quiet: bool
+    token_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    stats_from: str = "grpc"  # "grpc" | "metrics"
+    metrics_urls: tuple[str, ...] = ()  # explicit Prometheus endpoints; empty: the topology's
+
+    def access(self, routing: str = "auto") -> Access:
+        return Access(self.targets, routing, self.token_file, self.tls_ca, self.tls_cert, self.tls_key)
+
+
+#: Trees when --trees is not given: at least this many, and one per shard.
+MIN_TREES = 2
+
+
+def default_trees(shards: int) -> int:
+    """The trees of a run without --trees: every shard gets at least one."""
+    return max(MIN_TREES, shards)
 
 
 class RunError(Exception):
@@ -265,12 +292,25 @@ async def run(opts: Options, console: Console) -> dict[str, Any]:
 
 
 async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connection]]) -> dict[str, Any]:
-    clients = [Client(t, timeout=max(opts.call_timeout, 60.0), retries=3) for t in opts.targets]
+    try:
+        mm = opts.access().client(timeout=max(opts.call_timeout, 60.0), retries=3)
+    except (OSError, ValueError) as e:  # a credential file that cannot be read
+        raise RunError(f"the credentials: {e}") from None
     try:
         try:
-            protocols = [await c.protocol() for c in clients]
-        except Exception as e:  # the first call: say where it could not go
+            protocol = await mm.protocol()  # the first call: the discovery
+        except MmsimError as e:  # say where it could not go, or that it was refused
+            where = ", ".join(opts.targets)
+            if e.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise RunError(f"{where} refused the calls: {e}") from None
+            raise RunError(f"cannot reach {where}: {e}") from None
+        except Exception as e:
             raise RunError(f"cannot reach {', '.join(opts.targets)}: {e}") from None
+        shards = len(await mm.routes())
+        if opts.trees is None:
+            opts = replace(opts, trees=default_trees(shards))
+        assert opts.trees is not None
+        counters = await _counters(opts, mm)
         race = opts.profile in SHARED_PAGES_PROFILES
         lanes_total = opts.workers * opts.concurrency
         w = Workload()
@@ -282,32 +322,49 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
                 task = bar.add_task("setup", total=None)
                 try:
                     await build(
-                        w, clients, opts.trees, opts.pages, opts.fork_depth, lanes_total,
+                        w, mm, opts.trees, opts.pages, opts.fork_depth, lanes_total,
                         progress=lambda done, total: bar.update(task, completed=done, total=total),
                     )
                 except (OSError, MmsimError) as e:
                     raise RunError(f"the workload could not be built: {e}") from None
-            report = await _measure(opts, console, workers, clients, w, race)
+            report = await _measure(opts, console, workers, mm, counters, w, race)
         finally:
             if not opts.keep:
-                await teardown(clients, w)
-        report["server"] = {"protocol": "+".join(dict.fromkeys(protocols))}
+                await teardown(mm, w)
+        report["server"] = {"protocol": protocol, "shards": shards, "routing": mm.routing}
         return report
     finally:
-        for c in clients:
-            await c.close()
+        await mm.close()
 
 
-async def _stats(clients: list[Client]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for c in clients:
-        total.update(await c.stats())
-    return dict(total)
+Counters = Callable[[], Awaitable[dict[str, int]]]
+
+
+async def _counters(opts: Options, mm: Client) -> Counters:
+    """What reads the servers' counters: GetStats of every shard, or a scrape of every shard's
+    Prometheus endpoint (checked once now, so that a run never starts without them)."""
+    if opts.stats_from != "metrics":
+        return mm.stats
+    urls = list(opts.metrics_urls)
+    if not urls:
+        try:
+            urls = await scrape.endpoints(mm, opts.access)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+
+    async def read() -> dict[str, int]:
+        try:
+            return await scrape.scrape(urls)
+        except (OSError, ValueError) as e:
+            raise RunError(f"cannot scrape the metrics ({', '.join(urls)}): {e}") from None
+
+    await read()
+    return read
 
 
 async def _measure(
-    opts: Options, console: Console, workers: list[tuple[Any, Connection]], clients: list[Client], w: Workload,
-    race: bool,
+    opts: Options, console: Console, workers: list[tuple[Any, Connection]], mm: Client, counters: Counters,
+    w: Workload, race: bool,
 ) -> dict[str, Any]:
     lanes = w.lanes(opts.workers * opts.concurrency, race)
     start_at = time.time() + START_DELAY
@@ -318,7 +375,7 @@ async def _measure(
             count = opts.count // opts.workers + (1 if i < opts.count % opts.workers else 0)
         spec = WorkerSpec(
             index=i,
-            targets=opts.targets,
+            access=opts.access(mm.routing),
             trees=tuple(w.trees),
             lanes=tuple(lanes[i * opts.concurrency : (i + 1) * opts.concurrency]),
             mix=opts.mix,
@@ -346,10 +403,10 @@ async def _measure(
     with live:
         collect = asyncio.ensure_future(_collect(workers, live))
         await asyncio.sleep(max(0.0, start_at + opts.warmup - time.time()))
-        before = await _stats(clients)
+        before = await counters()
         results = await collect
     loop.remove_signal_handler(signal.SIGINT)
-    after = await _stats(clients)
+    after = await counters()
     duration = max((r["wall_s"] for r in results), default=0.0)
     report: dict[str, Any] = {
         "schema": SCHEMA_ID,
@@ -388,4 +445,4 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["Options", "RunError", "bottleneck", "cpu_count", "merge", "run"]
+__all__ = ["Options", "RunError", "bottleneck", "cpu_count", "default_trees", "merge", "run"]

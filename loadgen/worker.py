@@ -5,6 +5,10 @@ The parent sends ``("go", WorkerSpec)``; the worker sends ``("progress", {...})`
 and ``("result", {...})`` (or ``("error", text)``) at the end. Latency is measured from the send in
 a closed loop and from the intended send time in an open loop, so that a stall of the server shows
 in the figures however the sends were delayed (no coordinated omission).
+
+Each worker has one client of the deployment (``WorkerSpec.access``): with one target it addresses
+every process by its handle alone, so that its calls go to the process's shard, directly or
+through a proxy, as the runner's client found them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from hdrh.histogram import HdrHistogram
 
 from mmsim.client import BatchStream, Client, MmsimError, Process, ProcessNotFoundError, ops
 
+from .access import Access
 from .histograms import encode, new_histogram
 from .profiles import OPS_PER_CALL
 from .workload import BLOCK, PAGE, LaneSpec, TreeSpec
@@ -40,7 +45,7 @@ HIGHEST_US = 60_000_000
 @dataclass(frozen=True)
 class WorkerSpec:
     index: int
-    targets: tuple[str, ...]
+    access: Access  # the targets, the routing the runner found, the credential files
     trees: tuple[TreeSpec, ...]
     lanes: tuple[LaneSpec, ...]
     mix: tuple[tuple[str, int], ...]
@@ -166,11 +171,8 @@ class Worker:
         weights = [w for _, w in spec.mix]
         self.choose: Callable[[], str] = lambda: self.rng.choices(names, weights)[0]
         race_pos: dict[tuple[int, int], int] = {}
-        self.lanes = [
-            Lane(lane, spec.trees[lane.tree], mm.process(spec.trees[lane.tree].root, spec.trees[lane.tree].root_pid,
-                                                         target=spec.trees[lane.tree].target), race_pos)
-            for lane in spec.lanes
-        ]
+        roots = [mm.process(t.root, t.root_pid, target=t.target) for t in spec.trees]
+        self.lanes = [Lane(lane, spec.trees[lane.tree], roots[lane.tree], race_pos) for lane in spec.lanes]
         self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
             "ping": self.op_ping,
             "remap": self.op_remap,
@@ -189,7 +191,11 @@ class Worker:
 
     # -- the operations: each returns the errnos of the operations inside it (a batch's)
     async def op_ping(self, lane: Lane) -> Counter[str]:
-        await self.mm.ping(target=lane.tree.target)
+        tree = lane.tree
+        if tree.shard is not None and tree.target is None:
+            await self.mm.ping(shard=tree.shard)  # the tree's shard (directly or through the proxy)
+        else:
+            await self.mm.ping(target=tree.target)
         return Counter()
 
     async def op_remap(self, lane: Lane) -> Counter[str]:
@@ -318,7 +324,8 @@ async def _progress(worker: Worker, rec: Recorder, conn: Connection, stop: async
 
 
 async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
-    async with Client(list(spec.targets), timeout=spec.call_timeout, retries=0) as mm:
+    async with spec.access.client(timeout=spec.call_timeout, retries=0) as mm:
+        await mm.routes()  # the discovery, before the start: no call of the run waits for it
         worker = Worker(spec, mm)
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0 = time.perf_counter()

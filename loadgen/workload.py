@@ -12,6 +12,9 @@ Each process tree has a root with three kinds of memory:
 Every concurrent *lane* (a worker's slot for one call in flight) owns pages of its tree's remap pair
 (one single page and a block of 64) and one rw page, so lanes never contend for a page, except in the
 race profile, where every lane of a tree works on the same few pages on purpose.
+
+Against a sharded deployment the trees are spread over the shards (tree ``t`` on shard ``t mod N``),
+and every call on a tree goes to its shard: a tree is one shard's, as every process of it is.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ SETUP_BATCH = 2000
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """One process tree on the server, as the workers need it (plain data: it crosses processes)."""
+    """One process tree on the server, as the workers need it (plain data: it crosses processes).
 
-    target: str
+    ``target`` is its server's address with a list of targets (static routing), and None where the
+    client routes by the handle's shard; ``shard`` is the index of its shard (None: static)."""
+
+    target: str | None
+    shard: int | None
     root: str  # the root's handle
     root_pid: int
     chain: tuple[tuple[str, int], ...]  # (handle, pid) of each descendant, the root's child first
@@ -62,8 +69,8 @@ class LaneSpec:
 @dataclass
 class Workload:
     trees: list[TreeSpec] = field(default_factory=list)
-    #: Every process the setup created, handle and target, for the teardown.
-    created: list[tuple[str, str]] = field(default_factory=list)
+    #: Every process the setup created, handle and target (None: routed by shard), for the teardown.
+    created: list[tuple[str, str | None]] = field(default_factory=list)
 
     def lanes(self, count: int, race: bool) -> list[LaneSpec]:
         """``count`` lanes spread round-robin over the trees."""
@@ -102,16 +109,19 @@ REGION_PAGES_MAX = (SRC_AT - SHARED_AT) // PAGE
 
 
 async def build(
-    w: Workload, clients: list[Client], trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None
+    w: Workload, mm: Client, trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None
 ) -> None:
-    """Build ``trees`` trees into ``w``, spread round-robin over the clients' targets, each ready for
-    ``lanes_per_tree`` lanes. Every process is in ``w.created`` as soon as it exists, so that a
-    failed build is torn down too. ``progress`` is called with (done, total) after each step."""
+    """Build ``trees`` trees into ``w``, spread round-robin over the client's shards (or its targets,
+    with a list of them), each ready for ``lanes_per_tree`` lanes. Every process is in ``w.created``
+    as soon as it exists, so that a failed build is torn down too. ``progress`` is called with
+    (done, total) after each step."""
     per_tree = lanes_per_tree(lanes, trees)
     remap = remap_pages(lanes, trees)
     steps_per_tree = 4 + fork_depth
     total = trees * steps_per_tree
     done = 0
+    routes = len(await mm.routes())
+    static = mm.routing == "static"
 
     def step() -> None:
         nonlocal done
@@ -120,9 +130,13 @@ async def build(
             progress(done, total)  # type: ignore[operator]
 
     for t in range(trees):
-        mm = clients[t % len(clients)]
-        target = mm.targets[0]
-        root = await mm.create_process()
+        if static:
+            root = await mm.create_process()  # round-robin over the targets
+            target: str | None = root.target
+            shard: int | None = None
+        else:
+            root = await mm.create_process(shard=t % routes if routes > 1 else None)
+            target, shard = None, root.shard
         w.created.append((root.id, target))
         shared = await root.mmap(pages * PAGE, addr=SHARED_AT)
         await _write_pages(mm, root, shared.start, pages)
@@ -149,7 +163,7 @@ async def build(
         step()
         w.trees.append(
             TreeSpec(
-                target=target, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
+                target=target, shard=shard, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
                 shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
                 rw_pages=rw_pages,
             )
@@ -165,12 +179,10 @@ async def _write_pages(mm: Client, p: object, start: int, pages: int) -> None:
             raise failed[0]
 
 
-async def teardown(clients: list[Client], w: Workload) -> int:
+async def teardown(mm: Client, w: Workload) -> int:
     """Exit every process the setup created, descendants first. Returns how many exited."""
-    by_target = {c.targets[0]: c for c in clients}
     exited = 0
     for handle, target in reversed(w.created):
-        mm = by_target[target]
-        await mm.process(handle).exit()
+        await mm.process(handle, target=target).exit()
         exited += 1
     return exited

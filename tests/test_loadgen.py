@@ -169,7 +169,9 @@ def test_the_command_writes_a_valid_report_and_a_plot(server: ServerProcess, tmp
     [
         ["--rate", "0"], ["--workers", "0"], ["--concurrency", "-1"], ["--mix", "remap=x"], ["--mix", "nope=1"],
         ["--target", "nowhere"], ["--duration", "1", "--count", "5"], ["--profile", "fast"], ["--pages", "0"],
-        ["--compare", "only-one.json"], ["--warmup", "nan"], ["--unknown"],
+        ["--compare", "only-one.json"], ["--warmup", "nan"], ["--unknown"], ["--token-file", "/no/such/file"],
+        ["--tls-cert", __file__], ["--metrics-url", "h:1", "--stats-from", "grpc"], ["--metrics-url", "ftp://h/"],
+        ["--stats-from", "prometheus"],
     ],
 )
 def test_bad_options_are_one_line_and_status_2(argv: list[str], capsys: Any) -> None:

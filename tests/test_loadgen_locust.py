@@ -225,3 +225,24 @@ def test_errnos_are_outcomes_other_errors_failures_and_a_stop_waits_for_the_call
     assert out["left_after_kill"] == 0
     assert out["on_stop"] == [["exit", None]], out["on_stop"]
     _assert_clean(live_server)
+
+
+def test_the_credential_options_reach_every_user(tmp_path: Path) -> None:
+    """A server that requires a bearer token: the users send it from --mmsim-token-file (or
+    MMSIM_TOKEN_FILE), and every call they make succeeds."""
+    from mmsim.client.testing import serve_subprocess
+
+    token = tmp_path / "token"
+    token.write_text("locust-test-token-0123456789\n")
+    with serve_subprocess("--token-file", str(token)) as server:
+        for extra, env in ((["--mmsim-token-file", str(token)], {}), ([], {"MMSIM_TOKEN_FILE": str(token)})):
+            result = subprocess.run(
+                [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "2", "-r", "2", "-t", "2s"]
+                + ["--host", server.addr, "--only-summary", "--json-file", str(tmp_path / "run"), *extra],
+                cwd=tmp_path, env={**_env(), **env}, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=120,
+            )
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, output
+            stats = json.loads((tmp_path / "run.json").read_text())
+            assert sum(e["num_requests"] for e in stats) > 0 and sum(e["num_failures"] for e in stats) == 0, output

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmsim.client import Client, LimitExceededError
+from mmsim.client.testing import serve_subprocess
 
 
 async def test_mmsim_client_fixture_talks_to_a_fresh_server(mmsim_client: Client, mmsim_server: str) -> None:
@@ -120,4 +121,50 @@ def test_fixtures_keep_the_test_loop_whatever_the_default_fixture_loop_scope(tmp
     # to the session's loop still gets a client on its tests' own loop.
     ini = "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = session\n"
     out = _pytest(tmp_path / "p", ini, {"test_uses.py": USES_FIXTURES})
+    assert out.startswith("rc=0\n") and "2 passed" in out, out
+
+
+# -- a sharded deployment: given with --mmsim-target, or started for the test (shards > 1)
+
+ASYNC_INI = "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+ON_BOTH_SHARDS = """\
+import pytest
+from mmsim.client import LimitExceededError
+
+
+async def test_both_shards(mmsim_server, mmsim_client):
+    assert mmsim_server == {target!r} or {target!r} == "any"
+    assert [s.index for s in await mmsim_client.shards()] == [0, 1] and mmsim_client.routing == "direct"
+    for shard in (0, 1):
+        p = await mmsim_client.create_process(shard=shard)
+        v = await p.mmap(4096)
+        await p.write(v.start, 40 + shard)
+        assert p.shard == shard and await mmsim_client.process(p.id).read(v.start) == 40 + shard
+        await p.exit()
+    assert await mmsim_client.check_invariants() == []
+"""
+OPTIONS_SHARDS = """\
+@pytest.fixture
+def mmsim_server_options():
+    return {"shards": 2, "max_processes": 1}
+
+
+async def test_options_reach_every_shard(mmsim_client):
+    for shard in (0, 1):
+        await mmsim_client.create_process(shard=shard)
+        with pytest.raises(LimitExceededError):
+            await mmsim_client.create_process(shard=shard)
+"""
+
+
+def test_a_target_is_used_instead_of_a_server_of_the_test(tmp_path: Path) -> None:
+    with serve_subprocess("--shards", "2") as server:
+        out = _pytest(tmp_path / "p", ASYNC_INI, {"test_shards.py": ON_BOTH_SHARDS.format(target=server.addr)},
+                      "--mmsim-target", server.addr)
+        assert out.startswith("rc=0\n") and "1 passed" in out, out
+
+
+def test_options_with_shards_start_a_sharded_server(tmp_path: Path) -> None:
+    files = {"test_shards.py": ON_BOTH_SHARDS.format(target="any") + "\n\n" + OPTIONS_SHARDS}
+    out = _pytest(tmp_path / "p", ASYNC_INI, files)
     assert out.startswith("rc=0\n") and "2 passed" in out, out
