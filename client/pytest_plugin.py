@@ -12,8 +12,8 @@ separate OS process instead (the other options become its flags: ``max_processes
 **An existing deployment.** With ``--mmsim-target HOST:PORT`` (or ``MMSIM_TARGET`` in the
 environment), ``mmsim_server`` starts nothing and yields that address, and ``mmsim_client``
 connects to it, with ``--mmsim-token-file FILE``, ``--mmsim-tls-ca FILE``, ``--mmsim-tls-cert FILE``
-and ``--mmsim-tls-key FILE`` (``MMSIM_TOKEN_FILE``, ``MMSIM_TLS_CA``, ``MMSIM_TLS_CERT``,
-``MMSIM_TLS_KEY``) as its credentials: TLS when a CA or a client certificate is given. The address
+and ``--mmsim-tls-key FILE`` (``MMSIM_TOKEN_FILE``, ``MMSIM_TLS_CA``, ``MMSIM_CLIENT_TLS_CERT``,
+``MMSIM_CLIENT_TLS_KEY``) as its credentials: TLS when a CA or a client certificate is given. The address
 may be one server, a shard of ``mmsim serve --shards N`` or a proxy in front of the shards: the
 client discovers which. ``mmsim_server_options`` are then not used, and every test shares that
 deployment's state (what other tests left, their processes among it). Without a target, the
@@ -76,8 +76,8 @@ OPTIONS: tuple[tuple[str, str, str], ...] = (
      "a server started per test"),
     ("--mmsim-token-file", "MMSIM_TOKEN_FILE", "the bearer token of --mmsim-target, in this file"),
     ("--mmsim-tls-ca", "MMSIM_TLS_CA", "TLS to --mmsim-target: trust the PEM CA certificates in this file"),
-    ("--mmsim-tls-cert", "MMSIM_TLS_CERT", "TLS to --mmsim-target: present this PEM client certificate"),
-    ("--mmsim-tls-key", "MMSIM_TLS_KEY", "the PEM private key of --mmsim-tls-cert"),
+    ("--mmsim-tls-cert", "MMSIM_CLIENT_TLS_CERT", "TLS to --mmsim-target: present this PEM client certificate"),
+    ("--mmsim-tls-key", "MMSIM_CLIENT_TLS_KEY", "the PEM private key of --mmsim-tls-cert"),
 )
 
 

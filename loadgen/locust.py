@@ -18,7 +18,7 @@ the command lines for the web UI and for distributed runs.
 **Credentials and shards.** A server started with ``--token-file`` or TLS needs them from the users
 too: ``--mmsim-token-file FILE``, ``--mmsim-tls-ca FILE``, ``--mmsim-tls-cert FILE`` and
 ``--mmsim-tls-key FILE`` on Locust's command line (or ``MMSIM_TOKEN_FILE``, ``MMSIM_TLS_CA``,
-``MMSIM_TLS_CERT``, ``MMSIM_TLS_KEY`` in the environment, or the class attributes of the same names,
+``MMSIM_CLIENT_TLS_CERT``, ``MMSIM_CLIENT_TLS_KEY`` in the environment, or the class attributes of the same names,
 which win), as ``mmsim loadgen`` takes them; a master passes them on to its workers, and each
 process reads the files. TLS is on with a CA or a client certificate, or with ``--host
 grpcs://HOST:PORT`` (the system's CAs). Every call on the user's process carries its shard in the
@@ -88,8 +88,8 @@ DEFAULT_TARGET = "127.0.0.1:7077"
 CREDENTIAL_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("--mmsim-token-file", "MMSIM_TOKEN_FILE", "token_file", "send the bearer token in this file on every call"),
     ("--mmsim-tls-ca", "MMSIM_TLS_CA", "tls_ca", "TLS: trust the PEM CA certificates in this file"),
-    ("--mmsim-tls-cert", "MMSIM_TLS_CERT", "tls_cert", "TLS: present this PEM client certificate"),
-    ("--mmsim-tls-key", "MMSIM_TLS_KEY", "tls_key", "the PEM private key of --mmsim-tls-cert"),
+    ("--mmsim-tls-cert", "MMSIM_CLIENT_TLS_CERT", "tls_cert", "TLS: present this PEM client certificate"),
+    ("--mmsim-tls-key", "MMSIM_CLIENT_TLS_KEY", "tls_key", "the PEM private key of --mmsim-tls-cert"),
 )
 #: Trailing-metadata key of the serialized google.rpc.Status.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
