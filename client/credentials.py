@@ -7,6 +7,9 @@ from pathlib import Path
 
 import grpc
 
+# One reader of token files for the server and its clients (the same rules on both sides).
+from mmsim.server.auth import CredentialsError, read_token
+
 
 def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,
                     key_file: str | None = None) -> grpc.ChannelCredentials:
@@ -21,14 +24,4 @@ def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-def read_token(path: str) -> str:
-    """The bearer token in the file ``path``: its content, surrounding white space removed."""
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"the token file {path!r} is empty")
-    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in token):
-        raise ValueError(f"the token file {path!r} holds white space or non-printable characters")
-    return token
-
-
-__all__ = ["read_token", "tls_credentials"]
+__all__ = ["CredentialsError", "read_token", "tls_credentials"]
