@@ -6,6 +6,7 @@ it is installed; otherwise the test is skipped, saying why.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -20,13 +21,24 @@ import pytest
 NGINX_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 
 
+def _find() -> str | None:
+    return shutil.which("nginx") or next((p for p in NGINX_PATHS if os.access(p, os.X_OK)), None)
+
+
 def nginx_binary() -> str:
-    """The nginx executable, installed from Debian if need be (root only); skips the test if none."""
-    found = shutil.which("nginx") or next((p for p in NGINX_PATHS if os.access(p, os.X_OK)), None)
+    """The nginx executable, installed from Debian if need be (root only); skips the test if none.
+    Test processes running side by side (pytest-xdist) install it once: they take a lock first."""
+    found = _find()
     if found:
         return found
     if os.geteuid() != 0:
         pytest.skip("nginx is not installed, and installing it (apt-get install nginx) needs root")
+    with open("/tmp/mmsim-nginx-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _find() or _install()
+
+
+def _install() -> str:
     if shutil.which("apt-get") is None:
         pytest.skip("nginx is not installed, and this machine has no apt-get to install it with")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -35,7 +47,7 @@ def nginx_binary() -> str:
     if done.returncode != 0:  # a fresh machine may need its package lists first
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
         done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    found = shutil.which("nginx") or next((p for p in NGINX_PATHS if os.access(p, os.X_OK)), None)
+    found = _find()
     if done.returncode != 0 or not found:
         pytest.skip(f"nginx could not be installed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
     return found

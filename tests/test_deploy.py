@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mmsim.client.testing import serve_subprocess
 from mmsim.server import cli, deploy
 from mmsim.server.deploy import nginx_config
+from proxy import nginx_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -305,23 +306,8 @@ def test_nginx_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 @pytest.fixture(scope="module")
 def nginx() -> str:
-    """The nginx binary, installed with apt-get when missing and this is root."""
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx, as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "nginx"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"apt-get install nginx failed: {done.stderr.strip()[-200:]}")
-    found = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.access(found, os.X_OK):
-        pytest.skip("nginx is not installed")
-    return found
+    """The nginx binary, installed with apt-get when missing and this is root (tests/proxy.py)."""
+    return nginx_binary()
 
 
 @pytest.mark.parametrize("shards", [2, 4])
