@@ -319,3 +319,50 @@ def test_the_supervisor_refuses_a_network_address_without_credentials_in_one_lin
         "mmsim serve: refusing to listen on 0.0.0.0:0 (not loopback) without TLS or a token; "
         "give --tls-cert/--tls-key or --token-file, or --insecure"
     ]
+
+
+async def test_the_load_generator_works_through_the_proxy(sharded: ServerProcess, proxy: str) -> None:
+    from rich.console import Console
+
+    from mmsim.loadgen.report import validate
+    from mmsim.loadgen.runner import run
+    from test_loadgen import options
+
+    async def per_shard() -> list[dict[str, int]]:
+        async with Client(sharded.addr) as mm:
+            return [await mm.stats(shard=0), await mm.stats(shard=1)]
+
+    before = await per_shard()
+    report = await run(options(proxy, trees=None, workers=2), Console(quiet=True))
+    validate(report)
+    assert report["server"] == {"protocol": "recheck", "shards": 2, "routing": "proxy"}
+    assert report["overall"]["ok"] > 0 and report["overall"]["failures"] == {}, report["overall"]
+    assert report["errnos"] == {} and set(report["statuses"]) == {"OK"}
+    after = await per_shard()
+    for b, a in zip(before, after, strict=True):  # both shards did work, reached through nginx
+        assert all(a.get(k, 0) > b.get(k, 0) for k in ("walk", "move_pages", "fork")), (b, a)
+        assert a["processes"] == 0
+
+
+PLUGIN_THROUGH_PROXY = """\
+async def test_through_the_proxy(mmsim_server, mmsim_client):
+    assert mmsim_server == {proxy!r}
+    for shard in (0, 1):
+        p = await mmsim_client.create_process(shard=shard)
+        v = await p.mmap(4096)
+        await p.write(v.start, 40 + shard)
+        assert p.shard == shard and await mmsim_client.process(p.id).read(v.start) == 40 + shard
+        await p.exit()
+    assert mmsim_client.routing == "proxy" and await mmsim_client.check_invariants() == []
+"""
+
+
+def test_the_pytest_plugin_works_through_the_proxy(sharded: ServerProcess, proxy: str, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n")
+    (project / "test_proxy.py").write_text(PLUGIN_THROUGH_PROXY.format(proxy=proxy))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--mmsim-target", proxy],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
