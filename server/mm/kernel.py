@@ -15,7 +15,7 @@ from .locks import LockClass, LockdepState, Mutex
 from .memcontrol import MemCgroup
 from .mm_types import FOLIO_BYTES, Folio
 from .rcu import Rcu, TypesafeCache
-from .sched import Scheduler
+from .sched import Controller, Scheduler
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ class Kernel:
         self.stats: Counter[str] = Counter()
         #: UFFDIO_MOVE outcomes: "OK", or the errno's name (EAGAIN for a short move).
         self.move_results: Counter[str] = Counter()
+
+    def attach_controller(self, controller: Controller | None) -> None:
+        """Put the schedule explorer's controller in charge of every preemption point, lock sleep
+        and grace period of this kernel (None: give them back to the seeded scheduler)."""
+        self.sched.controller = controller
+        self.sched.active = controller is not None or self.sched.preempt > 0.0
+        self.lockdep.controller = controller
+        self.rcu.controller = controller
 
     def folio_alloc(self) -> Folio:
         """A new folio; the caller has charged FOLIO_BYTES."""

@@ -26,6 +26,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .sched import Controller
     from .detectors import Detectors
 
 
@@ -108,12 +109,15 @@ class _Waiter:
 class LockdepState:
     """Where violations go, and the lock-wait times; shared by all locks of one model instance."""
 
-    __slots__ = ("detectors", "enabled", "waits")
+    __slots__ = ("controller", "detectors", "enabled", "waits")
 
     def __init__(self, detectors: Detectors | None = None, enabled: bool = True) -> None:
         self.detectors = detectors
         self.enabled = enabled
         self.waits = LockWaitStats()
+        #: The schedule explorer's controller (sched.Controller), told of every sleep on a lock and
+        #: every wake-up; None outside exploration.
+        self.controller: Controller | None = None
 
 
 _lock_seq = 0
@@ -167,6 +171,9 @@ class _Lock:
         """Sleep until the acquisition queued by a False answer is granted (cancellation-safe)."""
         w = cur.waiting
         assert w is not None, "wait() without a queued acquisition"
+        ctl = self.lockdep.controller
+        if ctl is not None:
+            ctl.blocked(w.fut)
         try:
             await w.fut
         except asyncio.CancelledError:
@@ -183,6 +190,8 @@ class _Lock:
         finally:
             cur.waiting = None
         self.lockdep.waits.observe(self.rank, perf_counter() - w.since)
+        if ctl is not None:  # granted: runs again only when the explorer picks it
+            await ctl.park(f"lock:{self.name}")
 
     def _enqueue(self, cur: Current, write: bool) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -191,6 +200,13 @@ class _Lock:
             self.waiters = deque()
         self.waiters.append(w)
         cur.waiting = w
+
+    def _grant(self, w: _Waiter) -> None:
+        """Wake ``w``, whose acquisition is now done."""
+        w.fut.set_result(None)
+        ctl = self.lockdep.controller
+        if ctl is not None:
+            ctl.woken(w.fut)
 
     def _release_granted(self, w: _Waiter) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -279,14 +295,14 @@ class RwSem(_Lock):
                     q.popleft()
                     self.owner = w.cur
                     w.cur.held.append(self)
-                    w.fut.set_result(None)
+                    self._grant(w)
                 return
             if self.owner is not None:
                 return
             q.popleft()
             self.readers += 1
             w.cur.held.append(self)
-            w.fut.set_result(None)
+            self._grant(w)
 
 
 class Mutex(_Lock):
@@ -335,7 +351,7 @@ class Mutex(_Lock):
                 continue
             self.owner = w.cur
             w.cur.held.append(self)
-            w.fut.set_result(None)
+            self._grant(w)
 
 
 def release_all(cur: Current) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from .locks import Current
 
 if TYPE_CHECKING:
+    from .sched import Controller
     from .detectors import Detectors
 
 
@@ -32,6 +33,8 @@ class Rcu:
         self._holdouts: set[Current] = set()
         self._gp_requested = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: The schedule explorer's controller (sched.Controller); None outside exploration.
+        self.controller: Controller | None = None
 
     # -- read side
     def read_lock(self, cur: Current) -> None:
@@ -75,6 +78,8 @@ class Rcu:
             for _, fut in done:
                 if not fut.done():
                     fut.set_result(None)
+                    if self.controller is not None:
+                        self.controller.woken(fut)
         if self._gp_requested:
             self._start_gp()
 
@@ -90,7 +95,12 @@ class Rcu:
             return
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
+        ctl = self.controller
+        if ctl is not None:
+            ctl.blocked(fut)
         await fut
+        if ctl is not None:
+            await ctl.park("rcu:grace-period")
 
     # -- use-after-free detector
     def check_access(self, cur: Current, obj: "TypesafeObject", what: str) -> None:

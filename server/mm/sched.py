@@ -14,7 +14,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -70,6 +70,18 @@ class Breakpoint:
         await self.reached.wait()
 
 
+class Controller(Protocol):
+    """Who decides, under schedule exploration (tools/explore.py), which task runs next. Every
+    preemption point, every sleep on a lock or a grace period and every wake-up is reported to
+    it; the running task parks at each point until the controller picks it again."""
+
+    async def park(self, point: str) -> None: ...
+
+    def blocked(self, key: object) -> None: ...  # the running task sleeps until ``key`` is done
+
+    def woken(self, key: object) -> None: ...  # the task sleeping on ``key`` may run again
+
+
 class Scheduler:
     def __init__(self, seed: int = 0, preempt: float = 0.0, max_burst: int = 4) -> None:
         if not 0.0 <= preempt <= 1.0:
@@ -83,6 +95,8 @@ class Scheduler:
         self.hits: Counter[str] = Counter()
         self.yields: Counter[str] = Counter()
         self._breakpoints: dict[str, list[Breakpoint]] = {}
+        #: The explorer's controller: every point is then a choice of the next task.
+        self.controller: Controller | None = None
         #: True when any point may yield; hot paths test only this.
         self.active = preempt > 0.0
 
@@ -98,7 +112,7 @@ class Scheduler:
     def should_preempt(self, point: str) -> bool:
         """Decide whether the task at ``point`` yields; call only when ``self.active``."""
         self.hits[point] += 1
-        if self._breakpoints.get(point):
+        if self.controller is not None or self._breakpoints.get(point):
             return True
         if self.preempt and self.rng.random() < self.preempt:
             self.yields[point] += 1
@@ -108,6 +122,9 @@ class Scheduler:
     async def yield_now(self, point: str) -> None:
         """Let other tasks run: until released at an armed breakpoint, else for a seeded number
         of event-loop turns."""
+        if self.controller is not None:
+            await self.controller.park(point)
+            return
         bps = self._breakpoints.get(point)
         if bps:
             bp = bps.pop(0)
