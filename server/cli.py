@@ -55,6 +55,21 @@ def cmd_race(args: argparse.Namespace) -> int:
     return 1 if unsafe_missed else 0
 
 
+EXPLORE_EPILOG = "\n".join((
+    "exit status:",
+    "  0  the search ended and nothing was caught",
+    "  1  a detector or the audit caught a schedule (it is printed, minimised, with its replay command)",
+    "  2  bad usage or a bad scenario",
+))
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    """Explore the schedules of a litmus scenario in process, under a protocol and a mutant."""
+    from .tools.explore_cli import explore_command
+
+    return explore_command(args)
+
+
 #: Exit status of ``mmsim conformance`` when the server given with ``--server`` cannot be reached
 #: (the others are in tools/conformance/tool.py).
 EXIT_UNREACHABLE = 4
@@ -436,6 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preemption probability per point, within [0, 1] (default 0.35)")
     race.add_argument("-v", "--verbose", action="store_true", help="print the first violations caught")
     race.set_defaults(func=cmd_race, parser=race, env_protocols=_env_protocols())
+    ex = sub.add_parser(
+        "explore",
+        help=cmd_explore.__doc__,
+        description=cmd_explore.__doc__ + " Every preemption point, lock sleep and wake-up of the model is a "
+        "place where the explorer picks the thread that goes on.",
+        epilog=EXPLORE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ex.add_argument("scenario", nargs="?", help="a litmus file (tests/litmus/*.litmus)")
+    ex.add_argument("--protocol", choices=list(PROTOCOLS), default="recheck", help="protocol variant (default recheck)")
+    ex.add_argument("--mutant", help="a protocol mutant (docs/mutants.md)")
+    ex.add_argument("--strategy", choices=["random", "pct", "exhaustive"], default="exhaustive",
+                    help="random picks, PCT priorities, or every schedule up to --preemptions (default)")
+    ex.add_argument("--schedules", type=_positive, default=10_000, help="most schedules to run (default 10000)")
+    ex.add_argument("--preemptions", type=_non_negative, default=2, help="exhaustive: preemptions per schedule (default 2)")
+    ex.add_argument("--depth", type=_positive, default=3, help="pct: the bug depth d (default 3)")
+    ex.add_argument("--seed", type=_int, default=0, help="seed of the random and pct strategies (default 0)")
+    ex.add_argument("--trace-out", metavar="FILE.html", help="write the caught schedule as an HTML sequence diagram")
+    ex.add_argument("--replay", metavar="TOKEN", help="run the schedule a replay token names, exactly")
+    ex.add_argument("--all", action="store_true", help="go on after a catch and report the whole search")
+    ex.set_defaults(func=cmd_explore, parser=ex)
     from .deploy import add_commands  # nginx-config, health-probe
 
     add_commands(sub)

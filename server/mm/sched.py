@@ -20,15 +20,25 @@ T = TypeVar("T")
 
 #: The named points. Each is placed in the function its name gives.
 POINTS = (
-    "walk:after-mapping-read",  # folio_lock_anon_vma_read: between READ_ONCE(mapping) and locking root
+    "walk:after-mapping-read",  # folio_lock_anon_vma_read: between READ_ONCE(mapping) and reading its root
+    "walk:after-root-read",  # folio_lock_anon_vma_read: between READ_ONCE(anon_vma->root) and its down_read_trylock
+    "walk:after-trylock",  # folio_lock_anon_vma_read: the root trylocked, before the fast path's mapping recheck
     "walk:slow-before-lock",  # folio_lock_anon_vma_read slow path: ref taken, RCU dropped, before sleeping
+    "walk:slow-after-lock",  # folio_lock_anon_vma_read slow path: the root read-locked, before the recheck
+    "walk:after-index-read",  # rmap_walk_anon: between reading folio->index (pgoff) and the VMA loop
     "walk:per-vma",  # rmap_walk_anon: between two VMAs of one walk
     "move:after-folio-lock",  # move_pages_pte: between the folio lock and the anon_vma lock
     "move:anon-vma-locked",  # move_pages_pte: inside the src anon_vma write-locked section
+    "move:between-ptls",  # double_pt_lock: the first PTL taken, before the nested one (another CPU runs)
+    "move:after-mapping-store",  # move_present_ptes: folio->mapping stored, folio->index not yet (PTLs held)
     "move:between-pages",  # move_pages: between two steps (cond_resched)
     "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
     "exit:between-vmas",  # exit_mmap: between tearing down two VMAs
+    "free:before-anon-vma-free",  # anon_vma_free: refcount zero, before the root handshake and the slab free
+    "free:after-anon-vma-free",  # anon_vma_free: back in the SLAB_TYPESAFE_BY_RCU cache, reusable at once
+    "alloc:before-anon-vma-reuse",  # anon_vma_alloc: the cache is about to hand a freed anon_vma out again
+    "spin:ptl",  # spin_lock on a PTL held by a task preempted inside its section: spin, others run
 )
 
 
@@ -77,6 +87,8 @@ class Controller(Protocol):
 
     async def park(self, point: str) -> None: ...
 
+    def wants(self, point: str) -> bool: ...  # whether the running task parks at ``point`` now
+
     def blocked(self, key: object) -> None: ...  # the running task sleeps until ``key`` is done
 
     def woken(self, key: object) -> None: ...  # the task sleeping on ``key`` may run again
@@ -112,7 +124,9 @@ class Scheduler:
     def should_preempt(self, point: str) -> bool:
         """Decide whether the task at ``point`` yields; call only when ``self.active``."""
         self.hits[point] += 1
-        if self.controller is not None or self._breakpoints.get(point):
+        if self.controller is not None:
+            return self.controller.wants(point)
+        if self._breakpoints.get(point):
             return True
         if self.preempt and self.rng.random() < self.preempt:
             self.yields[point] += 1

@@ -1,0 +1,615 @@
+"""``mmsim explore``: schedule exploration of a litmus scenario in one in-process model.
+
+The model's tasks are put under a :class:`Controller` (``Kernel.attach_controller``): at every
+named preemption point, at every sleep on a lock or an RCU grace period and after every wake-up the
+running thread parks, and the controller picks which parked thread goes on. Only one thread runs
+at a time, and the model is otherwise deterministic, so a run is a function of the scenario, the
+protocol, the mutant and the list of picks: the *schedule*.
+
+Strategies choose the picks:
+
+- ``random``: a seeded uniform pick at every decision;
+- ``pct``: probabilistic concurrency testing (Burckhardt et al.): random thread priorities, the
+  highest-priority runnable thread runs, and at ``depth - 1`` random steps the running thread's
+  priority drops below all others (a bug of depth d is found with probability ≥ 1/(n·k^(d-1)));
+- ``exhaustive``: every schedule with at most ``--preemptions`` preemptions (a preemption: the
+  running thread could go on and another is picked), depth-first, skipping a decision whose state
+  (each thread's place and the model's shared state) was already explored with as many
+  preemptions left.
+
+A schedule is written down as its preemptions only: ``(step, thread)`` pairs; at every other
+decision the running thread goes on (or, when it cannot, the first runnable one). That is what a
+replay token carries, with the scenario's text, so ``mmsim explore --replay TOKEN`` needs nothing
+else and reproduces the same events in the same order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno as errno_mod
+import hashlib
+import html
+import json
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..mm import locks as locks_mod
+from ..mm.detectors import Detectors
+from ..mm.mm_types import PAGE_SIZE, MmError
+from ..mm.model import MemoryModel
+from .litmus import Op, Scenario, ScenarioError, parse
+
+STRATEGIES = ("random", "pct", "exhaustive")
+#: Decisions in one schedule before it is cut short (a thread that never stops retrying).
+MAX_STEPS = 20_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller
+
+
+class Thread:
+    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo")
+
+    def __init__(self, index: int, name: str, ops: list[Op]) -> None:
+        self.index = index
+        self.name = name
+        self.ops = ops
+        self.state = "new"  # running | parked | blocked | done
+        self.go: asyncio.Future[None] | None = None
+        self.point = "start"
+        self.op_index = 0
+        self.held: list[str] = []
+        #: The points it parked at since it last ran after another thread.
+        self.solo: set[str] = set()
+
+
+@dataclass
+class Event:
+    step: int
+    thread: int  # -1: the explorer itself (findings)
+    kind: str  # point | lock | op | result | finding
+    text: str
+    held: tuple[str, ...] = ()
+
+
+class Controller:
+    """Runs the threads one at a time, asking ``choose`` at each decision (see module doc)."""
+
+    def __init__(self, threads: list[Thread], choose: Callable[[Decision], int]) -> None:
+        self.threads = threads
+        self.choose = choose
+        self.by_task: dict[asyncio.Task[Any], Thread] = {}
+        self.sleepers: dict[int, Thread] = {}
+        self.idle = asyncio.Event()
+        self.current: Thread | None = None
+        self.step = 0
+        self.events: list[Event] = []
+        self.decisions: list[Decision] = []
+        self.cut = False
+        #: Past the step limit: the threads run on unsupervised.
+        self.detached = False
+        #: Whether decisions carry the state's fingerprint (the exhaustive search prunes on it).
+        self.hashing = False
+
+    def _thread(self) -> Thread | None:
+        task = asyncio.current_task()
+        th = self.by_task.get(task)  # type: ignore[arg-type]
+        if th is None and self.current is not None and task is not None:
+            # A task the running thread started and awaits (uninterruptible teardown): its own.
+            th = self.by_task[task] = self.current
+        return th
+
+    def record(self, kind: str, text: str, th: Thread | None = None) -> None:
+        th = th or self.current
+        self.events.append(Event(self.step, th.index if th else -1, kind, text, tuple(th.held) if th else ()))
+
+    def wants(self, point: str) -> bool:
+        """Park at ``point``, unless the running thread already parked there since another thread
+        last ran: a retry loop that yields and re-validates (move_pages_pte) must go on, or it
+        would come back to the same choice forever."""
+        th = self._thread()
+        if th is None or self.detached:
+            return False
+        return point not in th.solo
+
+    async def park(self, point: str) -> None:
+        th = self._thread()
+        if th is None or self.detached:
+            return
+        th.point = point
+        if point.startswith("lock:"):  # the sleep on it ended: granted
+            th.held.append(point[5:])
+        if point != "start":
+            self.record("point", point, th)
+        th.state = "parked"
+        th.solo.add(point)
+        th.go = asyncio.get_running_loop().create_future()
+        self._check_idle()
+        await th.go
+
+    def blocked(self, key: object) -> None:
+        th = self._thread()
+        if th is None or self.detached:
+            return
+        th.state = "blocked"
+        self.sleepers[id(key)] = th
+        self.record("point", "sleeps", th)
+        self._check_idle()
+
+    def woken(self, key: object) -> None:
+        th = self.sleepers.pop(id(key), None)
+        if th is not None:
+            th.state = "running"  # it parks again before it touches anything
+
+    def done(self, th: Thread) -> None:
+        th.state = "done"
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not any(t.state == "running" for t in self.threads):
+            self.idle.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.idle.wait()
+            self.idle.clear()
+            runnable = [t.index for t in self.threads if t.state == "parked"]
+            if not runnable:
+                blocked = [t for t in self.threads if t.state == "blocked"]
+                if blocked:
+                    self.record("finding", "deadlock: " + ", ".join(f"{t.name} sleeps at {t.point}" for t in blocked))
+                return
+            if self.step >= MAX_STEPS:
+                self.cut = self.detached = True
+                for t in self.threads:  # let them run out unsupervised
+                    if t.go is not None and not t.go.done():
+                        t.go.set_result(None)
+                return
+            cur = self.current.index if self.current is not None else None
+            d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.hashing else None)
+            pick = self.choose(d)
+            if pick not in runnable:
+                raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
+            d.pick = pick
+            self.decisions.append(d)
+            th = self.threads[pick]
+            if self.current is not th:
+                th.solo.clear()
+            self.current = th
+            self.step += 1
+            th.state = "running"
+            assert th.go is not None
+            th.go.set_result(None)
+
+    fingerprint: Callable[[], object] = staticmethod(lambda: None)  # type: ignore[assignment]
+
+
+@dataclass
+class Decision:
+    step: int
+    runnable: tuple[int, ...]
+    current: int | None
+    state: object
+    pick: int = -1
+
+    @property
+    def default(self) -> int:
+        """The pick that is no preemption: the running thread, or the first runnable one."""
+        return self.current if self.current in self.runnable else self.runnable[0]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class RunResult:
+    events: list[Event]
+    decisions: list[Decision]
+    violations: list[str]
+    findings: list[str]
+    problems: list[str]
+    cut: bool
+
+    @property
+    def preemptions(self) -> list[tuple[int, int]]:
+        return [(d.step, d.pick) for d in self.decisions if d.pick != d.default]
+
+    @property
+    def caught(self) -> bool:
+        return bool(self.violations or self.problems)
+
+    def signature(self) -> str:
+        """Tells interleavings apart: the order in which the threads passed their points."""
+        h = hashlib.blake2b(digest_size=12)
+        for e in self.events:
+            if e.kind in ("point", "op", "result"):
+                h.update(f"{e.thread}:{e.text};".encode())
+        return h.hexdigest()
+
+
+@contextmanager
+def _lock_tracing(ctl: Controller) -> Iterator[None]:
+    """Record every acquisition and release of the model's locks in the trace, with the locks each
+    thread holds (the lock classes' methods are wrapped for the run, then restored)."""
+    patched: list[tuple[type, str, Any]] = []
+
+    def wrap(cls: type, name: str, verb: str, kind: str) -> None:
+        orig = cls.__dict__[name]
+
+        def traced(self: Any, cur: Any, *a: Any, **kw: Any) -> Any:
+            r = orig(self, cur, *a, **kw)
+            th = ctl.current
+            if th is not None:
+                if kind == "acquire":
+                    if r is not False:
+                        th.held.append(self.name)
+                    ok = "" if r is None else (" ✓" if r else (" ✗" if "try" in name else " (sleeps)"))
+                    ctl.record("lock", f"{verb} {self.name}{ok}", th)
+                else:
+                    if self.name in th.held:
+                        th.held.remove(self.name)
+                    ctl.record("lock", f"{verb} {self.name}", th)
+            return r
+
+        patched.append((cls, name, orig))
+        setattr(cls, name, traced)
+
+    rw, mx, sp = locks_mod.RwSem, locks_mod.Mutex, locks_mod.SpinLock
+    for cls, name, verb, kind in (
+        (rw, "down_read_trylock", "down_read_trylock", "acquire"), (rw, "down_write_trylock", "down_write_trylock", "acquire"),
+        (rw, "down_read", "down_read", "acquire"), (rw, "down_write", "down_write", "acquire"),
+        (rw, "up_read", "up_read", "release"), (rw, "up_write", "up_write", "release"),
+        (mx, "trylock", "trylock", "acquire"), (mx, "lock", "lock", "acquire"), (mx, "unlock", "unlock", "release"),
+        (sp, "spin_lock", "spin_lock", "acquire"), (sp, "spin_unlock", "spin_unlock", "release"),
+    ):
+        wrap(cls, name, verb, kind)
+    orig_report = Detectors.report
+
+    def report(self: Detectors, kind: str, **detail: Any) -> None:
+        orig_report(self, kind, **detail)
+        ctl.record("finding", f"{kind}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
+
+    Detectors.report = report  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Detectors.report = orig_report  # type: ignore[method-assign]
+        for cls, name, orig in reversed(patched):
+            setattr(cls, name, orig)
+
+
+def _model(protocol: str, mutant: str | None) -> MemoryModel:
+    if mutant is None:
+        return MemoryModel(protocol=protocol, seed=0, preempt=0.0)
+    try:
+        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, mutant=mutant)  # type: ignore[call-arg]
+    except TypeError:
+        raise ScenarioError("this model has no protocol mutants") from None
+
+
+async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
+    """Run one operation of a scenario; what it returned, for the trace."""
+    a = op.args
+    pid = procs[a[0]] if a and isinstance(a[0], str) else 0
+    if op.kind == "process":
+        procs[op.name] = await m.create_process()  # type: ignore[index]
+        return f"pid {procs[op.name]}"  # type: ignore[index]
+    if op.kind == "fork":
+        procs[op.name] = await m.fork(pid)  # type: ignore[index]
+        return f"pid {procs[op.name]}"  # type: ignore[index]
+    if op.kind == "exit":
+        await m.exit(pid)
+        return "ok"
+    if op.kind == "mmap":
+        v = await m.mmap(pid, a[2] * PAGE_SIZE, prot=a[3], addr=a[1], uffd=a[4])  # type: ignore[operator, arg-type]
+        return f"{v.start:#x}-{v.end:#x}"
+    if op.kind == "munmap":
+        await m.munmap(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
+        return "ok"
+    if op.kind == "register":
+        await m.uffd_register(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
+        return "ok"
+    if op.kind == "unregister":
+        await m.uffd_unregister(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator, attr-defined]
+        return "ok"
+    if op.kind == "madvise":
+        await m.madvise(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
+        return "ok"
+    if op.kind == "write":
+        await m.write(pid, a[1], a[2])  # type: ignore[arg-type]
+        return "ok"
+    if op.kind == "read":
+        return str(await m.read(pid, a[1]))  # type: ignore[arg-type]
+    if op.kind == "remap":
+        return f"moved {await m.move(pid, a[1], a[2], a[3] * PAGE_SIZE)}"  # type: ignore[arg-type, operator]
+    if op.kind == "walk":
+        w = await m.walk(pid, a[1], blocking=a[2] == "blocking")  # type: ignore[arg-type]
+        maps = ", ".join(f"{p}:{x:#x}" for p, x in w.mappings)
+        return (f"referenced {w.referenced} [{maps}]" + (" contended" if w.contended else "")
+                + (f" retries {w.fast_retries}/{w.slow_retries}" if w.fast_retries or w.slow_retries else ""))
+    raise AssertionError(op.kind)
+
+
+def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
+    """The state a decision is taken in: where each thread is, and the shared state it races on
+    (each folio's anon_vma, index, mapcount and lock holder; each anon_vma's root and refcount)."""
+
+    def fp() -> object:
+        folios = []
+        for mm in m.processes.values():
+            for pt in mm.pgtables.values():
+                for vpn, pte in pt.ptes.items():
+                    f = pte.folio
+                    mapping = getattr(f, "mapping", None)
+                    lock = getattr(f, "lock", None)
+                    folios.append((mm.id, vpn, getattr(f, "id", 0), mapping.id if mapping else 0,
+                                   mapping.root.id if mapping else 0, mapping.refcount if mapping else 0,
+                                   getattr(f, "index", 0), getattr(f, "mapcount", 0),
+                                   bool(lock and lock.owner)))
+        where = tuple((t.state, t.point, t.op_index, tuple(t.held)) for t in threads)
+        return hash((where, tuple(folios)))
+
+    return fp
+
+
+async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
+                       hashing: bool = False) -> RunResult:
+    """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
+    ``hashing``, each decision carries the fingerprint of the state it is taken in."""
+    m = _model(protocol, mutant)
+    procs: dict[str, int] = {}
+    for op in scn.setup:
+        try:
+            await _apply(m, procs, op)
+        except MmError as e:
+            raise ScenarioError(f"line {op.line}: the setup's {op.kind} failed: {e}") from None
+    threads = [Thread(i, name, ops) for i, (name, ops) in enumerate(scn.threads)]
+    for th in threads:
+        th.state = "running"  # until each parks at its start
+    ctl = Controller(threads, choose)
+    ctl.fingerprint = _fingerprint(m, threads)  # type: ignore[method-assign]
+    ctl.hashing = hashing
+
+    async def body(th: Thread) -> None:
+        ctl.by_task[asyncio.current_task()] = th  # type: ignore[index]
+        mine = dict(procs)
+        try:
+            await ctl.park("start")
+            for i, op in enumerate(th.ops):
+                th.op_index = i
+                ctl.record("op", str(op), th)
+                try:
+                    out = await _apply(m, mine, op)
+                except MmError as e:
+                    out = errno_mod.errorcode.get(e.errno or 0, str(e.errno)) + (f" (moved {e.moved})" if e.moved else "")
+                ctl.record("result", f"{op.kind} → {out}", th)
+        finally:
+            ctl.done(th)
+
+    with _lock_tracing(ctl):
+        m.k.attach_controller(ctl)
+        try:
+            tasks = [asyncio.ensure_future(body(th)) for th in threads]
+            await ctl.run()
+            if any(th.state == "blocked" for th in threads):  # a deadlock: stop the sleepers
+                for t in tasks:
+                    t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            m.k.attach_controller(None)
+    problems = m.check_invariants()
+    for p in problems:
+        ctl.record("finding", f"invariant: {p}")
+    det = m.detectors
+    findings = [str(f) for f in getattr(det, "findings_events", [])]
+    return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
+
+
+def run_sync(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int]) -> RunResult:
+    return asyncio.run(run_schedule(scn, protocol, mutant, choose))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+def follow(preemptions: dict[int, int]) -> Callable[[Decision], int]:
+    """Pick as told at the given steps, else make no preemption."""
+
+    def choose(d: Decision) -> int:
+        pick = preemptions.get(d.step)
+        return pick if pick is not None and pick in d.runnable else d.default
+
+    return choose
+
+
+def random_strategy(seed: int) -> Callable[[Decision], int]:
+    rng = random.Random(seed)
+    return lambda d: rng.choice(d.runnable)
+
+
+def pct_strategy(seed: int, threads: int, depth: int, steps: int) -> Callable[[Decision], int]:
+    rng = random.Random(seed)
+    prio = list(range(depth, depth + threads))
+    rng.shuffle(prio)
+    changes = {rng.randrange(max(1, steps)): i for i in range(depth - 1, 0, -1)}
+
+    def choose(d: Decision) -> int:
+        if d.step in changes and d.current is not None:
+            prio[d.current] = changes[d.step]  # below every initial priority
+        return max(d.runnable, key=lambda t: prio[t])
+
+    return choose
+
+
+@dataclass
+class Search:
+    """What an exploration did."""
+
+    strategy: str
+    schedules: int = 0
+    interleavings: set[str] = field(default_factory=set)
+    pruned: int = 0
+    seconds: float = 0.0
+    first: RunResult | None = None  # the first run that caught something
+    at: int = 0  # its schedule number (1-based)
+    findings: set[str] = field(default_factory=set)  # documented findings seen (not violations)
+    cut: int = 0
+
+
+def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
+            schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
+            stop_on_catch: bool = True) -> Search:
+    """Search the schedules of ``scn``; stops at the first that a detector or the audit catches."""
+    return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch))
+
+
+async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
+                   preemptions: int, depth: int, seed: int, stop_on_catch: bool) -> Search:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    s = Search(strategy)
+    t0 = time.perf_counter()
+
+    def account(r: RunResult) -> bool:
+        s.schedules += 1
+        s.interleavings.add(r.signature())
+        s.findings.update(r.findings)
+        s.cut += r.cut
+        if r.caught and s.first is None:
+            s.first, s.at = r, s.schedules
+            return stop_on_catch
+        return False
+
+    if strategy in ("random", "pct"):
+        steps = 0
+        if strategy == "pct":  # the schedule's length, to place the change points
+            base = await run_schedule(scn, protocol, mutant, follow({}))
+            steps = len(base.decisions)
+        for i in range(schedules):
+            sub = (seed * 1_000_003 + i) & 0xFFFFFFFF
+            choose = random_strategy(sub) if strategy == "random" else pct_strategy(sub, len(scn.threads), depth, steps)
+            if account(await run_schedule(scn, protocol, mutant, choose)):
+                break
+    else:
+        # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
+        seen: dict[object, int] = {}
+        stack: list[dict[int, int]] = [{}]
+        while stack and s.schedules < schedules:
+            pre = stack.pop()
+            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True)
+            if account(r):
+                break
+            used = len(pre)
+            last = max(pre) if pre else -1
+            for d in reversed(r.decisions):
+                if d.step <= last:
+                    break
+                left = preemptions - used
+                if seen.get(d.state, -1) >= left:
+                    s.pruned += 1
+                    continue
+                seen[d.state] = left
+                if left <= 0:
+                    continue
+                for alt in d.runnable:
+                    if alt != d.default:
+                        stack.append({**pre, d.step: alt})
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> RunResult:
+    """The run with as few preemptions as still get it caught by the same kind of check."""
+
+    def kinds(x: RunResult) -> set[str]:
+        return {v.split(":", 1)[0] for v in x.violations} | ({"invariant"} if x.problems else set())
+
+    want = kinds(r)
+    pre = dict(r.preemptions)
+    best = run_sync(scn, protocol, mutant, follow(pre))
+    changed = True
+    while changed:
+        changed = False
+        for step in sorted(pre):
+            trial = {k: v for k, v in pre.items() if k != step}
+            t = run_sync(scn, protocol, mutant, follow(trial))
+            if t.caught and kinds(t) & want:
+                pre, best, changed = trial, t, True
+                break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay tokens
+
+
+def token(scn: Scenario, protocol: str, mutant: str | None, preemptions: list[tuple[int, int]]) -> str:
+    doc = {"v": 1, "name": scn.name, "scenario": scn.text, "protocol": protocol, "mutant": mutant,
+           "preemptions": preemptions}
+    return base64.urlsafe_b64encode(zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)).decode().rstrip("=")
+
+
+def untoken(tok: str) -> tuple[Scenario, str, str | None, dict[int, int]]:
+    try:
+        raw = zlib.decompress(base64.urlsafe_b64decode(tok + "=" * (-len(tok) % 4)))
+        doc = json.loads(raw)
+        scn = parse(doc["scenario"], f"{doc['name']}.litmus")
+        return scn, str(doc["protocol"]), doc.get("mutant"), {int(k): int(v) for k, v in doc["preemptions"]}
+    except ScenarioError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any damage to the token is one error
+        raise ScenarioError(f"not a replay token ({type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Traces
+
+
+def trace_rows(scn: Scenario, r: RunResult) -> list[tuple[int, int, str, str]]:
+    """(step, thread, kind, text): one row per event."""
+    return [(e.step, e.thread, e.kind, e.text + (f"   [holds {', '.join(e.held)}]" if e.held and e.kind != "op" else ""))
+            for e in r.events]
+
+
+def trace_html(scn: Scenario, r: RunResult, title: str) -> str:
+    """A self-contained HTML sequence diagram: one column per thread, one row per event."""
+    names = [n for n, _ in scn.threads]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = []
+    for e in r.events:
+        cells = []
+        for i in range(len(names)):
+            if i == e.thread:
+                held = f'<div class="held">holds {html.escape(", ".join(e.held))}</div>' if e.held else ""
+                cells.append(f'<td class="{e.kind}">{html.escape(e.text)}{held}</td>')
+            else:
+                cells.append('<td class="idle"></td>')
+        if e.thread < 0:
+            cells = [f'<td class="finding" colspan="{len(names)}">{html.escape(e.text)}</td>']
+        rows.append(f"<tr><th class='step'>{e.step}</th>{''.join(cells)}</tr>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 13px/1.35 system-ui, sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border-left: 2px solid #bbb; padding: 2px 10px; vertical-align: top; }}
+thead th {{ background: #eee; position: sticky; top: 0; }}
+th.step {{ color: #888; font-weight: normal; text-align: right; }}
+td.point {{ color: #555; }} td.lock {{ color: #05a; }} td.op {{ font-weight: bold; }}
+td.result {{ color: #070; }} td.finding {{ background: #fdd; color: #900; font-weight: bold; }}
+td.idle {{ background: #fafafa; }} div.held {{ color: #999; font-size: 11px; }}
+</style></head><body>
+<h2>{html.escape(title)}</h2>
+<table><thead><tr><th>step</th>{head}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table></body></html>
+"""

@@ -1,0 +1,97 @@
+"""What ``mmsim explore`` prints: the search's figures, and a caught schedule as a trace with the
+command that replays it."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .explore import RunResult, explore, follow, minimize, run_sync, token, trace_html, untoken
+from .litmus import Scenario, ScenarioError, load
+
+EXIT_CLEAN, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
+
+
+def trace_table(scn: Scenario, r: RunResult, title: str) -> Table:
+    """One column per thread, one row per event (the locks the thread holds after it, dimmed)."""
+    t = Table(title=title, show_lines=False, expand=False)
+    t.add_column("step", justify="right", style="dim")
+    names = [n for n, _ in scn.threads]
+    for n in names:
+        t.add_column(n, overflow="fold")
+    style = {"op": "bold", "result": "green", "lock": "cyan", "point": "", "finding": "bold red"}
+    for e in r.events:
+        cells = [""] * len(names)
+        text = f"[{style.get(e.kind, '')}]{_escape(e.text)}[/]" if style.get(e.kind) else _escape(e.text)
+        if e.held and e.kind in ("lock", "point"):
+            text += f"\n[dim]holds {_escape(', '.join(e.held))}[/]"
+        cells[max(e.thread, 0)] = text
+        t.add_row(str(e.step), *cells)
+    return t
+
+
+def _escape(s: str) -> str:
+    return s.replace("[", "\\[")
+
+
+def _show(console: Console, scn: Scenario, r: RunResult, title: str, trace_out: str | None) -> None:
+    console.print(trace_table(scn, r, title))
+    for v in r.violations:
+        console.print(f"[bold red]violation[/] {_escape(v)}")
+    for p in r.problems:
+        console.print(f"[bold red]audit[/] {_escape(p)}")
+    for f in r.findings:
+        console.print(f"[yellow]finding[/] {_escape(f)}")
+    if trace_out:
+        Path(trace_out).write_text(trace_html(scn, r, title))
+        console.print(f"trace written to {trace_out}")
+
+
+def explore_command(args: argparse.Namespace) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    try:
+        if args.replay:
+            scn, protocol, mutant, pre = untoken(args.replay)
+            r = run_sync(scn, protocol, mutant, follow(pre))
+            what = f"replay of {scn.name} under {protocol}" + (f" with mutant {mutant}" if mutant else "")
+            _show(console, scn, r, what, args.trace_out)
+            return EXIT_CAUGHT if r.caught else EXIT_CLEAN
+        if not args.scenario:
+            args.parser.error("give a scenario file, or --replay TOKEN")
+        scn = load(args.scenario)
+        s = explore(scn, args.protocol, args.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
+                    args.seed, stop_on_catch=not args.all)
+    except ScenarioError as e:
+        print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:  # an unknown mutant
+        print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    rate = s.schedules / s.seconds if s.seconds else 0.0
+    console.print(
+        f"{scn.name}: {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
+        + f", {args.strategy}: {s.schedules} schedules, {len(s.interleavings)} distinct interleavings"
+        + (f", {s.pruned} states pruned" if args.strategy == "exhaustive" else "")
+        + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s)"
+        + (f", {s.cut} cut at the step limit" if s.cut else "")
+    )
+    for f in sorted(s.findings):
+        console.print(f"[yellow]finding[/] (documented, not a violation) {_escape(f)}")
+    if s.first is None:
+        console.print("nothing caught")
+        return EXIT_CLEAN
+    small = minimize(scn, args.protocol, args.mutant, s.first)
+    tok = token(scn, args.protocol, args.mutant, small.preemptions)
+    title = (f"{scn.name} under {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
+             + f": caught at schedule {s.at} (seed {args.seed}, {args.strategy}); "
+             + f"minimised to {len(small.preemptions)} preemption(s) at steps "
+             + ", ".join(f"{st}→{scn.threads[t][0]}" for st, t in small.preemptions))
+    _show(console, scn, small, title, args.trace_out)
+    console.print("replay it exactly with:")
+    console.print(f"  mmsim explore --replay {shlex.quote(tok)}", soft_wrap=True)
+    return EXIT_CAUGHT

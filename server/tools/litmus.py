@@ -1,0 +1,226 @@
+"""Litmus scenarios for ``mmsim explore``: a small initial layout, then two to four threads.
+
+A scenario is a text file (``tests/litmus/*.litmus``)::
+
+    # the seed's race, slow path: a blocking walker sleeps on the old root while the page moves
+    name: slow-path-race
+    setup:
+      p = process
+      mmap p 0x100000 1              # ADDR PAGES [r|rw] [missing|wp|missing+wp]
+      write p 0x100000 7
+      mmap p 0x300000 1 rw missing
+    thread mover:
+      remap p 0x300000 0x100000 1    # DST SRC PAGES
+    thread walker:
+      walk p 0x100000 blocking       # trylock | blocking
+
+The setup runs first, alone; the threads then run concurrently, each its operations in order, and
+the explorer decides at every preemption point which thread goes on. Operations (``P`` names a
+process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
+
+- ``P = process``; ``C = fork P``; ``exit P``
+- ``mmap P ADDR PAGES [r|rw] [missing|wp|missing+wp]``; ``munmap P ADDR PAGES``
+- ``register P ADDR PAGES [missing|wp|missing+wp]``; ``unregister P ADDR PAGES``
+- ``madvise P ADDR PAGES dontfork|dofork|wipeonfork|keeponfork``
+- ``write P ADDR VALUE``; ``read P ADDR``
+- ``remap P DST SRC PAGES``; ``walk P ADDR [trylock|blocking]``
+
+In a thread, ``C = fork P`` names a process the thread's later operations may use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..mm.mm_types import PAGE_SIZE
+
+PROTS = ("r", "rw")
+UFFD_MODES = ("missing", "wp", "missing+wp")
+ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork")
+MAX_THREADS = 4
+
+
+class ScenarioError(ValueError):
+    """A scenario that does not parse: ``FILE:LINE: what``."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: ``kind`` and its arguments; ``name`` is what it defines (process, fork)."""
+
+    kind: str
+    args: tuple[object, ...]
+    name: str | None = None
+    line: int = 0
+
+    def __str__(self) -> str:
+        def fmt(a: object) -> str:
+            return f"{a:#x}" if isinstance(a, int) and a >= 4096 else str(a)
+
+        head = f"{self.name} = " if self.name else ""
+        return head + " ".join([self.kind, *map(fmt, self.args)])
+
+
+@dataclass
+class Scenario:
+    name: str
+    text: str
+    about: str = ""
+    setup: list[Op] = field(default_factory=list)
+    threads: list[tuple[str, list[Op]]] = field(default_factory=list)
+
+
+def _int(tok: str, where: str) -> int:
+    try:
+        return int(tok, 0)
+    except ValueError:
+        raise ScenarioError(f"{where}: expected a number, got {tok!r}") from None
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _op(line: str, where: str, lineno: int, known: set[str]) -> Op:
+    name = None
+    if "=" in line:
+        left, _, line = line.partition("=")
+        name = left.strip()
+        if not _NAME.fullmatch(name):
+            raise ScenarioError(f"{where}: {name!r} is not a name")
+    toks = line.split()
+    if not toks:
+        raise ScenarioError(f"{where}: an operation is missing")
+    kind, rest = toks[0], toks[1:]
+
+    def proc(i: int) -> str:
+        if i >= len(rest):
+            raise ScenarioError(f"{where}: {kind} needs a process")
+        if rest[i] not in known:
+            raise ScenarioError(f"{where}: no process {rest[i]!r} here")
+        return rest[i]
+
+    def nargs(lo: int, hi: int) -> None:
+        if not lo <= len(rest) <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
+            raise ScenarioError(f"{where}: {kind} takes {want} arguments, not {len(rest)}")
+
+    def word(i: int, choices: tuple[str, ...], default: str | None) -> str | None:
+        if i >= len(rest):
+            return default
+        if rest[i] not in choices:
+            raise ScenarioError(f"{where}: {rest[i]!r} is not one of {', '.join(choices)}")
+        return rest[i]
+
+    args: tuple[object, ...]
+    if kind == "process":
+        nargs(0, 0)
+        args = ()
+    elif kind in ("fork", "exit"):
+        nargs(1, 1)
+        args = (proc(0),)
+    elif kind == "mmap":
+        nargs(3, 5)
+        extra = rest[3:]
+        prot = extra.pop(0) if extra and extra[0] in PROTS else "rw"
+        uffd = extra.pop(0) if extra else None
+        if uffd is not None and uffd not in UFFD_MODES:
+            raise ScenarioError(f"{where}: mmap takes P ADDR PAGES [r|rw] [missing|wp|missing+wp], not {uffd!r}")
+        if extra:
+            raise ScenarioError(f"{where}: mmap takes P ADDR PAGES [r|rw] [missing|wp|missing+wp]")
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), prot, uffd)
+    elif kind in ("munmap", "unregister"):
+        nargs(3, 3)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
+    elif kind == "register":
+        nargs(3, 4)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, UFFD_MODES, "missing"))
+    elif kind == "madvise":
+        nargs(4, 4)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, ADVICE, None))
+    elif kind == "write":
+        nargs(3, 3)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
+    elif kind == "read":
+        nargs(2, 2)
+        args = (proc(0), _int(rest[1], where))
+    elif kind == "remap":
+        nargs(4, 4)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where))
+    elif kind == "walk":
+        nargs(2, 3)
+        args = (proc(0), _int(rest[1], where), word(2, ("trylock", "blocking"), "trylock"))
+    else:
+        raise ScenarioError(f"{where}: unknown operation {kind!r}")
+    if kind in ("process", "fork") and name is None:
+        raise ScenarioError(f"{where}: {kind} needs a name: NAME = {kind} ...")
+    if kind not in ("process", "fork") and name is not None:
+        raise ScenarioError(f"{where}: {kind} defines nothing")
+    for a in args:
+        if isinstance(a, int) and kind != "write" and a % PAGE_SIZE and a >= PAGE_SIZE:
+            raise ScenarioError(f"{where}: {a:#x} is not page-aligned")
+    return Op(kind, args, name, lineno)
+
+
+def parse(text: str, where: str = "<scenario>") -> Scenario:
+    """The scenario in ``text`` (``where`` names it in errors), or ScenarioError."""
+    scn = Scenario(name=Path(where).stem, text=text)
+    section: list[Op] | None = None
+    known: set[str] = set()
+    thread_known: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].rstrip()
+        at = f"{where}:{lineno}"
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            key, sep, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if not sep:
+                raise ScenarioError(f"{at}: expected 'name:', 'about:', 'setup:' or 'thread NAME:'")
+            if key == "name":
+                scn.name = value
+                section = None
+            elif key == "about":
+                scn.about = value
+                section = None
+            elif key == "setup":
+                if scn.threads:
+                    raise ScenarioError(f"{at}: the setup comes before the threads")
+                section = scn.setup
+            elif key.startswith("thread "):
+                tname = key.split(None, 1)[1].strip()
+                if not _NAME.fullmatch(tname) or tname in (t for t, _ in scn.threads):
+                    raise ScenarioError(f"{at}: bad or repeated thread name {tname!r}")
+                if len(scn.threads) == MAX_THREADS:
+                    raise ScenarioError(f"{at}: at most {MAX_THREADS} threads")
+                scn.threads.append((tname, []))
+                section = scn.threads[-1][1]
+                thread_known = set(known)
+            else:
+                raise ScenarioError(f"{at}: unknown section {key!r}")
+            if value and (key == "setup" or key.startswith("thread ")):
+                raise ScenarioError(f"{at}: operations go on the lines below {key}:")
+            continue
+        if section is None:
+            raise ScenarioError(f"{at}: an operation outside 'setup:' or a thread")
+        in_thread = bool(scn.threads) and section is scn.threads[-1][1]
+        op = _op(line.strip(), at, lineno, thread_known if in_thread else known)
+        if op.name:
+            (thread_known if in_thread else known).add(op.name)
+        section.append(op)
+    if not 2 <= len(scn.threads) <= MAX_THREADS:
+        raise ScenarioError(f"{where}: a scenario has two to {MAX_THREADS} threads, not {len(scn.threads)}")
+    if any(not ops for _, ops in scn.threads):
+        raise ScenarioError(f"{where}: a thread with no operation")
+    return scn
+
+
+def load(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ScenarioError(f"{path}: {e.strerror or e}") from None
+    return parse(text, str(path))

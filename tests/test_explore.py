@@ -1,0 +1,107 @@
+"""``mmsim explore``: the litmus library, the three search strategies, minimisation, exact replay,
+and the traces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmsim.server.cli import main
+from mmsim.server.tools.explore import explore, follow, minimize, run_sync, token, untoken
+from mmsim.server.tools.litmus import ScenarioError, load, parse
+
+LITMUS = Path(__file__).parent / "litmus"
+SCENARIOS = sorted(LITMUS.glob("*.litmus"))
+pytestmark = pytest.mark.violations_expected  # the unsafe protocols are meant to be caught
+
+
+def test_the_library_holds_the_scenarios_the_protocol_needs() -> None:
+    names = {p.stem for p in SCENARIOS}
+    assert {"slow-path-race", "fast-path-race", "fork-vs-walk", "exit-vs-blocking-walk", "split-vma-walk",
+            "anon-vma-reuse", "moved-twice-reuse"} <= names
+    for p in SCENARIOS:
+        scn = load(p)
+        assert scn.name == p.stem and 2 <= len(scn.threads) <= 4
+
+
+@pytest.mark.parametrize("strategy", ["random", "pct", "exhaustive"])
+@pytest.mark.parametrize(("scenario", "protocol"), [("slow-path-race", "no-recheck"),
+                                                     ("fast-path-race", "recheck-slow-only")])
+def test_each_strategy_finds_the_race_of_each_unsafe_variant(scenario: str, protocol: str, strategy: str) -> None:
+    scn = load(LITMUS / f"{scenario}.litmus")
+    s = explore(scn, protocol, strategy=strategy, schedules=2000, seed=1)
+    assert s.first is not None, f"{strategy} missed the race in {s.schedules} schedules"
+    assert any(v.startswith("wrong-root-walk") for v in s.first.violations), s.first.violations
+    assert s.schedules >= 1 and len(s.interleavings) >= 1
+
+
+def test_the_fast_path_race_needs_the_fast_path_recheck() -> None:
+    """The fast-path scenario is clean where both paths recheck; caught where only the slow one does."""
+    scn = load(LITMUS / "fast-path-race.litmus")
+    assert explore(scn, "recheck", strategy="exhaustive", preemptions=2).first is None
+    assert explore(scn, "recheck-slow-only", strategy="exhaustive", preemptions=2).first is not None
+
+
+def test_a_caught_schedule_is_minimised_and_replays_identically() -> None:
+    scn = load(LITMUS / "slow-path-race.litmus")
+    s = explore(scn, "no-recheck", strategy="random", schedules=2000, seed=3)
+    assert s.first is not None
+    small = minimize(scn, "no-recheck", None, s.first)
+    assert small.caught and len(small.preemptions) <= len(s.first.preemptions)
+    again, protocol, mutant, pre = untoken(token(scn, "no-recheck", None, small.preemptions))
+    assert (again.text, protocol, mutant) == (scn.text, "no-recheck", None)
+    replayed = run_sync(again, protocol, mutant, follow(pre))
+    assert [(e.step, e.thread, e.kind, e.text) for e in replayed.events] == \
+        [(e.step, e.thread, e.kind, e.text) for e in small.events]
+    assert replayed.violations == small.violations
+
+
+@pytest.mark.parametrize("protocol", ["recheck", "folio-lock"])
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_every_scenario_passes_its_bounded_exhaustive_search_under_the_safe_protocols(path: Path, protocol: str) -> None:
+    s = explore(load(path), protocol, strategy="exhaustive", preemptions=2, schedules=20_000)
+    assert s.first is None, (s.first.violations, s.first.problems)  # type: ignore[union-attr]
+    assert s.cut == 0 and s.schedules >= 2
+
+
+def test_the_command_prints_the_trace_and_a_replay_command_that_reproduces_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    html = tmp_path / "trace.html"
+    status = main(["explore", str(LITMUS / "slow-path-race.litmus"), "--protocol", "no-recheck",
+                   "--trace-out", str(html)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "wrong-root-walk" in out and "mover" in out and "walker" in out
+    replay = next(line.split("--replay", 1)[1].strip() for line in out.splitlines() if "--replay" in line)
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and "<th>walker</th>" in page and "wrong-root-walk" in page
+    assert main(["explore", "--replay", replay.strip("'")]) == 1
+    out2 = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "│" in line]
+    rows2 = [line for line in out2.splitlines() if "│" in line]
+    assert rows2[1:] == rows[1:]  # the same events in the same order (the title differs)
+
+
+def test_a_clean_search_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explore", str(LITMUS / "slow-path-race.litmus"), "--protocol", "recheck"]) == 0
+    assert "nothing caught" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("setup:\n  p = process\nthread a:\n  walk q 0x1000\nthread b:\n  walk p 0x1000\n", "no process 'q'"),
+    ("setup:\n  p = process\nthread a:\n  walk p 0x1000\n", "two to 4 threads"),
+    ("setup:\n  p = process\nthread a:\n  jump p\nthread b:\n  walk p 0x1000\n", "unknown operation 'jump'"),
+    ("setup:\n  p = process\n  mmap p 0x1234 1\nthread a:\n  walk p 0x1000\nthread b:\n  walk p 0x1000\n", "page-aligned"),
+])
+def test_a_bad_scenario_is_one_line_and_status_2(text: str, why: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ScenarioError, match=why):
+        parse(text, "bad.litmus")
+    f = tmp_path / "bad.litmus"
+    f.write_text(text)
+    assert main(["explore", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmsim explore: ") and err.count("\n") == 1 and why in err
+    assert main(["explore", "--replay", "not-a-token"]) == 2
