@@ -4,6 +4,8 @@ The safe protocols must show zero violations over 200 seeds, with the retry coun
 recheck path ran; the unsafe ones must be caught by the detectors within the same seeds.
 """
 
+import functools
+
 import pytest
 
 from mmsim.server.tools.race import run_race
@@ -59,3 +61,20 @@ def test_same_seed_same_interleaving(protocol: str) -> None:
         assert (a.fast_retries, a.slow_retries) == (b.fast_retries, b.slow_retries)
     signatures = {run_race(protocol, seed).signature for seed in range(8)}
     assert len(signatures) > 1
+
+
+@pytest.mark.violations_expected
+def test_mover_without_root_lock_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mover-no-root-lock mutant (kernel.MUTANTS): the folio moves under walkers that hold the
+    old root. The walk detectors check what the walker locked against the roots at every visit
+    after a preemption point, so the seeded workload catches it too."""
+    from mmsim.server.mm.model import MemoryModel
+    from mmsim.server.tools import race
+
+    monkeypatch.setattr(race, "MemoryModel", functools.partial(MemoryModel, mutant="mover-no-root-lock"))
+    results = [run_race("recheck", seed) for seed in range(50)]
+    caught = [r for r in results if r.violations]
+    assert caught, "the detectors saw nothing"
+    assert all(set(r.violations) <= {"wrong-root-walk", "mapping-changed-during-walk"} for r in caught)
+    assert any("mapping-changed-during-walk" in r.violations for r in caught)
+    assert all(r.problems == [] for r in results)

@@ -39,7 +39,8 @@ def folio_put(k: Kernel, folio: Folio) -> None:
 async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
     """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
 
-    Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL.
+    Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL (spinning
+    first while a task preempted inside its PTL section holds it: Kernel.spin_on).
     """
     if not vma.flags & VM_READ or (write and not vma.flags & VM_WRITE):
         raise MmError(errno.EFAULT, f"{'write' if write else 'read'} access to {addr:#x} not permitted (SIGSEGV)")
@@ -79,6 +80,8 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     memcg = k.memcg
     if not write:
         pt = mm.pte_alloc(cur, addr)
+        if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+            await k.spin_on(cur, pt.ptl)
         memcg.charge(cur, PTE_BYTES)
         pt.ptl.spin_lock(cur)
         raced = vpn in pt.ptes
@@ -94,6 +97,8 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     if sched.active and sched.should_preempt("fault:before-pte-lock"):
         await sched.yield_now("fault:before-pte-lock")
     pt = mm.pte_alloc(cur, addr)
+    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, pt.ptl)
     memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
     if vpn in pt.ptes:
@@ -117,6 +122,8 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
+    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, pt.ptl)
     pt.ptl.spin_lock(cur)
     pte = pt.ptes.get(vpn)
     if pte is None or pte.write:
@@ -160,6 +167,8 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
+    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, pt.ptl)
     memcg = k.memcg
     memcg.charge(cur, FOLIO_BYTES)
     pt.ptl.spin_lock(cur)

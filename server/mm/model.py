@@ -153,6 +153,7 @@ class MemoryModel:
     ``preempt`` drive the scheduler at the named preemption points; ``detectors`` turns lockdep, the
     walk detectors and the use-after-free check on. ``max_memory`` is the budget, in bytes, that
     every object the model grows with is charged to (ENOMEM beyond it; None: no limit).
+    ``mutant`` applies one of ``kernel.MUTANTS`` to the protocol (mutation testing).
     """
 
     def __init__(
@@ -164,8 +165,11 @@ class MemoryModel:
         max_processes: int | None = None,
         max_pages: int | None = None,
         max_memory: int | None = None,
+        mutant: str | None = None,
     ) -> None:
-        self.k = Kernel(protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory)
+        self.k = Kernel(
+            protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant
+        )
         self.max_processes = max_processes
         self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}

@@ -5,13 +5,14 @@ Only the root's rwsem is ever taken: ``anon_vma_lock_*`` lock ``anon_vma.root.rw
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .locks import Current, LockClass, LockdepState, RwSem
+from .locks import Current, LockClass, LockdepState, RwSem, SpinLock
 from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
 from .rcu import TypesafeObject
-from .sched import RESCHED_WORK, cond_resched, uninterruptible
+from .sched import RESCHED_WORK, Scheduler, cond_resched, uninterruptible
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -59,8 +60,24 @@ class AnonVmaChain:
 # Allocation and lifetime
 
 
-def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
-    """A new anon_vma from the slab, charged (ENOMEM before anything changes)."""
+async def preempt_point_unkillable(sched: Scheduler, point: str) -> None:
+    """A preemption point where the task must not stop half-way (inside a spinlocked section, in
+    the middle of a free): a cancellation that arrives here is delivered at the task's next
+    cancellation point instead. Call only when ``sched.should_preempt(point)`` said yes."""
+    try:
+        await sched.yield_now(point)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+
+
+async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
+    """A new anon_vma from the slab, charged (ENOMEM before anything changes). The slab hands out
+    a freed anon_vma again at once (SLAB_TYPESAFE_BY_RCU): a stale pointer then sees a live one."""
+    sched = k.sched
+    if sched.active and k.anon_vma_cache.free and sched.should_preempt("alloc:before-anon-vma-reuse"):
+        await sched.yield_now("alloc:before-anon-vma-reuse")  # nothing taken yet
     k.memcg.charge(cur, ANON_VMA_BYTES)
     av = k.anon_vma_cache.alloc()
     av.id = k.next_anon_vma_id()
@@ -77,23 +94,26 @@ async def anon_vma_free(k: Kernel, cur: Current, av: AnonVma) -> None:
     """Free an anon_vma whose refcount reached zero. Expects no anon_vma lock held.
 
     A fast-path walker may hold the root read-locked without a reference on ``av``; taking the
-    root for write once, if it is locked, waits for it as the kernel's anon_vma_free does.
+    root for write once, if it is locked, waits for it as the kernel's anon_vma_free does (the
+    free-no-root-handshake mutant skips it). The free always completes: a cancellation while
+    waiting is raised after it.
     """
+    sched = k.sched
+    if sched.active and sched.should_preempt("free:before-anon-vma-free"):
+        await preempt_point_unkillable(sched, "free:before-anon-vma-free")
     root = av.root
-    if root.rwsem.is_locked():
-        try:
+    try:
+        if k.protocol.free_root_handshake and root.rwsem.is_locked():
             if not root.rwsem.down_write(cur):
                 await root.rwsem.wait(cur)
             root.rwsem.up_write(cur)
-        finally:
-            # Even when cancelled while waiting, the object is unreachable: it goes back to the cache.
-            k.anon_vma_cache.release(av)
-            k.memcg.uncharge(ANON_VMA_BYTES)
-            k.stats["anon_vma_free"] += 1
-        return
-    k.anon_vma_cache.release(av)
-    k.memcg.uncharge(ANON_VMA_BYTES)
-    k.stats["anon_vma_free"] += 1
+    finally:
+        # Even when cancelled while waiting, the object is unreachable: it goes back to the cache.
+        k.anon_vma_cache.release(av)
+        k.memcg.uncharge(ANON_VMA_BYTES)
+        k.stats["anon_vma_free"] += 1
+    if sched.active and sched.should_preempt("free:after-anon-vma-free"):
+        await preempt_point_unkillable(sched, "free:after-anon-vma-free")
 
 
 def get_anon_vma(av: AnonVma) -> None:
@@ -114,11 +134,13 @@ async def put_anon_vma_final(k: Kernel, cur: Current, av: AnonVma) -> None:
 async def __put_anon_vma(k: Kernel, cur: Current, av: AnonVma) -> None:
     """Free ``av`` and drop its reference on the root (which may free the root)."""
     root = av.root
-    await anon_vma_free(k, cur, av)
-    if root is not av:
-        root.refcount -= 1
-        if root.refcount == 0:
-            await anon_vma_free(k, cur, root)
+    try:
+        await anon_vma_free(k, cur, av)
+    finally:
+        if root is not av:
+            root.refcount -= 1
+            if root.refcount == 0:
+                await anon_vma_free(k, cur, root)
 
 
 async def anon_vma_lock_write(cur: Current, av: AnonVma) -> None:
@@ -182,7 +204,7 @@ async def anon_vma_prepare(k: Kernel, cur: Current, vma: Vma) -> None:
     av = find_mergeable_anon_vma(vma)
     allocated = None
     if av is None:
-        av = allocated = anon_vma_alloc(k, cur)
+        av = allocated = await anon_vma_alloc(k, cur)
         av.num_children += 1  # self-parent link for a new root
     try:
         await anon_vma_lock_write(cur, av)
@@ -211,15 +233,16 @@ async def anon_vma_clone(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bo
 
     Charges the whole chain first (ENOMEM with nothing linked; ``nofail`` for a merge, which
     gives as many links back at once), then takes the root rwsem for write (all of a chain
-    shares one root). When ``dst`` has no anon_vma yet (fork), a candidate with no active VMA and
-    at most one child is adopted as its own.
+    shares one root; the fork-no-root-lock mutant does not). When ``dst`` has no anon_vma yet
+    (fork), a candidate with no active VMA and at most one child is adopted as its own.
     """
     if not src.anon_vma_chain:
         return
     cost = len(src.anon_vma_chain) * AVC_BYTES
     k.memcg.charge(cur, cost, nofail=nofail)
     root = src.anon_vma_chain[0].anon_vma.root
-    if not root.rwsem.down_write(cur):
+    locked = k.protocol.fork_root_lock
+    if locked and not root.rwsem.down_write(cur):
         try:
             await root.rwsem.wait(cur)
         except BaseException:
@@ -238,11 +261,13 @@ async def anon_vma_clone(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bo
             k.stats["anon_vma_reuse"] += 1
     if dst.anon_vma is not None:
         dst.anon_vma.num_active_vmas += 1
-    root.rwsem.up_write(cur)
+    if locked:
+        root.rwsem.up_write(cur)
 
 
 async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
-    """Give the child VMA ``vma`` the parent's chain plus, unless one was reused, a new anon_vma."""
+    """Give the child VMA ``vma`` the parent's chain plus, unless one was reused, a new anon_vma.
+    Takes the (shared) root rwsem for write in anon_vma_clone, then again to link the new one."""
     if pvma.anon_vma is None:
         return
     # The worst case, reserved first: the parent's chain, and a new anon_vma with its link.
@@ -253,12 +278,16 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
         return
     # Lock the (shared) root before allocating, so a cancelled wait leaves nothing half-built
     # but the chain anon_vma_clone made, which the kernel's error path unlinks.
+    locked = k.protocol.fork_root_lock
     try:
-        await anon_vma_lock_write(cur, pvma.anon_vma)
+        if locked:
+            await anon_vma_lock_write(cur, pvma.anon_vma)
+        av = await anon_vma_alloc(k, cur)
     except BaseException:
+        if locked and pvma.anon_vma.root.rwsem.owner is cur:
+            anon_vma_unlock_write(cur, pvma.anon_vma)
         await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))
         raise
-    av = anon_vma_alloc(k, cur)
     av.num_active_vmas += 1
     av.root = pvma.anon_vma.root
     av.parent = pvma.anon_vma
@@ -267,7 +296,8 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
     k.memcg.charge(cur, AVC_BYTES)
     anon_vma_chain_link(vma, av)
     av.parent.num_children += 1
-    anon_vma_unlock_write(cur, av)
+    if locked:
+        anon_vma_unlock_write(cur, av)
 
 
 async def unlink_anon_vmas(k: Kernel, cur: Current, vma: Vma) -> None:
@@ -352,77 +382,139 @@ class RmapWalkControl:
     mappings: list[tuple[int, int]] = field(default_factory=list)
     fast_retries: int = 0
     slow_retries: int = 0
+    #: The root whose rwsem folio_lock_anon_vma_read took, as read then: the walk holds
+    #: ``locked.rwsem`` for read. The detectors compare it with what the roots are now.
+    locked: AnonVma | None = None
+
+
+def anon_vma_unlock_read(k: Kernel, cur: Current, av: AnonVma, held: RwSem) -> None:
+    """up_read(&anon_vma->root->rwsem): the root is read again at unlock. Releases ``held``, the
+    rwsem the walker took; if ``av``'s root is now another one, the kernel would release a lock it
+    does not hold: reported as unlock-mismatch."""
+    if k.detect and av.root.rwsem is not held:
+        k.detectors.report("unlock-mismatch", task=cur.name, anon_vma=av.id, root_now=av.root.id)
+    held.up_read(cur)
 
 
 async def folio_lock_anon_vma_read(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
     """Read-lock the root of ``folio``'s anon_vma, retrying if the mapping moved under us.
 
-    Expects no anon_vma lock held (and, under the folio-lock protocol, the folio lock). Returns
-    the anon_vma with its root's rwsem held for read, or None (not mapped, or contended).
+    Expects no anon_vma lock held (and, under the folio-lock protocol, the folio lock). Takes the
+    RCU read lock, then the root rwsem: a trylock, or (without ``try_lock``) a pin on the anon_vma
+    and a sleep on the root with RCU dropped. Returns the anon_vma with its root's rwsem held for
+    read (``rwc.locked``), or None (not mapped, or contended).
     """
     proto = k.protocol
     rcu = k.rcu
     sched = k.sched
+    root_in_rcu = proto.walker_root_in_rcu
+    pin = proto.walker_anon_vma_get
     while True:
         rcu.read_lock(cur)
         av = folio.mapping  # READ_ONCE(folio->mapping)
         if av is None or folio.mapcount == 0:
             rcu.read_unlock(cur)
             return None
+        in_rcu = root_in_rcu
+        if not in_rcu:
+            rcu.read_unlock(cur)  # the walker-root-read-outside-rcu mutant
         if sched.active and sched.should_preempt("walk:after-mapping-read"):
             try:
                 await sched.yield_now("walk:after-mapping-read")
             except BaseException:
-                rcu.read_unlock(cur)
+                if in_rcu:
+                    rcu.read_unlock(cur)
                 raise
         if av.freed:
             rcu.check_access(cur, av, "READ_ONCE(anon_vma->root)")
-        root = av.root
+        root = av.root  # READ_ONCE(anon_vma->root)
+        if sched.active and sched.should_preempt("walk:after-root-read"):
+            try:
+                await sched.yield_now("walk:after-root-read")
+            except BaseException:
+                if in_rcu:
+                    rcu.read_unlock(cur)
+                raise
+        if root.freed:
+            rcu.check_access(cur, root, "down_read_trylock(&root_anon_vma->rwsem)")
         if root.rwsem.down_read_trylock(cur):
+            if sched.active and sched.should_preempt("walk:after-trylock"):
+                try:
+                    await sched.yield_now("walk:after-trylock")
+                except BaseException:
+                    root.rwsem.up_read(cur)
+                    if in_rcu:
+                        rcu.read_unlock(cur)
+                    raise
             if proto.recheck_fast and folio.mapping is not av:
                 root.rwsem.up_read(cur)
-                rcu.read_unlock(cur)
+                if in_rcu:
+                    rcu.read_unlock(cur)
                 rwc.fast_retries += 1
                 continue
             if folio.mapcount == 0:
                 root.rwsem.up_read(cur)
                 av = None
-            rcu.read_unlock(cur)
+            else:
+                rwc.locked = root
+            if in_rcu:
+                rcu.read_unlock(cur)
             return av
         if rwc.try_lock:
             rwc.contended = True
-            rcu.read_unlock(cur)
+            if in_rcu:
+                rcu.read_unlock(cur)
             return None
         # Slow path: pin the anon_vma, leave RCU, sleep on the root rwsem.
-        if av.refcount == 0:
-            rcu.read_unlock(cur)
-            return None
-        av.refcount += 1
+        if pin:
+            if av.refcount == 0:  # atomic_inc_not_zero failed
+                if in_rcu:
+                    rcu.read_unlock(cur)
+                return None
+            av.refcount += 1
         if folio.mapcount == 0:
-            rcu.read_unlock(cur)
-            await put_anon_vma(k, cur, av)
+            if in_rcu:
+                rcu.read_unlock(cur)
+            if pin:
+                await put_anon_vma(k, cur, av)
             return None
-        rcu.read_unlock(cur)
+        if in_rcu:
+            rcu.read_unlock(cur)
         try:
             if sched.active and sched.should_preempt("walk:slow-before-lock"):
                 await sched.yield_now("walk:slow-before-lock")
-            rw = av.root.rwsem
+            if av.freed:
+                rcu.check_access(cur, av, "anon_vma_lock_read")
+            root = av.root  # anon_vma_lock_read: down_read(&anon_vma->root->rwsem)
+            rw = root.rwsem
             if not rw.down_read(cur):
                 await rw.wait(cur)
         except BaseException:
-            await put_anon_vma(k, cur, av)
+            if pin:
+                await put_anon_vma(k, cur, av)
             raise
+        if sched.active and sched.should_preempt("walk:slow-after-lock"):
+            try:
+                await sched.yield_now("walk:slow-after-lock")
+            except BaseException:
+                anon_vma_unlock_read(k, cur, av, rw)
+                if pin:
+                    await put_anon_vma(k, cur, av)
+                raise
         if proto.recheck_slow and folio.mapping is not av:
-            rw.up_read(cur)
-            await put_anon_vma(k, cur, av)
+            anon_vma_unlock_read(k, cur, av, rw)
+            if pin:
+                await put_anon_vma(k, cur, av)
             rwc.slow_retries += 1
             continue
-        av.refcount -= 1
-        if av.refcount == 0:
-            # We held the last reference.
-            rw.up_read(cur)
-            await __put_anon_vma(k, cur, av)
-            return None
+        if pin:
+            av.refcount -= 1
+            if av.refcount == 0:
+                # We held the last reference.
+                anon_vma_unlock_read(k, cur, av, rw)
+                await __put_anon_vma(k, cur, av)
+                return None
+        rwc.locked = root
         return av
 
 
@@ -430,90 +522,125 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
     """Visit every VMA of the folio's anon_vma tree that covers ``folio.index``.
 
     Takes the anon_vma root rwsem for read through folio_lock_anon_vma_read; each visit takes that
-    mm's PTL (folio_referenced_one).
+    mm's PTL (folio_referenced_one), spinning while a task preempted inside its section holds it.
+    The detectors (``_check_walk``) run at walk start, after the index read's preemption point,
+    and at every visit that follows a point where other tasks ran (nothing can change between two
+    visits otherwise); the residual-window finding at the index read.
     """
     av = await folio_lock_anon_vma_read(k, cur, folio, rwc)
     if av is None:
         return
-    root = av.root
-    rw = root.rwsem
+    locked = rwc.locked
+    assert locked is not None
+    held = locked.rwsem
+    sched = k.sched
+    detect = k.detect
+    walk_root: AnonVma | None = None
+    ntree = 0
+    residual = False
     try:
-        detect = k.detect
-        walk_root = folio.mapping.root if folio.mapping is not None else None
-        walk_index = folio.index
+        pgoff = folio.index  # folio_pgoff(folio): READ_ONCE(folio->index)
         if detect:
-            _check_walk(k, cur, folio, root, walk_root, walk_index, "walk start")
-        pgoff = folio.index
-        folio_locked = k.protocol.walker_folio_lock
-        sched = k.sched
-        rcu = k.rcu
+            torn = k.torn
+            if torn and torn.get(folio) == (av, pgoff):
+                # The mover stored folio->mapping and not yet folio->index: (av, pgoff) never held.
+                residual = True
+                k.detectors.note(
+                    "residual-index-window", task=cur.name, folio=folio.id, anon_vma=av.id, index_read=pgoff
+                )
+            mapping = folio.mapping
+            walk_root = mapping.root if mapping is not None else None
+            ntree = len(av.rb_root)
+        if sched.active and sched.should_preempt("walk:after-index-read"):
+            await sched.yield_now("walk:after-index-read")
+        if detect:
+            _check_walk(k, cur, folio, av, locked, pgoff, walk_root, ntree, residual, "walk start")
         if av.freed:
-            rcu.check_access(cur, av, "rmap_walk_anon tree")
+            k.rcu.check_access(cur, av, "rmap_walk_anon tree")
         avcs = list(av.rb_root)
+        stale = False  # other tasks ran since the last check
         for start in range(0, len(avcs), RESCHED_WORK):
             if start:  # a tree of thousands of VMAs: let others run (the rwsem stays held)
                 await cond_resched()
+                stale = True
             for avc in avcs[start : start + RESCHED_WORK] if len(avcs) > RESCHED_WORK else avcs:
                 vma = avc.vma
                 vpg = vma.pgoff
                 if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):
                     continue
-                if detect and (
-                    folio.index != walk_index
-                    or (folio.lock.owner is not cur if folio_locked else folio.mapping.root is not root)  # type: ignore[union-attr]
-                    or folio.mapping.root is not walk_root  # type: ignore[union-attr]
-                ):
-                    _check_walk(k, cur, folio, root, walk_root, walk_index, "visit")
                 addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
-                if not folio_referenced_one(cur, folio, vma, addr, rwc):
-                    return  # every mapping found
+                while True:
+                    if stale:
+                        stale = False
+                        if detect:
+                            _check_walk(k, cur, folio, av, locked, pgoff, walk_root, ntree, residual, "visit")
+                    more = folio_referenced_one(cur, folio, vma, addr, rwc)
+                    if more is True:
+                        break
+                    if more is False:
+                        return  # every mapping found
+                    await k.spin_on(cur, more)  # the PTL, held across a preemption point
+                    stale = True
                 if sched.active and sched.should_preempt("walk:per-vma"):
                     await sched.yield_now("walk:per-vma")
+                    stale = True
     finally:
-        rw.up_read(cur)
+        anon_vma_unlock_read(k, cur, av, held)
 
 
 def _check_walk(
-    k: Kernel, cur: Current, folio: Folio, held_root: AnonVma, walk_root: AnonVma | None, walk_index: int, where: str
+    k: Kernel, cur: Current, folio: Folio, av: AnonVma, locked: AnonVma, pgoff: int, walk_root: AnonVma | None,
+    ntree: int, residual: bool, where: str,
 ) -> None:
-    """Detectors for a walk: it must hold the folio's current root (or the folio lock under the
-    folio-lock protocol), and the folio's root and index must not change while it walks."""
+    """Detectors for a walk that holds ``locked.rwsem`` (taken by folio_lock_anon_vma_read), walks
+    ``av``'s tree and read ``pgoff`` when the folio's root was ``walk_root`` and ``av``'s tree held
+    ``ntree`` links. The rwsem held must be the root rwsem of ``av`` and of the folio's current
+    anon_vma (and, under the folio-lock protocol, the walker must hold the folio lock); the
+    folio's root and index must not change while it walks (the index may, after a read in the
+    residual window: that walk read the stale one); nor may ``av``'s tree."""
+    det = k.detectors
+    held = locked.rwsem
     if k.protocol.walker_folio_lock:
         assert folio.lock is not None
         if folio.lock.owner is not cur:
-            k.detectors.report("wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="folio not locked")
-    else:
-        cur_av = folio.mapping
-        if cur_av is not None and cur_av.root is not held_root:
-            k.detectors.report(
-                "wrong-root-walk",
-                task=cur.name,
-                folio=folio.id,
-                where=where,
-                held_root=held_root.id,
-                folio_root=cur_av.root.id,
-            )
-    now_root = folio.mapping.root if folio.mapping is not None else None
-    if where != "walk start" and (now_root is not walk_root or folio.index != walk_index):
-        k.detectors.report(
-            "mapping-changed-during-walk",
-            task=cur.name,
-            folio=folio.id,
-            index_then=walk_index,
-            index_now=folio.index,
+            det.report("wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="folio not locked")
+    if av.root.rwsem is not held:
+        det.report(
+            "wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="the walked anon_vma's root is not held",
+            held_root=locked.id, anon_vma=av.id, anon_vma_root=av.root.id,
+        )
+    cur_av = folio.mapping
+    now_root = cur_av.root if cur_av is not None else None
+    if now_root is not None and now_root.rwsem is not held:
+        det.report(
+            "wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="the folio's root is not held",
+            held_root=locked.id, folio_root=now_root.id,
+        )
+    if now_root is not walk_root or (folio.index != pgoff and not residual):
+        det.report(
+            "mapping-changed-during-walk", task=cur.name, folio=folio.id, where=where,
+            index_then=pgoff, index_now=folio.index,
+        )
+    if len(av.rb_root) != ntree:
+        det.report(
+            "tree-changed-during-walk", task=cur.name, folio=folio.id, where=where, anon_vma=av.id,
+            links_then=ntree, links_now=len(av.rb_root),
         )
 
 
-def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> bool:
+def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> bool | SpinLock:
     """Test and clear the young bit of the PTE at ``addr`` if it maps ``folio``. Takes that PTL.
 
-    Returns False to stop the walk (every mapping found).
+    Returns False to stop the walk (every mapping found), True to go on; or, without doing
+    anything, the PTL when a task preempted inside its section holds it (spin, then call again).
     """
     mm = vma.mm
     pt = mm.pgtables.get(addr >> PMD_SHIFT)
     if pt is None:
         return True
     ptl = pt.ptl
+    if ptl.owner is not None:
+        return ptl
     ptl.spin_lock(cur)  # page_vma_mapped_walk
     pte = pt.ptes.get(addr >> PAGE_SHIFT)
     if pte is not None and pte.folio is folio:
@@ -539,7 +666,8 @@ async def folio_referenced(k: Kernel, cur: Current, folio: Folio, try_lock: bool
     rwc.mapcount = folio.mapcount
     lock = folio.lock
     locked = False
-    if k.protocol.walker_folio_lock:
+    proto = k.protocol
+    if proto.walker_folio_lock and proto.walker_locks_folio:
         assert lock is not None
         if not lock.trylock(cur):
             if try_lock:

@@ -29,8 +29,8 @@ POINTS = (
     "walk:per-vma",  # rmap_walk_anon: between two VMAs of one walk
     "move:after-folio-lock",  # move_pages_pte: between the folio lock and the anon_vma lock
     "move:anon-vma-locked",  # move_pages_pte: inside the src anon_vma write-locked section
-    "move:between-ptls",  # double_pt_lock: the first PTL taken, before the nested one (another CPU runs)
-    "move:after-mapping-store",  # move_present_ptes: folio->mapping stored, folio->index not yet (PTLs held)
+    "move:between-ptls",  # double_pt_lock(_wait): the first PTL taken, before the nested one
+    "move:after-mapping-store",  # move_present_ptes(_preemptible): folio->mapping stored, not folio->index
     "move:between-pages",  # move_pages: between two steps (cond_resched)
     "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL

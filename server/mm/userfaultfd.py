@@ -32,7 +32,14 @@ from .mm_types import (
 from .memcontrol import MemoryLimitExceeded
 from .mmap import vma_modify
 from .sched import RESCHED_WORK, cond_resched
-from .rmap import AnonVma, anon_vma_prepare, folio_get_anon_vma, folio_move_anon_rmap, put_anon_vma_final
+from .rmap import (
+    AnonVma,
+    anon_vma_prepare,
+    folio_get_anon_vma,
+    folio_move_anon_rmap,
+    preempt_point_unkillable,
+    put_anon_vma_final,
+)
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -136,14 +143,41 @@ class MoveProgress:
         self.on_step = on_step  # (src_addr, dst_addr, bytes)
 
 
-def double_pt_lock(cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
-    """Take two PTLs in address order, the second nested; one lock is taken once."""
+def double_pt_lock(cur: Current, ptl1: SpinLock, ptl2: SpinLock, ordered: bool = True) -> None:
+    """Take two PTLs in address order, the second nested; one lock is taken once. Expects both
+    free (see double_pt_lock_wait). ``ordered=False`` is the ptl-no-address-order mutant."""
     if ptl1 is ptl2:
         ptl1.spin_lock(cur)
         return
-    if ptl2.key < ptl1.key:
+    if ordered and ptl2.key < ptl1.key:
         ptl1, ptl2 = ptl2, ptl1
     ptl1.spin_lock(cur)
+    ptl2.spin_lock(cur, nested=True)
+
+
+async def double_pt_lock_wait(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
+    """double_pt_lock where others may run: when the scheduler is active, or a task preempted
+    inside its section holds one of the PTLs. Spins (Kernel.spin_on) on a held PTL; between the
+    first PTL and the nested one is the ``move:between-ptls`` point."""
+    if ptl1 is ptl2:
+        if ptl1.owner is not None:
+            await k.spin_on(cur, ptl1)
+        ptl1.spin_lock(cur)
+        return
+    if k.protocol.ptl_address_order and ptl2.key < ptl1.key:
+        ptl1, ptl2 = ptl2, ptl1
+    if ptl1.owner is not None:
+        await k.spin_on(cur, ptl1)
+    ptl1.spin_lock(cur)
+    try:
+        sched = k.sched
+        if sched.active and sched.should_preempt("move:between-ptls"):
+            await sched.yield_now("move:between-ptls")
+        if ptl2.owner is not None:
+            await k.spin_on(cur, ptl2)
+    except BaseException:
+        ptl1.spin_unlock(cur)
+        raise
     ptl2.spin_lock(cur, nested=True)
 
 
@@ -283,7 +317,8 @@ async def move_pages_pte(
     Expects mmap_lock held (read). Takes the src folio lock, then the src folio's anon_vma root
     rwsem for write (not under the folio-lock protocol), then both PTLs. Blocking acquisitions
     happen with only mmap_lock held and restart the step. Returns the bytes moved (> 0), or a
-    negative errno (-EAGAIN: retry this step).
+    negative errno (-EAGAIN: retry this step). The mover-no-folio-lock and mover-no-root-lock
+    mutants skip the src folio's lock and the root lock.
     """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
@@ -304,6 +339,10 @@ async def move_pages_pte(
                 return -errno.EAGAIN
             folio = src_pte.folio
             if folio is ZERO_PAGE:
+                if sched.active or dst_pt.ptl.owner is not None or src_pt.ptl.owner is not None:
+                    await double_pt_lock_wait(k, cur, dst_pt.ptl, src_pt.ptl)
+                else:
+                    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl, proto.ptl_address_order)
                 return move_zeropage_pte(cur, dst_addr, src_addr, dst_pt, src_pt, src_pte)
             if src_folio is None:
                 if not folio.exclusive:
@@ -311,14 +350,15 @@ async def move_pages_pte(
                 folio.refcount += 1  # folio_get
                 src_folio = folio
                 orig_src_pte = src_pte
-                lock = folio.lock
-                assert lock is not None
-                if not lock.trylock(cur):
-                    if not lock.lock(cur):
-                        await lock.wait(cur)
+                if proto.mover_folio_lock:
+                    lock = folio.lock
+                    assert lock is not None
+                    if not lock.trylock(cur):
+                        if not lock.lock(cur):
+                            await lock.wait(cur)
+                        folio_locked = True
+                        continue
                     folio_locked = True
-                    continue
-                folio_locked = True
             if sched.active and sched.should_preempt("move:after-folio-lock"):
                 await sched.yield_now("move:after-folio-lock")
                 continue
@@ -337,6 +377,10 @@ async def move_pages_pte(
                 await sched.yield_now("move:anon-vma-locked")
                 continue
             assert orig_src_pte is not None
+            if sched.active or dst_pt.ptl.owner is not None or src_pt.ptl.owner is not None:
+                return await move_present_ptes_preemptible(
+                    k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, src_folio
+                )
             return move_present_ptes(
                 k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, src_folio
             )
@@ -358,15 +402,25 @@ async def move_pages_pte(
 def move_present_ptes(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
     dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
+    window: list[tuple[Folio, int, bool]] | None = None,
 ) -> int:
     """Move the locked ``folio``, then every following page of ``extent`` that can go under the
     same PTL pair: dst none, src present and not the zero page, its folio trylockable, exclusive
     and under the same anon_vma (6.18's batched move). Expects the folio lock (and the old root's
-    rwsem for write); takes both PTLs. Each folio moves to dst's anon_vma at dst's index; mapcounts
-    do not change. Returns the bytes moved, or a negative errno."""
+    rwsem for write); takes both PTLs, which must be free (nobody else runs meanwhile). Each folio
+    moves to dst's anon_vma at dst's index; mapcounts do not change. Returns the bytes moved, or a
+    negative errno.
+
+    Per folio the kernel stores folio->mapping, then folio->index, then the dst PTE (the
+    move-index-before-mapping mutant swaps the two stores). With ``window``, the PTLs are the
+    caller's (move_present_ptes_preemptible): each folio gets its first store only, and the rest
+    of its move is left in ``window`` (folio, page, dirty) for after the caller's point.
+    """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
-    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
+    proto = k.protocol
+    if window is None:
+        double_pt_lock(cur, dst_pt.ptl, src_pt.ptl, proto.ptl_address_order)
     try:
         if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
             return -errno.EAGAIN
@@ -374,17 +428,31 @@ def move_present_ptes(
             return -errno.EBUSY
         anon_vma = folio.mapping
         index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
+        plain = window is None and proto.move_mapping_first  # both stores now, the kernel's order
         pte = orig_src_pte
         n = 0
         last = extent >> PAGE_SHIFT
         while True:
             del src_ptes[svpn + n]  # ptep_clear_flush
-            folio_move_anon_rmap(folio, dst_vma)
-            folio.index = index + n
-            # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
-            dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
-            if n:
-                folio.lock.unlock(cur)  # type: ignore[union-attr]
+            if plain:
+                folio_move_anon_rmap(folio, dst_vma)  # WRITE_ONCE(folio->mapping)
+                folio.index = index + n
+                # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
+                dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
+                if n:
+                    folio.lock.unlock(cur)  # type: ignore[union-attr]
+            elif window is None:  # move-index-before-mapping
+                folio.index = index + n
+                folio_move_anon_rmap(folio, dst_vma)
+                dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
+                if n:
+                    folio.lock.unlock(cur)  # type: ignore[union-attr]
+            else:  # the first store only; the caller does the rest after its point
+                if proto.move_mapping_first:
+                    folio_move_anon_rmap(folio, dst_vma)
+                else:
+                    folio.index = index + n
+                window.append((folio, n, pte.dirty))
             n += 1
             if n == last:
                 break
@@ -402,15 +470,61 @@ def move_present_ptes(
                 break
         return n << PAGE_SHIFT
     finally:
-        double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+        if window is None:
+            double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+
+
+async def move_present_ptes_preemptible(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
+    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
+) -> int:
+    """move_present_ptes where other tasks may run: with the scheduler active, or a PTL held by
+    a task preempted inside its section. Takes the PTLs with double_pt_lock_wait (spinning, the
+    ``move:between-ptls`` point); between each folio's two stores is the
+    ``move:after-mapping-store`` point, the residual window of the reference (PTLs held: the step
+    runs to its end even if the task is cancelled there). A batch's folios are in the window
+    together; meanwhile each torn (mapping, index) pair, which never held together, is in
+    ``k.torn`` for the walkers' residual-window check."""
+    sched = k.sched
+    dst_ptl, src_ptl = dst_pt.ptl, src_pt.ptl
+    await double_pt_lock_wait(k, cur, dst_ptl, src_ptl)
+    try:
+        window: list[tuple[Folio, int, bool]] = []
+        moved = move_present_ptes(
+            k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, folio, window
+        )
+        if window and sched.active and sched.should_preempt("move:after-mapping-store"):
+            torn = k.torn
+            for f, _, _ in window:
+                torn[f] = (f.mapping, f.index)  # type: ignore[assignment]
+            try:
+                await preempt_point_unkillable(sched, "move:after-mapping-store")
+            finally:
+                for f, _, _ in window:
+                    del torn[f]
+        mapping_first = k.protocol.move_mapping_first
+        dvpn = dst_addr >> PAGE_SHIFT
+        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
+        dst_ptes = dst_pt.ptes
+        for f, n, dirty in window:
+            if mapping_first:
+                f.index = index + n
+            else:
+                folio_move_anon_rmap(f, dst_vma)
+            dst_ptes[dvpn + n] = Pte(f, True, True, dirty)
+            if n:
+                f.lock.unlock(cur)  # type: ignore[union-attr]
+        return moved
+    finally:
+        double_pt_unlock(cur, dst_ptl, src_ptl)
 
 
 def move_zeropage_pte(
     cur: Current, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
 ) -> int:
-    """The zero page moves as a special PTE (6.9+): no folio, no rmap. Takes both PTLs."""
+    """The zero page moves as a special PTE (6.9+): no folio, no rmap. Expects both PTLs held
+    (double_pt_lock); drops them."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
-    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
     try:
         if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
             return -errno.EAGAIN

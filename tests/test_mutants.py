@@ -1,0 +1,489 @@
+"""Protocol mutants (kernel.MUTANTS): each one is killed by a scripted interleaving, and the same
+script under the unmutated protocol reports nothing.
+
+Every killing script is parametrized over ``None`` (the kernel as the protocol has it: no
+violation, a clean audit) and the mutant (the named detector fires, or lockdep's deadlock check).
+The two mutants no scenario can tell from the kernel get an equivalence witness instead: the
+script where they would matter, with the same verdict under both (docs/mutants.md argues it).
+Interleavings are scripted with ``Scheduler.pause_at`` breakpoints and event-loop turns only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from mmsim.server.mm.detectors import FINDING_KINDS, KINDS
+from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel, protocol_with_mutant
+from mmsim.server.mm.locks import Current
+from mmsim.server.mm.memory import folio_put
+from mmsim.server.mm.mm_types import PAGE_SIZE
+from mmsim.server.mm.model import MemoryModel
+from mmsim.server.mm.rmap import RmapWalkControl, folio_referenced
+from mmsim.server.mm.sched import POINTS
+
+T = TypeVar("T")
+P = PAGE_SIZE
+SRC = 0x1000_0000
+DST = 0x2000_0000
+FAR = 0x3000_0000
+NPAGES = 4
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "mutants.md"
+MUTATION = pytest.mark.violations_expected
+
+
+def killed(mutant: str) -> list[Any]:
+    """The parameters of a killing script: the kernel, then the mutant (whose violations are expected)."""
+    return [None, pytest.param(mutant, marks=MUTATION)]
+
+
+async def run_until(cond: Callable[[], Any], turns: int = 200) -> None:
+    """Give the tasks event-loop turns until ``cond`` holds."""
+    for _ in range(turns):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    assert cond()
+
+
+async def done(aw: Awaitable[T]) -> T:
+    """Await a task that must finish now (a hang is a failure, not a stuck test)."""
+    return await asyncio.wait_for(aw, 5)
+
+
+async def env(protocol: str, mutant: str | None, register_src: bool = False, dst_pages: tuple[int, ...] = ()) -> tuple[MemoryModel, int]:
+    """One process: src (page 0 written) and dst (registered MISSING) in different PMDs and
+    anon_vma trees; ``register_src`` registers src too (a move back), ``dst_pages`` are written
+    before dst is registered."""
+    m = MemoryModel(protocol=protocol, mutant=mutant)
+    pid = await m.create_process()
+    await m.mmap(pid, NPAGES * P, addr=SRC)
+    await m.mmap(pid, NPAGES * P, addr=DST)
+    await m.write(pid, SRC, 0x5000)
+    for i in dst_pages:
+        await m.write(pid, DST + i * P, 0xD000 + i)
+    await m.uffd_register(pid, DST, NPAGES * P, "missing")
+    if register_src:
+        await m.uffd_register(pid, SRC, NPAGES * P, "missing")
+    return m, pid
+
+
+def folio_at(m: MemoryModel, pid: int, addr: int) -> Any:
+    pte = m.processes[pid].pte_lookup(addr)
+    assert pte is not None
+    return pte.folio
+
+
+def anon_vma_at(m: MemoryModel, pid: int, addr: int) -> Any:
+    vma = m.processes[pid].vma_lookup(addr)
+    assert vma is not None and vma.anon_vma is not None
+    return vma.anon_vma
+
+
+async def walk_folio(m: MemoryModel, folio: Any) -> RmapWalkControl:
+    """folio_referenced (trylock mode) on a folio itself, as reclaim finds it on the LRU: while a
+    move is half-way the folio may be mapped at no address yet."""
+    folio.refcount += 1
+    try:
+        return await folio_referenced(m.k, Current("walk"), folio, try_lock=True)
+    finally:
+        folio_put(m.k, folio)
+
+
+def verdict(m: MemoryModel, mutant: str | None, expected: set[str]) -> None:
+    """The kernel: no violation and a clean audit. The mutant: at least ``expected`` fired."""
+    fired = set(m.detectors.counts)
+    if mutant is None:
+        assert not fired, m.detectors.events
+        assert m.check_invariants() == []
+    else:
+        assert expected <= fired, (mutant, dict(m.detectors.counts), m.detectors.events[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def test_table() -> None:
+    kernel = PROTOCOLS["recheck"]
+    for name, mut in MUTANTS.items():
+        assert mut.name == name and mut.kernel and mut.failure and mut.protocols
+        assert set(mut.protocols) <= set(PROTOCOLS)
+        for protocol in mut.protocols:
+            p = protocol_with_mutant(protocol, name)
+            assert p.mutant == name and p.name == protocol
+            for field, value in mut.changes:
+                assert getattr(PROTOCOLS[protocol], field) != value  # the kernel does it
+                assert getattr(p, field) == value
+    assert all(
+        getattr(kernel, f) is True
+        for f in ("mover_folio_lock", "walker_anon_vma_get", "walker_root_in_rcu", "walker_locks_folio",
+                  "fork_root_lock", "free_root_handshake", "move_mapping_first", "ptl_address_order")
+    )
+    assert MemoryModel(mutant="fork-no-root-lock").k.protocol.fork_root_lock is False
+    assert MemoryModel().k.mutant is None and Kernel("folio-lock", mutant="mover-no-folio-lock").mutant is not None
+
+
+def test_unknown_or_inapplicable_mutant() -> None:
+    with pytest.raises(ValueError) as e:
+        Kernel("recheck", mutant="no-such-mutant")
+    assert all(name in str(e.value) for name in MUTANTS)
+    with pytest.raises(ValueError, match="applies to"):
+        MemoryModel(protocol="no-recheck", mutant="no-recheck-fast")
+    with pytest.raises(ValueError, match="applies to"):
+        MemoryModel(protocol="recheck", mutant="folio-lock-walker-skips-lock")
+
+
+#: The script that kills each non-equivalent mutant, and the witness of each equivalent one.
+SCRIPTS = {
+    "no-recheck-fast": "test_no_recheck_fast",
+    "no-recheck-slow": "test_no_recheck_slow",
+    "mover-no-root-lock": "test_mover_no_root_lock",
+    "mover-no-folio-lock": "test_mover_no_folio_lock",
+    "walker-no-anon-vma-get": "test_walker_no_anon_vma_get",
+    "walker-root-read-outside-rcu": "test_walker_root_read_outside_rcu",
+    "fork-no-root-lock": "test_fork_no_root_lock",
+    "free-no-root-handshake": "test_free_no_root_handshake_is_equivalent",
+    "move-index-before-mapping": "test_move_index_before_mapping_is_equivalent",
+    "ptl-no-address-order": "test_ptl_no_address_order",
+    "folio-lock-walker-skips-lock": "test_folio_lock_walker_skips_lock",
+}
+
+
+def test_every_mutant_has_its_script_and_its_documentation() -> None:
+    assert set(SCRIPTS) == set(MUTANTS)
+    for name, script in SCRIPTS.items():
+        assert callable(globals()[script])
+        assert script.endswith("_is_equivalent") == MUTANTS[name].equivalent
+    doc = DOCS.read_text()
+    for name, mut in MUTANTS.items():
+        assert f"`{name}`" in doc, name
+        assert SCRIPTS[name] in doc, name
+    for kind in (*KINDS, *FINDING_KINDS):
+        assert kind in doc, kind
+    for point in POINTS:
+        assert point in doc, point
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's two races: the recheck mutants
+
+
+async def fast_path_race(protocol: str, mutant: str | None) -> tuple[MemoryModel, int, Any]:
+    """W reads F's mapping (AVs) and stops before its root; M moves F to dst meanwhile (if it can:
+    under folio-lock it waits for the folio lock W holds); then W goes on."""
+    m, pid = await env(protocol, mutant)
+    bp = m.k.sched.pause_at("walk:after-mapping-read")
+    walker = asyncio.create_task(m.walk(pid, SRC))
+    await bp.wait_reached()
+    f = folio_at(m, pid, SRC)
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await run_until(lambda: mover.done() or bool(f.lock.waiters))
+    bp.release()
+    w = await done(walker)
+    assert await done(mover) == P
+    return m, pid, w
+
+
+@pytest.mark.parametrize("mutant", killed("no-recheck-fast"))
+async def test_no_recheck_fast(mutant: str | None) -> None:
+    m, pid, w = await fast_path_race("recheck", mutant)
+    if mutant is None:
+        assert w.fast_retries == 1 and w.mappings == ((pid, DST),)
+    else:
+        assert w.fast_retries == 0 and w.mappings == ()
+    verdict(m, mutant, {"wrong-root-walk"})
+
+
+@pytest.mark.parametrize("mutant", killed("folio-lock-walker-skips-lock"))
+async def test_folio_lock_walker_skips_lock(mutant: str | None) -> None:
+    m, pid, w = await fast_path_race("folio-lock", mutant)
+    # With the folio lock the mover waited and the walker found F at src; without, F left under it.
+    assert w.mappings == (((pid, SRC),) if mutant is None else ())
+    verdict(m, mutant, {"wrong-root-walk"})
+    if mutant is not None:
+        assert any(e.detail.get("why") == "folio not locked" for e in m.detectors.events)
+
+
+@pytest.mark.parametrize("mutant", killed("no-recheck-slow"))
+async def test_no_recheck_slow(mutant: str | None) -> None:
+    """M holds RS for write; a blocking W pins AVs and sleeps on RS; M moves F and lets go; W wakes."""
+    m, pid = await env("recheck", mutant)
+    rs = anon_vma_at(m, pid, SRC).root.rwsem
+    bp_move = m.k.sched.pause_at("move:anon-vma-locked")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp_move.wait_reached()
+    walker = asyncio.create_task(m.walk(pid, SRC, blocking=True))
+    await run_until(lambda: any(not wt.write for wt in rs.waiters or ()))
+    bp_move.release()
+    assert await done(mover) == P
+    w = await done(walker)
+    assert w.slow_retries == (1 if mutant is None else 0)
+    assert w.mappings == (((pid, DST),) if mutant is None else ())
+    verdict(m, mutant, {"wrong-root-walk"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The mover's locks
+
+
+async def walker_holds_old_root_while_moving(protocol: str, mutant: str | None) -> tuple[MemoryModel, int, Any]:
+    """W has locked F's root (and, under folio-lock, F) and read F's index; M tries to move F:
+    the kernel's mover waits for W, the mutant's moves F under W's walk."""
+    m, pid = await env(protocol, mutant)
+    f = folio_at(m, pid, SRC)
+    rs = anon_vma_at(m, pid, SRC).root.rwsem
+    bp = m.k.sched.pause_at("walk:after-index-read")
+    walker = asyncio.create_task(m.walk(pid, SRC))
+    await bp.wait_reached()
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await run_until(lambda: mover.done() or bool(rs.waiters) or bool(f.lock.waiters))
+    assert mover.done() == (mutant is not None)
+    bp.release()
+    w = await done(walker)
+    assert await done(mover) == P
+    return m, pid, w
+
+
+@pytest.mark.parametrize("mutant", killed("mover-no-root-lock"))
+async def test_mover_no_root_lock(mutant: str | None) -> None:
+    m, pid, w = await walker_holds_old_root_while_moving("recheck", mutant)
+    assert w.mappings == (((pid, SRC),) if mutant is None else ())
+    verdict(m, mutant, {"wrong-root-walk", "mapping-changed-during-walk"})
+
+
+@pytest.mark.parametrize("mutant", killed("mover-no-folio-lock"))
+async def test_mover_no_folio_lock(mutant: str | None) -> None:
+    m, pid, w = await walker_holds_old_root_while_moving("folio-lock", mutant)
+    assert w.mappings == (((pid, SRC),) if mutant is None else ())
+    verdict(m, mutant, {"wrong-root-walk", "mapping-changed-during-walk"})
+
+
+@pytest.mark.parametrize("mutant", killed("ptl-no-address-order"))
+async def test_ptl_no_address_order(mutant: str | None) -> None:
+    """M1 moves src page 0 to dst, M2 dst page 1 to src: the two PTLs, in opposite roles. M1 stops
+    between its first PTL and its second; M2 runs into the PTL M1 holds and spins. In address
+    order both take the same PTL first, so M2 spins on it and M1 finishes; in argument order each
+    holds the PTL the other spins on."""
+    m, pid = await env("recheck", mutant, register_src=True, dst_pages=(1,))
+    k = m.k
+    bp = k.sched.pause_at("move:between-ptls")
+    m1 = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp.wait_reached()
+    m2 = asyncio.create_task(m.move(pid, SRC + P, DST + P, P))
+    await run_until(lambda: len(k.spinning) == 1)
+    bp.release()
+    if mutant is None:
+        assert await done(m1) == P
+    else:
+        with pytest.raises(Deadlock):
+            await done(m1)
+    assert await done(m2) == P
+    assert not k.spinning
+    verdict(m, mutant, {"deadlock"})
+    if mutant is not None:
+        assert m.check_invariants() == []  # the deadlock was broken cleanly: M1 undid its step
+
+
+# ---------------------------------------------------------------------------------------------
+# The walker's lifetime rules
+
+
+@pytest.mark.parametrize("mutant", killed("walker-no-anon-vma-get"))
+async def test_walker_no_anon_vma_get(mutant: str | None) -> None:
+    """M holds RS for write; a blocking W fails its trylock and stops before sleeping on RS; M moves
+    F; src is unmapped, which drops AVs's last reference but W's pin; W goes on to lock AVs's root."""
+    m, pid = await env("recheck", mutant)
+    avs = anon_vma_at(m, pid, SRC)
+    bp_move = m.k.sched.pause_at("move:anon-vma-locked")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp_move.wait_reached()
+    bp_walk = m.k.sched.pause_at("walk:slow-before-lock")
+    walker = asyncio.create_task(m.walk(pid, SRC, blocking=True))
+    await bp_walk.wait_reached()
+    bp_move.release()
+    assert await done(mover) == P
+    await m.munmap(pid, SRC, NPAGES * P)
+    assert avs.freed == (mutant is not None)  # the kernel's pin keeps it
+    bp_walk.release()
+    w = await done(walker)
+    assert w.mappings == ((pid, DST),) and w.slow_retries == 1
+    assert avs.freed  # the kernel's walker dropped the last reference
+    verdict(m, mutant, {"use-after-free"})
+
+
+@pytest.mark.parametrize("mutant", killed("walker-root-read-outside-rcu"))
+async def test_walker_root_read_outside_rcu(mutant: str | None) -> None:
+    """W reads F's mapping (AVs) and stops before reading its root; M moves F and src is unmapped,
+    freeing AVs; W reads AVs->root: inside RCU that is legal (type-stable), outside it is not."""
+    m, pid = await env("recheck", mutant)
+    avs = anon_vma_at(m, pid, SRC)
+    bp = m.k.sched.pause_at("walk:after-mapping-read")
+    walker = asyncio.create_task(m.walk(pid, SRC))
+    await bp.wait_reached()
+    assert await done(m.move(pid, DST, SRC, P)) == P
+    await m.munmap(pid, SRC, NPAGES * P)
+    assert avs.freed
+    bp.release()
+    w = await done(walker)
+    assert w.mappings == ((pid, DST),) and w.fast_retries == 1
+    verdict(m, mutant, {"use-after-free"})
+
+
+# ---------------------------------------------------------------------------------------------
+# fork
+
+
+@pytest.mark.parametrize("mutant", killed("fork-no-root-lock"))
+async def test_fork_no_root_lock(mutant: str | None) -> None:
+    """W holds src's root and read F's index; the process forks: the kernel's anon_vma_clone waits
+    for the root, the mutant's links the child's VMA into the tree W walks."""
+    m, pid = await env("recheck", mutant)
+    rs = anon_vma_at(m, pid, SRC).root.rwsem
+    bp = m.k.sched.pause_at("walk:after-index-read")
+    walker = asyncio.create_task(m.walk(pid, SRC))
+    await bp.wait_reached()
+    fork = asyncio.create_task(m.fork(pid))
+    await run_until(lambda: fork.done() or any(wt.write for wt in rs.waiters or ()))
+    assert fork.done() == (mutant is not None)
+    bp.release()
+    await done(walker)
+    child = await done(fork)
+    assert m.folio(child, SRC) is not None
+    verdict(m, mutant, {"tree-changed-during-walk"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The equivalent mutants: the script where each would matter, the same verdict either way
+
+
+@pytest.mark.parametrize("mutant", [None, "free-no-root-handshake"])
+async def test_free_no_root_handshake_is_equivalent(mutant: str | None) -> None:
+    """W has read F's mapping AVs and its root; src is unmapped and AVs's last reference goes,
+    its free stopping before the handshake; W trylocks AVs's root and stops before its recheck;
+    the free goes on (the kernel's waits for W's read lock, the mutant's frees at once); W finds
+    F unmapped and unlocks through the root it read. Neither walks a freed tree."""
+    m, pid = await env("recheck", mutant)
+    k = m.k
+    avs = anon_vma_at(m, pid, SRC)
+    rs = avs.root.rwsem
+    bp_walk = k.sched.pause_at("walk:after-root-read")
+    walker = asyncio.create_task(m.walk(pid, SRC))
+    await bp_walk.wait_reached()
+    bp_free = k.sched.pause_at("free:before-anon-vma-free")
+    unmap = asyncio.create_task(m.munmap(pid, SRC, NPAGES * P))
+    await bp_free.wait_reached()
+    assert avs.refcount == 0 and not avs.freed
+    bp_trylocked = k.sched.pause_at("walk:after-trylock")
+    bp_walk.release()
+    await bp_trylocked.wait_reached()
+    assert rs.readers == 1
+    bp_free.release()
+    await run_until(lambda: unmap.done() or bool(rs.waiters))
+    assert unmap.done() == (mutant is not None)  # the handshake waits for the walker
+    bp_trylocked.release()
+    w = await done(walker)
+    await done(unmap)
+    assert avs.freed and w.mappings == () and w.referenced == 0
+    assert not m.detectors.counts and m.check_invariants() == []
+
+
+@pytest.mark.parametrize("mutant", [None, "move-index-before-mapping"])
+async def test_move_index_before_mapping_is_equivalent(mutant: str | None) -> None:
+    """M stops between its two stores (PTLs, the folio lock and the old root held) while W walks F.
+    The kernel stored the new mapping first: W locks the new root, which M does not hold, reads
+    the stale index (the residual window: a finding, not a violation) and finds nothing. The
+    mutant stored the index first: W reads the old mapping and finds its root write-locked."""
+    m, pid = await env("recheck", mutant)
+    k = m.k
+    f = folio_at(m, pid, SRC)
+    bp = k.sched.pause_at("move:after-mapping-store")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp.wait_reached()
+    assert f in k.torn
+    rwc = await done(walk_folio(m, f))
+    bp.release()
+    assert await done(mover) == P
+    assert not k.torn
+    if mutant is None:
+        assert rwc.mappings == [] and not rwc.contended
+        assert dict(m.detectors.findings) == {"residual-index-window": 1}
+    else:
+        assert rwc.contended
+        assert not m.detectors.findings
+    assert not m.detectors.counts and m.check_invariants() == []
+    w = await m.walk(pid, DST)  # quiescent: exact
+    assert w.mappings == ((pid, DST),)
+
+
+# ---------------------------------------------------------------------------------------------
+# The finer points themselves
+
+
+async def test_ptl_held_across_a_point_makes_others_spin() -> None:
+    """A mover stopped between its two stores holds src's and dst's PTLs: a walk of another folio
+    in dst's table and a fault in src's spin until it goes on (another CPU holds the spinlock)."""
+    m, pid = await env("recheck", None, dst_pages=(2,))
+    bp = m.k.sched.pause_at("move:after-mapping-store")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp.wait_reached()
+    walker = asyncio.create_task(m.walk(pid, DST + 2 * P))  # dst's root: the mover holds only src's
+    writer = asyncio.create_task(m.write(pid, SRC + 2 * P, 0x5002))
+    await run_until(lambda: len(m.k.spinning) == 2)
+    assert not walker.done() and not writer.done()
+    bp.release()
+    assert await done(mover) == P
+    assert (await done(walker)).mappings == ((pid, DST + 2 * P),)
+    await done(writer)
+    assert not m.k.spinning and not m.detectors.counts and m.check_invariants() == []
+
+
+async def test_cancelled_inside_a_spinlocked_section_finishes_the_step() -> None:
+    """A move cancelled while stopped between its two stores completes the page (PTLs held: it
+    cannot stop half-way) and takes the cancellation after."""
+    m, pid = await env("recheck", None)
+    bp = m.k.sched.pause_at("move:after-mapping-store")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp.wait_reached()
+    mover.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await done(mover)
+    assert m.folio(pid, DST) is not None and m.folio(pid, DST).value == 0x5000  # type: ignore[union-attr]
+    assert not m.k.torn and not m.detectors.counts and m.check_invariants() == []
+
+
+@pytest.mark.violations_expected
+async def test_typesafe_reuse_defeats_the_pointer_recheck() -> None:
+    """A finding about the modelled protocol (recheck, 6.8-6.18): the walker reads F's anon_vma A
+    and A's root R, and is preempted before its trylock. Meanwhile F moves away, A is freed and
+    reused (SLAB_TYPESAFE_BY_RCU) as a root for another VMA, and F moves into that VMA: F's mapping
+    is A again. The walker trylocks R, its pointer recheck passes, and it walks A's tree holding R,
+    not A's root; anon_vma_unlock_read then releases A's rwsem, which it never took."""
+    m = MemoryModel()
+    parent = await m.create_process()
+    await m.mmap(parent, NPAGES * P, addr=SRC)
+    await m.write(parent, SRC, 1)
+    child = await m.fork(parent)
+    await m.write(child, SRC, 2)  # COW: F, in the child's own anon_vma A, whose root R is the parent's
+    a = anon_vma_at(m, child, SRC)
+    assert a.root is not a
+    await m.mmap(child, NPAGES * P, addr=DST, uffd="missing")
+    await m.mmap(child, NPAGES * P, addr=FAR, uffd="missing")
+    bp = m.k.sched.pause_at("walk:after-root-read")
+    walker = asyncio.create_task(m.walk(child, SRC))
+    await bp.wait_reached()
+    assert await m.move(child, DST, SRC, P) == P
+    await m.munmap(child, SRC, NPAGES * P)
+    assert a.freed
+    assert await m.move(child, FAR, DST, P) == P  # FAR's anon_vma_prepare reuses A, as a root
+    assert anon_vma_at(m, child, FAR) is a and a.root is a
+    bp.release()
+    w = await done(walker)
+    assert w.fast_retries == 0  # the recheck compared pointers: A is A
+    counts = m.detectors.counts
+    assert counts["wrong-root-walk"] >= 1 and counts["unlock-mismatch"] == 1
+    assert m.check_invariants() == []  # the model released the lock it did take
