@@ -70,6 +70,52 @@ def cmd_explore(args: argparse.Namespace) -> int:
     return explore_command(args)
 
 
+MUTATE_EPILOG = "\n".join((
+    "exit status:",
+    "  0  every mutant that is not argued equivalent was killed (score 100%)",
+    "  1  some mutant survived",
+    "  2  bad usage or a bad scenario",
+))
+
+
+def cmd_mutate(args: argparse.Namespace) -> int:
+    """Run the litmus library against every protocol mutant and print the mutation score."""
+    from pathlib import Path
+
+    from .mm.kernel import MUTANTS
+    from .tools.litmus import ScenarioError
+    from .tools.mutate import DEFAULT_LITMUS, kill, library
+
+    try:
+        scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
+    except ScenarioError as e:
+        print(f"mmsim mutate: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if not scenarios:
+        print(f"mmsim mutate: no .litmus file in {args.litmus or DEFAULT_LITMUS}", file=sys.stderr)
+        return 2
+    table = Table(title=f"mutants against {len(scenarios)} litmus scenarios "
+                        f"(exhaustive up to {args.preemptions} preemptions, then random; {args.schedules} schedules each)")
+    for col in ("mutant", "applies to", "killed by", "protocol", "strategy", "schedule", "finding"):
+        table.add_column(col, overflow="fold")
+    killed = scored = 0
+    for name, m in MUTANTS.items():
+        k = kill(name, scenarios, args.preemptions, args.schedules)
+        if k.equivalent:
+            table.add_row(name, ", ".join(m.protocols), "[dim]equivalent (docs/mutants.md)[/]", "", "", "", "")
+            continue
+        scored += 1
+        killed += k.killed
+        if k.killed:
+            table.add_row(name, ", ".join(m.protocols), k.scenario, k.protocol, k.strategy, str(k.schedule), k.finding)
+        else:
+            table.add_row(name, ", ".join(m.protocols), f"[bold red]survived[/] ({k.schedules} schedules)", "", "", "", "")
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    console.print(table)
+    console.print(f"mutation score: {killed}/{scored} = {killed / scored if scored else 1:.0%}")
+    return 0 if killed == scored else 1
+
+
 #: Exit status of ``mmsim conformance`` when the server given with ``--server`` cannot be reached
 #: (the others are in tools/conformance/tool.py).
 EXIT_UNREACHABLE = 4
@@ -472,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--replay", metavar="TOKEN", help="run the schedule a replay token names, exactly")
     ex.add_argument("--all", action="store_true", help="go on after a catch and report the whole search")
     ex.set_defaults(func=cmd_explore, parser=ex)
+    mu = sub.add_parser("mutate", help=cmd_mutate.__doc__, description=cmd_mutate.__doc__, epilog=MUTATE_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mu.add_argument("--litmus", metavar="DIR", help="the scenarios (default: the library in tests/litmus)")
+    mu.add_argument("--preemptions", type=_non_negative, default=2, help="exhaustive bound (default 2)")
+    mu.add_argument("--schedules", type=_positive, default=2000, help="most schedules per search (default 2000)")
+    mu.set_defaults(func=cmd_mutate, parser=mu)
     from .deploy import add_commands  # nginx-config, health-probe
 
     add_commands(sub)

@@ -81,6 +81,7 @@ async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
     k.memcg.charge(cur, ANON_VMA_BYTES)
     av = k.anon_vma_cache.alloc()
     av.id = k.next_anon_vma_id()
+    av.rwsem.name = f"anon_vma{av.id}.rwsem"  # lockdep's and the traces' name for it
     av.refcount = 1
     av.num_children = 0
     av.num_active_vmas = 0

@@ -87,7 +87,7 @@ class Controller:
         self.choose = choose
         self.by_task: dict[asyncio.Task[Any], Thread] = {}
         self.sleepers: dict[int, Thread] = {}
-        self.idle = asyncio.Event()
+        self.finished = asyncio.Event()
         self.current: Thread | None = None
         self.step = 0
         self.events: list[Event] = []
@@ -154,39 +154,41 @@ class Controller:
 
     def _check_idle(self) -> None:
         if not any(t.state == "running" for t in self.threads):
-            self.idle.set()
+            self._decide()
 
-    async def run(self) -> None:
-        while True:
-            await self.idle.wait()
-            self.idle.clear()
-            runnable = [t.index for t in self.threads if t.state == "parked"]
-            if not runnable:
-                blocked = [t for t in self.threads if t.state == "blocked"]
-                if blocked:
-                    self.record("finding", "deadlock: " + ", ".join(f"{t.name} sleeps at {t.point}" for t in blocked))
-                return
-            if self.step >= MAX_STEPS:
-                self.cut = self.detached = True
-                for t in self.threads:  # let them run out unsupervised
-                    if t.go is not None and not t.go.done():
-                        t.go.set_result(None)
-                return
-            cur = self.current.index if self.current is not None else None
-            d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.hashing else None)
-            pick = self.choose(d)
-            if pick not in runnable:
-                raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
-            d.pick = pick
-            self.decisions.append(d)
-            th = self.threads[pick]
-            if self.current is not th:
-                th.solo.clear()
-            self.current = th
-            self.step += 1
-            th.state = "running"
-            assert th.go is not None
-            th.go.set_result(None)
+    def _decide(self) -> None:
+        """Nothing runs: pick the next thread (called by the task that just parked, slept or ended,
+        so a decision costs no turn of the event loop)."""
+        runnable = [t.index for t in self.threads if t.state == "parked"]
+        if not runnable:
+            blocked = [t for t in self.threads if t.state == "blocked"]
+            if blocked:
+                self.record("finding", "deadlock: " + ", ".join(f"{t.name} sleeps at {t.point}" for t in blocked))
+            self.finished.set()
+            return
+        if self.step >= MAX_STEPS:
+            self.cut = self.detached = True
+            for t in self.threads:  # let them run out unsupervised
+                if t.go is not None and not t.go.done():
+                    t.go.set_result(None)
+            self.finished.set()
+            return
+        cur = self.current.index if self.current is not None else None
+        spinning = frozenset(t.index for t in self.threads if t.state == "parked" and t.point.startswith("spin:"))
+        d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.hashing else None, spinning)
+        pick = self.choose(d)
+        if pick not in runnable:
+            raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
+        d.pick = pick
+        self.decisions.append(d)
+        th = self.threads[pick]
+        if self.current is not th:
+            th.solo.clear()
+        self.current = th
+        self.step += 1
+        th.state = "running"
+        assert th.go is not None
+        th.go.set_result(None)
 
     fingerprint: Callable[[], object] = staticmethod(lambda: None)  # type: ignore[assignment]
 
@@ -197,12 +199,16 @@ class Decision:
     runnable: tuple[int, ...]
     current: int | None
     state: object
+    spinning: frozenset[int] = frozenset()  # runnable threads parked in a spin loop
     pick: int = -1
 
     @property
     def default(self) -> int:
-        """The pick that is no preemption: the running thread, or the first runnable one."""
-        return self.current if self.current in self.runnable else self.runnable[0]  # type: ignore[return-value]
+        """The pick that is no preemption: the running thread, or the first runnable one; a thread
+        that spins waits for the others (it cannot get anywhere by itself)."""
+        if self.current in self.runnable and self.current not in self.spinning:
+            return self.current  # type: ignore[return-value]
+        return next((t for t in self.runnable if t not in self.spinning), self.runnable[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +231,11 @@ class RunResult:
     @property
     def caught(self) -> bool:
         return bool(self.violations or self.problems)
+
+    @property
+    def kinds(self) -> set[str]:
+        """The detector kinds that caught it ("invariant" for the audit)."""
+        return {v.split(":", 1)[0] for v in self.violations} | ({"invariant"} if self.problems else set())
 
     def signature(self) -> str:
         """Tells interleavings apart: the order in which the threads passed their points."""
@@ -277,11 +288,19 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
         orig_report(self, kind, **detail)
         ctl.record("finding", f"{kind}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
 
+    orig_note = Detectors.note
+
+    def note(self: Detectors, kind: str, **detail: Any) -> None:
+        orig_note(self, kind, **detail)
+        ctl.record("finding", f"finding {kind}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
+
     Detectors.report = report  # type: ignore[method-assign]
+    Detectors.note = note  # type: ignore[method-assign]
     try:
         yield
     finally:
         Detectors.report = orig_report  # type: ignore[method-assign]
+        Detectors.note = orig_note  # type: ignore[method-assign]
         for cls, name, orig in reversed(patched):
             setattr(cls, name, orig)
 
@@ -398,7 +417,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
         m.k.attach_controller(ctl)
         try:
             tasks = [asyncio.ensure_future(body(th)) for th in threads]
-            await ctl.run()
+            await ctl.finished.wait()
             if any(th.state == "blocked" for th in threads):  # a deadlock: stop the sleepers
                 for t in tasks:
                     t.cancel()
@@ -409,7 +428,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     for p in problems:
         ctl.record("finding", f"invariant: {p}")
     det = m.detectors
-    findings = [str(f) for f in getattr(det, "findings_events", [])]
+    findings = [str(f) for f in det.finding_events]
     return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
 
 
@@ -531,7 +550,7 @@ def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> 
     """The run with as few preemptions as still get it caught by the same kind of check."""
 
     def kinds(x: RunResult) -> set[str]:
-        return {v.split(":", 1)[0] for v in x.violations} | ({"invariant"} if x.problems else set())
+        return x.kinds
 
     want = kinds(r)
     pre = dict(r.preemptions)

@@ -86,6 +86,10 @@ def explore_command(args: argparse.Namespace) -> int:
         console.print("nothing caught")
         return EXIT_CLEAN
     small = minimize(scn, args.protocol, args.mutant, s.first)
+    known = scn.known.get(args.protocol, frozenset())
+    if args.mutant is None and small.kinds <= known:
+        console.print(f"[yellow]a known finding of this scenario under {args.protocol}[/] "
+                      f"({', '.join(sorted(known))}; docs/protocol.md)")
     tok = token(scn, args.protocol, args.mutant, small.preemptions)
     title = (f"{scn.name} under {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
              + f": caught at schedule {s.at} (seed {args.seed}, {args.strategy}); "

@@ -26,6 +26,10 @@ process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
 - ``remap P DST SRC PAGES``; ``walk P ADDR [trylock|blocking]``
 
 In a thread, ``C = fork P`` names a process the thread's later operations may use.
+
+``known: PROTOCOL KIND...`` (repeatable) documents that under PROTOCOL this scenario is caught by
+those detectors on purpose: a finding about the protocol (docs/protocol.md), which the safe
+protocols' searches accept and ``mmsim mutate`` does not count as a kill.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ class Scenario:
     about: str = ""
     setup: list[Op] = field(default_factory=list)
     threads: list[tuple[str, list[Op]]] = field(default_factory=list)
+    #: protocol -> the detector kinds that catch this scenario on purpose (``known:`` lines).
+    known: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def _int(tok: str, where: str) -> int:
@@ -184,6 +190,12 @@ def parse(text: str, where: str = "<scenario>") -> Scenario:
                 section = None
             elif key == "about":
                 scn.about = value
+                section = None
+            elif key == "known":
+                words = value.split()
+                if len(words) < 2:
+                    raise ScenarioError(f"{at}: known: takes a protocol and the detector kinds it is caught by")
+                scn.known[words[0]] = scn.known.get(words[0], frozenset()) | frozenset(words[1:])
                 section = None
             elif key == "setup":
                 if scn.threads:
