@@ -63,7 +63,9 @@ def main() -> int:
     for col in ("scenario", "protocol", "mutant", "strategy", "found", "schedules", "ms"):
         table.add_column(col, justify="right" if col in ("found", "schedules", "ms") else "left")
     rows: list[dict[str, Any]] = []
-    for scn_name, proto, mutant in RACES + mutant_targets():
+    targets = mutant_targets()
+    console.log(f"{len(targets)} killed mutants, with their killing scenarios")
+    for scn_name, proto, mutant in RACES + targets:
         scn = load(LITMUS / f"{scn_name}.litmus")
         for strategy in ("random", "pct", "exhaustive"):
             found, scheds, secs = 0, [], []
@@ -79,6 +81,8 @@ def main() -> int:
                    "schedules_median": statistics.median(scheds) if scheds else None,
                    "seconds_median": statistics.median(secs)}
             rows.append(row)
+            console.log(f"{scn_name} {proto} {mutant or '-'} {strategy}: found {found}/{args.repeats}, "
+                        f"median {row['schedules_median']} schedules, {row['seconds_median'] * 1e3:.1f} ms")
             table.add_row(scn_name, proto, mutant or "—", strategy, f"{found}/{args.repeats}",
                           f"{row['schedules_median']:g}" if scheds else "—", f"{row['seconds_median'] * 1e3:.1f}")
     console.print(table)

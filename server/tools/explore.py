@@ -121,7 +121,10 @@ class Controller:
 
     async def park(self, point: str) -> None:
         th = self._thread()
-        if th is None or self.detached:
+        if th is None:
+            return
+        if self.detached:  # past the step limit: a plain yield, so that spinners let others run
+            await asyncio.sleep(0)
             return
         th.point = point
         if point.startswith("lock:"):  # the sleep on it ended: granted
@@ -452,7 +455,12 @@ def follow(preemptions: dict[int, int]) -> Callable[[Decision], int]:
 
 def random_strategy(seed: int) -> Callable[[Decision], int]:
     rng = random.Random(seed)
-    return lambda d: rng.choice(d.runnable)
+    return lambda d: rng.choice(_movers(d))
+
+
+def _movers(d: Decision) -> tuple[int, ...]:
+    """The runnable threads that can get somewhere: a spinner only waits for the others."""
+    return tuple(t for t in d.runnable if t not in d.spinning) or d.runnable
 
 
 def pct_strategy(seed: int, threads: int, depth: int, steps: int) -> Callable[[Decision], int]:
@@ -464,7 +472,7 @@ def pct_strategy(seed: int, threads: int, depth: int, steps: int) -> Callable[[D
     def choose(d: Decision) -> int:
         if d.step in changes and d.current is not None:
             prio[d.current] = changes[d.step]  # below every initial priority
-        return max(d.runnable, key=lambda t: prio[t])
+        return max(_movers(d), key=lambda t: prio[t])
 
     return choose
 
