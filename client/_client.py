@@ -248,8 +248,7 @@ class Client:
         if self._routes is not None:
             return self._routes
         if self.routing == "static":
-            self._routes = [_Route(c, None, False) for c in self.conns]
-            return self._routes
+            return self._static_routes()
         if self._discovery is None:
             self._discovery = asyncio.ensure_future(self._discover())
         try:
@@ -259,6 +258,13 @@ class Client:
                 self._discovery = None  # a failed discovery is tried again by the next call
             raise
         assert self._routes is not None
+        return self._routes
+
+    def _static_routes(self) -> list[_Route]:
+        """With a list of targets: one route per target, made once (batches and streams tell
+        processes' servers apart by their route)."""
+        if self._routes is None:
+            self._routes = [_Route(c, None, False) for c in self.conns]
         return self._routes
 
     async def _topology(self, conn: _Conn, shard: int | None) -> pb.Topology:
@@ -393,10 +399,11 @@ class Client:
         """A :class:`Process` for a handle obtained elsewhere (another client, another OS process):
         on its shard, or with a list of targets on the server ``target`` (default: the first)."""
         if self.routing == "static":
-            conn = self._conn(target) if target is not None else self.conns[0]
             if target is not None and target not in self.targets:
                 raise ValueError(f"{target!r} is not one of this client's targets {self.targets}")
-            return Process(self, _Route(conn, None, False), handle, pid)
+            routes = self._static_routes()
+            route = next(r for r in routes if r.conn.target == target) if target is not None else routes[0]
+            return Process(self, route, handle, pid)
         return Process(self, None, handle, pid)  # routed on first use, once the topology is known
 
     async def batch(

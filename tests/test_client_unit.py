@@ -517,3 +517,16 @@ async def test_deadline_exceeded_against_unreachable_server() -> None:
     async with Client("127.0.0.1:1", retries=1, timeout=0.5) as mm:
         with pytest.raises((ServerUnavailableError, DeadlineExceededError)):
             await mm.ping()
+
+
+async def test_processes_named_by_handle_batch_with_those_the_client_created() -> None:
+    """With a list of targets, a Process made from a handle shares its server's route, so one batch
+    may act on it and on a process the client created there."""
+    stub = FakeStub({"CreateProcess": pb.Process(handle="h1"), "Batch": pb.BatchResponse(results=[])})
+    mm = fake_client(stub, FakeStub({}))
+    p = await mm.create_process()
+    q = mm.process("h2", target="fake:0")
+    assert q._route is p._route and mm.process("h3")._route is p._route
+    assert await mm.batch([ops.read(p, 0), ops.read(q, 0)]) == []
+    with pytest.raises(ValueError, match="not one of this client's targets"):
+        mm.process("h4", target="elsewhere:1")
