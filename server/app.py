@@ -587,6 +587,7 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     running = await start_server(config)
+    follower: asyncio.Future[None] | None = None
     if config.supervised:
         assert running.topology is not None
         print(json.dumps({"event": "ready", "address": running.topology.shards[config.shard_index].address,
@@ -594,6 +595,8 @@ async def serve(config: ServerConfig) -> int:
                           "metrics_address": running.metrics_address}), flush=True)
         follower = asyncio.ensure_future(follow_supervisor(running.topology, stopping.set))
     await stopping.wait()
+    if follower is not None:
+        follower.cancel()  # no topology matters once draining starts
     await running.stop(config.grace)
     problems = running.model.check_invariants()
     log.info("stopped", audit="clean" if not problems else f"{len(problems)} problems")

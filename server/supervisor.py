@@ -89,6 +89,7 @@ class Shard:
     proc: asyncio.subprocess.Process | None = None
     starts: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    drain: asyncio.Future[None] | None = field(default=None, repr=False)  # reads its stdout
 
 
 class Supervisor:
@@ -155,7 +156,7 @@ class Supervisor:
             shard.metrics_listen = metrics
         shard.info = ShardInfo(shard.index, address, int(ready["generation"]), SERVING, metrics)
         # Anything more it prints on stdout is drained, so that it never blocks on a full pipe.
-        asyncio.ensure_future(self._drain(proc))
+        shard.drain = asyncio.ensure_future(self._drain(proc))  # held: the loop keeps tasks weakly
 
     @staticmethod
     async def _drain(proc: asyncio.subprocess.Process) -> None:

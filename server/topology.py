@@ -74,7 +74,7 @@ class Topology:
         self.index = index
         self.generation = generation
         self.shards: list[ShardInfo] = list(shards)
-        #: Called with (index, state) of each peer whose state changes (the health service's feed).
+        #: Called with the ShardInfo of each peer whose entry changes (the health service's feed).
         self.on_change: Callable[[ShardInfo], object] | None = None
 
     @classmethod

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mmsim.client import Client, ServerUnavailableError, UnauthenticatedError, ops, tls_credentials
+from mmsim.client import Client, ServerUnavailableError, UnauthenticatedError, tls_credentials
 from mmsim.client import read_token as client_read_token
 from mmsim.client.testing import serve_in_process, serve_subprocess, write_test_certificates
 from mmsim.server.app import RequestContextInterceptor

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess

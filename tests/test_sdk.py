@@ -12,7 +12,6 @@ from mmsim.client import (
     DeadlineExceededError,
     InvalidRequestError,
     LimitExceededError,
-    Process,
     ProcessNotFoundError,
     ShardRestartedError,
     ops,

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mmsim.client import Client, Process, ProcessNotFoundError, ShardRestartedError, WrongShardError
+from mmsim.client import Client, ProcessNotFoundError, ShardRestartedError, WrongShardError
 from mmsim.client.testing import ServerProcess, serve_subprocess
 from mmsim.server.deploy import nginx_config
 from mmsim.v1 import mmsim_pb2 as pb
