@@ -61,7 +61,7 @@ class Thread:
         self.index = index
         self.name = name
         self.ops = ops
-        self.state = "new"  # running | parked | blocked | done
+        self.state = "running"  # running (until it parks at its start) | parked | blocked | done
         self.go: asyncio.Future[None] | None = None
         self.point = "start"
         self.op_index = 0
@@ -82,9 +82,12 @@ class Event:
 class Controller:
     """Runs the threads one at a time, asking ``choose`` at each decision (see module doc)."""
 
-    def __init__(self, threads: list[Thread], choose: Callable[[Decision], int]) -> None:
+    def __init__(self, threads: list[Thread], choose: Callable[[Decision], int],
+                 fingerprint: Callable[[], object] | None = None) -> None:
         self.threads = threads
         self.choose = choose
+        #: The state each decision is taken in, when asked for (the exhaustive search prunes on it).
+        self.fingerprint = fingerprint
         self.by_task: dict[asyncio.Task[Any], Thread] = {}
         self.sleepers: dict[int, Thread] = {}
         self.finished = asyncio.Event()
@@ -95,8 +98,6 @@ class Controller:
         self.cut = False
         #: Past the step limit: the threads run on unsupervised.
         self.detached = False
-        #: Whether decisions carry the state's fingerprint (the exhaustive search prunes on it).
-        self.hashing = False
 
     def _thread(self) -> Thread | None:
         task = asyncio.current_task()
@@ -178,7 +179,7 @@ class Controller:
             return
         cur = self.current.index if self.current is not None else None
         spinning = frozenset(t.index for t in self.threads if t.state == "parked" and t.point.startswith("spin:"))
-        d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.hashing else None, spinning)
+        d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.fingerprint else None, spinning)
         pick = self.choose(d)
         if pick not in runnable:
             raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
@@ -192,8 +193,6 @@ class Controller:
         th.state = "running"
         assert th.go is not None
         th.go.set_result(None)
-
-    fingerprint: Callable[[], object] = staticmethod(lambda: None)  # type: ignore[assignment]
 
 
 @dataclass
@@ -255,7 +254,7 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
     thread holds (the lock classes' methods are wrapped for the run, then restored)."""
     patched: list[tuple[type, str, Any]] = []
 
-    def wrap(cls: type, name: str, verb: str, kind: str) -> None:
+    def wrap(cls: type, name: str, kind: str) -> None:
         orig = cls.__dict__[name]
 
         def traced(self: Any, cur: Any, *a: Any, **kw: Any) -> Any:
@@ -266,25 +265,24 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
                     if r is not False:
                         th.held.append(self.name)
                     ok = "" if r is None else (" ✓" if r else (" ✗" if "try" in name else " (sleeps)"))
-                    ctl.record("lock", f"{verb} {self.name}{ok}", th)
+                    ctl.record("lock", f"{name} {self.name}{ok}", th)
                 else:
                     if self.name in th.held:
                         th.held.remove(self.name)
-                    ctl.record("lock", f"{verb} {self.name}", th)
+                    ctl.record("lock", f"{name} {self.name}", th)
             return r
 
         patched.append((cls, name, orig))
         setattr(cls, name, traced)
 
     rw, mx, sp = locks_mod.RwSem, locks_mod.Mutex, locks_mod.SpinLock
-    for cls, name, verb, kind in (
-        (rw, "down_read_trylock", "down_read_trylock", "acquire"), (rw, "down_write_trylock", "down_write_trylock", "acquire"),
-        (rw, "down_read", "down_read", "acquire"), (rw, "down_write", "down_write", "acquire"),
-        (rw, "up_read", "up_read", "release"), (rw, "up_write", "up_write", "release"),
-        (mx, "trylock", "trylock", "acquire"), (mx, "lock", "lock", "acquire"), (mx, "unlock", "unlock", "release"),
-        (sp, "spin_lock", "spin_lock", "acquire"), (sp, "spin_unlock", "spin_unlock", "release"),
+    for cls, name, kind in (
+        (rw, "down_read_trylock", "acquire"), (rw, "down_write_trylock", "acquire"), (rw, "down_read", "acquire"),
+        (rw, "down_write", "acquire"), (rw, "up_read", "release"), (rw, "up_write", "release"),
+        (mx, "trylock", "acquire"), (mx, "lock", "acquire"), (mx, "unlock", "release"),
+        (sp, "spin_lock", "acquire"), (sp, "spin_unlock", "release"),
     ):
-        wrap(cls, name, verb, kind)
+        wrap(cls, name, kind)
     orig_report = Detectors.report
 
     def report(self: Detectors, kind: str, **detail: Any) -> None:
@@ -394,11 +392,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
         except MmError as e:
             raise ScenarioError(f"line {op.line}: the setup's {op.kind} failed: {e}") from None
     threads = [Thread(i, name, ops) for i, (name, ops) in enumerate(scn.threads)]
-    for th in threads:
-        th.state = "running"  # until each parks at its start
-    ctl = Controller(threads, choose)
-    ctl.fingerprint = _fingerprint(m, threads)  # type: ignore[method-assign]
-    ctl.hashing = hashing
+    ctl = Controller(threads, choose, _fingerprint(m, threads) if hashing else None)
 
     async def body(th: Thread) -> None:
         ctl.by_task[asyncio.current_task()] = th  # type: ignore[index]
@@ -557,10 +551,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> RunResult:
     """The run with as few preemptions as still get it caught by the same kind of check."""
 
-    def kinds(x: RunResult) -> set[str]:
-        return x.kinds
-
-    want = kinds(r)
+    want = r.kinds
     pre = dict(r.preemptions)
     best = run_sync(scn, protocol, mutant, follow(pre))
     changed = True
@@ -569,7 +560,7 @@ def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> 
         for step in sorted(pre):
             trial = {k: v for k, v in pre.items() if k != step}
             t = run_sync(scn, protocol, mutant, follow(trial))
-            if t.caught and kinds(t) & want:
+            if t.caught and t.kinds & want:
                 pre, best, changed = trial, t, True
                 break
     return best
