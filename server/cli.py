@@ -84,7 +84,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
 
     from .mm.kernel import MUTANTS
     from .tools.litmus import ScenarioError
-    from .tools.mutate import DEFAULT_LITMUS, kill, library
+    from .tools.mutate import DEFAULT_LITMUS, library, mutation_score
 
     try:
         scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
@@ -98,22 +98,20 @@ def cmd_mutate(args: argparse.Namespace) -> int:
                         f"(exhaustive up to {args.preemptions} preemptions, then random; {args.schedules} schedules each)")
     for col in ("mutant", "applies to", "killed by", "protocol", "strategy", "schedule", "finding"):
         table.add_column(col, overflow="fold")
-    killed = scored = 0
-    for name, m in MUTANTS.items():
-        k = kill(name, scenarios, args.preemptions, args.schedules)
+    kills, score = mutation_score(scenarios, args.preemptions, args.schedules)
+    for k in kills:
+        applies = ", ".join(MUTANTS[k.mutant].protocols)
         if k.equivalent:
-            table.add_row(name, ", ".join(m.protocols), "[dim]equivalent (docs/mutants.md)[/]", "", "", "", "")
-            continue
-        scored += 1
-        killed += k.killed
-        if k.killed:
-            table.add_row(name, ", ".join(m.protocols), k.scenario, k.protocol, k.strategy, str(k.schedule), k.finding)
+            table.add_row(k.mutant, applies, "[dim]equivalent (docs/mutants.md)[/]", "", "", "", "")
+        elif k.killed:
+            table.add_row(k.mutant, applies, k.scenario, k.protocol, k.strategy, str(k.schedule), k.finding)
         else:
-            table.add_row(name, ", ".join(m.protocols), f"[bold red]survived[/] ({k.schedules} schedules)", "", "", "", "")
+            table.add_row(k.mutant, applies, f"[bold red]survived[/] ({k.schedules} schedules)", "", "", "", "")
+    scored = [k for k in kills if not k.equivalent]
     console = Console(width=None if sys.stdout.isatty() else 180)
     console.print(table)
-    console.print(f"mutation score: {killed}/{scored} = {killed / scored if scored else 1:.0%}")
-    return 0 if killed == scored else 1
+    console.print(f"mutation score: {sum(k.killed for k in scored)}/{len(scored)} = {score:.0%}")
+    return 0 if score == 1.0 else 1
 
 
 #: Exit status of ``mmsim conformance`` when the server given with ``--server`` cannot be reached

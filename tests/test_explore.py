@@ -146,3 +146,12 @@ def test_the_detectors_fire_on_the_mover_without_the_root_lock() -> None:
 def test_an_unknown_mutant_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explore", str(LITMUS / "slow-path-race.litmus"), "--mutant", "no-such"]) == 2
     assert "unknown mutant 'no-such'" in capsys.readouterr().err
+
+
+def test_mutate_scores_a_library_and_says_which_mutants_survive(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "fast-path-race.litmus").write_text((LITMUS / "fast-path-race.litmus").read_text())
+    assert main(["mutate", "--litmus", str(tmp_path), "--schedules", "50"]) == 1  # one scenario kills too few
+    out = capsys.readouterr().out
+    assert "no-recheck-fast" in out and "survived" in out and "mutation score:" in out
+    assert main(["mutate", "--litmus", str(tmp_path / "none")]) == 2
