@@ -5,7 +5,8 @@ to find each known race (the two unsafe recheck variants) and each killable prot
     .venv/bin/python benchmarks/explore_bench.py [--repeats 9] [--out benchmarks/out/explore]
 
 - **schedules/s**: 2,000 random schedules of each seed scenario (slow-path-race, fast-path-race)
-  under ``recheck``, where nothing is caught, so every schedule runs to its end.
+  under ``recheck``, where nothing is caught, so every schedule runs to its end; in one process,
+  then 2,000 per worker spread over ``--jobs`` worker processes (``mmsim explore --jobs``).
 - **time to find**: for each target (scenario, protocol, mutant), each strategy is run ``--repeats``
   times (random and PCT with seeds 0..R-1; the exhaustive search is deterministic, so its repeats
   only measure time), each until its first catch; the medians of the schedules run and of the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -48,17 +50,24 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9, help="runs of each (target, strategy) (default 9)")
     ap.add_argument("--budget", type=int, default=20_000, help="most schedules of one search (default 20000)")
     ap.add_argument("--out", default="benchmarks/out/explore", help="where summary.json goes")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="worker processes for the second schedules/s figure (default: the CPU count)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(width=160)
-    rates: dict[str, float] = {}
+    rates: dict[str, dict[str, float]] = {}
     for name in ("slow-path-race", "fast-path-race"):
         scn = load(LITMUS / f"{name}.litmus")
-        runs = [explore(scn, "recheck", strategy="random", schedules=2000, seed=i, stop_on_catch=False) for i in range(3)]
-        assert all(r.first is None for r in runs)
-        rates[name] = statistics.median(r.schedules / r.seconds for r in runs)
-        console.log(f"{name}: {rates[name]:,.0f} schedules/s (random, recheck, nothing caught)")
+        rates[name] = {}
+        for jobs in sorted({1, args.jobs}):
+            # one process, then the search spread over --jobs worker processes (start-up included)
+            runs = [explore(scn, "recheck", strategy="random", schedules=2000 * jobs, seed=i, stop_on_catch=False,
+                            jobs=jobs) for i in range(3)]
+            assert all(r.first is None for r in runs)
+            rates[name][f"jobs={jobs}"] = statistics.median(r.schedules / r.seconds for r in runs)
+            console.log(f"{name}, {jobs} process(es): {rates[name][f'jobs={jobs}']:,.0f} schedules/s "
+                        "(random, recheck, nothing caught)")
     table = Table(title=f"time to find, medians of {args.repeats} ({platform.node()}, Python {platform.python_version()})")
     for col in ("scenario", "protocol", "mutant", "strategy", "found", "schedules", "ms"):
         table.add_column(col, justify="right" if col in ("found", "schedules", "ms") else "left")

@@ -515,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--trace-out", metavar="FILE.html", help="write the caught schedule as an HTML sequence diagram")
     ex.add_argument("--replay", metavar="TOKEN", help="run the schedule a replay token names, exactly")
     ex.add_argument("--all", action="store_true", help="go on after a catch and report the whole search")
+    ex.add_argument("--jobs", type=_positive, default=1,
+                    help="random and pct: worker processes sharing the search; the result is the same for "
+                    "any number (default 1)")
     ex.set_defaults(func=cmd_explore, parser=ex)
     mu = sub.add_parser("mutate", help=cmd_mutate.__doc__, description=cmd_mutate.__doc__, epilog=MUTATE_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from .mm.detectors import KINDS
+from .mm.detectors import FINDING_KINDS, KINDS
 from .mm.locks import LOCK_WAIT_BOUNDS, LockClass
 from .mm.model import MemoryModel
 
@@ -268,6 +268,16 @@ class ModelCollector(Collector):
         for kind in (*KINDS, *sorted(set(counts) - set(KINDS))):
             violations.add_metric([kind], counts.get(kind, 0))
         yield violations
+        findings = CounterMetricFamily(
+            "mmsim_detector_findings",
+            "Documented windows of the protocol as the kernel has it that the detectors saw, by kind "
+            "(not violations; docs/protocol.md).",
+            labels=["kind"],
+        )
+        seen = copy_dict(k.detectors.findings)
+        for kind in (*FINDING_KINDS, *sorted(set(seen) - set(FINDING_KINDS))):
+            findings.add_metric([kind], seen.get(kind, 0))
+        yield findings
 
         # -- lock waits
         waits = HistogramMetricFamily(

@@ -290,3 +290,36 @@ def test_command_reports_an_unavailable_oracle_with_its_own_status(monkeypatch, 
     corpus = sorted(Path(__file__).parent.joinpath("conformance").glob("*.json"))[0]
     assert main(["conformance", str(corpus)]) == 3
     assert "kernel oracle unavailable: not root" in capsys.readouterr().out
+
+
+class _ScriptedKernel:
+    """Kernel answers given in turn (a stand-in for the oracle's answers only, to test how
+    run_one treats a kernel run that disagrees with the next one)."""
+
+    def __init__(self, *answers: list[Any]) -> None:
+        self.answers = list(answers)
+        self.runs = 0
+
+    def run(self, scenario: Scenario) -> list[Any]:
+        self.runs += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+async def test_a_difference_counts_only_when_two_kernel_runs_agree() -> None:
+    from mmsim.server.tools.conformance.scenario import StepResult
+
+    sc = Scenario.from_dict({"name": "t", "processes": ["P"], "steps": [
+        {"op": "mmap", "proc": "P", "region": "a", "pages": 1},
+        {"op": "write", "proc": "P", "at": ["a", 0], "value": 3},
+        {"op": "peek", "proc": "P", "at": ["a", 0]},
+    ]})
+    true = [StepResult(addr=0x7F0000000000), StepResult(), StepResult(present=True, value=3)]
+    disturbed = [StepResult(addr=0x7F0000000000), StepResult(), StepResult(present=False)]
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            flaky = _ScriptedKernel(disturbed, true, true)
+            out = await run_one(sc, flaky, client)
+            assert out.differences == [] and flaky.runs == 2
+            wrong = _ScriptedKernel(disturbed)  # the kernel says it every time: a real difference
+            out = await run_one(sc, wrong, client)
+            assert [d.step for d in out.differences] == [2] and wrong.runs == 2

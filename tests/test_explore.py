@@ -155,3 +155,78 @@ def test_mutate_scores_a_library_and_says_which_mutants_survive(tmp_path: Path,
     out = capsys.readouterr().out
     assert "no-recheck-fast" in out and "survived" in out and "mutation score:" in out
     assert main(["mutate", "--litmus", str(tmp_path / "none")]) == 2
+
+
+def _rows(r) -> list[tuple[int, int, str, str]]:  # noqa: ANN001
+    return [(e.step, e.thread, e.kind, e.text) for e in r.events]
+
+
+def test_the_trace_shows_rcu_sections_refcounts_and_the_raced_fields() -> None:
+    from mmsim.server.tools.explore import random_strategy
+
+    scn = load(LITMUS / "slow-path-race.litmus")
+    # a schedule in which the walker sleeps on the old root and retries after the move (slow path)
+    r = next(r for r in (run_sync(scn, "recheck", None, random_strategy(i)) for i in range(200))
+             if any(e.kind == "result" and "retries 0/1" in e.text for e in r.events))
+    walker = [e.text for e in r.events if e.thread == 1 and e.kind == "state"]
+    mover = [e.text for e in r.events if e.thread == 0 and e.kind == "state"]
+    assert "rcu_read_lock" in walker and "rcu_read_unlock" in walker
+    # the slow path's pin on the anon_vma (anon_vma_get) and its release, with the counts
+    pins = [t for t in walker if t.startswith("anon_vma1 refcount")]
+    counts = [(int(t.split()[-3]), int(t.split()[-1])) for t in pins]
+    assert len(counts) == 2 and counts[0][1] == counts[0][0] + 1 and counts[1][1] == counts[1][0] - 1, pins
+    assert any(t.startswith("folio_lock_anon_vma_read: reads folio1->mapping = anon_vma1") for t in walker)
+    assert any(t.startswith("folio_lock_anon_vma_read: reads anon_vma1->root = anon_vma1") for t in walker)
+    assert any(t.startswith("rmap_walk_anon: reads folio1->index") for t in walker)
+    # the move's two stores, the mapping before the index
+    stores = [t for t in mover if "folio1->mapping = " in t and "reads" not in t or "folio1->index = " in t
+              and "reads" not in t]
+    assert [t.split(": ")[1].split(" = ")[0] for t in stores] == ["folio1->mapping", "folio1->index"], stores
+    assert not any(t.startswith("_check") for t in walker + mover)  # the detectors' own reads are not shown
+
+
+def test_the_trace_shows_the_anon_vma_freed_and_reused() -> None:
+    scn = load(LITMUS / "typesafe-reuse-root-change.litmus")
+    s = explore(scn, "recheck", strategy="exhaustive", preemptions=2)
+    assert s.first is not None
+    texts = [e.text for e in s.first.events if e.kind == "state"]
+    freed = [t for t in texts if t.startswith("anon_vma_free: ")]
+    reused = [t for t in texts if t.startswith("anon_vma_alloc: the cache hands out freed ")]
+    assert freed and reused, texts
+
+
+def test_a_run_from_the_setup_snapshot_is_the_run_from_a_fresh_setup() -> None:
+    import asyncio
+
+    from mmsim.server.tools.explore import random_strategy, run_schedule, snapshot
+
+    scn = load(LITMUS / "anon-vma-reuse.litmus")
+    start = asyncio.run(snapshot(scn, "recheck", None))
+    for seed in range(5):
+        fresh = asyncio.run(run_schedule(scn, "recheck", None, random_strategy(seed)))
+        restored = asyncio.run(run_schedule(scn, "recheck", None, random_strategy(seed), start=start))
+        assert _rows(restored) == _rows(fresh)
+
+
+@pytest.mark.parametrize("strategy", ["random", "pct"])
+def test_a_search_over_worker_processes_finds_the_same_schedule(strategy: str) -> None:
+    scn = load(LITMUS / "fast-path-race.litmus")
+    one = explore(scn, "recheck-slow-only", strategy=strategy, schedules=500, seed=2)
+    two = explore(scn, "recheck-slow-only", strategy=strategy, schedules=500, seed=2, jobs=2)
+    assert one.first is not None and two.first is not None
+    assert two.at == one.at and _rows(two.first) == _rows(one.first)
+    clean = explore(scn, "recheck", strategy=strategy, schedules=200, seed=2, jobs=2, stop_on_catch=False)
+    assert clean.first is None and clean.schedules == 200 and clean.interleavings
+
+
+def test_a_thread_that_crashes_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmsim.server.mm import rmap
+
+    def broken(*a: object, **kw: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rmap, "folio_referenced", broken)
+    monkeypatch.setattr("mmsim.server.mm.model.folio_referenced", broken)
+    scn = load(LITMUS / "slow-path-race.litmus")
+    r = run_sync(scn, "recheck", None, follow({0: 1}))  # the walker first
+    assert r.caught and any(p.startswith("crash: thread walker raised RuntimeError: boom") for p in r.problems)

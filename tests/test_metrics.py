@@ -155,6 +155,13 @@ async def test_detector_violations_by_kind() -> None:
     s = scrape(metrics)
     assert value(s, "mmsim_detector_violations_total", kind="lock-order") == 2
     assert value(s, "mmsim_detector_violations_total", kind="use-after-free") == 0
+    assert value(s, "mmsim_detector_findings_total", kind="residual-index-window") == 0
+    m.detectors.note("residual-index-window", folio=1)
+    s = scrape(metrics)
+    assert value(s, "mmsim_detector_findings_total", kind="residual-index-window") == 1
+    assert value(s, "mmsim_detector_violations_total", kind="lock-order") == 2  # findings apart
+    assert m.stats()["finding_residual-index-window"] == 1 and m.stats()["findings"] == 1
+    assert m.stats()["violations"] == 2
 
 
 async def test_every_family_has_help() -> None:
@@ -167,6 +174,7 @@ async def test_every_family_has_help() -> None:
         "grpc_server_started", "grpc_server_handled", "grpc_server_handling_seconds", "mmsim_walk_recheck_retries",
         "mmsim_walks_contended", "mmsim_walks", "mmsim_moves", "mmsim_lock_wait_seconds", "mmsim_processes",
         "mmsim_vmas", "mmsim_folios", "mmsim_anon_vmas", "mmsim_anon_vma_reuses", "mmsim_detector_violations",
+        "mmsim_detector_findings",
         "mmsim_shard_info", "mmsim_memory_limit_bytes",
     ):
         assert name in fams, name

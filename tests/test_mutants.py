@@ -412,6 +412,7 @@ async def test_move_index_before_mapping_is_equivalent(mutant: str | None) -> No
     if mutant is None:
         assert rwc.mappings == [] and not rwc.contended
         assert dict(m.detectors.findings) == {"residual-index-window": 1}
+        assert m.stats()["finding_residual-index-window"] == 1  # exported beside the violations
     else:
         assert rwc.contended
         assert not m.detectors.findings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from itertools import count
+from functools import partial
 from typing import TYPE_CHECKING
 
 from .detectors import Detectors
@@ -168,6 +168,21 @@ def protocol_with_mutant(protocol: str, mutant: str | None = None) -> Protocol:
     return replace(proto, mutant=mutant, **dict(m.changes))
 
 
+class IdCounter:
+    """Hands out 1, 2, 3, ... (an itertools.count that pickles: the explorer snapshots a set-up
+    kernel with pickle and restores it for every schedule)."""
+
+    __slots__ = ("next",)
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def __call__(self) -> int:
+        n = self.next
+        self.next = n + 1
+        return n
+
+
 class Deadlock(RuntimeError):
     """Raised in the task that closes a cycle of spinners (reported as a ``deadlock`` violation)."""
 
@@ -192,10 +207,10 @@ class Kernel:
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 
-        self.anon_vma_cache: TypesafeCache[AnonVma] = TypesafeCache(self.rcu, lambda: AnonVma(self.lockdep))
-        self._anon_vma_ids = count(1)
-        self._folio_ids = count(1)
-        self._vma_ids = count(1)
+        self.anon_vma_cache: TypesafeCache[AnonVma] = TypesafeCache(self.rcu, partial(AnonVma, self.lockdep))
+        self._anon_vma_ids = IdCounter()
+        self._folio_ids = IdCounter()
+        self._vma_ids = IdCounter()
         self.folios_live = 0
         self.vmas_live = 0
         self.stats: Counter[str] = Counter()
@@ -243,7 +258,7 @@ class Kernel:
 
     def folio_alloc(self) -> Folio:
         """A new folio; the caller has charged FOLIO_BYTES."""
-        fid = next(self._folio_ids)
+        fid = self._folio_ids()
         self.folios_live += 1
         return Folio(fid, Mutex(f"folio{fid}.lock", LockClass.FOLIO_LOCK, self.lockdep))
 
@@ -256,7 +271,7 @@ class Kernel:
         self.memcg.uncharge(FOLIO_BYTES)
 
     def next_vma_id(self) -> int:
-        return next(self._vma_ids)
+        return self._vma_ids()
 
     def next_anon_vma_id(self) -> int:
-        return next(self._anon_vma_ids)
+        return self._anon_vma_ids()

@@ -17,12 +17,12 @@ import errno
 import heapq
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from itertools import count, islice
+from itertools import islice
 from typing import Any
 
 from .fork import dup_mmap, exit_mmap
 from .invariants import audit_steps
-from .kernel import PROTOCOLS, Kernel
+from .kernel import PROTOCOLS, IdCounter, Kernel
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put, handle_mm_fault
@@ -174,7 +174,7 @@ class MemoryModel:
         self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}
         self.parents: dict[int, int | None] = {}
-        self._pids = count(1)
+        self._pids = IdCounter()
         #: Expected contents: pid -> {virtual page number: value} for every page holding a folio.
         self.ledger: dict[int, PageLedger] = {}
         # The audit's quiescent point: calls in progress, and, while an audit waits for them to
@@ -252,7 +252,7 @@ class MemoryModel:
         if self._paused is not None:
             await self._wait_audit()
         self.k.memcg.charge(Current("create_process"), MM_BYTES)
-        pid = next(self._pids)
+        pid = self._pids()
         self.processes[pid] = Mm(pid, self.k.lockdep, self.k.memcg)
         self.parents[pid] = None
         self.ledger[pid] = PageLedger()
@@ -274,7 +274,7 @@ class MemoryModel:
                 if parent.users == 0:
                     raise MmError(errno.ESRCH, "process has exited")
                 k.memcg.charge(cur, MM_BYTES)
-                cpid = next(self._pids)
+                cpid = self._pids()
                 child = Mm(cpid, k.lockdep, k.memcg)
                 child.mmap_base = parent.mmap_base
                 child.mmap_lock.down_write(cur, nested=True)  # mmap_write_lock_nested: new, uncontended
@@ -662,6 +662,9 @@ class MemoryModel:
         out: dict[str, int] = dict(k.stats)
         out.update({f"violation_{kind}": n for kind, n in k.detectors.counts.items()})
         out["violations"] = k.detectors.total
+        # Documented windows of the protocol seen (detectors.FINDING_KINDS), apart from violations.
+        out.update({f"finding_{kind}": n for kind, n in k.detectors.findings.items()})
+        out["findings"] = sum(k.detectors.findings.values())
         out["processes"] = len(self.processes)
         out["folios"] = k.folios_live
         out["vmas"] = k.vmas_live

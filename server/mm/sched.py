@@ -103,7 +103,7 @@ class Scheduler:
         self.seed = seed
         self.preempt = preempt
         self.max_burst = max_burst
-        self.rng = random.Random(seed)
+        self._rng: random.Random | None = None  # made on first use (a model pickles lighter without)
         self.hits: Counter[str] = Counter()
         self.yields: Counter[str] = Counter()
         self._breakpoints: dict[str, list[Breakpoint]] = {}
@@ -111,6 +111,12 @@ class Scheduler:
         self.controller: Controller | None = None
         #: True when any point may yield; hot paths test only this.
         self.active = preempt > 0.0
+
+    @property
+    def rng(self) -> random.Random:
+        if self._rng is None:
+            self._rng = random.Random(self.seed)
+        return self._rng
 
     def pause_at(self, point: str) -> Breakpoint:
         """Arm a one-shot breakpoint at ``point`` (one of POINTS)."""

@@ -31,7 +31,11 @@ import errno as errno_mod
 import hashlib
 import html
 import json
+import multiprocessing as mp
+import pickle
 import random
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -41,8 +45,11 @@ from typing import Any
 
 from ..mm import locks as locks_mod
 from ..mm.detectors import Detectors
-from ..mm.mm_types import PAGE_SIZE, MmError
+from ..mm.kernel import Deadlock
+from ..mm.mm_types import PAGE_SIZE, Folio, MmError
 from ..mm.model import MemoryModel
+from ..mm.rcu import Rcu, TypesafeCache
+from ..mm.rmap import AnonVma
 from .litmus import Op, Scenario, ScenarioError, parse
 
 STRATEGIES = ("random", "pct", "exhaustive")
@@ -70,11 +77,11 @@ class Thread:
         self.solo: set[str] = set()
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     step: int
     thread: int  # -1: the explorer itself (findings)
-    kind: str  # point | lock | op | result | finding
+    kind: str  # point | lock | state | op | result | finding
     text: str
     held: tuple[str, ...] = ()
 
@@ -109,7 +116,10 @@ class Controller:
 
     def record(self, kind: str, text: str, th: Thread | None = None) -> None:
         th = th or self.current
-        self.events.append(Event(self.step, th.index if th else -1, kind, text, tuple(th.held) if th else ()))
+        if th is None:
+            self.events.append(Event(self.step, -1, kind, text))
+        else:
+            self.events.append(Event(self.step, th.index, kind, text, tuple(th.held) if th.held else ()))
 
     def wants(self, point: str) -> bool:
         """Park at ``point``, unless the running thread already parked there since another thread
@@ -134,9 +144,12 @@ class Controller:
             self.record("point", point, th)
         th.state = "parked"
         th.solo.add(point)
-        th.go = asyncio.get_running_loop().create_future()
+        th.go = None
         self._check_idle()
-        await th.go
+        if th.state == "parked":  # another thread was picked (or still runs): wait for a pick
+            th.go = asyncio.get_running_loop().create_future()
+            await th.go
+        # else it picked itself: it goes on at once, without a turn of the event loop
 
     def blocked(self, key: object) -> None:
         th = self._thread()
@@ -191,11 +204,11 @@ class Controller:
         self.current = th
         self.step += 1
         th.state = "running"
-        assert th.go is not None
-        th.go.set_result(None)
+        if th.go is not None:  # None: the deciding thread picked itself (see park)
+            th.go.set_result(None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     step: int
     runnable: tuple[int, ...]
@@ -298,10 +311,98 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
     Detectors.report = report  # type: ignore[method-assign]
     Detectors.note = note  # type: ignore[method-assign]
     try:
-        yield
+        with _state_tracing(ctl):
+            yield
     finally:
         Detectors.report = orig_report  # type: ignore[method-assign]
         Detectors.note = orig_note  # type: ignore[method-assign]
+        for cls, name, orig in reversed(patched):
+            setattr(cls, name, orig)
+
+
+#: The model's modules whose reads of the raced fields the trace shows (the protocol's own code;
+#: not the detectors, the audit or the explorer's fingerprint, which read them too).
+_PROTOCOL_MODULES = frozenset({"mmsim.server.mm.rmap", "mmsim.server.mm.userfaultfd", "mmsim.server.mm.fork",
+                               "mmsim.server.mm.memory", "mmsim.server.mm.mmap"})
+
+
+def _name(obj: Any) -> str:
+    if isinstance(obj, AnonVma):
+        return f"anon_vma{obj.id}" + (" (freed)" if obj.freed else "")
+    if isinstance(obj, Folio):
+        return f"folio{obj.id}"
+    return "NULL" if obj is None else (f"{obj:#x}" if isinstance(obj, int) else repr(obj))
+
+
+@contextmanager
+def _state_tracing(ctl: Controller) -> Iterator[None]:
+    """Record, while a thread runs, the reads and writes of ``folio->mapping``, ``folio->index`` and
+    ``anon_vma->root`` (reads by the protocol's code, with the function that reads), changes of
+    anon_vma and folio refcounts, RCU read-side entry and exit, and anon_vma frees and reuses from
+    the type-stable cache. The slot descriptors and methods are wrapped for the run, then restored."""
+    patched: list[tuple[type, str, Any]] = []
+
+    def field(cls: type, attr: str, reads: bool, fmt: Callable[[Any], str]) -> None:
+        slot = cls.__dict__[attr]  # the member descriptor of a __slots__ field
+
+        def get(obj: Any) -> Any:
+            v = slot.__get__(obj, cls)
+            th = ctl.current
+            if reads and th is not None and not ctl.detached:
+                f = sys._getframe(1)
+                if f.f_globals.get("__name__") in _PROTOCOL_MODULES and not f.f_code.co_name.startswith("_check"):
+                    ctl.record("state", f"{f.f_code.co_name}: reads {_name(obj)}->{attr} = {fmt(v)}", th)
+            return v
+
+        def set_(obj: Any, v: Any) -> None:
+            th = ctl.current
+            f = sys._getframe(1)
+            if th is None or ctl.detached or f.f_code.co_name == "__init__":  # not a slab constructor
+                slot.__set__(obj, v)
+                return
+            if attr == "refcount":
+                old = slot.__get__(obj, cls)
+                slot.__set__(obj, v)
+                if old != v:
+                    ctl.record("state", f"{_name(obj)} refcount {old} → {v}", th)
+            else:
+                slot.__set__(obj, v)
+                ctl.record("state", f"{f.f_code.co_name}: {_name(obj)}->{attr} = {fmt(v)}", th)
+
+        patched.append((cls, attr, slot))
+        setattr(cls, attr, property(get, set_))
+
+    def method(cls: type, name: str, after: Callable[..., str | None]) -> None:
+        orig = cls.__dict__[name]
+
+        def wrapped(self: Any, *a: Any) -> Any:
+            before = (self.reused, a[0].id if a else 0) if cls is TypesafeCache else None
+            r = orig(self, *a)
+            th = ctl.current
+            if th is not None and not ctl.detached:
+                text = after(self, a, r, before)
+                if text:
+                    ctl.record("state", text, th)
+            return r
+
+        patched.append((cls, name, orig))
+        setattr(cls, name, wrapped)
+
+    field(Folio, "mapping", True, _name)
+    field(Folio, "index", True, lambda v: f"{v:#x}")
+    field(AnonVma, "root", True, _name)
+    field(AnonVma, "refcount", False, str)
+    field(Folio, "refcount", False, str)
+    method(Rcu, "read_lock", lambda self, a, r, b: "rcu_read_lock" if a[0].rcu_nesting == 1 else None)
+    method(Rcu, "read_unlock", lambda self, a, r, b: "rcu_read_unlock" if a[0].rcu_nesting == 0 else None)
+    method(TypesafeCache, "alloc",
+           lambda self, a, r, b: f"anon_vma_alloc: the cache hands out freed anon_vma{r.id} again"
+           if self.reused > b[0] else None)
+    method(TypesafeCache, "release",
+           lambda self, a, r, b: f"anon_vma_free: anon_vma{b[1]} back in the SLAB_TYPESAFE_BY_RCU cache")
+    try:
+        yield
+    finally:
         for cls, name, orig in reversed(patched):
             setattr(cls, name, orig)
 
@@ -380,10 +481,8 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
     return fp
 
 
-async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
-                       hashing: bool = False) -> RunResult:
-    """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
-    ``hashing``, each decision carries the fingerprint of the state it is taken in."""
+async def set_up(scn: Scenario, protocol: str, mutant: str | None) -> tuple[MemoryModel, dict[str, int]]:
+    """A model under ``protocol`` (and ``mutant``) with the scenario's setup done; its processes."""
     m = _model(protocol, mutant)
     procs: dict[str, int] = {}
     for op in scn.setup:
@@ -391,6 +490,25 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             await _apply(m, procs, op)
         except MmError as e:
             raise ScenarioError(f"line {op.line}: the setup's {op.kind} failed: {e}") from None
+    return m, procs
+
+
+async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
+    """The set-up model, pickled: a search restores it for every schedule instead of running the
+    setup again (the setup is deterministic and leaves no task or lock behind, so a restored
+    model is the one the setup would build)."""
+    return pickle.dumps(await set_up(scn, protocol, mutant), pickle.HIGHEST_PROTOCOL)
+
+
+async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
+                       hashing: bool = False, start: bytes | None = None) -> RunResult:
+    """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
+    ``hashing``, each decision carries the fingerprint of the state it is taken in. ``start``: a
+    :func:`snapshot` of the setup to begin from (else the setup is run)."""
+    if start is not None:
+        m, procs = pickle.loads(start)
+    else:
+        m, procs = await set_up(scn, protocol, mutant)
     threads = [Thread(i, name, ops) for i, (name, ops) in enumerate(scn.threads)]
     ctl = Controller(threads, choose, _fingerprint(m, threads) if hashing else None)
 
@@ -418,12 +536,18 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             if any(th.state == "blocked" for th in threads):  # a deadlock: stop the sleepers
                 for t in tasks:
                     t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             m.k.attach_controller(None)
     problems = m.check_invariants()
     for p in problems:
         ctl.record("finding", f"invariant: {p}")
+    for th, out in zip(threads, outcomes):
+        # A thread's operation may fail only with an errno (recorded as its result), or with
+        # Deadlock where the detector already reported a cycle; anything else is a model bug.
+        if isinstance(out, BaseException) and not isinstance(out, (asyncio.CancelledError, Deadlock)):
+            problems.append(f"crash: thread {th.name} raised {type(out).__name__}: {out}")
+            ctl.record("finding", f"crash: {type(out).__name__}: {out}", th)
     det = m.detectors
     findings = [str(f) for f in det.finding_events]
     return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
@@ -488,9 +612,90 @@ class Search:
 
 def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
             schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
-            stop_on_catch: bool = True) -> Search:
-    """Search the schedules of ``scn``; stops at the first that a detector or the audit catches."""
+            stop_on_catch: bool = True, jobs: int = 1) -> Search:
+    """Search the schedules of ``scn``; stops at the first that a detector or the audit catches.
+    ``jobs`` > 1 spreads a random or PCT search over that many worker processes (the exhaustive
+    search is one depth-first walk with one table of explored states, and runs in this process).
+    The result does not depend on ``jobs``: schedule i is the same schedule in every worker, and
+    the catch reported is the one with the lowest i."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    if jobs < 1:
+        raise ValueError("jobs must be at least 1")
+    if jobs > 1 and strategy != "exhaustive" and schedules > 1:
+        return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
+                                 min(jobs, schedules))
     return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch))
+
+
+def _chooser(strategy: str, seed: int, i: int, threads: int, depth: int, steps: int) -> Callable[[Decision], int]:
+    """Schedule ``i`` of a random or PCT search seeded ``seed``."""
+    sub = (seed * 1_000_003 + i) & 0xFFFFFFFF
+    return random_strategy(sub) if strategy == "random" else pct_strategy(sub, threads, depth, steps)
+
+
+def _explore_parallel(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
+                      depth: int, seed: int, stop_on_catch: bool, jobs: int) -> Search:
+    """A random or PCT search over ``jobs`` processes: worker w runs schedules w, w + jobs, ...;
+    a worker that catches one lowers the shared bound past which nobody starts a schedule, so
+    every schedule below the lowest catch is still run, and the catch is the sequential one."""
+    ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
+    bound = ctx.Value("q", schedules)
+    t0 = time.perf_counter()
+    with ctx.Pool(jobs, initializer=_worker_init, initargs=(bound,)) as pool:
+        parts = pool.starmap(_explore_part, [
+            (scn.text, scn.name, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch, w, jobs)
+            for w in range(jobs)
+        ])
+    s = Search(strategy)
+    for p in parts:
+        s.schedules += p["schedules"]
+        s.interleavings |= p["interleavings"]
+        s.findings |= p["findings"]
+        s.cut += p["cut"]
+    caught = [p["caught"] for p in parts if p["caught"] is not None]
+    if caught:
+        i, pre = min(caught)
+        s.first, s.at = run_sync(scn, protocol, mutant, follow(dict(pre))), i + 1
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+_bound: Any = None
+
+
+def _worker_init(bound: Any) -> None:
+    global _bound
+    _bound = bound
+
+
+def _explore_part(text: str, name: str, protocol: str, mutant: str | None, strategy: str, schedules: int,
+                  depth: int, seed: int, stop_on_catch: bool, w: int, jobs: int) -> dict[str, Any]:
+    scn = parse(text, f"{name}.litmus")
+
+    async def part() -> dict[str, Any]:
+        out: dict[str, Any] = {"schedules": 0, "interleavings": set(), "findings": set(), "cut": 0, "caught": None}
+        start = await snapshot(scn, protocol, mutant)
+        steps = len((await run_schedule(scn, protocol, mutant, follow({}), start=start)).decisions) \
+            if strategy == "pct" else 0
+        for i in range(w, schedules, jobs):
+            if stop_on_catch and i > _bound.value:
+                break
+            r = await run_schedule(scn, protocol, mutant, _chooser(strategy, seed, i, len(scn.threads), depth, steps),
+                                   start=start)
+            out["schedules"] += 1
+            out["interleavings"].add(r.signature())
+            out["findings"].update(r.findings)
+            out["cut"] += r.cut
+            if r.caught and out["caught"] is None:
+                out["caught"] = (i, r.preemptions)
+                if stop_on_catch:
+                    with _bound.get_lock():
+                        _bound.value = min(_bound.value, i)
+                    break
+        return out
+
+    return asyncio.run(part())
 
 
 async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
@@ -499,6 +704,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     s = Search(strategy)
     t0 = time.perf_counter()
+    start = await snapshot(scn, protocol, mutant)
 
     def account(r: RunResult) -> bool:
         s.schedules += 1
@@ -513,12 +719,11 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
     if strategy in ("random", "pct"):
         steps = 0
         if strategy == "pct":  # the schedule's length, to place the change points
-            base = await run_schedule(scn, protocol, mutant, follow({}))
+            base = await run_schedule(scn, protocol, mutant, follow({}), start=start)
             steps = len(base.decisions)
         for i in range(schedules):
-            sub = (seed * 1_000_003 + i) & 0xFFFFFFFF
-            choose = random_strategy(sub) if strategy == "random" else pct_strategy(sub, len(scn.threads), depth, steps)
-            if account(await run_schedule(scn, protocol, mutant, choose)):
+            choose = _chooser(strategy, seed, i, len(scn.threads), depth, steps)
+            if account(await run_schedule(scn, protocol, mutant, choose, start=start)):
                 break
     else:
         # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
@@ -526,7 +731,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         stack: list[dict[int, int]] = [{}]
         while stack and s.schedules < schedules:
             pre = stack.pop()
-            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True)
+            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start)
             if account(r):
                 break
             used = len(pre)
@@ -622,7 +827,7 @@ table {{ border-collapse: collapse; }}
 th, td {{ border-left: 2px solid #bbb; padding: 2px 10px; vertical-align: top; }}
 thead th {{ background: #eee; position: sticky; top: 0; }}
 th.step {{ color: #888; font-weight: normal; text-align: right; }}
-td.point {{ color: #555; }} td.lock {{ color: #05a; }} td.op {{ font-weight: bold; }}
+td.point {{ color: #555; }} td.lock {{ color: #05a; }} td.state {{ color: #838; }} td.op {{ font-weight: bold; }}
 td.result {{ color: #070; }} td.finding {{ background: #fdd; color: #900; font-weight: bold; }}
 td.idle {{ background: #fafafa; }} div.held {{ color: #999; font-size: 11px; }}
 </style></head><body>

@@ -24,11 +24,11 @@ def trace_table(scn: Scenario, r: RunResult, title: str) -> Table:
     names = [n for n, _ in scn.threads]
     for n in names:
         t.add_column(n, overflow="fold")
-    style = {"op": "bold", "result": "green", "lock": "cyan", "point": "", "finding": "bold red"}
+    style = {"op": "bold", "result": "green", "lock": "cyan", "state": "magenta", "point": "", "finding": "bold red"}
     for e in r.events:
         cells = [""] * len(names)
         text = f"[{style.get(e.kind, '')}]{_escape(e.text)}[/]" if style.get(e.kind) else _escape(e.text)
-        if e.held and e.kind in ("lock", "point"):
+        if e.held and e.kind in ("lock", "point", "state"):
             text += f"\n[dim]holds {_escape(', '.join(e.held))}[/]"
         cells[max(e.thread, 0)] = text
         t.add_row(str(e.step), *cells)
@@ -65,7 +65,7 @@ def explore_command(args: argparse.Namespace) -> int:
             args.parser.error("give a scenario file, or --replay TOKEN")
         scn = load(args.scenario)
         s = explore(scn, args.protocol, args.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
-                    args.seed, stop_on_catch=not args.all)
+                    args.seed, stop_on_catch=not args.all, jobs=args.jobs)
     except ScenarioError as e:
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
@@ -77,7 +77,8 @@ def explore_command(args: argparse.Namespace) -> int:
         f"{scn.name}: {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
         + f", {args.strategy}: {s.schedules} schedules, {len(s.interleavings)} distinct interleavings"
         + (f", {s.pruned} states pruned" if args.strategy == "exhaustive" else "")
-        + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s)"
+        + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s"
+        + (f" over {args.jobs} processes)" if args.jobs > 1 and args.strategy != "exhaustive" else ")")
         + (f", {s.cut} cut at the step limit" if s.cut else "")
     )
     for f in sorted(s.findings):
