@@ -15,7 +15,7 @@ Example::
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
 from .credentials import read_token, tls_credentials
-from ._types import AnonVma, FolioInfo, Vma, WalkResult
+from ._types import AnonVma, FolioInfo, UserfaultEvent, Vma, WalkResult
 from .errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -44,6 +44,7 @@ __all__ = [
     "ShardRestartedError",
     "Timeout",
     "UnauthenticatedError",
+    "UserfaultEvent",
     "Vma",
     "WalkResult",
     "WrongShardError",

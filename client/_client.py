@@ -16,7 +16,18 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from . import ops as _ops
-from ._types import AnonVma, FolioInfo, Vma, WalkResult, anon_vma_from_pb, folio_from_pb, vma_from_pb, walk_from_pb
+from ._types import (
+    AnonVma,
+    FolioInfo,
+    UserfaultEvent,
+    Vma,
+    WalkResult,
+    anon_vma_from_pb,
+    folio_from_pb,
+    userfault_from_pb,
+    vma_from_pb,
+    walk_from_pb,
+)
 from .errors import MmsimError, from_op_error, from_rpc_error
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryManager"].full_name
@@ -40,7 +51,22 @@ _METHODS = {
     "remap": "Remap",
     "walk": "Walk",
     "get_folio": "GetFolio",
+    "mprotect": "Mprotect",
+    "mremap": "Mremap",
+    "uffd_copy": "UffdCopy",
+    "uffd_zeropage": "UffdZeropage",
+    "uffd_wake": "UffdWake",
 }
+#: The name under which an operation's error gives the bytes it did (besides ``.moved``).
+_DONE_ALIAS = {"uffd_copy": "copied", "uffd_zeropage": "zeroed"}
+
+
+def _alias_done(kind: str, result: Any) -> Any:
+    """A failed UFFDIO_COPY / ZEROPAGE's error also says its bytes done as ``.copied`` / ``.zeroed``."""
+    alias = _DONE_ALIAS.get(kind)
+    if alias is not None and isinstance(result, OSError):
+        setattr(result, alias, getattr(result, "moved", 0))
+    return result
 
 
 def service_config(retries: int) -> str:
@@ -131,6 +157,10 @@ def _result(route: _Route, client: Client, response: Any) -> Result:
         return walk_from_pb(response)
     if isinstance(response, pb.FolioResponse):
         return folio_from_pb(response)
+    if isinstance(response, pb.UffdCopyResponse):
+        return response.copied
+    if isinstance(response, pb.UffdZeropageResponse):
+        return response.zeroed
     return None  # Empty, ExitResponse
 
 
@@ -419,7 +449,9 @@ class Client:
         route = await self._route_for([op.process for op in ops])
         request = pb.BatchRequest(ops=[op.message for op in ops], stop_on_error=stop_on_error)
         reply = await route.unary("Batch", request, self._deadline(timeout))
-        return [_op_result(route, self, r) for r in reply.results]
+        kinds = [op.kind for op in ops]
+        return [_alias_done(kinds[i] if i < len(kinds) else "", _op_result(route, self, r))
+                for i, r in enumerate(reply.results)]
 
     def batch_stream(self, *, via: Process | None = None, timeout: float | None = None) -> BatchStream:
         """A BatchStream call: send lists of operations and receive their results, on one stream.
@@ -574,7 +606,11 @@ class Process:
         return await route.conn.unary(method, request, self._client._deadline(timeout), route.header)
 
     async def _run(self, op: _ops.Op, timeout: Timeout) -> Result:
-        response = await self._call(_METHODS[op.kind], op.request, timeout)
+        try:
+            response = await self._call(_METHODS[op.kind], op.request, timeout)
+        except OSError as e:
+            _alias_done(op.kind, e)
+            raise
         return _result(self._route, self._client, response)  # type: ignore[arg-type]
 
     # -- processes
@@ -604,8 +640,83 @@ class Process:
         await self._run(_ops.munmap(self, addr, length), timeout)
 
     async def madvise(self, addr: int, length: int, advice: str, *, timeout: Timeout = ...) -> None:
-        """``advice``: "dontfork", "dofork", "wipeonfork" or "keeponfork"."""
+        """``advice``: "dontfork", "dofork", "wipeonfork", "keeponfork" or "dontneed" (zap the
+        range's pages: a later read sees the zero page, a write a new page)."""
         await self._run(_ops.madvise(self, addr, length, advice), timeout)
+
+    async def mprotect(self, addr: int, length: int, prot: str, *, timeout: Timeout = ...) -> None:
+        """mprotect: ``prot`` is "none", "r" or "rw" (VMAs split and merge as the kernel's do)."""
+        await self._run(_ops.mprotect(self, addr, length, prot), timeout)
+
+    async def mremap(
+        self,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        *,
+        maymove: bool = False,
+        dontunmap: bool = False,
+        fixed: int | None = None,
+        timeout: Timeout = ...,
+    ) -> Vma:
+        """mremap: shrink in place, grow in place, or move (``maymove``, MREMAP_MAYMOVE), leaving
+        the old range mapped but empty (``dontunmap``) or to exactly ``fixed``. The new range."""
+        op = _ops.mremap(self, addr, old_length, new_length, maymove=maymove, dontunmap=dontunmap, fixed=fixed)
+        return await self._run(op, timeout)  # type: ignore[no-any-return]
+
+    # -- the userfault handler's side
+    async def uffd_copy(
+        self, dst: int, length: int, values: int | list[int], *, dontwake: bool = False, mode_bits: int = 0,
+        timeout: Timeout = ...,
+    ) -> int:
+        """UFFDIO_COPY: fill the missing pages of [dst, dst + length) with ``values`` (one value for
+        every page, or one per page) and wake the faults waiting there (unless ``dontwake``). The
+        bytes copied; an error after some pages has ``.copied`` (and ``.moved``)."""
+        op = _ops.uffd_copy(self, dst, length, values, dontwake=dontwake, mode_bits=mode_bits)
+        return await self._run(op, timeout)  # type: ignore[no-any-return]
+
+    async def uffd_zeropage(
+        self, dst: int, length: int, *, dontwake: bool = False, mode_bits: int = 0, timeout: Timeout = ...
+    ) -> int:
+        """UFFDIO_ZEROPAGE: map the zero page at the missing pages of the range and wake the faults
+        waiting there (unless ``dontwake``). The bytes zeroed; an error after some has ``.zeroed``."""
+        op = _ops.uffd_zeropage(self, dst, length, dontwake=dontwake, mode_bits=mode_bits)
+        return await self._run(op, timeout)  # type: ignore[no-any-return]
+
+    async def uffd_wake(self, addr: int, length: int, *, timeout: Timeout = ...) -> None:
+        """UFFDIO_WAKE: wake the faults waiting on the range (they fault again)."""
+        await self._run(_ops.uffd_wake(self, addr, length), timeout)
+
+    async def userfaults(self, *, reconnect: int = 5) -> AsyncIterator[UserfaultEvent]:
+        """The fault events of this process's userfaultfd, in order, as they arrive (those queued
+        before the call first), until the process exits.
+
+        Example (a userfault handler)::
+
+            async for ev in p.userfaults():
+                await p.uffd_copy(ev.addr, 4096, fill(ev.addr))
+
+        An event whose fault is still waiting when a stream ends is delivered again on the next
+        one: a handler that reconnects loses nothing (it may see an event twice; resolving a page
+        twice gives EEXIST). A stream that breaks (UNAVAILABLE) is opened again, up to
+        ``reconnect`` times in a row."""
+        route = self._route or await self._resolve()
+        request = pb.ProcessRequest(process=self.id)
+        failures = 0
+        while True:
+            call = route.conn.stub.Userfaults(request, metadata=route.conn.metadata(route.header))
+            try:
+                async for m in call:
+                    failures = 0
+                    yield userfault_from_pb(m)
+                return  # the process exited
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= reconnect:
+                    raise from_rpc_error(e) from e
+                failures += 1
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** failures))  # backoff before reconnecting
+            finally:
+                call.cancel()
 
     async def uffd_register(self, addr: int, length: int, mode: str = "missing", *, timeout: Timeout = ...) -> None:
         await self._run(_ops.uffd_register(self, addr, length, mode), timeout)

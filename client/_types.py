@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 from mmsim.v1 import mmsim_pb2 as pb
 
-PROT_TO_PB: Mapping[str, int] = {"r": pb.PROT_R, "rw": pb.PROT_RW}
+PROT_TO_PB: Mapping[str, int] = {"r": pb.PROT_R, "rw": pb.PROT_RW, "none": pb.PROT_NONE}
 PROT_FROM_PB: Mapping[int, str] = {v: k for k, v in PROT_TO_PB.items()}
 UFFD_TO_PB: Mapping[str | None, int] = {
     None: pb.UFFD_MODE_NONE,
@@ -21,6 +21,7 @@ ADVICE_TO_PB: Mapping[str, int] = {
     "dofork": pb.ADVICE_DOFORK,
     "wipeonfork": pb.ADVICE_WIPEONFORK,
     "keeponfork": pb.ADVICE_KEEPONFORK,
+    "dontneed": pb.ADVICE_DONTNEED,
 }
 
 
@@ -73,7 +74,7 @@ class Vma:
     start: int
     end: int
     prot: str
-    """``"r"`` or ``"rw"``."""
+    """``"none"``, ``"r"`` or ``"rw"``."""
     uffd: str | None
     """``None``, ``"missing"``, ``"wp"`` or ``"missing+wp"``."""
     dontfork: bool
@@ -83,6 +84,20 @@ class Vma:
     """Id of the VMA's anon_vma; ``None`` before the first fault."""
 
     __repr__ = _repr_in_hex("start", "end", "pgoff")
+
+
+@dataclass(frozen=True)
+class UserfaultEvent:
+    """A page fault queued on a process's userfaultfd (see ``Process.userfaults``)."""
+
+    addr: int
+    """The faulting address, page-aligned."""
+    write: bool
+    """A write fault."""
+    wp: bool
+    """A write-protect fault."""
+
+    __repr__ = _repr_in_hex("addr")
 
 
 @dataclass(frozen=True)
@@ -187,3 +202,7 @@ def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
 
 
 __all__ = ["AnonVma", "FolioInfo", "Vma", "WalkResult"]
+
+
+def userfault_from_pb(m: pb.UserfaultEvent) -> UserfaultEvent:
+    return UserfaultEvent(addr=m.addr, write=m.write, wp=m.wp)

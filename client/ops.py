@@ -82,6 +82,41 @@ def madvise(p: Process, addr: int, length: int, advice: str) -> Op:
     return Op(p, pb.Op(madvise=req))
 
 
+def mprotect(p: Process, addr: int, length: int, prot: str) -> Op:
+    """mprotect: ``prot`` is "none", "r" or "rw"."""
+    req = pb.MprotectRequest(process=p.id, addr=addr, length=length, prot=_lookup(PROT_TO_PB, prot, "prot"))
+    return Op(p, pb.Op(mprotect=req))
+
+
+def mremap(p: Process, addr: int, old_length: int, new_length: int, *, maymove: bool = False,
+           dontunmap: bool = False, fixed: int | None = None) -> Op:
+    """mremap: shrink, grow in place, or move (``maymove``; ``dontunmap``; ``fixed``: to that address)."""
+    req = pb.MremapRequest(process=p.id, addr=addr, old_length=old_length, new_length=new_length,
+                           maymove=maymove, dontunmap=dontunmap)
+    if fixed is not None:
+        req.fixed = fixed
+    return Op(p, pb.Op(mremap=req))
+
+
+def uffd_copy(p: Process, dst: int, length: int, values: int | list[int], *, dontwake: bool = False,
+              mode_bits: int = 0) -> Op:
+    """UFFDIO_COPY: ``values`` is one value for every page, or a list of one per page."""
+    vals = [values] if isinstance(values, int) else list(values)
+    mode = (pb.FILL_MODE_DONTWAKE if dontwake else 0) | mode_bits
+    return Op(p, pb.Op(uffd_copy=pb.UffdCopyRequest(process=p.id, dst=dst, len=length, values=vals, mode=mode)))
+
+
+def uffd_zeropage(p: Process, dst: int, length: int, *, dontwake: bool = False, mode_bits: int = 0) -> Op:
+    """UFFDIO_ZEROPAGE."""
+    mode = (pb.FILL_MODE_DONTWAKE if dontwake else 0) | mode_bits
+    return Op(p, pb.Op(uffd_zeropage=pb.UffdZeropageRequest(process=p.id, dst=dst, len=length, mode=mode)))
+
+
+def uffd_wake(p: Process, addr: int, length: int) -> Op:
+    """UFFDIO_WAKE: wake the faults waiting on the range."""
+    return Op(p, pb.Op(uffd_wake=pb.RangeRequest(process=p.id, addr=addr, length=length)))
+
+
 def uffd_register(p: Process, addr: int, length: int, mode: str = "missing") -> Op:
     if mode is None:
         raise ValueError("uffd_register needs a mode")
@@ -133,11 +168,16 @@ __all__ = [
     "folio",
     "madvise",
     "mmap",
+    "mprotect",
+    "mremap",
     "munmap",
     "read",
     "remap",
+    "uffd_copy",
     "uffd_register",
     "uffd_unregister",
+    "uffd_wake",
+    "uffd_zeropage",
     "walk",
     "write",
 ]

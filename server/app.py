@@ -272,8 +272,11 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     if inspect.isawaitable(responses):  # a handler that writes with context.write (health's Watch)
                         await responses
                     else:
-                        async for response in responses:
-                            yield response
+                        try:
+                            async for response in responses:
+                                yield response
+                        finally:  # the stream ended early (the client went away): close the handler's now
+                            await responses.aclose()
                 except BaseException as e:
                     call.done(context, e)
                     raise

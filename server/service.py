@@ -39,7 +39,7 @@ from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaIn
 from .topology import Topology, new_generation
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 
-PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw"}
+PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw", pb.PROT_NONE: "none"}
 PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}
 UFFD_FROM_PB = {pb.UFFD_MODE_MISSING: "missing", pb.UFFD_MODE_WP: "wp", pb.UFFD_MODE_MISSING_WP: "missing+wp"}
 UFFD_TO_PB = {None: pb.UFFD_MODE_NONE, **{v: k for k, v in UFFD_FROM_PB.items()}}
@@ -48,7 +48,10 @@ ADVICE_FROM_PB = {
     pb.ADVICE_DOFORK: "dofork",
     pb.ADVICE_WIPEONFORK: "wipeonfork",
     pb.ADVICE_KEEPONFORK: "keeponfork",
+    pb.ADVICE_DONTNEED: "dontneed",
 }
+#: UFFDIO_COPY / UFFDIO_ZEROPAGE mode bits the model knows.
+FILL_MODES = pb.FILL_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_DONTWAKE == pb.REMAP_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
 
@@ -84,6 +87,7 @@ def echo(value: str) -> str:
 class Limits:
     """Per-request limits enforced at the edge (the model enforces processes, pages and memory)."""
 
+    #: The most bytes one Remap, UffdCopy or UffdZeropage may cover.
     max_remap_bytes: int = 1 << 30
     max_munmap_bytes: int = 1 << 36
     max_batch_ops: int = 10_000
@@ -198,6 +202,11 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             "remap": self._op_remap,
             "walk": self._op_walk,
             "get_folio": self._op_get_folio,
+            "mprotect": self._op_mprotect,
+            "mremap": self._op_mremap,
+            "uffd_copy": self._op_uffd_copy,
+            "uffd_zeropage": self._op_uffd_zeropage,
+            "uffd_wake": self._op_uffd_wake,
         }
 
     # -- handles
@@ -335,6 +344,42 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         await self.model.madvise(pid, request.addr, request.length, _enum(ADVICE_FROM_PB, request.advice, "advice"))
         return pb.Empty()
 
+    async def _op_mprotect(self, request: pb.MprotectRequest) -> pb.Empty:
+        pid = self.pid(request.process)
+        await self.model.mprotect(pid, request.addr, request.length, _enum(PROT_FROM_PB, request.prot, "prot"))
+        return pb.Empty()
+
+    async def _op_mremap(self, request: pb.MremapRequest) -> pb.Vma:
+        pid = self.pid(request.process)
+        fixed = request.fixed if request.HasField("fixed") else None
+        return vma_to_pb(await self.model.mremap(pid, request.addr, request.old_length, request.new_length,
+                                                 maymove=request.maymove, dontunmap=request.dontunmap, fixed=fixed))
+
+    def _fill_args(self, request: pb.UffdCopyRequest | pb.UffdZeropageRequest) -> tuple[int, bool]:
+        pid = self.pid(request.process)
+        if request.len > self.limits.max_remap_bytes:
+            raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
+        if request.mode & ~FILL_MODES:
+            raise MmError(errno_mod.EINVAL, f"unknown mode bits {request.mode & ~FILL_MODES:#x}")
+        return pid, bool(request.mode & pb.FILL_MODE_DONTWAKE)
+
+    async def _op_uffd_copy(self, request: pb.UffdCopyRequest) -> pb.UffdCopyResponse:
+        pid, dontwake = self._fill_args(request)
+        if not request.values:
+            raise BadRequest("values", "one value for every page, or one per page, is required")
+        values: int | list[int] = request.values[0] if len(request.values) == 1 else list(request.values)
+        copied = await self.model.uffd_copy(pid, request.dst, request.len, values, dontwake=dontwake)
+        return pb.UffdCopyResponse(copied=copied)
+
+    async def _op_uffd_zeropage(self, request: pb.UffdZeropageRequest) -> pb.UffdZeropageResponse:
+        pid, dontwake = self._fill_args(request)
+        return pb.UffdZeropageResponse(zeroed=await self.model.uffd_zeropage(pid, request.dst, request.len,
+                                                                             dontwake=dontwake))
+
+    async def _op_uffd_wake(self, request: pb.RangeRequest) -> pb.Empty:
+        await self.model.uffd_wake(self.pid(request.process), request.addr, request.length)
+        return pb.Empty()
+
     async def _op_uffd_register(self, request: pb.UffdRegisterRequest) -> pb.Empty:
         pid = self.pid(request.process)
         mode = _enum(UFFD_FROM_PB, request.mode, "mode")
@@ -418,6 +463,37 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def UffdUnregister(self, request, context):  # type: ignore[no-untyped-def]
         return await self._unary(context, self._op_uffd_unregister, request)
+
+    async def Mprotect(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_mprotect, request)
+
+    async def Mremap(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_mremap, request)
+
+    async def UffdCopy(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_uffd_copy, request)
+
+    async def UffdZeropage(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_uffd_zeropage, request)
+
+    async def UffdWake(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._unary(context, self._op_uffd_wake, request)
+
+    async def Userfaults(
+        self, request: pb.ProcessRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.UserfaultEvent]:
+        try:
+            events = self.model.uffd_events(self.pid(request.process))
+        except _HANDLED as exc:
+            code, message, details, _, _ = _status_for(exc)
+            await context.abort_with_status(_rich_status(code, message, details))
+        # The generator gives back the events it delivered whose faults still wait when the
+        # stream ends (the client went away): the next stream gets them again.
+        try:
+            async for e in events:
+                yield pb.UserfaultEvent(addr=e.addr, write=e.write, wp=e.wp)
+        finally:
+            await events.aclose()
 
     async def Read(self, request, context):  # type: ignore[no-untyped-def]
         return await self._unary(context, self._op_read, request)
@@ -539,6 +615,8 @@ _RESULT_FIELD = {
     pb.WalkResponse: "walk",
     pb.FolioResponse: "folio",
     pb.ExitResponse: "exit",
+    pb.UffdCopyResponse: "uffd_copy",
+    pb.UffdZeropageResponse: "uffd_zeropage",
 }
 
 

@@ -28,7 +28,7 @@ def trace_table(scn: Scenario, r: RunResult, title: str) -> Table:
     for e in r.events:
         cells = [""] * len(names)
         text = f"[{style.get(e.kind, '')}]{_escape(e.text)}[/]" if style.get(e.kind) else _escape(e.text)
-        if e.held and e.kind in ("lock", "point", "state"):
+        if e.held and e.kind in ("lock", "point"):
             text += f"\n[dim]holds {_escape(', '.join(e.held))}[/]"
         cells[max(e.thread, 0)] = text
         t.add_row(str(e.step), *cells)

@@ -12,6 +12,7 @@ class Prot(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROT_UNSPECIFIED: _ClassVar[Prot]
     PROT_R: _ClassVar[Prot]
     PROT_RW: _ClassVar[Prot]
+    PROT_NONE: _ClassVar[Prot]
 
 class UffdMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +28,12 @@ class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVICE_DOFORK: _ClassVar[Advice]
     ADVICE_WIPEONFORK: _ClassVar[Advice]
     ADVICE_KEEPONFORK: _ClassVar[Advice]
+    ADVICE_DONTNEED: _ClassVar[Advice]
+
+class FillMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FILL_MODE_NONE: _ClassVar[FillMode]
+    FILL_MODE_DONTWAKE: _ClassVar[FillMode]
 
 class RemapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +49,7 @@ class ShardState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 PROT_UNSPECIFIED: Prot
 PROT_R: Prot
 PROT_RW: Prot
+PROT_NONE: Prot
 UFFD_MODE_NONE: UffdMode
 UFFD_MODE_MISSING: UffdMode
 UFFD_MODE_WP: UffdMode
@@ -51,6 +59,9 @@ ADVICE_DONTFORK: Advice
 ADVICE_DOFORK: Advice
 ADVICE_WIPEONFORK: Advice
 ADVICE_KEEPONFORK: Advice
+ADVICE_DONTNEED: Advice
+FILL_MODE_NONE: FillMode
+FILL_MODE_DONTWAKE: FillMode
 REMAP_MODE_NONE: RemapMode
 REMAP_MODE_DONTWAKE: RemapMode
 REMAP_MODE_ALLOW_SRC_HOLES: RemapMode
@@ -129,6 +140,84 @@ class RangeRequest(_message.Message):
     addr: int
     length: int
     def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class MprotectRequest(_message.Message):
+    __slots__ = ("process", "addr", "length", "prot")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROT_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    length: int
+    prot: Prot
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ..., prot: _Optional[_Union[Prot, str]] = ...) -> None: ...
+
+class MremapRequest(_message.Message):
+    __slots__ = ("process", "addr", "old_length", "new_length", "maymove", "dontunmap", "fixed")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    OLD_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NEW_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAYMOVE_FIELD_NUMBER: _ClassVar[int]
+    DONTUNMAP_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    old_length: int
+    new_length: int
+    maymove: bool
+    dontunmap: bool
+    fixed: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., old_length: _Optional[int] = ..., new_length: _Optional[int] = ..., maymove: _Optional[bool] = ..., dontunmap: _Optional[bool] = ..., fixed: _Optional[int] = ...) -> None: ...
+
+class UffdCopyRequest(_message.Message):
+    __slots__ = ("process", "dst", "len", "values", "mode")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    dst: int
+    len: int
+    values: _containers.RepeatedScalarFieldContainer[int]
+    mode: int
+    def __init__(self, process: _Optional[str] = ..., dst: _Optional[int] = ..., len: _Optional[int] = ..., values: _Optional[_Iterable[int]] = ..., mode: _Optional[int] = ...) -> None: ...
+
+class UffdCopyResponse(_message.Message):
+    __slots__ = ("copied",)
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    copied: int
+    def __init__(self, copied: _Optional[int] = ...) -> None: ...
+
+class UffdZeropageRequest(_message.Message):
+    __slots__ = ("process", "dst", "len", "mode")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    LEN_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    dst: int
+    len: int
+    mode: int
+    def __init__(self, process: _Optional[str] = ..., dst: _Optional[int] = ..., len: _Optional[int] = ..., mode: _Optional[int] = ...) -> None: ...
+
+class UffdZeropageResponse(_message.Message):
+    __slots__ = ("zeroed",)
+    ZEROED_FIELD_NUMBER: _ClassVar[int]
+    zeroed: int
+    def __init__(self, zeroed: _Optional[int] = ...) -> None: ...
+
+class UserfaultEvent(_message.Message):
+    __slots__ = ("addr", "write", "wp")
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FIELD_NUMBER: _ClassVar[int]
+    WP_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    write: bool
+    wp: bool
+    def __init__(self, addr: _Optional[int] = ..., write: _Optional[bool] = ..., wp: _Optional[bool] = ...) -> None: ...
 
 class MadviseRequest(_message.Message):
     __slots__ = ("process", "addr", "length", "advice")
@@ -320,7 +409,7 @@ class StatsResponse(_message.Message):
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio")
+    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake")
     CREATE_PROCESS_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +423,11 @@ class Op(_message.Message):
     REMAP_FIELD_NUMBER: _ClassVar[int]
     WALK_FIELD_NUMBER: _ClassVar[int]
     GET_FOLIO_FIELD_NUMBER: _ClassVar[int]
+    MPROTECT_FIELD_NUMBER: _ClassVar[int]
+    MREMAP_FIELD_NUMBER: _ClassVar[int]
+    UFFD_COPY_FIELD_NUMBER: _ClassVar[int]
+    UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
+    UFFD_WAKE_FIELD_NUMBER: _ClassVar[int]
     create_process: CreateProcessRequest
     fork: ProcessRequest
     exit: ProcessRequest
@@ -347,7 +441,12 @@ class Op(_message.Message):
     remap: RemapRequest
     walk: WalkRequest
     get_folio: AccessRequest
-    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ...) -> None: ...
+    mprotect: MprotectRequest
+    mremap: MremapRequest
+    uffd_copy: UffdCopyRequest
+    uffd_zeropage: UffdZeropageRequest
+    uffd_wake: RangeRequest
+    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ..., mprotect: _Optional[_Union[MprotectRequest, _Mapping]] = ..., mremap: _Optional[_Union[MremapRequest, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyRequest, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageRequest, _Mapping]] = ..., uffd_wake: _Optional[_Union[RangeRequest, _Mapping]] = ...) -> None: ...
 
 class OpError(_message.Message):
     __slots__ = ("code", "message", "errno", "moved")
@@ -362,7 +461,7 @@ class OpError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., errno: _Optional[int] = ..., moved: _Optional[int] = ...) -> None: ...
 
 class OpResult(_message.Message):
-    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit")
+    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit", "uffd_copy", "uffd_zeropage")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
@@ -372,6 +471,8 @@ class OpResult(_message.Message):
     WALK_FIELD_NUMBER: _ClassVar[int]
     FOLIO_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
+    UFFD_COPY_FIELD_NUMBER: _ClassVar[int]
+    UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
     error: OpError
     process: Process
     empty: Empty
@@ -381,7 +482,9 @@ class OpResult(_message.Message):
     walk: WalkResponse
     folio: FolioResponse
     exit: ExitResponse
-    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ...) -> None: ...
+    uffd_copy: UffdCopyResponse
+    uffd_zeropage: UffdZeropageResponse
+    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyResponse, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageResponse, _Mapping]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("ops", "stop_on_error")

@@ -74,6 +74,36 @@ class MemoryManagerStub:
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Mprotect = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Mprotect',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.MprotectRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Mremap = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Mremap',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.MremapRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Vma.FromString,
+                _registered_method=True)
+        self.UffdCopy = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/UffdCopy',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.UffdCopyRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UffdCopyResponse.FromString,
+                _registered_method=True)
+        self.UffdZeropage = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/UffdZeropage',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageResponse.FromString,
+                _registered_method=True)
+        self.UffdWake = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/UffdWake',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Userfaults = channel.unary_stream(
+                '/mmsim.v1.MemoryManager/Userfaults',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.FromString,
+                _registered_method=True)
         self.Read = channel.unary_unary(
                 '/mmsim.v1.MemoryManager/Read',
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.AccessRequest.SerializeToString,
@@ -194,8 +224,52 @@ class MemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Mprotect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mremap(self, request, context):
+        """mremap: shrink, grow in place, or move (MREMAP_MAYMOVE, _DONTUNMAP, _FIXED); the new range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UffdCopy(self, request, context):
+        """The userfault handler's side: resolve faults on MISSING-registered ranges and wake them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UffdZeropage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UffdWake(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Userfaults(self, request, context):
+        """The process's userfaultfd read queue: every fault event, in order, as it arrives; events that
+        arrived before the call are delivered first. Ends when the process exits. An event whose
+        fault is still pending when the stream ends is delivered again to the next stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Read(self, request, context):
-        """Accesses: real faults (zero page, new folio, COW, reuse)
+        """Accesses: real faults (zero page, new folio, COW, reuse). A missing page in a range registered
+        MISSING blocks the call until a UffdCopy, UffdZeropage or Remap resolves it and wakes it, or a
+        UffdWake wakes it (it then faults again), or its deadline passes or it is cancelled (the fault
+        is then abandoned and nothing changes), or the process exits (ESRCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,6 +396,36 @@ def add_MemoryManagerServicer_to_server(servicer, server):
                     servicer.UffdUnregister,
                     request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
+            ),
+            'Mprotect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mprotect,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.MprotectRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
+            ),
+            'Mremap': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mremap,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.MremapRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Vma.SerializeToString,
+            ),
+            'UffdCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UffdCopy,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UffdCopyRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.UffdCopyResponse.SerializeToString,
+            ),
+            'UffdZeropage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UffdZeropage,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageResponse.SerializeToString,
+            ),
+            'UffdWake': grpc.unary_unary_rpc_method_handler(
+                    servicer.UffdWake,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
+            ),
+            'Userfaults': grpc.unary_stream_rpc_method_handler(
+                    servicer.Userfaults,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -605,6 +709,168 @@ class MemoryManager:
             '/mmsim.v1.MemoryManager/UffdUnregister',
             mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
             mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mprotect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Mprotect',
+            mmsim_dot_v1_dot_mmsim__pb2.MprotectRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mremap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Mremap',
+            mmsim_dot_v1_dot_mmsim__pb2.MremapRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.Vma.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/UffdCopy',
+            mmsim_dot_v1_dot_mmsim__pb2.UffdCopyRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.UffdCopyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdZeropage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/UffdZeropage',
+            mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.UffdZeropageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UffdWake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/UffdWake',
+            mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Userfaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Userfaults',
+            mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.FromString,
             options,
             channel_credentials,
             insecure,
