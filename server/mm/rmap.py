@@ -392,9 +392,13 @@ def anon_vma_unlock_read(k: Kernel, cur: Current, av: AnonVma, held: RwSem) -> N
     """up_read(&anon_vma->root->rwsem): the root is read again at unlock. Releases ``held``, the
     rwsem the walker took; if ``av``'s root is now another one, the kernel would release a lock it
     does not hold: reported as unlock-mismatch."""
-    if k.detect and av.root.rwsem is not held:
-        k.detectors.report("unlock-mismatch", task=cur.name, anon_vma=av.id, root_now=av.root.id)
+    if k.detect and av.root.rwsem is not held:  # the kernel's own read of anon_vma->root at unlock
+        _check_unlock_mismatch(k, cur, av)
     held.up_read(cur)
+
+
+def _check_unlock_mismatch(k: Kernel, cur: Current, av: AnonVma) -> None:
+    k.detectors.report("unlock-mismatch", task=cur.name, anon_vma=av.id, root_now=av.root.id)
 
 
 async def folio_lock_anon_vma_read(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
@@ -549,9 +553,7 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
                 k.detectors.note(
                     "residual-index-window", task=cur.name, folio=folio.id, anon_vma=av.id, index_read=pgoff
                 )
-            mapping = folio.mapping
-            walk_root = mapping.root if mapping is not None else None
-            ntree = len(av.rb_root)
+            walk_root, ntree = _check_walk_snapshot(folio, av)
         if sched.active and sched.should_preempt("walk:after-index-read"):
             await sched.yield_now("walk:after-index-read")
         if detect:
@@ -587,6 +589,12 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
                     stale = True
     finally:
         anon_vma_unlock_read(k, cur, av, held)
+
+
+def _check_walk_snapshot(folio: Folio, av: AnonVma) -> tuple[AnonVma | None, int]:
+    """What the detectors compare a walk with later: the folio's current root, the tree's size."""
+    mapping = folio.mapping
+    return (mapping.root if mapping is not None else None), len(av.rb_root)
 
 
 def _check_walk(

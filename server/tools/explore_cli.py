@@ -4,6 +4,7 @@ command that replays it."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def _show(console: Console, scn: Scenario, r: RunResult, title: str, trace_out: 
 
 
 def explore_command(args: argparse.Namespace) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    # 160 columns when the output is not a terminal, unless COLUMNS says otherwise
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160, highlight=False)
     try:
         if args.replay:
             scn, protocol, mutant, pre = untoken(args.replay)
