@@ -230,3 +230,19 @@ def test_a_thread_that_crashes_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
     scn = load(LITMUS / "slow-path-race.litmus")
     r = run_sync(scn, "recheck", None, follow({0: 1}))  # the walker first
     assert r.caught and any(p.startswith("crash: thread walker raised RuntimeError: boom") for p in r.problems)
+
+
+def test_the_slow_path_race_is_a_sleep_on_the_old_root() -> None:
+    """Under no-recheck the first catch of slow-path-race is the fast-path shape (no-recheck lacks
+    both rechecks); the slow path's own race is one preemption away: the walker, picked while
+    the mover holds the old root between its PTLs, fails its trylock, pins the anon_vma and sleeps
+    on the old root, wakes after the move and walks the old tree. Under recheck the same schedule
+    retries once on the slow path."""
+    scn = load(LITMUS / "slow-path-race.litmus")
+    bad = run_sync(scn, "no-recheck", None, follow({3: 1}))
+    walker = [(e.kind, e.text) for e in bad.events if e.thread == 1]
+    assert ("point", "sleeps") in walker and ("point", "walk:slow-after-lock") in walker
+    assert any(v.startswith("wrong-root-walk") for v in bad.violations), bad.violations
+    good = run_sync(scn, "recheck", None, follow({3: 1}))
+    assert not good.caught and ("point", "sleeps") in [(e.kind, e.text) for e in good.events if e.thread == 1]
+    assert any(e.kind == "result" and "retries 0/1" in e.text for e in good.events)
