@@ -30,7 +30,7 @@ from mmsim.server.tools.conformance.tool import Outcome, load_scenarios, render,
 
 CORPUS = Path(__file__).parent / "conformance"
 FILES = sorted(CORPUS.glob("*.json"))
-NAME = re.compile(r"^(\d\d)-([a-z]+)(-[a-z0-9]+)*$")
+NAME = re.compile(r"^(\d{2,3})-([a-z]+)(-[a-z0-9]+)*$")
 
 #: Every category the corpus must cover: the word after the number in a file's name, which is
 #: also the first word of its description ("einval: ...").
@@ -49,6 +49,12 @@ REQUIRED_CATEGORIES = {
     "munmap",  # head, tail, middle (splitting), and moves into the holes
     "childuffd",  # a child registering its own userfaultfd ranges
     "childmove",  # moves in a child's new anon_vma
+    "mprotect",  # splits, merges, errors, and accesses to PROT_NONE and read-only pages
+    "dontneed",  # MADV_DONTNEED holes, before and after fork
+    "mremap",  # shrink, grow in place, MAYMOVE, FIXED, DONTUNMAP, errors, registered ranges
+    "copy",  # UFFDIO_COPY: success, EEXIST, ENOENT, EINVAL, partial progress
+    "fault",  # faults waiting for the userfaultfd, their events, resolved by COPY/ZEROPAGE/MOVE
+    "wake",  # DONTWAKE resolutions and UFFDIO_WAKE
 }
 
 RANDOM_SEED = 2026
@@ -69,7 +75,7 @@ def category(path: Path) -> str:
 
 def test_corpus_size() -> None:
     assert len(FILES) >= 40, f"only {len(FILES)} corpus files"
-    numbers = [p.name[:2] for p in FILES]
+    numbers = [int(p.name.split("-", 1)[0]) for p in FILES]
     assert len(set(numbers)) == len(numbers), "corpus file numbers must be unique"
 
 

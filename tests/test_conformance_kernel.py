@@ -227,3 +227,189 @@ def test_runner_error_still_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
         runner.run(sc)
     assert len(runner.pids) == 3
     assert all(_gone(p) for p in runner.pids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults in threads of a helper, their events, and the ioctls that resolve them
+
+
+def fault(region: str, page: int, fid: str, write: bool = False, proc: str = "P", value: int = 0) -> dict[str, Any]:
+    return {"op": "fault", "proc": proc, "at": [region, page], "id": fid, "write": write, "value": value}
+
+
+def status(fid: str, proc: str = "P") -> dict[str, Any]:
+    return {"op": "fault_status", "proc": proc, "id": fid}
+
+
+def events(proc: str = "P") -> dict[str, Any]:
+    return {"op": "events", "proc": proc}
+
+
+def copy(region: str, page: int, values: list[int], proc: str = "P", mode: list[str] | None = None) -> dict[str, Any]:
+    return {"op": "copy", "proc": proc, "dst": [region, page], "pages": len(values), "values": values, "mode": mode or []}
+
+
+def test_fault_blocks_until_resolved_by_copy() -> None:
+    r = run(
+        [
+            mm("a", 2, "missing"),
+            fault("a", 1, "f"),
+            status("f"),  # 2
+            events(),
+            copy("a", 1, [42], mode=["dontwake"]),  # 4: maps the page, wakes nobody
+            status("f"),
+            {"op": "wake", "proc": "P", "at": ["a", 0], "pages": 2},
+            status("f"),  # 7
+            at("peek", "a", 1),
+        ]
+    )
+    assert r[1].compared() == {"errno": 0}
+    assert r[2].compared() == {"errno": 0, "blocked": True}
+    assert r[3].compared() == {"errno": 0, "events": [["a", 1, "r"]]}
+    assert r[4].compared() == {"errno": 0, "copied": PAGE}
+    assert r[5].blocked is True
+    assert r[6].errno == 0
+    assert r[7].compared() == {"errno": 0, "blocked": False, "value": 42}
+    assert r[8].compared() == {"errno": 0, "present": True, "value": 42}
+
+
+def test_events_name_regions_and_kinds() -> None:
+    """Addresses come back as [region, page, kind], named after the region bound last."""
+    r = run(
+        [
+            mm("blk", 1),
+            mm("a", 3, "missing"),
+            mm("b", 2, "wp"),
+            copy("b", 1, [5], mode=["wp"]),
+            fault("a", 2, "r"),
+            fault("a", 0, "w", write=True, value=3),
+            fault("b", 1, "wp", write=True, value=4),
+            events(),  # 7
+            {"op": "mremap", "proc": "P", "at": ["a", 0], "pages": 3, "new_pages": 3, "region": "a2"},
+            fault("a2", 1, "again"),
+            events(),  # 10
+            events(),
+        ]
+    )
+    assert r[7].events == [["a", 2, "r"], ["a", 0, "w"], ["b", 1, "wp"]]
+    assert r[8].compared() == {"errno": 0, "relocated": False}
+    assert r[8].addr == r[1].addr
+    assert r[10].events == [["a2", 1, "r"]]
+    assert r[11].events == []
+
+
+def test_fault_threads_do_not_move_regions() -> None:
+    """Fault threads (and a fork child's new ones) map nothing where regions go: the next region
+    still lands right below the last one, in the parent and in the child."""
+    r = run(
+        [
+            mm("a", 2, "missing"),
+            fault("a", 0, "f"),
+            mm("b", 1),
+            {"op": "fork", "proc": "P", "child": "C"},
+            fault("b", 0, "c", proc="C"),
+            mm("c", 1, proc="C"),
+            mm("d", 1),
+        ]
+    )
+    assert r[2].addr == r[0].addr - PAGE
+    assert r[5].addr == r[2].addr - PAGE
+    assert r[6].addr == r[2].addr - PAGE
+
+
+def test_pending_fault_left_at_the_end_leaves_nothing_behind() -> None:
+    # run() asserts that every helper, the anchor and the process group are gone.
+    r = run([mm("a", 1, "missing"), fault("a", 0, "f"), status("f"), {"op": "fork", "proc": "P", "child": "C"}])
+    assert r[2].blocked is True and r[3].errno == 0
+
+
+def test_exit_and_fork_with_a_pending_fault() -> None:
+    r = run(
+        [
+            mm("a", 2, "missing"),
+            mm("q", 1, proc="Q"),
+            fault("a", 0, "f"),
+            {"op": "fork", "proc": "P", "child": "C"},  # 3: only the forking thread is in C
+            fault("a", 0, "c", proc="C"),  # C's range is not registered: no wait
+            status("c", proc="C"),
+            events(proc="C"),
+            status("f"),  # 7
+            copy("a", 0, [9]),
+            status("f"),
+            fault("a", 1, "g"),  # 10
+            {"op": "exit", "proc": "P"},  # with g pending
+            at("peek", "a", 0, proc="C"),
+            at("present", "a", 0),
+            w("q", 0, 2, proc="Q"),
+        ],
+        processes=("P", "Q"),
+    )
+    assert [x.errno for x in r[:12]] == [0] * 12, r
+    assert r[5].compared() == {"errno": 0, "blocked": False, "value": 0}
+    assert r[6].events == []
+    assert r[7].blocked is True
+    assert r[9].compared() == {"errno": 0, "blocked": False, "value": 9}
+    assert r[12].compared() == {"errno": 0, "present": True, "value": 0}
+    assert r[13].errno == errno.ESRCH
+    assert r[14].errno == 0
+
+
+def test_a_child_cannot_ask_for_its_parents_fault() -> None:
+    from mmsim.server.tools.conformance.scenario import ScenarioError
+
+    steps = [mm("a", 1, "missing"), fault("a", 0, "f"), {"op": "fork", "proc": "P", "child": "C"}, status("f", proc="C")]
+    with pytest.raises(ScenarioError, match="not a fault started earlier by C"):
+        Scenario.from_dict({"name": "t", "steps": steps})
+    with pytest.raises(ScenarioError, match="not used by another fault"):
+        Scenario.from_dict({"name": "t", "steps": [mm("a", 1), fault("a", 0, "f"), fault("a", 0, "f")]})
+    with pytest.raises(ScenarioError, match="'to' is required"):
+        Scenario.from_dict({"name": "t", "steps": [mm("a", 1), {"op": "mremap", "at": ["a", 0], "pages": 1, "new_pages": 1, "flags": ["maymove", "fixed"]}]})
+
+
+def test_copy_and_zeropage_progress() -> None:
+    """Progress before an error is reported as copied/zeroed bytes with EAGAIN."""
+    r = run(
+        [
+            mm("a", 4, "missing"),
+            copy("a", 2, [7]),
+            copy("a", 0, [1, 2, 3, 4]),  # 2: stops at the present page 2
+            {"op": "zeropage", "proc": "P", "dst": ["a", 3], "pages": 1},
+            {"op": "zeropage", "proc": "P", "dst": ["a", 0], "pages": 4},  # 4: page 0 is present
+            copy("a", 0, [1]),
+            at("peek", "a", 1),
+            at("mapcount", "a", 3),
+        ]
+    )
+    assert r[2].compared() == {"errno": errno.EAGAIN, "copied": 2 * PAGE}
+    assert r[3].compared() == {"errno": 0, "zeroed": PAGE}
+    assert r[4].compared() == {"errno": errno.EEXIST, "zeroed": 0}
+    assert r[5].compared() == {"errno": errno.EEXIST, "copied": 0}
+    assert r[6].value == 2
+    assert r[7].compared() == {"errno": 0, "present": True, "mapcount": 0}
+
+
+def test_mremap_binds_a_region() -> None:
+    r = run(
+        [
+            mm("blk", 1),
+            mm("a", 2),
+            w("a", 1, 5),
+            {"op": "mremap", "proc": "P", "at": ["a", 0], "pages": 2, "new_pages": 4, "flags": ["maymove"], "region": "b"},
+            at("peek", "b", 1),
+            at("present", "a", 1),
+            {"op": "mremap", "proc": "P", "at": ["b", 0], "pages": 4, "new_pages": 4, "flags": ["maymove", "fixed"], "to": ["a", 0]},
+        ]
+    )
+    assert r[3].compared() == {"errno": 0, "relocated": True}
+    assert r[3].addr not in (None, r[1].addr)
+    assert r[4].compared() == {"errno": 0, "present": True, "value": 5}
+    assert r[5].present is False
+    assert r[6].compared() == {"errno": 0, "relocated": True} and r[6].addr == r[1].addr
+
+
+def test_prot_none_pages_are_peeked_not_read() -> None:
+    r = run([mm("a", 1), w("a", 0, 3), {"op": "mprotect", "proc": "P", "at": ["a", 0], "pages": 1, "prot": "none"},
+             at("peek", "a", 0), at("read", "a", 0), w("a", 0, 4), at("mapcount", "a", 0)])
+    assert r[3].compared() == {"errno": 0, "present": True, "value": 3}
+    assert r[4].errno == errno.EFAULT and r[5].errno == errno.EFAULT
+    assert r[6].mapcount == 1

@@ -36,14 +36,44 @@ change the mapcount being observed. The userfaultfd is opened without ``UFFD_USE
 ``process_vm_readv/writev`` on a missing page of a MISSING-registered range fail with EFAULT at
 once, where the user-mode access they stand for blocks.
 
+A present page the process may not read (PROT_NONE) is peeked through ``/proc/self/mem`` (a
+forced access, not a pinning one); a ``read`` of it answers EFAULT, as the load would fault.
+``mremap`` is the raw system call (libc's wrapper is variadic).
+
 Not disturbing the address space
 --------------------------------
-Helpers run with ``PYTHONMALLOC=malloc`` (small allocations come from the brk heap, not from
-mmap'd arenas), import everything before touching memory, learn the zero page's PFN with a
-scratch mapping that is unmapped again, fill the holes between the interpreter's mappings with
-PROT_NONE placeholders and then map one PROT_NONE guard page with ``mmap(NULL)``. Regions, placed
+Helpers run with ``PYTHONMALLOC=malloc`` and ``MALLOC_ARENA_MAX=1`` (small allocations come from
+the brk heap, not from mmap'd arenas, in every thread), import everything before touching
+memory, make what later steps need (below), learn the zero page's PFN with a scratch mapping
+that is unmapped again, fill the holes between the interpreter's mappings with PROT_NONE
+placeholders and then map one PROT_NONE guard page with ``mmap(NULL)``. Regions, placed
 top-down by ``mmap(NULL)``, therefore start right below the guard and never merge with the
 interpreter's own mappings.
+
+Made at setup, above the guard: the source of ``copy`` steps, ``COPY_MAX_PAGES`` of PROT_NONE
+that a copy maps read-write (MAP_FIXED) over the pages it needs, fills with each page's value and
+maps PROT_NONE again afterwards; and, only in a scenario that has ``fault`` steps, the fault
+threads (below) with a spare PROT_NONE area.
+
+Fault threads and events
+------------------------
+A ``fault`` step hands a user-mode access to one of ``MAX_PENDING_FAULTS`` threads the helper
+made at setup (256 KiB stacks). The access is a call of libc's ``memmove`` through ctypes, so the
+thread holds no GIL while the kernel keeps it waiting and the helper's main thread goes on
+serving steps. The step answers once the thread has finished or sleeps in the kernel with the
+userfaultfd's fault handler in its ``wchan`` (its message is queued by then, so an ``events``
+step right after it reads it). ``fault_status`` answers ``blocked: false`` once the thread has
+finished, ``blocked: true`` once it has been seen asleep there for 50 ms in a row (a thread just
+woken is runnable, not asleep) or after the step's wait bound (half the step timeout, at most
+2.5 s). A thread is reused once its access has finished. ``events`` reads the userfaultfd
+without blocking; the runner names each address after the scenario's regions.
+
+A forked child has only the thread that forked: the parent's faults do not exist there. The
+child makes fault threads of its own at once; their stacks come from libc's cache of the
+parent's thread stacks (no new mapping), and the small frame stacks the interpreter maps for
+them go into the spare area, which the child unmaps first and plugs again after, so nothing
+lands below the guard. ``exit`` (``_exit``) and SIGKILL end a helper together with its waiting
+threads; a fault the kernel refuses (SIGSEGV) ends the helper, and its steps then answer ESRCH.
 """
 
 from __future__ import annotations
@@ -59,10 +89,25 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
-from .scenario import PAGE, Scenario, StepResult, move_len, move_mode, place
+from .scenario import (
+    COPY_MAX_PAGES,
+    MAX_PENDING_FAULTS,
+    PAGE,
+    Scenario,
+    StepResult,
+    copy_mode,
+    copy_values,
+    length,
+    move_len,
+    move_mode,
+    place,
+    region_at,
+    remap_flags,
+)
 
 # ---------------------------------------------------------------------------------------------
 # uAPI constants (the installed headers predate some of them)
@@ -74,9 +119,12 @@ _UFFD_USER_MODE_ONLY = 1
 
 _PROT_NONE, _PROT_READ, _PROT_WRITE = 0, 1, 2
 _MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x20, 0x4000
-_MAP_FIXED_NOREPLACE = 0x100000
+_MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_MADV = {"dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19}
+_PLUG_FLAGS = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
+_PROT = {"none": _PROT_NONE, "r": _PROT_READ, "rw": _PROT_READ | _PROT_WRITE}
+_MADV = {"dontneed": 4, "dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19}
+_SYS_MREMAP = {"x86_64": 25, "aarch64": 216}
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -91,6 +139,12 @@ UFFDIO_API = _ioc(_IOC_READ_WRITE, 0xAA, 0x3F, 24)
 UFFDIO_REGISTER = _ioc(_IOC_READ_WRITE, 0xAA, 0x00, 32)
 UFFDIO_UNREGISTER = _ioc(_IOC_READ, 0xAA, 0x01, 16)
 UFFDIO_MOVE = _ioc(_IOC_READ_WRITE, 0xAA, 0x05, 40)
+UFFDIO_WAKE = _ioc(_IOC_READ, 0xAA, 0x02, 16)
+UFFDIO_COPY = _ioc(_IOC_READ_WRITE, 0xAA, 0x03, 40)
+UFFDIO_ZEROPAGE = _ioc(_IOC_READ_WRITE, 0xAA, 0x04, 32)
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP = 1, 2
+_UFFD_MSG = struct.Struct("<B7xQQQ")  # struct uffd_msg: event, then pagefault's flags, address, ptid
 UFFDIO_REGISTER_MODE = {"missing": 1, "wp": 2}
 
 # The userfaultfd is opened WITHOUT UFFD_USER_MODE_ONLY when the kernel lets us (root): the
@@ -135,6 +189,21 @@ class _UffdioMove(ctypes.Structure):
     ]
 
 
+class _UffdioCopy(ctypes.Structure):
+    _fields_ = [
+        ("dst", ctypes.c_uint64),
+        ("src", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("copy", ctypes.c_int64),
+    ]
+
+
+class _UffdioZeropage(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+assert ctypes.sizeof(_UffdioCopy) == 40 and ctypes.sizeof(_UffdioZeropage) == 32 and _UFFD_MSG.size == 32
 assert ctypes.sizeof(_UffdioApi) == 24 and ctypes.sizeof(_UffdioRegister) == 32
 assert ctypes.sizeof(_UffdioRange) == 16 and ctypes.sizeof(_UffdioMove) == 40
 
@@ -156,6 +225,13 @@ class _Libc:
         self.madvise = libc.madvise
         self.madvise.restype = c.c_int
         self.madvise.argtypes = [c.c_void_p, c.c_size_t, c.c_int]
+        self.mprotect = libc.mprotect
+        self.mprotect.restype = c.c_int
+        self.mprotect.argtypes = [c.c_void_p, c.c_size_t, c.c_int]
+        # The access of a fault thread: a libc call, so the GIL is released while it blocks.
+        self.memmove = libc.memmove
+        self.memmove.restype = c.c_void_p
+        self.memmove.argtypes = [c.c_void_p, c.c_void_p, c.c_size_t]
         self.ioctl = libc.ioctl
         self.ioctl.restype = c.c_int
         self.ioctl.argtypes = [c.c_int, c.c_ulong, c.c_void_p]
@@ -173,6 +249,13 @@ class _Libc:
     @staticmethod
     def errno() -> int:
         return ctypes.get_errno()
+
+    def mremap(self, old: int, old_len: int, new_len: int, flags: int, new: int) -> int:
+        """The raw system call (libc's is variadic): the new address, or -errno."""
+        c = ctypes.c_long
+        nr = _SYS_MREMAP[platform.machine()]
+        rc = int(self.syscall(c(nr), c(old), c(old_len), c(new_len), c(flags), c(new)))
+        return -self.errno() if rc == -1 else rc & _U64
 
     def userfaultfd(self, flags: int) -> int:
         nr = _SYS_USERFAULTFD[platform.machine()]
@@ -273,8 +356,77 @@ def _maps() -> list[tuple[int, int, str]]:
     return out
 
 
+#: The stack size of fault threads (small: they run a few lines of Python and one libc call).
+_FAULT_STACK = 256 * 1024
+#: Room (above the guard) for what a fork child's new fault threads map (their stacks come from
+#: libc's cache; the interpreter maps a small frame stack for each).
+_SPARE = 256 * PAGE
+
+
+def _task_asleep_in_uffd(tid: int) -> bool:
+    """True while the thread sleeps in the kernel waiting for a userfaultfd to resolve a fault."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/self/task/{tid}/wchan", "rb") as f:
+            wchan = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state in (b"S", b"D") and b"userfault" in wchan
+
+
+class _Fault:
+    """One access made by a fault thread."""
+
+    def __init__(self, tid: int, addr: int, write: bool, value: int) -> None:
+        self.tid, self.addr, self.write = tid, addr, write
+        self.buf = ctypes.create_string_buffer(8)
+        struct.pack_into("<Q", self.buf, 0, value & _U64)
+        self.done = threading.Event()
+
+    def value(self) -> int:
+        return int(struct.unpack_from("<Q", self.buf)[0])
+
+
+class _FaultThread:
+    """A thread of a helper that makes user-mode accesses on request, one at a time."""
+
+    def __init__(self, libc: _Libc) -> None:
+        self.libc = libc
+        self.go = threading.Semaphore(0)
+        self.tid = 0
+        self.job: _Fault | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        while not self.tid:
+            time.sleep(0.0005)
+
+    def _loop(self) -> None:
+        self.tid = threading.get_native_id()
+        while True:
+            self.go.acquire()
+            job = self.job
+            assert job is not None
+            buf = ctypes.addressof(job.buf)
+            if job.write:
+                self.libc.memmove(job.addr, buf, 8)
+            else:
+                self.libc.memmove(buf, job.addr, 8)
+            job.done.set()
+
+    @property
+    def free(self) -> bool:
+        return self.job is None or self.job.done.is_set()
+
+    def start(self, addr: int, write: bool, value: int) -> _Fault:
+        self.job = _Fault(self.tid, addr, write, value)
+        self.go.release()
+        return self.job
+
+
 class _Helper:
-    def __init__(self, chan: socket.socket) -> None:
+    def __init__(self, chan: socket.socket, fault_threads: int = 0) -> None:
         self.chan = chan
         self.libc = _Libc()
         self.pid = os.getpid()
@@ -286,11 +438,27 @@ class _Helper:
         self.remote = _Iovec(0, 8)
         self.zero_pfn = -1
         self.guard = 0
+        self.copy_src = 0  # COPY_MAX_PAGES of PROT_NONE, the source of copies (made RW per copy)
+        self.spare = 0  # _SPARE bytes of PROT_NONE, unmapped for what a fork child's threads map
+        self.nthreads = fault_threads
+        self.threads: list[_FaultThread] = []
+        self.faults: dict[str, _Fault] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
         lib = self.libc
+        # Everything the steps need is mapped now, above the guard: the fault threads' stacks
+        # (a fork child's threads get their parent's stacks again from libc's stack cache) and
+        # the place where copies take their source pages from.
+        flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+        if self.nthreads:
+            threading.stack_size(_FAULT_STACK)
+            self.threads = [_FaultThread(lib) for _ in range(self.nthreads)]
+            sp = lib.mmap(None, _SPARE, _PROT_NONE, flags, -1, 0)
+            self.spare = 0 if sp == _MAP_FAILED else sp
+        c = lib.mmap(None, COPY_MAX_PAGES * PAGE, _PROT_NONE, flags, -1, 0)
+        self.copy_src = 0 if c == _MAP_FAILED else c
         # The zero page's PFN: read-fault a scratch private page, then unmap it again.
         p = lib.mmap(None, PAGE, _PROT_READ, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if p != _MAP_FAILED:
@@ -302,6 +470,20 @@ class _Helper:
         self._fill_holes()
         g = lib.mmap(None, PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         self.guard = 0 if g == _MAP_FAILED else g
+
+    def _child_threads(self) -> None:
+        """Make a fork child's fault threads without mapping anything below the guard: what
+        they map goes into the spare room above it, whose rest is then plugged again."""
+        lib = self.libc
+        if self.spare:
+            lib.munmap(self.spare, _SPARE)
+        self.threads = [_FaultThread(lib) for _ in range(self.nthreads)]
+        if self.spare:
+            lo, hi = self.spare, self.spare + _SPARE
+            used = sorted((max(a, lo), min(b, hi)) for a, b, _ in _maps() if a < hi and b > lo)
+            for start, end in zip([lo] + [b for _, b in used], [a for a, _ in used] + [hi], strict=True):
+                if end > start:
+                    lib.mmap(start, end - start, _PROT_NONE, _PLUG_FLAGS, -1, 0)
 
     def _fill_holes(self) -> None:
         """Plug the holes between the interpreter's mappings in the mmap area (PROT_NONE)."""
@@ -317,14 +499,7 @@ class _Helper:
         area = vmas[split + 1 :]
         for (_, hi), (lo, _) in zip(area, area[1:], strict=False):
             if lo > hi:
-                self.libc.mmap(
-                    hi,
-                    lo - hi,
-                    _PROT_NONE,
-                    _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
+                self.libc.mmap(hi, lo - hi, _PROT_NONE, _PLUG_FLAGS, -1, 0)
 
     # -- primitives ----------------------------------------------------------------------------
 
@@ -360,8 +535,7 @@ class _Helper:
     # -- commands ------------------------------------------------------------------------------
 
     def do_mmap(self, c: dict[str, Any]) -> dict[str, Any]:
-        prot = _PROT_READ | (_PROT_WRITE if c["prot"] == "rw" else 0)
-        p = self.libc.mmap(None, c["len"], prot, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        p = self.libc.mmap(None, c["len"], _PROT[c["prot"]], _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if p == _MAP_FAILED or p is None:
             return {"errno": self.libc.errno()}
         out: dict[str, Any] = {"errno": 0, "addr": p}
@@ -399,9 +573,29 @@ class _Helper:
         # through process_vm_readv it does not unshare a page shared with another process.
         return int(ctypes.c_uint64.from_address(addr).value)
 
+    def _readable(self, addr: int) -> bool:
+        with open("/proc/self/maps", "rb") as f:
+            for line in f:
+                rng, perms = line.split(b" ", 2)[:2]
+                lo, hi = (int(x, 16) for x in rng.split(b"-"))
+                if lo <= addr < hi:
+                    return perms[:1] == b"r"
+        return False
+
+    def _peek_unreadable(self, addr: int) -> int:
+        # A present page the process may not read (PROT_NONE): /proc/self/mem reads it (a
+        # forced, unpinned access that neither faults nor unshares it).
+        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(struct.unpack("<Q", os.pread(fd, 8, addr))[0])
+        finally:
+            os.close(fd)
+
     def do_read(self, c: dict[str, Any]) -> dict[str, Any]:
         addr = c["addr"]
         if self._pagemap(addr) & _PM_PRESENT:
+            if not self._readable(addr):
+                return {"errno": errno.EFAULT}  # the load it stands for would fault
             return {"errno": 0, "value": self._load(addr)}
         err = self._vm_rw(addr, write=False)  # faults the page in (the zero page)
         if err:
@@ -412,7 +606,8 @@ class _Helper:
         addr = c["addr"]
         if not self._pagemap(addr) & _PM_PRESENT:
             return {"errno": 0, "present": False}
-        return {"errno": 0, "present": True, "value": self._load(addr)}
+        value = self._load(addr) if self._readable(addr) else self._peek_unreadable(addr)
+        return {"errno": 0, "present": True, "value": value}
 
     def do_present(self, c: dict[str, Any]) -> dict[str, Any]:
         return {"errno": 0, "present": bool(self._pagemap(c["addr"]) & _PM_PRESENT)}
@@ -436,6 +631,114 @@ class _Helper:
             return {"errno": 0, "moved": c["len"], "raw_move": mv.move}
         return {"errno": self.libc.errno(), "moved": max(mv.move, 0), "raw_move": mv.move}
 
+    def do_mprotect(self, c: dict[str, Any]) -> dict[str, Any]:
+        rc = self.libc.mprotect(c["addr"], c["len"], _PROT[c["prot"]])
+        return {"errno": self.libc.errno() if rc else 0}
+
+    def do_mremap(self, c: dict[str, Any]) -> dict[str, Any]:
+        rc = self.libc.mremap(c["addr"], c["len"], c["new_len"], c["flags"], c["new_addr"])
+        if rc < 0:
+            return {"errno": -rc}
+        return {"errno": 0, "addr": rc}
+
+    def do_copy(self, c: dict[str, Any]) -> dict[str, Any]:
+        fd = self._uffd()
+        if fd < 0:
+            return {"errno": -fd, "copied": 0, "note": "no userfaultfd"}
+        values = c["values"]
+        src, n = self.copy_src, len(values)
+        if not src:
+            return {"errno": errno.EIO, "copied": 0, "note": "no copy source"}
+        fixed = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED
+        if n and self.libc.mmap(src, n * PAGE, _PROT_READ | _PROT_WRITE, fixed, -1, 0) != src:
+            return {"errno": errno.EIO, "copied": 0, "note": "cannot map the copy source"}
+        try:
+            for i, v in enumerate(values):
+                ctypes.c_uint64.from_address(src + i * PAGE).value = v & _U64
+            cp = _UffdioCopy(c["dst"] & _U64, src, c["len"] & _U64, c["mode"] & _U64, 0)
+            if self.libc.ioctl(fd, UFFDIO_COPY, ctypes.addressof(cp)) == 0:
+                return {"errno": 0, "copied": c["len"], "raw_copy": cp.copy}
+            return {"errno": self.libc.errno(), "copied": max(cp.copy, 0), "raw_copy": cp.copy}
+        finally:
+            if n:  # back to the PROT_NONE reservation (it merges with the rest of it again)
+                self.libc.mmap(src, n * PAGE, _PROT_NONE, fixed | _MAP_NORESERVE, -1, 0)
+
+    def do_zeropage(self, c: dict[str, Any]) -> dict[str, Any]:
+        fd = self._uffd()
+        if fd < 0:
+            return {"errno": -fd, "zeroed": 0, "note": "no userfaultfd"}
+        zp = _UffdioZeropage(c["dst"] & _U64, c["len"] & _U64, c["mode"] & _U64, 0)
+        if self.libc.ioctl(fd, UFFDIO_ZEROPAGE, ctypes.addressof(zp)) == 0:
+            return {"errno": 0, "zeroed": c["len"], "raw_zeropage": zp.zeropage}
+        return {"errno": self.libc.errno(), "zeroed": max(zp.zeropage, 0), "raw_zeropage": zp.zeropage}
+
+    def do_wake(self, c: dict[str, Any]) -> dict[str, Any]:
+        fd = self._uffd()
+        if fd < 0:
+            return {"errno": -fd, "note": "no userfaultfd"}
+        rng = _UffdioRange(c["addr"] & _U64, c["len"] & _U64)
+        rc = self.libc.ioctl(fd, UFFDIO_WAKE, ctypes.addressof(rng))
+        return {"errno": self.libc.errno() if rc else 0}
+
+    def do_fault(self, c: dict[str, Any]) -> dict[str, Any]:
+        free = [t for t in self.threads if t.free]
+        if not free:
+            return {"errno": errno.EAGAIN, "note": f"no free fault thread (at most {len(self.threads)} pending)"}
+        t = self.faults[c["id"]] = free[0].start(c["addr"], bool(c["write"]), int(c["value"]))
+        # Return once the access has finished or sleeps waiting for the userfaultfd (its
+        # message is queued before it sleeps), so that the next step sees a settled state.
+        deadline = time.monotonic() + c["wait"]
+        while not t.done.wait(0.0005):
+            if _task_asleep_in_uffd(t.tid):
+                return {"errno": 0, "state": "blocked"}
+            if time.monotonic() >= deadline:
+                return {"errno": 0, "state": "unknown", "note": "neither finished nor asleep in userfaultfd"}
+        return {"errno": 0, "state": "finished"}
+
+    def do_fault_status(self, c: dict[str, Any]) -> dict[str, Any]:
+        t = self.faults.get(c["id"])
+        if t is None:
+            return {"errno": errno.ESRCH, "note": f"no fault {c['id']!r} in this process"}
+        # Finished, or asleep in the userfaultfd for SETTLE seconds in a row (a thread that was
+        # woken is runnable, not asleep, until it has run); after ``wait``, still blocked.
+        settle = 0.05
+        deadline = time.monotonic() + c["wait"]
+        asleep_since: float | None = None
+        while not t.done.wait(0.001):
+            now = time.monotonic()
+            if _task_asleep_in_uffd(t.tid):
+                asleep_since = now if asleep_since is None else asleep_since
+                if now - asleep_since >= settle:
+                    return {"errno": 0, "blocked": True}
+            else:
+                asleep_since = None
+            if now >= deadline:
+                return {"errno": 0, "blocked": True, "note": "not finished, not asleep in userfaultfd"}
+        out: dict[str, Any] = {"errno": 0, "blocked": False}
+        if not t.write:
+            out["value"] = t.value()
+        return out
+
+    def do_events(self, c: dict[str, Any]) -> dict[str, Any]:
+        if self.uffd < 0:
+            return {"errno": 0, "events": []}
+        raw = b""
+        while True:
+            try:
+                chunk = os.read(self.uffd, _UFFD_MSG.size * 64)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                return {"errno": e.errno or errno.EIO, "events": []}
+            if not chunk:
+                break
+            raw += chunk
+        events = []
+        for off in range(0, len(raw) - len(raw) % _UFFD_MSG.size, _UFFD_MSG.size):
+            event, flags, address, _ = _UFFD_MSG.unpack_from(raw, off)
+            events.append([event, flags, address])
+        return {"errno": 0, "events": events}
+
     def do_fork(self, c: dict[str, Any]) -> dict[str, Any]:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -451,6 +754,11 @@ class _Helper:
             os.close(self.pagemap)
             self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self.pid = os.getpid()
+            # Only this thread exists in the child: the parent's faults are not the child's, and
+            # the child gets fault threads of its own (on the stacks libc kept of the others).
+            self.faults = {}
+            if self.nthreads:
+                self._child_threads()
             raise _BecameChild
         theirs.close()
         try:
@@ -488,10 +796,10 @@ class _Helper:
                 self.chan.send(json.dumps(reply).encode())
 
 
-def _helper_main(fd: int) -> None:
+def _helper_main(fd: int, fault_threads: int = 0) -> None:
     chan = socket.socket(fileno=fd)
     try:
-        h = _Helper(chan)
+        h = _Helper(chan, fault_threads)
         h.setup()
     except Exception as e:  # report at the first command
         err = f"helper setup failed: {type(e).__name__}: {e}"
@@ -532,7 +840,7 @@ def _anchor_main(spec: dict[str, Any]) -> int:
                     os.close(other)
             os.close(0)
             os.close(1)
-            _helper_main(fd)
+            _helper_main(fd, int(spec.get("fault_threads", 0)))
             os._exit(0)
         pids[name] = pid
     for fd in fds:
@@ -593,14 +901,18 @@ class _Gone(Exception):
 class _Run:
     """One scenario's helpers."""
 
-    def __init__(self, roots: list[str], startup_timeout: float) -> None:
+    def __init__(self, roots: list[str], startup_timeout: float, fault_threads: int = 0) -> None:
         self.procs: dict[str, _Proc] = {}
         self.pids: list[int] = []
         self.anchor: subprocess.Popen[bytes] | None = None
         ends = {name: socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for name in roots}
         try:
-            spec = {"procs": [[name, theirs.fileno()] for name, (_, theirs) in ends.items()]}
-            env = dict(os.environ, PYTHONMALLOC="malloc")
+            spec = {
+                "procs": [[name, theirs.fileno()] for name, (_, theirs) in ends.items()],
+                "fault_threads": fault_threads,
+            }
+            # One malloc arena: a helper's threads then allocate from the brk heap too.
+            env = dict(os.environ, PYTHONMALLOC="malloc", MALLOC_ARENA_MAX="1")
             self.anchor = subprocess.Popen(
                 [sys.executable, "-m", "mmsim.server.tools.conformance.kernel", "--helper", json.dumps(spec)],
                 stdin=subprocess.PIPE,
@@ -700,20 +1012,36 @@ class KernelRunner:
         if isinstance(scenario, dict):
             scenario = Scenario.from_dict(scenario)
         self.pids = []
-        run = _Run(list(scenario.processes), startup_timeout=max(15.0, self.step_timeout))
+        # Fault threads are made at the start, in every process, only if the scenario has faults.
+        threads = MAX_PENDING_FAULTS if any(st["op"] == "fault" for st in scenario.steps) else 0
+        run = _Run(list(scenario.processes), startup_timeout=max(15.0, self.step_timeout), fault_threads=threads)
         self.pids = run.pids
         addrs: dict[str, int] = {}
+        regions: dict[str, tuple[int, int]] = {}  # name -> (start, pages), in binding order
         results: list[StepResult] = []
         try:
             for step in scenario.steps:
-                results.append(self._step(run, scenario, addrs, step))
+                results.append(self._step(run, scenario, addrs, step, regions))
         finally:
             run.close()
         return results
 
     # -- one step ------------------------------------------------------------------------------
 
-    def _step(self, run: _Run, sc: Scenario, addrs: dict[str, int], step: dict[str, Any]) -> StepResult:
+    @property
+    def _wait(self) -> float:
+        """How long a ``fault`` or ``fault_status`` step waits for its thread to settle."""
+        return max(0.1, min(2.5, self.step_timeout / 2))
+
+    def _step(
+        self,
+        run: _Run,
+        sc: Scenario,
+        addrs: dict[str, int],
+        step: dict[str, Any],
+        regions: dict[str, tuple[int, int]] | None = None,
+    ) -> StepResult:
+        regions = {} if regions is None else regions
         op = step["op"]
         name = step.get("proc", sc.processes[0] if sc.processes else None)
         proc = run.procs.get(name)  # type: ignore[arg-type]
@@ -721,6 +1049,8 @@ class KernelRunner:
             return StepResult(errno=errno.ESRCH, note="process gone")
         try:
             cmd = self._command(step, addrs)
+            if op in ("fault", "fault_status"):
+                cmd["wait"] = self._wait
         except KeyError as e:
             return StepResult(errno=errno.EINVAL, note=f"region {e.args[0]!r} has no address")
         try:
@@ -736,6 +1066,26 @@ class KernelRunner:
             if "addr" in reply:
                 res.addr = int(reply["addr"])
                 addrs[step["region"]] = res.addr
+                regions.pop(step["region"], None)
+                regions[step["region"]] = (res.addr, int(step["pages"]))
+        elif op == "mremap":
+            if "addr" in reply:
+                res.addr = int(reply["addr"])
+                res.relocated = res.addr != cmd["addr"]
+                if "region" in step:
+                    addrs[step["region"]] = res.addr
+                    regions.pop(step["region"], None)
+                    regions[step["region"]] = (res.addr, int(step["new_pages"]))
+        elif op == "copy":
+            res.copied = int(reply.get("copied", 0))
+        elif op == "zeropage":
+            res.zeroed = int(reply.get("zeroed", 0))
+        elif op == "fault_status":
+            if "blocked" in reply:
+                res.blocked = bool(reply["blocked"])
+            res.value = reply.get("value")
+        elif op == "events":
+            res.events = [self._event(regions, *ev) for ev in reply.get("events", [])]
         elif op == "read":
             res.value = reply.get("value")
         elif op == "peek":
@@ -770,17 +1120,54 @@ class KernelRunner:
         return res
 
     @staticmethod
+    def _event(regions: dict[str, tuple[int, int]], event: int, flags: int, address: int) -> list[Any]:
+        """A userfaultfd message as ``[region, page, kind]``."""
+        if event != UFFD_EVENT_PAGEFAULT:
+            return ["?", 0, f"event-{event:#x}"]
+        if flags & UFFD_PAGEFAULT_FLAG_WP:
+            kind = "wp"
+        else:
+            kind = "w" if flags & UFFD_PAGEFAULT_FLAG_WRITE else "r"
+        where = region_at(regions, address)
+        return [where[0], where[1], kind] if where else ["?", 0, kind]
+
+    @staticmethod
     def _command(step: dict[str, Any], addrs: dict[str, int]) -> dict[str, Any]:
         op = step["op"]
         cmd: dict[str, Any] = {"op": op}
         if op == "mmap":
             cmd.update(len=int(step["pages"]) * PAGE, prot=step.get("prot", "rw"), uffd=step.get("uffd"))
-        elif op in ("munmap", "madvise", "uffd_register", "uffd_unregister"):
+        elif op in ("munmap", "madvise", "uffd_register", "uffd_unregister", "mprotect"):
             cmd.update(addr=place(addrs, step["at"]), len=int(step["pages"]) * PAGE)
             if op == "madvise":
                 cmd["advice"] = step["advice"]
             elif op == "uffd_register":
                 cmd["mode"] = step["mode"]
+            elif op == "mprotect":
+                cmd["prot"] = step["prot"]
+        elif op == "mremap":
+            cmd.update(
+                addr=place(addrs, step["at"]),
+                len=int(step["pages"]) * PAGE,
+                new_len=int(step["new_pages"]) * PAGE,
+                flags=remap_flags(step),
+                new_addr=place(addrs, step["to"]) if "to" in step else 0,
+            )
+        elif op == "copy":
+            cmd.update(dst=place(addrs, step["dst"]), len=length(step), mode=copy_mode(step), values=copy_values(step))
+        elif op == "zeropage":
+            cmd.update(dst=place(addrs, step["dst"]), len=length(step), mode=copy_mode(step))
+        elif op == "wake":
+            cmd.update(addr=place(addrs, step["at"]), len=length(step))
+        elif op == "fault":
+            cmd.update(
+                addr=place(addrs, step["at"]),
+                id=step["id"],
+                write=bool(step.get("write", False)),
+                value=int(step.get("value", 0)),
+            )
+        elif op == "fault_status":
+            cmd["id"] = step["id"]
         elif op == "write":
             cmd.update(addr=place(addrs, step["at"]), value=int(step["value"]))
         elif op in ("read", "peek", "present", "mapcount"):

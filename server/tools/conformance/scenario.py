@@ -26,11 +26,22 @@ mmsim maps the region at that very address. A place is ``[region, page]`` or
 Steps (``proc`` names the process doing it):
 
 ==================  ===========================================================================
-``mmap``            ``region``, ``pages``, ``prot`` ("rw" or "r", default "rw"), ``uffd``
-                    (null, "missing" or "wp": register the new range with the process's
-                    userfaultfd)
+``mmap``            ``region``, ``pages``, ``prot`` ("rw", "r" or "none", default "rw"),
+                    ``uffd`` (null, "missing" or "wp": register the new range with the
+                    process's userfaultfd)
 ``munmap``          ``at``, ``pages``
-``madvise``         ``at``, ``pages``, ``advice`` (dontfork, dofork, wipeonfork, keeponfork)
+``mprotect``        ``at``, ``pages``, ``prot`` ("none", "r" or "rw")
+``madvise``         ``at``, ``pages``, ``advice`` (dontfork, dofork, wipeonfork, keeponfork,
+                    dontneed)
+``mremap``          ``at`` (the old start), ``pages`` (the old length), ``new_pages``, ``flags``
+                    (a list of "maymove", "fixed", "dontunmap"; default none), ``to`` (a place:
+                    the MREMAP_FIXED target, required with "fixed", allowed only with it),
+                    ``region`` (optional: a new region name bound to the address mremap
+                    returned, ``new_pages`` long, whether it moved or not). Records ``errno``
+                    and, on success, ``relocated`` (true when the range now starts elsewhere
+                    than ``at``) and, not compared, ``addr`` (the address mremap returned, for
+                    the mmsim runner to place the range there too). The old region name keeps
+                    its old address and length.
 ``uffd_register``   ``at``, ``pages``, ``mode`` ("missing" or "wp")
 ``uffd_unregister`` ``at``, ``pages``
 ``write``           ``at``, ``value`` (a 64-bit word written at the start of the page)
@@ -41,12 +52,53 @@ Steps (``proc`` names the process doing it):
 ``move``            ``dst``, ``src`` (places), ``pages`` or ``len`` (bytes), ``mode``: a list of
                     "dontwake", "allow_src_holes", or an integer of raw mode bits; records
                     ``errno`` and ``moved`` (bytes moved before the error, as the SDK reports it)
+``copy``            UFFDIO_COPY: ``dst`` (a place), ``pages`` or ``len`` (bytes, at most
+                    ``COPY_MAX_PAGES`` pages), ``value`` (every page's first word) or ``values``
+                    (one per page; pages past the list get 0), ``mode``: a list of "dontwake",
+                    "wp", or an integer of raw mode bits. The source is a private buffer of the
+                    process holding, in each page, the page's value as its first 64-bit word
+                    and zeros after it. Records ``errno`` and ``copied``
+``zeropage``        UFFDIO_ZEROPAGE: ``dst``, ``pages`` or ``len``, ``mode`` (a list of
+                    "dontwake", or raw bits); records ``errno`` and ``zeroed``
+``wake``            UFFDIO_WAKE: ``at``, ``pages`` or ``len``: wakes the faults waiting on the
+                    range; records ``errno``
+``fault``           ``at``, ``id`` (a name, unique in the scenario), ``write`` (bool, default
+                    false), ``value`` (what a write stores, default 0): a user-mode access of
+                    the page's first word in a thread of its own of the process. The step returns once the thread has finished or
+                    is asleep waiting for the userfaultfd (so an ``events`` step right after it
+                    sees its message); records ``errno`` 0 once the thread started
+``fault_status``    ``id`` (a fault started earlier by the same process): records ``blocked``
+                    (the thread still waits) and, once finished, for a read ``value`` (what it
+                    read). Ask only where the answer is settled: a fault that was woken and
+                    whose page is now mapped finishes within the step; one never woken stays
+                    blocked
+``events``          reads every message queued on the process's userfaultfd (none waits);
+                    records ``events``: a list of ``[region, page, kind]``, kind "r" (a read
+                    fault), "w" (a write fault) or "wp" (a write-protect fault, with or without
+                    the write flag), in the order queued
 ``fork``            ``child``: a new process named so
 ``exit``            the process exits
 ==================  ===========================================================================
 
 Every step records ``errno`` (0 on success). A scenario may mark a step ``"expect": {...}`` with
 any of the recorded fields; both runners are then also checked against it.
+
+``copied`` and ``zeroed`` follow ``moved``: the length on success; after an error, the bytes
+done before it (the ioctl's ``copy``/``zeropage`` field when positive, else 0). The kernel
+reports progress followed by an error as that progress with EAGAIN (whatever stopped it), so
+``errno`` is then EAGAIN.
+
+Region names in ``events``: an address is named after the region that contains it, the one
+bound most recently (by ``mmap`` or ``mremap``) where several do; ``page`` counts from that
+region's start. A binding stays when its range is unmapped. An address in no region is
+``["?", 0, kind]``.
+
+Faults and threads: ``fault`` threads belong to the process that started them. A ``fork`` child
+has none of them (only the forking thread exists in a child), so ``fault_status`` in a child may
+only name the child's own faults. A ``fault`` must address a mapped page the access is allowed
+on (an access the kernel refuses kills the process: later steps of it answer ESRCH). At most
+``MAX_PENDING_FAULTS`` faults of one process may be unfinished at a time. ``exit`` (and the end
+of the run) ends a process together with its blocked fault threads.
 """
 
 from __future__ import annotations
@@ -61,7 +113,9 @@ PAGE = 4096
 OPS = {
     "mmap": {"region", "pages"},
     "munmap": {"at", "pages"},
+    "mprotect": {"at", "pages", "prot"},
     "madvise": {"at", "pages", "advice"},
+    "mremap": {"at", "pages", "new_pages"},
     "uffd_register": {"at", "pages", "mode"},
     "uffd_unregister": {"at", "pages"},
     "write": {"at", "value"},
@@ -70,14 +124,39 @@ OPS = {
     "present": {"at"},
     "mapcount": {"at"},
     "move": {"dst", "src"},
+    "copy": {"dst"},
+    "zeropage": {"dst"},
+    "wake": {"at"},
+    "fault": {"at", "id"},
+    "fault_status": {"id"},
+    "events": set(),
     "fork": {"child"},
     "exit": set(),
 }
 OPTIONAL = {"prot", "uffd", "mode", "len", "expect", "note", "pages"}
+#: Fields only some operations take, beyond OPS and OPTIONAL.
+OP_OPTIONAL = {
+    "mremap": {"flags", "to", "region"},
+    "copy": {"value", "values"},
+    "fault": {"write", "value"},
+}
+#: The ops that take a length as ``pages`` or ``len``.
+LENGTH_OPS = ("move", "copy", "zeropage", "wake")
+#: The madvise advice the random generator draws from (the fork flags).
 ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork")
+#: Every advice a scenario may give.
+ALL_ADVICE = (*ADVICE, "dontneed")
+PROTS = ("none", "r", "rw")
 MOVE_MODES = {"dontwake": 1 << 0, "allow_src_holes": 1 << 1}
+COPY_MODES = {"dontwake": 1 << 0, "wp": 1 << 1}
+ZEROPAGE_MODES = {"dontwake": 1 << 0}
+REMAP_FLAGS = {"maymove": 1, "fixed": 2, "dontunmap": 4}
+#: The longest copy (its source buffer is set aside before the regions are mapped).
+COPY_MAX_PAGES = 64
+#: Unfinished faults one process may have at a time (its fault threads are made in advance).
+MAX_PENDING_FAULTS = 4
 #: The fields a step result may carry, in table order.
-FIELDS = ("errno", "moved", "value", "present", "mapcount")
+FIELDS = ("errno", "moved", "copied", "zeroed", "relocated", "value", "present", "mapcount", "blocked", "events")
 
 
 class ScenarioError(ValueError):
@@ -127,33 +206,76 @@ class Scenario:
         """Check the shape of every step and that names are used after they exist."""
         procs = set(self.processes)
         regions: set[str] = set()
+        faults: dict[str, str] = {}  # fault id -> the process that started it
         where = self.path or self.name
         for i, st in enumerate(self.steps):
             op = st.get("op")
             if op not in OPS:
                 raise ScenarioError(f"{where}: step {i}: unknown op {op!r}")
             missing = OPS[op] - set(st)
-            if op == "move" and "pages" not in st and "len" not in st:
+            if op in LENGTH_OPS and "pages" not in st and "len" not in st:
                 missing.add("pages")
             if missing:
                 raise ScenarioError(f"{where}: step {i} ({op}): missing {sorted(missing)}")
-            unknown = set(st) - OPS[op] - OPTIONAL - {"op", "proc"}
+            unknown = set(st) - OPS[op] - OPTIONAL - OP_OPTIONAL.get(op, set()) - {"op", "proc"}
             if unknown:
                 raise ScenarioError(f"{where}: step {i} ({op}): unknown fields {sorted(unknown)}")
             proc = st.get("proc", self.processes[0] if self.processes else None)
             if proc not in procs:
                 raise ScenarioError(f"{where}: step {i} ({op}): unknown process {proc!r}")
-            for key in ("at", "dst", "src"):
+            for key in ("at", "dst", "src", "to"):
                 if key in st:
                     place = st[key]
                     if not (isinstance(place, list) and 2 <= len(place) <= 3 and place[0] in regions):
                         raise ScenarioError(f"{where}: step {i} ({op}): {key} must be [region, page(, byte)]")
+            bad = _complainer(f"{where}: step {i} ({op})")
+            if op in ("mmap", "mprotect") and st.get("prot", "rw") not in PROTS:
+                raise bad(f"prot must be one of {PROTS}")
             if op == "mmap":
                 regions.add(st["region"])
             elif op == "fork":
                 procs.add(st["child"])
-            elif op == "madvise" and st["advice"] not in ADVICE:
-                raise ScenarioError(f"{where}: step {i}: advice must be one of {ADVICE}")
+            elif op == "madvise" and st["advice"] not in ALL_ADVICE:
+                raise ScenarioError(f"{where}: step {i}: advice must be one of {ALL_ADVICE}")
+            elif op == "mremap":
+                flags = st.get("flags", [])
+                if isinstance(flags, list):
+                    if any(f not in REMAP_FLAGS for f in flags):
+                        raise bad(f"flags must be a list of {sorted(REMAP_FLAGS)} or an integer")
+                    if ("fixed" in flags) != ("to" in st):
+                        raise bad("'to' is required with the flag 'fixed', and allowed only with it")
+                elif not isinstance(flags, int) or isinstance(flags, bool):
+                    raise bad("flags must be a list or an integer")
+                if "region" in st:
+                    if not isinstance(st["region"], str):
+                        raise bad("region must be a name")
+                    regions.add(st["region"])
+            elif op in ("copy", "zeropage"):
+                modes = COPY_MODES if op == "copy" else ZEROPAGE_MODES
+                mode = st.get("mode", [])
+                if not (isinstance(mode, int) or (isinstance(mode, list) and all(m in modes for m in mode))):
+                    raise bad(f"mode must be a list of {sorted(modes)} or an integer")
+                if op == "copy":
+                    if "value" in st and "values" in st:
+                        raise bad("give value or values, not both")
+                    if "values" in st and not isinstance(st["values"], list):
+                        raise bad("values must be a list")
+                    if length(st) > COPY_MAX_PAGES * PAGE:
+                        raise bad(f"a copy is at most {COPY_MAX_PAGES} pages")
+            elif op == "fault":
+                fid = st["id"]
+                if not isinstance(fid, str) or fid in faults:
+                    raise bad(f"id must be a name not used by another fault ({fid!r})")
+                if not isinstance(st.get("write", False), bool):
+                    raise bad("write must be true or false")
+                faults[fid] = proc
+            elif op == "fault_status":
+                if faults.get(st["id"]) != proc:
+                    raise bad(f"{st['id']!r} is not a fault started earlier by {proc}")
+
+
+def _complainer(prefix: str) -> Any:
+    return lambda msg: ScenarioError(f"{prefix}: {msg}")
 
 
 @dataclass
@@ -165,7 +287,12 @@ class StepResult:
     value: int | None = None
     present: bool | None = None
     mapcount: int | None = None
-    addr: int | None = None  # mmap: where the region was placed (not compared)
+    copied: int | None = None  # copy: bytes copied before the error
+    zeroed: int | None = None  # zeropage: bytes zeroed before the error
+    relocated: bool | None = None  # mremap: the range starts elsewhere now
+    blocked: bool | None = None  # fault_status: the fault still waits
+    events: list[list[Any]] | None = None  # events: [region, page, kind] per message
+    addr: int | None = None  # mmap, mremap: where the region was placed (not compared)
     note: str = ""  # e.g. why a step could not run (not compared)
 
     def compared(self) -> dict[str, Any]:
@@ -173,20 +300,56 @@ class StepResult:
         return {k: d[k] for k in FIELDS if d[k] is not None}
 
 
-def move_mode(step: dict[str, Any]) -> int:
-    mode = step.get("mode", [])
-    if isinstance(mode, int):
-        return mode
+def _bits(value: Any, names: dict[str, int], what: str) -> int:
+    if isinstance(value, int):
+        return value
     bits = 0
-    for m in mode:
-        if m not in MOVE_MODES:
-            raise ScenarioError(f"unknown move mode {m!r}")
-        bits |= MOVE_MODES[m]
+    for m in value:
+        if m not in names:
+            raise ScenarioError(f"unknown {what} {m!r}")
+        bits |= names[m]
     return bits
 
 
-def move_len(step: dict[str, Any]) -> int:
+def move_mode(step: dict[str, Any]) -> int:
+    return _bits(step.get("mode", []), MOVE_MODES, "move mode")
+
+
+def copy_mode(step: dict[str, Any]) -> int:
+    """The mode bits of a ``copy`` (UFFDIO_COPY_MODE_*) or ``zeropage`` step."""
+    names = COPY_MODES if step["op"] == "copy" else ZEROPAGE_MODES
+    return _bits(step.get("mode", []), names, f"{step['op']} mode")
+
+
+def remap_flags(step: dict[str, Any]) -> int:
+    """The MREMAP_* bits of a ``mremap`` step."""
+    return _bits(step.get("flags", []), REMAP_FLAGS, "mremap flag")
+
+
+def length(step: dict[str, Any]) -> int:
+    """The length in bytes of a step that takes ``pages`` or ``len``."""
     return int(step["len"]) if "len" in step else int(step["pages"]) * PAGE
+
+
+move_len = length
+
+
+def copy_values(step: dict[str, Any]) -> list[int]:
+    """The first word of each source page of a ``copy`` (as many as the length touches)."""
+    n = min(-(-max(length(step), 0) // PAGE), COPY_MAX_PAGES)
+    if "values" in step:
+        vals = [int(v) for v in step["values"]][:n]
+        return vals + [0] * (n - len(vals))
+    return [int(step.get("value", 0))] * n
+
+
+def region_at(regions: dict[str, tuple[int, int]], addr: int) -> tuple[str, int] | None:
+    """``(region, page)`` of an address: the region bound most recently (last in ``regions``,
+    name -> (start, pages)) of those that contain it."""
+    for name, (start, pages) in reversed(list(regions.items())):
+        if start <= addr < start + pages * PAGE:
+            return name, (addr - start) // PAGE
+    return None
 
 
 def place(addrs: dict[str, int], ref: list[Any]) -> int:
