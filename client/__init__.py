@@ -15,7 +15,7 @@ Example::
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
 from .credentials import read_token, tls_credentials
-from ._types import AnonVma, FolioInfo, UserfaultEvent, Vma, WalkResult
+from ._types import AnonVma, FolioInfo, UserfaultEvent, Userfaults, Vma, WalkResult
 from .errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -45,6 +45,7 @@ __all__ = [
     "Timeout",
     "UnauthenticatedError",
     "UserfaultEvent",
+    "Userfaults",
     "Vma",
     "WalkResult",
     "WrongShardError",

@@ -20,6 +20,7 @@ from ._types import (
     AnonVma,
     FolioInfo,
     UserfaultEvent,
+    Userfaults,
     Vma,
     WalkResult,
     anon_vma_from_pb,
@@ -687,6 +688,25 @@ class Process:
         """UFFDIO_WAKE: wake the faults waiting on the range (they fault again)."""
         await self._run(_ops.uffd_wake(self, addr, length), timeout)
 
+    async def read_userfaults(self, *, timeout: Timeout = ...) -> list[UserfaultEvent]:
+        """The events queued on this process's userfaultfd now, taken off the queue without waiting
+        for more (a read of an O_NONBLOCK userfaultfd); [] when none is queued."""
+        call = self._route or await self._resolve()
+        request = pb.UserfaultsRequest(process=self.id, nonblocking=True)
+        stream = call.conn.stub.Userfaults(request, timeout=self._client._deadline(timeout),
+                                           metadata=call.conn.metadata(call.header))
+        try:
+            return [userfault_from_pb(m) async for m in stream]
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def list_userfaults(self, *, timeout: Timeout = ...) -> Userfaults:
+        """What waits on this process's userfaultfd, without taking anything: the queued events
+        and the faults asleep."""
+        reply = await self._call("ListUserfaults", pb.ProcessRequest(process=self.id), timeout)
+        return Userfaults(tuple(userfault_from_pb(m) for m in reply.queued),
+                          tuple(userfault_from_pb(m) for m in reply.waiting))
+
     async def userfaults(self, *, reconnect: int = 5) -> AsyncIterator[UserfaultEvent]:
         """The fault events of this process's userfaultfd, in order, as they arrive (those queued
         before the call first), until the process exits.
@@ -701,7 +721,7 @@ class Process:
         twice gives EEXIST). A stream that breaks (UNAVAILABLE) is opened again, up to
         ``reconnect`` times in a row."""
         route = self._route or await self._resolve()
-        request = pb.ProcessRequest(process=self.id)
+        request = pb.UserfaultsRequest(process=self.id)
         failures = 0
         while True:
             call = route.conn.stub.Userfaults(request, metadata=route.conn.metadata(route.header))

@@ -101,6 +101,16 @@ class UserfaultEvent:
 
 
 @dataclass(frozen=True)
+class Userfaults:
+    """What waits on a process's userfaultfd (see ``Process.list_userfaults``)."""
+
+    queued: tuple[UserfaultEvent, ...]
+    """Events queued and not yet delivered, in order."""
+    waiting: tuple[UserfaultEvent, ...]
+    """The faults asleep now, oldest first."""
+
+
+@dataclass(frozen=True)
 class FolioInfo:
     """The page mapped at an address (see ``Process.folio``)."""
 

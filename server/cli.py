@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .mm.kernel import PROTOCOLS
-from .tools.race import run_race
+from .tools.race import WORKLOADS, run_race
 
 
 def cmd_race(args: argparse.Namespace) -> int:
     """Run the concurrent Remap/Walk/Fork/Exit workload over many seeds, per protocol."""
     protocols = args.protocol or args.env_protocols or list(PROTOCOLS)
     table = Table(
-        title=f"seed race: {args.seeds} seeds per protocol (preempt {args.preempt})",
+        title=f"{args.workload} race: {args.seeds} seeds per protocol (preempt {args.preempt})",
         caption="caught: seeds with a detector violation; fast/slow: walker mapping-recheck retries",
     )
     table.add_column("protocol", no_wrap=True)
@@ -29,7 +29,8 @@ def cmd_race(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right", no_wrap=True)
     unsafe_missed = False
     for proto in protocols:
-        results = [run_race(proto, seed, preempt=args.preempt) for seed in range(args.first_seed, args.first_seed + args.seeds)]
+        results = [run_race(proto, seed, args.workload, preempt=args.preempt)
+                   for seed in range(args.first_seed, args.first_seed + args.seeds)]
         caught = [r for r in results if r.violations]
         kinds: dict[str, int] = {}
         for r in results:
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PROTOCOLS),
         help="protocol variant (repeatable; default all, or the comma-separated list in MMSIM_PROTOCOL)",
     )
+    race.add_argument("--workload", choices=list(WORKLOADS), default="seed",
+                      help="seed: the seed patch's movers, walkers, forker and writer; gc: a compacting GC "
+                      "(mremap DONTUNMAP, MISSING faults resolved by UFFDIO_MOVE) racing rmap walks (default seed)")
     race.add_argument("--seeds", type=_positive, default=200, help="number of seeds (default 200)")
     race.add_argument("--first-seed", type=_int, default=0, help="first seed (default 0)")
     race.add_argument("--preempt", type=_probability, default=0.35,

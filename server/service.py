@@ -480,10 +480,10 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return await self._unary(context, self._op_uffd_wake, request)
 
     async def Userfaults(
-        self, request: pb.ProcessRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UserfaultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UserfaultEvent]:
         try:
-            events = self.model.uffd_events(self.pid(request.process))
+            events = self.model.uffd_events(self.pid(request.process), nonblocking=request.nonblocking)
         except _HANDLED as exc:
             code, message, details, _, _ = _status_for(exc)
             await context.abort_with_status(_rich_status(code, message, details))
@@ -491,9 +491,19 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         # stream ends (the client went away): the next stream gets them again.
         try:
             async for e in events:
-                yield pb.UserfaultEvent(addr=e.addr, write=e.write, wp=e.wp)
+                yield _userfault_pb(e)
         finally:
             await events.aclose()
+
+    async def ListUserfaults(self, request, context):  # type: ignore[no-untyped-def]
+        async def op(req: pb.ProcessRequest) -> pb.ListUserfaultsResponse:
+            pid = self.pid(req.process)
+            return pb.ListUserfaultsResponse(
+                queued=[_userfault_pb(e) for e in self.model.uffd_pending(pid)],
+                waiting=[_userfault_pb(e) for e in self.model.uffd_waiting(pid)],
+            )
+
+        return await self._unary(context, op, request)
 
     async def Read(self, request, context):  # type: ignore[no-untyped-def]
         return await self._unary(context, self._op_read, request)
@@ -591,6 +601,10 @@ def _enum(table: dict[int, str], value: int, field: str) -> str:
         return table[value]
     except KeyError:
         raise BadRequest(field, f"unspecified or unknown value {value}; one of {sorted(table)} is required") from None
+
+
+def _userfault_pb(e: Any) -> pb.UserfaultEvent:
+    return pb.UserfaultEvent(addr=e.addr, write=e.write, wp=e.wp)
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:

@@ -140,9 +140,11 @@ def check_runnable(s: Scenario) -> None:
                 assert st[key][0] in regions[proc], f"step {i}: region {st[key][0]} does not exist in {proc}"
         if st["op"] == "mmap":
             assert 1 <= st["pages"] <= 8
-            assert st.get("uffd") in (None, "wp")
+            assert st.get("uffd") in (None, "wp", "missing")  # "missing": a fault episode's own region
             regions[proc].add(st["region"])
-            mapped += 1
+            mapped += st.get("uffd") != "missing"
+        elif st["op"] == "mremap" and "region" in st:
+            regions[proc].add(st["region"])
         elif st["op"] == "uffd_register":
             assert st["mode"] == "wp"
         elif st["op"] == "fork":
@@ -169,6 +171,7 @@ def test_random_scenarios_deterministic_and_valid() -> None:
     assert ops == {
         "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "write", "read", "peek",
         "present", "mapcount", "move", "fork", "exit",
+        "mprotect", "mremap", "copy", "zeropage", "wake", "fault", "fault_status", "events",
     }
     # One rng drawn from repeatedly gives the same sequence again.
     r1, r2 = random.Random(7), random.Random(7)
@@ -329,3 +332,141 @@ async def test_a_difference_counts_only_when_two_kernel_runs_agree() -> None:
             wrong = _ScriptedKernel(disturbed)  # the kernel says it every time: a real difference
             out = await run_one(sc, wrong, client)
             assert [d.step for d in out.differences] == [2] and wrong.runs == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator's newer operations and fault episodes
+
+
+_OLD_OPS = {
+    "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "write", "read", "peek",
+    "present", "mapcount", "move", "fork", "exit",
+}
+
+
+def _kinds(st: dict[str, Any]) -> set[str]:
+    """What a generated step exercises, finer than its op."""
+    op = st["op"]
+    if op == "mprotect":
+        return {f"mprotect-{st['prot']}"}
+    if op == "madvise":
+        return {"dontneed"} if st["advice"] == "dontneed" else {"madvise"}
+    if op == "mmap":
+        return {"mmap-missing"} if st.get("uffd") == "missing" else {"mmap"}
+    if op == "mremap":
+        flags = st.get("flags", [])
+        if not isinstance(flags, list):
+            kind = "mremap-bad"
+        elif "dontunmap" in flags:
+            kind = "mremap-dontunmap" if st["new_pages"] == st["pages"] else "mremap-bad"
+        elif "maymove" in flags and st["new_pages"] > st["pages"]:
+            kind = "mremap-move"
+        else:
+            kind = "mremap-shrink" if st["new_pages"] < st["pages"] else "mremap-grow"
+        return {kind, "mremap-bound"} if "region" in st else {kind}
+    if op == "fault":
+        return {"fault-write" if st.get("write") else "fault-read"}
+    return {op}
+
+
+def test_generator_draws_each_new_operation() -> None:
+    """Over 200 seeds every new operation (and each variant of it) shows up, the original
+    operations stay the majority of the steps with the move the most common one, and most
+    scenarios have some new operation."""
+    seen: dict[str, int] = {}
+    steps = old = with_new = 0
+    for seed in range(200):
+        s = random_scenario(random.Random(seed), name=f"r{seed}")
+        new = False
+        for st in s.steps:
+            for k in _kinds(st):
+                seen[k] = seen.get(k, 0) + 1
+            steps += 1
+            is_old = bool(_kinds(st) & _OLD_OPS)  # a dontneed or a missing mmap is not
+            old += is_old
+            new = new or not is_old
+        with_new += new
+    wanted = {
+        "mprotect-none", "mprotect-r", "mprotect-rw", "dontneed", "mremap-shrink", "mremap-grow",
+        "mremap-move", "mremap-dontunmap", "mremap-bad", "mremap-bound", "copy", "zeropage", "wake",
+        "mmap-missing", "fault-read", "fault-write", "fault_status", "events",
+    }
+    assert wanted <= set(seen), f"never drawn: {sorted(wanted - set(seen))}"
+    assert old / steps > 0.6, f"the original operations are only {old / steps:.0%} of the steps"
+    assert max(seen, key=lambda k: seen[k]) == "move"
+    assert with_new / 200 > 0.75, f"only {with_new} of 200 scenarios have a new operation"
+
+
+def _check_episodes(s: Scenario) -> None:
+    """The rules of fault episodes (beyond Scenario.validate): "missing" only on the fresh
+    region of an episode, faults only there and by its owner, at most MAX_PENDING_FAULTS faults
+    per process, nothing else of the owner touches the region, copies never write-protect, and
+    no ``events`` step of a process comes right after its ``wake``."""
+    from mmsim.server.tools.conformance.scenario import COPY_MODES, MAX_PENDING_FAULTS
+
+    owner: dict[str, str] = {}  # missing region -> the process that mapped it
+    faults: dict[str, int] = {}
+    last: dict[str, str] = {}  # process -> its previous step's op
+    episode_ops = {"fault", "copy", "zeropage", "move", "wake"}
+    for i, st in enumerate(s.steps):
+        proc, op = st["proc"], st["op"]
+        if op == "mmap" and st.get("uffd") == "missing":
+            owner[st["region"]] = proc
+        if op == "fault":
+            assert owner.get(st["at"][0]) == proc, f"step {i}: a fault outside its own episode region"
+            faults[proc] = faults.get(proc, 0) + 1
+            assert faults[proc] <= MAX_PENDING_FAULTS, f"step {i}: too many faults in {proc}"
+        for key in ("at", "dst", "to"):
+            if key in st and owner.get(st[key][0]) == proc:
+                assert op in episode_ops, f"step {i}: {op} touches the episode region {st[key][0]}"
+        if "src" in st:
+            assert owner.get(st["src"][0]) != proc, f"step {i}: a move out of an episode region"
+        if op in ("copy", "zeropage"):
+            mode = st.get("mode", [])
+            assert "wp" not in mode if isinstance(mode, list) else not mode & COPY_MODES["wp"], f"step {i}: wp"
+        if op == "uffd_register":
+            assert st["mode"] == "wp"
+        if op == "events":
+            assert last.get(proc) != "wake", f"step {i}: events right after a wake"
+        last[proc] = op
+
+
+def test_generator_seed_2026_deterministic_valid_and_episodes_sound() -> None:
+    """The 200 scenarios the kernel tests run (seed 2026): drawn twice from one rng they are the
+    same, each validates (also after a JSON round trip), is runnable and keeps the rules of
+    fault episodes; and so does every scenario shrinking could make from them by removing one
+    step, where it still validates."""
+    r1, r2 = random.Random(RANDOM_SEED), random.Random(RANDOM_SEED)
+    for n in range(RANDOM_COUNT):
+        a = random_scenario(r1, name=f"random-{RANDOM_SEED}-{n}")
+        b = random_scenario(r2, name=f"random-{RANDOM_SEED}-{n}")
+        assert a.to_dict() == b.to_dict(), f"scenario {n} is not deterministic"
+        Scenario.from_dict(json.loads(json.dumps(a.to_dict())))
+        check_runnable(a)
+        _check_episodes(a)
+        for i in range(len(a.steps)):
+            try:
+                cand = Scenario.from_dict({**a.to_dict(), "steps": a.steps[:i] + a.steps[i + 1 :]})
+            except ValueError:
+                continue
+            _check_episodes(cand)
+
+
+async def test_random_fault_scenarios_agree_twice_on_kernel() -> None:
+    """Generated scenarios with fault episodes are settled: two kernel runs give the same
+    answers at every step, and no step leaves a note (nothing blocked past its step, every
+    region name bound, no helper gone)."""
+    runner = _oracle_or_skip()
+    rng = random.Random(RANDOM_SEED)
+    scenarios = [random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}") for n in range(60)]
+    with_faults = [s for s in scenarios if any(st["op"] == "fault" for st in s.steps)][:8]
+    assert len(with_faults) == 8
+    problems: list[str] = []
+    for s in with_faults:
+        first, second = runner.run(s), runner.run(s)
+        for i, (a, b) in enumerate(zip(first, second, strict=True)):
+            if a.compared() != b.compared():
+                problems.append(f"{s.name} step {i} {s.steps[i]}: {a.compared()} then {b.compared()}")
+            if a.note:
+                problems.append(f"{s.name} step {i} {s.steps[i]}: note {a.note!r}")
+    assert not problems, "\n".join(problems)

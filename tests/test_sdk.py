@@ -108,7 +108,10 @@ async def _two(mm: Client):  # type: ignore[no-untyped-def]
         ("fixed overlap", FileExistsError, errno.EEXIST),
         ("below mmap_min_addr", PermissionError, errno.EPERM),
         ("madvise hole", OSError, errno.ENOMEM),
-        ("missing page in MISSING range", BlockingIOError, errno.EAGAIN),
+        ("copy onto a present page", FileExistsError, errno.EEXIST),
+        ("copy into an unregistered range", FileNotFoundError, errno.ENOENT),
+        ("mremap grow without maymove", OSError, errno.ENOMEM),
+        ("mprotect misaligned", OSError, errno.EINVAL),
     ],
 )
 async def test_errno_mapping(mm: Client, name: str, exc_type: type, err: int) -> None:
@@ -124,9 +127,16 @@ async def test_errno_mapping(mm: Client, name: str, exc_type: type, err: int) ->
         "fixed overlap": lambda: p.mmap(P, addr=SRC),
         "below mmap_min_addr": lambda: p.mmap(P, addr=0x1000),
         "madvise hole": lambda: p.madvise(0x300000000, P, "dontfork"),
-        "missing page in MISSING range": lambda: p.write(DST, 1),
+        "copy onto a present page": lambda: p.uffd_copy(DST, P, 5),
+        "copy into an unregistered range": lambda: p.uffd_copy(SRC + P, P, 5),
+        "mremap grow without maymove": lambda: p.mremap(SRC, 4 * P, 64 * P),
+        "mprotect misaligned": lambda: p.mprotect(SRC + 1, P, "r"),
         "shared page": None,
     }
+    if name == "copy onto a present page":
+        assert await p.uffd_copy(DST, P, 4) == P
+    if name == "mremap grow without maymove":
+        await p.mmap(P, addr=SRC + 4 * P)  # a neighbour in the way
     if name == "populated dst":
         assert await p.remap(DST, SRC, P) == P
         await p.write(SRC, 2)
@@ -306,3 +316,74 @@ async def test_protocol_and_reattaching_a_handle() -> None:
             same = other.process(p.id, p.pid)  # the handle, passed to another client
             assert await same.read(SRC) == 7 and same.pid == p.pid and same.target == addr
             assert [x.start for x in await same.vmas()] == [v.start]
+
+
+async def test_vma_calls(mm: Client) -> None:
+    """mprotect splits and merges, MADV_DONTNEED zaps, mremap moves the pages with their values."""
+    p = await _two(mm)
+    for i in range(4):
+        await p.write(SRC + i * P, 10 + i)
+    await p.mprotect(SRC + P, P, "none")
+    vmas = [v for v in await p.vmas() if SRC <= v.start < SRC + 4 * P]
+    assert [(v.start - SRC, v.prot) for v in vmas] == [(0, "rw"), (P, "none"), (2 * P, "rw")]
+    with pytest.raises(OSError) as e:
+        await p.read(SRC + P)
+    assert e.value.errno == errno.EFAULT
+    await p.mprotect(SRC + P, P, "rw")
+    assert len([v for v in await p.vmas() if SRC <= v.start < SRC + 4 * P]) == 1
+    await p.madvise(SRC + 3 * P, P, "dontneed")
+    assert await p.folio(SRC + 3 * P) is None and await p.read(SRC + 3 * P) == 0
+    moved = await p.mremap(SRC, 4 * P, 8 * P, maymove=True, fixed=0x500000000)
+    assert (moved.start, moved.end) == (0x500000000, 0x500000000 + 8 * P)
+    assert [await p.read(moved.start + i * P) for i in range(3)] == [10, 11, 12]
+    assert await p.folio(SRC) is None
+    assert await mm.check_invariants() == []
+
+
+async def test_fault_handler_loop(mm: Client) -> None:
+    """A read of a missing page in a MISSING range waits; its event arrives on userfaults(); a
+    UFFDIO_COPY resolves it; a short copy's error carries .copied; batches take the new calls."""
+    p = await _two(mm)
+    reader = asyncio.create_task(p.read(DST + P))
+    events = p.userfaults()
+    ev = await anext(events)
+    assert (ev.addr, ev.write, ev.wp) == (DST + P, False, False)
+    assert (await p.list_userfaults()).waiting == (ev,)
+    assert await p.uffd_copy(DST + P, P, 77) == P
+    assert await reader == 77
+    await events.aclose()
+    assert (await p.list_userfaults()).waiting == ()
+    await p.uffd_copy(DST + 3 * P, P, 1)
+    with pytest.raises(BlockingIOError) as e:
+        await p.uffd_copy(DST + 2 * P, 2 * P, [5, 6])
+    assert e.value.copied == P and e.value.moved == P
+    res = await mm.batch([ops.uffd_zeropage(p, DST, P), ops.uffd_zeropage(p, DST, P), ops.uffd_wake(p, DST, P)])
+    assert res[0] == P and isinstance(res[1], FileExistsError) and res[1].zeroed == 0 and res[2] is None
+    assert await p.read_userfaults() == []
+    assert await mm.check_invariants() == []
+
+
+async def test_a_fault_with_a_deadline_changes_nothing(mm: Client) -> None:
+    p = await _two(mm)
+    from mmsim.client import DeadlineExceededError
+
+    with pytest.raises(DeadlineExceededError):
+        await p.write(DST, 5, timeout=0.2)
+    lists = await p.list_userfaults()
+    assert lists.waiting == () and lists.queued == ()
+    assert await p.folio(DST) is None
+    assert await mm.check_invariants() == []
+
+
+async def test_the_event_stream_reconnects_without_losing_events(mm: Client) -> None:
+    """A handler whose stream drops after taking an event gets it again on its next stream."""
+    p = await _two(mm)
+    reader = asyncio.create_task(p.read(DST))
+    first = p.userfaults()
+    ev = await anext(first)
+    await first.aclose()  # the client drops the stream with the fault unresolved
+    again = p.userfaults()
+    assert await anext(again) == ev
+    await p.uffd_zeropage(DST, P)
+    assert await reader == 0
+    await again.aclose()

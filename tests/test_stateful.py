@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mmsim.server.mm.model import PAGE_SIZE, MemoryModel, MmError
+from mmsim.server.mm.model import PAGE_SIZE, MemoryModel, MmError, UffdEvent
 
 P = PAGE_SIZE
 SHIFT = 12
@@ -57,13 +57,17 @@ ERRNOS = {
     "madvise": {errno.EINVAL, errno.ENOMEM},
     "uffd_register": {errno.EINVAL, errno.EBUSY},
     "uffd_unregister": {errno.EINVAL},
-    "read": {errno.EFAULT, errno.EAGAIN},
-    "write": {errno.EFAULT, errno.EAGAIN},
+    "read": {errno.EFAULT},
+    "write": {errno.EFAULT},
     "fork": {errno.ENOMEM},
     "exit": set(),
     "move": {errno.EINVAL, errno.ENOENT, errno.EEXIST, errno.EBUSY, errno.EAGAIN},
     "walk": {errno.ENOENT},
 }
+
+#: What expect_access answers for a missing page in a MISSING range: the access blocks (queues a
+#: userfault event and sleeps until a handler resolves the page).
+BLOCKS = -1
 
 #: (prot, dontfork, wipeonfork, uffd mode) of a mapped page.
 PageState = tuple[str, bool, bool, Any]
@@ -311,15 +315,39 @@ class MemoryMachine(RuleBasedStateMachine):
 
     # -- accesses
     def expect_access(self, pid: int, vpn: int, write: bool) -> int | None:
-        """The errno an access must fail with, or None."""
+        """The errno an access must fail with, BLOCKS, or None."""
         st_ = self.layout[pid].get(vpn)
         if st_ is None:
             return errno.EFAULT
         if write and st_[0] != "rw":
             return errno.EFAULT
         if not self.present(pid, vpn) and st_[3] is not None and "missing" in st_[3]:
-            return errno.EAGAIN
+            return BLOCKS
         return None
+
+    def blocks(self, pid: int, vpn: int, write: bool, coro: Any) -> None:
+        """The access must block with one event for its page; it is then abandoned (cancelled),
+        which must withdraw the event and change nothing."""
+
+        async def go() -> None:
+            task = asyncio.ensure_future(coro)
+            for _ in range(50):
+                await asyncio.sleep(0)
+                if task.done() or self.m.uffd_pending(pid):
+                    break
+            assert not task.done(), f"an access to a missing page of a MISSING range returned: {task}"
+            assert self.m.uffd_pending(pid) == [UffdEvent(vpn << SHIFT, write, False)]
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            else:
+                raise AssertionError("a cancelled blocked access completed")
+            assert self.m.uffd_pending(pid) == []
+
+        self.run(go())
+        event(f"{'write' if write else 'read'}: blocks")
 
     @precondition(lambda self: self.pids)
     @rule(p=st.integers(0, 7), i=st.integers(0, 20), off=st.integers(0, SLOT_PAGES - 1))
@@ -327,8 +355,11 @@ class MemoryMachine(RuleBasedStateMachine):
         pid = self.pid(p)
         addr = self.addr(pid, i, off)
         vpn = addr >> SHIFT
-        value, err = self.call("read", self.m.read(pid, addr))
         want = self.expect_access(pid, vpn, False)
+        if want == BLOCKS:
+            self.blocks(pid, vpn, False, self.m.read(pid, addr))
+            return
+        value, err = self.call("read", self.m.read(pid, addr))
         if want is not None:
             assert err is not None and err.errno == want, (err, want)
             return
@@ -360,8 +391,11 @@ class MemoryMachine(RuleBasedStateMachine):
         vpn = addr >> SHIFT
         value = self.next_value
         self.next_value += 1
-        _, err = self.call("write", self.m.write(pid, addr, value))
         want = self.expect_access(pid, vpn, True)
+        if want == BLOCKS:
+            self.blocks(pid, vpn, True, self.m.write(pid, addr, value))
+            return
+        _, err = self.call("write", self.m.write(pid, addr, value))
         if want is not None:
             assert err is not None and err.errno == want, (err, want)
             return

@@ -10,6 +10,7 @@ from .mm_types import PGTABLE_BYTES, VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_W
 from .mmap import vm_area_alloc, vm_area_free
 from .rmap import anon_vma_fork, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
+from .userfaultfd import userfaultfd_release
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -55,6 +56,9 @@ async def exit_mmap(k: Kernel, cur: Current, mm: Mm) -> None:
     held for write; takes each PTL and anon_vma root in turn. Lets other tasks run every
     RESCHED_WORK VMAs or PTEs."""
     mm.users = 0
+    if mm.uffd is not None:
+        # Faults asleep in handle_userfault wake and find the mm gone (ESRCH); readers end.
+        userfaultfd_release(k, mm.uffd)
     sched = k.sched
     work = 0
     while mm.mm_mt:

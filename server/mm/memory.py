@@ -38,6 +38,7 @@ def folio_put(k: Kernel, folio: Folio) -> None:
 
 async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
     """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
+    A missing page in a VM_UFFD_MISSING VMA raises userfaultfd.VmFaultRetry (handle_userfault).
 
     Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL (spinning
     first while a task preempted inside its PTL section holds it: Kernel.spin_on).
@@ -51,11 +52,11 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
         pte = pt.ptes.get(vpn) if pt is not None else None
         if pte is None:
             if vma.flags & VM_UFFD_MISSING:
-                raise MmError(
-                    errno.EAGAIN,
-                    f"missing page at {addr:#x} in a userfaultfd MISSING range: the kernel would block "
-                    "until a userfault handler resolves it",
-                )
+                # handle_userfault: the event is queued; the caller drops mmap_lock, sleeps until
+                # the page is resolved or woken (userfault_wait) and retries from the top.
+                from .userfaultfd import handle_userfault  # (userfaultfd -> mmap -> memory)
+
+                raise handle_userfault(k, cur, vma, addr, write)
             done = await do_anonymous_page(k, cur, vma, addr, write, value)
         elif not write:
             pte.young = True

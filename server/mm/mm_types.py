@@ -52,7 +52,7 @@ VM_UFFD_FLAGS = VM_UFFD_MISSING | VM_UFFD_WP
 #: Bits that may differ between VMAs that still merge.
 VM_IGNORE_MERGE = VM_SOFTDIRTY
 
-PROT_FLAGS = {"r": VM_READ, "rw": VM_READ | VM_WRITE}
+PROT_FLAGS = {"none": 0, "r": VM_READ, "rw": VM_READ | VM_WRITE}
 #: VMAs an mm remembers from its last lookups.
 VMACACHE_SIZE = 4
 
@@ -159,6 +159,8 @@ class Vma:
 
     @property
     def prot(self) -> str:
+        if not self.flags & VM_READ:
+            return "none"
         return "rw" if self.flags & VM_WRITE else "r"
 
     def __repr__(self) -> str:

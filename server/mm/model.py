@@ -42,15 +42,31 @@ from .mm_types import (
     MmError,
     Vma,
 )
-from .mmap import do_madvise, do_mmap, do_munmap, page_align
+from .madvise import do_madvise
+from .mmap import do_mmap, do_munmap, page_align
+from .mprotect import do_mprotect
+from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
 from .rmap import AnonVma, folio_referenced
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .userfaultfd import (
+    UFFDIO_COPY_MODE_DONTWAKE,
     UFFDIO_REGISTER_MODES,
+    FillProgress,
     MoveProgress,
+    UffdEvent,
+    Userfault,
+    UserfaultfdCtx,
+    VmFaultRetry,
+    userfault_wait,
+    userfaultfd_fill,
     userfaultfd_move,
+    userfaultfd_read,
+    userfaultfd_read_wait,
     userfaultfd_register,
+    userfaultfd_unread,
     userfaultfd_unregister,
+    validate_range,
+    wake_userfault,
 )
 
 U64_MAX = (1 << 64) - 1
@@ -372,10 +388,87 @@ class MemoryModel:
         await self._write_locked(mm, cur, body)
 
     async def madvise(self, pid: int, addr: int, length: int, advice: str) -> None:
+        """madvise: the fork controls ("dontfork", "dofork", "wipeonfork", "keeponfork") and
+        "dontneed" (the range's pages zapped, dropped from the ledger even when a hole then makes
+        it fail with ENOMEM)."""
         mm = self._mm(pid)
         self._check_addr(addr)
         cur = self._cur("madvise", pid)
-        await self._write_locked(mm, cur, lambda: do_madvise(self.k, cur, mm, addr, length, advice))
+
+        async def body() -> None:
+            unmapped: list[int] = []
+            try:
+                await do_madvise(self.k, cur, mm, addr, length, advice, unmapped)
+            finally:
+                await self._ledger_update(pid, unmapped, ())
+
+        await self._write_locked(mm, cur, body)
+
+    async def _ledger_update(self, pid: int, unmapped: list[int], moved: Any) -> None:
+        """The ledger after pages were unmapped (their values dropped) and moved ((old, new) page
+        numbers: the values follow), in slices of RESCHED_WORK."""
+        ledger = self.ledger[pid]
+        for i in range(0, len(unmapped), RESCHED_WORK):
+            if i:
+                await cond_resched()
+            for vpn in unmapped[i : i + RESCHED_WORK]:
+                ledger.pop(vpn, None)
+        if moved:
+            values: list[tuple[int, int | None]] = []
+            for i in range(0, len(moved), RESCHED_WORK):
+                await cond_resched()
+                values.extend((new, ledger.pop(old, None)) for old, new in moved[i : i + RESCHED_WORK])
+            for i in range(0, len(values), RESCHED_WORK):
+                await cond_resched()
+                ledger.update((new, v) for new, v in values[i : i + RESCHED_WORK] if v is not None)
+
+    async def mprotect(self, pid: int, addr: int, length: int, prot: str) -> None:
+        """mprotect with prot "none", "r" or "rw": the range split off its VMAs, merged back with
+        neighbours that then match. A hole after the start changes what comes before it, then
+        ENOMEM."""
+        mm = self._mm(pid)
+        self._check_addr(addr)
+        cur = self._cur("mprotect", pid)
+        await self._write_locked(mm, cur, lambda: do_mprotect(self.k, cur, mm, addr, length, prot))
+
+    async def mremap(
+        self,
+        pid: int,
+        addr: int,
+        old_length: int,
+        new_length: int,
+        *,
+        maymove: bool = False,
+        dontunmap: bool = False,
+        fixed: int | None = None,
+    ) -> VmaInfo:
+        """mremap: shrink or grow in place, or move (MREMAP_MAYMOVE; MREMAP_DONTUNMAP keeps the old
+        range mapped and empty; ``fixed``: MREMAP_FIXED to that address, replacing what is there).
+        Returns the new range, as ``mmap`` does. The pages keep their values at the new address."""
+        mm = self._mm(pid)
+        self._check_addr(addr)
+        if fixed is not None:
+            self._check_addr(fixed, "fixed")
+        for what, n in (("old_length", old_length), ("new_length", new_length)):
+            self._check_addr(n, what)
+        flags = (MREMAP_MAYMOVE if maymove else 0) | (MREMAP_DONTUNMAP if dontunmap else 0)
+        if fixed is not None:
+            flags |= MREMAP_FIXED
+        cur = self._cur("mremap", pid)
+
+        async def body() -> VmaInfo:
+            log = RemapLog()
+            try:
+                start = await do_mremap(self.k, cur, mm, addr, old_length, new_length, flags, fixed or 0, log)
+            finally:
+                await self._ledger_update(pid, log.unmapped, log.moved)
+            vma = mm.vma_lookup(start)
+            assert vma is not None
+            return dataclasses.replace(
+                vma_info(vma), start=start, end=start + page_align(new_length), pgoff=vma.linear_page_index(start)
+            )
+
+        return await self._write_locked(mm, cur, body)
 
     async def uffd_register(self, pid: int, addr: int, length: int, mode: str = "missing") -> None:
         mm = self._mm(pid)
@@ -391,31 +484,48 @@ class MemoryModel:
 
     # -- accesses
     async def _access(self, pid: int, addr: int, write: bool, value: int) -> int:
+        """A user access: mmap_lock for read, the VMA, handle_mm_fault. A missing page in a
+        MISSING-registered range blocks as handle_userfault does: the fault's event is queued,
+        mmap_lock dropped, and the access sleeps (holding nothing, and not counted as a call in
+        progress for the audit) until woken, then retries from the top: ESRCH if the process
+        exited meanwhile, EFAULT if the range is gone. A cancelled sleep changes nothing."""
         mm = self._mm(pid)
         self._check_addr(addr)
         await self._call_begin()
+        in_call = True
         cur = self._cur("write" if write else "read", pid)
+        k = self.k
         try:
-            lock = mm.mmap_lock
-            if not lock.down_read(cur):
-                await lock.wait(cur)
-            try:
-                if mm.users == 0:
-                    raise MmError(errno.ESRCH, "process has exited")
-                vma = mm.vma_lookup(addr)
-                if vma is None:
-                    raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
-                result = await handle_mm_fault(self.k, cur, vma, addr & PAGE_MASK, write, value)
-                if write:
-                    self.ledger[pid][addr >> PAGE_SHIFT] = value
-                return result
-            finally:
-                lock.up_read(cur)
+            while True:
+                lock = mm.mmap_lock
+                if not lock.down_read(cur):
+                    await lock.wait(cur)
+                try:
+                    if mm.users == 0:
+                        raise MmError(errno.ESRCH, "process has exited")
+                    vma = mm.vma_lookup(addr)
+                    if vma is None:
+                        raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
+                    result = await handle_mm_fault(k, cur, vma, addr & PAGE_MASK, write, value)
+                    if write:
+                        self.ledger[pid][addr >> PAGE_SHIFT] = value
+                    return result
+                except VmFaultRetry as retry:
+                    fault = retry
+                finally:
+                    lock.up_read(cur)
+                self._call_done(cur)
+                in_call = False
+                await userfault_wait(k, fault.ctx, fault.userfault)
+                await self._call_begin()
+                in_call = True
         finally:
-            self._call_done(cur)
+            if in_call:
+                self._call_done(cur)
 
     async def read(self, pid: int, addr: int) -> int:
-        """A read access: faults in the zero page where nothing is mapped."""
+        """A read access: faults in the zero page where nothing is mapped (in a MISSING range:
+        blocks until a userfault handler resolves the page)."""
         return await self._access(pid, addr, False, 0)
 
     async def write(self, pid: int, addr: int, value: int) -> None:
@@ -458,6 +568,106 @@ class MemoryModel:
             self._call_done(cur)
         self.k.move_results["OK"] += 1
         return moved
+
+    # -- userfaultfd: the handler's side
+    async def _fill(self, op: str, pid: int, dst: int, length: int, values: Any, dontwake: bool) -> int:
+        mm = self._mm(pid)
+        for what, v in (("dst", dst), ("len", length)):
+            self._check_addr(v, what)
+        progress = FillProgress(self.ledger[pid].__setitem__)
+        await self._call_begin()
+        cur = self._cur(op, pid)
+        try:
+            return await userfaultfd_fill(
+                self.k, cur, mm, dst, length, values, UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0, progress
+            )
+        finally:
+            self._call_done(cur)
+
+    async def uffd_copy(
+        self, pid: int, dst: int, length: int, values: int | list[int], *, dontwake: bool = False
+    ) -> int:
+        """UFFDIO_COPY: new exclusive folios holding ``values`` (one int for every page, or one per
+        page: EINVAL if the list does not match) at [dst, dst + length), waking the faults waiting
+        there unless ``dontwake``. Returns the bytes copied (== length); raises MmError with
+        ``moved`` = the bytes copied: EAGAIN for a short copy (a later page present), or the error
+        with nothing copied (ENOENT: not inside one registered VMA; EEXIST; EINVAL). Takes
+        mmap_lock for read, the dst anon_vma root (anon_vma_prepare), then each PTL
+        (userfaultfd.mfill_atomic). A cancelled copy keeps (and wakes) the pages it filled."""
+        self._mm(pid)
+        if isinstance(values, list):
+            if not all(type(v) is int and 0 <= v <= U64_MAX for v in values):
+                raise MmError(errno.EINVAL, "values must be unsigned 64-bit integers")
+        elif type(values) is not int or not 0 <= values <= U64_MAX:
+            raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
+        if self.max_pages is not None and type(length) is int and length > 0:
+            if self.k.folios_live + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT) > self.max_pages:
+                raise LimitExceeded("max_pages", self.max_pages)
+        return await self._fill("uffd_copy", pid, dst, length, values, dontwake)
+
+    async def uffd_zeropage(self, pid: int, dst: int, length: int, *, dontwake: bool = False) -> int:
+        """UFFDIO_ZEROPAGE: the shared zero page at [dst, dst + length), waking the faults waiting
+        there unless ``dontwake``. Result and errors as ``uffd_copy`` (``moved`` = bytes zeroed).
+        Takes mmap_lock for read, the dst anon_vma root, then each PTL."""
+        return await self._fill("uffd_zeropage", pid, dst, length, None, dontwake)
+
+    async def uffd_wake(self, pid: int, addr: int, length: int) -> None:
+        """UFFDIO_WAKE: wake the faults waiting on [addr, addr + length) (they retry, and fault
+        again if the page is still missing). EINVAL for a bad range (validate_range); no VMA is
+        looked at (checked on 6.18: a wake of an unmapped range returns 0). Takes no lock."""
+        mm = self._mm(pid)
+        for what, v in (("addr", addr), ("len", length)):
+            self._check_addr(v, what)
+        validate_range(mm, addr, length)
+        if mm.uffd is not None:
+            wake_userfault(self.k, mm.uffd, addr, length)
+
+    def _uffd_ctx(self, pid: int) -> UserfaultfdCtx:
+        mm = self._mm(pid)
+        if mm.users == 0:
+            raise MmError(errno.ESRCH, "process has exited")
+        if mm.uffd is None:  # the process's userfaultfd, opened but with nothing registered yet
+            mm.uffd = UserfaultfdCtx(self.k.next_vma_id(), mm)
+        return mm.uffd
+
+    def uffd_events(self, pid: int, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
+        """The process's userfault events, as a read of its userfaultfd gives them: those queued
+        (also before anyone listened) in order, then each new one as it comes, until the process
+        exits (then the iterator ends). ESRCH at once for no such process. An event handed out
+        stays delivered while its fault waits; when the iterator is closed (aclose, cancellation)
+        the events it handed out whose faults still wait go back to the front of the queue for
+        the next listener. ``nonblocking`` (a read of an O_NONBLOCK userfaultfd): the events queued
+        now, then the iterator ends; the events it handed out stay delivered."""
+        return self._uffd_events(self._uffd_ctx(pid), nonblocking)
+
+    async def _uffd_events(self, ctx: UserfaultfdCtx, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
+        delivered: dict[Userfault, None] = {}
+        try:
+            while True:
+                event = userfaultfd_read(ctx, delivered)
+                if event is not None:
+                    yield event
+                elif ctx.released or nonblocking:
+                    if nonblocking:  # read(2) took them: they are not given back
+                        consumed: dict[Userfault, None] = {}  # read, and no listener to give back to
+                        for uf in delivered:
+                            uf.reader = consumed
+                        delivered.clear()
+                    return
+                else:
+                    await userfaultfd_read_wait(ctx)
+        finally:
+            userfaultfd_unread(ctx, delivered)
+
+    def uffd_pending(self, pid: int) -> list[UffdEvent]:
+        """The events queued and not yet delivered to a listener, oldest first."""
+        uffd = self._mm(pid).uffd
+        return [] if uffd is None else [uf.event for uf in uffd.fault_pending]
+
+    def uffd_waiting(self, pid: int) -> list[UffdEvent]:
+        """The faults asleep on the process's userfaultfd now, oldest first (delivered or not)."""
+        uffd = self._mm(pid).uffd
+        return [] if uffd is None else [uf.event for uf in uffd.faults]
 
     # -- rmap walk
     async def walk(self, pid: int, addr: int, blocking: bool = False) -> WalkResult:
@@ -689,6 +899,7 @@ __all__ = [
     "MemoryModel",
     "MmError",
     "ResultTooLarge",
+    "UffdEvent",
     "VmaInfo",
     "WalkResult",
 ]

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .locks import Current, SpinLock
 from .mm_types import (
+    FOLIO_BYTES,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
     PMD_SHIFT,
     PMD_SIZE,
+    PTE_BYTES,
     VM_ACCESS_FLAGS,
     VM_LOCKED,
     VM_SHARED,
@@ -35,6 +40,7 @@ from .sched import RESCHED_WORK, cond_resched
 from .rmap import (
     AnonVma,
     anon_vma_prepare,
+    folio_add_new_anon_rmap,
     folio_get_anon_vma,
     folio_move_anon_rmap,
     preempt_point_unkillable,
@@ -70,6 +76,13 @@ class UserfaultfdCtx:
         self.mm = mm
         self.features = UFFD_FEATURE_MOVE
         self.mmap_changing = 0  # raised only by non-cooperative events, which are not modelled
+        # The faults asleep in handle_userfault (fault_pending_wqh and fault_wqh together), in
+        # arrival order, and the ones whose events nobody has read yet (fault_pending_wqh).
+        self.faults: dict[Userfault, None] = {}
+        self.fault_pending: deque[Userfault] = deque()
+        # Readers asleep until an event arrives (fd_wqh); set on exit (userfaultfd_release).
+        self.read_waiters: list[asyncio.Future[None]] = []
+        self.released = False
 
     def __repr__(self) -> str:
         return f"<UserfaultfdCtx {self.id} mm={self.mm.id}>"
@@ -126,7 +139,167 @@ async def userfaultfd_unregister(k: Kernel, cur: Current, mm: Mm, start: int, le
             return None
         return vma.flags & ~VM_UFFD_FLAGS, None
 
+    # Faults asleep in a MISSING-registered part are woken, so that they do not hang (their
+    # retry then faults normally): checked on 6.18, a read fault pending at UNREGISTER resumes.
+    ctx = mm.uffd
+    if ctx is not None and ctx.faults:
+        for vma in mm.vmas_in(start, end):
+            if vma.flags & VM_UFFD_MISSING and vma.uffd_ctx is ctx:
+                lo, hi = max(start, vma.start), min(end, vma.end)
+                wake_userfault(k, ctx, lo, hi - lo)
     await vma_modify(k, cur, mm, start, end, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# Userfaults: handle_userfault, the event queue, wake_userfault (fs/userfaultfd.c)
+
+
+@dataclass(frozen=True)
+class UffdEvent:
+    """A UFFD_EVENT_PAGEFAULT message: the faulting page (page-aligned: no
+    UFFD_FEATURE_EXACT_ADDRESS), whether the access was a write (UFFD_PAGEFAULT_FLAG_WRITE) and
+    whether it is a write-protect fault (UFFD_PAGEFAULT_FLAG_WP)."""
+
+    addr: int
+    write: bool
+    wp: bool
+
+
+class Userfault:
+    """struct userfaultfd_wait_queue: one access asleep in handle_userfault until woken."""
+
+    __slots__ = ("event", "fut", "reader")
+
+    def __init__(self, event: UffdEvent, fut: asyncio.Future[None]) -> None:
+        self.event = event
+        self.fut = fut  # done once woken (or withdrawn by a cancelled caller)
+        # The delivered-but-unresolved events of the listener that read it (fault_wqh); None
+        # while its event is still queued (fault_pending_wqh).
+        self.reader: dict[Userfault, None] | None = None
+
+
+class VmFaultRetry(Exception):
+    """handle_userfault's VM_FAULT_RETRY: the fault is queued on ``userfault``; the caller drops
+    mmap_lock, sleeps in userfault_wait and retries the access from the top."""
+
+    def __init__(self, ctx: UserfaultfdCtx, userfault: Userfault) -> None:
+        super().__init__("userfault")
+        self.ctx = ctx
+        self.userfault = userfault
+
+
+def handle_userfault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, wp: bool = False) -> VmFaultRetry:
+    """A missing page in a VM_UFFD_MISSING VMA: queue one event on the VMA's userfaultfd (two
+    accesses to one page queue two, as 6.18 does for two threads) and wake its readers. Expects
+    mmap_lock held (read); takes nothing (fault_pending_wqh's spinlock has no model
+    counterpart: nothing runs between the PTE check and the queueing). Returns the
+    VM_FAULT_RETRY for the caller to raise."""
+    ctx = vma.uffd_ctx
+    assert ctx is not None and not ctx.released
+    uf = Userfault(UffdEvent(addr & PAGE_MASK, write, wp), asyncio.get_running_loop().create_future())
+    ctx.faults[uf] = None
+    ctx.fault_pending.append(uf)
+    _wake_readers(ctx)
+    k.stats["uffd_faults"] += 1
+    return VmFaultRetry(ctx, uf)
+
+
+async def userfault_wait(k: Kernel, ctx: UserfaultfdCtx, uf: Userfault) -> None:
+    """handle_userfault's sleep, with no lock held, until a COPY, ZEROPAGE, MOVE or WAKE covering
+    the page (or UNREGISTER, or exit) wakes it. A sleep is reported to the schedule explorer's
+    controller as rcu.synchronize_rcu does. A cancelled caller (gRPC deadline, client cancel)
+    abandons the fault: it leaves the queues, its event too if nobody has read it."""
+    fut = uf.fut
+    if fut.done():
+        return
+    ctl = k.sched.controller
+    if ctl is not None:
+        ctl.blocked(fut)
+    try:
+        await fut
+    except asyncio.CancelledError:
+        _userfault_remove(ctx, uf)
+        raise
+    if ctl is not None:
+        await ctl.park("uffd:woken")
+
+
+def _userfault_remove(ctx: UserfaultfdCtx, uf: Userfault) -> None:
+    if ctx.faults.pop(uf, 0) is None:  # still queued somewhere
+        if uf.reader is not None:
+            uf.reader.pop(uf, None)
+        else:
+            ctx.fault_pending.remove(uf)
+
+
+def wake_userfault(k: Kernel, ctx: UserfaultfdCtx, start: int, length: int) -> int:
+    """__wake_userfault: wake every fault on a page of [start, start + length) (length 0: every
+    fault), read or not; an unread one's event leaves the queue (checked on 6.18: a fault
+    resolved before its message was read leaves nothing to read). Takes nothing. Returns the
+    faults woken."""
+    if not ctx.faults:
+        return 0
+    end = start + length
+    woken = [uf for uf in ctx.faults if not length or start <= uf.event.addr < end]
+    ctl = k.sched.controller
+    for uf in woken:
+        _userfault_remove(ctx, uf)
+        if not uf.fut.done():
+            uf.fut.set_result(None)
+            if ctl is not None:
+                ctl.woken(uf.fut)
+    return len(woken)
+
+
+def _wake_readers(ctx: UserfaultfdCtx) -> None:
+    waiters, ctx.read_waiters = ctx.read_waiters, []
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)
+
+
+def userfaultfd_release(k: Kernel, ctx: UserfaultfdCtx) -> None:
+    """The process exits: every fault is woken (its retry finds the mm gone: ESRCH) and every
+    reader ends. Expects mmap_lock held for write (exit_mmap)."""
+    ctx.released = True
+    wake_userfault(k, ctx, 0, 0)
+    _wake_readers(ctx)
+
+
+def userfaultfd_read(ctx: UserfaultfdCtx, delivered: dict[Userfault, None]) -> UffdEvent | None:
+    """userfaultfd_ctx_read, non-blocking: the oldest unread event, moved to ``delivered`` (the
+    listener's read-but-unresolved events), or None."""
+    if not ctx.fault_pending:
+        return None
+    uf = ctx.fault_pending.popleft()
+    uf.reader = delivered
+    delivered[uf] = None
+    return uf.event
+
+
+async def userfaultfd_read_wait(ctx: UserfaultfdCtx) -> None:
+    """Sleep until an event arrives or the process exits (fd_wqh). No lock held."""
+    fut = asyncio.get_running_loop().create_future()
+    ctx.read_waiters.append(fut)
+    try:
+        await fut
+    finally:
+        try:  # still there unless woken (a cancelled wait leaves a cancelled future)
+            ctx.read_waiters.remove(fut)
+        except ValueError:
+            pass
+
+
+def userfaultfd_unread(ctx: UserfaultfdCtx, delivered: dict[Userfault, None]) -> None:
+    """A listener went away: the events it read whose faults still wait go back to the front of
+    the queue, in their order, for the next listener."""
+    back = list(delivered)
+    delivered.clear()
+    for uf in back:
+        uf.reader = None
+    ctx.fault_pending.extendleft(reversed(back))
+    if back:
+        _wake_readers(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +389,13 @@ async def userfaultfd_move(
         raise MmError(errno.EINVAL, f"unknown mode bits {mode:#x}")
     if mm.users == 0:  # mmget_not_zero
         raise MmError(errno.ESRCH, "process has exited")
-    await move_pages(k, cur, ctx, dst, src, length, mode, progress)
+    try:
+        await move_pages(k, cur, ctx, dst, src, length, mode, progress)
+    finally:
+        # The pages moved wake the faults waiting on them, even when the move stopped short
+        # (or was cancelled: a fatal signal in move_pages also returns the bytes moved).
+        if progress.moved and not mode & UFFDIO_MOVE_MODE_DONTWAKE:
+            wake_userfault(k, ctx, dst, progress.moved)
     moved = progress.moved
     if moved != length:
         raise MmError(errno.EAGAIN, f"moved {moved} of {length} bytes", moved=moved)
@@ -474,6 +653,12 @@ def move_present_ptes(
             double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
 
 
+def _check_record_torn(torn: dict[Folio, tuple[AnonVma, int]], window: list[tuple[Folio, int, bool]]) -> None:
+    """For the walkers' residual-window check: the (mapping, index) pairs left torn."""
+    for f, _, _ in window:
+        torn[f] = (f.mapping, f.index)  # type: ignore[assignment]
+
+
 async def move_present_ptes_preemptible(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
     dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
@@ -495,8 +680,7 @@ async def move_present_ptes_preemptible(
         )
         if window and sched.active and sched.should_preempt("move:after-mapping-store"):
             torn = k.torn
-            for f, _, _ in window:
-                torn[f] = (f.mapping, f.index)  # type: ignore[assignment]
+            _check_record_torn(torn, window)
             try:
                 await preempt_point_unkillable(sched, "move:after-mapping-store")
             finally:
@@ -533,3 +717,208 @@ def move_zeropage_pte(
         return PAGE_SIZE
     finally:
         double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+
+
+# ---------------------------------------------------------------------------------------------
+# UFFDIO_COPY and UFFDIO_ZEROPAGE (fs/userfaultfd.c userfaultfd_copy / _zeropage, mm/userfaultfd.c
+# mfill_atomic). Checked on the live 6.18 kernel (ctypes, root):
+#   * misaligned dst or len, len 0, range past task_size, unknown mode bit: EINVAL, the result
+#     field untouched (validate_range and the mode check come before mfill_atomic);
+#   * no VMA at dst, the VMA not registered, or the range leaving the VMA (into an unregistered
+#     VMA, a hole or another registered VMA): ENOENT, result field -ENOENT;
+#   * a read-only registered VMA: COPY and ZEROPAGE succeed, the page mapped read-only;
+#   * a WP-only registered VMA: both succeed too (only registration is checked);
+#   * dst page present (a folio or the zero page): EEXIST, result field -EEXIST;
+#   * 4 pages whose 3rd is present: the ioctl returns -1/EAGAIN and the result field holds the
+#     bytes done (8192); pages 0-1 filled, 2-3 untouched; retrying from the 3rd gives EEXIST.
+#   * there is no mmap_min_addr check (dst 0 -> ENOENT).
+
+UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
+UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
+
+
+class FillProgress:
+    """How far a COPY / ZEROPAGE got: bytes filled so far, and a hook run as each page is
+    installed, under its PTL (``(vpn, value)``: the model's ledger)."""
+
+    __slots__ = ("done", "on_page")
+
+    def __init__(self, on_page: Callable[[int, int], None] | None = None) -> None:
+        self.done = 0
+        self.on_page = on_page
+
+
+async def userfaultfd_fill(
+    k: Kernel, cur: Current, mm: Mm, dst: int, length: int, values: int | Sequence[int] | None, mode: int,
+    progress: FillProgress,
+) -> int:
+    """The UFFDIO_COPY (``values``: one value for every page, or one per page) or, with
+    ``values`` None, UFFDIO_ZEROPAGE ioctl. Expects nothing held (mfill_atomic takes the locks).
+    Returns ``length``; raises MmError with ``moved`` set otherwise: EAGAIN with the bytes done
+    for a short fill, or the error with nothing done. The pages filled wake the faults waiting
+    on them unless DONTWAKE (also when a cancelled fill stops short)."""
+    ctx = mm.uffd
+    if ctx is None:
+        ctx = mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
+    if ctx.mmap_changing:
+        raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
+    validate_range(mm, dst, length)
+    pages = length >> PAGE_SHIFT
+    if isinstance(values, int):
+        values = _Repeat(values, pages)
+    elif values is not None and len(values) != pages:
+        # The model's src buffer: like a src range the kernel refuses before looking at dst.
+        raise MmError(errno.EINVAL, f"{len(values)} values for {pages} pages")
+    if mode & ~UFFDIO_COPY_MODE_DONTWAKE:
+        raise MmError(errno.EINVAL, f"unknown mode bits {mode:#x}")
+    if mm.users == 0:  # mmget_not_zero
+        raise MmError(errno.ESRCH, "process has exited")
+    try:
+        await mfill_atomic(k, cur, ctx, dst, length, values, progress)
+    finally:
+        if progress.done and not mode & UFFDIO_COPY_MODE_DONTWAKE:
+            wake_userfault(k, ctx, dst, progress.done)
+    done = progress.done
+    if done != length:
+        raise MmError(errno.EAGAIN, f"filled {done} of {length} bytes", moved=done)
+    return done
+
+
+class _Repeat(Sequence[int]):
+    """One value for every page, without a list as long as the range."""
+
+    __slots__ = ("value", "n")
+
+    def __init__(self, value: int, n: int) -> None:
+        self.value = value
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+        return self.value
+
+
+async def mfill_atomic(
+    k: Kernel, cur: Current, ctx: UserfaultfdCtx, dst_start: int, length: int, values: Sequence[int] | None,
+    progress: FillProgress,
+) -> None:
+    """Fill [dst_start, dst_start + length) page by page: new exclusive folios holding
+    ``values`` (COPY), or the zero page (``values`` None: ZEROPAGE). Expects nothing held; takes
+    mmap_lock for read (where 6.18 takes the dst VMA's read lock, at the same level), the dst
+    anon_vma root (anon_vma_prepare, before the VMA is validated, as uffd_lock_vma does), then
+    each page's PTL. Lets other tasks run every RESCHED_WORK pages.
+
+    Leaves the bytes filled in ``progress``. An error after some progress is swallowed (the
+    caller reports a short fill as EAGAIN); an error with none is raised.
+    """
+    mm = ctx.mm
+    lock = mm.mmap_lock
+    if not lock.down_read(cur):
+        await lock.wait(cur)
+    try:
+        if mm.users == 0:
+            raise MmError(errno.ESRCH, "process has exited")
+        dst_vma = mm.vma_lookup(dst_start)  # uffd_mfill_lock -> find_vma_and_prepare_anon
+        if dst_vma is None:
+            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
+        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:
+            await anon_vma_prepare(k, cur, dst_vma)
+        # validate_dst_vma
+        if dst_start + length > dst_vma.end:
+            raise MmError(errno.ENOENT, "dst range leaves its mapping")
+        if dst_vma.uffd_ctx is None:
+            raise MmError(errno.ENOENT, "dst is not registered with a userfaultfd")
+        if ctx.mmap_changing:
+            raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
+        if dst_vma.flags & VM_SHARED:
+            raise MmError(errno.EINVAL, "shared anonymous mappings are not supported")
+
+        err = 0
+        oom: MemoryLimitExceeded | None = None
+        addr, end = dst_start, dst_start + length
+        i = 0
+        since_resched = 0
+        while addr < end:
+            try:
+                pt = mm.pte_alloc(cur, addr)  # mm_alloc_pmd / pte_alloc
+                if values is None:
+                    step = await mfill_atomic_pte_zeropage(k, cur, dst_vma, pt, addr)
+                else:
+                    step = await mfill_atomic_pte_copy(k, cur, dst_vma, pt, addr, values[i], progress)
+            except MemoryLimitExceeded as e:
+                err, oom = errno.ENOMEM, e
+                break
+            if step < 0:
+                err = -step
+                break
+            progress.done += PAGE_SIZE
+            addr += PAGE_SIZE
+            i += 1
+            since_resched += 1
+            if since_resched >= RESCHED_WORK:
+                since_resched = 0
+                await cond_resched()  # a long fill must not starve other calls
+        k.stats["uffd_copy_pages" if values is not None else "uffd_zeropage_pages"] += progress.done >> PAGE_SHIFT
+        if err and not progress.done:
+            if oom is not None:
+                raise oom
+            raise MmError(err, f"dst page {addr:#x} is already populated" if err == errno.EEXIST else os.strerror(err))
+    finally:
+        lock.up_read(cur)
+
+
+async def mfill_atomic_pte_copy(
+    k: Kernel, cur: Current, vma: Vma, pt: PageTable, addr: int, value: int, progress: FillProgress
+) -> int:
+    """One page of COPY: a new folio, born exclusive (folio_add_new_anon_rmap), mapcount 1,
+    charged before anything changes; mapped dirty and young, writable only if the VMA is
+    (mfill_atomic_install_pte). Expects mmap_lock held (read) and the VMA's anon_vma; takes the
+    PTL. Returns PAGE_SIZE, or -EEXIST if the PTE is not none."""
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    if vpn in pt.ptes:  # seen before allocating: the kernel would allocate, then free
+        return -errno.EEXIST
+    ptl = pt.ptl
+    if ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, ptl)
+    memcg = k.memcg
+    memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
+    ptl.spin_lock(cur)
+    if vpn in pt.ptes:
+        ptl.spin_unlock(cur)
+        memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
+        return -errno.EEXIST
+    folio = k.folio_alloc()
+    folio.value = value
+    folio.refcount = 1
+    folio_add_new_anon_rmap(folio, vma, addr)
+    pt.ptes[vpn] = Pte(folio, bool(vma.flags & VM_WRITE), True, True)
+    mm.rss_anon += 1
+    if progress.on_page is not None:
+        progress.on_page(vpn, value)
+    ptl.spin_unlock(cur)
+    return PAGE_SIZE
+
+
+async def mfill_atomic_pte_zeropage(k: Kernel, cur: Current, vma: Vma, pt: PageTable, addr: int) -> int:
+    """One page of ZEROPAGE: the shared zero page, mapped read-only (a special PTE: no folio, no
+    rmap, no RSS). Expects mmap_lock held (read); takes the PTL. Returns PAGE_SIZE, or -EEXIST
+    if the PTE is not none."""
+    vpn = addr >> PAGE_SHIFT
+    if vpn in pt.ptes:
+        return -errno.EEXIST
+    ptl = pt.ptl
+    if ptl.owner is not None:
+        await k.spin_on(cur, ptl)
+    memcg = k.memcg
+    memcg.charge(cur, PTE_BYTES)
+    ptl.spin_lock(cur)
+    if vpn in pt.ptes:
+        ptl.spin_unlock(cur)
+        memcg.uncharge(PTE_BYTES)
+        return -errno.EEXIST
+    pt.ptes[vpn] = Pte(ZERO_PAGE, False, True, False)
+    ptl.spin_unlock(cur)
+    return PAGE_SIZE

@@ -124,9 +124,27 @@ async def race(
                 # A page moved away between lookup and write lands in a MISSING range.
                 assert e.errno in EXPECTED_ERRNOS, e
 
+    async def handler() -> None:
+        """The process's userfault handler: a write that lands on a page just moved away faults in
+        a MISSING range and sleeps; fill it with the zero page (the write then copies it)."""
+        events = m.uffd_events(pid)
+        try:
+            async for ev in events:
+                try:
+                    await m.uffd_zeropage(pid, ev.addr, PAGE_SIZE)
+                    trace.append(("zero", ev.addr))
+                except MmError as e:
+                    # EEXIST: a move brought a page back there first, and woke the fault itself
+                    assert e.errno in (errno.EEXIST, errno.ENOENT), e
+        finally:
+            await events.aclose()
+
     tasks = [mover(), mover(), forker(), writer()]
     tasks += [walker(blocking=bool(j % 2)) for j in range(walkers)]
+    serving = asyncio.ensure_future(handler())
     await asyncio.gather(*tasks)
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
     problems = m.check_invariants()
     det = m.detectors
     return RaceResult(
@@ -144,5 +162,129 @@ async def race(
     )
 
 
-def run_race(protocol: str, seed: int, **kw: object) -> RaceResult:
-    return asyncio.run(race(protocol, seed, **kw))  # type: ignore[arg-type]
+#: The workloads ``mmsim race --workload`` runs.
+WORKLOADS = ("seed", "gc")
+
+
+def run_race(protocol: str, seed: int, workload: str = "seed", **kw: object) -> RaceResult:
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
+    body = race if workload == "seed" else gc_race
+    return asyncio.run(body(protocol, seed, **kw))  # type: ignore[arg-type]
+
+
+#: Where the GC workload's heap is mapped.
+GC_HEAP = 0x7E0000000000
+#: Errors a collector's move may get when two mutators faulted on one page (the first move
+#: resolved it: the second finds the destination populated, or the source gone).
+GC_MOVE_ERRNOS = {errno.EEXIST, errno.ENOENT}
+
+
+async def gc_race(
+    protocol: str,
+    seed: int,
+    pages: int = 8,
+    rounds: int = 3,
+    preempt: float = 0.35,
+    walkers: int = 2,
+    mutators: int = 2,
+) -> RaceResult:
+    """A concurrent compacting GC in the style of Android ART's, racing a reclaim-like walker.
+
+    Each of ``rounds`` GC cycles moves the heap's pages aside with ``mremap(MREMAP_MAYMOVE |
+    MREMAP_DONTUNMAP)``: the from-space gets the pages, the heap's own range (the to-space) stays
+    mapped, empty and registered MISSING with the userfaultfd. Mutators then read every page of
+    the to-space, each read faulting and sleeping until the collector, reading the fault events,
+    resolves it with UFFDIO_MOVE from the from-space; walkers run rmap walks (trylock and
+    blocking) on the same folios wherever they are. The collector unmaps the emptied from-space
+    at the end of a cycle. Every read must return the page's value, and the detectors and the
+    audit must stay clean under the safe protocols."""
+    m = MemoryModel(protocol=protocol, seed=seed, preempt=preempt)
+    rng = random.Random(seed ^ 0x6C)
+    pid = await m.create_process()
+    length = pages * PAGE_SIZE
+    heap = await m.mmap(pid, length, addr=GC_HEAP)
+    to = heap.start
+    for i in range(pages):
+        await m.write(pid, to + i * PAGE_SIZE, 5000 + i)
+    await m.uffd_register(pid, to, length, "missing")
+    totals = {"fast": 0, "slow": 0, "contended": 0, "walks": 0, "moves": 0}
+    trace: list[object] = []
+    where: dict[int, int] = {}  # page -> the from-space address holding it, while it is there
+
+    async def collector(frm: int, done: asyncio.Event) -> None:
+        """Resolve each fault with a move from the from-space, until every page is back."""
+        events = m.uffd_events(pid)
+        try:
+            async for ev in events:
+                i = (ev.addr - to) // PAGE_SIZE
+                try:
+                    await m.move(pid, ev.addr, frm + i * PAGE_SIZE, PAGE_SIZE)
+                    totals["moves"] += 1
+                    where.pop(i, None)
+                    trace.append(("gc-move", i))
+                except MmError as e:
+                    assert e.errno in GC_MOVE_ERRNOS, e
+                    trace.append(("gc-move-err", i, e.errno))
+                if not where:
+                    done.set()
+                    return
+        finally:
+            await events.aclose()
+
+    async def mutator(order: list[int]) -> None:
+        for i in order:
+            value = await m.read(pid, to + i * PAGE_SIZE)
+            assert value == 5000 + i, (i, value)
+            trace.append(("read", i))
+
+    async def walker(blocking: bool, done: asyncio.Event) -> None:
+        for _ in range(pages):
+            if done.is_set():
+                return
+            i = rng.randrange(pages)
+            addr = where.get(i, to + i * PAGE_SIZE)
+            f = m.folio(pid, addr)
+            if f is None or f.zero_page:
+                await asyncio.sleep(0)
+                continue
+            try:
+                w = await m.walk(pid, addr, blocking=blocking)
+            except MmError as e:
+                assert e.errno == errno.ENOENT, e  # moved away meanwhile
+                continue
+            totals["walks"] += 1
+            totals["fast"] += w.fast_retries
+            totals["slow"] += w.slow_retries
+            totals["contended"] += w.contended
+            trace.append(("walk", i, w.referenced))
+
+    for _ in range(rounds):
+        frm = (await m.mremap(pid, to, length, length, maymove=True, dontunmap=True)).start
+        where.update({i: frm + i * PAGE_SIZE for i in range(pages)})
+        done = asyncio.Event()
+        gc = asyncio.ensure_future(collector(frm, done))
+        orders = []
+        for _ in range(mutators):
+            order = list(range(pages))
+            rng.shuffle(order)
+            orders.append(order)
+        await asyncio.gather(*(mutator(o) for o in orders), *(walker(bool(j % 2), done) for j in range(walkers)))
+        await done.wait()
+        await gc
+        await m.munmap(pid, frm, length)  # the emptied from-space
+    problems = m.check_invariants()
+    det = m.detectors
+    return RaceResult(
+        protocol=protocol,
+        seed=seed,
+        violations=dict(det.counts),
+        events=[str(e) for e in det.events[:5]],
+        fast_retries=totals["fast"],
+        slow_retries=totals["slow"],
+        contended=totals["contended"],
+        walks=totals["walks"],
+        moves=totals["moves"],
+        problems=problems,
+        signature=tuple(trace),
+    )

@@ -209,6 +209,22 @@ class UffdZeropageResponse(_message.Message):
     zeroed: int
     def __init__(self, zeroed: _Optional[int] = ...) -> None: ...
 
+class UserfaultsRequest(_message.Message):
+    __slots__ = ("process", "nonblocking")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    NONBLOCKING_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    nonblocking: bool
+    def __init__(self, process: _Optional[str] = ..., nonblocking: _Optional[bool] = ...) -> None: ...
+
+class ListUserfaultsResponse(_message.Message):
+    __slots__ = ("queued", "waiting")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    queued: _containers.RepeatedCompositeFieldContainer[UserfaultEvent]
+    waiting: _containers.RepeatedCompositeFieldContainer[UserfaultEvent]
+    def __init__(self, queued: _Optional[_Iterable[_Union[UserfaultEvent, _Mapping]]] = ..., waiting: _Optional[_Iterable[_Union[UserfaultEvent, _Mapping]]] = ...) -> None: ...
+
 class UserfaultEvent(_message.Message):
     __slots__ = ("addr", "write", "wp")
     ADDR_FIELD_NUMBER: _ClassVar[int]

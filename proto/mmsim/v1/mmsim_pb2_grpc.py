@@ -101,8 +101,13 @@ class MemoryManagerStub:
                 _registered_method=True)
         self.Userfaults = channel.unary_stream(
                 '/mmsim.v1.MemoryManager/Userfaults',
-                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultsRequest.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.FromString,
+                _registered_method=True)
+        self.ListUserfaults = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/ListUserfaults',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ListUserfaultsResponse.FromString,
                 _registered_method=True)
         self.Read = channel.unary_unary(
                 '/mmsim.v1.MemoryManager/Read',
@@ -258,8 +263,17 @@ class MemoryManagerServicer:
 
     def Userfaults(self, request, context):
         """The process's userfaultfd read queue: every fault event, in order, as it arrives; events that
-        arrived before the call are delivered first. Ends when the process exits. An event whose
-        fault is still pending when the stream ends is delivered again to the next stream.
+        arrived before the call are delivered first. Ends when the process exits (or, nonblocking,
+        once the queue is empty). An event whose fault still waits when the stream ends is delivered
+        again to the next stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUserfaults(self, request, context):
+        """What waits on the process's userfaultfd now, without reading anything: the events queued and
+        not yet delivered, and the faults asleep.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -424,8 +438,13 @@ def add_MemoryManagerServicer_to_server(servicer, server):
             ),
             'Userfaults': grpc.unary_stream_rpc_method_handler(
                     servicer.Userfaults,
-                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.FromString,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultsRequest.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.SerializeToString,
+            ),
+            'ListUserfaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUserfaults,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.ListUserfaultsResponse.SerializeToString,
             ),
             'Read': grpc.unary_unary_rpc_method_handler(
                     servicer.Read,
@@ -869,8 +888,35 @@ class MemoryManager:
             request,
             target,
             '/mmsim.v1.MemoryManager/Userfaults',
-            mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.UserfaultsRequest.SerializeToString,
             mmsim_dot_v1_dot_mmsim__pb2.UserfaultEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUserfaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/ListUserfaults',
+            mmsim_dot_v1_dot_mmsim__pb2.ProcessRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.ListUserfaultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

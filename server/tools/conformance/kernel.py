@@ -538,7 +538,7 @@ class _Helper:
         p = self.libc.mmap(None, c["len"], _PROT[c["prot"]], _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if p == _MAP_FAILED or p is None:
             return {"errno": self.libc.errno()}
-        out: dict[str, Any] = {"errno": 0, "addr": p}
+        out: dict[str, Any] = {"errno": 0, "addr": p, "guard": self.guard}
         if c.get("uffd"):
             err = self._register(p, c["len"], c["uffd"])
             if err:
@@ -1065,6 +1065,7 @@ class KernelRunner:
         if op == "mmap":
             if "addr" in reply:
                 res.addr = int(reply["addr"])
+                res.guard = reply.get("guard") or None
                 addrs[step["region"]] = res.addr
                 regions.pop(step["region"], None)
                 regions[step["region"]] = (res.addr, int(step["pages"]))

@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno as errno_mod
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmsim.client import Client, MmsimError, Process
 
-from .scenario import FIELDS, PAGE, Scenario, StepResult, move_len, move_mode, place
+from .scenario import (
+    FIELDS,
+    PAGE,
+    Scenario,
+    StepResult,
+    copy_mode,
+    copy_values,
+    length,
+    move_mode,
+    place,
+    region_at,
+    remap_flags,
+)
+
+#: How long a ``fault`` or ``fault_status`` step waits for a fault to settle (asleep or done).
+SETTLE_S = 2.0
+#: Polls of a fault seen asleep, in a row, before ``fault_status`` calls it blocked.
+SETTLED_POLLS = 3
+POLL_S = 0.005
+
+
+@dataclass
+class _Run:
+    """One scenario's state on mmsim: its processes, regions and fault tasks."""
+
+    procs: dict[str, Process] = field(default_factory=dict)
+    alive: set[str] = field(default_factory=set)
+    addrs: dict[str, int] = field(default_factory=dict)
+    #: name -> (start, pages), in binding order (the last binding of an address names it).
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: The processes that have the kernel runner's guard page mapped (own or inherited).
+    guarded: set[str] = field(default_factory=set)
+    #: fault id -> (the access in flight, its process, its address).
+    faults: dict[str, tuple[asyncio.Task[Any], Process, int]] = field(default_factory=dict)
+
+    def bind(self, name: str, start: int, pages: int) -> None:
+        self.addrs[name] = start
+        self.regions.pop(name, None)
+        self.regions[name] = (start, pages)
 
 
 class MmsimRunner:
@@ -20,67 +60,106 @@ class MmsimRunner:
     async def run(self, scenario: Scenario, kernel: list[StepResult] | None = None) -> list[StepResult]:
         """Run ``scenario``. With the kernel's results, each region is mapped at the very
         address the kernel chose; without, mmsim places it."""
-        procs: dict[str, Process] = {}
-        alive: set[str] = set()
+        run = _Run()
         for name in scenario.processes:
-            procs[name] = await self.client.create_process()
-            alive.add(name)
-        addrs: dict[str, int] = {}
+            run.procs[name] = await self.client.create_process()
+            run.alive.add(name)
         results: list[StepResult] = []
         try:
             for i, step in enumerate(scenario.steps):
                 proc = step.get("proc", scenario.processes[0])
                 hint = kernel[i].addr if kernel is not None and kernel[i].addr is not None else None
+                guard = kernel[i].guard if kernel is not None else None
+                if guard and step["op"] == "mmap" and proc in run.alive and proc not in run.guarded:
+                    # The kernel's helper has a PROT_NONE page right above its regions; the same
+                    # neighbour decides whether a region can grow in place.
+                    await run.procs[proc].mmap(PAGE, prot="none", addr=guard)
+                    run.guarded.add(proc)
                 r = StepResult()
+                done = _DONE.get(step["op"])
                 try:
-                    if proc not in alive:
+                    if proc not in run.alive:
                         raise ProcessLookupError(errno_mod.ESRCH, "process gone")
-                    await self._step(step, procs, alive, addrs, hint, r)
+                    await self._step(step, run, hint, r)
+                except KeyError as e:  # a region whose mmap or mremap failed: no address, as the kernel runner says
+                    r.errno = errno_mod.EINVAL
+                    r.note = f"region {e.args[0]!r} has no address"
                 except OSError as e:
                     r.errno = e.errno or 0
-                    if step["op"] == "move":
-                        r.moved = getattr(e, "moved", 0)
+                    if done:
+                        setattr(r, done, getattr(e, "moved", 0))
                 except MmsimError as e:
                     r.errno = errno_mod.ESRCH if e.code is not None and e.code.name == "NOT_FOUND" else errno_mod.EINVAL
                     r.note = str(e)
-                    if step["op"] == "move":
-                        r.moved = 0
+                    if done:
+                        setattr(r, done, 0)
                 results.append(r)
         finally:
-            for name in alive:
+            for name in run.alive:
                 try:
-                    await procs[name].exit()
+                    await run.procs[name].exit()
                 except (OSError, MmsimError):
                     pass
+            for task, _, _ in run.faults.values():  # the exits ended them; collect them
+                task.cancel()
+            await asyncio.gather(*(t for t, _, _ in run.faults.values()), return_exceptions=True)
         return results
 
-    async def _step(
-        self, st: dict[str, Any], procs: dict[str, Process], alive: set[str], addrs: dict[str, int], hint: int | None,
-        r: StepResult,
-    ) -> None:
+    async def _step(self, st: dict[str, Any], run: _Run, hint: int | None, r: StepResult) -> None:
         op = st["op"]
+        procs, addrs = run.procs, run.addrs
         p = procs[st.get("proc") or next(iter(procs))]
         if op == "mmap":
             v = await p.mmap(int(st["pages"]) * PAGE, prot=st.get("prot", "rw"), uffd=st.get("uffd"), addr=hint)
-            addrs[st["region"]] = r.addr = v.start
+            run.bind(st["region"], v.start, int(st["pages"]))
+            r.addr = v.start
             return
         if op == "fork":
             procs[st["child"]] = await p.fork()
-            alive.add(st["child"])
+            run.alive.add(st["child"])
+            if (st.get("proc") or next(iter(procs))) in run.guarded:
+                run.guarded.add(st["child"])  # the child inherits the guard page
             return
         if op == "exit":
             await p.exit()
-            alive.discard(st.get("proc") or next(iter(procs)))
+            run.alive.discard(st.get("proc") or next(iter(procs)))
             return
         if op == "move":
-            length = move_len(st)
             mode = move_mode(st)
             r.moved = await p.remap(
-                place(addrs, st["dst"]), place(addrs, st["src"]), length,
+                place(addrs, st["dst"]), place(addrs, st["src"]), length(st),
                 allow_src_holes=bool(mode & 2), dontwake=bool(mode & 1), mode_bits=mode & ~3,
             )
             return
+        if op in ("copy", "zeropage"):
+            mode = copy_mode(st)
+            dst = place(addrs, st["dst"])
+            if op == "copy":
+                vals = copy_values(st)
+                values: int | list[int] = vals[0] if vals and all(v == vals[0] for v in vals) else vals
+                r.copied = await p.uffd_copy(dst, length(st), values, dontwake=bool(mode & 1), mode_bits=mode & ~1)
+            else:
+                r.zeroed = await p.uffd_zeropage(dst, length(st), dontwake=bool(mode & 1), mode_bits=mode & ~1)
+            return
+        if op == "events":
+            r.events = [self._event(run, e) for e in await p.read_userfaults()]
+            return
+        if op == "fault_status":
+            await self._fault_status(run, st["id"], r)
+            return
         addr = place(addrs, st["at"])
+        if op == "mremap":
+            await self._mremap(st, run, p, addr, hint, r)
+            return
+        if op == "fault":
+            await self._fault(run, st, p, addr)
+            return
+        if op == "mprotect":
+            await p.mprotect(addr, int(st["pages"]) * PAGE, st["prot"])
+            return
+        if op == "wake":
+            await p.uffd_wake(addr, length(st))
+            return
         if op == "munmap":
             await p.munmap(addr, int(st["pages"]) * PAGE)
         elif op == "madvise":
@@ -100,6 +179,83 @@ class MmsimRunner:
                 r.value = f.value
             if op == "mapcount" and f is not None:
                 r.mapcount = f.mapcount
+
+
+    @staticmethod
+    async def _mremap(st: dict[str, Any], run: _Run, p: Process, addr: int, hint: int | None, r: StepResult) -> None:
+        flags = remap_flags(st)
+        maymove, fixed_flag, dontunmap = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+        if flags & ~7:  # bits mremap does not know: EINVAL, before anything else
+            raise OSError(errno_mod.EINVAL, f"unknown mremap flags {flags & ~7:#x}")
+        fixed = place(run.addrs, st["to"]) if fixed_flag and "to" in st else None
+        if fixed_flag and fixed is None:
+            fixed = 0
+        if fixed is None and hint is not None and hint != addr and maymove:
+            # Where the kernel moved it: a move to a free range there is what MREMAP_MAYMOVE's
+            # own placement would have done in the kernel's address space.
+            fixed = hint
+        if fixed_flag and not maymove:
+            raise OSError(errno_mod.EINVAL, "MREMAP_FIXED without MREMAP_MAYMOVE")
+        v = await p.mremap(addr, int(st["pages"]) * PAGE, int(st["new_pages"]) * PAGE, maymove=maymove,
+                           dontunmap=dontunmap, fixed=fixed)
+        r.addr = v.start
+        r.relocated = v.start != addr
+        if "region" in st:
+            run.bind(st["region"], v.start, int(st["new_pages"]))
+
+    @staticmethod
+    async def _fault(run: _Run, st: dict[str, Any], p: Process, addr: int) -> None:
+        """Start the access in a task of its own; return once it is done or asleep on the
+        userfaultfd (so that an ``events`` step right after it sees its event)."""
+        before = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == addr & ~(PAGE - 1))
+        if st.get("write", False):
+            task = asyncio.create_task(p.write(addr, int(st.get("value", 0)), timeout=None))
+        else:
+            task = asyncio.create_task(p.read(addr, timeout=None))
+        run.faults[st["id"]] = (task, p, addr)
+        deadline = time.monotonic() + SETTLE_S
+        while not task.done() and time.monotonic() < deadline:
+            waiting = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == addr & ~(PAGE - 1))
+            if waiting > before:
+                return
+            await asyncio.sleep(POLL_S)
+
+    @staticmethod
+    async def _fault_status(run: _Run, fid: str, r: StepResult) -> None:
+        """``blocked`` once the fault has been seen asleep SETTLED_POLLS times in a row; else,
+        when its access is done, what a read got."""
+        task, p, addr = run.faults[fid]
+        page = addr & ~(PAGE - 1)
+        seen = 0
+        deadline = time.monotonic() + SETTLE_S
+        while not task.done() and time.monotonic() < deadline:
+            try:
+                waiting = any(e.addr == page for e in (await p.list_userfaults()).waiting)
+            except (OSError, MmsimError):
+                waiting = False
+            seen = seen + 1 if waiting else 0
+            if seen >= SETTLED_POLLS:
+                r.blocked = True
+                return
+            await asyncio.sleep(POLL_S)
+        if not task.done():
+            r.blocked = True
+            return
+        r.blocked = False
+        if task.exception() is None:
+            value = task.result()
+            if value is not None:
+                r.value = value
+
+    @staticmethod
+    def _event(run: _Run, e: Any) -> list[Any]:
+        kind = "wp" if e.wp else ("w" if e.write else "r")
+        where = region_at(run.regions, e.addr)
+        return [where[0], where[1], kind] if where else ["?", 0, kind]
+
+
+#: The field in which a failed step reports the bytes it did (the error's ``.moved``).
+_DONE = {"move": "moved", "copy": "copied", "zeropage": "zeroed"}
 
 
 @dataclass

@@ -293,6 +293,9 @@ class StepResult:
     blocked: bool | None = None  # fault_status: the fault still waits
     events: list[list[Any]] | None = None  # events: [region, page, kind] per message
     addr: int | None = None  # mmap, mremap: where the region was placed (not compared)
+    #: mmap: the PROT_NONE guard page the kernel runner keeps right above the regions (not
+    #: compared): the mmsim runner maps it too, so that growing a region in place meets it.
+    guard: int | None = None
     note: str = ""  # e.g. why a step could not run (not compared)
 
     def compared(self) -> dict[str, Any]:
