@@ -667,13 +667,15 @@ class Process:
 
     # -- the userfault handler's side
     async def uffd_copy(
-        self, dst: int, length: int, values: int | list[int], *, dontwake: bool = False, mode_bits: int = 0,
-        timeout: Timeout = ...,
+        self, dst: int, length: int, values: int | list[int], *, dontwake: bool = False, wp: bool = False,
+        mode_bits: int = 0, timeout: Timeout = ...,
     ) -> int:
         """UFFDIO_COPY: fill the missing pages of [dst, dst + length) with ``values`` (one value for
-        every page, or one per page) and wake the faults waiting there (unless ``dontwake``). The
-        bytes copied; an error after some pages has ``.copied`` (and ``.moved``)."""
-        op = _ops.uffd_copy(self, dst, length, values, dontwake=dontwake, mode_bits=mode_bits)
+        every page, or one per page) and wake the faults waiting there (unless ``dontwake``). With
+        ``wp`` (UFFDIO_COPY_MODE_WP; the range must be registered for WP, else EINVAL) the pages
+        are mapped write-protected: a write to one waits as a write-protect userfault. The bytes
+        copied; an error after some pages has ``.copied`` (and ``.moved``)."""
+        op = _ops.uffd_copy(self, dst, length, values, dontwake=dontwake, wp=wp, mode_bits=mode_bits)
         return await self._run(op, timeout)  # type: ignore[no-any-return]
 
     async def uffd_zeropage(

@@ -99,10 +99,11 @@ def mremap(p: Process, addr: int, old_length: int, new_length: int, *, maymove: 
 
 
 def uffd_copy(p: Process, dst: int, length: int, values: int | list[int], *, dontwake: bool = False,
-              mode_bits: int = 0) -> Op:
-    """UFFDIO_COPY: ``values`` is one value for every page, or a list of one per page."""
+              wp: bool = False, mode_bits: int = 0) -> Op:
+    """UFFDIO_COPY: ``values`` is one value for every page, or a list of one per page. ``wp``
+    (UFFDIO_COPY_MODE_WP): map the pages write-protected, in a range registered for WP."""
     vals = [values] if isinstance(values, int) else list(values)
-    mode = (pb.FILL_MODE_DONTWAKE if dontwake else 0) | mode_bits
+    mode = (pb.FILL_MODE_DONTWAKE if dontwake else 0) | (pb.FILL_MODE_WP if wp else 0) | mode_bits
     return Op(p, pb.Op(uffd_copy=pb.UffdCopyRequest(process=p.id, dst=dst, len=length, values=vals, mode=mode)))
 
 

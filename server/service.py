@@ -50,7 +50,8 @@ ADVICE_FROM_PB = {
     pb.ADVICE_KEEPONFORK: "keeponfork",
     pb.ADVICE_DONTNEED: "dontneed",
 }
-#: UFFDIO_COPY / UFFDIO_ZEROPAGE mode bits the model knows.
+#: UFFDIO_COPY / UFFDIO_ZEROPAGE mode bits the model knows. UffdCopy also has FILL_MODE_WP
+#: (UFFDIO_COPY_MODE_WP, taken off in _op_uffd_copy); UFFDIO_ZEROPAGE has none (EINVAL there).
 FILL_MODES = pb.FILL_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_DONTWAKE == pb.REMAP_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
@@ -364,11 +365,15 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return pid, bool(request.mode & pb.FILL_MODE_DONTWAKE)
 
     async def _op_uffd_copy(self, request: pb.UffdCopyRequest) -> pb.UffdCopyResponse:
-        pid, dontwake = self._fill_args(request)
+        wp = bool(request.mode & pb.FILL_MODE_WP)
+        # The shared checks see the mode without the copy-only WP bit (no values copied).
+        head = pb.UffdZeropageRequest(process=request.process, dst=request.dst, len=request.len,
+                                      mode=request.mode & ~pb.FILL_MODE_WP)
+        pid, dontwake = self._fill_args(head)
         if not request.values:
             raise BadRequest("values", "one value for every page, or one per page, is required")
         values: int | list[int] = request.values[0] if len(request.values) == 1 else list(request.values)
-        copied = await self.model.uffd_copy(pid, request.dst, request.len, values, dontwake=dontwake)
+        copied = await self.model.uffd_copy(pid, request.dst, request.len, values, dontwake=dontwake, wp=wp)
         return pb.UffdCopyResponse(copied=copied)
 
     async def _op_uffd_zeropage(self, request: pb.UffdZeropageRequest) -> pb.UffdZeropageResponse:

@@ -444,23 +444,42 @@ async def test_cancel_exit_between_vmas_still_completes() -> None:
 async def test_cancel_munmap_while_waiting_for_mmap_lock_never_starts() -> None:
     m = MemoryModel()
     pid = await move_setup(m)
-    # A move parked between pages holds the mmap_lock for read.
-    bp = m.k.sched.pause_at("move:between-pages")
-    mover = asyncio.create_task(m.move(pid, DST, SRC, PAGES * P))
-    await bp.wait_reached()
+    mm = m.processes[pid]
+    holder = Current("holder")  # a reader of the mmap_lock (another fault, say)
+    assert mm.mmap_lock.down_read(holder)
     unmap = asyncio.create_task(m.munmap(pid, SRC, PAGES * P))
     await turns()
-    assert not unmap.done() and m.processes[pid].mmap_lock.waiters
+    assert not unmap.done() and mm.mmap_lock.waiters
     unmap.cancel()
     with pytest.raises(asyncio.CancelledError):
         await unmap
-    bp.release()
-    assert await mover == PAGES * P
+    mm.mmap_lock.up_read(holder)
     # Never started: the src VMA is still mapped.
     assert [(v.start, v.end) for v in m.vmas(pid)] == [(SRC, SRC + PAGES * P), (DST, DST + PAGES * P)]
-    assert_split(m, pid, PAGES)
     clean(m)
-    await m.munmap(pid, SRC, PAGES * P)
+
+
+async def test_cancel_munmap_waiting_for_the_moved_vma_still_completes() -> None:
+    """A move holds its two VMAs' locks for read, not the mmap_lock: a munmap of the src VMA takes
+    the mmap_lock at once and then waits (vma_start_write) for the move, uninterruptibly; cancelled
+    there, it still completes once the move is done."""
+    m = MemoryModel()
+    pid = await move_setup(m)
+    mm = m.processes[pid]
+    bp = m.k.sched.pause_at("move:between-pages")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, PAGES * P))
+    await bp.wait_reached()
+    src_vma = mm.vma_lookup(SRC)
+    unmap = asyncio.create_task(m.munmap(pid, SRC, PAGES * P))
+    await turns()
+    assert not unmap.done() and src_vma.vm_lock.waiters and mm.mmap_lock.owner is not None
+    unmap.cancel()
+    await turns()
+    assert not unmap.done(), "munmap waits for the VMA uninterruptibly once it holds the mmap_lock"
+    bp.release()
+    assert await mover == PAGES * P
+    with pytest.raises(asyncio.CancelledError):
+        await unmap
     assert [v.start for v in m.vmas(pid)] == [DST]
     clean(m)
 

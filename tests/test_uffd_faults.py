@@ -672,3 +672,144 @@ def test_explorer_sees_the_fault_sleep() -> None:
     assert slept  # some schedule ran the read first: it slept, and was woken by the move
     s = explore(scn, "recheck", strategy="exhaustive", preemptions=2)
     assert s.first is None and s.schedules >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# UFFDIO_COPY_MODE_WP and write-protect faults (6.18: the scenarios 140 and 163 of the
+# conformance corpus, and conformance-runner experiments on the live kernel)
+
+
+def uffd_wp_bit(m: MemoryModel, pid: int, addr: int) -> bool:
+    pte = m.processes[pid].pte_lookup(addr)
+    assert pte is not None
+    return pte.uffd_wp
+
+
+async def setup_wp(uffd: str = "wp") -> tuple[MemoryModel, int]:
+    """DST: two pages registered ``uffd``, the first copied with MODE_WP holding 5."""
+    m = MemoryModel()
+    pid = await m.create_process()
+    await m.mmap(pid, 2 * P, addr=DST, uffd=uffd)
+    assert await m.uffd_copy(pid, DST, P, 5, wp=True) == P
+    return m, pid
+
+
+async def test_copy_wp_maps_write_protected_page() -> None:
+    """6.18: COPY with MODE_WP into a WP-registered range succeeds; the page reads its value (a
+    read raises no event) and is mapped read-only with the uffd-wp bit."""
+    m, pid = await setup_wp()
+    info = m.folio(pid, DST)
+    assert info is not None and info.value == 5 and info.exclusive and not info.writable
+    assert uffd_wp_bit(m, pid, DST)
+    assert await m.read(pid, DST) == 5
+    assert m.uffd_pending(pid) == []
+    # Without MODE_WP the page is writable, as before.
+    assert await m.uffd_copy(pid, DST + P, P, 6) == P
+    assert m.folio(pid, DST + P).writable and not uffd_wp_bit(m, pid, DST + P)  # type: ignore[union-attr]
+    clean(m)
+
+
+async def test_copy_wp_needs_wp_registration() -> None:
+    """6.18: COPY with MODE_WP into a MISSING-only range is EINVAL, nothing copied; the mode is
+    checked after the VMA (an unregistered dst stays ENOENT)."""
+    m, pid = await setup()
+    with pytest.raises(MmError) as e:
+        await m.uffd_copy(pid, DST, P, 1, wp=True)
+    assert e.value.errno == errno.EINVAL and e.value.moved == 0
+    assert m.folio(pid, DST) is None
+    with pytest.raises(MmError) as e:
+        await m.uffd_copy(pid, OTHER, P, 1, wp=True)
+    assert e.value.errno == errno.ENOENT
+    clean(m)
+
+
+async def test_write_to_copy_wp_page_blocks_and_wake_faults_again() -> None:
+    """6.18: a write to a page copied with MODE_WP is a write-protect userfault: its event has the
+    write and wp flags and it waits, the page unchanged. UFFDIO_WAKE makes it retry and, the bit
+    still set, fault again (a new event). Once the range is unregistered (which wakes no WP
+    fault) a wake lets it write the page in place."""
+    m, pid = await setup_wp()
+    task = await blocked(m, pid, m.write(pid, DST, 9))
+    assert m.uffd_pending(pid) == [UffdEvent(DST, True, True)]
+    await still_blocked(task)
+    assert m.folio(pid, DST).value == 5  # type: ignore[union-attr]
+    await m.uffd_wake(pid, DST, P)
+    await turns()
+    assert not task.done()
+    assert m.uffd_pending(pid) == [UffdEvent(DST, True, True)]
+    assert m.stats()["uffd_faults"] == 2
+    await m.uffd_unregister(pid, DST, 2 * P)
+    await still_blocked(task)
+    await m.uffd_wake(pid, DST, P)
+    await task
+    info = m.folio(pid, DST)
+    assert info is not None and info.value == 9 and info.writable
+    clean(m)
+
+
+async def test_copy_wp_with_missing_and_wp_registration() -> None:
+    """A "missing+wp" range: a read of a missing page waits (a MISSING event), a COPY with MODE_WP
+    resolves it, and a write to that page then waits as a WP fault."""
+    m = MemoryModel()
+    pid = await m.create_process()
+    await m.mmap(pid, 2 * P, addr=DST, uffd="missing+wp")
+    reader = await blocked(m, pid, m.read(pid, DST))
+    assert m.uffd_pending(pid) == [UffdEvent(DST, False, False)]
+    assert await m.uffd_copy(pid, DST, P, 7, wp=True) == P
+    assert await reader == 7
+    writer = await blocked(m, pid, m.write(pid, DST, 8))
+    assert m.uffd_pending(pid) == [UffdEvent(DST, True, True)]
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    clean(m)
+
+
+async def test_wp_fault_cancel_changes_nothing() -> None:
+    """A cancelled write-protect fault leaves the queue and the page as they were."""
+    m, pid = await setup_wp()
+    task = await blocked(m, pid, m.write(pid, DST, 9))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert m.uffd_pending(pid) == []
+    info = m.folio(pid, DST)
+    assert info is not None and info.value == 5 and not info.writable
+    assert uffd_wp_bit(m, pid, DST)
+    assert m.check_invariants() == []
+    assert await m.read(pid, DST) == 5
+    clean(m)
+
+
+async def test_copy_wp_bit_not_inherited_by_fork_child() -> None:
+    """6.18: the child of a fork has no registration and no uffd-wp bit (it writes its COW copy
+    even after registering WP itself); the parent keeps both (its write still waits)."""
+    m, pid = await setup_wp()
+    child = await m.fork(pid)
+    await m.uffd_register(child, DST, 2 * P, "wp")
+    await m.write(child, DST, 7)
+    assert m.folio(child, DST).value == 7  # type: ignore[union-attr]
+    assert m.uffd_pending(child) == []
+    assert uffd_wp_bit(m, pid, DST)
+    task = await blocked(m, pid, m.write(pid, DST, 8))
+    assert m.uffd_pending(pid) == [UffdEvent(DST, True, True)]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert m.folio(pid, DST).value == 5  # type: ignore[union-attr]
+    clean(m)
+
+
+async def test_move_drops_the_uffd_wp_bit() -> None:
+    """6.18: UFFDIO_MOVE of a page copied with MODE_WP, into a WP-registered range: the moved page
+    is writable, without the bit (a write does not wait)."""
+    m = MemoryModel()
+    pid = await m.create_process()
+    await m.mmap(pid, 2 * P, addr=SRC, uffd="wp")
+    await m.mmap(pid, 2 * P, addr=DST, uffd="wp")
+    assert await m.uffd_copy(pid, SRC, P, 3, wp=True) == P
+    assert await m.move(pid, DST, SRC, P) == P
+    assert not uffd_wp_bit(m, pid, DST)
+    await m.write(pid, DST, 4)
+    assert m.folio(pid, DST).value == 4 and m.uffd_pending(pid) == []  # type: ignore[union-attr]
+    clean(m)

@@ -8,6 +8,7 @@ from .locks import Current
 from .memory import copy_page_range, zap_pte_range
 from .mm_types import PGTABLE_BYTES, VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm
 from .mmap import vm_area_alloc, vm_area_free
+from .mmap_lock import vma_start_write
 from .rmap import anon_vma_fork, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
 from .userfaultfd import userfaultfd_release
@@ -33,6 +34,7 @@ async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm, copied: list[int]
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()
+        await vma_start_write(cur, mpnt)  # no fault or move on the parent's VMA while it is copied
         if mpnt.flags & VM_DONTCOPY:
             continue
         tmp = vm_area_alloc(k, cur, mm, mpnt.start, mpnt.end, mpnt.pgoff, mpnt.flags & ~(VM_UFFD_FLAGS | VM_LOCKED))
@@ -63,6 +65,7 @@ async def exit_mmap(k: Kernel, cur: Current, mm: Mm) -> None:
     work = 0
     while mm.mm_mt:
         vma = mm.mm_mt.peekitem(-1)[1]
+        await vma_start_write(cur, vma)  # a move or a fault under the VMA lock finishes first
         work += 1 + len(vma.anon_vma_chain) + await zap_pte_range(k, cur, mm, vma.start, vma.end)
         mm.vma_unlink(vma)
         await unlink_anon_vmas(k, cur, vma)

@@ -2,7 +2,7 @@
 
 The kernel's order, outermost first, is kept in ``LOCK_ORDER`` below and nowhere else:
 
-    mmap_lock  ->  folio lock  ->  anon_vma root rwsem  ->  page-table lock (PTL)
+    mmap_lock  ->  VMA lock  ->  folio lock  ->  anon_vma root rwsem  ->  page-table lock (PTL)
 
 Every blocking acquisition is checked against the locks the acquiring task already holds: taking a
 lock whose class ranks at or above a held one is a violation, except for the two nestings the
@@ -34,14 +34,17 @@ class LockClass(IntEnum):
     """Lock classes, ranked outermost (0) to innermost."""
 
     MMAP_LOCK = 0
-    FOLIO_LOCK = 1
-    ANON_VMA = 2
-    PTL = 3
+    VMA_LOCK = 1
+    FOLIO_LOCK = 2
+    ANON_VMA = 3
+    PTL = 4
 
 
 #: The one lock-order table: (class, kernel name, which nesting of the same class is allowed).
 LOCK_ORDER: tuple[tuple[LockClass, str, str], ...] = (
     (LockClass.MMAP_LOCK, "mm->mmap_lock", "mmap_write_lock_nested (fork: parent, then child)"),
+    (LockClass.VMA_LOCK, "vma->vm_lock (per-VMA lock)",
+     "down_read_nested (uffd_move_lock: dst VMA, then src VMA, under mmap_lock)"),
     (LockClass.FOLIO_LOCK, "folio lock (PG_locked)", "none"),
     (LockClass.ANON_VMA, "anon_vma->root->rwsem", "none"),
     (LockClass.PTL, "page-table lock", "spin_lock_nested (double_pt_lock by address; copy_pte_range dst, then src)"),

@@ -14,6 +14,7 @@ from .mm_types import (
     PTE_BYTES,
     VM_READ,
     VM_UFFD_MISSING,
+    VM_UFFD_WP,
     VM_WRITE,
     ZERO_PAGE,
     Folio,
@@ -38,7 +39,8 @@ def folio_put(k: Kernel, folio: Folio) -> None:
 
 async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
     """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
-    A missing page in a VM_UFFD_MISSING VMA raises userfaultfd.VmFaultRetry (handle_userfault).
+    A missing page in a VM_UFFD_MISSING VMA raises userfaultfd.VmFaultRetry (handle_userfault),
+    and so does a write to a uffd-wp PTE in a VM_UFFD_WP VMA (do_wp_page).
 
     Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL (spinning
     first while a task preempted inside its PTL section holds it: Kernel.spin_on).
@@ -118,8 +120,11 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
 
 
 async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool:
-    """Write fault on a present, write-protected PTE: reuse the folio if this is its only user
-    (re-establishing exclusivity through folio_move_anon_rmap), else copy it (wp_page_copy)."""
+    """Write fault on a present, write-protected PTE: a uffd-wp PTE in a VM_UFFD_WP VMA is a
+    write-protect userfault (raises VmFaultRetry: the PTL is dropped first, the page stays as it
+    is); otherwise reuse the folio if this is its only user (re-establishing exclusivity through
+    folio_move_anon_rmap), else copy it (wp_page_copy). Expects mmap_lock held (read); takes the
+    PTL."""
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
@@ -130,6 +135,11 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
     if pte is None or pte.write:
         pt.ptl.spin_unlock(cur)
         return False
+    if pte.uffd_wp and vma.flags & VM_UFFD_WP:  # userfaultfd_pte_wp
+        pt.ptl.spin_unlock(cur)
+        from .userfaultfd import handle_userfault  # (userfaultfd -> mmap -> memory)
+
+        raise handle_userfault(k, cur, vma, addr, True, wp=True)
     folio = pte.folio
     if folio is not ZERO_PAGE and (folio.exclusive or wp_can_reuse_anon_folio(cur, folio, vma)):
         folio.exclusive = True  # SetPageAnonExclusive

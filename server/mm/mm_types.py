@@ -112,15 +112,18 @@ ZERO_PAGE = Folio(0, None)
 
 
 class Pte:
-    """A present PTE. The zero page is mapped by a PTE whose folio is ZERO_PAGE."""
+    """A present PTE. The zero page is mapped by a PTE whose folio is ZERO_PAGE. ``uffd_wp`` is
+    the uffd-wp bit (set by UFFDIO_COPY_MODE_WP): in a VM_UFFD_WP VMA a write to the page is a
+    write-protect userfault; the PTE is then never writable."""
 
-    __slots__ = ("folio", "write", "young", "dirty")
+    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp")
 
-    def __init__(self, folio: Folio, write: bool, young: bool, dirty: bool) -> None:
+    def __init__(self, folio: Folio, write: bool, young: bool, dirty: bool, uffd_wp: bool = False) -> None:
         self.folio = folio
         self.write = write
         self.young = young
         self.dirty = dirty
+        self.uffd_wp = uffd_wp
 
 
 class PageTable:
@@ -136,7 +139,8 @@ class PageTable:
 class Vma:
     """vm_area_struct for a private anonymous mapping."""
 
-    __slots__ = ("id", "mm", "start", "end", "pgoff", "flags", "anon_vma", "anon_vma_chain", "uffd_ctx")
+    __slots__ = ("id", "mm", "start", "end", "pgoff", "flags", "anon_vma", "anon_vma_chain", "uffd_ctx", "vm_lock",
+                 "vm_lock_seq")
 
     def __init__(self, vid: int, mm: Mm, start: int, end: int, pgoff: int, flags: int) -> None:
         self.id = vid
@@ -149,6 +153,11 @@ class Vma:
         # Oldest first; the kernel's list_add puts the newest at the head, i.e. our tail.
         self.anon_vma_chain: list[AnonVmaChain] = []
         self.uffd_ctx: UserfaultfdCtx | None = None
+        # The per-VMA lock (mmap_lock.py): readers (a move, a fault) hold it for read; a writer
+        # write-locks the VMA for the rest of its mmap_lock write section (vm_lock_seq ==
+        # mm.mm_lock_seq).
+        self.vm_lock = RwSem(f"mm{mm.id}.vma{vid}.vm_lock", LockClass.VMA_LOCK, mm.lockdep)
+        self.vm_lock_seq = -1
 
     @property
     def pages(self) -> int:
@@ -181,6 +190,9 @@ class Mm:
         self.lockdep = lockdep
         self.memcg = memcg
         self.mmap_lock = RwSem(f"mm{mid}.mmap_lock", LockClass.MMAP_LOCK, lockdep)
+        # mm->mm_lock_seq: a VMA whose vm_lock_seq equals it is write-locked (mmap_lock.py); it
+        # grows at every release of mmap_lock for write (vma_end_write_all).
+        self.mm_lock_seq = 0
         # mm->page_table_lock: taken by anon_vma_prepare; ranks with the PTLs.
         self.page_table_lock = SpinLock(f"mm{mid}.page_table_lock", LockClass.PTL, lockdep)
         self.mm_mt: SortedDict[int, Vma] = SortedDict()  # vma.start -> vma

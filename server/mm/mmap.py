@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .locks import Current
+from .memory import free_pgtables, zap_pte_range
 from .mm_types import (
     AVC_BYTES,
     MMAP_MIN_ADDR,
@@ -28,7 +29,7 @@ from .mm_types import (
     MmError,
     Vma,
 )
-from .memory import free_pgtables, zap_pte_range
+from .mmap_lock import vma_start_write
 from .rmap import AnonVma, anon_vma_clone, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
 
@@ -154,7 +155,10 @@ def can_vma_merge(a: Vma, b: Vma) -> bool:
 
 
 async def _merge_pair(k: Kernel, cur: Current, a: Vma, b: Vma) -> Vma:
-    """Fold ``b`` into ``a`` (a directly below b). dup_anon_vma, then unlink the removed VMA."""
+    """Fold ``b`` into ``a`` (a directly below b). dup_anon_vma, then unlink the removed VMA.
+    Write-locks both VMAs first (vma_start_write)."""
+    await vma_start_write(cur, a)
+    await vma_start_write(cur, b)
     mm = a.mm
     if a.anon_vma is None and b.anon_vma is not None:
         a.anon_vma = b.anon_vma
@@ -192,6 +196,7 @@ async def split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
     """__split_vma: cut ``vma`` at ``addr``; returns the new upper part. Takes the root rwsem
     (anon_vma_clone)."""
     assert vma.start < addr < vma.end
+    await vma_start_write(cur, vma)
     mm = vma.mm
     k.memcg.reserve(cur, VMA_BYTES + len(vma.anon_vma_chain) * AVC_BYTES)  # ENOMEM: nothing changed
     new = vm_area_alloc(k, cur, mm, addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.flags)
@@ -242,6 +247,7 @@ async def do_munmap(
     vmas = await vmas_isolate_range(k, cur, mm, start, end)
     work = 0
     for vma in vmas:
+        await vma_start_write(cur, vma)  # a move or a fault under the VMA lock finishes first
         work += 1 + await zap_pte_range(k, cur, mm, vma.start, vma.end, unmapped)
         mm.vma_unlink(vma)
         if work >= RESCHED_WORK:
@@ -322,6 +328,7 @@ async def vma_modify(
                 vma = await split_vma(k, cur, vma, start)
             if vma.end > end:
                 await split_vma(k, cur, vma, end)
+            await vma_start_write(cur, vma)
             vma.flags, vma.uffd_ctx = change
             vma = await vma_merge(k, cur, vma)
         addr = vma.end

@@ -24,6 +24,7 @@ from .fork import dup_mmap, exit_mmap
 from .invariants import audit_steps
 from .kernel import PROTOCOLS, IdCounter, Kernel
 from .locks import Current
+from .madvise import do_madvise
 from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put, handle_mm_fault
 from .mm_types import (
@@ -42,14 +43,15 @@ from .mm_types import (
     MmError,
     Vma,
 )
-from .madvise import do_madvise
 from .mmap import do_mmap, do_munmap, page_align
+from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_end_write_all
 from .mprotect import do_mprotect
 from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
 from .rmap import AnonVma, folio_referenced
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .userfaultfd import (
     UFFDIO_COPY_MODE_DONTWAKE,
+    UFFDIO_COPY_MODE_WP,
     UFFDIO_REGISTER_MODES,
     FillProgress,
     MoveProgress,
@@ -254,6 +256,7 @@ class MemoryModel:
                     raise MmError(errno.ESRCH, "process has exited")
                 return await uninterruptible(body)
             finally:
+                vma_end_write_all(mm)
                 lock.up_write(cur)
         finally:
             self._call_done(cur)
@@ -302,6 +305,7 @@ class MemoryModel:
                     k.memcg.uncharge(MM_BYTES)
                     raise
                 finally:
+                    vma_end_write_all(child)
                     child.mmap_lock.up_write(cur)
                 parent_ledger = self.ledger[pid]
                 ledger = PageLedger()
@@ -313,6 +317,7 @@ class MemoryModel:
                 self.parents[cpid] = pid
                 self.ledger[cpid] = ledger
             finally:
+                vma_end_write_all(parent)
                 lock.up_write(cur)
         finally:
             self._call_done(cur)
@@ -484,7 +489,8 @@ class MemoryModel:
 
     # -- accesses
     async def _access(self, pid: int, addr: int, write: bool, value: int) -> int:
-        """A user access: mmap_lock for read, the VMA, handle_mm_fault. A missing page in a
+        """A user access: the VMA's lock for read (or, failing that, mmap_lock for read and the VMA
+        looked up under it), handle_mm_fault. A missing page in a
         MISSING-registered range blocks as handle_userfault does: the fault's event is queued,
         mmap_lock dropped, and the access sleeps (holding nothing, and not counted as a call in
         progress for the audit) until woken, then retries from the top: ESRCH if the process
@@ -497,15 +503,21 @@ class MemoryModel:
         k = self.k
         try:
             while True:
-                lock = mm.mmap_lock
-                if not lock.down_read(cur):
-                    await lock.wait(cur)
+                # do_user_addr_fault: the VMA's lock alone where it can (lock_vma_under_rcu), else
+                # the mmap_lock for read.
+                vma = lock_vma_under_rcu(cur, mm, addr) if type(addr) is int else None
+                lock = None
+                if vma is None:
+                    lock = mm.mmap_lock
+                    if not lock.down_read(cur):
+                        await lock.wait(cur)
                 try:
                     if mm.users == 0:
                         raise MmError(errno.ESRCH, "process has exited")
-                    vma = mm.vma_lookup(addr)
                     if vma is None:
-                        raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
+                        vma = mm.vma_lookup(addr)
+                        if vma is None:
+                            raise MmError(errno.EFAULT, f"no mapping at {addr:#x} (SIGSEGV)")
                     result = await handle_mm_fault(k, cur, vma, addr & PAGE_MASK, write, value)
                     if write:
                         self.ledger[pid][addr >> PAGE_SHIFT] = value
@@ -513,7 +525,10 @@ class MemoryModel:
                 except VmFaultRetry as retry:
                     fault = retry
                 finally:
-                    lock.up_read(cur)
+                    if lock is None:
+                        vma_end_read(cur, vma)  # type: ignore[arg-type]
+                    else:
+                        lock.up_read(cur)
                 self._call_done(cur)
                 in_call = False
                 await userfault_wait(k, fault.ctx, fault.userfault)
@@ -570,7 +585,9 @@ class MemoryModel:
         return moved
 
     # -- userfaultfd: the handler's side
-    async def _fill(self, op: str, pid: int, dst: int, length: int, values: Any, dontwake: bool) -> int:
+    async def _fill(
+        self, op: str, pid: int, dst: int, length: int, values: Any, dontwake: bool, wp: bool = False
+    ) -> int:
         mm = self._mm(pid)
         for what, v in (("dst", dst), ("len", length)):
             self._check_addr(v, what)
@@ -579,19 +596,23 @@ class MemoryModel:
         cur = self._cur(op, pid)
         try:
             return await userfaultfd_fill(
-                self.k, cur, mm, dst, length, values, UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0, progress
+                self.k, cur, mm, dst, length, values,
+                (UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (UFFDIO_COPY_MODE_WP if wp else 0), progress,
             )
         finally:
             self._call_done(cur)
 
     async def uffd_copy(
-        self, pid: int, dst: int, length: int, values: int | list[int], *, dontwake: bool = False
+        self, pid: int, dst: int, length: int, values: int | list[int], *, dontwake: bool = False,
+        wp: bool = False,
     ) -> int:
         """UFFDIO_COPY: new exclusive folios holding ``values`` (one int for every page, or one per
         page: EINVAL if the list does not match) at [dst, dst + length), waking the faults waiting
-        there unless ``dontwake``. Returns the bytes copied (== length); raises MmError with
-        ``moved`` = the bytes copied: EAGAIN for a short copy (a later page present), or the error
-        with nothing copied (ENOENT: not inside one registered VMA; EEXIST; EINVAL). Takes
+        there unless ``dontwake``. With ``wp`` (UFFDIO_COPY_MODE_WP) the pages are mapped
+        write-protected with the uffd-wp bit (a write to one is then a write-protect userfault);
+        EINVAL unless the VMA is registered for WP. Returns the bytes copied (== length); raises
+        MmError with ``moved`` = the bytes copied: EAGAIN for a short copy (a later page present),
+        or the error with nothing copied (ENOENT: not inside one registered VMA; EEXIST; EINVAL). Takes
         mmap_lock for read, the dst anon_vma root (anon_vma_prepare), then each PTL
         (userfaultfd.mfill_atomic). A cancelled copy keeps (and wakes) the pages it filled."""
         self._mm(pid)
@@ -603,7 +624,7 @@ class MemoryModel:
         if self.max_pages is not None and type(length) is int and length > 0:
             if self.k.folios_live + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT) > self.max_pages:
                 raise LimitExceeded("max_pages", self.max_pages)
-        return await self._fill("uffd_copy", pid, dst, length, values, dontwake)
+        return await self._fill("uffd_copy", pid, dst, length, values, dontwake, wp)
 
     async def uffd_zeropage(self, pid: int, dst: int, length: int, *, dontwake: bool = False) -> int:
         """UFFDIO_ZEROPAGE: the shared zero page at [dst, dst + length), waking the faults waiting

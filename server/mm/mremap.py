@@ -50,6 +50,7 @@ from .mm_types import (
     PMD_SHIFT,
     VM_LOCKED,
     VM_UFFD_FLAGS,
+    VM_UFFD_WP,
     VMA_BYTES,
     ZERO_PAGE,
     Mm,
@@ -67,9 +68,10 @@ from .mmap import (
     vm_area_free,
     vma_merge,
 )
+from .mmap_lock import vma_start_write
 from .rmap import AnonVma, anon_vma_clone, anon_vma_lock_write, anon_vma_unlock_write, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
-from .userfaultfd import double_pt_lock, double_pt_unlock
+from .userfaultfd import double_pt_lock, double_pt_unlock, uffd_wp_clear
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -271,10 +273,14 @@ async def move_page_tables(
     return count
 
 
-def mremap_userfaultfd_prep(vma: Vma) -> None:
+async def mremap_userfaultfd_prep(cur: Current, vma: Vma) -> None:
     """The userfaultfd has no UFFD_FEATURE_EVENT_REMAP: the VMA holding the new range (all of it,
-    if it merged with a neighbour) drops its registration. No merge follows."""
+    if it merged with a neighbour) drops its registration, and its PTEs their uffd-wp bits
+    (checked on 6.18: a write there after a new WP registration does not fault). No merge
+    follows. Expects mmap_lock held for write and the VMA write-locked; takes the PTLs."""
     if vma.uffd_ctx is not None:
+        if vma.flags & VM_UFFD_WP:
+            await uffd_wp_clear(cur, vma.mm, vma.start, vma.end)
         vma.flags &= ~VM_UFFD_FLAGS
         vma.uffd_ctx = None
 
@@ -301,11 +307,13 @@ async def move_vma(
         raise MmError(errno.ENOMEM, "too many mappings")
     vma = mm.vma_lookup(old_addr)
     assert vma is not None
+    await vma_start_write(cur, vma)  # a move or fault under the VMA lock finishes first
     root = vma.anon_vma_chain[0].anon_vma.root if vma.anon_vma_chain else None
     new_pgoff = vma.pgoff + ((old_addr - vma.start) >> PAGE_SHIFT)
     new_vma = await copy_vma(k, cur, vma, new_addr, new_len, new_pgoff)
     await move_page_tables(k, cur, mm, root, old_addr, new_addr, old_len, log.moved)
-    mremap_userfaultfd_prep(new_vma)
+    await vma_start_write(cur, new_vma)
+    await mremap_userfaultfd_prep(cur, new_vma)
     if flags & MREMAP_DONTUNMAP:
         await dontunmap_complete(k, cur, mm, old_addr, old_len, new_vma)
     else:
@@ -351,6 +359,7 @@ async def expand_vma(
     (merging with the next VMA where they fit), else move with MAYMOVE (ENOMEM without)."""
     delta = new_len - old_len
     if addr + old_len == vma.end and vma_expandable(mm, vma, delta):
+        await vma_start_write(cur, vma)
         vma.end += delta
         nxt = mm.vma_prev_next(vma)[1]
         if nxt is not None and can_vma_merge(vma, nxt):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .locks import Current, SpinLock
+from .memcontrol import MemoryLimitExceeded
 from .mm_types import (
     FOLIO_BYTES,
     PAGE_MASK,
@@ -34,9 +35,8 @@ from .mm_types import (
     Pte,
     Vma,
 )
-from .memcontrol import MemoryLimitExceeded
 from .mmap import vma_modify
-from .sched import RESCHED_WORK, cond_resched
+from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_start_read_locked
 from .rmap import (
     AnonVma,
     anon_vma_prepare,
@@ -46,6 +46,7 @@ from .rmap import (
     preempt_point_unkillable,
     put_anon_vma_final,
 )
+from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -139,6 +140,11 @@ async def userfaultfd_unregister(k: Kernel, cur: Current, mm: Mm, start: int, le
             return None
         return vma.flags & ~VM_UFFD_FLAGS, None
 
+    # The write-protect markers of the range go with the registration (checked on 6.18: a write
+    # after UNREGISTER and a new WP registration does not fault).
+    for vma in mm.vmas_in(start, end):
+        if vma.flags & VM_UFFD_WP:
+            await uffd_wp_clear(cur, mm, max(start, vma.start), min(end, vma.end))
     # Faults asleep in a MISSING-registered part are woken, so that they do not hang (their
     # retry then faults normally): checked on 6.18, a read fault pending at UNREGISTER resumes.
     ctx = mm.uffd
@@ -148,6 +154,27 @@ async def userfaultfd_unregister(k: Kernel, cur: Current, mm: Mm, start: int, le
                 lo, hi = max(start, vma.start), min(end, vma.end)
                 wake_userfault(k, ctx, lo, hi - lo)
     await vma_modify(k, cur, mm, start, end, update)
+
+
+async def uffd_wp_clear(cur: Current, mm: Mm, start: int, end: int) -> None:
+    """uffd_wp_range(..., false): drop the uffd-wp bit of the PTEs of [start, end). Expects
+    mmap_lock held for write; takes each PTE table's PTL in turn; lets others run every
+    RESCHED_WORK PTEs."""
+    lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+    work = 0
+    for idx in mm.pgtables_in(start, end):
+        pt = mm.pgtables.get(idx)
+        if pt is None or not pt.ptes:
+            continue
+        pt.ptl.spin_lock(cur)
+        for vpn, pte in pt.ptes.items():
+            if lo <= vpn < hi:
+                pte.uffd_wp = False
+        pt.ptl.spin_unlock(cur)
+        work += len(pt.ptes) + 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +216,10 @@ class VmFaultRetry(Exception):
 
 
 def handle_userfault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, wp: bool = False) -> VmFaultRetry:
-    """A missing page in a VM_UFFD_MISSING VMA: queue one event on the VMA's userfaultfd (two
+    """A missing page in a VM_UFFD_MISSING VMA, or (``wp``, from do_wp_page, ``write`` set) a
+    write to a uffd-wp PTE in a VM_UFFD_WP VMA: queue one event on the VMA's userfaultfd (two
     accesses to one page queue two, as 6.18 does for two threads) and wake its readers. Expects
-    mmap_lock held (read); takes nothing (fault_pending_wqh's spinlock has no model
+    mmap_lock held (read), no PTL; takes nothing (fault_pending_wqh's spinlock has no model
     counterpart: nothing runs between the PTE check and the queueing). Returns the
     VM_FAULT_RETRY for the caller to raise."""
     ctx = vma.uffd_ctx
@@ -406,28 +434,18 @@ async def move_pages(
     k: Kernel, cur: Current, ctx: UserfaultfdCtx, dst_start: int, src_start: int, length: int, mode: int,
     progress: MoveProgress,
 ) -> None:
-    """Move ``length`` bytes page by page. Expects nothing held; takes mmap_lock for read (where
-    6.9+ takes the two VMA read locks, at the same level), then per step what move_pages_pte takes.
+    """Move ``length`` bytes page by page. Expects nothing held; takes the two VMAs' read locks
+    (uffd_move_lock, falling back to the mmap_lock to find them), then per step what
+    move_pages_pte takes.
 
     Leaves the bytes moved in ``progress``. An error after some progress is swallowed (the caller
     reports a short move as EAGAIN); an error with none is raised.
     """
     mm = ctx.mm
-    lock = mm.mmap_lock
-    if not lock.down_read(cur):
-        await lock.wait(cur)
+    dst_vma, src_vma = await uffd_move_lock(k, cur, mm, dst_start, src_start)
     try:
         if mm.users == 0:
             raise MmError(errno.ESRCH, "process has exited")
-        # uffd_move_lock: dst first (preparing its anon_vma now, 6.9+), then src.
-        dst_vma = mm.vma_lookup(dst_start)
-        if dst_vma is None:
-            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
-        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:  # anon_vma_prepare's inline test
-            await anon_vma_prepare(k, cur, dst_vma)
-        src_vma = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
-        if src_vma is None:
-            raise MmError(errno.ENOENT, f"no mapping at src {src_start:#x}")
         if ctx.mmap_changing:
             raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
         if src_vma.flags & VM_SHARED or dst_vma.flags & VM_SHARED:
@@ -484,7 +502,70 @@ async def move_pages(
                 raise oom
             raise MmError(err, f"{_STEP_ERRORS.get(err, os.strerror(err))} (src {src_addr:#x}, dst {dst_addr:#x})")
     finally:
+        uffd_move_unlock(cur, dst_vma, src_vma)
+
+
+async def uffd_lock_vma(k: Kernel, cur: Current, mm: Mm, addr: int) -> Vma:
+    """The VMA at ``addr``, read-locked, with an anon_vma (a move needs one): under the VMA lock
+    alone when it can, else found and prepared under the mmap_lock (read), whose release leaves the
+    VMA lock held. ENOENT for no VMA. Takes the VMA lock for read (and, meanwhile, the mmap_lock
+    and what anon_vma_prepare takes)."""
+    vma = lock_vma_under_rcu(cur, mm, addr)
+    if vma is not None:
+        return vma
+    lock = mm.mmap_lock
+    if not lock.down_read(cur):
+        await lock.wait(cur)
+    try:
+        vma = mm.vma_lookup(addr)
+        if vma is None:
+            raise MmError(errno.ENOENT, f"no mapping at dst {addr:#x}")
+        if not vma.flags & VM_SHARED and vma.anon_vma is None:  # anon_vma_prepare's inline test
+            await anon_vma_prepare(k, cur, vma)
+        await vma_start_read_locked(cur, vma)
+        return vma
+    finally:
         lock.up_read(cur)
+
+
+async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_start: int) -> tuple[Vma, Vma]:
+    """6.9+: read-lock the dst VMA, then the src VMA without waiting; if that fails, let the dst
+    go and read-lock both under the mmap_lock (dst first, src nested). ENOENT for a missing VMA.
+    Takes the VMA locks for read; holds nothing else on return."""
+    dst_vma = await uffd_lock_vma(k, cur, mm, dst_start)
+    if dst_vma.start <= src_start < dst_vma.end:
+        return dst_vma, dst_vma
+    src_vma = lock_vma_under_rcu(cur, mm, src_start)
+    if src_vma is not None:
+        return dst_vma, src_vma
+    vma_end_read(cur, dst_vma)
+    lock = mm.mmap_lock
+    if not lock.down_read(cur):
+        await lock.wait(cur)
+    try:
+        dst_vma = mm.vma_lookup(dst_start)  # find_vmas_mm_locked
+        if dst_vma is None:
+            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
+        found = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
+        if found is None:
+            raise MmError(errno.ENOENT, f"no mapping at src {src_start:#x}")
+        src_vma = found
+        await vma_start_read_locked(cur, dst_vma)
+        if src_vma is not dst_vma:
+            try:
+                await vma_start_read_locked(cur, src_vma, nested=True)
+            except BaseException:
+                vma_end_read(cur, dst_vma)
+                raise
+        return dst_vma, src_vma
+    finally:
+        lock.up_read(cur)
+
+
+def uffd_move_unlock(cur: Current, dst_vma: Vma, src_vma: Vma) -> None:
+    vma_end_read(cur, dst_vma)
+    if src_vma is not dst_vma:
+        vma_end_read(cur, src_vma)
 
 
 async def move_pages_pte(
@@ -732,8 +813,12 @@ def move_zeropage_pte(
 #   * 4 pages whose 3rd is present: the ioctl returns -1/EAGAIN and the result field holds the
 #     bytes done (8192); pages 0-1 filled, 2-3 untouched; retrying from the 3rd gives EEXIST.
 #   * there is no mmap_min_addr check (dst 0 -> ENOENT).
+#   * COPY with MODE_WP into a VMA not registered for WP: EINVAL, nothing copied (the check comes
+#     after the ENOENT ones); into a WP-registered one the page is mapped read-only with the
+#     uffd-wp bit: reads see it, a write is a write-protect userfault. ZEROPAGE has no WP mode.
 
 UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
+UFFDIO_COPY_MODE_WP = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
 
 
@@ -769,12 +854,13 @@ async def userfaultfd_fill(
     elif values is not None and len(values) != pages:
         # The model's src buffer: like a src range the kernel refuses before looking at dst.
         raise MmError(errno.EINVAL, f"{len(values)} values for {pages} pages")
-    if mode & ~UFFDIO_COPY_MODE_DONTWAKE:
+    known = UFFDIO_COPY_MODE_DONTWAKE | (UFFDIO_COPY_MODE_WP if values is not None else 0)
+    if mode & ~known:
         raise MmError(errno.EINVAL, f"unknown mode bits {mode:#x}")
     if mm.users == 0:  # mmget_not_zero
         raise MmError(errno.ESRCH, "process has exited")
     try:
-        await mfill_atomic(k, cur, ctx, dst, length, values, progress)
+        await mfill_atomic(k, cur, ctx, dst, length, values, progress, wp=bool(mode & UFFDIO_COPY_MODE_WP))
     finally:
         if progress.done and not mode & UFFDIO_COPY_MODE_DONTWAKE:
             wake_userfault(k, ctx, dst, progress.done)
@@ -802,10 +888,12 @@ class _Repeat(Sequence[int]):
 
 async def mfill_atomic(
     k: Kernel, cur: Current, ctx: UserfaultfdCtx, dst_start: int, length: int, values: Sequence[int] | None,
-    progress: FillProgress,
+    progress: FillProgress, *, wp: bool = False,
 ) -> None:
     """Fill [dst_start, dst_start + length) page by page: new exclusive folios holding
-    ``values`` (COPY), or the zero page (``values`` None: ZEROPAGE). Expects nothing held; takes
+    ``values`` (COPY; with ``wp``, MODE_WP: mapped write-protected with the uffd-wp bit, EINVAL
+    unless the VMA is registered for WP), or the zero page (``values`` None: ZEROPAGE). Expects
+    nothing held; takes
     mmap_lock for read (where 6.18 takes the dst VMA's read lock, at the same level), the dst
     anon_vma root (anon_vma_prepare, before the VMA is validated, as uffd_lock_vma does), then
     each page's PTL. Lets other tasks run every RESCHED_WORK pages.
@@ -834,6 +922,8 @@ async def mfill_atomic(
             raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
         if dst_vma.flags & VM_SHARED:
             raise MmError(errno.EINVAL, "shared anonymous mappings are not supported")
+        if wp and not dst_vma.flags & VM_UFFD_WP:  # the mode is checked once dst_vma is known
+            raise MmError(errno.EINVAL, "copy mode wp needs a range registered for write-protect")
 
         err = 0
         oom: MemoryLimitExceeded | None = None
@@ -846,7 +936,7 @@ async def mfill_atomic(
                 if values is None:
                     step = await mfill_atomic_pte_zeropage(k, cur, dst_vma, pt, addr)
                 else:
-                    step = await mfill_atomic_pte_copy(k, cur, dst_vma, pt, addr, values[i], progress)
+                    step = await mfill_atomic_pte_copy(k, cur, dst_vma, pt, addr, values[i], progress, wp)
             except MemoryLimitExceeded as e:
                 err, oom = errno.ENOMEM, e
                 break
@@ -870,12 +960,14 @@ async def mfill_atomic(
 
 
 async def mfill_atomic_pte_copy(
-    k: Kernel, cur: Current, vma: Vma, pt: PageTable, addr: int, value: int, progress: FillProgress
+    k: Kernel, cur: Current, vma: Vma, pt: PageTable, addr: int, value: int, progress: FillProgress,
+    wp: bool = False,
 ) -> int:
     """One page of COPY: a new folio, born exclusive (folio_add_new_anon_rmap), mapcount 1,
-    charged before anything changes; mapped dirty and young, writable only if the VMA is
-    (mfill_atomic_install_pte). Expects mmap_lock held (read) and the VMA's anon_vma; takes the
-    PTL. Returns PAGE_SIZE, or -EEXIST if the PTE is not none."""
+    charged before anything changes; mapped dirty and young, writable only if the VMA is and
+    ``wp`` (MODE_WP) is not, with the uffd-wp bit if ``wp`` (mfill_atomic_install_pte). Expects
+    mmap_lock held (read) and the VMA's anon_vma; takes the PTL. Returns PAGE_SIZE, or -EEXIST
+    if the PTE is not none."""
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     if vpn in pt.ptes:  # seen before allocating: the kernel would allocate, then free
@@ -894,7 +986,7 @@ async def mfill_atomic_pte_copy(
     folio.value = value
     folio.refcount = 1
     folio_add_new_anon_rmap(folio, vma, addr)
-    pt.ptes[vpn] = Pte(folio, bool(vma.flags & VM_WRITE), True, True)
+    pt.ptes[vpn] = Pte(folio, not wp and bool(vma.flags & VM_WRITE), True, True, wp)
     mm.rss_anon += 1
     if progress.on_page is not None:
         progress.on_page(vpn, value)

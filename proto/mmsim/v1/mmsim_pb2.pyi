@@ -34,6 +34,7 @@ class FillMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FILL_MODE_NONE: _ClassVar[FillMode]
     FILL_MODE_DONTWAKE: _ClassVar[FillMode]
+    FILL_MODE_WP: _ClassVar[FillMode]
 
 class RemapMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ ADVICE_KEEPONFORK: Advice
 ADVICE_DONTNEED: Advice
 FILL_MODE_NONE: FillMode
 FILL_MODE_DONTWAKE: FillMode
+FILL_MODE_WP: FillMode
 REMAP_MODE_NONE: RemapMode
 REMAP_MODE_DONTWAKE: RemapMode
 REMAP_MODE_ALLOW_SRC_HOLES: RemapMode

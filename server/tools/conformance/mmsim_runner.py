@@ -113,6 +113,15 @@ class MmsimRunner:
             v = await p.mmap(int(st["pages"]) * PAGE, prot=st.get("prot", "rw"), uffd=st.get("uffd"), addr=hint)
             run.bind(st["region"], v.start, int(st["pages"]))
             r.addr = v.start
+            proc = st.get("proc") or next(iter(procs))
+            if hint is None and proc not in run.guarded:
+                # Run alone, mmsim places the first region at the top of the mmap area: give it the
+                # PROT_NONE neighbour the kernel runner's regions have right above them.
+                try:
+                    await p.mmap(PAGE, prot="none", addr=v.end)
+                except OSError:
+                    pass
+                run.guarded.add(proc)
             return
         if op == "fork":
             procs[st["child"]] = await p.fork()
@@ -137,7 +146,9 @@ class MmsimRunner:
             if op == "copy":
                 vals = copy_values(st)
                 values: int | list[int] = vals[0] if vals and all(v == vals[0] for v in vals) else vals
-                r.copied = await p.uffd_copy(dst, length(st), values, dontwake=bool(mode & 1), mode_bits=mode & ~1)
+                r.copied = await p.uffd_copy(
+                    dst, length(st), values, dontwake=bool(mode & 1), wp=bool(mode & 2), mode_bits=mode & ~3
+                )
             else:
                 r.zeroed = await p.uffd_zeropage(dst, length(st), dontwake=bool(mode & 1), mode_bits=mode & ~1)
             return
