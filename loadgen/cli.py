@@ -16,8 +16,8 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, parse_mix
-from .workload import REGION_PAGES_MAX, remap_pages
+from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, parse_mix
+from .workload import BLOCK, RACE_PAGES, REGION_PAGES_MAX, gc_lanes_per_tree, remap_pages
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
 EPILOG = """\
@@ -34,7 +34,13 @@ targets: one --target is a deployment, discovered: one server, the shards of mms
 spread over the shards and each call goes to its tree's shard. Several --target are separate servers.
 
 operations: """ + ", ".join(OPERATIONS) + """
-profiles: """ + "; ".join(f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items())
+profiles: """ + "; ".join(f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items()) + """
+
+gc (any mix with gc_read): per tree, a heap of --pages pages registered with userfaultfd MISSING; its
+collector (a task of the worker that has every lane of the tree) moves the heap aside each cycle with
+mremap(MAYMOVE|DONTUNMAP), resolves each mutator's fault on the emptied heap with UFFDIO_MOVE, and
+unmaps the from-space once every page is back; gc_read is one faulting read, walks walk the GC pages
+wherever they are. Needs --trees >= --workers (the default gives that)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,7 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = None if args.mix else (args.profile or DEFAULT_PROFILE)
     mix = args.mix or PROFILES[profile]
     lanes = args.workers * args.concurrency
-    if remap_pages(lanes, args.trees or MIN_TREES) > REGION_PAGES_MAX:
+    if is_gc(mix):
+        if args.trees is not None and args.trees < args.workers:
+            parser.error("a GC mix needs --trees >= --workers (each worker runs the collectors of its trees)")
+        trees = args.trees or max(MIN_TREES, args.workers)
+        per_tree = gc_lanes_per_tree(args.workers, args.concurrency, trees)
+        too_large = RACE_PAGES + per_tree * (1 + BLOCK) > REGION_PAGES_MAX
+    else:
+        too_large = remap_pages(lanes, args.trees or MIN_TREES) > REGION_PAGES_MAX
+    if too_large:
         parser.error("--workers × --concurrency is too large for --trees: give more trees")
     opts = Options(
         targets=tuple(args.target or ["127.0.0.1:7077"]),

@@ -15,6 +15,8 @@ OPERATIONS: dict[str, str] = {
     "mmap": "mmap of one page, then munmap of it (one operation)",
     "batch": "one Batch call of 256 single-page remaps (each counts as one operation)",
     "stream": "the same 256 remaps as one list on a BatchStream (each counts as one operation)",
+    "gc_read": "a mutator's read of a page of the tree's GC heap still in the from-space: it faults and waits "
+    "until the tree's collector moves the page back (the gc profile; walks then walk the GC pages)",
 }
 
 #: How many operations one call of each counts for.
@@ -29,11 +31,21 @@ PROFILES: dict[str, dict[str, int]] = {
     "fork-storm": {"fork": 4, "walk": 1, "write": 1},
     # Walks and moves on the same folios of the same trees, so that the mapping recheck fires.
     "race": {"remap": 2, "walk": 3, "walk_blocking": 1},
+    # Android ART's concurrent compacting GC: each tree's heap moved aside by mremap(MAYMOVE|DONTUNMAP)
+    # every cycle, mutators faulting on the empty to-space, a collector moving each page back
+    # (UFFDIO_MOVE), walks on the same folios in either space.
+    "gc": {"gc_read": 4, "walk": 2, "walk_blocking": 1},
 }
 DEFAULT_PROFILE = "mixed"
 
 #: Where the ops of the race profile act: the same pages for every lane of a tree.
 SHARED_PAGES_PROFILES = frozenset({"race"})
+
+
+def is_gc(mix: dict[str, int] | tuple[tuple[str, int], ...]) -> bool:
+    """Whether a mix runs the GC workload (it has gc_read): a heap and a collector per tree, every
+    lane of a tree in the worker that runs its collector, and walks on the GC pages."""
+    return "gc_read" in dict(mix)
 
 
 def parse_mix(text: str) -> dict[str, int]:

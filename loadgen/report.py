@@ -104,6 +104,11 @@ def summary(report: dict[str, Any]) -> Group:
     out.add_column()
     out.add_row("status codes", _counts(report["statuses"]))
     out.add_row("errnos (expected outcomes)", _counts(report["errnos"]))
+    gc = report.get("gc")
+    if gc:
+        out.add_row("GC collectors", f"{gc.get('trees', 0):,} trees: {gc.get('cycles', 0):,} cycles completed, "
+                    f"{gc.get('faults', 0):,} faults, {gc.get('moves', 0):,} moves back; "
+                    + _counts({k: v for k, v in gc.items() if k not in ("trees", "cycles", "faults", "moves")}))
     if mode == "open":
         out.add_row("sends that left late", Text(f"{report['late_sends']:,}", style="yellow" if report["late_sends"] else ""))
     parts.append(out)

@@ -38,9 +38,9 @@ from mmsim.client import Client, MmsimError
 
 from . import histograms, scrape
 from .access import Access
-from .profiles import SHARED_PAGES_PROFILES
+from .profiles import SHARED_PAGES_PROFILES, is_gc
 from .worker import SERIES_DIGITS, WorkerSpec, worker_main
-from .workload import Workload, build, teardown
+from .workload import Workload, build, gc_lanes_per_tree, gc_trees, teardown
 
 SCHEMA_ID = "mmsim.loadgen.report/1"
 #: A worker that used this fraction of a core or more was the bottleneck.
@@ -86,9 +86,10 @@ class Options:
 MIN_TREES = 2
 
 
-def default_trees(shards: int) -> int:
-    """The trees of a run without --trees: every shard gets at least one."""
-    return max(MIN_TREES, shards)
+def default_trees(shards: int, workers: int = 1, gc: bool = False) -> int:
+    """The trees of a run without --trees: every shard gets at least one, and in a GC mix every
+    worker too (it runs the collector of each tree it has)."""
+    return max(MIN_TREES, shards, workers if gc else 1)
 
 
 class RunError(Exception):
@@ -307,9 +308,13 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
         except Exception as e:
             raise RunError(f"cannot reach {', '.join(opts.targets)}: {e}") from None
         shards = len(await mm.routes())
+        gc = is_gc(opts.mix)
         if opts.trees is None:
-            opts = replace(opts, trees=default_trees(shards))
+            opts = replace(opts, trees=default_trees(shards, opts.workers, gc))
         assert opts.trees is not None
+        if gc and opts.trees < opts.workers:
+            raise RunError(f"a GC mix needs at least as many trees as workers ({opts.workers}): each worker runs "
+                           "the collectors of its trees")
         counters = await _counters(opts, mm)
         race = opts.profile in SHARED_PAGES_PROFILES
         lanes_total = opts.workers * opts.concurrency
@@ -324,6 +329,8 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
                     await build(
                         w, mm, opts.trees, opts.pages, opts.fork_depth, lanes_total,
                         progress=lambda done, total: bar.update(task, completed=done, total=total),
+                        per_tree=gc_lanes_per_tree(opts.workers, opts.concurrency, opts.trees) if gc else None,
+                        gc=gc,
                     )
                 except (OSError, MmsimError) as e:
                     raise RunError(f"the workload could not be built: {e}") from None
@@ -366,7 +373,11 @@ async def _measure(
     opts: Options, console: Console, workers: list[tuple[Any, Connection]], mm: Client, counters: Counters,
     w: Workload, race: bool,
 ) -> dict[str, Any]:
-    lanes = w.lanes(opts.workers * opts.concurrency, race)
+    gc = is_gc(opts.mix)
+    if gc:
+        lanes = w.gc_lanes(opts.workers, opts.concurrency)
+    else:
+        lanes = w.lanes(opts.workers * opts.concurrency, race)
     start_at = time.time() + START_DELAY
     per_rate = opts.rate / opts.workers if opts.rate is not None else None
     for i, (_, conn) in enumerate(workers):
@@ -387,6 +398,7 @@ async def _measure(
             start_at=start_at,
             seed=opts.seed * 1000 + i,
             call_timeout=opts.call_timeout,
+            gc_trees=gc_trees(i, opts.workers, len(w.trees)) if gc else (),
         )
         conn.send(("go", spec))
     live = Live(console, opts.quiet)
@@ -424,6 +436,8 @@ async def _measure(
     }
     report["options"]["mix"] = dict(opts.mix)
     report.update(merge(results, opts, duration))
+    if gc:  # what the collectors did, over the whole run (the warm-up included)
+        report["gc"] = dict(sorted(sum((Counter(r.get("gc", {})) for r in results), Counter()).items()))
     report["server_deltas"] = _deltas(before, after)
     cpu = [
         {"worker": r["worker"], "cpu_s": r["cpu_s"], "wall_s": r["wall_s"],

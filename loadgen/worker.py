@@ -9,6 +9,10 @@ in the figures however the sends were delayed (no coordinated omission).
 Each worker has one client of the deployment (``WorkerSpec.access``): with one target it addresses
 every process by its handle alone, so that its calls go to the process's shard, directly or
 through a proxy, as the runner's client found them.
+
+In a GC mix a worker also runs the collector of each tree it owns (``WorkerSpec.gc_trees``, every
+lane of which it has): a task beside the lanes, started before them and stopped once they are all
+done, so that no read is left waiting for a fault's resolution (gc.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from hdrh.histogram import HdrHistogram
 from mmsim.client import BatchStream, Client, MmsimError, Process, ProcessNotFoundError, ops
 
 from .access import Access
+from .gc import GcHeap
 from .histograms import encode, new_histogram
 from .profiles import OPS_PER_CALL
 from .workload import BLOCK, PAGE, LaneSpec, TreeSpec
@@ -57,6 +62,7 @@ class WorkerSpec:
     start_at: float  # time.time() at which every worker starts
     seed: int
     call_timeout: float
+    gc_trees: tuple[int, ...] = ()  # the trees whose GC collector this worker runs (a GC mix)
 
 
 @dataclass
@@ -143,11 +149,23 @@ def classify(exc: BaseException) -> tuple[str, str | None]:
     return "CLIENT_ERROR", None
 
 
+class WrongValue(Exception):
+    """A read returned a value the page never had."""
+
+
+class GcMixError(Exception):
+    """A GC operation on a lane without a GC heap."""
+
+
 class Lane:
     """One call in flight at a time, on pages of its own (shared ones in the race profile)."""
 
-    def __init__(self, spec: LaneSpec, tree: TreeSpec, root: Process, race_pos: dict[tuple[int, int], int]) -> None:
+    def __init__(
+        self, spec: LaneSpec, tree: TreeSpec, root: Process, race_pos: dict[tuple[int, int], int],
+        heap: GcHeap | None = None,
+    ) -> None:
         self.spec = spec
+        self.heap = heap  # its tree's GC heap, in a GC mix
         self.tree = tree
         self.root = root
         self.single_at = 0  # 0: the page is in the source region, 1: in the destination
@@ -172,7 +190,17 @@ class Worker:
         self.choose: Callable[[], str] = lambda: self.rng.choices(names, weights)[0]
         race_pos: dict[tuple[int, int], int] = {}
         roots = [mm.process(t.root, t.root_pid, target=t.target) for t in spec.trees]
-        self.lanes = [Lane(lane, spec.trees[lane.tree], roots[lane.tree], race_pos) for lane in spec.lanes]
+        self.heaps = {
+            t: GcHeap(spec.trees[t], roots[t], random.Random(spec.seed * 7919 + t), spec.call_timeout)
+            for t in spec.gc_trees
+        }
+        for lane in spec.lanes:
+            if lane.gc and lane.tree not in self.heaps:
+                raise ValueError(f"a GC lane of tree {lane.tree}, whose collector is not this worker's")
+        self.lanes = [
+            Lane(lane, spec.trees[lane.tree], roots[lane.tree], race_pos, self.heaps.get(lane.tree))
+            for lane in spec.lanes
+        ]
         self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
             "ping": self.op_ping,
             "remap": self.op_remap,
@@ -185,7 +213,10 @@ class Worker:
             "mmap": self.op_mmap,
             "batch": self.op_batch,
             "stream": self.op_stream,
+            "gc_read": self.op_gc_read,
         }
+        #: What an operation waits for before it is issued (closed loop: not in its latency).
+        self.prepare: dict[str, Callable[[Lane, float], Awaitable[bool]]] = {"gc_read": self.gc_ready}
         self.inflight = 0
         self.orphans: list[Process] = []
 
@@ -229,7 +260,9 @@ class Worker:
         return Counter()
 
     async def op_walk(self, lane: Lane, blocking: bool) -> Counter[str]:
-        if lane.spec.race:
+        if lane.heap is not None:  # a GC page, in the from-space or back in the heap
+            addr = lane.heap.where(self.rng.randrange(lane.heap.pages))
+        elif lane.spec.race:
             key = (lane.spec.tree, self.rng.choice(lane.spec.race))
             addr = lane.regions(lane.race_pos.get(key, 0))[0] + key[1] * PAGE
         else:
@@ -253,6 +286,35 @@ class Worker:
 
     async def op_read(self, lane: Lane) -> Counter[str]:
         await lane.root.read(lane.tree.rw + lane.spec.rw_page * PAGE)
+        return Counter()
+
+    async def gc_ready(self, lane: Lane, end: float) -> bool:
+        """Wait until the tree's GC cycle has pages to fault on (between two cycles, the collector
+        unmaps the old from-space and moves the heap aside again), until ``end``; whether it has."""
+        heap = lane.heap
+        if heap is None or heap.open.is_set():
+            return True
+        left = end - time.perf_counter()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(heap.open.wait(), None if left == float("inf") else left)
+        except TimeoutError:
+            return False
+        return True
+
+    async def op_gc_read(self, lane: Lane) -> Counter[str]:
+        """A mutator's read of a to-space page: it faults, and the read returns once the collector
+        has moved the page back (the page's value, or the run fails)."""
+        heap = lane.heap
+        if heap is None:
+            raise GcMixError("gc_read on a lane without a GC heap")
+        if not heap.open.is_set():  # open loop: the wait for the next cycle is in the latency
+            await heap.open.wait()
+        page = heap.claim()
+        value = await lane.root.read(heap.to + page * PAGE)
+        if value != lane.tree.gc_value(page):
+            raise WrongValue(f"page {page} of the GC heap read {value}, not {lane.tree.gc_value(page)}")
         return Counter()
 
     async def op_mmap(self, lane: Lane) -> Counter[str]:
@@ -296,6 +358,8 @@ class Worker:
             status, err = "OK", None
         except (OSError, MmsimError) as e:
             status, err = classify(e)
+        except WrongValue:
+            status, err = "WRONG_VALUE", None  # a failure: the page lost its value
         finally:
             self.inflight -= 1
         rec.record(op, began, time.perf_counter(), status, err, inner, OPS_PER_CALL[op])
@@ -327,6 +391,8 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
     async with spec.access.client(timeout=spec.call_timeout, retries=0) as mm:
         await mm.routes()  # the discovery, before the start: no call of the run waits for it
         worker = Worker(spec, mm)
+        stop_gc = asyncio.Event()  # set once every lane is done: no read waits on a collector then
+        collectors = [asyncio.create_task(heap.run(stop_gc)) for heap in worker.heaps.values()]
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0 = time.perf_counter()
         warm_end = t0 + spec.warmup
@@ -367,16 +433,21 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
                 counted += 1
             return True
 
-        if spec.mode == "closed":
+        async def closed_loop() -> None:
             async def lane_loop(lane: Lane) -> None:
                 while True:
+                    op = worker.choose()
+                    prepare = worker.prepare.get(op)
+                    if prepare is not None and not await prepare(lane, end):
+                        return
                     began = time.perf_counter()
                     if not may_issue(began):
                         return
-                    await worker.call(lane, worker.choose(), began, rec)
+                    await worker.call(lane, op, began, rec)
 
             await asyncio.gather(*(lane_loop(lane) for lane in worker.lanes))
-        else:
+
+        async def open_loop() -> None:
             assert spec.rate is not None and spec.rate > 0
             interval = 1.0 / spec.rate
             free: asyncio.Queue[Lane] = asyncio.Queue()
@@ -407,7 +478,11 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
                 k += 1
             if tasks:
                 await asyncio.gather(*tasks)
+
+        await _drive(closed_loop() if spec.mode == "closed" else open_loop(), collectors)
         finished = time.perf_counter()
+        stop_gc.set()
+        gc = [await c for c in collectors]
         if not interrupted:
             asyncio.get_running_loop().remove_reader(conn.fileno())
         marker.cancel()
@@ -417,6 +492,8 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
         await progress
         await worker.close()
         result = rec.result()
+        if gc:
+            result["gc"] = dict(sum((Counter(g) for g in gc), Counter(trees=len(gc))))
         wall = max(0.0, finished - warm_end)
         result.update(
             worker=spec.index,
@@ -425,6 +502,24 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
             end_reason="interrupted" if interrupted else "count" if spec.count is not None else "duration",
         )
         return result
+
+
+async def _drive(lanes: Awaitable[None], collectors: list[asyncio.Task[dict[str, int]]]) -> None:
+    """Run the lanes; a collector that stops before they are done (it failed) fails the worker
+    rather than leave reads waiting on it."""
+    if not collectors:
+        await lanes
+        return
+    driving = asyncio.ensure_future(lanes)
+    await asyncio.wait({driving, *collectors}, return_when=asyncio.FIRST_COMPLETED)
+    if not driving.done():
+        driving.cancel()
+        await asyncio.gather(driving, return_exceptions=True)
+        for c in collectors:
+            if c.done():
+                c.result()  # its exception
+        raise RuntimeError("a GC collector stopped before the run's end")
+    driving.result()
 
 
 def worker_main(conn: Connection) -> None:

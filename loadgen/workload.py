@@ -7,11 +7,16 @@ Each process tree has a root with three kinds of memory:
   chain: what the walks visit;
 - a *remap* pair, source and destination, both registered with userfaultfd (MISSING) and marked
   MADV_DONTFORK (forks do not share them), holding the pages that remaps ping-pong between them;
-- a small *rw* region (MADV_DONTFORK) for writes and reads.
+- a small *rw* region (MADV_DONTFORK) for writes and reads;
+- with a GC mix (``gc_read``, the gc profile), a *heap* of ``--pages`` pages (MADV_DONTFORK), written,
+  then registered MISSING: each GC cycle of the tree's collector moves its pages aside with
+  mremap(MAYMOVE|DONTUNMAP), and the mutators' faults on the emptied heap bring them back.
 
 Every concurrent *lane* (a worker's slot for one call in flight) owns pages of its tree's remap pair
 (one single page and a block of 64) and one rw page, so lanes never contend for a page, except in the
-race profile, where every lane of a tree works on the same few pages on purpose.
+race profile, where every lane of a tree works on the same few pages on purpose, and the GC mixes,
+where the lanes of a tree read and walk its heap's pages. In a GC mix every lane of a tree is in the
+worker that runs the tree's collector (``Workload.gc_lanes``): tree ``t`` is worker ``t mod W``'s.
 
 Against a sharded deployment the trees are spread over the shards (tree ``t`` on shard ``t mod N``),
 and every call on a tree goes to its shard: a tree is one shard's, as every process of it is.
@@ -27,6 +32,8 @@ PAGE = 4096
 BLOCK = 64
 #: Where each region of a root is mapped: apart, so that no two merge into one VMA.
 SHARED_AT, SRC_AT, DST_AT, RW_AT = 0x100000000, 0x200000000, 0x300000000, 0x400000000
+#: Where the GC heap (the to-space) of a root is mapped, in a GC mix.
+GC_AT = 0x500000000
 #: Pages every lane of a tree shares in the race profile.
 RACE_PAGES = 8
 #: Operations per Batch call while setting up.
@@ -52,6 +59,12 @@ class TreeSpec:
     remap_pages: int
     rw: int
     rw_pages: int
+    gc: int = 0  # the GC heap's start (its to-space), 0 without one
+    gc_pages: int = 0
+
+    def gc_value(self, page: int) -> int:
+        """The value written to the GC heap's page ``page`` (every move keeps it)."""
+        return page + 1
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class LaneSpec:
     rw_page: int
     walk_page: int
     race: tuple[int, ...] = ()  # the race profile's shared pages (indexes in the remap pair)
+    gc: bool = False  # a GC mix: its walks walk its tree's heap pages, wherever they are
 
 
 @dataclass
@@ -74,10 +88,22 @@ class Workload:
 
     def lanes(self, count: int, race: bool) -> list[LaneSpec]:
         """``count`` lanes spread round-robin over the trees."""
+        return self._lanes([i % len(self.trees) for i in range(count)], race, False)
+
+    def gc_lanes(self, workers: int, concurrency: int) -> list[LaneSpec]:
+        """A GC mix's lanes, in worker order (``concurrency`` each): worker ``w``'s spread round-robin
+        over the trees whose collector it runs (``gc_trees``), so that a tree's mutators, walkers
+        and collector share one event loop."""
+        order = []
+        for w in range(workers):
+            mine = gc_trees(w, workers, len(self.trees))
+            order += [mine[i % len(mine)] for i in range(concurrency)]
+        return self._lanes(order, False, True)
+
+    def _lanes(self, trees: list[int], race: bool, gc: bool) -> list[LaneSpec]:
         out = []
         per_tree = [0] * len(self.trees)
-        for i in range(count):
-            t = i % len(self.trees)
+        for t in trees:
             k = per_tree[t]
             per_tree[t] += 1
             tree = self.trees[t]
@@ -90,9 +116,21 @@ class Workload:
                     rw_page=k % tree.rw_pages,
                     walk_page=k % tree.shared_pages,
                     race=tuple(range(RACE_PAGES)) if race else (),
+                    gc=gc,
                 )
             )
         return out
+
+
+def gc_trees(worker: int, workers: int, trees: int) -> tuple[int, ...]:
+    """The trees whose collector worker ``worker`` runs (and whose every lane it has): ``t mod W``.
+    A GC mix needs at least as many trees as workers."""
+    return tuple(range(worker, trees, workers))
+
+
+def gc_lanes_per_tree(workers: int, concurrency: int, trees: int) -> int:
+    """The most lanes a tree gets in a GC mix (``Workload.gc_lanes``)."""
+    return -(-concurrency // max(1, trees // workers))
 
 
 def lanes_per_tree(lanes: int, trees: int) -> int:
@@ -109,15 +147,17 @@ REGION_PAGES_MAX = (SRC_AT - SHARED_AT) // PAGE
 
 
 async def build(
-    w: Workload, mm: Client, trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None
+    w: Workload, mm: Client, trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None,
+    *, per_tree: int | None = None, gc: bool = False,
 ) -> None:
     """Build ``trees`` trees into ``w``, spread round-robin over the client's shards (or its targets,
-    with a list of them), each ready for ``lanes_per_tree`` lanes. Every process is in ``w.created``
-    as soon as it exists, so that a failed build is torn down too. ``progress`` is called with
-    (done, total) after each step."""
-    per_tree = lanes_per_tree(lanes, trees)
-    remap = remap_pages(lanes, trees)
-    steps_per_tree = 4 + fork_depth
+    with a list of them), each ready for ``per_tree`` lanes (default ``lanes_per_tree``), and with a
+    GC heap of ``pages`` pages if ``gc``. Every process is in ``w.created`` as soon as it exists, so
+    that a failed build is torn down too. ``progress`` is called with (done, total) after each step."""
+    if per_tree is None:
+        per_tree = lanes_per_tree(lanes, trees)
+    remap = RACE_PAGES + per_tree * (1 + BLOCK)
+    steps_per_tree = 4 + fork_depth + (1 if gc else 0)
     total = trees * steps_per_tree
     done = 0
     routes = len(await mm.routes())
@@ -161,11 +201,18 @@ async def build(
         await root.madvise(rw.start, rw_pages * PAGE, "dontfork")
         await _write_pages(mm, root, rw.start, rw_pages)
         step()
+        heap = 0
+        if gc:  # the GC heap: written, then registered (the faults on its emptied range come to the collector)
+            heap = (await root.mmap(pages * PAGE, addr=GC_AT)).start
+            await root.madvise(heap, pages * PAGE, "dontfork")  # its folios stay exclusive: movable
+            await _write_pages(mm, root, heap, pages)
+            await root.uffd_register(heap, pages * PAGE, "missing")
+            step()
         w.trees.append(
             TreeSpec(
                 target=target, shard=shard, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
                 shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
-                rw_pages=rw_pages,
+                rw_pages=rw_pages, gc=heap, gc_pages=pages if gc else 0,
             )
         )
 

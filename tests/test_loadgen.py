@@ -171,7 +171,7 @@ def test_the_command_writes_a_valid_report_and_a_plot(server: ServerProcess, tmp
         ["--target", "nowhere"], ["--duration", "1", "--count", "5"], ["--profile", "fast"], ["--pages", "0"],
         ["--compare", "only-one.json"], ["--warmup", "nan"], ["--unknown"], ["--token-file", "/no/such/file"],
         ["--tls-cert", __file__], ["--metrics-url", "h:1", "--stats-from", "grpc"], ["--metrics-url", "ftp://h/"],
-        ["--stats-from", "prometheus"],
+        ["--stats-from", "prometheus"], ["--profile", "gc", "--workers", "3", "--trees", "2"],
     ],
 )
 def test_bad_options_are_one_line_and_status_2(argv: list[str], capsys: Any) -> None:
@@ -257,3 +257,44 @@ def test_a_saturated_generator_is_flagged(capsys: Any) -> None:
     validate(report)
     print_summary(report, Console(width=200))
     assert "the client was the bottleneck" in capsys.readouterr().out
+
+
+def test_gc_lanes_put_every_lane_of_a_tree_in_the_worker_of_its_collector() -> None:
+    from mmsim.loadgen.workload import TreeSpec, Workload, gc_lanes_per_tree, gc_trees
+
+    w = Workload(trees=[TreeSpec(None, None, f"h{t}", t, (), 0, 4, 0, 0, 100, 0, 4, gc=1, gc_pages=4) for t in range(5)])
+    workers, concurrency = 2, 7
+    lanes = w.gc_lanes(workers, concurrency)
+    assert len(lanes) == workers * concurrency and all(lane.gc for lane in lanes)
+    for i in range(workers):
+        mine = lanes[i * concurrency:(i + 1) * concurrency]
+        assert {lane.tree for lane in mine} == set(gc_trees(i, workers, 5))  # and each of its trees has lanes
+    most = max(sum(1 for lane in lanes if lane.tree == t) for t in range(5))
+    assert most <= gc_lanes_per_tree(workers, concurrency, 5)
+
+
+@pytest.mark.parametrize("protocol", ["recheck", "folio-lock"])
+async def test_the_gc_profile_collects_under_a_safe_protocol(protocol: str) -> None:
+    """Two workers, each with the collector of its tree: mutators fault on the emptied heap and
+    are woken by the collector's moves, walks walk the same folios; no violation, no read left
+    waiting (the run ends at its duration, without a failed call), and nothing left behind."""
+    with mmsim_serve("--protocol", protocol, "--preempt", "0.05") as s:
+        report = await run(options(s.addr, profile="gc", duration=1.5, warmup=0.3, workers=2, concurrency=4,
+                                   trees=None, call_timeout=5.0), Console(quiet=True))  # a stuck move fails fast
+        validate(report)
+        assert report["server"]["protocol"] == protocol and report["options"]["trees"] == 2
+        ops = report["operations"]
+        assert ops["gc_read"]["ok"] > 0 and ops["gc_read"]["errors"] == {}  # every read woken, with its value
+        assert ops["walk"]["ok"] + ops["walk_blocking"]["ok"] > 0
+        assert set(report["errnos"]) <= {"ENOENT"}  # a walk of a page that moved meanwhile
+        assert report["overall"]["failures"] == {}
+        assert report["duration_s"] < 1.5 + 1.0  # ended at --duration: no read was left asleep
+        gc = report["gc"]
+        assert gc["trees"] == 2 and gc["cycles"] > 0 and gc["moves"] > 0
+        assert set(gc) <= {"trees", "cycles", "cycles_started", "faults", "moves", "move_EEXIST", "move_ENOENT",
+                           "move_retries", "faults_already_back", "second_faults", "moved_at_end", "stray_faults"}
+        assert gc.get("stray_faults", 0) == 0
+        d = report["server_deltas"]
+        assert d.get("violations", 0) == 0 and d.get("uffd_faults", 0) > 0 and d.get("move_pages", 0) > 0
+        stats, problems = await server_state(s.addr)
+        assert problems == [] and stats["processes"] == 0 and stats["folios"] == 0

@@ -543,9 +543,11 @@ async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_st
     if not lock.down_read(cur):
         await lock.wait(cur)
     try:
-        dst_vma = mm.vma_lookup(dst_start)  # find_vmas_mm_locked
+        dst_vma = mm.vma_lookup(dst_start)  # find_vmas_mm_locked: find_vma_and_prepare_anon
         if dst_vma is None:
             raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
+        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:  # lost it while unlocked (DONTUNMAP)
+            await anon_vma_prepare(k, cur, dst_vma)
         found = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
         if found is None:
             raise MmError(errno.ENOENT, f"no mapping at src {src_start:#x}")
