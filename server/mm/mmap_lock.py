@@ -67,9 +67,12 @@ def lock_vma_under_rcu(cur: Current, mm: Mm, addr: int) -> Vma | None:
     yet: preparing one needs the neighbours, which only the mmap_lock keeps still). The lookup and
     the trylock happen with nothing in between, as under RCU. Takes the VMA lock for read."""
     vma = mm.vma_lookup(addr)
-    if vma is None or not vma_start_read(cur, vma):
+    if vma is None or vma.vm_lock_seq == mm.mm_lock_seq:
         return None
     if vma.anon_vma is None and not vma.flags & VM_SHARED:
-        vma_end_read(cur, vma)
+        return None
+    # vma_start_read: the lookup, the tests and the trylock run with nothing in between (one
+    # task at a time), so the sequence cannot change before the lock is taken.
+    if not vma.vm_lock.down_read_trylock(cur):
         return None
     return vma

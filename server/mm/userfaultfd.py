@@ -532,7 +532,7 @@ async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_st
     """6.9+: read-lock the dst VMA, then the src VMA without waiting; if that fails, let the dst
     go and read-lock both under the mmap_lock (dst first, src nested). ENOENT for a missing VMA.
     Takes the VMA locks for read; holds nothing else on return."""
-    dst_vma = await uffd_lock_vma(k, cur, mm, dst_start)
+    dst_vma = lock_vma_under_rcu(cur, mm, dst_start) or await uffd_lock_vma(k, cur, mm, dst_start)
     if dst_vma.start <= src_start < dst_vma.end:
         return dst_vma, dst_vma
     src_vma = lock_vma_under_rcu(cur, mm, src_start)
@@ -565,9 +565,9 @@ async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_st
 
 
 def uffd_move_unlock(cur: Current, dst_vma: Vma, src_vma: Vma) -> None:
-    vma_end_read(cur, dst_vma)
+    dst_vma.vm_lock.up_read(cur)  # vma_end_read
     if src_vma is not dst_vma:
-        vma_end_read(cur, src_vma)
+        src_vma.vm_lock.up_read(cur)
 
 
 async def move_pages_pte(
