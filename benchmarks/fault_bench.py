@@ -12,8 +12,8 @@ Figures, all in one run:
 - **model**: the same loop on one in-process :class:`MemoryModel`: a task reads every page, a
   handler task takes each event from ``uffd_events`` and calls ``uffd_copy``;
 - **grpc**: the same loop through the SDK against ``mmsim serve`` started as a separate process:
-  ``Process.read`` calls, ``Process.userfaults()`` and ``Process.uffd_copy``; C processes at once,
-  each with its own faulting task and handler;
+  ``Process.read`` calls, ``Process.userfaults()``, and each UFFDIO_COPY sent on a ``BatchStream``
+  (``ops.uffd_copy``); C processes at once, each with its own faulting task and handler;
 - **remap**: unary single-page ``Process.remap`` calls on the same server with the same
   concurrency, the baseline the gRPC loop is held to.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpc_bench import free_port, start_server_process, stop_server_process, wait_serving  # noqa: E402
 from kernel_baseline import kernel_oracle_unavailable, run_kernel_fault  # noqa: E402
 
-from mmsim.client import Client, Process  # noqa: E402
+from mmsim.client import Client, Process, ops  # noqa: E402
 from mmsim.server.mm.model import MemoryModel  # noqa: E402
 
 P = 4096
@@ -80,15 +80,19 @@ async def grpc_fault_loop(mm: Client, n: int, concurrency: int) -> float:
     ready = [asyncio.Event() for _ in procs]
 
     async def handler(p: Process, started: asyncio.Event) -> None:
+        """The events from Userfaults; each copy sent on a BatchStream (a message on an open
+        stream costs less than a unary call)."""
         done = 0
         events = p.userfaults()
-        started.set()
-        async for ev in events:
-            await p.uffd_copy(ev.addr, P, 1000 + (ev.addr - BASE) // P)
-            done += 1
-            if done == per:
-                await events.aclose()
-                return
+        async with mm.batch_stream(via=p) as stream:
+            started.set()
+            async for ev in events:
+                (copied,) = await stream.run([ops.uffd_copy(p, ev.addr, P, 1000 + (ev.addr - BASE) // P)])
+                assert copied == P, copied
+                done += 1
+                if done == per:
+                    await events.aclose()
+                    return
 
     async def faulter(p: Process) -> None:
         for i in range(per):

@@ -262,7 +262,7 @@ class RunResult:
 
 
 @contextmanager
-def _lock_tracing(ctl: Controller) -> Iterator[None]:
+def _lock_tracing(ctl: Controller, locks: bool = True, state: bool = True) -> Iterator[None]:
     """Record every acquisition and release of the model's locks in the trace, with the locks each
     thread holds (the lock classes' methods are wrapped for the run, then restored)."""
     patched: list[tuple[type, str, Any]] = []
@@ -289,7 +289,7 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
         setattr(cls, name, traced)
 
     rw, mx, sp = locks_mod.RwSem, locks_mod.Mutex, locks_mod.SpinLock
-    for cls, name, kind in (
+    for cls, name, kind in () if not locks else (
         (rw, "down_read_trylock", "acquire"), (rw, "down_write_trylock", "acquire"), (rw, "down_read", "acquire"),
         (rw, "down_write", "acquire"), (rw, "up_read", "release"), (rw, "up_write", "release"),
         (mx, "trylock", "acquire"), (mx, "lock", "acquire"), (mx, "unlock", "release"),
@@ -311,7 +311,10 @@ def _lock_tracing(ctl: Controller) -> Iterator[None]:
     Detectors.report = report  # type: ignore[method-assign]
     Detectors.note = note  # type: ignore[method-assign]
     try:
-        with _state_tracing(ctl):
+        if state:
+            with _state_tracing(ctl):
+                yield
+        else:
             yield
     finally:
         Detectors.report = orig_report  # type: ignore[method-assign]
@@ -501,10 +504,13 @@ async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
 
 
 async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
-                       hashing: bool = False, start: bytes | None = None) -> RunResult:
+                       hashing: bool = False, start: bytes | None = None, trace: bool = True) -> RunResult:
     """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
     ``hashing``, each decision carries the fingerprint of the state it is taken in. ``start``: a
-    :func:`snapshot` of the setup to begin from (else the setup is run)."""
+    :func:`snapshot` of the setup to begin from (else the setup is run). Without ``trace`` the
+    events are only the threads' points, operations, results and findings (what tells
+    interleavings apart), not their locks and state accesses: a search runs so, and runs the
+    schedule it catches again with the whole trace (the same picks give the same run)."""
     if start is not None:
         m, procs = pickle.loads(start)
     else:
@@ -528,7 +534,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
         finally:
             ctl.done(th)
 
-    with _lock_tracing(ctl):
+    # The held locks are part of the exhaustive search's fingerprint: tracked whenever it hashes.
+    with _lock_tracing(ctl, locks=trace or hashing, state=trace):
         m.k.attach_controller(ctl)
         try:
             tasks = [asyncio.ensure_future(body(th)) for th in threads]
@@ -682,7 +689,7 @@ def _explore_part(text: str, name: str, protocol: str, mutant: str | None, strat
             if stop_on_catch and i > _bound.value:
                 break
             r = await run_schedule(scn, protocol, mutant, _chooser(strategy, seed, i, len(scn.threads), depth, steps),
-                                   start=start)
+                                   start=start, trace=False)
             out["schedules"] += 1
             out["interleavings"].add(r.signature())
             out["findings"].update(r.findings)
@@ -716,6 +723,10 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
             return stop_on_catch
         return False
 
+    async def traced(r: RunResult) -> RunResult:
+        """The caught run again, with the whole trace."""
+        return await run_schedule(scn, protocol, mutant, follow(dict(r.preemptions)), start=start)
+
     if strategy in ("random", "pct"):
         steps = 0
         if strategy == "pct":  # the schedule's length, to place the change points
@@ -723,7 +734,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
             steps = len(base.decisions)
         for i in range(schedules):
             choose = _chooser(strategy, seed, i, len(scn.threads), depth, steps)
-            if account(await run_schedule(scn, protocol, mutant, choose, start=start)):
+            if account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False)):
                 break
     else:
         # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
@@ -731,7 +742,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         stack: list[dict[int, int]] = [{}]
         while stack and s.schedules < schedules:
             pre = stack.pop()
-            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start)
+            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start, trace=False)
             if account(r):
                 break
             used = len(pre)
@@ -749,6 +760,8 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
                 for alt in d.runnable:
                     if alt != d.default:
                         stack.append({**pre, d.step: alt})
+    if s.first is not None:
+        s.first = await traced(s.first)
     s.seconds = time.perf_counter() - t0
     return s
 
