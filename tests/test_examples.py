@@ -99,3 +99,11 @@ async def test_the_readme_snippet_runs_as_a_script(tmp_path: Path) -> None:
         rc, out = await _run(str(script))
     assert rc == 0, out
     assert "value=42" in out and "referenced=1" in out, out
+
+
+async def test_userfault_handler() -> None:
+    async with serve_in_process(log_level="warning") as addr:
+        rc, out = await _run(str(EXAMPLES / "userfault_handler.py"), addr)
+    assert rc == 0, out
+    assert "the mutator read [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007]" in out, out
+    assert out.endswith("ok\n"), out
