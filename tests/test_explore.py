@@ -246,3 +246,25 @@ def test_the_slow_path_race_is_a_sleep_on_the_old_root() -> None:
     good = run_sync(scn, "recheck", None, follow({3: 1}))
     assert not good.caught and ("point", "sleeps") in [(e.kind, e.text) for e in good.events if e.thread == 1]
     assert any(e.kind == "result" and "retries 0/1" in e.text for e in good.events)
+
+
+def test_a_fault_handler_races_a_walk() -> None:
+    """gc-fault-vs-walk: the mutator's read faults and sleeps until the collector's UFFDIO_MOVE
+    fills the page and wakes it; a walker on the from-space side races the move. Clean under the
+    safe protocols (their exhaustive search is in the test above); caught without the recheck."""
+    scn = load(LITMUS / "gc-fault-vs-walk.litmus")
+    r = run_sync(scn, "recheck", None, follow({}))
+    mutator = [(e.kind, e.text) for e in r.events if e.thread == 0]
+    assert ("point", "sleeps") in mutator and ("point", "uffd:woken") in mutator
+    assert ("result", "read → 7") in mutator and not r.caught
+    s = explore(scn, "no-recheck", strategy="exhaustive", preemptions=2)
+    assert s.first is not None and any(v.startswith("wrong-root-walk") for v in s.first.violations)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("name: t\nsetup:\n  p = process\nthread a:\n  copy p 0x1000 1\nthread b:\n  walk p 0x1000\n", "copy takes 4"),
+    ("name: t\nsetup:\n  p = process\nthread a:\n  mprotect p 0x1000 1 rwx\nthread b:\n  walk p 0x1000\n", "not one of"),
+])
+def test_the_handler_operations_parse_strictly(text: str, why: str) -> None:
+    with pytest.raises(ScenarioError, match=why):
+        parse(text)

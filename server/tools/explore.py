@@ -454,6 +454,20 @@ async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
         return str(await m.read(pid, a[1]))  # type: ignore[arg-type]
     if op.kind == "remap":
         return f"moved {await m.move(pid, a[1], a[2], a[3] * PAGE_SIZE)}"  # type: ignore[arg-type, operator]
+    if op.kind == "copy":
+        return f"copied {await m.uffd_copy(pid, a[1], a[2] * PAGE_SIZE, a[3])}"  # type: ignore[arg-type, operator]
+    if op.kind == "zeropage":
+        return f"zeroed {await m.uffd_zeropage(pid, a[1], a[2] * PAGE_SIZE)}"  # type: ignore[arg-type, operator]
+    if op.kind == "wake":
+        await m.uffd_wake(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
+        return "ok"
+    if op.kind == "mprotect":
+        await m.mprotect(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
+        return "ok"
+    if op.kind == "mremap":
+        length = a[2] * PAGE_SIZE  # type: ignore[operator]
+        v = await m.mremap(pid, a[1], length, length, maymove=True, dontunmap=bool(a[4]), fixed=a[3])  # type: ignore[arg-type]
+        return f"{v.start:#x}-{v.end:#x}"
     if op.kind == "walk":
         w = await m.walk(pid, a[1], blocking=a[2] == "blocking")  # type: ignore[arg-type]
         maps = ", ".join(f"{p}:{x:#x}" for p, x in w.mappings)

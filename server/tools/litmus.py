@@ -22,8 +22,13 @@ process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
 - ``mmap P ADDR PAGES [r|rw] [missing|wp|missing+wp]``; ``munmap P ADDR PAGES``
 - ``register P ADDR PAGES [missing|wp|missing+wp]``; ``unregister P ADDR PAGES``
 - ``madvise P ADDR PAGES dontfork|dofork|wipeonfork|keeponfork``
-- ``write P ADDR VALUE``; ``read P ADDR``
+- ``madvise P ADDR PAGES dontneed``; ``mprotect P ADDR PAGES none|r|rw``
+- ``mremap P ADDR PAGES NEWADDR [dontunmap]`` (MREMAP_MAYMOVE | MREMAP_FIXED, same size)
+- ``write P ADDR VALUE``; ``read P ADDR`` (a missing page of a MISSING range: the access sleeps
+  until another thread's ``copy``, ``zeropage`` or ``remap`` fills it, or ``wake`` wakes it)
 - ``remap P DST SRC PAGES``; ``walk P ADDR [trylock|blocking]``
+- ``copy P DST PAGES VALUE``; ``zeropage P DST PAGES``; ``wake P ADDR PAGES`` (UFFDIO_COPY,
+  UFFDIO_ZEROPAGE, UFFDIO_WAKE)
 
 In a thread, ``C = fork P`` names a process the thread's later operations may use.
 
@@ -42,7 +47,8 @@ from ..mm.mm_types import PAGE_SIZE
 
 PROTS = ("r", "rw")
 UFFD_MODES = ("missing", "wp", "missing+wp")
-ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork")
+ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed")
+MPROT = ("none", "r", "rw")
 MAX_THREADS = 4
 
 
@@ -157,6 +163,19 @@ def _op(line: str, where: str, lineno: int, known: set[str]) -> Op:
     elif kind == "walk":
         nargs(2, 3)
         args = (proc(0), _int(rest[1], where), word(2, ("trylock", "blocking"), "trylock"))
+    elif kind == "copy":
+        nargs(4, 4)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where))
+    elif kind in ("zeropage", "wake"):
+        nargs(3, 3)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
+    elif kind == "mprotect":
+        nargs(4, 4)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, MPROT, None))
+    elif kind == "mremap":
+        nargs(4, 5)
+        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where),
+                word(4, ("dontunmap",), None) is not None)
     else:
         raise ScenarioError(f"{where}: unknown operation {kind!r}")
     if kind in ("process", "fork") and name is None:
@@ -164,7 +183,8 @@ def _op(line: str, where: str, lineno: int, known: set[str]) -> Op:
     if kind not in ("process", "fork") and name is not None:
         raise ScenarioError(f"{where}: {kind} defines nothing")
     for a in args:
-        if isinstance(a, int) and kind != "write" and a % PAGE_SIZE and a >= PAGE_SIZE:
+        if isinstance(a, int) and not isinstance(a, bool) and kind not in ("write", "copy") and a % PAGE_SIZE \
+                and a >= PAGE_SIZE:
             raise ScenarioError(f"{where}: {a:#x} is not page-aligned")
     return Op(kind, args, name, lineno)
 
