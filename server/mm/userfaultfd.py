@@ -576,9 +576,9 @@ async def move_pages_pte(
 ) -> int:
     """One step: a page, or a batch of present pages within one PMD (move_present_ptes).
 
-    Expects mmap_lock held (read). Takes the src folio lock, then the src folio's anon_vma root
-    rwsem for write (not under the folio-lock protocol), then both PTLs. Blocking acquisitions
-    happen with only mmap_lock held and restart the step. Returns the bytes moved (> 0), or a
+    Expects the dst and src VMAs read-locked (uffd_move_lock). Takes the src folio lock, then the
+    src folio's anon_vma root rwsem for write (not under the folio-lock protocol), then both PTLs.
+    Blocking acquisitions happen with only the VMA locks held and restart the step. Returns the bytes moved (> 0), or a
     negative errno (-EAGAIN: retry this step). The mover-no-folio-lock and mover-no-root-lock
     mutants skip the src folio's lock and the root lock.
     """
