@@ -896,25 +896,18 @@ async def mfill_atomic(
     ``values`` (COPY; with ``wp``, MODE_WP: mapped write-protected with the uffd-wp bit, EINVAL
     unless the VMA is registered for WP), or the zero page (``values`` None: ZEROPAGE). Expects
     nothing held; takes
-    mmap_lock for read (where 6.18 takes the dst VMA's read lock, at the same level), the dst
-    anon_vma root (anon_vma_prepare, before the VMA is validated, as uffd_lock_vma does), then
-    each page's PTL. Lets other tasks run every RESCHED_WORK pages.
+    the dst VMA's read lock (uffd_mfill_lock: uffd_lock_vma, which falls back to the mmap_lock and
+    prepares the dst anon_vma before the VMA is validated), then each page's PTL. Lets other tasks
+    run every RESCHED_WORK pages.
 
     Leaves the bytes filled in ``progress``. An error after some progress is swallowed (the
     caller reports a short fill as EAGAIN); an error with none is raised.
     """
     mm = ctx.mm
-    lock = mm.mmap_lock
-    if not lock.down_read(cur):
-        await lock.wait(cur)
+    dst_vma = lock_vma_under_rcu(cur, mm, dst_start) or await uffd_lock_vma(k, cur, mm, dst_start)
     try:
         if mm.users == 0:
             raise MmError(errno.ESRCH, "process has exited")
-        dst_vma = mm.vma_lookup(dst_start)  # uffd_mfill_lock -> find_vma_and_prepare_anon
-        if dst_vma is None:
-            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
-        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:
-            await anon_vma_prepare(k, cur, dst_vma)
         # validate_dst_vma
         if dst_start + length > dst_vma.end:
             raise MmError(errno.ENOENT, "dst range leaves its mapping")
@@ -958,7 +951,7 @@ async def mfill_atomic(
                 raise oom
             raise MmError(err, f"dst page {addr:#x} is already populated" if err == errno.EEXIST else os.strerror(err))
     finally:
-        lock.up_read(cur)
+        vma_end_read(cur, dst_vma)
 
 
 async def mfill_atomic_pte_copy(
@@ -968,7 +961,7 @@ async def mfill_atomic_pte_copy(
     """One page of COPY: a new folio, born exclusive (folio_add_new_anon_rmap), mapcount 1,
     charged before anything changes; mapped dirty and young, writable only if the VMA is and
     ``wp`` (MODE_WP) is not, with the uffd-wp bit if ``wp`` (mfill_atomic_install_pte). Expects
-    mmap_lock held (read) and the VMA's anon_vma; takes the PTL. Returns PAGE_SIZE, or -EEXIST
+    the VMA read-locked (or mmap_lock for read) and its anon_vma; takes the PTL. Returns PAGE_SIZE, or -EEXIST
     if the PTE is not none."""
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
@@ -998,7 +991,7 @@ async def mfill_atomic_pte_copy(
 
 async def mfill_atomic_pte_zeropage(k: Kernel, cur: Current, vma: Vma, pt: PageTable, addr: int) -> int:
     """One page of ZEROPAGE: the shared zero page, mapped read-only (a special PTE: no folio, no
-    rmap, no RSS). Expects mmap_lock held (read); takes the PTL. Returns PAGE_SIZE, or -EEXIST
+    rmap, no RSS). Expects the VMA read-locked (or mmap_lock for read); takes the PTL. Returns PAGE_SIZE, or -EEXIST
     if the PTE is not none."""
     vpn = addr >> PAGE_SHIFT
     if vpn in pt.ptes:
