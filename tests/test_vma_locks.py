@@ -143,3 +143,18 @@ async def test_lockdep_reports_a_vma_lock_taken_under_a_folio_lock() -> None:
     assert m.detectors.counts["lock-order"] == 1
     vma.vm_lock.up_read(cur)
     folio_lock.unlock(cur)
+
+
+async def test_a_copy_takes_the_dst_vma_lock_not_the_mmap_lock() -> None:
+    """UFFDIO_COPY (uffd_mfill_lock) into a VMA that has an anon_vma goes on while someone holds
+    the mmap_lock for write; an munmap of that VMA waits for a copy in progress."""
+    m = MemoryModel()
+    pid = await setup(m)
+    await m.uffd_copy(pid, DST, P, 1)  # the first fill prepares DST's anon_vma (under the mmap_lock)
+    mm = m.processes[pid]
+    holder = Current("holder")
+    assert mm.mmap_lock.down_write(holder)
+    assert await m.uffd_copy(pid, DST + P, P, 2) == P  # under the VMA lock alone
+    mm.mmap_lock.up_write(holder)
+    assert m.folio(pid, DST + P).value == 2
+    assert m.check_invariants() == [] and not m.detectors.counts

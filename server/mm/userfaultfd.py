@@ -219,7 +219,7 @@ def handle_userfault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, 
     """A missing page in a VM_UFFD_MISSING VMA, or (``wp``, from do_wp_page, ``write`` set) a
     write to a uffd-wp PTE in a VM_UFFD_WP VMA: queue one event on the VMA's userfaultfd (two
     accesses to one page queue two, as 6.18 does for two threads) and wake its readers. Expects
-    mmap_lock held (read), no PTL; takes nothing (fault_pending_wqh's spinlock has no model
+    the VMA lock or mmap_lock held (read), no PTL; takes nothing (fault_pending_wqh's spinlock has no model
     counterpart: nothing runs between the PTE check and the queueing). Returns the
     VM_FAULT_RETRY for the caller to raise."""
     ctx = vma.uffd_ctx
