@@ -382,13 +382,10 @@ class MemoryModel:
 
         async def body() -> None:
             unmapped: list[int] = []
-            await do_munmap(self.k, cur, mm, addr, length, unmapped)
-            ledger = self.ledger[pid]
-            for i in range(0, len(unmapped), RESCHED_WORK):
-                if i:
-                    await cond_resched()
-                for vpn in unmapped[i : i + RESCHED_WORK]:
-                    ledger.pop(vpn, None)
+            try:
+                await do_munmap(self.k, cur, mm, addr, length, unmapped)
+            finally:  # what was unmapped leaves the ledger, also if the munmap then failed
+                await self._ledger_update(pid, unmapped, ())
 
         await self._write_locked(mm, cur, body)
 

@@ -145,7 +145,11 @@ async def race(
     await asyncio.gather(*tasks)
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
-    problems = m.check_invariants()
+    return _result(m, protocol, seed, totals, trace)
+
+
+def _result(m: MemoryModel, protocol: str, seed: int, totals: dict[str, int], trace: list[object]) -> RaceResult:
+    """What a workload's run gives: the detectors' counts, the audit, the walkers' figures."""
     det = m.detectors
     return RaceResult(
         protocol=protocol,
@@ -157,7 +161,7 @@ async def race(
         contended=totals["contended"],
         walks=totals["walks"],
         moves=totals["moves"],
-        problems=problems,
+        problems=m.check_invariants(),
         signature=tuple(trace),
     )
 
@@ -273,18 +277,4 @@ async def gc_race(
         await done.wait()
         await gc
         await m.munmap(pid, frm, length)  # the emptied from-space
-    problems = m.check_invariants()
-    det = m.detectors
-    return RaceResult(
-        protocol=protocol,
-        seed=seed,
-        violations=dict(det.counts),
-        events=[str(e) for e in det.events[:5]],
-        fast_retries=totals["fast"],
-        slow_retries=totals["slow"],
-        contended=totals["contended"],
-        walks=totals["walks"],
-        moves=totals["moves"],
-        problems=problems,
-        signature=tuple(trace),
-    )
+    return _result(m, protocol, seed, totals, trace)
