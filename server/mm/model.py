@@ -60,6 +60,7 @@ from .userfaultfd import (
     UserfaultfdCtx,
     VmFaultRetry,
     userfault_wait,
+    userfaultfd_ctx,
     userfaultfd_fill,
     userfaultfd_move,
     userfaultfd_read,
@@ -644,9 +645,7 @@ class MemoryModel:
         mm = self._mm(pid)
         if mm.users == 0:
             raise MmError(errno.ESRCH, "process has exited")
-        if mm.uffd is None:  # the process's userfaultfd, opened but with nothing registered yet
-            mm.uffd = UserfaultfdCtx(self.k.next_vma_id(), mm)
-        return mm.uffd
+        return userfaultfd_ctx(self.k, mm)
 
     def uffd_events(self, pid: int, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
         """The process's userfault events, as a read of its userfaultfd gives them: those queued

@@ -89,6 +89,14 @@ class UserfaultfdCtx:
         return f"<UserfaultfdCtx {self.id} mm={self.mm.id}>"
 
 
+def userfaultfd_ctx(k: Kernel, mm: Mm) -> UserfaultfdCtx:
+    """The process's userfaultfd: opened on first use, also with nothing registered yet."""
+    ctx = mm.uffd
+    if ctx is None:
+        ctx = mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
+    return ctx
+
+
 def validate_range(mm: Mm, start: int, length: int) -> None:
     """fs/userfaultfd.c validate_range: EINVAL on misalignment, zero length or out of range."""
     if start & ~PAGE_MASK:
@@ -110,9 +118,7 @@ async def userfaultfd_register(k: Kernel, cur: Current, mm: Mm, start: int, leng
     vmas = mm.vmas_in(start, end)
     if not vmas:
         raise MmError(errno.EINVAL, "no mapping in the range")
-    if mm.uffd is None:
-        mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
-    ctx = mm.uffd
+    ctx = userfaultfd_ctx(k, mm)
     for vma in vmas:
         if vma.flags & VM_SHARED:
             raise MmError(errno.EINVAL, "shared mappings are not supported")
@@ -405,10 +411,7 @@ async def userfaultfd_move(
 ) -> int:
     """The UFFDIO_MOVE ioctl. Returns ``length``; raises MmError with ``moved`` set otherwise:
     EAGAIN with the bytes moved for a short move, or the error with nothing moved."""
-    ctx = mm.uffd
-    if ctx is None:
-        # The process's userfaultfd, opened but with nothing registered yet.
-        ctx = mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
+    ctx = userfaultfd_ctx(k, mm)
     if ctx.mmap_changing:
         raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
     validate_range(mm, dst, length)
@@ -505,23 +508,27 @@ async def move_pages(
         uffd_move_unlock(cur, dst_vma, src_vma)
 
 
+async def find_vma_and_prepare_anon(k: Kernel, cur: Current, mm: Mm, addr: int) -> Vma:
+    """The dst VMA at ``addr`` with an anon_vma (a move or a fill needs one). ENOENT for no VMA.
+    Expects mmap_lock held (read); takes what anon_vma_prepare takes."""
+    vma = mm.vma_lookup(addr)
+    if vma is None:
+        raise MmError(errno.ENOENT, f"no mapping at dst {addr:#x}")
+    if not vma.flags & VM_SHARED and vma.anon_vma is None:  # anon_vma_prepare's inline test
+        await anon_vma_prepare(k, cur, vma)
+    return vma
+
+
 async def uffd_lock_vma(k: Kernel, cur: Current, mm: Mm, addr: int) -> Vma:
-    """The VMA at ``addr``, read-locked, with an anon_vma (a move needs one): under the VMA lock
-    alone when it can, else found and prepared under the mmap_lock (read), whose release leaves the
-    VMA lock held. ENOENT for no VMA. Takes the VMA lock for read (and, meanwhile, the mmap_lock
-    and what anon_vma_prepare takes)."""
-    vma = lock_vma_under_rcu(cur, mm, addr)
-    if vma is not None:
-        return vma
+    """The slow half of uffd_lock_vma, for when ``lock_vma_under_rcu`` (its fast half, inline in
+    the callers) failed: the VMA found and prepared under the mmap_lock (read), whose release leaves
+    the VMA lock held. ENOENT for no VMA. Takes the VMA lock for read (and, meanwhile, the
+    mmap_lock and what anon_vma_prepare takes)."""
     lock = mm.mmap_lock
     if not lock.down_read(cur):
         await lock.wait(cur)
     try:
-        vma = mm.vma_lookup(addr)
-        if vma is None:
-            raise MmError(errno.ENOENT, f"no mapping at dst {addr:#x}")
-        if not vma.flags & VM_SHARED and vma.anon_vma is None:  # anon_vma_prepare's inline test
-            await anon_vma_prepare(k, cur, vma)
+        vma = await find_vma_and_prepare_anon(k, cur, mm, addr)
         await vma_start_read_locked(cur, vma)
         return vma
     finally:
@@ -543,11 +550,8 @@ async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_st
     if not lock.down_read(cur):
         await lock.wait(cur)
     try:
-        dst_vma = mm.vma_lookup(dst_start)  # find_vmas_mm_locked: find_vma_and_prepare_anon
-        if dst_vma is None:
-            raise MmError(errno.ENOENT, f"no mapping at dst {dst_start:#x}")
-        if not dst_vma.flags & VM_SHARED and dst_vma.anon_vma is None:  # lost it while unlocked (DONTUNMAP)
-            await anon_vma_prepare(k, cur, dst_vma)
+        # find_vmas_mm_locked: the dst may have lost its anon_vma while unlocked (DONTUNMAP)
+        dst_vma = await find_vma_and_prepare_anon(k, cur, mm, dst_start)
         found = dst_vma if dst_vma.start <= src_start < dst_vma.end else mm.vma_lookup(src_start)
         if found is None:
             raise MmError(errno.ENOENT, f"no mapping at src {src_start:#x}")
@@ -844,9 +848,7 @@ async def userfaultfd_fill(
     Returns ``length``; raises MmError with ``moved`` set otherwise: EAGAIN with the bytes done
     for a short fill, or the error with nothing done. The pages filled wake the faults waiting
     on them unless DONTWAKE (also when a cancelled fill stops short)."""
-    ctx = mm.uffd
-    if ctx is None:
-        ctx = mm.uffd = UserfaultfdCtx(k.next_vma_id(), mm)
+    ctx = userfaultfd_ctx(k, mm)
     if ctx.mmap_changing:
         raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
     validate_range(mm, dst, length)
