@@ -36,20 +36,6 @@ def vma_end_write_all(mm: Mm) -> None:
     mm.mm_lock_seq += 1
 
 
-def vma_start_read(cur: Current, vma: Vma) -> bool:
-    """Try to read-lock ``vma`` without sleeping: False if a writer has it marked, or holds or
-    waits for its lock. Takes the VMA lock for read on success."""
-    mm = vma.mm
-    if vma.vm_lock_seq == mm.mm_lock_seq:
-        return False
-    if not vma.vm_lock.down_read_trylock(cur):
-        return False
-    if vma.vm_lock_seq == mm.mm_lock_seq:  # marked between the test and the lock
-        vma.vm_lock.up_read(cur)
-        return False
-    return True
-
-
 async def vma_start_read_locked(cur: Current, vma: Vma, nested: bool = False) -> None:
     """Read-lock ``vma`` under the mmap_lock (held for read: no writer can have it marked).
     Takes the VMA lock for read (``nested``: a second VMA lock, down_read_nested)."""
