@@ -630,6 +630,26 @@ class Search:
     findings: set[str] = field(default_factory=set)  # documented findings seen (not violations)
     cut: int = 0
 
+    def account(self, r: RunResult, number: int) -> bool:
+        """Count run ``r``, schedule ``number`` (1-based); True if it is the first caught."""
+        self.schedules += 1
+        self.interleavings.add(r.signature())
+        self.findings.update(r.findings)
+        self.cut += r.cut
+        if r.caught and self.first is None:
+            self.first, self.at = r, number
+            return True
+        return False
+
+    def merge(self, other: Search) -> None:
+        """Add a worker's part of the same search: its catch counts if it is the earliest."""
+        self.schedules += other.schedules
+        self.interleavings |= other.interleavings
+        self.findings |= other.findings
+        self.cut += other.cut
+        if other.first is not None and (self.first is None or other.at < self.at):
+            self.first, self.at = other.first, other.at
+
 
 def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
             schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
@@ -669,15 +689,10 @@ def _explore_parallel(scn: Scenario, protocol: str, mutant: str | None, strategy
             for w in range(jobs)
         ])
     s = Search(strategy)
-    for p in parts:
-        s.schedules += p["schedules"]
-        s.interleavings |= p["interleavings"]
-        s.findings |= p["findings"]
-        s.cut += p["cut"]
-    caught = [p["caught"] for p in parts if p["caught"] is not None]
-    if caught:
-        i, pre = min(caught)
-        s.first, s.at = run_sync(scn, protocol, mutant, follow(dict(pre))), i + 1
+    for part in parts:
+        s.merge(part)
+    if s.first is not None:  # again, with the whole trace
+        s.first = run_sync(scn, protocol, mutant, follow(dict(s.first.preemptions)))
     s.seconds = time.perf_counter() - t0
     return s
 
@@ -691,32 +706,30 @@ def _worker_init(bound: Any) -> None:
 
 
 def _explore_part(text: str, name: str, protocol: str, mutant: str | None, strategy: str, schedules: int,
-                  depth: int, seed: int, stop_on_catch: bool, w: int, jobs: int) -> dict[str, Any]:
+                  depth: int, seed: int, stop_on_catch: bool, w: int, jobs: int) -> Search:
     scn = parse(text, f"{name}.litmus")
 
-    async def part() -> dict[str, Any]:
-        out: dict[str, Any] = {"schedules": 0, "interleavings": set(), "findings": set(), "cut": 0, "caught": None}
+    async def part() -> Search:
+        s = Search(strategy)
         start = await snapshot(scn, protocol, mutant)
-        steps = len((await run_schedule(scn, protocol, mutant, follow({}), start=start)).decisions) \
-            if strategy == "pct" else 0
+        steps = await _pct_steps(scn, protocol, mutant, start) if strategy == "pct" else 0
         for i in range(w, schedules, jobs):
             if stop_on_catch and i > _bound.value:
                 break
             r = await run_schedule(scn, protocol, mutant, _chooser(strategy, seed, i, len(scn.threads), depth, steps),
                                    start=start, trace=False)
-            out["schedules"] += 1
-            out["interleavings"].add(r.signature())
-            out["findings"].update(r.findings)
-            out["cut"] += r.cut
-            if r.caught and out["caught"] is None:
-                out["caught"] = (i, r.preemptions)
-                if stop_on_catch:
-                    with _bound.get_lock():
-                        _bound.value = min(_bound.value, i)
-                    break
-        return out
+            if s.account(r, i + 1) and stop_on_catch:
+                with _bound.get_lock():
+                    _bound.value = min(_bound.value, i)
+                break
+        return s
 
     return asyncio.run(part())
+
+
+async def _pct_steps(scn: Scenario, protocol: str, mutant: str | None, start: bytes) -> int:
+    """A PCT search's schedule length, to place its change points: the run with no preemption."""
+    return len((await run_schedule(scn, protocol, mutant, follow({}), start=start, trace=False)).decisions)
 
 
 async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
@@ -727,28 +740,12 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
     t0 = time.perf_counter()
     start = await snapshot(scn, protocol, mutant)
 
-    def account(r: RunResult) -> bool:
-        s.schedules += 1
-        s.interleavings.add(r.signature())
-        s.findings.update(r.findings)
-        s.cut += r.cut
-        if r.caught and s.first is None:
-            s.first, s.at = r, s.schedules
-            return stop_on_catch
-        return False
-
-    async def traced(r: RunResult) -> RunResult:
-        """The caught run again, with the whole trace."""
-        return await run_schedule(scn, protocol, mutant, follow(dict(r.preemptions)), start=start)
-
     if strategy in ("random", "pct"):
-        steps = 0
-        if strategy == "pct":  # the schedule's length, to place the change points
-            base = await run_schedule(scn, protocol, mutant, follow({}), start=start)
-            steps = len(base.decisions)
+        steps = await _pct_steps(scn, protocol, mutant, start) if strategy == "pct" else 0
         for i in range(schedules):
             choose = _chooser(strategy, seed, i, len(scn.threads), depth, steps)
-            if account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False)):
+            if s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False), i + 1) \
+                    and stop_on_catch:
                 break
     else:
         # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
@@ -757,7 +754,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         while stack and s.schedules < schedules:
             pre = stack.pop()
             r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start, trace=False)
-            if account(r):
+            if s.account(r, s.schedules + 1) and stop_on_catch:
                 break
             used = len(pre)
             last = max(pre) if pre else -1
@@ -774,8 +771,8 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
                 for alt in d.runnable:
                     if alt != d.default:
                         stack.append({**pre, d.step: alt})
-    if s.first is not None:
-        s.first = await traced(s.first)
+    if s.first is not None:  # again, with the whole trace
+        s.first = await run_schedule(scn, protocol, mutant, follow(dict(s.first.preemptions)), start=start)
     s.seconds = time.perf_counter() - t0
     return s
 
