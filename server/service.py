@@ -50,9 +50,10 @@ ADVICE_FROM_PB = {
     pb.ADVICE_KEEPONFORK: "keeponfork",
     pb.ADVICE_DONTNEED: "dontneed",
 }
-#: UFFDIO_COPY / UFFDIO_ZEROPAGE mode bits the model knows. UffdCopy also has FILL_MODE_WP
-#: (UFFDIO_COPY_MODE_WP, taken off in _op_uffd_copy); UFFDIO_ZEROPAGE has none (EINVAL there).
+#: The mode bits of UFFDIO_ZEROPAGE, and of UFFDIO_COPY (which also has UFFDIO_COPY_MODE_WP);
+#: any other bit is EINVAL.
 FILL_MODES = pb.FILL_MODE_DONTWAKE
+COPY_MODES = FILL_MODES | pb.FILL_MODE_WP
 assert UFFDIO_MOVE_MODE_DONTWAKE == pb.REMAP_MODE_DONTWAKE
 assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
 
@@ -356,20 +357,17 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return vma_to_pb(await self.model.mremap(pid, request.addr, request.old_length, request.new_length,
                                                  maymove=request.maymove, dontunmap=request.dontunmap, fixed=fixed))
 
-    def _fill_args(self, request: pb.UffdCopyRequest | pb.UffdZeropageRequest) -> tuple[int, bool]:
+    def _fill_args(self, request: pb.UffdCopyRequest | pb.UffdZeropageRequest, modes: int) -> tuple[int, bool]:
         pid = self.pid(request.process)
         if request.len > self.limits.max_remap_bytes:
             raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
-        if request.mode & ~FILL_MODES:
-            raise MmError(errno_mod.EINVAL, f"unknown mode bits {request.mode & ~FILL_MODES:#x}")
+        if request.mode & ~modes:
+            raise MmError(errno_mod.EINVAL, f"unknown mode bits {request.mode & ~modes:#x}")
         return pid, bool(request.mode & pb.FILL_MODE_DONTWAKE)
 
     async def _op_uffd_copy(self, request: pb.UffdCopyRequest) -> pb.UffdCopyResponse:
+        pid, dontwake = self._fill_args(request, COPY_MODES)
         wp = bool(request.mode & pb.FILL_MODE_WP)
-        # The shared checks see the mode without the copy-only WP bit (no values copied).
-        head = pb.UffdZeropageRequest(process=request.process, dst=request.dst, len=request.len,
-                                      mode=request.mode & ~pb.FILL_MODE_WP)
-        pid, dontwake = self._fill_args(head)
         if not request.values:
             raise BadRequest("values", "one value for every page, or one per page, is required")
         values: int | list[int] = request.values[0] if len(request.values) == 1 else list(request.values)
@@ -377,7 +375,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return pb.UffdCopyResponse(copied=copied)
 
     async def _op_uffd_zeropage(self, request: pb.UffdZeropageRequest) -> pb.UffdZeropageResponse:
-        pid, dontwake = self._fill_args(request)
+        pid, dontwake = self._fill_args(request, FILL_MODES)
         return pb.UffdZeropageResponse(zeroed=await self.model.uffd_zeropage(pid, request.dst, request.len,
                                                                              dontwake=dontwake))
 
