@@ -101,11 +101,11 @@ from .scenario import (
     StepResult,
     copy_mode,
     copy_values,
+    event_entry,
     length,
     move_len,
     move_mode,
     place,
-    region_at,
     remap_flags,
 )
 
@@ -1129,8 +1129,7 @@ class KernelRunner:
             kind = "wp"
         else:
             kind = "w" if flags & UFFD_PAGEFAULT_FLAG_WRITE else "r"
-        where = region_at(regions, address)
-        return [where[0], where[1], kind] if where else ["?", 0, kind]
+        return event_entry(regions, address, kind)
 
     @staticmethod
     def _command(step: dict[str, Any], addrs: dict[str, int]) -> dict[str, Any]:

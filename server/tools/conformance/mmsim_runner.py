@@ -17,10 +17,10 @@ from .scenario import (
     StepResult,
     copy_mode,
     copy_values,
+    event_entry,
     length,
     move_mode,
     place,
-    region_at,
     remap_flags,
 )
 
@@ -218,7 +218,8 @@ class MmsimRunner:
     async def _fault(run: _Run, st: dict[str, Any], p: Process, addr: int) -> None:
         """Start the access in a task of its own; return once it is done or asleep on the
         userfaultfd (so that an ``events`` step right after it sees its event)."""
-        before = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == addr & ~(PAGE - 1))
+        page = addr & ~(PAGE - 1)
+        before = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == page)
         if st.get("write", False):
             task = asyncio.create_task(p.write(addr, int(st.get("value", 0)), timeout=None))
         else:
@@ -226,7 +227,7 @@ class MmsimRunner:
         run.faults[st["id"]] = (task, p, addr)
         deadline = time.monotonic() + SETTLE_S
         while not task.done() and time.monotonic() < deadline:
-            waiting = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == addr & ~(PAGE - 1))
+            waiting = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == page)
             if waiting > before:
                 return
             await asyncio.sleep(POLL_S)
@@ -260,9 +261,7 @@ class MmsimRunner:
 
     @staticmethod
     def _event(run: _Run, e: Any) -> list[Any]:
-        kind = "wp" if e.wp else ("w" if e.write else "r")
-        where = region_at(run.regions, e.addr)
-        return [where[0], where[1], kind] if where else ["?", 0, kind]
+        return event_entry(run.regions, e.addr, "wp" if e.wp else ("w" if e.write else "r"))
 
 
 #: The field in which a failed step reports the bytes it did (the error's ``.moved``).

@@ -355,6 +355,13 @@ def region_at(regions: dict[str, tuple[int, int]], addr: int) -> tuple[str, int]
     return None
 
 
+def event_entry(regions: dict[str, tuple[int, int]], addr: int, kind: str) -> list[Any]:
+    """An ``events`` entry: ``[region, page, kind]`` of a fault at ``addr`` (``["?", 0, kind]``
+    when no region holds it)."""
+    where = region_at(regions, addr)
+    return [where[0], where[1], kind] if where else ["?", 0, kind]
+
+
 def place(addrs: dict[str, int], ref: list[Any]) -> int:
     """The address of ``[region, page(, byte)]``."""
     return addrs[ref[0]] + int(ref[1]) * PAGE + (int(ref[2]) if len(ref) > 2 else 0)
