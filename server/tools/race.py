@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..mm.mm_types import PAGE_SIZE, MmError
-from ..mm.model import MemoryModel
+from ..mm.model import MemoryModel, WalkResult
 
 #: Errors a racing operation may legitimately get.
 EXPECTED_ERRNOS = {errno.EBUSY, errno.EEXIST, errno.ENOENT, errno.EAGAIN, errno.ESRCH}
@@ -95,10 +95,7 @@ async def race(
             except MmError as e:
                 assert e.errno == errno.ENOENT, e
                 continue
-            totals["walks"] += 1
-            totals["fast"] += w.fast_retries
-            totals["slow"] += w.slow_retries
-            totals["contended"] += w.contended
+            _count_walk(totals, w)
             trace.append(("walk", i, w.referenced, w.mappings))
 
     async def forker() -> None:
@@ -146,6 +143,13 @@ async def race(
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     return _result(m, protocol, seed, totals, trace)
+
+
+def _count_walk(totals: dict[str, int], w: WalkResult) -> None:
+    totals["walks"] += 1
+    totals["fast"] += w.fast_retries
+    totals["slow"] += w.slow_retries
+    totals["contended"] += w.contended
 
 
 def _result(m: MemoryModel, protocol: str, seed: int, totals: dict[str, int], trace: list[object]) -> RaceResult:
@@ -257,10 +261,7 @@ async def gc_race(
             except MmError as e:
                 assert e.errno == errno.ENOENT, e  # moved away meanwhile
                 continue
-            totals["walks"] += 1
-            totals["fast"] += w.fast_retries
-            totals["slow"] += w.slow_retries
-            totals["contended"] += w.contended
+            _count_walk(totals, w)
             trace.append(("walk", i, w.referenced))
 
     for _ in range(rounds):
