@@ -143,6 +143,10 @@ class _Route:
     async def unary(self, method: str, request: Any, timeout: float | None) -> Any:
         return await self.conn.unary(method, request, timeout, self.header)
 
+    def server_stream(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """A server-streaming call (not yet read from): iterate it for the responses."""
+        return getattr(self.conn.stub, method)(request, timeout=timeout, metadata=self.conn.metadata(self.header))
+
 
 def _result(route: _Route, client: Client, response: Any) -> Result:
     """A unary response (or batch result payload) as the SDK returns it."""
@@ -693,10 +697,9 @@ class Process:
     async def read_userfaults(self, *, timeout: Timeout = ...) -> list[UserfaultEvent]:
         """The events queued on this process's userfaultfd now, taken off the queue without waiting
         for more (a read of an O_NONBLOCK userfaultfd); [] when none is queued."""
-        call = self._route or await self._resolve()
+        route = self._route or await self._resolve()
         request = pb.UserfaultsRequest(process=self.id, nonblocking=True)
-        stream = call.conn.stub.Userfaults(request, timeout=self._client._deadline(timeout),
-                                           metadata=call.conn.metadata(call.header))
+        stream = route.server_stream("Userfaults", request, self._client._deadline(timeout))
         try:
             return [userfault_from_pb(m) async for m in stream]
         except grpc.aio.AioRpcError as e:
@@ -726,7 +729,7 @@ class Process:
         request = pb.UserfaultsRequest(process=self.id)
         failures = 0
         while True:
-            call = route.conn.stub.Userfaults(request, metadata=route.conn.metadata(route.header))
+            call = route.server_stream("Userfaults", request)
             try:
                 async for m in call:
                     failures = 0
