@@ -10,13 +10,14 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends nginx \
  && rm -rf /var/lib/apt/lists/*
 
+# mmsim without extras (the server and the SDK), its dependencies at the tested versions of requirements.lock.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY server ./server
 COPY client ./client
 COPY loadgen ./loadgen
 COPY proto ./proto
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir . -c requirements.lock \
  && rm -rf /src
 
 # Not root: the server and nginx (deploy/nginx.conf writes only under /tmp and listens above 1024).

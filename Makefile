@@ -4,6 +4,10 @@ PYTHON ?= $(firstword $(wildcard /usr/bin/python3.13 /usr/bin/python3.12 /usr/bi
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The exact tested set of every dependency and extra, for Python 3.11: `make lock` regenerates it from
+# pyproject.toml's ranges with uv, keeping each pin the ranges still allow (UPGRADE=1: the newest instead).
+LOCK   := requirements.lock
+UV     := build/uv/bin/uv
 
 # `make run HOST=... PORT=...` listens there (defaults 127.0.0.1 and 7077). Only values given on make's
 # command line count: shells export HOST, and without either `mmsim serve` keeps MMSIM_LISTEN.
@@ -11,13 +15,20 @@ RUN_HOST := $(if $(findstring command line,$(origin HOST)),$(HOST))
 RUN_PORT := $(if $(findstring command line,$(origin PORT)),$(PORT))
 RUN_ARGS := $(strip $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS))
 
-.PHONY: help test run bench clean proto
+.PHONY: help test run demo bench docs lock dist clean proto
 
-$(STAMP): pyproject.toml
+# The virtualenv holds exactly the lock file's set (every extra), then mmsim itself, editable.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,locust]'
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv build/uv
+	build/uv/bin/python -m pip install --quiet 'uv>=0.13.9,<0.14'
 
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z_-]*:.*## / { printf "  %-6s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -34,8 +45,20 @@ demo: $(STAMP) ## start a server, run the race profile 10 s against it, print th
 bench: $(STAMP) ## run the model benchmarks (benchmarks/model_bench.py)
 	$(PY) benchmarks/model_bench.py
 
-clean: ## remove the virtualenv and the build and test caches
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+docs: $(STAMP) ## build the documentation site (MkDocs, docs/ and mkdocs.yml) into site/; any warning fails it
+	$(PY) -m mkdocs build --strict --site-dir site
+
+lock: $(UV) ## regenerate requirements.lock from pyproject.toml (all extras, Python 3.11); UPGRADE=1 for the newest
+	$(UV) pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
+		--custom-compile-command 'make lock' --output-file $(LOCK) $(if $(UPGRADE),--upgrade) --quiet
+
+dist: $(STAMP) ## build the sdist and the wheel into dist/ and check them with twine
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
+clean: ## remove the virtualenv, dist/ and the build and test caches
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
 
 proto: $(STAMP) ## regenerate the committed gRPC code beside its .proto (package mmsim.v1)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/mmsim/v1/mmsim.proto

@@ -5,6 +5,7 @@ certificates (``write_test_certificates``)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -85,13 +86,18 @@ def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProc
     supervised = any(a == "--shards" or a.startswith("--shards=") for a in args) and \
         _flag(args, "--shards") not in (None, "1")
     try:
+        said = ""  # the last line that is not a log record: a one-line error before the exit
         while True:
             line = proc.stderr.readline()
             event = json.loads(line) if line.startswith("{") else {}
             if event.get("event") == "serving" and (not supervised or "shards" in event):
                 break
-            if not line.startswith("{") or event.get("level") in ("error", "critical"):
-                raise RuntimeError(f"mmsim serve did not start: {line.strip() or proc.wait(30)}")
+            if not line or event.get("level") in ("error", "critical"):
+                raise RuntimeError(f"mmsim serve did not start: {said or line.strip() or proc.wait(30)}")
+            if not line.startswith("{") and not _GRPC_LOG_LINE.match(line):  # gRPC core's own lines go on
+                said = line.strip()
+                if proc.poll() is not None or not said:
+                    raise RuntimeError(f"mmsim serve did not start: {said or proc.wait(30)}")
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
         yield ServerProcess(event["listen"], proc, tuple(event.get("shards", (event["listen"],))))
         proc.send_signal(signal.SIGCONT)  # in case it was left stopped
@@ -104,6 +110,10 @@ def serve_subprocess(*args: str, check_exit: bool = True) -> Iterator[ServerProc
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+#: A line gRPC core writes itself (glog style: severity, date, time, thread, file:line]).
+_GRPC_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+:\d+\]")
 
 
 def _flag(args: tuple[str, ...], flag: str) -> str | None:

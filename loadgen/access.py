@@ -9,6 +9,15 @@ from dataclasses import dataclass
 from mmsim.client import Client, read_token, tls_credentials
 
 
+#: Channel arguments: a shard that restarts is reached again within a second of its serving again
+#: (gRPC's own reconnect backoff grows to minutes). The minimum backoff, which is also the least a
+#: connection attempt is given, stays gRPC's.
+RECONNECT: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 @dataclass(frozen=True)
 class Access:
     """The targets and credentials of a run.
@@ -36,8 +45,9 @@ class Access:
         if len(self.targets) == 1:
             routing = self.routing if self.routing in ("direct", "proxy") else "auto"
             return Client(self.targets[0], timeout=timeout, retries=retries, credentials=credentials, token=token,
-                          routing=routing)
-        return Client(list(self.targets), timeout=timeout, retries=retries, credentials=credentials, token=token)
+                          routing=routing, options=RECONNECT)
+        return Client(list(self.targets), timeout=timeout, retries=retries, credentials=credentials, token=token,
+                      options=RECONNECT)
 
 
-__all__ = ["Access"]
+__all__ = ["RECONNECT", "Access"]

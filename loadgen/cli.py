@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import sys
@@ -23,9 +24,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
 EPILOG = """\
 exit status:
   0  the run completed, with no failed call and, under a safe protocol (recheck, folio-lock), no
-     detector violation
-  1  some calls failed (a status other than OK or an expected errno), or a detector fired under a
-     safe protocol
+     detector violation; a shard that restarted under the run (mmsim serve --shards N starts a
+     shard that dies again) does not change it: the report counts the restarts per shard
+     (shard_restarts) and the calls they cost (the shard_restarted outcome), and the lost trees are
+     made again on the restarted shard, so the load goes on until the run ends
+  1  some calls failed (a status other than OK or an expected errno; a shard that does not serve
+     again within 10 s, or --call-timeout if shorter, fails the calls on it), a detector fired
+     under a safe protocol, or a worker failed
   2  bad usage
   4  a target could not be reached
 
@@ -41,6 +46,16 @@ collector (a task of the worker that has every lane of the tree) moves the heap 
 mremap(MAYMOVE|DONTUNMAP), resolves each mutator's fault on the emptied heap with UFFDIO_MOVE, and
 unmaps the from-space once every page is back; gc_read is one faulting read, walks walk the GC pages
 wherever they are. Needs --trees >= --workers (the default gives that)."""
+
+
+# The modules of the `loadgen` extra (pip install 'mmsim[loadgen]') and their distributions; a plain
+# `pip install mmsim` has the server and the SDK only.
+EXTRA_MODULES = {"hdrh": "hdrhistogram", "jsonschema": "jsonschema", "matplotlib": "matplotlib"}
+
+
+def missing_extra() -> list[str]:
+    """The distributions of the ``loadgen`` extra that are not installed (found without importing them)."""
+    return [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_extra()
+    if missing:  # before build_parser, which imports the runner
+        print(f"mmsim loadgen: error: {', '.join(missing)} not installed: the load generator needs "
+              "pip install 'mmsim[loadgen]'", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 150)

@@ -10,7 +10,9 @@ in-process version). The tree's root has a heap registered MISSING with its user
 3. the collector resolves each fault with ``remap(to_page, from_page, 4096)`` (UFFDIO_MOVE), which
    wakes the read; two mutators may fault on one page, so a move may find the page already back
    (EEXIST, or ENOENT: the source gone), which is counted and otherwise harmless;
-4. when every page is back, it unmaps the emptied from-space and starts the next cycle.
+4. when every page is back and every move of the cycle has ended (a second fault's move left running
+   would land in the next cycle, and take its page there for one already back, whose reader then
+   sleeps for good), it unmaps the emptied from-space and starts the next cycle.
 
 Walks (``walk``, ``walk_blocking``) meanwhile walk the same folios wherever they are, from-space or
 to-space (``GcHeap.where``). At the end of the run (the worker's lanes all done, so no read waits)
@@ -67,6 +69,16 @@ class GcHeap:
         self.between = True  # no cycle's state yet (before the first, between two): events wait
         self.deferred: list[UserfaultEvent] = []
         self.stats: Counter[str] = Counter()
+        self.dead = False  # the collector stopped: its tree is gone, or it failed
+
+    def abandon(self) -> None:
+        """Give the heap up (its tree's shard restarted: the tree is gone): the collector stops, and
+        no mutator waits on it any longer."""
+        if self.failed is None:
+            self.failed = GcError(f"the tree {self.tree.root_pid} of the heap is gone")
+        self.broken.set()
+        self.dead = True
+        self.open.set()
 
     # -- the lanes' side
     def claim(self) -> int:
@@ -102,11 +114,18 @@ class GcHeap:
                     broken.cancel()
                 self._check(pump)
                 if self.back.is_set():
+                    if self.moves:  # a second fault's move of a page back already: it ends in this cycle
+                        await asyncio.gather(*self.moves, return_exceptions=True)
+                        self._check(pump)
                     await self._end_cycle()
             if self.moves:
                 await asyncio.gather(*self.moves, return_exceptions=True)
             self._check(pump)
             await self._finish()
+        except BaseException:
+            self.dead = True
+            self.open.set()  # no mutator waits for a collector that stopped
+            raise
         finally:
             stopping.cancel()
             pump.cancel()
@@ -117,6 +136,8 @@ class GcHeap:
         return dict(self.stats)
 
     def _check(self, pump: asyncio.Task[None]) -> None:
+        if isinstance(self.failed, GcError):
+            raise self.failed
         if self.failed is not None:
             raise GcError(f"the collector of tree {self.tree.root_pid}'s heap: {self.failed}") from self.failed
         if pump.done():

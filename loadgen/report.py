@@ -109,6 +109,12 @@ def summary(report: dict[str, Any]) -> Group:
         out.add_row("GC collectors", f"{gc.get('trees', 0):,} trees: {gc.get('cycles', 0):,} cycles completed, "
                     f"{gc.get('faults', 0):,} faults, {gc.get('moves', 0):,} moves back; "
                     + _counts({k: v for k, v in gc.items() if k not in ("trees", "cycles", "faults", "moves")}))
+    restarts = report.get("shard_restarts")
+    if restarts:
+        seen = ", ".join(f"shard {shard}: {n:,}" for shard, n in restarts.items())
+        out.add_row(Text("shard restarts", style="yellow"),
+                    Text(f"{seen}; {report.get('trees_recreated', 0):,} trees made again; calls they cost: "
+                         f"{report['errnos'].get('shard_restarted', 0):,} (shard_restarted)", style="yellow"))
     if mode == "open":
         out.add_row("sends that left late", Text(f"{report['late_sends']:,}", style="yellow" if report["late_sends"] else ""))
     parts.append(out)

@@ -9,6 +9,11 @@ deltas: from GetStats (every shard's, summed), or from every shard's Prometheus 
 One target is a deployment the client discovers: one server, the shards of ``mmsim serve --shards
 N`` (reached directly), or shards behind a proxy; the trees are spread over the shards and every
 call goes to its tree's shard. Several targets are separate servers, used as given ("static").
+
+A shard that restarts under the run (its supervisor starts it again when it dies) is no reason to
+stop: the workers make the trees it lost again and go on (restart.py), the report counts the calls
+it cost (``shard_restarted``), the restarts seen per shard and the trees made again, and the
+counters of a restarted shard count from its restart.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -39,6 +45,7 @@ from mmsim.client import Client, MmsimError
 from . import histograms, scrape
 from .access import Access
 from .profiles import SHARED_PAGES_PROFILES, is_gc
+from .restart import RESTART_CODES, RESTART_WAIT_S
 from .worker import SERIES_DIGITS, WorkerSpec, worker_main
 from .workload import Workload, build, gc_lanes_per_tree, gc_trees, teardown
 
@@ -230,10 +237,6 @@ async def _collect(workers: list[tuple[Any, Connection]], live: Live) -> list[di
     return [results[i] for i in sorted(results)]
 
 
-def _deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after)) if after.get(k, 0) - before.get(k, 0)}
-
-
 def merge(results: list[dict[str, Any]], opts: Options, duration: float) -> dict[str, Any]:
     """The figures of the run: every worker's histograms and counts, merged exactly."""
     names = sorted({name for r in results for name in r["ops"]})
@@ -286,6 +289,11 @@ def merge(results: list[dict[str, Any]], opts: Options, duration: float) -> dict
 async def run(opts: Options, console: Console) -> dict[str, Any]:
     """Make the run described by ``opts``; the report (see report.schema.json)."""
     workers = _start_workers(opts.workers)  # before any gRPC object exists in this process
+    def _dump(*_a):  # DEBUG-TEMP
+        with open(f"/tmp/L/pdump.{os.getpid()}", "w") as f:  # DEBUG-TEMP
+            for t in asyncio.all_tasks(asyncio.get_event_loop()):  # DEBUG-TEMP
+                t.print_stack(file=f)  # DEBUG-TEMP
+    signal.signal(signal.SIGUSR1, _dump)  # DEBUG-TEMP
     try:
         return await _run(opts, console, workers)
     finally:
@@ -337,21 +345,49 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
             report = await _measure(opts, console, workers, mm, counters, w, race)
         finally:
             if not opts.keep:
-                await teardown(mm, w)
+                _, problems = await teardown(mm, w)
+                _warn_left(problems)
         report["server"] = {"protocol": protocol, "shards": shards, "routing": mm.routing}
         return report
     finally:
         await mm.close()
 
 
-Counters = Callable[[], Awaitable[dict[str, int]]]
+def _warn_left(problems: list[str]) -> None:
+    """Say on standard error that processes of the run are left on the server, and why."""
+    if problems:
+        print(f"mmsim loadgen: warning: {len(problems)} process(es) of the run could not be exited: {problems[0]}",
+              file=sys.stderr)
+
+
+#: What one reading of the counters gives per shard (per endpoint, per server): its generation
+#: where known (None: not), and its counters.
+Reading = dict[str, tuple[int | None, dict[str, int]]]
+Counters = Callable[[], Awaitable[Reading]]
 
 
 async def _counters(opts: Options, mm: Client) -> Counters:
-    """What reads the servers' counters: GetStats of every shard, or a scrape of every shard's
-    Prometheus endpoint (checked once now, so that a run never starts without them)."""
+    """What reads the servers' counters, shard by shard: GetStats of every shard, or a scrape of
+    every shard's Prometheus endpoint (checked once now, so that a run never starts without them).
+    A shard that is restarting is waited for, up to RESTART_WAIT_S."""
     if opts.stats_from != "metrics":
-        return mm.stats
+        async def stats() -> Reading:
+            if mm.routing == "static":
+                return {t: (None, await mm.stats(target=t)) for t in mm.targets}
+            generations = {s.index: s.generation or None for s in await mm.shards()}
+            return {str(i): (generations.get(i), await mm.stats(shard=i)) for i in range(len(await mm.routes()))}
+
+        async def read_stats() -> Reading:
+            deadline = time.monotonic() + RESTART_WAIT_S
+            while True:
+                try:
+                    return await stats()
+                except MmsimError as e:
+                    if e.code not in RESTART_CODES or time.monotonic() >= deadline:
+                        raise RunError(f"cannot read the servers' counters: {e}") from None
+                await asyncio.sleep(0.05)
+
+        return read_stats
     urls = list(opts.metrics_urls)
     if not urls:
         try:
@@ -359,14 +395,62 @@ async def _counters(opts: Options, mm: Client) -> Counters:
         except ValueError as e:
             raise RunError(str(e)) from None
 
-    async def read() -> dict[str, int]:
-        try:
-            return await scrape.scrape(urls)
-        except (OSError, ValueError) as e:
-            raise RunError(f"cannot scrape the metrics ({', '.join(urls)}): {e}") from None
+    async def read() -> Reading:
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                return {url: found for url, found in zip(urls, await scrape.scrape_each(urls), strict=True)}
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise RunError(f"cannot scrape the metrics ({', '.join(urls)}): {e}") from None
+            except ValueError as e:
+                raise RunError(f"cannot scrape the metrics ({', '.join(urls)}): {e}") from None
+            await asyncio.sleep(0.05)
 
     await read()
     return read
+
+
+def counter_deltas(before: Reading, after: Reading) -> dict[str, int]:
+    """The counters' change over the run, summed over the shards: after minus before, or for a
+    shard that restarted in between (its generation changed) its counters after, those since its
+    restart (what it counted before went with it)."""
+    total: Counter[str] = Counter()
+    for where, (generation, counters) in after.items():
+        was_generation, was = before.get(where, (None, {}))
+        if generation is not None and was_generation is not None and generation != was_generation:
+            was = {}
+        for k in set(counters) | set(was):
+            total[k] += counters.get(k, 0) - was.get(k, 0)
+    return {k: v for k, v in sorted(total.items()) if v}
+
+
+async def _generations(mm: Client) -> dict[int, int]:
+    """Each shard's generation now (none with several targets), the shards being waited for while
+    one restarts (up to RESTART_WAIT_S); empty if they do not say."""
+    if mm.routing == "static":
+        return {}
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return {s.index: s.generation for s in await mm.shards() if s.generation}
+        except MmsimError as e:
+            if e.code not in RESTART_CODES or time.monotonic() >= deadline:
+                return {}
+        await asyncio.sleep(0.05)
+
+
+def shard_restarts(results: list[dict[str, Any]], start: dict[int, int], end: dict[int, int]) -> dict[str, int]:
+    """Restarts seen per shard: the generations the workers found their trees' shards restarted
+    under, and a shard whose generation changed over the run (one no tree of which noticed)."""
+    seen: dict[str, set[str]] = {}
+    for r in results:
+        for shard, generations in r.get("restarts", {}).get("generations", {}).items():
+            seen.setdefault(shard, set()).update(generations)
+    for index, generation in end.items():
+        if index in start and start[index] != generation:
+            seen.setdefault(str(index), set()).add(str(generation))
+    return {shard: len(g - {""}) or 1 for shard, g in sorted(seen.items())}
 
 
 async def _measure(
@@ -378,6 +462,7 @@ async def _measure(
         lanes = w.gc_lanes(opts.workers, opts.concurrency)
     else:
         lanes = w.lanes(opts.workers * opts.concurrency, race)
+    generations = await _generations(mm)
     start_at = time.time() + START_DELAY
     per_rate = opts.rate / opts.workers if opts.rate is not None else None
     for i, (_, conn) in enumerate(workers):
@@ -399,6 +484,7 @@ async def _measure(
             seed=opts.seed * 1000 + i,
             call_timeout=opts.call_timeout,
             gc_trees=gc_trees(i, opts.workers, len(w.trees)) if gc else (),
+            keep=opts.keep,
         )
         conn.send(("go", spec))
     live = Live(console, opts.quiet)
@@ -419,6 +505,7 @@ async def _measure(
         results = await collect
     loop.remove_signal_handler(signal.SIGINT)
     after = await counters()
+    _warn_left([p for r in results for p in r.get("problems", ())])
     duration = max((r["wall_s"] for r in results), default=0.0)
     report: dict[str, Any] = {
         "schema": SCHEMA_ID,
@@ -438,7 +525,9 @@ async def _measure(
     report.update(merge(results, opts, duration))
     if gc:  # what the collectors did, over the whole run (the warm-up included)
         report["gc"] = dict(sorted(sum((Counter(r.get("gc", {})) for r in results), Counter()).items()))
-    report["server_deltas"] = _deltas(before, after)
+    report["server_deltas"] = counter_deltas(before, after)
+    report["shard_restarts"] = shard_restarts(results, generations, await _generations(mm))
+    report["trees_recreated"] = sum(r.get("restarts", {}).get("recreated", 0) for r in results)
     cpu = [
         {"worker": r["worker"], "cpu_s": r["cpu_s"], "wall_s": r["wall_s"],
          "utilization": r["cpu_s"] / r["wall_s"] if r["wall_s"] > 0 else 0.0}
@@ -459,4 +548,5 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-__all__ = ["Options", "RunError", "bottleneck", "cpu_count", "default_trees", "merge", "run"]
+__all__ = ["Options", "RunError", "bottleneck", "counter_deltas", "cpu_count", "default_trees", "merge", "run",
+           "shard_restarts"]

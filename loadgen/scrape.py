@@ -91,12 +91,28 @@ def _fetch(url: str) -> str:
     return body.decode("utf-8")
 
 
+def generation(text: str) -> int | None:
+    """The generation of the shard that served ``text`` (its ``mmsim_shard_info``), or None."""
+    for family in text_string_to_metric_families(text):
+        if family.name == "mmsim_shard_info":
+            for sample in family.samples:
+                value = sample.labels.get("generation", "")
+                if value.isdecimal() and int(value):
+                    return int(value)
+    return None
+
+
+async def scrape_each(urls: Iterable[str], fetch: Callable[[str], str] = _fetch) -> list[tuple[int | None, dict[str, int]]]:
+    """The generation and the counters of each endpoint; each fetched in a thread, all at once."""
+    texts = await asyncio.gather(*(asyncio.to_thread(fetch, url_of(u)) for u in urls))
+    return [(generation(text), parse(text)) for text in texts]
+
+
 async def scrape(urls: Iterable[str], fetch: Callable[[str], str] = _fetch) -> dict[str, int]:
     """The counters of every endpoint, summed; each fetched in a thread, all at once."""
-    texts = await asyncio.gather(*(asyncio.to_thread(fetch, url_of(u)) for u in urls))
     total: dict[str, int] = {}
-    for text in texts:
-        for k, v in parse(text).items():
+    for _, counters in await scrape_each(urls, fetch):
+        for k, v in counters.items():
             total[k] = total.get(k, 0) + v
     return total
 
@@ -134,4 +150,4 @@ async def endpoints(mm: Client, access: Callable[[], Access]) -> list[str]:
     return found
 
 
-__all__ = ["LABELLED", "SAMPLES", "endpoints", "parse", "scrape", "url_of"]
+__all__ = ["LABELLED", "SAMPLES", "endpoints", "generation", "parse", "scrape", "scrape_each", "url_of"]

@@ -13,6 +13,10 @@ through a proxy, as the runner's client found them.
 In a GC mix a worker also runs the collector of each tree it owns (``WorkerSpec.gc_trees``, every
 lane of which it has): a task beside the lanes, started before them and stopped once they are all
 done, so that no read is left waiting for a fault's resolution (gc.py).
+
+A shard that restarts under the run takes its trees with it: the worker tells the calls that cost
+(the ``shard_restarted`` outcome) from other failures, makes the trees its lanes were on again on
+the restarted shard and goes on with them (restart.py); it exits those at the end.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from hdrh.histogram import HdrHistogram
 from mmsim.client import BatchStream, Client, MmsimError, Process, ProcessNotFoundError, ops
 
 from .access import Access
-from .gc import GcHeap
+from .gc import GcError, GcHeap
 from .histograms import encode, new_histogram
 from .profiles import OPS_PER_CALL
+from .restart import PROBE_INTERVAL_S, SHARD_RESTARTED, Restarts, TreeSlot
 from .workload import BLOCK, PAGE, LaneSpec, TreeSpec
 
 #: A send later than its intended time by more than this is counted late (open loop).
@@ -63,6 +68,7 @@ class WorkerSpec:
     seed: int
     call_timeout: float
     gc_trees: tuple[int, ...] = ()  # the trees whose GC collector this worker runs (a GC mix)
+    keep: bool = False  # leave the trees made again after a shard restart on the server at the end
 
 
 @dataclass
@@ -158,21 +164,52 @@ class GcMixError(Exception):
 
 
 class Lane:
-    """One call in flight at a time, on pages of its own (shared ones in the race profile)."""
+    """One call in flight at a time, on pages of its own (shared ones in the race profile) of its
+    tree, which ``slot`` holds (the tree made again after a restart of its shard, too)."""
 
-    def __init__(
-        self, spec: LaneSpec, tree: TreeSpec, root: Process, race_pos: dict[tuple[int, int], int],
-        heap: GcHeap | None = None,
-    ) -> None:
+    def __init__(self, spec: LaneSpec, slot: TreeSlot) -> None:
         self.spec = spec
-        self.heap = heap  # its tree's GC heap, in a GC mix
-        self.tree = tree
-        self.root = root
+        self.slot = slot
+        self.version = slot.version  # the slot's version the positions below are of
         self.single_at = 0  # 0: the page is in the source region, 1: in the destination
         self.block_at = 0
-        self.race_pos = race_pos
         self.value = 0
         self.stream: BatchStream | None = None
+
+    @property
+    def tree(self) -> TreeSpec:
+        return self.slot.spec
+
+    @property
+    def root(self) -> Process:
+        return self.slot.root
+
+    @property
+    def heap(self) -> GcHeap | None:
+        """Its tree's GC heap, in a GC mix."""
+        return self.slot.heap
+
+    @property
+    def race_pos(self) -> dict[int, int]:
+        return self.slot.race_pos
+
+    async def sync(self) -> int:
+        """Start over on the tree made again if it was (the pages back where a new tree has them,
+        the stream of the old one dropped); the slot's version the next call is made on."""
+        if self.version != self.slot.version:
+            self.version = self.slot.version
+            self.single_at = self.block_at = self.value = 0
+            await self.drop_stream(None)
+        return self.version
+
+    async def drop_stream(self, exc: BaseException | None) -> None:
+        """Cancel the lane's stream (it failed with ``exc``, or its tree is gone)."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            try:
+                await stream.__aexit__(type(exc or GcError), exc or GcError("the stream's tree is gone"), None)
+            except (OSError, MmsimError, EOFError):
+                pass
 
     def regions(self, at: int) -> tuple[int, int]:
         """(from, to) for a page now at ``at``."""
@@ -188,19 +225,14 @@ class Worker:
         names = [n for n, _ in spec.mix]
         weights = [w for _, w in spec.mix]
         self.choose: Callable[[], str] = lambda: self.rng.choices(names, weights)[0]
-        race_pos: dict[tuple[int, int], int] = {}
-        roots = [mm.process(t.root, t.root_pid, target=t.target) for t in spec.trees]
-        self.heaps = {
-            t: GcHeap(spec.trees[t], roots[t], random.Random(spec.seed * 7919 + t), spec.call_timeout)
-            for t in spec.gc_trees
-        }
+        self.slots = [TreeSlot(i, t, mm.process(t.root, t.root_pid, target=t.target)) for i, t in enumerate(spec.trees)]
+        for t in spec.gc_trees:
+            self.slots[t].heap = self.new_heap(self.slots[t])
         for lane in spec.lanes:
-            if lane.gc and lane.tree not in self.heaps:
+            if lane.gc and self.slots[lane.tree].heap is None:
                 raise ValueError(f"a GC lane of tree {lane.tree}, whose collector is not this worker's")
-        self.lanes = [
-            Lane(lane, spec.trees[lane.tree], roots[lane.tree], race_pos, self.heaps.get(lane.tree))
-            for lane in spec.lanes
-        ]
+        self.lanes = [Lane(lane, self.slots[lane.tree]) for lane in spec.lanes]
+        self.restarts = Restarts(mm, spec.access, spec.seed, spec.call_timeout, self.new_heap)
         self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
             "ping": self.op_ping,
             "remap": self.op_remap,
@@ -219,6 +251,13 @@ class Worker:
         self.prepare: dict[str, Callable[[Lane, float], Awaitable[bool]]] = {"gc_read": self.gc_ready}
         self.inflight = 0
         self.orphans: list[Process] = []
+
+    def new_heap(self, slot: TreeSlot) -> GcHeap | None:
+        """The GC heap of ``slot``'s tree (as it is now), if this worker runs its collector."""
+        if slot.index not in self.spec.gc_trees:
+            return None
+        rng = random.Random(self.spec.seed * 7919 + slot.index + 1_000_003 * slot.version)
+        return GcHeap(slot.spec, slot.root, rng, self.spec.call_timeout)
 
     # -- the operations: each returns the errnos of the operations inside it (a batch's)
     async def op_ping(self, lane: Lane) -> Counter[str]:
@@ -239,17 +278,18 @@ class Worker:
         return Counter()
 
     async def _race_remap(self, lane: Lane) -> Counter[str]:
-        key = (lane.spec.tree, self.rng.choice(lane.spec.race))
-        at = lane.race_pos.get(key, 0)
+        page = self.rng.choice(lane.spec.race)
+        race_pos = lane.race_pos
+        at = race_pos.get(page, 0)
         frm, to = lane.regions(at)
-        off = key[1] * PAGE
+        off = page * PAGE
         try:
             await lane.root.remap(to + off, frm + off, PAGE)
         except OSError as e:
             if e.errno in (errno_mod.ENOENT, errno_mod.EEXIST):  # another lane moved it: it is there
-                lane.race_pos[key] = at ^ 1
+                race_pos[page] = at ^ 1
             raise
-        lane.race_pos[key] = at ^ 1
+        race_pos[page] = at ^ 1
         return Counter()
 
     async def op_remap64(self, lane: Lane) -> Counter[str]:
@@ -263,8 +303,8 @@ class Worker:
         if lane.heap is not None:  # a GC page, in the from-space or back in the heap
             addr = lane.heap.where(self.rng.randrange(lane.heap.pages))
         elif lane.spec.race:
-            key = (lane.spec.tree, self.rng.choice(lane.spec.race))
-            addr = lane.regions(lane.race_pos.get(key, 0))[0] + key[1] * PAGE
+            page = self.rng.choice(lane.spec.race)
+            addr = lane.regions(lane.race_pos.get(page, 0))[0] + page * PAGE
         else:
             addr = lane.tree.shared + lane.spec.walk_page * PAGE
         await lane.root.walk(addr, blocking)
@@ -290,18 +330,29 @@ class Worker:
 
     async def gc_ready(self, lane: Lane, end: float) -> bool:
         """Wait until the tree's GC cycle has pages to fault on (between two cycles, the collector
-        unmaps the old from-space and moves the heap aside again), until ``end``; whether it has."""
-        heap = lane.heap
-        if heap is None or heap.open.is_set():
-            return True
-        left = end - time.perf_counter()
-        if left <= 0:
-            return False
-        try:
-            await asyncio.wait_for(heap.open.wait(), None if left == float("inf") else left)
-        except TimeoutError:
-            return False
-        return True
+        unmaps the old from-space and moves the heap aside again), until ``end``; whether it has.
+        A heap whose collector stopped is waited out: its tree's shard restarted, and the tree made
+        again comes with a heap of its own (or the run fails with the collector)."""
+        while True:
+            if not await self.restarts.ready(lane.slot, end):
+                return False
+            heap = lane.heap
+            if heap is None:
+                return True
+            if heap.dead:
+                if time.perf_counter() >= end:
+                    return False
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                continue
+            if heap.open.is_set():
+                return True
+            left = end - time.perf_counter()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(heap.open.wait(), None if left == float("inf") else left)
+            except TimeoutError:
+                return False
 
     async def op_gc_read(self, lane: Lane) -> Counter[str]:
         """A mutator's read of a to-space page: it faults, and the read returns once the collector
@@ -311,6 +362,8 @@ class Worker:
             raise GcMixError("gc_read on a lane without a GC heap")
         if not heap.open.is_set():  # open loop: the wait for the next cycle is in the latency
             await heap.open.wait()
+        if heap.dead:
+            raise GcError("the collector of the heap stopped")
         page = heap.claim()
         value = await lane.root.read(heap.to + page * PAGE)
         if value != lane.tree.gc_value(page):
@@ -331,7 +384,12 @@ class Worker:
         return [there, back] * (OPS_PER_CALL["batch"] // 2)
 
     def _settle(self, lane: Lane, results: list[Any]) -> Counter[str]:
+        """The errnos of a batch's remaps (the lane's page follows those that worked). A process
+        not found (its shard restarted) fails the call."""
         inner: Counter[str] = Counter()
+        lost = next((r for r in results if isinstance(r, ProcessNotFoundError)), None)
+        if lost is not None:
+            raise lost
         for r in results:
             if isinstance(r, BaseException):
                 _, err = classify(r)
@@ -344,35 +402,77 @@ class Worker:
         return self._settle(lane, await self.mm.batch(self._ping_pong(lane)))
 
     async def op_stream(self, lane: Lane) -> Counter[str]:
-        if lane.stream is None:
-            lane.stream = self.mm.batch_stream(via=lane.root)
-            await lane.stream.__aenter__()
-        return self._settle(lane, await lane.stream.run(self._ping_pong(lane)))
+        try:
+            if lane.stream is None:
+                lane.stream = self.mm.batch_stream(via=lane.root)
+                await lane.stream.__aenter__()
+            return self._settle(lane, await lane.stream.run(self._ping_pong(lane)))
+        except (OSError, MmsimError, EOFError) as e:
+            if not (isinstance(e, OSError) and e.errno):  # the stream is broken: the next call opens another
+                await lane.drop_stream(e)
+            raise
 
     # -- running one operation on a lane
     async def call(self, lane: Lane, op: str, began: float, rec: Recorder) -> None:
+        """Make one call on ``lane`` and record it. A failure that a restart of the tree's shard
+        caused is the ``shard_restarted`` outcome; telling so waits for the tree's recovery (the
+        latency recorded ends with the failure)."""
         self.inflight += 1
         inner: Counter[str] = Counter()
         try:
-            inner = await self.ops[op](lane)
-            status, err = "OK", None
-        except (OSError, MmsimError) as e:
-            status, err = classify(e)
-        except WrongValue:
-            status, err = "WRONG_VALUE", None  # a failure: the page lost its value
+            version = await lane.sync()
+            try:
+                inner = await self.ops[op](lane)
+                status, err = "OK", None
+            except (OSError, MmsimError, EOFError, GcError) as e:
+                failed_at = time.perf_counter()
+                status, err = classify(e)
+                if await self.restarts.caused(lane.slot, version, e, failed_at):
+                    err = SHARD_RESTARTED
+                rec.record(op, began, failed_at, status, err, inner, OPS_PER_CALL[op])
+                return
+            except WrongValue:
+                status, err = "WRONG_VALUE", None  # a failure: the page lost its value
         finally:
             self.inflight -= 1
         rec.record(op, began, time.perf_counter(), status, err, inner, OPS_PER_CALL[op])
 
-    async def close(self) -> None:
+    async def collect(self, slot: TreeSlot, stop: asyncio.Event) -> dict[str, int]:
+        """Run the collector of ``slot``'s heap until ``stop``, and after a restart of the tree's
+        shard that of the heap made again (none once the tree is lost); what they did, summed. A
+        collector that fails otherwise fails the run."""
+        done: Counter[str] = Counter()
+        while True:
+            heap, version = slot.heap, slot.version
+            assert heap is not None
+            try:
+                return dict(done + Counter(await heap.run(stop)))
+            except (OSError, MmsimError, EOFError, GcError) as e:
+                done += heap.stats
+                if not await self.restarts.caused(slot, version, e, time.perf_counter()):
+                    raise
+            if not await self.restarts.ready(slot, float("inf")) or slot.heap is None or stop.is_set():
+                await stop.wait()  # the tree is gone: no collector until the run's end
+                return dict(done)
+
+    async def close(self) -> list[str]:
+        """Close the lanes' streams, exit the children that forks left and the trees made again
+        after restarts (unless ``keep``); what kept a process from exiting."""
         for lane in self.lanes:
-            if lane.stream is not None:
-                await lane.stream.__aexit__(None, None, None)
+            stream, lane.stream = lane.stream, None
+            if stream is not None:
+                try:
+                    await stream.__aexit__(None, None, None)
+                except (OSError, MmsimError, EOFError):
+                    pass  # broken by a restart of its shard: nothing to close
         for child in self.orphans:
             try:
                 await child.exit()
             except (ProcessNotFoundError, ProcessLookupError):
-                pass  # it did exit
+                pass  # it did exit, or its shard restarted
+            except MmsimError:
+                pass  # its shard is unreachable: its tree goes with the teardown's
+        return await self.restarts.close(self.spec.keep)
 
 
 async def _progress(worker: Worker, rec: Recorder, conn: Connection, stop: asyncio.Event) -> None:
@@ -391,12 +491,15 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
     async with spec.access.client(timeout=spec.call_timeout, retries=0) as mm:
         await mm.routes()  # the discovery, before the start: no call of the run waits for it
         worker = Worker(spec, mm)
+        global _DEBUG_WORKER  # DEBUG-TEMP
+        _DEBUG_WORKER = worker  # DEBUG-TEMP
         stop_gc = asyncio.Event()  # set once every lane is done: no read waits on a collector then
-        collectors = [asyncio.create_task(heap.run(stop_gc)) for heap in worker.heaps.values()]
+        collectors = [asyncio.create_task(worker.collect(worker.slots[t], stop_gc)) for t in spec.gc_trees]
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         t0 = time.perf_counter()
         warm_end = t0 + spec.warmup
         end = warm_end + spec.duration if spec.duration is not None else float("inf")
+        worker.restarts.end = end
         rec = Recorder(warm_end, end)
         cpu_at_warm_end: list[float] = []
 
@@ -436,6 +539,8 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
         async def closed_loop() -> None:
             async def lane_loop(lane: Lane) -> None:
                 while True:
+                    if not await worker.restarts.ready(lane.slot, end):  # its tree made again, or lost
+                        return
                     op = worker.choose()
                     prepare = worker.prepare.get(op)
                     if prepare is not None and not await prepare(lane, end):
@@ -457,7 +562,8 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
 
             async def run_on(lane: Lane, op: str, intended: float) -> None:
                 try:
-                    await worker.call(lane, op, intended, rec)
+                    if await worker.restarts.ready(lane.slot, end):  # the wait is in the latency
+                        await worker.call(lane, op, intended, rec)
                 finally:
                     free.put_nowait(lane)
 
@@ -490,8 +596,9 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
         cpu = time.process_time() - cpu0
         stop_progress.set()
         await progress
-        await worker.close()
+        problems = await worker.close()
         result = rec.result()
+        result.update(restarts=worker.restarts.result(), problems=problems)
         if gc:
             result["gc"] = dict(sum((Counter(g) for g in gc), Counter(trees=len(gc))))
         wall = max(0.0, finished - warm_end)
@@ -526,6 +633,16 @@ def worker_main(conn: Connection) -> None:
     """The worker process: wait for the spec, run, send the result. Ctrl-C reaches the parent, which
     stops the workers with a message (their figures up to then are reported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import os as _os, sys as _sys  # DEBUG-TEMP
+    def _dump(*_a):  # DEBUG-TEMP
+        with open(f"/tmp/L/dump.{_os.getpid()}", "w") as f:  # DEBUG-TEMP
+            w = _DEBUG_WORKER  # DEBUG-TEMP
+            print("ROOTS", *[sl.root.id for sl in w.slots if sl.heap is not None], file=f)  # DEBUG-TEMP
+            print("worker", w.spec.index, [(sl.index, sl.version, sl.lost, sl.recovery, sl.heap and (sl.heap.dead, sorted(sl.heap.pending), sl.heap.between, dict(sl.heap.stats), sl.heap.open.is_set(), sl.heap.frm, sl.heap.deferred)) for sl in w.slots], file=f)  # DEBUG-TEMP
+            for t in asyncio.all_tasks(asyncio.get_event_loop()):  # DEBUG-TEMP
+                try: t.print_stack(file=f)  # DEBUG-TEMP
+                except Exception: pass  # DEBUG-TEMP
+    signal.signal(signal.SIGUSR1, _dump)  # DEBUG-TEMP
     try:
         msg = conn.recv()
         if msg[0] != "go":
@@ -534,6 +651,7 @@ def worker_main(conn: Connection) -> None:
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass
     except Exception:
+        open(f"/tmp/L/err.{_os.getpid()}", "w").write(traceback.format_exc())  # DEBUG-TEMP
         try:
             conn.send(("error", traceback.format_exc(limit=8)))
         except (BrokenPipeError, OSError):

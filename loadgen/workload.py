@@ -24,9 +24,10 @@ and every call on a tree goes to its shard: a tree is one shard's, as every proc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mmsim.client import Client, ops
+from mmsim.client import Client, MmsimError, Process, ProcessNotFoundError, ops
 
 PAGE = 4096
 BLOCK = 64
@@ -172,49 +173,63 @@ async def build(
     for t in range(trees):
         if static:
             root = await mm.create_process()  # round-robin over the targets
-            target: str | None = root.target
-            shard: int | None = None
         else:
             root = await mm.create_process(shard=t % routes if routes > 1 else None)
-            target, shard = None, root.shard
-        w.created.append((root.id, target))
-        shared = await root.mmap(pages * PAGE, addr=SHARED_AT)
-        await _write_pages(mm, root, shared.start, pages)
+        w.trees.append(await build_tree(
+            w, mm, root, static=static, pages=pages, fork_depth=fork_depth, remap=remap, rw_pages=per_tree, gc=gc,
+            step=step,
+        ))
+
+
+async def build_tree(
+    w: Workload, mm: Client, root: Process, *, static: bool, pages: int, fork_depth: int, remap: int,
+    rw_pages: int, gc: bool, step: Callable[[], None] | None = None,
+) -> TreeSpec:
+    """Make the new process ``root`` (of ``mm``) a tree: its regions, written, and its chain of
+    ``fork_depth`` descendants; its spec. Every process is in ``w.created`` as soon as it exists."""
+    target = root.target if static else None
+    shard = None if static else root.shard
+    w.created.append((root.id, target))
+    shared = await root.mmap(pages * PAGE, addr=SHARED_AT)
+    await _write_pages(mm, root, shared.start, pages)
+    if step is not None:
         step()
-        chain: list[tuple[str, int]] = []
-        parent = root
-        for _ in range(fork_depth):
-            parent = await parent.fork()
-            chain.append((parent.id, parent.pid))
-            w.created.append((parent.id, target))
+    chain: list[tuple[str, int]] = []
+    parent = root
+    for _ in range(fork_depth):
+        parent = await parent.fork()
+        chain.append((parent.id, parent.pid))
+        w.created.append((parent.id, target))
+        if step is not None:
             step()
-        src = await root.mmap(remap * PAGE, addr=SRC_AT)
-        await _write_pages(mm, root, src.start, remap)  # before registering: no fault handler
+    src = await root.mmap(remap * PAGE, addr=SRC_AT)
+    await _write_pages(mm, root, src.start, remap)  # before registering: no fault handler
+    if step is not None:
         step()
-        await root.uffd_register(src.start, remap * PAGE, "missing")  # moves come back to it
-        dst = await root.mmap(remap * PAGE, uffd="missing", addr=DST_AT)
-        for region in (src, dst):
-            await root.madvise(region.start, remap * PAGE, "dontfork")
+    await root.uffd_register(src.start, remap * PAGE, "missing")  # moves come back to it
+    dst = await root.mmap(remap * PAGE, uffd="missing", addr=DST_AT)
+    for region in (src, dst):
+        await root.madvise(region.start, remap * PAGE, "dontfork")
+    if step is not None:
         step()
-        rw_pages = per_tree
-        rw = await root.mmap(rw_pages * PAGE, addr=RW_AT)
-        await root.madvise(rw.start, rw_pages * PAGE, "dontfork")
-        await _write_pages(mm, root, rw.start, rw_pages)
+    rw = await root.mmap(rw_pages * PAGE, addr=RW_AT)
+    await root.madvise(rw.start, rw_pages * PAGE, "dontfork")
+    await _write_pages(mm, root, rw.start, rw_pages)
+    if step is not None:
         step()
-        heap = 0
-        if gc:  # the GC heap: written, then registered (the faults on its emptied range come to the collector)
-            heap = (await root.mmap(pages * PAGE, addr=GC_AT)).start
-            await root.madvise(heap, pages * PAGE, "dontfork")  # its folios stay exclusive: movable
-            await _write_pages(mm, root, heap, pages)
-            await root.uffd_register(heap, pages * PAGE, "missing")
+    heap = 0
+    if gc:  # the GC heap: written, then registered (the faults on its emptied range come to the collector)
+        heap = (await root.mmap(pages * PAGE, addr=GC_AT)).start
+        await root.madvise(heap, pages * PAGE, "dontfork")  # its folios stay exclusive: movable
+        await _write_pages(mm, root, heap, pages)
+        await root.uffd_register(heap, pages * PAGE, "missing")
+        if step is not None:
             step()
-        w.trees.append(
-            TreeSpec(
-                target=target, shard=shard, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
-                shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
-                rw_pages=rw_pages, gc=heap, gc_pages=pages if gc else 0,
-            )
-        )
+    return TreeSpec(
+        target=target, shard=shard, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
+        shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
+        rw_pages=rw_pages, gc=heap, gc_pages=pages if gc else 0,
+    )
 
 
 async def _write_pages(mm: Client, p: object, start: int, pages: int) -> None:
@@ -226,10 +241,17 @@ async def _write_pages(mm: Client, p: object, start: int, pages: int) -> None:
             raise failed[0]
 
 
-async def teardown(mm: Client, w: Workload) -> int:
-    """Exit every process the setup created, descendants first. Returns how many exited."""
+async def teardown(mm: Client, w: Workload) -> tuple[int, list[str]]:
+    """Exit every process the setup created, descendants first: how many exited, and what kept the
+    others from exiting (one line each). A process its shard's restart took is gone already."""
     exited = 0
+    problems: list[str] = []
     for handle, target in reversed(w.created):
-        await mm.process(handle, target=target).exit()
-        exited += 1
-    return exited
+        try:
+            await mm.process(handle, target=target).exit()
+            exited += 1
+        except ProcessNotFoundError:  # its shard restarted (or it exited otherwise): nothing left to do
+            pass
+        except (OSError, MmsimError) as e:
+            problems.append(str(e))
+    return exited, problems

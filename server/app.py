@@ -4,11 +4,13 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import inspect
 import json
 import logging
 import random
+import re
 import secrets
 import signal
 import socket
@@ -22,16 +24,20 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 
+from . import errors
+from .admission import Admission, Refused, Ticket
 from .auth import TokenInterceptor, exposure_refusal, read_token, server_credentials
+from .mm.memcontrol import MemCgroup, MemoryLimitExceeded
 from .mm.model import MemoryModel
 from .metrics import Metrics
-from .service import Limits, MemoryManagerServicer
-from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation
+from .service import Limits, MemoryManagerServicer, rich_status
+from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation, peer_credentials
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name
 #: Server reflection's current name; grpcio-reflection 1.85 only ships v1alpha, which is the same
@@ -50,6 +56,13 @@ class ServerConfig:
     preempt: float = 0.0
     detectors: bool = True
     max_concurrent_rpcs: int = 1024
+    # Admission and pending work (admission.py).
+    reserved_rpcs: int = 64
+    max_pending_faults: int = 4096
+    max_pending_faults_per_process: int = 1024
+    max_userfault_streams: int = 4
+    max_request_bytes: int = 16 << 20
+    audit_share: float = 0.1
     max_message_bytes: int = 4 * 1024 * 1024
     max_remap_bytes: int = 1 << 30
     max_munmap_bytes: int = 1 << 36
@@ -61,12 +74,22 @@ class ServerConfig:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     access_log_sample: float = 1.0  # fraction of OK calls in the access log; failed calls always
+    # Connections (connection_options), in seconds; what 0 means: each flag's help (cli.py).
+    max_connection_idle: float = 300.0  # no call for this long: GOAWAY, then closed
+    max_connection_age: float = 0.0  # GOAWAY once this old (off)
+    max_connection_age_grace: float = 30.0  # then calls still running get this long
+    keepalive_time: float = 7200.0  # ping a connection quiet for this long
+    keepalive_timeout: float = 20.0  # close it when the ping is not answered within this
+    min_ping_interval: float = 300.0  # clients' pings more often than this: GOAWAY too_many_pings
+    handshake_timeout: float = 20.0  # TCP connect to the client's SETTINGS acknowledged (and TLS)
     # Sharding (topology.py, supervisor.py): with shards > 1, ``mmsim serve`` is a supervisor.
     shards: int = 1
     shard_index: int = 0
     peers: tuple[str, ...] = ()  # every shard's address, in index order; empty: this one alone
     generation: int = 0  # 0: topology.new_generation() at start
     supervised: bool = False  # started by a supervisor: topology on stdin, "ready" line on stdout
+    peer_probe_interval: float = 1.0  # seconds between health checks of each peer (topology.PeerProbe); 0: none
+    peer_probe_failures: int = 2  # failed checks in a row that make a peer down
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
     # Access control (auth.py).
     token_file: str = ""
@@ -74,6 +97,41 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     insecure: bool = False
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments for connections: idle and age limits, keepalive,
+        the ping policy for clients and the handshake timeout. In grpcio 1.85 an unanswered ping
+        closes the connection after ``grpc.http2.ping_timeout_ms`` (keepalive_timeout_ms alone
+        does not), and a client that never acknowledges the server's SETTINGS after
+        ``grpc.http2.settings_timeout``: both are set too. Durations beyond gRPC's longest
+        (2**31 - 1 ms, 24 days) are taken as that; a negative one is a ValueError."""
+
+        def ms(name: str, seconds: float, zero: int) -> int:
+            """``seconds`` in milliseconds; 0 stands for ``zero``."""
+            if not seconds >= 0:
+                raise ValueError(f"{name} must not be negative")
+            return zero if seconds == 0 else max(1, round(min(seconds, _NEVER_MS / 1000) * 1000))
+
+        handshake = ms("handshake_timeout", self.handshake_timeout, _NEVER_MS)
+        timeout = ms("keepalive_timeout", self.keepalive_timeout, _NEVER_MS)
+        return [
+            ("grpc.max_connection_idle_ms", ms("max_connection_idle", self.max_connection_idle, _NEVER_MS)),
+            ("grpc.max_connection_age_ms", ms("max_connection_age", self.max_connection_age, _NEVER_MS)),
+            ("grpc.max_connection_age_grace_ms", ms("max_connection_age_grace", self.max_connection_age_grace, 0)),
+            ("grpc.keepalive_time_ms", ms("keepalive_time", self.keepalive_time, _NEVER_MS)),
+            ("grpc.keepalive_timeout_ms", timeout),
+            ("grpc.http2.ping_timeout_ms", timeout),
+            # Clients may keep an idle connection alive with pings, no more often than this.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms("min_ping_interval", self.min_ping_interval, 0)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.server_handshake_timeout_ms", handshake),
+            ("grpc.http2.settings_timeout", handshake),
+        ]
+
+
+#: The longest duration gRPC takes (its channel arguments are int32 milliseconds): never.
+_NEVER_MS = 2**31 - 1
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -118,21 +176,40 @@ class MalformedRequest:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
+class RefusedRequest:
+    """Stands for a request refused before it was decoded (admission.charge_request): past
+    --max-request-bytes, or without room in the memory budget."""
+
+    def __init__(self, status: grpc.Status) -> None:
+        self.status = status
+
+
+def _tolerant(method: str, deserializer: Callable[[bytes], Any] | None, admission: Admission) -> Callable[[bytes], Any]:
+    """The method's deserializer (none: the bytes as they are), returning (message, charge): the
+    message, or a MalformedRequest or RefusedRequest in its place, and the RequestCharge that
+    keeps what it holds charged to the memory budget for as long as it lives. A request is
+    charged before it is decoded, and one that does not fit is never decoded."""
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            charge = admission.charge_request(method, data)
+        except Refused as e:
+            return RefusedRequest(_limit_status(e.limit, e.value, str(e))), None
+        except MemoryLimitExceeded as e:
+            return RefusedRequest(_no_memory(e)), None
+        if deserializer is None:
+            return data, charge
+        try:
+            return deserializer(data), charge
         except DecodeError as e:
-            return MalformedRequest(e)
+            return MalformedRequest(e), charge
 
     return deserialize
 
 
 def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
-    """The method's serializer, except for a response a handler has already serialized (bytes)."""
+    """The method's serializer, except for a response already serialized (bytes): the
+    interceptor serializes every response itself, to check its size first."""
     if serializer is None:
         return None
 
@@ -142,68 +219,141 @@ def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], b
     return serialize
 
 
-async def _reject_malformed(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request message does not parse: {request.error}")
+#: What a request id may hold, and how much of it is kept; anything else is replaced by "_".
+REQUEST_ID_MAX = 64
+_REQUEST_ID_BAD = re.compile(r"[^A-Za-z0-9._:/@+=-]")
 
 
-def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-    """The status a call ended with, as far as the handler can tell."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
-        return code
-    if exc is None:
-        return grpc.StatusCode.OK
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
+def request_id(raw: str | None) -> str:
+    """The ``x-request-id`` a client sent, as the log may hold it: printable token characters
+    only, at most REQUEST_ID_MAX of them; a fresh one when it sent none."""
+    if not raw:
+        return secrets.token_hex(6)
+    return _REQUEST_ID_BAD.sub("_", raw[:REQUEST_ID_MAX])
+
+
+def _limit_status(limit: str, value: int, message: str) -> grpc.Status:
+    """RESOURCE_EXHAUSTED with the ErrorInfo and QuotaFailure every server limit answers with."""
+    return rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, [
+        error_details_pb2.ErrorInfo(reason=errors.LIMIT_EXCEEDED, domain=errors.DOMAIN,
+                                    metadata={"limit": limit, "value": str(value)}),
+        error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=limit, description=message)]),
+    ])
+
+
+def _no_memory(e: MemoryLimitExceeded) -> grpc.Status:
+    """ENOMEM for a call that does not fit in the memory budget."""
+    return rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"[ENOMEM] {e.strerror}", [
+        error_details_pb2.ErrorInfo(reason="ENOMEM", domain=errors.DOMAIN,
+                                    metadata={"errno": str(errno.ENOMEM), "moved": "0"}),
+        error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject="max_memory", description=e.strerror)]),
+    ])
 
 
 class _Call:
-    """One call's log context, access-log line and metrics."""
+    """One call: its log context, access-log line, metrics and admission ticket. Everything the
+    log needs is taken from the context when the call starts; after that the context is read
+    only while the handler still runs (an abort's code and details), never once the call may
+    have ended (a cancelled stream's generator is finalized after its call is gone)."""
 
-    __slots__ = ("method", "metrics", "request_id", "rpc_type", "sample", "t0")
+    __slots__ = ("admission", "deadline", "method", "metrics", "peer", "request_id", "rpc_type", "sample", "t0",
+                 "ticket")
 
-    def __init__(self, method: str, request_id: str | None, sample: float, metrics: Metrics | None = None,
-                 rpc_type: str = "unary") -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, method: str, rid: str, sample: float,
+                 metrics: Metrics | None, rpc_type: str, admission: Admission) -> None:
         self.method = method
-        self.request_id = request_id or secrets.token_hex(6)
+        self.request_id = rid
         self.sample = sample
         self.metrics = metrics
         self.rpc_type = rpc_type
-        structlog.contextvars.bind_contextvars(method=method, request_id=self.request_id)
+        self.admission = admission
+        self.ticket: Ticket | None = None
+        self.peer = context.peer()
+        remaining = context.time_remaining()
+        self.t0 = time.perf_counter()
+        self.deadline = None if remaining is None else self.t0 + remaining
+        structlog.contextvars.bind_contextvars(method=method, request_id=rid)
         if metrics is not None:
             metrics.rpc_started(method, rpc_type)
-        self.t0 = time.perf_counter()
+
+    async def admit(self, context: grpc.aio.ServicerContext, request: Any) -> Any:
+        """The request message, once the call is admitted with it (a stream's next message: once
+        its charge replaces the last one's); aborts the call (malformed, refused, no slot, no
+        memory) otherwise."""
+        message, charge = request
+        del request
+        refusal: grpc.Status | None = None
+        if isinstance(message, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request message does not parse: {message.error}")
+        if isinstance(message, RefusedRequest):
+            refusal = message.status
+        elif self.ticket is None:
+            try:
+                self.ticket = self.admission.admit(self.method, charge)
+            except Refused as e:
+                refusal = _limit_status(e.limit, e.value, str(e))
+            except MemoryLimitExceeded as e:
+                refusal = _no_memory(e)
+        else:
+            self.ticket.request = charge
+        if refusal is not None:
+            del message, charge  # nothing of a refused request outlives its answer
+            await context.abort_with_status(refusal)
+        return message
+
+    async def respond(self, context: grpc.aio.ServicerContext, response: Any, serialize: Callable[[Any], bytes]) -> bytes:
+        """The response, serialized; RESOURCE_EXHAUSTED instead if it passes --max-message-bytes."""
+        data = response if type(response) is bytes else serialize(response)
+        limit = self.admission.max_message_bytes
+        if len(data) > limit:
+            await context.abort_with_status(_limit_status(
+                "max_message_bytes", limit, f"the response would be {len(data)} bytes, more than {limit} "
+                "(max-message-bytes)"))
+        return data
 
     def done(self, context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> None:
+        if self.ticket is not None:
+            self.admission.done(self.ticket)
+            self.ticket = None
         seconds = time.perf_counter() - self.t0
-        ms = round(seconds * 1e3, 3)
-        code = _status(context, exc)
+        details: str | None = None
+        if exc is None or isinstance(exc, grpc.aio.AbortError):
+            # The handler returned or aborted: the call is still in progress, its state readable.
+            code = context.code()
+            code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+            details = context.details() if code != grpc.StatusCode.OK else None
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            late = self.deadline is not None and time.perf_counter() >= self.deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        else:
+            code = grpc.StatusCode.UNKNOWN
         if self.metrics is not None:
             self.metrics.rpc_handled(self.method, self.rpc_type, code, seconds)
         if code == grpc.StatusCode.OK:
             if self.sample < 1.0 and (self.sample <= 0.0 or random.random() >= self.sample):
                 return
-            log.info("rpc", method=self.method, code=code.name, duration_ms=ms, request_id=self.request_id,
-                     peer=context.peer())
+            log.info("rpc", method=self.method, code=code.name, duration_ms=round(seconds * 1e3, 3),
+                     request_id=self.request_id, peer=self.peer)
             return
-        details = context.details() or (type(exc).__name__ if exc is not None else None)
-        log.info("rpc", method=self.method, code=code.name, duration_ms=ms, request_id=self.request_id,
-                 peer=context.peer(), details=details)
+        log.info("rpc", method=self.method, code=code.name, duration_ms=round(seconds * 1e3, 3),
+                 request_id=self.request_id, peer=self.peer,
+                 details=details or (type(exc).__name__ if exc is not None else None))
 
 
 class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id and the method to the log context of each call, writes the access log
     (one ``rpc`` line per call at info: OK calls sampled, failed ones always), counts each call in
-    the Prometheus metrics (when there are), and answers unparseable request messages with
-    INVALID_ARGUMENT."""
+    the Prometheus metrics (when there are), admits it (admission.py: run slots, the reserve, its
+    charge to the memory budget), answers unparseable or oversize request messages, and checks
+    each response's size before it is sent, so that the log says what the client got."""
 
-    def __init__(self, access_log_sample: float = 1.0, metrics: Metrics | None = None) -> None:
+    def __init__(self, access_log_sample: float = 1.0, metrics: Metrics | None = None,
+                 admission: Admission | None = None) -> None:
         self.access_log_sample = access_log_sample
         self.metrics = metrics
+        self.admission = admission or Admission(1024, 64, MemCgroup())
 
     async def intercept_service(
         self,
@@ -212,69 +362,62 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
-        rid = next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), None)
+        rid = request_id(next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), None))
         sample = self.access_log_sample
         metrics = self.metrics
+        admission = self.admission
         if handler is None:  # gRPC answers UNIMPLEMENTED itself; no handler, so no context or peer
-            log.info("rpc", method=method, code="UNIMPLEMENTED", duration_ms=0.0,
-                     request_id=rid or secrets.token_hex(6), peer=None)
+            log.info("rpc", method=method, code="UNIMPLEMENTED", duration_ms=0.0, request_id=rid, peer=None)
             return handler
+        deserialize = _tolerant(method, handler.request_deserializer, admission)
+        serialize = handler.response_serializer or (lambda r: r)
 
-        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def admitted(call: _Call, requests: Any, context: grpc.aio.ServicerContext) -> Any:
             async for request in requests:
-                if isinstance(request, MalformedRequest):
-                    await _reject_malformed(context, request)
-                yield request
+                yield await call.admit(context, request)
 
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample, metrics, "unary")
+                call = _Call(context, method, rid, sample, metrics, "unary", admission)
                 try:
-                    if isinstance(request, MalformedRequest):
-                        await _reject_malformed(context, request)
-                    response = await inner_uu(request, context)
+                    response = await call.respond(context, await inner_uu(await call.admit(context, request), context),
+                                                  serialize)
                 except BaseException as e:
                     call.done(context, e)
                     raise
                 call.done(context)
                 return response
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
-            )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, _passthrough(serialize))
         if handler.stream_stream is not None:
             inner_ss = handler.stream_stream
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample, metrics, "bidi_stream")  # one access line when the stream ends
+                call = _Call(context, method, rid, sample, metrics, "bidi_stream", admission)  # one line at the end
                 try:
-                    async for response in inner_ss(checked(requests, context), context):
-                        yield response
+                    async for response in inner_ss(admitted(call, requests, context), context):
+                        yield await call.respond(context, response, serialize)
                 except BaseException as e:
                     call.done(context, e)
                     raise
                 call.done(context)
 
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
-            )
-        if handler.unary_stream is not None:  # health's Watch
+            return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, _passthrough(serialize))
+        if handler.unary_stream is not None:  # Userfaults, health's Watch
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample, metrics, "server_stream")
+                call = _Call(context, method, rid, sample, metrics, "server_stream", admission)
                 try:
-                    if isinstance(request, MalformedRequest):
-                        await _reject_malformed(context, request)
-                    responses = inner_us(request, context)
+                    responses = inner_us(await call.admit(context, request), context)
                     if inspect.isawaitable(responses):  # a handler that writes with context.write (health's Watch)
                         await responses
                     else:
                         try:
                             async for response in responses:
-                                yield response
+                                yield await call.respond(context, response, serialize)
                         finally:  # the stream ended early (the client went away): close the handler's now
                             await responses.aclose()
                 except BaseException as e:
@@ -282,25 +425,22 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 call.done(context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
-            )
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, _passthrough(serialize))
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, rid, sample, metrics, "client_stream")
+                call = _Call(context, method, rid, sample, metrics, "client_stream", admission)
                 try:
-                    response = await inner_su(checked(requests, context), context)
+                    response = await call.respond(context, await inner_su(admitted(call, requests, context), context),
+                                                  serialize)
                 except BaseException as e:
                     call.done(context, e)
                     raise
                 call.done(context)
                 return response
 
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, _tolerant(handler.request_deserializer), _passthrough(handler.response_serializer)
-            )
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, _passthrough(serialize))
         return handler
 
 
@@ -333,6 +473,8 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, let running ones finish within ``grace`` seconds, cancel the rest."""
         await self.health.enter_graceful_shutdown()
+        if self.topology is not None:
+            await self.topology.stop_probe()
         await self.server.stop(grace)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -474,7 +616,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_processes=config.max_processes,
         max_pages=config.max_pages,
         max_memory=config.max_memory,
+        max_pending_faults=config.max_pending_faults,
+        max_pending_faults_per_process=config.max_pending_faults_per_process,
+        max_userfault_streams=config.max_userfault_streams,
+        audit_share=config.audit_share,
     )
+    admission = Admission(config.max_concurrent_rpcs, config.reserved_rpcs, model.k.memcg,
+                          config.max_request_bytes, config.max_message_bytes)
+    model.k.on_uffd_sleep = admission.on_uffd_sleep
     limits = Limits(
         max_remap_bytes=config.max_remap_bytes,
         max_munmap_bytes=config.max_munmap_bytes,
@@ -483,12 +632,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
     generation = config.generation or new_generation()
     metrics = Metrics(model, shard=config.shard_index, generation=generation) if config.metrics_listen else None
-    interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(config.access_log_sample, metrics)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestContextInterceptor(config.access_log_sample, metrics, admission)]
     if token is not None:  # inside the access log: a refused call still gets its line
         interceptors.append(TokenInterceptor(token))
+    calls_at_once = max(1000, config.max_concurrent_rpcs + config.reserved_rpcs + config.max_pending_faults)
+    # No maximum_concurrent_rpcs here: gRPC's would count calls asleep on a userfault and refuse
+    # the calls that resolve them; the interceptor admits calls instead (admission.py).
     server = grpc.aio.server(
         interceptors=interceptors,
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -497,8 +649,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
             # 30 s, answered CANCELLED though no one cancelled it): the client's deadline decides.
             ("grpc.server_max_unrequested_time_in_server", 24 * 3600),
             # Nor shed while fewer are queued than the limit of calls in progress lets through.
-            ("grpc.server.max_pending_requests", max(1000, 2 * config.max_concurrent_rpcs)),
-            ("grpc.server.max_pending_requests_hard_limit", max(3000, 4 * config.max_concurrent_rpcs)),
+            # gRPC core cancels calls that wait beyond these for the server to take them: room for
+            # every call the admission control may let in at once (admission.py), faults asleep too.
+            ("grpc.server.max_pending_requests", 2 * calls_at_once),
+            ("grpc.server.max_pending_requests_hard_limit", 4 * calls_at_once),
+            # Idle, old and silent connections are closed; dead peers found by keepalive pings.
+            *config.connection_options(),
         ],
     )
     topology = Topology.standalone(config.shard_index, generation, config.listen, config.peers)
@@ -522,7 +678,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await _follow_shard_health(topology, health_servicer)
+    await _follow_shard_health(topology, health_servicer, config)
     tls = "mutual" if config.tls_client_ca else "on" if credentials is not None else "off"
     log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
              shard=topology.index, generation=generation, tls=tls, token=token is not None,
@@ -534,24 +690,33 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
 def shard_health_service(index: int) -> str:
     """The health service name that reports shard ``index`` of the deployment (on every shard that
-    knows it: SERVING, or NOT_SERVING while its supervisor restarts it)."""
+    knows it: SERVING, or NOT_SERVING while its supervisor restarts it or while it does not answer
+    this shard's probes)."""
     return f"mmsim.shard.{index}"
 
 
 _HEALTH = {SERVING: health_pb2.HealthCheckResponse.SERVING, DOWN: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
-async def _follow_shard_health(topology: Topology, health_servicer: Any) -> None:
-    """Report each shard's state in this shard's health service, now and as the supervisor tells."""
+async def _follow_shard_health(topology: Topology, health_servicer: Any, config: ServerConfig) -> None:
+    """Report each shard's state in this shard's health service, now and as the supervisor tells
+    and the peer probe finds; start the probe (topology.PeerProbe) where there are peers to probe,
+    over TLS when this shard serves TLS. ``RunningServer.stop`` stops it."""
     for s in topology.shards:
         if s.state in _HEALTH:
             await health_servicer.set(shard_health_service(s.index), _HEALTH[s.state])
+    pending: set[asyncio.Future[None]] = set()  # held until done: the loop keeps tasks weakly
 
     def changed(s: ShardInfo) -> None:
         if s.state in _HEALTH:
-            asyncio.ensure_future(health_servicer.set(shard_health_service(s.index), _HEALTH[s.state]))
+            f = asyncio.ensure_future(health_servicer.set(shard_health_service(s.index), _HEALTH[s.state]))
+            pending.add(f)
+            f.add_done_callback(pending.discard)
 
     topology.on_change = changed
+    if config.peer_probe_interval > 0 and (config.peers or config.supervised):
+        topology.start_probe(config.peer_probe_interval, config.peer_probe_failures,
+                             peer_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
 
 
 def freeze_after_full_collections() -> None:

@@ -196,6 +196,13 @@ def _probability(raw: str) -> float:
     return v
 
 
+def _share(raw: str) -> float:
+    v = _float(raw)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError("must be within (0, 1]")
+    return v
+
+
 def _seconds(raw: str) -> float:
     v = _float(raw)
     if v < 0:
@@ -299,7 +306,23 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--seed", "MMSIM_SEED", "seed", _int, "seed of the preemption scheduler"),
     ("--detectors", "MMSIM_DETECTORS", "detectors", _bool, "run lockdep, the walk detectors and the RCU checks"),
     ("--max-concurrent-rpcs", "MMSIM_MAX_CONCURRENT_RPCS", "max_concurrent_rpcs", _positive,
-     "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+     "calls running at once (a call asleep on a userfault or waiting for userfault events does not "
+     "count); more get RESOURCE_EXHAUSTED"),
+    ("--reserved-rpcs", "MMSIM_RESERVED_RPCS", "reserved_rpcs", _non_negative,
+     "more slots kept for health checks, Ping, GetTopology, GetStats, ListUserfaults, UffdCopy, UffdZeropage, "
+     "Remap, UffdWake, Exit and Munmap, so that they are admitted when other calls fill --max-concurrent-rpcs"),
+    ("--max-pending-faults", "MMSIM_MAX_PENDING_FAULTS", "max_pending_faults", _positive,
+     "accesses asleep on a userfault at once, in all; more get RESOURCE_EXHAUSTED"),
+    ("--max-pending-faults-per-process", "MMSIM_MAX_PENDING_FAULTS_PER_PROCESS", "max_pending_faults_per_process",
+     _positive, "accesses asleep on a userfault at once in one process; more get RESOURCE_EXHAUSTED"),
+    ("--max-userfault-streams", "MMSIM_MAX_USERFAULT_STREAMS", "max_userfault_streams", _positive,
+     "Userfaults streams open at once on one process; more get RESOURCE_EXHAUSTED"),
+    ("--max-request-bytes", "MMSIM_MAX_REQUEST_BYTES", "max_request_bytes", _bytes,
+     "most bytes a request may hold decoded (its wire bytes and 8 per repeated value), checked before "
+     "its values are unpacked; K, M, G suffixes"),
+    ("--audit-share", "MMSIM_AUDIT_SHARE", "audit_share", _share,
+     "most of the time CheckInvariants audits may take (they hold every model call while they run): "
+     "the next audit waits until the last one's time is this share of the time since it began"),
     ("--max-message-bytes", "MMSIM_MAX_MESSAGE_BYTES", "max_message_bytes", _positive,
      "largest request or response message"),
     ("--max-remap-bytes", "MMSIM_MAX_REMAP_BYTES", "max_remap_bytes", _positive,
@@ -316,6 +339,30 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "bytes of model objects (PTEs, page tables, VMAs, anon_vmas, chains, folios, processes); beyond it "
      "RESOURCE_EXHAUSTED (ENOMEM); K, M, G suffixes"),
     ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
+    ("--max-connection-idle", "MMSIM_MAX_CONNECTION_IDLE", "max_connection_idle", _seconds,
+     "seconds a connection may go without a call (from its start, or its last call's end) before the server "
+     "sends GOAWAY and closes it; a client reconnects on its next call. Also closes connections that "
+     "never make a call. 0: never"),
+    ("--max-connection-age", "MMSIM_MAX_CONNECTION_AGE", "max_connection_age", _seconds,
+     "seconds a connection may live before GOAWAY (clients then reconnect, and spread over "
+     "the server's addresses again); 0: no limit"),
+    ("--max-connection-age-grace", "MMSIM_MAX_CONNECTION_AGE_GRACE", "max_connection_age_grace", _seconds,
+     "seconds the calls still running on a connection past --max-connection-age (a Userfaults "
+     "stream) may take before it is closed under them"),
+    ("--keepalive-time", "MMSIM_KEEPALIVE_TIME", "keepalive_time", _seconds,
+     "seconds of quiet on a connection before the server pings the client to see that it is "
+     "still there (gRPC's default, 2 h); 0: no pings"),
+    ("--keepalive-timeout", "MMSIM_KEEPALIVE_TIMEOUT", "keepalive_timeout", _seconds,
+     "seconds the client has to answer a ping (the server's keepalive, or any other) before the "
+     "connection is closed; 0: no limit"),
+    ("--min-ping-interval", "MMSIM_MIN_PING_INTERVAL", "min_ping_interval", _seconds,
+     "the shortest time between a client's pings that the server accepts on a connection not "
+     "sending data, with or without calls (gRPC's default, 5 min); the third ping sooner "
+     "gets GOAWAY too_many_pings. Clients' keepalive times must be at least this; 0: any"),
+    ("--handshake-timeout", "MMSIM_HANDSHAKE_TIMEOUT", "handshake_timeout", _seconds,
+     "seconds a new connection has to complete its TLS and HTTP/2 handshakes (the client's "
+     "preface and SETTINGS, and its acknowledgement of the server's) before it is closed; 0: no "
+     "limit"),
     ("--log-format", "MMSIM_LOG_FORMAT", "log_format", str, "auto (JSON unless on a terminal) | json | console"),
     ("--log-level", "MMSIM_LOG_LEVEL", "log_level", str, "debug | info | warning | error"),
     ("--access-log-sample", "MMSIM_ACCESS_LOG_SAMPLE", "access_log_sample", _probability,
@@ -328,6 +375,14 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--peers", "MMSIM_PEERS", "peers", _addresses,
      "the gRPC addresses of every shard of the deployment in index order, comma-separated, for "
      "GetTopology (empty: this shard alone)"),
+    ("--peer-probe-interval", "MMSIM_PEER_PROBE_INTERVAL", "peer_probe_interval", _seconds,
+     "seconds between health checks of each peer (a --peers address, or a shard of the same "
+     "supervisor), each with this deadline; a peer that fails --peer-probe-failures in a row "
+     "(stopped, hung, gone or draining) is reported down in GetTopology and the health service "
+     "mmsim.shard.I until it answers again. Over TLS, peers' certificates are checked against "
+     "--tls-cert's chain and --tls-client-ca. 0: no checks (only what the supervisor tells)"),
+    ("--peer-probe-failures", "MMSIM_PEER_PROBE_FAILURES", "peer_probe_failures", _positive,
+     "health checks a peer fails in a row before it is reported down"),
     ("--generation", "MMSIM_GENERATION", "generation", _non_negative,
      "this start's generation, carried by handles; 0: the start time in milliseconds"),
     ("--metrics-listen", "MMSIM_METRICS_LISTEN", "metrics_listen", _listen_or_off,
@@ -446,8 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
                "log_level": ["debug", "info", "warning", "error"]}
     metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION", "shards": "N",
                 "shard_index": "I", "peers": "HOST:PORT,...", "generation": "G", "metrics_listen": "HOST:PORT",
-                "token_file": "FILE", "tls_cert": "FILE", "tls_key": "FILE", "tls_client_ca": "FILE",
-                "insecure": "BOOL"}
+                "token_file": "FILE", "max_request_bytes": "BYTES", "audit_share": "FRACTION", "tls_cert": "FILE", "tls_key": "FILE", "tls_client_ca": "FILE",
+                "insecure": "BOOL", "peer_probe_interval": "SECONDS", "peer_probe_failures": "N",
+                **{d: "SECONDS" for d in ("max_connection_idle", "max_connection_age", "max_connection_age_grace",
+                                          "keepalive_time", "keepalive_timeout", "min_ping_interval",
+                                          "handshake_timeout")}}
     for flag, env, dest, conv, text in SERVE_FLAGS:
         serve_p.add_argument(
             flag,

@@ -189,7 +189,10 @@ class ModelCollector(Collector):
         yield _gauge("mmsim_folios", "Live anonymous folios (resident pages).", k.folios_live)
         yield _gauge("mmsim_anon_vmas", "Live anon_vmas.", len(k.anon_vma_cache.live))
         memcg = k.memcg
-        yield _gauge("mmsim_memory_bytes", "Bytes charged to the model's memory budget.", memcg.usage)
+        yield _gauge("mmsim_memory_bytes", "Bytes of the model's objects charged to the memory budget.",
+                     memcg.usage - memcg.inflight)
+        yield _gauge("mmsim_memory_inflight_bytes",
+                     "Bytes the calls in progress are charged to the memory budget (requests, waits).", memcg.inflight)
         yield _gauge("mmsim_memory_peak_bytes", "Most bytes ever charged to the memory budget.", memcg.peak)
         if memcg.limit is not None:
             yield _gauge("mmsim_memory_limit_bytes", "The memory budget (--max-memory), in bytes.", memcg.limit)

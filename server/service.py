@@ -19,7 +19,7 @@ import errno as errno_mod
 import functools
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,10 @@ RESPONSE_SLACK = 1024
 CONVERT_CHUNK = 1024
 #: Operations of a Batch run between two chances for other calls to run.
 BATCH_SLICE = 64
+#: The most bytes the result of any operation but a walk takes in a BatchResponse (a Process
+#: result, the largest, is a 76-character handle and a pid), a successful one or not: an error's
+#: message is bounded by what it echoes (ECHO_MAX).
+RESULT_BOUND = 512
 
 
 def echo(value: str) -> str:
@@ -167,7 +171,7 @@ def _status_for_limit(exc: LimitExceeded, message: str) -> tuple[grpc.StatusCode
     return grpc.StatusCode.RESOURCE_EXHAUSTED, message, [info, quota], 0, 0
 
 
-def _rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
+def rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc.Status:
     anys = []
     for d in details:
         a = any_pb2.Any()
@@ -262,7 +266,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             return await op(request)
         except _HANDLED as exc:
             code, message, details, _, _ = _status_for(exc)
-            await context.abort_with_status(_rich_status(code, message, details))
+            await context.abort_with_status(rich_status(code, message, details))
 
     async def _run_op(self, i: int, op: pb.Op) -> tuple[bytes, bool]:
         """One operation of a batch: its serialized OpResult, and whether it is an error. An
@@ -293,14 +297,18 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         size = 0
         parts: list[bytes] = []
         for i, op in enumerate(request.ops):
+            # An operation whose result may not fit is not run: a fork or a new process whose handle
+            # could not be returned would be out of everyone's reach. (A walk's result has no bound:
+            # it runs, and changes nothing, before its size is known.)
+            if size + RESULT_BOUND > budget and op.WhichOneof("op") != "walk":
+                parts += _too_large_result(i, self.limits.max_message_bytes)
+                break
             data, failed = await self._run_op(i, op)
             n = len(data)
             field = _SHORT_RESULT_HEADERS[n] if n < 128 else _RESULTS_TAG + _varint(n)  # results = 1, length-delimited
             size += len(field) + len(data)
             if size > budget:
-                too_large = ResponseTooLarge(f"the result of ops[{i}]", self.limits.max_message_bytes)
-                data = pb.OpResult(error=_op_error(too_large)).SerializeToString()
-                parts += (_RESULTS_TAG + _varint(len(data)), data)
+                parts += _too_large_result(i, self.limits.max_message_bytes)
                 break
             parts += (field, data)
             if request.stop_on_error and failed:
@@ -370,7 +378,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         wp = bool(request.mode & pb.FILL_MODE_WP)
         if not request.values:
             raise BadRequest("values", "one value for every page, or one per page, is required")
-        values: int | list[int] = request.values[0] if len(request.values) == 1 else list(request.values)
+        # The repeated field as it is: its values are not unpacked into a list (a 4 MB request holds
+        # up to 4M of them; the model checks their number first, then reads them page by page).
+        values: int | Sequence[int] = request.values[0] if len(request.values) == 1 else request.values
         copied = await self.model.uffd_copy(pid, request.dst, request.len, values, dontwake=dontwake, wp=wp)
         return pb.UffdCopyResponse(copied=copied)
 
@@ -489,7 +499,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             events = self.model.uffd_events(self.pid(request.process), nonblocking=request.nonblocking)
         except _HANDLED as exc:
             code, message, details, _, _ = _status_for(exc)
-            await context.abort_with_status(_rich_status(code, message, details))
+            await context.abort_with_status(rich_status(code, message, details))
         # The generator gives back the events it delivered whose faults still wait when the
         # stream ends (the client went away): the next stream gets them again.
         try:
@@ -525,9 +535,16 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def ListVmas(self, request, context):  # type: ignore[no-untyped-def]
         async def op(req: pb.ProcessRequest) -> pb.ListVmasResponse:
+            limit = self.limits.max_message_bytes
+            budget, size = limit - RESPONSE_SLACK, 0
             reply = pb.ListVmasResponse()
             async for v in self.model.vmas_iter(self.pid(req.process)):
-                reply.vmas.append(vma_to_pb(v))
+                vma = vma_to_pb(v)
+                n = vma.ByteSize()
+                size += 1 + _varint_len(n) + n
+                if size > budget:  # before the reply grows past what can be sent
+                    raise ResponseTooLarge("the VMA list", limit)
+                reply.vmas.append(vma)
             return reply
 
         return await self._unary(context, op, request)
@@ -590,7 +607,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 yield await self._batch(request)
             except _HANDLED as exc:
                 code, message, details, _, _ = _status_for(exc)
-                await context.abort_with_status(_rich_status(code, message, details))
+                await context.abort_with_status(rich_status(code, message, details))
 
     async def Ping(self, request, context):  # type: ignore[no-untyped-def]
         return pb.Empty()
@@ -681,6 +698,12 @@ def _varint_len(n: int) -> int:
 def _mapping_size(pid: int, addr: int) -> int:
     """The encoded size of Mapping(pid, addr): each non-zero field is a tag byte and a varint."""
     return (1 + _varint_len(addr) if addr else 0) + (1 + _varint_len(pid) if pid else 0)
+
+
+def _too_large_result(i: int, limit: int) -> tuple[bytes, bytes]:
+    """The field and the OpResult that stand for ops[i], whose result would pass ``limit``."""
+    data = pb.OpResult(error=_op_error(ResponseTooLarge(f"the result of ops[{i}]", limit))).SerializeToString()
+    return _RESULTS_TAG + _varint(len(data)), data
 
 
 def _op_error(exc: BaseException) -> pb.OpError:

@@ -69,7 +69,7 @@ def test_bad_flag_values_are_one_line_and_status_2(capsys, argv: list[str], mess
 BAD_ENV = {cli._listen: "7077", cli._probability: "2", cli._int: "x", cli._bool: "maybe",
            cli._positive: "0", cli._seconds: "-1", cli._bytes: "4Q", str: "bogus", cli._shards: "1001",
            cli._shard_index: "-1", cli._addresses: "a,b", cli._non_negative: "-2", cli._listen_or_off: "x",
-           cli._file: "/no/such/file"}
+           cli._file: "/no/such/file", cli._share: "0"}
 
 
 @pytest.mark.parametrize("flag", SERVE_FLAGS, ids=[f[1] for f in SERVE_FLAGS])

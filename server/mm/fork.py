@@ -46,6 +46,7 @@ async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm, copied: list[int]
                 vm_area_free(k, tmp)
                 raise
         mm.vma_link(tmp)
+        mm.map_count += 1  # the child counts what it copied; fork checks no vm.max_map_count
         if sched.active and sched.should_preempt("fork:after-anon-vma-fork"):
             await sched.yield_now("fork:after-anon-vma-fork")
         if not wipe and mpnt.anon_vma is not None:  # vma_needs_copy
@@ -68,6 +69,7 @@ async def exit_mmap(k: Kernel, cur: Current, mm: Mm) -> None:
         await vma_start_write(cur, vma)  # a move or a fault under the VMA lock finishes first
         work += 1 + len(vma.anon_vma_chain) + await zap_pte_range(k, cur, mm, vma.start, vma.end)
         mm.vma_unlink(vma)
+        mm.map_count -= 1
         await unlink_anon_vmas(k, cur, vma)
         vm_area_free(k, vma)
         if sched.active and sched.should_preempt("exit:between-vmas"):

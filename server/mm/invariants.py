@@ -3,7 +3,8 @@
 Checks invariants I1-I7 of the reference, plus: mapcount equals the PTEs mapping a folio,
 exclusive implies mapcount 1, refcounts, num_children / num_active_vmas, every mapping
 reachable through its folio's anon_vma tree, no lock held, data conservation against the
-model's ledger, and the memory budget's usage against the objects that exist.
+model's ledger, each mm's map_count against its VMAs, and the memory budget's usage against the
+objects that exist.
 
 ``audit_steps`` is a generator that yields every RESCHED_WORK units of work, so that a running
 server can let other tasks run; it needs no memory that grows with the model beyond counters per
@@ -101,6 +102,8 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
             if work >= RESCHED_WORK:
                 work = 0
                 yield
+        if mm.map_count != len(mm.mm_mt):
+            bad(f"{where}: map_count {mm.map_count} != {len(mm.mm_mt)} VMAs")
         charged += len(mm.pgtables) * PGTABLE_BYTES
         rss = 0
         folio_ptes = 0
@@ -231,7 +234,8 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         bad(f"{len(k.rcu.readers)} tasks still inside RCU read sections")
     if k.vmas_live != vmas:
         bad(f"VMA count: {k.vmas_live} counted live but {vmas} in the VMA trees")
-    if k.memcg.usage != charged:
-        bad(f"memory budget: {k.memcg.usage} bytes charged but the objects that exist come to {charged}")
+    if k.memcg.usage - k.memcg.inflight != charged:
+        bad(f"memory budget: {k.memcg.usage - k.memcg.inflight} bytes charged to the model but the objects that "
+            f"exist come to {charged}")
     if found > MAX_PROBLEMS:
         problems.append(f"... and {found - MAX_PROBLEMS} more problems")

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .detectors import Detectors
 from .locks import Current, LockClass, LockdepState, Mutex, SpinLock
 from .memcontrol import MemCgroup
-from .mm_types import FOLIO_BYTES, Folio
+from .mm_types import DEFAULT_MAX_MAP_COUNT, FOLIO_BYTES, Folio
 from .rcu import Rcu, TypesafeCache
 from .sched import Controller, Scheduler
 
@@ -196,6 +196,7 @@ class Kernel:
         detectors: bool = True,
         max_memory: int | None = None,
         mutant: str | None = None,
+        max_map_count: int = DEFAULT_MAX_MAP_COUNT,
     ) -> None:
         self.protocol = protocol_with_mutant(protocol, mutant)
         self.mutant = MUTANTS[mutant] if mutant is not None else None
@@ -204,6 +205,10 @@ class Kernel:
         self.lockdep = LockdepState(self.detectors if detectors else None, enabled=detectors)
         self.rcu = Rcu(self.detectors if detectors else None)
         self.memcg = MemCgroup(max_memory)
+        if max_map_count < 0:
+            raise ValueError(f"max_map_count must not be negative, not {max_map_count}")
+        #: vm.max_map_count: the VMAs a process may have (mmap, split_vma, munmap, mremap check it).
+        self.sysctl_max_map_count = max_map_count
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 
@@ -221,6 +226,16 @@ class Kernel:
         self.torn: dict[Folio, tuple[AnonVma, int]] = {}
         #: Tasks spinning on a PTL (spin_on), for the deadlock check.
         self.spinning: dict[Current, SpinLock] = {}
+        # What a client can leave asleep, bounded (None: no bound): userfaults in all and per
+        # process (handle_userfault), and listeners per userfaultfd (userfaultfd_read_begin).
+        self.max_uffd_faults: int | None = None
+        self.max_uffd_faults_per_mm: int | None = None
+        self.max_uffd_readers: int | None = None
+        self.uffd_faults_asleep = 0
+        self.uffd_readers = 0
+        #: Told True when a task goes to sleep on a userfault or a userfaultfd read and False when
+        #: it wakes: the server's admission control, for which a sleeper holds no call slot.
+        self.on_uffd_sleep: Callable[[bool], None] | None = None
 
     def attach_controller(self, controller: Controller | None) -> None:
         """Put the schedule explorer's controller in charge of every preemption point, lock sleep

@@ -20,6 +20,10 @@ import errno
 from .locks import Current
 from .mm_types import MmError
 
+#: The most of the budget that calls in progress may hold (charge_inflight).
+INFLIGHT_SHARE = 0.5
+
+
 class MemoryLimitExceeded(MmError):
     """ENOMEM because the memory budget (``--max-memory``) would be exceeded."""
 
@@ -31,13 +35,16 @@ class MemoryLimitExceeded(MmError):
 class MemCgroup:
     """The budget: ``usage`` bytes charged of ``limit`` (None: no limit)."""
 
-    __slots__ = ("limit", "usage", "peak", "failcnt")
+    __slots__ = ("limit", "usage", "peak", "failcnt", "inflight")
 
     def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
         self.usage = 0
         self.peak = 0
         self.failcnt = 0
+        #: Of ``usage``, what the calls in progress hold outside the model (charge_inflight):
+        #: their decoded requests, and what a call waiting in the server costs.
+        self.inflight = 0
 
     def _charge_usage(self, nbytes: int, nofail: bool) -> None:
         usage = self.usage + nbytes
@@ -78,3 +85,20 @@ class MemCgroup:
 
     def uncharge(self, nbytes: int) -> None:
         self.usage -= nbytes
+
+    def charge_inflight(self, nbytes: int, nofail: bool = False) -> None:
+        """Charge what a call in progress holds outside the model (its request, its waiting), so
+        that pending work counts against the same budget as the objects it may create; at most
+        INFLIGHT_SHARE of the budget, so that the calls that resolve pending work (a fault
+        handler's UFFDIO_COPY) still find room for what they make. Raises ENOMEM
+        (MemoryLimitExceeded) with nothing charged, unless ``nofail``."""
+        limit = self.limit
+        if limit is not None and not nofail and self.inflight + nbytes > limit * INFLIGHT_SHARE:
+            self.failcnt += 1
+            raise MemoryLimitExceeded(limit, nbytes)
+        self._charge_usage(nbytes, nofail)
+        self.inflight += nbytes
+
+    def uncharge_inflight(self, nbytes: int) -> None:
+        self.usage -= nbytes
+        self.inflight -= nbytes

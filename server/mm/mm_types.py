@@ -31,6 +31,8 @@ TASK_SIZE = (1 << 47) - PAGE_SIZE
 MMAP_BASE = 0x7F0000000000
 #: The lowest address an mmap may use (vm.mmap_min_addr).
 MMAP_MIN_ADDR = 0x10000
+#: The default vm.max_map_count (DEFAULT_MAX_MAP_COUNT: USHRT_MAX - MAPCOUNT_ELF_CORE_MARGIN).
+DEFAULT_MAX_MAP_COUNT = 65530
 
 # vm_flags bits (include/linux/mm.h values)
 VM_READ = 0x00000001
@@ -80,6 +82,16 @@ class MmError(OSError):
     def __init__(self, err: int, message: str = "", moved: int = 0) -> None:
         super().__init__(err, message or _errno.errorcode.get(err, str(err)))
         self.moved = moved
+
+
+class LimitExceeded(Exception):
+    """A configured limit of the model (processes, resident pages, sleeping userfaults, userfaultfd
+    listeners) was reached: a server limit, not a kernel errno."""
+
+    def __init__(self, limit: str, value: int) -> None:
+        super().__init__(f"{limit} limit of {value} reached")
+        self.limit = limit
+        self.value = value
 
 
 class Folio:
@@ -196,6 +208,9 @@ class Mm:
         # mm->page_table_lock: taken by anon_vma_prepare; ranks with the PTLs.
         self.page_table_lock = SpinLock(f"mm{mid}.page_table_lock", LockClass.PTL, lockdep)
         self.mm_mt: SortedDict[int, Vma] = SortedDict()  # vma.start -> vma
+        # mm->map_count: kept by the operations that add and remove VMAs, as the kernel keeps it
+        # (mmap, split, merge, munmap, copy_vma, dup_mmap); the audit checks it against the tree.
+        self.map_count = 0
         # The VMAs found last (the kernel's former per-thread vmacache): a move looks up its src and
         # dst VMAs on every call, and a linked VMA's [start, end) is always its current extent.
         self.vmacache: list[Vma] = []
@@ -261,10 +276,6 @@ class Mm:
         del self.mm_mt[vma.start]
         if vma in self.vmacache:
             self.vmacache.remove(vma)
-
-    @property
-    def map_count(self) -> int:
-        return len(self.mm_mt)
 
     # -- page tables
     def pte_lookup(self, addr: int) -> Pte | None:

@@ -1,5 +1,13 @@
 """Private anonymous mappings (mm/mmap.c, mm/vma.c, mm/madvise.c): mmap, munmap, madvise, and
-the VMA splitting and merging they do. Every function here expects mmap_lock held for write."""
+the VMA splitting and merging they do. Every function here expects mmap_lock held for write.
+
+mm->map_count and vm.max_map_count (``Kernel.sysctl_max_map_count``), as 6.18 checks them (the
+live kernel agrees at the limit, tests/conformance/187-*): do_mmap refuses when map_count is
+above the limit, so a process at the limit still maps one VMA more; split_vma (vma_modify:
+mprotect, madvise, userfaultfd registration) refuses each split at the limit, after the merge
+that needs no split was tried; munmap only a hole strictly inside one VMA (vms_gather_munmap_vmas),
+other munmaps may pass the limit for the moment. All answer ENOMEM, madvise EAGAIN.
+"""
 
 from __future__ import annotations
 
@@ -37,8 +45,11 @@ if TYPE_CHECKING:
     from .kernel import Kernel
     from .userfaultfd import UserfaultfdCtx
 
-#: The default vm.max_map_count.
-MAX_MAP_COUNT = 65530
+class TooManyMappings(MmError):
+    """ENOMEM: the change would take the process past vm.max_map_count VMAs."""
+
+    def __init__(self, mm: Mm, what: str = "reach") -> None:
+        super().__init__(errno.ENOMEM, f"{mm.map_count} mappings {what} vm.max_map_count")
 
 
 def page_align(n: int) -> int:
@@ -108,6 +119,10 @@ async def do_mmap(k: Kernel, cur: Current, mm: Mm, addr: int | None, length: int
     length = page_align(length)
     if length > mm.task_size:
         raise MmError(errno.ENOMEM, "length exceeds the address space")
+    # do_mmap: ">", so that a process at the limit may still map one VMA more; before the
+    # address is placed or checked (its EINVAL, EPERM and EEXIST come after).
+    if mm.map_count > k.sysctl_max_map_count:
+        raise TooManyMappings(mm, "exceed")
     if addr is None:
         addr = await get_unmapped_area(mm, length)
     else:
@@ -119,10 +134,9 @@ async def do_mmap(k: Kernel, cur: Current, mm: Mm, addr: int | None, length: int
             raise MmError(errno.ENOMEM, "range exceeds the address space")
         if mm.vmas_in(addr, addr + length):
             raise MmError(errno.EEXIST, f"[{addr:#x}, {addr + length:#x}) overlaps an existing mapping")
-    if mm.map_count >= MAX_MAP_COUNT:
-        raise MmError(errno.ENOMEM, "too many mappings")
     vma = vm_area_alloc(k, cur, mm, addr, addr + length, addr >> PAGE_SHIFT, flags)
     mm.vma_link(vma)
+    mm.map_count += 1
     await vma_merge(k, cur, vma)
     return addr
 
@@ -164,6 +178,7 @@ async def _merge_pair(k: Kernel, cur: Current, a: Vma, b: Vma) -> Vma:
         a.anon_vma = b.anon_vma
         await anon_vma_clone(k, cur, a, b, nofail=True)  # b's links go back just below
     mm.vma_unlink(b)
+    mm.map_count -= 1
     a.end = b.end
     await unlink_anon_vmas(k, cur, b)
     vm_area_free(k, b)
@@ -192,9 +207,38 @@ async def vma_merge(k: Kernel, cur: Current, vma: Vma) -> Vma:
     return vma
 
 
+def vma_modify_merges(vma: Vma, start: int, end: int, flags: int, ctx: UserfaultfdCtx | None) -> bool:
+    """vma_merge_existing_range: would [start, end) of ``vma``, given ``flags`` and ``ctx``, fold
+    into a neighbour, so that vma_modify splits nothing (and checks nothing against
+    vm.max_map_count)? Only a range that reaches an edge of ``vma`` merges, with the neighbour at
+    that edge; the merge may only shrink the VMA count."""
+    prev, nxt = vma.mm.vma_prev_next(vma)
+
+    def fits(other: Vma) -> bool:
+        return (
+            not ((other.flags ^ flags) & ~VM_IGNORE_MERGE)
+            and other.uffd_ctx is ctx
+            and (_anon_vmas_mergeable(other, vma) or _anon_vmas_mergeable(vma, other))
+        )
+
+    if start == vma.start and prev is not None and prev.end == start and vma.pgoff == prev.pgoff + prev.pages:
+        if fits(prev):
+            return True
+    return end == vma.end and nxt is not None and nxt.start == end and nxt.pgoff == vma.pgoff + vma.pages and fits(nxt)
+
+
 async def split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
-    """__split_vma: cut ``vma`` at ``addr``; returns the new upper part. Takes the root rwsem
-    (anon_vma_clone)."""
+    """split_vma: __split_vma, refused (ENOMEM, nothing changed) when the process already has
+    vm.max_map_count VMAs."""
+    mm = vma.mm
+    if mm.map_count >= k.sysctl_max_map_count:
+        raise TooManyMappings(mm)
+    return await __split_vma(k, cur, vma, addr)
+
+
+async def __split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
+    """Cut ``vma`` at ``addr``, with no vm.max_map_count check; returns the new upper part. Takes
+    the root rwsem (anon_vma_clone)."""
     assert vma.start < addr < vma.end
     await vma_start_write(cur, vma)
     mm = vma.mm
@@ -209,23 +253,29 @@ async def split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
         raise
     vma.end = addr
     mm.vma_link(new)
+    mm.map_count += 1
     k.stats["vma_split"] += 1
     return new
 
 
 async def vmas_isolate_range(k: Kernel, cur: Current, mm: Mm, start: int, end: int) -> list[Vma]:
-    """Split VMAs at ``start`` and ``end``; return those wholly inside [start, end)."""
+    """vms_gather_munmap_vmas: split VMAs at ``start`` and ``end``; return those wholly inside
+    [start, end). Only a range strictly inside one VMA, which leaves one VMA more, is checked
+    against vm.max_map_count (ENOMEM, nothing changed); otherwise the count may pass the limit
+    for the moment, the removal that follows brings it back."""
     vmas = mm.vmas_in(start, end)
     if not vmas:
         return []
     first, last = vmas[0], vmas[-1]
     if first.start < start:
-        new = await split_vma(k, cur, first, start)
+        if end < first.end and mm.map_count >= k.sysctl_max_map_count:
+            raise TooManyMappings(mm)
+        new = await __split_vma(k, cur, first, start)
         if last is first:
             last = new
         vmas[0] = new
     if last.end > end:
-        await split_vma(k, cur, last, end)
+        await __split_vma(k, cur, last, end)
     return vmas
 
 
@@ -233,7 +283,8 @@ async def do_munmap(
     k: Kernel, cur: Current, mm: Mm, start: int, length: int, unmapped: list[int] | None = None
 ) -> list[Vma]:
     """munmap: split at the edges (its worst case reserved first), zap, free page tables, unlink
-    the anon_vmas. Appends the page number of every folio unmapped to ``unmapped``. Lets other
+    the anon_vmas. ENOMEM, nothing changed, for a hole strictly inside one VMA of a process at
+    vm.max_map_count (vmas_isolate_range). Appends the page number of every folio unmapped to ``unmapped``. Lets other
     tasks run every RESCHED_WORK VMAs or PTEs."""
     if start & ~PAGE_MASK:
         raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
@@ -250,6 +301,7 @@ async def do_munmap(
         await vma_start_write(cur, vma)  # a move or a fault under the VMA lock finishes first
         work += 1 + await zap_pte_range(k, cur, mm, vma.start, vma.end, unmapped)
         mm.vma_unlink(vma)
+        mm.map_count -= 1  # vms_complete_munmap_vmas
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()
@@ -274,7 +326,8 @@ MADVISE = {
 
 
 async def do_madvise(k: Kernel, cur: Current, mm: Mm, start: int, length: int, advice: str) -> None:
-    """madvise for the fork controls: MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK."""
+    """madvise for the fork controls: MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK. A split refused
+    at vm.max_map_count is EAGAIN (checked on 6.18), a hole in the range ENOMEM."""
     if advice not in MADVISE:
         raise MmError(errno.EINVAL, f"advice must be one of {', '.join(MADVISE)}, not {advice!r}")
     if start & ~PAGE_MASK:
@@ -294,7 +347,11 @@ async def do_madvise(k: Kernel, cur: Current, mm: Mm, start: int, length: int, a
         new_flags = vma.flags | bit if on else vma.flags & ~bit
         return None if new_flags == vma.flags else (new_flags, vma.uffd_ctx)
 
-    await vma_modify(k, cur, mm, start, end, update)
+    try:
+        await vma_modify(k, cur, mm, start, end, update)
+    except TooManyMappings as e:
+        # madvise_vma_behavior: a kernel resource short (ENOMEM) is EAGAIN to madvise's caller.
+        raise MmError(errno.EAGAIN, str(e)) from None
     if covered != length:
         raise MmError(errno.ENOMEM, "part of the range is not mapped")
 
@@ -324,10 +381,14 @@ async def vma_modify(
             return
         change = update(vma)
         if change is not None:
+            # The kernel tries the merge first; only when none is possible does it split, each
+            # split checked against vm.max_map_count (a failed second split leaves the first).
+            merges = vma_modify_merges(vma, max(start, vma.start), min(end, vma.end), *change)
+            split = __split_vma if merges else split_vma
             if vma.start < start:
-                vma = await split_vma(k, cur, vma, start)
+                vma = await split(k, cur, vma, start)
             if vma.end > end:
-                await split_vma(k, cur, vma, end)
+                await split(k, cur, vma, end)
             await vma_start_write(cur, vma)
             vma.flags, vma.uffd_ctx = change
             vma = await vma_merge(k, cur, vma)

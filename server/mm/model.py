@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import errno
 import heapq
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -29,6 +29,7 @@ from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put, handle_mm_fault
 from .mm_types import (
     AVC_BYTES,
+    DEFAULT_MAX_MAP_COUNT,
     MM_BYTES,
     PAGE_MASK,
     PAGE_SHIFT,
@@ -39,6 +40,7 @@ from .mm_types import (
     VM_WIPEONFORK,
     VMA_BYTES,
     ZERO_PAGE,
+    LimitExceeded,
     Mm,
     MmError,
     Vma,
@@ -112,15 +114,6 @@ class WalkResult:
         return self.fast_retries + self.slow_retries
 
 
-class LimitExceeded(Exception):
-    """A configured limit of the model (processes, resident pages) was reached."""
-
-    def __init__(self, limit: str, value: int) -> None:
-        super().__init__(f"{limit} limit of {value} reached")
-        self.limit = limit
-        self.value = value
-
-
 class ResultTooLarge(Exception):
     """An inspection result would hold more than the caller's limit of entries."""
 
@@ -173,6 +166,10 @@ class MemoryModel:
     walk detectors and the use-after-free check on. ``max_memory`` is the budget, in bytes, that
     every object the model grows with is charged to (ENOMEM beyond it; None: no limit).
     ``mutant`` applies one of ``kernel.MUTANTS`` to the protocol (mutation testing).
+    ``max_map_count`` is vm.max_map_count, the VMAs a process may have (ENOMEM beyond, as the
+    kernel checks it; 65530 as in Linux). ``max_pending_faults`` (in all) and ``max_pending_faults_per_process`` bound the accesses asleep
+    on a userfault, ``max_userfault_streams`` the listeners of one process's events (LimitExceeded
+    beyond each; None: no bound). ``audit_share`` throttles ``audit`` to that share of the time.
     """
 
     def __init__(
@@ -185,10 +182,21 @@ class MemoryModel:
         max_pages: int | None = None,
         max_memory: int | None = None,
         mutant: str | None = None,
+        max_pending_faults: int | None = None,
+        max_pending_faults_per_process: int | None = None,
+        max_userfault_streams: int | None = None,
+        audit_share: float = 1.0,
+        max_map_count: int = DEFAULT_MAX_MAP_COUNT,
     ) -> None:
         self.k = Kernel(
-            protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant
+            protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant,
+            max_map_count=max_map_count,
         )
+        self.k.max_uffd_faults = max_pending_faults
+        self.k.max_uffd_faults_per_mm = max_pending_faults_per_process
+        self.k.max_uffd_readers = max_userfault_streams
+        #: The most of the time an audit may take (``audit``): 1.0 leaves audits unthrottled.
+        self.audit_share = audit_share
         self.max_processes = max_processes
         self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}
@@ -202,6 +210,12 @@ class MemoryModel:
         self._paused: asyncio.Event | None = None
         self._drained: asyncio.Future[None] | None = None
         self._audit_lock: asyncio.Lock | None = None
+        # Audits started so far, the last one's result, and when the next may start (audit_share).
+        self._audits = 0
+        self._audit_result: list[str] = []
+        #: When the last audit began, and when the next may (event-loop time).
+        self.audit_started = 0.0
+        self.audit_next = 0.0
 
     @property
     def protocol(self) -> str:
@@ -601,7 +615,7 @@ class MemoryModel:
             self._call_done(cur)
 
     async def uffd_copy(
-        self, pid: int, dst: int, length: int, values: int | list[int], *, dontwake: bool = False,
+        self, pid: int, dst: int, length: int, values: int | Sequence[int], *, dontwake: bool = False,
         wp: bool = False,
     ) -> int:
         """UFFDIO_COPY: new exclusive folios holding ``values`` (one int for every page, or one per
@@ -614,9 +628,14 @@ class MemoryModel:
         mmap_lock for read, the dst anon_vma root (anon_vma_prepare), then each PTL
         (userfaultfd.mfill_atomic). A cancelled copy keeps (and wakes) the pages it filled."""
         self._mm(pid)
-        if isinstance(values, list):
-            if not all(type(v) is int and 0 <= v <= U64_MAX for v in values):
-                raise MmError(errno.EINVAL, "values must be unsigned 64-bit integers")
+        if isinstance(values, Sequence):
+            if type(length) is int and length > 0 and not length & ~PAGE_MASK and len(values) != length >> PAGE_SHIFT:
+                raise MmError(errno.EINVAL, f"{len(values)} values for {length >> PAGE_SHIFT} pages")
+            for i in range(0, len(values), RESCHED_WORK):  # a long list is checked without stalling others
+                if i:
+                    await cond_resched()
+                if not all(type(v) is int and 0 <= v <= U64_MAX for v in values[i : i + RESCHED_WORK]):
+                    raise MmError(errno.EINVAL, "values must be unsigned 64-bit integers")
         elif type(values) is not int or not 0 <= values <= U64_MAX:
             raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
         if self.max_pages is not None and type(length) is int and length > 0:
@@ -653,9 +672,16 @@ class MemoryModel:
         exits (then the iterator ends). ESRCH at once for no such process. An event handed out
         stays delivered while its fault waits; when the iterator is closed (aclose, cancellation)
         the events it handed out whose faults still wait go back to the front of the queue for
-        the next listener. ``nonblocking`` (a read of an O_NONBLOCK userfaultfd): the events queued
+        the next listener. At most ``Kernel.max_uffd_readers`` iterators read one process's
+        events at once (LimitExceeded beyond). ``nonblocking`` (a read of an O_NONBLOCK userfaultfd): the events queued
         now, then the iterator ends; the events it handed out stay delivered."""
-        return self._uffd_events(self._uffd_ctx(pid), nonblocking)
+        ctx = self._uffd_ctx(pid)
+        limit = self.k.max_uffd_readers
+        if limit is not None and ctx.readers >= limit:
+            raise LimitExceeded("max_userfault_streams", limit)
+        ctx.readers += 1  # given back when the iterator ends; the caller must iterate it
+        self.k.uffd_readers += 1
+        return self._uffd_events(ctx, nonblocking)
 
     async def _uffd_events(self, ctx: UserfaultfdCtx, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
         delivered: dict[Userfault, None] = {}
@@ -672,8 +698,10 @@ class MemoryModel:
                         delivered.clear()
                     return
                 else:
-                    await userfaultfd_read_wait(ctx)
+                    await userfaultfd_read_wait(self.k, ctx)
         finally:
+            ctx.readers -= 1
+            self.k.uffd_readers -= 1
             userfaultfd_unread(ctx, delivered)
 
     def uffd_pending(self, pid: int) -> list[UffdEvent]:
@@ -862,22 +890,37 @@ class MemoryModel:
     async def audit(self) -> list[str]:
         """``check_invariants`` from a running server: new calls wait while the calls in progress
         finish and the audit runs, and the audit lets other tasks (not model calls) run every
-        RESCHED_WORK units of work, so the event loop never stalls."""
+        RESCHED_WORK units of work, so the event loop never stalls. Audits asked for at once share
+        one run (a caller takes the result of an audit that began after it asked), and with
+        ``audit_share`` below 1 the next audit waits until the last one's time is that share of the
+        time since it began: a client that loops the audit cannot hold everyone else's calls up."""
         if self._audit_lock is None:
             self._audit_lock = asyncio.Lock()
+        arrived = self._audits
+        loop = asyncio.get_running_loop()
         async with self._audit_lock:
+            if self._audits > arrived:
+                return list(self._audit_result)  # an audit that began after this call arrived has run
+            wait = self.audit_next - loop.time()
+            if wait > 0:  # the rate limit (audit_share): let the calls that audits held up run first
+                await asyncio.sleep(wait)
+            self._audits += 1
+            t0 = self.audit_started = loop.time()
             self._paused = asyncio.Event()
             try:
                 if self._calls:
-                    self._drained = asyncio.get_running_loop().create_future()
+                    self._drained = loop.create_future()
                     await self._drained
                 problems: list[str] = []
                 for _ in audit_steps(self, problems):
                     await cond_resched()
-                return self._report(problems)
+                self._audit_result = self._report(problems)
+                return list(self._audit_result)
             finally:
                 paused, self._paused, self._drained = self._paused, None, None
                 paused.set()
+                if self.audit_share < 1.0:
+                    self.audit_next = loop.time() + (loop.time() - t0) * (1.0 / self.audit_share - 1.0)
 
     def _report(self, problems: list[str]) -> list[str]:
         for p in problems:
@@ -899,7 +942,11 @@ class MemoryModel:
         out["anon_vma_cache_reused"] = k.anon_vma_cache.reused
         out["rcu_gp_completed"] = k.rcu.gp_completed
         out["preempt_yields"] = sum(k.sched.yields.values())
-        out["memory_bytes"] = k.memcg.usage
+        out["audits"] = self._audits
+        out["uffd_faults_asleep"] = k.uffd_faults_asleep
+        out["uffd_readers"] = k.uffd_readers
+        out["memory_bytes"] = k.memcg.usage - k.memcg.inflight  # the model's objects
+        out["memory_inflight_bytes"] = k.memcg.inflight  # what the calls in progress hold (admission)
         out["memory_peak_bytes"] = k.memcg.peak
         out["memory_limit_failures"] = k.memcg.failcnt
         if k.memcg.limit is not None:

@@ -40,7 +40,7 @@ from .mm_types import (
     MmError,
     Vma,
 )
-from .mmap import page_align, split_vma, vma_merge, vma_split_reserve
+from .mmap import __split_vma, page_align, split_vma, vma_merge, vma_modify_merges, vma_split_reserve
 from .mmap_lock import vma_start_write
 from .sched import RESCHED_WORK, cond_resched
 
@@ -102,14 +102,17 @@ async def mprotect_fixup(k: Kernel, cur: Current, vma: Vma, start: int, end: int
     """Give [start, end) of ``vma`` the access bits ``prot_bits``: split it off (its splits must be
     reserved by the caller), change the flags and the PTEs, merge with the neighbours. Expects
     mmap_lock held for write; takes the anon_vma root (split, merge) and the PTLs. Returns the VMA
-    that now holds ``start``."""
+    that now holds ``start``. As vma_modify: a range that merges into a neighbour splits nothing
+    in the kernel; otherwise each split is checked against vm.max_map_count (ENOMEM; a failed
+    second split leaves the first)."""
     newflags = mprotect_newflags(vma, prot_bits)
     if newflags == vma.flags:
         return vma
+    split = __split_vma if vma_modify_merges(vma, start, end, newflags, vma.uffd_ctx) else split_vma
     if vma.start < start:
-        vma = await split_vma(k, cur, vma, start)
+        vma = await split(k, cur, vma, start)
     if vma.end > end:
-        await split_vma(k, cur, vma, end)
+        await split(k, cur, vma, end)
     await vma_start_write(cur, vma)
     vma.flags = newflags
     await change_protection(k, cur, vma.mm, start, end, bool(newflags & VM_WRITE))

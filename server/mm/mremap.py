@@ -33,6 +33,13 @@ What the live 6.18 kernel does (checked with mremap(2) on these machines, /proc/
   DONTUNMAP). If the new VMA merged into a registered neighbour, the whole merged VMA is
   unregistered, the neighbour's part included. With DONTUNMAP the old range stays registered.
   Growing or shrinking in place keeps the registration.
+
+vm.max_map_count (mm/mremap.c of 6.18; past the limit the live kernel answers the same,
+tests/conformance/187-*): with
+FIXED or DONTUNMAP, ENOMEM before anything unless map_count + 2 < vm.max_map_count - 3
+(check_mremap_params); any move, ENOMEM unless map_count < vm.max_map_count - 3 when it starts
+(move_vma), after what FIXED and a shrink unmapped; shrinking and growing in place add no VMA
+and are not checked beyond munmap's own check.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from .mm_types import (
     Vma,
 )
 from .mmap import (
-    MAX_MAP_COUNT,
+    TooManyMappings,
     _merge_pair,
     can_vma_merge,
     do_munmap,
@@ -97,8 +104,13 @@ def _overlaps(a: int, alen: int, b: int, blen: int) -> bool:
     return a < b + blen and b < a + alen
 
 
-def check_mremap_params(mm: Mm, addr: int, old_len: int, new_len: int, flags: int, new_addr: int) -> None:
-    """The checks made before mmap_lock is taken (lengths already page-aligned)."""
+def check_mremap_params(
+    k: Kernel, mm: Mm, addr: int, old_len: int, new_len: int, flags: int, new_addr: int
+) -> None:
+    """The checks made before mmap_lock is taken (lengths already page-aligned). A move to a given
+    address must leave room below vm.max_map_count for the worst case of its unmaps (the
+    destination's and the source's each splitting a VMA in three) and more: ENOMEM unless
+    map_count + 2 < vm.max_map_count - 3."""
     if flags & ~MREMAP_FLAGS:
         raise MmError(errno.EINVAL, f"unknown flags {flags & ~MREMAP_FLAGS:#x}")
     if addr & ~PAGE_MASK:
@@ -119,8 +131,8 @@ def check_mremap_params(mm: Mm, addr: int, old_len: int, new_len: int, flags: in
         raise MmError(errno.EINVAL, "MREMAP_DONTUNMAP cannot resize")
     if _overlaps(addr, old_len, new_addr, new_len):
         raise MmError(errno.EINVAL, "the new range overlaps the old one")
-    if mm.map_count + 2 >= MAX_MAP_COUNT - 3:
-        raise MmError(errno.ENOMEM, "too many mappings")
+    if mm.map_count + 2 >= k.sysctl_max_map_count - 3:
+        raise TooManyMappings(mm, "leave too little room below")
 
 
 def check_prep_vma(vma: Vma | None, addr: int, old_len: int, new_len: int, flags: int) -> Vma:
@@ -219,6 +231,7 @@ async def copy_vma(k: Kernel, cur: Current, vma: Vma, addr: int, length: int, pg
         vm_area_free(k, new)
         raise
     mm.vma_link(new)
+    mm.map_count += 1
     return await vma_merge(k, cur, new)
 
 
@@ -303,8 +316,8 @@ async def move_vma(
     then unmap the old range (or, with DONTUNMAP, keep it empty). Expects mmap_lock held for write
     and everything it allocates reserved (mremap_move_reserve); takes the anon_vma root and the
     PTLs. Returns new_addr."""
-    if mm.map_count >= MAX_MAP_COUNT - 3:
-        raise MmError(errno.ENOMEM, "too many mappings")
+    if mm.map_count >= k.sysctl_max_map_count - 3:  # prep_move_vma: before anything is copied
+        raise TooManyMappings(mm, "leave too little room below")
     vma = mm.vma_lookup(old_addr)
     assert vma is not None
     await vma_start_write(cur, vma)  # a move or fault under the VMA lock finishes first
@@ -422,7 +435,7 @@ async def do_mremap(
     if old_len < 0 or new_len < 0:
         raise MmError(errno.EINVAL, "lengths must not be negative")
     old_len, new_len = page_align(old_len), page_align(new_len)
-    check_mremap_params(mm, addr, old_len, new_len, flags, new_addr)
+    check_mremap_params(k, mm, addr, old_len, new_len, flags, new_addr)
     if flags & MREMAP_FIXED and old_len == new_len:
         return await remap_move(k, cur, mm, addr, old_len, new_addr, flags, log)
     vma = check_prep_vma(mm.vma_lookup(addr), addr, old_len, new_len, flags)

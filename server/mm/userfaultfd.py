@@ -29,6 +29,7 @@ from .mm_types import (
     VM_WRITE,
     ZERO_PAGE,
     Folio,
+    LimitExceeded,
     Mm,
     MmError,
     PageTable,
@@ -83,6 +84,7 @@ class UserfaultfdCtx:
         self.fault_pending: deque[Userfault] = deque()
         # Readers asleep until an event arrives (fd_wqh); set on exit (userfaultfd_release).
         self.read_waiters: list[asyncio.Future[None]] = []
+        self.readers = 0  # listeners reading the events now (Userfaults streams)
         self.released = False
 
     def __repr__(self) -> str:
@@ -227,11 +229,17 @@ def handle_userfault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, 
     accesses to one page queue two, as 6.18 does for two threads) and wake its readers. Expects
     the VMA lock or mmap_lock held (read), no PTL; takes nothing (fault_pending_wqh's spinlock has no model
     counterpart: nothing runs between the PTE check and the queueing). Returns the
-    VM_FAULT_RETRY for the caller to raise."""
+    VM_FAULT_RETRY for the caller to raise. A server bounds the faults asleep, per process and in
+    all (the kernel does not): past either bound the access fails with LimitExceeded instead."""
     ctx = vma.uffd_ctx
     assert ctx is not None and not ctx.released
+    if k.max_uffd_faults_per_mm is not None and len(ctx.faults) >= k.max_uffd_faults_per_mm:
+        raise LimitExceeded("max_pending_faults_per_process", k.max_uffd_faults_per_mm)
+    if k.max_uffd_faults is not None and k.uffd_faults_asleep >= k.max_uffd_faults:
+        raise LimitExceeded("max_pending_faults", k.max_uffd_faults)
     uf = Userfault(UffdEvent(addr & PAGE_MASK, write, wp), asyncio.get_running_loop().create_future())
     ctx.faults[uf] = None
+    k.uffd_faults_asleep += 1
     ctx.fault_pending.append(uf)
     _wake_readers(ctx)
     k.stats["uffd_faults"] += 1
@@ -249,17 +257,24 @@ async def userfault_wait(k: Kernel, ctx: UserfaultfdCtx, uf: Userfault) -> None:
     ctl = k.sched.controller
     if ctl is not None:
         ctl.blocked(fut)
+    sleep = k.on_uffd_sleep  # the server's admission control: a sleeper holds no call slot
+    if sleep is not None:
+        sleep(True)
     try:
         await fut
     except asyncio.CancelledError:
-        _userfault_remove(ctx, uf)
+        _userfault_remove(k, ctx, uf)
         raise
+    finally:
+        if sleep is not None:
+            sleep(False)
     if ctl is not None:
         await ctl.park("uffd:woken")
 
 
-def _userfault_remove(ctx: UserfaultfdCtx, uf: Userfault) -> None:
+def _userfault_remove(k: Kernel, ctx: UserfaultfdCtx, uf: Userfault) -> None:
     if ctx.faults.pop(uf, 0) is None:  # still queued somewhere
+        k.uffd_faults_asleep -= 1
         if uf.reader is not None:
             uf.reader.pop(uf, None)
         else:
@@ -277,7 +292,7 @@ def wake_userfault(k: Kernel, ctx: UserfaultfdCtx, start: int, length: int) -> i
     woken = [uf for uf in ctx.faults if not length or start <= uf.event.addr < end]
     ctl = k.sched.controller
     for uf in woken:
-        _userfault_remove(ctx, uf)
+        _userfault_remove(k, ctx, uf)
         if not uf.fut.done():
             uf.fut.set_result(None)
             if ctl is not None:
@@ -311,13 +326,18 @@ def userfaultfd_read(ctx: UserfaultfdCtx, delivered: dict[Userfault, None]) -> U
     return uf.event
 
 
-async def userfaultfd_read_wait(ctx: UserfaultfdCtx) -> None:
+async def userfaultfd_read_wait(k: Kernel, ctx: UserfaultfdCtx) -> None:
     """Sleep until an event arrives or the process exits (fd_wqh). No lock held."""
     fut = asyncio.get_running_loop().create_future()
     ctx.read_waiters.append(fut)
+    sleep = k.on_uffd_sleep  # the server's admission control: a sleeper holds no call slot
+    if sleep is not None:
+        sleep(True)
     try:
         await fut
     finally:
+        if sleep is not None:
+            sleep(False)
         try:  # still there unless woken (a cancelled wait leaves a cancelled future)
             ctx.read_waiters.remove(fut)
         except ValueError:

@@ -95,6 +95,7 @@ from typing import Any
 
 from .scenario import (
     COPY_MAX_PAGES,
+    FILL_VMAS_PAGES,
     MAX_PENDING_FAULTS,
     PAGE,
     Scenario,
@@ -635,6 +636,36 @@ class _Helper:
         rc = self.libc.mprotect(c["addr"], c["len"], _PROT[c["prot"]])
         return {"errno": self.libc.errno() if rc else 0}
 
+    def do_fill_vmas(self, c: dict[str, Any]) -> dict[str, Any]:
+        """Map the region with a hole page on each side, then split it with read-only pages until
+        the process has vm.max_map_count - leave VMAs (those of /proc/self/maps but the vsyscall
+        page, which is no VMA of the mm)."""
+        total = c["len"] + 2 * PAGE
+        p = self.libc.mmap(None, total, _PROT["rw"], _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        if p == _MAP_FAILED or p is None:
+            return {"errno": self.libc.errno()}
+        if self.libc.munmap(p, PAGE) or self.libc.munmap(p + total - PAGE, PAGE):
+            return {"errno": self.libc.errno(), "note": "munmap of the hole pages failed"}
+        start, pages = p + PAGE, c["len"] // PAGE
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        count = sum(1 for _, _, name in _maps() if name != "[vsyscall]")
+        need = limit - c["leave"] - count
+        out: dict[str, Any] = {"errno": 0, "addr": start, "note": f"{count} VMAs, vm.max_map_count {limit}"}
+        if not 0 <= need < pages - 1:
+            return {**out, "errno": errno.ERANGE, "note": f"cannot fill {count} VMAs up to {limit} - {c['leave']}"}
+        # Nothing big is allocated from here on: the heap cannot grow past the placeholders, and
+        # what malloc would map instead would be VMAs of the count.
+        mprotect, fail = self.libc.mprotect, {**out}
+        for i in range(need // 2):
+            if mprotect(start + (2 * i + 1) * PAGE, PAGE, _PROT_READ):
+                fail["errno"] = self.libc.errno()
+                return fail
+        if need % 2 and mprotect(start + (pages - 1) * PAGE, PAGE, _PROT_READ):
+            fail["errno"] = self.libc.errno()
+            return fail
+        return out
+
     def do_mremap(self, c: dict[str, Any]) -> dict[str, Any]:
         rc = self.libc.mremap(c["addr"], c["len"], c["new_len"], c["flags"], c["new_addr"])
         if rc < 0:
@@ -1062,13 +1093,13 @@ class KernelRunner:
             run.kill(proc)
             return StepResult(errno=errno.ESRCH, note="process gone")
         res = StepResult(errno=int(reply.get("errno", 0)), note=str(reply.get("note", "")))
-        if op == "mmap":
+        if op in ("mmap", "fill_vmas"):
             if "addr" in reply:
                 res.addr = int(reply["addr"])
                 res.guard = reply.get("guard") or None
                 addrs[step["region"]] = res.addr
                 regions.pop(step["region"], None)
-                regions[step["region"]] = (res.addr, int(step["pages"]))
+                regions[step["region"]] = (res.addr, int(step["pages"]) if op == "mmap" else FILL_VMAS_PAGES)
         elif op == "mremap":
             if "addr" in reply:
                 res.addr = int(reply["addr"])
@@ -1137,6 +1168,8 @@ class KernelRunner:
         cmd: dict[str, Any] = {"op": op}
         if op == "mmap":
             cmd.update(len=int(step["pages"]) * PAGE, prot=step.get("prot", "rw"), uffd=step.get("uffd"))
+        elif op == "fill_vmas":
+            cmd.update(len=FILL_VMAS_PAGES * PAGE, leave=int(step["leave"]))
         elif op in ("munmap", "madvise", "uffd_register", "uffd_unregister", "mprotect"):
             cmd.update(addr=place(addrs, step["at"]), len=int(step["pages"]) * PAGE)
             if op == "madvise":

@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmsim.client import Client, MmsimError, Process
+from mmsim.client import Client, MmsimError, Process, ops
 
 from .scenario import (
     FIELDS,
+    FILL_VMAS_PAGES,
+    MAX_MAP_COUNT,
     PAGE,
     Scenario,
     StepResult,
@@ -29,6 +31,8 @@ SETTLE_S = 2.0
 #: Polls of a fault seen asleep, in a row, before ``fault_status`` calls it blocked.
 SETTLED_POLLS = 3
 POLL_S = 0.005
+#: The mprotects of a ``fill_vmas`` step go in Batch calls of this many (the server takes 10,000).
+FILL_BATCH = 5000
 
 
 @dataclass
@@ -123,6 +127,9 @@ class MmsimRunner:
                     pass
                 run.guarded.add(proc)
             return
+        if op == "fill_vmas":
+            await self._fill_vmas(st, run, p, hint, r)
+            return
         if op == "fork":
             procs[st["child"]] = await p.fork()
             run.alive.add(st["child"])
@@ -191,6 +198,32 @@ class MmsimRunner:
             if op == "mapcount" and f is not None:
                 r.mapcount = f.mapcount
 
+
+    async def _fill_vmas(self, st: dict[str, Any], run: _Run, p: Process, hint: int | None, r: StepResult) -> None:
+        """The region where the kernel put it (or, alone, placed top-down with a hole page on each
+        side, as the kernel runner leaves it), then one-page mprotects until the process has
+        MAX_MAP_COUNT - leave VMAs, in Batch calls."""
+        pages = FILL_VMAS_PAGES
+        if hint is None:
+            v = await p.mmap((pages + 2) * PAGE, prot="rw")
+            await p.munmap(v.start, PAGE)
+            await p.munmap(v.end - PAGE, PAGE)
+            start = v.start + PAGE
+        else:
+            start = (await p.mmap(pages * PAGE, prot="rw", addr=hint)).start
+        run.bind(st["region"], start, pages)
+        r.addr = start
+        count = len(await p.vmas())
+        need = MAX_MAP_COUNT - int(st["leave"]) - count
+        if not 0 <= need < pages - 1:
+            raise OSError(errno_mod.ERANGE, f"cannot fill {count} VMAs up to {MAX_MAP_COUNT} - {st['leave']}")
+        splits = [ops.mprotect(p, start + (2 * i + 1) * PAGE, PAGE, "r") for i in range(need // 2)]
+        if need % 2:
+            splits.append(ops.mprotect(p, start + (pages - 1) * PAGE, PAGE, "r"))
+        for i in range(0, len(splits), FILL_BATCH):
+            for res in await self.client.batch(splits[i : i + FILL_BATCH], stop_on_error=True):
+                if isinstance(res, BaseException):
+                    raise res
 
     @staticmethod
     async def _mremap(st: dict[str, Any], run: _Run, p: Process, addr: int, hint: int | None, r: StepResult) -> None:

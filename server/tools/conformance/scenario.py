@@ -76,6 +76,13 @@ Steps (``proc`` names the process doing it):
                     records ``events``: a list of ``[region, page, kind]``, kind "r" (a read
                     fault), "w" (a write fault) or "wp" (a write-protect fault, with or without
                     the write flag), in the order queued
+``fill_vmas``       ``region``, ``leave``: maps a region of ``FILL_VMAS_PAGES`` read-write pages
+                    with an unmapped page on each side, then mprotects every other page of it
+                    read-only (from its second page on, and its last page where one VMA more is
+                    wanted) until the process has vm.max_map_count (65530) less ``leave``
+                    VMAs. The two runners start from different counts (the kernel's helper has
+                    its interpreter's mappings), so only the region's first page is laid out
+                    alike in both; records ``errno``
 ``fork``            ``child``: a new process named so
 ``exit``            the process exits
 ==================  ===========================================================================
@@ -132,6 +139,7 @@ OPS = {
     "events": set(),
     "fork": {"child"},
     "exit": set(),
+    "fill_vmas": {"region", "leave"},
 }
 OPTIONAL = {"prot", "uffd", "mode", "len", "expect", "note", "pages"}
 #: Fields only some operations take, beyond OPS and OPTIONAL.
@@ -155,6 +163,11 @@ REMAP_FLAGS = {"maymove": 1, "fixed": 2, "dontunmap": 4}
 COPY_MAX_PAGES = 64
 #: Unfinished faults one process may have at a time (its fault threads are made in advance).
 MAX_PENDING_FAULTS = 4
+#: The VMA count ``fill_vmas`` aims at: vm.max_map_count's default (the kernel runner reads the
+#: live sysctl, mmsim's server has this default).
+MAX_MAP_COUNT = 65530
+#: The pages of a ``fill_vmas`` region: room to split it into MAX_MAP_COUNT VMAs and more.
+FILL_VMAS_PAGES = 2 * MAX_MAP_COUNT + 4
 #: The fields a step result may carry, in table order.
 FIELDS = ("errno", "moved", "copied", "zeroed", "relocated", "value", "present", "mapcount", "blocked", "events")
 
@@ -232,6 +245,11 @@ class Scenario:
             if op in ("mmap", "mprotect") and st.get("prot", "rw") not in PROTS:
                 raise bad(f"prot must be one of {PROTS}")
             if op == "mmap":
+                regions.add(st["region"])
+            elif op == "fill_vmas":
+                leave = st["leave"]
+                if not isinstance(leave, int) or isinstance(leave, bool) or not 0 <= leave < MAX_MAP_COUNT:
+                    raise bad(f"leave must be an integer in [0, {MAX_MAP_COUNT})")
                 regions.add(st["region"])
             elif op == "fork":
                 procs.add(st["child"])
