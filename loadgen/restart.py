@@ -18,7 +18,6 @@ the ``shard_restarted`` outcome. A tree that cannot be built again is left: its 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +29,7 @@ from mmsim.client import Client, MmsimError, Process, ProcessNotFoundError, Shar
 
 from .access import Access
 from .gc import GcError, GcHeap
-from .workload import TreeSpec, Workload, build_tree
+from .workload import TreeSpec, Workload, build_tree, teardown
 
 #: The outcome (in a figures object's ``errors``) of a call that its tree's shard restart cost.
 SHARD_RESTARTED = "shard_restarted"
@@ -82,12 +81,10 @@ class Restarts:
     """A worker's side of shard restarts: recovering its slots, the generations seen, the trees made."""
 
     def __init__(
-        self, mm: Client, access: Access, seed: int, call_timeout: float,
-        new_heap: Callable[[TreeSlot], GcHeap | None],
+        self, mm: Client, access: Access, call_timeout: float, new_heap: Callable[[TreeSlot], GcHeap | None],
     ) -> None:
         self.mm = mm
         self.access = access
-        self.rng = random.Random(seed)
         self.call_timeout = call_timeout
         self.new_heap = new_heap
         self.end = float("inf")  # perf_counter() at which the run ends: no tree is made after it
@@ -107,6 +104,8 @@ class Restarts:
         if not may_be_restart(exc):
             return False
         while slot.version == version:
+            if slot.lost:
+                return True  # its shard restarted, and the tree could not be made again
             recovery = slot.recovery
             if recovery is None:
                 recovery = slot.recovery = asyncio.create_task(self._recover(slot, exc))
@@ -130,7 +129,6 @@ class Restarts:
     async def _recover(self, slot: TreeSlot, exc: BaseException) -> bool:
         """Tell whether the slot's shard restarted (probing its root unless ``exc`` says so); if it
         did, make the tree again before the run's end. Whether it restarted."""
-        import sys; print("DEBUG-TEMP recover", slot.index, repr(exc), time.perf_counter() - self.end, file=sys.stderr)  # DEBUG-TEMP
         try:
             deadline = time.perf_counter() + self.wait_s
             if isinstance(exc, ShardRestartedError):
@@ -148,8 +146,7 @@ class Restarts:
                 return True
             try:
                 await self._rebuild(slot, max(deadline, time.perf_counter() + self.wait_s))
-            except (OSError, MmsimError) as e:
-                import sys, traceback; print("DEBUG-TEMP rebuild failed", repr(e), file=sys.stderr); traceback.print_exc()  # DEBUG-TEMP
+            except (OSError, MmsimError):
                 slot.lost = True  # the shard serves no new tree: the lanes of this one stop
             return True
         finally:
@@ -210,8 +207,6 @@ class Restarts:
 
     async def close(self, keep: bool) -> list[str]:
         """Exit the trees made here (unless ``keep``), close the clients; what kept a process from exiting."""
-        from .workload import teardown
-
         problems: list[str] = []
         if not keep:
             _, problems = await teardown(self.mm, self.workload)

@@ -289,11 +289,6 @@ def merge(results: list[dict[str, Any]], opts: Options, duration: float) -> dict
 async def run(opts: Options, console: Console) -> dict[str, Any]:
     """Make the run described by ``opts``; the report (see report.schema.json)."""
     workers = _start_workers(opts.workers)  # before any gRPC object exists in this process
-    def _dump(*_a):  # DEBUG-TEMP
-        with open(f"/tmp/L/pdump.{os.getpid()}", "w") as f:  # DEBUG-TEMP
-            for t in asyncio.all_tasks(asyncio.get_event_loop()):  # DEBUG-TEMP
-                t.print_stack(file=f)  # DEBUG-TEMP
-    signal.signal(signal.SIGUSR1, _dump)  # DEBUG-TEMP
     try:
         return await _run(opts, console, workers)
     finally:

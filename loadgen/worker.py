@@ -206,8 +206,9 @@ class Lane:
         """Cancel the lane's stream (it failed with ``exc``, or its tree is gone)."""
         stream, self.stream = self.stream, None
         if stream is not None:
+            reason = exc or GcError("the stream's tree is gone")
             try:
-                await stream.__aexit__(type(exc or GcError), exc or GcError("the stream's tree is gone"), None)
+                await stream.__aexit__(type(reason), reason, None)  # with an exception: the call is cancelled
             except (OSError, MmsimError, EOFError):
                 pass
 
@@ -232,7 +233,7 @@ class Worker:
             if lane.gc and self.slots[lane.tree].heap is None:
                 raise ValueError(f"a GC lane of tree {lane.tree}, whose collector is not this worker's")
         self.lanes = [Lane(lane, self.slots[lane.tree]) for lane in spec.lanes]
-        self.restarts = Restarts(mm, spec.access, spec.seed, spec.call_timeout, self.new_heap)
+        self.restarts = Restarts(mm, spec.access, spec.call_timeout, self.new_heap)
         self.ops: dict[str, Callable[[Lane], Awaitable[Counter[str]]]] = {
             "ping": self.op_ping,
             "remap": self.op_remap,
@@ -491,8 +492,6 @@ async def run_worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
     async with spec.access.client(timeout=spec.call_timeout, retries=0) as mm:
         await mm.routes()  # the discovery, before the start: no call of the run waits for it
         worker = Worker(spec, mm)
-        global _DEBUG_WORKER  # DEBUG-TEMP
-        _DEBUG_WORKER = worker  # DEBUG-TEMP
         stop_gc = asyncio.Event()  # set once every lane is done: no read waits on a collector then
         collectors = [asyncio.create_task(worker.collect(worker.slots[t], stop_gc)) for t in spec.gc_trees]
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
@@ -633,16 +632,6 @@ def worker_main(conn: Connection) -> None:
     """The worker process: wait for the spec, run, send the result. Ctrl-C reaches the parent, which
     stops the workers with a message (their figures up to then are reported)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import os as _os, sys as _sys  # DEBUG-TEMP
-    def _dump(*_a):  # DEBUG-TEMP
-        with open(f"/tmp/L/dump.{_os.getpid()}", "w") as f:  # DEBUG-TEMP
-            w = _DEBUG_WORKER  # DEBUG-TEMP
-            print("ROOTS", *[sl.root.id for sl in w.slots if sl.heap is not None], file=f)  # DEBUG-TEMP
-            print("worker", w.spec.index, [(sl.index, sl.version, sl.lost, sl.recovery, sl.heap and (sl.heap.dead, sorted(sl.heap.pending), sl.heap.between, dict(sl.heap.stats), sl.heap.open.is_set(), sl.heap.frm, sl.heap.deferred)) for sl in w.slots], file=f)  # DEBUG-TEMP
-            for t in asyncio.all_tasks(asyncio.get_event_loop()):  # DEBUG-TEMP
-                try: t.print_stack(file=f)  # DEBUG-TEMP
-                except Exception: pass  # DEBUG-TEMP
-    signal.signal(signal.SIGUSR1, _dump)  # DEBUG-TEMP
     try:
         msg = conn.recv()
         if msg[0] != "go":
@@ -651,7 +640,6 @@ def worker_main(conn: Connection) -> None:
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass
     except Exception:
-        open(f"/tmp/L/err.{_os.getpid()}", "w").write(traceback.format_exc())  # DEBUG-TEMP
         try:
             conn.send(("error", traceback.format_exc(limit=8)))
         except (BrokenPipeError, OSError):
