@@ -75,6 +75,7 @@ class ServerConfig:
     log_level: str = "info"
     access_log_sample: float = 1.0  # fraction of OK calls in the access log; failed calls always
     # Connections (connection_options), in seconds; what 0 means: each flag's help (cli.py).
+    max_connections: int = 1024  # connections open at once; 0: no limit
     max_connection_idle: float = 300.0  # no call for this long: GOAWAY, then closed
     max_connection_age: float = 0.0  # GOAWAY once this old (off)
     max_connection_age_grace: float = 30.0  # then calls still running get this long
@@ -99,7 +100,7 @@ class ServerConfig:
     insecure: bool = False
 
     def connection_options(self) -> list[tuple[str, int]]:
-        """The gRPC server's channel arguments for connections: idle and age limits, keepalive,
+        """The gRPC server's channel arguments for connections: how many, idle and age limits, keepalive,
         the ping policy for clients and the handshake timeout. In grpcio 1.85 an unanswered ping
         closes the connection after ``grpc.http2.ping_timeout_ms`` (keepalive_timeout_ms alone
         does not), and a client that never acknowledges the server's SETTINGS after
@@ -127,6 +128,7 @@ class ServerConfig:
             ("grpc.http2.max_ping_strikes", 2),
             ("grpc.server_handshake_timeout_ms", handshake),
             ("grpc.http2.settings_timeout", handshake),
+            *([("grpc.max_allowed_incoming_connections", self.max_connections)] if self.max_connections else []),
         ]
 
 

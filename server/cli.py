@@ -339,6 +339,9 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "bytes of model objects (PTEs, page tables, VMAs, anon_vmas, chains, folios, processes); beyond it "
      "RESOURCE_EXHAUSTED (ENOMEM); K, M, G suffixes"),
     ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
+    ("--max-connections", "MMSIM_MAX_CONNECTIONS", "max_connections", _non_negative,
+     "connections open at once (beyond it a new one is closed at once); with --max-message-bytes it bounds "
+     "what requests still being received can hold. 0: no limit"),
     ("--max-connection-idle", "MMSIM_MAX_CONNECTION_IDLE", "max_connection_idle", _seconds,
      "seconds a connection may go without a call (from its start, or its last call's end) before the server "
      "sends GOAWAY and closes it; a client reconnects on its next call. Also closes connections that "

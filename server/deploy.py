@@ -14,6 +14,10 @@ from typing import Any, NoReturn
 SHARD_HEADER = "x-mmsim-shard"
 #: Seconds nginx lets a call, a stream or an idle connection last: an hour.
 LONG_TIMEOUT_S = 3600
+#: How long nginx keeps an idle connection to a shard: below the shards' own idle limit
+#: (``mmsim serve --max-connection-idle``, 300 s by default), so that nginx never sends a call on a
+#: connection the shard is closing.
+UPSTREAM_IDLE_S = 240
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
@@ -92,7 +96,7 @@ def nginx_config(shards: int, *, listen_port: int = 7077, shard_host: str = "127
             f"        server {host}:{shard_port + i};",
             "        keepalive 64;  # idle connections kept per worker: nginx sends each call on its own",
             "        keepalive_requests 1000000;",
-            f"        keepalive_timeout {t}s;",
+            f"        keepalive_timeout {UPSTREAM_IDLE_S}s;  # below the shards' --max-connection-idle",
             "    }",
             "",
         ]
@@ -101,7 +105,7 @@ def nginx_config(shards: int, *, listen_port: int = 7077, shard_host: str = "127
         *(f"        server {host}:{shard_port + i};" for i in range(shards)),
         "        keepalive 64;",
         "        keepalive_requests 1000000;",
-        f"        keepalive_timeout {t}s;",
+        f"        keepalive_timeout {UPSTREAM_IDLE_S}s;",
         "    }",
         "",
         "    server {",

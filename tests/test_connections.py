@@ -112,6 +112,25 @@ def test_the_file_descriptors_of_200_idle_connections_are_released() -> None:
                 _until_closed(sock, MARGIN)
 
 
+def test_connections_past_the_limit_are_closed_at_once() -> None:
+    with mmsim_serve("--max-connections", "4", "--max-connection-idle", "0", "--handshake-timeout", "600") as server:
+        with ExitStack() as stack:
+            held = [stack.enter_context(_raw(server.addr, PREFACE + EMPTY_SETTINGS + SETTINGS_ACK)) for _ in range(4)]
+            for sock in held:  # the server's SETTINGS: each was taken in
+                sock.settimeout(MARGIN)
+                assert (SETTINGS, 0) in _frames(sock.recv(65536))
+            with _raw(server.addr, PREFACE + EMPTY_SETTINGS + SETTINGS_ACK) as extra:
+                seconds, got = _until_closed(extra, MARGIN)
+                assert (SETTINGS, 0) not in _frames(got)
+            for sock in held:  # still open: whatever more the server sent, no end of stream
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    while True:
+                        assert sock.recv(65536) != b"", "a connection within the limit was closed"
+        with grpc.insecure_channel(server.addr) as ch:  # and a place for a new one once they are gone
+            grpc.channel_ready_future(ch).result(timeout=MARGIN)
+
+
 async def test_an_sdk_client_idle_past_the_limit_reconnects_on_its_next_call() -> None:
     with mmsim_serve("--max-connection-idle", "1") as server:
         async with Client(server.addr, retries=0) as mm:
