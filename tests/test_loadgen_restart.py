@@ -26,7 +26,7 @@ from mmsim.loadgen.restart import SHARD_RESTARTED, may_be_restart
 from mmsim.loadgen.runner import counter_deltas, shard_restarts
 from mmsim.v1 import mmsim_pb2 as pb
 
-from servers import ServerProcess, mmsim_serve
+from servers import ServerProcess, mmsim_serve, shard_pids
 
 T = TypeVar("T")
 
@@ -35,17 +35,6 @@ T = TypeVar("T")
 def two_shards() -> Iterator[ServerProcess]:
     with mmsim_serve("--shards", "2") as s:
         yield s
-
-
-def _shard_pid(supervisor: int, index: int) -> int:
-    """The OS pid of shard ``index``, from the supervisor's children."""
-    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
-        for pid in map(int, f.read().split()):
-            with open(f"/proc/{pid}/cmdline", "rb") as c:
-                argv = c.read().decode().split("\0")
-            if int(argv[argv.index("--shard-index") + 1]) == index:
-                return pid
-    raise AssertionError(f"no shard {index} among the supervisor's children")
 
 
 async def _until(condition: Callable[[], Awaitable[T]], what: str, timeout: float = 30.0) -> T:
@@ -87,7 +76,7 @@ async def _run_killing_shard_1(server: ServerProcess, tmp_path: Path, *args: str
                     return (await mm.stats(shard=1)).get("move_pages", 0) > moved
 
                 await _until(loaded, "a move on shard 1")
-                os.kill(_shard_pid(server.pid, 1), signal.SIGKILL)
+                os.kill(shard_pids(server.pid)[1], signal.SIGKILL)
                 status = await asyncio.to_thread(proc.wait, 60)
             finally:
                 if proc.poll() is None:

@@ -25,23 +25,12 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from proxy import free_ports
-from servers import mmsim_serve
+from servers import mmsim_serve, shard_pids
 
 SERVING_PB = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING_PB = health_pb2.HealthCheckResponse.NOT_SERVING
 #: How soon a stopped peer must be reported down with the default probe (every 1 s, 2 failures).
 DETECT = 5.0
-
-
-def _shard_pids(supervisor: int) -> dict[int, int]:
-    """shard index -> OS pid, from the supervisor's children."""
-    out: dict[int, int] = {}
-    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
-        for pid in map(int, f.read().split()):
-            with open(f"/proc/{pid}/cmdline", "rb") as c:
-                argv = c.read().decode().split("\0")
-            out[int(argv[argv.index("--shard-index") + 1])] = pid
-    return out
 
 
 async def _until(condition: Callable[[], Awaitable[Any]], timeout: float, what: str) -> float:
@@ -184,7 +173,7 @@ async def test_a_hung_peer_is_reported_down_then_up_and_the_probe_stops_with_the
 
 async def test_a_stopped_shard_is_reported_not_serving_by_its_peer_and_serving_once_continued() -> None:
     with mmsim_serve("--shards", "2") as server:
-        pid = _shard_pids(server.pid)[1]
+        pid = shard_pids(server.pid)[1]
         async with grpc.aio.insecure_channel(server.addresses[0]) as ch:
             shard1 = Observer(ch, 1)
             assert await shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING)
@@ -194,14 +183,14 @@ async def test_a_stopped_shard_is_reported_not_serving_by_its_peer_and_serving_o
             finally:
                 os.kill(pid, signal.SIGCONT)
             await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving again")
-            assert _shard_pids(server.pid)[1] == pid  # the same process, not a restart
+            assert shard_pids(server.pid)[1] == pid  # the same process, not a restart
 
 
 async def test_over_tls_a_stopped_shard_is_reported_down(tmp_path: Path) -> None:
     certs = write_test_certificates(tmp_path)
     with mmsim_serve("--shards", "2", "--tls-cert", str(certs["server_cert"]),
                      "--tls-key", str(certs["server_key"])) as server:
-        pid = _shard_pids(server.pid)[1]
+        pid = shard_pids(server.pid)[1]
         credentials = grpc.ssl_channel_credentials(certs["ca"].read_bytes())
         async with grpc.aio.secure_channel(server.addresses[0], credentials) as ch:
             shard1 = Observer(ch, 1)

@@ -26,6 +26,7 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from proxy import free_ports, run_nginx
+from servers import shard_pids
 
 P = 4096
 SRC, DST = 0x100000000, 0x200000000
@@ -150,17 +151,6 @@ async def test_discovery_from_the_first_address_reaches_every_shard(sharded: Ser
         assert await mm.protocol() == "recheck"
 
 
-def _shard_pids(supervisor: int) -> dict[int, int]:
-    """shard index -> OS pid, from the supervisor's children."""
-    out: dict[int, int] = {}
-    with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
-        for pid in map(int, f.read().split()):
-            with open(f"/proc/{pid}/cmdline", "rb") as c:
-                argv = c.read().decode().split("\0")
-            out[int(argv[argv.index("--shard-index") + 1])] = pid
-    return out
-
-
 async def _until(condition: Any, timeout: float = 60.0) -> Any:
     """Poll ``condition()`` (async) until it returns something true; its value."""
     deadline = time.monotonic() + timeout
@@ -182,7 +172,7 @@ async def test_a_killed_shard_restarts_under_a_new_generation(sharded: ServerPro
         async with grpc.aio.insecure_channel(sharded.addresses[0]) as ch:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="mmsim.shard.1"))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-            os.kill(_shard_pids(sharded.pid)[1], signal.SIGKILL)
+            os.kill(shard_pids(sharded.pid)[1], signal.SIGKILL)
             # Shard 0 reports shard 1 down while the supervisor restarts it, then up again.
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
