@@ -15,7 +15,7 @@ RUN_HOST := $(if $(findstring command line,$(origin HOST)),$(HOST))
 RUN_PORT := $(if $(findstring command line,$(origin PORT)),$(PORT))
 RUN_ARGS := $(strip $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS))
 
-.PHONY: help test run demo bench docs lock dist clean proto
+.PHONY: help test lint run demo bench docs lock dist clean proto
 
 # The virtualenv holds exactly the lock file's set (every extra), then mmsim itself, editable.
 $(STAMP): pyproject.toml $(LOCK)
@@ -33,8 +33,14 @@ $(UV):
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z][a-z_-]*:.*## / { printf "  %-6s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-test: $(STAMP) ## set up the virtualenv and run the whole test suite, one worker per core
+test: lint ## set up the virtualenv, lint, and run the whole test suite, one worker per core
 	$(PY) -m pytest -q -n auto
+
+# mypy reads the packages as their import names lay them out (see [tool.mypy] in pyproject.toml).
+lint: $(STAMP) ## ruff check and mypy (settings in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(PY) -m mmsim.server.tools.package_tree build/typecheck
+	$(PY) -m mypy
 
 run: $(STAMP) ## start the server in the foreground on 127.0.0.1:7077, or HOST=... PORT=... ARGS="more flags"
 	$(VENV)/bin/mmsim serve $(RUN_ARGS)

@@ -33,11 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grpc_bench import free_port, start_server_process, stop_server_process, wait_serving  # noqa: E402
-from kernel_baseline import kernel_oracle_unavailable, run_kernel_fault  # noqa: E402
+from grpc_bench import free_port, start_server_process, stop_server_process, wait_serving
+from kernel_baseline import kernel_oracle_unavailable, run_kernel_fault
 
-from mmsim.client import Client, Process, ops  # noqa: E402
-from mmsim.server.mm.model import MemoryModel  # noqa: E402
+from mmsim.client import Client, Process, ops
+from mmsim.server.mm.model import MemoryModel
 
 P = 4096
 BASE = 0x100000000

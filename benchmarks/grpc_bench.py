@@ -39,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -87,7 +88,7 @@ async def wait_serving(target: str, proc: subprocess.Popen[bytes], limit_s: floa
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode} before serving")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -210,6 +211,47 @@ async def timed(workers: list[Worker], calls_each: int) -> float:
 # -- the benchmark ------------------------------------------------------------------------------
 
 
+class FigureStats(TypedDict):
+    """One figure of one mode in the report."""
+
+    median_ops_per_s: float
+    runs_ops_per_s: list[float]
+    calls_per_run: int
+    ops_per_call: int
+    tasks: int
+
+
+class Verified(TypedDict):
+    """What the check after the runs found."""
+
+    pages: int
+    invariant_problems: list[str]
+    violations: int
+
+
+class Goal(TypedDict):
+    """One goal of one mode: ``figure`` against ``vs``, the ratio wanted and the one measured."""
+
+    mode: str
+    figure: str
+    vs: str
+    want: float
+    ratio: float
+    met: bool
+
+
+class Report(TypedDict, total=False):
+    """The report (also the JSON written with --json); ``bench`` fills in its measurements."""
+
+    machine: str
+    verified: Verified
+    batch_calls: int
+    figures: dict[str, dict[str, FigureStats]]
+    server_exit: int
+    goals: list[Goal]
+    config: dict[str, object]
+
+
 @dataclass
 class Figure:
     name: str
@@ -224,8 +266,8 @@ class Figure:
         return statistics.median(self.runs)
 
 
-async def bench(args: argparse.Namespace, target: str) -> dict[str, object]:
-    out: dict[str, object] = {}
+async def bench(args: argparse.Namespace, target: str) -> Report:
+    out: Report = {}
     c, n = args.concurrency, args.batch_ops
     async with Client(target) as mm:
         # Pair 0 serves the sequential mode; pairs 0..C-1 the concurrent one (one task each).
@@ -304,11 +346,11 @@ async def bench(args: argparse.Namespace, target: str) -> dict[str, object]:
     return out
 
 
-def goals(figures: dict[str, dict[str, dict[str, object]]]) -> list[dict[str, object]]:
+def goals(figures: dict[str, dict[str, FigureStats]]) -> list[Goal]:
     """The goals of each mode: (figure, compared with, ratio wanted, ratio measured, met)."""
-    rows = []
+    rows: list[Goal] = []
     for mode in MODES:
-        med = {k: float(v["median_ops_per_s"]) for k, v in figures[mode].items()}  # type: ignore[arg-type]
+        med = {k: float(v["median_ops_per_s"]) for k, v in figures[mode].items()}
         for fig, base, want in (
             ("remap", "ping", REMAP_VS_PING),
             ("batch", "remap", BATCH_VS_REMAP),
@@ -319,19 +361,19 @@ def goals(figures: dict[str, dict[str, dict[str, object]]]) -> list[dict[str, ob
     return rows
 
 
-def print_report(out: dict[str, object], args: argparse.Namespace) -> None:
-    figures = out["figures"]  # type: ignore[assignment]
+def print_report(out: Report, args: argparse.Namespace) -> None:
+    figures = out["figures"]
     print(f"machine: {out['machine']}; {os.cpu_count()} CPUs; medians of {args.repeats} runs")
     print(
         f"concurrency {args.concurrency} (concurrent mode); {args.batch_ops} remaps per batch; "
         f"{out['batch_calls']} batch calls per sequential run"
     )
-    wanted = {(g["mode"], g["figure"]): g for g in out["goals"]}  # type: ignore[union-attr]
+    wanted = {(g["mode"], g["figure"]): g for g in out["goals"]}
     print(f"{'figure':14} {'mode':11} {'calls/run':>9} {'ops/s':>12} {'/ Ping':>7}  goal")
     for mode in MODES:
-        ping = figures[mode]["ping"]["median_ops_per_s"]  # type: ignore[index]
+        ping = figures[mode]["ping"]["median_ops_per_s"]
         for name in FIGURES:
-            f = figures[mode][name]  # type: ignore[index]
+            f = figures[mode][name]
             g = wanted.get((mode, name))
             goal = "-"
             if g is not None:
@@ -343,11 +385,11 @@ def print_report(out: dict[str, object], args: argparse.Namespace) -> None:
     print("all runs (ops/s):")
     for mode in MODES:
         for name in FIGURES:
-            runs = figures[mode][name]["runs_ops_per_s"]  # type: ignore[index]
+            runs = figures[mode][name]["runs_ops_per_s"]
             print(f"  {name:14} {mode:11} " + ", ".join(f"{r:,.0f}" for r in runs))
     v = out["verified"]
     print(
-        f"verified: {v['pages']} pages where expected, invariants clean, {v['violations']} violations; "  # type: ignore[index]
+        f"verified: {v['pages']} pages where expected, invariants clean, {v['violations']} violations; "
         f"server exit status {out['server_exit']}"
     )
 
@@ -392,7 +434,7 @@ def main() -> int:
     try:
         progress(f"starting the server on {target}")
         asyncio.run(wait_serving(target, proc))
-        out = {"machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}"}
+        out: Report = {"machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}"}
         out.update(asyncio.run(bench(args, target)))
     except BaseException:
         if proc.poll() is None:
@@ -401,7 +443,7 @@ def main() -> int:
         raise
     progress("stopping the server")
     out["server_exit"] = stop_server_process(proc)
-    out["goals"] = goals(out["figures"])  # type: ignore[arg-type]
+    out["goals"] = goals(out["figures"])
     out["config"] = {
         "repeats": args.repeats,
         "calls": args.calls,

@@ -45,7 +45,7 @@ def loadgen(addr: str, out: Path, *args: str) -> dict[str, Any]:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode not in (0, 1):
         raise SystemExit(f"loadgen failed ({r.returncode}): {r.stderr.strip()}")
-    return json.loads(out.read_text())  # type: ignore[no-any-return]
+    return json.loads(out.read_text())
 
 
 def one(name: str, out: Path, server_args: list[str], *args: str) -> dict[str, Any]:

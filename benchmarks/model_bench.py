@@ -11,8 +11,8 @@ and a bare synchronous Python loop doing only the dictionary and attribute updat
 from __future__ import annotations
 
 import argparse
-import bisect
 import asyncio
+import bisect
 import json
 import platform
 import statistics
@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_baseline import kernel_oracle_unavailable, run_kernel_move  # noqa: E402
+from kernel_baseline import kernel_oracle_unavailable, run_kernel_move
 
-from mmsim.server.mm.model import MemoryModel  # noqa: E402
+from mmsim.server.mm.model import MemoryModel
 
 P = 4096
 GOALS = {
@@ -107,6 +107,8 @@ def bare_python_moves(n: int) -> float:
 
     class Folio:
         __slots__ = ("mapping", "index")
+        mapping: object
+        index: int
 
     class Pte:
         __slots__ = ("folio", "write", "young", "dirty")
@@ -138,7 +140,7 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def median_of(repeats: int, fn, label: str = "", unit: str = "/s") -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+def median_of(repeats: int, fn, label: str = "", unit: str = "/s") -> tuple[float, list[float]]:
     runs = []
     for i in range(repeats):
         runs.append(fn())

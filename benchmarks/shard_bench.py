@@ -46,7 +46,7 @@ def loadgen(addr: str, out: Path, shards: int, args: argparse.Namespace, mix: st
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if r.returncode not in (0, 1):
         raise SystemExit(f"loadgen failed ({r.returncode}): {r.stderr.strip()}")
-    return json.loads(out.read_text())  # type: ignore[no-any-return]
+    return json.loads(out.read_text())
 
 
 def main() -> int:

@@ -190,7 +190,7 @@ async def wait_serving(server: Server, limit_s: float = 60.0) -> None:
                 tail = server.log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the server exited with {server.proc.returncode} before serving:\n{tail}")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1.0)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -681,7 +681,7 @@ async def setup_g(env: Env) -> Request:
     n, nproc, seconds = env.sizes["g_clients"], env.sizes["g_procs"], env.sizes["g_seconds"]
     deadline = env.args.g_deadline
     ctx = multiprocessing.get_context("spawn")
-    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    workers: list[tuple[multiprocessing.context.SpawnProcess, Connection]] = []
     per = [n // nproc + (1 if i < n % nproc else 0) for i in range(nproc)]
     for i, tasks in enumerate(per):
         parent, child = ctx.Pipe()
@@ -731,6 +731,7 @@ async def setup_g(env: Env) -> Request:
                 proc.join(10)
                 if proc.is_alive():
                     proc.kill()
+        stats: dict[str, int] | dict[str, str]
         try:
             stats = await env.mm.stats(timeout=60)
         except Exception as e:  # noqa: BLE001 - the counters are a bonus
@@ -1024,10 +1025,10 @@ def print_report(console: Console, results: list[Result], args: argparse.Namespa
                 highlight=False,
             )
     done = [r for r in results if not r.error and r.met is not None]
-    met = sum(1 for r in done if r.met)
+    n_met = sum(1 for r in done if r.met)
     console.print(
         f"Goal: Ping p99 < {GOAL_P99_MS:g} ms during each request (percentiles of the answered Pings; "
-        f"a failed Ping misses the goal): met in {met} of {len(done)} scenarios."
+        f"a failed Ping misses the goal): met in {n_met} of {len(done)} scenarios."
     )
 
 
@@ -1061,7 +1062,7 @@ def main() -> int:
     unknown = [k for k in keys if k not in SCENARIOS]
     if unknown or not keys:
         ap.error(f"--only takes scenario letters from {', '.join(SCENARIOS)}")
-    sizes = dict(QUICK if args.quick else FULL)
+    sizes: dict[str, Any] = dict(QUICK if args.quick else FULL)
     for name in ("g_clients", "g_procs", "g_seconds"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)

@@ -14,8 +14,8 @@ Example::
 
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
-from .credentials import read_token, tls_credentials
 from ._types import AnonVma, FolioInfo, UserfaultEvent, Userfaults, Vma, WalkResult
+from .credentials import read_token, tls_credentials
 from .errors import (
     DeadlineExceededError,
     InvalidRequestError,

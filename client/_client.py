@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import EllipsisType, TracebackType
 from typing import Any, TypeAlias
 
@@ -34,7 +34,7 @@ from .errors import MmsimError, from_op_error, from_rpc_error
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryManager"].full_name
 
 #: A per-call deadline in seconds; ``None`` for none; ``...`` (the default) for the client's.
-Timeout: TypeAlias = float | None | EllipsisType
+Timeout: TypeAlias = float | EllipsisType | None
 #: One operation's outcome in a batch: a result (as the unary method returns it) or the exception.
 Result: TypeAlias = Any
 
@@ -621,7 +621,7 @@ class Process:
     # -- processes
     async def fork(self, *, timeout: Timeout = ...) -> Process:
         """fork(): the child, on the same server."""
-        return await self._run(_ops.fork(self), timeout)  # type: ignore[no-any-return]
+        return await self._run(_ops.fork(self), timeout)
 
     async def exit(self, *, timeout: Timeout = ...) -> None:
         """exit(): tear the process down; its handle becomes unknown."""
@@ -639,7 +639,7 @@ class Process:
     ) -> Vma:
         """Map private anonymous memory (at ``addr``, fixed-noreplace, if given), optionally
         registered with userfaultfd (``uffd``: None, "missing", "wp" or "missing+wp")."""
-        return await self._run(_ops.mmap(self, length, prot, uffd, addr), timeout)  # type: ignore[no-any-return]
+        return await self._run(_ops.mmap(self, length, prot, uffd, addr), timeout)
 
     async def munmap(self, addr: int, length: int, *, timeout: Timeout = ...) -> None:
         await self._run(_ops.munmap(self, addr, length), timeout)
@@ -667,7 +667,7 @@ class Process:
         """mremap: shrink in place, grow in place, or move (``maymove``, MREMAP_MAYMOVE), leaving
         the old range mapped but empty (``dontunmap``) or to exactly ``fixed``. The new range."""
         op = _ops.mremap(self, addr, old_length, new_length, maymove=maymove, dontunmap=dontunmap, fixed=fixed)
-        return await self._run(op, timeout)  # type: ignore[no-any-return]
+        return await self._run(op, timeout)
 
     # -- the userfault handler's side
     async def uffd_copy(
@@ -680,7 +680,7 @@ class Process:
         are mapped write-protected: a write to one waits as a write-protect userfault. The bytes
         copied; an error after some pages has ``.copied`` (and ``.moved``)."""
         op = _ops.uffd_copy(self, dst, length, values, dontwake=dontwake, wp=wp, mode_bits=mode_bits)
-        return await self._run(op, timeout)  # type: ignore[no-any-return]
+        return await self._run(op, timeout)
 
     async def uffd_zeropage(
         self, dst: int, length: int, *, dontwake: bool = False, mode_bits: int = 0, timeout: Timeout = ...
@@ -688,7 +688,7 @@ class Process:
         """UFFDIO_ZEROPAGE: map the zero page at the missing pages of the range and wake the faults
         waiting there (unless ``dontwake``). The bytes zeroed; an error after some has ``.zeroed``."""
         op = _ops.uffd_zeropage(self, dst, length, dontwake=dontwake, mode_bits=mode_bits)
-        return await self._run(op, timeout)  # type: ignore[no-any-return]
+        return await self._run(op, timeout)
 
     async def uffd_wake(self, addr: int, length: int, *, timeout: Timeout = ...) -> None:
         """UFFDIO_WAKE: wake the faults waiting on the range (they fault again)."""
@@ -712,7 +712,7 @@ class Process:
         return Userfaults(tuple(userfault_from_pb(m) for m in reply.queued),
                           tuple(userfault_from_pb(m) for m in reply.waiting))
 
-    async def userfaults(self, *, reconnect: int = 5) -> AsyncIterator[UserfaultEvent]:
+    async def userfaults(self, *, reconnect: int = 5) -> AsyncGenerator[UserfaultEvent, None]:
         """The fault events of this process's userfaultfd, in order, as they arrive (those queued
         before the call first), until the process exits.
 
@@ -751,7 +751,7 @@ class Process:
 
     # -- accesses
     async def read(self, addr: int, *, timeout: Timeout = ...) -> int:
-        return await self._run(_ops.read(self, addr), timeout)  # type: ignore[no-any-return]
+        return await self._run(_ops.read(self, addr), timeout)
 
     async def write(self, addr: int, value: int, *, timeout: Timeout = ...) -> None:
         await self._run(_ops.write(self, addr, value), timeout)
@@ -772,16 +772,16 @@ class Process:
         op = _ops.remap(
             self, dst, src, length, allow_src_holes=allow_src_holes, dontwake=dontwake, mode_bits=mode_bits
         )
-        return await self._run(op, timeout)  # type: ignore[no-any-return]
+        return await self._run(op, timeout)
 
     async def walk(self, addr: int, blocking: bool = False, *, timeout: Timeout = ...) -> WalkResult:
         """The rmap walk (folio_referenced) of the folio at ``addr``."""
-        return await self._run(_ops.walk(self, addr, blocking), timeout)  # type: ignore[no-any-return]
+        return await self._run(_ops.walk(self, addr, blocking), timeout)
 
     # -- inspection
     async def folio(self, addr: int, *, timeout: Timeout = ...) -> FolioInfo | None:
         """The page mapped at ``addr`` (no fault is taken), or None."""
-        return await self._run(_ops.folio(self, addr), timeout)  # type: ignore[no-any-return]
+        return await self._run(_ops.folio(self, addr), timeout)
 
     async def vmas(self, *, timeout: Timeout = ...) -> list[Vma]:
         reply = await self._call("ListVmas", pb.ProcessRequest(process=self.id), timeout)

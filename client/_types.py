@@ -7,16 +7,16 @@ from dataclasses import dataclass, fields
 
 from mmsim.v1 import mmsim_pb2 as pb
 
-PROT_TO_PB: Mapping[str, int] = {"r": pb.PROT_R, "rw": pb.PROT_RW, "none": pb.PROT_NONE}
+PROT_TO_PB: Mapping[str, pb.Prot] = {"r": pb.PROT_R, "rw": pb.PROT_RW, "none": pb.PROT_NONE}
 PROT_FROM_PB: Mapping[int, str] = {v: k for k, v in PROT_TO_PB.items()}
-UFFD_TO_PB: Mapping[str | None, int] = {
+UFFD_TO_PB: Mapping[str | None, pb.UffdMode] = {
     None: pb.UFFD_MODE_NONE,
     "missing": pb.UFFD_MODE_MISSING,
     "wp": pb.UFFD_MODE_WP,
     "missing+wp": pb.UFFD_MODE_MISSING_WP,
 }
 UFFD_FROM_PB: Mapping[int, str | None] = {v: k for k, v in UFFD_TO_PB.items()}
-ADVICE_TO_PB: Mapping[str, int] = {
+ADVICE_TO_PB: Mapping[str, pb.Advice] = {
     "dontfork": pb.ADVICE_DONTFORK,
     "dofork": pb.ADVICE_DOFORK,
     "wipeonfork": pb.ADVICE_WIPEONFORK,

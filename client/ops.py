@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from ._client import Process
 
 K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Op:
         return getattr(self.message, self.kind)
 
 
-def _lookup(table: Mapping[K, int], value: K, what: str) -> int:
+def _lookup(table: Mapping[K, V], value: K, what: str) -> V:
     try:
         return table[value]
     except KeyError:
@@ -60,7 +61,7 @@ def fork(p: Process) -> Op:
     return Op(p, pb.Op(fork=pb.ProcessRequest(process=p.id)))
 
 
-def exit(p: Process) -> Op:  # noqa: A001 - mirrors the RPC's name
+def exit(p: Process) -> Op:  # the name mirrors the RPC
     return Op(p, pb.Op(exit=pb.ProcessRequest(process=p.id)))
 
 

@@ -164,7 +164,7 @@ def _pytest_asyncio_missing(config: pytest.Config) -> str | None:
         import pytest_asyncio  # noqa: F401
     except ImportError:
         return "not installed"
-    except Exception as exc:  # a broken installation: say so, and keep the session running
+    except Exception as exc:  # noqa: BLE001 - a broken installation: say so, and keep the session running
         return f"installed but fails to import ({exc!r})"
     return "installed but not enabled in this session (-p no:asyncio, or PYTEST_DISABLE_PLUGIN_AUTOLOAD)"
 

@@ -157,7 +157,7 @@ def write_test_certificates(directory: str | Path) -> dict[str, Path]:
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     paths: dict[str, Path] = {}
 
     def name(cn: str) -> x509.Name:

@@ -4,7 +4,8 @@ files and links outside docs/.
 The packages of the distribution live in directories of other names (``client/`` is
 ``mmsim.client``, as ``[tool.setuptools.package-dir]`` in ``pyproject.toml`` maps them), which
 griffe cannot follow through the editable install; ``on_startup`` lays them out as ``mmsim/...``
-under ``PACKAGES`` (symbolic links), the path ``mkdocstrings`` reads them from.
+under ``PACKAGES`` (symbolic links, ``mmsim.server.tools.package_tree``), the path ``mkdocstrings``
+reads them from.
 
 A page of ``SHOWN`` shows a Markdown file from the top of the repository (``BENCHMARKS.md``), its
 relative links rebased onto the page. A link to a file of the repository that the site does not
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import posixpath
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from mmsim.server.tools.package_tree import lay_out
 
 #: docs page -> the repository file (relative to the top) it shows.
 SHOWN = {"benchmarks.md": "BENCHMARKS.md"}
@@ -35,15 +37,7 @@ def on_startup(command: str, dirty: bool) -> None:
     """Lay out the distribution's packages under ``PACKAGES`` as their import names say (before any
     plugin reads its configuration)."""
     top = Path(__file__).resolve().parent.parent
-    with (top / "pyproject.toml").open("rb") as f:
-        package_dir = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-    for name, directory in package_dir.items():
-        link = (top / PACKAGES).joinpath(*name.split("."))
-        if link.is_symlink() and link.resolve() == (top / directory).resolve():
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to(top / directory, target_is_directory=True)
+    lay_out(top / PACKAGES, top)
 
 
 def _relative(target: str) -> bool:

@@ -39,7 +39,7 @@ async def main(addr: str) -> None:
             ]
         )
         print("batch results:")
-        for name, r in zip(["write", "remap", "read", "write", "remap", "walk"], results):
+        for name, r in zip(["write", "remap", "read", "write", "remap", "walk"], results, strict=True):
             print(f"  {name:6} -> {r!r}")
         check(results[1] == PAGE and results[2] == 7, "the first remap or read went wrong")
         check(isinstance(results[4], FileExistsError), "moving onto a populated dst did not fail with EEXIST")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from mmsim.client import Client, read_token, tls_credentials
 
-
 #: Channel arguments: a shard that restarts is reached again within a second of its serving again
 #: (gRPC's own reconnect backoff grows to minutes). The minimum backoff, which is also the least a
 #: connection attempt is given, stays gRPC's.

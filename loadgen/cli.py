@@ -12,7 +12,7 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from rich.console import Console
@@ -85,7 +85,7 @@ def _non_negative_float(raw: str) -> float:
     return v
 
 
-def _int_in(lo: int, hi: int) -> object:
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     def conv(raw: str) -> int:
         try:
             v = int(raw)
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--metrics-url is for --stats-from metrics")
     stats_from = args.stats_from or ("metrics" if args.metrics_url else "grpc")
     profile = None if args.mix else (args.profile or DEFAULT_PROFILE)
-    mix = args.mix or PROFILES[profile]
+    mix = args.mix or PROFILES[profile or DEFAULT_PROFILE]
     lanes = args.workers * args.concurrency
     if is_gc(mix):
         if args.trees is not None and args.trees < args.workers:

@@ -130,7 +130,7 @@ class GcHeap:
             stopping.cancel()
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             for t in list(self.moves):
                 t.cancel()
         return dict(self.stats)

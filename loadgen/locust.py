@@ -131,6 +131,8 @@ def status_errno(error: grpc.RpcError) -> tuple[int, int]:
     """(errno, moved) carried by a failed call's ``google.rpc.ErrorInfo`` in domain ``mmsim.v1``;
     (0, 0) when it has none: then it is not a memory-semantics error."""
     trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    key: str
+    value: str | bytes
     for key, value in trailing or ():
         if key != STATUS_DETAILS_KEY:
             continue
@@ -187,7 +189,8 @@ def credential_files(user: Any) -> dict[str, str | None]:
 def credentials(files: dict[str, str | None], tls: bool = False) -> tuple[grpc.ChannelCredentials | None, str | None]:
     """(channel credentials or None, token or None) from the files of :func:`credential_files`; TLS
     when a CA or a client certificate is given, or ``tls`` (the system's CAs)."""
-    token = read_token(files["token_file"]) if files.get("token_file") else None
+    token_file = files.get("token_file")
+    token = read_token(token_file) if token_file else None
     if tls or files.get("tls_ca") or files.get("tls_cert"):
         return tls_credentials(files.get("tls_ca"), files.get("tls_cert"), files.get("tls_key")), token
     return None, token
@@ -632,7 +635,7 @@ class MmsimUser(User):
             if reply is None or len(reply.results) != len(ops):
                 self._resync = True
                 return
-            for i, r in zip(pages, reply.results):
+            for i, r in zip(pages, reply.results, strict=True):
                 kind = r.WhichOneof("result")
                 if kind == "remap":
                     self._moved(i, r.remap.moved)

@@ -41,7 +41,7 @@ def _validator() -> Validator:
 
 def validate(report: object, name: str = "report") -> None:
     """Raise a ValueError naming the first problem (the most relevant one) if ``report`` is not a report."""
-    error = best_match(_validator().iter_errors(report))
+    error = best_match(_validator().iter_errors(report))  # type: ignore[arg-type]  # any object: a non-JSON one fails
     if error is not None:
         raise ValueError(f"{name} is not an mmsim loadgen report: {error.message} (at {error.json_path})")
     assert isinstance(report, dict)

@@ -34,11 +34,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import grpc
 from hdrh.histogram import HdrHistogram
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-import grpc
 
 from mmsim.client import Client, MmsimError
 
@@ -128,7 +127,7 @@ def _versions() -> dict[str, str]:
 
 def _start_workers(n: int) -> list[tuple[multiprocessing.process.BaseProcess, Connection]]:
     ctx = multiprocessing.get_context("spawn")
-    out = []
+    out: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
     for _ in range(n):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=worker_main, args=(child,), daemon=True)
@@ -308,7 +307,7 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
             if e.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 raise RunError(f"{where} refused the calls: {e}") from None
             raise RunError(f"cannot reach {where}: {e}") from None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any other failure to connect is one error
             raise RunError(f"cannot reach {', '.join(opts.targets)}: {e}") from None
         shards = len(await mm.routes())
         gc = is_gc(opts.mix)
@@ -504,7 +503,7 @@ async def _measure(
     duration = max((r["wall_s"] for r in results), default=0.0)
     report: dict[str, Any] = {
         "schema": SCHEMA_ID,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "git_revision": _git_revision(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},

@@ -86,7 +86,7 @@ def parse(text: str) -> dict[str, int]:
 
 
 def _fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:  # noqa: S310 (http(s) endpoints)
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:  # http(s) endpoints only
         body: bytes = response.read()
     return body.decode("utf-8")
 

@@ -639,7 +639,7 @@ def worker_main(conn: Connection) -> None:
         conn.send(("result", asyncio.run(run_worker(msg[1], conn))))
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         pass
-    except Exception:
+    except Exception:  # noqa: BLE001 - the parent reports the traceback
         try:
             conn.send(("error", traceback.format_exc(limit=8)))
         except (BrokenPipeError, OSError):

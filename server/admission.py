@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 from collections import Counter
+
 from .mm.memcontrol import MemCgroup
 
 _MM = "/mmsim.v1.MemoryManager/"

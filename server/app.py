@@ -33,9 +33,9 @@ from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 from . import errors
 from .admission import Admission, Refused, Ticket
 from .auth import TokenInterceptor, exposure_refusal, read_token, server_credentials
+from .metrics import Metrics
 from .mm.memcontrol import MemCgroup, MemoryLimitExceeded
 from .mm.model import MemoryModel
-from .metrics import Metrics
 from .service import Limits, MemoryManagerServicer, rich_status
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation, peer_credentials
 
@@ -226,11 +226,13 @@ REQUEST_ID_MAX = 64
 _REQUEST_ID_BAD = re.compile(r"[^A-Za-z0-9._:/@+=-]")
 
 
-def request_id(raw: str | None) -> str:
+def request_id(raw: str | bytes | None) -> str:
     """The ``x-request-id`` a client sent, as the log may hold it: printable token characters
     only, at most REQUEST_ID_MAX of them; a fresh one when it sent none."""
     if not raw:
         return secrets.token_hex(6)
+    if isinstance(raw, bytes):  # gRPC gives str for a key without -bin; the type allows bytes
+        raw = raw.decode("ascii", "replace")
     return _REQUEST_ID_BAD.sub("_", raw[:REQUEST_ID_MAX])
 
 
@@ -359,9 +361,9 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         method = details.method
         rid = request_id(next((v for k, v in details.invocation_metadata or () if k == "x-request-id"), None))
@@ -379,7 +381,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
                 yield await call.admit(context, request)
 
         if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+            inner_uu: Any = handler.unary_unary  # an aio handler: the stubs type the sync server's
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(context, method, rid, sample, metrics, "unary", admission)
@@ -394,7 +396,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, _passthrough(serialize))
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
+            inner_ss: Any = handler.stream_stream  # an aio handler: the stubs type the sync server's
 
             async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(context, method, rid, sample, metrics, "bidi_stream", admission)  # one line at the end
@@ -408,7 +410,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, _passthrough(serialize))
         if handler.unary_stream is not None:  # Userfaults, health's Watch
-            inner_us = handler.unary_stream
+            inner_us: Any = handler.unary_stream  # an aio handler: the stubs type the sync server's
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(context, method, rid, sample, metrics, "server_stream", admission)
@@ -429,7 +431,7 @@ class RequestContextInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, _passthrough(serialize))
         if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
+            inner_su: Any = handler.stream_unary  # an aio handler: the stubs type the sync server's
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(context, method, rid, sample, metrics, "client_stream", admission)
@@ -742,6 +744,7 @@ async def serve(config: ServerConfig) -> int:
     stopping = asyncio.Event()
     signals = 0
     running: RunningServer | None = None
+    stops: set[asyncio.Future[None]] = set()  # the loop holds tasks weakly: keep each until it is done
 
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals
@@ -750,7 +753,9 @@ async def serve(config: ServerConfig) -> int:
         if signals == 1:
             stopping.set()
         elif running is not None:
-            asyncio.ensure_future(running.server.stop(0))
+            stop = asyncio.ensure_future(running.server.stop(0))
+            stops.add(stop)
+            stop.add_done_callback(stops.discard)
 
     freeze_after_full_collections()
     # Before the server starts, so that a signal right after "serving" is never the default action.

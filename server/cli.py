@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_p = sub.add_parser(
         "serve",
         help=cmd_serve.__doc__,
-        description=cmd_serve.__doc__ + "\nEvery flag can also be set by the environment variable shown.",
+        description=(cmd_serve.__doc__ or "") + "\nEvery flag can also be set by the environment variable shown.",
         epilog=SERVE_EPILOG,
         formatter_class=_Help,
     )
@@ -510,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "keepalive_time", "keepalive_timeout", "min_ping_interval",
                                           "handshake_timeout")}}
     for flag, env, dest, conv, text in SERVE_FLAGS:
+        optional: dict[str, Any] = {"nargs": "?", "const": True} if dest == "insecure" else {}
         serve_p.add_argument(
             flag,
             dest=dest,
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=metavars.get(dest),
             default=_env(env, getattr(defaults, dest), conv, choices.get(dest)),
             help=f"{text} [{env}]",
-            **({"nargs": "?", "const": True} if dest == "insecure" else {}),
+            **optional,
         )
     # Given by the supervisor to its shards: topology on stdin, a "ready" line on stdout.
     serve_p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
@@ -563,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "explore",
         help=cmd_explore.__doc__,
-        description=cmd_explore.__doc__ + " Every preemption point, lock sleep and wake-up of the model is a "
+        description=(cmd_explore.__doc__ or "") + " Every preemption point, lock sleep and wake-up of the model is a "
         "place where the explorer picks the thread that goes on.",
         epilog=EXPLORE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -191,12 +191,12 @@ def health_probe(
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     with channel:
         try:
-            response = health_pb2_grpc.HealthStub(channel).Check(
+            response = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=metadata
             )
         except grpc.RpcError as e:
-            code: grpc.StatusCode = e.code()  # type: ignore[attr-defined]
-            details = " ".join(str(e.details() or "").split())  # type: ignore[attr-defined]
+            code: grpc.StatusCode = e.code()
+            details = " ".join(str(e.details() or "").split())
             if code is grpc.StatusCode.UNAVAILABLE:
                 return ProbeResult(PROBE_UNREACHABLE, f"cannot reach {address}: {details}")
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -341,7 +341,7 @@ def add_commands(subparsers: Any) -> None:
     nginx = subparsers.add_parser(
         "nginx-config",
         help=cmd_nginx_config.__doc__,
-        description=cmd_nginx_config.__doc__ + "\nA call with the metadata x-mmsim-shard: I goes to "
+        description=(cmd_nginx_config.__doc__ or "") + "\nA call with the metadata x-mmsim-shard: I goes to "
         "shard I, any other to any shard.",
         epilog=NGINX_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -19,7 +19,7 @@ import errno as errno_mod
 import functools
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,15 +34,15 @@ from mmsim.v1 import mmsim_pb2_grpc
 
 from . import errors
 from .mm.memcontrol import MemoryLimitExceeded
-from .mm.sched import cond_resched
 from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
-from .topology import Topology, new_generation
+from .mm.sched import cond_resched
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
+from .topology import Topology, new_generation
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw", pb.PROT_NONE: "none"}
 PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}
 UFFD_FROM_PB = {pb.UFFD_MODE_MISSING: "missing", pb.UFFD_MODE_WP: "wp", pb.UFFD_MODE_MISSING_WP: "missing+wp"}
-UFFD_TO_PB = {None: pb.UFFD_MODE_NONE, **{v: k for k, v in UFFD_FROM_PB.items()}}
+UFFD_TO_PB: dict[str | None, pb.UffdMode] = {None: pb.UFFD_MODE_NONE, **{v: k for k, v in UFFD_FROM_PB.items()}}
 ADVICE_FROM_PB = {
     pb.ADVICE_DONTFORK: "dontfork",
     pb.ADVICE_DOFORK: "dofork",
@@ -154,7 +154,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], in
         info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
         return grpc.StatusCode.NOT_FOUND, str(exc), [info], 0, 0
     if isinstance(exc, (ResultTooLarge, ResponseTooLarge)):
-        exc = LimitExceeded("max_message_bytes", exc.limit)  # type: ignore[union-attr]
+        exc = LimitExceeded("max_message_bytes", exc.limit)
         return _status_for_limit(exc, "the response would exceed max_message_bytes")
     if isinstance(exc, LimitExceeded):
         return _status_for_limit(exc, str(exc))
@@ -453,43 +453,43 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         )
 
     # -- RPCs
-    async def CreateProcess(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateProcess(self, request, context):
         return await self._unary(context, self._op_create_process, request)
 
-    async def Fork(self, request, context):  # type: ignore[no-untyped-def]
+    async def Fork(self, request, context):
         return await self._unary(context, self._op_fork, request)
 
-    async def Exit(self, request, context):  # type: ignore[no-untyped-def]
+    async def Exit(self, request, context):
         return await self._unary(context, self._op_exit, request)
 
-    async def Mmap(self, request, context):  # type: ignore[no-untyped-def]
+    async def Mmap(self, request, context):
         return await self._unary(context, self._op_mmap, request)
 
-    async def Munmap(self, request, context):  # type: ignore[no-untyped-def]
+    async def Munmap(self, request, context):
         return await self._unary(context, self._op_munmap, request)
 
-    async def Madvise(self, request, context):  # type: ignore[no-untyped-def]
+    async def Madvise(self, request, context):
         return await self._unary(context, self._op_madvise, request)
 
-    async def UffdRegister(self, request, context):  # type: ignore[no-untyped-def]
+    async def UffdRegister(self, request, context):
         return await self._unary(context, self._op_uffd_register, request)
 
-    async def UffdUnregister(self, request, context):  # type: ignore[no-untyped-def]
+    async def UffdUnregister(self, request, context):
         return await self._unary(context, self._op_uffd_unregister, request)
 
-    async def Mprotect(self, request, context):  # type: ignore[no-untyped-def]
+    async def Mprotect(self, request, context):
         return await self._unary(context, self._op_mprotect, request)
 
-    async def Mremap(self, request, context):  # type: ignore[no-untyped-def]
+    async def Mremap(self, request, context):
         return await self._unary(context, self._op_mremap, request)
 
-    async def UffdCopy(self, request, context):  # type: ignore[no-untyped-def]
+    async def UffdCopy(self, request, context):
         return await self._unary(context, self._op_uffd_copy, request)
 
-    async def UffdZeropage(self, request, context):  # type: ignore[no-untyped-def]
+    async def UffdZeropage(self, request, context):
         return await self._unary(context, self._op_uffd_zeropage, request)
 
-    async def UffdWake(self, request, context):  # type: ignore[no-untyped-def]
+    async def UffdWake(self, request, context):
         return await self._unary(context, self._op_uffd_wake, request)
 
     async def Userfaults(
@@ -508,7 +508,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         finally:
             await events.aclose()
 
-    async def ListUserfaults(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListUserfaults(self, request, context):
         async def op(req: pb.ProcessRequest) -> pb.ListUserfaultsResponse:
             pid = self.pid(req.process)
             return pb.ListUserfaultsResponse(
@@ -518,22 +518,22 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
         return await self._unary(context, op, request)
 
-    async def Read(self, request, context):  # type: ignore[no-untyped-def]
+    async def Read(self, request, context):
         return await self._unary(context, self._op_read, request)
 
-    async def Write(self, request, context):  # type: ignore[no-untyped-def]
+    async def Write(self, request, context):
         return await self._unary(context, self._op_write, request)
 
-    async def Remap(self, request, context):  # type: ignore[no-untyped-def]
+    async def Remap(self, request, context):
         return await self._unary(context, self._op_remap, request)
 
-    async def Walk(self, request, context):  # type: ignore[no-untyped-def]
+    async def Walk(self, request, context):
         return await self._unary(context, self._op_walk, request)
 
-    async def GetFolio(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetFolio(self, request, context):
         return await self._unary(context, self._op_get_folio, request)
 
-    async def ListVmas(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListVmas(self, request, context):
         async def op(req: pb.ProcessRequest) -> pb.ListVmasResponse:
             limit = self.limits.max_message_bytes
             budget, size = limit - RESPONSE_SLACK, 0
@@ -549,7 +549,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
         return await self._unary(context, op, request)
 
-    async def DumpAnonVmaTree(self, request, context):  # type: ignore[no-untyped-def]
+    async def DumpAnonVmaTree(self, request, context):
         async def op(req: pb.AnonVmaTreeRequest) -> pb.AnonVmaTreeResponse:
             addr = req.addr if req.HasField("addr") else None
             limit = self.limits.max_message_bytes
@@ -590,13 +590,13 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
         return await self._unary(context, op, request)
 
-    async def CheckInvariants(self, request, context):  # type: ignore[no-untyped-def]
+    async def CheckInvariants(self, request, context):
         return pb.CheckInvariantsResponse(problems=await self.model.audit())
 
-    async def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetStats(self, request, context):
         return pb.StatsResponse(counters=self.model.stats(), protocol=self.model.protocol)
 
-    async def Batch(self, request, context):  # type: ignore[no-untyped-def]
+    async def Batch(self, request, context):
         return await self._unary(context, self._batch, request)
 
     async def BatchStream(
@@ -609,14 +609,14 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 code, message, details, _, _ = _status_for(exc)
                 await context.abort_with_status(rich_status(code, message, details))
 
-    async def Ping(self, request, context):  # type: ignore[no-untyped-def]
+    async def Ping(self, request, context):
         return pb.Empty()
 
-    async def GetTopology(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetTopology(self, request, context):
         return self.topology.to_pb()
 
 
-def _enum(table: dict[int, str], value: int, field: str) -> str:
+def _enum(table: Mapping[Any, str], value: int, field: str) -> str:
     try:
         return table[value]
     except KeyError:

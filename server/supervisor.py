@@ -230,11 +230,12 @@ class Supervisor:
         log.info("serving", listen=self.shards[0].info.address, shards=[s.info.address for s in self.shards],
                  generation=first, metrics=[s.info.metrics_address for s in self.shards if s.info.metrics_address])
         await stopped.wait()
-        statuses = await asyncio.gather(*(s.proc.wait() for s in self.shards if s.proc is not None))
+        exited = [(s, s.proc) for s in self.shards if s.proc is not None]
+        statuses = await asyncio.gather(*(proc.wait() for _, proc in exited))
         for s in self.shards:
             if s.task is not None:
                 s.task.cancel()
-        bad = {s.index: _status(st) for s, st in zip(self.shards, statuses) if st != 0}
+        bad = {s.index: _status(st) for (s, _), st in zip(exited, statuses, strict=True) if st != 0}
         log.info("stopped", shards=len(self.shards), **({"failed": bad} if bad else {}))
         return 0
 

@@ -284,7 +284,7 @@ class PeerProbe:
         """One health check of ``peer``, and what it means for the topology."""
         stub = health_pb2_grpc.HealthStub(await self._channel(peer))
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.interval)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.interval)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
             why = None if reply.status == health_pb2.HealthCheckResponse.SERVING else \
                 health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.aio.AioRpcError as e:

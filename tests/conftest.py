@@ -7,9 +7,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from mmsim.server.mm.detectors import Detectors
-
 from mmsim.server.app import RunningServer, ServerConfig, start_server
+from mmsim.server.mm.detectors import Detectors
 from mmsim.v1 import mmsim_pb2_grpc
 
 

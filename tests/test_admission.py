@@ -15,14 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import mmsim_serve
 
 from mmsim.client import Client, LimitExceededError, Process, ops
-from mmsim.server.mm.model import MemoryModel
 from mmsim.server.mm.mm_types import PAGE_SIZE as P
+from mmsim.server.mm.model import MemoryModel
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-
-from servers import mmsim_serve
 
 RUN_SLOTS = 8
 RESERVE = 8
@@ -50,7 +49,7 @@ async def block_faults(p: Process, start: int, n: int) -> list[asyncio.Task[int]
 
 async def health(addr: str) -> int:
     async with grpc.aio.insecure_channel(addr) as ch:
-        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
         return int(reply.status)
 
 

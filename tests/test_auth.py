@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ async def _use(mm: Client) -> None:
     assert await p.read(vma.start) == 42
 
 
-def _client(addr: str, **kw: Any) -> Client:
+def _client(addr: str | Sequence[str], **kw: Any) -> Client:
     return Client(addr, timeout=10, retries=0, **kw)
 
 
@@ -122,9 +122,11 @@ async def test_every_handler_kind_is_refused_without_the_token() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             # Refused streams get no request: a client write that meets the early end of the call
             # turns its status into INTERNAL on grpc.aio clients (grpc/grpc#36066).
-            calls = {
-                "UU": lambda md: ch.unary_unary("/t.T/UU")(b"x", metadata=md, timeout=10),
-                "US": lambda md: _collect(ch.unary_stream("/t.T/US")(b"x", metadata=md, timeout=10)),
+            unary_unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = ch.unary_unary("/t.T/UU")
+            unary_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = ch.unary_stream("/t.T/US")
+            calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
+                "UU": lambda md: unary_unary(b"x", metadata=md, timeout=10),
+                "US": lambda md: _collect(unary_stream(b"x", metadata=md, timeout=10)),
                 "SU": lambda md: _written(ch.stream_unary("/t.T/SU")(metadata=md, timeout=10), md, unary=True),
                 "SS": lambda md: _written(ch.stream_stream("/t.T/SS")(metadata=md, timeout=10), md),
             }
@@ -192,12 +194,12 @@ async def test_health_is_exempt_and_reflection_is_not(token_file: str) -> None:
     async with serve_in_process(token_file=token_file) as addr:
         async with grpc.aio.insecure_channel(addr) as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            watch = health.Watch(health_pb2.HealthCheckRequest(service="mmsim.v1.MemoryManager"), timeout=10)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="mmsim.v1.MemoryManager"), timeout=10)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
-            reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(  # type: ignore[arg-type, operator]  # the stubs' reflection stub is for a sync channel
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await _collect(reflect)

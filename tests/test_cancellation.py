@@ -43,7 +43,7 @@ async def move_setup(m: MemoryModel, pages: int = PAGES) -> int:
     return pid
 
 
-def root_of(m: MemoryModel, pid: int, addr: int):  # type: ignore[no-untyped-def]
+def root_of(m: MemoryModel, pid: int, addr: int):
     pte = m.processes[pid].pte_lookup(addr)
     assert pte is not None and pte.folio.mapping is not None
     return pte.folio.mapping
@@ -66,7 +66,7 @@ def assert_split(m: MemoryModel, pid: int, moved_pages: int, pages: int = PAGES)
 # (a) a multi-page move
 
 
-def folio_at(m: MemoryModel, pid: int, addr: int):  # type: ignore[no-untyped-def]
+def folio_at(m: MemoryModel, pid: int, addr: int):
     pte = m.processes[pid].pte_lookup(addr)
     assert pte is not None
     return pte.folio

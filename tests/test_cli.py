@@ -73,13 +73,13 @@ BAD_ENV = {cli._listen: "7077", cli._probability: "2", cli._int: "x", cli._bool:
 
 
 @pytest.mark.parametrize("flag", SERVE_FLAGS, ids=[f[1] for f in SERVE_FLAGS])
-def test_bad_environment_variables_are_one_line_and_status_2(capsys, monkeypatch, flag) -> None:  # type: ignore[no-untyped-def]
+def test_bad_environment_variables_are_one_line_and_status_2(capsys, monkeypatch, flag) -> None:
     _, env, _, conv, _ = flag
     monkeypatch.setenv(env, BAD_ENV[conv])
     assert _usage_error(capsys, ["serve"]).startswith(f"mmsim serve: error: environment variable {env}: ")
 
 
-def test_a_flag_overrides_a_bad_environment_variable_and_other_commands_ignore_it(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_flag_overrides_a_bad_environment_variable_and_other_commands_ignore_it(capsys, monkeypatch) -> None:
     monkeypatch.setenv("MMSIM_PROTOCOL", "rcu")
     assert _usage_error(capsys, ["race", "--seeds", "1"]).startswith(
         "mmsim race: error: environment variable MMSIM_PROTOCOL: invalid choice: 'rcu'"
@@ -156,5 +156,5 @@ def test_max_memory_takes_sizes(raw: str, value: int) -> None:
 
 
 @pytest.mark.parametrize("raw", ["0", "-1G", "4Q", "G", "1.5G"])
-def test_max_memory_rejects_bad_sizes(capsys, raw: str) -> None:  # type: ignore[no-untyped-def]
+def test_max_memory_rejects_bad_sizes(capsys, raw: str) -> None:
     assert _usage_error(capsys, ["serve", "--max-memory", raw]).startswith("mmsim serve: error: argument --max-memory")

@@ -288,7 +288,7 @@ async def test_shrink_finds_a_one_minimal_reproducer() -> None:
     assert small.steps[2]["at"] == ["a", 0]
 
 
-def test_command_reports_an_unavailable_oracle_with_its_own_status(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_command_reports_an_unavailable_oracle_with_its_own_status(monkeypatch, capsys) -> None:
     """Seen as an unprivileged user, the command says why the kernel oracle is unavailable and
     exits 3 (not 0, not 1)."""
     import os

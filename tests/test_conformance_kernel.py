@@ -312,6 +312,7 @@ def test_fault_threads_do_not_move_regions() -> None:
             mm("d", 1),
         ]
     )
+    assert r[0].addr is not None
     assert r[2].addr == r[0].addr - PAGE
     assert r[5].addr == r[2].addr - PAGE
     assert r[6].addr == r[2].addr - PAGE

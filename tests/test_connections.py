@@ -14,11 +14,10 @@ from contextlib import ExitStack, contextmanager
 
 import grpc
 import pytest
+from servers import mmsim_serve
 
 from mmsim.client import Client
 from mmsim.server.cli import SERVE_FLAGS, main
-
-from servers import mmsim_serve
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7
@@ -120,7 +119,7 @@ def test_connections_past_the_limit_are_closed_at_once() -> None:
                 sock.settimeout(MARGIN)
                 assert (SETTINGS, 0) in _frames(sock.recv(65536))
             with _raw(server.addr, PREFACE + EMPTY_SETTINGS + SETTINGS_ACK) as extra:
-                seconds, got = _until_closed(extra, MARGIN)
+                _, got = _until_closed(extra, MARGIN)
                 assert (SETTINGS, 0) not in _frames(got)
             for sock in held:  # still open: whatever more the server sent, no end of stream
                 sock.setblocking(False)
@@ -156,14 +155,14 @@ async def test_an_sdk_client_idle_past_the_limit_reconnects_on_its_next_call() -
     ("--peer-probe-failures", "0", "must be positive"),
 ])
 def test_bad_connection_and_probe_values_are_one_line_and_status_2(capsys, flag: str, value: str,
-                                                                   message: str) -> None:  # type: ignore[no-untyped-def]
+                                                                   message: str) -> None:
     with pytest.raises(SystemExit) as e:
         main(["serve", flag, value])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"mmsim serve: error: argument {flag}: {message}\n"
 
 
-def test_every_connection_and_probe_flag_has_its_variable(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_every_connection_and_probe_flag_has_its_variable(capsys, monkeypatch) -> None:
     flags = {f[0]: f[1] for f in SERVE_FLAGS}
     for flag in ("--max-connection-idle", "--max-connection-age", "--max-connection-age-grace", "--keepalive-time",
                  "--keepalive-timeout", "--min-ping-interval", "--handshake-timeout", "--peer-probe-interval",

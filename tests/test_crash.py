@@ -24,12 +24,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from servers import ServerProcess, mmsim_serve
 
 from mmsim.client import Client, ops
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-
-from servers import ServerProcess, mmsim_serve
 
 P = 4096
 #: The access log as ``mmsim serve`` writes it by default: one line for every call.
@@ -73,7 +72,7 @@ async def _assert_serving(server: ServerProcess) -> None:
     assert server.proc.poll() is None, f"mmsim serve died: {_exit_text(server.proc.returncode)}"
     async with grpc.aio.insecure_channel(server.addr) as channel:
         await mmsim_pb2_grpc.MemoryManagerStub(channel).Ping(pb.Empty(), timeout=10)
-        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -156,7 +155,7 @@ async def test_cancelling_a_batch_stream_after_its_first_response() -> None:
                         for _ in range(5):
                             await stream.send([ops.folio(p, v.start)] * 100)
                         first = await stream.recv()
-                        assert first[0].value == 7  # type: ignore[union-attr]
+                        assert first[0].value == 7
                         raise _Leave
             await _assert_serving(server)
             assert await mm.check_invariants() == []
@@ -179,6 +178,7 @@ async def test_cancelling_a_reflection_stream_after_its_first_response(service: 
                 for _ in range(5):
                     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
                 first = await call.read()
+                assert isinstance(first, reflection_pb2.ServerReflectionResponse)
                 assert "mmsim.v1.MemoryManager" in {s.name for s in first.list_services_response.service}
                 call.cancel()
         await _assert_serving(server)

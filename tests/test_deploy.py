@@ -28,11 +28,11 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from proxy import nginx_binary
 
 from mmsim.client.testing import serve_subprocess
 from mmsim.server import cli, deploy
 from mmsim.server.deploy import nginx_config
-from proxy import nginx_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -382,7 +382,7 @@ class _RequireToken(grpc.ServerInterceptor):
 def health_server(credentials: grpc.ServerCredentials | None = None,
                   interceptors: tuple[grpc.ServerInterceptor, ...] = ()) -> Iterator[str]:
     """A plain gRPC server with the health service: "" SERVING, "down" NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=list(interceptors))
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     servicer.set("down", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -422,7 +422,7 @@ def _certificates(tmp_path: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])

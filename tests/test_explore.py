@@ -66,7 +66,7 @@ def test_every_scenario_passes_its_bounded_exhaustive_search_under_the_safe_prot
     s = explore(scn, protocol, strategy="exhaustive", preemptions=2, schedules=20_000)
     assert s.cut == 0 and s.schedules >= 1
     if not known:
-        assert s.first is None, (s.first.violations, s.first.problems)  # type: ignore[union-attr]
+        assert s.first is None, (s.first.violations, s.first.problems)
     else:
         assert s.first is not None and s.first.kinds <= known, s.first and s.first.violations
 
@@ -157,7 +157,7 @@ def test_mutate_scores_a_library_and_says_which_mutants_survive(tmp_path: Path,
     assert main(["mutate", "--litmus", str(tmp_path / "none")]) == 2
 
 
-def _rows(r) -> list[tuple[int, int, str, str]]:  # noqa: ANN001
+def _rows(r) -> list[tuple[int, int, str, str]]:
     return [(e.step, e.thread, e.kind, e.text) for e in r.events]
 
 
@@ -179,8 +179,8 @@ def test_the_trace_shows_rcu_sections_refcounts_and_the_raced_fields() -> None:
     assert any(t.startswith("folio_lock_anon_vma_read: reads anon_vma1->root = anon_vma1") for t in walker)
     assert any(t.startswith("rmap_walk_anon: reads folio1->index") for t in walker)
     # the move's two stores, the mapping before the index
-    stores = [t for t in mover if "folio1->mapping = " in t and "reads" not in t or "folio1->index = " in t
-              and "reads" not in t]
+    stores = [t for t in mover if ("folio1->mapping = " in t and "reads" not in t) or ("folio1->index = " in t
+              and "reads" not in t)]
     assert [t.split(": ")[1].split(" = ")[0] for t in stores] == ["folio1->mapping", "folio1->index"], stores
     assert not any(t.startswith("_check") for t in walker + mover)  # the detectors' own reads are not shown
 

@@ -11,7 +11,7 @@ from mmsim.v1 import mmsim_pb2 as pb
 P = 4096
 
 
-async def _setup(stub, pages: int):  # type: ignore[no-untyped-def]
+async def _setup(stub, pages: int):
     p = (await stub.CreateProcess(pb.CreateProcessRequest())).handle
     src = await stub.Mmap(pb.MmapRequest(process=p, length=pages * P, prot=pb.PROT_RW, addr=0x100000000))
     dst = await stub.Mmap(
@@ -20,7 +20,7 @@ async def _setup(stub, pages: int):  # type: ignore[no-untyped-def]
     return p, src.start, dst.start
 
 
-async def test_cancel_a_blocking_walk(server, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_cancel_a_blocking_walk(server, stub) -> None:
     p, src, _ = await _setup(stub, 1)
     await stub.Write(pb.WriteRequest(process=p, addr=src, value=5))
     model = server.model
@@ -46,7 +46,7 @@ async def test_cancel_a_blocking_walk(server, stub) -> None:  # type: ignore[no-
     assert len(w.mappings) == 1
 
 
-async def test_cancel_a_large_move(server, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_cancel_a_large_move(server, stub) -> None:
     pages = 4096  # 16 MiB, eight PMD-sized steps
     p, src, dst = await _setup(stub, pages)
     ops = [pb.Op(write=pb.WriteRequest(process=p, addr=src + i * P, value=i + 1)) for i in range(pages)]
@@ -73,7 +73,7 @@ async def test_cancel_a_large_move(server, stub) -> None:  # type: ignore[no-unt
     assert list((await stub.CheckInvariants(pb.CheckInvariantsRequest())).problems) == []
 
 
-async def test_deadline_exceeded(server, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_deadline_exceeded(server, stub) -> None:
     p, src, _ = await _setup(stub, 1)
     await stub.Write(pb.WriteRequest(process=p, addr=src, value=5))
     model = server.model

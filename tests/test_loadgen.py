@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hdrh.histogram import HdrHistogram
 from rich.console import Console
+from servers import ServerProcess, mmsim_serve
 
 from mmsim.client import Client
 from mmsim.loadgen import histograms
@@ -24,8 +25,6 @@ from mmsim.loadgen.cli import main
 from mmsim.loadgen.profiles import PROFILES
 from mmsim.loadgen.report import validate
 from mmsim.loadgen.runner import Options, bottleneck, merge, run
-
-from servers import ServerProcess, mmsim_serve
 
 
 def options(target: str, **kw: Any) -> Options:

@@ -18,15 +18,14 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from servers import ServerProcess, mmsim_serve, shard_pids
 
 from mmsim.client import Client, MmsimError, ShardRestartedError
 from mmsim.loadgen.gc import GcError
 from mmsim.loadgen.report import validate
 from mmsim.loadgen.restart import SHARD_RESTARTED, may_be_restart
-from mmsim.loadgen.runner import counter_deltas, shard_restarts
+from mmsim.loadgen.runner import Reading, counter_deltas, shard_restarts
 from mmsim.v1 import mmsim_pb2 as pb
-
-from servers import ServerProcess, mmsim_serve, shard_pids
 
 T = TypeVar("T")
 
@@ -127,10 +126,10 @@ async def test_a_shard_restart_under_the_run_is_an_outcome(
 
 
 def test_counters_of_a_restarted_shard_count_from_its_restart() -> None:
-    before = {"0": (7, {"walk": 100, "fork": 5}), "1": (8, {"walk": 900, "fork": 50})}
-    after = {"0": (7, {"walk": 130, "fork": 5}), "1": (9, {"walk": 40, "fork": 2})}
+    before: Reading = {"0": (7, {"walk": 100, "fork": 5}), "1": (8, {"walk": 900, "fork": 50})}
+    after: Reading = {"0": (7, {"walk": 130, "fork": 5}), "1": (9, {"walk": 40, "fork": 2})}
     assert counter_deltas(before, after) == {"walk": 70, "fork": 2}
-    unknown = {"0": (None, {"walk": 100})}  # no generation: a plain difference
+    unknown: Reading = {"0": (None, {"walk": 100})}  # no generation: a plain difference
     assert counter_deltas(unknown, {"0": (None, {"walk": 90})}) == {"walk": -10}
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from servers import ServerProcess, mmsim_serve
+from test_loadgen import options
 
 from mmsim.client import Client
 from mmsim.client.testing import write_test_certificates
@@ -19,9 +21,6 @@ from mmsim.loadgen.access import Access
 from mmsim.loadgen.cli import main
 from mmsim.loadgen.report import validate
 from mmsim.loadgen.runner import run
-
-from servers import ServerProcess, mmsim_serve
-from test_loadgen import options
 
 #: Counters a mixed run moves on every shard that holds a tree.
 BUSY = ("walk", "move_pages", "fork")

@@ -42,9 +42,10 @@ def snapshot(m: MemoryModel, pid: int) -> tuple[object, ...]:
     return (m.vmas(pid), m.processes[pid].map_count, m.k.vmas_live, m.k.memcg.usage, dict(m.ledger[pid]))
 
 
-async def errno_of(coro) -> int:  # type: ignore[no-untyped-def]
+async def errno_of(coro) -> int:
     with pytest.raises(MmError) as e:
         await coro
+    assert e.value.errno is not None
     return e.value.errno
 
 
@@ -59,7 +60,7 @@ async def at_count(m: MemoryModel, n: int, base: int = B) -> int:
     return pid
 
 
-async def unchanged_enomem(m: MemoryModel, pid: int, coro, err: int = errno.ENOMEM) -> None:  # type: ignore[no-untyped-def]
+async def unchanged_enomem(m: MemoryModel, pid: int, coro, err: int = errno.ENOMEM) -> None:
     before = snapshot(m, pid)
     assert await errno_of(coro) == err
     assert snapshot(m, pid) == before

@@ -160,7 +160,7 @@ def test_every_mutant_has_its_script_and_its_documentation() -> None:
         assert callable(globals()[script])
         assert script.endswith("_is_equivalent") == MUTANTS[name].equivalent
     doc = DOCS.read_text()
-    for name, mut in MUTANTS.items():
+    for name in MUTANTS:
         assert f"`{name}`" in doc, name
         assert SCRIPTS[name] in doc, name
     for kind in (*KINDS, *FINDING_KINDS):

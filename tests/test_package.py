@@ -170,7 +170,7 @@ def test_wheel_and_sdist_install_serve_and_run_the_quickstart(tmp_path: Path) ->
                               env=_env())
     assert server.stderr is not None
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in server.stderr], daemon=True)
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in server.stderr], daemon=True)  # type: ignore[func-returns-value]  # None, as the test checks
     reader.start()
     try:
         addr = _wait_serving(server, reader, lines, time.monotonic() + 60)

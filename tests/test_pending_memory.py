@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from servers import ServerProcess, mmsim_serve
 
 from mmsim.client import Client
 from mmsim.server.admission import CALL_BYTES, RESERVED_NOFAIL_BYTES
@@ -24,8 +25,6 @@ from mmsim.server.mm.memcontrol import INFLIGHT_SHARE
 from mmsim.server.mm.mm_types import PAGE_SIZE as P
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-
-from servers import ServerProcess, mmsim_serve
 
 BUDGET = 64 << 20
 #: What the reserved calls (admission.RESERVED) may be charged past the budget: --reserved-rpcs
@@ -45,7 +44,9 @@ def packed_values_batch(handle: str, addr: int, values: int) -> pb.BatchRequest:
 
 
 def limit_of(e: grpc.aio.AioRpcError) -> str | None:
-    status = rpc_status.from_call(e)
+    # The stub asks for a grpc.Call; from_call reads only code(), details() and trailing_metadata(),
+    # which an AioRpcError has.
+    status = rpc_status.from_call(e)  # type: ignore[arg-type]
     for d in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         if d.Unpack(info):

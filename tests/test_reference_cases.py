@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
-#: The mutation runs: an unsafe protocol, whose race the detectors must catch.
-UNSAFE = pytest.mark.violations_expected
 
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.mm_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, MmError
 from mmsim.server.mm.model import MemoryModel, WalkResult
 from mmsim.server.mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
+
+#: The mutation runs: an unsafe protocol, whose race the detectors must catch.
+UNSAFE = pytest.mark.violations_expected
 
 P = PAGE_SIZE
 SRC = 0x1000_0000

@@ -38,7 +38,7 @@ def localhost_both(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("no IPv6 loopback here")
     real = socket.getaddrinfo
 
-    def getaddrinfo(host: object, *args: object, **kw: object) -> list:  # type: ignore[type-arg]
+    def getaddrinfo(host: object, *args: object, **kw: object) -> list:
         if host == "localhost":
             return real("127.0.0.1", *args, **kw) + real("::1", *args, **kw)  # type: ignore[arg-type]
         return real(host, *args, **kw)  # type: ignore[arg-type]
@@ -138,7 +138,7 @@ async def test_an_insecure_non_loopback_listen_warns_that_there_is_no_authentica
                 assert line, f"the server exited: {''.join(lines)}"
                 lines.append(line)
             proc.send_signal(signal.SIGTERM)
-            rest, _ = await proc.communicate()
+            await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()

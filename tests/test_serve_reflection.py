@@ -8,13 +8,13 @@ SERVICES = {"mmsim.v1.MemoryManager", "grpc.health.v1.Health", "grpc.reflection.
             "grpc.reflection.v1alpha.ServerReflection"}
 
 
-async def _ask(method: grpc.aio.StreamStreamMultiCallable, requests: list) -> list:  # type: ignore[type-arg]
+async def _ask(method: grpc.aio.StreamStreamMultiCallable, requests: list) -> list:
     return [r async for r in method(iter(requests))]
 
 
 async def test_v1alpha_lists_the_services(channel: grpc.aio.Channel) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    [listed] = await _ask(stub.ServerReflectionInfo, [reflection_pb2.ServerReflectionRequest(list_services="")])
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]  # the stubs' reflection stub is for a sync channel
+    [listed] = await _ask(stub.ServerReflectionInfo, [reflection_pb2.ServerReflectionRequest(list_services="")])  # type: ignore[arg-type]  # the stubs' reflection stub is for a sync channel
     assert {s.name for s in listed.list_services_response.service} == SERVICES
 
 

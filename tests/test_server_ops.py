@@ -21,19 +21,19 @@ P = 4096
 async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
     h = health_pb2_grpc.HealthStub(channel)
     for service in ("", "mmsim.v1.MemoryManager"):
-        r = await h.Check(health_pb2.HealthCheckRequest(service=service))
+        r = await h.Check(health_pb2.HealthCheckRequest(service=service))  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
         assert r.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await h.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        await h.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Channel) -> None:
-    r = reflection_pb2_grpc.ServerReflectionStub(channel)
+    r = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]  # the stubs' reflection stub is for a sync channel
 
     async def ask(**kw: object) -> reflection_pb2.ServerReflectionResponse:
-        call = r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**kw)]))
-        return [resp async for resp in call][0]
+        call = r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**kw)]))  # type: ignore[arg-type, operator]  # the stubs' reflection stub is for a sync channel
+        return [resp async for resp in call][0]  # noqa: RUF015 - the stream is read to its end
 
     listed = await ask(list_services="")
     names = {s.name for s in listed.list_services_response.service}
@@ -42,7 +42,7 @@ async def test_reflection_lists_and_describes_the_service(channel: grpc.aio.Chan
     assert described.file_descriptor_response.file_descriptor_proto
 
 
-async def test_stop_drains_in_flight_calls_and_refuses_new_ones(server, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_stop_drains_in_flight_calls_and_refuses_new_ones(server, stub) -> None:
     p = await stub.CreateProcess(pb.CreateProcessRequest())
     v = await stub.Mmap(pb.MmapRequest(process=p.handle, length=64 * P, prot=pb.PROT_RW))
     ops = [pb.Op(write=pb.WriteRequest(process=p.handle, addr=v.start + (i % 64) * P, value=i)) for i in range(5000)]
@@ -72,13 +72,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _wait_serving(addr: str, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+async def _wait_serving(addr: str, proc: subprocess.Popen) -> None:
     async with grpc.aio.insecure_channel(addr) as ch:
         h = health_pb2_grpc.HealthStub(ch)
         for _ in range(200):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             try:
-                r = await h.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                r = await h.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -111,7 +111,7 @@ async def test_signal_while_calls_are_in_flight_exits_zero(sig: signal.Signals) 
                 assert r.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), r
             else:
                 assert not isinstance(r, BaseException), r
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert '"audit": "clean"' in err
     finally:

@@ -17,15 +17,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from proxy import free_ports
+from servers import mmsim_serve, shard_pids
 
 from mmsim.client.testing import write_test_certificates
 from mmsim.server.app import ServerConfig, start_server
 from mmsim.server.topology import DOWN, SERVING, UNKNOWN, ShardInfo, Topology
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-
-from proxy import free_ports
-from servers import mmsim_serve, shard_pids
 
 SERVING_PB = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING_PB = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -53,7 +52,7 @@ class Observer:
     async def status(self) -> int | None:
         """The health status of ``mmsim.shard.<peer>``; None while not known (NOT_FOUND)."""
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=f"mmsim.shard.{self.peer}"),
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=f"mmsim.shard.{self.peer}"),  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
                                             timeout=5)
         except grpc.aio.AioRpcError as e:
             assert e.code() == grpc.StatusCode.NOT_FOUND, e

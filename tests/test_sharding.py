@@ -18,15 +18,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proxy import free_ports, run_nginx
+from servers import shard_pids
 
 from mmsim.client import Client, ProcessNotFoundError, ShardRestartedError, WrongShardError
 from mmsim.client.testing import ServerProcess, serve_subprocess
 from mmsim.server.deploy import nginx_config
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-
-from proxy import free_ports, run_nginx
-from servers import shard_pids
 
 P = 4096
 SRC, DST = 0x100000000, 0x200000000
@@ -102,7 +101,11 @@ async def test_through_nginx_and_direct_the_same_scenario_gives_the_same_results
         assert direct.routing == "direct" and proxied.routing == "proxy"
         # Trees spread round-robin over both shards, through the proxy as directly.
         for mm in (direct, proxied):
-            shards = [(await mm.create_process()).shard for _ in range(4)]
+            shards: list[int] = []
+            for _ in range(4):
+                placed = (await mm.create_process()).shard
+                assert placed is not None
+                shards.append(placed)
             assert sorted(shards) == [0, 0, 1, 1]
         assert await direct.check_invariants() == [] and await proxied.check_invariants() == []
         assert (await proxied.stats(shard=0))["processes"] == (await direct.stats(shard=0))["processes"]
@@ -120,7 +123,9 @@ async def test_a_handle_sent_to_another_shard_is_not_found_naming_the_right_one(
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.ListVmas(pb.ProcessRequest(process=p.id), timeout=10, metadata=metadata)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "shard 1" in e.value.details() and "this is shard 0" in e.value.details()
+            details = e.value.details()
+            assert details is not None
+            assert "shard 1" in details and "this is shard 0" in details
             # The proxy routes on the header: shard 1's handle with shard 1's header is served.
             if metadata is not None:
                 vmas = await stub.ListVmas(pb.ProcessRequest(process=p.id), timeout=10,
@@ -170,7 +175,7 @@ async def test_a_killed_shard_restarts_under_a_new_generation(sharded: ServerPro
         await lost.mmap(P, addr=SRC)
         before = {s.index: s.generation for s in await mm.shards()}
         async with grpc.aio.insecure_channel(sharded.addresses[0]) as ch:
-            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="mmsim.shard.1"))
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="mmsim.shard.1"))  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             os.kill(shard_pids(sharded.pid)[1], signal.SIGKILL)
             # Shard 0 reports shard 1 down while the supervisor restarts it, then up again.
@@ -270,7 +275,7 @@ async def test_every_shard_serves_metrics_that_move_under_load() -> None:
                 await scenario(mm, shard)
             after = [_scrape(s.metrics_address) for s in shards]
     remap = ("grpc_service", "mmsim.v1.MemoryManager"), ("grpc_method", "Remap"), ("grpc_type", "unary")
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         started = ("grpc_server_started_total", tuple(sorted(remap)))
         handled_ok = ("grpc_server_handled_total", tuple(sorted((*remap, ("grpc_code", "OK")))))
         busy = ("grpc_server_handled_total", tuple(sorted((*remap, ("grpc_code", "FailedPrecondition")))))
@@ -313,10 +318,10 @@ def test_the_supervisor_refuses_a_network_address_without_credentials_in_one_lin
 
 async def test_the_load_generator_works_through_the_proxy(sharded: ServerProcess, proxy: str) -> None:
     from rich.console import Console
+    from test_loadgen import options
 
     from mmsim.loadgen.report import validate
     from mmsim.loadgen.runner import run
-    from test_loadgen import options
 
     async def per_shard() -> list[dict[str, int]]:
         async with Client(sharded.addr) as mm:

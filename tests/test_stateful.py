@@ -167,7 +167,9 @@ class MemoryMachine(RuleBasedStateMachine):
         assert err is None, err
         assert child not in self.pids and child not in self.dead
         self.pids.append(child)
-        lay = {v: (prot, df, wipe, None) for v, (prot, df, wipe, _) in self.layout[parent].items() if not df}
+        lay: dict[int, PageState] = {
+            v: (prot, df, wipe, None) for v, (prot, df, wipe, _) in self.layout[parent].items() if not df
+        }
         self.layout[child] = lay
         copied = {v for v, s in lay.items() if not s[2]}
         self.data[child] = {v: x for v, x in self.data[parent].items() if v in copied}

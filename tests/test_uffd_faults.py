@@ -30,7 +30,7 @@ OTHER = 0x30000000
 PAGES = 4
 
 
-def dst_vma(m: MemoryModel, pid: int):  # type: ignore[no-untyped-def]
+def dst_vma(m: MemoryModel, pid: int):
     [v] = [v for v in m.vmas(pid) if v.start == DST]
     return v
 
@@ -705,7 +705,7 @@ async def test_copy_wp_maps_write_protected_page() -> None:
     assert m.uffd_pending(pid) == []
     # Without MODE_WP the page is writable, as before.
     assert await m.uffd_copy(pid, DST + P, P, 6) == P
-    assert m.folio(pid, DST + P).writable and not uffd_wp_bit(m, pid, DST + P)  # type: ignore[union-attr]
+    assert m.folio(pid, DST + P).writable and not uffd_wp_bit(m, pid, DST + P)
     clean(m)
 
 
@@ -732,7 +732,7 @@ async def test_write_to_copy_wp_page_blocks_and_wake_faults_again() -> None:
     task = await blocked(m, pid, m.write(pid, DST, 9))
     assert m.uffd_pending(pid) == [UffdEvent(DST, True, True)]
     await still_blocked(task)
-    assert m.folio(pid, DST).value == 5  # type: ignore[union-attr]
+    assert m.folio(pid, DST).value == 5
     await m.uffd_wake(pid, DST, P)
     await turns()
     assert not task.done()
@@ -788,7 +788,7 @@ async def test_copy_wp_bit_not_inherited_by_fork_child() -> None:
     child = await m.fork(pid)
     await m.uffd_register(child, DST, 2 * P, "wp")
     await m.write(child, DST, 7)
-    assert m.folio(child, DST).value == 7  # type: ignore[union-attr]
+    assert m.folio(child, DST).value == 7
     assert m.uffd_pending(child) == []
     assert uffd_wp_bit(m, pid, DST)
     task = await blocked(m, pid, m.write(pid, DST, 8))
@@ -796,7 +796,7 @@ async def test_copy_wp_bit_not_inherited_by_fork_child() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert m.folio(pid, DST).value == 5  # type: ignore[union-attr]
+    assert m.folio(pid, DST).value == 5
     clean(m)
 
 
@@ -811,5 +811,5 @@ async def test_move_drops_the_uffd_wp_bit() -> None:
     assert await m.move(pid, DST, SRC, P) == P
     assert not uffd_wp_bit(m, pid, DST)
     await m.write(pid, DST, 4)
-    assert m.folio(pid, DST).value == 4 and m.uffd_pending(pid) == []  # type: ignore[union-attr]
+    assert m.folio(pid, DST).value == 4 and m.uffd_pending(pid) == []
     clean(m)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from typing import Required, TypedDict
 
 import pytest
 
@@ -20,6 +21,17 @@ P = PAGE_SIZE
 A = 0x10000000
 B = 0x20000000
 C = 0x30000000
+
+
+class MremapArgs(TypedDict, total=False):
+    """The arguments of one ``MemoryModel.mremap`` call."""
+
+    addr: Required[int]
+    old: Required[int]
+    new: Required[int]
+    maymove: bool
+    dontunmap: bool
+    fixed: int
 
 
 def clean(m: MemoryModel) -> None:
@@ -40,9 +52,10 @@ async def setup(m: MemoryModel, pages: int = 8, addr: int = A, prot: str = "rw",
     return pid
 
 
-async def errno_of(coro) -> int:  # type: ignore[no-untyped-def]
+async def errno_of(coro) -> int:
     with pytest.raises(MmError) as e:
         await coro
+    assert e.value.errno is not None
     return e.value.errno
 
 
@@ -288,21 +301,21 @@ async def test_mremap_param_errors() -> None:
     # kernel: each of these with a 4-page VMA at a.
     m = MemoryModel()
     pid = await setup(m, pages=4)
-    cases = [
-        (dict(addr=A + 1, old=4 * P, new=4 * P), errno.EINVAL),  # misaligned
-        (dict(addr=A, old=4 * P, new=0), errno.EINVAL),  # new_len 0
-        (dict(addr=A, old=4 * P, new=1 << 47), errno.EINVAL),  # new_len > TASK_SIZE
-        (dict(addr=A, old=0, new=4 * P), errno.EINVAL),  # old_len 0, private
-        (dict(addr=A, old=0, new=4 * P, maymove=True), errno.EINVAL),
-        (dict(addr=A, old=4 * P, new=4 * P, fixed=C), errno.EINVAL),  # FIXED without MAYMOVE
-        (dict(addr=A, old=4 * P, new=4 * P, dontunmap=True), errno.EINVAL),  # DONTUNMAP without MAYMOVE
-        (dict(addr=A, old=4 * P, new=8 * P, maymove=True, dontunmap=True), errno.EINVAL),  # resize
-        (dict(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=C + 1), errno.EINVAL),  # misaligned new
-        (dict(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=A + 2 * P), errno.EINVAL),  # overlap
-        (dict(addr=A, old=4 * P, new=8 * P, maymove=True, fixed=A - 4 * P), errno.EINVAL),  # overlap
-        (dict(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=(1 << 47) - 4 * P), errno.EINVAL),  # > TASK_SIZE
-        (dict(addr=C, old=P, new=P), errno.EFAULT),  # nothing mapped
-        (dict(addr=C, old=P, new=2 * P, maymove=True), errno.EFAULT),
+    cases: list[tuple[MremapArgs, int]] = [
+        (MremapArgs(addr=A + 1, old=4 * P, new=4 * P), errno.EINVAL),  # misaligned
+        (MremapArgs(addr=A, old=4 * P, new=0), errno.EINVAL),  # new_len 0
+        (MremapArgs(addr=A, old=4 * P, new=1 << 47), errno.EINVAL),  # new_len > TASK_SIZE
+        (MremapArgs(addr=A, old=0, new=4 * P), errno.EINVAL),  # old_len 0, private
+        (MremapArgs(addr=A, old=0, new=4 * P, maymove=True), errno.EINVAL),
+        (MremapArgs(addr=A, old=4 * P, new=4 * P, fixed=C), errno.EINVAL),  # FIXED without MAYMOVE
+        (MremapArgs(addr=A, old=4 * P, new=4 * P, dontunmap=True), errno.EINVAL),  # DONTUNMAP without MAYMOVE
+        (MremapArgs(addr=A, old=4 * P, new=8 * P, maymove=True, dontunmap=True), errno.EINVAL),  # resize
+        (MremapArgs(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=C + 1), errno.EINVAL),  # misaligned new
+        (MremapArgs(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=A + 2 * P), errno.EINVAL),  # overlap
+        (MremapArgs(addr=A, old=4 * P, new=8 * P, maymove=True, fixed=A - 4 * P), errno.EINVAL),  # overlap
+        (MremapArgs(addr=A, old=4 * P, new=4 * P, maymove=True, fixed=(1 << 47) - 4 * P), errno.EINVAL),  # > TASK_SIZE
+        (MremapArgs(addr=C, old=P, new=P), errno.EFAULT),  # nothing mapped
+        (MremapArgs(addr=C, old=P, new=2 * P, maymove=True), errno.EFAULT),
     ]
     for kw, err in cases:
         got = await errno_of(
@@ -507,7 +520,7 @@ async def test_budget_enomem_changes_nothing() -> None:
     k = m.k
     k.memcg.limit = k.memcg.usage  # no room for one more object
 
-    def snapshot():  # type: ignore[no-untyped-def]
+    def snapshot():
         return (m.vmas(pid), [m.folio(pid, A + i * P) for i in range(8)], dict(m.ledger[pid]), k.memcg.usage)
 
     before = snapshot()
@@ -533,7 +546,7 @@ async def _big(m: MemoryModel) -> int:
     return pid
 
 
-async def _cancel_after(task: asyncio.Task, turns: int) -> None:  # type: ignore[type-arg]
+async def _cancel_after(task: asyncio.Task, turns: int) -> None:
     for _ in range(turns):
         await asyncio.sleep(0)
     assert not task.done(), "the call should still be in its loop"

@@ -107,7 +107,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         charged += len(mm.pgtables) * PGTABLE_BYTES
         rss = 0
         folio_ptes = 0
-        ledger = model.ledger.get(pid, {})
+        ledger: dict[int, int] = model.ledger.get(pid, {})
         for idx, pt in mm.pgtables.items():
             if pt.ptl.is_locked():
                 bad(f"{where}: PTL {idx:#x} held")
@@ -143,16 +143,16 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     bad(f"{where}: writable PTE at {addr:#x} maps non-exclusive folio {f.id}")  # I4
                 if f.index != vma.linear_page_index(addr):
                     bad(f"{where}: folio {f.id} index {f.index:#x} != lpi {vma.linear_page_index(addr):#x} at {addr:#x}")
-                av = f.mapping
-                if av is None:
+                anon_vma = f.mapping
+                if anon_vma is None:
                     bad(f"{where}: mapped folio {f.id} has no anon_vma")
                     continue
-                if av.freed:
-                    bad(f"{where}: folio {f.id} points at freed {av}")
+                if anon_vma.freed:
+                    bad(f"{where}: folio {f.id} points at freed {anon_vma}")
                     continue
-                if vma.anon_vma is None or av.root is not vma.anon_vma.root:
+                if vma.anon_vma is None or anon_vma.root is not vma.anon_vma.root:
                     bad(f"{where}: folio {f.id} root differs from its VMA's at {addr:#x}")  # I2
-                if not any(avc.anon_vma is av for avc in vma.anon_vma_chain):
+                if not any(avc.anon_vma is anon_vma for avc in vma.anon_vma_chain):
                     bad(f"{where}: {vma} not in folio {f.id}'s anon_vma tree (unreachable by rmap)")
             work += 1 + len(pt.ptes)
             if work >= RESCHED_WORK:

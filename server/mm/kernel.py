@@ -7,9 +7,10 @@ task's ``Current`` as ``cur``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .detectors import Detectors
 from .locks import Current, LockClass, LockdepState, Mutex, SpinLock
@@ -165,7 +166,7 @@ def protocol_with_mutant(protocol: str, mutant: str | None = None) -> Protocol:
         raise ValueError(f"unknown mutant {mutant!r}; one of {', '.join(MUTANTS)}")
     if protocol not in m.protocols:
         raise ValueError(f"mutant {mutant!r} applies to {', '.join(m.protocols)}, not {protocol!r}")
-    return replace(proto, mutant=mutant, **dict(m.changes))
+    return replace(proto, mutant=mutant, **dict(m.changes))  # type: ignore[arg-type]  # the bool fields of Protocol
 
 
 class IdCounter:

@@ -26,8 +26,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .sched import Controller
     from .detectors import Detectors
+    from .sched import Controller
 
 
 class LockClass(IntEnum):

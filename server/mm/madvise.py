@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from .locks import Current
 from .memory import zap_pte_range
 from .mm_types import PAGE_MASK, VM_LOCKED, Mm, MmError
-from .mmap import MADVISE, do_madvise as madvise_vma_flags, page_align
+from .mmap import MADVISE, page_align
+from .mmap import do_madvise as madvise_vma_flags
 from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import errno
 import heapq
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -348,7 +348,7 @@ class MemoryModel:
             await exit_mmap(k, cur, mm)
             k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
-            ledger = self.ledger.pop(pid, None) or {}
+            ledger: dict[int, int] = self.ledger.pop(pid, {})
             while len(ledger) > RESCHED_WORK:  # a big dict is let go of in slices too
                 for _ in range(RESCHED_WORK):
                     ledger.popitem()
@@ -388,7 +388,8 @@ class MemoryModel:
                 vma_info(vma), start=start, end=start + page_align(length), pgoff=vma.linear_page_index(start)
             )
 
-        return await self._write_locked(mm, cur, body)
+        info: VmaInfo = await self._write_locked(mm, cur, body)
+        return info
 
     async def munmap(self, pid: int, addr: int, length: int) -> None:
         mm = self._mm(pid)
@@ -485,7 +486,8 @@ class MemoryModel:
                 vma_info(vma), start=start, end=start + page_align(new_length), pgoff=vma.linear_page_index(start)
             )
 
-        return await self._write_locked(mm, cur, body)
+        info: VmaInfo = await self._write_locked(mm, cur, body)
+        return info
 
     async def uffd_register(self, pid: int, addr: int, length: int, mode: str = "missing") -> None:
         mm = self._mm(pid)
@@ -666,7 +668,7 @@ class MemoryModel:
             raise MmError(errno.ESRCH, "process has exited")
         return userfaultfd_ctx(self.k, mm)
 
-    def uffd_events(self, pid: int, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
+    def uffd_events(self, pid: int, nonblocking: bool = False) -> AsyncGenerator[UffdEvent, None]:
         """The process's userfault events, as a read of its userfaultfd gives them: those queued
         (also before anyone listened) in order, then each new one as it comes, until the process
         exits (then the iterator ends). ESRCH at once for no such process. An event handed out
@@ -683,7 +685,7 @@ class MemoryModel:
         self.k.uffd_readers += 1
         return self._uffd_events(ctx, nonblocking)
 
-    async def _uffd_events(self, ctx: UserfaultfdCtx, nonblocking: bool = False) -> AsyncIterator[UffdEvent]:
+    async def _uffd_events(self, ctx: UserfaultfdCtx, nonblocking: bool = False) -> AsyncGenerator[UffdEvent, None]:
         delivered: dict[Userfault, None] = {}
         try:
             while True:

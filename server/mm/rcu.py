@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from .locks import Current
 
 if TYPE_CHECKING:
-    from .sched import Controller
     from .detectors import Detectors
+    from .sched import Controller
 
 
 class Rcu:
@@ -103,7 +103,7 @@ class Rcu:
             await ctl.park("rcu:grace-period")
 
     # -- use-after-free detector
-    def check_access(self, cur: Current, obj: "TypesafeObject", what: str) -> None:
+    def check_access(self, cur: Current, obj: TypesafeObject, what: str) -> None:
         """Report a touch of ``obj`` while it is free and not protected by RCU."""
         if not obj.freed:
             return

@@ -6,9 +6,9 @@ import asyncio
 import errno
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
@@ -906,7 +906,7 @@ class _Repeat(Sequence[int]):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i):  # type: ignore[no-untyped-def,override]
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
         return self.value
 
 

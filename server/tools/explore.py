@@ -222,7 +222,7 @@ class Decision:
         """The pick that is no preemption: the running thread, or the first runnable one; a thread
         that spins waits for the others (it cannot get anywhere by itself)."""
         if self.current in self.runnable and self.current not in self.spinning:
-            return self.current  # type: ignore[return-value]
+            return self.current
         return next((t for t in self.runnable if t not in self.spinning), self.runnable[0])
 
 
@@ -414,7 +414,7 @@ def _model(protocol: str, mutant: str | None) -> MemoryModel:
     if mutant is None:
         return MemoryModel(protocol=protocol, seed=0, preempt=0.0)
     try:
-        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, mutant=mutant)  # type: ignore[call-arg]
+        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, mutant=mutant)
     except TypeError:
         raise ScenarioError("this model has no protocol mutants") from None
 
@@ -442,7 +442,7 @@ async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
         await m.uffd_register(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
         return "ok"
     if op.kind == "unregister":
-        await m.uffd_unregister(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator, attr-defined]
+        await m.uffd_unregister(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
         return "ok"
     if op.kind == "madvise":
         await m.madvise(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
@@ -563,7 +563,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     problems = m.check_invariants()
     for p in problems:
         ctl.record("finding", f"invariant: {p}")
-    for th, out in zip(threads, outcomes):
+    for th, out in zip(threads, outcomes, strict=True):
         # A thread's operation may fail only with an errno (recorded as its result), or with
         # Deadlock where the detector already reported a cycle; anything else is a model bug.
         if isinstance(out, BaseException) and not isinstance(out, (asyncio.CancelledError, Deadlock)):

@@ -62,7 +62,7 @@ def kill(mutant: str, scenarios: list[Scenario], preemptions: int = 2, schedules
     return k
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clean(text: str, name: str, protocol: str, preemptions: int, schedules: int) -> bool:
     """Whether the scenario is clean under the protocol itself (its bounded exhaustive search)."""
     from .litmus import parse

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import platform
@@ -239,7 +240,7 @@ class _Libc:
         self.prctl = libc.prctl
         self.prctl.restype = c.c_int
         self.prctl.argtypes = [c.c_int, c.c_ulong, c.c_ulong, c.c_ulong, c.c_ulong]
-        rw_args = [c.c_int, c.POINTER(_Iovec), c.c_ulong, c.POINTER(_Iovec), c.c_ulong, c.c_ulong]
+        rw_args: list[Any] = [c.c_int, c.POINTER(_Iovec), c.c_ulong, c.POINTER(_Iovec), c.c_ulong, c.c_ulong]
         self.process_vm_readv = libc.process_vm_readv
         self.process_vm_readv.restype = c.c_ssize_t
         self.process_vm_readv.argtypes = rw_args
@@ -498,7 +499,7 @@ class _Helper:
         gaps = [(vmas[i + 1][0] - vmas[i][1], i) for i in range(len(vmas) - 1)]
         _, split = max(gaps)
         area = vmas[split + 1 :]
-        for (_, hi), (lo, _) in zip(area, area[1:], strict=False):
+        for (_, hi), (lo, _) in itertools.pairwise(area):
             if lo > hi:
                 self.libc.mmap(hi, lo - hi, _PROT_NONE, _PLUG_FLAGS, -1, 0)
 
@@ -821,7 +822,7 @@ class _Helper:
                 reply = getattr(self, "do_" + op)(cmd)
             except _BecameChild:
                 continue
-            except Exception as e:  # a bug, not a kernel answer: report it, keep serving
+            except Exception as e:  # noqa: BLE001 - a bug, not a kernel answer: report it, keep serving
                 reply = {"errno": errno.EIO, "note": f"helper error: {type(e).__name__}: {e}"}
             if reply:
                 self.chan.send(json.dumps(reply).encode())
@@ -832,7 +833,7 @@ def _helper_main(fd: int, fault_threads: int = 0) -> None:
     try:
         h = _Helper(chan, fault_threads)
         h.setup()
-    except Exception as e:  # report at the first command
+    except Exception as e:  # noqa: BLE001 - report at the first command
         err = f"helper setup failed: {type(e).__name__}: {e}"
         while chan.recv(16384):
             chan.send(json.dumps({"errno": errno.EIO, "note": err}).encode())

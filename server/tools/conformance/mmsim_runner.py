@@ -253,6 +253,7 @@ class MmsimRunner:
         userfaultfd (so that an ``events`` step right after it sees its event)."""
         page = addr & ~(PAGE - 1)
         before = sum(1 for e in (await p.list_userfaults()).waiting if e.addr == page)
+        task: asyncio.Task[Any]
         if st.get("write", False):
             task = asyncio.create_task(p.write(addr, int(st.get("value", 0)), timeout=None))
         else:

@@ -162,7 +162,7 @@ async def conformance(
                 render(minimal, console)
                 console.print_json(json.dumps(small.to_dict()))
                 if save:
-                    Path(save).mkdir(parents=True, exist_ok=True)
+                    Path(save).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a command: nothing else runs
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
     total = len(scenarios) + random_count
