@@ -13,7 +13,9 @@ UV     := build/uv/bin/uv
 # command line count: shells export HOST, and without either `mmsim serve` keeps MMSIM_LISTEN.
 RUN_HOST := $(if $(findstring command line,$(origin HOST)),$(HOST))
 RUN_PORT := $(if $(findstring command line,$(origin PORT)),$(PORT))
-RUN_ARGS := $(strip $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS))
+# An IPv6 address goes in brackets: HOST=::1 listens on [::1]:PORT.
+RUN_LISTEN_HOST := $(if $(findstring :,$(RUN_HOST)),[$(RUN_HOST)],$(RUN_HOST))
+RUN_ARGS := $(strip $(if $(RUN_HOST)$(RUN_PORT),--listen $(or $(RUN_LISTEN_HOST),127.0.0.1):$(or $(RUN_PORT),7077)) $(ARGS))
 
 .PHONY: help test lint run demo bench docs lock dist clean proto
 

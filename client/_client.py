@@ -14,6 +14,7 @@ import grpc
 
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
+from mmsim.v1.wire import join_hostport, split_hostport
 
 from . import ops as _ops
 from ._types import (
@@ -331,10 +332,9 @@ class Client:
         if routing == "proxy":
             self._routes = [_Route(conn, s.index, True) for s in shards]
         else:
-            host = _host(conn.target)
             routes = []
             for s in shards:
-                address = conn.target if s.index == first.shard else _advertised(s.address, host)
+                address = conn.target if s.index == first.shard else _advertised(s.address, conn.target)
                 routes.append(_Route(self._conn(address), s.index, False))
             self._routes = routes
         self.routing = routing
@@ -475,17 +475,15 @@ class Client:
         return BatchStream(self, via, timeout)
 
 
-def _host(target: str) -> str:
-    """The host part of ``HOST:PORT`` (brackets kept for IPv6)."""
-    return target.rpartition(":")[0]
-
-
-def _advertised(address: str, target_host: str) -> str:
-    """A shard's advertised address, with an unspecified host replaced by the host the client used."""
-    host, _, port = address.rpartition(":")
-    if host in ("0.0.0.0", "[::]", "::", ""):
-        return f"{target_host}:{port}"
-    return address
+def _advertised(address: str, target: str) -> str:
+    """A shard's advertised address, with an unspecified host (0.0.0.0, ::) replaced by the host of
+    ``target``, the address the client used; as it is when either is not ``HOST:PORT``."""
+    try:
+        host, port = split_hostport(address)
+        target_host, _ = split_hostport(target)
+    except ValueError:
+        return address
+    return join_hostport(target_host, port) if host in ("0.0.0.0", "::") else address
 
 
 class BatchStream:

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 # One reader of token files for the server and its clients (the same rules on both sides).
-from mmsim.server.auth import CredentialsError, read_token
+from mmsim.v1.wire import CredentialsError, read_token
 
 
 def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,

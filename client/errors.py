@@ -13,8 +13,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from mmsim.server import errors as wire
 from mmsim.v1 import mmsim_pb2 as pb
+from mmsim.v1 import wire
 
 #: Trailing-metadata key of the serialized google.rpc.Status (as grpc_status uses it).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmsim.v1.wire import join_hostport, split_hostport
+
 
 @asynccontextmanager
 async def serve_in_process(**server_options: Any) -> AsyncIterator[str]:
@@ -33,10 +35,10 @@ async def serve_in_process(**server_options: Any) -> AsyncIterator[str]:
     from mmsim.server.app import ServerConfig, start_server
 
     options = {"listen": "127.0.0.1:0", **server_options}
+    host, _ = split_hostport(options["listen"])
     running = await start_server(ServerConfig(**options))
-    host = options["listen"].rsplit(":", 1)[0]
     try:
-        yield f"{host}:{running.port}"
+        yield join_hostport(host, running.port)
     finally:
         await running.stop(None)
 

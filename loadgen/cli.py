@@ -17,6 +17,8 @@ from typing import NoReturn
 
 from rich.console import Console
 
+from mmsim.v1.wire import split_hostport
+
 from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, parse_mix
 from .workload import BLOCK, RACE_PAGES, REGION_PAGES_MAX, gc_lanes_per_tree, remap_pages
 
@@ -99,9 +101,12 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 def _target(raw: str) -> str:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdecimal() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {raw!r}")
+    try:
+        _, port = split_hostport(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r} (port 0)")
     return raw
 
 

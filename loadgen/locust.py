@@ -74,9 +74,8 @@ from locust.runners import WorkerRunner
 
 from mmsim.client import read_token, tls_credentials
 from mmsim.client._client import SHARD_HEADER, shard_of
-from mmsim.server import errors as wire
 from mmsim.v1 import mmsim_pb2 as pb
-from mmsim.v1 import mmsim_pb2_grpc
+from mmsim.v1 import mmsim_pb2_grpc, wire
 
 # Before any channel exists: gRPC's waits must yield to the gevent hub, or one user blocks them all.
 grpc_gevent.init_gevent()

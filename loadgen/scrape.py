@@ -17,6 +17,7 @@ from dataclasses import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmsim.client import Client
+from mmsim.v1.wire import join_hostport, split_hostport
 
 from .access import Access
 
@@ -118,11 +119,14 @@ async def scrape(urls: Iterable[str], fetch: Callable[[str], str] = _fetch) -> d
 
 
 def _advertised(address: str, target: str) -> str:
-    """A metrics address with an unspecified host (0.0.0.0, ::) replaced by the target's host."""
-    host, _, port = address.rpartition(":")
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        return f"{target.rpartition(':')[0]}:{port}"
-    return address
+    """A metrics address with an unspecified host (0.0.0.0, ::) replaced by the target's host; as it is
+    when either is not HOST:PORT."""
+    try:
+        host, port = split_hostport(address)
+        target_host, _ = split_hostport(target)
+    except ValueError:
+        return address
+    return join_hostport(target_host, port) if host in ("0.0.0.0", "::") else address
 
 
 async def endpoints(mm: Client, access: Callable[[], Access]) -> list[str]:

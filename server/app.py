@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
+from mmsim.v1.wire import join_hostport, split_hostport
 
 from . import errors
 from .admission import Admission, Refused, Ticket
@@ -484,10 +485,6 @@ class RunningServer:
             await asyncio.to_thread(self.metrics.stop)
 
 
-def _hostport(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def _bind_error(ip: str, port: int) -> str | None:
     """Why ``ip:port`` cannot be bound (None if it can), found by binding a socket as gRPC does."""
     try:
@@ -512,9 +509,7 @@ async def _listen(
     alone binds what it can of a name, and says nothing when one of its addresses is taken. An
     address beyond loopback with neither TLS nor a ``token`` is refused before anything is bound,
     unless ``insecure``."""
-    host, _, port_s = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    port = int(port_s)
+    host, port = split_hostport(listen)
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -522,11 +517,11 @@ async def _listen(
     ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def fail(ip: str, port: int, why: str | None) -> ListenError:
-        target = _hostport(ip, port)
+        target = join_hostport(ip, port)
         where = listen if target == listen else f"{listen} ({target})"
         return ListenError(f"cannot listen on {where}: {why or 'gRPC could not bind it'}")
 
-    exposed = [_hostport(ip, port) for ip in ips]
+    exposed = [join_hostport(ip, port) for ip in ips]
     if (refusal := exposure_refusal(exposed, tls=credentials is not None, token=token, insecure=insecure)):
         raise ListenError(refusal)
     # Every address is tried first, so that the usual failure binds nothing, says why, and
@@ -538,9 +533,9 @@ async def _listen(
     for ip in ips:
         try:
             if credentials is None:
-                got = server.add_insecure_port(_hostport(ip, port))
+                got = server.add_insecure_port(join_hostport(ip, port))
             else:
-                got = server.add_secure_port(_hostport(ip, port), credentials)
+                got = server.add_secure_port(join_hostport(ip, port), credentials)
         except RuntimeError:
             got = 0
         if got == 0:
@@ -549,7 +544,7 @@ async def _listen(
                 await server.stop(None)
             raise fail(ip, port, _bind_error(ip, port))
         port = got
-        bound.append(_hostport(ip, got))
+        bound.append(join_hostport(ip, got))
     if exposure_refusal(exposed, tls=credentials is not None, token=token, insecure=False):
         log.warning("--insecure: the server is reachable from the network without TLS or a token",
                     listen=listen, addresses=bound)
@@ -668,7 +663,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     _add_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port, addresses = await _listen(server, config.listen, credentials, token=token is not None,
                                     insecure=config.insecure)
-    host = config.listen.rsplit(":", 1)[0]
+    address = join_hostport(split_hostport(config.listen)[0], port)
     metrics_address = ""
     if metrics is not None:
         try:
@@ -677,14 +672,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
             await server.start()
             await server.stop(None)  # what _listen bound
             raise ListenError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
-        metrics_address = f"{config.metrics_listen.rsplit(':', 1)[0]}:{metrics_port}"
-    topology.set_self(f"{host}:{port}", metrics_address)
+        metrics_address = join_hostport(split_hostport(config.metrics_listen)[0], metrics_port)
+    topology.set_self(address, metrics_address)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await _follow_shard_health(topology, health_servicer, config)
     tls = "mutual" if config.tls_client_ca else "on" if credentials is not None else "off"
-    log.info("serving", listen=f"{host}:{port}", addresses=list(addresses), protocol=config.protocol,
+    log.info("serving", listen=address, addresses=list(addresses), protocol=config.protocol,
              shard=topology.index, generation=generation, tls=tls, token=token is not None,
              **({"metrics": metrics_address} if metrics_address else {}))
     running = RunningServer(server, port, model, health_servicer, addresses, topology, metrics)

@@ -12,25 +12,10 @@ from typing import Any
 
 import grpc
 
+from mmsim.v1.wire import CredentialsError, read_token, split_hostport
+
 #: Methods answered without a token: orchestrators probe health without secrets.
 EXEMPT_PREFIX = "/grpc.health.v1.Health/"
-
-
-class CredentialsError(OSError, ValueError):
-    """A token, certificate or key file that cannot be used (``mmsim serve`` says so in one line
-    and exits 1)."""
-
-
-def read_token(path: str) -> str:
-    """The bearer token in the file ``path``: its content, surrounding white space removed; an
-    empty one, or one holding white space or non-printable or non-ASCII characters, is a
-    :class:`CredentialsError` (the message never quotes the token)."""
-    token = Path(path).read_text().strip()
-    if not token:
-        raise CredentialsError(f"the token file {path!r} is empty")
-    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in token):
-        raise CredentialsError(f"the token file {path!r} holds white space or non-printable characters")
-    return token
 
 
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
@@ -127,8 +112,7 @@ def exposure_refusal(addresses: Iterable[str], *, tls: bool, token: bool, insecu
     if tls or token or insecure:
         return None
     for address in addresses:
-        host = address.rpartition(":")[0]
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        host, _ = split_hostport(address)
         if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
             return (f"refusing to listen on {address} (not loopback) without TLS or a token; "
                     "give --tls-cert/--tls-key or --token-file, or --insecure")

@@ -8,13 +8,16 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 
 from .mm.kernel import PROTOCOLS
 from .tools.race import WORKLOADS, run_race
+
+if TYPE_CHECKING:
+    from .app import ServerConfig
 
 
 def cmd_race(args: argparse.Namespace) -> int:
@@ -211,9 +214,13 @@ def _seconds(raw: str) -> float:
 
 
 def _listen(raw: str) -> str:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
+    """HOST:PORT (an IPv6 address in brackets), as it is."""
+    from mmsim.v1.wire import split_hostport  # imports grpc: only for commands given an address
+
+    try:
+        split_hostport(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return raw
 
 
@@ -402,13 +409,41 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
 )
 
 
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The configuration that parsed ``mmsim serve`` arguments give."""
+    from .app import ServerConfig
+
+    return ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS}, supervised=args.supervised)
+
+
+def _flag_value(value: object) -> str:
+    """``value`` written as its flag's converter reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)  # a float's str is its shortest exact form
+
+
+def serve_argv(config: ServerConfig) -> list[str]:
+    """The ``mmsim serve`` arguments that give ``config`` where none of SERVE_FLAGS' environment
+    variables is set: ``--flag=VALUE`` for each setting that differs from its default (the ``=`` keeps
+    an empty value, or one that begins with ``-``, the flag's), and ``--supervised``."""
+    from .app import ServerConfig
+
+    defaults = ServerConfig()
+    argv = [f"{flag}={_flag_value(getattr(config, dest))}" for flag, _, dest, _, _ in SERVE_FLAGS
+            if getattr(config, dest) != getattr(defaults, dest)]
+    return [*argv, "--supervised"] if config.supervised else argv
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gRPC server in the foreground until SIGTERM or SIGINT."""
     import asyncio
 
-    from .app import ServerConfig, configure_logging, serve
+    from .app import configure_logging, serve
 
-    config = ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS}, supervised=args.supervised)
+    config = serve_config(args)
     if config.shards > 1 and (config.shard_index or config.peers):
         args.parser.error("--shard-index and --peers are for shards started one by one; "
                           "with --shards the supervisor numbers its shards")
@@ -422,7 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.shards > 1:
         from .supervisor import supervise
 
-        return supervise(config, sys.argv[1:] if args.argv is None else args.argv)
+        return supervise(config)
     try:
         return asyncio.run(serve(config))
     except OSError as e:  # app.ListenError above all: the address is in use, not local, or unknown
@@ -523,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     # Given by the supervisor to its shards: topology on stdin, a "ready" line on stdout.
     serve_p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
-    serve_p.set_defaults(func=cmd_serve, parser=serve_p, argv=None)
+    serve_p.set_defaults(func=cmd_serve, parser=serve_p)
     conf = sub.add_parser(
         "conformance",
         help=cmd_conformance.__doc__,
@@ -616,8 +651,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return loadgen_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        args.argv = argv  # the supervisor passes them on to its shards
     # A bad environment variable is an error only where its flag did not override it.
     bad = next((v for v in vars(args).values() if isinstance(v, _EnvError)), None)
     if bad is not None and not (args.command == "race" and args.protocol):

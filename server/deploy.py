@@ -271,10 +271,11 @@ def cmd_health_probe(args: argparse.Namespace) -> int:
 
 def cmd_nginx_config(args: argparse.Namespace) -> int:
     """Write the nginx.conf of a gRPC proxy that routes each call to its shard."""
-    host, _, port = args.shard_address.rpartition(":")
+    from mmsim.v1.wire import split_hostport
+
+    host, port = split_hostport(args.shard_address)  # checked by _address
     try:
-        text = nginx_config(args.shards, listen_port=args.listen_port, shard_host=host.strip("[]"),
-                            shard_port=int(port))
+        text = nginx_config(args.shards, listen_port=args.listen_port, shard_host=host, shard_port=port)
     except ValueError as e:
         return _usage_error(args, str(e), 2)
     if args.output in (None, "-"):
@@ -304,11 +305,13 @@ def _count(raw: str) -> int:
 
 
 def _address(raw: str) -> str:
-    host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
+    from mmsim.v1.wire import split_hostport  # imports grpc: only for commands given an address
+
     try:
-        _nginx_host(host.strip("[]"))
+        host, port = split_hostport(raw)
+        if port == 0:
+            raise ValueError(f"expected HOST:PORT, got {raw!r} (port 0)")
+        _nginx_host(host)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return raw

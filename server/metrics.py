@@ -6,8 +6,9 @@ Two collectors on a registry of the process's own (not prometheus_client's globa
   ``grpc_server_handled_total``, ``grpc_server_handling_seconds``), fed by ``rpc_started`` and
   ``rpc_handled`` on the event loop's thread: a dictionary update or two per call, no lock;
 * the model's counters and gauges, read when Prometheus scrapes, in the HTTP server's thread, from
-  the counters the model keeps (``Kernel.stats``, the UFFDIO_MOVE outcomes, the live-object counts,
-  the detectors, the lock-wait histogram): a scrape costs the model nothing between scrapes.
+  one reading of the counters the model keeps (``mm.stats.read_stats``: ``Kernel.stats``, the
+  UFFDIO_MOVE outcomes, the live-object counts, the detectors, the lock-wait histogram), the same
+  values GetStats returns: a scrape costs the model nothing between scrapes.
 
 Scrapes run in another thread than the event loop that changes the model, so they read only ints
 and copies of dictionaries and lists, each copy retried if the loop changed it meanwhile.
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TypeVar
+from collections.abc import Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -27,12 +27,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from mmsim.v1.wire import split_hostport
+
 from .mm.detectors import FINDING_KINDS, KINDS
 from .mm.locks import LOCK_WAIT_BOUNDS, LockClass
 from .mm.model import MemoryModel
-
-K = TypeVar("K")
-V = TypeVar("V")
+from .mm.stats import copy_dict, read_stats
 
 #: grpc-go's names of the status codes, as go-grpc-prometheus writes them in ``grpc_code``.
 GO_CODE_NAMES: dict[grpc.StatusCode, str] = {
@@ -74,15 +74,6 @@ def split_method(full_method: str) -> tuple[str, str]:
     if not sep:
         return "unknown", "unknown"
     return service, method
-
-
-def copy_dict(d: Mapping[K, V]) -> dict[K, V]:
-    """A copy of a dictionary that another thread may be changing."""
-    while True:
-        try:
-            return dict(d)
-        except RuntimeError:  # changed size during the copy
-            continue
 
 
 def _buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
@@ -171,34 +162,34 @@ class ModelCollector(Collector):
         self.generation = generation
 
     def collect(self) -> Iterator[Metric]:
-        model = self.model
-        k = model.k
-        stats = copy_dict(k.stats)
+        s = read_stats(self.model)
+        stats = s.counters
 
         info = GaugeMetricFamily(
             "mmsim_shard_info",
             "The shard this server process serves, its generation and the model's protocol; always 1.",
             labels=["shard", "generation", "protocol"],
         )
-        info.add_metric([str(self.shard), str(self.generation), k.protocol.name], 1)
+        info.add_metric([str(self.shard), str(self.generation), s.protocol], 1)
         yield info
 
         # -- gauges
-        yield _gauge("mmsim_processes", "Live simulated processes.", len(model.processes))
-        yield _gauge("mmsim_vmas", "Live VMAs, over all processes.", k.vmas_live)
-        yield _gauge("mmsim_folios", "Live anonymous folios (resident pages).", k.folios_live)
-        yield _gauge("mmsim_anon_vmas", "Live anon_vmas.", len(k.anon_vma_cache.live))
-        memcg = k.memcg
+        yield _gauge("mmsim_processes", "Live simulated processes.", s.processes)
+        yield _gauge("mmsim_vmas", "Live VMAs, over all processes.", s.vmas)
+        yield _gauge("mmsim_folios", "Live anonymous folios (resident pages).", s.folios)
+        yield _gauge("mmsim_anon_vmas", "Live anon_vmas.", s.anon_vmas)
         yield _gauge("mmsim_memory_bytes", "Bytes of the model's objects charged to the memory budget.",
-                     memcg.usage - memcg.inflight)
+                     s.memory_bytes)
         yield _gauge("mmsim_memory_inflight_bytes",
-                     "Bytes the calls in progress are charged to the memory budget (requests, waits).", memcg.inflight)
-        yield _gauge("mmsim_memory_peak_bytes", "Most bytes ever charged to the memory budget.", memcg.peak)
-        if memcg.limit is not None:
-            yield _gauge("mmsim_memory_limit_bytes", "The memory budget (--max-memory), in bytes.", memcg.limit)
+                     "Bytes the calls in progress are charged to the memory budget (requests, waits).",
+                     s.memory_inflight_bytes)
+        yield _gauge("mmsim_memory_peak_bytes", "Most bytes ever charged to the memory budget.", s.memory_peak_bytes)
+        if s.memory_limit_bytes is not None:
+            yield _gauge("mmsim_memory_limit_bytes", "The memory budget (--max-memory), in bytes.",
+                         s.memory_limit_bytes)
         yield _counter(
             "mmsim_memory_limit_failures", "Charges refused because the memory budget was reached (ENOMEM).",
-            memcg.failcnt,
+            s.memory_limit_failures,
         )
 
         # -- the rmap walk
@@ -223,7 +214,7 @@ class ModelCollector(Collector):
             "UFFDIO_MOVE calls (move_pages) by outcome: OK, or the errno returned (EAGAIN for a short move).",
             labels=["errno"],
         )
-        results = copy_dict(k.move_results)
+        results = dict(s.move_results)
         results.setdefault("OK", 0)
         for name, n in sorted(results.items()):
             moves.add_metric([name], n)
@@ -255,10 +246,9 @@ class ModelCollector(Collector):
         yield faults
         yield _counter("mmsim_vma_merges", "VMA merges.", stats.get("vma_merge", 0))
         yield _counter("mmsim_vma_splits", "VMA splits.", stats.get("vma_split", 0))
-        yield _counter("mmsim_rcu_grace_periods", "RCU grace periods completed.", k.rcu.gp_completed)
+        yield _counter("mmsim_rcu_grace_periods", "RCU grace periods completed.", s.rcu_gp_completed)
         yield _counter(
-            "mmsim_preempt_yields", "Yields of the seeded scheduler at the preemption points.",
-            sum(copy_dict(k.sched.yields).values()),
+            "mmsim_preempt_yields", "Yields of the seeded scheduler at the preemption points.", s.preempt_yields
         )
 
         # -- detectors
@@ -267,7 +257,7 @@ class ModelCollector(Collector):
             "Violations the detectors reported, by kind (lockdep, walk detectors, RCU, audit).",
             labels=["kind"],
         )
-        counts = copy_dict(k.detectors.counts)
+        counts = s.violations
         for kind in (*KINDS, *sorted(set(counts) - set(KINDS))):
             violations.add_metric([kind], counts.get(kind, 0))
         yield violations
@@ -277,7 +267,7 @@ class ModelCollector(Collector):
             "(not violations; docs/protocol.md).",
             labels=["kind"],
         )
-        seen = copy_dict(k.detectors.findings)
+        seen = s.findings
         for kind in (*FINDING_KINDS, *sorted(set(seen) - set(FINDING_KINDS))):
             findings.add_metric([kind], seen.get(kind, 0))
         yield findings
@@ -288,21 +278,15 @@ class ModelCollector(Collector):
             "Time tasks slept waiting for a lock, by lock class; acquisitions that did not wait are not counted.",
             labels=["lock_class"],
         )
-        lock_waits = k.lockdep.waits
         for c in LockClass:
-            bucket_counts, total = lock_waits.snapshot(c)
+            bucket_counts, total = s.lock_waits[c]
             waits.add_metric([LOCK_CLASS_LABELS[c]], _buckets(LOCK_WAIT_BOUNDS, bucket_counts), total)
         yield waits
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """"HOST:PORT" or "[V6]:PORT" -> (host, port); ValueError if malformed."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    return split_hostport(listen)
 
 
 class Metrics:

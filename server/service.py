@@ -2,23 +2,17 @@
 
 Each operation has an executor ``_op_<name>(request) -> response`` that raises on failure; the
 unary handlers turn the exception into a status with rich details, the batch handlers into an
-``OpError`` result. The batch handlers answer with the response already serialized (bytes), which
-the server's handler wrapper (app.py) passes through as it is.
+``OpError`` result. The batch handlers answer with the response already serialized (bytes,
+wire_encoding.py), which the server's handler wrapper (app.py) passes through as it is.
 
-Process handles are capabilities, ``<shard>.<generation>.<pid>.<token>``: the shard's index, its
-generation (it grows with every start of the shard, so a handle from before a restart is unknown,
-NOT_FOUND, never someone else's), the pid, and 128 random bits per process, so that knowing one
-handle gives nothing else. A handle is parsed strictly (ASCII, canonical, bounded): anything else is
-INVALID_ARGUMENT. A handle of another shard is NOT_FOUND naming the right one (topology.py). Results
-name other processes by pid only.
+Processes are named by handles (handles.py), translated to pids on the way in; results name other
+processes by pid only. What the model checks is left to the model: the servicer checks only what
+the model cannot see (the per-request limits, the protobuf's own fields).
 """
 
 from __future__ import annotations
 
 import errno as errno_mod
-import functools
-import re
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +27,13 @@ from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
 
 from . import errors
+from .handles import BadRequest, Handles, ProcessNotFound
 from .mm.memcontrol import MemoryLimitExceeded
 from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
 from .mm.sched import cond_resched
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 from .topology import Topology, new_generation
+from .wire_encoding import encode_error, encode_result, field_size, mapping_size, remap_result, result_header
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw", pb.PROT_NONE: "none"}
 PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}
@@ -60,14 +56,6 @@ assert UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES == pb.REMAP_MODE_ALLOW_SRC_HOLES
 
 log = structlog.get_logger("mmsim.server")
 
-#: A process handle: shard, generation, pid, token. Anything else is not a handle.
-HANDLE_RE = re.compile(r"(0|[1-9][0-9]{0,2})\.([1-9][0-9]{0,18})\.([1-9][0-9]{0,18})\.([0-9a-f]{32})", re.ASCII)
-#: The longest handle (HANDLE_RE's own bound); longer input is rejected before the regex runs.
-HANDLE_MAX = 3 + 1 + 19 + 1 + 19 + 1 + 32
-#: What an echo leaves out: anything that may be (part of) a handle's token.
-TOKEN_LIKE = re.compile(r"[0-9a-fA-F]{12,}")
-#: How much of a client's input an error message echoes.
-ECHO_MAX = 48
 #: Bytes of a response kept free for the message framing and a final error result.
 RESPONSE_SLACK = 1024
 #: Entries converted to protobuf between two chances for other calls to run.
@@ -76,17 +64,8 @@ CONVERT_CHUNK = 1024
 BATCH_SLICE = 64
 #: The most bytes the result of any operation but a walk takes in a BatchResponse (a Process
 #: result, the largest, is a 76-character handle and a pid), a successful one or not: an error's
-#: message is bounded by what it echoes (ECHO_MAX).
+#: message is bounded by what it echoes (handles.ECHO_MAX).
 RESULT_BOUND = 512
-
-
-def echo(value: str) -> str:
-    """A client's input as an error may quote it: bounded, and without a handle's token."""
-    m = HANDLE_RE.fullmatch(value) if len(value) <= HANDLE_MAX else None
-    if m is not None:
-        return f"{m.group(1)}.{m.group(2)}.{m.group(3)}.…"
-    cut = value if len(value) <= ECHO_MAX else value[:ECHO_MAX] + f"… ({len(value)} characters)"
-    return TOKEN_LIKE.sub("…", cut)  # a malformed handle's token is no less a secret
 
 
 @dataclass(frozen=True)
@@ -106,25 +85,6 @@ class ResponseTooLarge(Exception):
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(f"{what} does not fit in a response of at most {limit} bytes (max-message-bytes)")
         self.limit = limit
-
-
-class BadRequest(Exception):
-    """A malformed request: INVALID_ARGUMENT with google.rpc.BadRequest field violations."""
-
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"{field}: {description}")
-        self.violations = [(field, description)]
-
-
-class ProcessNotFound(Exception):
-    """NOT_FOUND: ``reason`` says why (errors.PROCESS_NOT_FOUND, WRONG_SHARD, SHARD_RESTARTED)."""
-
-    def __init__(self, handle: str, message: str | None = None, reason: str = errors.PROCESS_NOT_FOUND,
-                 **metadata: str) -> None:
-        self.handle = echo(handle)
-        self.reason = reason
-        self.metadata = {"process": self.handle, **metadata} if handle else metadata
-        super().__init__(message or f"no process {self.handle!r} on this server")
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], int, int]:
@@ -188,12 +148,10 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         self.model = model
         self.limits = limits or Limits()
         self.topology = topology or Topology.standalone(0, new_generation(), "")
-        #: What every handle of this shard's current generation starts with.
-        self.prefix = f"{self.topology.index}.{self.topology.generation}."
-        # The handles issued, both ways. Looking a handle up whole is the fast path; a handle that is
-        # not here is parsed only to tell INVALID_ARGUMENT from NOT_FOUND.
-        self._handles: dict[str, int] = {}
-        self._handle_of: dict[int, str] = {}
+        #: The handles of this shard's processes.
+        self.handles = Handles(self.topology, model.processes)
+        #: The pid a handle names (Handles.pid), bound once: every operation looks one up.
+        self.pid = self.handles.pid
         self._ops: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "create_process": self._op_create_process,
             "fork": self._op_fork,
@@ -215,51 +173,6 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             "uffd_wake": self._op_uffd_wake,
         }
 
-    # -- handles
-    def issue(self, pid: int) -> pb.Process:
-        """The handle of a new process: a fresh random token."""
-        handle = f"{self.prefix}{pid}.{secrets.token_hex(16)}"
-        self._handles[handle] = pid
-        self._handle_of[pid] = handle
-        return pb.Process(handle=handle, pid=pid)
-
-    def revoke(self, pid: int) -> None:
-        """The process is gone: its handle names nothing any more."""
-        handle = self._handle_of.pop(pid, None)
-        if handle is not None:
-            del self._handles[handle]
-
-    def pid(self, handle: str, field: str = "process") -> int:
-        """The pid a handle names: INVALID_ARGUMENT if it is not a handle, NOT_FOUND if it names no
-        process of this shard (another shard, an earlier generation, an exited process, a wrong
-        token), saying which."""
-        pid = self._handles.get(handle)
-        if pid is not None and pid in self.model.processes:
-            return pid
-        if not handle:
-            raise BadRequest(field, "a process handle is required")
-        m = HANDLE_RE.fullmatch(handle) if len(handle) <= HANDLE_MAX else None
-        if m is None:
-            raise BadRequest(field, f"{echo(handle)!r} is not a process handle (<shard>.<generation>.<pid>.<token>)")
-        shard, generation, me = int(m.group(1)), int(m.group(2)), self.topology
-        if shard != me.index:
-            raise self.wrong_shard(shard, handle)
-        if generation < me.generation:
-            raise ProcessNotFound(
-                handle, f"shard {me.index} restarted: the handle is of its generation {generation}, it now runs "
-                f"generation {me.generation}, and the processes of earlier generations are gone",
-                errors.SHARD_RESTARTED, shard=str(shard), generation=str(me.generation))
-        raise ProcessNotFound(handle)  # a later generation, an exited process, a wrong token
-
-    def wrong_shard(self, shard: int, handle: str = "") -> ProcessNotFound:
-        """NOT_FOUND for a call that belongs to another shard, naming it (and where it serves)."""
-        me = self.topology
-        info = me.shard(shard)
-        where = f" at {info.address}" if info is not None and info.address else ""
-        what = f"the process {echo(handle)!r} belongs to" if handle else "the call asks for"
-        return ProcessNotFound(handle, f"{what} shard {shard}{where}; this is shard {me.index}",
-                               errors.WRONG_SHARD, shard=str(shard), address=info.address if info else "")
-
     # -- running one operation
     async def _unary(self, context: grpc.aio.ServicerContext, op: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
         try:
@@ -274,24 +187,24 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         with its traceback."""
         kind = op.WhichOneof("op")
         if kind is None:
-            return pb.OpResult(error=_op_error(BadRequest(f"ops[{i}]", "no operation set"))).SerializeToString(), True
+            return encode_error(_op_error(BadRequest(f"ops[{i}]", "no operation set"))), True
         try:
             if kind == "remap":  # the batch path's commonest operation, straight to its encoding
-                return _remap_result(await self._remap(op.remap)), False
-            return _encode_result(await self._ops[kind](getattr(op, kind))), False
+                return remap_result(await self._remap(op.remap)), False
+            return encode_result(await self._ops[kind](getattr(op, kind))), False
         except _HANDLED as exc:
-            return pb.OpResult(error=_op_error(exc)).SerializeToString(), True
+            return encode_error(_op_error(exc)), True
         except Exception:
             log.exception("batch operation failed", op=kind, index=i)
             error = pb.OpError(code=grpc.StatusCode.INTERNAL.value[0], message=f"operation {kind} failed on the server")
-            return pb.OpResult(error=error).SerializeToString(), True
+            return encode_error(error), True
 
     async def _batch(self, request: pb.BatchRequest) -> bytes:
         """Run the operations in order; the serialized BatchResponse. Each result is serialized as
         soon as it is known (a 4 MiB response is not built, nor encoded, in one go). The response
         stops growing at the message size limit: the operation whose result would not fit gets a
         RESOURCE_EXHAUSTED result (what it did stands) and the later ones are not run."""
-        if len(request.ops) > self.limits.max_batch_ops:
+        if len(request.ops) > self.limits.max_batch_ops:  # an edge limit: the model never sees a batch
             raise LimitExceeded("max_batch_ops", self.limits.max_batch_ops)
         budget = self.limits.max_message_bytes - RESPONSE_SLACK
         size = 0
@@ -304,8 +217,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                 parts += _too_large_result(i, self.limits.max_message_bytes)
                 break
             data, failed = await self._run_op(i, op)
-            n = len(data)
-            field = _SHORT_RESULT_HEADERS[n] if n < 128 else _RESULTS_TAG + _varint(n)  # results = 1, length-delimited
+            field = result_header(len(data))
             size += len(field) + len(data)
             if size > budget:
                 parts += _too_large_result(i, self.limits.max_message_bytes)
@@ -320,11 +232,11 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     # -- executors: request message -> response message, raising on failure
     async def _op_create_process(self, request: pb.CreateProcessRequest) -> pb.Process:
         if request.HasField("shard") and request.shard != self.topology.index:
-            raise self.wrong_shard(request.shard)
-        return self.issue(await self.model.create_process())
+            raise self.handles.wrong_shard(request.shard)
+        return self.handles.issue(await self.model.create_process())
 
     async def _op_fork(self, request: pb.ProcessRequest) -> pb.Process:
-        return self.issue(await self.model.fork(self.pid(request.process)))
+        return self.handles.issue(await self.model.fork(self.pid(request.process)))
 
     async def _op_exit(self, request: pb.ProcessRequest) -> pb.ExitResponse:
         pid = self.pid(request.process)
@@ -332,7 +244,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             await self.model.exit(pid)
         finally:
             if pid not in self.model.processes:
-                self.revoke(pid)
+                self.handles.revoke(pid)
         return pb.ExitResponse()
 
     async def _op_mmap(self, request: pb.MmapRequest) -> pb.Vma:
@@ -344,7 +256,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def _op_munmap(self, request: pb.RangeRequest) -> pb.Empty:
         pid = self.pid(request.process)
-        if request.length > self.limits.max_munmap_bytes:
+        if request.length > self.limits.max_munmap_bytes:  # an edge limit, RESOURCE_EXHAUSTED: no errno
             raise LimitExceeded("max_munmap_bytes", self.limits.max_munmap_bytes)
         await self.model.munmap(pid, request.addr, request.length)
         return pb.Empty()
@@ -367,16 +279,16 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     def _fill_args(self, request: pb.UffdCopyRequest | pb.UffdZeropageRequest, modes: int) -> tuple[int, bool]:
         pid = self.pid(request.process)
-        if request.len > self.limits.max_remap_bytes:
+        if request.len > self.limits.max_remap_bytes:  # an edge limit, RESOURCE_EXHAUSTED: no errno
             raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
-        if request.mode & ~modes:
+        if request.mode & ~modes:  # the model takes the flags, not the bits: it cannot see these
             raise MmError(errno_mod.EINVAL, f"unknown mode bits {request.mode & ~modes:#x}")
         return pid, bool(request.mode & pb.FILL_MODE_DONTWAKE)
 
     async def _op_uffd_copy(self, request: pb.UffdCopyRequest) -> pb.UffdCopyResponse:
         pid, dontwake = self._fill_args(request, COPY_MODES)
         wp = bool(request.mode & pb.FILL_MODE_WP)
-        if not request.values:
+        if not request.values:  # a missing field: INVALID_ARGUMENT naming it, not the model's EINVAL
             raise BadRequest("values", "one value for every page, or one per page, is required")
         # The repeated field as it is: its values are not unpacked into a list (a 4 MB request holds
         # up to 4M of them; the model checks their number first, then reads them page by page).
@@ -413,7 +325,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     async def _remap(self, request: pb.RemapRequest) -> int:
         pid = self.pid(request.process)
         length = request.len
-        if length > self.limits.max_remap_bytes:
+        if length > self.limits.max_remap_bytes:  # an edge limit, RESOURCE_EXHAUSTED: no errno
             raise LimitExceeded("max_remap_bytes", self.limits.max_remap_bytes)
         return await self.model.move(pid, request.dst, request.src, length, request.mode)
 
@@ -540,8 +452,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             reply = pb.ListVmasResponse()
             async for v in self.model.vmas_iter(self.pid(req.process)):
                 vma = vma_to_pb(v)
-                n = vma.ByteSize()
-                size += 1 + _varint_len(n) + n
+                size += field_size(vma.ByteSize())
                 if size > budget:  # before the reply grows past what can be sent
                     raise ResponseTooLarge("the VMA list", limit)
                 reply.vmas.append(vma)
@@ -575,15 +486,14 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
                     chunk = vmas[i : i + CONVERT_CHUNK]
                     for p, s in chunk:
                         av.vmas.add(pid=p, addr=s)
-                        m = _mapping_size(p, s)
-                        n += m + 1 + _varint_len(m)
+                        n += field_size(mapping_size(p, s))
                     if size + n > budget:
                         raise ResponseTooLarge("the anon_vma tree", limit)
                     converted += len(chunk)
                     if converted >= CONVERT_CHUNK:
                         converted = 0
                         await cond_resched()
-                size += n + 1 + _varint_len(n)
+                size += field_size(n)
                 if size > budget:
                     raise ResponseTooLarge("the anon_vma tree", limit)
             return reply
@@ -640,70 +550,10 @@ def vma_to_pb(v: VmaInfo) -> pb.Vma:
     )
 
 
-_RESULT_FIELD = {
-    pb.Process: "process",
-    pb.Empty: "empty",
-    pb.Vma: "vma",
-    pb.ReadResponse: "read",
-    pb.RemapResponse: "remap",
-    pb.WalkResponse: "walk",
-    pb.FolioResponse: "folio",
-    pb.ExitResponse: "exit",
-    pb.UffdCopyResponse: "uffd_copy",
-    pb.UffdZeropageResponse: "uffd_zeropage",
-}
-
-
-def _op_result(response: Any) -> pb.OpResult:
-    return pb.OpResult(**{_RESULT_FIELD[type(response)]: response})
-
-
-_EMPTY_RESULT = pb.OpResult(empty=pb.Empty()).SerializeToString()
-
-
-@functools.lru_cache(maxsize=4096)
-def _remap_result(moved: int) -> bytes:
-    return pb.OpResult(remap=pb.RemapResponse(moved=moved)).SerializeToString()
-
-
-def _encode_result(response: Any) -> bytes:
-    """A serialized OpResult holding ``response``; the commonest (a remap, an empty answer) are
-    made once."""
-    kind = type(response)
-    if kind is pb.RemapResponse:
-        return _remap_result(response.moved)
-    if kind is pb.Empty:
-        return _EMPTY_RESULT
-    return _op_result(response).SerializeToString()
-
-
-_RESULTS_TAG = bytes([(1 << 3) | 2])  # BatchResponse.results: field 1, length-delimited
-#: The tag and length of a result shorter than 128 bytes (most are a few bytes).
-_SHORT_RESULT_HEADERS = [_RESULTS_TAG + bytes([n]) for n in range(128)]
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _varint_len(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
-def _mapping_size(pid: int, addr: int) -> int:
-    """The encoded size of Mapping(pid, addr): each non-zero field is a tag byte and a varint."""
-    return (1 + _varint_len(addr) if addr else 0) + (1 + _varint_len(pid) if pid else 0)
-
-
 def _too_large_result(i: int, limit: int) -> tuple[bytes, bytes]:
     """The field and the OpResult that stand for ops[i], whose result would pass ``limit``."""
-    data = pb.OpResult(error=_op_error(ResponseTooLarge(f"the result of ops[{i}]", limit))).SerializeToString()
-    return _RESULTS_TAG + _varint(len(data)), data
+    data = encode_error(_op_error(ResponseTooLarge(f"the result of ops[{i}]", limit)))
+    return result_header(len(data)), data
 
 
 def _op_error(exc: BaseException) -> pb.OpError:

@@ -1,8 +1,11 @@
 """``mmsim serve --shards N``: a supervisor of N shard processes.
 
-Each shard is ``mmsim serve --shards 1 --shard-index i --supervised`` with the supervisor's other
-flags: its own OS process, event loop, gRPC server and model, listening on PORT+i (each its own free
-port with port 0). The supervisor itself holds no gRPC object at all: it starts the shards, feeds
+Each shard is ``mmsim serve --shard-index=i --supervised`` with the flags of the supervisor's
+configuration (cli.serve_argv): its own OS process, event loop, gRPC server and model, listening on
+PORT+i (each its own free port with port 0). The configuration reaches a shard through its command
+line alone: the shard's environment lacks the variables of cli.SERVE_FLAGS, so that a setting the
+supervisor took from one reaches the shard as a flag, and one the supervisor's command line
+overrode does not come back. The supervisor itself holds no gRPC object at all: it starts the shards, feeds
 each the deployment's topology on its standard input (topology.py), restarts a shard that exits
 while the deployment runs under a new generation, and on SIGTERM or SIGINT has every shard drain
 and stop.
@@ -17,15 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import structlog
 
+from mmsim.v1.wire import join_hostport, split_hostport
+
+from .cli import SERVE_FLAGS, serve_argv
 from .topology import DOWN, SERVING, UNKNOWN, ShardInfo, new_generation
 
 if TYPE_CHECKING:
@@ -45,28 +51,14 @@ class StartFailed(Exception):
 
 def _with_port(listen: str, offset: int) -> str:
     """``HOST:PORT`` moved ``offset`` ports up (port 0 stays 0: each shard gets a free one)."""
-    host, _, port = listen.rpartition(":")
-    return f"{host}:{int(port) + offset if int(port) else 0}"
+    host, port = split_hostport(listen)
+    return join_hostport(host, port + offset if port else 0)
 
 
-#: The flags the supervisor sets for each shard itself.
-_PER_SHARD = ("--shards", "--shard-index", "--listen", "--generation", "--peers", "--metrics-listen")
-
-
-def _without(argv: list[str], flags: Sequence[str]) -> list[str]:
-    """``argv`` less ``flags`` and their values (``--flag VALUE`` or ``--flag=VALUE``)."""
-    out: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        elif a == "--supervised" or a.split("=", 1)[0] in flags:
-            pass
-        else:
-            out.append(a)
-    return out
+def shard_environment() -> dict[str, str]:
+    """The supervisor's environment less the variables of SERVE_FLAGS: a shard's settings are its flags."""
+    config_vars = {env for _, env, _, _, _ in SERVE_FLAGS}
+    return {k: v for k, v in os.environ.items() if k not in config_vars}
 
 
 def _status(returncode: int) -> str:
@@ -93,10 +85,9 @@ class Shard:
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig, argv: Sequence[str]) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        # The shards get the supervisor's own flags, but those it sets for each.
-        self.argv = _without(list(argv[1:] if argv[:1] == ["serve"] else argv), _PER_SHARD)
+        self.environment = shard_environment()
         self.shards = [
             Shard(i, _with_port(config.listen, i),
                   _with_port(config.metrics_listen, i) if config.metrics_listen else "",
@@ -106,13 +97,14 @@ class Supervisor:
         self.stopping = False
         self.ready = asyncio.Event()
 
+    def shard_config(self, shard: Shard, generation: int) -> ServerConfig:
+        """The supervisor's configuration as ``shard`` runs under ``generation``."""
+        return replace(self.config, shards=1, shard_index=shard.index, listen=shard.listen, peers=(),
+                       generation=generation, supervised=True, metrics_listen=shard.metrics_listen)
+
     def command(self, shard: Shard, generation: int) -> list[str]:
-        cmd = [sys.executable, "-m", "mmsim.server", "serve", *self.argv, "--shards", "1",
-               "--shard-index", str(shard.index), "--listen", shard.listen, "--generation", str(generation),
-               "--peers", "", "--supervised"]
-        if shard.metrics_listen:
-            cmd += ["--metrics-listen", shard.metrics_listen]
-        return cmd
+        """The command line of ``shard`` under ``generation``."""
+        return [sys.executable, "-m", "mmsim.server", "serve", *serve_argv(self.shard_config(shard, generation))]
 
     # -- topology
     def topology_line(self) -> bytes:
@@ -133,7 +125,7 @@ class Supervisor:
         """Start ``shard`` under ``generation`` and wait until it serves; StartFailed if it does not."""
         proc = await asyncio.create_subprocess_exec(
             *self.command(shard, generation), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            env=self.environment, start_new_session=True,
         )
         shard.proc = proc
         shard.starts += 1
@@ -245,21 +237,20 @@ def exposure(config: ServerConfig) -> str | None:
     here rather than by each shard; None when they may."""
     from .auth import exposure_refusal
 
-    host, _, port = config.listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host, port = split_hostport(config.listen)
     try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         return None  # each shard says it cannot listen there
-    addresses = [f"[{i[4][0]}]:{port}" if ":" in str(i[4][0]) else f"{i[4][0]}:{port}" for i in infos]
+    addresses = [join_hostport(str(i[4][0]), port) for i in infos]
     return exposure_refusal(addresses, tls=bool(config.tls_cert), token=bool(config.token_file),
                             insecure=config.insecure)
 
 
-def supervise(config: ServerConfig, argv: Sequence[str]) -> int:
+def supervise(config: ServerConfig) -> int:
     """Run the supervisor until SIGTERM or SIGINT; the exit status (0, or 1 if a shard could not
     start)."""
     if (why := exposure(config)) is not None:
         print(f"mmsim serve: {why}", file=sys.stderr)
         return 1
-    return asyncio.run(Supervisor(config, argv).run())
+    return asyncio.run(Supervisor(config).run())

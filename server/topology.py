@@ -4,7 +4,7 @@ A deployment of N shards serves one model sharded by process tree: each shard is
 ``mmsim serve`` process, with its own event loop, gRPC server and model. Shard ``i`` has an index
 (fixed for the deployment) and a *generation*: a number that grows with every start of that shard,
 so that a handle issued before a restart is told apart from one issued after it. Handles carry both
-(service.py).
+(handles.py).
 
 Under ``mmsim serve --shards N`` the supervisor (supervisor.py) knows every shard's address,
 generation and state, and feeds them to each shard on its standard input, one JSON document per

@@ -144,7 +144,7 @@ def test_make_help_lists_every_target_with_one_line() -> None:
 
 def test_make_run_takes_host_and_port() -> None:
     assert _make("-n", "run", "PORT=7080").splitlines()[-1].endswith("mmsim serve --listen 127.0.0.1:7080")
-    assert _make("-n", "run", "HOST=::1", "PORT=7081").splitlines()[-1].endswith("mmsim serve --listen ::1:7081")
+    assert _make("-n", "run", "HOST=::1", "PORT=7081").splitlines()[-1].endswith("mmsim serve --listen [::1]:7081")
     assert _make("-n", "run").splitlines()[-1].rstrip().endswith("mmsim serve")  # MMSIM_LISTEN still applies
     assert _make("-n", "run", "ARGS=--shards 2").splitlines()[-1].endswith("mmsim serve --shards 2")
 

@@ -57,6 +57,7 @@ async def test_cancel_a_large_move(server, stub) -> None:
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
+    await asyncio.wait_for(bp.wait_abandoned(), 30)  # the cancel has reached the server's task
     bp.release()
     for _ in range(100):  # let the server task unwind
         await asyncio.sleep(0)

@@ -90,17 +90,6 @@ async def test_a_long_move_does_not_starve_other_calls() -> None:
             assert (await p.folio(dst.start + (pages - 1) * P)).value == pages - 1  # type: ignore[union-attr]
 
 
-def test_the_response_size_accounting_matches_protobuf() -> None:
-    from mmsim.server.service import _mapping_size, _varint_len
-    from mmsim.v1 import mmsim_pb2 as pb
-
-    for pid, addr in [(0, 0), (1, 0x10000), (127, 1 << 47), (128, (1 << 64) - 1), (10_000, 0x7F0000000000)]:
-        assert _mapping_size(pid, addr) == pb.Mapping(pid=pid, addr=addr).ByteSize()
-        av = pb.AnonVma(vmas=[pb.Mapping(pid=pid, addr=addr)])
-        m = _mapping_size(pid, addr)
-        assert av.ByteSize() == m + 1 + _varint_len(m)
-
-
 async def test_a_tree_dump_past_the_message_limit_is_resource_exhausted() -> None:
     for limit, fits in ((16 * 1024, False), (64 * 1024, True)):
         async with serve_in_process(log_level="warning", max_message_bytes=limit) as addr:
@@ -119,12 +108,3 @@ async def test_a_tree_dump_past_the_message_limit_is_resource_exhausted() -> Non
                         await cur.anon_vma_tree()
                     assert e.value.limit == "max_message_bytes"
                     assert len(await p.vmas()) == 1  # still serving
-
-
-def test_varints_match_protobuf() -> None:
-    from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
-
-    from mmsim.server.service import _varint, _varint_len
-
-    for n in (0, 1, 127, 128, 300, 16_383, 16_384, 4 << 20, (1 << 64) - 1):
-        assert _varint(n) == _VarintBytes(n) and _varint_len(n) == len(_VarintBytes(n))

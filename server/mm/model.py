@@ -5,13 +5,14 @@ system call would, and calls into the protocol code. Teardown-like operations (m
 registration, exit) finish even when the caller is cancelled; a cancelled move keeps the pages it
 already moved; a cancelled fork is rolled back. Results are plain dataclasses.
 
-A ledger of expected page contents is kept beside the model, updated at the same atomic points
-as the pages themselves, so that ``check_invariants`` can prove data is neither lost nor duplicated.
+A ledger of expected page contents (``ledger.PageLedger``) is kept beside the model, updated at
+the same atomic points as the pages themselves, so that ``check_invariants`` can prove data is
+neither lost nor duplicated. Every call passes the audit's gate (``audit.CallGate``); the counters
+are read by ``stats.read_stats``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import heapq
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from .audit import Auditor, CallGate
 from .fork import dup_mmap, exit_mmap
 from .invariants import audit_steps
 from .kernel import PROTOCOLS, IdCounter, Kernel
+from .ledger import PageLedger
 from .locks import Current
 from .madvise import do_madvise
 from .memcontrol import MemoryLimitExceeded
@@ -51,6 +54,7 @@ from .mprotect import do_mprotect
 from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
 from .rmap import AnonVma, folio_referenced
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
+from .stats import read_stats
 from .userfaultfd import (
     UFFDIO_COPY_MODE_DONTWAKE,
     UFFDIO_COPY_MODE_WP,
@@ -75,6 +79,12 @@ from .userfaultfd import (
 )
 
 U64_MAX = (1 << 64) - 1
+
+
+def check_u64(value: object, what: str = "address") -> None:
+    """EINVAL unless ``value`` is an unsigned 64-bit integer; ``what`` names it in the message."""
+    if not isinstance(value, int) or value < 0 or value > U64_MAX:
+        raise MmError(errno.EINVAL, f"{what} must be an unsigned 64-bit integer")
 
 
 @dataclass(frozen=True)
@@ -121,23 +131,6 @@ class ResultTooLarge(Exception):
         super().__init__(f"{what} has more than {limit} entries")
         self.what = what
         self.limit = limit
-
-
-class PageLedger(dict[int, int]):
-    """Expected contents of one process: virtual page number -> value, for pages holding a folio."""
-
-    def moved(self, src_addr: int, dst_addr: int, nbytes: int) -> None:
-        """UFFDIO_MOVE carried ``nbytes`` from src to dst (holes and zero pages carry nothing)."""
-        s, d = src_addr >> PAGE_SHIFT, dst_addr >> PAGE_SHIFT
-        if nbytes == PAGE_SIZE:
-            value = self.pop(s, None)
-            if value is not None:
-                self[d] = value
-            return
-        for i in range(nbytes >> PAGE_SHIFT):
-            value = self.pop(s + i, None)
-            if value is not None:
-                self[d + i] = value
 
 
 def _uffd_mode(flags: int) -> str | None:
@@ -195,8 +188,6 @@ class MemoryModel:
         self.k.max_uffd_faults = max_pending_faults
         self.k.max_uffd_faults_per_mm = max_pending_faults_per_process
         self.k.max_uffd_readers = max_userfault_streams
-        #: The most of the time an audit may take (``audit``): 1.0 leaves audits unthrottled.
-        self.audit_share = audit_share
         self.max_processes = max_processes
         self.max_pages = max_pages
         self.processes: dict[int, Mm] = {}
@@ -204,18 +195,9 @@ class MemoryModel:
         self._pids = IdCounter()
         #: Expected contents: pid -> {virtual page number: value} for every page holding a folio.
         self.ledger: dict[int, PageLedger] = {}
-        # The audit's quiescent point: calls in progress, and, while an audit waits for them to
-        # finish or runs, the event that new calls wait for.
-        self._calls = 0
-        self._paused: asyncio.Event | None = None
-        self._drained: asyncio.Future[None] | None = None
-        self._audit_lock: asyncio.Lock | None = None
-        # Audits started so far, the last one's result, and when the next may start (audit_share).
-        self._audits = 0
-        self._audit_result: list[str] = []
-        #: When the last audit began, and when the next may (event-loop time).
-        self.audit_started = 0.0
-        self.audit_next = 0.0
+        #: The audit's quiescent point: every call enters it at its start and leaves it at its end.
+        self.gate = CallGate()
+        self.auditor = Auditor(self.gate, self.k.detectors, audit_share)
 
     @property
     def protocol(self) -> str:
@@ -224,6 +206,25 @@ class MemoryModel:
     @property
     def detectors(self) -> Any:
         return self.k.detectors
+
+    @property
+    def audit_share(self) -> float:
+        """The most of the time audits may take (``audit``): 1.0 leaves them unthrottled."""
+        return self.auditor.share
+
+    @audit_share.setter
+    def audit_share(self, share: float) -> None:
+        self.auditor.share = share
+
+    @property
+    def audit_started(self) -> float:
+        """When the last audit began (event-loop time)."""
+        return self.auditor.started
+
+    @property
+    def audit_next(self) -> float:
+        """When the next audit may begin (event-loop time)."""
+        return self.auditor.next
 
     # -- helpers
     def _cur(self, op: str, pid: int) -> Current:
@@ -235,33 +236,16 @@ class MemoryModel:
             raise MmError(errno.ESRCH, f"no process {pid}")
         return mm
 
-    @staticmethod
-    def _check_addr(addr: int, what: str = "address") -> None:
-        if not isinstance(addr, int) or addr < 0 or addr > U64_MAX:
-            raise MmError(errno.EINVAL, f"{what} must be an unsigned 64-bit integer")
-
-    async def _wait_audit(self) -> None:
-        while self._paused is not None:
-            await self._paused.wait()
-
-    async def _call_begin(self) -> None:
-        """Start of a system call: wait while an audit waits for, or holds, the quiescent point."""
-        if self._paused is not None:
-            await self._wait_audit()
-        self._calls += 1
-
     def _call_done(self, cur: Current) -> None:
-        """End of a system call: give back the task's unused memory reservation, and let a waiting
-        audit start once no call is left."""
+        """End of a system call: give back the task's unused memory reservation, and leave the
+        audit's gate."""
         if cur.memcg_stock:
             self.k.memcg.drain(cur)
-        self._calls -= 1
-        if self._drained is not None and not self._calls and not self._drained.done():
-            self._drained.set_result(None)
+        self.gate.leave()
 
     async def _write_locked(self, mm: Mm, cur: Current, body: Any) -> Any:
         """Take mmap_lock for write (cancellable), then run ``body`` to completion."""
-        await self._call_begin()
+        await self.gate.enter()
         try:
             lock = mm.mmap_lock
             if not lock.down_write(cur):
@@ -283,8 +267,7 @@ class MemoryModel:
 
     async def create_process(self) -> int:
         self._check_process_limit()
-        if self._paused is not None:
-            await self._wait_audit()
+        await self.gate.wait()
         self.k.memcg.charge(Current("create_process"), MM_BYTES)
         pid = self._pids()
         self.processes[pid] = Mm(pid, self.k.lockdep, self.k.memcg)
@@ -297,7 +280,7 @@ class MemoryModel:
         no child behind."""
         parent = self._mm(pid)
         self._check_process_limit()
-        await self._call_begin()
+        await self.gate.enter()
         cur = self._cur("fork", pid)
         k = self.k
         try:
@@ -322,12 +305,7 @@ class MemoryModel:
                 finally:
                     vma_end_write_all(child)
                     child.mmap_lock.up_write(cur)
-                parent_ledger = self.ledger[pid]
-                ledger = PageLedger()
-                for i in range(0, len(copied), RESCHED_WORK):
-                    if i:
-                        await cond_resched()
-                    ledger.update((vpn, parent_ledger[vpn]) for vpn in copied[i : i + RESCHED_WORK] if vpn in parent_ledger)
+                ledger = await self.ledger[pid].copy_pages(copied)
                 self.processes[cpid] = child
                 self.parents[cpid] = pid
                 self.ledger[cpid] = ledger
@@ -348,11 +326,9 @@ class MemoryModel:
             await exit_mmap(k, cur, mm)
             k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
-            ledger: dict[int, int] = self.ledger.pop(pid, {})
-            while len(ledger) > RESCHED_WORK:  # a big dict is let go of in slices too
-                for _ in range(RESCHED_WORK):
-                    ledger.popitem()
-                await cond_resched()
+            ledger = self.ledger.pop(pid, None)
+            if ledger is not None:
+                await ledger.release()
 
         await self._write_locked(mm, cur, body)
 
@@ -364,7 +340,7 @@ class MemoryModel:
         registered with the process's userfaultfd under the same mmap_lock."""
         mm = self._mm(pid)
         if addr is not None:
-            self._check_addr(addr)
+            check_u64(addr)
         if uffd is not None and uffd not in UFFDIO_REGISTER_MODES:
             raise MmError(errno.EINVAL, f"uffd mode must be one of {', '.join(UFFDIO_REGISTER_MODES)}, not {uffd!r}")
         cur = self._cur("mmap", pid)
@@ -393,7 +369,7 @@ class MemoryModel:
 
     async def munmap(self, pid: int, addr: int, length: int) -> None:
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         cur = self._cur("munmap", pid)
 
         async def body() -> None:
@@ -401,7 +377,7 @@ class MemoryModel:
             try:
                 await do_munmap(self.k, cur, mm, addr, length, unmapped)
             finally:  # what was unmapped leaves the ledger, also if the munmap then failed
-                await self._ledger_update(pid, unmapped, ())
+                await self.ledger[pid].remapped(unmapped)
 
         await self._write_locked(mm, cur, body)
 
@@ -410,7 +386,7 @@ class MemoryModel:
         "dontneed" (the range's pages zapped, dropped from the ledger even when a hole then makes
         it fail with ENOMEM)."""
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         cur = self._cur("madvise", pid)
 
         async def body() -> None:
@@ -418,34 +394,16 @@ class MemoryModel:
             try:
                 await do_madvise(self.k, cur, mm, addr, length, advice, unmapped)
             finally:
-                await self._ledger_update(pid, unmapped, ())
+                await self.ledger[pid].remapped(unmapped)
 
         await self._write_locked(mm, cur, body)
-
-    async def _ledger_update(self, pid: int, unmapped: list[int], moved: Any) -> None:
-        """The ledger after pages were unmapped (their values dropped) and moved ((old, new) page
-        numbers: the values follow), in slices of RESCHED_WORK."""
-        ledger = self.ledger[pid]
-        for i in range(0, len(unmapped), RESCHED_WORK):
-            if i:
-                await cond_resched()
-            for vpn in unmapped[i : i + RESCHED_WORK]:
-                ledger.pop(vpn, None)
-        if moved:
-            values: list[tuple[int, int | None]] = []
-            for i in range(0, len(moved), RESCHED_WORK):
-                await cond_resched()
-                values.extend((new, ledger.pop(old, None)) for old, new in moved[i : i + RESCHED_WORK])
-            for i in range(0, len(values), RESCHED_WORK):
-                await cond_resched()
-                ledger.update((new, v) for new, v in values[i : i + RESCHED_WORK] if v is not None)
 
     async def mprotect(self, pid: int, addr: int, length: int, prot: str) -> None:
         """mprotect with prot "none", "r" or "rw": the range split off its VMAs, merged back with
         neighbours that then match. A hole after the start changes what comes before it, then
         ENOMEM."""
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         cur = self._cur("mprotect", pid)
         await self._write_locked(mm, cur, lambda: do_mprotect(self.k, cur, mm, addr, length, prot))
 
@@ -464,11 +422,11 @@ class MemoryModel:
         range mapped and empty; ``fixed``: MREMAP_FIXED to that address, replacing what is there).
         Returns the new range, as ``mmap`` does. The pages keep their values at the new address."""
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         if fixed is not None:
-            self._check_addr(fixed, "fixed")
+            check_u64(fixed, "fixed")
         for what, n in (("old_length", old_length), ("new_length", new_length)):
-            self._check_addr(n, what)
+            check_u64(n, what)
         flags = (MREMAP_MAYMOVE if maymove else 0) | (MREMAP_DONTUNMAP if dontunmap else 0)
         if fixed is not None:
             flags |= MREMAP_FIXED
@@ -479,7 +437,7 @@ class MemoryModel:
             try:
                 start = await do_mremap(self.k, cur, mm, addr, old_length, new_length, flags, fixed or 0, log)
             finally:
-                await self._ledger_update(pid, log.unmapped, log.moved)
+                await self.ledger[pid].remapped(log.unmapped, log.moved)
             vma = mm.vma_lookup(start)
             assert vma is not None
             return dataclasses.replace(
@@ -491,13 +449,13 @@ class MemoryModel:
 
     async def uffd_register(self, pid: int, addr: int, length: int, mode: str = "missing") -> None:
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         cur = self._cur("uffd_register", pid)
         await self._write_locked(mm, cur, lambda: userfaultfd_register(self.k, cur, mm, addr, length, mode))
 
     async def uffd_unregister(self, pid: int, addr: int, length: int) -> None:
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         cur = self._cur("uffd_unregister", pid)
         await self._write_locked(mm, cur, lambda: userfaultfd_unregister(self.k, cur, mm, addr, length))
 
@@ -510,8 +468,8 @@ class MemoryModel:
         progress for the audit) until woken, then retries from the top: ESRCH if the process
         exited meanwhile, EFAULT if the range is gone. A cancelled sleep changes nothing."""
         mm = self._mm(pid)
-        self._check_addr(addr)
-        await self._call_begin()
+        check_u64(addr)
+        await self.gate.enter()
         in_call = True
         cur = self._cur("write" if write else "read", pid)
         k = self.k
@@ -546,7 +504,7 @@ class MemoryModel:
                 self._call_done(cur)
                 in_call = False
                 await userfault_wait(k, fault.ctx, fault.userfault)
-                await self._call_begin()
+                await self.gate.enter()
                 in_call = True
         finally:
             if in_call:
@@ -559,8 +517,7 @@ class MemoryModel:
 
     async def write(self, pid: int, addr: int, value: int) -> None:
         """A write access: a new folio, a COW copy, or the folio reused in place."""
-        if not isinstance(value, int) or not 0 <= value <= U64_MAX:
-            raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
+        check_u64(value, "value")
         if self.max_pages is not None and self.k.folios_live >= self.max_pages:
             pte = self._mm(pid).pte_lookup(addr & PAGE_MASK) if isinstance(addr, int) and addr >= 0 else None
             if pte is None or not pte.write:  # the write may need a new folio
@@ -580,13 +537,11 @@ class MemoryModel:
             0 <= (dst | src | length | mode) <= U64_MAX
         ):
             for what, v in (("dst", dst), ("src", src), ("len", length), ("mode", mode)):
-                self._check_addr(v, what)
+                check_u64(v, what)
         if progress is None:
             progress = MoveProgress()
         progress.on_step = self.ledger[pid].moved
-        if self._paused is not None:  # _call_begin, inline on the hottest path
-            await self._wait_audit()
-        self._calls += 1
+        await self.gate.enter()
         cur = Current("move", pid)
         try:
             moved = await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
@@ -604,9 +559,9 @@ class MemoryModel:
     ) -> int:
         mm = self._mm(pid)
         for what, v in (("dst", dst), ("len", length)):
-            self._check_addr(v, what)
+            check_u64(v, what)
         progress = FillProgress(self.ledger[pid].__setitem__)
-        await self._call_begin()
+        await self.gate.enter()
         cur = self._cur(op, pid)
         try:
             return await userfaultfd_fill(
@@ -657,7 +612,7 @@ class MemoryModel:
         looked at (checked on 6.18: a wake of an unmapped range returns 0). Takes no lock."""
         mm = self._mm(pid)
         for what, v in (("addr", addr), ("len", length)):
-            self._check_addr(v, what)
+            check_u64(v, what)
         validate_range(mm, addr, length)
         if mm.uffd is not None:
             wake_userfault(self.k, mm.uffd, addr, length)
@@ -720,10 +675,8 @@ class MemoryModel:
     async def walk(self, pid: int, addr: int, blocking: bool = False) -> WalkResult:
         """folio_referenced on the folio mapped at ``addr``: trylock mode, or blocking (slow path)."""
         mm = self._mm(pid)
-        self._check_addr(addr)
-        if self._paused is not None:  # _call_begin, inline on a hot path
-            await self._wait_audit()
-        self._calls += 1
+        check_u64(addr)
+        await self.gate.enter()
         cur = self._cur("walk", pid)
         try:
             pte = mm.pte_lookup(addr)
@@ -756,7 +709,7 @@ class MemoryModel:
     def folio(self, pid: int, addr: int) -> FolioInfo | None:
         """The folio mapped at ``addr`` (no fault is taken), or None if nothing is mapped."""
         mm = self._mm(pid)
-        self._check_addr(addr)
+        check_u64(addr)
         pte = mm.pte_lookup(addr)
         if pte is None:
             return None
@@ -882,12 +835,12 @@ class MemoryModel:
             else:
                 yield r
 
+    def _audit_steps(self, problems: list[str]) -> Iterator[None]:
+        return audit_steps(self, problems)
+
     def check_invariants(self) -> list[str]:
         """Audit the whole model at a quiescent point; every problem is also a detector event."""
-        problems: list[str] = []
-        for _ in audit_steps(self, problems):
-            pass
-        return self._report(problems)
+        return self.auditor.check(self._audit_steps)
 
     async def audit(self) -> list[str]:
         """``check_invariants`` from a running server: new calls wait while the calls in progress
@@ -896,64 +849,11 @@ class MemoryModel:
         one run (a caller takes the result of an audit that began after it asked), and with
         ``audit_share`` below 1 the next audit waits until the last one's time is that share of the
         time since it began: a client that loops the audit cannot hold everyone else's calls up."""
-        if self._audit_lock is None:
-            self._audit_lock = asyncio.Lock()
-        arrived = self._audits
-        loop = asyncio.get_running_loop()
-        async with self._audit_lock:
-            if self._audits > arrived:
-                return list(self._audit_result)  # an audit that began after this call arrived has run
-            wait = self.audit_next - loop.time()
-            if wait > 0:  # the rate limit (audit_share): let the calls that audits held up run first
-                await asyncio.sleep(wait)
-            self._audits += 1
-            t0 = self.audit_started = loop.time()
-            self._paused = asyncio.Event()
-            try:
-                if self._calls:
-                    self._drained = loop.create_future()
-                    await self._drained
-                problems: list[str] = []
-                for _ in audit_steps(self, problems):
-                    await cond_resched()
-                self._audit_result = self._report(problems)
-                return list(self._audit_result)
-            finally:
-                paused, self._paused, self._drained = self._paused, None, None
-                paused.set()
-                if self.audit_share < 1.0:
-                    self.audit_next = loop.time() + (loop.time() - t0) * (1.0 / self.audit_share - 1.0)
-
-    def _report(self, problems: list[str]) -> list[str]:
-        for p in problems:
-            self.k.detectors.report("invariant", problem=p)
-        return problems
+        return await self.auditor.audit(self._audit_steps)
 
     def stats(self) -> dict[str, int]:
-        k = self.k
-        out: dict[str, int] = dict(k.stats)
-        out.update({f"violation_{kind}": n for kind, n in k.detectors.counts.items()})
-        out["violations"] = k.detectors.total
-        # Documented windows of the protocol seen (detectors.FINDING_KINDS), apart from violations.
-        out.update({f"finding_{kind}": n for kind, n in k.detectors.findings.items()})
-        out["findings"] = sum(k.detectors.findings.values())
-        out["processes"] = len(self.processes)
-        out["folios"] = k.folios_live
-        out["vmas"] = k.vmas_live
-        out["anon_vmas"] = len(k.anon_vma_cache.live)
-        out["anon_vma_cache_reused"] = k.anon_vma_cache.reused
-        out["rcu_gp_completed"] = k.rcu.gp_completed
-        out["preempt_yields"] = sum(k.sched.yields.values())
-        out["audits"] = self._audits
-        out["uffd_faults_asleep"] = k.uffd_faults_asleep
-        out["uffd_readers"] = k.uffd_readers
-        out["memory_bytes"] = k.memcg.usage - k.memcg.inflight  # the model's objects
-        out["memory_inflight_bytes"] = k.memcg.inflight  # what the calls in progress hold (admission)
-        out["memory_peak_bytes"] = k.memcg.peak
-        out["memory_limit_failures"] = k.memcg.failcnt
-        if k.memcg.limit is not None:
-            out["memory_limit_bytes"] = k.memcg.limit
-        return out
+        """The model's counters, by name (``stats.ModelStats.as_dict``)."""
+        return read_stats(self).as_dict()
 
 
 __all__ = [
@@ -964,6 +864,7 @@ __all__ = [
     "MemoryLimitExceeded",
     "MemoryModel",
     "MmError",
+    "PageLedger",
     "ResultTooLarge",
     "UffdEvent",
     "VmaInfo",

@@ -66,11 +66,14 @@ class Breakpoint:
 
     ``reached`` is set once a task is parked; tests use it to script an exact interleaving
     (for instance, park a walker after it read ``folio->mapping``, run a move, release it).
+    ``abandoned`` is set if the parked task is cancelled there (a client's cancel has arrived).
     """
 
     def __init__(self, point: str) -> None:
         self.point = point
         self.reached = asyncio.Event()
+        #: Set when the parked task was cancelled instead of released (its caller went away).
+        self.abandoned = asyncio.Event()
         self._go = asyncio.Event()
 
     def release(self) -> None:
@@ -78,6 +81,9 @@ class Breakpoint:
 
     async def wait_reached(self) -> None:
         await self.reached.wait()
+
+    async def wait_abandoned(self) -> None:
+        await self.abandoned.wait()
 
 
 class Controller(Protocol):
@@ -152,7 +158,11 @@ class Scheduler:
                 del self._breakpoints[point]
             self.active = self.preempt > 0.0 or bool(self._breakpoints)
             bp.reached.set()
-            await bp._go.wait()
+            try:
+                await bp._go.wait()
+            except asyncio.CancelledError:
+                bp.abandoned.set()
+                raise
             return
         for _ in range(self.rng.randint(1, self.max_burst)):
             await asyncio.sleep(0)
