@@ -64,7 +64,7 @@ async def _run_killing_shard_1(server: ServerProcess, tmp_path: Path, *args: str
         moved = (await mm.stats(shard=1)).get("move_pages", 0)
         with open(tmp_path / "out.txt", "w+") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mmsim.server", "loadgen", "--target", server.addr, "--duration", "3",
+                [sys.executable, "-m", "mmsim.server", "loadgen", "--target", server.addr, "--duration", "8",
                  "--warmup", "0", "--pages", "8", "--fork-depth", "1", "--concurrency", "8", "--quiet",
                  "--json", str(report_path), *args],
                 stdout=out, stderr=subprocess.STDOUT, text=True,
