@@ -322,7 +322,8 @@ def table(results: list[dict[str, Any]], versions: list[str]) -> str:
             lines.append(
                 f"| {attack} | {v} | {med(rows, 'ping_ok'):.0f} | "
                 f"{', '.join(f'{k} {n}' for k, n in sorted(errs.items())) or '0'} | {med(rows, 'p50_ms'):.1f} | "
-                f"{med(rows, 'p99_ms'):.1f} | {med(rows, 'peak_over_mib'):.0f} | {med(rows, 'bound_mib'):.0f} | {calls} |")
+                f"{med(rows, 'p99_ms'):.1f} | {med(rows, 'peak_over_mib'):.0f} | {med(rows, 'bound_mib'):.0f} | "
+                f"{calls} |")
         if len(versions) == 2 and all(per[v] for v in versions):
             a, b = per["after"], per["before"]
             ratio = [med(a, k) / med(b, k) if med(b, k) else math.nan

@@ -68,7 +68,8 @@ def main() -> int:
             rates[name][f"jobs={jobs}"] = statistics.median(r.schedules / r.seconds for r in runs)
             console.log(f"{name}, {jobs} process(es): {rates[name][f'jobs={jobs}']:,.0f} schedules/s "
                         "(random, recheck, nothing caught)")
-    table = Table(title=f"time to find, medians of {args.repeats} ({platform.node()}, Python {platform.python_version()})")
+    table = Table(title=f"time to find, medians of {args.repeats} "
+                        f"({platform.node()}, Python {platform.python_version()})")
     for col in ("scenario", "protocol", "mutant", "strategy", "found", "schedules", "ms"):
         table.add_column(col, justify="right" if col in ("found", "schedules", "ms") else "left")
     rows: list[dict[str, Any]] = []

@@ -180,7 +180,8 @@ def main() -> int:
         "model_vs_kernel": model / kernel if kernel else None, "grpc_vs_remap": grpc_rate / remap_rate,
     }
     print(f"kernel: {kernel:,.0f} faults/s" if kernel else "kernel: unavailable")
-    print(f"model:  {model:,.0f} faults/s" + (f"  ({model / kernel:.2f} x kernel, goal >= {MODEL_GOAL})" if kernel else ""))
+    print(f"model:  {model:,.0f} faults/s"
+          + (f"  ({model / kernel:.2f} x kernel, goal >= {MODEL_GOAL})" if kernel else ""))
     print(f"grpc:   {grpc_rate:,.0f} faults/s, unary remap {remap_rate:,.0f}/s  "
           f"({grpc_rate / remap_rate:.2f} x remap, goal >= {GRPC_GOAL}; concurrency {args.concurrency})")
     if args.json:

@@ -326,7 +326,8 @@ async def bench(args: argparse.Namespace, target: str) -> Report:
         stats = await mm.stats()
         if problems or stats.get("violations", 0):
             raise AssertionError(f"audit: {problems}, violations: {stats.get('violations')}")
-        out["verified"] = {"pages": len(pairs), "invariant_problems": problems, "violations": stats.get("violations", 0)}
+        out["verified"] = {"pages": len(pairs), "invariant_problems": problems,
+                           "violations": stats.get("violations", 0)}
 
     out["batch_calls"] = batch_calls
     out["figures"] = {

@@ -52,8 +52,8 @@ def one(name: str, out: Path, server_args: list[str], *args: str) -> dict[str, A
     with serve_subprocess(*server_args) as server:  # a fresh server each time; it must exit 0
         report = loadgen(server.addr, out / f"{name}.json", *args)
     f = report["overall"]
-    log(f"{name}: {f['ops_per_s']:,.0f} ops/s, p50 {f['latency_ms']['p50']:.3f} ms, p99 {f['latency_ms']['p99']:.3f} ms, "
-        f"bottleneck {report['bottleneck']}")
+    log(f"{name}: {f['ops_per_s']:,.0f} ops/s, p50 {f['latency_ms']['p50']:.3f} ms, "
+        f"p99 {f['latency_ms']['p99']:.3f} ms, bottleneck {report['bottleneck']}")
     return report
 
 
@@ -111,7 +111,8 @@ def main() -> int:
         console.print(f"{what}: {value:.3f}, {'met' if met else 'NOT met'}")
     summary = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.node(),
                "runs": {k: {"ops_per_s": r["overall"]["ops_per_s"], "latency_ms": r["overall"]["latency_ms"],
-                            "bottleneck": r["bottleneck"], "server_deltas": r["server_deltas"]} for k, r in reports.items()},
+                            "bottleneck": r["bottleneck"], "server_deltas": r["server_deltas"]}
+                        for k, r in reports.items()},
                "goals": [{"goal": g, "value": v, "met": bool(m if m is not None else v == 0)} for g, v, m in goals]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 0

@@ -472,7 +472,8 @@ async def huge_vma_process(env: Env) -> Process:
 async def setup_a(env: Env) -> Request:
     p = await huge_vma_process(env)
     big, small = env.sizes["a_vmas"]
-    env.progress.log(f"setup: one process with VMAs of 2**{big.bit_length() - 1} and 2**{small.bit_length() - 1} bytes, one page written")
+    env.progress.log(f"setup: one process with VMAs of 2**{big.bit_length() - 1} and 2**{small.bit_length() - 1} "
+                     "bytes, one page written")
 
     async def request() -> Outcome:
         await p.exit(timeout=env.args.request_timeout)
@@ -509,7 +510,8 @@ async def setup_c(env: Env) -> Request:
     base = 1 << 40
     results = await run_batches(env, "one-page VMAs", [ops.mmap(p, P, "rw", addr=base + 2 * i * P) for i in range(n)])
     made = sum(1 for r in results if not isinstance(r, BaseException))
-    env.progress.log(f"setup: one process with {made:,} one-page VMAs (failed: {dict(count_failures(results)) or 'none'})")
+    env.progress.log(f"setup: one process with {made:,} one-page VMAs "
+                     f"(failed: {dict(count_failures(results)) or 'none'})")
 
     async def request() -> Outcome:
         await p.exit(timeout=env.args.request_timeout)
@@ -545,7 +547,8 @@ async def setup_e(env: Env) -> Request:
     children = await run_batches(env, "Forks", [ops.fork(parent)] * n)
     forked = sum(1 for c in children if isinstance(c, Process))
     rss = read_status_kb(env.server.proc.pid)
-    env.progress.log(f"setup: a page mapped in a parent and {forked:,} children; server RSS {rss.get('VmRSS', 0) / 1024:,.0f} MiB")
+    env.progress.log(f"setup: a page mapped in a parent and {forked:,} children; "
+                     f"server RSS {rss.get('VmRSS', 0) / 1024:,.0f} MiB")
 
     async def request() -> Outcome:
         results = await env.mm.batch([ops.walk(parent, v.start)] * walks, timeout=env.args.request_timeout)
@@ -574,11 +577,13 @@ async def setup_f(env: Env) -> Request:
             bad = count_failures(results)
             failed += bad
             written += len(results) - sum(bad.values())
-    env.progress.log(f"setup: {written:,} resident pages in {nproc} processes (failed writes: {dict(failed) or 'none'})")
+    env.progress.log(f"setup: {written:,} resident pages in {nproc} processes "
+                     f"(failed writes: {dict(failed) or 'none'})")
 
     async def request() -> Outcome:
         problems = await env.mm.check_invariants(timeout=env.args.request_timeout)
-        return Outcome("OK", f"{written:,} pages, {len(problems)} problems", {"pages": written, "problems": len(problems)})
+        return Outcome("OK", f"{written:,} pages, {len(problems)} problems",
+                       {"pages": written, "problems": len(problems)})
 
     return request
 
@@ -844,7 +849,9 @@ async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
             pass
 
 
-async def run_scenario(sc: Scenario, args: argparse.Namespace, sizes: dict[str, Any], progress: Progress, log_dir: Path) -> Result:
+async def run_scenario(
+    sc: Scenario, args: argparse.Namespace, sizes: dict[str, Any], progress: Progress, log_dir: Path
+) -> Result:
     res = Result(sc.key, title(sc, sizes), sc.observed)
     progress.key = sc.key
     progress.update("starting the server")
@@ -861,7 +868,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, sizes: dict[str, 
         t1 = time.monotonic()
         res.idle = ping_stats(await pinger.stop(args.ping_timeout + 30), t0, t1)
         progress.log(
-            f"idle Ping p50 {res.idle.p50_ms:.2f} ms, p99 {res.idle.p99_ms:.2f} ms ({res.idle.count} Pings, {res.idle.failed} failed)"
+            f"idle Ping p50 {res.idle.p50_ms:.2f} ms, p99 {res.idle.p99_ms:.2f} ms "
+            f"({res.idle.count} Pings, {res.idle.failed} failed)"
         )
 
         async with Client(server.target, timeout=args.setup_timeout) as mm:
@@ -902,7 +910,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, sizes: dict[str, 
         progress.log(
             f"{res.title}: {res.request_s:,.2f} s, {res.outcome} {res.detail}; Ping p50 {res.pings.p50_ms:,.1f} ms, "
             f"p99 {res.pings.p99_ms:,.1f} ms, max {res.pings.max_ms:,.1f} ms ({res.pings.count} Pings); "
-            f"{res.pings.failed} failed; p99/goal {fmt_ratio(res.ratio)}, {'met' if met else 'NOT met' if met is not None else 'n/a'}"
+            f"{res.pings.failed} failed; p99/goal {fmt_ratio(res.ratio)}, "
+            f"{'met' if met else 'NOT met' if met is not None else 'n/a'}"
         )
     except Exception as e:  # noqa: BLE001 - report the scenario as failed, go on with the next
         res.error = f"{type(e).__name__}: {e}"
@@ -941,7 +950,9 @@ def machine() -> str:
 
 def git_state() -> str:
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--", "server", "client"], capture_output=True, text=True
         ).stdout.strip()
@@ -1000,7 +1011,8 @@ def print_report(console: Console, results: list[Result], args: argparse.Namespa
             continue
         assert r.pings is not None
         notes = [f"setup {r.setup_s:,.1f} s", f"server CPU during the request {r.server_cpu_s:,.2f} s"]
-        notes.append(f"server RSS {r.rss_before_mib:,.0f} MiB before, peak {r.rss_peak_mib:,.0f} MiB sampled, VmHWM {r.hwm_mib:,.0f} MiB")
+        notes.append(f"server RSS {r.rss_before_mib:,.0f} MiB before, peak {r.rss_peak_mib:,.0f} MiB sampled, "
+                     f"VmHWM {r.hwm_mib:,.0f} MiB")
         bad_pings = {k: v for k, v in r.pings.codes.items() if k != "OK"}
         if bad_pings:
             notes.append(f"Pings that failed: {bad_pings}")
@@ -1033,7 +1045,9 @@ def print_report(console: Console, results: list[Result], args: argparse.Namespa
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. a,c (default: all, a to g)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -1048,7 +1062,8 @@ def main() -> int:
     ap.add_argument("--g-clients", type=int, help="racing clients of g (default 200; quick 40)")
     ap.add_argument("--g-procs", type=int, help="OS processes they are spread over (default 4; quick 2)")
     ap.add_argument("--g-seconds", type=float, help="length of the race (default 10 s; quick 3 s)")
-    ap.add_argument("--g-deadline", type=float, default=60.0, help="per-call deadline of the racing clients (default 60 s)")
+    ap.add_argument("--g-deadline", type=float, default=60.0,
+                    help="per-call deadline of the racing clients (default 60 s)")
     ap.add_argument(
         "--g-vma-bytes",
         type=lambda v: int(eval(v, {"__builtins__": {}})),  # accepts 2**40

@@ -41,7 +41,9 @@ targets: one --target is a deployment, discovered: one server, the shards of mms
 spread over the shards and each call goes to its tree's shard. Several --target are separate servers.
 
 operations: """ + ", ".join(OPERATIONS) + """
-profiles: """ + "; ".join(f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items()) + """
+profiles: """ + "; ".join(
+    f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items()
+) + """
 
 gc (any mix with gc_read): per tree, a heap of --pages pages registered with userfaultfd MISSING; its
 collector (a task of the worker that has every lane of the tree) moves the heap aside each cycle with
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open loop: this many calls per second in all, on a fixed schedule (default: closed loop)")
     mix = p.add_mutually_exclusive_group()
     mix.add_argument("--profile", choices=list(PROFILES), help=f"a named mix (default {DEFAULT_PROFILE})")
-    mix.add_argument("--mix", type=_mix, metavar="OP=W,...", help="a mix of operations with weights, e.g. remap=3,walk=1")
+    mix.add_argument("--mix", type=_mix, metavar="OP=W,...",
+                     help="a mix of operations with weights, e.g. remap=3,walk=1")
     p.add_argument("--pages", type=_int_in(1, REGION_PAGES_MAX), default=256, metavar="N",
                    help="resident pages per tree in the region shared along the fork chain (default 256)")
     p.add_argument("--trees", type=_int_in(1, 1024), metavar="N",

@@ -82,8 +82,8 @@ def summary(report: dict[str, Any]) -> Group:
                 f"(ended by {report['end_reason']})")
 
     t = Table(title="latency (ms) and throughput", title_justify="left")
-    for col in ("operation", "calls", "calls/s", "ops/s", "p50", "p90", "p99", "p99.9", "p99.99", "max", "errno outcomes",
-                "failures"):
+    for col in ("operation", "calls", "calls/s", "ops/s", "p50", "p90", "p99", "p99.9", "p99.99", "max",
+                "errno outcomes", "failures"):
         t.add_column(col, justify="left" if col in ("operation", "errno outcomes", "failures") else "right")
     rows = list(report["operations"].items()) + [("all", report["overall"])]
     for name, f in rows:
@@ -116,7 +116,8 @@ def summary(report: dict[str, Any]) -> Group:
                     Text(f"{seen}; {report.get('trees_recreated', 0):,} trees made again; calls they cost: "
                          f"{report['errnos'].get('shard_restarted', 0):,} (shard_restarted)", style="yellow"))
     if mode == "open":
-        out.add_row("sends that left late", Text(f"{report['late_sends']:,}", style="yellow" if report["late_sends"] else ""))
+        out.add_row("sends that left late",
+                    Text(f"{report['late_sends']:,}", style="yellow" if report["late_sends"] else ""))
     parts.append(out)
 
     d = report["server_deltas"]

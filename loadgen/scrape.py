@@ -103,7 +103,9 @@ def generation(text: str) -> int | None:
     return None
 
 
-async def scrape_each(urls: Iterable[str], fetch: Callable[[str], str] = _fetch) -> list[tuple[int | None, dict[str, int]]]:
+async def scrape_each(
+    urls: Iterable[str], fetch: Callable[[str], str] = _fetch
+) -> list[tuple[int | None, dict[str, int]]]:
     """The generation and the counters of each endpoint; each fetched in a thread, all at once."""
     texts = await asyncio.gather(*(asyncio.to_thread(fetch, url_of(u)) for u in urls))
     return [(generation(text), parse(text)) for text in texts]

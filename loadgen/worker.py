@@ -96,7 +96,9 @@ class Recorder:
         self.problems = 0  # errnos and failures, for the live line
         self.interval = HdrHistogram(1, HIGHEST_US, SERIES_DIGITS)  # since the last progress message
 
-    def record(self, op: str, began: float, done: float, status: str, err: str | None, inner: Counter[str], nops: int) -> None:
+    def record(
+        self, op: str, began: float, done: float, status: str, err: str | None, inner: Counter[str], nops: int
+    ) -> None:
         if began < self.warm_end:
             return
         s = self.ops.get(op)
@@ -135,7 +137,10 @@ class Recorder:
     def result(self) -> dict[str, Any]:
         return {
             "ops": {
-                name: {"hist": encode(s.hist), "ok": s.ok, "ops": s.ops, "errors": dict(s.errors), "failures": dict(s.failures)}
+                name: {
+                    "hist": encode(s.hist), "ok": s.ok, "ops": s.ops, "errors": dict(s.errors),
+                    "failures": dict(s.failures),
+                }
                 for name, s in self.ops.items()
             },
             "statuses": dict(self.statuses),

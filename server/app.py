@@ -308,7 +308,9 @@ class _Call:
             await context.abort_with_status(refusal)
         return message
 
-    async def respond(self, context: grpc.aio.ServicerContext, response: Any, serialize: Callable[[Any], bytes]) -> bytes:
+    async def respond(
+        self, context: grpc.aio.ServicerContext, response: Any, serialize: Callable[[Any], bytes]
+    ) -> bytes:
         """The response, serialized; RESOURCE_EXHAUSTED instead if it passes --max-message-bytes."""
         data = response if type(response) is bytes else serialize(response)
         limit = self.admission.max_message_bytes

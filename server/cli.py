@@ -54,7 +54,8 @@ def cmd_race(args: argparse.Namespace) -> int:
         if proto in ("recheck", "folio-lock") and (caught or problems):
             unsafe_missed = True
         if caught and args.verbose:
-            Console().print(f"[bold]{proto}[/bold], first caught at seed {caught[0].seed}:", *caught[0].events[:3], sep="\n  ")
+            Console().print(f"[bold]{proto}[/bold], first caught at seed {caught[0].seed}:", *caught[0].events[:3],
+                            sep="\n  ")
     Console(width=None if sys.stdout.isatty() else 110).print(table)
     return 1 if unsafe_missed else 0
 
@@ -99,7 +100,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
         print(f"mmsim mutate: no .litmus file in {args.litmus or DEFAULT_LITMUS}", file=sys.stderr)
         return 2
     table = Table(title=f"mutants against {len(scenarios)} litmus scenarios "
-                        f"(exhaustive up to {args.preemptions} preemptions, then random; {args.schedules} schedules each)")
+                        f"(exhaustive up to {args.preemptions} preemptions, then random; "
+                        f"{args.schedules} schedules each)")
     for col in ("mutant", "applies to", "killed by", "protocol", "strategy", "schedule", "finding"):
         table.add_column(col, overflow="fold")
     kills, score = mutation_score(scenarios, args.preemptions, args.schedules)
@@ -539,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                "log_level": ["debug", "info", "warning", "error"]}
     metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION", "shards": "N",
                 "shard_index": "I", "peers": "HOST:PORT,...", "generation": "G", "metrics_listen": "HOST:PORT",
-                "token_file": "FILE", "max_request_bytes": "BYTES", "audit_share": "FRACTION", "tls_cert": "FILE", "tls_key": "FILE", "tls_client_ca": "FILE",
+                "token_file": "FILE", "max_request_bytes": "BYTES", "audit_share": "FRACTION", "tls_cert": "FILE",
+                "tls_key": "FILE", "tls_client_ca": "FILE",
                 "insecure": "BOOL", "peer_probe_interval": "SECONDS", "peer_probe_failures": "N",
                 **{d: "SECONDS" for d in ("max_connection_idle", "max_connection_age", "max_connection_age_grace",
                                           "keepalive_time", "keepalive_timeout", "min_ping_interval",
@@ -610,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--strategy", choices=["random", "pct", "exhaustive"], default="exhaustive",
                     help="random picks, PCT priorities, or every schedule up to --preemptions (default)")
     ex.add_argument("--schedules", type=_positive, default=10_000, help="most schedules to run (default 10000)")
-    ex.add_argument("--preemptions", type=_non_negative, default=2, help="exhaustive: preemptions per schedule (default 2)")
+    ex.add_argument("--preemptions", type=_non_negative, default=2,
+                    help="exhaustive: preemptions per schedule (default 2)")
     ex.add_argument("--depth", type=_positive, default=3, help="pct: the bug depth d (default 3)")
     ex.add_argument("--seed", type=_int, default=0, help="seed of the random and pct strategies (default 0)")
     ex.add_argument("--trace-out", metavar="FILE.html", help="write the caught schedule as an HTML sequence diagram")

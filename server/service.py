@@ -99,7 +99,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any], in
         if isinstance(exc, MemoryLimitExceeded):
             details.append(
                 error_details_pb2.QuotaFailure(
-                    violations=[error_details_pb2.QuotaFailure.Violation(subject="max_memory", description=exc.strerror)]
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject="max_memory", description=exc.strerror)
+                    ]
                 )
             )
         return errors.code_for_errno(err), f"[{name}] {exc.strerror}", details, err, exc.moved

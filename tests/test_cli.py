@@ -52,12 +52,15 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["serve", "--listen", "7077"], "mmsim serve: error: argument --listen: expected HOST:PORT, got '7077'"),
         (["serve", "--listen", "h:70000"], "mmsim serve: error: argument --listen: expected HOST:PORT, got 'h:70000'"),
         (["serve", "--max-pages", "0"], "mmsim serve: error: argument --max-pages: must be positive"),
-        (["serve", "--detectors", "maybe"], "mmsim serve: error: argument --detectors: expected true or false, got 'maybe'"),
+        (["serve", "--detectors", "maybe"],
+         "mmsim serve: error: argument --detectors: expected true or false, got 'maybe'"),
         (["serve", "--log-level", "verbose"], "mmsim serve: error: argument --log-level: invalid choice: 'verbose'"),
-        (["serve", "--access-log-sample", "1.5"], "mmsim serve: error: argument --access-log-sample: must be within [0, 1]"),
+        (["serve", "--access-log-sample", "1.5"],
+         "mmsim serve: error: argument --access-log-sample: must be within [0, 1]"),
         (["serve", "--no-such-flag"], "mmsim: error: unrecognized arguments: --no-such-flag"),
         (["conformance", "--random", "-1"], "mmsim conformance: error: argument --random: must not be negative"),
-        (["conformance", "--step-timeout", "-1"], "mmsim conformance: error: argument --step-timeout: must not be negative"),
+        (["conformance", "--step-timeout", "-1"],
+         "mmsim conformance: error: argument --step-timeout: must not be negative"),
         ([], "mmsim: error: the following arguments are required: command"),
     ],
 )
@@ -149,7 +152,9 @@ def test_make_run_takes_host_and_port() -> None:
     assert _make("-n", "run", "ARGS=--shards 2").splitlines()[-1].endswith("mmsim serve --shards 2")
 
 
-@pytest.mark.parametrize(("raw", "value"), [("4294967296", 1 << 32), ("512M", 512 << 20), ("4G", 4 << 30), ("64KiB", 64 << 10)])
+@pytest.mark.parametrize(
+    ("raw", "value"), [("4294967296", 1 << 32), ("512M", 512 << 20), ("4G", 4 << 30), ("64KiB", 64 << 10)]
+)
 def test_max_memory_takes_sizes(raw: str, value: int) -> None:
     args = cli.build_parser().parse_args(["serve", "--max-memory", raw])
     assert args.max_memory == value

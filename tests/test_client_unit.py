@@ -447,7 +447,9 @@ async def test_batch_results_and_errors_are_returned() -> None:
 
 
 async def test_batch_over_two_servers_is_refused() -> None:
-    mm = fake_client(FakeStub({"CreateProcess": pb.Process(handle="a")}), FakeStub({"CreateProcess": pb.Process(handle="b")}))
+    mm = fake_client(
+        FakeStub({"CreateProcess": pb.Process(handle="a")}), FakeStub({"CreateProcess": pb.Process(handle="b")})
+    )
     p, q = await mm.create_process(), await mm.create_process()
     with pytest.raises(ValueError):
         await mm.batch([ops.read(p, 0), ops.read(q, 0)])

@@ -95,7 +95,8 @@ def test_src_hole() -> None:
     assert r[4].compared() == {"errno": errno.EAGAIN, "moved": PAGE}
     assert [x.present for x in r[5:]] == [True, False, True]
 
-    r = run([*steps, mv(0, 0, 3, ["allow_src_holes"]), at("peek", "dst", 0), at("present", "dst", 1), at("peek", "dst", 2)])
+    r = run([*steps, mv(0, 0, 3, ["allow_src_holes"]), at("peek", "dst", 0), at("present", "dst", 1),
+             at("peek", "dst", 2)])
     assert r[4].compared() == {"errno": 0, "moved": 3 * PAGE}
     assert (r[5].value, r[6].present, r[7].value) == (10, False, 12)
 
@@ -221,7 +222,8 @@ def test_runner_error_still_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(KernelRunner, "_command", staticmethod(failing))
     sc = Scenario.from_dict(
-        {"name": "t", "steps": [mm("a", 1), w("a", 0, 1), {"op": "fork", "proc": "P", "child": "C"}, at("peek", "a", 0)]}
+        {"name": "t",
+         "steps": [mm("a", 1), w("a", 0, 1), {"op": "fork", "proc": "P", "child": "C"}, at("peek", "a", 0)]}
     )
     with pytest.raises(RuntimeError, match="boom"):
         runner.run(sc)
@@ -246,7 +248,8 @@ def events(proc: str = "P") -> dict[str, Any]:
 
 
 def copy(region: str, page: int, values: list[int], proc: str = "P", mode: list[str] | None = None) -> dict[str, Any]:
-    return {"op": "copy", "proc": proc, "dst": [region, page], "pages": len(values), "values": values, "mode": mode or []}
+    return {"op": "copy", "proc": proc, "dst": [region, page], "pages": len(values), "values": values,
+            "mode": mode or []}
 
 
 def test_fault_blocks_until_resolved_by_copy() -> None:
@@ -358,13 +361,16 @@ def test_exit_and_fork_with_a_pending_fault() -> None:
 def test_a_child_cannot_ask_for_its_parents_fault() -> None:
     from mmsim.server.tools.conformance.scenario import ScenarioError
 
-    steps = [mm("a", 1, "missing"), fault("a", 0, "f"), {"op": "fork", "proc": "P", "child": "C"}, status("f", proc="C")]
+    steps = [mm("a", 1, "missing"), fault("a", 0, "f"), {"op": "fork", "proc": "P", "child": "C"},
+             status("f", proc="C")]
     with pytest.raises(ScenarioError, match="not a fault started earlier by C"):
         Scenario.from_dict({"name": "t", "steps": steps})
     with pytest.raises(ScenarioError, match="not used by another fault"):
         Scenario.from_dict({"name": "t", "steps": [mm("a", 1), fault("a", 0, "f"), fault("a", 0, "f")]})
     with pytest.raises(ScenarioError, match="'to' is required"):
-        Scenario.from_dict({"name": "t", "steps": [mm("a", 1), {"op": "mremap", "at": ["a", 0], "pages": 1, "new_pages": 1, "flags": ["maymove", "fixed"]}]})
+        Scenario.from_dict({"name": "t", "steps": [
+            mm("a", 1), {"op": "mremap", "at": ["a", 0], "pages": 1, "new_pages": 1, "flags": ["maymove", "fixed"]},
+        ]})
 
 
 def test_copy_and_zeropage_progress() -> None:
@@ -395,10 +401,12 @@ def test_mremap_binds_a_region() -> None:
             mm("blk", 1),
             mm("a", 2),
             w("a", 1, 5),
-            {"op": "mremap", "proc": "P", "at": ["a", 0], "pages": 2, "new_pages": 4, "flags": ["maymove"], "region": "b"},
+            {"op": "mremap", "proc": "P", "at": ["a", 0], "pages": 2, "new_pages": 4, "flags": ["maymove"],
+             "region": "b"},
             at("peek", "b", 1),
             at("present", "a", 1),
-            {"op": "mremap", "proc": "P", "at": ["b", 0], "pages": 4, "new_pages": 4, "flags": ["maymove", "fixed"], "to": ["a", 0]},
+            {"op": "mremap", "proc": "P", "at": ["b", 0], "pages": 4, "new_pages": 4, "flags": ["maymove", "fixed"],
+             "to": ["a", 0]},
         ]
     )
     assert r[3].compared() == {"errno": 0, "relocated": True}

@@ -172,4 +172,6 @@ def test_every_connection_and_probe_flag_has_its_variable(capsys, monkeypatch) -
     with pytest.raises(SystemExit) as e:
         main(["serve"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == "mmsim serve: error: environment variable MMSIM_MAX_CONNECTION_AGE: must not be negative\n"
+    assert capsys.readouterr().err == (
+        "mmsim serve: error: environment variable MMSIM_MAX_CONNECTION_AGE: must not be negative\n"
+    )

@@ -59,7 +59,9 @@ def test_a_caught_schedule_is_minimised_and_replays_identically() -> None:
 
 @pytest.mark.parametrize("protocol", ["recheck", "folio-lock"])
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_every_scenario_passes_its_bounded_exhaustive_search_under_the_safe_protocols(path: Path, protocol: str) -> None:
+def test_every_scenario_passes_its_bounded_exhaustive_search_under_the_safe_protocols(
+    path: Path, protocol: str
+) -> None:
     """Zero violations, or exactly the documented finding the scenario declares (known:), found."""
     scn = load(path)
     known = scn.known.get(protocol, frozenset())
@@ -108,7 +110,8 @@ def test_a_clean_search_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     ("setup:\n  p = process\nthread a:\n  walk q 0x1000\nthread b:\n  walk p 0x1000\n", "no process 'q'"),
     ("setup:\n  p = process\nthread a:\n  walk p 0x1000\n", "two to 4 threads"),
     ("setup:\n  p = process\nthread a:\n  jump p\nthread b:\n  walk p 0x1000\n", "unknown operation 'jump'"),
-    ("setup:\n  p = process\n  mmap p 0x1234 1\nthread a:\n  walk p 0x1000\nthread b:\n  walk p 0x1000\n", "page-aligned"),
+    ("setup:\n  p = process\n  mmap p 0x1234 1\nthread a:\n  walk p 0x1000\nthread b:\n  walk p 0x1000\n",
+     "page-aligned"),
 ])
 def test_a_bad_scenario_is_one_line_and_status_2(text: str, why: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -263,7 +266,8 @@ def test_a_fault_handler_races_a_walk() -> None:
 
 @pytest.mark.parametrize("text, why", [
     ("name: t\nsetup:\n  p = process\nthread a:\n  copy p 0x1000 1\nthread b:\n  walk p 0x1000\n", "copy takes 4"),
-    ("name: t\nsetup:\n  p = process\nthread a:\n  mprotect p 0x1000 1 rwx\nthread b:\n  walk p 0x1000\n", "not one of"),
+    ("name: t\nsetup:\n  p = process\nthread a:\n  mprotect p 0x1000 1 rwx\nthread b:\n  walk p 0x1000\n",
+     "not one of"),
 ])
 def test_the_handler_operations_parse_strictly(text: str, why: str) -> None:
     with pytest.raises(ScenarioError, match=why):

@@ -66,7 +66,8 @@ async def test_cancel_a_large_move(server, stub) -> None:
     present = [(await stub.GetFolio(pb.AccessRequest(process=p, addr=dst + i * P))).present for i in range(pages)]
     first_left = present.index(False)
     assert 0 < first_left < pages and not any(present[first_left:])
-    r = await stub.Remap(pb.RemapRequest(process=p, dst=dst + first_left * P, src=src + first_left * P, len=(pages - first_left) * P))
+    r = await stub.Remap(pb.RemapRequest(process=p, dst=dst + first_left * P, src=src + first_left * P,
+                                         len=(pages - first_left) * P))
     assert r.moved == (pages - first_left) * P
     for i in (0, first_left - 1, first_left, pages - 1):
         f = await stub.GetFolio(pb.AccessRequest(process=p, addr=dst + i * P))

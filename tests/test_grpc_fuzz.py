@@ -46,7 +46,9 @@ def harness() -> Iterator[Harness]:
 
 
 addrs = st.one_of(
-    st.sampled_from([0, 1, P - 1, BASE, BASE + P, BASE + 7 * P, BASE + 8 * P, BASE + 15 * P, BASE + 100, U64, U64 - P + 1]),
+    st.sampled_from(
+        [0, 1, P - 1, BASE, BASE + P, BASE + 7 * P, BASE + 8 * P, BASE + 15 * P, BASE + 100, U64, U64 - P + 1]
+    ),
     st.integers(0, 16).map(lambda i: BASE + i * P),
     st.integers(0, U64),
 )
@@ -81,18 +83,28 @@ def op_strategy() -> st.SearchStrategy[tuple[str, dict]]:
         st.tuples(st.just("CreateProcess"), st.fixed_dictionaries({})),
         st.tuples(st.just("Fork"), st.fixed_dictionaries({"process": handle_choice})),
         st.tuples(st.just("Exit"), st.fixed_dictionaries({"process": handle_choice})),
-        st.tuples(st.just("Mmap"), st.fixed_dictionaries({"process": handle_choice, "length": lengths, "prot": enum_vals, "addr": st.none() | addrs, "uffd": enum_vals})),
-        st.tuples(st.just("Munmap"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths})),
-        st.tuples(st.just("Madvise"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths, "advice": enum_vals})),
-        st.tuples(st.just("UffdRegister"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths, "mode": enum_vals})),
-        st.tuples(st.just("UffdUnregister"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths})),
+        st.tuples(st.just("Mmap"), st.fixed_dictionaries({"process": handle_choice, "length": lengths,
+                                                          "prot": enum_vals, "addr": st.none() | addrs,
+                                                          "uffd": enum_vals})),
+        st.tuples(st.just("Munmap"),
+                  st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths})),
+        st.tuples(st.just("Madvise"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs,
+                                                             "length": lengths, "advice": enum_vals})),
+        st.tuples(st.just("UffdRegister"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs,
+                                                                  "length": lengths, "mode": enum_vals})),
+        st.tuples(st.just("UffdUnregister"),
+                  st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "length": lengths})),
         st.tuples(st.just("Read"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs})),
-        st.tuples(st.just("Write"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "value": st.integers(0, U64)})),
-        st.tuples(st.just("Remap"), st.fixed_dictionaries({"process": handle_choice, "dst": addrs, "src": addrs, "len": lengths, "mode": st.integers(0, U64)})),
-        st.tuples(st.just("Walk"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs, "blocking": st.booleans()})),
+        st.tuples(st.just("Write"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs,
+                                                           "value": st.integers(0, U64)})),
+        st.tuples(st.just("Remap"), st.fixed_dictionaries({"process": handle_choice, "dst": addrs, "src": addrs,
+                                                           "len": lengths, "mode": st.integers(0, U64)})),
+        st.tuples(st.just("Walk"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs,
+                                                          "blocking": st.booleans()})),
         st.tuples(st.just("GetFolio"), st.fixed_dictionaries({"process": handle_choice, "addr": addrs})),
         st.tuples(st.just("ListVmas"), st.fixed_dictionaries({"process": handle_choice})),
-        st.tuples(st.just("DumpAnonVmaTree"), st.fixed_dictionaries({"process": handle_choice, "addr": st.none() | addrs})),
+        st.tuples(st.just("DumpAnonVmaTree"),
+                  st.fixed_dictionaries({"process": handle_choice, "addr": st.none() | addrs})),
     )
 
 
@@ -124,9 +136,10 @@ async def run_ops(h: Harness, ops: list[tuple[str, dict]], batched: bool) -> Non
             del fields["addr"]
         reqs.append((name, REQUEST[name](**fields)))
     if batched:
-        field_of = {"CreateProcess": "create_process", "Fork": "fork", "Exit": "exit", "Mmap": "mmap", "Munmap": "munmap",
-                    "Madvise": "madvise", "UffdRegister": "uffd_register", "UffdUnregister": "uffd_unregister",
-                    "Read": "read", "Write": "write", "Remap": "remap", "Walk": "walk", "GetFolio": "get_folio"}
+        field_of = {"CreateProcess": "create_process", "Fork": "fork", "Exit": "exit", "Mmap": "mmap",
+                    "Munmap": "munmap", "Madvise": "madvise", "UffdRegister": "uffd_register",
+                    "UffdUnregister": "uffd_unregister", "Read": "read", "Write": "write", "Remap": "remap",
+                    "Walk": "walk", "GetFolio": "get_folio"}
         batch = [pb.Op(**{field_of[n]: r}) for n, r in reqs if n in field_of]
         resp = await h.stub.Batch(pb.BatchRequest(ops=batch), timeout=10)
         assert len(resp.results) == len(batch)  # a failing operation fails alone

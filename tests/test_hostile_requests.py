@@ -28,8 +28,9 @@ def test_request_ids_are_sanitised_and_truncated() -> None:
 
 
 async def test_the_access_log_holds_a_sanitised_request_id_and_the_status_the_client_got() -> None:
-    """A 7 KB request id made to look like log fields is logged truncated and clean; a ListVmas reply over --max-message-bytes is RESOURCE_EXHAUSTED for the
-    client and in the access log alike, and is never built past the limit."""
+    """A 7 KB request id made to look like log fields is logged truncated and clean; a ListVmas reply
+    over --max-message-bytes is RESOURCE_EXHAUSTED for the client and in the access log alike, and is
+    never built past the limit."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmsim.server", "serve", "--listen", "127.0.0.1:0", "--log-format", "json",
          "--max-message-bytes", "65536"], stderr=subprocess.PIPE, text=True)

@@ -52,7 +52,8 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.mark.parametrize("profile", list(PROFILES))
 async def test_each_profile_runs_reports_and_cleans_up(server: ServerProcess, profile: str) -> None:
-    report = await run(options(server.addr, profile=profile, workers=2 if profile == "mixed" else 1), Console(quiet=True))
+    report = await run(options(server.addr, profile=profile, workers=2 if profile == "mixed" else 1),
+                       Console(quiet=True))
     validate(report)
     assert report["server"]["protocol"] == "recheck" and report["mode"] == "closed"
     assert report["overall"]["count"] > 0 and report["overall"]["failures"] == {}
@@ -261,7 +262,8 @@ def test_a_saturated_generator_is_flagged(capsys: Any) -> None:
 def test_gc_lanes_put_every_lane_of_a_tree_in_the_worker_of_its_collector() -> None:
     from mmsim.loadgen.workload import TreeSpec, Workload, gc_lanes_per_tree, gc_trees
 
-    w = Workload(trees=[TreeSpec(None, None, f"h{t}", t, (), 0, 4, 0, 0, 100, 0, 4, gc=1, gc_pages=4) for t in range(5)])
+    w = Workload(trees=[TreeSpec(None, None, f"h{t}", t, (), 0, 4, 0, 0, 100, 0, 4, gc=1, gc_pages=4)
+                        for t in range(5)])
     workers, concurrency = 2, 7
     lanes = w.gc_lanes(workers, concurrency)
     assert len(lanes) == workers * concurrency and all(lane.gc for lane in lanes)

@@ -138,7 +138,8 @@ async def test_page_tables_of_moves_over_holes(budget_server: Server) -> None:
         async def writes() -> object:
             nonlocal filled
             filled += 5000
-            return await mm.batch([ops.write(p, v.start + (filled + i) * P, i) for i in range(5000)], stop_on_error=True)
+            return await mm.batch([ops.write(p, v.start + (filled + i) * P, i) for i in range(5000)],
+                                  stop_on_error=True)
 
         await grow_until_enomem(writes)
 

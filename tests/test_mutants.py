@@ -55,7 +55,9 @@ async def done(aw: Awaitable[T]) -> T:
     return await asyncio.wait_for(aw, 5)
 
 
-async def env(protocol: str, mutant: str | None, register_src: bool = False, dst_pages: tuple[int, ...] = ()) -> tuple[MemoryModel, int]:
+async def env(
+    protocol: str, mutant: str | None, register_src: bool = False, dst_pages: tuple[int, ...] = ()
+) -> tuple[MemoryModel, int]:
     """One process: src (page 0 written) and dst (registered MISSING) in different PMDs and
     anon_vma trees; ``register_src`` registers src too (a move back), ``dst_pages`` are written
     before dst is registered."""

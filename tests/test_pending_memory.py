@@ -73,8 +73,8 @@ async def warm(server: ServerProcess) -> int:
 async def test_packed_values_attack_stays_within_the_bound(max_request: str, budget: int) -> None:
     """20 such Batches at once: under the default --max-request-bytes each is refused from its
     wire bytes before decoding; with a limit that lets them through, each is charged what it
-    holds decoded, and those past the budget's share for calls in progress get ENOMEM. Either way the RSS bound holds and the
-    server still answers."""
+    holds decoded, and those past the budget's share for calls in progress get ENOMEM. Either way
+    the RSS bound holds and the server still answers."""
     values = 4_000_000
     with mmsim_serve("--max-memory", str(budget), "--max-request-bytes", max_request) as server:
         baseline = await warm(server)

@@ -86,7 +86,9 @@ async def test_a_taken_port_is_a_one_line_error_and_status_1(on_127: RunningServ
 async def test_localhost_beside_a_server_on_127_fails_instead_of_binding_only_ipv6(
     on_127: RunningServer, localhost_both: None
 ) -> None:
-    with pytest.raises(ListenError, match=rf"localhost:{on_127.port} \(127\.0\.0\.1:{on_127.port}\): address already in use"):
+    with pytest.raises(
+        ListenError, match=rf"localhost:{on_127.port} \(127\.0\.0\.1:{on_127.port}\): address already in use"
+    ):
         await start_server(ServerConfig(listen=f"localhost:{on_127.port}", log_level="warning"))
 
 

@@ -22,7 +22,9 @@ async def test_v1_lists_the_services_and_describes_itself(channel: grpc.aio.Chan
     # grpcio-reflection ships no v1 stubs: the v1 messages are the ones the server put in the pool.
     pool = descriptor_pool.Default()
     request = message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionRequest"))
-    response = message_factory.GetMessageClass(pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse"))
+    response = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse")
+    )
     info = channel.stream_stream(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
         request_serializer=request.SerializeToString,

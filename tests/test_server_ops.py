@@ -100,9 +100,11 @@ async def test_signal_while_calls_are_in_flight_exits_zero(sig: signal.Signals) 
             stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
             p = await stub.CreateProcess(pb.CreateProcessRequest())
             v = await stub.Mmap(pb.MmapRequest(process=p.handle, length=64 * P, prot=pb.PROT_RW))
-            ops = [pb.Op(write=pb.WriteRequest(process=p.handle, addr=v.start + (i % 64) * P, value=i)) for i in range(5000)]
+            ops = [pb.Op(write=pb.WriteRequest(process=p.handle, addr=v.start + (i % 64) * P, value=i))
+                   for i in range(5000)]
             calls = [asyncio.ensure_future(stub.Batch(pb.BatchRequest(ops=ops))) for _ in range(8)]
-            calls += [asyncio.ensure_future(stub.Read(pb.AccessRequest(process=p.handle, addr=v.start))) for _ in range(50)]
+            calls += [asyncio.ensure_future(stub.Read(pb.AccessRequest(process=p.handle, addr=v.start)))
+                      for _ in range(50)]
             await asyncio.sleep(0.05)
             proc.send_signal(sig)
             results = await asyncio.gather(*calls, return_exceptions=True)
@@ -133,7 +135,8 @@ async def test_json_logs_carry_request_id_and_method() -> None:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = mmsim_pb2_grpc.MemoryManagerStub(ch)
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.Read(pb.AccessRequest(process="0.1.1.00000000000000000000000000000000", addr=0), metadata=(("x-request-id", "req-42"),))
+                await stub.Read(pb.AccessRequest(process="0.1.1.00000000000000000000000000000000", addr=0),
+                                metadata=(("x-request-id", "req-42"),))
             for bad in ("0.1.\u00b2", "0.1." + "9" * 5000, "x" * 8192):  # once UNKNOWN, with 9 KB of traceback
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await stub.Read(pb.AccessRequest(process=bad, addr=0))

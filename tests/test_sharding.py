@@ -60,7 +60,8 @@ async def scenario(mm: Client, shard: int) -> list[Any]:
     out.append(await remap(DST + 3 * P, SRC + 4 * P))  # the destination is populated: EEXIST
     walk = await root.walk(SRC + 2 * P)
     out.append((walk.referenced, sorted((rel(pid), addr) for pid, addr in walk.mappings)))
-    out.append([await root.read(DST), await root.read(DST + 3 * P), await child.read(SRC + P), await child.read(SRC + 3 * P)])
+    out.append([await root.read(DST), await root.read(DST + 3 * P), await child.read(SRC + P),
+                await child.read(SRC + 3 * P)])
     folio = await child.folio(SRC + 2 * P)
     out.append((folio.mapcount, folio.value, folio.exclusive) if folio else None)
     out.append([(v.start, v.end, v.prot, v.uffd) for v in await root.vmas()])
@@ -355,7 +356,9 @@ async def test_through_the_proxy(mmsim_server, mmsim_client):
 def test_the_pytest_plugin_works_through_the_proxy(sharded: ServerProcess, proxy: str, tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
-    (project / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n")
+    (project / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
     (project / "test_proxy.py").write_text(PLUGIN_THROUGH_PROXY.format(proxy=proxy))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--mmsim-target", proxy],

@@ -24,7 +24,8 @@ async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm, copied: list[int]
     VM_DONTCOPY VMAs are skipped; VM_WIPEONFORK ones come with no anon_vma and no pages; the child
     loses userfaultfd registration (no UFFD_FEATURE_EVENT_FORK) and mlock. Every object is charged
     as it is made; ENOMEM (or cancellation) leaves a half-built child that the caller tears down
-    with exit_mmap. Appends the page number of every folio mapped into the child to ``copied``. Lets other tasks run every RESCHED_WORK VMAs or PTEs.
+    with exit_mmap. Appends the page number of every folio mapped into the child to ``copied``.
+    Lets other tasks run every RESCHED_WORK VMAs or PTEs.
     """
     sched = k.sched
     work = 0

@@ -142,7 +142,8 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 if pte.write and not f.exclusive:
                     bad(f"{where}: writable PTE at {addr:#x} maps non-exclusive folio {f.id}")  # I4
                 if f.index != vma.linear_page_index(addr):
-                    bad(f"{where}: folio {f.id} index {f.index:#x} != lpi {vma.linear_page_index(addr):#x} at {addr:#x}")
+                    bad(f"{where}: folio {f.id} index {f.index:#x} != lpi "
+                        f"{vma.linear_page_index(addr):#x} at {addr:#x}")
                 anon_vma = f.mapping
                 if anon_vma is None:
                     bad(f"{where}: mapped folio {f.id} has no anon_vma")

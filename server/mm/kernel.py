@@ -142,7 +142,8 @@ MUTANTS: dict[str, Mutant] = {
         Mutant(
             "ptl-no-address-order", ALL_PROTOCOLS, (("ptl_address_order", False),),
             "double_pt_lock: `if (ptl1 > ptl2) swap(ptl1, ptl2);` removed",
-            "deadlock: two moves in opposite directions between two page tables each hold one PTL and spin on the other",
+            "deadlock: two moves in opposite directions between two page tables each hold one PTL and spin on "
+            "the other",
         ),
         Mutant(
             "folio-lock-walker-skips-lock", ("folio-lock",), (("walker_locks_folio", False),),

@@ -98,7 +98,8 @@ class Folio:
     """A small (order-0) anonymous folio. ``value`` stands in for the page's contents."""
 
     __slots__ = (
-        "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen", "audit_ptes"
+        "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen",
+        "audit_ptes",
     )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:

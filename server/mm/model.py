@@ -160,9 +160,10 @@ class MemoryModel:
     every object the model grows with is charged to (ENOMEM beyond it; None: no limit).
     ``mutant`` applies one of ``kernel.MUTANTS`` to the protocol (mutation testing).
     ``max_map_count`` is vm.max_map_count, the VMAs a process may have (ENOMEM beyond, as the
-    kernel checks it; 65530 as in Linux). ``max_pending_faults`` (in all) and ``max_pending_faults_per_process`` bound the accesses asleep
-    on a userfault, ``max_userfault_streams`` the listeners of one process's events (LimitExceeded
-    beyond each; None: no bound). ``audit_share`` throttles ``audit`` to that share of the time.
+    kernel checks it; 65530 as in Linux). ``max_pending_faults`` (in all) and
+    ``max_pending_faults_per_process`` bound the accesses asleep on a userfault,
+    ``max_userfault_streams`` the listeners of one process's events (LimitExceeded beyond each;
+    None: no bound). ``audit_share`` throttles ``audit`` to that share of the time.
     """
 
     def __init__(

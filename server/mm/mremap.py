@@ -385,7 +385,9 @@ async def expand_vma(
     return await move_vma(k, cur, mm, addr, old_len, new_addr, new_len, flags, log)
 
 
-async def remap_move(k: Kernel, cur: Current, mm: Mm, addr: int, length: int, new_addr: int, flags: int, log: RemapLog) -> int:
+async def remap_move(
+    k: Kernel, cur: Current, mm: Mm, addr: int, length: int, new_addr: int, flags: int, log: RemapLog
+) -> int:
     """FIXED with old_len == new_len: move every VMA part of [addr, addr + length) to the same
     offset from new_addr, gaps kept. The parts that will move are found first and their worst
     case reserved together (a budget ENOMEM changes nothing); an EFAULT found at a later part

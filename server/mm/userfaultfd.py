@@ -499,7 +499,9 @@ async def move_pages(
                 err, oom = errno.ENOMEM, e  # mm_alloc_pmd / pte_alloc failed
                 break
             # The largest extent one PTL pair covers: up to the end of either PMD.
-            extent = min(src_end - src_addr, PMD_SIZE - (src_addr & (PMD_SIZE - 1)), PMD_SIZE - (dst_addr & (PMD_SIZE - 1)))
+            extent = min(
+                src_end - src_addr, PMD_SIZE - (src_addr & (PMD_SIZE - 1)), PMD_SIZE - (dst_addr & (PMD_SIZE - 1))
+            )
             step = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, holes, dst_pt, src_pt)
             if step < 0:
                 err = -step

@@ -543,7 +543,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
                 try:
                     out = await _apply(m, mine, op)
                 except MmError as e:
-                    out = errno_mod.errorcode.get(e.errno or 0, str(e.errno)) + (f" (moved {e.moved})" if e.moved else "")
+                    out = errno_mod.errorcode.get(e.errno or 0, str(e.errno))
+                    out += f" (moved {e.moved})" if e.moved else ""
                 ctl.record("result", f"{op.kind} → {out}", th)
         finally:
             ctl.done(th)
@@ -802,7 +803,8 @@ def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> 
 def token(scn: Scenario, protocol: str, mutant: str | None, preemptions: list[tuple[int, int]]) -> str:
     doc = {"v": 1, "name": scn.name, "scenario": scn.text, "protocol": protocol, "mutant": mutant,
            "preemptions": preemptions}
-    return base64.urlsafe_b64encode(zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)).decode().rstrip("=")
+    packed = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
+    return base64.urlsafe_b64encode(packed).decode().rstrip("=")
 
 
 def untoken(tok: str) -> tuple[Scenario, str, str | None, dict[int, int]]:
@@ -823,7 +825,8 @@ def untoken(tok: str) -> tuple[Scenario, str, str | None, dict[int, int]]:
 
 def trace_rows(scn: Scenario, r: RunResult) -> list[tuple[int, int, str, str]]:
     """(step, thread, kind, text): one row per event."""
-    return [(e.step, e.thread, e.kind, e.text + (f"   [holds {', '.join(e.held)}]" if e.held and e.kind != "op" else ""))
+    return [(e.step, e.thread, e.kind,
+             e.text + (f"   [holds {', '.join(e.held)}]" if e.held and e.kind != "op" else ""))
             for e in r.events]
 
 

@@ -202,7 +202,9 @@ class _UffdioCopy(ctypes.Structure):
 
 
 class _UffdioZeropage(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+    _fields_ = [
+        ("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)
+    ]
 
 
 assert ctypes.sizeof(_UffdioCopy) == 40 and ctypes.sizeof(_UffdioZeropage) == 32 and _UFFD_MSG.size == 32

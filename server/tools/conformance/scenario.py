@@ -64,9 +64,10 @@ Steps (``proc`` names the process doing it):
                     range; records ``errno``
 ``fault``           ``at``, ``id`` (a name, unique in the scenario), ``write`` (bool, default
                     false), ``value`` (what a write stores, default 0): a user-mode access of
-                    the page's first word in a thread of its own of the process. The step returns once the thread has finished or
-                    is asleep waiting for the userfaultfd (so an ``events`` step right after it
-                    sees its message); records ``errno`` 0 once the thread started
+                    the page's first word in a thread of its own of the process. The step
+                    returns once the thread has finished or is asleep waiting for the
+                    userfaultfd (so an ``events`` step right after it sees its message);
+                    records ``errno`` 0 once the thread started
 ``fault_status``    ``id`` (a fault started earlier by the same process): records ``blocked``
                     (the thread still waits) and, once finished, for a read ``value`` (what it
                     read). Ask only where the answer is settled: a fault that was woken and

@@ -50,7 +50,9 @@ async def mmsim_client(server: str | None) -> AsyncIterator[Client]:
     from mmsim.client.testing import serve_in_process
 
     # No edge limits: every request must reach the model, whose answers are compared.
-    async with serve_in_process(log_level="warning", max_remap_bytes=(1 << 64) - 1, max_munmap_bytes=(1 << 64) - 1) as addr:
+    async with serve_in_process(
+        log_level="warning", max_remap_bytes=(1 << 64) - 1, max_munmap_bytes=(1 << 64) - 1
+    ) as addr:
         async with Client(addr) as c:
             yield c
 
