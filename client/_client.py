@@ -14,7 +14,7 @@ import grpc
 
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
-from mmsim.v1.wire import join_hostport, split_hostport
+from mmsim.v1.wire import advertised_address
 
 from . import ops as _ops
 from ._types import (
@@ -334,7 +334,7 @@ class Client:
         else:
             routes = []
             for s in shards:
-                address = conn.target if s.index == first.shard else _advertised(s.address, conn.target)
+                address = conn.target if s.index == first.shard else advertised_address(s.address, conn.target)
                 routes.append(_Route(self._conn(address), s.index, False))
             self._routes = routes
         self.routing = routing
@@ -473,17 +473,6 @@ class Client:
         stream`` gets each list of results in order.
         """
         return BatchStream(self, via, timeout)
-
-
-def _advertised(address: str, target: str) -> str:
-    """A shard's advertised address, with an unspecified host (0.0.0.0, ::) replaced by the host of
-    ``target``, the address the client used; as it is when either is not ``HOST:PORT``."""
-    try:
-        host, port = split_hostport(address)
-        target_host, _ = split_hostport(target)
-    except ValueError:
-        return address
-    return join_hostport(target_host, port) if host in ("0.0.0.0", "::") else address
 
 
 class BatchStream:

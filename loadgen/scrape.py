@@ -17,7 +17,7 @@ from dataclasses import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmsim.client import Client
-from mmsim.v1.wire import join_hostport, split_hostport
+from mmsim.v1.wire import advertised_address
 
 from .access import Access
 
@@ -120,17 +120,6 @@ async def scrape(urls: Iterable[str], fetch: Callable[[str], str] = _fetch) -> d
     return total
 
 
-def _advertised(address: str, target: str) -> str:
-    """A metrics address with an unspecified host (0.0.0.0, ::) replaced by the target's host; as it is
-    when either is not HOST:PORT."""
-    try:
-        host, port = split_hostport(address)
-        target_host, _ = split_hostport(target)
-    except ValueError:
-        return address
-    return join_hostport(target_host, port) if host in ("0.0.0.0", "::") else address
-
-
 async def endpoints(mm: Client, access: Callable[[], Access]) -> list[str]:
     """Every shard's metrics endpoint, from the topology (each target's, with several targets).
     ValueError naming a shard that serves none."""
@@ -150,7 +139,7 @@ async def endpoints(mm: Client, access: Callable[[], Access]) -> list[str]:
             if not s.metrics_address:
                 raise ValueError(f"shard {s.index} of {target} serves no metrics (mmsim serve --metrics-listen): "
                                  "give every endpoint with --metrics-url")
-            url = url_of(_advertised(s.metrics_address, target))
+            url = url_of(advertised_address(s.metrics_address, target))
             if url not in found:
                 found.append(url)
     return found

@@ -9,10 +9,8 @@ import sys
 
 import pytest
 
-from mmsim.client._client import _advertised
-from mmsim.loadgen import scrape
 from mmsim.server import cli
-from mmsim.v1.wire import join_hostport, split_hostport
+from mmsim.v1.wire import advertised_address, join_hostport, split_hostport
 
 
 def test_the_client_imports_nothing_of_the_server() -> None:
@@ -76,8 +74,8 @@ def test_flags_share_the_parser() -> None:
             cli._listen(bad)
 
 
-@pytest.mark.parametrize("advertised", [_advertised, scrape._advertised])
-def test_an_unspecified_advertised_host_becomes_the_targets(advertised) -> None:
+def test_an_unspecified_advertised_host_becomes_the_targets() -> None:
+    advertised = advertised_address
     assert advertised("0.0.0.0:7101", "[::1]:7100") == "[::1]:7101"
     assert advertised("[::]:7101", "mmsim.example:7100") == "mmsim.example:7101"
     assert advertised("10.0.0.2:7101", "[::1]:7100") == "10.0.0.2:7101"

@@ -109,5 +109,18 @@ def join_hostport(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def advertised_address(address: str, target: str) -> str:
+    """An address a server advertises (a shard's, its metrics endpoint's) with an unspecified host
+    (0.0.0.0, ::) replaced by the host of ``target``, the address the client reached it by; as it is
+    when either is not ``HOST:PORT``."""
+    try:
+        host, port = split_hostport(address)
+        target_host, _ = split_hostport(target)
+    except ValueError:
+        return address
+    return join_hostport(target_host, port) if host in ("0.0.0.0", "::") else address
+
+
 __all__ = ["DOMAIN", "ERRNO_TO_CODE", "LIMIT_EXCEEDED", "MAX_PORT", "PROCESS_NOT_FOUND", "SHARD_RESTARTED",
-           "WRONG_SHARD", "CredentialsError", "code_for_errno", "join_hostport", "read_token", "split_hostport"]
+           "WRONG_SHARD", "CredentialsError", "advertised_address", "code_for_errno", "join_hostport", "read_token",
+           "split_hostport"]
