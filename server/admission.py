@@ -27,9 +27,9 @@ A call refused answers RESOURCE_EXHAUSTED with a ``google.rpc.QuotaFailure`` nam
 from __future__ import annotations
 
 import contextvars
-from collections import Counter
 
 from .mm.memcontrol import MemCgroup
+from .mm.mm_types import LimitExceeded
 
 _MM = "/mmsim.v1.MemoryManager/"
 #: The methods admitted into the reserve.
@@ -96,15 +96,6 @@ class Ticket:
 current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar("mmsim_call", default=None)
 
 
-class Refused(Exception):
-    """A call not admitted: ``limit`` is the flag's name with underscores."""
-
-    def __init__(self, limit: str, value: int, message: str) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.value = value
-
-
 class Admission:
     """The run slots (``max_calls``, and ``reserve`` more for ``RESERVED`` methods) and the charge
     of every call in progress to ``memcg``: its request's when it is received, before it is
@@ -120,41 +111,30 @@ class Admission:
         self.max_message_bytes = max_message_bytes
         self.running = 0  # admitted calls holding a run slot
         self.parked = 0  # admitted calls asleep on a userfault or a userfaultfd read
-        self.refused: Counter[str] = Counter()
 
     def charge_request(self, method: str, data: bytes) -> RequestCharge:
         """Charge what ``data`` will hold decoded as a request of ``method`` (request_bytes_bound),
-        before it is decoded. Raises Refused past --max-request-bytes, ENOMEM
+        before it is decoded. Raises LimitExceeded past --max-request-bytes, ENOMEM
         (MemoryLimitExceeded) past the budget's share for calls in progress; a small request of
         a reserved method is charged even past it."""
         nbytes = request_bytes_bound(method, data)
         if nbytes > self.max_request_bytes:
-            self.refused["max_request_bytes"] += 1
-            raise Refused("max_request_bytes", self.max_request_bytes,
+            raise LimitExceeded("max_request_bytes", self.max_request_bytes,
                           f"the request would hold {nbytes} bytes decoded, more than {self.max_request_bytes} "
                           "(max-request-bytes)")
-        try:
-            self.memcg.charge_inflight(nbytes, nofail=method in RESERVED and nbytes <= RESERVED_NOFAIL_BYTES)
-        except OSError:
-            self.refused["max_memory"] += 1
-            raise
+        self.memcg.charge_inflight(nbytes, nofail=method in RESERVED and nbytes <= RESERVED_NOFAIL_BYTES)
         return RequestCharge(self.memcg, nbytes)
 
     def admit(self, method: str, request: RequestCharge | None) -> Ticket:
-        """Admit a call of ``method`` whose request is charged ``request``, or raise Refused
-        (no run slot) or ENOMEM (no room for CALL_BYTES)."""
+        """Admit a call of ``method`` whose request is charged ``request``, or raise
+        LimitExceeded (no run slot) or ENOMEM (no room for CALL_BYTES)."""
         reserved = method in RESERVED
         slots = self.max_calls + (self.reserve if reserved else 0)
         if self.running >= slots:
             limit = "reserved_rpcs" if reserved else "max_concurrent_rpcs"
-            self.refused[limit] += 1
-            raise Refused(limit, slots,
+            raise LimitExceeded(limit, slots,
                           f"{self.running} calls in progress: the server takes no more now ({limit.replace('_', '-')})")
-        try:
-            self.memcg.charge_inflight(CALL_BYTES, nofail=reserved)
-        except OSError:
-            self.refused["max_memory"] += 1
-            raise
+        self.memcg.charge_inflight(CALL_BYTES, nofail=reserved)
         self.running += 1
         ticket = Ticket(request)
         current_ticket.set(ticket)

@@ -4,7 +4,6 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import inspect
 import json
@@ -24,20 +23,19 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from mmsim.v1 import mmsim_pb2, mmsim_pb2_grpc
 from mmsim.v1.wire import join_hostport, split_hostport
 
-from . import errors
-from .admission import Admission, Refused, Ticket
+from .admission import Admission, Ticket
 from .auth import TokenInterceptor, exposure_refusal, read_token, server_credentials
 from .metrics import Metrics
 from .mm.memcontrol import MemCgroup, MemoryLimitExceeded
+from .mm.mm_types import LimitExceeded
 from .mm.model import MemoryModel
-from .service import Limits, MemoryManagerServicer, rich_status
+from .service import Limits, MemoryManagerServicer, status_of
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation, peer_credentials
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name
@@ -196,10 +194,8 @@ def _tolerant(method: str, deserializer: Callable[[bytes], Any] | None, admissio
     def deserialize(data: bytes) -> Any:
         try:
             charge = admission.charge_request(method, data)
-        except Refused as e:
-            return RefusedRequest(_limit_status(e.limit, e.value, str(e))), None
-        except MemoryLimitExceeded as e:
-            return RefusedRequest(_no_memory(e)), None
+        except (LimitExceeded, MemoryLimitExceeded) as e:
+            return RefusedRequest(status_of(e)), None
         if deserializer is None:
             return data, charge
         try:
@@ -235,26 +231,6 @@ def request_id(raw: str | bytes | None) -> str:
     if isinstance(raw, bytes):  # gRPC gives str for a key without -bin; the type allows bytes
         raw = raw.decode("ascii", "replace")
     return _REQUEST_ID_BAD.sub("_", raw[:REQUEST_ID_MAX])
-
-
-def _limit_status(limit: str, value: int, message: str) -> grpc.Status:
-    """RESOURCE_EXHAUSTED with the ErrorInfo and QuotaFailure every server limit answers with."""
-    return rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, [
-        error_details_pb2.ErrorInfo(reason=errors.LIMIT_EXCEEDED, domain=errors.DOMAIN,
-                                    metadata={"limit": limit, "value": str(value)}),
-        error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=limit, description=message)]),
-    ])
-
-
-def _no_memory(e: MemoryLimitExceeded) -> grpc.Status:
-    """ENOMEM for a call that does not fit in the memory budget."""
-    return rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"[ENOMEM] {e.strerror}", [
-        error_details_pb2.ErrorInfo(reason="ENOMEM", domain=errors.DOMAIN,
-                                    metadata={"errno": str(errno.ENOMEM), "moved": "0"}),
-        error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject="max_memory", description=e.strerror)]),
-    ])
 
 
 class _Call:
@@ -297,10 +273,8 @@ class _Call:
         elif self.ticket is None:
             try:
                 self.ticket = self.admission.admit(self.method, charge)
-            except Refused as e:
-                refusal = _limit_status(e.limit, e.value, str(e))
-            except MemoryLimitExceeded as e:
-                refusal = _no_memory(e)
+            except (LimitExceeded, MemoryLimitExceeded) as e:
+                refusal = status_of(e)
         else:
             self.ticket.request = charge
         if refusal is not None:
@@ -315,9 +289,9 @@ class _Call:
         data = response if type(response) is bytes else serialize(response)
         limit = self.admission.max_message_bytes
         if len(data) > limit:
-            await context.abort_with_status(_limit_status(
+            await context.abort_with_status(status_of(LimitExceeded(
                 "max_message_bytes", limit, f"the response would be {len(data)} bytes, more than {limit} "
-                "(max-message-bytes)"))
+                "(max-message-bytes)")))
         return data
 
     def done(self, context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> None:

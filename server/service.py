@@ -142,6 +142,12 @@ def rich_status(code: grpc.StatusCode, message: str, details: list[Any]) -> grpc
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=anys))
 
 
+def status_of(exc: BaseException) -> grpc.Status:
+    """The status a failed call answers with: its code, message and rich details (``_status_for``)."""
+    code, message, details, _, _ = _status_for(exc)
+    return rich_status(code, message, details)
+
+
 _HANDLED = (MmError, BadRequest, ProcessNotFound, LimitExceeded, ResultTooLarge, ResponseTooLarge)
 
 
@@ -180,8 +186,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         try:
             return await op(request)
         except _HANDLED as exc:
-            code, message, details, _, _ = _status_for(exc)
-            await context.abort_with_status(rich_status(code, message, details))
+            await context.abort_with_status(status_of(exc))
 
     async def _run_op(self, i: int, op: pb.Op) -> tuple[bytes, bool]:
         """One operation of a batch: its serialized OpResult, and whether it is an error. An
@@ -412,8 +417,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         try:
             events = self.model.uffd_events(self.pid(request.process), nonblocking=request.nonblocking)
         except _HANDLED as exc:
-            code, message, details, _, _ = _status_for(exc)
-            await context.abort_with_status(rich_status(code, message, details))
+            await context.abort_with_status(status_of(exc))
         # The generator gives back the events it delivered whose faults still wait when the
         # stream ends (the client went away): the next stream gets them again.
         try:
@@ -518,8 +522,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             try:
                 yield await self._batch(request)
             except _HANDLED as exc:
-                code, message, details, _, _ = _status_for(exc)
-                await context.abort_with_status(rich_status(code, message, details))
+                await context.abort_with_status(status_of(exc))
 
     async def Ping(self, request, context):
         return pb.Empty()

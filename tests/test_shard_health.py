@@ -66,6 +66,16 @@ class Observer:
         return await self.status() == status and await self.state() == state
 
 
+async def _stopped_then_back(shard1: Observer, pid: int) -> None:
+    """SIGSTOP shard 1's process ``pid``: reported down within DETECT; SIGCONT: serving again."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving again")
+
+
 # -- how the supervisor's word and the probe's findings combine
 
 
@@ -176,12 +186,7 @@ async def test_a_stopped_shard_is_reported_not_serving_by_its_peer_and_serving_o
         async with grpc.aio.insecure_channel(server.addresses[0]) as ch:
             shard1 = Observer(ch, 1)
             assert await shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING)
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down")
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving again")
+            await _stopped_then_back(shard1, pid)
             assert shard_pids(server.pid)[1] == pid  # the same process, not a restart
 
 
@@ -194,12 +199,7 @@ async def test_over_tls_a_stopped_shard_is_reported_down(tmp_path: Path) -> None
         async with grpc.aio.secure_channel(server.addresses[0], credentials) as ch:
             shard1 = Observer(ch, 1)
             # Down shows the checks get through over TLS: were they refused, peers would stay as told.
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down")
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving again")
+            await _stopped_then_back(shard1, pid)
 
 
 async def test_peers_given_with_peers_are_probed_too() -> None:
@@ -211,12 +211,7 @@ async def test_peers_given_with_peers_are_probed_too() -> None:
             await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down: not started")
             with mmsim_serve("--shard-index", "1", "--listen", f"127.0.0.1:{base + 1}", "--peers", peers) as s1:
                 await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving")
-                os.kill(s1.pid, signal.SIGSTOP)
-                try:
-                    await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down")
-                finally:
-                    os.kill(s1.pid, signal.SIGCONT)
-                await _until(lambda: shard1.reports(SERVING_PB, pb.SHARD_STATE_SERVING), DETECT, "serving again")
+                await _stopped_then_back(shard1, s1.pid)
             # Shard 1 stopped (SIGTERM, exit status 0): down.
             await _until(lambda: shard1.reports(NOT_SERVING_PB, pb.SHARD_STATE_DOWN), DETECT, "down once gone")
 

@@ -88,8 +88,8 @@ class LimitExceeded(Exception):
     """A configured limit of the model (processes, resident pages, sleeping userfaults, userfaultfd
     listeners) was reached: a server limit, not a kernel errno."""
 
-    def __init__(self, limit: str, value: int) -> None:
-        super().__init__(f"{limit} limit of {value} reached")
+    def __init__(self, limit: str, value: int, message: str | None = None) -> None:
+        super().__init__(message or f"{limit} limit of {value} reached")
         self.limit = limit
         self.value = value
 
