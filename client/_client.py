@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from types import EllipsisType, TracebackType
 from typing import Any, TypeAlias
 
@@ -14,6 +14,7 @@ import grpc
 
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
+from mmsim.v1.operations import BY_OP_FIELD, ERROR_FIELD, RESULT_FIELDS, require
 from mmsim.v1.wire import advertised_address
 
 from . import ops as _ops
@@ -39,28 +40,9 @@ Timeout: TypeAlias = float | EllipsisType | None
 #: One operation's outcome in a batch: a result (as the unary method returns it) or the exception.
 Result: TypeAlias = Any
 
-_METHODS = {
-    "create_process": "CreateProcess",
-    "fork": "Fork",
-    "exit": "Exit",
-    "mmap": "Mmap",
-    "munmap": "Munmap",
-    "madvise": "Madvise",
-    "uffd_register": "UffdRegister",
-    "uffd_unregister": "UffdUnregister",
-    "read": "Read",
-    "write": "Write",
-    "remap": "Remap",
-    "walk": "Walk",
-    "get_folio": "GetFolio",
-    "mprotect": "Mprotect",
-    "mremap": "Mremap",
-    "uffd_copy": "UffdCopy",
-    "uffd_zeropage": "UffdZeropage",
-    "uffd_wake": "UffdWake",
-}
-#: The name under which an operation's error gives the bytes it did (besides ``.moved``).
-_DONE_ALIAS = {"uffd_copy": "copied", "uffd_zeropage": "zeroed"}
+#: The name under which an operation's error also gives the bytes it did (besides ``.moved``), by
+#: its Op field: the response's field that counts them (``copied``, ``zeroed``).
+_DONE_ALIAS = {field: op.done for field, op in BY_OP_FIELD.items() if op.done is not None and op.done != "moved"}
 
 
 def _alias_done(kind: str, result: Any) -> Any:
@@ -149,32 +131,31 @@ class _Route:
         return getattr(self.conn.stub, method)(request, timeout=timeout, metadata=self.conn.metadata(self.header))
 
 
-def _result(route: _Route, client: Client, response: Any) -> Result:
-    """A unary response (or batch result payload) as the SDK returns it."""
-    if isinstance(response, pb.Process):
-        return Process(client, route, response.handle, response.pid)
-    if isinstance(response, pb.Vma):
-        return vma_from_pb(response)
-    if isinstance(response, pb.ReadResponse):
-        return response.value
-    if isinstance(response, pb.RemapResponse):
-        return response.moved
-    if isinstance(response, pb.WalkResponse):
-        return walk_from_pb(response)
-    if isinstance(response, pb.FolioResponse):
-        return folio_from_pb(response)
-    if isinstance(response, pb.UffdCopyResponse):
-        return response.copied
-    if isinstance(response, pb.UffdZeropageResponse):
-        return response.zeroed
-    return None  # Empty, ExitResponse
+#: How the SDK returns each result, by its OpResult field (operations.Operation.result_field):
+#: ``decode(route, client, message)``; Empty and ExitResponse are None.
+_DECODE: dict[str, Callable[[_Route, Client, Any], Result]] = {
+    "process": lambda route, client, m: Process(client, route, m.handle, m.pid),
+    "vma": lambda route, client, m: vma_from_pb(m),
+    "read": lambda route, client, m: m.value,
+    "remap": lambda route, client, m: m.moved,
+    "walk": lambda route, client, m: walk_from_pb(m),
+    "folio": lambda route, client, m: folio_from_pb(m),
+    "uffd_copy": lambda route, client, m: m.copied,
+    "uffd_zeropage": lambda route, client, m: m.zeroed,
+    "empty": lambda route, client, m: None,
+    "exit": lambda route, client, m: None,
+}
+require(_DECODE, RESULT_FIELDS, "the SDK's result decoders")
 
 
 def _op_result(route: _Route, client: Client, r: pb.OpResult) -> Result:
+    """A batch's result as the SDK returns it: the unary method's result, or the error's exception."""
     kind = r.WhichOneof("result")
-    if kind == "error":
+    if kind == ERROR_FIELD:
         return from_op_error(r.error)
-    return _result(route, client, getattr(r, kind) if kind else None)
+    if kind is None:
+        return None
+    return _DECODE[kind](route, client, getattr(r, kind))
 
 
 class Client:
@@ -598,12 +579,13 @@ class Process:
         return await route.conn.unary(method, request, self._client._deadline(timeout), route.header)
 
     async def _run(self, op: _ops.Op, timeout: Timeout) -> Result:
+        row = BY_OP_FIELD[op.kind]
         try:
-            response = await self._call(_METHODS[op.kind], op.request, timeout)
+            response = await self._call(row.rpc, op.request, timeout)
         except OSError as e:
             _alias_done(op.kind, e)
             raise
-        return _result(self._route, self._client, response)  # type: ignore[arg-type]
+        return _DECODE[row.result_field](self._route, self._client, response)  # type: ignore[arg-type, index]
 
     # -- processes
     async def fork(self, *, timeout: Timeout = ...) -> Process:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from mmsim.v1 import mmsim_pb2 as pb
+from mmsim.v1.operations import BATCHABLE, require
 
 from ._types import ADVICE_TO_PB, PROT_TO_PB, UFFD_TO_PB
 
@@ -37,7 +38,8 @@ class Op:
 
     @property
     def kind(self) -> str:
-        """The name of the operation (the ``Op`` oneof field), e.g. ``"remap"``."""
+        """The name of the operation (the ``Op`` oneof field, ``mmsim.v1.operations.Operation.op_field``),
+        e.g. ``"remap"``."""
         return self.message.WhichOneof("op") or ""
 
     @property
@@ -183,3 +185,5 @@ __all__ = [
     "walk",
     "write",
 ]
+# A builder for every operation a Batch carries, named as its SDK method.
+require([name for name in __all__ if name != "Op"], [op.sdk[0] for op in BATCHABLE], "the builders of mmsim.client.ops")

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from mmsim.v1.wire import split_hostport
 
-from .profiles import DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, parse_mix
+from .profiles import CALLS, DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, parse_mix
 from .workload import BLOCK, RACE_PAGES, REGION_PAGES_MAX, gc_lanes_per_tree, remap_pages
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
@@ -40,7 +41,9 @@ targets: one --target is a deployment, discovered: one server, the shards of mms
 (each reached directly), or shards behind a proxy (routed by the x-mmsim-shard header); the trees are
 spread over the shards and each call goes to its tree's shard. Several --target are separate servers.
 
-operations: """ + ", ".join(OPERATIONS) + """
+operations (the RPCs one call makes): """ + textwrap.fill(  # "\0": no line break inside an entry
+    ", ".join(f"{name}\0({'+'.join(op.rpc for op in CALLS[name])})" for name in OPERATIONS), 100,
+    initial_indent=" " * 37, subsequent_indent="  ").lstrip().replace("\0", " ") + """
 profiles: """ + "; ".join(
     f"{name}: {', '.join(f'{op}={w}' for op, w in mix.items())}" for name, mix in PROFILES.items()
 ) + """

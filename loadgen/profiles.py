@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mmsim.v1.operations import Operation, require, rows
+
 #: Every operation, with what one call of it does.
 OPERATIONS: dict[str, str] = {
     "ping": "the empty RPC: the cost of a call on this stack, the baseline of every other figure",
@@ -18,6 +20,23 @@ OPERATIONS: dict[str, str] = {
     "gc_read": "a mutator's read of a page of the tree's GC heap still in the from-space: it faults and waits "
     "until the tree's collector moves the page back (the gc profile; walks then walk the GC pages)",
 }
+
+#: The RPCs one call of each operation makes (mmsim.v1.operations), in order.
+CALLS: dict[str, tuple[Operation, ...]] = {
+    "ping": rows("Ping"),
+    "remap": rows("Remap"),
+    "remap64": rows("Remap"),
+    "walk": rows("Walk"),
+    "walk_blocking": rows("Walk"),
+    "fork": rows("Fork", "Exit"),
+    "write": rows("Write"),
+    "read": rows("Read"),
+    "mmap": rows("Mmap", "Munmap"),
+    "batch": rows("Batch"),
+    "stream": rows("BatchStream"),
+    "gc_read": rows("Read"),
+}
+require(CALLS, OPERATIONS, "the load generator's operations (profiles.CALLS)")
 
 #: How many operations one call of each counts for.
 OPS_PER_CALL: dict[str, int] = {name: 1 for name in OPERATIONS} | {"batch": 256, "stream": 256}

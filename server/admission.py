@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import contextvars
 
+from mmsim.v1.operations import OPERATIONS
+
 from .mm.memcontrol import MemCgroup
 from .mm.mm_types import LimitExceeded
+from .wire_encoding import varint
 
-_MM = "/mmsim.v1.MemoryManager/"
-#: The methods admitted into the reserve.
-RESERVED = frozenset({
-    "/grpc.health.v1.Health/Check",
-    *(_MM + m for m in ("Ping", "GetTopology", "GetStats", "ListUserfaults", "UffdCopy", "UffdZeropage", "Remap",
-                        "UffdWake", "Exit", "Munmap")),
-})
+#: The methods admitted into the reserve: the health check and the operations marked reserved.
+RESERVED = frozenset({"/grpc.health.v1.Health/Check", *(op.full_method for op in OPERATIONS if op.reserved)})
 #: What one call in progress costs the server beyond its request, set above what was measured on
 #: CPython 3.11 and grpcio 1.85 (the server's RSS grew by 24.5 KB a call with 2,000 calls asleep
 #: on userfaults over loopback, and by 25.3 KB with 4,000): gRPC core's call and its buffers, the
@@ -49,13 +47,15 @@ RESERVED_NOFAIL_BYTES = 64 << 10
 VALUE_BYTES = 8
 
 
-#: Op.uffd_copy's tag on the wire (field 16, length-delimited): a Batch without it has no copy.
-_COPY_OP_TAG = bytes([(16 << 3) | 2 | 0x80, 1])
+#: The tags on the wire of the Op fields whose requests may carry packed values (uffd_copy: field
+#: 16, length-delimited): a Batch without any of them has no such operation.
+_VALUES_OP_TAGS = tuple(varint((op.op_number << 3) | 2) for op in OPERATIONS if op.packed_values and op.batchable)
 
 
 _LOW_BYTES = bytes(range(0x80))
-#: The methods whose requests may carry packed values.
-_VALUES_METHODS = frozenset(_MM + m for m in ("UffdCopy", "Batch", "BatchStream"))
+#: The methods whose requests may carry packed values: in themselves (UffdCopy), or in their Ops.
+_VALUES_METHODS = frozenset(op.full_method for op in OPERATIONS if op.packed_values)
+_BATCH_METHODS = frozenset(op.full_method for op in OPERATIONS if op.batch)
 
 
 def request_bytes_bound(method: str, data: bytes) -> int:
@@ -63,7 +63,7 @@ def request_bytes_bound(method: str, data: bytes) -> int:
     bytes before any decoding: every packed varint ends in a byte below 0x80, so there are no
     more values than such bytes (a close bound for a request made of values). Lets a request of
     4M one-byte values be refused without decoding it into 32 MB."""
-    if method not in _VALUES_METHODS or (method != _MM + "UffdCopy" and _COPY_OP_TAG not in data):
+    if method not in _VALUES_METHODS and (method not in _BATCH_METHODS or not any(t in data for t in _VALUES_OP_TAGS)):
         return len(data)
     return len(data) + VALUE_BYTES * (len(data) - len(data.translate(None, _LOW_BYTES)))
 

@@ -13,16 +13,49 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
-from .mm.kernel import PROTOCOLS
+from .mm.kernel import MUTANTS, PROTOCOLS
+from .mm.steps import Variant, VariantError, is_file_spec, load_variant, resolve
 from .tools.race import WORKLOADS, run_race
 
 if TYPE_CHECKING:
     from .app import ServerConfig
 
 
+def variant_spec(spec: str) -> str:
+    """``FILE.py:NAME`` with FILE made absolute, so that a shard, a worker process or a replay token
+    finds the file from any directory; a built-in name as it is."""
+    if not is_file_spec(spec):
+        return spec
+    path, _, name = spec.rpartition(":")
+    return f"{os.path.abspath(os.path.expanduser(path))}:{name}"
+
+
+def find_variant(spec: str) -> Variant:
+    """The variant ``--variant SPEC`` names: FILE.py:NAME, or a built-in protocol or mutant.
+    VariantError (one line) if there is none."""
+    if is_file_spec(spec):
+        return load_variant(spec)
+    found = PROTOCOLS.get(spec) or MUTANTS.get(spec)
+    if found is None:
+        raise VariantError(f"{spec!r} is not FILE.py:NAME, nor a built-in protocol or mutant")
+    return found
+
+
+def variant_error(command: str, spec: str, error: Exception | str) -> int:
+    """Say on one stderr line why ``--variant SPEC`` cannot be used; the usage exit status."""
+    print(f"mmsim {command}: --variant {spec}: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
 def cmd_race(args: argparse.Namespace) -> int:
     """Run the concurrent Remap/Walk/Fork/Exit workload over many seeds, per protocol."""
-    protocols = args.protocol or args.env_protocols or list(PROTOCOLS)
+    protocols = [(p, p) for p in args.protocol or args.env_protocols or list(PROTOCOLS)]  # (spec, name)
+    for spec in args.variant or ():
+        try:
+            v = resolve(find_variant(spec), "protocol")
+        except VariantError as e:
+            return variant_error("race", spec, e)
+        protocols.append((variant_spec(spec), v.name))
     table = Table(
         title=f"{args.workload} race: {args.seeds} seeds per protocol (preempt {args.preempt})",
         caption="caught: seeds with a detector violation; fast/slow: walker mapping-recheck retries",
@@ -31,8 +64,8 @@ def cmd_race(args: argparse.Namespace) -> int:
     for col in ("caught", "violations", "fast", "slow", "contended", "walks", "moves", "audit"):
         table.add_column(col, justify="right", no_wrap=True)
     unsafe_missed = False
-    for proto in protocols:
-        results = [run_race(proto, seed, args.workload, preempt=args.preempt)
+    for spec, proto in protocols:
+        results = [run_race(spec, seed, args.workload, preempt=args.preempt)
                    for seed in range(args.first_seed, args.first_seed + args.seeds)]
         caught = [r for r in results if r.violations]
         kinds: dict[str, int] = {}
@@ -51,7 +84,7 @@ def cmd_race(args: argparse.Namespace) -> int:
             str(sum(r.moves for r in results)),
             "clean" if not problems else f"{problems} problems",
         )
-        if proto in ("recheck", "folio-lock") and (caught or problems):
+        if (spec in ("recheck", "folio-lock") or spec not in PROTOCOLS) and (caught or problems):
             unsafe_missed = True
         if caught and args.verbose:
             Console().print(f"[bold]{proto}[/bold], first caught at seed {caught[0].seed}:", *caught[0].events[:3],
@@ -84,13 +117,22 @@ MUTATE_EPILOG = "\n".join((
 
 
 def cmd_mutate(args: argparse.Namespace) -> int:
-    """Run the litmus library against every protocol mutant and print the mutation score."""
+    """Run the litmus library against every protocol mutant (and each --variant) and print the mutation score."""
     from pathlib import Path
 
-    from .mm.kernel import MUTANTS
     from .tools.litmus import ScenarioError
     from .tools.mutate import DEFAULT_LITMUS, library, mutation_score
 
+    extra = []
+    for spec in args.variant or ():
+        try:
+            v = resolve(find_variant(spec), "mutant")
+        except VariantError as e:
+            return variant_error("mutate", spec, e)
+        if unknown := [p for p in v.applies_to if p not in PROTOCOLS]:
+            return variant_error("mutate", spec, f"mutant {v.name!r} applies to {', '.join(map(repr, unknown))}, "
+                                 f"not a built-in protocol ({', '.join(PROTOCOLS)})")
+        extra.append(variant_spec(spec))
     try:
         scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
     except ScenarioError as e:
@@ -104,9 +146,9 @@ def cmd_mutate(args: argparse.Namespace) -> int:
                         f"{args.schedules} schedules each)")
     for col in ("mutant", "applies to", "killed by", "protocol", "strategy", "schedule", "finding"):
         table.add_column(col, overflow="fold")
-    kills, score = mutation_score(scenarios, args.preemptions, args.schedules)
+    kills, score = mutation_score(scenarios, args.preemptions, args.schedules, extra)
     for k in kills:
-        applies = ", ".join(MUTANTS[k.mutant].protocols)
+        applies = ", ".join(k.protocols)
         if k.equivalent:
             table.add_row(k.mutant, applies, "[dim]equivalent (docs/mutants.md)[/]", "", "", "", "")
         elif k.killed:
@@ -133,7 +175,7 @@ SERVE_EPILOG = "\n".join((
 ))
 RACE_EPILOG = "\n".join((
     "exit status:",
-    "  0  the safe protocols (recheck, folio-lock) were never caught and every audit was clean",
+    "  0  the safe protocols (recheck, folio-lock, and each --variant) were never caught and every audit was clean",
     "  1  a safe protocol was caught by a detector, or an audit found problems",
     _USAGE_STATUS,
 ))
@@ -156,6 +198,15 @@ class _Parser(argparse.ArgumentParser):
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each flag; the epilog's exit statuses kept as written."""
+
+
+class _Given(argparse.Action):
+    """Stores the flag's value, and that it was given on the command line (``DEST_given``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
 
 
 class _EnvError:
@@ -310,7 +361,8 @@ def _env(env: str, default: object, conv: Callable[[str], object], choices: Sequ
 SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--listen", "MMSIM_LISTEN", "listen", _listen,
      "address to listen on, HOST:PORT; every address HOST resolves to is bound"),
-    ("--protocol", "MMSIM_PROTOCOL", "protocol", str, f"rmap/move protocol variant: {' | '.join(PROTOCOLS)}"),
+    ("--protocol", "MMSIM_PROTOCOL", "protocol", str,
+     f"rmap/move protocol variant: {' | '.join(PROTOCOLS)}; or a user's, with --variant"),
     ("--preempt", "MMSIM_PREEMPT", "preempt", _probability, "probability that a preemption point yields"),
     ("--seed", "MMSIM_SEED", "seed", _int, "seed of the preemption scheduler"),
     ("--detectors", "MMSIM_DETECTORS", "detectors", _bool, "run lockdep, the walk detectors and the RCU checks"),
@@ -412,10 +464,14 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
-    """The configuration that parsed ``mmsim serve`` arguments give."""
+    """The configuration that parsed ``mmsim serve`` arguments give. ``--variant`` (or MMSIM_VARIANT
+    where no ``--protocol`` is given) is the protocol, its file made absolute."""
     from .app import ServerConfig
 
-    return ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS}, supervised=args.supervised)
+    config = ServerConfig(**{f[2]: getattr(args, f[2]) for f in SERVE_FLAGS}, supervised=args.supervised)
+    if args.variant and (args.variant_given or not args.protocol_given):
+        config.protocol = variant_spec(args.variant)
+    return config
 
 
 def _flag_value(value: object) -> str:
@@ -434,9 +490,14 @@ def serve_argv(config: ServerConfig) -> list[str]:
     from .app import ServerConfig
 
     defaults = ServerConfig()
-    argv = [f"{flag}={_flag_value(getattr(config, dest))}" for flag, _, dest, _, _ in SERVE_FLAGS
+    argv = [f"{_argv_flag(flag, config)}={_flag_value(getattr(config, dest))}" for flag, _, dest, _, _ in SERVE_FLAGS
             if getattr(config, dest) != getattr(defaults, dest)]
     return [*argv, "--supervised"] if config.supervised else argv
+
+
+def _argv_flag(flag: str, config: ServerConfig) -> str:
+    """The flag that gives a setting: a user's protocol (FILE.py:NAME) is ``--variant``'s."""
+    return "--variant" if flag == "--protocol" and is_file_spec(config.protocol) else flag
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -445,7 +506,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import configure_logging, serve
 
+    if args.variant_given and args.protocol_given:
+        args.parser.error("give --protocol or --variant, not both")
     config = serve_config(args)
+    if config.protocol != args.protocol:  # a --variant (or MMSIM_VARIANT): loaded before anything starts
+        try:
+            resolve(find_variant(args.variant), "protocol")
+        except VariantError as e:
+            return variant_error("serve", args.variant + ("" if args.variant_given else " (MMSIM_VARIANT)"), e)
     if config.shards > 1 and (config.shard_index or config.peers):
         args.parser.error("--shard-index and --peers are for shards started one by one; "
                           "with --shards the supervisor numbers its shards")
@@ -549,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "handshake_timeout")}}
     for flag, env, dest, conv, text in SERVE_FLAGS:
         optional: dict[str, Any] = {"nargs": "?", "const": True} if dest == "insecure" else {}
+        if dest == "protocol":
+            optional["action"] = _Given
         serve_p.add_argument(
             flag,
             dest=dest,
@@ -559,9 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{text} [{env}]",
             **optional,
         )
+    serve_p.add_argument("--variant", action=_Given, metavar="FILE.py:NAME",
+                         default=os.environ.get("MMSIM_VARIANT") or None,
+                         help="serve a user's protocol, the Variant NAME of FILE.py, instead of --protocol "
+                         "(docs/variants.md); GetStats reports its name [MMSIM_VARIANT]")
     # Given by the supervisor to its shards: topology on stdin, a "ready" line on stdout.
     serve_p.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
-    serve_p.set_defaults(func=cmd_serve, parser=serve_p)
+    serve_p.set_defaults(func=cmd_serve, parser=serve_p, protocol_given=False, variant_given=False)
     conf = sub.add_parser(
         "conformance",
         help=cmd_conformance.__doc__,
@@ -590,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PROTOCOLS),
         help="protocol variant (repeatable; default all, or the comma-separated list in MMSIM_PROTOCOL)",
     )
+    race.add_argument("--variant", action="append", metavar="FILE.py:NAME",
+                      help="also race a user's protocol, the Variant NAME of FILE.py (repeatable; docs/variants.md)")
     race.add_argument("--workload", choices=list(WORKLOADS), default="seed",
                       help="seed: the seed patch's movers, walkers, forker and writer; gc: a compacting GC "
                       "(mremap DONTUNMAP, MISSING faults resolved by UFFDIO_MOVE) racing rmap walks (default seed)")
@@ -608,8 +684,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ex.add_argument("scenario", nargs="?", help="a litmus file (tests/litmus/*.litmus)")
-    ex.add_argument("--protocol", choices=list(PROTOCOLS), default="recheck", help="protocol variant (default recheck)")
+    ex.add_argument("--protocol", choices=list(PROTOCOLS),
+                    help="protocol variant (default recheck; with a --variant mutant, its first protocol)")
     ex.add_argument("--mutant", help="a protocol mutant (docs/mutants.md)")
+    ex.add_argument("--variant", metavar="FILE.py:NAME",
+                    help="a user's variant, the Variant NAME of FILE.py: a protocol explored instead of --protocol, "
+                    "or a mutant applied to it (docs/variants.md)")
     ex.add_argument("--strategy", choices=["random", "pct", "exhaustive"], default="exhaustive",
                     help="random picks, PCT priorities, or every schedule up to --preemptions (default)")
     ex.add_argument("--schedules", type=_positive, default=10_000, help="most schedules to run (default 10000)")
@@ -629,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     mu.add_argument("--litmus", metavar="DIR", help="the scenarios (default: the library in tests/litmus)")
     mu.add_argument("--preemptions", type=_non_negative, default=2, help="exhaustive bound (default 2)")
     mu.add_argument("--schedules", type=_positive, default=2000, help="most schedules per search (default 2000)")
+    mu.add_argument("--variant", action="append", metavar="FILE.py:NAME",
+                    help="also score a user's mutant, the Variant NAME of FILE.py (repeatable; docs/variants.md)")
     mu.set_defaults(func=cmd_mutate, parser=mu)
     from .deploy import add_commands  # nginx-config, health-probe
 

@@ -1,8 +1,9 @@
 """The MemoryManager gRPC servicer: translation between protobuf and MemoryModel, nothing more.
 
-Each operation has an executor ``_op_<name>(request) -> response`` that raises on failure; the
-unary handlers turn the exception into a status with rich details, the batch handlers into an
-``OpError`` result. The batch handlers answer with the response already serialized (bytes,
+Each operation a Batch can carry (mmsim.v1.operations) has an executor ``_op_<Op field>(request)
+-> response`` that raises on failure; its unary handler, made from the executor (``_unary_rpc``),
+turns the exception into a status with rich details, the batch handlers into an ``OpError``
+result. The batch handlers answer with the response already serialized (bytes,
 wire_encoding.py), which the server's handler wrapper (app.py) passes through as it is.
 
 Processes are named by handles (handles.py), translated to pids on the way in; results name other
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 
 from mmsim.v1 import mmsim_pb2 as pb
 from mmsim.v1 import mmsim_pb2_grpc
+from mmsim.v1.operations import BATCHABLE, BY_OP_FIELD, Operation, require
 
 from . import errors
 from .handles import BadRequest, Handles, ProcessNotFound
@@ -66,6 +68,8 @@ BATCH_SLICE = 64
 #: result, the largest, is a 76-character handle and a pid), a successful one or not: an error's
 #: message is bounded by what it echoes (handles.ECHO_MAX).
 RESULT_BOUND = 512
+#: The operations of a batch whose result has no bound (a walk's mappings): run before their size is known.
+_UNBOUNDED = frozenset(field for field, op in BY_OP_FIELD.items() if not op.bounded)
 
 
 @dataclass(frozen=True)
@@ -160,25 +164,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         self.handles = Handles(self.topology, model.processes)
         #: The pid a handle names (Handles.pid), bound once: every operation looks one up.
         self.pid = self.handles.pid
+        #: The executor of each operation a Batch can carry, by its Op field.
         self._ops: dict[str, Callable[[Any], Awaitable[Any]]] = {
-            "create_process": self._op_create_process,
-            "fork": self._op_fork,
-            "exit": self._op_exit,
-            "mmap": self._op_mmap,
-            "munmap": self._op_munmap,
-            "madvise": self._op_madvise,
-            "uffd_register": self._op_uffd_register,
-            "uffd_unregister": self._op_uffd_unregister,
-            "read": self._op_read,
-            "write": self._op_write,
-            "remap": self._op_remap,
-            "walk": self._op_walk,
-            "get_folio": self._op_get_folio,
-            "mprotect": self._op_mprotect,
-            "mremap": self._op_mremap,
-            "uffd_copy": self._op_uffd_copy,
-            "uffd_zeropage": self._op_uffd_zeropage,
-            "uffd_wake": self._op_uffd_wake,
+            field: getattr(self, f"_op_{field}") for field in BY_OP_FIELD
         }
 
     # -- running one operation
@@ -219,8 +207,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         for i, op in enumerate(request.ops):
             # An operation whose result may not fit is not run: a fork or a new process whose handle
             # could not be returned would be out of everyone's reach. (A walk's result has no bound:
-            # it runs, and changes nothing, before its size is known.)
-            if size + RESULT_BOUND > budget and op.WhichOneof("op") != "walk":
+            # it runs, and changes nothing, before its size is known: operations.py sees to it
+            # that an operation without a bound changes nothing.)
+            if size + RESULT_BOUND > budget and op.WhichOneof("op") not in _UNBOUNDED:
                 parts += _too_large_result(i, self.limits.max_message_bytes)
                 break
             data, failed = await self._run_op(i, op)
@@ -371,46 +360,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             young=f.young,
         )
 
-    # -- RPCs
-    async def CreateProcess(self, request, context):
-        return await self._unary(context, self._op_create_process, request)
-
-    async def Fork(self, request, context):
-        return await self._unary(context, self._op_fork, request)
-
-    async def Exit(self, request, context):
-        return await self._unary(context, self._op_exit, request)
-
-    async def Mmap(self, request, context):
-        return await self._unary(context, self._op_mmap, request)
-
-    async def Munmap(self, request, context):
-        return await self._unary(context, self._op_munmap, request)
-
-    async def Madvise(self, request, context):
-        return await self._unary(context, self._op_madvise, request)
-
-    async def UffdRegister(self, request, context):
-        return await self._unary(context, self._op_uffd_register, request)
-
-    async def UffdUnregister(self, request, context):
-        return await self._unary(context, self._op_uffd_unregister, request)
-
-    async def Mprotect(self, request, context):
-        return await self._unary(context, self._op_mprotect, request)
-
-    async def Mremap(self, request, context):
-        return await self._unary(context, self._op_mremap, request)
-
-    async def UffdCopy(self, request, context):
-        return await self._unary(context, self._op_uffd_copy, request)
-
-    async def UffdZeropage(self, request, context):
-        return await self._unary(context, self._op_uffd_zeropage, request)
-
-    async def UffdWake(self, request, context):
-        return await self._unary(context, self._op_uffd_wake, request)
-
+    # -- RPCs: each operation a Batch can carry has its unary RPC made from its executor (_unary_rpc)
     async def Userfaults(
         self, request: pb.UserfaultsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.UserfaultEvent]:
@@ -435,21 +385,6 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             )
 
         return await self._unary(context, op, request)
-
-    async def Read(self, request, context):
-        return await self._unary(context, self._op_read, request)
-
-    async def Write(self, request, context):
-        return await self._unary(context, self._op_write, request)
-
-    async def Remap(self, request, context):
-        return await self._unary(context, self._op_remap, request)
-
-    async def Walk(self, request, context):
-        return await self._unary(context, self._op_walk, request)
-
-    async def GetFolio(self, request, context):
-        return await self._unary(context, self._op_get_folio, request)
 
     async def ListVmas(self, request, context):
         async def op(req: pb.ProcessRequest) -> pb.ListVmasResponse:
@@ -529,6 +464,26 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
     async def GetTopology(self, request, context):
         return self.topology.to_pb()
+
+
+def _unary_rpc(op: Operation) -> Callable[..., Awaitable[Any]]:
+    """The handler of ``op``'s unary RPC: its executor, a failure answered as a rich status."""
+    field = op.op_field
+
+    async def rpc(self: MemoryManagerServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._unary(context, self._ops[field], request)  # type: ignore[index]
+
+    rpc.__name__ = op.rpc
+    rpc.__qualname__ = f"{MemoryManagerServicer.__qualname__}.{op.rpc}"
+    return rpc
+
+
+# Every operation a Batch carries has an executor, and (unless the class has its own) a unary RPC.
+require([name.removeprefix("_op_") for name in vars(MemoryManagerServicer) if name.startswith("_op_")],
+        BY_OP_FIELD, "MemoryManagerServicer's _op_ executors")
+for _op in BATCHABLE:
+    if _op.rpc not in vars(MemoryManagerServicer):
+        setattr(MemoryManagerServicer, _op.rpc, _unary_rpc(_op))
 
 
 def _enum(table: Mapping[Any, str], value: int, field: str) -> str:

@@ -13,25 +13,15 @@ import functools
 from typing import Any
 
 from mmsim.v1 import mmsim_pb2 as pb
+from mmsim.v1.operations import BATCHABLE
 
 #: BatchResponse.results: field 1, length-delimited.
 RESULTS_TAG = bytes([(1 << 3) | 2])
 #: The tag and length of a result shorter than 128 bytes (most are a few bytes).
 SHORT_RESULT_HEADERS = [RESULTS_TAG + bytes([n]) for n in range(128)]
 
-#: The OpResult field that holds each kind of response.
-RESULT_FIELD = {
-    pb.Process: "process",
-    pb.Empty: "empty",
-    pb.Vma: "vma",
-    pb.ReadResponse: "read",
-    pb.RemapResponse: "remap",
-    pb.WalkResponse: "walk",
-    pb.FolioResponse: "folio",
-    pb.ExitResponse: "exit",
-    pb.UffdCopyResponse: "uffd_copy",
-    pb.UffdZeropageResponse: "uffd_zeropage",
-}
+#: The OpResult field that holds each kind of response (of an operation a Batch carries).
+RESULT_FIELD: dict[type[Any], str] = {op.response: op.result_field for op in BATCHABLE if op.result_field is not None}
 
 #: The serialized OpResult of every operation that answers Empty.
 EMPTY_RESULT = pb.OpResult(empty=pb.Empty()).SerializeToString()

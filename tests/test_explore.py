@@ -228,8 +228,7 @@ def test_a_thread_that_crashes_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
     def broken(*a: object, **kw: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(rmap, "folio_referenced", broken)
-    monkeypatch.setattr("mmsim.server.mm.model.folio_referenced", broken)
+    monkeypatch.setattr(rmap, "folio_referenced", broken)  # the default step, which k.ops takes from rmap
     scn = load(LITMUS / "slow-path-race.litmus")
     r = run_sync(scn, "recheck", None, follow({0: 1}))  # the walker first
     assert r.caught and any(p.startswith("crash: thread walker raised RuntimeError: boom") for p in r.problems)

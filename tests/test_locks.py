@@ -12,6 +12,7 @@ import errno
 import pytest
 
 from mmsim.server.mm.detectors import Detectors
+from mmsim.server.mm.kernel import Kernel
 from mmsim.server.mm.locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock, release_all
 from mmsim.server.mm.model import PAGE_SIZE, MemoryModel
 from mmsim.server.mm.rcu import Rcu, TypesafeCache, TypesafeObject
@@ -463,8 +464,9 @@ def test_lockdep_nested_mmap_lock() -> None:
 
 
 @pytest.mark.violations_expected
-def test_lockdep_double_pt_lock_is_allowed() -> None:
-    state, d = ld()
+async def test_lockdep_double_pt_lock_is_allowed() -> None:
+    k = Kernel()
+    state, d = k.lockdep, k.detectors
     cur = Current("mover")
     mm = RwSem("mmap", LockClass.MMAP_LOCK, state)
     fl = Mutex("folio", LockClass.FOLIO_LOCK, state)
@@ -473,14 +475,14 @@ def test_lockdep_double_pt_lock_is_allowed() -> None:
     p2 = SpinLock("ptl2", LockClass.PTL, state)
     assert mm.down_read(cur) and fl.lock(cur) and av.down_write(cur)
     for a, b in ((p1, p2), (p2, p1)):
-        double_pt_lock(cur, a, b)
+        await double_pt_lock(k, cur, a, b)
         assert p1.owner is cur and p2.owner is cur
         # Taken in address (key) order whichever way round they were passed.
         ptls = [lk for lk in cur.held if isinstance(lk, SpinLock)]
         assert [lk.key for lk in ptls] == sorted(lk.key for lk in ptls)
         double_pt_unlock(cur, a, b)
         assert not p1.is_locked() and not p2.is_locked()
-    double_pt_lock(cur, p1, p1)  # one lock: taken once
+    await double_pt_lock(k, cur, p1, p1)  # one lock: taken once
     assert [lk for lk in cur.held if isinstance(lk, SpinLock)] == [p1]
     double_pt_unlock(cur, p1, p1)
     assert not p1.is_locked()

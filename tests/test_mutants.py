@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import pytest
 
 from mmsim.server.mm.detectors import FINDING_KINDS, KINDS
-from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel, protocol_with_mutant
+from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_put
 from mmsim.server.mm.mm_types import PAGE_SIZE
 from mmsim.server.mm.model import MemoryModel
 from mmsim.server.mm.rmap import RmapWalkControl, folio_referenced
 from mmsim.server.mm.sched import POINTS
+from mmsim.server.mm.steps import STEPS, default_step
 
 T = TypeVar("T")
 P = PAGE_SIZE
@@ -111,22 +112,19 @@ def verdict(m: MemoryModel, mutant: str | None, expected: set[str]) -> None:
 
 
 def test_table() -> None:
-    kernel = PROTOCOLS["recheck"]
     for name, mut in MUTANTS.items():
-        assert mut.name == name and mut.kernel and mut.failure and mut.protocols
-        assert set(mut.protocols) <= set(PROTOCOLS)
+        assert mut.name == name and mut.kernel and mut.failure and mut.protocols and mut.mutant
+        assert set(mut.protocols) <= set(PROTOCOLS) and mut.replaces
         for protocol in mut.protocols:
-            p = protocol_with_mutant(protocol, name)
-            assert p.mutant == name and p.name == protocol
-            for field, value in mut.changes:
-                assert getattr(PROTOCOLS[protocol], field) != value  # the kernel does it
-                assert getattr(p, field) == value
-    assert all(
-        getattr(kernel, f) is True
-        for f in ("mover_folio_lock", "walker_anon_vma_get", "walker_root_in_rcu", "walker_locks_folio",
-                  "fork_root_lock", "free_root_handshake", "move_mapping_first", "ptl_address_order")
-    )
-    assert MemoryModel(mutant="fork-no-root-lock").k.protocol.fork_root_lock is False
+            k = Kernel(protocol, mutant=name)
+            assert k.protocol is PROTOCOLS[protocol] and k.mutant is mut
+            clean = Kernel(protocol)
+            for step, fn in mut.replaces.items():
+                assert getattr(k.ops, step) is fn  # the mutant's step runs ...
+                assert getattr(clean.ops, step) is not fn  # ... where the protocol runs another one
+    kernel = Kernel("recheck").ops
+    for step in STEPS:
+        assert getattr(kernel, step) is default_step(step)  # the kernel's own code, no variant
     assert MemoryModel().k.mutant is None and Kernel("folio-lock", mutant="mover-no-folio-lock").mutant is not None
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .trace import Tracer
 
 #: The kinds of violation a detector can report.
 KINDS = (
@@ -64,6 +67,8 @@ class Detectors:
         self.counts: Counter[str] = Counter()
         self.finding_events: list[Violation] = []
         self.findings: Counter[str] = Counter()
+        #: Told of every report and finding (trace.Tracer); None while nobody watches.
+        self.trace: Tracer | None = None
 
     def report(self, kind: str, **detail: Any) -> None:
         """A violation."""
@@ -71,6 +76,8 @@ class Detectors:
         self.counts[kind] += 1
         if len(self.events) < self.keep:
             self.events.append(Violation(kind, detail))
+        if self.trace is not None:
+            self.trace.finding(str(Violation(kind, detail)))
 
     def note(self, kind: str, **detail: Any) -> None:
         """A finding: a documented window of the protocol, kept apart from the violations."""
@@ -78,6 +85,8 @@ class Detectors:
         self.findings[kind] += 1
         if len(self.finding_events) < self.keep:
             self.finding_events.append(Violation(kind, detail))
+        if self.trace is not None:
+            self.trace.finding(f"finding {Violation(kind, detail)}")
 
     @property
     def total(self) -> int:

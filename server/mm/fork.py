@@ -9,7 +9,7 @@ from .memory import copy_page_range, zap_pte_range
 from .mm_types import PGTABLE_BYTES, VM_DONTCOPY, VM_LOCKED, VM_UFFD_FLAGS, VM_WIPEONFORK, Mm
 from .mmap import vm_area_alloc, vm_area_free
 from .mmap_lock import vma_start_write
-from .rmap import anon_vma_fork, unlink_anon_vmas
+from .rmap import unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
 from .userfaultfd import userfaultfd_release
 
@@ -42,14 +42,13 @@ async def dup_mmap(k: Kernel, cur: Current, mm: Mm, oldmm: Mm, copied: list[int]
         wipe = bool(mpnt.flags & VM_WIPEONFORK)
         if not wipe:
             try:
-                await anon_vma_fork(k, cur, tmp, mpnt)
+                await k.ops.anon_vma_fork(k, cur, tmp, mpnt)
             except BaseException:
                 vm_area_free(k, tmp)
                 raise
         mm.vma_link(tmp)
         mm.map_count += 1  # the child counts what it copied; fork checks no vm.max_map_count
-        if sched.active and sched.should_preempt("fork:after-anon-vma-fork"):
-            await sched.yield_now("fork:after-anon-vma-fork")
+        if sched.active: await sched.point("fork:after-anon-vma-fork")
         if not wipe and mpnt.anon_vma is not None:  # vma_needs_copy
             work += await copy_page_range(k, cur, tmp, mpnt, copied)
     k.stats["fork"] += 1
@@ -73,8 +72,7 @@ async def exit_mmap(k: Kernel, cur: Current, mm: Mm) -> None:
         mm.map_count -= 1
         await unlink_anon_vmas(k, cur, vma)
         vm_area_free(k, vma)
-        if sched.active and sched.should_preempt("exit:between-vmas"):
-            await sched.yield_now("exit:between-vmas")
+        if sched.active: await sched.point("exit:between-vmas")
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .detectors import Detectors
     from .sched import Controller
+    from .trace import Tracer
 
 
 class LockClass(IntEnum):
@@ -81,12 +82,15 @@ class LockWaitStats:
 class Current:
     """Per-task kernel state (what ``current`` points at): held locks, RCU nesting, a name."""
 
-    __slots__ = ("op", "tag", "held", "rcu_nesting", "waiting", "memcg_stock")
+    __slots__ = ("op", "tag", "held", "rcu_nesting", "waiting", "memcg_stock", "pins")
 
     def __init__(self, op: str = "task", tag: object = None) -> None:
         self.op = op
         self.tag = tag  # formatted into the name only when one is needed
         self.held: list[_Lock] = []
+        #: References a protocol function holds for a while (a walker's anon_vma pin, a mover's
+        #: folio and anon_vma): what Kernel.give_back puts back if the call fails.
+        self.pins: list[object] = []
         self.rcu_nesting = 0
         self.waiting: _Waiter | None = None
         self.memcg_stock = 0  # bytes reserved for this task's next charges (memcontrol)
@@ -112,7 +116,7 @@ class _Waiter:
 class LockdepState:
     """Where violations go, and the lock-wait times; shared by all locks of one model instance."""
 
-    __slots__ = ("controller", "detectors", "enabled", "waits")
+    __slots__ = ("controller", "detectors", "enabled", "trace", "waits")
 
     def __init__(self, detectors: Detectors | None = None, enabled: bool = True) -> None:
         self.detectors = detectors
@@ -121,6 +125,8 @@ class LockdepState:
         #: The schedule explorer's controller (sched.Controller), told of every sleep on a lock and
         #: every wake-up; None outside exploration.
         self.controller: Controller | None = None
+        #: Told of every acquisition and release (trace.Tracer); None while nobody watches.
+        self.trace: Tracer | None = None
 
 
 _lock_seq = 0
@@ -233,49 +239,63 @@ class RwSem(_Lock):
 
     # -- trylocks: no order check, fail when anyone holds it for write or waits for it
     def down_read_trylock(self, cur: Current) -> bool:
-        if self.owner is None and not self.waiters:
+        ok = self.owner is None and not self.waiters
+        if ok:
             self.readers += 1
             cur.held.append(self)
-            return True
-        return False
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("down_read_trylock", self, ok)
+        return ok
 
     def down_write_trylock(self, cur: Current) -> bool:
-        if self.owner is None and self.readers == 0 and not self.waiters:
+        ok = self.owner is None and self.readers == 0 and not self.waiters
+        if ok:
             self.owner = cur
             cur.held.append(self)
-            return True
-        return False
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("down_write_trylock", self, ok)
+        return ok
 
     # -- blocking acquisitions: True if taken now; False means "await self.wait(cur)"
     def down_read(self, cur: Current, nested: bool = False) -> bool:
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
-        if self.owner is None and not self.waiters:
+        ok = self.owner is None and not self.waiters
+        if ok:
             self.readers += 1
             cur.held.append(self)
-            return True
-        self._enqueue(cur, False)
-        return False
+        else:
+            self._enqueue(cur, False)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("down_read", self, ok)
+        return ok
 
     def down_write(self, cur: Current, nested: bool = False) -> bool:
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
-        if self.owner is None and self.readers == 0 and not self.waiters:
+        ok = self.owner is None and self.readers == 0 and not self.waiters
+        if ok:
             self.owner = cur
             cur.held.append(self)
-            return True
-        self._enqueue(cur, True)
-        return False
+        else:
+            self._enqueue(cur, True)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("down_write", self, ok)
+        return ok
 
     def up_read(self, cur: Current) -> None:
         self.readers -= 1
         cur.held.remove(self)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("up_read", self, None)
         if self.readers == 0 and self.waiters:
             self._wake()
 
     def up_write(self, cur: Current) -> None:
         self.owner = None
         cur.held.remove(self)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("up_write", self, None)
         if self.waiters:
             self._wake()
 
@@ -321,25 +341,32 @@ class Mutex(_Lock):
         return self.owner is not None
 
     def trylock(self, cur: Current) -> bool:
-        if self.owner is None and not self.waiters:
+        ok = self.owner is None and not self.waiters
+        if ok:
             self.owner = cur
             cur.held.append(self)
-            return True
-        return False
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("trylock", self, ok)
+        return ok
 
     def lock(self, cur: Current, nested: bool = False) -> bool:
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
-        if self.owner is None and not self.waiters:
+        ok = self.owner is None and not self.waiters
+        if ok:
             self.owner = cur
             cur.held.append(self)
-            return True
-        self._enqueue(cur, True)
-        return False
+        else:
+            self._enqueue(cur, True)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("lock", self, ok)
+        return ok
 
     def unlock(self, cur: Current) -> None:
         self.owner = None
         cur.held.remove(self)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("unlock", self, None)
         if self.waiters:
             self._wake()
 
@@ -359,7 +386,12 @@ class Mutex(_Lock):
 
 def release_all(cur: Current) -> None:
     """Drop every lock ``cur`` still holds, innermost first (used on cancellation paths)."""
-    for lk in reversed(list(cur.held)):
+    release_locks(cur, list(cur.held))
+
+
+def release_locks(cur: Current, locks: list[_Lock]) -> None:
+    """Drop ``locks`` (held by ``cur``), innermost first."""
+    for lk in reversed(locks):
         if isinstance(lk, RwSem):
             if lk.owner is cur:
                 lk.up_write(cur)
@@ -396,7 +428,11 @@ class SpinLock(_Lock):
             raise RuntimeError(f"{cur.name} spins on {self.name}, held by {self.owner.name} across a sleep")
         self.owner = cur
         cur.held.append(self)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("spin_lock", self, None)
 
     def spin_unlock(self, cur: Current) -> None:
         self.owner = None
         cur.held.remove(self)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("spin_unlock", self, None)

@@ -24,15 +24,32 @@ from .mm_types import (
     Pte,
     Vma,
 )
-from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap, unpin
 from .sched import RESCHED_WORK, cond_resched
+from .trace import trace_refcount
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
 
-def folio_put(k: Kernel, folio: Folio) -> None:
+def folio_get(k: Kernel, cur: Current, folio: Folio) -> None:
+    """A reference on a mapped folio held by ``cur`` for a while (the mover's): a pin that
+    folio_put(k, folio, cur) drops, or Kernel.give_back if the call fails."""
+    folio.refcount += 1
+    if k.trace: trace_refcount(k, folio, 1)
+    cur.pins.append(folio)
+
+
+def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
+    """Drop a reference (``cur``'s pin, with ``cur``); the last frees the folio."""
+    if cur is not None:
+        pins = cur.pins
+        if pins and pins[-1] is folio:
+            pins.pop()
+        else:
+            unpin(cur, folio)
     folio.refcount -= 1
+    if k.trace: trace_refcount(k, folio, -1)
     if folio.refcount == 0:
         k.folio_free(folio)
 
@@ -97,8 +114,7 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     if vma.anon_vma is None:  # anon_vma_prepare's inline test
         await anon_vma_prepare(k, cur, vma)
     sched = k.sched
-    if sched.active and sched.should_preempt("fault:before-pte-lock"):
-        await sched.yield_now("fault:before-pte-lock")
+    if sched.active: await sched.point("fault:before-pte-lock")
     pt = mm.pte_alloc(cur, addr)
     if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
         await k.spin_on(cur, pt.ptl)
@@ -141,7 +157,7 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
 
         raise handle_userfault(k, cur, vma, addr, True, wp=True)
     folio = pte.folio
-    if folio is not ZERO_PAGE and (folio.exclusive or wp_can_reuse_anon_folio(cur, folio, vma)):
+    if folio is not ZERO_PAGE and (folio.exclusive or wp_can_reuse_anon_folio(k, cur, folio, vma)):
         folio.exclusive = True  # SetPageAnonExclusive
         folio.value = value
         pte.write = pte.young = pte.dirty = True
@@ -152,7 +168,7 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
     return await wp_page_copy(k, cur, vma, addr, pte, value)
 
 
-def wp_can_reuse_anon_folio(cur: Current, folio: Folio, vma: Vma) -> bool:
+def wp_can_reuse_anon_folio(k: Kernel, cur: Current, folio: Folio, vma: Vma) -> bool:
     """Expects the PTL held. The folio may be reused when no one else holds a reference; the
     folio lock is only tried, never waited for. On success the folio moves to ``vma``'s own
     anon_vma (same root, so the root lock of any walker still covers it)."""
@@ -165,7 +181,7 @@ def wp_can_reuse_anon_folio(cur: Current, folio: Folio, vma: Vma) -> bool:
     if folio.refcount > 1:
         lock.unlock(cur)
         return False
-    folio_move_anon_rmap(folio, vma)
+    folio_move_anon_rmap(k, folio, vma)
     lock.unlock(cur)
     return True
 

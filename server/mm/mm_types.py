@@ -119,6 +119,10 @@ class Folio:
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
 
+    @property
+    def trace_name(self) -> str:
+        return f"folio{self.id}"
+
 
 #: The shared zero page: mapped read-only, no rmap, never freed.
 ZERO_PAGE = Folio(0, None)

@@ -38,7 +38,7 @@ from .mm_types import (
     Vma,
 )
 from .mmap_lock import vma_start_write
-from .rmap import AnonVma, anon_vma_clone, unlink_anon_vmas
+from .rmap import AnonVma, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ async def _merge_pair(k: Kernel, cur: Current, a: Vma, b: Vma) -> Vma:
     mm = a.mm
     if a.anon_vma is None and b.anon_vma is not None:
         a.anon_vma = b.anon_vma
-        await anon_vma_clone(k, cur, a, b, nofail=True)  # b's links go back just below
+        await k.ops.anon_vma_clone(k, cur, a, b, nofail=True)  # b's links go back just below
     mm.vma_unlink(b)
     mm.map_count -= 1
     a.end = b.end
@@ -247,7 +247,7 @@ async def __split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
     new.uffd_ctx = vma.uffd_ctx
     new.anon_vma = vma.anon_vma
     try:
-        await anon_vma_clone(k, cur, new, vma)
+        await k.ops.anon_vma_clone(k, cur, new, vma)
     except BaseException:
         vm_area_free(k, new)
         raise

@@ -52,9 +52,10 @@ from .mmap import do_mmap, do_munmap, page_align
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_end_write_all
 from .mprotect import do_mprotect
 from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
-from .rmap import AnonVma, folio_referenced
+from .rmap import AnonVma
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .stats import read_stats
+from .steps import Variant
 from .userfaultfd import (
     UFFDIO_COPY_MODE_DONTWAKE,
     UFFDIO_COPY_MODE_WP,
@@ -154,11 +155,13 @@ def vma_info(v: Vma) -> VmaInfo:
 class MemoryModel:
     """A set of simulated processes sharing one simulated kernel.
 
-    ``protocol`` picks the rmap/move protocol generation (see ``kernel.PROTOCOLS``); ``seed`` and
+    ``protocol`` picks the rmap/move protocol: a generation (``kernel.PROTOCOLS``), a
+    ``steps.Variant`` or ``FILE.py:NAME`` (a user's variant); ``seed`` and
     ``preempt`` drive the scheduler at the named preemption points; ``detectors`` turns lockdep, the
     walk detectors and the use-after-free check on. ``max_memory`` is the budget, in bytes, that
     every object the model grows with is charged to (ENOMEM beyond it; None: no limit).
-    ``mutant`` applies one of ``kernel.MUTANTS`` to the protocol (mutation testing).
+    ``mutant`` applies a mutant (``kernel.MUTANTS``, a Variant or ``FILE.py:NAME``) to the protocol
+    (mutation testing).
     ``max_map_count`` is vm.max_map_count, the VMAs a process may have (ENOMEM beyond, as the
     kernel checks it; 65530 as in Linux). ``max_pending_faults`` (in all) and
     ``max_pending_faults_per_process`` bound the accesses asleep on a userfault,
@@ -168,14 +171,14 @@ class MemoryModel:
 
     def __init__(
         self,
-        protocol: str = "recheck",
+        protocol: str | Variant = "recheck",
         seed: int = 0,
         preempt: float = 0.0,
         detectors: bool = True,
         max_processes: int | None = None,
         max_pages: int | None = None,
         max_memory: int | None = None,
-        mutant: str | None = None,
+        mutant: str | Variant | None = None,
         max_pending_faults: int | None = None,
         max_pending_faults_per_process: int | None = None,
         max_userfault_streams: int | None = None,
@@ -246,7 +249,7 @@ class MemoryModel:
 
     async def _write_locked(self, mm: Mm, cur: Current, body: Any) -> Any:
         """Take mmap_lock for write (cancellable), then run ``body`` to completion."""
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         try:
             lock = mm.mmap_lock
             if not lock.down_write(cur):
@@ -281,7 +284,7 @@ class MemoryModel:
         no child behind."""
         parent = self._mm(pid)
         self._check_process_limit()
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         cur = self._cur("fork", pid)
         k = self.k
         try:
@@ -470,7 +473,7 @@ class MemoryModel:
         exited meanwhile, EFAULT if the range is gone. A cancelled sleep changes nothing."""
         mm = self._mm(pid)
         check_u64(addr)
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         in_call = True
         cur = self._cur("write" if write else "read", pid)
         k = self.k
@@ -505,7 +508,7 @@ class MemoryModel:
                 self._call_done(cur)
                 in_call = False
                 await userfault_wait(k, fault.ctx, fault.userfault)
-                await self.gate.enter()
+                if not self.gate.try_enter(): await self.gate.enter()
                 in_call = True
         finally:
             if in_call:
@@ -542,12 +545,15 @@ class MemoryModel:
         if progress is None:
             progress = MoveProgress()
         progress.on_step = self.ledger[pid].moved
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         cur = Current("move", pid)
         try:
             moved = await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
-        except MmError as e:
-            self.k.move_results[errno.errorcode.get(e.errno or 0, str(e.errno))] += 1
+        except BaseException as e:
+            if cur.held or cur.pins or cur.rcu_nesting:
+                await self.k.give_back(cur)  # cancelled (or a detector's Deadlock) part-way
+            if isinstance(e, MmError):
+                self.k.move_results[errno.errorcode.get(e.errno or 0, str(e.errno))] += 1
             raise
         finally:
             self._call_done(cur)
@@ -562,7 +568,7 @@ class MemoryModel:
         for what, v in (("dst", dst), ("len", length)):
             check_u64(v, what)
         progress = FillProgress(self.ledger[pid].__setitem__)
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         cur = self._cur(op, pid)
         try:
             return await userfaultfd_fill(
@@ -677,7 +683,7 @@ class MemoryModel:
         """folio_referenced on the folio mapped at ``addr``: trylock mode, or blocking (slow path)."""
         mm = self._mm(pid)
         check_u64(addr)
-        await self.gate.enter()
+        if not self.gate.try_enter(): await self.gate.enter()
         cur = self._cur("walk", pid)
         try:
             pte = mm.pte_lookup(addr)
@@ -688,7 +694,10 @@ class MemoryModel:
                 raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
             folio.refcount += 1  # the caller's reference, as reclaim holds one
             try:
-                rwc = await folio_referenced(self.k, cur, folio, try_lock=not blocking)
+                rwc = await self.k.ops.folio_referenced(self.k, cur, folio, try_lock=not blocking)
+            except BaseException:
+                await self.k.give_back(cur)  # cancelled (or a detector's Deadlock) part-way
+                raise
             finally:
                 folio_put(self.k, folio)
         finally:

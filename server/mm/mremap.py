@@ -76,9 +76,9 @@ from .mmap import (
     vma_merge,
 )
 from .mmap_lock import vma_start_write
-from .rmap import AnonVma, anon_vma_clone, anon_vma_lock_write, anon_vma_unlock_write, unlink_anon_vmas
+from .rmap import AnonVma, anon_vma_lock_write, anon_vma_unlock_write, unlink_anon_vmas
 from .sched import RESCHED_WORK, cond_resched
-from .userfaultfd import double_pt_lock, double_pt_unlock, uffd_wp_clear
+from .userfaultfd import double_pt_unlock, uffd_wp_clear
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -226,7 +226,7 @@ async def copy_vma(k: Kernel, cur: Current, vma: Vma, addr: int, length: int, pg
     new.uffd_ctx = vma.uffd_ctx
     new.anon_vma = vma.anon_vma
     try:
-        await anon_vma_clone(k, cur, new, vma)
+        await k.ops.anon_vma_clone(k, cur, new, vma)
     except BaseException:
         vm_area_free(k, new)
         raise
@@ -266,7 +266,9 @@ async def move_page_tables(
         try:
             for dst_idx, group in groups.items():
                 dst_pt = mm.pte_alloc(cur, dst_idx << PMD_SHIFT)
-                double_pt_lock(cur, dst_pt.ptl, src_pt.ptl)
+                src_pt.ptl.spin_lock(cur)  # move_ptes: the old PTL, then the new one nested
+                if dst_pt.ptl is not src_pt.ptl:
+                    dst_pt.ptl.spin_lock(cur, nested=True)
                 src, dst = src_pt.ptes, dst_pt.ptes
                 for v in group:
                     pte = src.pop(v)

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .locks import Current
+from .trace import name as trace_name
 
 if TYPE_CHECKING:
     from .detectors import Detectors
     from .sched import Controller
+    from .trace import Tracer
 
 
 class Rcu:
@@ -35,17 +37,23 @@ class Rcu:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         #: The schedule explorer's controller (sched.Controller); None outside exploration.
         self.controller: Controller | None = None
+        #: Told of read-side entries and exits, and of the cache's frees and reuses (trace.Tracer).
+        self.trace: Tracer | None = None
 
     # -- read side
     def read_lock(self, cur: Current) -> None:
         if cur.rcu_nesting == 0:
             self.readers.add(cur)
+            if self.trace is not None:
+                self.trace.state("rcu_read_lock")
         cur.rcu_nesting += 1
 
     def read_unlock(self, cur: Current) -> None:
         cur.rcu_nesting -= 1
         if cur.rcu_nesting == 0:
             self.readers.discard(cur)
+            if self.trace is not None:
+                self.trace.state("rcu_read_unlock")
             if cur in self._holdouts:
                 self._holdouts.discard(cur)
                 if not self._holdouts:
@@ -160,6 +168,8 @@ class TypesafeCache(Generic[T]):
             obj = self.free.pop()
             obj.freed = False
             self.reused += 1
+            if self.rcu.trace is not None:
+                self.rcu.trace.state(f"anon_vma_alloc: the cache hands out freed {trace_name(obj)} again")
         else:
             obj = self.ctor()  # the constructor runs only for a new slab object
         self.allocated += 1
@@ -168,6 +178,8 @@ class TypesafeCache(Generic[T]):
 
     def release(self, obj: T) -> None:
         assert not obj.freed, "double free"
+        if self.rcu.trace is not None:
+            self.rcu.trace.state(f"anon_vma_free: {trace_name(obj)} back in the SLAB_TYPESAFE_BY_RCU cache")
         obj.freed = True
         obj.free_gp = self.rcu.gp_started
         self.live.discard(obj)

@@ -1,18 +1,32 @@
 """The anonymous reverse map (mm/rmap.c): anon_vma trees, fork's cloning, and the rmap walk.
 
-Only the root's rwsem is ever taken: ``anon_vma_lock_*`` lock ``anon_vma.root.rwsem``.
+Lock ordering (the one table is ``locks.LOCK_ORDER``; lockdep checks it at run time)::
+
+    mm->mmap_lock
+      vma->vm_lock (per-VMA lock)
+        folio lock (PG_locked)
+          anon_vma->root->rwsem
+            page-table lock (PTL)
+
+Only the root's rwsem is ever taken: ``anon_vma_lock_*`` lock ``anon_vma->root->rwsem``, so a whole
+tree (a process and its fork descendants) shares one lock. A folio's ``mapping`` names its
+anon_vma; UFFDIO_MOVE may point it at an anon_vma with another root while the folio stays mapped,
+under the folio lock and the old root's write lock, which is why a walker that holds neither reads
+``folio->mapping`` again once it holds the root (folio_lock_anon_vma_read).
+
+The steps a protocol variant may replace (steps.STEPS) are called through ``k.ops``.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .locks import Current, LockClass, LockdepState, RwSem, SpinLock
 from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
 from .rcu import TypesafeObject
-from .sched import RESCHED_WORK, Scheduler, cond_resched, uninterruptible
+from .sched import RESCHED_WORK, cond_resched, uninterruptible
+from .trace import READ_ONCE, refcount_add, trace_load, trace_refcount, trace_store
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -45,6 +59,10 @@ class AnonVma(TypesafeObject):
         state = " freed" if self.freed else ""
         return f"<AnonVma {self.id} root={self.root.id} ref={self.refcount}{state}>"
 
+    @property
+    def trace_name(self) -> str:
+        return f"anon_vma{self.id}" + (" (freed)" if self.freed else "")
+
 
 class AnonVmaChain:
     """struct anon_vma_chain: links one VMA to one anon_vma."""
@@ -60,24 +78,11 @@ class AnonVmaChain:
 # Allocation and lifetime
 
 
-async def preempt_point_unkillable(sched: Scheduler, point: str) -> None:
-    """A preemption point where the task must not stop half-way (inside a spinlocked section, in
-    the middle of a free): a cancellation that arrives here is delivered at the task's next
-    cancellation point instead. Call only when ``sched.should_preempt(point)`` said yes."""
-    try:
-        await sched.yield_now(point)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        assert task is not None
-        task.cancel()
-
-
 async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
     """A new anon_vma from the slab, charged (ENOMEM before anything changes). The slab hands out
     a freed anon_vma again at once (SLAB_TYPESAFE_BY_RCU): a stale pointer then sees a live one."""
     sched = k.sched
-    if sched.active and k.anon_vma_cache.free and sched.should_preempt("alloc:before-anon-vma-reuse"):
-        await sched.yield_now("alloc:before-anon-vma-reuse")  # nothing taken yet
+    if sched.active and k.anon_vma_cache.free: await sched.point("alloc:before-anon-vma-reuse")
     k.memcg.charge(cur, ANON_VMA_BYTES)
     av = k.anon_vma_cache.alloc()
     av.id = k.next_anon_vma_id()
@@ -91,67 +96,130 @@ async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
     return av
 
 
-async def anon_vma_free(k: Kernel, cur: Current, av: AnonVma) -> None:
-    """Free an anon_vma whose refcount reached zero. Expects no anon_vma lock held.
+async def anon_vma_free(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
+    """Free an anon_vma whose refcount reached zero. Expects no anon_vma lock held; runs to its end
+    even if the task is cancelled meanwhile (the cancellation is delivered after).
 
-    A fast-path walker may hold the root read-locked without a reference on ``av``; taking the
-    root for write once, if it is locked, waits for it as the kernel's anon_vma_free does (the
-    free-no-root-handshake mutant skips it). The free always completes: a cancellation while
-    waiting is raised after it.
+    Synchronize against folio_lock_anon_vma_read() such that we can safely hold the lock without
+    the anon_vma getting freed: a fast-path walker may hold the root read-locked with no reference
+    on ``anon_vma``, its only guarantee that the folio is still mapped. Taking the root for write
+    once, if it is locked, waits for it. (The kernel's barrier ordering that makes the test safe
+    has no model counterpart: the model runs one task at a time.)
     """
     sched = k.sched
-    if sched.active and sched.should_preempt("free:before-anon-vma-free"):
-        await preempt_point_unkillable(sched, "free:before-anon-vma-free")
-    root = av.root
-    try:
-        if k.protocol.free_root_handshake and root.rwsem.is_locked():
-            if not root.rwsem.down_write(cur):
-                await root.rwsem.wait(cur)
-            root.rwsem.up_write(cur)
-    finally:
-        # Even when cancelled while waiting, the object is unreachable: it goes back to the cache.
-        k.anon_vma_cache.release(av)
-        k.memcg.uncharge(ANON_VMA_BYTES)
-        k.stats["anon_vma_free"] += 1
-    if sched.active and sched.should_preempt("free:after-anon-vma-free"):
-        await preempt_point_unkillable(sched, "free:after-anon-vma-free")
+    if sched.active: await sched.point_unkillable("free:before-anon-vma-free")
+    if anon_vma.root.rwsem.is_locked():  # rwsem_is_locked(&anon_vma->root->rwsem)
+        await uninterruptible(lambda: anon_vma_lock_write(cur, anon_vma))
+        anon_vma_unlock_write(cur, anon_vma)
+    slab_free_anon_vma(k, anon_vma)
+    if sched.active: await sched.point_unkillable("free:after-anon-vma-free")
 
 
-def get_anon_vma(av: AnonVma) -> None:
-    av.refcount += 1
+def slab_free_anon_vma(k: Kernel, anon_vma: AnonVma) -> None:
+    """kmem_cache_free(anon_vma_cachep, anon_vma): back in the type-stable cache, uncharged."""
+    k.anon_vma_cache.release(anon_vma)
+    k.memcg.uncharge(ANON_VMA_BYTES)
+    k.stats["anon_vma_free"] += 1
 
 
-async def put_anon_vma(k: Kernel, cur: Current, av: AnonVma) -> None:
-    av.refcount -= 1
-    if av.refcount == 0:
-        await __put_anon_vma(k, cur, av)
+def get_anon_vma(k: Kernel, anon_vma: AnonVma) -> None:
+    refcount_add(k, anon_vma, 1)
 
 
-async def put_anon_vma_final(k: Kernel, cur: Current, av: AnonVma) -> None:
-    """put_anon_vma's slow half, for callers that dropped the count themselves and saw zero."""
-    await __put_anon_vma(k, cur, av)
+def anon_vma_tryget(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
+    """atomic_inc_not_zero(&anon_vma->refcount): a pin held by ``cur`` (put with put_anon_vma, or
+    by Kernel.give_back if the call fails), or False if the count is zero (being freed)."""
+    if anon_vma.refcount == 0:
+        return False
+    anon_vma.refcount += 1
+    if k.trace: trace_refcount(k, anon_vma, 1)
+    cur.pins.append(anon_vma)
+    return True
 
 
-async def __put_anon_vma(k: Kernel, cur: Current, av: AnonVma) -> None:
-    """Free ``av`` and drop its reference on the root (which may free the root)."""
-    root = av.root
-    try:
-        await anon_vma_free(k, cur, av)
-    finally:
-        if root is not av:
-            root.refcount -= 1
-            if root.refcount == 0:
-                await anon_vma_free(k, cur, root)
+def anon_vma_put_testzero(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
+    """atomic_dec_and_test(&anon_vma->refcount) on ``cur``'s pin: True if it was the last."""
+    unpin(cur, anon_vma)
+    return refcount_add(k, anon_vma, -1) == 0
 
 
-async def anon_vma_lock_write(cur: Current, av: AnonVma) -> None:
-    rw = av.root.rwsem
-    if not rw.down_write(cur):
-        await rw.wait(cur)
+async def put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
+    """Drop a reference (``cur``'s pin, if it is one); the last frees ``anon_vma`` (and may free
+    its root)."""
+    pins = cur.pins
+    if pins:
+        if pins[-1] is anon_vma:
+            pins.pop()
+        else:
+            unpin(cur, anon_vma)
+    anon_vma.refcount -= 1
+    if k.trace: trace_refcount(k, anon_vma, -1)
+    if anon_vma.refcount == 0:
+        await __put_anon_vma(k, cur, anon_vma)
 
 
-def anon_vma_unlock_write(cur: Current, av: AnonVma) -> None:
-    av.root.rwsem.up_write(cur)
+async def __put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
+    """Free ``anon_vma`` and drop its reference on the root (which may free the root)."""
+    root = anon_vma.root
+    await k.ops.anon_vma_free(k, cur, anon_vma)
+    if root is not anon_vma and refcount_add(k, root, -1) == 0:
+        await k.ops.anon_vma_free(k, cur, root)
+
+
+def unpin(cur: Current, obj: object) -> None:
+    """``obj``'s reference, pinned by ``cur``, is dropped (or handed on): Kernel.give_back forgets it."""
+    pins = cur.pins
+    if pins and pins[-1] is obj:
+        pins.pop()
+        return
+    for i in range(len(pins) - 2, -1, -1):
+        if pins[i] is obj:
+            del pins[i]
+            return
+
+
+async def unpin_all(k: Kernel, cur: Current, keep: int) -> None:
+    """Put back the pins ``cur`` took after its first ``keep`` (Kernel.give_back), newest first."""
+    from .memory import folio_put
+
+    while len(cur.pins) > keep:
+        obj = cur.pins[-1]
+        if isinstance(obj, AnonVma):
+            await put_anon_vma(k, cur, obj)
+        else:
+            assert isinstance(obj, Folio)
+            folio_put(k, obj, cur)
+
+
+async def anon_vma_lock_write(cur: Current, anon_vma: AnonVma) -> None:
+    rwsem = anon_vma.root.rwsem
+    if not rwsem.down_write(cur):
+        await rwsem.wait(cur)
+
+
+def anon_vma_trylock_write(cur: Current, anon_vma: AnonVma) -> bool:
+    return anon_vma.root.rwsem.down_write_trylock(cur)
+
+
+def anon_vma_unlock_write(cur: Current, anon_vma: AnonVma) -> None:
+    anon_vma.root.rwsem.up_write(cur)
+
+
+async def anon_vma_lock_read(k: Kernel, cur: Current, anon_vma: AnonVma) -> AnonVma:
+    """down_read(&anon_vma->root->rwsem): returns the root it locked."""
+    if anon_vma.freed: k.rcu.check_access(cur, anon_vma, "anon_vma_lock_read")
+    root = READ_ONCE(k, "anon_vma_lock_read", anon_vma, "root")
+    if not root.rwsem.down_read(cur):
+        await root.rwsem.wait(cur)
+    return root  # type: ignore[no-any-return]
+
+
+def anon_vma_unlock_read(k: Kernel, cur: Current, anon_vma: AnonVma, root: AnonVma) -> None:
+    """up_read(&anon_vma->root->rwsem). ``root`` is the root whose rwsem the caller locked: the
+    kernel reads anon_vma->root again here, and a different one now (the anon_vma freed and
+    reused under an unpinned walker) would release a lock it does not hold: unlock-mismatch."""
+    if k.detect and anon_vma.root is not root: check_unlock_mismatch(k, cur, anon_vma)
+    root.rwsem.up_read(cur)
 
 
 def anon_vma_chain_link(vma: Vma, av: AnonVma) -> AnonVmaChain:
@@ -233,72 +301,75 @@ async def anon_vma_clone(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bo
     """Attach ``dst`` to every anon_vma ``src`` is attached to. Expects mmap_lock held for write.
 
     Charges the whole chain first (ENOMEM with nothing linked; ``nofail`` for a merge, which
-    gives as many links back at once), then takes the root rwsem for write (all of a chain
-    shares one root; the fork-no-root-lock mutant does not). When ``dst`` has no anon_vma yet
-    (fork), a candidate with no active VMA and at most one child is adopted as its own.
+    gives as many links back at once), then takes the root rwsem for write: all of a chain shares
+    one root, and a walker holding it for read must not see the tree change. When ``dst`` has no
+    anon_vma yet (fork), a candidate with no active VMA and at most one child is adopted as its own.
     """
     if not src.anon_vma_chain:
         return
     cost = len(src.anon_vma_chain) * AVC_BYTES
     k.memcg.charge(cur, cost, nofail=nofail)
     root = src.anon_vma_chain[0].anon_vma.root
-    locked = k.protocol.fork_root_lock
-    if locked and not root.rwsem.down_write(cur):
-        try:
-            await root.rwsem.wait(cur)
-        except BaseException:
-            k.memcg.uncharge(cost)
-            raise
+    try:
+        await anon_vma_lock_write(cur, root)  # lock_anon_vma_root
+    except BaseException:
+        k.memcg.uncharge(cost)
+        raise
     for pavc in src.anon_vma_chain:  # oldest first, as list_for_each_entry_reverse
-        av = pavc.anon_vma
-        anon_vma_chain_link(dst, av)
+        anon_vma = pavc.anon_vma
+        anon_vma_chain_link(dst, anon_vma)
+        # Reuse an existing anon_vma if it has no VMA and only one anon_vma child: the
+        # anon_vma hierarchy then does not grow with every fork of a forking process.
         if (
             dst.anon_vma is None
             and src.anon_vma is not None
-            and av.num_children < 2
-            and av.num_active_vmas == 0
+            and anon_vma.num_children < 2
+            and anon_vma.num_active_vmas == 0
         ):
-            dst.anon_vma = av
+            dst.anon_vma = anon_vma
             k.stats["anon_vma_reuse"] += 1
     if dst.anon_vma is not None:
         dst.anon_vma.num_active_vmas += 1
-    if locked:
-        root.rwsem.up_write(cur)
+    anon_vma_unlock_write(cur, root)  # unlock_anon_vma_root
 
 
 async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
     """Give the child VMA ``vma`` the parent's chain plus, unless one was reused, a new anon_vma.
-    Takes the (shared) root rwsem for write in anon_vma_clone, then again to link the new one."""
+    Takes the (shared) root rwsem for write in anon_vma_clone, then again to link the new one.
+    ENOMEM or a cancellation unlinks what was linked (the kernel's out_error)."""
     if pvma.anon_vma is None:
         return
     # The worst case, reserved first: the parent's chain, and a new anon_vma with its link.
     k.memcg.reserve(cur, (len(pvma.anon_vma_chain) + 1) * AVC_BYTES + ANON_VMA_BYTES)
+    # First, attach the new VMA to the parent VMA's anon_vmas, so rmap can find non-COWed pages
+    # in child processes.
     vma.anon_vma = None
-    await anon_vma_clone(k, cur, vma, pvma)
+    await k.ops.anon_vma_clone(k, cur, vma, pvma)
+    # An existing anon_vma has been reused, all done then.
     if vma.anon_vma is not None:
         return
-    # Lock the (shared) root before allocating, so a cancelled wait leaves nothing half-built
-    # but the chain anon_vma_clone made, which the kernel's error path unlinks.
-    locked = k.protocol.fork_root_lock
+    # Then add our own anon_vma. The root is locked before the allocation, so that a cancelled
+    # wait leaves nothing half-built but the chain anon_vma_clone made.
     try:
-        if locked:
+        with k.unwind(cur):
             await anon_vma_lock_write(cur, pvma.anon_vma)
-        av = await anon_vma_alloc(k, cur)
+            anon_vma = await anon_vma_alloc(k, cur)
     except BaseException:
-        if locked and pvma.anon_vma.root.rwsem.owner is cur:
-            anon_vma_unlock_write(cur, pvma.anon_vma)
-        await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))
+        await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))  # out_error:
         raise
-    av.num_active_vmas += 1
-    av.root = pvma.anon_vma.root
-    av.parent = pvma.anon_vma
-    get_anon_vma(av.root)
-    vma.anon_vma = av
+    anon_vma.num_active_vmas += 1
+    anon_vma.root = pvma.anon_vma.root
+    anon_vma.parent = pvma.anon_vma
+    # With refcounts, an anon_vma can stay around longer than the process it belongs to. The
+    # root anon_vma needs to be pinned until this anon_vma is freed, because the lock lives in
+    # the root.
+    get_anon_vma(k, anon_vma.root)
+    # Mark this anon_vma as the one where our new (COWed) pages go.
+    vma.anon_vma = anon_vma
     k.memcg.charge(cur, AVC_BYTES)
-    anon_vma_chain_link(vma, av)
-    av.parent.num_children += 1
-    if locked:
-        anon_vma_unlock_write(cur, av)
+    anon_vma_chain_link(vma, anon_vma)
+    anon_vma.parent.num_children += 1
+    anon_vma_unlock_write(cur, anon_vma)
 
 
 async def unlink_anon_vmas(k: Kernel, cur: Current, vma: Vma) -> None:
@@ -340,36 +411,40 @@ def folio_add_new_anon_rmap(folio: Folio, vma: Vma, addr: int) -> None:
     folio.mapcount = 1
 
 
-def folio_move_anon_rmap(folio: Folio, vma: Vma) -> None:
+def folio_move_anon_rmap(k: Kernel, folio: Folio, vma: Vma) -> None:
     """Point an exclusive folio at ``vma``'s own anon_vma.
 
     Expects the folio lock; when the new anon_vma may have a different root (UFFDIO_MOVE), also
     the old root's rwsem for write, which is what the walkers' recheck relies on.
     """
-    folio.mapping = vma.anon_vma
+    folio.mapping = vma.anon_vma  # WRITE_ONCE(folio->mapping, anon_vma)
+    if k.trace: trace_store(k, "folio_move_anon_rmap", folio, "mapping")
 
 
 def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
-    """A referenced anon_vma of a mapped folio, or None. Takes and drops the RCU read lock.
+    """A referenced anon_vma of a mapped folio, or None: a pin held by ``cur`` until put_anon_vma.
+    Takes and drops the RCU read lock.
 
     (The kernel tests folio_mapped again after the increment, against a concurrent unmap; no other
     task runs inside this function here, so that second test is the assertion below.)
     """
     rcu = k.rcu
     rcu.read_lock(cur)
-    av = folio.mapping
-    if av is None or folio.mapcount == 0:
+    anon_vma = folio.mapping  # READ_ONCE(folio->mapping)
+    if k.trace: trace_load(k, "folio_get_anon_vma", folio, "mapping")
+    if anon_vma is None or not folio.mapcount:
         rcu.read_unlock(cur)
         return None
-    if av.freed:
-        rcu.check_access(cur, av, "folio_get_anon_vma")
-    if av.refcount == 0:  # atomic_inc_not_zero failed
-        rcu.read_unlock(cur)
-        return None
-    av.refcount += 1
-    assert folio.mapcount > 0
+    if anon_vma.freed: rcu.check_access(cur, anon_vma, "folio_get_anon_vma")
+    if anon_vma.refcount == 0:  # atomic_inc_not_zero(&anon_vma->refcount) failed
+        anon_vma = None
+    else:
+        anon_vma.refcount += 1
+        if k.trace: trace_refcount(k, anon_vma, 1)
+        cur.pins.append(anon_vma)
+        assert folio.mapcount > 0
     rcu.read_unlock(cur)
-    return av
+    return anon_vma
 
 
 @dataclass
@@ -388,228 +463,172 @@ class RmapWalkControl:
     locked: AnonVma | None = None
 
 
-def anon_vma_unlock_read(k: Kernel, cur: Current, av: AnonVma, held: RwSem) -> None:
-    """up_read(&anon_vma->root->rwsem): the root is read again at unlock. Releases ``held``, the
-    rwsem the walker took; if ``av``'s root is now another one, the kernel would release a lock it
-    does not hold: reported as unlock-mismatch."""
-    if k.detect and av.root.rwsem is not held:  # the kernel's own read of anon_vma->root at unlock
-        _check_unlock_mismatch(k, cur, av)
-    held.up_read(cur)
-
-
-def _check_unlock_mismatch(k: Kernel, cur: Current, av: AnonVma) -> None:
+def check_unlock_mismatch(k: Kernel, cur: Current, av: AnonVma) -> None:
     k.detectors.report("unlock-mismatch", task=cur.name, anon_vma=av.id, root_now=av.root.id)
 
 
 async def folio_lock_anon_vma_read(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
-    """Read-lock the root of ``folio``'s anon_vma, retrying if the mapping moved under us.
+    """Similar to folio_get_anon_vma() except it locks the anon_vma: ``folio``'s anon_vma with its
+    root's rwsem held for read (``rwc.locked``: the root locked), or None (not mapped; or contended
+    in ``try_lock`` mode, ``rwc.contended`` set).
 
-    Expects no anon_vma lock held (and, under the folio-lock protocol, the folio lock). Takes the
-    RCU read lock, then the root rwsem: a trylock, or (without ``try_lock``) a pin on the anon_vma
-    and a sleep on the root with RCU dropped. Returns the anon_vma with its root's rwsem held for
-    read (``rwc.locked``), or None (not mapped, or contended).
+    Expects no anon_vma lock held. Takes the RCU read lock, then the root rwsem: a trylock inside
+    RCU, or (the walk may sleep) a pin on the anon_vma and a sleep on the root with RCU dropped.
+
+    Its caller may not hold the folio lock, so UFFDIO_MOVE (folio_move_anon_rmap) can point the
+    folio at an anon_vma with another root at any time until we hold the old root, which the mover
+    write-locks: the mapping is read again under the lock, in both paths, and we retry if it moved.
     """
-    proto = k.protocol
-    rcu = k.rcu
+    where = "folio_lock_anon_vma_read"
     sched = k.sched
-    root_in_rcu = proto.walker_root_in_rcu
-    pin = proto.walker_anon_vma_get
-    while True:
+    rcu = k.rcu
+    while True:  # retry:
         rcu.read_lock(cur)
-        av = folio.mapping  # READ_ONCE(folio->mapping)
-        if av is None or folio.mapcount == 0:
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
             rcu.read_unlock(cur)
             return None
-        in_rcu = root_in_rcu
-        if not in_rcu:
-            rcu.read_unlock(cur)  # the walker-root-read-outside-rcu mutant
-        if sched.active and sched.should_preempt("walk:after-mapping-read"):
-            try:
-                await sched.yield_now("walk:after-mapping-read")
-            except BaseException:
-                if in_rcu:
-                    rcu.read_unlock(cur)
-                raise
-        if av.freed:
-            rcu.check_access(cur, av, "READ_ONCE(anon_vma->root)")
-        root = av.root  # READ_ONCE(anon_vma->root)
-        if sched.active and sched.should_preempt("walk:after-root-read"):
-            try:
-                await sched.yield_now("walk:after-root-read")
-            except BaseException:
-                if in_rcu:
-                    rcu.read_unlock(cur)
-                raise
-        if root.freed:
-            rcu.check_access(cur, root, "down_read_trylock(&root_anon_vma->rwsem)")
-        if root.rwsem.down_read_trylock(cur):
-            if sched.active and sched.should_preempt("walk:after-trylock"):
-                try:
-                    await sched.yield_now("walk:after-trylock")
-                except BaseException:
-                    root.rwsem.up_read(cur)
-                    if in_rcu:
-                        rcu.read_unlock(cur)
-                    raise
-            if proto.recheck_fast and folio.mapping is not av:
-                root.rwsem.up_read(cur)
-                if in_rcu:
-                    rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # Without the folio lock, folio_move_anon_rmap() (UFFDIO_MOVE) may have pointed the
+            # folio at another anon_vma, under another root, before we locked this one.
+            if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+                root_anon_vma.rwsem.up_read(cur)
+                rcu.read_unlock(cur)
                 rwc.fast_retries += 1
                 continue
-            if folio.mapcount == 0:
-                root.rwsem.up_read(cur)
-                av = None
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
             else:
-                rwc.locked = root
-            if in_rcu:
-                rcu.read_unlock(cur)
-            return av
+                rwc.locked = root_anon_vma
+            rcu.read_unlock(cur)
+            return anon_vma  # type: ignore[no-any-return]
+
         if rwc.try_lock:
             rwc.contended = True
-            if in_rcu:
-                rcu.read_unlock(cur)
-            return None
-        # Slow path: pin the anon_vma, leave RCU, sleep on the root rwsem.
-        if pin:
-            if av.refcount == 0:  # atomic_inc_not_zero failed
-                if in_rcu:
-                    rcu.read_unlock(cur)
-                return None
-            av.refcount += 1
-        if folio.mapcount == 0:
-            if in_rcu:
-                rcu.read_unlock(cur)
-            if pin:
-                await put_anon_vma(k, cur, av)
-            return None
-        if in_rcu:
             rcu.read_unlock(cur)
-        try:
-            if sched.active and sched.should_preempt("walk:slow-before-lock"):
-                await sched.yield_now("walk:slow-before-lock")
-            if av.freed:
-                rcu.check_access(cur, av, "anon_vma_lock_read")
-            root = av.root  # anon_vma_lock_read: down_read(&anon_vma->root->rwsem)
-            rw = root.rwsem
-            if not rw.down_read(cur):
-                await rw.wait(cur)
-        except BaseException:
-            if pin:
-                await put_anon_vma(k, cur, av)
-            raise
-        if sched.active and sched.should_preempt("walk:slow-after-lock"):
-            try:
-                await sched.yield_now("walk:slow-after-lock")
-            except BaseException:
-                anon_vma_unlock_read(k, cur, av, rw)
-                if pin:
-                    await put_anon_vma(k, cur, av)
-                raise
-        if proto.recheck_slow and folio.mapping is not av:
-            anon_vma_unlock_read(k, cur, av, rw)
-            if pin:
-                await put_anon_vma(k, cur, av)
+            return None
+
+        # The trylock failed: we must sleep, so pin the anon_vma first.
+        if not anon_vma_tryget(k, cur, anon_vma):
+            rcu.read_unlock(cur)
+            return None
+        if not folio.mapcount:
+            rcu.read_unlock(cur)
+            await put_anon_vma(k, cur, anon_vma)
+            return None
+
+        # Pinned: it cannot be freed while we sleep outside RCU.
+        rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # As in the fast path: the folio may have moved to another anon_vma while we slept.
+        if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await put_anon_vma(k, cur, anon_vma)
             rwc.slow_retries += 1
             continue
-        if pin:
-            av.refcount -= 1
-            if av.refcount == 0:
-                # We held the last reference.
-                anon_vma_unlock_read(k, cur, av, rw)
-                await __put_anon_vma(k, cur, av)
-                return None
-        rwc.locked = root
-        return av
+
+        if anon_vma_put_testzero(k, cur, anon_vma):
+            # Ours was the last reference: unlock before freeing, since put_anon_vma() would
+            # have anon_vma_free write-lock the root we hold.
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await __put_anon_vma(k, cur, anon_vma)
+            return None
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
 
 
 async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> None:
-    """Visit every VMA of the folio's anon_vma tree that covers ``folio.index``.
+    """Visit every VMA of the folio's anon_vma tree that covers ``folio->index``.
 
-    Takes the anon_vma root rwsem for read through folio_lock_anon_vma_read; each visit takes that
-    mm's PTL (folio_referenced_one), spinning while a task preempted inside its section holds it.
-    The detectors (``_check_walk``) run at walk start, after the index read's preemption point,
-    and at every visit that follows a point where other tasks ran (nothing can change between two
+    Takes the anon_vma root rwsem for read (folio_lock_anon_vma_read); each visit takes that mm's
+    PTL (folio_referenced_one), spinning while a task preempted inside its section holds it. The
+    walk's detectors (check_walk) run at walk start, after the index read's preemption point, and
+    at every visit that follows a point where other tasks ran (nothing can change between two
     visits otherwise); the residual-window finding at the index read.
     """
-    av = await folio_lock_anon_vma_read(k, cur, folio, rwc)
-    if av is None:
+    anon_vma = await k.ops.folio_lock_anon_vma_read(k, cur, folio, rwc)
+    if anon_vma is None:
         return
     locked = rwc.locked
     assert locked is not None
-    held = locked.rwsem
     sched = k.sched
-    detect = k.detect
-    walk_root: AnonVma | None = None
-    ntree = 0
-    residual = False
     try:
-        pgoff = folio.index  # folio_pgoff(folio): READ_ONCE(folio->index)
-        if detect:
-            torn = k.torn
-            if torn and torn.get(folio) == (av, pgoff):
-                # The mover stored folio->mapping and not yet folio->index: (av, pgoff) never held.
-                residual = True
-                k.detectors.note(
-                    "residual-index-window", task=cur.name, folio=folio.id, anon_vma=av.id, index_read=pgoff
-                )
-            walk_root, ntree = _check_walk_snapshot(folio, av)
-        if sched.active and sched.should_preempt("walk:after-index-read"):
-            await sched.yield_now("walk:after-index-read")
-        if detect:
-            _check_walk(k, cur, folio, av, locked, pgoff, walk_root, ntree, residual, "walk start")
-        if av.freed:
-            k.rcu.check_access(cur, av, "rmap_walk_anon tree")
-        avcs = list(av.rb_root)
+        pgoff_start = READ_ONCE(k, "rmap_walk_anon", folio, "index")  # folio_pgoff(folio)
+        snap = walk_snapshot(k, cur, folio, anon_vma, pgoff_start) if k.detect else None
+        if sched.active: await sched.point("walk:after-index-read")
+        if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "walk start")
+
+        if anon_vma.freed: k.rcu.check_access(cur, anon_vma, "rmap_walk_anon tree")
         stale = False  # other tasks ran since the last check
-        for start in range(0, len(avcs), RESCHED_WORK):
-            if start:  # a tree of thousands of VMAs: let others run (the rwsem stays held)
+        # anon_vma_interval_tree_foreach(avc, &anon_vma->rb_root, pgoff_start, pgoff_end)
+        avcs = list(anon_vma.rb_root)
+        for chunk in range(0, len(avcs), RESCHED_WORK):
+            if chunk:  # a tree of thousands of VMAs: let others run (cond_resched)
                 await cond_resched()
                 stale = True
-            for avc in avcs[start : start + RESCHED_WORK] if len(avcs) > RESCHED_WORK else avcs:
+            for avc in avcs[chunk : chunk + RESCHED_WORK]:
                 vma = avc.vma
-                vpg = vma.pgoff
-                if pgoff < vpg or pgoff >= vpg + ((vma.end - vma.start) >> PAGE_SHIFT):
+                if not vma.pgoff <= pgoff_start < vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT):
                     continue
-                addr = vma.start + ((pgoff - vpg) << PAGE_SHIFT)
-                while True:
-                    if stale:
-                        stale = False
-                        if detect:
-                            _check_walk(k, cur, folio, av, locked, pgoff, walk_root, ntree, residual, "visit")
-                    more = folio_referenced_one(cur, folio, vma, addr, rwc)
-                    if more is True:
-                        break
-                    if more is False:
-                        return  # every mapping found
-                    await k.spin_on(cur, more)  # the PTL, held across a preemption point
-                    stale = True
-                if sched.active and sched.should_preempt("walk:per-vma"):
-                    await sched.yield_now("walk:per-vma")
-                    stale = True
+                address = vma.start + ((pgoff_start - vma.pgoff) << PAGE_SHIFT)  # vma_address()
+                if stale and snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
+                while (ptl := folio_referenced_one(cur, folio, vma, address, rwc)) is not None:
+                    await k.spin_on(cur, ptl)  # the PTL, held across a preemption point
+                    if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
+                if not rwc.mapcount:
+                    return  # every mapping found (rwc->done)
+                stale = sched.active and await sched.point("walk:per-vma")
     finally:
-        anon_vma_unlock_read(k, cur, av, held)
+        anon_vma_unlock_read(k, cur, anon_vma, locked)
 
 
-def _check_walk_snapshot(folio: Folio, av: AnonVma) -> tuple[AnonVma | None, int]:
-    """What the detectors compare a walk with later: the folio's current root, the tree's size."""
+class WalkSnapshot:
+    """What the walk detectors compare a walk with later: the folio's root when the walk read its
+    index, the tree's size then, and whether that read fell into the residual window."""
+
+    __slots__ = ("root", "links", "residual")
+
+    def __init__(self, root: AnonVma | None, links: int, residual: bool) -> None:
+        self.root = root
+        self.links = links
+        self.residual = residual
+
+
+def walk_snapshot(k: Kernel, cur: Current, folio: Folio, av: AnonVma, pgoff: int) -> WalkSnapshot:
+    torn = k.torn
+    residual = bool(torn) and torn.get(folio) == (av, pgoff)
+    if residual:
+        # The mover stored folio->mapping and not yet folio->index: (av, pgoff) never held.
+        k.detectors.note("residual-index-window", task=cur.name, folio=folio.id, anon_vma=av.id, index_read=pgoff)
     mapping = folio.mapping
-    return (mapping.root if mapping is not None else None), len(av.rb_root)
+    return WalkSnapshot(mapping.root if mapping is not None else None, len(av.rb_root), residual)
 
 
-def _check_walk(
-    k: Kernel, cur: Current, folio: Folio, av: AnonVma, locked: AnonVma, pgoff: int, walk_root: AnonVma | None,
-    ntree: int, residual: bool, where: str,
+def check_walk(
+    k: Kernel, cur: Current, folio: Folio, av: AnonVma, locked: AnonVma, pgoff: int, snap: WalkSnapshot, where: str
 ) -> None:
-    """Detectors for a walk that holds ``locked.rwsem`` (taken by folio_lock_anon_vma_read), walks
-    ``av``'s tree and read ``pgoff`` when the folio's root was ``walk_root`` and ``av``'s tree held
-    ``ntree`` links. The rwsem held must be the root rwsem of ``av`` and of the folio's current
-    anon_vma (and, under the folio-lock protocol, the walker must hold the folio lock); the
-    folio's root and index must not change while it walks (the index may, after a read in the
-    residual window: that walk read the stale one); nor may ``av``'s tree."""
+    """The walk's lockdep_assert: it holds ``locked.rwsem`` (taken by folio_lock_anon_vma_read) and
+    walks ``av``'s tree, having read ``pgoff``. The rwsem held must be the root rwsem of ``av``
+    and of the folio's current anon_vma (and, where the design says walkers hold the folio lock,
+    the walker must hold it); the folio's root and index must not change while it walks (the
+    index may, after a read in the residual window: that walk read the stale one); nor may
+    ``av``'s tree."""
     det = k.detectors
     held = locked.rwsem
-    if k.protocol.walker_folio_lock:
+    if k.walkers_hold_folio_lock:
         assert folio.lock is not None
         if folio.lock.owner is not cur:
             det.report("wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="folio not locked")
@@ -625,28 +644,27 @@ def _check_walk(
             "wrong-root-walk", task=cur.name, folio=folio.id, where=where, why="the folio's root is not held",
             held_root=locked.id, folio_root=now_root.id,
         )
-    if now_root is not walk_root or (folio.index != pgoff and not residual):
+    if now_root is not snap.root or (folio.index != pgoff and not snap.residual):
         det.report(
             "mapping-changed-during-walk", task=cur.name, folio=folio.id, where=where,
             index_then=pgoff, index_now=folio.index,
         )
-    if len(av.rb_root) != ntree:
+    if len(av.rb_root) != snap.links:
         det.report(
             "tree-changed-during-walk", task=cur.name, folio=folio.id, where=where, anon_vma=av.id,
-            links_then=ntree, links_now=len(av.rb_root),
+            links_then=snap.links, links_now=len(av.rb_root),
         )
 
 
-def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> bool | SpinLock:
-    """Test and clear the young bit of the PTE at ``addr`` if it maps ``folio``. Takes that PTL.
-
-    Returns False to stop the walk (every mapping found), True to go on; or, without doing
-    anything, the PTL when a task preempted inside its section holds it (spin, then call again).
+def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> SpinLock | None:
+    """Test and clear the young bit of the PTE at ``addr`` if it maps ``folio`` (counting the
+    mapping found in ``rwc``). Takes that PTL. Returns None; or, without doing anything, the PTL
+    when a task preempted inside its section holds it (spin, then call again).
     """
     mm = vma.mm
     pt = mm.pgtables.get(addr >> PMD_SHIFT)
     if pt is None:
-        return True
+        return None
     ptl = pt.ptl
     if ptl.owner is not None:
         return ptl
@@ -659,36 +677,20 @@ def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: R
         rwc.mapcount -= 1
         rwc.mappings.append((mm.id, addr))
     ptl.spin_unlock(cur)
-    return rwc.mapcount > 0
+    return None
 
 
 async def folio_referenced(k: Kernel, cur: Current, folio: Folio, try_lock: bool) -> RmapWalkControl:
     """How many VMAs referenced ``folio`` (clearing young bits). Expects a folio reference held.
 
     ``try_lock`` is folio_referenced's mode (contention returns at once, ``contended`` set); without
-    it the walk sleeps on the root rwsem like page_idle's. Under the folio-lock protocol every walker
-    takes the folio lock first (trylock, or sleeping without ``try_lock``).
+    it the walk sleeps on the root rwsem like page_idle's. An anonymous folio is walked without its
+    folio lock (6.18: only file and KSM folios are trylocked here), which is why the walk rechecks
+    the mapping under the anon_vma lock.
     """
     rwc = RmapWalkControl(try_lock=try_lock)
-    if folio.mapcount == 0 or folio.mapping is None:
+    if not folio.mapcount or folio.mapping is None:
         return rwc
     rwc.mapcount = folio.mapcount
-    lock = folio.lock
-    locked = False
-    proto = k.protocol
-    if proto.walker_folio_lock and proto.walker_locks_folio:
-        assert lock is not None
-        if not lock.trylock(cur):
-            if try_lock:
-                rwc.contended = True
-                return rwc
-            if not lock.lock(cur):
-                await lock.wait(cur)
-        locked = True
-    try:
-        await rmap_walk_anon(k, cur, folio, rwc)
-    finally:
-        if locked:
-            assert lock is not None
-            lock.unlock(cur)
+    await k.ops.rmap_walk_anon(k, cur, folio, rwc)
     return rwc

@@ -29,8 +29,8 @@ POINTS = (
     "walk:per-vma",  # rmap_walk_anon: between two VMAs of one walk
     "move:after-folio-lock",  # move_pages_pte: between the folio lock and the anon_vma lock
     "move:anon-vma-locked",  # move_pages_pte: inside the src anon_vma write-locked section
-    "move:between-ptls",  # double_pt_lock(_wait): the first PTL taken, before the nested one
-    "move:after-mapping-store",  # move_present_ptes(_preemptible): folio->mapping stored, not folio->index
+    "move:between-ptls",  # double_pt_lock: the first PTL taken, before the nested one
+    "move:after-mapping-store",  # move_present_ptes: folio->mapping stored, not folio->index
     "move:between-pages",  # move_pages: between two steps (cond_resched)
     "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
@@ -144,6 +144,36 @@ class Scheduler:
             self.yields[point] += 1
             return True
         return False
+
+    async def point(self, point: str) -> bool:
+        """A preemption point: other CPUs may act here. Call only when ``self.active``::
+
+            if sched.active: await sched.point("walk:per-vma")
+
+        Returns whether other tasks may have run (a retry loop revalidates then)."""
+        ctl = self.controller
+        if ctl is not None:  # the explorer's choice (should_preempt and yield_now, inline)
+            self.hits[point] += 1
+            if ctl.wants(point):
+                await ctl.park(point)
+                return True
+            return False
+        if self.should_preempt(point):
+            await self.yield_now(point)
+            return True
+        return False
+
+    async def point_unkillable(self, point: str) -> None:
+        """A preemption point where the task must not stop half-way (inside a spinlocked section, in
+        the middle of a free): a cancellation that arrives here is delivered at the task's next
+        cancellation point instead. Call only when ``self.active``."""
+        if self.should_preempt(point):
+            try:
+                await self.yield_now(point)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
 
     async def yield_now(self, point: str) -> None:
         """Let other tasks run: until released at an armed breakpoint, else for a seeded number

@@ -1,4 +1,11 @@
-"""userfaultfd registration and UFFDIO_MOVE (fs/userfaultfd.c, mm/userfaultfd.c), as in 6.18."""
+"""userfaultfd registration and UFFDIO_MOVE (fs/userfaultfd.c, mm/userfaultfd.c), as in 6.18.
+
+UFFDIO_MOVE moves exclusive anonymous pages under the VMA read locks: per step (move_pages_pte) the
+src folio lock, then its anon_vma root write lock (against rmap walkers that hold neither), then
+both PTLs (double_pt_lock, in address order). A blocking acquisition happens with only the VMA
+locks held, and the step starts over after it; the folio's mapping and index are stored with both
+PTLs held (move_present_ptes). The steps a protocol variant may replace are called through ``k.ops``.
+"""
 
 from __future__ import annotations
 
@@ -40,14 +47,14 @@ from .mmap import vma_modify
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_start_read_locked
 from .rmap import (
     AnonVma,
+    anon_vma_lock_write,
     anon_vma_prepare,
     folio_add_new_anon_rmap,
     folio_get_anon_vma,
     folio_move_anon_rmap,
-    preempt_point_unkillable,
-    put_anon_vma_final,
 )
 from .sched import RESCHED_WORK, cond_resched
+from .trace import READ_ONCE, trace_refcount, trace_store
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -370,42 +377,19 @@ class MoveProgress:
         self.on_step = on_step  # (src_addr, dst_addr, bytes)
 
 
-def double_pt_lock(cur: Current, ptl1: SpinLock, ptl2: SpinLock, ordered: bool = True) -> None:
-    """Take two PTLs in address order, the second nested; one lock is taken once. Expects both
-    free (see double_pt_lock_wait). ``ordered=False`` is the ptl-no-address-order mutant."""
-    if ptl1 is ptl2:
-        ptl1.spin_lock(cur)
-        return
-    if ordered and ptl2.key < ptl1.key:
+async def double_pt_lock(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
+    """Lock two PTLs in address order (lower first, the second nested), or the one if they are the
+    same: two moves in opposite directions between two page tables would otherwise each hold one
+    and spin on the other. Expects neither held by ``cur``; spins (Kernel.spin_on) on one held by
+    a task preempted inside its section. Between the two is the ``move:between-ptls`` point."""
+    if ptl1.key > ptl2.key:  # lock in virtual address order to avoid lock inversion
         ptl1, ptl2 = ptl2, ptl1
+    if ptl1.owner is not None: await k.spin_on(cur, ptl1)
     ptl1.spin_lock(cur)
-    ptl2.spin_lock(cur, nested=True)
-
-
-async def double_pt_lock_wait(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
-    """double_pt_lock where others may run: when the scheduler is active, or a task preempted
-    inside its section holds one of the PTLs. Spins (Kernel.spin_on) on a held PTL; between the
-    first PTL and the nested one is the ``move:between-ptls`` point."""
-    if ptl1 is ptl2:
-        if ptl1.owner is not None:
-            await k.spin_on(cur, ptl1)
-        ptl1.spin_lock(cur)
-        return
-    if k.protocol.ptl_address_order and ptl2.key < ptl1.key:
-        ptl1, ptl2 = ptl2, ptl1
-    if ptl1.owner is not None:
-        await k.spin_on(cur, ptl1)
-    ptl1.spin_lock(cur)
-    try:
-        sched = k.sched
-        if sched.active and sched.should_preempt("move:between-ptls"):
-            await sched.yield_now("move:between-ptls")
-        if ptl2.owner is not None:
-            await k.spin_on(cur, ptl2)
-    except BaseException:
-        ptl1.spin_unlock(cur)
-        raise
-    ptl2.spin_lock(cur, nested=True)
+    if ptl2 is not ptl1:
+        if k.sched.active: await k.sched.point("move:between-ptls")
+        if ptl2.owner is not None: await k.spin_on(cur, ptl2)
+        ptl2.spin_lock(cur, nested=True)
 
 
 def double_pt_unlock(cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
@@ -431,7 +415,7 @@ async def userfaultfd_move(
 ) -> int:
     """The UFFDIO_MOVE ioctl. Returns ``length``; raises MmError with ``moved`` set otherwise:
     EAGAIN with the bytes moved for a short move, or the error with nothing moved."""
-    ctx = userfaultfd_ctx(k, mm)
+    ctx = mm.uffd or userfaultfd_ctx(k, mm)
     if ctx.mmap_changing:
         raise MmError(errno.EAGAIN, "a non-cooperative event is pending")
     validate_range(mm, dst, length)
@@ -445,7 +429,7 @@ async def userfaultfd_move(
     finally:
         # The pages moved wake the faults waiting on them, even when the move stopped short
         # (or was cancelled: a fatal signal in move_pages also returns the bytes moved).
-        if progress.moved and not mode & UFFDIO_MOVE_MODE_DONTWAKE:
+        if progress.moved and not mode & UFFDIO_MOVE_MODE_DONTWAKE and ctx.faults:
             wake_userfault(k, ctx, dst, progress.moved)
     moved = progress.moved
     if moved != length:
@@ -502,7 +486,9 @@ async def move_pages(
             extent = min(
                 src_end - src_addr, PMD_SIZE - (src_addr & (PMD_SIZE - 1)), PMD_SIZE - (dst_addr & (PMD_SIZE - 1))
             )
-            step = await move_pages_pte(k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, holes, dst_pt, src_pt)
+            step = await k.ops.move_pages_pte(
+                k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, holes, dst_pt, src_pt
+            )
             if step < 0:
                 err = -step
                 if err == errno.EAGAIN:
@@ -515,8 +501,7 @@ async def move_pages(
                 progress.on_step(src_addr, dst_addr, step)
             src_addr += step
             dst_addr += step
-            if sched.active and sched.should_preempt("move:between-pages"):
-                await sched.yield_now("move:between-pages")
+            if sched.active: await sched.point("move:between-pages")
             since_resched += step
             if since_resched >= RESCHED_BYTES:
                 since_resched = 0
@@ -600,232 +585,184 @@ async def move_pages_pte(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
     dst_pt: PageTable, src_pt: PageTable,
 ) -> int:
-    """One step: a page, or a batch of present pages within one PMD (move_present_ptes).
+    """One step of move_pages: a page, or a batch of present pages within one PMD
+    (move_present_ptes). Returns the bytes moved (> 0), or a negative errno (-EAGAIN: retry).
 
     Expects the dst and src VMAs read-locked (uffd_move_lock). Takes the src folio lock, then the
-    src folio's anon_vma root rwsem for write (not under the folio-lock protocol), then both PTLs.
-    Blocking acquisitions happen with only the VMA locks held and restart the step. Returns the bytes moved (> 0), or a
-    negative errno (-EAGAIN: retry this step). The mover-no-folio-lock and mover-no-root-lock
-    mutants skip the src folio's lock and the root lock.
+    src folio's anon_vma root rwsem for write, then both PTLs (move_present_ptes). A blocking
+    acquisition happens with only the VMA locks held, and the step starts over (``retry``) after
+    it, as after a preemption point where others ran; every way out goes through ``out``.
     """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
-    folio_locked = False
+    src_folio_pte: Pte | None = None
     src_anon_vma: AnonVma | None = None
-    av_locked = False
-    orig_src_pte: Pte | None = None
-    proto = k.protocol
     sched = k.sched
-    try:
-        while True:  # retry:
-            if dvpn in dst_pt.ptes:
-                return -errno.EEXIST
-            src_pte = src_pt.ptes.get(svpn)
-            if src_pte is None:
-                return PAGE_SIZE if holes else -errno.ENOENT  # a hole moves as nothing
-            if src_folio is not None and (src_pte is not orig_src_pte or src_pte.folio is not src_folio):
-                return -errno.EAGAIN
-            folio = src_pte.folio
-            if folio is ZERO_PAGE:
-                if sched.active or dst_pt.ptl.owner is not None or src_pt.ptl.owner is not None:
-                    await double_pt_lock_wait(k, cur, dst_pt.ptl, src_pt.ptl)
-                else:
-                    double_pt_lock(cur, dst_pt.ptl, src_pt.ptl, proto.ptl_address_order)
-                return move_zeropage_pte(cur, dst_addr, src_addr, dst_pt, src_pt, src_pte)
-            if src_folio is None:
-                if not folio.exclusive:
-                    return -errno.EBUSY
-                folio.refcount += 1  # folio_get
-                src_folio = folio
-                orig_src_pte = src_pte
-                if proto.mover_folio_lock:
-                    lock = folio.lock
-                    assert lock is not None
-                    if not lock.trylock(cur):
-                        if not lock.lock(cur):
-                            await lock.wait(cur)
-                        folio_locked = True
-                        continue
-                    folio_locked = True
-            if sched.active and sched.should_preempt("move:after-folio-lock"):
-                await sched.yield_now("move:after-folio-lock")
+    while True:  # retry:
+        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+            ret = -errno.EEXIST
+            break
+        orig_src_pte = src_pt.ptes.get(svpn)
+        if orig_src_pte is None:
+            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            break
+        # The PTE changed while we slept on the folio lock: start over
+        if src_folio is not None and orig_src_pte is not src_folio_pte:
+            ret = -errno.EAGAIN
+            break
+        if orig_src_pte.folio is ZERO_PAGE:
+            ret = await move_zeropage_pte(k, cur, dst_addr, src_addr, dst_pt, src_pt, orig_src_pte)
+            break
+
+        # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
+        # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
+        if src_folio is None:
+            folio = orig_src_pte.folio
+            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+                ret = -errno.EBUSY
+                break
+            assert folio.lock is not None
+            locked = folio.lock.trylock(cur)
+            folio.refcount += 1  # folio_get(folio)
+            if k.trace: trace_refcount(k, folio, 1)
+            cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+            src_folio = folio
+            src_folio_pte = orig_src_pte
+            if not locked:
+                # now we can block and wait
+                if not folio.lock.lock(cur): await folio.lock.wait(cur)
                 continue
-            if proto.mover_anon_vma_lock and src_anon_vma is None:
-                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
-                if src_anon_vma is None:
-                    return -errno.EAGAIN
-                rw = src_anon_vma.root.rwsem
-                if not rw.down_write_trylock(cur):
-                    if not rw.down_write(cur):
-                        await rw.wait(cur)
-                    av_locked = True
-                    continue
-                av_locked = True
-            if sched.active and sched.should_preempt("move:anon-vma-locked"):
-                await sched.yield_now("move:anon-vma-locked")
+        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        if src_anon_vma is None:
+            # folio_referenced walks the anon_vma tree without the folio lock: only the anon_vma
+            # (root) lock keeps it out while the folio changes anon_vma; the folio lock does not.
+            src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+            if src_anon_vma is None:
+                ret = -errno.EAGAIN  # page was unmapped from under us
+                break
+            if not src_anon_vma.root.rwsem.down_write_trylock(cur):  # anon_vma_trylock_write
+                # now we can block and wait
+                await anon_vma_lock_write(cur, src_anon_vma)
                 continue
-            assert orig_src_pte is not None
-            if sched.active or dst_pt.ptl.owner is not None or src_pt.ptl.owner is not None:
-                return await move_present_ptes_preemptible(
-                    k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, src_folio
-                )
-            return move_present_ptes(
-                k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, src_folio
-            )
-    finally:
-        if src_anon_vma is not None:
-            if av_locked:
-                src_anon_vma.root.rwsem.up_write(cur)
-            src_anon_vma.refcount -= 1  # put_anon_vma: the folio's VMA still holds it
-            if src_anon_vma.refcount == 0:
-                await put_anon_vma_final(k, cur, src_anon_vma)
-        if src_folio is not None:
-            if folio_locked:
-                assert src_folio.lock is not None
-                src_folio.lock.unlock(cur)
-            src_folio.refcount -= 1  # folio_put: still mapped, never the last reference
-            assert src_folio.refcount > 0
+        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+
+        assert src_folio_pte is not None
+        ret = await k.ops.move_present_ptes(
+            k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, src_folio_pte, src_folio
+        )
+        break
+    # out:
+    if src_anon_vma is not None:
+        src_anon_vma.root.rwsem.up_write(cur)  # anon_vma_unlock_write(src_anon_vma)
+        cur.pins.pop()  # put_anon_vma(src_anon_vma): never the last, the src VMA (read-locked) holds one
+        src_anon_vma.refcount -= 1
+        if k.trace: trace_refcount(k, src_anon_vma, -1)
+    if src_folio is not None:
+        assert src_folio.lock is not None
+        src_folio.lock.unlock(cur)
+        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
+        src_folio.refcount -= 1
+        if k.trace: trace_refcount(k, src_folio, -1)
+    return ret
 
 
-def move_present_ptes(
+async def move_present_ptes(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
-    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
-    window: list[tuple[Folio, int, bool]] | None = None,
+    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, src_folio: Folio,
 ) -> int:
-    """Move the locked ``folio``, then every following page of ``extent`` that can go under the
-    same PTL pair: dst none, src present and not the zero page, its folio trylockable, exclusive
-    and under the same anon_vma (6.18's batched move). Expects the folio lock (and the old root's
-    rwsem for write); takes both PTLs, which must be free (nobody else runs meanwhile). Each folio
-    moves to dst's anon_vma at dst's index; mapcounts do not change. Returns the bytes moved, or a
-    negative errno.
+    """Move the locked ``src_folio``, then every following page of ``extent`` that can go under
+    the same PTL pair: dst none, src present and not the zero page, its folio trylockable,
+    exclusive and under the same anon_vma (6.18's batched move). Each folio moves to dst's
+    anon_vma at dst's index; mapcounts do not change. Returns the bytes moved, or a negative
+    errno.
 
-    Per folio the kernel stores folio->mapping, then folio->index, then the dst PTE (the
-    move-index-before-mapping mutant swaps the two stores). With ``window``, the PTLs are the
-    caller's (move_present_ptes_preemptible): each folio gets its first store only, and the rest
-    of its move is left in ``window`` (folio, page, dirty) for after the caller's point.
+    Expects the folio lock (and the old root's rwsem for write); takes both PTLs (double_pt_lock).
+    Per folio the kernel stores folio->mapping, then folio->index, then the dst PTE; between the
+    first two is the ``move:after-mapping-store`` point, the residual window of the reference (the
+    PTLs held: the step runs to its end even if the task is cancelled there).
     """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
-    proto = k.protocol
-    if window is None:
-        double_pt_lock(cur, dst_pt.ptl, src_pt.ptl, proto.ptl_address_order)
-    try:
-        if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
-            return -errno.EAGAIN
-        if not folio.exclusive:
-            return -errno.EBUSY
-        anon_vma = folio.mapping
-        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
-        plain = window is None and proto.move_mapping_first  # both stores now, the kernel's order
-        pte = orig_src_pte
-        n = 0
-        last = extent >> PAGE_SHIFT
-        while True:
-            del src_ptes[svpn + n]  # ptep_clear_flush
-            if plain:
-                folio_move_anon_rmap(folio, dst_vma)  # WRITE_ONCE(folio->mapping)
-                folio.index = index + n
-                # Built from dst's prot: writable, accessed; dirty only if src was (6.15+).
-                dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
-                if n:
-                    folio.lock.unlock(cur)  # type: ignore[union-attr]
-            elif window is None:  # move-index-before-mapping
-                folio.index = index + n
-                folio_move_anon_rmap(folio, dst_vma)
-                dst_ptes[dvpn + n] = Pte(folio, True, True, pte.dirty)
-                if n:
-                    folio.lock.unlock(cur)  # type: ignore[union-attr]
-            else:  # the first store only; the caller does the rest after its point
-                if proto.move_mapping_first:
-                    folio_move_anon_rmap(folio, dst_vma)
-                else:
-                    folio.index = index + n
-                window.append((folio, n, pte.dirty))
-            n += 1
-            if n == last:
-                break
-            # check_ptes_for_batched_move
-            if dvpn + n in dst_ptes:
-                break
-            pte = src_ptes.get(svpn + n)  # type: ignore[assignment]
-            if pte is None or pte.folio is ZERO_PAGE:
-                break
-            folio = pte.folio
-            if not folio.lock.trylock(cur):  # type: ignore[union-attr]
-                break
-            if not folio.exclusive or folio.mapping is not anon_vma:
-                folio.lock.unlock(cur)  # type: ignore[union-attr]
-                break
-        return n << PAGE_SHIFT
-    finally:
-        if window is None:
-            double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
-
-
-def _check_record_torn(torn: dict[Folio, tuple[AnonVma, int]], window: list[tuple[Folio, int, bool]]) -> None:
-    """For the walkers' residual-window check: the (mapping, index) pairs left torn."""
-    for f, _, _ in window:
-        torn[f] = (f.mapping, f.index)  # type: ignore[assignment]
-
-
-async def move_present_ptes_preemptible(
-    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
-    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, folio: Folio,
-) -> int:
-    """move_present_ptes where other tasks may run: with the scheduler active, or a PTL held by
-    a task preempted inside its section. Takes the PTLs with double_pt_lock_wait (spinning, the
-    ``move:between-ptls`` point); between each folio's two stores is the
-    ``move:after-mapping-store`` point, the residual window of the reference (PTLs held: the step
-    runs to its end even if the task is cancelled there). A batch's folios are in the window
-    together; meanwhile each torn (mapping, index) pair, which never held together, is in
-    ``k.torn`` for the walkers' residual-window check."""
     sched = k.sched
-    dst_ptl, src_ptl = dst_pt.ptl, src_pt.ptl
-    await double_pt_lock_wait(k, cur, dst_ptl, src_ptl)
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    elif not src_folio.exclusive:
+        ret = -errno.EBUSY
+    else:
+        src_anon_vma = src_folio.mapping
+        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index(dst_vma, dst_addr)
+        ret = 0
+        while True:
+            pte = src_ptes.pop(svpn)  # ptep_get_and_clear
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            if sched.active: await move_store_window(k, src_folio)
+            src_folio.index = index
+            if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
+            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty)  # dst's prot; dirty only if src was (6.15+)
+            if ret:
+                src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+            ret += PAGE_SIZE
+            if ret == extent:
+                break
+            dvpn += 1
+            svpn += 1
+            index += 1
+            folio = check_ptes_for_batched_move(k, cur, dst_ptes, src_ptes, dvpn, svpn, src_anon_vma)
+            if folio is None:
+                break
+            src_folio = folio
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
+def check_ptes_for_batched_move(
+    k: Kernel, cur: Current, dst_ptes: dict[int, Pte], src_ptes: dict[int, Pte], dvpn: int, svpn: int,
+    src_anon_vma: AnonVma | None,
+) -> Folio | None:
+    """The next page's folio, locked (trylock), if it can join the batch: dst none, src present
+    and not the zero page, the folio exclusive and under the same anon_vma. Expects both PTLs."""
+    if dvpn in dst_ptes:
+        return None
+    pte = src_ptes.get(svpn)
+    if pte is None or pte.folio is ZERO_PAGE:
+        return None
+    folio = pte.folio
+    assert folio.lock is not None
+    if not folio.lock.trylock(cur):
+        return None
+    if not folio.exclusive or READ_ONCE(k, "check_ptes_for_batched_move", folio, "mapping") is not src_anon_vma:
+        folio.lock.unlock(cur)
+        return None
+    return folio
+
+
+async def move_store_window(k: Kernel, folio: Folio) -> None:
+    """The ``move:after-mapping-store`` point: meanwhile the folio's (mapping, index) pair, which
+    never held together, is in ``k.torn`` for the walkers' residual-window check."""
+    k.torn[folio] = (folio.mapping, folio.index)  # type: ignore[assignment]
     try:
-        window: list[tuple[Folio, int, bool]] = []
-        moved = move_present_ptes(
-            k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, orig_src_pte, folio, window
-        )
-        if window and sched.active and sched.should_preempt("move:after-mapping-store"):
-            torn = k.torn
-            _check_record_torn(torn, window)
-            try:
-                await preempt_point_unkillable(sched, "move:after-mapping-store")
-            finally:
-                for f, _, _ in window:
-                    del torn[f]
-        mapping_first = k.protocol.move_mapping_first
-        dvpn = dst_addr >> PAGE_SHIFT
-        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index
-        dst_ptes = dst_pt.ptes
-        for f, n, dirty in window:
-            if mapping_first:
-                f.index = index + n
-            else:
-                folio_move_anon_rmap(f, dst_vma)
-            dst_ptes[dvpn + n] = Pte(f, True, True, dirty)
-            if n:
-                f.lock.unlock(cur)  # type: ignore[union-attr]
-        return moved
+        await k.sched.point_unkillable("move:after-mapping-store")
     finally:
-        double_pt_unlock(cur, dst_ptl, src_ptl)
+        del k.torn[folio]
 
 
-def move_zeropage_pte(
-    cur: Current, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
+async def move_zeropage_pte(
+    k: Kernel, cur: Current, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
 ) -> int:
-    """The zero page moves as a special PTE (6.9+): no folio, no rmap. Expects both PTLs held
-    (double_pt_lock); drops them."""
+    """The zero page moves as a special PTE (6.9+): no folio, no rmap. Takes both PTLs
+    (double_pt_lock) and drops them."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
-    try:
-        if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
-            return -errno.EAGAIN
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    else:
         del src_pt.ptes[svpn]
         dst_pt.ptes[dvpn] = Pte(ZERO_PAGE, False, True, False)
-        return PAGE_SIZE
-    finally:
-        double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+        ret = PAGE_SIZE
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
 
 
 # ---------------------------------------------------------------------------------------------

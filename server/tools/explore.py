@@ -34,22 +34,19 @@ import json
 import multiprocessing as mp
 import pickle
 import random
-import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..mm import locks as locks_mod
-from ..mm.detectors import Detectors
+from mmsim.v1.operations import BY_LITMUS, require
+
 from ..mm.kernel import Deadlock
-from ..mm.mm_types import PAGE_SIZE, Folio, MmError
+from ..mm.mm_types import PAGE_SIZE, MmError
 from ..mm.model import MemoryModel
-from ..mm.rcu import Rcu, TypesafeCache
-from ..mm.rmap import AnonVma
 from .litmus import Op, Scenario, ScenarioError, parse
 
 STRATEGIES = ("random", "pct", "exhaustive")
@@ -261,153 +258,54 @@ class RunResult:
         return h.hexdigest()
 
 
-@contextmanager
-def _lock_tracing(ctl: Controller, locks: bool = True, state: bool = True) -> Iterator[None]:
-    """Record every acquisition and release of the model's locks in the trace, with the locks each
-    thread holds (the lock classes' methods are wrapped for the run, then restored)."""
-    patched: list[tuple[type, str, Any]] = []
+class _Trace:
+    """The trace's side of the model's events (mm/trace.Tracer): each lock operation (and the locks
+    each thread holds), each marked access of the raced fields, refcount change, RCU section,
+    cache free and reuse, and detector report, recorded under the thread that runs."""
 
-    def wrap(cls: type, name: str, kind: str) -> None:
-        orig = cls.__dict__[name]
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
 
-        def traced(self: Any, cur: Any, *a: Any, **kw: Any) -> Any:
-            r = orig(self, cur, *a, **kw)
-            th = ctl.current
-            if th is not None:
-                if kind == "acquire":
-                    if r is not False:
-                        th.held.append(self.name)
-                    ok = "" if r is None else (" ✓" if r else (" ✗" if "try" in name else " (sleeps)"))
-                    ctl.record("lock", f"{name} {self.name}{ok}", th)
-                else:
-                    if self.name in th.held:
-                        th.held.remove(self.name)
-                    ctl.record("lock", f"{name} {self.name}", th)
-            return r
+    def lock(self, op: str, lock: Any, result: bool | None) -> None:
+        ctl = self.ctl
+        th = ctl.current
+        if th is None or ctl.detached:
+            return
+        if result is None and ("unlock" in op or op.startswith("up_")):
+            if lock.name in th.held:
+                th.held.remove(lock.name)
+            ctl.record("lock", f"{op} {lock.name}", th)
+            return
+        if result is not False:
+            th.held.append(lock.name)
+        ok = "" if result is None else (" ✓" if result else (" ✗" if "try" in op else " (sleeps)"))
+        ctl.record("lock", f"{op} {lock.name}{ok}", th)
 
-        patched.append((cls, name, orig))
-        setattr(cls, name, traced)
+    def state(self, text: str) -> None:
+        ctl = self.ctl
+        th = ctl.current
+        if th is not None and not ctl.detached:
+            ctl.record("state", text, th)
 
-    rw, mx, sp = locks_mod.RwSem, locks_mod.Mutex, locks_mod.SpinLock
-    for cls, name, kind in () if not locks else (
-        (rw, "down_read_trylock", "acquire"), (rw, "down_write_trylock", "acquire"), (rw, "down_read", "acquire"),
-        (rw, "down_write", "acquire"), (rw, "up_read", "release"), (rw, "up_write", "release"),
-        (mx, "trylock", "acquire"), (mx, "lock", "acquire"), (mx, "unlock", "release"),
-        (sp, "spin_lock", "acquire"), (sp, "spin_unlock", "release"),
-    ):
-        wrap(cls, name, kind)
-    orig_report = Detectors.report
-
-    def report(self: Detectors, kind: str, **detail: Any) -> None:
-        orig_report(self, kind, **detail)
-        ctl.record("finding", f"{kind}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
-
-    orig_note = Detectors.note
-
-    def note(self: Detectors, kind: str, **detail: Any) -> None:
-        orig_note(self, kind, **detail)
-        ctl.record("finding", f"finding {kind}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
-
-    Detectors.report = report  # type: ignore[method-assign]
-    Detectors.note = note  # type: ignore[method-assign]
-    try:
-        if state:
-            with _state_tracing(ctl):
-                yield
-        else:
-            yield
-    finally:
-        Detectors.report = orig_report  # type: ignore[method-assign]
-        Detectors.note = orig_note  # type: ignore[method-assign]
-        for cls, name, orig in reversed(patched):
-            setattr(cls, name, orig)
-
-
-#: The model's modules whose reads of the raced fields the trace shows (the protocol's own code;
-#: not the detectors, the audit or the explorer's fingerprint, which read them too).
-_PROTOCOL_MODULES = frozenset({"mmsim.server.mm.rmap", "mmsim.server.mm.userfaultfd", "mmsim.server.mm.fork",
-                               "mmsim.server.mm.memory", "mmsim.server.mm.mmap"})
-
-
-def _name(obj: Any) -> str:
-    if isinstance(obj, AnonVma):
-        return f"anon_vma{obj.id}" + (" (freed)" if obj.freed else "")
-    if isinstance(obj, Folio):
-        return f"folio{obj.id}"
-    return "NULL" if obj is None else (f"{obj:#x}" if isinstance(obj, int) else repr(obj))
+    def finding(self, text: str) -> None:
+        self.ctl.record("finding", text)
 
 
 @contextmanager
-def _state_tracing(ctl: Controller) -> Iterator[None]:
-    """Record, while a thread runs, the reads and writes of ``folio->mapping``, ``folio->index`` and
-    ``anon_vma->root`` (reads by the protocol's code, with the function that reads), changes of
-    anon_vma and folio refcounts, RCU read-side entry and exit, and anon_vma frees and reuses from
-    the type-stable cache. The slot descriptors and methods are wrapped for the run, then restored."""
-    patched: list[tuple[type, str, Any]] = []
-
-    def field(cls: type, attr: str, reads: bool, fmt: Callable[[Any], str]) -> None:
-        slot = cls.__dict__[attr]  # the member descriptor of a __slots__ field
-
-        def get(obj: Any) -> Any:
-            v = slot.__get__(obj, cls)
-            th = ctl.current
-            if reads and th is not None and not ctl.detached:
-                f = sys._getframe(1)
-                if f.f_globals.get("__name__") in _PROTOCOL_MODULES and not f.f_code.co_name.startswith("_check"):
-                    ctl.record("state", f"{f.f_code.co_name}: reads {_name(obj)}->{attr} = {fmt(v)}", th)
-            return v
-
-        def set_(obj: Any, v: Any) -> None:
-            th = ctl.current
-            f = sys._getframe(1)
-            if th is None or ctl.detached or f.f_code.co_name == "__init__":  # not a slab constructor
-                slot.__set__(obj, v)
-                return
-            if attr == "refcount":
-                old = slot.__get__(obj, cls)
-                slot.__set__(obj, v)
-                if old != v:
-                    ctl.record("state", f"{_name(obj)} refcount {old} → {v}", th)
-            else:
-                slot.__set__(obj, v)
-                ctl.record("state", f"{f.f_code.co_name}: {_name(obj)}->{attr} = {fmt(v)}", th)
-
-        patched.append((cls, attr, slot))
-        setattr(cls, attr, property(get, set_))
-
-    def method(cls: type, name: str, after: Callable[..., str | None]) -> None:
-        orig = cls.__dict__[name]
-
-        def wrapped(self: Any, *a: Any) -> Any:
-            before = (self.reused, a[0].id if a else 0) if cls is TypesafeCache else None
-            r = orig(self, *a)
-            th = ctl.current
-            if th is not None and not ctl.detached:
-                text = after(self, a, r, before)
-                if text:
-                    ctl.record("state", text, th)
-            return r
-
-        patched.append((cls, name, orig))
-        setattr(cls, name, wrapped)
-
-    field(Folio, "mapping", True, _name)
-    field(Folio, "index", True, lambda v: f"{v:#x}")
-    field(AnonVma, "root", True, _name)
-    field(AnonVma, "refcount", False, str)
-    field(Folio, "refcount", False, str)
-    method(Rcu, "read_lock", lambda self, a, r, b: "rcu_read_lock" if a[0].rcu_nesting == 1 else None)
-    method(Rcu, "read_unlock", lambda self, a, r, b: "rcu_read_unlock" if a[0].rcu_nesting == 0 else None)
-    method(TypesafeCache, "alloc",
-           lambda self, a, r, b: f"anon_vma_alloc: the cache hands out freed anon_vma{r.id} again"
-           if self.reused > b[0] else None)
-    method(TypesafeCache, "release",
-           lambda self, a, r, b: f"anon_vma_free: anon_vma{b[1]} back in the SLAB_TYPESAFE_BY_RCU cache")
+def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool) -> Iterator[None]:
+    """Record the model's events in ``ctl``'s trace for the run: detector reports always; lock
+    operations with ``locks``; marked accesses, refcounts, RCU and the cache with ``state``."""
+    k = m.k
+    tr = _Trace(ctl)
+    k.detectors.trace = tr
+    if locks:
+        k.lockdep.trace = tr
+    if state:
+        k.trace = k.rcu.trace = tr
     try:
         yield
     finally:
-        for cls, name, orig in reversed(patched):
-            setattr(cls, name, orig)
+        k.attach_tracer(None)
 
 
 def _model(protocol: str, mutant: str | None) -> MemoryModel:
@@ -419,61 +317,55 @@ def _model(protocol: str, mutant: str | None) -> MemoryModel:
         raise ScenarioError("this model has no protocol mutants") from None
 
 
+def _ok(_: object) -> str:
+    return "ok"
+
+
+def _span(v: Any) -> str:
+    return f"{v.start:#x}-{v.end:#x}"
+
+
+def _walked(w: Any) -> str:
+    maps = ", ".join(f"{p}:{x:#x}" for p, x in w.mappings)
+    return (f"referenced {w.referenced} [{maps}]" + (" contended" if w.contended else "")
+            + (f" retries {w.fast_retries}/{w.slow_retries}" if w.fast_retries or w.slow_retries else ""))
+
+
+#: How each operation of the litmus language calls the model, given the pid of its first argument
+#: (0 for none) and its arguments, and how its result reads in the trace. Every litmus operation
+#: has one (mmsim.v1.operations).
+_MODEL_CALLS: dict[str, tuple[Callable[[MemoryModel, int, tuple[Any, ...]], Awaitable[Any]], Callable[[Any], str]]] = {
+    "process": (lambda m, pid, a: m.create_process(), "pid {}".format),
+    "fork": (lambda m, pid, a: m.fork(pid), "pid {}".format),
+    "exit": (lambda m, pid, a: m.exit(pid), _ok),
+    "mmap": (lambda m, pid, a: m.mmap(pid, a[2] * PAGE_SIZE, prot=a[3], addr=a[1], uffd=a[4]), _span),
+    "munmap": (lambda m, pid, a: m.munmap(pid, a[1], a[2] * PAGE_SIZE), _ok),
+    "register": (lambda m, pid, a: m.uffd_register(pid, a[1], a[2] * PAGE_SIZE, a[3]), _ok),
+    "unregister": (lambda m, pid, a: m.uffd_unregister(pid, a[1], a[2] * PAGE_SIZE), _ok),
+    "madvise": (lambda m, pid, a: m.madvise(pid, a[1], a[2] * PAGE_SIZE, a[3]), _ok),
+    "write": (lambda m, pid, a: m.write(pid, a[1], a[2]), _ok),
+    "read": (lambda m, pid, a: m.read(pid, a[1]), str),
+    "remap": (lambda m, pid, a: m.move(pid, a[1], a[2], a[3] * PAGE_SIZE), "moved {}".format),
+    "copy": (lambda m, pid, a: m.uffd_copy(pid, a[1], a[2] * PAGE_SIZE, a[3]), "copied {}".format),
+    "zeropage": (lambda m, pid, a: m.uffd_zeropage(pid, a[1], a[2] * PAGE_SIZE), "zeroed {}".format),
+    "wake": (lambda m, pid, a: m.uffd_wake(pid, a[1], a[2] * PAGE_SIZE), _ok),
+    "mprotect": (lambda m, pid, a: m.mprotect(pid, a[1], a[2] * PAGE_SIZE, a[3]), _ok),
+    "mremap": (lambda m, pid, a: m.mremap(pid, a[1], a[2] * PAGE_SIZE, a[2] * PAGE_SIZE, maymove=True,
+                                          dontunmap=bool(a[4]), fixed=a[3]), _span),
+    "walk": (lambda m, pid, a: m.walk(pid, a[1], blocking=a[2] == "blocking"), _walked),
+}
+require(_MODEL_CALLS, BY_LITMUS, "explore's model calls (explore._MODEL_CALLS)")
+
+
 async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
-    """Run one operation of a scenario; what it returned, for the trace."""
+    """Run one operation of a scenario (the process it defines, if any, named in ``procs``); what it
+    returned, for the trace."""
+    call, shown = _MODEL_CALLS[op.kind]
     a = op.args
-    pid = procs[a[0]] if a and isinstance(a[0], str) else 0
-    if op.kind == "process":
-        procs[op.name] = await m.create_process()  # type: ignore[index]
-        return f"pid {procs[op.name]}"  # type: ignore[index]
-    if op.kind == "fork":
-        procs[op.name] = await m.fork(pid)  # type: ignore[index]
-        return f"pid {procs[op.name]}"  # type: ignore[index]
-    if op.kind == "exit":
-        await m.exit(pid)
-        return "ok"
-    if op.kind == "mmap":
-        v = await m.mmap(pid, a[2] * PAGE_SIZE, prot=a[3], addr=a[1], uffd=a[4])  # type: ignore[operator, arg-type]
-        return f"{v.start:#x}-{v.end:#x}"
-    if op.kind == "munmap":
-        await m.munmap(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "register":
-        await m.uffd_register(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "unregister":
-        await m.uffd_unregister(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "madvise":
-        await m.madvise(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "write":
-        await m.write(pid, a[1], a[2])  # type: ignore[arg-type]
-        return "ok"
-    if op.kind == "read":
-        return str(await m.read(pid, a[1]))  # type: ignore[arg-type]
-    if op.kind == "remap":
-        return f"moved {await m.move(pid, a[1], a[2], a[3] * PAGE_SIZE)}"  # type: ignore[arg-type, operator]
-    if op.kind == "copy":
-        return f"copied {await m.uffd_copy(pid, a[1], a[2] * PAGE_SIZE, a[3])}"  # type: ignore[arg-type, operator]
-    if op.kind == "zeropage":
-        return f"zeroed {await m.uffd_zeropage(pid, a[1], a[2] * PAGE_SIZE)}"  # type: ignore[arg-type, operator]
-    if op.kind == "wake":
-        await m.uffd_wake(pid, a[1], a[2] * PAGE_SIZE)  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "mprotect":
-        await m.mprotect(pid, a[1], a[2] * PAGE_SIZE, a[3])  # type: ignore[arg-type, operator]
-        return "ok"
-    if op.kind == "mremap":
-        length = a[2] * PAGE_SIZE  # type: ignore[operator]
-        v = await m.mremap(pid, a[1], length, length, maymove=True, dontunmap=bool(a[4]), fixed=a[3])  # type: ignore[arg-type]
-        return f"{v.start:#x}-{v.end:#x}"
-    if op.kind == "walk":
-        w = await m.walk(pid, a[1], blocking=a[2] == "blocking")  # type: ignore[arg-type]
-        maps = ", ".join(f"{p}:{x:#x}" for p, x in w.mappings)
-        return (f"referenced {w.referenced} [{maps}]" + (" contended" if w.contended else "")
-                + (f" retries {w.fast_retries}/{w.slow_retries}" if w.fast_retries or w.slow_retries else ""))
-    raise AssertionError(op.kind)
+    result = await call(m, procs[a[0]] if a and isinstance(a[0], str) else 0, a)
+    if op.name is not None:
+        procs[op.name] = result
+    return shown(result)
 
 
 def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
@@ -550,7 +442,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             ctl.done(th)
 
     # The held locks are part of the exhaustive search's fingerprint: tracked whenever it hashes.
-    with _lock_tracing(ctl, locks=trace or hashing, state=trace):
+    with _tracing(m, ctl, locks=trace or hashing, state=trace):
         m.k.attach_controller(ctl)
         try:
             tasks = [asyncio.ensure_future(body(th)) for th in threads]

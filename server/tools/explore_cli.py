@@ -7,11 +7,15 @@ import argparse
 import os
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from ..cli import find_variant, variant_error, variant_spec
+from ..mm.kernel import PROTOCOLS
+from ..mm.steps import VariantError, is_file_spec, load_variant
 from .explore import RunResult, explore, follow, minimize, run_sync, token, trace_html, untoken
 from .litmus import Scenario, ScenarioError, load
 
@@ -53,30 +57,78 @@ def _show(console: Console, scn: Scenario, r: RunResult, title: str, trace_out: 
         console.print(f"trace written to {trace_out}")
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """What a search runs: the protocol and the mutant as the model takes them (a built-in name, or
+    FILE.py:NAME with FILE absolute), and as the output names them."""
+
+    protocol: str
+    mutant: str | None
+    protocol_label: str
+    mutant_label: str | None
+
+    def __str__(self) -> str:
+        return self.protocol_label + (f" + {self.mutant_label}" if self.mutant_label else "")
+
+
+def _choice(args: argparse.Namespace) -> _Choice:
+    """The protocol and mutant that ``--protocol``, ``--mutant`` and ``--variant`` name. VariantError
+    for a ``--variant`` that cannot be used."""
+    protocol = args.protocol or "recheck"
+    if not args.variant:
+        return _Choice(protocol, args.mutant, protocol, args.mutant)
+    v = find_variant(args.variant)
+    spec = variant_spec(args.variant)
+    label = f"{v.name} ({args.variant})"
+    if not v.mutant:
+        if args.protocol:
+            raise VariantError(f"{v.name!r} is a protocol: give --protocol or --variant, not both")
+        return _Choice(spec, args.mutant, label, args.mutant)
+    if args.mutant:
+        raise VariantError(f"{v.name!r} is a mutant: give --mutant or --variant, not both")
+    protocol = args.protocol or v.applies_to[0]
+    if protocol not in v.applies_to:
+        raise VariantError(f"mutant {v.name!r} applies to {', '.join(v.applies_to)}, not {protocol!r}")
+    if protocol not in PROTOCOLS:
+        raise VariantError(f"mutant {v.name!r} applies to {', '.join(v.applies_to)}: give one of them that is a "
+                           f"built-in protocol ({', '.join(PROTOCOLS)}) with --protocol")
+    return _Choice(protocol, spec, protocol, label)
+
+
+def _named(spec: str) -> str:
+    """A protocol or mutant as the output names it: a user's variant by its name and its file."""
+    return f"{load_variant(spec).name} ({spec})" if is_file_spec(spec) else spec
+
+
 def explore_command(args: argparse.Namespace) -> int:
     # 160 columns when the output is not a terminal, unless COLUMNS says otherwise
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160, highlight=False)
     try:
+        run = _choice(args)
+    except VariantError as e:
+        return variant_error("explore", args.variant, e)
+    try:
         if args.replay:
             scn, protocol, mutant, pre = untoken(args.replay)
             r = run_sync(scn, protocol, mutant, follow(pre))
-            what = f"replay of {scn.name} under {protocol}" + (f" with mutant {mutant}" if mutant else "")
+            what = (f"replay of {scn.name} under {_named(protocol)}"
+                    + (f" with mutant {_named(mutant)}" if mutant else ""))
             _show(console, scn, r, what, args.trace_out)
             return EXIT_CAUGHT if r.caught else EXIT_CLEAN
         if not args.scenario:
             args.parser.error("give a scenario file, or --replay TOKEN")
         scn = load(args.scenario)
-        s = explore(scn, args.protocol, args.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
+        s = explore(scn, run.protocol, run.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
                     args.seed, stop_on_catch=not args.all, jobs=args.jobs)
     except ScenarioError as e:
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as e:  # an unknown mutant
+    except ValueError as e:  # an unknown mutant, one that does not apply, a replay token's variant file gone
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     rate = s.schedules / s.seconds if s.seconds else 0.0
     console.print(
-        f"{scn.name}: {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
+        f"{scn.name}: {run}"
         + f", {args.strategy}: {s.schedules} schedules, {len(s.interleavings)} distinct interleavings"
         + (f", {s.pruned} states pruned" if args.strategy == "exhaustive" else "")
         + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s"
@@ -88,13 +140,13 @@ def explore_command(args: argparse.Namespace) -> int:
     if s.first is None:
         console.print("nothing caught")
         return EXIT_CLEAN
-    small = minimize(scn, args.protocol, args.mutant, s.first)
-    known = scn.known.get(args.protocol, frozenset())
-    if args.mutant is None and small.kinds <= known:
-        console.print(f"[yellow]a known finding of this scenario under {args.protocol}[/] "
+    small = minimize(scn, run.protocol, run.mutant, s.first)
+    known = scn.known.get(run.protocol, frozenset())
+    if run.mutant is None and small.kinds <= known:
+        console.print(f"[yellow]a known finding of this scenario under {run.protocol}[/] "
                       f"({', '.join(sorted(known))}; docs/protocol.md)")
-    tok = token(scn, args.protocol, args.mutant, small.preemptions)
-    title = (f"{scn.name} under {args.protocol}" + (f" + {args.mutant}" if args.mutant else "")
+    tok = token(scn, run.protocol, run.mutant, small.preemptions)
+    title = (f"{scn.name} under {run}"
              + f": caught at schedule {s.at} (seed {args.seed}, {args.strategy}); "
              + f"minimised to {len(small.preemptions)} preemption(s) at steps "
              + ", ".join(f"{st}→{scn.threads[t][0]}" for st, t in small.preemptions))

@@ -43,6 +43,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmsim.v1.operations import BY_LITMUS, require
+
 from ..mm.mm_types import PAGE_SIZE
 
 PROTS = ("r", "rw")
@@ -94,6 +96,86 @@ def _int(tok: str, where: str) -> int:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+@dataclass(frozen=True)
+class Proc:
+    """An argument naming a process of the scenario (``P``)."""
+
+    def usage(self) -> str:
+        return "P"
+
+
+@dataclass(frozen=True)
+class Num:
+    """An integer argument, decimal or 0x-hex: page-aligned where it is ``PAGE_SIZE`` or more,
+    unless ``any_value``."""
+
+    name: str
+    any_value: bool = False
+
+    def usage(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word out of ``choices``; ``default`` where it may be left out (``optional``). A ``skip`` word
+    is left out whenever the next word is not one of its choices, which the next argument then takes."""
+
+    choices: tuple[str, ...]
+    default: str | None = None
+    optional: bool = False
+    skip: bool = False
+
+    def usage(self) -> str:
+        return f"[{'|'.join(self.choices)}]" if self.optional else "|".join(self.choices)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An optional word: True when it is there."""
+
+    word: str
+
+    def usage(self) -> str:
+        return f"[{self.word}]"
+
+
+Arg = Proc | Num | Word | Flag
+P = Proc()
+
+#: The arguments of each operation of the language, by keyword; every keyword is an operation's
+#: (mmsim.v1.operations, Operation.litmus), and every operation with a keyword has its arguments here.
+SYNTAX: dict[str, tuple[Arg, ...]] = {
+    "process": (),
+    "fork": (P,),
+    "exit": (P,),
+    "mmap": (P, Num("ADDR"), Num("PAGES"), Word(PROTS, "rw", optional=True, skip=True),
+             Word(UFFD_MODES, None, optional=True)),
+    "munmap": (P, Num("ADDR"), Num("PAGES")),
+    "register": (P, Num("ADDR"), Num("PAGES"), Word(UFFD_MODES, "missing", optional=True)),
+    "unregister": (P, Num("ADDR"), Num("PAGES")),
+    "madvise": (P, Num("ADDR"), Num("PAGES"), Word(ADVICE)),
+    "mprotect": (P, Num("ADDR"), Num("PAGES"), Word(MPROT)),
+    "mremap": (P, Num("ADDR"), Num("PAGES"), Num("NEWADDR"), Flag("dontunmap")),
+    "write": (P, Num("ADDR", any_value=True), Num("VALUE", any_value=True)),
+    "read": (P, Num("ADDR")),
+    "remap": (P, Num("DST"), Num("SRC"), Num("PAGES")),
+    "walk": (P, Num("ADDR"), Word(("trylock", "blocking"), "trylock", optional=True)),
+    "copy": (P, Num("DST", any_value=True), Num("PAGES", any_value=True), Num("VALUE", any_value=True)),
+    "zeropage": (P, Num("DST"), Num("PAGES")),
+    "wake": (P, Num("ADDR"), Num("PAGES")),
+}
+require(SYNTAX, BY_LITMUS, "the litmus language (litmus.SYNTAX)")
+#: The operations that define a name (``C = fork P``): those whose result is a process.
+DEFINES = frozenset(kw for kw, op in BY_LITMUS.items() if op.result_field == "process")
+
+
+def usage(kind: str) -> str:
+    """The arguments of an operation, as written: ``P ADDR PAGES [r|rw] [missing|wp|missing+wp]``
+    for ``mmap``."""
+    return " ".join(a.usage() for a in SYNTAX[kind])
+
+
 def _op(line: str, where: str, lineno: int, known: set[str]) -> Op:
     name = None
     if "=" in line:
@@ -105,88 +187,53 @@ def _op(line: str, where: str, lineno: int, known: set[str]) -> Op:
     if not toks:
         raise ScenarioError(f"{where}: an operation is missing")
     kind, rest = toks[0], toks[1:]
-
-    def proc(i: int) -> str:
-        if i >= len(rest):
-            raise ScenarioError(f"{where}: {kind} needs a process")
-        if rest[i] not in known:
-            raise ScenarioError(f"{where}: no process {rest[i]!r} here")
-        return rest[i]
-
-    def nargs(lo: int, hi: int) -> None:
-        if not lo <= len(rest) <= hi:
-            want = str(lo) if lo == hi else f"{lo} to {hi}"
-            raise ScenarioError(f"{where}: {kind} takes {want} arguments, not {len(rest)}")
-
-    def word(i: int, choices: tuple[str, ...], default: str | None) -> str | None:
-        if i >= len(rest):
-            return default
-        if rest[i] not in choices:
-            raise ScenarioError(f"{where}: {rest[i]!r} is not one of {', '.join(choices)}")
-        return rest[i]
-
-    args: tuple[object, ...]
-    if kind == "process":
-        nargs(0, 0)
-        args = ()
-    elif kind in ("fork", "exit"):
-        nargs(1, 1)
-        args = (proc(0),)
-    elif kind == "mmap":
-        nargs(3, 5)
-        extra = rest[3:]
-        prot = extra.pop(0) if extra and extra[0] in PROTS else "rw"
-        uffd = extra.pop(0) if extra else None
-        if uffd is not None and uffd not in UFFD_MODES:
-            raise ScenarioError(f"{where}: mmap takes P ADDR PAGES [r|rw] [missing|wp|missing+wp], not {uffd!r}")
-        if extra:
-            raise ScenarioError(f"{where}: mmap takes P ADDR PAGES [r|rw] [missing|wp|missing+wp]")
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), prot, uffd)
-    elif kind in ("munmap", "unregister"):
-        nargs(3, 3)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
-    elif kind == "register":
-        nargs(3, 4)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, UFFD_MODES, "missing"))
-    elif kind == "madvise":
-        nargs(4, 4)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, ADVICE, None))
-    elif kind == "write":
-        nargs(3, 3)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
-    elif kind == "read":
-        nargs(2, 2)
-        args = (proc(0), _int(rest[1], where))
-    elif kind == "remap":
-        nargs(4, 4)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where))
-    elif kind == "walk":
-        nargs(2, 3)
-        args = (proc(0), _int(rest[1], where), word(2, ("trylock", "blocking"), "trylock"))
-    elif kind == "copy":
-        nargs(4, 4)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where))
-    elif kind in ("zeropage", "wake"):
-        nargs(3, 3)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where))
-    elif kind == "mprotect":
-        nargs(4, 4)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), word(3, MPROT, None))
-    elif kind == "mremap":
-        nargs(4, 5)
-        args = (proc(0), _int(rest[1], where), _int(rest[2], where), _int(rest[3], where),
-                word(4, ("dontunmap",), None) is not None)
-    else:
+    syntax = SYNTAX.get(kind)
+    if syntax is None:
         raise ScenarioError(f"{where}: unknown operation {kind!r}")
-    if kind in ("process", "fork") and name is None:
+    lo = sum(1 for a in syntax if isinstance(a, (Proc, Num)) or (isinstance(a, Word) and not a.optional))
+    if not lo <= len(rest) <= len(syntax):
+        want = str(lo) if lo == len(syntax) else f"{lo} to {len(syntax)}"
+        raise ScenarioError(f"{where}: {kind} takes {want} arguments, not {len(rest)}")
+    # After a word that may be left out, a word that fits no argument is told by the whole usage.
+    told_by_usage = any(isinstance(a, Word) and a.skip for a in syntax)
+    args: list[object] = []
+    i = 0
+    for a in syntax:
+        tok = rest[i] if i < len(rest) else None
+        if isinstance(a, Proc):
+            if tok is None:
+                raise ScenarioError(f"{where}: {kind} needs a process")
+            if tok not in known:
+                raise ScenarioError(f"{where}: no process {tok!r} here")
+            args.append(tok)
+        elif isinstance(a, Num):
+            if tok is None:
+                raise ScenarioError(f"{where}: {kind} takes {usage(kind)}")
+            args.append(_int(tok, where))
+        elif isinstance(a, Flag):
+            if tok is not None and tok != a.word:
+                raise ScenarioError(f"{where}: {tok!r} is not one of {a.word}")
+            args.append(tok is not None)
+        elif tok is None or (a.skip and tok not in a.choices):
+            args.append(a.default)
+            continue
+        elif tok not in a.choices:
+            if told_by_usage:
+                raise ScenarioError(f"{where}: {kind} takes {usage(kind)}, not {tok!r}")
+            raise ScenarioError(f"{where}: {tok!r} is not one of {', '.join(a.choices)}")
+        else:
+            args.append(tok)
+        i += 1
+    if i < len(rest):
+        raise ScenarioError(f"{where}: {kind} takes {usage(kind)}")
+    if kind in DEFINES and name is None:
         raise ScenarioError(f"{where}: {kind} needs a name: NAME = {kind} ...")
-    if kind not in ("process", "fork") and name is not None:
+    if kind not in DEFINES and name is not None:
         raise ScenarioError(f"{where}: {kind} defines nothing")
-    for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and kind not in ("write", "copy") and a % PAGE_SIZE \
-                and a >= PAGE_SIZE:
-            raise ScenarioError(f"{where}: {a:#x} is not page-aligned")
-    return Op(kind, args, name, lineno)
+    for a, v in zip(syntax, args, strict=True):
+        if isinstance(a, Num) and not a.any_value and isinstance(v, int) and v % PAGE_SIZE and v >= PAGE_SIZE:
+            raise ScenarioError(f"{where}: {v:#x} is not page-aligned")
+    return Op(kind, tuple(args), name, lineno)
 
 
 def parse(text: str, where: str = "<scenario>") -> Scenario:

@@ -1,4 +1,5 @@
-"""``mmsim mutate``: the litmus library against every protocol mutant (mm/kernel.py ``MUTANTS``).
+"""``mmsim mutate``: the litmus library against every protocol mutant (mm/variants.py ``MUTANTS``,
+and a user's mutants given as ``FILE.py:NAME``).
 
 A mutant is *killed* when some scenario, explored under one of the protocols the mutant applies
 to, is caught by a detector or the audit, while the same scenario under the same protocol without
@@ -10,10 +11,12 @@ bound first, then with random schedules.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..mm.kernel import MUTANTS
+from ..mm.steps import resolve
 from .explore import explore
 from .litmus import Scenario, load
 
@@ -23,8 +26,9 @@ DEFAULT_LITMUS = Path(__file__).resolve().parents[2] / "tests" / "litmus"
 
 @dataclass
 class Kill:
-    mutant: str
+    mutant: str  # its name
     equivalent: bool
+    protocols: tuple[str, ...] = ()  # those it applies to
     scenario: str | None = None
     protocol: str | None = None
     strategy: str | None = None
@@ -42,9 +46,10 @@ def library(directory: Path = DEFAULT_LITMUS) -> list[Scenario]:
 
 
 def kill(mutant: str, scenarios: list[Scenario], preemptions: int = 2, schedules: int = 2000) -> Kill:
-    """Search for a scenario and protocol that kill ``mutant``."""
-    m = MUTANTS[mutant]
-    k = Kill(mutant, m.equivalent)
+    """Search for a scenario and protocol that kill ``mutant`` (a built-in name or FILE.py:NAME;
+    steps.VariantError if it is no mutant)."""
+    m = resolve(mutant, "mutant")
+    k = Kill(m.name, m.equivalent, m.protocols)
     if m.equivalent:
         return k
     for protocol in m.protocols:
@@ -75,10 +80,11 @@ def _clean(text: str, name: str, protocol: str, preemptions: int, schedules: int
 
 
 def mutation_score(scenarios: list[Scenario] | None = None, preemptions: int = 2,
-                   schedules: int = 2000) -> tuple[list[Kill], float]:
-    """Every mutant's kill (or survival), and the score."""
+                   schedules: int = 2000, extra: Sequence[str] = ()) -> tuple[list[Kill], float]:
+    """Every mutant's kill (or survival), and the score: the built-in mutants, then ``extra``
+    (user mutants, ``FILE.py:NAME``)."""
     scenarios = library() if scenarios is None else scenarios
-    kills = [kill(name, scenarios, preemptions, schedules) for name in MUTANTS]
+    kills = [kill(name, scenarios, preemptions, schedules) for name in (*MUTANTS, *extra)]
     scored = [k for k in kills if not k.equivalent]
     return kills, (sum(k.killed for k in scored) / len(scored) if scored else 1.0)
 

@@ -1,0 +1,749 @@
+"""The built-in variants (steps.Variant): the kernel's protocol generations and the mutants.
+
+Each replacement below is the default step (in rmap.py or userfaultfd.py) as that generation or
+mutant has it; the comments mark what differs. The default steps are 6.18's (``recheck``).
+
+Protocols:
+
+- ``recheck``: 6.8 to 6.18, the seed as merged: the mapping rechecked in both paths.
+- ``recheck-slow-only``: the seed's v2, before review: the slow path only.
+- ``no-recheck``: before the seed.
+- ``folio-lock``: ~6.19: every rmap walker holds the folio lock; the mover takes no anon_vma lock.
+
+Mutants (``MUTANTS``) are one-line deviations from the kernel, to prove that the detectors see
+what each breaks (tests/test_mutants.py, docs/mutants.md, ``mmsim mutate``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from .locks import Current, SpinLock
+from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, Vma
+from .rmap import (
+    AnonVma,
+    RmapWalkControl,
+    __put_anon_vma,
+    anon_vma_alloc,
+    anon_vma_chain_link,
+    anon_vma_lock_read,
+    anon_vma_put_testzero,
+    anon_vma_tryget,
+    anon_vma_unlock_read,
+    folio_move_anon_rmap,
+    folio_referenced,
+    get_anon_vma,
+    put_anon_vma,
+    slab_free_anon_vma,
+    unlink_anon_vmas,
+)
+from .sched import uninterruptible
+from .steps import Variant
+from .trace import READ_ONCE, trace_refcount, trace_store
+from .userfaultfd import check_ptes_for_batched_move, double_pt_unlock, move_store_window, move_zeropage_pte
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+# ---------------------------------------------------------------------------------------------
+# folio_lock_anon_vma_read, generation by generation
+
+
+
+async def flavr_recheck_slow_only(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
+    """folio_lock_anon_vma_read as the seed's v2 had it, before review: the mapping is
+    rechecked in the slow path only (the trylock fast path trusts the mapping it read)."""
+    where = "folio_lock_anon_vma_read"
+    sched = k.sched
+    rcu = k.rcu
+    while True:  # retry:
+        rcu.read_lock(cur)
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
+            rcu.read_unlock(cur)
+            return None
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # (no recheck: the mapping read before the trylock is trusted)
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
+            else:
+                rwc.locked = root_anon_vma
+            rcu.read_unlock(cur)
+            return anon_vma  # type: ignore[no-any-return]
+
+        if rwc.try_lock:
+            rwc.contended = True
+            rcu.read_unlock(cur)
+            return None
+
+        # The trylock failed: we must sleep, so pin the anon_vma first.
+        if not anon_vma_tryget(k, cur, anon_vma):
+            rcu.read_unlock(cur)
+            return None
+        if not folio.mapcount:
+            rcu.read_unlock(cur)
+            await put_anon_vma(k, cur, anon_vma)
+            return None
+
+        # Pinned: it cannot be freed while we sleep outside RCU.
+        rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # As in the fast path: the folio may have moved to another anon_vma while we slept.
+        if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await put_anon_vma(k, cur, anon_vma)
+            rwc.slow_retries += 1
+            continue
+
+        if anon_vma_put_testzero(k, cur, anon_vma):
+            # Ours was the last reference: unlock before freeing, since put_anon_vma() would
+            # have anon_vma_free write-lock the root we hold.
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await __put_anon_vma(k, cur, anon_vma)
+            return None
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
+
+
+async def flavr_recheck_fast_only(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
+    """folio_lock_anon_vma_read without the slow path's recheck: a walker that slept on the
+    old root walks the old tree after the folio moved."""
+    where = "folio_lock_anon_vma_read"
+    sched = k.sched
+    rcu = k.rcu
+    while True:  # retry:
+        rcu.read_lock(cur)
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
+            rcu.read_unlock(cur)
+            return None
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # Without the folio lock, folio_move_anon_rmap() (UFFDIO_MOVE) may have pointed the
+            # folio at another anon_vma, under another root, before we locked this one.
+            if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+                root_anon_vma.rwsem.up_read(cur)
+                rcu.read_unlock(cur)
+                rwc.fast_retries += 1
+                continue
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
+            else:
+                rwc.locked = root_anon_vma
+            rcu.read_unlock(cur)
+            return anon_vma  # type: ignore[no-any-return]
+
+        if rwc.try_lock:
+            rwc.contended = True
+            rcu.read_unlock(cur)
+            return None
+
+        # The trylock failed: we must sleep, so pin the anon_vma first.
+        if not anon_vma_tryget(k, cur, anon_vma):
+            rcu.read_unlock(cur)
+            return None
+        if not folio.mapcount:
+            rcu.read_unlock(cur)
+            await put_anon_vma(k, cur, anon_vma)
+            return None
+
+        # Pinned: it cannot be freed while we sleep outside RCU.
+        rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # (no recheck after the sleep)
+        if anon_vma_put_testzero(k, cur, anon_vma):
+            # Ours was the last reference: unlock before freeing, since put_anon_vma() would
+            # have anon_vma_free write-lock the root we hold.
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await __put_anon_vma(k, cur, anon_vma)
+            return None
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
+
+
+async def flavr_no_recheck(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
+    """folio_lock_anon_vma_read before the seed: the mapping is never read again under the lock."""
+    where = "folio_lock_anon_vma_read"
+    sched = k.sched
+    rcu = k.rcu
+    while True:  # retry:
+        rcu.read_lock(cur)
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
+            rcu.read_unlock(cur)
+            return None
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # (no recheck: the mapping read before the trylock is trusted)
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
+            else:
+                rwc.locked = root_anon_vma
+            rcu.read_unlock(cur)
+            return anon_vma  # type: ignore[no-any-return]
+
+        if rwc.try_lock:
+            rwc.contended = True
+            rcu.read_unlock(cur)
+            return None
+
+        # The trylock failed: we must sleep, so pin the anon_vma first.
+        if not anon_vma_tryget(k, cur, anon_vma):
+            rcu.read_unlock(cur)
+            return None
+        if not folio.mapcount:
+            rcu.read_unlock(cur)
+            await put_anon_vma(k, cur, anon_vma)
+            return None
+
+        # Pinned: it cannot be freed while we sleep outside RCU.
+        rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # (no recheck after the sleep)
+        if anon_vma_put_testzero(k, cur, anon_vma):
+            # Ours was the last reference: unlock before freeing, since put_anon_vma() would
+            # have anon_vma_free write-lock the root we hold.
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await __put_anon_vma(k, cur, anon_vma)
+            return None
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
+
+
+async def flavr_no_anon_vma_get(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
+    """folio_lock_anon_vma_read whose slow path sleeps on the root without pinning the
+    anon_vma (atomic_inc_not_zero and its puts removed)."""
+    where = "folio_lock_anon_vma_read"
+    sched = k.sched
+    rcu = k.rcu
+    while True:  # retry:
+        rcu.read_lock(cur)
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
+            rcu.read_unlock(cur)
+            return None
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # Without the folio lock, folio_move_anon_rmap() (UFFDIO_MOVE) may have pointed the
+            # folio at another anon_vma, under another root, before we locked this one.
+            if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+                root_anon_vma.rwsem.up_read(cur)
+                rcu.read_unlock(cur)
+                rwc.fast_retries += 1
+                continue
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
+            else:
+                rwc.locked = root_anon_vma
+            rcu.read_unlock(cur)
+            return anon_vma  # type: ignore[no-any-return]
+
+        if rwc.try_lock:
+            rwc.contended = True
+            rcu.read_unlock(cur)
+            return None
+
+        # The trylock failed: we must sleep (the mutant: without pinning the anon_vma).
+        if not folio.mapcount:
+            rcu.read_unlock(cur)
+            return None
+
+        # (unpinned: it may be freed while we sleep outside RCU)
+        rcu.read_unlock(cur)
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # As in the fast path: the folio may have moved to another anon_vma while we slept.
+        if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            rwc.slow_retries += 1
+            continue
+
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
+
+
+async def flavr_root_read_outside_rcu(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkControl) -> AnonVma | None:
+    """folio_lock_anon_vma_read that leaves the RCU read section right after reading the
+    mapping, before it reads the anon_vma's root."""
+    where = "folio_lock_anon_vma_read"
+    sched = k.sched
+    rcu = k.rcu
+    while True:  # retry:
+        rcu.read_lock(cur)
+        anon_vma = READ_ONCE(k, where, folio, "mapping")
+        if anon_vma is None or not folio.mapcount:  # !folio_mapped(folio)
+            rcu.read_unlock(cur)
+            return None
+        rcu.read_unlock(cur)  # the mutant: moved above the root's read
+        if sched.active: await sched.point("walk:after-mapping-read")
+
+        if anon_vma.freed: rcu.check_access(cur, anon_vma, "READ_ONCE(anon_vma->root)")
+        root_anon_vma = READ_ONCE(k, where, anon_vma, "root")
+        if sched.active: await sched.point("walk:after-root-read")
+        if root_anon_vma.freed: rcu.check_access(cur, root_anon_vma, "down_read_trylock(&root->rwsem)")
+        if root_anon_vma.rwsem.down_read_trylock(cur):
+            if sched.active: await sched.point("walk:after-trylock")
+            # Without the folio lock, folio_move_anon_rmap() (UFFDIO_MOVE) may have pointed the
+            # folio at another anon_vma, under another root, before we locked this one.
+            if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+                root_anon_vma.rwsem.up_read(cur)
+                rwc.fast_retries += 1
+                continue
+            # Still mapped: this is still the folio's anon_vma, and the rwsem we hold keeps it
+            # from being freed (anon_vma_free waits for a locked root).
+            if not folio.mapcount:
+                root_anon_vma.rwsem.up_read(cur)
+                anon_vma = None
+            else:
+                rwc.locked = root_anon_vma
+            return anon_vma  # type: ignore[no-any-return]
+
+        if rwc.try_lock:
+            rwc.contended = True
+            return None
+
+        # The trylock failed: we must sleep, so pin the anon_vma first.
+        if not anon_vma_tryget(k, cur, anon_vma):
+            return None
+        if not folio.mapcount:
+            await put_anon_vma(k, cur, anon_vma)
+            return None
+
+        # Pinned: it cannot be freed while we sleep outside RCU.
+        if sched.active: await sched.point("walk:slow-before-lock")
+        root_anon_vma = await anon_vma_lock_read(k, cur, anon_vma)
+        if sched.active: await sched.point("walk:slow-after-lock")
+
+        # As in the fast path: the folio may have moved to another anon_vma while we slept.
+        if READ_ONCE(k, where, folio, "mapping") is not anon_vma:
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await put_anon_vma(k, cur, anon_vma)
+            rwc.slow_retries += 1
+            continue
+
+        if anon_vma_put_testzero(k, cur, anon_vma):
+            # Ours was the last reference: unlock before freeing, since put_anon_vma() would
+            # have anon_vma_free write-lock the root we hold.
+            anon_vma_unlock_read(k, cur, anon_vma, root_anon_vma)
+            await __put_anon_vma(k, cur, anon_vma)
+            return None
+        rwc.locked = root_anon_vma
+        return anon_vma  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------
+# The walker under folio-lock (~6.19)
+
+
+async def folio_referenced_folio_locked(k: Kernel, cur: Current, folio: Folio, try_lock: bool) -> RmapWalkControl:
+    """folio_referenced as ~6.19 has it: every walker holds the folio lock, an anonymous folio
+    too (a trylock in ``try_lock`` mode, contention returns at once; else a sleep on it), so
+    UFFDIO_MOVE, which locks the folio, cannot move it under the walk."""
+    rwc = RmapWalkControl(try_lock=try_lock)
+    if not folio.mapcount or folio.mapping is None:
+        return rwc
+    rwc.mapcount = folio.mapcount
+    lock = folio.lock
+    assert lock is not None
+    if not lock.trylock(cur):
+        if try_lock:
+            rwc.contended = True
+            return rwc
+        if not lock.lock(cur): await lock.wait(cur)
+    try:
+        await k.ops.rmap_walk_anon(k, cur, folio, rwc)
+    finally:
+        lock.unlock(cur)
+    return rwc
+
+
+# ---------------------------------------------------------------------------------------------
+# The mover
+
+
+async def move_pages_pte_no_anon_vma_lock(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
+    dst_pt: PageTable, src_pt: PageTable,
+) -> int:
+    """move_pages_pte without the src anon_vma's root write lock: the folio lock alone keeps
+    walkers out, which holds only where every walker takes the folio lock (~6.19)."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    src_folio: Folio | None = None
+    src_folio_pte: Pte | None = None
+    sched = k.sched
+    while True:  # retry:
+        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+            ret = -errno.EEXIST
+            break
+        orig_src_pte = src_pt.ptes.get(svpn)
+        if orig_src_pte is None:
+            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            break
+        # The PTE changed while we slept on the folio lock: start over
+        if src_folio is not None and orig_src_pte is not src_folio_pte:
+            ret = -errno.EAGAIN
+            break
+        if orig_src_pte.folio is ZERO_PAGE:
+            ret = await move_zeropage_pte(k, cur, dst_addr, src_addr, dst_pt, src_pt, orig_src_pte)
+            break
+
+        # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
+        # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
+        if src_folio is None:
+            folio = orig_src_pte.folio
+            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+                ret = -errno.EBUSY
+                break
+            assert folio.lock is not None
+            locked = folio.lock.trylock(cur)
+            folio.refcount += 1  # folio_get(folio)
+            if k.trace: trace_refcount(k, folio, 1)
+            cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+            src_folio = folio
+            src_folio_pte = orig_src_pte
+            if not locked:
+                # now we can block and wait
+                if not folio.lock.lock(cur): await folio.lock.wait(cur)
+                continue
+        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        # (no anon_vma lock: every walker holds the folio lock, which we hold)
+        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+
+        assert src_folio_pte is not None
+        ret = await k.ops.move_present_ptes(
+            k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, src_folio_pte, src_folio
+        )
+        break
+    # out:
+    if src_folio is not None:
+        assert src_folio.lock is not None
+        src_folio.lock.unlock(cur)
+        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
+        src_folio.refcount -= 1
+        if k.trace: trace_refcount(k, src_folio, -1)
+    return ret
+
+
+async def move_pages_pte_no_locks(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
+    dst_pt: PageTable, src_pt: PageTable,
+) -> int:
+    """move_pages_pte that takes neither the src folio lock nor the anon_vma lock."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    src_folio: Folio | None = None
+    src_folio_pte: Pte | None = None
+    sched = k.sched
+    while True:  # retry:
+        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+            ret = -errno.EEXIST
+            break
+        orig_src_pte = src_pt.ptes.get(svpn)
+        if orig_src_pte is None:
+            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            break
+        # The PTE changed while we slept on the folio lock: start over
+        if src_folio is not None and orig_src_pte is not src_folio_pte:
+            ret = -errno.EAGAIN
+            break
+        if orig_src_pte.folio is ZERO_PAGE:
+            ret = await move_zeropage_pte(k, cur, dst_addr, src_addr, dst_pt, src_pt, orig_src_pte)
+            break
+
+        # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
+        # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
+        if src_folio is None:
+            folio = orig_src_pte.folio
+            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+                ret = -errno.EBUSY
+                break
+            folio.refcount += 1  # folio_get(folio); the mutant: no folio_trylock / folio_lock
+            if k.trace: trace_refcount(k, folio, 1)
+            cur.pins.append(folio)
+            src_folio = folio
+            src_folio_pte = orig_src_pte
+        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        # (no anon_vma lock either)
+        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+
+        assert src_folio_pte is not None
+        ret = await k.ops.move_present_ptes(
+            k, cur, dst_vma, src_vma, dst_addr, src_addr, extent, dst_pt, src_pt, src_folio_pte, src_folio
+        )
+        break
+    # out:
+    if src_folio is not None:
+        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
+        src_folio.refcount -= 1
+        if k.trace: trace_refcount(k, src_folio, -1)
+    return ret
+
+
+async def move_present_ptes_index_first(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
+    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, src_folio: Folio,
+) -> int:
+    """move_present_ptes storing folio->index before folio->mapping."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
+    sched = k.sched
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    elif not src_folio.exclusive:
+        ret = -errno.EBUSY
+    else:
+        src_anon_vma = src_folio.mapping
+        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index(dst_vma, dst_addr)
+        ret = 0
+        while True:
+            pte = src_ptes.pop(svpn)  # ptep_get_and_clear
+            src_folio.index = index  # the mutant: the index first
+            if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
+            if sched.active: await move_store_window(k, src_folio)
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty)  # dst's prot; dirty only if src was (6.15+)
+            if ret:
+                src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+            ret += PAGE_SIZE
+            if ret == extent:
+                break
+            dvpn += 1
+            svpn += 1
+            index += 1
+            folio = check_ptes_for_batched_move(k, cur, dst_ptes, src_ptes, dvpn, svpn, src_anon_vma)
+            if folio is None:
+                break
+            src_folio = folio
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# Fork, free, PTLs
+
+
+async def anon_vma_clone_unlocked(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bool = False) -> None:
+    """anon_vma_clone that links ``dst`` into the trees without the root rwsem."""
+    if not src.anon_vma_chain:
+        return
+    k.memcg.charge(cur, len(src.anon_vma_chain) * AVC_BYTES, nofail=nofail)
+    for pavc in src.anon_vma_chain:  # the mutant: no lock_anon_vma_root
+        anon_vma = pavc.anon_vma
+        anon_vma_chain_link(dst, anon_vma)
+        if (
+            dst.anon_vma is None
+            and src.anon_vma is not None
+            and anon_vma.num_children < 2
+            and anon_vma.num_active_vmas == 0
+        ):
+            dst.anon_vma = anon_vma
+            k.stats["anon_vma_reuse"] += 1
+    if dst.anon_vma is not None:
+        dst.anon_vma.num_active_vmas += 1
+
+
+async def anon_vma_fork_unlocked(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
+    """anon_vma_fork that links the child's new anon_vma without the root rwsem."""
+    if pvma.anon_vma is None:
+        return
+    k.memcg.reserve(cur, (len(pvma.anon_vma_chain) + 1) * AVC_BYTES + ANON_VMA_BYTES)
+    vma.anon_vma = None
+    await k.ops.anon_vma_clone(k, cur, vma, pvma)
+    if vma.anon_vma is not None:
+        return
+    try:
+        anon_vma = await anon_vma_alloc(k, cur)  # the mutant: no anon_vma_lock_write
+    except BaseException:
+        await uninterruptible(lambda: unlink_anon_vmas(k, cur, vma))
+        raise
+    anon_vma.num_active_vmas += 1
+    anon_vma.root = pvma.anon_vma.root
+    anon_vma.parent = pvma.anon_vma
+    get_anon_vma(k, anon_vma.root)
+    vma.anon_vma = anon_vma
+    k.memcg.charge(cur, AVC_BYTES)
+    anon_vma_chain_link(vma, anon_vma)
+    anon_vma.parent.num_children += 1
+
+
+async def anon_vma_free_no_handshake(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
+    """anon_vma_free without the write lock and unlock of a locked root before the free."""
+    sched = k.sched
+    if sched.active: await sched.point_unkillable("free:before-anon-vma-free")
+    slab_free_anon_vma(k, anon_vma)
+    if sched.active: await sched.point_unkillable("free:after-anon-vma-free")
+
+
+async def double_pt_lock_unordered(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
+    """double_pt_lock that takes the PTLs in the order given (the dst's, then the src's)."""
+    if ptl1.owner is not None: await k.spin_on(cur, ptl1)
+    ptl1.spin_lock(cur)
+    if ptl2 is not ptl1:
+        if k.sched.active: await k.sched.point("move:between-ptls")
+        if ptl2.owner is not None: await k.spin_on(cur, ptl2)
+        ptl2.spin_lock(cur, nested=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+
+RECHECK_FAMILY = ("recheck", "recheck-slow-only", "no-recheck")
+ALL_PROTOCOLS = (*RECHECK_FAMILY, "folio-lock")
+
+PROTOCOLS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("recheck", "6.8 to 6.18: the seed as merged, the mapping rechecked in both paths"),
+        Variant("recheck-slow-only", "the seed's v2, before review: the slow path's recheck only",
+                {"folio_lock_anon_vma_read": flavr_recheck_slow_only}),
+        Variant("no-recheck", "before the seed: no recheck", {"folio_lock_anon_vma_read": flavr_no_recheck}),
+        Variant(
+            "folio-lock", "~6.19: rmap walkers hold the folio lock; the mover drops the anon_vma lock",
+            {"folio_referenced": folio_referenced_folio_locked, "folio_lock_anon_vma_read": flavr_no_recheck,
+             "move_pages_pte": move_pages_pte_no_anon_vma_lock},
+            walkers_hold_folio_lock=True,
+        ),
+    )
+}
+
+
+MUTANTS: dict[str, Variant] = {
+    m.name: m
+    for m in (
+        Variant(
+            "no-recheck-fast", "the trylock fast path's recheck removed",
+            {"folio_lock_anon_vma_read": flavr_recheck_slow_only}, applies_to=("recheck",),
+            kernel="folio_lock_anon_vma_read, after down_read_trylock succeeds: "
+            "`if (unlikely((unsigned long)READ_ONCE(folio->mapping) != anon_mapping))` removed",
+            failure="wrong-root-walk: the fast-path race (a move completes between the walker's mapping read and "
+            "its trylock)",
+        ),
+        Variant(
+            "no-recheck-slow", "the slow path's recheck removed",
+            {"folio_lock_anon_vma_read": flavr_recheck_fast_only}, applies_to=("recheck",),
+            kernel="folio_lock_anon_vma_read, after anon_vma_lock_read returns: the same mapping recheck removed",
+            failure="wrong-root-walk: the slow-path race (the walker sleeps on the old root while the mover moves "
+            "the folio)",
+        ),
+        Variant(
+            "mover-no-root-lock", "the mover takes no anon_vma lock",
+            {"move_pages_pte": move_pages_pte_no_anon_vma_lock}, applies_to=RECHECK_FAMILY,
+            kernel="move_pages_pte: `anon_vma_trylock_write(src_anon_vma)` / `anon_vma_lock_write(src_anon_vma)` "
+            "removed",
+            failure="wrong-root-walk and mapping-changed-during-walk: the folio moves under a walker that holds the "
+            "old root",
+        ),
+        Variant(
+            "mover-no-folio-lock", "the mover takes no folio lock",
+            {"move_pages_pte": move_pages_pte_no_locks}, applies_to=("folio-lock",),
+            kernel="move_pages_pte: `folio_trylock(src_folio)` / `folio_lock(src_folio)` removed",
+            failure="under folio-lock: wrong-root-walk and mapping-changed-during-walk (the folio moves under a "
+            "walker that holds its lock); under the recheck family the anon_vma lock still orders it "
+            "(docs/mutants.md)",
+        ),
+        Variant(
+            "walker-no-anon-vma-get", "the slow path sleeps without pinning the anon_vma",
+            {"folio_lock_anon_vma_read": flavr_no_anon_vma_get}, applies_to=("recheck",),
+            kernel="folio_lock_anon_vma_read slow path: `if (!atomic_inc_not_zero(&anon_vma->refcount))` "
+            "(and the put_anon_vma / atomic_dec_and_test that drop it) removed",
+            failure="use-after-free: the anon_vma is freed while the walker sleeps unpinned, and anon_vma_lock_read "
+            "reads its root outside RCU",
+        ),
+        Variant(
+            "walker-root-read-outside-rcu", "the root is read after the RCU read section ended",
+            {"folio_lock_anon_vma_read": flavr_root_read_outside_rcu}, applies_to=("recheck",),
+            kernel="folio_lock_anon_vma_read: `rcu_read_unlock()` moved above "
+            "`root_anon_vma = READ_ONCE(anon_vma->root)`",
+            failure="use-after-free: the anon_vma read from folio->mapping is freed before the walker reads its root",
+        ),
+        Variant(
+            "fork-no-root-lock", "fork links the child into the trees without the root lock",
+            {"anon_vma_clone": anon_vma_clone_unlocked, "anon_vma_fork": anon_vma_fork_unlocked},
+            applies_to=ALL_PROTOCOLS,
+            kernel="anon_vma_clone / anon_vma_fork: `anon_vma_lock_write(anon_vma)` (lock_anon_vma_root) removed",
+            failure="tree-changed-during-walk: fork links the child's VMA into a tree whose root a walker holds",
+        ),
+        Variant(
+            "free-no-root-handshake", "anon_vma_free skips waiting out a locked root",
+            {"anon_vma_free": anon_vma_free_no_handshake}, applies_to=ALL_PROTOCOLS,
+            kernel="anon_vma_free: `if (rwsem_is_locked(&anon_vma->root->rwsem)) { anon_vma_lock_write(anon_vma); "
+            "anon_vma_unlock_write(anon_vma); }` removed",
+            failure="none in the model: it orders memory, which the model (sequentially consistent) does not reorder",
+            equivalent=True,
+        ),
+        Variant(
+            "move-index-before-mapping", "the mover stores folio->index before folio->mapping",
+            {"move_present_ptes": move_present_ptes_index_first}, applies_to=ALL_PROTOCOLS,
+            kernel="move_present_ptes: `src_folio->index = linear_page_index(dst_vma, dst_addr)` moved above "
+            "`folio_move_anon_rmap(src_folio, dst_vma)`",
+            failure="none: the torn pair (old mapping, new index) is seen only under the old root, which the mover "
+            "holds; the residual-index-window finding disappears instead",
+            equivalent=True,
+        ),
+        Variant(
+            "ptl-no-address-order", "double_pt_lock takes the PTLs in argument order",
+            {"double_pt_lock": double_pt_lock_unordered}, applies_to=ALL_PROTOCOLS,
+            kernel="double_pt_lock: `if (ptl1 > ptl2) swap(ptl1, ptl2);` removed",
+            failure="deadlock: two moves in opposite directions between two page tables each hold one PTL and spin "
+            "on the other",
+        ),
+        Variant(
+            "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",
+            {"folio_referenced": folio_referenced}, applies_to=("folio-lock",),
+            kernel="folio_referenced (~6.19, every walker locks the folio): `folio_lock(folio)` skipped",
+            failure="wrong-root-walk: the walker walks without the folio lock, and the tree the folio left",
+        ),
+    )
+}
