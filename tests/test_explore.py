@@ -222,15 +222,15 @@ def test_a_search_over_worker_processes_finds_the_same_schedule(strategy: str) -
     assert clean.first is None and clean.schedules == 200 and clean.interleavings
 
 
-def test_a_thread_that_crashes_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmsim.server.mm import rmap
-
-    def broken(*a: object, **kw: object) -> None:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(rmap, "folio_referenced", broken)  # the default step, which k.ops takes from rmap
+def test_a_thread_that_crashes_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "crash.py").write_text(
+        "from mmsim.server.mm.steps import Variant\n\n"
+        "async def folio_referenced(k, cur, folio, try_lock):\n"
+        "    raise RuntimeError('boom')\n\n"
+        "CRASH = Variant('crash', 'a walker that raises', {'folio_referenced': folio_referenced})\n"
+    )
     scn = load(LITMUS / "slow-path-race.litmus")
-    r = run_sync(scn, "recheck", None, follow({0: 1}))  # the walker first
+    r = run_sync(scn, f"{tmp_path / 'crash.py'}:CRASH", None, follow({0: 1}))  # the walker first
     assert r.caught and any(p.startswith("crash: thread walker raised RuntimeError: boom") for p in r.problems)
 
 

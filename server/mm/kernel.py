@@ -100,7 +100,7 @@ class Kernel:
             raise VariantError(f"mutant {self.mutant.name!r} applies to {', '.join(self.mutant.applies_to)}, "
                                f"not {self.protocol.name!r}")
         #: The steps this kernel runs (steps.Ops): the defaults with both variants' replacements.
-        self.ops = Ops(self.protocol, self.mutant)
+        self.ops = Ops.of(self.protocol, self.mutant)
         design = self.mutant.walkers_hold_folio_lock if self.mutant is not None else None
         #: The design says every rmap walker holds the folio lock (the walk detectors check it).
         self.walkers_hold_folio_lock = bool(self.protocol.walkers_hold_folio_lock if design is None else design)
@@ -142,6 +142,15 @@ class Kernel:
         #: Told True when a task goes to sleep on a userfault or a userfaultfd read and False when
         #: it wakes: the server's admission control, for which a sleeper holds no call slot.
         self.on_uffd_sleep: Callable[[bool], None] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        del state["ops"]  # the step table is the variants': made again (once) where it is restored
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.ops = Ops.of(self.protocol, self.mutant)
 
     def unwind(self, cur: Current) -> Unwind:
         """What ``cur`` takes from here is given back if the section fails (see Unwind)."""

@@ -24,8 +24,7 @@ async def vma_start_write(cur: Current, vma: Vma) -> None:
     if vma.vm_lock_seq == mm.mm_lock_seq:
         return  # already write-locked in this section
     lock = vma.vm_lock
-    if not lock.down_write(cur):
-        await lock.wait(cur)
+    if not lock.down_write(cur): await lock.wait(cur)
     vma.vm_lock_seq = mm.mm_lock_seq
     lock.up_write(cur)
 

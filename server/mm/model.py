@@ -252,8 +252,7 @@ class MemoryModel:
         if not self.gate.try_enter(): await self.gate.enter()
         try:
             lock = mm.mmap_lock
-            if not lock.down_write(cur):
-                await lock.wait(cur)
+            if not lock.down_write(cur): await lock.wait(cur)
             try:
                 if mm.users == 0:
                     raise MmError(errno.ESRCH, "process has exited")
@@ -289,8 +288,7 @@ class MemoryModel:
         k = self.k
         try:
             lock = parent.mmap_lock
-            if not lock.down_write(cur):
-                await lock.wait(cur)
+            if not lock.down_write(cur): await lock.wait(cur)
             try:
                 if parent.users == 0:
                     raise MmError(errno.ESRCH, "process has exited")
@@ -485,8 +483,7 @@ class MemoryModel:
                 lock = None
                 if vma is None:
                     lock = mm.mmap_lock
-                    if not lock.down_read(cur):
-                        await lock.wait(cur)
+                    if not lock.down_read(cur): await lock.wait(cur)
                 try:
                     if mm.users == 0:
                         raise MmError(errno.ESRCH, "process has exited")

@@ -88,10 +88,12 @@ async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
     av.id = k.next_anon_vma_id()
     av.rwsem.name = f"anon_vma{av.id}.rwsem"  # lockdep's and the traces' name for it
     av.refcount = 1
+    if k.trace: trace_refcount(k, av, 1)
     av.num_children = 0
     av.num_active_vmas = 0
     av.parent = av
     av.root = av
+    if k.trace: trace_store(k, "anon_vma_alloc", av, "root")
     k.stats["anon_vma_alloc"] += 1
     return av
 
@@ -193,8 +195,7 @@ async def unpin_all(k: Kernel, cur: Current, keep: int) -> None:
 
 async def anon_vma_lock_write(cur: Current, anon_vma: AnonVma) -> None:
     rwsem = anon_vma.root.rwsem
-    if not rwsem.down_write(cur):
-        await rwsem.wait(cur)
+    if not rwsem.down_write(cur): await rwsem.wait(cur)
 
 
 def anon_vma_trylock_write(cur: Current, anon_vma: AnonVma) -> bool:
@@ -209,8 +210,7 @@ async def anon_vma_lock_read(k: Kernel, cur: Current, anon_vma: AnonVma) -> Anon
     """down_read(&anon_vma->root->rwsem): returns the root it locked."""
     if anon_vma.freed: k.rcu.check_access(cur, anon_vma, "anon_vma_lock_read")
     root = READ_ONCE(k, "anon_vma_lock_read", anon_vma, "root")
-    if not root.rwsem.down_read(cur):
-        await root.rwsem.wait(cur)
+    if not root.rwsem.down_read(cur): await root.rwsem.wait(cur)
     return root  # type: ignore[no-any-return]
 
 
@@ -359,6 +359,7 @@ async def anon_vma_fork(k: Kernel, cur: Current, vma: Vma, pvma: Vma) -> None:
         raise
     anon_vma.num_active_vmas += 1
     anon_vma.root = pvma.anon_vma.root
+    if k.trace: trace_store(k, "anon_vma_fork", anon_vma, "root")
     anon_vma.parent = pvma.anon_vma
     # With refcounts, an anon_vma can stay around longer than the process it belongs to. The
     # root anon_vma needs to be pinned until this anon_vma is freed, because the lock lives in
@@ -379,8 +380,7 @@ async def unlink_anon_vmas(k: Kernel, cur: Current, vma: Vma) -> None:
         vma.anon_vma = None
         return
     root = chain[0].anon_vma.root
-    if not root.rwsem.down_write(cur):
-        await root.rwsem.wait(cur)
+    if not root.rwsem.down_write(cur): await root.rwsem.wait(cur)
     emptied: list[AnonVma] = []
     for avc in reversed(chain):  # newest first
         av = avc.anon_vma

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 @dataclass(frozen=True)
@@ -148,15 +148,20 @@ class Ops:
                 for name, fn in v.replaces.items():
                     setattr(self, name, fn)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in STEPS}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, fn in state.items():
-            setattr(self, name, fn)
+    @classmethod
+    def of(cls, *variants: Variant | None) -> Ops:
+        """The table for ``variants``, made once per process (a table is never changed once made;
+        the explorer restores a pickled kernel for every schedule, and this keeps that cheap)."""
+        key = tuple(
+            None if v is None else tuple((step, id(fn)) for step, fn in v.replaces.items()) for v in variants
+        )
+        found = _OPS.get(key)
+        if found is None:
+            found = _OPS[key] = cls(*variants)
+        return found
 
     # Typed views of the steps the model calls (the attributes themselves are set per instance).
-    if False:  # pragma: no cover - for type checkers only
+    if TYPE_CHECKING:
         folio_referenced: Callable[..., Any]
         rmap_walk_anon: Callable[..., Any]
         folio_lock_anon_vma_read: Callable[..., Any]
@@ -166,6 +171,11 @@ class Ops:
         move_pages_pte: Callable[..., Any]
         move_present_ptes: Callable[..., Any]
         double_pt_lock: Callable[..., Any]
+
+
+#: The step tables made, by the replacements' identities (the functions are module-level: they
+#: live as long as the process, so their ids are not reused).
+_OPS: dict[tuple[tuple[tuple[str, int], ...] | None, ...], Ops] = {}
 
 
 # ---------------------------------------------------------------------------------------------

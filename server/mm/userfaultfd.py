@@ -532,8 +532,7 @@ async def uffd_lock_vma(k: Kernel, cur: Current, mm: Mm, addr: int) -> Vma:
     the VMA lock held. ENOENT for no VMA. Takes the VMA lock for read (and, meanwhile, the
     mmap_lock and what anon_vma_prepare takes)."""
     lock = mm.mmap_lock
-    if not lock.down_read(cur):
-        await lock.wait(cur)
+    if not lock.down_read(cur): await lock.wait(cur)
     try:
         vma = await find_vma_and_prepare_anon(k, cur, mm, addr)
         await vma_start_read_locked(cur, vma)
@@ -554,8 +553,7 @@ async def uffd_move_lock(k: Kernel, cur: Current, mm: Mm, dst_start: int, src_st
         return dst_vma, src_vma
     vma_end_read(cur, dst_vma)
     lock = mm.mmap_lock
-    if not lock.down_read(cur):
-        await lock.wait(cur)
+    if not lock.down_read(cur): await lock.wait(cur)
     try:
         # find_vmas_mm_locked: the dst may have lost its anon_vma while unlocked (DONTUNMAP)
         dst_vma = await find_vma_and_prepare_anon(k, cur, mm, dst_start)
