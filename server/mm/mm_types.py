@@ -17,6 +17,7 @@ from .locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock
 if TYPE_CHECKING:
     from .memcontrol import MemCgroup
     from .rmap import AnonVma, AnonVmaChain
+    from .swapfile import SwpEntry
     from .userfaultfd import UserfaultfdCtx
 
 PAGE_SHIFT = 12
@@ -99,7 +100,7 @@ class Folio:
 
     __slots__ = (
         "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen",
-        "audit_ptes",
+        "audit_ptes", "swap", "swapcache",
     )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:
@@ -115,6 +116,9 @@ class Folio:
         # The audit's scratch space: the PTEs it counted, valid while audit_gen is its generation.
         self.audit_gen = 0
         self.audit_ptes = 0
+        # folio->swap and PG_swapcache: the slot whose swap cache holds the folio (swap_state).
+        self.swap: SwpEntry | None = None
+        self.swapcache = False
 
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
