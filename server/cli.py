@@ -560,6 +560,17 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     if not args.scenarios and not args.random:
         print("mmsim conformance: give scenario files or directories, or --random N", file=sys.stderr)
         return EXIT_USAGE
+    if args.record:
+        from .tools.conformance.tool import record
+
+        if args.random or args.server is not None:
+            print("mmsim conformance: --record takes scenario files only (no --random, no --server)", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            return record(args.scenarios, step_timeout=args.step_timeout, console=Console())
+        except (ScenarioError, OSError) as e:
+            print(f"mmsim conformance: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_USAGE
 
     async def run() -> int:
         if args.server is not None and (why := await _reach(args.server)) is not None:
@@ -650,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")
+    conf.add_argument("--record", action="store_true",
+                      help="run the scenario files on the kernel only and write its answers into their expect fields")
     conf.set_defaults(func=cmd_conformance, parser=conf)
     race = sub.add_parser(
         "race",

@@ -422,3 +422,145 @@ def test_prot_none_pages_are_peeked_not_read() -> None:
     assert r[3].compared() == {"errno": 0, "present": True, "value": 3}
     assert r[4].errno == errno.EFAULT and r[5].errno == errno.EFAULT
     assert r[6].mapcount == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap: pageout, cold and the pte observation
+
+
+def _swap_or_skip() -> None:
+    from mmsim.server.tools.conformance.kernel import swap_unavailable
+
+    why = swap_unavailable()
+    if why is not None:
+        pytest.skip(f"swap is unavailable: {why}")
+
+
+def adv(region: str, page: int, advice: str, pages: int = 1, proc: str = "P") -> dict[str, Any]:
+    return {"op": "madvise", "proc": proc, "at": [region, page], "pages": pages, "advice": advice}
+
+
+def test_pte_of_a_present_page_a_zero_page_and_none() -> None:
+    r = run([mm("a", 3), w("a", 0, 5), at("read", "a", 1), at("pte", "a", 0), at("pte", "a", 1), at("pte", "a", 2),
+             adv("a", 0, "cold", 3), at("pte", "a", 0), at("peek", "a", 0)])
+    assert r[3].present and r[3].exclusive and r[3].anon_exclusive and r[3].mapcount == 1
+    assert (r[3].swap, r[3].swapcache, r[3].zero_page, r[3].thp, r[3].ksm, r[3].uffd_wp) == (False,) * 6
+    assert r[4].present and r[4].zero_page and r[4].mapcount == 0 and not r[4].exclusive
+    assert r[4].anon_exclusive is None  # the zero page is no anonymous folio
+    assert r[5].compared() == {"errno": 0, "present": False, "swap": False, "exclusive": False, "uffd_wp": False,
+                               "soft_dirty": r[5].soft_dirty}
+    assert r[6].errno == 0 and r[7].compared() == r[3].compared()  # cold leaves the PTE as it was
+    assert r[8].value == 5
+
+
+def test_pageout_swap_entry_swapin_and_fork() -> None:
+    """A paged-out page is a swap entry whose folio is in the swap cache; a fork shares the entry;
+    the reads of each process (user-mode loads, not pinning ones) map the one swap-cache folio
+    twice, where a pinning read would have unshared it."""
+    _swap_or_skip()
+    r = run([mm("a", 1), w("a", 0, 42), adv("a", 0, "pageout"), at("pte", "a", 0), at("peek", "a", 0),
+             {"op": "fork", "proc": "P", "child": "C"}, at("read", "a", 0), at("read", "a", 0, proc="C"),
+             at("pte", "a", 0), at("pte", "a", 0, proc="C")])
+    assert [x.note for x in r] == [""] * len(r)
+    assert r[3].compared() == {"errno": 0, "present": False, "swap": True, "exclusive": False, "uffd_wp": False,
+                               "soft_dirty": r[3].soft_dirty, "swapcache": True}
+    assert r[4].present is False
+    assert r[6].value == r[7].value == 42
+    for x in r[8:]:
+        assert (x.present, x.swap, x.mapcount, x.swapcache, x.anon_exclusive) == (True, False, 2, True, False)
+
+
+def test_pageout_of_a_range_with_an_unmapped_page_is_enomem_after_the_mapped_one() -> None:
+    _swap_or_skip()
+    r = run([mm("a", 2), w("a", 0, 1), {"op": "munmap", "proc": "P", "at": ["a", 1], "pages": 1},
+             adv("a", 0, "pageout", 2), at("pte", "a", 0)])
+    assert r[3].errno == errno.ENOMEM
+    assert r[4].swap is True
+
+
+def test_lru_add_drain_all_puts_another_cpus_batch_on_the_lru() -> None:
+    """A page faulted on one CPU sits in that CPU's LRU batch (not on the LRU, where pageout
+    would skip it) until the batches are drained; the empty move_pages drains every CPU's."""
+    import ctypes
+    import struct
+
+    from mmsim.server.tools.conformance import kernel as k
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    libc = k._Libc()
+    flags = os.open("/proc/kpageflags", os.O_RDONLY)
+    pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    lru = 1 << 5
+    buf = libc.mmap(None, 64 * PAGE, 3, k._MAP_PRIVATE | k._MAP_ANONYMOUS, -1, 0)
+    seen_off_lru = 0
+    try:
+        for i in range(64):
+            addr = buf + i * PAGE
+            os.sched_setaffinity(0, {cpus[1]})
+            ctypes.c_uint64.from_address(addr).value = i + 1
+            os.sched_setaffinity(0, {cpus[0]})
+            pfn = struct.unpack("<Q", os.pread(pagemap, 8, addr // PAGE * 8))[0] & k._PM_PFN_MASK
+            before = struct.unpack("<Q", os.pread(flags, 8, pfn * 8))[0]
+            assert libc.lru_add_drain_all() == 0
+            after = struct.unpack("<Q", os.pread(flags, 8, pfn * 8))[0]
+            assert after & lru, f"page {i} is not on the LRU after the drain"
+            if not before & lru:
+                seen_off_lru += 1
+                if seen_off_lru >= 3:
+                    break
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+        libc.munmap(buf, 64 * PAGE)
+        os.close(flags)
+        os.close(pagemap)
+    assert seen_off_lru >= 3, "no page was ever seen in another CPU's batch"
+
+
+def test_pageout_returns_once_its_swap_writeback_has_ended() -> None:
+    """The helper's pageout waits until the pages it wrote out are no longer under writeback
+    (their PFNs, read before, show KPF_WRITEBACK clear when it returns)."""
+    import ctypes
+    import socket
+    import struct
+
+    from mmsim.server.tools.conformance import kernel as k
+
+    _swap_or_skip()
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    h = k._Helper(a)
+    buf = h.libc.mmap(None, 8 * PAGE, 3, k._MAP_PRIVATE | k._MAP_ANONYMOUS, -1, 0)
+    try:
+        for i in range(8):
+            ctypes.c_uint64.from_address(buf + i * PAGE).value = i + 1
+        pfns = [struct.unpack("<Q", os.pread(h.pagemap, 8, (buf + i * PAGE) // PAGE * 8))[0] & k._PM_PFN_MASK
+                for i in range(8)]
+        for i in range(8):
+            assert h._reclaim(buf + i * PAGE, PAGE, "pageout") == {"errno": 0}
+            assert not h._kpageflags(pfns[i]) & k._KPF_WRITEBACK
+            assert h._pagemap(buf + i * PAGE) & k._PM_SWAP
+        assert [ctypes.c_uint64.from_address(buf + i * PAGE).value for i in range(8)] == list(range(1, 9))
+    finally:
+        h.libc.munmap(buf, 8 * PAGE)
+        for fd in (h.pagemap, h.kpagecount, h.kpageflags):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("swaps", "meminfo", "zswap", "why"),
+    [
+        ("Filename Type Size Used Priority\n", "SwapFree: 0 kB\n", None, "no active swap"),
+        ("Filename Type\n/dev/zram0 partition 1 0 100\n", "SwapFree: 999999 kB\n", "N\n", "is zram"),
+        ("Filename Type\n/var/tmp/s file 1 0 -2\n", "SwapFree: 999999 kB\n", "Y\n", "zswap is enabled"),
+        ("Filename Type\n/var/tmp/s file 1 0 -2\n", "SwapTotal: 9 kB\nSwapFree: 8 kB\n", None, "0 MiB of swap free"),
+        ("Filename Type\n/var/tmp/s file 1 0 -2\n", "SwapFree: 262140 kB\n", "N\n", None),
+    ],
+)
+def test_swap_unusable_says_why(swaps: str, meminfo: str, zswap: str | None, why: str | None) -> None:
+    from mmsim.server.tools.conformance.kernel import swap_unusable
+
+    got = swap_unusable(swaps, meminfo, zswap)
+    assert got is None if why is None else (got is not None and why in got), got

@@ -59,6 +59,11 @@ region lands in fresh address space and no other name reaches it), and it is nev
 its owner. ``events`` steps are only made inside episodes, right after the fault or the
 resolution, never after a wake.
 
+Swap. With ``swap=True`` random steps also draw ``madvise`` pageout and cold of a subrange
+(sometimes misaligned: EINVAL) and ``pte`` observations (``SWAP_WEIGHTS``); such scenarios run on
+the kernel only until mmsim models swap. Without it (the default) the same ``rng`` state gives the
+very scenario it gave before swap steps existed.
+
 The same ``rng`` state gives the same scenario (only ``rng`` is drawn from, and every choice is
 made over ordered lists).
 """
@@ -70,7 +75,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scenario import ADVICE, MAX_PENDING_FAULTS, PAGE, PROTS, Scenario
+from .scenario import ADVICE, MAX_PENDING_FAULTS, PAGE, PROTS, RECLAIM_ADVICE, Scenario
 
 MAX_PROCESSES = 3
 MAX_STEPS = 30
@@ -87,6 +92,8 @@ WEIGHTS = (
     ("mprotect", 4), ("dontneed", 3), ("mremap", 4), ("copy", 4), ("zeropage", 3), ("wake", 2),
     ("episode", 6),
 )
+#: The swap steps random steps also draw from with ``swap=True``.
+SWAP_WEIGHTS = (("pageout", 12), ("cold", 3), ("pte", 10))
 #: Raw mode bits a copy or zero-fill may carry that no kernel knows (never 1 << 1: "wp").
 BAD_MODE_BITS = (1 << 2, 1 << 3, 1 << 5)
 
@@ -156,8 +163,9 @@ class _Proc:
 
 
 class _Gen:
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, swap: bool = False) -> None:
         self.rng = rng
+        self.weights = WEIGHTS + SWAP_WEIGHTS if swap else WEIGHTS
         self.steps: list[dict[str, Any]] = []
         roots = 1 if rng.random() < 0.8 else 2
         self.roots = list(ROOT_NAMES[:roots])
@@ -401,6 +409,20 @@ class _Gen:
         if len(at) == 2:
             for i in range(start, start + n):
                 r.written[i] = False
+        return True
+
+    def op_reclaim(self, advice: str) -> bool:
+        """``madvise`` pageout or cold of a subrange of a region (rarely misaligned: EINVAL)."""
+        assert advice in RECLAIM_ADVICE
+        p = self.pick_proc()
+        if p is None:
+            return False
+        name, r = self.pick_region(p, prefer="written")
+        start, n = self.subrange(r, whole=0.3)
+        at: list[Any] = [name, start]
+        if self.rng.random() < 0.05:
+            at.append(self.rng.choice((16, 2048)))
+        self.add("madvise", p.name, at=at, pages=n, advice=advice)
         return True
 
     def op_mremap(self) -> bool:
@@ -652,8 +674,8 @@ class _Gen:
         length = rng.randint(5, MAX_STEPS)
         self.op_mmap()
         self.op_mmap()  # at least two regions
-        ops = [o for o, _ in WEIGHTS]
-        weights = [w for _, w in WEIGHTS]
+        ops = [o for o, _ in self.weights]
+        weights = [w for _, w in self.weights]
         while len(self.steps) < length:
             if self.episode is not None and rng.random() < 0.5:
                 self.advance_episode()
@@ -661,8 +683,10 @@ class _Gen:
             op = rng.choices(ops, weights)[0]
             if op == "mmap":
                 self.op_mmap()
-            elif op in ("write", "read", "peek", "present", "mapcount"):
+            elif op in ("write", "read", "peek", "present", "mapcount", "pte"):
                 self.op_access(op)
+            elif op in RECLAIM_ADVICE:
+                self.op_reclaim(op)
             elif op == "move":
                 self.op_move()
             elif op == "fork":
@@ -692,9 +716,10 @@ class _Gen:
         return self.steps
 
 
-def random_scenario(rng: random.Random, name: str) -> Scenario:
-    """A random, valid scenario drawn from ``rng`` whose every answer is settled on the kernel."""
-    g = _Gen(rng)
+def random_scenario(rng: random.Random, name: str, swap: bool = False) -> Scenario:
+    """A random, valid scenario drawn from ``rng`` whose every answer is settled on the kernel;
+    with ``swap``, also with pageout, cold and ``pte`` steps."""
+    g = _Gen(rng, swap)
     steps = g.run()
     s = Scenario(
         name=name,

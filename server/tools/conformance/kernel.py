@@ -28,10 +28,11 @@ How steps touch memory
 ----------------------
 ``write`` uses ``process_vm_writev`` on the helper's own pid (a GUP write fault, so the same
 COW/reuse as a store, but EFAULT instead of SIGSEGV on a read-only page). ``read`` of a page that
-is not present uses ``process_vm_readv`` (faults the zero page in). The value of a page that
-*is* present (``read``, ``peek``) is taken with a plain user-mode load: ``process_vm_readv`` pins
-(FOLL_PIN), and a pinning read of a page shared after fork unshares it (copies it), which would
-change the mapcount being observed. The userfaultfd is opened without ``UFFD_USER_MODE_ONLY``
+is not present and not swapped out uses ``process_vm_readv`` (faults the zero page in). The value
+of a page that *is* present (``read``, ``peek``), and the ``read`` of a swapped-out one (a swap-in
+fault), are taken with a plain user-mode load: ``process_vm_readv`` pins (FOLL_PIN), and a pinning
+read of a page shared after fork unshares it (copies it), which would change the mapcount being
+observed. The userfaultfd is opened without ``UFFD_USER_MODE_ONLY``
 (allowed for root; that flag is only the fallback), because with it the kernel-mode faults of
 ``process_vm_readv/writev`` on a missing page of a MISSING-registered range fail with EFAULT at
 once, where the user-mode access they stand for blocks.
@@ -39,6 +40,23 @@ once, where the user-mode access they stand for blocks.
 A present page the process may not read (PROT_NONE) is peeked through ``/proc/self/mem`` (a
 forced access, not a pinning one); a ``read`` of it answers EFAULT, as the load would fault.
 ``mremap`` is the raw system call (libc's wrapper is variadic).
+
+Swap: pageout, cold and the ``pte`` observation
+-----------------------------------------------
+``pte`` reads the page's ``/proc/self/pagemap`` entry (present, swap, PM_MMAP_EXCLUSIVE, uffd-wp
+and soft-dirty bits) and, for a present page, ``/proc/kpageflags`` and ``/proc/kpagecount`` at its
+PFN; ``anon_exclusive`` is the kpageflags bit KPF_OWNER_2 (34), the folio's PG_owner_2, which is
+PG_anon_exclusive on an anonymous folio (exact for the small folios the scenarios make). For a
+swap entry ``swapcache`` comes from ``mincore(2)``, which reports a swapped-out page resident
+while its folio is in the swap cache. Before ``madvise`` pageout or cold the helper drains every
+CPU's LRU batches with an empty ``move_pages(2)`` of itself (the kernel's ``lru_add_drain_all``):
+a folio faulted on another CPU may still sit in that CPU's batch, off the LRU, where pageout
+skips it. After a pageout it waits (up to ``_WRITEBACK_WAIT_S``) until none of the pages the
+range had present is under writeback any more, polling KPF_WRITEBACK at the PFNs it read from
+pagemap before the madvise (``sync`` does not cover swap, and a swap entry has no PFN); a written
+folio stays in the swap cache, clean, until reclaim frees it, so what later steps see is
+settled. ``swap_unavailable`` says why this cannot run (no oracle, no active swap, zram or
+zswap, whose synchronous writes free the page at once).
 
 Not disturbing the address space
 --------------------------------
@@ -125,8 +143,10 @@ _MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PLUG_FLAGS = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
 _PROT = {"none": _PROT_NONE, "r": _PROT_READ, "rw": _PROT_READ | _PROT_WRITE}
-_MADV = {"dontneed": 4, "dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19}
+_MADV = {"dontneed": 4, "dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19, "cold": 20, "pageout": 21}
 _SYS_MREMAP = {"x86_64": 25, "aarch64": 216}
+#: move_pages(2): an empty call with a node list drains every CPU's LRU batches (lru_add_drain_all).
+_SYS_MOVE_PAGES = {"x86_64": 279, "aarch64": 239}
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -156,7 +176,25 @@ UFFDIO_REGISTER_MODE = {"missing": 1, "wp": 2}
 _UFFD_FLAG_CHOICES = (_O_CLOEXEC | _O_NONBLOCK, _O_CLOEXEC | _O_NONBLOCK | _UFFD_USER_MODE_ONLY)
 
 _PM_PRESENT = 1 << 63
+_PM_SWAP = 1 << 62
+_PM_UFFD_WP = 1 << 57
+_PM_MMAP_EXCLUSIVE = 1 << 56
+_PM_SOFT_DIRTY = 1 << 55
 _PM_PFN_MASK = (1 << 55) - 1
+# /proc/kpageflags bits (include/uapi/linux/kernel-page-flags.h, and KPF_OWNER_2 of
+# include/linux/kernel-page-flags.h: the folio's PG_owner_2, which is PG_anon_exclusive on an
+# anonymous folio since 6.12)
+_KPF_WRITEBACK = 1 << 8
+_KPF_ANON = 1 << 12
+_KPF_SWAPCACHE = 1 << 13
+_KPF_COMPOUND_HEAD = 1 << 15
+_KPF_COMPOUND_TAIL = 1 << 16
+_KPF_KSM = 1 << 21
+_KPF_THP = 1 << 22
+_KPF_ZERO_PAGE = 1 << 24
+_KPF_OWNER_2 = 1 << 34
+#: How long a pageout waits for the swap writeback it started to end.
+_WRITEBACK_WAIT_S = 3.0
 _U64 = (1 << 64) - 1
 
 
@@ -232,6 +270,9 @@ class _Libc:
         self.mprotect = libc.mprotect
         self.mprotect.restype = c.c_int
         self.mprotect.argtypes = [c.c_void_p, c.c_size_t, c.c_int]
+        self.mincore = libc.mincore
+        self.mincore.restype = c.c_int
+        self.mincore.argtypes = [c.c_void_p, c.c_size_t, c.c_void_p]
         # The access of a fault thread: a libc call, so the GIL is released while it blocks.
         self.memmove = libc.memmove
         self.memmove.restype = c.c_void_p
@@ -264,6 +305,15 @@ class _Libc:
     def userfaultfd(self, flags: int) -> int:
         nr = _SYS_USERFAULTFD[platform.machine()]
         return int(self.syscall(ctypes.c_long(nr), ctypes.c_long(flags)))
+
+    def lru_add_drain_all(self) -> int:
+        """Drain every CPU's LRU batches (an empty move_pages(2) of this process does it): 0 or
+        errno."""
+        c = ctypes.c_long
+        node = ctypes.c_int(0)
+        nr = _SYS_MOVE_PAGES[platform.machine()]
+        rc = int(self.syscall(c(nr), c(0), c(0), ctypes.c_void_p(0), ctypes.byref(node), ctypes.c_void_p(0), c(0)))
+        return self.errno() if rc else 0
 
 
 def _open_uffd(libc: _Libc) -> tuple[int, int]:
@@ -306,6 +356,57 @@ def oracle_unavailable() -> str | None:
             return "/proc/self/pagemap does not show PFNs"
     except OSError as e:
         return f"/proc/self/pagemap unreadable: {e.strerror}"
+    return None
+
+
+#: The free swap space that scenarios which page out want, at least.
+SWAP_FREE_MIN = 16 << 20
+
+
+def swap_unavailable() -> str | None:
+    """Why scenarios that page out cannot run on this kernel (no oracle, no active swap, too
+    little of it free, or swap that does not keep a written-out page in the swap cache), or None
+    if they can."""
+    why = oracle_unavailable()
+    if why is not None:
+        return why
+    if platform.machine() not in _SYS_MOVE_PAGES:
+        return f"unknown move_pages syscall number for {platform.machine()}"
+    try:
+        with open("/proc/kpageflags", "rb", buffering=0) as f:
+            if len(f.read(8)) != 8:
+                return "/proc/kpageflags unreadable"
+        with open("/proc/swaps") as f:
+            swaps = f.read()
+        with open("/proc/meminfo") as f:
+            meminfo = f.read()
+    except OSError as e:
+        return f"{e.filename} unreadable: {e.strerror}"
+    try:
+        with open("/sys/module/zswap/parameters/enabled") as f:
+            zswap: str | None = f.read()
+    except OSError:
+        zswap = None
+    return swap_unusable(swaps, meminfo, zswap)
+
+
+def swap_unusable(swaps: str, meminfo: str, zswap: str | None) -> str | None:
+    """Why the swap that ``/proc/swaps``, ``/proc/meminfo`` and zswap's ``enabled`` parameter
+    (None: no zswap) describe does not give the answers the swap scenarios record, or None: there
+    must be an active swap, not zram and without zswap (both write synchronously, so pageout
+    frees the page at once instead of leaving it in the swap cache), with SWAP_FREE_MIN free."""
+    devices = [line.split()[0] for line in swaps.splitlines()[1:] if line.strip()]
+    if not devices:
+        return "no active swap (swapon --show lists none; .ci/swapfile sets one up as root)"
+    zram = [d for d in devices if os.path.basename(d).startswith("zram")]
+    if zram:
+        return f"the active swap {zram[0]} is zram: its synchronous writes free a page at pageout"
+    if zswap is not None and zswap.strip() in ("Y", "1"):
+        return "zswap is enabled: pageout stores pages compressed and frees them at once"
+    fields = {k.strip(): v.split() for k, _, v in (line.partition(":") for line in meminfo.splitlines())}
+    free = int((fields.get("SwapFree") or ["0"])[0]) * 1024
+    if free < SWAP_FREE_MIN:
+        return f"only {free >> 20} MiB of swap free ({SWAP_FREE_MIN >> 20} MiB wanted)"
     return None
 
 
@@ -437,6 +538,10 @@ class _Helper:
         self.uffd = -1
         self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.kpagecount = os.open("/proc/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.kpageflags = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.kpageflags = -1  # a ``pte`` step then says so
         self.buf = ctypes.create_string_buffer(8)
         self.local = _Iovec(ctypes.addressof(self.buf), 8)
         self.remote = _Iovec(0, 8)
@@ -554,8 +659,47 @@ class _Helper:
         return {"errno": self.libc.errno() if rc else 0}
 
     def do_madvise(self, c: dict[str, Any]) -> dict[str, Any]:
-        rc = self.libc.madvise(c["addr"], c["len"], _MADV[c["advice"]])
-        return {"errno": self.libc.errno() if rc else 0}
+        advice = c["advice"]
+        if advice not in ("pageout", "cold"):
+            rc = self.libc.madvise(c["addr"], c["len"], _MADV[advice])
+            return {"errno": self.libc.errno() if rc else 0}
+        return self._reclaim(c["addr"], c["len"], advice)
+
+    def _reclaim(self, addr: int, length: int, advice: str) -> dict[str, Any]:
+        """MADV_PAGEOUT or MADV_COLD, settled: every CPU's LRU batches are drained first (a
+        folio still in a batch is not on the LRU, and reclaim skips it), and after a pageout the
+        step waits until no page it may have written out is under writeback any more (the PFNs
+        of the present pages are taken before, since a swapped-out page has none in pagemap)."""
+        pfns = []
+        if advice == "pageout" and length > 0 and addr % PAGE == 0 and self.kpageflags >= 0:
+            n = min(-(-length // PAGE), 1 << 16)
+            try:
+                raw = os.pread(self.pagemap, 8 * n, (addr // PAGE) * 8)
+            except OSError:
+                raw = b""
+            for (entry,) in struct.iter_unpack("<Q", raw[: len(raw) // 8 * 8]):
+                if entry & _PM_PRESENT and entry & _PM_PFN_MASK:
+                    pfns.append(entry & _PM_PFN_MASK)
+        err = self.libc.lru_add_drain_all()
+        if err:
+            return {"errno": err, "note": "move_pages (to drain the LRU batches) failed"}
+        rc = self.libc.madvise(addr, length, _MADV[advice])
+        out: dict[str, Any] = {"errno": self.libc.errno() if rc else 0}
+        if rc:
+            return out
+        deadline = time.monotonic() + _WRITEBACK_WAIT_S
+        while pfns:
+            pfns = [pfn for pfn in pfns if self._kpageflags(pfn) & _KPF_WRITEBACK]
+            if not pfns:
+                break
+            if time.monotonic() >= deadline:
+                out["note"] = f"swap writeback of {len(pfns)} page(s) did not end"
+                break
+            time.sleep(0.001)
+        return out
+
+    def _kpageflags(self, pfn: int) -> int:
+        return int(struct.unpack("<Q", os.pread(self.kpageflags, 8, pfn * 8))[0])
 
     def do_uffd_register(self, c: dict[str, Any]) -> dict[str, Any]:
         return {"errno": self._register(c["addr"], c["len"], c["mode"])}
@@ -597,7 +741,9 @@ class _Helper:
 
     def do_read(self, c: dict[str, Any]) -> dict[str, Any]:
         addr = c["addr"]
-        if self._pagemap(addr) & _PM_PRESENT:
+        if self._pagemap(addr) & (_PM_PRESENT | _PM_SWAP):
+            # A present page, or a swapped-out one: a user-mode load swaps it in the way the
+            # access it stands for would, where a pinning read would also unshare it.
             if not self._readable(addr):
                 return {"errno": errno.EFAULT}  # the load it stands for would fault
             return {"errno": 0, "value": self._load(addr)}
@@ -625,6 +771,43 @@ class _Helper:
             return {"errno": 0, "present": True, "mapcount": 0, "pfn": pfn}
         count = struct.unpack("<Q", os.pread(self.kpagecount, 8, pfn * 8))[0]
         return {"errno": 0, "present": True, "mapcount": count, "pfn": pfn}
+
+    def do_pte(self, c: dict[str, Any]) -> dict[str, Any]:
+        """The page's pagemap entry and, for a present page, its kpageflags and kpagecount; for
+        a swap entry, whether its folio is in the swap cache (mincore(2) says resident then)."""
+        addr = c["addr"] & ~(PAGE - 1)
+        entry = self._pagemap(addr)
+        out: dict[str, Any] = {
+            "errno": 0,
+            "present": bool(entry & _PM_PRESENT),
+            "swap": bool(entry & _PM_SWAP),
+            "exclusive": bool(entry & _PM_MMAP_EXCLUSIVE),
+            "uffd_wp": bool(entry & _PM_UFFD_WP),
+            "soft_dirty": bool(entry & _PM_SOFT_DIRTY),
+        }
+        if entry & _PM_PRESENT:
+            if self.kpageflags < 0:
+                return {"errno": errno.EIO, "note": "/proc/kpageflags unreadable"}
+            pfn = entry & _PM_PFN_MASK
+            flags = self._kpageflags(pfn)
+            zero = bool(flags & _KPF_ZERO_PAGE) or pfn == self.zero_pfn
+            out.update(
+                swapcache=bool(flags & _KPF_SWAPCACHE),
+                thp=bool(flags & (_KPF_THP | _KPF_COMPOUND_HEAD | _KPF_COMPOUND_TAIL)),
+                zero_page=zero,
+                ksm=bool(flags & _KPF_KSM),
+                mapcount=0 if zero else int(struct.unpack("<Q", os.pread(self.kpagecount, 8, pfn * 8))[0]),
+                pfn=pfn,
+                flags=flags,
+            )
+            if flags & _KPF_ANON and not flags & _KPF_KSM:
+                out["anon_exclusive"] = bool(flags & _KPF_OWNER_2)
+        elif entry & _PM_SWAP:
+            vec = ctypes.create_string_buffer(1)
+            if self.libc.mincore(addr, PAGE, ctypes.addressof(vec)) != 0:
+                return {**out, "errno": self.libc.errno(), "note": "mincore failed"}
+            out["swapcache"] = bool(vec.raw[0] & 1)
+        return out
 
     def do_move(self, c: dict[str, Any]) -> dict[str, Any]:
         fd = self._uffd()
@@ -1034,6 +1217,13 @@ class _Run:
             self.anchor.stdout.close()
 
 
+#: The fields a ``pte`` step reports (those a reply lacks stay None: not reported).
+_PTE_FIELDS = (
+    "present", "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "thp", "zero_page", "ksm", "mapcount",
+    "anon_exclusive",
+)
+
+
 class KernelRunner:
     """Runs scenarios on the live kernel, one helper process per scenario process."""
 
@@ -1131,6 +1321,9 @@ class KernelRunner:
         elif op == "mapcount":
             res.present = reply.get("present")
             res.mapcount = reply.get("mapcount")
+        elif op == "pte":
+            for key in _PTE_FIELDS:
+                setattr(res, key, reply.get(key))
         elif op == "move":
             res.moved = int(reply.get("moved", 0))
         elif op == "fork":
@@ -1206,7 +1399,7 @@ class KernelRunner:
             cmd["id"] = step["id"]
         elif op == "write":
             cmd.update(addr=place(addrs, step["at"]), value=int(step["value"]))
-        elif op in ("read", "peek", "present", "mapcount"):
+        elif op in ("read", "peek", "present", "mapcount", "pte"):
             cmd["addr"] = place(addrs, step["at"])
         elif op == "move":
             cmd.update(

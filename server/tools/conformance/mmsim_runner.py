@@ -14,6 +14,7 @@ from .scenario import (
     FIELDS,
     FILL_VMAS_PAGES,
     MAX_MAP_COUNT,
+    NOT_MODELLED,
     PAGE,
     Scenario,
     StepResult,
@@ -22,6 +23,7 @@ from .scenario import (
     event_entry,
     length,
     move_mode,
+    not_modelled,
     place,
     remap_flags,
 )
@@ -33,6 +35,10 @@ SETTLED_POLLS = 3
 POLL_S = 0.005
 #: The mprotects of a ``fill_vmas`` step go in Batch calls of this many (the server takes 10,000).
 FILL_BATCH = 5000
+
+
+class NotModelledError(NotImplementedError):
+    """A scenario step that mmsim does not model yet (swap: pageout, cold, ``pte``)."""
 
 
 @dataclass
@@ -63,7 +69,15 @@ class MmsimRunner:
 
     async def run(self, scenario: Scenario, kernel: list[StepResult] | None = None) -> list[StepResult]:
         """Run ``scenario``. With the kernel's results, each region is mapped at the very
-        address the kernel chose; without, mmsim places it."""
+        address the kernel chose; without, mmsim places it. A scenario with a step mmsim does
+        not model yet raises NotModelledError before anything runs."""
+        unsupported = not_modelled(scenario)
+        if unsupported:
+            i = unsupported[0]
+            raise NotModelledError(
+                f"{scenario.name}: step {i} ({describe(scenario.steps[i])}): {NOT_MODELLED}, so the "
+                "scenario runs on the kernel only"
+            )
         run = _Run()
         for name in scenario.processes:
             run.procs[name] = await self.client.create_process()

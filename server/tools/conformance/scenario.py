@@ -32,7 +32,9 @@ Steps (``proc`` names the process doing it):
 ``munmap``          ``at``, ``pages``
 ``mprotect``        ``at``, ``pages``, ``prot`` ("none", "r" or "rw")
 ``madvise``         ``at``, ``pages``, ``advice`` (dontfork, dofork, wipeonfork, keeponfork,
-                    dontneed)
+                    dontneed, pageout, cold). The kernel runner drains every CPU's LRU
+                    batches before pageout and cold, and waits for the swap writeback
+                    that pageout started to end (see ``pte``)
 ``mremap``          ``at`` (the old start), ``pages`` (the old length), ``new_pages``, ``flags``
                     (a list of "maymove", "fixed", "dontunmap"; default none), ``to`` (a place:
                     the MREMAP_FIXED target, required with "fixed", allowed only with it),
@@ -49,6 +51,13 @@ Steps (``proc`` names the process doing it):
 ``peek``            ``at``: a non-faulting read; records ``present`` and, if present, ``value``
 ``present``         ``at``: records ``present``
 ``mapcount``        ``at``: records ``present`` and ``mapcount`` (0 for the zero page)
+``pte``             ``at``: what the page table says of the page, without faulting: ``present``,
+                    ``swap`` (a swap entry), ``exclusive`` (PM_MMAP_EXCLUSIVE: a present page
+                    mapped once; never set for a swap entry), ``uffd_wp``, ``soft_dirty``
+                    (pagemap bits 63, 62, 56, 57, 55); for a present page or a swap entry
+                    ``swapcache`` (the folio is in the swap cache); for a present page
+                    ``thp``, ``zero_page``, ``ksm``, ``mapcount`` (0 for the zero page) and,
+                    for an anonymous one, ``anon_exclusive`` (PG_anon_exclusive)
 ``move``            ``dst``, ``src`` (places), ``pages`` or ``len`` (bytes), ``mode``: a list of
                     "dontwake", "allow_src_holes", or an integer of raw mode bits; records
                     ``errno`` and ``moved`` (bytes moved before the error, as the SDK reports it)
@@ -89,7 +98,9 @@ Steps (``proc`` names the process doing it):
 ==================  ===========================================================================
 
 Every step records ``errno`` (0 on success). A scenario may mark a step ``"expect": {...}`` with
-any of the recorded fields; both runners are then also checked against it.
+any of the recorded fields; both runners are then also checked against it. Recording (``mmsim
+conformance --record``) leaves out the fields of ``UNRECORDED``, whose answer depends on the
+kernel's configuration.
 
 ``copied`` and ``zeroed`` follow ``moved``: the length on success; after an error, the bytes
 done before it (the ioctl's ``copy``/``zeropage`` field when positive, else 0). The kernel
@@ -131,6 +142,7 @@ OPS = {
     "peek": {"at"},
     "present": {"at"},
     "mapcount": {"at"},
+    "pte": {"at"},
     "move": {"dst", "src"},
     "copy": {"dst"},
     "zeropage": {"dst"},
@@ -153,8 +165,10 @@ OP_OPTIONAL = {
 LENGTH_OPS = ("move", "copy", "zeropage", "wake")
 #: The madvise advice the random generator draws from (the fork flags).
 ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork")
+#: The advice that reclaims: pageout swaps a page out, cold deactivates it.
+RECLAIM_ADVICE = ("pageout", "cold")
 #: Every advice a scenario may give.
-ALL_ADVICE = (*ADVICE, "dontneed")
+ALL_ADVICE = (*ADVICE, "dontneed", *RECLAIM_ADVICE)
 PROTS = ("none", "r", "rw")
 MOVE_MODES = {"dontwake": 1 << 0, "allow_src_holes": 1 << 1}
 COPY_MODES = {"dontwake": 1 << 0, "wp": 1 << 1}
@@ -170,7 +184,17 @@ MAX_MAP_COUNT = 65530
 #: The pages of a ``fill_vmas`` region: room to split it into MAX_MAP_COUNT VMAs and more.
 FILL_VMAS_PAGES = 2 * MAX_MAP_COUNT + 4
 #: The fields a step result may carry, in table order.
-FIELDS = ("errno", "moved", "copied", "zeroed", "relocated", "value", "present", "mapcount", "blocked", "events")
+FIELDS = (
+    "errno", "moved", "copied", "zeroed", "relocated", "value", "present", "mapcount", "blocked", "events",
+    "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "thp", "zero_page", "ksm", "anon_exclusive",
+)
+#: Fields whose answer depends on the kernel's configuration, not on the scenario: recording
+#: leaves them out of ``expect``. pagemap's soft-dirty bit is set for every page of a VMA with
+#: VM_SOFTDIRTY, which every new VMA has where the kernel has CONFIG_MEM_SOFT_DIRTY, and never
+#: where it lacks it.
+UNRECORDED = ("soft_dirty",)
+#: What mmsim does not model yet: scenarios with these steps run on the kernel only.
+NOT_MODELLED = "swap is not modelled yet"
 
 
 class ScenarioError(ValueError):
@@ -293,6 +317,21 @@ class Scenario:
                     raise bad(f"{st['id']!r} is not a fault started earlier by {proc}")
 
 
+def reclaims(step: dict[str, Any]) -> bool:
+    """True for a ``madvise`` step with pageout or cold advice."""
+    return step["op"] == "madvise" and step.get("advice") in RECLAIM_ADVICE
+
+
+def not_modelled(scenario: Scenario) -> list[int]:
+    """The steps of ``scenario`` that mmsim does not model yet (pageout, cold, ``pte``)."""
+    return [i for i, st in enumerate(scenario.steps) if st["op"] == "pte" or reclaims(st)]
+
+
+def needs_swap(scenario: Scenario) -> bool:
+    """True when the kernel needs an active swap device for ``scenario`` (it pages out)."""
+    return any(st["op"] == "madvise" and st.get("advice") == "pageout" for st in scenario.steps)
+
+
 def _complainer(prefix: str) -> Any:
     return lambda msg: ScenarioError(f"{prefix}: {msg}")
 
@@ -311,6 +350,16 @@ class StepResult:
     relocated: bool | None = None  # mremap: the range starts elsewhere now
     blocked: bool | None = None  # fault_status: the fault still waits
     events: list[list[Any]] | None = None  # events: [region, page, kind] per message
+    # pte: the page table entry (pagemap) and the page's flags (kpageflags)
+    swap: bool | None = None
+    exclusive: bool | None = None
+    uffd_wp: bool | None = None
+    soft_dirty: bool | None = None
+    swapcache: bool | None = None
+    thp: bool | None = None
+    zero_page: bool | None = None
+    ksm: bool | None = None
+    anon_exclusive: bool | None = None
     addr: int | None = None  # mmap, mremap: where the region was placed (not compared)
     #: mmap: the PROT_NONE guard page the kernel runner keeps right above the regions (not
     #: compared): the mmsim runner maps it too, so that growing a region in place meets it.

@@ -1,4 +1,10 @@
-"""``mmsim conformance``: run scenarios on the live kernel and on mmsim, and show what differs."""
+"""``mmsim conformance``: run scenarios on the live kernel and on mmsim, and show what differs.
+
+A scenario with steps mmsim does not model yet (swap: ``madvise`` pageout or cold, ``pte``) runs
+on the kernel only, checked against its own ``expect`` fields; one that pages out is skipped,
+with the reason, where the kernel has no usable swap. ``record`` runs scenarios on the kernel and
+writes what it answered into their ``expect`` fields.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from rich.table import Table
 from mmsim.client import Client
 
 from .mmsim_runner import Difference, MmsimRunner, compare
-from .scenario import Scenario, StepResult
+from .scenario import NOT_MODELLED, UNRECORDED, Scenario, StepResult, needs_swap, not_modelled
 
 #: Exit statuses of the command.
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_NO_ORACLE = 0, 1, 2, 3
@@ -28,6 +34,11 @@ class Outcome:
     kernel: list[StepResult]
     mmsim: list[StepResult]
     differences: list[Difference]
+    #: Run on the kernel only (mmsim does not model a step of it): the differences are the
+    #: kernel's answers against the scenario's ``expect`` fields.
+    kernel_only: bool = False
+    #: Why the scenario was not run (no usable swap for a pageout), or None.
+    skipped: str | None = None
 
 
 def load_scenarios(paths: list[str]) -> list[Scenario]:
@@ -62,10 +73,13 @@ KERNEL_RUNS = 4
 
 
 async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> Outcome:
-    """Run ``scenario`` on the kernel and on mmsim and compare. The kernel is a live system that
+    """Run ``scenario`` on the kernel and on mmsim and compare (on the kernel only, against its
+    ``expect`` fields, where mmsim does not model a step of it). The kernel is a live system that
     other activity can disturb (reclaim isolating a folio, a background scan holding its lock), so
     a scenario that differs is run on the kernel again: a difference counts only against kernel
     answers that two runs in a row agree on."""
+    if not_modelled(scenario):
+        return await replay_on_kernel(scenario, kernel_runner)
     run = kernel_runner.run  # type: ignore[attr-defined]
     kernel = await asyncio.to_thread(run, scenario)
     mmsim = await MmsimRunner(client).run(scenario, kernel)
@@ -80,6 +94,81 @@ async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> 
         mmsim = await MmsimRunner(client).run(scenario, kernel)
         diffs = compare(scenario, kernel, mmsim)
     return Outcome(scenario, kernel, mmsim, diffs)
+
+
+async def replay_on_kernel(scenario: Scenario, kernel_runner: object) -> Outcome:
+    """Run ``scenario`` on the kernel only and check the answers against its ``expect`` fields,
+    again while two runs in a row do not agree (as in run_one)."""
+    run = kernel_runner.run  # type: ignore[attr-defined]
+    kernel = await asyncio.to_thread(run, scenario)
+    diffs = compare(scenario, None, kernel)
+    for _ in range(KERNEL_RUNS - 1):
+        if not diffs:
+            break
+        again = await asyncio.to_thread(run, scenario)
+        if [r.compared() for r in again] == [r.compared() for r in kernel]:
+            break
+        kernel = again
+        diffs = compare(scenario, None, kernel)
+    return Outcome(scenario, kernel, [], diffs, kernel_only=True)
+
+
+def _recorded(doc: dict[str, object]) -> str:
+    """A scenario document in the corpus's layout: one line per step."""
+    head = {k: v for k, v in doc.items() if k != "steps"}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
+    steps = ",\n".join(f"    {json.dumps(st)}" for st in doc["steps"])  # type: ignore[attr-defined]
+    return "{\n" + "\n".join(lines) + '\n  "steps": [\n' + steps + "\n  ]\n}\n"
+
+
+#: Steps whose ``expect`` recording leaves out when they succeed (they observe nothing).
+_QUIET_OPS = ("mmap", "fork", "exit")
+
+
+def record(paths: list[str], step_timeout: float = 5.0, console: Console | None = None) -> int:
+    """Run each scenario file on the kernel until two runs in a row agree (at most KERNEL_RUNS)
+    and write every step's answers into its ``expect`` (in place; a successful mmap, fork or exit
+    gets none, and no step gets the fields of UNRECORDED). Returns the command's exit status:
+    EXIT_DIFFERENT if some file's runs never agreed or it was skipped (it pages out and swap is
+    unavailable); such a file is left as it was. Steps that left a note (blocked, process gone)
+    are shown, to be read over."""
+    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable
+
+    console = console or Console()
+    why = oracle_unavailable()
+    if why is not None:
+        console.print(f"kernel oracle unavailable: {why}")
+        return EXIT_NO_ORACLE
+    runner = KernelRunner(step_timeout=step_timeout)
+    status = EXIT_OK
+    for s in load_scenarios(paths):
+        assert s.path is not None
+        if needs_swap(s) and (no_swap := swap_unavailable()) is not None:
+            console.print(f"[yellow]skipped[/yellow]  {s.name}: {no_swap}")
+            status = EXIT_DIFFERENT
+            continue
+        last = [r.compared() for r in runner.run(s)]
+        for _ in range(KERNEL_RUNS - 1):
+            again = runner.run(s)
+            now = [r.compared() for r in again]
+            if now == last:
+                break
+            last = now
+        else:
+            console.print(f"[red]unsettled[/red]  {s.name}: {KERNEL_RUNS} kernel runs, no two in a row agree")
+            status = EXIT_DIFFERENT
+            continue
+        notes = [f"step {i}: {r.note}" for i, r in enumerate(again) if r.note]
+        if notes:
+            console.print(f"[yellow]noted[/yellow]  {s.name}: " + "; ".join(notes))
+        doc = json.loads(Path(s.path).read_text())
+        for st, got in zip(doc["steps"], last, strict=True):
+            st.pop("expect", None)
+            if st["op"] not in _QUIET_OPS or got.get("errno"):
+                st["expect"] = {k: v for k, v in got.items() if k not in UNRECORDED}
+        Path(s.path).write_text(_recorded(doc))
+        console.print(f"[green]recorded[/green]  {s.name}  ({len(s.steps)} steps)")
+    return status
 
 
 async def shrink(scenario: Scenario, fails: Callable[[Scenario], Awaitable[bool]]) -> Scenario:
@@ -102,17 +191,26 @@ async def shrink(scenario: Scenario, fails: Callable[[Scenario], Awaitable[bool]
 
 def render(outcome: Outcome, console: Console) -> None:
     s = outcome.scenario
-    if not outcome.differences:
-        console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps)")
+    if outcome.skipped is not None:
+        console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}")
         return
-    console.print(f"[red]DIFFERENT[/red]  {s.name}  ({s.path or 'generated'})")
+    only = f"  (kernel only: {NOT_MODELLED})" if outcome.kernel_only else ""
+    if not outcome.differences:
+        console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}")
+        return
+    console.print(f"[red]DIFFERENT[/red]  {s.name}  ({s.path or 'generated'}){only}")
     table = Table(show_lines=False)
     table.add_column("step", justify="right")
     table.add_column("operation")
-    table.add_column("kernel")
-    table.add_column("mmsim")
+    if outcome.kernel_only:  # the kernel's answers against the scenario's expect fields
+        table.add_column("expected")
+        table.add_column("kernel")
+    else:
+        table.add_column("kernel")
+        table.add_column("mmsim")
     for d in outcome.differences:
-        table.add_row(str(d.step), d.description, ("expected: " if d.expected else "") + _fmt(d.kernel), _fmt(d.mmsim))
+        mark = "expected: " if d.expected and not outcome.kernel_only else ""
+        table.add_row(str(d.step), d.description, mark + _fmt(d.kernel), _fmt(d.mmsim))
     console.print(table)
 
 
@@ -130,7 +228,7 @@ async def conformance(
     console: Console | None = None,
 ) -> int:
     """The command's body; returns its exit status."""
-    from .kernel import KernelRunner, oracle_unavailable
+    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable
 
     console = console or Console()
     why = oracle_unavailable()
@@ -138,11 +236,17 @@ async def conformance(
         console.print(f"kernel oracle unavailable: {why}")
         return EXIT_NO_ORACLE
     scenarios = load_scenarios(paths)
+    no_swap = swap_unavailable() if any(needs_swap(s) for s in scenarios) else None
     runner = KernelRunner(step_timeout=step_timeout)
-    different = 0
+    different = skipped = kernel_only = 0
     async with mmsim_client(server) as client:
         for s in scenarios:
-            outcome = await run_one(s, runner, client)
+            if no_swap is not None and needs_swap(s):
+                outcome = Outcome(s, [], [], [], skipped=no_swap)
+                skipped += 1
+            else:
+                outcome = await run_one(s, runner, client)
+                kernel_only += outcome.kernel_only
             render(outcome, console)
             different += bool(outcome.differences)
         if random_count:
@@ -167,6 +271,9 @@ async def conformance(
                     Path(save).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a command: nothing else runs
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
-    total = len(scenarios) + random_count
-    console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim")
+    total = len(scenarios) + random_count - skipped
+    notes = [f"{kernel_only} on the kernel only, against their expect fields"] if kernel_only else []
+    notes += [f"{skipped} skipped: {no_swap}"] if skipped else []
+    console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim"
+                  + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_DIFFERENT if different else EXIT_OK
