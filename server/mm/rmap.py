@@ -198,10 +198,6 @@ async def anon_vma_lock_write(cur: Current, anon_vma: AnonVma) -> None:
     if not rwsem.down_write(cur): await rwsem.wait(cur)
 
 
-def anon_vma_trylock_write(cur: Current, anon_vma: AnonVma) -> bool:
-    return anon_vma.root.rwsem.down_write_trylock(cur)
-
-
 def anon_vma_unlock_write(cur: Current, anon_vma: AnonVma) -> None:
     anon_vma.root.rwsem.up_write(cur)
 
