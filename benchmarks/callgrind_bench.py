@@ -27,6 +27,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,26 @@ def shim(tree: Path, into: Path) -> Path:
     return into
 
 
+@contextmanager
+def checkouts(work: Path, before: str, after: str | None) -> Iterator[dict[str, Path]]:
+    """``{"before": tree, "after": tree}``: each commit checked out into a git worktree under
+    ``work`` (removed again on the way out); an ``after`` of None is this working tree."""
+    trees: dict[str, Path] = {}
+    try:
+        for label, commit in (("before", before), ("after", after)):
+            if commit is None:
+                trees[label] = ROOT
+                continue
+            trees[label] = work / label
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(trees[label]), commit],
+                           check=True)
+        yield trees
+    finally:
+        for tree in trees.values():
+            if tree != ROOT:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
 def instructions(tree: Path, path: str, count: int, shim_dir: Path, work: Path) -> int:
     out = work / f"cg.{os.getpid()}.{path.replace(':', '_')}.{count}"
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(shim_dir)}
@@ -102,15 +124,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="callgrind-bench-") as tmp:
         work = Path(tmp)
-        trees: dict[str, Path] = {}
-        for label, commit in (("before", args.before), ("after", args.after)):
-            if commit is None:
-                trees[label] = ROOT
-                continue
-            tree = work / label
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), commit], check=True)
-            trees[label] = tree
-        try:
+        with checkouts(work, args.before, args.after) as trees:
             shims = {label: shim(tree, work / f"shim-{label}") for label, tree in trees.items()}
             rows = []
             for path in args.paths:
@@ -118,10 +132,6 @@ def main() -> int:
                 a = per_op(trees["after"], path, shims["after"], work)
                 rows.append({"path": path, "before": round(b), "after": round(a), "ratio": round(a / b, 3)})
                 print(f"{path:24} before {b:>12,.0f}  after {a:>12,.0f}  after/before {a / b:.3f}", flush=True)
-        finally:
-            for tree in trees.values():
-                if tree != ROOT:
-                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"before": args.before, "after": args.after or "working tree",
                                                "python": sys.version.split()[0], "rows": rows}, indent=1) + "\n")

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from callgrind_bench import PYTHON, ROOT, shim
+from callgrind_bench import PYTHON, checkouts, shim
 
 DRIVER = """
 import sys
@@ -51,15 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="explore-pair-") as tmp:
         work = Path(tmp)
-        trees: dict[str, Path] = {}
-        for label, commit in (("before", args.before), ("after", args.after)):
-            if commit is None:
-                trees[label] = ROOT
-            else:
-                trees[label] = work / label
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(trees[label]),
-                                commit], check=True)
-        try:
+        with checkouts(work, args.before, args.after) as trees:
             shims = {label: shim(tree, work / f"shim-{label}") for label, tree in trees.items()}
             for scenario in args.scenarios:
                 got: dict[str, list[float]] = {"before": [], "after": []}
@@ -69,10 +61,6 @@ def main() -> int:
                 b, a = statistics.median(got["before"]), statistics.median(got["after"])
                 print(f"{scenario:16} before {b:>7,.0f}  after {a:>7,.0f} schedules/s (medians of {args.pairs})  "
                       f"after/before {a / b:.3f}", flush=True)
-        finally:
-            for tree in trees.values():
-                if tree != ROOT:
-                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     return 0
 
 

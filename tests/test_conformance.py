@@ -568,15 +568,21 @@ async def test_random_fault_scenarios_agree_twice_on_kernel() -> None:
     scenarios = [random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}") for n in range(60)]
     with_faults = [s for s in scenarios if any(st["op"] == "fault" for st in s.steps)][:8]
     assert len(with_faults) == 8
+    problems = _disagreements(runner, with_faults)
+    assert not problems, "\n".join(problems)
+
+
+def _disagreements(runner: Any, scenarios: list[Scenario]) -> list[str]:
+    """Each step where two kernel runs of a scenario answered differently, or that left a note."""
     problems: list[str] = []
-    for s in with_faults:
+    for s in scenarios:
         first, second = runner.run(s), runner.run(s)
         for i, (a, b) in enumerate(zip(first, second, strict=True)):
             if a.compared() != b.compared():
                 problems.append(f"{s.name} step {i} {s.steps[i]}: {a.compared()} then {b.compared()}")
             if a.note:
                 problems.append(f"{s.name} step {i} {s.steps[i]}: note {a.note!r}")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,14 +617,7 @@ async def test_random_swap_scenarios_agree_twice_on_kernel() -> None:
     rng = random.Random(RANDOM_SEED)
     scenarios = [random_scenario(rng, name=f"swap-{RANDOM_SEED}-{n}", swap=True) for n in range(25)]
     assert sum(needs_swap(s) for s in scenarios) >= 12
-    problems: list[str] = []
-    for s in scenarios:
-        first, second = runner.run(s), runner.run(s)
-        for i, (a, b) in enumerate(zip(first, second, strict=True)):
-            if a.compared() != b.compared():
-                problems.append(f"{s.name} step {i} {s.steps[i]}: {a.compared()} then {b.compared()}")
-            if a.note:
-                problems.append(f"{s.name} step {i} {s.steps[i]}: note {a.note!r}")
+    problems = _disagreements(runner, scenarios)
     assert not problems, "\n".join(problems)
 
 

@@ -75,11 +75,7 @@ class Unwind:
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if et is not None:
-            cur = self.cur
-            if len(cur.held) > self.held:
-                release_locks(cur, cur.held[self.held:])
-            while cur.rcu_nesting > self.rcu:
-                self.k.rcu.read_unlock(cur)
+            self.k.release(self.cur, self.held, self.rcu)
 
 
 class Kernel:
@@ -156,16 +152,21 @@ class Kernel:
         """What ``cur`` takes from here is given back if the section fails (see Unwind)."""
         return Unwind(self, cur)
 
+    def release(self, cur: Current, held: int, rcu: int) -> None:
+        """Drop the locks ``cur`` took after its first ``held`` (innermost first), then leave its
+        RCU read sections down to ``rcu`` deep."""
+        if len(cur.held) > held:
+            release_locks(cur, cur.held[held:])
+        while cur.rcu_nesting > rcu:
+            self.rcu.read_unlock(cur)
+
     async def give_back(self, cur: Current) -> None:
         """A system call that failed or was cancelled part-way: give back everything its task still
         holds, innermost first: its locks, its RCU read sections, then its pins (``Current.pins``:
         a walker's anon_vma, a mover's folio and anon_vma), whose put may free. The protocol code
         has no cancellation paths of its own: the task's state says what it holds, and the call's
         boundary (the model's facade) undoes it."""
-        if cur.held:
-            release_locks(cur, list(cur.held))
-        while cur.rcu_nesting:
-            self.rcu.read_unlock(cur)
+        self.release(cur, 0, 0)
         if cur.pins:
             from .rmap import unpin_all
 

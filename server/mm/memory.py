@@ -43,11 +43,7 @@ def folio_get(k: Kernel, cur: Current, folio: Folio) -> None:
 def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
     """Drop a reference (``cur``'s pin, with ``cur``); the last frees the folio."""
     if cur is not None:
-        pins = cur.pins
-        if pins and pins[-1] is folio:
-            pins.pop()
-        else:
-            unpin(cur, folio)
+        unpin(cur, folio)
     folio.refcount -= 1
     if k.trace: trace_refcount(k, folio, -1)
     if folio.refcount == 0:

@@ -148,12 +148,8 @@ def anon_vma_put_testzero(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
 async def put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
     """Drop a reference (``cur``'s pin, if it is one); the last frees ``anon_vma`` (and may free
     its root)."""
-    pins = cur.pins
-    if pins:
-        if pins[-1] is anon_vma:
-            pins.pop()
-        else:
-            unpin(cur, anon_vma)
+    if cur.pins:
+        unpin(cur, anon_vma)
     anon_vma.refcount -= 1
     if k.trace: trace_refcount(k, anon_vma, -1)
     if anon_vma.refcount == 0:
