@@ -14,7 +14,7 @@ Example::
 
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
-from ._types import AnonVma, FolioInfo, UserfaultEvent, Userfaults, Vma, WalkResult
+from ._types import AnonVma, FolioInfo, PagemapEntry, UserfaultEvent, Userfaults, Vma, WalkResult
 from .credentials import read_token, tls_credentials
 from .errors import (
     DeadlineExceededError,
@@ -37,6 +37,7 @@ __all__ = [
     "InvalidRequestError",
     "LimitExceededError",
     "MmsimError",
+    "PagemapEntry",
     "Process",
     "ProcessNotFoundError",
     "Result",

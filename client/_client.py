@@ -21,12 +21,14 @@ from . import ops as _ops
 from ._types import (
     AnonVma,
     FolioInfo,
+    PagemapEntry,
     UserfaultEvent,
     Userfaults,
     Vma,
     WalkResult,
     anon_vma_from_pb,
     folio_from_pb,
+    pagemap_from_pb,
     userfault_from_pb,
     vma_from_pb,
     walk_from_pb,
@@ -142,6 +144,7 @@ _DECODE: dict[str, Callable[[_Route, Client, Any], Result]] = {
     "folio": lambda route, client, m: folio_from_pb(m),
     "uffd_copy": lambda route, client, m: m.copied,
     "uffd_zeropage": lambda route, client, m: m.zeroed,
+    "reclaim": lambda route, client, m: m.reclaimed,
     "empty": lambda route, client, m: None,
     "exit": lambda route, client, m: None,
 }
@@ -392,6 +395,19 @@ class Client:
                 total[k] = total.get(k, 0) + v
         return total
 
+    async def reclaim(
+        self, pages: int, *, target: str | None = None, shard: int | None = None, timeout: Timeout = ...
+    ) -> int:
+        """Memory reclaim, as kswapd runs it: every shard or server (or ``target`` or ``shard``)
+        swaps out and frees up to ``pages`` folios of its own, any process's. The folios freed,
+        summed. A folio reclaimed dirty is written to swap and stays in the swap cache (its page a
+        swap entry) until a later reclaim frees it; 0 without swap."""
+        request = pb.ReclaimRequest(pages=pages)
+        total = 0
+        for r in await self._select(target, shard):
+            total += (await r.unary("Reclaim", request, self._deadline(timeout))).reclaimed
+        return total
+
     async def protocol(self, *, target: str | None = None, timeout: Timeout = ...) -> str:
         """The rmap/move protocol the server runs (of ``target``; of every shard, joined with "+"
         where they differ)."""
@@ -614,8 +630,10 @@ class Process:
         await self._run(_ops.munmap(self, addr, length), timeout)
 
     async def madvise(self, addr: int, length: int, advice: str, *, timeout: Timeout = ...) -> None:
-        """``advice``: "dontfork", "dofork", "wipeonfork", "keeponfork" or "dontneed" (zap the
-        range's pages: a later read sees the zero page, a write a new page)."""
+        """``advice``: "dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed" (zap the
+        range's pages: a later read sees the zero page, a write a new page), "cold" (deactivate the
+        range's exclusive pages: reclaim takes them first) or "pageout" (reclaim them now: each
+        becomes a swap entry, its folio written to swap and left in the swap cache)."""
         await self._run(_ops.madvise(self, addr, length, advice), timeout)
 
     async def mprotect(self, addr: int, length: int, prot: str, *, timeout: Timeout = ...) -> None:
@@ -751,6 +769,14 @@ class Process:
     async def folio(self, addr: int, *, timeout: Timeout = ...) -> FolioInfo | None:
         """The page mapped at ``addr`` (no fault is taken), or None."""
         return await self._run(_ops.folio(self, addr), timeout)
+
+    async def pagemap(self, addr: int, length: int, *, timeout: Timeout = ...) -> list[PagemapEntry]:
+        """What /proc/PID/pagemap (with mincore and /proc/kpageflags) says of each page of
+        [addr, addr + length), length rounded up to whole pages, without faulting: one entry per
+        page, in order. ``addr`` must be page-aligned (else EINVAL); a range of more pages than a
+        response can hold raises LimitExceededError (``max_message_bytes``)."""
+        reply = await self._call("Pagemap", pb.RangeRequest(process=self.id, addr=addr, length=length), timeout)
+        return [pagemap_from_pb(m) for m in reply.entries]
 
     async def vmas(self, *, timeout: Timeout = ...) -> list[Vma]:
         reply = await self._call("ListVmas", pb.ProcessRequest(process=self.id), timeout)

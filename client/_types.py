@@ -22,6 +22,8 @@ ADVICE_TO_PB: Mapping[str, pb.Advice] = {
     "wipeonfork": pb.ADVICE_WIPEONFORK,
     "keeponfork": pb.ADVICE_KEEPONFORK,
     "dontneed": pb.ADVICE_DONTNEED,
+    "cold": pb.ADVICE_COLD,
+    "pageout": pb.ADVICE_PAGEOUT,
 }
 
 
@@ -127,6 +129,36 @@ class FolioInfo:
 
 
 @dataclass(frozen=True)
+class PagemapEntry:
+    """One page, without faulting (see ``Process.pagemap``): what /proc/PID/pagemap says of it
+    (``present``, ``swap``, ``exclusive``: PM_MMAP_EXCLUSIVE, a present page mapped once;
+    ``uffd_wp``, ``soft_dirty``), what mincore adds for a swap entry (``swapcache``), and what
+    /proc/kpageflags and /proc/kpagecount say of a present page (``swapcache``, ``pmd``, ``thp``,
+    ``head``, ``tail``, ``zero_page``, ``ksm``, ``anon_exclusive``: PG_anon_exclusive, and
+    ``mapcount``, 0 for the zero page). ``PagemapEntry()``: no page there. Its repr shows the
+    fields that are set."""
+
+    present: bool = False
+    swap: bool = False
+    exclusive: bool = False
+    uffd_wp: bool = False
+    soft_dirty: bool = False
+    swapcache: bool = False
+    pmd: bool = False
+    thp: bool = False
+    head: bool = False
+    tail: bool = False
+    zero_page: bool = False
+    ksm: bool = False
+    anon_exclusive: bool = False
+    mapcount: int = 0
+
+    def __repr__(self) -> str:
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"{type(self).__qualname__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True)
 class WalkResult:
     """The outcome of an rmap walk (``folio_referenced``) of one folio."""
 
@@ -189,6 +221,14 @@ def folio_from_pb(m: pb.FolioResponse) -> FolioInfo | None:
     )
 
 
+#: The fields of a pagemap entry, in the proto's order (the SDK's PagemapEntry has the same).
+_PAGEMAP_FIELDS = tuple(f.name for f in pb.PagemapEntry.DESCRIPTOR.fields)
+
+
+def pagemap_from_pb(m: pb.PagemapEntry) -> PagemapEntry:
+    return PagemapEntry(**{name: getattr(m, name) for name in _PAGEMAP_FIELDS})
+
+
 def walk_from_pb(m: pb.WalkResponse) -> WalkResult:
     return WalkResult(
         referenced=m.referenced,
@@ -211,7 +251,7 @@ def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
     )
 
 
-__all__ = ["AnonVma", "FolioInfo", "Vma", "WalkResult"]
+__all__ = ["AnonVma", "FolioInfo", "PagemapEntry", "Vma", "WalkResult"]
 
 
 def userfault_from_pb(m: pb.UserfaultEvent) -> UserfaultEvent:

@@ -164,6 +164,11 @@ def folio(p: Process, addr: int) -> Op:
     return Op(p, pb.Op(get_folio=pb.AccessRequest(process=p.id, addr=addr)))
 
 
+def reclaim(pages: int) -> Op:
+    """Reclaim up to ``pages`` folios of the server the batch runs on (its result: the folios freed)."""
+    return Op(None, pb.Op(reclaim=pb.ReclaimRequest(pages=pages)))
+
+
 __all__ = [
     "Op",
     "create_process",
@@ -176,6 +181,7 @@ __all__ = [
     "mremap",
     "munmap",
     "read",
+    "reclaim",
     "remap",
     "uffd_copy",
     "uffd_register",

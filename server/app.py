@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .mm.memcontrol import MemCgroup, MemoryLimitExceeded
 from .mm.mm_types import LimitExceeded
 from .mm.model import MemoryModel
+from .mm.swapfile import DEFAULT_SWAP_BYTES
 from .service import Limits, MemoryManagerServicer, status_of
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation, peer_credentials
 
@@ -69,6 +70,7 @@ class ServerConfig:
     max_processes: int = 10_000
     max_pages: int = 2_000_000
     max_memory: int = 4 << 30  # the model's budget: 4 GiB, a sixth of this 24 GiB machine
+    swap_bytes: int = DEFAULT_SWAP_BYTES  # the model's swap device: 1 GiB; 0: no swap
     grace: float = 10.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -591,6 +593,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_processes=config.max_processes,
         max_pages=config.max_pages,
         max_memory=config.max_memory,
+        swap_bytes=config.swap_bytes,
         max_pending_faults=config.max_pending_faults,
         max_pending_faults_per_process=config.max_pending_faults_per_process,
         max_userfault_streams=config.max_userfault_streams,

@@ -298,6 +298,18 @@ def _bytes(raw: str) -> int:
     return v
 
 
+def _swap_bytes(raw: str) -> int:
+    """The swap device's size: a size as ``_bytes`` reads it, or 0 for no swap; at most MAX_SWAP_BYTES."""
+    from .mm.swapfile import MAX_SWAP_BYTES
+
+    if re.fullmatch(r"\s*0+\s*([kmgtKMGT]?)(i?[bB])?\s*", raw):
+        return 0
+    v = _bytes(raw)
+    if v > MAX_SWAP_BYTES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SWAP_BYTES} ({MAX_SWAP_BYTES >> 30}G)")
+    return v
+
+
 def _listen_or_off(raw: str) -> str:
     """HOST:PORT, or empty for off."""
     return "" if raw.strip() == "" else _listen(raw)
@@ -399,6 +411,10 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
     ("--max-memory", "MMSIM_MAX_MEMORY", "max_memory", _bytes,
      "bytes of model objects (PTEs, page tables, VMAs, anon_vmas, chains, folios, processes); beyond it "
      "RESOURCE_EXHAUSTED (ENOMEM); K, M, G suffixes"),
+    ("--swap-bytes", "MMSIM_SWAP_BYTES", "swap_bytes", _swap_bytes,
+     "size of the model's swap device, where reclaim (Reclaim, madvise pageout, an access past "
+     "--max-memory) swaps pages out; its slots are not charged to --max-memory (as memcg charges them to "
+     "memory.swap), and each one in use holds 256 bytes of the server's. 0: no swap; K, M, G suffixes"),
     ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
     ("--max-connections", "MMSIM_MAX_CONNECTIONS", "max_connections", _non_negative,
      "connections open at once (beyond it a new one is closed at once); with --max-message-bytes it bounds "
@@ -583,6 +599,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             step_timeout=args.step_timeout,
             save=args.save,
             console=Console(width=None if sys.stdout.isatty() else 140),
+            swap=args.swap,
         )
 
     try:
@@ -658,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--server", help="an mmsim server HOST:PORT (default: one started in this process)")
     conf.add_argument("--random", type=_non_negative, default=0, metavar="N", help="also run N random scenarios")
     conf.add_argument("--seed", type=_int, default=0, help="seed of the random scenarios")
+    conf.add_argument("--swap", action="store_true",
+                      help="the random scenarios also page out, deactivate and observe PTEs (madvise pageout and "
+                      "cold, pte); those that page out are skipped where the kernel has no usable swap")
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")

@@ -191,6 +191,11 @@ class ModelCollector(Collector):
             "mmsim_memory_limit_failures", "Charges refused because the memory budget was reached (ENOMEM).",
             s.memory_limit_failures,
         )
+        yield _gauge("mmsim_swap_slots_in_use", "Swap slots in use: referenced by swap entries or the swap cache.",
+                     s.swap_slots_in_use)
+        yield _gauge("mmsim_swap_slots_total", "Usable slots of the swap device (--swap-bytes), a page each.",
+                     s.swap_slots_total)
+        yield _gauge("mmsim_swap_cache_folios", "Folios in the swap cache.", s.swap_cache_folios)
 
         # -- the rmap walk
         yield _counter("mmsim_walks", "rmap walks (folio_referenced) completed.", stats.get("walk", 0))
@@ -238,12 +243,32 @@ class ModelCollector(Collector):
         faults = CounterMetricFamily(
             "mmsim_faults",
             "Page faults that changed a PTE, by kind: new_folio (first touch), cow (copy on write), wp_reuse "
-            "(write fault reusing the folio in place).",
+            "(write fault reusing the folio in place), swap_in (a swap entry mapped again: do_swap_page).",
             labels=["kind"],
         )
-        for kind in ("new_folio", "cow", "wp_reuse"):
+        for kind in ("new_folio", "cow", "wp_reuse", "swap_in"):
             faults.add_metric([kind], stats.get(f"fault_{kind}", 0))
         yield faults
+        # -- swap and reclaim
+        yield _counter("mmsim_swap_outs", "Folios written to swap (swap_writepage).", stats.get("swap_out", 0))
+        yield _counter("mmsim_swap_ins", "Folios read back from swap into the swap cache.", stats.get("swap_in", 0))
+        yield _counter("mmsim_swap_cache_hits", "Swap-ins that found the folio in the swap cache.",
+                       stats.get("swap_cache_hit", 0))
+        yield _counter("mmsim_reclaim_runs", "Reclaim runs (shrink_lruvec): Reclaim calls and memory-budget reclaim.",
+                       stats.get("reclaim_runs", 0))
+        yield _counter("mmsim_reclaim_memcg_runs",
+                       "Reclaim runs started because a charge would have passed the memory budget.",
+                       stats.get("reclaim_memcg", 0))
+        reclaim = CounterMetricFamily(
+            "mmsim_reclaim_folios",
+            "Folios reclaim handled, by what happened: scanned (tried for reclaim, by a Reclaim or by madvise "
+            "pageout), freed, activated (kept on the active list: referenced, or no swap slot), deactivated (moved "
+            "from the active to the inactive list).",
+            labels=["outcome"],
+        )
+        for outcome in ("scanned", "freed", "activated", "deactivated"):
+            reclaim.add_metric([outcome], stats.get(f"reclaim_{outcome}", 0))
+        yield reclaim
         yield _counter("mmsim_vma_merges", "VMA merges.", stats.get("vma_merge", 0))
         yield _counter("mmsim_vma_splits", "VMA splits.", stats.get("vma_split", 0))
         yield _counter("mmsim_rcu_grace_periods", "RCU grace periods completed.", s.rcu_gp_completed)

@@ -31,11 +31,19 @@ from mmsim.v1.operations import BATCHABLE, BY_OP_FIELD, Operation, require
 from . import errors
 from .handles import BadRequest, Handles, ProcessNotFound
 from .mm.memcontrol import MemoryLimitExceeded
-from .mm.model import LimitExceeded, MemoryModel, MmError, ResultTooLarge, VmaInfo
+from .mm.model import PAGE_SIZE, LimitExceeded, MemoryModel, MmError, PagemapEntry, ResultTooLarge, VmaInfo
 from .mm.sched import cond_resched
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
 from .topology import Topology, new_generation
-from .wire_encoding import encode_error, encode_result, field_size, mapping_size, remap_result, result_header
+from .wire_encoding import (
+    encode_error,
+    encode_result,
+    field_size,
+    mapping_size,
+    remap_result,
+    result_header,
+    varint,
+)
 
 PROT_FROM_PB = {pb.PROT_R: "r", pb.PROT_RW: "rw", pb.PROT_NONE: "none"}
 PROT_TO_PB = {v: k for k, v in PROT_FROM_PB.items()}
@@ -47,6 +55,8 @@ ADVICE_FROM_PB = {
     pb.ADVICE_WIPEONFORK: "wipeonfork",
     pb.ADVICE_KEEPONFORK: "keeponfork",
     pb.ADVICE_DONTNEED: "dontneed",
+    pb.ADVICE_COLD: "cold",
+    pb.ADVICE_PAGEOUT: "pageout",
 }
 #: The mode bits of UFFDIO_ZEROPAGE, and of UFFDIO_COPY (which also has UFFDIO_COPY_MODE_WP);
 #: any other bit is EINVAL.
@@ -70,6 +80,17 @@ BATCH_SLICE = 64
 RESULT_BOUND = 512
 #: The operations of a batch whose result has no bound (a walk's mappings): run before their size is known.
 _UNBOUNDED = frozenset(field for field, op in BY_OP_FIELD.items() if not op.bounded)
+#: The fields of a pagemap entry, as the model's PagemapEntry and the proto's name them.
+PAGEMAP_FIELDS = tuple(f.name for f in pb.PagemapEntry.DESCRIPTOR.fields)
+#: The most bytes one entry takes in a PagemapResponse (every flag set, the largest mapcount): a
+#: Pagemap covers at most (max_message_bytes - RESPONSE_SLACK) // PAGEMAP_ENTRY_BYTES pages.
+PAGEMAP_ENTRY_BYTES = field_size(pb.PagemapEntry(
+    **dict.fromkeys((name for name in PAGEMAP_FIELDS if name != "mapcount"), True), mapcount=0xFFFFFFFF
+).ByteSize())
+#: Pages a Pagemap reads from the model between two chances for other calls to run.
+PAGEMAP_CHUNK = 1024
+#: PagemapResponse.entries: field 1, length-delimited.
+_ENTRIES_TAG = bytes([(1 << 3) | 2])
 
 
 @dataclass(frozen=True)
@@ -328,6 +349,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     async def _op_remap(self, request: pb.RemapRequest) -> pb.RemapResponse:
         return pb.RemapResponse(moved=await self._remap(request))
 
+    async def _op_reclaim(self, request: pb.ReclaimRequest) -> pb.ReclaimResponse:
+        return pb.ReclaimResponse(reclaimed=await self.model.reclaim(request.pages))
+
     async def _op_walk(self, request: pb.WalkRequest) -> pb.WalkResponse:
         w = await self.model.walk(self.pid(request.process), request.addr, request.blocking)
         reply = pb.WalkResponse(
@@ -441,6 +465,35 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
 
         return await self._unary(context, op, request)
 
+    async def Pagemap(self, request, context):
+        async def op(req: pb.RangeRequest) -> bytes:
+            """The serialized PagemapResponse, read from the model a chunk of pages at a time (as
+            pagemap_read does, the page tables may change between chunks)."""
+            pid = self.pid(req.process)
+            limit = self.limits.max_message_bytes
+            pages = -(-req.length // PAGE_SIZE)
+            # The model checks the address (EINVAL) as it reads the first chunk, before the count is.
+            entries = self.model.pagemap(pid, req.addr, min(pages, PAGEMAP_CHUNK) * PAGE_SIZE)
+            if pages > (limit - RESPONSE_SLACK) // PAGEMAP_ENTRY_BYTES:
+                raise ResponseTooLarge(f"the pagemap of {pages} pages", limit)
+            fields: dict[PagemapEntry, bytes] = {}  # each distinct entry serialized once
+            parts: list[bytes] = []
+            done = 0
+            while True:
+                for e in entries:
+                    field = fields.get(e)
+                    if field is None:
+                        field = fields[e] = _pagemap_field(e)
+                    parts.append(field)
+                done += len(entries)
+                if done >= pages:
+                    return b"".join(parts)
+                await cond_resched()
+                n = min(pages - done, PAGEMAP_CHUNK)
+                entries = self.model.pagemap(pid, req.addr + done * PAGE_SIZE, n * PAGE_SIZE)
+
+        return await self._unary(context, op, request)
+
     async def CheckInvariants(self, request, context):
         return pb.CheckInvariantsResponse(problems=await self.model.audit())
 
@@ -491,6 +544,12 @@ def _enum(table: Mapping[Any, str], value: int, field: str) -> str:
         return table[value]
     except KeyError:
         raise BadRequest(field, f"unspecified or unknown value {value}; one of {sorted(table)} is required") from None
+
+
+def _pagemap_field(e: PagemapEntry) -> bytes:
+    """One entry of PagemapResponse.entries as it is on the wire: tag, length, message."""
+    body = pb.PagemapEntry(**{name: getattr(e, name) for name in PAGEMAP_FIELDS}).SerializeToString()
+    return _ENTRIES_TAG + varint(len(body)) + body
 
 
 def _userfault_pb(e: Any) -> pb.UserfaultEvent:

@@ -52,6 +52,9 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["serve", "--listen", "7077"], "mmsim serve: error: argument --listen: expected HOST:PORT, got '7077'"),
         (["serve", "--listen", "h:70000"], "mmsim serve: error: argument --listen: expected HOST:PORT, got 'h:70000'"),
         (["serve", "--max-pages", "0"], "mmsim serve: error: argument --max-pages: must be positive"),
+        (["serve", "--swap-bytes", "65G"], "mmsim serve: error: argument --swap-bytes: at most 68719476736 (64G)"),
+        (["serve", "--swap-bytes", "-1"],
+         "mmsim serve: error: argument --swap-bytes: expected a size such as 4294967296, 512M or 4G"),
         (["serve", "--detectors", "maybe"],
          "mmsim serve: error: argument --detectors: expected true or false, got 'maybe'"),
         (["serve", "--log-level", "verbose"], "mmsim serve: error: argument --log-level: invalid choice: 'verbose'"),
@@ -72,7 +75,7 @@ def test_bad_flag_values_are_one_line_and_status_2(capsys, argv: list[str], mess
 BAD_ENV = {cli._listen: "7077", cli._probability: "2", cli._int: "x", cli._bool: "maybe",
            cli._positive: "0", cli._seconds: "-1", cli._bytes: "4Q", str: "bogus", cli._shards: "1001",
            cli._shard_index: "-1", cli._addresses: "a,b", cli._non_negative: "-2", cli._listen_or_off: "x",
-           cli._file: "/no/such/file", cli._share: "0"}
+           cli._file: "/no/such/file", cli._share: "0", cli._swap_bytes: "65G"}
 
 
 @pytest.mark.parametrize("flag", SERVE_FLAGS, ids=[f[1] for f in SERVE_FLAGS])

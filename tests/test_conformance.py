@@ -7,10 +7,10 @@ deterministic and generates only valid, runnable scenarios.
 Against the kernel (skipped where the oracle is unavailable): the whole corpus and 200 random
 scenarios (seed 2026) behave the same on the live kernel and on mmsim.
 
-Swap (``madvise`` pageout and cold, ``pte``) is not modelled yet: the scenarios with such steps
-run on the kernel only, against their recorded ``expect`` fields (those that page out are skipped,
-with the reason, without a usable swap device), and their mmsim runs are strict xfails, so that
-they must be un-marked the day mmsim passes them.
+Swap (``madvise`` pageout and cold, ``pte``): mmsim satisfies each swap scenario's recorded
+``expect`` fields (one test per scenario), and runs generated swap scenarios; on the kernel, each
+gives its recorded answers when replayed alone, and with swap they run on both sides like the rest
+(those that page out are skipped, with the reason, without a usable swap device).
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from rich.console import Console
 from mmsim.client import Client
 from mmsim.client.testing import serve_in_process
 from mmsim.server.tools.conformance.generate import random_scenario
-from mmsim.server.tools.conformance.mmsim_runner import MmsimRunner, NotModelledError, compare
+from mmsim.server.tools.conformance.mmsim_runner import MmsimRunner, compare
 from mmsim.server.tools.conformance.scenario import (
     FIELDS,
-    NOT_MODELLED,
     UNRECORDED,
     Scenario,
     needs_swap,
-    not_modelled,
+    uses_swap,
 )
 from mmsim.server.tools.conformance.tool import (
     Outcome,
@@ -50,8 +49,8 @@ from mmsim.server.tools.conformance.tool import (
 
 CORPUS = Path(__file__).parent / "conformance"
 FILES = sorted(CORPUS.glob("*.json"))
-#: The corpus files with steps mmsim does not model yet (by their steps): run on the kernel only.
-UNMODELLED = [p for p in FILES if not_modelled(Scenario.load(p))]
+#: The corpus files with swap steps (pageout, cold, pte): each its own test on mmsim.
+SWAP_FILES = [p for p in FILES if uses_swap(Scenario.load(p))]
 NAME = re.compile(r"^(\d{2,3})-([a-z]+)(-[a-z0-9]+)*$")
 
 #: Every category the corpus must cover: the word after the number in a file's name, which is
@@ -131,12 +130,13 @@ def test_corpus_partial_progress_positions() -> None:
 
 
 async def test_corpus_expectations_on_mmsim() -> None:
-    """mmsim alone satisfies every ``expect`` the corpus states (of the scenarios it models)."""
+    """mmsim alone satisfies every ``expect`` the corpus states (the swap scenarios: one test each,
+    below)."""
     failures: list[str] = []
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
             for s in load_scenarios([str(CORPUS)]):
-                if not_modelled(s):
+                if uses_swap(s):
                     continue
                 results = await MmsimRunner(client).run(s)
                 for d in compare(s, None, results):
@@ -146,14 +146,10 @@ async def test_corpus_expectations_on_mmsim() -> None:
         pytest.fail("\n".join(failures), pytrace=False)
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=NOT_MODELLED)) for p in UNMODELLED],
-    ids=[p.stem for p in UNMODELLED],
-)
-async def test_unmodelled_corpus_on_mmsim(path: Path) -> None:
-    """mmsim satisfies every ``expect`` of a scenario with swap steps: not yet (a strict xfail
-    per scenario, chosen by its steps, so it turns red the day mmsim passes it)."""
+@pytest.mark.parametrize("path", SWAP_FILES, ids=[p.stem for p in SWAP_FILES])
+async def test_swap_corpus_on_mmsim(path: Path) -> None:
+    """mmsim satisfies every ``expect`` of a scenario with swap steps, leaves no step a note and
+    the model sound."""
     s = Scenario.load(path)
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
@@ -169,7 +165,7 @@ def test_swap_corpus_is_recorded() -> None:
     leaves out (UNRECORDED: they depend on the kernel's configuration)."""
     swap = [p for p in FILES if category(p) == "swap"]
     assert len(swap) >= 30, f"only {len(swap)} swap scenarios"
-    assert set(swap) <= set(UNMODELLED)
+    assert set(swap) <= set(SWAP_FILES)
     seen: set[str] = set()
     for p in swap:
         for i, st in enumerate(Scenario.load(p).steps):
@@ -182,28 +178,44 @@ def test_swap_corpus_is_recorded() -> None:
     assert not seen & set(UNRECORDED)
 
 
-async def test_mmsim_runner_refuses_swap_steps_clearly() -> None:
-    """Each swap step makes the mmsim runner raise NotModelledError naming the step, before it
-    creates any process."""
-    base: list[dict[str, Any]] = [
-        {"op": "mmap", "proc": "P", "region": "a", "pages": 1},
-        {"op": "write", "proc": "P", "at": ["a", 0], "value": 1},
-    ]
-    swap_steps: list[dict[str, Any]] = [
+async def test_mmsim_runner_runs_swap_steps_with_the_kernel_runners_fields() -> None:
+    """The mmsim runner runs pageout, cold and ``pte`` steps, and a ``pte`` step reports the
+    fields the kernel runner does: the five pagemap bits always; ``swapcache`` too for a swap
+    entry; for a present page also ``swapcache``, ``thp``, ``zero_page``, ``ksm``, ``mapcount``,
+    and ``anon_exclusive`` unless it is the zero page."""
+    s = Scenario.from_dict({"name": "t", "steps": [
+        {"op": "mmap", "proc": "P", "region": "a", "pages": 4},
+        {"op": "write", "proc": "P", "at": ["a", 0], "value": 7},
+        {"op": "pte", "proc": "P", "at": ["a", 0, 8]},  # a byte into the page: the page's entry
         {"op": "madvise", "proc": "P", "at": ["a", 0], "pages": 1, "advice": "pageout"},
-        {"op": "madvise", "proc": "P", "at": ["a", 0], "pages": 1, "advice": "cold"},
         {"op": "pte", "proc": "P", "at": ["a", 0]},
-    ]
+        {"op": "read", "proc": "P", "at": ["a", 1]},
+        {"op": "pte", "proc": "P", "at": ["a", 1]},
+        {"op": "pte", "proc": "P", "at": ["a", 2]},
+        {"op": "madvise", "proc": "P", "at": ["a", 0], "pages": 4, "advice": "cold"},
+        {"op": "peek", "proc": "P", "at": ["a", 0]},
+        {"op": "read", "proc": "P", "at": ["a", 0]},
+    ]})
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
-            before = (await client.stats())["processes"]
-            for st in swap_steps:
-                s = Scenario.from_dict({"name": "t", "steps": [*base, st]})
-                with pytest.raises(NotModelledError, match=rf"step 2 \({st['op']} P.*\): {NOT_MODELLED}"):
-                    await MmsimRunner(client).run(s)
-            assert (await client.stats())["processes"] == before
-            ok = await MmsimRunner(client).run(Scenario.from_dict({"name": "t", "steps": base}))
-            assert [r.errno for r in ok] == [0, 0]
+            results = await MmsimRunner(client).run(s)
+            assert await client.check_invariants() == []
+    assert [r.errno for r in results] == [0] * len(s.steps) and [r.note for r in results if r.note] == []
+    bits = {"uffd_wp": False, "soft_dirty": results[2].soft_dirty}
+    assert results[2].compared() == {"errno": 0, "present": True, "swap": False, "exclusive": True, **bits,
+                                     "swapcache": False, "thp": False, "zero_page": False, "ksm": False,
+                                     "mapcount": 1, "anon_exclusive": True}
+    assert results[4].compared() == {"errno": 0, "present": False, "swap": True, "exclusive": False,
+                                     "uffd_wp": False, "soft_dirty": results[4].soft_dirty, "swapcache": True}
+    zero = results[6].compared()  # the zero page: no anon_exclusive
+    assert zero == {"errno": 0, "present": True, "swap": False, "exclusive": False, "uffd_wp": False,
+                    "soft_dirty": zero["soft_dirty"], "swapcache": False, "thp": False, "zero_page": True,
+                    "ksm": False, "mapcount": 0}
+    none = results[7].compared()  # no page: the five pagemap bits only
+    assert none.pop("soft_dirty") in (False, True)
+    assert none == {"errno": 0, "present": False, "swap": False, "exclusive": False, "uffd_wp": False}
+    assert results[9].compared() == {"errno": 0, "present": False}  # still swapped out: a peek does not fault
+    assert results[10].value == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +289,27 @@ async def test_random_scenarios_run_on_mmsim() -> None:
             assert await client.check_invariants() == []
 
 
+async def test_random_swap_scenarios_run_on_mmsim() -> None:
+    """Generated scenarios with pageout, cold and ``pte`` steps run on mmsim without malformed
+    requests and leave the model sound; their ``pte`` steps report what the kernel runner's do."""
+    rng = random.Random(RANDOM_SEED)
+    ptes = 0
+    async with serve_in_process(log_level="error") as addr:
+        async with Client(addr) as client:
+            for n in range(60):
+                s = random_scenario(rng, name=f"swap-{n}", swap=True)
+                for i, r in enumerate(await MmsimRunner(client).run(s)):
+                    assert not r.note, (s.name, i, s.steps[i], r)
+                    if s.steps[i]["op"] == "pte" and not r.errno:
+                        ptes += 1
+                        assert r.present is not None and r.swap is not None and r.soft_dirty is not None
+                        assert (r.mapcount is not None) == r.present
+                        assert (r.swapcache is not None) == (r.present or r.swap)
+            assert await client.check_invariants() == []
+            stats = await client.stats()
+    assert ptes >= 30 and stats["swap_out"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Against the kernel
 
@@ -300,12 +333,17 @@ def _report(bad: list[Outcome], extra: list[str] | None = None) -> str:
 
 @pytest.mark.parametrize("part", range(SLICES // 2))
 async def test_corpus_on_kernel(part: int) -> None:
+    """The corpus behaves the same on the kernel and on mmsim (but the scenarios that page out,
+    where the kernel has no usable swap)."""
+    from mmsim.server.tools.conformance.kernel import swap_unavailable
+
     runner = _oracle_or_skip()
+    no_swap = swap_unavailable()
     bad: list[Outcome] = []
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
-            modelled = [s for s in load_scenarios([str(CORPUS)]) if not not_modelled(s)]
-            for s in modelled[part :: SLICES // 2]:
+            runnable = [s for s in load_scenarios([str(CORPUS)]) if no_swap is None or not needs_swap(s)]
+            for s in runnable[part :: SLICES // 2]:
                 outcome = await run_one(s, runner, client)
                 if outcome.differences:
                     bad.append(outcome)
@@ -320,10 +358,10 @@ def _swap_or_skip(s: Scenario) -> None:
         pytest.skip(f"{s.name} pages out, and swap is unavailable: {why}")
 
 
-@pytest.mark.parametrize("path", UNMODELLED, ids=[p.stem for p in UNMODELLED])
-async def test_unmodelled_corpus_on_kernel(path: Path) -> None:
-    """A scenario mmsim does not model yet gives its recorded answers on the live kernel (its
-    kernel-only replay, as ``mmsim conformance`` runs it), with no step left unsettled."""
+@pytest.mark.parametrize("path", SWAP_FILES, ids=[p.stem for p in SWAP_FILES])
+async def test_swap_corpus_on_kernel(path: Path) -> None:
+    """A scenario with swap steps gives its recorded answers on the live kernel, replayed there
+    alone, with no step left unsettled."""
     runner = _oracle_or_skip()
     s = Scenario.load(path)
     _swap_or_skip(s)
@@ -419,6 +457,23 @@ class _ScriptedKernel:
     def run(self, scenario: Scenario) -> list[Any]:
         self.runs += 1
         return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def test_fields_that_depend_on_the_kernels_configuration_are_not_compared_between_runs() -> None:
+    """soft_dirty (UNRECORDED) may differ between the kernel and mmsim; any other field may not,
+    and a scenario's own ``expect`` is still checked."""
+    from mmsim.server.tools.conformance.scenario import StepResult
+
+    sc = Scenario.from_dict({"name": "t", "processes": ["P"], "steps": [
+        {"op": "mmap", "proc": "P", "region": "a", "pages": 1},
+        {"op": "pte", "proc": "P", "at": ["a", 0], "expect": {"present": False}},
+    ]})
+    kernel = [StepResult(), StepResult(present=False, swap=False, soft_dirty=False)]
+    assert compare(sc, kernel, [StepResult(), StepResult(present=False, swap=False, soft_dirty=True)]) == []
+    [d] = compare(sc, kernel, [StepResult(), StepResult(present=False, swap=True, soft_dirty=True)])
+    assert (d.step, d.kernel["swap"], d.mmsim["swap"]) == (1, False, True)
+    [d] = compare(sc, None, [StepResult(), StepResult(present=True)])
+    assert d.expected and d.kernel == {"present": False}
 
 
 async def test_a_difference_counts_only_when_two_kernel_runs_agree() -> None:
@@ -601,7 +656,7 @@ def test_swap_generator_deterministic_valid_and_drawn() -> None:
         _check_episodes(a)
         drawn |= {st["op"] if st["op"] != "madvise" else st["advice"] for st in a.steps}
         plain = random_scenario(random.Random(seed), name=f"s{seed}")
-        assert not not_modelled(plain)
+        assert not uses_swap(plain)
     assert {"pageout", "cold", "pte", "move", "fault", "mremap", "copy"} <= drawn
 
 
@@ -622,22 +677,22 @@ async def test_random_swap_scenarios_agree_twice_on_kernel() -> None:
 
 
 def _swap_scenario_files() -> list[Path]:
-    return [p for p in UNMODELLED if needs_swap(Scenario.load(p))]
+    return [p for p in SWAP_FILES if needs_swap(Scenario.load(p))]
 
 
-async def test_command_runs_swap_scenarios_on_the_kernel_only_or_skips_them(monkeypatch, capsys) -> None:
-    """``mmsim conformance`` runs a swap scenario on the kernel only (exit 0 when its expects
-    hold), and without usable swap skips the ones that page out, saying why (still exit 0)."""
+async def test_command_runs_swap_scenarios_on_both_or_skips_them(monkeypatch, capsys) -> None:
+    """``mmsim conformance`` runs a swap scenario on the kernel and on mmsim (exit 0 when they
+    agree), and without usable swap skips the ones that page out, saying why (still exit 0)."""
     from mmsim.server.tools.conformance import kernel
     from mmsim.server.tools.conformance.tool import conformance
 
     _oracle_or_skip()
-    paging, cold = _swap_scenario_files()[0], next(p for p in UNMODELLED if not needs_swap(Scenario.load(p)))
+    paging, cold = _swap_scenario_files()[0], next(p for p in SWAP_FILES if not needs_swap(Scenario.load(p)))
     console = Console(file=io.StringIO(), width=200, color_system=None)
     if kernel.swap_unavailable() is None:
         assert await conformance([str(paging), str(cold)], console=console) == 0
         out = console.file.getvalue()  # type: ignore[attr-defined]
-        assert f"same  {paging.stem}" in out and "kernel only: swap is not modelled yet" in out
+        assert f"same  {paging.stem}" in out and "kernel only" not in out
         assert "2 of 2 scenarios" in out
     monkeypatch.setattr(kernel, "swap_unavailable", lambda: "no active swap (for this test)")
     console = Console(file=io.StringIO(), width=200, color_system=None)
@@ -645,6 +700,29 @@ async def test_command_runs_swap_scenarios_on_the_kernel_only_or_skips_them(monk
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert f"skipped  {paging.stem}: no active swap (for this test)" in out
     assert f"same  {cold.stem}" in out and "1 of 1 scenarios" in out and "1 skipped" in out
+
+
+async def test_command_runs_random_swap_scenarios_on_both_or_skips_them(monkeypatch) -> None:
+    """``mmsim conformance --random N --swap``: generated swap scenarios run on the kernel and on
+    mmsim; without usable swap, those that page out are skipped, saying why."""
+    from mmsim.server.tools.conformance import kernel
+    from mmsim.server.tools.conformance.tool import conformance
+
+    _oracle_or_skip()
+    rng = random.Random(RANDOM_SEED)
+    generated = [random_scenario(rng, name=f"random-{RANDOM_SEED}-{n}", swap=True) for n in range(8)]
+    paging = [s.name for s in generated if needs_swap(s)]
+    assert 0 < len(paging) < 8
+    if kernel.swap_unavailable() is None:
+        console = Console(file=io.StringIO(), width=200, color_system=None)
+        assert await conformance([], random_count=8, seed=RANDOM_SEED, swap=True, console=console) == 0
+        assert "8 of 8 scenarios" in console.file.getvalue()  # type: ignore[attr-defined]
+    monkeypatch.setattr(kernel, "swap_unavailable", lambda: "no active swap (for this test)")
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    assert await conformance([], random_count=8, seed=RANDOM_SEED, swap=True, console=console) == 0
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("skipped")] == paging
+    assert f"{8 - len(paging)} of {8 - len(paging)} scenarios" in out and f"{len(paging)} skipped" in out
 
 
 def test_record_writes_the_kernels_answers_as_expects(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.violations_expected  # the unsafe protocols are meant t
 def test_the_library_holds_the_scenarios_the_protocol_needs() -> None:
     names = {p.stem for p in SCENARIOS}
     assert {"slow-path-race", "fast-path-race", "fork-vs-walk", "exit-vs-blocking-walk", "split-vma-walk",
-            "anon-vma-reuse", "moved-twice-reuse"} <= names
+            "anon-vma-reuse", "moved-twice-reuse", "reclaim-vs-move", "swapin-vs-move",
+            "swap-move-then-swapin"} <= names
     for p in SCENARIOS:
         scn = load(p)
         assert scn.name == p.stem and 2 <= len(scn.threads) <= 4
@@ -34,6 +35,19 @@ def test_each_strategy_finds_the_race_of_each_unsafe_variant(scenario: str, prot
     assert s.first is not None, f"{strategy} missed the race in {s.schedules} schedules"
     assert any(v.startswith("wrong-root-walk") for v in s.first.violations), s.first.violations
     assert s.schedules >= 1 and len(s.interleavings) >= 1
+
+
+@pytest.mark.parametrize(("protocol", "caught"), [("recheck", False), ("folio-lock", False),
+                                                   ("recheck-slow-only", True), ("no-recheck", True)])
+def test_reclaims_unlocked_walker_races_the_move(protocol: str, caught: bool) -> None:
+    """The seed's race in reclaim: shrink_active_list's folio_referenced (trylock mode, no folio
+    lock) against UFFDIO_MOVE: caught where the fast path does not recheck the mapping."""
+    scn = load(LITMUS / "reclaim-vs-move.litmus")
+    s = explore(scn, protocol, strategy="exhaustive", preemptions=2)
+    assert s.cut == 0
+    assert (s.first is not None) == caught, s.first and s.first.violations
+    if caught:
+        assert s.first is not None and any(v.startswith("wrong-root-walk: task=reclaim") for v in s.first.violations)
 
 
 def test_the_fast_path_race_needs_the_fast_path_recheck() -> None:

@@ -48,7 +48,9 @@ class Server:
 
 @pytest_asyncio.fixture
 async def budget_server() -> AsyncIterator[Server]:
-    with mmsim_serve("--max-memory", str(BUDGET)) as proc:
+    """No swap: a charge past the budget is ENOMEM at once (with swap it first reclaims:
+    test_swap_postpones_enomem_until_swap_is_full)."""
+    with mmsim_serve("--max-memory", str(BUDGET), "--swap-bytes", "0") as proc:
         server = Server(proc)
         async with Client(server.addr) as mm:  # warm the server's code paths before the baseline
             p = await mm.create_process()
@@ -252,3 +254,35 @@ async def test_the_audit_catches_a_charge_that_is_never_given_back(monkeypatch: 
     await m.munmap(p, v.start, 4 * P)
     problems = m.check_invariants()
     assert any(p.startswith("memory budget:") for p in problems), problems
+
+
+async def test_swap_postpones_enomem_until_swap_is_full() -> None:
+    """With swap, writes past the budget reclaim (memcg reclaim: pages swapped out) instead of
+    failing; ENOMEM comes once the swap device is full too, with the model consistent, every page
+    holding its value, and the RSS within the budget plus what the device holds (docs/server.md)."""
+    swap = 16 << 20
+    with mmsim_serve("--max-memory", str(BUDGET), "--swap-bytes", str(swap)) as proc:
+        server = Server(proc)
+        server.baseline = server.rss
+        async with Client(server.addr) as mm:
+            p = await mm.create_process()
+            v = await p.mmap(1 << 30)
+            written = 0
+
+            async def writes() -> object:
+                nonlocal written
+                result = await mm.batch([ops.write(p, v.start + (written + i) * P, written + i) for i in range(2000)],
+                                        stop_on_error=True)
+                written += sum(1 for r in result if not isinstance(r, BaseException))
+                return result
+
+            await grow_until_enomem(writes)
+            stats = await mm.stats()
+            resident = BUDGET // (P // 4)  # far fewer folios than were written fit the budget
+            assert written > resident and stats["swap_slots_in_use"] >= stats["swap_slots_total"] - 64
+            assert stats["swap_out"] > 0 and stats["reclaim_memcg"] > 0
+            assert stats["memory_bytes"] <= BUDGET
+            assert await mm.check_invariants() == []
+            for i in range(0, written, 997):
+                assert await p.read(v.start + i * P) == i
+            assert server.peak - server.baseline <= BUDGET + swap // 16 + SLACK

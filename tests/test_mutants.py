@@ -151,6 +151,7 @@ SCRIPTS = {
     "move-index-before-mapping": "test_move_index_before_mapping_is_equivalent",
     "ptl-no-address-order": "test_ptl_no_address_order",
     "folio-lock-walker-skips-lock": "test_folio_lock_walker_skips_lock",
+    "move-swap-keeps-mapping": "test_move_swap_keeps_mapping",
 }
 
 
@@ -287,6 +288,29 @@ async def test_ptl_no_address_order(mutant: str | None) -> None:
     verdict(m, mutant, {"deadlock"})
     if mutant is not None:
         assert m.check_invariants() == []  # the deadlock was broken cleanly: M1 undid its step
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap: the 6.14 swap-cache fix
+
+
+@pytest.mark.parametrize("mutant", killed("move-swap-keeps-mapping"))
+async def test_move_swap_keeps_mapping(mutant: str | None) -> None:
+    """F is paged out (a swap PTE at src, F clean in the swap cache); M moves the swap PTE to dst;
+    a read at dst swaps F in from the swap cache. With the fix F moved to dst's anon_vma and index
+    with its entry; without it the swap-in maps F where its anon_vma and index do not lead."""
+    m, pid = await env("recheck", mutant)
+    await m.madvise(pid, SRC, P, "pageout")
+    swp = m.processes[pid].swap_pte_lookup(SRC)
+    assert swp is not None
+    f = m.k.swap.swap_table[swp.entry.offset]
+    assert await done(m.move(pid, DST, SRC, P)) == P
+    dst = m.processes[pid].vma_lookup(DST)
+    assert dst is not None
+    assert f.swapcache and (f.index == dst.linear_page_index(DST)) == (mutant is None)
+    assert await done(m.read(pid, DST)) == 0x5000
+    assert folio_at(m, pid, DST) is f and f.mapcount == 1
+    verdict(m, mutant, {"anon-rmap-mismatch"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from mmsim.server import cli
 from mmsim.server.app import ServerConfig
 from mmsim.server.mm.kernel import PROTOCOLS
+from mmsim.server.mm.swapfile import MAX_SWAP_BYTES
 from mmsim.server.supervisor import Supervisor, shard_environment
 from mmsim.server.topology import MAX_SHARDS
 
@@ -71,6 +72,7 @@ def _values(files: list[str]) -> dict[object, st.SearchStrategy[object]]:
         cli._positive: st.integers(1, 2**63),
         cli._non_negative: st.integers(0, 2**63),
         cli._bytes: st.integers(1, 2**63),
+        cli._swap_bytes: st.integers(0, MAX_SWAP_BYTES),
         cli._shards: st.integers(1, MAX_SHARDS),
         cli._shard_index: st.integers(0, MAX_SHARDS - 1),
         cli._probability: st.floats(0.0, 1.0),
@@ -116,6 +118,8 @@ def test_any_configuration_is_read_back_the_same(files: list[str], data: st.Data
     ({"peers": ("10.0.0.1:1",)}, ["--peers=10.0.0.1:1"]),
     ({"insecure": True, "supervised": True}, ["--insecure=true", "--supervised"]),
     ({"detectors": False}, ["--detectors=false"]),
+    ({"swap_bytes": 0}, ["--swap-bytes=0"]),
+    ({"swap_bytes": MAX_SWAP_BYTES, "max_memory": 1 << 30}, ["--max-memory=1073741824", "--swap-bytes=68719476736"]),
     ({"max_memory": 512 << 20, "max_request_bytes": 3 << 40}, ["--max-request-bytes=3298534883328",
                                                                 "--max-memory=536870912"]),
     ({"preempt": 0.1 + 0.2, "grace": 1e-7, "audit_share": 5e-324},
@@ -130,6 +134,15 @@ def test_examples(changes: dict[str, object], argv: list[str]) -> None:
     config = dataclasses.replace(ServerConfig(), **changes)  # type: ignore[arg-type]
     assert cli.serve_argv(config) == argv
     assert parse(argv) == config
+
+
+@pytest.mark.parametrize(("raw", "swap_bytes"), [
+    ("0", 0), ("0G", 0), ("00", 0), ("512M", 512 << 20), ("4096", 4096), ("64G", MAX_SWAP_BYTES), ("1GiB", 1 << 30),
+])
+def test_swap_bytes_takes_the_size_syntax_and_zero(raw: str, swap_bytes: int) -> None:
+    assert parse(["--swap-bytes", raw]).swap_bytes == swap_bytes
+    assert parse([], {"MMSIM_SWAP_BYTES": raw}).swap_bytes == swap_bytes
+    assert parse([]).swap_bytes == 1 << 30
 
 
 def test_files_whose_names_look_like_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +166,7 @@ def test_flags_override_the_environment_in_the_argv_too() -> None:
 
 def test_a_shard_runs_the_supervisors_configuration_but_its_own_place() -> None:
     config = parse(["--shards", "3", "--listen", "127.0.0.1:7000", "--metrics-listen", "127.0.0.1:9000",
-                    "--protocol", "folio-lock", "--max-memory", "1G", "--detectors", "false",
+                    "--protocol", "folio-lock", "--max-memory", "1G", "--swap-bytes", "0", "--detectors", "false",
                     "--grace", "2.5", "--insecure"])
     sup = Supervisor(config)
     for shard in sup.shards:

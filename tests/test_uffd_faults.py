@@ -229,8 +229,14 @@ async def test_copy_into_wp_only_range() -> None:
 
 async def test_copy_memory_budget() -> None:
     """The folio and PTE are charged before anything changes: ENOMEM with nothing done, or a short
-    copy (EAGAIN with the bytes done) when the budget runs out part-way."""
-    m = MemoryModel(max_memory=1 << 20)
+    copy (EAGAIN with the bytes done) when the budget runs out part-way (with no swap to reclaim
+    to: with swap, the same copy swaps the pages it copied out and completes)."""
+    swapping = MemoryModel(max_memory=1 << 20)
+    spid = await swapping.create_process()
+    await swapping.mmap(spid, 4096 * P, addr=DST, uffd="missing")
+    assert await swapping.uffd_copy(spid, DST, 4096 * P, 1) == 4096 * P
+    assert swapping.k.stats["reclaim_memcg"] > 0 and swapping.check_invariants() == []
+    m = MemoryModel(max_memory=1 << 20, swap_bytes=0)
     pid = await m.create_process()
     await m.mmap(pid, 4096 * P, addr=DST, uffd="missing")
     with pytest.raises(MmError) as ei:

@@ -4,11 +4,14 @@ Checks invariants I1-I7 of the reference, plus: mapcount equals the PTEs mapping
 exclusive implies mapcount 1, refcounts, num_children / num_active_vmas, every mapping
 reachable through its folio's anon_vma tree, no lock held, data conservation against the
 model's ledger, each mm's map_count against its VMAs, and the memory budget's usage against the
-objects that exist.
+objects that exist. Swap: each slot's count against the swap PTEs naming it (an exclusive one
+alone), the device's own bookkeeping (swapfile.swap_info_check), the swap cache's folios (a
+reference for the cache besides their mappings), the swapped-out pages' contents against the
+ledger, MM_SWAPENTS, and each live folio on exactly one LRU list.
 
 ``audit_steps`` is a generator that yields every RESCHED_WORK units of work, so that a running
 server can let other tasks run; it needs no memory that grows with the model beyond counters per
-anon_vma (folios carry their own scratch counters).
+anon_vma and per swap slot in use (folios carry their own scratch counters).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .mm_types import (
     ZERO_PAGE,
 )
 from .sched import RESCHED_WORK
+from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON
+from .swapfile import SWAP_SLOT_BYTES, SwpEntry, swap_info_check, swp_swapcount
 
 if TYPE_CHECKING:
     from .model import MemoryModel
@@ -59,6 +64,11 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     tree_avcs = 0  # AVCs reached from the VMAs (each must be in its anon_vma's tree)
     vmas = 0
     charged = len(model.processes) * MM_BYTES + len(live_avs) * ANON_VMA_BYTES + k.folios_live * FOLIO_BYTES
+    si = k.swap
+    if si.memcg is not None:
+        charged += si.inuse_pages * SWAP_SLOT_BYTES
+    swap_refs: Counter[int] = Counter()  # slot offset -> swap PTEs naming it
+    swap_exclusive: list[tuple[str, int]] = []
     work = 0
 
     # Pass 1: VMAs, chains, page tables; count the PTEs of each folio on the folio itself.
@@ -107,11 +117,34 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         charged += len(mm.pgtables) * PGTABLE_BYTES
         rss = 0
         folio_ptes = 0
+        swapped = 0
         ledger: dict[int, int] = model.ledger.get(pid, {})
         for idx, pt in mm.pgtables.items():
             if pt.ptl.is_locked():
                 bad(f"{where}: PTL {idx:#x} held")
-            charged += len(pt.ptes) * PTE_BYTES
+            charged += (len(pt.ptes) + len(pt.swap)) * PTE_BYTES
+            for vpn, swp in pt.swap.items():
+                addr = vpn << PAGE_SHIFT
+                if vpn in pt.ptes:
+                    bad(f"{where}: {addr:#x} has both a present and a swap PTE")
+                if vpn >> (PMD_SHIFT - PAGE_SHIFT) != idx:
+                    bad(f"{where}: swap PTE {addr:#x} in the wrong table")
+                if mm.vma_lookup(addr) is None:
+                    bad(f"{where}: swap PTE at {addr:#x} outside every VMA")
+                off = swp.entry.offset
+                swap_refs[off] += 1
+                if swp.exclusive:
+                    swap_exclusive.append((f"{where}: {addr:#x}", off))
+                cached = si.swap_table.get(off)
+                value = cached.value if cached is not None else si.swap_data.get(off)
+                expected = ledger.get(vpn)
+                if value is None:
+                    bad(f"{where}: swap PTE at {addr:#x} names slot {off:#x}, which holds nothing")
+                elif expected is None:
+                    bad(f"{where}: contents differ from the ledger: unexpected swapped-out page at {addr:#x}")
+                elif expected != value:
+                    bad(f"{where}: contents differ from the ledger: wrong swapped-out value at {addr:#x}")
+            swapped += len(pt.swap)
             for vpn, pte in pt.ptes.items():
                 addr = vpn << PAGE_SHIFT
                 if vpn >> (PMD_SHIFT - PAGE_SHIFT) != idx:
@@ -161,8 +194,11 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 yield
         if rss != mm.rss_anon:
             bad(f"{where}: RSS counter {mm.rss_anon} != {rss} mapped folios")
-        if len(ledger) != folio_ptes:
-            lost = [vpn for vpn in ledger if mm.pte_lookup(vpn << PAGE_SHIFT) is None][:4]
+        if swapped != mm.swap_ents:
+            bad(f"{where}: MM_SWAPENTS {mm.swap_ents} != {swapped} swap PTEs")
+        if len(ledger) != folio_ptes + swapped:
+            lost = [vpn for vpn in ledger if mm.pte_lookup(vpn << PAGE_SHIFT) is None
+                    and mm.swap_pte_lookup(vpn << PAGE_SHIFT) is None][:4]
             bad(f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}")
 
     # Pass 2: each folio once, against the PTEs counted on it.
@@ -179,16 +215,54 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     bad(f"folio {f.id}: mapcount {f.mapcount} != {f.audit_ptes} PTEs")
                 if f.exclusive and f.mapcount != 1:
                     bad(f"folio {f.id}: exclusive with mapcount {f.mapcount}")
-                if f.refcount != f.mapcount:
-                    bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} at a quiescent point")
+                if f.refcount != f.mapcount + f.swapcache:
+                    bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} + {int(f.swapcache)} "
+                        "(the swap cache's) at a quiescent point")
+                if f.lru not in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) or f not in k.lruvec.lists[f.lru]:
+                    bad(f"folio {f.id}: on no LRU list at a quiescent point")
                 if f.lock is not None and f.lock.is_locked():
                     bad(f"folio {f.id}: locked at a quiescent point")
             work += 1 + len(pt.ptes)
             if work >= RESCHED_WORK:
                 work = 0
                 yield
+    # The swap device and the swap cache: folios mapped nowhere are counted here.
+    problems.extend(swap_info_check(si))
+    for off, f in si.swap_table.items():
+        if f.audit_gen != -gen:  # not reached through a PTE
+            f.audit_gen = -gen
+            folios += 1
+            if f.mapcount:
+                bad(f"folio {f.id} in the swap cache: mapcount {f.mapcount} but no PTE maps it")
+            if f.refcount != 1:
+                bad(f"folio {f.id} in the swap cache, unmapped: refcount {f.refcount} != 1 at a quiescent point")
+            if f.exclusive:
+                bad(f"folio {f.id} in the swap cache, unmapped, is PageAnonExclusive")
+            if f.dirty and f.swap is not None and swp_swapcount(si, f.swap):
+                bad(f"folio {f.id} in the swap cache, unmapped, is dirty: its slot {off:#x} was never written")
+            if f.lru not in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) or f not in k.lruvec.lists[f.lru]:
+                bad(f"folio {f.id}: on no LRU list at a quiescent point")
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            yield
+    for off, n in swap_refs.items():
+        have = swp_swapcount(si, SwpEntry(si.type, off))
+        if have != n:
+            bad(f"swap slot {off:#x}: count {have} != {n} swap PTEs naming it")
+        if off not in si.swap_table and off not in si.swap_data:
+            bad(f"swap slot {off:#x}: named by {n} swap PTEs but holds nothing")
+    for where_addr, off in swap_exclusive:
+        if swap_refs[off] != 1:
+            bad(f"{where_addr}: exclusive swap PTE, but {swap_refs[off]} swap PTEs name slot {off:#x}")
+    in_use_counts = si.inuse_pages - sum(1 for off in si.swap_table if not swp_swapcount(si, SwpEntry(si.type, off)))
+    if in_use_counts != len(swap_refs):
+        bad(f"swap: {in_use_counts} slots hold a count but {len(swap_refs)} are named by swap PTEs (leak)")
+    lru_total = len(k.lruvec)
+    if lru_total != k.folios_live:
+        bad(f"{lru_total} folios on the LRU lists but {k.folios_live} live")
     if k.folios_live != folios:
-        bad(f"{k.folios_live} folios allocated but {folios} mapped (leak)")
+        bad(f"{k.folios_live} folios allocated but {folios} mapped or in the swap cache (leak)")
 
     # anon_vma trees
     children: Counter[AnonVma] = Counter()

@@ -20,6 +20,8 @@ from .mm_types import DEFAULT_MAX_MAP_COUNT, FOLIO_BYTES, Folio
 from .rcu import Rcu, TypesafeCache
 from .sched import Controller, Scheduler
 from .steps import Ops, Variant, VariantError, resolve
+from .swap import Lruvec, lruvec_del_folio
+from .swapfile import DEFAULT_SWAP_BYTES, SwapInfo
 from .variants import ALL_PROTOCOLS, MUTANTS, PROTOCOLS, RECHECK_FAMILY
 
 if TYPE_CHECKING:
@@ -88,6 +90,7 @@ class Kernel:
         max_memory: int | None = None,
         mutant: str | Variant | None = None,
         max_map_count: int = DEFAULT_MAX_MAP_COUNT,
+        swap_bytes: int = DEFAULT_SWAP_BYTES,
     ) -> None:
         #: The protocol (a kernel generation or a user's variant) and the mutant applied to it.
         self.protocol = resolve(protocol, "protocol")
@@ -111,6 +114,10 @@ class Kernel:
             raise ValueError(f"max_map_count must not be negative, not {max_map_count}")
         #: vm.max_map_count: the VMAs a process may have (mmap, split_vma, munmap, mremap check it).
         self.sysctl_max_map_count = max_map_count
+        #: The swap device (swapfile.py; ``swap_bytes`` 0: no usable slot; its slots are charged to
+        #: no budget, as memcg charges them to memory.swap) and the LRU lists (swap.py).
+        self.swap = SwapInfo(swap_bytes)
+        self.lruvec = Lruvec()
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 
@@ -222,6 +229,9 @@ class Kernel:
 
     def folio_free(self, folio: Folio) -> None:
         """The last reference went: the mapping is reset only now (invariant I3)."""
+        assert not folio.swapcache, f"folio {folio.id} freed while in the swap cache"
+        if folio.lru:
+            lruvec_del_folio(self.lruvec, folio)
         folio.freed = True
         folio.mapping = None
         folio.exclusive = False

@@ -1,5 +1,6 @@
-"""madvise(2) (mm/madvise.c): the entry point, and MADV_DONTNEED, as in 6.18. The fork controls
-(MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK) change VMA flags and live in mmap.py.
+"""madvise(2) (mm/madvise.c): the entry point, MADV_DONTNEED, MADV_COLD and MADV_PAGEOUT, as in
+6.18. The fork controls (MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK) change VMA flags and live in
+mmap.py.
 
 Every function here expects mmap_lock held for write (the kernel takes it for read for
 MADV_DONTNEED; holding it for write here only serialises more).
@@ -18,19 +19,31 @@ What the live 6.18 kernel does with MADV_DONTNEED (checked with madvise(2) on th
 - a PROT_NONE VMA is zapped like any other; so is a range registered with userfaultfd (MISSING)
   when the userfaultfd did not ask for UFFD_FEATURE_EVENT_REMOVE (no event);
 - afterwards a read maps the zero page (the same PFN on every page), a write a new page.
+
+MADV_COLD and MADV_PAGEOUT walk the range the same way (a hole: the mapped parts are still done,
+then ENOMEM; an mlocked VMA: EINVAL), a PROT_NONE VMA included, and look at each present PTE
+(madvise_cold_or_pageout_pte_range): the zero page, a folio off the LRU and a folio mapped more
+than once (by another process after fork) are left alone; swap PTEs are skipped. COLD clears the
+PTE's young bit and the folio's PG_referenced and moves it to the inactive list; PAGEOUT clears
+PG_referenced, isolates the folios and reclaims them at once, references ignored (reclaim_pages:
+vmscan.py): each gets a slot and a swap PTE, is written and stays in the swap cache, clean; one
+already in the swap cache and clean (swapped in by a read) is freed at once.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .locks import Current
 from .memory import zap_pte_range
-from .mm_types import PAGE_MASK, VM_LOCKED, Mm, MmError
+from .mm_types import PAGE_MASK, PAGE_SHIFT, VM_LOCKED, ZERO_PAGE, Folio, Mm, MmError
 from .mmap import MADVISE, page_align
 from .mmap import do_madvise as madvise_vma_flags
 from .sched import RESCHED_WORK, cond_resched
+from .swap import folio_deactivate
+from .vmscan import folio_isolate_lru, reclaim_pages
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -40,15 +53,17 @@ ADDR_LIMIT = 1 << 64
 
 #: The advice values that zap pages.
 MADVISE_ZAP = ("dontneed",)
+#: The advice values that age or reclaim pages.
+MADVISE_LRU = ("cold", "pageout")
 
 
-async def madvise_dontneed(k: Kernel, cur: Current, mm: Mm, start: int, end: int, unmapped: list[int]) -> None:
-    """MADV_DONTNEED over [start, end) (madvise_walk_vmas with madvise_dontneed_single_vma):
-    zap_page_range_single on the part of each VMA in the range; the folios whose last mapping goes
-    are freed, the anon_vmas and VMAs stay. Expects mmap_lock held; takes each PTL in turn. Appends
-    the page number of every folio unmapped to ``unmapped``. A hole anywhere: everything mapped is
-    still zapped, then ENOMEM; an mlocked VMA: EINVAL there. Lets other tasks run every
-    RESCHED_WORK VMAs or PTEs. Allocates nothing."""
+async def madvise_walk_vmas(
+    mm: Mm, start: int, end: int, visit: Callable[[int, int], Awaitable[int]]
+) -> None:
+    """Run ``visit(addr, end)`` on the part of each VMA in [start, end), in address order
+    (madvise_walk_vmas); ``visit`` returns the work it did (PTEs). A hole anywhere: every mapped
+    part is still visited, then ENOMEM; an mlocked VMA: EINVAL there (can_madv_lru_vma), the VMAs
+    before it done. Expects mmap_lock held. Lets other tasks run every RESCHED_WORK VMAs or PTEs."""
     addr = start
     hole = False
     work = 0
@@ -63,7 +78,7 @@ async def madvise_dontneed(k: Kernel, cur: Current, mm: Mm, start: int, end: int
         if vma.flags & VM_LOCKED:  # can_madv_lru_vma
             raise MmError(errno.EINVAL, f"the mapping at {vma.start:#x} is locked")
         tmp = min(vma.end, end)
-        work += 1 + await zap_pte_range(k, cur, mm, addr, tmp, unmapped)
+        work += 1 + await visit(addr, tmp)
         addr = tmp
         if work >= RESCHED_WORK:
             work = 0
@@ -72,15 +87,70 @@ async def madvise_dontneed(k: Kernel, cur: Current, mm: Mm, start: int, end: int
         raise MmError(errno.ENOMEM, "part of the range is not mapped")
 
 
+async def madvise_dontneed(k: Kernel, cur: Current, mm: Mm, start: int, end: int, unmapped: list[int]) -> None:
+    """MADV_DONTNEED over [start, end) (madvise_walk_vmas with madvise_dontneed_single_vma):
+    zap_page_range_single on the part of each VMA in the range; the folios whose last mapping goes
+    are freed, the anon_vmas and VMAs stay. Expects mmap_lock held; takes each PTL in turn. Appends
+    the page number of every folio unmapped to ``unmapped``. A hole anywhere: everything mapped is
+    still zapped, then ENOMEM; an mlocked VMA: EINVAL there. Allocates nothing."""
+    await madvise_walk_vmas(mm, start, end, lambda addr, tmp: zap_pte_range(k, cur, mm, addr, tmp, unmapped))
+
+
+async def madvise_cold_or_pageout_pte_range(
+    k: Kernel, cur: Current, mm: Mm, start: int, end: int, pageout: bool
+) -> int:
+    """MADV_COLD or MADV_PAGEOUT over [start, end) of one VMA: see the module's docstring. Takes
+    each PTL in turn to gather the folios; PAGEOUT then reclaims them (the folio locks, the rmap
+    walks' locks). Returns the PTEs visited."""
+    lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+    lruvec = k.lruvec
+    folio_list: list[Folio] = []
+    visited = 0
+    for idx in mm.pgtables_in(start, end):
+        pt = mm.pgtables.get(idx)
+        if pt is None or not pt.ptes:
+            continue
+        pt.ptl.spin_lock(cur)
+        for vpn, pte in pt.ptes.items():
+            if not lo <= vpn < hi:
+                continue
+            visited += 1
+            folio = pte.folio
+            if folio is ZERO_PAGE or not folio.lru or folio.mapcount != 1:
+                continue
+            if not pageout and pte.young:
+                pte.young = False  # clear_young_dirty_ptes(CYDP_CLEAR_YOUNG)
+            folio.referenced = False  # folio_clear_referenced
+            if pageout:
+                if folio_isolate_lru(k, folio):
+                    folio_list.append(folio)
+            else:
+                folio_deactivate(lruvec, folio)
+        pt.ptl.spin_unlock(cur)
+    if folio_list:
+        await reclaim_pages(k, cur, folio_list)
+    return visited
+
+
+async def madvise_cold_or_pageout(k: Kernel, cur: Current, mm: Mm, start: int, end: int, pageout: bool) -> None:
+    """MADV_COLD or MADV_PAGEOUT over [start, end), VMA by VMA (madvise_walk_vmas): a hole
+    anywhere: everything mapped is still done, then ENOMEM; an mlocked VMA: EINVAL there. Expects
+    mmap_lock held."""
+    await madvise_walk_vmas(
+        mm, start, end, lambda addr, tmp: madvise_cold_or_pageout_pte_range(k, cur, mm, addr, tmp, pageout)
+    )
+
+
 async def do_madvise(
     k: Kernel, cur: Current, mm: Mm, start: int, length: int, advice: str, unmapped: list[int] | None = None
 ) -> None:
     """madvise(2): the argument checks in 6.18's order, then the advice. Expects mmap_lock held for
     write. For MADV_DONTNEED, appends the page number of every folio unmapped to ``unmapped`` (also
     when it then fails: the zapping is not undone)."""
-    if advice not in MADVISE and advice not in MADVISE_ZAP:
+    if advice not in MADVISE and advice not in MADVISE_ZAP and advice not in MADVISE_LRU:
         raise MmError(
-            errno.EINVAL, f"advice must be one of {', '.join((*MADVISE, *MADVISE_ZAP))}, not {advice!r}"
+            errno.EINVAL,
+            f"advice must be one of {', '.join((*MADVISE, *MADVISE_ZAP, *MADVISE_LRU))}, not {advice!r}",
         )
     if start & ~PAGE_MASK:
         raise MmError(errno.EINVAL, f"address {start:#x} is not page-aligned")
@@ -93,5 +163,8 @@ async def do_madvise(
         return
     if advice in MADVISE_ZAP:
         await madvise_dontneed(k, cur, mm, start, end, unmapped if unmapped is not None else [])
+        return
+    if advice in MADVISE_LRU:
+        await madvise_cold_or_pageout(k, cur, mm, start, end, advice == "pageout")
         return
     await madvise_vma_flags(k, cur, mm, start, length, advice)

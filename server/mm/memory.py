@@ -1,4 +1,4 @@
-"""Page faults, zapping and fork's PTE copy (mm/memory.c)."""
+"""Page faults, swap-in, zapping and fork's PTE copy (mm/memory.c)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from .locks import Current
+from .memcontrol import MemoryLimitExceeded
 from .mm_types import (
     FOLIO_BYTES,
     PAGE_SHIFT,
@@ -22,10 +23,23 @@ from .mm_types import (
     MmError,
     PageTable,
     Pte,
+    SwapPte,
     Vma,
 )
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap, unpin
 from .sched import RESCHED_WORK, cond_resched
+from .swap import folio_add_lru
+from .swap_state import folio_matches_swap_entry, swap_cache_add_folio, swap_cache_del_folio, swap_cache_get_folio
+from .swapfile import (
+    SWAP_HAS_CACHE,
+    SwapInfo,
+    SwpEntry,
+    swap_duplicate,
+    swap_entries_put_map,
+    swap_free,
+    swapcache_prepare,
+    swp_swapcount,
+)
 from .trace import trace_refcount
 
 if TYPE_CHECKING:
@@ -53,7 +67,8 @@ def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
 async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
     """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
     A missing page in a VM_UFFD_MISSING VMA raises userfaultfd.VmFaultRetry (handle_userfault),
-    and so does a write to a uffd-wp PTE in a VM_UFFD_WP VMA (do_wp_page).
+    and so does a write to a uffd-wp PTE in a VM_UFFD_WP VMA (do_wp_page). A swap PTE is faulted
+    in (do_swap_page), registered or not.
 
     Faults take the anon_vma root rwsem (write, in anon_vma_prepare) and then the PTL (spinning
     first while a task preempted inside its PTL section holds it: Kernel.spin_on).
@@ -66,13 +81,17 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
         pt = mm.pgtables.get(addr >> PMD_SHIFT)
         pte = pt.ptes.get(vpn) if pt is not None else None
         if pte is None:
-            if vma.flags & VM_UFFD_MISSING:
+            swp = pt.swap.get(vpn) if pt is not None else None
+            if swp is not None:
+                done = await do_swap_page(k, cur, vma, addr, write, value, swp)
+            elif vma.flags & VM_UFFD_MISSING:
                 # handle_userfault: the event is queued; the caller drops mmap_lock, sleeps until
                 # the page is resolved or woken (userfault_wait) and retries from the top.
                 from .userfaultfd import handle_userfault  # (userfaultfd -> mmap -> memory)
 
                 raise handle_userfault(k, cur, vma, addr, write)
-            done = await do_anonymous_page(k, cur, vma, addr, write, value)
+            else:
+                done = await do_anonymous_page(k, cur, vma, addr, write, value)
         elif not write:
             pte.young = True
             return pte.folio.value
@@ -86,6 +105,25 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
             return value if write else 0
 
 
+async def charge_pte(k: Kernel, cur: Current, pt: PageTable, nbytes: int) -> None:
+    """Charge what a fault is about to map under ``pt``'s PTL, reclaiming first if the budget is
+    full (vmscan.mem_cgroup_charge: ENOMEM once reclaim frees nothing), then wait while a task
+    preempted inside its PTL section holds that PTL (Kernel.spin_on; the charge is given back if
+    that fails). Expects no PTL held."""
+    try:
+        k.memcg.charge(cur, nbytes)
+    except MemoryLimitExceeded:
+        from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
+
+        await mem_cgroup_charge(k, cur, nbytes)
+    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        try:
+            await k.spin_on(cur, pt.ptl)
+        except BaseException:
+            k.memcg.uncharge(nbytes)
+            raise
+
+
 async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int) -> bool:
     """Fault on a none PTE: the zero page for a read, a new exclusive folio for a write.
 
@@ -96,11 +134,9 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     memcg = k.memcg
     if not write:
         pt = mm.pte_alloc(cur, addr)
-        if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-            await k.spin_on(cur, pt.ptl)
-        memcg.charge(cur, PTE_BYTES)
+        await charge_pte(k, cur, pt, PTE_BYTES)
         pt.ptl.spin_lock(cur)
-        raced = vpn in pt.ptes
+        raced = vpn in pt.ptes or vpn in pt.swap
         if not raced:
             pt.ptes[vpn] = Pte(ZERO_PAGE, False, True, False)
         pt.ptl.spin_unlock(cur)
@@ -112,11 +148,9 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     sched = k.sched
     if sched.active: await sched.point("fault:before-pte-lock")
     pt = mm.pte_alloc(cur, addr)
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
+    await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
-    if vpn in pt.ptes:
+    if vpn in pt.ptes or vpn in pt.swap:
         pt.ptl.spin_unlock(cur)
         memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
         return False
@@ -124,11 +158,169 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     folio.value = value
     folio.refcount = 1
     folio_add_new_anon_rmap(folio, vma, addr)
+    folio_add_lru(k.lruvec, folio)
     pt.ptes[vpn] = Pte(folio, True, True, True)
     mm.rss_anon += 1
     pt.ptl.spin_unlock(cur)
     k.stats["fault_new_folio"] += 1
     return True
+
+
+def vm_swap_full(si: SwapInfo) -> bool:
+    """Over half the swap device is in use: swap-in lets go of the slots it can."""
+    return si.nr_swap_pages * 2 < si.pages
+
+
+def folio_free_swap(k: Kernel, folio: Folio) -> bool:
+    """Take a locked folio in the swap cache out of it, if no swap PTE names its slot any more:
+    the slot is freed and the folio, the only copy now, is dirty. Returns True if it was."""
+    si = k.swap
+    assert folio.swap is not None
+    if swp_swapcount(si, folio.swap):  # folio_swapped
+        return False
+    swap_cache_del_folio(si, folio)
+    folio.dirty = True  # folio_set_dirty
+    return True
+
+
+async def swapin_folio(k: Kernel, cur: Current, vma: Vma, entry: SwpEntry) -> Folio | None:
+    """The folio for ``entry``, with a reference for the caller: the one in the swap cache (a hit),
+    or a new one read from the slot and added to the swap cache (read_swap_cache_async; the model
+    reads one slot, no readahead). None when another task is adding one (swapcache_prepare's
+    EEXIST: the fault is retried) or the slot is free again (the PTE changed). Charges a new
+    folio (ENOMEM)."""
+    si = k.swap
+    folio = swap_cache_get_folio(si, entry)
+    if folio is not None:
+        k.stats["swap_cache_hit"] += 1
+        return folio
+    try:
+        k.memcg.charge(cur, FOLIO_BYTES)
+    except MemoryLimitExceeded:
+        from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
+
+        await mem_cgroup_charge(k, cur, FOLIO_BYTES)
+        k.memcg.uncharge(FOLIO_BYTES)
+        return None  # reclaim ran (it may have freed or added this very folio): fault again
+    if swapcache_prepare(si, entry):
+        k.memcg.uncharge(FOLIO_BYTES)
+        return None
+    folio = k.folio_alloc()
+    folio.refcount = 1
+    lock = folio.lock
+    assert lock is not None
+    lock.trylock(cur)  # a new folio: no one else can hold it
+    swap_cache_add_folio(si, folio, entry)
+    folio.value = si.swap_data[entry.offset]  # swap_read_folio
+    folio_add_lru(k.lruvec, folio)
+    lock.unlock(cur)
+    k.stats["swap_in"] += 1
+    return folio
+
+
+async def do_swap_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int, orig: SwapPte) -> bool:
+    """Fault on a swap PTE: find or read its folio (swapin_folio), lock it, and map it in place of
+    the swap PTE, the slot's count put (swap_free). The page is mapped exclusive (RMAP_EXCLUSIVE)
+    and writable if the VMA is when the swap PTE was exclusive or no one else holds the folio;
+    else read-only and shared. A folio new to the rmap gets ``vma``'s anon_vma; one that already
+    has an anon_vma keeps it (an ancestor's, reference I8) and must sit where ``vma`` would put
+    it (the kernel's __page_check_anon_rmap BUG_ON: the ``anon-rmap-mismatch`` detector). A write
+    fault lets go of the slot if nothing else needs it, as does a fault while swap is over half
+    full. The uffd-wp and soft-dirty bits carry over to the PTE; a write to a uffd-wp page then
+    faults to its handler (do_wp_page). Expects mmap_lock (or the VMA's lock) held for read;
+    takes the folio lock (sleeping if need be), then the PTL. Returns True when a write was done;
+    False to retry the fault (a read then finds the page present)."""
+    mm = vma.mm
+    vpn = addr >> PAGE_SHIFT
+    si = k.swap
+    entry = orig.entry
+    folio = await swapin_folio(k, cur, vma, entry)
+    if folio is None:
+        return False
+    cur.pins.append(folio)  # Kernel.give_back puts it if the fault fails
+    sched = k.sched
+    if sched.active: await sched.point("swapin:after-lookup")
+    lock = folio.lock
+    assert lock is not None
+    if not lock.trylock(cur):  # folio_lock_or_retry
+        if not lock.lock(cur): await lock.wait(cur)
+    pt = mm.pgtables.get(addr >> PMD_SHIFT)
+    if pt is not None and pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, pt.ptl)
+    if pt is None or not folio_matches_swap_entry(folio, entry) or pt.swap.get(vpn) is not orig:
+        lock.unlock(cur)
+        folio_put(k, folio, cur)  # the PTE or the swap cache changed: retry
+        return False
+    pt.ptl.spin_lock(cur)
+    unpin(cur, folio)  # the reference becomes the mapping's
+    exclusive = orig.exclusive
+    del pt.swap[vpn]
+    swap_free(si, entry)
+    if write or vm_swap_full(si):  # should_try_to_free_swap
+        if folio.refcount == 2:
+            folio_free_swap(k, folio)
+    writable = dirty = False
+    rmap_exclusive = exclusive or folio.refcount == 1
+    if rmap_exclusive and vma.flags & VM_WRITE and not (orig.uffd_wp and vma.flags & VM_UFFD_WP):
+        writable = True
+        dirty = write
+    if folio.mapping is None:  # !folio_test_anon: read in for this fault
+        assert vma.anon_vma is not None
+        folio_add_new_anon_rmap(folio, vma, addr)
+        if not rmap_exclusive:  # shared: the oldest anon_vma there is, the root (__folio_set_anon)
+            folio.mapping = vma.anon_vma.root
+            folio.exclusive = False
+    else:  # folio_add_anon_rmap_pte
+        av = folio.mapping
+        if (av.root is not (vma.anon_vma.root if vma.anon_vma is not None else None)
+                or folio.index != vma.linear_page_index(addr)):
+            if k.detect:
+                k.detectors.report(
+                    "anon-rmap-mismatch", task=cur.name, folio=folio.id, addr=addr, anon_vma=av.id,
+                    index=folio.index, linear_page_index=vma.linear_page_index(addr),
+                )
+        folio.mapcount += 1
+        if rmap_exclusive:
+            folio.exclusive = True
+    if dirty:
+        folio.value = value
+    pt.ptes[vpn] = Pte(folio, writable, True, dirty, orig.uffd_wp, orig.soft_dirty)
+    mm.rss_anon += 1
+    mm.swap_ents -= 1
+    pt.ptl.spin_unlock(cur)
+    lock.unlock(cur)
+    k.stats["fault_swap_in"] += 1
+    return dirty
+
+
+def free_swap_cache(k: Kernel, cur: Current, folio: Folio) -> None:
+    """A folio in the swap cache lost its last mapping to a zap: take it out of the swap cache if
+    no swap PTE needs its slot and its lock can be had at once (free_pages_and_swap_cache)."""
+    lock = folio.lock
+    assert lock is not None
+    if lock.trylock(cur):
+        folio_free_swap(k, folio)
+        lock.unlock(cur)
+
+
+def free_swap_and_cache(k: Kernel, cur: Current, entry: SwpEntry) -> None:
+    """A swap PTE is zapped: put its count; if only the swap cache holds the slot then and its
+    folio is mapped nowhere, take the folio out of the swap cache (freeing it, and the slot) if
+    its lock can be had at once (__try_to_reclaim_swap). Expects the PTL held."""
+    si = k.swap
+    if not swap_entries_put_map(si, entry):
+        return
+    folio = swap_cache_get_folio(si, entry)
+    if folio is None:
+        return
+    lock = folio.lock
+    assert lock is not None
+    if lock.trylock(cur):
+        if not folio.mapcount and si.swap_map[entry.offset] == SWAP_HAS_CACHE:
+            swap_cache_del_folio(si, folio)
+            folio.dirty = True
+        lock.unlock(cur)
+    folio_put(k, folio)
 
 
 async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool:
@@ -165,15 +357,18 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
 
 
 def wp_can_reuse_anon_folio(k: Kernel, cur: Current, folio: Folio, vma: Vma) -> bool:
-    """Expects the PTL held. The folio may be reused when no one else holds a reference; the
-    folio lock is only tried, never waited for. On success the folio moves to ``vma``'s own
-    anon_vma (same root, so the root lock of any walker still covers it)."""
-    if folio.refcount > 1:
+    """Expects the PTL held. The folio may be reused when no one else holds a reference (the
+    swap cache's aside: a folio in the swap cache leaves it, if no swap PTE still names its slot,
+    folio_free_swap); the folio lock is only tried, never waited for. On success the folio moves
+    to ``vma``'s own anon_vma (same root, so the root lock of any walker still covers it)."""
+    if folio.refcount > 1 + folio.swapcache:
         return False
     lock = folio.lock
     assert lock is not None
     if not lock.trylock(cur):
         return False
+    if folio.swapcache:
+        folio_free_swap(k, folio)
     if folio.refcount > 1:
         lock.unlock(cur)
         return False
@@ -190,10 +385,8 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
     memcg = k.memcg
-    memcg.charge(cur, FOLIO_BYTES)
+    await charge_pte(k, cur, pt, FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
     if pt.ptes.get(vpn) is not orig or orig.write:
         pt.ptl.spin_unlock(cur)
@@ -204,7 +397,8 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     new.value = value
     new.refcount = 1
     folio_add_new_anon_rmap(new, vma, addr)
-    pt.ptes[vpn] = Pte(new, True, True, True)
+    folio_add_lru(k.lruvec, new)
+    pt.ptes[vpn] = Pte(new, True, True, True, soft_dirty=orig.soft_dirty)
     if old is ZERO_PAGE:
         mm.rss_anon += 1
     else:
@@ -233,26 +427,36 @@ async def zap_pte_range(
     memcg = k.memcg
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
-        if pt is None or not pt.ptes:
+        if pt is None or not (pt.ptes or pt.swap):
             continue
         pt.ptl.spin_lock(cur)
         ptes = pt.ptes
-        if _table_within(idx, lo, hi):
-            vpns = list(ptes)
-        else:
-            vpns = [v for v in ptes if lo <= v < hi]
+        whole = _table_within(idx, lo, hi)
+        vpns = list(ptes) if whole else [v for v in ptes if lo <= v < hi]
         for vpn in vpns:
             folio = ptes.pop(vpn).folio
             if folio is not ZERO_PAGE:
                 folio.mapcount -= 1
                 mm.rss_anon -= 1
+                if folio.swapcache and not folio.mapcount:
+                    free_swap_cache(k, cur, folio)
                 folio_put(k, folio)
                 if unmapped is not None:
                     unmapped.append(vpn)
+        n = len(vpns)
+        if pt.swap:  # zap_nonpresent_ptes
+            swap = pt.swap
+            vpns = list(swap) if whole else [v for v in swap if lo <= v < hi]
+            for vpn in vpns:
+                free_swap_and_cache(k, cur, swap.pop(vpn).entry)
+                if unmapped is not None:
+                    unmapped.append(vpn)
+            mm.swap_ents -= len(vpns)
+            n += len(vpns)
         pt.ptl.spin_unlock(cur)
-        memcg.uncharge(len(vpns) * PTE_BYTES)
-        zapped += len(vpns)
-        work += len(vpns) + 1
+        memcg.uncharge(n * PTE_BYTES)
+        zapped += n
+        work += n + 1
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()
@@ -273,6 +477,25 @@ async def free_pgtables(mm: Mm, start: int, end: int) -> None:
             await cond_resched()
 
 
+def copy_nonpresent_ptes(
+    k: Kernel, src_pt: PageTable, dst_pt: PageTable, lo: int, hi: int, whole: bool, folio_vpns: list[int] | None
+) -> None:
+    """Fork's copy of the swap PTEs of [lo, hi) (copy_nonpresent_pte): each slot's count raised
+    (swap_duplicate), an exclusive parent's swap PTE made shared, the child's without the uffd-wp
+    bit (it is not registered). Expects both PTLs held."""
+    si = k.swap
+    dst = dst_pt.swap
+    for vpn, swp in src_pt.swap.items():
+        if not whole and not lo <= vpn < hi:
+            continue
+        err = swap_duplicate(si, swp.entry)
+        assert err == 0, f"copy_nonpresent_pte: swap_duplicate {swp.entry.trace_name}: {err}"
+        swp.exclusive = False  # pte_swp_clear_exclusive in the parent
+        dst[vpn] = SwapPte(swp.entry, False, False, swp.soft_dirty)
+        if folio_vpns is not None:
+            folio_vpns.append(vpn)
+
+
 async def copy_page_range(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, folio_vpns: list[int] | None = None
 ) -> int:
@@ -289,10 +512,12 @@ async def copy_page_range(
     work = 0
     for idx in src_mm.pgtables_in(src_vma.start, src_vma.end):
         src_pt = src_mm.pgtables.get(idx)
-        if src_pt is None or not src_pt.ptes:
+        if src_pt is None or not (src_pt.ptes or src_pt.swap):
             continue
         whole = _table_within(idx, lo, hi)
         n = len(src_pt.ptes) if whole else sum(1 for v in src_pt.ptes if lo <= v < hi)
+        nswap = len(src_pt.swap) if whole else sum(1 for v in src_pt.swap if lo <= v < hi)
+        n += nswap
         if not n:
             continue
         memcg.charge(cur, n * PTE_BYTES)
@@ -317,8 +542,11 @@ async def copy_page_range(
                 rss += 1
                 if folio_vpns is not None:
                     folio_vpns.append(vpn)
-            dst_ptes[vpn] = Pte(folio, False, False, pte.dirty)
+            dst_ptes[vpn] = Pte(folio, False, False, pte.dirty, soft_dirty=pte.soft_dirty)
         dst_mm.rss_anon += rss
+        if nswap:
+            copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)
+            dst_mm.swap_ents += nswap
         src_pt.ptl.spin_unlock(cur)
         dst_pt.ptl.spin_unlock(cur)
         copied += n

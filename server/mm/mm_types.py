@@ -100,7 +100,7 @@ class Folio:
 
     __slots__ = (
         "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen",
-        "audit_ptes", "swap", "swapcache",
+        "audit_ptes", "swap", "swapcache", "dirty", "lru", "referenced",
     )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:
@@ -119,6 +119,13 @@ class Folio:
         # folio->swap and PG_swapcache: the slot whose swap cache holds the folio (swap_state).
         self.swap: SwpEntry | None = None
         self.swapcache = False
+        # PG_dirty: the contents differ from the swap slot's (set when a dirty PTE is unmapped and
+        # when the folio is given a slot; cleared by writeback).
+        self.dirty = False
+        # The LRU list the folio is on (swap.py: LRU_NONE, LRU_INACTIVE_ANON, LRU_ACTIVE_ANON),
+        # and PG_referenced.
+        self.lru = 0
+        self.referenced = False
 
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
@@ -135,26 +142,52 @@ ZERO_PAGE = Folio(0, None)
 class Pte:
     """A present PTE. The zero page is mapped by a PTE whose folio is ZERO_PAGE. ``uffd_wp`` is
     the uffd-wp bit (set by UFFDIO_COPY_MODE_WP): in a VM_UFFD_WP VMA a write to the page is a
-    write-protect userfault; the PTE is then never writable."""
+    write-protect userfault; the PTE is then never writable. ``soft_dirty`` is the soft-dirty bit
+    where it is set apart from the dirty bit (x86's pte_mkdirty sets both): a move (6.15+) and a
+    swap-in of a soft-dirty swap PTE; pagemap reports ``dirty or soft_dirty``."""
 
-    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp")
+    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp", "soft_dirty")
 
-    def __init__(self, folio: Folio, write: bool, young: bool, dirty: bool, uffd_wp: bool = False) -> None:
+    def __init__(
+        self, folio: Folio, write: bool, young: bool, dirty: bool, uffd_wp: bool = False, soft_dirty: bool = False
+    ) -> None:
         self.folio = folio
         self.write = write
         self.young = young
         self.dirty = dirty
         self.uffd_wp = uffd_wp
+        self.soft_dirty = soft_dirty
+
+
+class SwapPte:
+    """A swap PTE (a non-present PTE holding a swap entry): the slot, and the bits 6.18 keeps in
+    it: ``exclusive`` (pte_swp_exclusive: the page was exclusive when unmapped, so a swap-in may
+    map it writable and exclusive again), ``uffd_wp`` and ``soft_dirty``. Kept in the PTE table's
+    ``swap`` map, beside the present PTEs of ``ptes``: a page number is in at most one of them, and
+    in neither while its PTE is none. Charged PTE_BYTES, as a present PTE."""
+
+    __slots__ = ("entry", "exclusive", "uffd_wp", "soft_dirty")
+
+    def __init__(self, entry: SwpEntry, exclusive: bool, uffd_wp: bool = False, soft_dirty: bool = False) -> None:
+        self.entry = entry
+        self.exclusive = exclusive
+        self.uffd_wp = uffd_wp
+        self.soft_dirty = soft_dirty
 
 
 class PageTable:
-    """One PTE table: the entries of one PMD and its split PTL."""
+    """One PTE table: the entries of one PMD and its split PTL. Its present PTEs are in ``ptes``,
+    its swap PTEs in ``swap`` (a page number is in at most one; in neither: pte_none)."""
 
-    __slots__ = ("ptes", "ptl")
+    __slots__ = ("ptes", "swap", "ptl")
 
     def __init__(self, ptl: SpinLock) -> None:
-        self.ptes: dict[int, Pte] = {}  # virtual page number -> PTE
+        self.ptes: dict[int, Pte] = {}  # virtual page number -> present PTE
+        self.swap: dict[int, SwapPte] = {}  # virtual page number -> swap PTE
         self.ptl = ptl
+
+    def pte_none(self, vpn: int) -> bool:
+        return vpn not in self.ptes and vpn not in self.swap
 
 
 class Vma:
@@ -226,6 +259,7 @@ class Mm:
         self.pgtables: SortedDict[int, PageTable] = SortedDict()  # PMD index -> PTE table
         self.users = 1  # mm_users
         self.rss_anon = 0  # MM_ANONPAGES
+        self.swap_ents = 0  # MM_SWAPENTS
         self.uffd: UserfaultfdCtx | None = None
         self.mmap_base = MMAP_BASE
         self.task_size = TASK_SIZE
@@ -291,6 +325,10 @@ class Mm:
         pt = self.pgtables.get(addr >> PMD_SHIFT)
         return pt.ptes.get(addr >> PAGE_SHIFT) if pt is not None else None
 
+    def swap_pte_lookup(self, addr: int) -> SwapPte | None:
+        pt = self.pgtables.get(addr >> PMD_SHIFT)
+        return pt.swap.get(addr >> PAGE_SHIFT) if pt is not None else None
+
     def pte_alloc(self, cur: Current, addr: int) -> PageTable:
         """The PTE table covering ``addr``, allocated (and charged: ENOMEM) if there is none."""
         idx = addr >> PMD_SHIFT
@@ -305,7 +343,7 @@ class Mm:
     def pte_free(self, idx: int) -> None:
         """Free the (empty) PTE table at PMD index ``idx``."""
         pt = self.pgtables.pop(idx)
-        assert not pt.ptes, "freeing a PTE table that still maps pages"
+        assert not pt.ptes and not pt.swap, "freeing a PTE table that still maps pages"
         if self.memcg is not None:
             self.memcg.uncharge(PGTABLE_BYTES)
 

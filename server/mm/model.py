@@ -56,6 +56,8 @@ from .rmap import AnonVma
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .stats import read_stats
 from .steps import Variant
+from .swapfile import DEFAULT_SWAP_BYTES
+from .task_mmu import PagemapEntry, pagemap_read
 from .userfaultfd import (
     UFFDIO_COPY_MODE_DONTWAKE,
     UFFDIO_COPY_MODE_WP,
@@ -78,6 +80,7 @@ from .userfaultfd import (
     validate_range,
     wake_userfault,
 )
+from .vmscan import shrink_lruvec
 
 U64_MAX = (1 << 64) - 1
 
@@ -167,6 +170,8 @@ class MemoryModel:
     ``max_pending_faults_per_process`` bound the accesses asleep on a userfault,
     ``max_userfault_streams`` the listeners of one process's events (LimitExceeded beyond each;
     None: no bound). ``audit_share`` throttles ``audit`` to that share of the time.
+    ``swap_bytes`` is the swap device's size (0: no swap): reclaim swaps pages out to it, and an
+    access whose charge would pass ``max_memory`` reclaims first (ENOMEM once nothing more can go).
     """
 
     def __init__(
@@ -184,10 +189,11 @@ class MemoryModel:
         max_userfault_streams: int | None = None,
         audit_share: float = 1.0,
         max_map_count: int = DEFAULT_MAX_MAP_COUNT,
+        swap_bytes: int = DEFAULT_SWAP_BYTES,
     ) -> None:
         self.k = Kernel(
             protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant,
-            max_map_count=max_map_count,
+            max_map_count=max_map_count, swap_bytes=swap_bytes,
         )
         self.k.max_uffd_faults = max_pending_faults
         self.k.max_uffd_faults_per_mm = max_pending_faults_per_process
@@ -712,7 +718,42 @@ class MemoryModel:
             slow_retries=rwc.slow_retries,
         )
 
+    # -- reclaim
+    async def reclaim(self, pages: int) -> int:
+        """Reclaim up to ``pages`` folios (shrink_lruvec: the active list aged by the unlocked rmap
+        walker, the inactive list's folios swapped out and freed once written). Returns the folios
+        freed; 0 without swap. Runs to its end even if the caller is cancelled."""
+        check_u64(pages, "pages")
+        if not self.gate.try_enter(): await self.gate.enter()
+        cur = self._cur("reclaim", 0)
+        k = self.k
+        try:
+            try:
+                return await uninterruptible(lambda: shrink_lruvec(k, cur, pages))
+            except BaseException:
+                await k.give_back(cur)  # a detector's Deadlock part-way
+                raise
+        finally:
+            self._call_done(cur)
+
     # -- inspection
+    def pagemap(self, pid: int, addr: int, length: int, max_pages: int | None = None) -> list[PagemapEntry]:
+        """What /proc/PID/pagemap, mincore, /proc/kpageflags and /proc/kpagecount say of each page
+        of [addr, addr + length) (length rounded up to whole pages), without faulting. EINVAL for
+        an address that is not page-aligned or a range past the address space; ResultTooLarge for
+        more than ``max_pages`` pages."""
+        mm = self._mm(pid)
+        check_u64(addr)
+        check_u64(length, "length")
+        if addr & ~PAGE_MASK:
+            raise MmError(errno.EINVAL, f"address {addr:#x} is not page-aligned")
+        pages = page_align(length) >> PAGE_SHIFT
+        if addr + (pages << PAGE_SHIFT) > 1 << 64:
+            raise MmError(errno.EINVAL, "range wraps around the address space")
+        if max_pages is not None and pages > max_pages:
+            raise ResultTooLarge("the pagemap", max_pages)
+        return pagemap_read(mm, self.k.swap, addr, pages)
+
     def folio(self, pid: int, addr: int) -> FolioInfo | None:
         """The folio mapped at ``addr`` (no fault is taken), or None if nothing is mapped."""
         mm = self._mm(pid)
@@ -872,6 +913,7 @@ __all__ = [
     "MemoryModel",
     "MmError",
     "PageLedger",
+    "PagemapEntry",
     "ResultTooLarge",
     "UffdEvent",
     "VmaInfo",

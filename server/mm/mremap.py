@@ -157,9 +157,9 @@ def _dst_pgtables(mm: Mm, old_addr: int, length: int, new_addr: int, fixed: bool
     work = 0
     shift = PMD_SHIFT - PAGE_SHIFT
     for idx in mm.pgtables_in(old_addr, old_addr + length):
-        ptes = mm.pgtables[idx].ptes
-        work += 1 + len(ptes)
-        for vpn in ptes:
+        pt = mm.pgtables[idx]
+        work += 1 + len(pt.ptes) + len(pt.swap)
+        for vpn in (*pt.ptes, *pt.swap):
             if lo <= vpn < hi:
                 need.add((vpn + delta) >> shift)
     if not fixed:
@@ -253,14 +253,19 @@ async def move_page_tables(
     work = 0
     for idx in mm.pgtables_in(old_addr, old_addr + length):
         src_pt = mm.pgtables.get(idx)
-        if src_pt is None or not src_pt.ptes:
+        if src_pt is None or not (src_pt.ptes or src_pt.swap):
             continue
         vpns = [v for v in src_pt.ptes if lo <= v < hi]
-        if not vpns:
+        swap_vpns = [v for v in src_pt.swap if lo <= v < hi]
+        if not vpns and not swap_vpns:
             continue
         groups: dict[int, list[int]] = {}
         for v in vpns:
             groups.setdefault((v + delta) >> shift, []).append(v)
+        swap_groups: dict[int, list[int]] = {}
+        for v in swap_vpns:  # swap PTEs move as they are (move_ptes: move_pte of a non-present PTE)
+            swap_groups.setdefault((v + delta) >> shift, []).append(v)
+            groups.setdefault((v + delta) >> shift, [])
         if root is not None:
             await anon_vma_lock_write(cur, root)
         try:
@@ -272,16 +277,20 @@ async def move_page_tables(
                 src, dst = src_pt.ptes, dst_pt.ptes
                 for v in group:
                     pte = src.pop(v)
-                    assert v + delta not in dst, "moving onto a present PTE"
+                    assert dst_pt.pte_none(v + delta), "moving onto a PTE"
                     dst[v + delta] = pte
                     if pte.folio is not ZERO_PAGE:
                         moved.append((v, v + delta))
+                for v in swap_groups.get(dst_idx, ()):
+                    assert dst_pt.pte_none(v + delta), "moving onto a PTE"
+                    dst_pt.swap[v + delta] = src_pt.swap.pop(v)
+                    moved.append((v, v + delta))
                 double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
         finally:
             if root is not None:
                 anon_vma_unlock_write(cur, root)
-        count += len(vpns)
-        work += len(vpns) + 1
+        count += len(vpns) + len(swap_vpns)
+        work += len(vpns) + len(swap_vpns) + 1
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()

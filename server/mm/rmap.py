@@ -19,17 +19,30 @@ The steps a protocol variant may replace (steps.STEPS) are called through ``k.op
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .locks import Current, LockClass, LockdepState, RwSem, SpinLock
-from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PMD_SHIFT, VM_ACCESS_FLAGS, VM_IGNORE_MERGE, Folio, Vma
+from .mm_types import (
+    ANON_VMA_BYTES,
+    AVC_BYTES,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    VM_ACCESS_FLAGS,
+    VM_IGNORE_MERGE,
+    VM_LOCKED,
+    Folio,
+    SwapPte,
+    Vma,
+)
 from .rcu import TypesafeObject
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .trace import READ_ONCE, refcount_add, trace_load, trace_refcount, trace_store
 
 if TYPE_CHECKING:
     from .kernel import Kernel
+    from .swapfile import SwapInfo
 
 
 class AnonVma(TypesafeObject):
@@ -453,6 +466,13 @@ class RmapWalkControl:
     #: The root whose rwsem folio_lock_anon_vma_read took, as read then: the walk holds
     #: ``locked.rwsem`` for read. The detectors compare it with what the roots are now.
     locked: AnonVma | None = None
+    #: What the walk does at each mapping (rwc->rmap_one): None for folio_referenced_one, or
+    #: try_to_unmap_one.
+    rmap_one: Callable[[Current, Folio, Vma, int, RmapWalkControl], SpinLock | None] | None = None
+    #: try_to_unmap: the walk stopped at a mapping it may not unmap (rwc->done after a false rmap_one).
+    aborted: bool = False
+    #: try_to_unmap: the swap device whose slots the swap PTEs name.
+    si: SwapInfo | None = None
 
 
 def check_unlock_mismatch(k: Kernel, cur: Current, av: AnonVma) -> None:
@@ -567,6 +587,7 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
         stale = False  # other tasks ran since the last check
         # anon_vma_interval_tree_foreach(avc, &anon_vma->rb_root, pgoff_start, pgoff_end)
         avcs = list(anon_vma.rb_root)
+        rmap_one = rwc.rmap_one or folio_referenced_one
         for chunk in range(0, len(avcs), RESCHED_WORK):
             if chunk:  # a tree of thousands of VMAs: let others run (cond_resched)
                 await cond_resched()
@@ -577,10 +598,10 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
                     continue
                 address = vma.start + ((pgoff_start - vma.pgoff) << PAGE_SHIFT)  # vma_address()
                 if stale and snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
-                while (ptl := folio_referenced_one(cur, folio, vma, address, rwc)) is not None:
+                while (ptl := rmap_one(cur, folio, vma, address, rwc)) is not None:
                     await k.spin_on(cur, ptl)  # the PTL, held across a preemption point
                     if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
-                if not rwc.mapcount:
+                if not rwc.mapcount or rwc.aborted:
                     return  # every mapping found (rwc->done)
                 stale = sched.active and await sched.point("walk:per-vma")
     finally:
@@ -670,6 +691,63 @@ def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: R
         rwc.mappings.append((mm.id, addr))
     ptl.spin_unlock(cur)
     return None
+
+
+def try_to_unmap_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> SpinLock | None:
+    """Replace the PTE at ``addr``, if it maps ``folio``, by a swap PTE for the folio's slot
+    (``folio.swap``): the slot's count raised (swap_duplicate), PageAnonExclusive handed to the
+    swap PTE's exclusive bit (folio_try_share_anon_rmap_pte), the uffd-wp and soft-dirty bits
+    kept, a dirty PTE's dirtiness given to the folio, the mapping and its reference dropped
+    (never the last: the caller holds one). In an mlocked VMA the walk stops with the folio still
+    mapped. Expects the folio locked and in the swap cache; takes that PTL. Returns None; or,
+    without doing anything, the PTL when a task preempted inside its section holds it."""
+    from .swapfile import swap_duplicate  # (swapfile -> memcontrol -> locks; rmap is below it)
+
+    mm = vma.mm
+    pt = mm.pgtables.get(addr >> PMD_SHIFT)
+    if pt is None:
+        return None
+    ptl = pt.ptl
+    if ptl.owner is not None:
+        return ptl
+    ptl.spin_lock(cur)  # page_vma_mapped_walk
+    vpn = addr >> PAGE_SHIFT
+    pte = pt.ptes.get(vpn)
+    if pte is not None and pte.folio is folio:
+        if vma.flags & VM_LOCKED:
+            rwc.aborted = True  # an mlocked page stays (the walk's done: try_to_unmap fails)
+        else:
+            entry = folio.swap
+            assert entry is not None and rwc.si is not None, "try_to_unmap_one: folio not in the swap cache"
+            del pt.ptes[vpn]  # ptep_clear_flush
+            if pte.dirty:
+                folio.dirty = True  # folio_mark_dirty
+            err = swap_duplicate(rwc.si, entry)
+            assert err == 0, f"try_to_unmap_one: swap_duplicate {entry.trace_name}: {err}"
+            anon_exclusive = folio.exclusive
+            folio.exclusive = False  # folio_try_share_anon_rmap_pte: the swap PTE carries it now
+            pt.swap[vpn] = SwapPte(entry, anon_exclusive, pte.uffd_wp, pte.dirty or pte.soft_dirty)
+            mm.rss_anon -= 1
+            mm.swap_ents += 1
+            folio.mapcount -= 1  # folio_remove_rmap_pte
+            folio.refcount -= 1  # folio_put: the caller's reference stays
+            rwc.mapcount -= 1
+            rwc.mappings.append((mm.id, addr))
+    ptl.spin_unlock(cur)
+    return None
+
+
+async def try_to_unmap(k: Kernel, cur: Current, folio: Folio) -> bool:
+    """Unmap every mapping of ``folio`` through the rmap walk (rmap_walk_anon, blocking on the
+    anon_vma root rwsem), each PTE becoming a swap PTE (try_to_unmap_one). Returns True when the
+    folio is mapped nowhere afterwards. Expects the folio locked, in the swap cache, and a
+    reference held."""
+    if not folio.mapcount:
+        return True
+    rwc = RmapWalkControl(try_lock=False, rmap_one=try_to_unmap_one, si=k.swap)
+    rwc.mapcount = folio.mapcount
+    await k.ops.rmap_walk_anon(k, cur, folio, rwc)
+    return not folio.mapcount
 
 
 async def folio_referenced(k: Kernel, cur: Current, folio: Folio, try_lock: bool) -> RmapWalkControl:

@@ -34,6 +34,9 @@ POINTS = (
     "move:between-pages",  # move_pages: between two steps (cond_resched)
     "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
+    "swapin:after-lookup",  # do_swap_page: the swap cache's folio referenced, not yet locked
+    "move:swap-folio-locked",  # move_pages_pte: a swap PTE's swap-cache folio locked, before the PTLs
+    "reclaim:folio-locked",  # shrink_folio_list: the folio trylocked, before its references and unmap
     "exit:between-vmas",  # exit_mmap: between tearing down two VMAs
     "free:before-anon-vma-free",  # anon_vma_free: refcount zero, before the root handshake and the slab free
     "free:after-anon-vma-free",  # anon_vma_free: back in the SLAB_TYPESAFE_BY_RCU cache, reusable at once

@@ -1,9 +1,9 @@
 """The model's counters and gauges, read in one place.
 
 ``read_stats`` takes one reading of everything the model counts (``Kernel.stats``, the UFFDIO_MOVE
-outcomes, the live objects, the detectors, the memory budget, the audits, the lock waits) into a
-``ModelStats``; ``ModelStats.as_dict`` is the flat name -> value map that GetStats returns, and the
-Prometheus collector reads the same fields. A reading may be taken from another thread than the
+outcomes, the live objects, the detectors, the memory budget, the swap device, the audits, the lock
+waits) into a ``ModelStats``; ``ModelStats.as_dict`` is the flat name -> value map that GetStats
+returns, and the Prometheus collector reads the same fields. A reading may be taken from another thread than the
 event loop that changes the model: it reads ints, and copies of dictionaries and lists, each copy
 retried if the loop changed it meanwhile.
 """
@@ -61,6 +61,11 @@ class ModelStats:
     memory_peak_bytes: int
     memory_limit_failures: int
     memory_limit_bytes: int | None
+    #: The swap device: its slots in use (with a count or in the swap cache), its usable slots, and
+    #: the folios in the swap cache.
+    swap_slots_in_use: int
+    swap_slots_total: int
+    swap_cache_folios: int
     #: Time tasks slept for a lock, by class: (per-bucket counts over LOCK_WAIT_BOUNDS, sum).
     lock_waits: dict[LockClass, tuple[list[int], float]]
 
@@ -88,6 +93,9 @@ class ModelStats:
         out["memory_limit_failures"] = self.memory_limit_failures
         if self.memory_limit_bytes is not None:
             out["memory_limit_bytes"] = self.memory_limit_bytes
+        out["swap_slots_in_use"] = self.swap_slots_in_use
+        out["swap_slots_total"] = self.swap_slots_total
+        out["swap_cache_folios"] = self.swap_cache_folios
         return out
 
 
@@ -97,6 +105,7 @@ def read_stats(model: MemoryModel) -> ModelStats:
     memcg = k.memcg
     inflight = memcg.inflight
     waits = k.lockdep.waits
+    swap = k.swap
     return ModelStats(
         protocol=k.protocol.name,
         counters=copy_dict(k.stats),
@@ -118,5 +127,8 @@ def read_stats(model: MemoryModel) -> ModelStats:
         memory_peak_bytes=memcg.peak,
         memory_limit_failures=memcg.failcnt,
         memory_limit_bytes=memcg.limit,
+        swap_slots_in_use=swap.inuse_pages,
+        swap_slots_total=swap.pages,
+        swap_cache_folios=len(swap.swap_table),
         lock_waits={c: waits.snapshot(c) for c in LockClass},
     )

@@ -66,6 +66,10 @@ STEPS: dict[str, Step] = {
              "but the first folio's lock. Returns the bytes moved or a negative errno"),
         Step("double_pt_lock", "userfaultfd", "neither PTL held by the caller",
              "both PTLs (one, if they are the same), the second nested; holds them on return"),
+        Step("move_swap_pte", "userfaultfd",
+             "the dst and src VMAs read-locked; the swap-cache folio, if any, locked and referenced",
+             "both PTLs (double_pt_lock); holds nothing on return but the folio's lock. Returns PAGE_SIZE or a "
+             "negative errno (-EAGAIN: retry)"),
     )
 }
 
@@ -171,6 +175,7 @@ class Ops:
         move_pages_pte: Callable[..., Any]
         move_present_ptes: Callable[..., Any]
         double_pt_lock: Callable[..., Any]
+        move_swap_pte: Callable[..., Any]
 
 
 #: The step tables made, by the replacements' identities (the functions are module-level: they

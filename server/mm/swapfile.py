@@ -40,16 +40,19 @@ its writes.
 
 Memory accounting: with cgroup v2, 6.18 charges a swap slot to the memory cgroup's swap counter
 (``memory.swap.current``, limited by ``memory.swap.max``: mem_cgroup_try_charge_swap in
-folio_alloc_swap, mem_cgroup_uncharge_swap in swap_entries_free), not to ``memory.max``. The model's
-one budget (``--max-memory``) bounds the server's own memory, not the simulated machine's, so it
-charges what the model keeps for each slot in use: SWAP_SLOT_BYTES, at those same two points. A
-slot that is charged costs the model its entries in the per-slot maps (the swap table that holds
-the swap cache, the slot's contents once swap-out writes them, a continuation count); without the
-charge, swapping pages out would let a client grow the model past its budget by the device's size.
-A charge that fails makes the allocation fail (folio_alloc_swap returns -ENOMEM, as 6.18's does
-when the swap charge fails), and reclaim keeps the folio. ``swap_map`` itself, one byte per slot,
-is allocated with the device (as swapon allocates it) and is not charged: it is fixed by the
-configured size (at most MAX_SWAP_BYTES) and does not grow with what clients do.
+folio_alloc_swap, mem_cgroup_uncharge_swap in swap_entries_free), not to ``memory.max``; a folio in
+the swap cache is a page like any other and stays charged to ``memory.max`` until it is freed. The
+model does the same: the kernel model's device (``Kernel.swap``) charges its slots to no budget,
+and the device's size (``--swap-bytes``) is the swap counter's limit. So swapping a page out gives
+the budget (``--max-memory``) back its folio, and an access runs out of memory (ENOMEM) only when
+swap is full too. What the server keeps per slot in use (SWAP_SLOT_BYTES: its entries in the swap
+table and in the device's contents) is bounded by the device's size instead: at most
+``swap_bytes // PAGE_SIZE * SWAP_SLOT_BYTES`` (64 MiB for the default 1 GiB). A device built with a
+``memcg`` (a test's) charges SWAP_SLOT_BYTES per slot to it, at those same two points; a charge
+that fails makes the allocation fail (folio_alloc_swap returns -ENOMEM, as 6.18's does when the
+swap charge fails), and reclaim keeps the folio. ``swap_map`` itself, one byte per slot, is
+allocated with the device (as swapon allocates it): it is fixed by the configured size (at most
+MAX_SWAP_BYTES) and does not grow with what clients do.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ SWAP_MAP_MAX = 0x3E
 SWAP_MAP_BAD = 0x3F
 #: The most a device may hold in the model: 16 Mi slots, a 16 MiB swap_map.
 MAX_SWAP_BYTES = 64 << 30
+#: The device's size unless told otherwise (``mmsim serve --swap-bytes``).
+DEFAULT_SWAP_BYTES = 1 << 30
 #: What the model keeps for one slot in use, charged to the budget: its entries in the swap table and
 #: in the device's contents (CPython 3.11 dict entries of about 85 and 117 bytes), rounded up.
 SWAP_SLOT_BYTES = 256
@@ -97,7 +102,7 @@ class SwapInfo:
 
     __slots__ = (
         "type", "max", "pages", "inuse_pages", "nr_swap_pages", "swap_map", "swap_cont", "swap_table",
-        "next_offset", "memcg",
+        "swap_data", "next_offset", "memcg",
     )
 
     def __init__(self, swap_bytes: int, memcg: MemCgroup | None = None, type: int = 0) -> None:
@@ -119,6 +124,8 @@ class SwapInfo:
         self.swap_cont: dict[int, int] = {}
         #: The swap cache (6.18's swap table, kept per cluster there): offset -> folio (swap_state.py).
         self.swap_table: dict[int, Folio] = {}
+        #: What the device holds: offset -> the contents swap-out wrote there (swap_writepage).
+        self.swap_data: dict[int, int] = {}
         #: Where the search for a free slot starts (the per-CPU cluster's next offset).
         self.next_offset = 1
         self.memcg = memcg
@@ -208,6 +215,7 @@ def swap_entries_free(si: SwapInfo, entry: SwpEntry) -> None:
     if off in si.swap_table:
         raise MmError(errno.EINVAL, f"swap_entries_free: {entry.trace_name} still has a folio in the swap cache")
     si.swap_map[off] = 0
+    si.swap_data.pop(off, None)
     if si.memcg is not None:
         si.memcg.uncharge(SWAP_SLOT_BYTES)
     swap_range_free(si, 1)

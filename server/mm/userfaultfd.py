@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
+from .memory import charge_pte
 from .mm_types import (
     FOLIO_BYTES,
     PAGE_MASK,
@@ -41,6 +42,7 @@ from .mm_types import (
     MmError,
     PageTable,
     Pte,
+    SwapPte,
     Vma,
 )
 from .mmap import vma_modify
@@ -54,6 +56,9 @@ from .rmap import (
     folio_move_anon_rmap,
 )
 from .sched import RESCHED_WORK, cond_resched
+from .swap import folio_add_lru
+from .swap_state import folio_matches_swap_entry, swap_cache_get_folio
+from .swapfile import SWAP_HAS_CACHE
 from .trace import READ_ONCE, trace_refcount, trace_store
 
 if TYPE_CHECKING:
@@ -179,14 +184,17 @@ async def uffd_wp_clear(cur: Current, mm: Mm, start: int, end: int) -> None:
     work = 0
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
-        if pt is None or not pt.ptes:
+        if pt is None or not (pt.ptes or pt.swap):
             continue
         pt.ptl.spin_lock(cur)
         for vpn, pte in pt.ptes.items():
             if lo <= vpn < hi:
                 pte.uffd_wp = False
+        for vpn, swp in pt.swap.items():
+            if lo <= vpn < hi:
+                swp.uffd_wp = False  # pte_swp_clear_uffd_wp
         pt.ptl.spin_unlock(cur)
-        work += len(pt.ptes) + 1
+        work += len(pt.ptes) + len(pt.swap) + 1
         if work >= RESCHED_WORK:
             work = 0
             await cond_resched()
@@ -593,16 +601,41 @@ async def move_pages_pte(
     """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
-    src_folio_pte: Pte | None = None
+    src_folio_pte: Pte | SwapPte | None = None
     src_anon_vma: AnonVma | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
         orig_src_pte = src_pt.ptes.get(svpn)
         if orig_src_pte is None:
-            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            orig_src_swp = src_pt.swap.get(svpn)
+            if orig_src_swp is None:
+                ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+                break
+            # A swap PTE (6.14+): its folio in the swap cache, if any, moves with it.
+            if src_folio is not None and orig_src_swp is not src_folio_pte:
+                ret = -errno.EAGAIN
+                break
+            if not orig_src_swp.exclusive:
+                ret = -errno.EBUSY
+                break
+            if src_folio is None:
+                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                if folio is not None:
+                    cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+                    src_folio = folio
+                    src_folio_pte = orig_src_swp
+                    assert folio.lock is not None
+                    if not folio.lock.trylock(cur):
+                        # now we can block and wait
+                        if not folio.lock.lock(cur): await folio.lock.wait(cur)
+                        continue
+            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            ret = await k.ops.move_swap_pte(
+                k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_swp, src_folio
+            )
             break
         # The PTE changed while we slept on the folio lock: start over
         if src_folio is not None and orig_src_pte is not src_folio_pte:
@@ -684,7 +717,7 @@ async def move_present_ptes(
     dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
     sched = k.sched
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
-    if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
+    if dvpn in dst_ptes or dvpn in dst_pt.swap or src_ptes.get(svpn) is not orig_src_pte:
         ret = -errno.EAGAIN
     elif not src_folio.exclusive:
         ret = -errno.EBUSY
@@ -698,7 +731,7 @@ async def move_present_ptes(
             if sched.active: await move_store_window(k, src_folio)
             src_folio.index = index
             if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
-            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty)  # dst's prot; dirty only if src was (6.15+)
+            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]
             ret += PAGE_SIZE
@@ -707,7 +740,7 @@ async def move_present_ptes(
             dvpn += 1
             svpn += 1
             index += 1
-            folio = check_ptes_for_batched_move(k, cur, dst_ptes, src_ptes, dvpn, svpn, src_anon_vma)
+            folio = check_ptes_for_batched_move(k, cur, dst_pt, src_ptes, dvpn, svpn, src_anon_vma)
             if folio is None:
                 break
             src_folio = folio
@@ -716,12 +749,12 @@ async def move_present_ptes(
 
 
 def check_ptes_for_batched_move(
-    k: Kernel, cur: Current, dst_ptes: dict[int, Pte], src_ptes: dict[int, Pte], dvpn: int, svpn: int,
+    k: Kernel, cur: Current, dst_pt: PageTable, src_ptes: dict[int, Pte], dvpn: int, svpn: int,
     src_anon_vma: AnonVma | None,
 ) -> Folio | None:
     """The next page's folio, locked (trylock), if it can join the batch: dst none, src present
     and not the zero page, the folio exclusive and under the same anon_vma. Expects both PTLs."""
-    if dvpn in dst_ptes:
+    if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:
         return None
     pte = src_ptes.get(svpn)
     if pte is None or pte.folio is ZERO_PAGE:
@@ -746,6 +779,38 @@ async def move_store_window(k: Kernel, folio: Folio) -> None:
         del k.torn[folio]
 
 
+async def move_swap_pte(
+    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
+    orig_src_pte: SwapPte, src_folio: Folio | None,
+) -> int:
+    """Move an exclusive swap PTE as it is (its slot's count unchanged), marked soft-dirty (6.15+).
+    Its folio in the swap cache, if any (``src_folio``, locked by the caller), goes to dst's
+    anon_vma at dst's index (6.14+), without the anon_vma lock: the folio is mapped nowhere and
+    the entry is exclusive, so no rmap walk can reach it. EAGAIN (6.16+) when the folio no longer
+    backs the entry, or when there is no folio but the slot has SWAP_HAS_CACHE (a swap-in is
+    adding one). Takes both PTLs (double_pt_lock). Returns PAGE_SIZE or a negative errno."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    entry = orig_src_pte.entry
+    if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
+        return -errno.EAGAIN
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if not dst_pt.pte_none(dvpn) or src_pt.swap.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    elif src_folio is None and k.swap.swap_map[entry.offset] & SWAP_HAS_CACHE:
+        ret = -errno.EAGAIN
+    else:
+        if src_folio is not None:
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            src_folio.index = dst_vma.linear_page_index(dst_addr)
+            if k.trace: trace_store(k, "move_swap_pte", src_folio, "index")
+        del src_pt.swap[svpn]  # ptep_get_and_clear
+        orig_src_pte.soft_dirty = True  # pte_swp_mksoft_dirty
+        dst_pt.swap[dvpn] = orig_src_pte
+        ret = PAGE_SIZE
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
 async def move_zeropage_pte(
     k: Kernel, cur: Current, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte
 ) -> int:
@@ -753,7 +818,7 @@ async def move_zeropage_pte(
     (double_pt_lock) and drops them."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
-    if dvpn in dst_pt.ptes or src_pt.ptes.get(svpn) is not orig_src_pte:
+    if not dst_pt.pte_none(dvpn) or src_pt.ptes.get(svpn) is not orig_src_pte:
         ret = -errno.EAGAIN
     else:
         del src_pt.ptes[svpn]
@@ -924,15 +989,13 @@ async def mfill_atomic_pte_copy(
     if the PTE is not none."""
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
-    if vpn in pt.ptes:  # seen before allocating: the kernel would allocate, then free
+    if vpn in pt.ptes or vpn in pt.swap:  # seen before allocating: the kernel would allocate, then free
         return -errno.EEXIST
     ptl = pt.ptl
-    if ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, ptl)
     memcg = k.memcg
-    memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
+    await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)
     ptl.spin_lock(cur)
-    if vpn in pt.ptes:
+    if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
         memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
         return -errno.EEXIST
@@ -940,6 +1003,7 @@ async def mfill_atomic_pte_copy(
     folio.value = value
     folio.refcount = 1
     folio_add_new_anon_rmap(folio, vma, addr)
+    folio_add_lru(k.lruvec, folio)
     pt.ptes[vpn] = Pte(folio, not wp and bool(vma.flags & VM_WRITE), True, True, wp)
     mm.rss_anon += 1
     if progress.on_page is not None:
@@ -953,15 +1017,13 @@ async def mfill_atomic_pte_zeropage(k: Kernel, cur: Current, vma: Vma, pt: PageT
     rmap, no RSS). Expects the VMA read-locked (or mmap_lock for read); takes the PTL. Returns PAGE_SIZE, or -EEXIST
     if the PTE is not none."""
     vpn = addr >> PAGE_SHIFT
-    if vpn in pt.ptes:
+    if not pt.pte_none(vpn):
         return -errno.EEXIST
     ptl = pt.ptl
-    if ptl.owner is not None:
-        await k.spin_on(cur, ptl)
     memcg = k.memcg
-    memcg.charge(cur, PTE_BYTES)
+    await charge_pte(k, cur, pt, PTE_BYTES)
     ptl.spin_lock(cur)
-    if vpn in pt.ptes:
+    if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
         memcg.uncharge(PTE_BYTES)
         return -errno.EEXIST

@@ -20,7 +20,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from .locks import Current, SpinLock
-from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, Vma
+from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, SwapPte, Vma
 from .rmap import (
     AnonVma,
     RmapWalkControl,
@@ -40,6 +40,8 @@ from .rmap import (
 )
 from .sched import uninterruptible
 from .steps import Variant
+from .swap_state import folio_matches_swap_entry
+from .swapfile import SWAP_HAS_CACHE
 from .trace import READ_ONCE, trace_refcount, trace_store
 from .userfaultfd import check_ptes_for_batched_move, double_pt_unlock, move_store_window, move_zeropage_pte
 
@@ -552,7 +554,7 @@ async def move_present_ptes_index_first(
             if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
             if sched.active: await move_store_window(k, src_folio)
             folio_move_anon_rmap(k, src_folio, dst_vma)
-            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty)  # dst's prot; dirty only if src was (6.15+)
+            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]
             ret += PAGE_SIZE
@@ -561,7 +563,7 @@ async def move_present_ptes_index_first(
             dvpn += 1
             svpn += 1
             index += 1
-            folio = check_ptes_for_batched_move(k, cur, dst_ptes, src_ptes, dvpn, svpn, src_anon_vma)
+            folio = check_ptes_for_batched_move(k, cur, dst_pt, src_ptes, dvpn, svpn, src_anon_vma)
             if folio is None:
                 break
             src_folio = folio
@@ -571,6 +573,31 @@ async def move_present_ptes_index_first(
 
 # ---------------------------------------------------------------------------------------------
 # Fork, free, PTLs
+
+
+async def move_swap_pte_keeps_mapping(
+    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
+    orig_src_pte: SwapPte, src_folio: Folio | None,
+) -> int:
+    """move_swap_pte before 6.14 (c50f8e6053b0): the swap PTE moves, the folio in the swap cache
+    keeps the source's anon_vma and index."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    entry = orig_src_pte.entry
+    if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
+        return -errno.EAGAIN
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if not dst_pt.pte_none(dvpn) or src_pt.swap.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    elif src_folio is None and k.swap.swap_map[entry.offset] & SWAP_HAS_CACHE:
+        ret = -errno.EAGAIN
+    else:
+        # (the swap cache's folio is not pointed at dst_vma's anon_vma and index)
+        del src_pt.swap[svpn]
+        orig_src_pte.soft_dirty = True
+        dst_pt.swap[dvpn] = orig_src_pte
+        ret = PAGE_SIZE
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
 
 
 async def anon_vma_clone_unlocked(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bool = False) -> None:
@@ -738,6 +765,14 @@ MUTANTS: dict[str, Variant] = {
             kernel="double_pt_lock: `if (ptl1 > ptl2) swap(ptl1, ptl2);` removed",
             failure="deadlock: two moves in opposite directions between two page tables each hold one PTL and spin "
             "on the other",
+        ),
+        Variant(
+            "move-swap-keeps-mapping", "a moved swap PTE's folio in the swap cache keeps its anon_vma and index",
+            {"move_swap_pte": move_swap_pte_keeps_mapping}, applies_to=ALL_PROTOCOLS,
+            kernel="move_swap_pte (6.14+, c50f8e6053b0): `folio_move_anon_rmap(src_folio, dst_vma); "
+            "src_folio->index = linear_page_index(dst_vma, dst_addr);` removed",
+            failure="anon-rmap-mismatch: a swap-in at dst finds the cached folio at the source's anon_vma and index "
+            "(the kernel's BUG_ON in __page_check_anon_rmap)",
         ),
         Variant(
             "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",

@@ -308,11 +308,16 @@ def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool) -> Itera
         k.attach_tracer(None)
 
 
+#: The swap device of an explored model: room for every page a litmus scenario has, and a
+#: swap_map small enough that restoring a snapshot for each schedule stays cheap.
+SWAP_BYTES = 1 << 20
+
+
 def _model(protocol: str, mutant: str | None) -> MemoryModel:
     if mutant is None:
-        return MemoryModel(protocol=protocol, seed=0, preempt=0.0)
+        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, swap_bytes=SWAP_BYTES)
     try:
-        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, mutant=mutant)
+        return MemoryModel(protocol=protocol, seed=0, preempt=0.0, mutant=mutant, swap_bytes=SWAP_BYTES)
     except TypeError:
         raise ScenarioError("this model has no protocol mutants") from None
 
@@ -353,6 +358,7 @@ _MODEL_CALLS: dict[str, tuple[Callable[[MemoryModel, int, tuple[Any, ...]], Awai
     "mremap": (lambda m, pid, a: m.mremap(pid, a[1], a[2] * PAGE_SIZE, a[2] * PAGE_SIZE, maymove=True,
                                           dontunmap=bool(a[4]), fixed=a[3]), _span),
     "walk": (lambda m, pid, a: m.walk(pid, a[1], blocking=a[2] == "blocking"), _walked),
+    "reclaim": (lambda m, pid, a: m.reclaim(a[0]), "reclaimed {}".format),
 }
 require(_MODEL_CALLS, BY_LITMUS, "explore's model calls (explore._MODEL_CALLS)")
 
@@ -373,7 +379,7 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
     (each folio's anon_vma, index, mapcount and lock holder; each anon_vma's root and refcount)."""
 
     def fp() -> object:
-        folios = []
+        folios: list[tuple[object, ...]] = []
         for mm in m.processes.values():
             for pt in mm.pgtables.values():
                 for vpn, pte in pt.ptes.items():
@@ -384,6 +390,12 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                                    mapping.root.id if mapping else 0, mapping.refcount if mapping else 0,
                                    getattr(f, "index", 0), getattr(f, "mapcount", 0),
                                    bool(lock and lock.owner)))
+                for vpn, swp in pt.swap.items():
+                    folios.append((mm.id, vpn, -1, swp.entry.offset, int(swp.exclusive)))
+        for off, f in m.k.swap.swap_table.items():  # the swap cache: mapped or not
+            mapping = f.mapping
+            folios.append((-1, off, f.id, mapping.id if mapping else 0, f.index, f.mapcount,
+                           bool(f.lock is not None and f.lock.owner)))
         where = tuple((t.state, t.point, t.op_index, tuple(t.held)) for t in threads)
         return hash((where, tuple(folios)))
 

@@ -22,11 +22,13 @@ process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
 - ``mmap P ADDR PAGES [r|rw] [missing|wp|missing+wp]``; ``munmap P ADDR PAGES``
 - ``register P ADDR PAGES [missing|wp|missing+wp]``; ``unregister P ADDR PAGES``
 - ``madvise P ADDR PAGES dontfork|dofork|wipeonfork|keeponfork``
-- ``madvise P ADDR PAGES dontneed``; ``mprotect P ADDR PAGES none|r|rw``
+- ``madvise P ADDR PAGES dontneed|pageout|cold``; ``mprotect P ADDR PAGES none|r|rw``
 - ``mremap P ADDR PAGES NEWADDR [dontunmap]`` (MREMAP_MAYMOVE | MREMAP_FIXED, same size)
 - ``write P ADDR VALUE``; ``read P ADDR`` (a missing page of a MISSING range: the access sleeps
   until another thread's ``copy``, ``zeropage`` or ``remap`` fills it, or ``wake`` wakes it)
 - ``remap P DST SRC PAGES``; ``walk P ADDR [trylock|blocking]``
+- ``reclaim PAGES``: reclaim up to PAGES folios (shrink_lruvec: the active list aged by the
+  unlocked rmap walker, the inactive list swapped out)
 - ``copy P DST PAGES VALUE``; ``zeropage P DST PAGES``; ``wake P ADDR PAGES`` (UFFDIO_COPY,
   UFFDIO_ZEROPAGE, UFFDIO_WAKE)
 
@@ -49,7 +51,7 @@ from ..mm.mm_types import PAGE_SIZE
 
 PROTS = ("r", "rw")
 UFFD_MODES = ("missing", "wp", "missing+wp")
-ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed")
+ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed", "pageout", "cold")
 MPROT = ("none", "r", "rw")
 MAX_THREADS = 4
 
@@ -164,6 +166,7 @@ SYNTAX: dict[str, tuple[Arg, ...]] = {
     "copy": (P, Num("DST", any_value=True), Num("PAGES", any_value=True), Num("VALUE", any_value=True)),
     "zeropage": (P, Num("DST"), Num("PAGES")),
     "wake": (P, Num("ADDR"), Num("PAGES")),
+    "reclaim": (Num("PAGES", any_value=True),),
 }
 require(SYNTAX, BY_LITMUS, "the litmus language (litmus.SYNTAX)")
 #: The operations that define a name (``C = fork P``): those whose result is a process.

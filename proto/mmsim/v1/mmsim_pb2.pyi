@@ -29,6 +29,8 @@ class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVICE_WIPEONFORK: _ClassVar[Advice]
     ADVICE_KEEPONFORK: _ClassVar[Advice]
     ADVICE_DONTNEED: _ClassVar[Advice]
+    ADVICE_COLD: _ClassVar[Advice]
+    ADVICE_PAGEOUT: _ClassVar[Advice]
 
 class FillMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,6 +63,8 @@ ADVICE_DOFORK: Advice
 ADVICE_WIPEONFORK: Advice
 ADVICE_KEEPONFORK: Advice
 ADVICE_DONTNEED: Advice
+ADVICE_COLD: Advice
+ADVICE_PAGEOUT: Advice
 FILL_MODE_NONE: FillMode
 FILL_MODE_DONTWAKE: FillMode
 FILL_MODE_WP: FillMode
@@ -337,6 +341,56 @@ class WalkResponse(_message.Message):
     slow_retries: int
     def __init__(self, referenced: _Optional[int] = ..., contended: _Optional[bool] = ..., mappings: _Optional[_Iterable[_Union[Mapping, _Mapping]]] = ..., fast_retries: _Optional[int] = ..., slow_retries: _Optional[int] = ...) -> None: ...
 
+class ReclaimRequest(_message.Message):
+    __slots__ = ("pages",)
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    pages: int
+    def __init__(self, pages: _Optional[int] = ...) -> None: ...
+
+class ReclaimResponse(_message.Message):
+    __slots__ = ("reclaimed",)
+    RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    reclaimed: int
+    def __init__(self, reclaimed: _Optional[int] = ...) -> None: ...
+
+class PagemapEntry(_message.Message):
+    __slots__ = ("present", "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "pmd", "thp", "head", "tail", "zero_page", "ksm", "anon_exclusive", "mapcount")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    UFFD_WP_FIELD_NUMBER: _ClassVar[int]
+    SOFT_DIRTY_FIELD_NUMBER: _ClassVar[int]
+    SWAPCACHE_FIELD_NUMBER: _ClassVar[int]
+    PMD_FIELD_NUMBER: _ClassVar[int]
+    THP_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
+    KSM_FIELD_NUMBER: _ClassVar[int]
+    ANON_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    MAPCOUNT_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    swap: bool
+    exclusive: bool
+    uffd_wp: bool
+    soft_dirty: bool
+    swapcache: bool
+    pmd: bool
+    thp: bool
+    head: bool
+    tail: bool
+    zero_page: bool
+    ksm: bool
+    anon_exclusive: bool
+    mapcount: int
+    def __init__(self, present: _Optional[bool] = ..., swap: _Optional[bool] = ..., exclusive: _Optional[bool] = ..., uffd_wp: _Optional[bool] = ..., soft_dirty: _Optional[bool] = ..., swapcache: _Optional[bool] = ..., pmd: _Optional[bool] = ..., thp: _Optional[bool] = ..., head: _Optional[bool] = ..., tail: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., ksm: _Optional[bool] = ..., anon_exclusive: _Optional[bool] = ..., mapcount: _Optional[int] = ...) -> None: ...
+
+class PagemapResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[PagemapEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[PagemapEntry, _Mapping]]] = ...) -> None: ...
+
 class FolioResponse(_message.Message):
     __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
@@ -427,7 +481,7 @@ class StatsResponse(_message.Message):
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake")
+    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake", "reclaim")
     CREATE_PROCESS_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +500,7 @@ class Op(_message.Message):
     UFFD_COPY_FIELD_NUMBER: _ClassVar[int]
     UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
     UFFD_WAKE_FIELD_NUMBER: _ClassVar[int]
+    RECLAIM_FIELD_NUMBER: _ClassVar[int]
     create_process: CreateProcessRequest
     fork: ProcessRequest
     exit: ProcessRequest
@@ -464,7 +519,8 @@ class Op(_message.Message):
     uffd_copy: UffdCopyRequest
     uffd_zeropage: UffdZeropageRequest
     uffd_wake: RangeRequest
-    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ..., mprotect: _Optional[_Union[MprotectRequest, _Mapping]] = ..., mremap: _Optional[_Union[MremapRequest, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyRequest, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageRequest, _Mapping]] = ..., uffd_wake: _Optional[_Union[RangeRequest, _Mapping]] = ...) -> None: ...
+    reclaim: ReclaimRequest
+    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ..., mprotect: _Optional[_Union[MprotectRequest, _Mapping]] = ..., mremap: _Optional[_Union[MremapRequest, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyRequest, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageRequest, _Mapping]] = ..., uffd_wake: _Optional[_Union[RangeRequest, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimRequest, _Mapping]] = ...) -> None: ...
 
 class OpError(_message.Message):
     __slots__ = ("code", "message", "errno", "moved")
@@ -479,7 +535,7 @@ class OpError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., errno: _Optional[int] = ..., moved: _Optional[int] = ...) -> None: ...
 
 class OpResult(_message.Message):
-    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit", "uffd_copy", "uffd_zeropage")
+    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit", "uffd_copy", "uffd_zeropage", "reclaim")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
@@ -491,6 +547,7 @@ class OpResult(_message.Message):
     EXIT_FIELD_NUMBER: _ClassVar[int]
     UFFD_COPY_FIELD_NUMBER: _ClassVar[int]
     UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
+    RECLAIM_FIELD_NUMBER: _ClassVar[int]
     error: OpError
     process: Process
     empty: Empty
@@ -502,7 +559,8 @@ class OpResult(_message.Message):
     exit: ExitResponse
     uffd_copy: UffdCopyResponse
     uffd_zeropage: UffdZeropageResponse
-    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyResponse, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageResponse, _Mapping]] = ...) -> None: ...
+    reclaim: ReclaimResponse
+    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyResponse, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageResponse, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimResponse, _Mapping]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("ops", "stop_on_error")

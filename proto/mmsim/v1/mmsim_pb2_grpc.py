@@ -129,10 +129,20 @@ class MemoryManagerStub:
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.WalkRequest.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.WalkResponse.FromString,
                 _registered_method=True)
+        self.Reclaim = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Reclaim',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.FromString,
+                _registered_method=True)
         self.GetFolio = channel.unary_unary(
                 '/mmsim.v1.MemoryManager/GetFolio',
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.AccessRequest.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.FolioResponse.FromString,
+                _registered_method=True)
+        self.Pagemap = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Pagemap',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.PagemapResponse.FromString,
                 _registered_method=True)
         self.ListVmas = channel.unary_unary(
                 '/mmsim.v1.MemoryManager/ListVmas',
@@ -309,8 +319,27 @@ class MemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reclaim(self, request, context):
+        """Memory reclaim (shrink_lruvec, as kswapd runs it) over the server's LRU lists, of every
+        process: up to `pages` folios swapped out and freed. A folio reclaimed dirty is written to swap
+        and stays in the swap cache until a later reclaim frees it. 0 without swap (--swap-bytes 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetFolio(self, request, context):
         """Inspection and audit
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pagemap(self, request, context):
+        """What /proc/PID/pagemap says of each page of [addr, addr + length) (length rounded up to whole
+        pages), with what mincore, /proc/kpageflags and /proc/kpagecount add, without faulting: one
+        entry per page, in order. EINVAL for an address that is not page-aligned or a range past the
+        address space; more pages than a response of --max-message-bytes can hold is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -466,10 +495,20 @@ def add_MemoryManagerServicer_to_server(servicer, server):
                     request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.WalkRequest.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.WalkResponse.SerializeToString,
             ),
+            'Reclaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reclaim,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.SerializeToString,
+            ),
             'GetFolio': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFolio,
                     request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.AccessRequest.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.FolioResponse.SerializeToString,
+            ),
+            'Pagemap': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pagemap,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.PagemapResponse.SerializeToString,
             ),
             'ListVmas': grpc.unary_unary_rpc_method_handler(
                     servicer.ListVmas,
@@ -1036,6 +1075,33 @@ class MemoryManager:
             _registered_method=True)
 
     @staticmethod
+    def Reclaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Reclaim',
+            mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetFolio(request,
             target,
             options=(),
@@ -1052,6 +1118,33 @@ class MemoryManager:
             '/mmsim.v1.MemoryManager/GetFolio',
             mmsim_dot_v1_dot_mmsim__pb2.AccessRequest.SerializeToString,
             mmsim_dot_v1_dot_mmsim__pb2.FolioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pagemap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Pagemap',
+            mmsim_dot_v1_dot_mmsim__pb2.RangeRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.PagemapResponse.FromString,
             options,
             channel_credentials,
             insecure,

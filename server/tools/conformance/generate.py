@@ -59,10 +59,11 @@ region lands in fresh address space and no other name reaches it), and it is nev
 its owner. ``events`` steps are only made inside episodes, right after the fault or the
 resolution, never after a wake.
 
-Swap. With ``swap=True`` random steps also draw ``madvise`` pageout and cold of a subrange
-(sometimes misaligned: EINVAL) and ``pte`` observations (``SWAP_WEIGHTS``); such scenarios run on
-the kernel only until mmsim models swap. Without it (the default) the same ``rng`` state gives the
-very scenario it gave before swap steps existed.
+Swap. With ``swap=True`` (``mmsim conformance --random N --swap``) random steps also draw
+``madvise`` pageout and cold of a subrange (sometimes misaligned: EINVAL) and ``pte`` observations
+(``SWAP_WEIGHTS``); such scenarios run on the kernel and on mmsim like any other (one that pages
+out needs an active swap device on the kernel's side). Without it (the default) the same ``rng``
+state gives the very scenario it gave before swap steps existed.
 
 The same ``rng`` state gives the same scenario (only ``rng`` is drawn from, and every choice is
 made over ordered lists).

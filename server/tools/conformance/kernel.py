@@ -669,7 +669,8 @@ class _Helper:
         """MADV_PAGEOUT or MADV_COLD, settled: every CPU's LRU batches are drained first (a
         folio still in a batch is not on the LRU, and reclaim skips it), and after a pageout the
         step waits until no page it may have written out is under writeback any more (the PFNs
-        of the present pages are taken before, since a swapped-out page has none in pagemap)."""
+        of the present pages are taken before, since a swapped-out page has none in pagemap),
+        then drains them again (the written folios' rotation)."""
         pfns = []
         if advice == "pageout" and length > 0 and addr % PAGE == 0 and self.kpageflags >= 0:
             n = min(-(-length // PAGE), 1 << 16)
@@ -685,8 +686,7 @@ class _Helper:
             return {"errno": err, "note": "move_pages (to drain the LRU batches) failed"}
         rc = self.libc.madvise(addr, length, _MADV[advice])
         out: dict[str, Any] = {"errno": self.libc.errno() if rc else 0}
-        if rc:
-            return out
+        # A failed pageout (a hole: ENOMEM) still wrote out what came before the hole.
         deadline = time.monotonic() + _WRITEBACK_WAIT_S
         while pfns:
             pfns = [pfn for pfn in pfns if self._kpageflags(pfn) & _KPF_WRITEBACK]
@@ -696,6 +696,11 @@ class _Helper:
                 out["note"] = f"swap writeback of {len(pfns)} page(s) did not end"
                 break
             time.sleep(0.001)
+        # The end of a write puts the folio, with a reference, in the rotate batch of the CPU
+        # that completed it (folio_rotate_reclaimable): drain them all again, or a later write
+        # fault on another CPU sees that reference and keeps the folio in the swap cache.
+        if advice == "pageout":
+            self.libc.lru_add_drain_all()
         return out
 
     def _kpageflags(self, pfn: int) -> int:

@@ -193,8 +193,6 @@ FIELDS = (
 #: VM_SOFTDIRTY, which every new VMA has where the kernel has CONFIG_MEM_SOFT_DIRTY, and never
 #: where it lacks it.
 UNRECORDED = ("soft_dirty",)
-#: What mmsim does not model yet: scenarios with these steps run on the kernel only.
-NOT_MODELLED = "swap is not modelled yet"
 
 
 class ScenarioError(ValueError):
@@ -322,9 +320,9 @@ def reclaims(step: dict[str, Any]) -> bool:
     return step["op"] == "madvise" and step.get("advice") in RECLAIM_ADVICE
 
 
-def not_modelled(scenario: Scenario) -> list[int]:
-    """The steps of ``scenario`` that mmsim does not model yet (pageout, cold, ``pte``)."""
-    return [i for i, st in enumerate(scenario.steps) if st["op"] == "pte" or reclaims(st)]
+def uses_swap(scenario: Scenario) -> bool:
+    """True when ``scenario`` has a swap step: ``madvise`` pageout or cold, or ``pte``."""
+    return any(st["op"] == "pte" or reclaims(st) for st in scenario.steps)
 
 
 def needs_swap(scenario: Scenario) -> bool:

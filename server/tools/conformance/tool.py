@@ -1,9 +1,8 @@
 """``mmsim conformance``: run scenarios on the live kernel and on mmsim, and show what differs.
 
-A scenario with steps mmsim does not model yet (swap: ``madvise`` pageout or cold, ``pte``) runs
-on the kernel only, checked against its own ``expect`` fields; one that pages out is skipped,
-with the reason, where the kernel has no usable swap. ``record`` runs scenarios on the kernel and
-writes what it answered into their ``expect`` fields.
+A scenario that pages out is skipped, with the reason, where the kernel has no usable swap.
+``record`` runs scenarios on the kernel and writes what it answered into their ``expect`` fields;
+``replay_on_kernel`` runs one on the kernel only, against them.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from rich.table import Table
 from mmsim.client import Client
 
 from .mmsim_runner import Difference, MmsimRunner, compare
-from .scenario import NOT_MODELLED, UNRECORDED, Scenario, StepResult, needs_swap, not_modelled
+from .scenario import UNRECORDED, Scenario, StepResult, needs_swap
 
 #: Exit statuses of the command.
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_NO_ORACLE = 0, 1, 2, 3
@@ -34,8 +33,8 @@ class Outcome:
     kernel: list[StepResult]
     mmsim: list[StepResult]
     differences: list[Difference]
-    #: Run on the kernel only (mmsim does not model a step of it): the differences are the
-    #: kernel's answers against the scenario's ``expect`` fields.
+    #: Run on the kernel only (replay_on_kernel): the differences are the kernel's answers
+    #: against the scenario's ``expect`` fields.
     kernel_only: bool = False
     #: Why the scenario was not run (no usable swap for a pageout), or None.
     skipped: str | None = None
@@ -73,13 +72,10 @@ KERNEL_RUNS = 4
 
 
 async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> Outcome:
-    """Run ``scenario`` on the kernel and on mmsim and compare (on the kernel only, against its
-    ``expect`` fields, where mmsim does not model a step of it). The kernel is a live system that
+    """Run ``scenario`` on the kernel and on mmsim and compare. The kernel is a live system that
     other activity can disturb (reclaim isolating a folio, a background scan holding its lock), so
     a scenario that differs is run on the kernel again: a difference counts only against kernel
     answers that two runs in a row agree on."""
-    if not_modelled(scenario):
-        return await replay_on_kernel(scenario, kernel_runner)
     run = kernel_runner.run  # type: ignore[attr-defined]
     kernel = await asyncio.to_thread(run, scenario)
     mmsim = await MmsimRunner(client).run(scenario, kernel)
@@ -194,7 +190,7 @@ def render(outcome: Outcome, console: Console) -> None:
     if outcome.skipped is not None:
         console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}")
         return
-    only = f"  (kernel only: {NOT_MODELLED})" if outcome.kernel_only else ""
+    only = "  (kernel only)" if outcome.kernel_only else ""
     if not outcome.differences:
         console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}")
         return
@@ -226,8 +222,11 @@ async def conformance(
     step_timeout: float = 5.0,
     save: str | None = None,
     console: Console | None = None,
+    swap: bool = False,
 ) -> int:
-    """The command's body; returns its exit status."""
+    """The command's body; returns its exit status. ``swap``: the random scenarios also page out,
+    deactivate and observe PTEs (those that page out are skipped where the kernel has no usable
+    swap)."""
     from .kernel import KernelRunner, oracle_unavailable, swap_unavailable
 
     console = console or Console()
@@ -236,9 +235,9 @@ async def conformance(
         console.print(f"kernel oracle unavailable: {why}")
         return EXIT_NO_ORACLE
     scenarios = load_scenarios(paths)
-    no_swap = swap_unavailable() if any(needs_swap(s) for s in scenarios) else None
+    no_swap = swap_unavailable() if swap or any(needs_swap(s) for s in scenarios) else None
     runner = KernelRunner(step_timeout=step_timeout)
-    different = skipped = kernel_only = 0
+    different = skipped = 0
     async with mmsim_client(server) as client:
         for s in scenarios:
             if no_swap is not None and needs_swap(s):
@@ -246,7 +245,6 @@ async def conformance(
                 skipped += 1
             else:
                 outcome = await run_one(s, runner, client)
-                kernel_only += outcome.kernel_only
             render(outcome, console)
             different += bool(outcome.differences)
         if random_count:
@@ -254,7 +252,11 @@ async def conformance(
 
             rng = random.Random(seed)
             for n in range(random_count):
-                s = random_scenario(rng, name=f"random-{seed}-{n}")
+                s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap)
+                if no_swap is not None and needs_swap(s):
+                    render(Outcome(s, [], [], [], skipped=no_swap), console)
+                    skipped += 1
+                    continue
                 outcome = await run_one(s, runner, client)
                 if not outcome.differences:
                     continue
@@ -272,8 +274,6 @@ async def conformance(
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
     total = len(scenarios) + random_count - skipped
-    notes = [f"{kernel_only} on the kernel only, against their expect fields"] if kernel_only else []
-    notes += [f"{skipped} skipped: {no_swap}"] if skipped else []
     console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim"
-                  + (f" ({'; '.join(notes)})" if notes else ""))
+                  + (f" ({skipped} skipped: {no_swap})" if skipped else ""))
     return EXIT_DIFFERENT if different else EXIT_OK

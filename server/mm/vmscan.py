@@ -1,0 +1,260 @@
+"""Reclaim (mm/vmscan.c): the LRU scan, the unlocked rmap walker, and swap-out.
+
+``shrink_lruvec`` reclaims up to ``nr_to_reclaim`` folios, as kswapd and direct reclaim do, in
+passes from DEF_PRIORITY down to 0, each scanning ``size >> priority`` folios of a list:
+
+- ``shrink_active_list`` takes folios from the active list's old end and walks each one's rmap
+  with ``folio_referenced`` **without the folio lock** (the walker the mapping recheck was written
+  for), clearing young bits; an anonymous folio is deactivated whatever it finds;
+- ``shrink_inactive_list`` takes folios from the inactive list's old end to ``shrink_folio_list``.
+
+``shrink_folio_list`` works on isolated folios, each with the isolation's reference: folio trylock
+(a locked folio is skipped); unless told to ignore references, the locked rmap walk
+(folio_check_references: young PTEs found once mark the folio PG_referenced and keep it, found
+again or in several PTEs activate it); a folio not yet in the swap cache gets a slot
+(folio_alloc_swap; none: the folio is activated, as with no swap); ``try_to_unmap`` turns every
+PTE into a swap PTE; a dirty folio is written to its slot (``swap_writepage``), which the kernel
+starts and finishes asynchronously: the written folio stays in the swap cache, clean, and is
+rotated to the inactive list's old end, where a later pass frees it; a clean, unmapped folio in
+the swap cache whose only other reference is the cache's is freed (__remove_mapping). So a page
+reclaimed dirty costs two passes, and MADV_PAGEOUT (``reclaim_pages``, one pass over the folios it
+isolated, references ignored) leaves it in the swap cache, as 6.18 does with a swap device that
+writes asynchronously.
+
+``try_to_free_mem_cgroup_pages`` is memcg reclaim: the model's budget (``--max-memory``) is full
+and a folio's charge failed (a fault, a swap-in, UFFDIO_COPY), so it reclaims SWAP_CLUSTER_MAX
+folios at least; ``mem_cgroup_charge`` retries the charge (up to MAX_RECLAIM_RETRIES times) and
+fails with ENOMEM only when reclaim frees nothing: swap is full, or nothing is left to swap out.
+
+Locks: the folio lock (trylock), then what the rmap walks take (the anon_vma root rwsem for read,
+each PTL). No mmap_lock: reclaim reaches the page tables through the rmap only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .locks import Current
+from .memcontrol import MemoryLimitExceeded
+from .memory import folio_put
+from .mm_types import FOLIO_BYTES, Folio
+from .rmap import RmapWalkControl, try_to_unmap
+from .sched import RESCHED_WORK, cond_resched
+from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
+from .swap_state import swap_cache_del_folio
+from .swapfile import folio_alloc_swap
+from .trace import trace_refcount
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+#: The scan passes run from this priority down to 0 (a pass scans ``size >> priority``).
+DEF_PRIORITY = 12
+#: The folios a batch isolates, and the least memcg reclaim aims for.
+SWAP_CLUSTER_MAX = 32
+#: How often a charge is retried after reclaim freed something (try_charge_memcg).
+MAX_RECLAIM_RETRIES = 16
+
+# folio_check_references's verdicts
+FOLIOREF_RECLAIM = 0
+FOLIOREF_KEEP = 1
+FOLIOREF_ACTIVATE = 2
+
+
+def folio_isolate_lru(k: Kernel, folio: Folio) -> bool:
+    """Take ``folio`` off its LRU list with a reference (False: it is on none)."""
+    if not folio.lru:
+        return False
+    lruvec_del_folio(k.lruvec, folio)
+    folio.refcount += 1
+    if k.trace: trace_refcount(k, folio, 1)
+    return True
+
+
+def swap_writepage(k: Kernel, folio: Folio) -> None:
+    """Write the locked folio's contents to its slot (pageout -> swap_writeout): the folio is
+    clean afterwards. The kernel's write ends later (end_swap_bio_write); the model's at once."""
+    assert folio.swap is not None
+    k.swap.swap_data[folio.swap.offset] = folio.value
+    folio.dirty = False
+    k.stats["swap_out"] += 1
+
+
+async def folio_referenced_locked(k: Kernel, cur: Current, folio: Folio) -> RmapWalkControl:
+    """folio_referenced(folio, is_locked=1): the rmap walk of a folio the caller has locked, in
+    try_lock mode (a contended root returns at once, ``contended`` set)."""
+    rwc = RmapWalkControl(try_lock=True)
+    if not folio.mapcount or folio.mapping is None:
+        return rwc
+    rwc.mapcount = folio.mapcount
+    await k.ops.rmap_walk_anon(k, cur, folio, rwc)
+    return rwc
+
+
+async def folio_check_references(k: Kernel, cur: Current, folio: Folio) -> int:
+    """What reclaim does with a locked folio whose PTEs may be young: keep it for another trip
+    round the inactive list, activate it, or reclaim it."""
+    rwc = await folio_referenced_locked(k, cur, folio)
+    if rwc.contended:
+        return FOLIOREF_KEEP
+    referenced_folio = folio.referenced
+    folio.referenced = False  # folio_test_clear_referenced
+    if rwc.referenced:
+        folio.referenced = True  # spare it once; another reference activates it
+        if referenced_folio or rwc.referenced > 1:
+            return FOLIOREF_ACTIVATE
+        return FOLIOREF_KEEP
+    return FOLIOREF_RECLAIM
+
+
+async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ignore_references: bool) -> int:
+    """Reclaim what can be of the isolated folios of ``folio_list`` (each holding the isolation's
+    reference, which this puts back with the folio, on a list or freed). Returns the folios freed.
+    Takes each folio lock (trylock), then what the rmap walks take."""
+    lruvec = k.lruvec
+    si = k.swap
+    stats = k.stats
+    sched = k.sched
+    nr_reclaimed = 0
+    work = 0
+    for folio in folio_list:
+        work += 1
+        if work >= RESCHED_WORK:
+            work = 0
+            await cond_resched()
+        stats["reclaim_scanned"] += 1
+        lock = folio.lock
+        assert lock is not None
+        if not lock.trylock(cur):
+            folio_putback_lru(lruvec, folio)  # keep
+            folio_put(k, folio)
+            continue
+        if sched.active: await sched.point("reclaim:folio-locked")
+        activate = False
+        tail = False
+        freed = False
+        if not ignore_references:
+            references = await folio_check_references(k, cur, folio)
+        else:
+            references = FOLIOREF_RECLAIM
+        if references == FOLIOREF_ACTIVATE:
+            activate = True
+        elif references == FOLIOREF_RECLAIM:
+            if not folio.swapcache:
+                if folio_alloc_swap(cur, si, folio):
+                    activate = True  # no slot: as with no swap, the folio stays and is activated
+                else:
+                    folio.dirty = True  # folio_mark_dirty: the slot holds nothing yet
+            if not activate and folio.mapcount and not await try_to_unmap(k, cur, folio):
+                activate = True  # still mapped (mlocked)
+            if not activate:
+                if folio.dirty:
+                    swap_writepage(k, folio)
+                    tail = True  # written: rotated to the old end once the write ends
+                elif folio.refcount == 2:  # __remove_mapping: only the cache's and ours
+                    swap_cache_del_folio(si, folio)
+                    freed = True
+        lock.unlock(cur)
+        if freed:
+            nr_reclaimed += 1
+            stats["reclaim_freed"] += 1
+        else:
+            folio_putback_lru(lruvec, folio, active=activate, tail=tail)
+            if activate:
+                stats["reclaim_activated"] += 1
+        folio_put(k, folio)  # the isolation's reference: frees a reclaimed folio
+    return nr_reclaimed
+
+
+async def reclaim_pages(k: Kernel, cur: Current, folio_list: list[Folio]) -> int:
+    """MADV_PAGEOUT's reclaim of the folios it isolated: one pass, references ignored."""
+    return await shrink_folio_list(k, cur, folio_list, ignore_references=True)
+
+
+def isolate_lru_folios(k: Kernel, lru: int, nr_to_scan: int) -> list[Folio]:
+    """Up to ``nr_to_scan`` folios from the old end of list ``lru``, isolated."""
+    lst = k.lruvec.lists[lru]
+    folios = []
+    for folio in list(lst)[:nr_to_scan]:
+        folio_isolate_lru(k, folio)
+        folios.append(folio)
+    return folios
+
+
+async def shrink_active_list(k: Kernel, cur: Current, nr_to_scan: int) -> None:
+    """Age the active list: each folio taken from its old end is walked with folio_referenced
+    without its folio lock (clearing the young bits it finds) and deactivated, an anonymous one
+    whatever the walk found."""
+    folios = isolate_lru_folios(k, LRU_ACTIVE_ANON, nr_to_scan)
+    lruvec = k.lruvec
+    try:
+        while folios:
+            folio = folios[0]
+            if folio.mapcount:
+                await k.ops.folio_referenced(k, cur, folio, try_lock=True)
+            k.stats["reclaim_deactivated"] += 1
+            folios.pop(0)
+            folio_putback_lru(lruvec, folio)
+            folio_put(k, folio)
+    finally:
+        for folio in folios:  # failed part-way: the rest go back where they were
+            folio_putback_lru(lruvec, folio, active=True)
+            folio_put(k, folio)
+
+
+async def shrink_inactive_list(k: Kernel, cur: Current, nr_to_scan: int) -> int:
+    """Reclaim from the inactive list's old end, SWAP_CLUSTER_MAX folios at a time."""
+    reclaimed = 0
+    while nr_to_scan > 0:
+        folios = isolate_lru_folios(k, LRU_INACTIVE_ANON, min(nr_to_scan, SWAP_CLUSTER_MAX))
+        if not folios:
+            break
+        nr_to_scan -= len(folios)
+        reclaimed += await shrink_folio_list(k, cur, folios, ignore_references=False)
+    return reclaimed
+
+
+def inactive_is_low(k: Kernel) -> bool:
+    """The inactive list is smaller than the active one (an inactive ratio of 1: under 1 GiB)."""
+    lists = k.lruvec.lists
+    return len(lists[LRU_INACTIVE_ANON]) < len(lists[LRU_ACTIVE_ANON])
+
+
+async def shrink_lruvec(k: Kernel, cur: Current, nr_to_reclaim: int) -> int:
+    """Reclaim up to ``nr_to_reclaim`` folios (at least one pass), from DEF_PRIORITY down to 0;
+    each pass ages the active list when the inactive one is low, then shrinks the inactive one.
+    Returns the folios freed. Nothing happens without swap: an anonymous folio has nowhere to go
+    (can_reclaim_anon_pages)."""
+    if not k.swap.pages:
+        return 0
+    lists = k.lruvec.lists
+    reclaimed = 0
+    for priority in range(DEF_PRIORITY, -1, -1):
+        if inactive_is_low(k):
+            await shrink_active_list(k, cur, max(len(lists[LRU_ACTIVE_ANON]) >> priority, 1))
+        reclaimed += await shrink_inactive_list(k, cur, len(lists[LRU_INACTIVE_ANON]) >> priority)
+        if reclaimed >= nr_to_reclaim:
+            break
+    k.stats["reclaim_runs"] += 1
+    return reclaimed
+
+
+async def try_to_free_mem_cgroup_pages(k: Kernel, cur: Current, nr_pages: int) -> int:
+    """memcg reclaim after a failed charge: at least SWAP_CLUSTER_MAX folios. Returns the folios freed."""
+    k.stats["reclaim_memcg"] += 1
+    return await shrink_lruvec(k, cur, max(nr_pages, SWAP_CLUSTER_MAX))
+
+
+async def mem_cgroup_charge(k: Kernel, cur: Current, nbytes: int) -> None:
+    """A charge of ``nbytes`` that failed, again (try_charge_memcg's slow path): reclaim and retry,
+    up to MAX_RECLAIM_RETRIES times; ENOMEM (MemoryLimitExceeded) once reclaim frees nothing.
+    Expects no PTL and no anon_vma lock held (reclaim takes them); a folio charge's callers hold
+    at most the mmap_lock or the VMA's lock, for read, as the kernel's direct reclaim may."""
+    memcg = k.memcg
+    for retries in range(MAX_RECLAIM_RETRIES, -1, -1):
+        try:
+            memcg.charge(cur, nbytes)
+            return
+        except MemoryLimitExceeded:
+            if not retries or not await try_to_free_mem_cgroup_pages(k, cur, -(-nbytes // FOLIO_BYTES)):
+                raise
