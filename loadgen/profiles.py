@@ -19,6 +19,9 @@ OPERATIONS: dict[str, str] = {
     "stream": "the same 256 remaps as one list on a BatchStream (each counts as one operation)",
     "gc_read": "a mutator's read of a page of the tree's GC heap still in the from-space: it faults and waits "
     "until the tree's collector moves the page back (the gc profile; walks then walk the GC pages)",
+    "pageout": "MADV_PAGEOUT of 4 of the lane's own pages, or (one call in 4) of its remap page: each swapped "
+    "out (a swap mix; writes, reads and walks then act on random pages of the lane's own)",
+    "reclaim": "Reclaim of up to 32 folios of the tree's shard, any process's (shrink_lruvec: swap-outs)",
 }
 
 #: The RPCs one call of each operation makes (mmsim.v1.operations), in order.
@@ -35,6 +38,8 @@ CALLS: dict[str, tuple[Operation, ...]] = {
     "batch": rows("Batch"),
     "stream": rows("BatchStream"),
     "gc_read": rows("Read"),
+    "pageout": rows("Madvise"),
+    "reclaim": rows("Reclaim"),
 }
 require(CALLS, OPERATIONS, "the load generator's operations (profiles.CALLS)")
 
@@ -54,6 +59,10 @@ PROFILES: dict[str, dict[str, int]] = {
     # every cycle, mutators faulting on the empty to-space, a collector moving each page back
     # (UFFDIO_MOVE), walks on the same folios in either space.
     "gc": {"gc_read": 4, "walk": 2, "walk_blocking": 1},
+    # A working set larger than the resident budget (mmsim serve --max-memory below it): the server
+    # reclaims and swaps under load, each lane's reads and writes swap its pages back in, walks find
+    # some swapped out, and moves move swap entries.
+    "reclaim": {"write": 3, "read": 3, "remap": 2, "walk": 2, "pageout": 1, "reclaim": 1},
 }
 DEFAULT_PROFILE = "mixed"
 
@@ -65,6 +74,13 @@ def is_gc(mix: dict[str, int] | tuple[tuple[str, int], ...]) -> bool:
     """Whether a mix runs the GC workload (it has gc_read): a heap and a collector per tree, every
     lane of a tree in the worker that runs its collector, and walks on the GC pages."""
     return "gc_read" in dict(mix)
+
+
+def is_swap(mix: dict[str, int] | tuple[tuple[str, int], ...]) -> bool:
+    """Whether a mix runs the swap workload (it has pageout or reclaim): every lane gets ``--pages``
+    pages of its own, which its writes, reads (each value checked), walks and pageouts pick from
+    at random."""
+    return not {"pageout", "reclaim"}.isdisjoint(dict(mix))
 
 
 def parse_mix(text: str) -> dict[str, int]:

@@ -181,6 +181,7 @@ class Restarts:
                 spec = await build_tree(
                     self.workload, mm, root, static=old.target is not None, pages=old.shared_pages,
                     fork_depth=len(old.chain), remap=old.remap_pages, rw_pages=old.rw_pages, gc=bool(old.gc),
+                    swap_pages=old.swap_pages,
                 )
                 break
             except MmsimError as e:

@@ -14,6 +14,11 @@ In a GC mix a worker also runs the collector of each tree it owns (``WorkerSpec.
 lane of which it has): a task beside the lanes, started before them and stopped once they are all
 done, so that no read is left waiting for a fault's resolution (gc.py).
 
+In a swap mix (``pageout`` or ``reclaim``) each lane's writes, reads, walks and pageouts pick
+random pages of its own set; the lane knows what each page holds, so a read that returns another
+value (a page lost or mixed up on its way to swap and back) fails the run, and a walk that finds
+its page swapped out (ENOENT, and pagemap shows the swap entry) is the ``swapped_out`` outcome.
+
 A shard that restarts under the run takes its trees with it: the worker tells the calls that cost
 (the ``shard_restarted`` outcome) from other failures, makes the trees its lanes were on again on
 the restarted shard and goes on with them (restart.py); it exits those at the end.
@@ -50,6 +55,14 @@ PROGRESS_S = 0.5
 #: The per-second histograms keep 2 significant digits (the run's own keep 3).
 SERIES_DIGITS = 2
 HIGHEST_US = 60_000_000
+#: The outcome (in a figures object's ``errors``) of a walk of a page that is swapped out (a swap mix).
+SWAPPED_OUT = "swapped_out"
+#: The pages of a lane's own set one pageout takes, and how often (one in N) it takes the lane's
+#: remap page instead, so that moves meet swap entries.
+PAGEOUT_PAGES = 4
+PAGEOUT_REMAP_ONE_IN = 4
+#: The folios one reclaim call asks for (SWAP_CLUSTER_MAX).
+RECLAIM_PAGES = 32
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,15 @@ class GcMixError(Exception):
     """A GC operation on a lane without a GC heap."""
 
 
+class SwappedOut(Exception):
+    """A walk answered ENOENT for a page of the lane's own set that pagemap shows swapped out:
+    nothing is mapped there, as a swap mix expects. ``at``: when the walk answered (perf_counter())."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__("the page is swapped out")
+        self.at = at
+
+
 class Lane:
     """One call in flight at a time, on pages of its own (shared ones in the race profile) of its
     tree, which ``slot`` holds (the tree made again after a restart of its shard, too)."""
@@ -180,6 +202,9 @@ class Lane:
         self.block_at = 0
         self.value = 0
         self.stream: BatchStream | None = None
+        #: A swap mix: what the pages of its set that it wrote hold (None: a write that may or may
+        #: not have been made); a page not in it holds what the setup wrote.
+        self.values: dict[int, int | None] = {}
 
     @property
     def tree(self) -> TreeSpec:
@@ -204,6 +229,7 @@ class Lane:
         if self.version != self.slot.version:
             self.version = self.slot.version
             self.single_at = self.block_at = self.value = 0
+            self.values = {}
             await self.drop_stream(None)
         return self.version
 
@@ -221,6 +247,14 @@ class Lane:
         """(from, to) for a page now at ``at``."""
         t = self.tree
         return (t.src, t.dst) if at == 0 else (t.dst, t.src)
+
+    def swap_page(self, rng: random.Random) -> int:
+        """A random page of its own set (a swap mix), as an index in the rw region."""
+        return self.spec.swap_first + rng.randrange(self.spec.swap_pages)
+
+    def expected(self, page: int) -> int | None:
+        """What page ``page`` of its set holds (None: not known)."""
+        return self.values.get(page, self.tree.rw_value(page))
 
 
 class Worker:
@@ -252,6 +286,8 @@ class Worker:
             "batch": self.op_batch,
             "stream": self.op_stream,
             "gc_read": self.op_gc_read,
+            "pageout": self.op_pageout,
+            "reclaim": self.op_reclaim,
         }
         #: What an operation waits for before it is issued (closed loop: not in its latency).
         self.prepare: dict[str, Callable[[Lane, float], Awaitable[bool]]] = {"gc_read": self.gc_ready}
@@ -308,6 +344,16 @@ class Worker:
     async def op_walk(self, lane: Lane, blocking: bool) -> Counter[str]:
         if lane.heap is not None:  # a GC page, in the from-space or back in the heap
             addr = lane.heap.where(self.rng.randrange(lane.heap.pages))
+        elif lane.spec.swap_pages:
+            addr = lane.tree.rw + lane.swap_page(self.rng) * PAGE
+            try:
+                await lane.root.walk(addr, blocking)
+            except OSError as e:
+                at = time.perf_counter()
+                if e.errno == errno_mod.ENOENT and await self._swapped_out(lane, addr):
+                    raise SwappedOut(at) from e
+                raise
+            return Counter()
         elif lane.spec.race:
             page = self.rng.choice(lane.spec.race)
             addr = lane.regions(lane.race_pos.get(page, 0))[0] + page * PAGE
@@ -325,13 +371,62 @@ class Worker:
             raise
         return Counter()
 
+    async def _swapped_out(self, lane: Lane, addr: int) -> bool:
+        """Whether pagemap shows a swap entry at ``addr`` (False if it cannot tell)."""
+        try:
+            return (await lane.root.pagemap(addr, PAGE))[0].swap
+        except (OSError, MmsimError, IndexError):
+            return False
+
     async def op_write(self, lane: Lane) -> Counter[str]:
         lane.value += 1
-        await lane.root.write(lane.tree.rw + lane.spec.rw_page * PAGE, lane.value)
+        if not lane.spec.swap_pages:
+            await lane.root.write(lane.tree.rw + lane.spec.rw_page * PAGE, lane.value)
+            return Counter()
+        page = lane.swap_page(self.rng)
+        was = lane.expected(page)
+        lane.values[page] = None  # not known until the write answers
+        try:
+            await lane.root.write(lane.tree.rw + page * PAGE, lane.value)
+        except OSError as e:
+            if e.errno:  # refused (ENOMEM): nothing was written
+                lane.values[page] = was
+            raise
+        lane.values[page] = lane.value
         return Counter()
 
     async def op_read(self, lane: Lane) -> Counter[str]:
-        await lane.root.read(lane.tree.rw + lane.spec.rw_page * PAGE)
+        if not lane.spec.swap_pages:
+            await lane.root.read(lane.tree.rw + lane.spec.rw_page * PAGE)
+            return Counter()
+        page = lane.swap_page(self.rng)
+        value = await lane.root.read(lane.tree.rw + page * PAGE)
+        want = lane.expected(page)
+        if want is None:
+            lane.values[page] = value
+        elif value != want:
+            raise WrongValue(f"page {page} of the rw region read {value}, not {want}")
+        return Counter()
+
+    async def op_pageout(self, lane: Lane) -> Counter[str]:
+        """MADV_PAGEOUT of PAGEOUT_PAGES pages of the lane's set, or of its remap page (one call in
+        PAGEOUT_REMAP_ONE_IN, and always without a set), wherever that is now."""
+        spec = lane.spec
+        if spec.swap_pages and self.rng.randrange(PAGEOUT_REMAP_ONE_IN):
+            n = min(PAGEOUT_PAGES, spec.swap_pages)
+            first = spec.swap_first + self.rng.randrange(spec.swap_pages - n + 1)
+            await lane.root.madvise(lane.tree.rw + first * PAGE, n * PAGE, "pageout")
+        else:
+            await lane.root.madvise(lane.regions(lane.single_at)[0] + spec.single * PAGE, PAGE, "pageout")
+        return Counter()
+
+    async def op_reclaim(self, lane: Lane) -> Counter[str]:
+        """Reclaim of RECLAIM_PAGES folios on the lane's tree's shard (or server)."""
+        tree = lane.tree
+        if tree.shard is not None and tree.target is None:
+            await self.mm.reclaim(RECLAIM_PAGES, shard=tree.shard)
+        else:
+            await self.mm.reclaim(RECLAIM_PAGES, target=tree.target)
         return Counter()
 
     async def gc_ready(self, lane: Lane, end: float) -> bool:
@@ -430,6 +525,9 @@ class Worker:
             try:
                 inner = await self.ops[op](lane)
                 status, err = "OK", None
+            except SwappedOut as e:
+                rec.record(op, began, e.at, "NOT_FOUND", SWAPPED_OUT, inner, OPS_PER_CALL[op])
+                return
             except (OSError, MmsimError, EOFError, GcError) as e:
                 failed_at = time.perf_counter()
                 status, err = classify(e)

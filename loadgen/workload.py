@@ -10,7 +10,10 @@ Each process tree has a root with three kinds of memory:
 - a small *rw* region (MADV_DONTFORK) for writes and reads;
 - with a GC mix (``gc_read``, the gc profile), a *heap* of ``--pages`` pages (MADV_DONTFORK), written,
   then registered MISSING: each GC cycle of the tree's collector moves its pages aside with
-  mremap(MAYMOVE|DONTUNMAP), and the mutators' faults on the emptied heap bring them back.
+  mremap(MAYMOVE|DONTUNMAP), and the mutators' faults on the emptied heap bring them back;
+- with a swap mix (``pageout`` or ``reclaim``, the reclaim profile), ``--pages`` pages of the rw
+  region for each lane: its own set, which the server swaps out (MADV_PAGEOUT, Reclaim, or reclaim
+  by itself past ``--max-memory``) and its reads and writes swap back in.
 
 Every concurrent *lane* (a worker's slot for one call in flight) owns pages of its tree's remap pair
 (one single page and a block of 64) and one rw page, so lanes never contend for a page, except in the
@@ -62,6 +65,11 @@ class TreeSpec:
     rw_pages: int
     gc: int = 0  # the GC heap's start (its to-space), 0 without one
     gc_pages: int = 0
+    swap_pages: int = 0  # a swap mix: the pages of each lane's own set in the rw region, 0 without
+
+    def rw_value(self, page: int) -> int:
+        """The value the setup writes to the rw region's page ``page``."""
+        return page + 1
 
     def gc_value(self, page: int) -> int:
         """The value written to the GC heap's page ``page`` (every move keeps it)."""
@@ -79,6 +87,8 @@ class LaneSpec:
     walk_page: int
     race: tuple[int, ...] = ()  # the race profile's shared pages (indexes in the remap pair)
     gc: bool = False  # a GC mix: its walks walk its tree's heap pages, wherever they are
+    swap_first: int = 0  # a swap mix: its own set, pages [swap_first, swap_first + swap_pages) of the rw region
+    swap_pages: int = 0
 
 
 @dataclass
@@ -118,6 +128,8 @@ class Workload:
                     walk_page=k % tree.shared_pages,
                     race=tuple(range(RACE_PAGES)) if race else (),
                     gc=gc,
+                    swap_first=k * tree.swap_pages,
+                    swap_pages=tree.swap_pages,
                 )
             )
         return out
@@ -149,12 +161,13 @@ REGION_PAGES_MAX = (SRC_AT - SHARED_AT) // PAGE
 
 async def build(
     w: Workload, mm: Client, trees: int, pages: int, fork_depth: int, lanes: int, progress: object = None,
-    *, per_tree: int | None = None, gc: bool = False,
+    *, per_tree: int | None = None, gc: bool = False, swap: bool = False,
 ) -> None:
     """Build ``trees`` trees into ``w``, spread round-robin over the client's shards (or its targets,
-    with a list of them), each ready for ``per_tree`` lanes (default ``lanes_per_tree``), and with a
-    GC heap of ``pages`` pages if ``gc``. Every process is in ``w.created`` as soon as it exists, so
-    that a failed build is torn down too. ``progress`` is called with (done, total) after each step."""
+    with a list of them), each ready for ``per_tree`` lanes (default ``lanes_per_tree``), with a
+    GC heap of ``pages`` pages if ``gc``, and a set of ``pages`` pages for each lane if ``swap``.
+    Every process is in ``w.created`` as soon as it exists, so that a failed build is torn down too.
+    ``progress`` is called with (done, total) after each step."""
     if per_tree is None:
         per_tree = lanes_per_tree(lanes, trees)
     remap = RACE_PAGES + per_tree * (1 + BLOCK)
@@ -176,17 +189,18 @@ async def build(
         else:
             root = await mm.create_process(shard=t % routes if routes > 1 else None)
         w.trees.append(await build_tree(
-            w, mm, root, static=static, pages=pages, fork_depth=fork_depth, remap=remap, rw_pages=per_tree, gc=gc,
-            step=step,
+            w, mm, root, static=static, pages=pages, fork_depth=fork_depth, remap=remap,
+            rw_pages=per_tree * pages if swap else per_tree, gc=gc, swap_pages=pages if swap else 0, step=step,
         ))
 
 
 async def build_tree(
     w: Workload, mm: Client, root: Process, *, static: bool, pages: int, fork_depth: int, remap: int,
-    rw_pages: int, gc: bool, step: Callable[[], None] | None = None,
+    rw_pages: int, gc: bool, swap_pages: int = 0, step: Callable[[], None] | None = None,
 ) -> TreeSpec:
     """Make the new process ``root`` (of ``mm``) a tree: its regions, written, and its chain of
-    ``fork_depth`` descendants; its spec. Every process is in ``w.created`` as soon as it exists."""
+    ``fork_depth`` descendants; its spec (``swap_pages``: of each lane's set in the rw region, a
+    swap mix). Every process is in ``w.created`` as soon as it exists."""
     target = root.target if static else None
     shard = None if static else root.shard
     w.created.append((root.id, target))
@@ -228,7 +242,7 @@ async def build_tree(
     return TreeSpec(
         target=target, shard=shard, root=root.id, root_pid=root.pid, chain=tuple(chain), shared=shared.start,
         shared_pages=pages, src=src.start, dst=dst.start, remap_pages=remap, rw=rw.start,
-        rw_pages=rw_pages, gc=heap, gc_pages=pages if gc else 0,
+        rw_pages=rw_pages, gc=heap, gc_pages=pages if gc else 0, swap_pages=swap_pages,
     )
 
 

@@ -11,6 +11,7 @@ import errno
 
 import pytest
 
+from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memcontrol import MemoryLimitExceeded
 from mmsim.server.mm.mm_types import PAGE_SIZE, MmError, Pte, SwapPte, Vma
 from mmsim.server.mm.model import MemoryModel, ResultTooLarge
@@ -252,3 +253,66 @@ async def test_pagemap_and_reclaim_bad_input() -> None:
     assert await MemoryModel(swap_bytes=0).reclaim(10) == 0
     zero = m.pagemap(pid, SRC + P, P)[0]
     assert not zero.present and not zero.swap
+
+
+async def test_swap_in_cancelled_part_way_gives_back_its_folio() -> None:
+    """A read cancelled after its swap-cache lookup (the folio referenced, then asleep on the folio
+    lock another task holds) changes nothing: the folio is unpinned and unlocked."""
+    m = MemoryModel()
+    pid = await written(m, 1)
+    await m.madvise(pid, SRC, P, "pageout")
+    f = m.k.swap.swap_table[swp(m, pid, SRC).entry.offset]
+    lock = f.lock
+    assert lock is not None
+    bp = m.k.sched.pause_at("swapin:after-lookup")
+    reader = asyncio.create_task(m.read(pid, SRC))
+    await bp.wait_reached()
+    assert f.refcount == 2  # the cache's and the reader's
+    reader.cancel()
+    bp.release()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert f.refcount == 1 and not lock.is_locked()
+    clean(m)
+    holder = Current("holder")
+    assert lock.trylock(holder)  # the next reader sleeps on the folio lock
+    reader = asyncio.create_task(m.read(pid, SRC))
+    for _ in range(50):
+        if lock.waiters:
+            break
+        await asyncio.sleep(0)
+    assert lock.waiters
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    lock.unlock(holder)
+    clean(m)
+    assert await m.read(pid, SRC) == 1000
+    clean(m)
+
+
+async def test_memcg_reclaim_finishes_when_its_fault_is_cancelled() -> None:
+    """A write whose charge reclaims, cancelled while reclaim holds a folio it isolated and locked:
+    reclaim runs to its end (every isolated folio back on a list or freed), the write changes
+    nothing, and every page keeps its value."""
+    m = MemoryModel(max_memory=300_000, swap_bytes=16 << 20)
+    pid = await m.create_process()
+    await m.mmap(pid, 1000 * P, addr=SRC)
+    bp = m.k.sched.pause_at("reclaim:folio-locked")
+    parked = asyncio.create_task(bp.wait_reached())
+    i = 0
+    while True:  # write page after page until a write's charge reclaims and parks there
+        writer = asyncio.create_task(m.write(pid, SRC + i * P, i))
+        await asyncio.wait([writer, parked], return_when=asyncio.FIRST_COMPLETED)
+        if parked.done():
+            break
+        await writer
+        i += 1
+    writer.cancel()
+    bp.release()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    assert m.k.stats["reclaim_memcg"] == 1
+    clean(m)
+    assert [await m.read(pid, SRC + j * P) for j in range(0, i, 17)] == list(range(0, i, 17))
+    clean(m)

@@ -513,6 +513,10 @@ class MemoryModel:
                 await userfault_wait(k, fault.ctx, fault.userfault)
                 if not self.gate.try_enter(): await self.gate.enter()
                 in_call = True
+        except BaseException:
+            if cur.held or cur.pins or cur.rcu_nesting:
+                await k.give_back(cur)  # cancelled part-way through a swap-in (its folio's lock and pin)
+            raise
         finally:
             if in_call:
                 self._call_done(cur)

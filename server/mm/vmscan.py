@@ -39,7 +39,7 @@ from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put
 from .mm_types import FOLIO_BYTES, Folio
 from .rmap import RmapWalkControl, try_to_unmap
-from .sched import RESCHED_WORK, cond_resched
+from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
 from .swap_state import swap_cache_del_folio
 from .swapfile import folio_alloc_swap
@@ -117,52 +117,60 @@ async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ig
     sched = k.sched
     nr_reclaimed = 0
     work = 0
-    for folio in folio_list:
-        work += 1
-        if work >= RESCHED_WORK:
-            work = 0
-            await cond_resched()
-        stats["reclaim_scanned"] += 1
-        lock = folio.lock
-        assert lock is not None
-        if not lock.trylock(cur):
-            folio_putback_lru(lruvec, folio)  # keep
+    done = 0  # the folios handled, each back on a list or freed
+    try:
+        for folio in folio_list:
+            work += 1
+            if work >= RESCHED_WORK:
+                work = 0
+                await cond_resched()
+            stats["reclaim_scanned"] += 1
+            lock = folio.lock
+            assert lock is not None
+            if not lock.trylock(cur):
+                folio_putback_lru(lruvec, folio)  # keep
+                folio_put(k, folio)
+                done += 1
+                continue
+            if sched.active: await sched.point("reclaim:folio-locked")
+            activate = False
+            tail = False
+            freed = False
+            if not ignore_references:
+                references = await folio_check_references(k, cur, folio)
+            else:
+                references = FOLIOREF_RECLAIM
+            if references == FOLIOREF_ACTIVATE:
+                activate = True
+            elif references == FOLIOREF_RECLAIM:
+                if not folio.swapcache:
+                    if folio_alloc_swap(cur, si, folio):
+                        activate = True  # no slot: as with no swap, the folio stays and is activated
+                    else:
+                        folio.dirty = True  # folio_mark_dirty: the slot holds nothing yet
+                if not activate and folio.mapcount and not await try_to_unmap(k, cur, folio):
+                    activate = True  # still mapped (mlocked)
+                if not activate:
+                    if folio.dirty:
+                        swap_writepage(k, folio)
+                        tail = True  # written: rotated to the old end once the write ends
+                    elif folio.refcount == 2:  # __remove_mapping: only the cache's and ours
+                        swap_cache_del_folio(si, folio)
+                        freed = True
+            lock.unlock(cur)
+            if freed:
+                nr_reclaimed += 1
+                stats["reclaim_freed"] += 1
+            else:
+                folio_putback_lru(lruvec, folio, active=activate, tail=tail)
+                if activate:
+                    stats["reclaim_activated"] += 1
+            folio_put(k, folio)  # the isolation's reference: frees a reclaimed folio
+            done += 1
+    finally:
+        for folio in folio_list[done:]:  # failed part-way (a detector's Deadlock): the rest go back
+            folio_putback_lru(lruvec, folio)
             folio_put(k, folio)
-            continue
-        if sched.active: await sched.point("reclaim:folio-locked")
-        activate = False
-        tail = False
-        freed = False
-        if not ignore_references:
-            references = await folio_check_references(k, cur, folio)
-        else:
-            references = FOLIOREF_RECLAIM
-        if references == FOLIOREF_ACTIVATE:
-            activate = True
-        elif references == FOLIOREF_RECLAIM:
-            if not folio.swapcache:
-                if folio_alloc_swap(cur, si, folio):
-                    activate = True  # no slot: as with no swap, the folio stays and is activated
-                else:
-                    folio.dirty = True  # folio_mark_dirty: the slot holds nothing yet
-            if not activate and folio.mapcount and not await try_to_unmap(k, cur, folio):
-                activate = True  # still mapped (mlocked)
-            if not activate:
-                if folio.dirty:
-                    swap_writepage(k, folio)
-                    tail = True  # written: rotated to the old end once the write ends
-                elif folio.refcount == 2:  # __remove_mapping: only the cache's and ours
-                    swap_cache_del_folio(si, folio)
-                    freed = True
-        lock.unlock(cur)
-        if freed:
-            nr_reclaimed += 1
-            stats["reclaim_freed"] += 1
-        else:
-            folio_putback_lru(lruvec, folio, active=activate, tail=tail)
-            if activate:
-                stats["reclaim_activated"] += 1
-        folio_put(k, folio)  # the isolation's reference: frees a reclaimed folio
     return nr_reclaimed
 
 
@@ -256,5 +264,8 @@ async def mem_cgroup_charge(k: Kernel, cur: Current, nbytes: int) -> None:
             memcg.charge(cur, nbytes)
             return
         except MemoryLimitExceeded:
-            if not retries or not await try_to_free_mem_cgroup_pages(k, cur, -(-nbytes // FOLIO_BYTES)):
+            # Reclaim runs to its end if the faulting call is cancelled meanwhile.
+            if not retries or not await uninterruptible(
+                lambda: try_to_free_mem_cgroup_pages(k, cur, -(-nbytes // FOLIO_BYTES))
+            ):
                 raise
