@@ -124,7 +124,8 @@ async def test_budget_full_reclaims_instead_of_enomem() -> None:
     without = MemoryModel(max_memory=limit, swap_bytes=0)
     pages = 2000
     pid = await written(with_swap, pages)
-    assert with_swap.k.stats["reclaim_memcg"] > 0 and with_swap.k.memcg.usage <= limit
+    stats = with_swap.k.stats
+    assert stats["reclaim_kswapd"] > 0 and with_swap.k.memcg.usage <= limit
     assert [await with_swap.read(pid, SRC + i * P) for i in range(0, pages, 37)] == list(range(1000, 1000 + pages, 37))
     clean(with_swap)
     with pytest.raises(MemoryLimitExceeded):
@@ -292,7 +293,8 @@ async def test_swap_in_cancelled_part_way_gives_back_its_folio() -> None:
 
 
 async def test_memcg_reclaim_finishes_when_its_fault_is_cancelled() -> None:
-    """A write whose charge reclaims, cancelled while reclaim holds a folio it isolated and locked:
+    """A write that reclaims (above the high watermark), cancelled while reclaim holds a folio it
+    isolated and locked:
     reclaim runs to its end (every isolated folio back on a list or freed), the write changes
     nothing, and every page keeps its value."""
     m = MemoryModel(max_memory=300_000, swap_bytes=16 << 20)
@@ -312,7 +314,31 @@ async def test_memcg_reclaim_finishes_when_its_fault_is_cancelled() -> None:
     bp.release()
     with pytest.raises(asyncio.CancelledError):
         await writer
-    assert m.k.stats["reclaim_memcg"] == 1
+    assert m.k.stats["reclaim_kswapd"] + m.k.stats["reclaim_memcg"] == 1
     clean(m)
     assert [await m.read(pid, SRC + j * P) for j in range(0, i, 17)] == list(range(0, i, 17))
     clean(m)
+
+
+async def test_fork_past_the_budget_reclaims_while_swap_has_room() -> None:
+    """A fork of a process that filled the budget with folios succeeds while swap has room: the
+    call that finds the budget above its high watermark reclaims to the low one first (kswapd's
+    balancing), and a charge of fork's PTE copies that still fails reclaims (memcg reclaim)."""
+    limit = 600_000
+
+    async def fill_and_fork(m: MemoryModel) -> int:
+        pid = await m.create_process()
+        await m.mmap(pid, 2000 * P, addr=SRC)
+        i = 0
+        while m.k.memcg.usage < limit - 40_000:
+            await m.write(pid, SRC + i * P, i)
+            i += 1
+        return await m.fork(pid)
+
+    m = MemoryModel(max_memory=limit, swap_bytes=16 << 20)
+    child = await fill_and_fork(m)
+    assert m.k.stats["reclaim_kswapd"] + m.k.stats["reclaim_memcg"] > 0 and m.k.memcg.usage <= limit
+    assert await m.read(child, SRC) == 0 and await m.read(child, SRC + 5 * P) == 5
+    clean(m)
+    with pytest.raises(MemoryLimitExceeded):
+        await fill_and_fork(MemoryModel(max_memory=limit, swap_bytes=0))

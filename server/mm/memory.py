@@ -479,12 +479,13 @@ async def free_pgtables(mm: Mm, start: int, end: int) -> None:
 
 def copy_nonpresent_ptes(
     k: Kernel, src_pt: PageTable, dst_pt: PageTable, lo: int, hi: int, whole: bool, folio_vpns: list[int] | None
-) -> None:
+) -> int:
     """Fork's copy of the swap PTEs of [lo, hi) (copy_nonpresent_pte): each slot's count raised
     (swap_duplicate), an exclusive parent's swap PTE made shared, the child's without the uffd-wp
-    bit (it is not registered). Expects both PTLs held."""
+    bit (it is not registered). Expects both PTLs held. Returns the swap PTEs copied."""
     si = k.swap
     dst = dst_pt.swap
+    n = len(dst)
     for vpn, swp in src_pt.swap.items():
         if not whole and not lo <= vpn < hi:
             continue
@@ -494,6 +495,7 @@ def copy_nonpresent_ptes(
         dst[vpn] = SwapPte(swp.entry, False, False, swp.soft_dirty)
         if folio_vpns is not None:
             folio_vpns.append(vpn)
+    return len(dst) - n
 
 
 async def copy_page_range(
@@ -504,7 +506,8 @@ async def copy_page_range(
     is copied), takes the child's PTL, then the parent's nested. Present anon pages lose
     exclusivity and gain a mapping; both PTEs are write-protected; the child's PTE is made old.
     Lets other tasks run between tables every RESCHED_WORK PTEs. Appends the page number of every
-    folio mapped into the child to ``folio_vpns``. Returns the PTEs copied."""
+    folio mapped into the child to ``folio_vpns``. Returns the PTEs copied. A charge that finds the
+    budget full reclaims first (vmscan.mem_cgroup_charge), as memcg does for page tables."""
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     lo, hi = src_vma.start >> PAGE_SHIFT, src_vma.end >> PAGE_SHIFT
     memcg = k.memcg
@@ -516,11 +519,16 @@ async def copy_page_range(
             continue
         whole = _table_within(idx, lo, hi)
         n = len(src_pt.ptes) if whole else sum(1 for v in src_pt.ptes if lo <= v < hi)
-        nswap = len(src_pt.swap) if whole else sum(1 for v in src_pt.swap if lo <= v < hi)
-        n += nswap
+        n += len(src_pt.swap) if whole else sum(1 for v in src_pt.swap if lo <= v < hi)
         if not n:
             continue
-        memcg.charge(cur, n * PTE_BYTES)
+        try:
+            memcg.charge(cur, n * PTE_BYTES)
+        except MemoryLimitExceeded:
+            from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
+
+            # Reclaim may turn some of these PTEs into swap PTEs (one for one: the count holds).
+            await mem_cgroup_charge(k, cur, n * PTE_BYTES)
         try:
             dst_pt: PageTable = dst_mm.pte_alloc(cur, idx << PMD_SHIFT)
         except BaseException:
@@ -544,9 +552,8 @@ async def copy_page_range(
                     folio_vpns.append(vpn)
             dst_ptes[vpn] = Pte(folio, False, False, pte.dirty, soft_dirty=pte.soft_dirty)
         dst_mm.rss_anon += rss
-        if nswap:
-            copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)
-            dst_mm.swap_ents += nswap
+        if src_pt.swap:
+            dst_mm.swap_ents += copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)
         src_pt.ptl.spin_unlock(cur)
         dst_pt.ptl.spin_unlock(cur)
         copied += n

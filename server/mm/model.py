@@ -33,6 +33,7 @@ from .memory import folio_put, handle_mm_fault
 from .mm_types import (
     AVC_BYTES,
     DEFAULT_MAX_MAP_COUNT,
+    FOLIO_BYTES,
     MM_BYTES,
     PAGE_MASK,
     PAGE_SHIFT,
@@ -81,6 +82,9 @@ from .userfaultfd import (
     wake_userfault,
 )
 from .vmscan import shrink_lruvec
+
+#: The watermarks of the memory budget: high at 1/16 below the limit, low at 2/16 below.
+WATERMARK_SHARE = 16
 
 U64_MAX = (1 << 64) - 1
 
@@ -195,6 +199,9 @@ class MemoryModel:
             protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant,
             max_map_count=max_map_count, swap_bytes=swap_bytes,
         )
+        #: The high watermark: above it, with swap room, a call that allocates first reclaims down
+        #: to the low one (_kswapd).
+        self._high = max_memory - max_memory // WATERMARK_SHARE if max_memory is not None else None
         self.k.max_uffd_faults = max_pending_faults
         self.k.max_uffd_faults_per_mm = max_pending_faults_per_process
         self.k.max_uffd_readers = max_userfault_streams
@@ -257,6 +264,7 @@ class MemoryModel:
         """Take mmap_lock for write (cancellable), then run ``body`` to completion."""
         if not self.gate.try_enter(): await self.gate.enter()
         try:
+            if self._high is not None and self.k.memcg.usage > self._high: await self._kswapd()
             lock = mm.mmap_lock
             if not lock.down_write(cur): await lock.wait(cur)
             try:
@@ -293,6 +301,7 @@ class MemoryModel:
         cur = self._cur("fork", pid)
         k = self.k
         try:
+            if self._high is not None and self.k.memcg.usage > self._high: await self._kswapd()
             lock = parent.mmap_lock
             if not lock.down_write(cur): await lock.wait(cur)
             try:
@@ -482,6 +491,7 @@ class MemoryModel:
         cur = self._cur("write" if write else "read", pid)
         k = self.k
         try:
+            if self._high is not None and self.k.memcg.usage > self._high: await self._kswapd()
             while True:
                 # do_user_addr_fault: the VMA's lock alone where it can (lock_vma_under_rcu), else
                 # the mmap_lock for read.
@@ -555,6 +565,7 @@ class MemoryModel:
         if not self.gate.try_enter(): await self.gate.enter()
         cur = Current("move", pid)
         try:
+            if self._high is not None and self.k.memcg.usage > self._high: await self._kswapd()
             moved = await userfaultfd_move(self.k, cur, mm, dst, src, length, mode, progress)
         except BaseException as e:
             if cur.held or cur.pins or cur.rcu_nesting:
@@ -578,6 +589,7 @@ class MemoryModel:
         if not self.gate.try_enter(): await self.gate.enter()
         cur = self._cur(op, pid)
         try:
+            if self._high is not None and self.k.memcg.usage > self._high: await self._kswapd()
             return await userfaultfd_fill(
                 self.k, cur, mm, dst, length, values,
                 (UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0) | (UFFDIO_COPY_MODE_WP if wp else 0), progress,
@@ -695,7 +707,9 @@ class MemoryModel:
         try:
             pte = mm.pte_lookup(addr)
             if pte is None:
-                raise MmError(errno.ENOENT, f"nothing mapped at {addr:#x}")
+                swapped = mm.swap_pte_lookup(addr) is not None
+                raise MmError(errno.ENOENT, f"the page at {addr:#x} is swapped out" if swapped else
+                              f"nothing mapped at {addr:#x}")
             folio = pte.folio
             if folio is ZERO_PAGE:
                 raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
@@ -723,6 +737,26 @@ class MemoryModel:
         )
 
     # -- reclaim
+    async def _kswapd(self) -> None:
+        """kswapd's balancing (balance_pgdat), done by the call that finds the budget above its high
+        watermark (the budget less 1/WATERMARK_SHARE of it): reclaim down to the low watermark (less
+        twice that) before the call allocates, so that what memcg reclaim does not cover (page
+        tables, VMAs, anon_vmas, fork's PTE copies) finds room too while swap has it. Runs to its
+        end even if the call is cancelled; nothing happens without swap room."""
+        k = self.k
+        if not k.swap.nr_swap_pages:
+            return
+        memcg = k.memcg
+        assert memcg.limit is not None and self._high is not None
+        low = memcg.limit - 2 * (memcg.limit - self._high)
+        cur = Current("kswapd", 0)
+        k.stats["reclaim_kswapd"] += 1
+        try:
+            await uninterruptible(lambda: shrink_lruvec(k, cur, (memcg.usage - low) // FOLIO_BYTES + 1))
+        except BaseException:
+            await k.give_back(cur)  # a detector's Deadlock part-way
+            raise
+
     async def reclaim(self, pages: int) -> int:
         """Reclaim up to ``pages`` folios (shrink_lruvec: the active list aged by the unlocked rmap
         walker, the inactive list's folios swapped out and freed once written). Returns the folios
