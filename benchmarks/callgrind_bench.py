@@ -12,6 +12,7 @@ the same counts within a few hundred instructions.
 
 - ``move``: one single-page UFFDIO_MOVE (``model_bench.bench_moves``, 12,000 against 2,000);
 - ``walk``: one rmap walk over 64 mappings (``model_bench.bench_walks``, 2,500 against 500);
+- ``fault``: one write fault of a new page, the folio allocated and mapped (12,000 against 2,000);
 - ``explore:SCENARIO``: one random schedule of a litmus scenario under ``recheck`` (1,200 against
   200 schedules, nothing caught).
 
@@ -38,6 +39,7 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 RUNS = {
     "move": (12_000, 2_000),
     "walk": (2_500, 500),
+    "fault": (12_000, 2_000),
     "explore:fast-path-race": (1_200, 200),
     "explore:slow-path-race": (1_200, 200),
 }
@@ -51,6 +53,15 @@ if path in ("move", "walk"):
     sys.path.insert(0, str(root / "benchmarks"))
     import model_bench as mb
     asyncio.run(mb.bench_moves(n, 1) if path == "move" else mb.bench_walks(n, 64))
+elif path == "fault":
+    from mmsim.server.mm.model import MemoryModel
+    async def faults():
+        m = MemoryModel()
+        p = await m.create_process()
+        v = await m.mmap(p, n * 4096)
+        for i in range(n):
+            await m.write(p, v.start + i * 4096, i)
+    asyncio.run(faults())
 else:
     from mmsim.server.tools.explore import explore
     from mmsim.server.tools.litmus import load
