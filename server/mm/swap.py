@@ -71,7 +71,8 @@ def folio_putback_lru(lruvec: Lruvec, folio: Folio, active: bool = False, tail: 
 
 
 def folio_deactivate(lruvec: Lruvec, folio: Folio) -> None:
-    """MADV_COLD: move a folio on the LRU to the inactive list, as its newest (lru_deactivate)."""
-    if folio.lru:
+    """MADV_COLD: move a folio on the active list to the inactive list, as its newest
+    (lru_deactivate); one already inactive stays where it is."""
+    if folio.lru == LRU_ACTIVE_ANON:
         lruvec_del_folio(lruvec, folio)
         folio_putback_lru(lruvec, folio)
