@@ -20,8 +20,8 @@ from rich.console import Console
 
 from mmsim.v1.wire import split_hostport
 
-from .profiles import CALLS, DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, parse_mix
-from .workload import BLOCK, RACE_PAGES, REGION_PAGES_MAX, gc_lanes_per_tree, remap_pages
+from .profiles import CALLS, DEFAULT_PROFILE, OPERATIONS, PROFILES, is_gc, is_swap, parse_mix
+from .workload import BLOCK, RACE_PAGES, REGION_PAGES_MAX, gc_lanes_per_tree, lanes_per_tree, remap_pages
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 4
 EPILOG = """\
@@ -52,7 +52,16 @@ gc (any mix with gc_read): per tree, a heap of --pages pages registered with use
 collector (a task of the worker that has every lane of the tree) moves the heap aside each cycle with
 mremap(MAYMOVE|DONTUNMAP), resolves each mutator's fault on the emptied heap with UFFDIO_MOVE, and
 unmaps the from-space once every page is back; gc_read is one faulting read, walks walk the GC pages
-wherever they are. Needs --trees >= --workers (the default gives that)."""
+wherever they are. Needs --trees >= --workers (the default gives that).
+
+swap (any mix with pageout or reclaim, the reclaim profile): every lane gets --pages pages of its own,
+which its writes, reads (each value checked), walks and pageouts pick at random; pageout is
+MADV_PAGEOUT of 4 of them (or of the lane's remap page), reclaim asks the tree's shard to reclaim 32
+folios. Run the server with --max-memory below the working set, about L × P × 700 + T × P × (544 +
+160 × (D + 1)) bytes for L lanes (--workers × --concurrency), T trees, P --pages and D --fork-depth
+(a resident page is its folio, 544 bytes, and its PTE, 160, which stays charged while the page is
+swapped out), and --swap-bytes above (L + T) × P × 4096, so that it reclaims and swaps by itself too.
+A walk that finds its page swapped out is the swapped_out outcome, not an error."""
 
 
 # The modules of the `loadgen` extra (pip install 'mmsim[loadgen]') and their distributions; a plain
@@ -168,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mix", type=_mix, metavar="OP=W,...",
                      help="a mix of operations with weights, e.g. remap=3,walk=1")
     p.add_argument("--pages", type=_int_in(1, REGION_PAGES_MAX), default=256, metavar="N",
-                   help="resident pages per tree in the region shared along the fork chain (default 256)")
+                   help="resident pages per tree in the region shared along the fork chain, and in a swap mix "
+                   "(pageout, reclaim) of each lane's own (default 256)")
     p.add_argument("--trees", type=_int_in(1, 1024), metavar="N",
                    help="process trees, spread round-robin over the shards (default: 2, or one per shard if more)")
     p.add_argument("--fork-depth", type=_int_in(0, 64), default=2, metavar="D",
@@ -242,8 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         too_large = RACE_PAGES + per_tree * (1 + BLOCK) > REGION_PAGES_MAX
     else:
         too_large = remap_pages(lanes, args.trees or MIN_TREES) > REGION_PAGES_MAX
+        per_tree = lanes_per_tree(lanes, args.trees or MIN_TREES)
     if too_large:
         parser.error("--workers × --concurrency is too large for --trees: give more trees")
+    if is_swap(mix) and per_tree * args.pages > REGION_PAGES_MAX:
+        parser.error("--pages × the lanes of a tree (--workers × --concurrency / --trees) is too large for a "
+                     f"swap mix (at most {REGION_PAGES_MAX:,}): give more trees or fewer pages")
     opts = Options(
         targets=tuple(args.target or ["127.0.0.1:7077"]),
         duration=None if args.count else (args.duration or 10.0),

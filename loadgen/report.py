@@ -130,6 +130,16 @@ def summary(report: dict[str, Any]) -> Group:
         st.add_row(k, Text(f"{d[k]:,}", style="bold red" if bad else ""))
     if "violations" not in d:
         st.add_row("violations", "0")
+    swap = report.get("swap")
+    if swap and any(swap.values()):
+        st.add_row("swap-outs/s", f"{swap['swap_outs_per_s']:,.0f}")
+        st.add_row("swap-ins/s", f"{swap['swap_ins_per_s']:,.0f}")
+        st.add_row("swap-cache hits/s", f"{swap['swap_cache_hits_per_s']:,.0f}")
+        st.add_row("swap-outs, swap-ins (faults)",
+                   f"{swap['swap_outs']:,}, {swap['swap_ins']:,} ({swap['fault_swap_ins']:,})")
+        st.add_row("reclaim runs (memcg, watermark), folios freed",
+                   f"{swap['reclaim_runs']:,} ({swap['reclaim_memcg_runs']:,}, {swap['reclaim_kswapd_runs']:,}), "
+                   f"{swap['reclaim_freed']:,}")
     parts.append(st)
 
     c = Table(title="client", title_justify="left", show_header=False)

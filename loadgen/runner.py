@@ -43,7 +43,7 @@ from mmsim.client import Client, MmsimError
 
 from . import histograms, scrape
 from .access import Access
-from .profiles import SHARED_PAGES_PROFILES, is_gc
+from .profiles import SHARED_PAGES_PROFILES, is_gc, is_swap
 from .restart import RESTART_CODES, RESTART_WAIT_S
 from .worker import SERIES_DIGITS, WorkerSpec, worker_main
 from .workload import Workload, build, gc_lanes_per_tree, gc_trees, teardown
@@ -332,7 +332,7 @@ async def _run(opts: Options, console: Console, workers: list[tuple[Any, Connect
                         w, mm, opts.trees, opts.pages, opts.fork_depth, lanes_total,
                         progress=lambda done, total: bar.update(task, completed=done, total=total),
                         per_tree=gc_lanes_per_tree(opts.workers, opts.concurrency, opts.trees) if gc else None,
-                        gc=gc,
+                        gc=gc, swap=is_swap(opts.mix),
                     )
                 except (OSError, MmsimError) as e:
                     raise RunError(f"the workload could not be built: {e}") from None
@@ -520,6 +520,7 @@ async def _measure(
     if gc:  # what the collectors did, over the whole run (the warm-up included)
         report["gc"] = dict(sorted(sum((Counter(r.get("gc", {})) for r in results), Counter()).items()))
     report["server_deltas"] = counter_deltas(before, after)
+    report["swap"] = swap_figures(report["server_deltas"], duration)
     report["shard_restarts"] = shard_restarts(results, generations, await _generations(mm))
     report["trees_recreated"] = sum(r.get("restarts", {}).get("recreated", 0) for r in results)
     cpu = [
@@ -530,6 +531,26 @@ async def _measure(
     report["client"] = {"workers": opts.workers, "concurrency": opts.concurrency, "cpu": cpu}
     report["bottleneck"] = bottleneck(cpu)
     return report
+
+
+#: The report's ``swap`` counts: name -> the server counter (a delta over the run) it is.
+SWAP_COUNTS = {
+    "swap_outs": "swap_out", "swap_ins": "swap_in", "swap_cache_hits": "swap_cache_hit",
+    "fault_swap_ins": "fault_swap_in", "reclaim_runs": "reclaim_runs", "reclaim_memcg_runs": "reclaim_memcg",
+    "reclaim_kswapd_runs": "reclaim_kswapd", "reclaim_scanned": "reclaim_scanned", "reclaim_freed": "reclaim_freed",
+}
+#: The counts the report's ``swap`` also gives per second of the measured time.
+SWAP_RATES = ("swap_outs", "swap_ins", "swap_cache_hits", "reclaim_runs")
+
+
+def swap_figures(deltas: dict[str, int], duration: float) -> dict[str, int | float]:
+    """Swap and reclaim over the run, from the servers' counter deltas (0 where nothing swapped, or
+    where a server restarted unseen): the counts of SWAP_COUNTS, and those of SWAP_RATES per second
+    of ``duration``."""
+    out: dict[str, int | float] = {name: max(0, deltas.get(key, 0)) for name, key in SWAP_COUNTS.items()}
+    for name in SWAP_RATES:
+        out[f"{name}_per_s"] = out[name] / duration if duration > 0 else 0.0
+    return out
 
 
 def bottleneck(cpu: list[dict[str, Any]]) -> str:
@@ -543,4 +564,4 @@ def cpu_count() -> int:
 
 
 __all__ = ["Options", "RunError", "bottleneck", "counter_deltas", "cpu_count", "default_trees", "merge", "run",
-           "shard_restarts"]
+           "shard_restarts", "swap_figures"]

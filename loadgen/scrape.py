@@ -41,6 +41,12 @@ SAMPLES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "rcu_gp_completed": ("mmsim_rcu_grace_periods_total", None),
     "preempt_yields": ("mmsim_preempt_yields_total", None),
     "memory_limit_failures": ("mmsim_memory_limit_failures_total", None),
+    "swap_out": ("mmsim_swap_outs_total", None),
+    "swap_in": ("mmsim_swap_ins_total", None),
+    "swap_cache_hit": ("mmsim_swap_cache_hits_total", None),
+    "reclaim_runs": ("mmsim_reclaim_runs_total", None),
+    "reclaim_memcg": ("mmsim_reclaim_memcg_runs_total", None),
+    "reclaim_kswapd": ("mmsim_reclaim_kswapd_runs_total", None),
     "processes": ("mmsim_processes", None),
     "vmas": ("mmsim_vmas", None),
     "folios": ("mmsim_folios", None),
@@ -48,11 +54,15 @@ SAMPLES: dict[str, tuple[str, tuple[str, str] | None]] = {
     "memory_bytes": ("mmsim_memory_bytes", None),
     "memory_peak_bytes": ("mmsim_memory_peak_bytes", None),
     "memory_limit_bytes": ("mmsim_memory_limit_bytes", None),
+    "swap_slots_in_use": ("mmsim_swap_slots_in_use", None),
+    "swap_slots_total": ("mmsim_swap_slots_total", None),
+    "swap_cache_folios": ("mmsim_swap_cache_folios", None),
 }
 #: Samples whose label names the key: (sample name, label, key prefix); ``violations`` is the sum
 #: of the ``violation_<kind>`` keys, as in GetStats.
 LABELLED: tuple[tuple[str, str, str], ...] = (
     ("mmsim_faults_total", "kind", "fault_"),
+    ("mmsim_reclaim_folios_total", "outcome", "reclaim_"),
     ("mmsim_detector_violations_total", "kind", "violation_"),
 )
 

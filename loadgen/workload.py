@@ -40,8 +40,9 @@ SHARED_AT, SRC_AT, DST_AT, RW_AT = 0x100000000, 0x200000000, 0x300000000, 0x4000
 GC_AT = 0x500000000
 #: Pages every lane of a tree shares in the race profile.
 RACE_PAGES = 8
-#: Operations per Batch call while setting up.
-SETUP_BATCH = 2000
+#: Operations per Batch call while setting up: few enough that the request, charged to the server's
+#: memory budget while it runs, fits a small ``--max-memory`` (the reclaim profile's).
+SETUP_BATCH = 256
 
 
 @dataclass(frozen=True)

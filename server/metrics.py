@@ -259,6 +259,9 @@ class ModelCollector(Collector):
         yield _counter("mmsim_reclaim_memcg_runs",
                        "Reclaim runs started because a charge would have passed the memory budget.",
                        stats.get("reclaim_memcg", 0))
+        yield _counter("mmsim_reclaim_kswapd_runs",
+                       "Reclaim runs started because a call found the memory budget above its high watermark.",
+                       stats.get("reclaim_kswapd", 0))
         reclaim = CounterMetricFamily(
             "mmsim_reclaim_folios",
             "Folios reclaim handled, by what happened: scanned (tried for reclaim, by a Reclaim or by madvise "

@@ -110,12 +110,13 @@ def _check_report(report: dict[str, Any], workers: int) -> None:
     assert report["timeseries"][-1]["ops"] > 0  # the run went on to its end
 
 
-@pytest.mark.parametrize("profile", ["mixed", "gc"])
+@pytest.mark.parametrize("profile", ["mixed", "gc", "reclaim"])
 async def test_a_shard_restart_under_the_run_is_an_outcome(
     two_shards: ServerProcess, tmp_path: Path, profile: str
 ) -> None:
-    """Two worker processes, each with lanes on both shards (mixed), or each running the collector
-    of its own tree's GC heap (gc)."""
+    """Two worker processes, each with lanes on both shards (mixed, reclaim: their pages of the tree
+    made again hold what its setup wrote, as each read checks), or each running the collector of
+    its own tree's GC heap (gc)."""
     status, output, report = await _run_killing_shard_1(two_shards, tmp_path, "--workers", "2", "--profile", profile)
     assert status == 0, output
     assert "Traceback" not in output, output
@@ -123,6 +124,8 @@ async def test_a_shard_restart_under_the_run_is_an_outcome(
     _check_report(report, workers=2)
     if profile == "gc":
         assert report["gc"]["cycles"] > 0
+    if profile == "reclaim":
+        assert report["operations"]["read"]["ok"] > 0 and report["swap"]["swap_ins"] > 0
 
 
 def test_counters_of_a_restarted_shard_count_from_its_restart() -> None:

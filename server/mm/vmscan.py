@@ -32,6 +32,7 @@ each PTL). No mmap_lock: reclaim reaches the page tables through the rmap only.
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from .locks import Current
@@ -181,11 +182,9 @@ async def reclaim_pages(k: Kernel, cur: Current, folio_list: list[Folio]) -> int
 
 def isolate_lru_folios(k: Kernel, lru: int, nr_to_scan: int) -> list[Folio]:
     """Up to ``nr_to_scan`` folios from the old end of list ``lru``, isolated."""
-    lst = k.lruvec.lists[lru]
-    folios = []
-    for folio in list(lst)[:nr_to_scan]:
+    folios = list(islice(k.lruvec.lists[lru], nr_to_scan))
+    for folio in folios:
         folio_isolate_lru(k, folio)
-        folios.append(folio)
     return folios
 
 
@@ -195,25 +194,26 @@ async def shrink_active_list(k: Kernel, cur: Current, nr_to_scan: int) -> None:
     whatever the walk found."""
     folios = isolate_lru_folios(k, LRU_ACTIVE_ANON, nr_to_scan)
     lruvec = k.lruvec
+    done = 0
     try:
-        while folios:
-            folio = folios[0]
+        for folio in folios:
             if folio.mapcount:
                 await k.ops.folio_referenced(k, cur, folio, try_lock=True)
             k.stats["reclaim_deactivated"] += 1
-            folios.pop(0)
             folio_putback_lru(lruvec, folio)
             folio_put(k, folio)
+            done += 1
     finally:
-        for folio in folios:  # failed part-way: the rest go back where they were
+        for folio in folios[done:]:  # failed part-way: the rest go back where they were
             folio_putback_lru(lruvec, folio, active=True)
             folio_put(k, folio)
 
 
-async def shrink_inactive_list(k: Kernel, cur: Current, nr_to_scan: int) -> int:
-    """Reclaim from the inactive list's old end, SWAP_CLUSTER_MAX folios at a time."""
+async def shrink_inactive_list(k: Kernel, cur: Current, nr_to_scan: int, nr_to_reclaim: int) -> int:
+    """Reclaim from the inactive list's old end, SWAP_CLUSTER_MAX folios at a time, until
+    ``nr_to_scan`` were scanned or ``nr_to_reclaim`` freed."""
     reclaimed = 0
-    while nr_to_scan > 0:
+    while nr_to_scan > 0 and reclaimed < nr_to_reclaim:
         folios = isolate_lru_folios(k, LRU_INACTIVE_ANON, min(nr_to_scan, SWAP_CLUSTER_MAX))
         if not folios:
             break
@@ -240,7 +240,8 @@ async def shrink_lruvec(k: Kernel, cur: Current, nr_to_reclaim: int) -> int:
     for priority in range(DEF_PRIORITY, -1, -1):
         if inactive_is_low(k):
             await shrink_active_list(k, cur, max(len(lists[LRU_ACTIVE_ANON]) >> priority, 1))
-        reclaimed += await shrink_inactive_list(k, cur, len(lists[LRU_INACTIVE_ANON]) >> priority)
+        reclaimed += await shrink_inactive_list(k, cur, len(lists[LRU_INACTIVE_ANON]) >> priority,
+                                                nr_to_reclaim - reclaimed)
         if reclaimed >= nr_to_reclaim:
             break
     k.stats["reclaim_runs"] += 1
