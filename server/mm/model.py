@@ -83,8 +83,10 @@ from .userfaultfd import (
 )
 from .vmscan import shrink_lruvec
 
-#: The watermarks of the memory budget: high at 1/16 below the limit, low at 2/16 below.
+#: The watermarks of the memory budget: high at 1/16 below the limit, low 1/64 of it below that
+#: (a call that crosses the high one reclaims that much, a few milliseconds' work per MiB).
 WATERMARK_SHARE = 16
+WATERMARK_STEP = 64
 
 U64_MAX = (1 << 64) - 1
 
@@ -739,8 +741,8 @@ class MemoryModel:
     # -- reclaim
     async def _kswapd(self) -> None:
         """kswapd's balancing (balance_pgdat), done by the call that finds the budget above its high
-        watermark (the budget less 1/WATERMARK_SHARE of it): reclaim down to the low watermark (less
-        twice that) before the call allocates, so that what memcg reclaim does not cover (page
+        watermark (the budget less 1/WATERMARK_SHARE of it): reclaim down to the low watermark
+        (1/WATERMARK_STEP of the budget lower) before the call allocates, so that what memcg reclaim does not cover (page
         tables, VMAs, anon_vmas, fork's PTE copies) finds room too while swap has it. Runs to its
         end even if the call is cancelled; nothing happens without swap room."""
         k = self.k
@@ -748,7 +750,7 @@ class MemoryModel:
             return
         memcg = k.memcg
         assert memcg.limit is not None and self._high is not None
-        low = memcg.limit - 2 * (memcg.limit - self._high)
+        low = self._high - memcg.limit // WATERMARK_STEP
         cur = Current("kswapd", 0)
         k.stats["reclaim_kswapd"] += 1
         try:
