@@ -742,9 +742,9 @@ class MemoryModel:
     async def _kswapd(self) -> None:
         """kswapd's balancing (balance_pgdat), done by the call that finds the budget above its high
         watermark (the budget less 1/WATERMARK_SHARE of it): reclaim down to the low watermark
-        (1/WATERMARK_STEP of the budget lower) before the call allocates, so that what memcg reclaim does not cover (page
-        tables, VMAs, anon_vmas, fork's PTE copies) finds room too while swap has it. Runs to its
-        end even if the call is cancelled; nothing happens without swap room."""
+        (1/WATERMARK_STEP of the budget lower) before the call allocates, so that what memcg
+        reclaim does not cover (page tables, VMAs, anon_vmas) finds room too while swap has it.
+        Runs to its end even if the call is cancelled; nothing happens without swap room."""
         k = self.k
         if not k.swap.nr_swap_pages:
             return
