@@ -106,14 +106,20 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
 
 
 async def charge_pte(k: Kernel, cur: Current, pt: PageTable, nbytes: int) -> None:
-    """The charge of what a fault is about to map under ``pt``'s PTL failed: reclaim and charge
-    (vmscan.mem_cgroup_charge: ENOMEM once reclaim frees nothing), then wait again while a task
-    preempted inside its PTL section holds that PTL (Kernel.spin_on; the charge is given back if
-    that fails). Expects no PTL held."""
-    from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
+    """Charge what a fault or a fill is about to map under ``pt``'s PTL, reclaiming first if the
+    budget is full (vmscan.mem_cgroup_charge: ENOMEM once reclaim frees nothing), and wait while
+    a task preempted inside its PTL section holds that PTL (Kernel.spin_on; the charge is given
+    back if that fails). Expects no PTL held."""
+    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+        await k.spin_on(cur, pt.ptl)
+    try:
+        k.memcg.charge(cur, nbytes)
+        return
+    except MemoryLimitExceeded:
+        from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
 
-    await mem_cgroup_charge(k, cur, nbytes)
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section, meanwhile
+        await mem_cgroup_charge(k, cur, nbytes)
+    if pt.ptl.owner is not None:  # again: reclaim let others run
         try:
             await k.spin_on(cur, pt.ptl)
         except BaseException:
@@ -131,12 +137,7 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     memcg = k.memcg
     if not write:
         pt = mm.pte_alloc(cur, addr)
-        if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-            await k.spin_on(cur, pt.ptl)
-        try:
-            memcg.charge(cur, PTE_BYTES)
-        except MemoryLimitExceeded:
-            await charge_pte(k, cur, pt, PTE_BYTES)  # reclaim first
+        await charge_pte(k, cur, pt, PTE_BYTES)
         pt.ptl.spin_lock(cur)
         raced = vpn in pt.ptes or vpn in pt.swap
         if not raced:
@@ -152,10 +153,10 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     pt = mm.pte_alloc(cur, addr)
     if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
         await k.spin_on(cur, pt.ptl)
-    try:
+    try:  # charge_pte, inline on the fault path
         memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
     except MemoryLimitExceeded:
-        await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)  # reclaim first
+        await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)  # reclaim, then charge
     pt.ptl.spin_lock(cur)
     if vpn in pt.ptes or vpn in pt.swap:
         pt.ptl.spin_unlock(cur)
@@ -393,12 +394,7 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
     memcg = k.memcg
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    try:
-        memcg.charge(cur, FOLIO_BYTES)
-    except MemoryLimitExceeded:
-        await charge_pte(k, cur, pt, FOLIO_BYTES)  # reclaim first
+    await charge_pte(k, cur, pt, FOLIO_BYTES)
     pt.ptl.spin_lock(cur)
     if pt.ptes.get(vpn) is not orig or orig.write:
         pt.ptl.spin_unlock(cur)

@@ -993,12 +993,7 @@ async def mfill_atomic_pte_copy(
         return -errno.EEXIST
     ptl = pt.ptl
     memcg = k.memcg
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    try:
-        memcg.charge(cur, PTE_BYTES + FOLIO_BYTES)
-    except MemoryLimitExceeded:
-        await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)  # reclaim first
+    await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)
     ptl.spin_lock(cur)
     if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
@@ -1026,12 +1021,7 @@ async def mfill_atomic_pte_zeropage(k: Kernel, cur: Current, vma: Vma, pt: PageT
         return -errno.EEXIST
     ptl = pt.ptl
     memcg = k.memcg
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    try:
-        memcg.charge(cur, PTE_BYTES)
-    except MemoryLimitExceeded:
-        await charge_pte(k, cur, pt, PTE_BYTES)  # reclaim first
+    await charge_pte(k, cur, pt, PTE_BYTES)
     ptl.spin_lock(cur)
     if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
