@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from typing import Any
 
@@ -564,3 +565,214 @@ def test_swap_unusable_says_why(swaps: str, meminfo: str, zswap: str | None, why
 
     got = swap_unusable(swaps, meminfo, zswap)
     assert got is None if why is None else (got is not None and why in got), got
+
+
+# ---------------------------------------------------------------------------------------------
+# Large folios: aligned regions, THP settings, the pte step's pmd, head and tail
+
+
+def _thp_or_skip(sc: Scenario | None = None) -> None:
+    from mmsim.server.tools.conformance.kernel import thp_unavailable
+
+    why = thp_unavailable(sc)
+    if why is not None:
+        pytest.skip(f"transparent hugepages unavailable: {why}")
+
+
+def _thp_sysfs(locked: bool = True) -> dict[str, str]:
+    """Every setting a large-folio scenario may change, as it reads now: with ``locked``, while
+    no large-folio run (of another test worker) has them changed."""
+    from mmsim.server.tools.conformance.kernel import read_thp_setting, thp_settings, thp_settings_for
+
+    paths = [*thp_settings_for({"enabled": "never", "use_zero_page": False}), "/proc/sys/vm/min_free_kbytes"]
+    if not locked:
+        return {p: read_thp_setting(p) for p in paths}
+    with thp_settings(None):
+        return {p: read_thp_setting(p) for p in paths}
+
+
+def test_aligned_mmap_maps_exactly_the_region_on_a_pmd_boundary() -> None:
+    """``"align": "pmd"`` puts the region on a 2 MiB boundary, with nothing of the slack left
+    mapped right above it, and a write fault in it after MADV_HUGEPAGE maps a huge PMD."""
+    _thp_or_skip()
+    steps = [
+        {**mm("a", 512), "align": "pmd"}, {**mm("b", 3), "align": "pmd"},
+        {"op": "mprotect", "proc": "P", "at": ["a", 512], "pages": 1, "prot": "r"},
+        {"op": "mprotect", "proc": "P", "at": ["b", 3], "pages": 1, "prot": "r"},
+        adv("a", 0, "hugepage", 512), w("a", 5, 9), at("pte", "a", 0), at("pte", "a", 5), at("pte", "a", 511),
+        w("b", 0, 1), at("pte", "b", 0),
+    ]
+    r = run(steps)
+    assert [x.errno for x in r[:2]] == [0, 0] and r[0].addr and r[1].addr
+    assert r[0].addr % (2 << 20) == 0 and r[1].addr % (2 << 20) == 0
+    assert [x.errno for x in r[2:4]] == [errno.ENOMEM, errno.ENOMEM]  # the page above: unmapped
+    assert [x.unreliable for x in r] == [""] * len(r)
+    head, mid, last = r[6], r[7], r[8]
+    assert (head.pmd, head.thp, head.head, head.tail, head.mapcount) == (True, True, True, False, 1)
+    assert (mid.pmd, mid.head, mid.tail, last.pmd, last.tail) == (True, False, True, True, True)
+    assert mid.anon_exclusive is True  # a tail page under a huge PMD: the head's bit is the PMD's
+    assert (r[10].pmd, r[10].thp, r[10].head, r[10].tail) == (False, False, False, False)
+
+
+def test_pte_of_a_pte_mapped_tail_page_leaves_anon_exclusive_out() -> None:
+    """Once the PMD is split, a tail page's own PG_anon_exclusive is not what kpageflags shows
+    (it shows the head's): ``anon_exclusive`` is left out there, kept on the head."""
+    _thp_or_skip()
+    r = run([{**mm("a", 512), "align": "pmd"}, adv("a", 0, "hugepage", 512), w("a", 0, 1),
+             {"op": "munmap", "proc": "P", "at": ["a", 100], "pages": 1}, at("pte", "a", 0), at("pte", "a", 1)])
+    assert (r[4].pmd, r[4].head, r[4].anon_exclusive) == (False, True, True)
+    assert (r[5].pmd, r[5].tail, r[5].thp, r[5].anon_exclusive) == (False, True, True, None)
+
+
+def test_thp_settings_are_applied_for_the_scenario_and_restored_after() -> None:
+    """A scenario's ``thp`` settings hold while it runs (a 64 KiB mTHP, a read fault that gets
+    a THP instead of the huge zero page) and the machine's settings are back, exactly, after."""
+    sc = Scenario.from_dict({"name": "t", "thp": {"use_zero_page": False, "mthp": {"64kB": "always"}}, "steps": [
+        {**mm("a", 512), "align": "pmd"}, {**mm("s", 32), "align": "pmd"}, adv("a", 0, "hugepage", 512),
+        at("read", "a", 0), at("pte", "a", 0), w("s", 0, 1), at("pte", "s", 15), at("pte", "s", 16),
+    ]})
+    _thp_or_skip(sc)
+    before = _thp_sysfs()
+    r = KernelRunner().run(sc)
+    assert _thp_sysfs() == before
+    assert [x.errno for x in r] == [0] * len(r) and [x.unreliable for x in r] == [""] * len(r)
+    assert (r[4].pmd, r[4].zero_page, r[4].mapcount) == (True, False, 1)
+    assert (r[6].thp, r[6].pmd, r[6].tail) == (True, False, True) and r[7].present is False
+
+
+def test_thp_settings_are_restored_when_the_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings are restored, and no journal is left, when the run raises part-way (the
+    settings were in force when it did)."""
+    from mmsim.server.tools.conformance import kernel
+
+    sc = Scenario.from_dict({"name": "t", "thp": {"enabled": "always", "mthp": {"64kB": "madvise"}},
+                             "steps": [mm("a", 1)]})
+    _thp_or_skip(sc)
+    before = _thp_sysfs()
+    seen: dict[str, str] = {}
+
+    def failing(self: KernelRunner, scenario: Scenario, thp: bool) -> list[StepResult]:
+        seen.update(_thp_sysfs(locked=False))  # this run holds the lock
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(KernelRunner, "_run", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        KernelRunner().run(sc)
+    root = kernel.THP_SYSFS
+    assert seen[f"{root}/enabled"] == "always" and seen[f"{root}/hugepages-64kB/enabled"] == "madvise"
+    assert seen[f"{root}/khugepaged/scan_sleep_millisecs"] == str(kernel.KHUGEPAGED_SLEEP_MS)
+    assert _thp_sysfs() == before
+    assert not os.path.exists(kernel._thp_journal_path())
+
+
+def test_a_killed_runs_settings_are_restored_from_the_journal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings a run changed and could not restore (it was killed) are restored from the
+    journal, which then goes; a large-folio run does that first, before it applies its own."""
+    import fcntl
+
+    from mmsim.server.tools.conformance import kernel
+
+    _thp_or_skip()
+    path = f"{kernel.THP_SYSFS}/hugepages-64kB/enabled"
+    if not os.path.exists(path):
+        pytest.skip("no 64kB mTHP size")
+    lock = os.open(kernel._thp_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a large-folio run: no other run sees what follows
+        before = _thp_sysfs(locked=False)
+        old = kernel.read_thp_setting(path)
+        with open(kernel._thp_journal_path(), "w") as f:
+            json.dump({path: old}, f)
+        with open(path, "w") as f:
+            f.write("madvise" if old != "madvise" else "never")
+        try:
+            kernel.restore_pending_thp_settings()
+            assert _thp_sysfs(locked=False) == before
+            assert not os.path.exists(kernel._thp_journal_path())
+        finally:
+            if kernel.read_thp_setting(path) != old:
+                with open(path, "w") as f:
+                    f.write(old)
+            if os.path.exists(kernel._thp_journal_path()):
+                os.unlink(kernel._thp_journal_path())
+    finally:
+        os.close(lock)
+    order: list[str] = []
+    monkeypatch.setattr(kernel, "restore_pending_thp_settings", lambda: order.append("restore"))
+    real = kernel._write_thp_setting
+
+    def write(path: str, value: str) -> None:
+        order.append("write")
+        real(path, value)
+
+    monkeypatch.setattr(kernel, "_write_thp_setting", write)
+    with kernel.thp_settings(Scenario.from_dict({"name": "t", "steps": []})):
+        pass
+    assert order[:2] == ["restore", "write"]
+
+
+def test_runs_hold_the_settings_lock() -> None:
+    """A run holds the settings lock, shared (no large-folio run changes the settings under it)
+    or, for a large-folio scenario, exclusive."""
+    import fcntl
+    import threading
+
+    from mmsim.server.tools.conformance import kernel
+
+    def try_lock(how: int) -> bool:
+        fd = os.open(kernel._thp_lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    got: dict[str, bool] = {}
+    with kernel.thp_settings(None):
+        t = threading.Thread(target=lambda: got.update(ex=try_lock(fcntl.LOCK_EX), sh=try_lock(fcntl.LOCK_SH)))
+        t.start()
+        t.join()
+    assert got == {"ex": False, "sh": True}
+    assert try_lock(fcntl.LOCK_EX)
+
+
+def test_thp_counters_and_what_a_move_of_them_means(tmp_path: Any) -> None:
+    """``thp_counters`` reads the fallback, swap-out and collapse counters; ``thp_disturbance``
+    says which kind of disturbance a move of them is."""
+    from mmsim.server.tools.conformance.kernel import thp_counters, thp_disturbance
+
+    root = tmp_path / "thp"
+    for size in ("64kB", "2048kB"):
+        (root / f"hugepages-{size}" / "stats").mkdir(parents=True)
+        (root / f"hugepages-{size}" / "stats" / "anon_fault_fallback").write_text("3\n")
+        (root / f"hugepages-{size}" / "stats" / "swpout").write_text("0\n")
+    (root / "khugepaged").mkdir()
+    (root / "khugepaged" / "pages_collapsed").write_text("7\n")
+    vmstat = tmp_path / "vmstat"
+    vmstat.write_text("nr_free_pages 1\nthp_fault_alloc 9\nthp_fault_fallback 2\nthp_zero_page_alloc_failed 0\n"
+                      "thp_swpout 0\n")
+    c = thp_counters(str(root), str(vmstat))
+    assert c == {"thp_fault_fallback": 2, "thp_zero_page_alloc_failed": 0, "thp_swpout": 0,
+                 "hugepages-2048kB anon_fault_fallback": 3, "hugepages-2048kB swpout": 0,
+                 "hugepages-64kB anon_fault_fallback": 3, "hugepages-64kB swpout": 0,
+                 "khugepaged pages_collapsed": 7}
+    assert thp_disturbance(c, c) == ""
+    fell = {**c, "thp_fault_fallback": 3, "hugepages-2048kB anon_fault_fallback": 4}
+    assert thp_disturbance(c, fell) == ("a huge page fault fell back to smaller pages (no huge page could be "
+                                        "allocated): thp_fault_fallback +1, hugepages-2048kB anon_fault_fallback +1")
+    assert thp_disturbance(c, {**c, "khugepaged pages_collapsed": 8}).startswith("khugepaged collapsed pages")
+    assert thp_disturbance(c, {**c, "hugepages-64kB swpout": 1}).startswith("a large folio was swapped out whole")
+
+
+def test_thp_unavailable_says_why_for_a_missing_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmsim.server.tools.conformance import kernel
+
+    _thp_or_skip()
+    sc = Scenario.from_dict({"name": "t", "thp": {"mthp": {"8kB": "always"}}, "steps": []})
+    if os.path.exists(f"{kernel.THP_SYSFS}/hugepages-8kB/enabled"):
+        pytest.skip("this kernel has an 8kB mTHP setting")
+    assert kernel.thp_unavailable(sc) == "no hugepages-8kB/enabled (a size or setting this kernel lacks)"
+    monkeypatch.setattr(kernel, "THP_SYSFS", "/nonexistent/transparent_hugepage")
+    assert (kernel.thp_unavailable() or "").startswith("no transparent hugepages: ")

@@ -65,6 +65,14 @@ Swap. With ``swap=True`` (``mmsim conformance --random N --swap``) random steps 
 out needs an active swap device on the kernel's side). Without it (the default) the same ``rng``
 state gives the very scenario it gave before swap steps existed.
 
+Large folios. With ``thp=True`` random steps also draw (``THP_WEIGHTS``) 2 MiB-aligned regions of
+512 or 1024 pages (``"align": "pmd"``, registered "wp" half the time) followed at once by
+hugepage advice (nohugepage now and then) over the whole region, before anything touches it;
+hugepage or nohugepage advice over a subrange of any region; and moves of a whole PMD (512 pages,
+from a PMD boundary of one aligned region to one of another, registered, aligned region). Such
+scenarios run on the kernel only (mmsim does not model large folios yet). Without it (the
+default) the same ``rng`` state gives the very scenario it gave before.
+
 The same ``rng`` state gives the same scenario (only ``rng`` is drawn from, and every choice is
 made over ordered lists).
 """
@@ -76,7 +84,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scenario import ADVICE, MAX_PENDING_FAULTS, PAGE, PROTS, RECLAIM_ADVICE, Scenario
+from .scenario import ADVICE, MAX_PENDING_FAULTS, PAGE, PMD_SIZE, PROTS, RECLAIM_ADVICE, THP_ADVICE, Scenario
 
 MAX_PROCESSES = 3
 MAX_STEPS = 30
@@ -95,6 +103,10 @@ WEIGHTS = (
 )
 #: The swap steps random steps also draw from with ``swap=True``.
 SWAP_WEIGHTS = (("pageout", 12), ("cold", 3), ("pte", 10))
+#: The large-folio steps random steps also draw from with ``thp=True``.
+THP_WEIGHTS = (("thp_region", 6), ("hugepage", 3), ("pmd_move", 8))
+#: The pages of a huge PMD.
+PMD_PAGES = PMD_SIZE // PAGE
 #: Raw mode bits a copy or zero-fill may carry that no kernel knows (never 1 << 1: "wp").
 BAD_MODE_BITS = (1 << 2, 1 << 3, 1 << 5)
 
@@ -111,6 +123,8 @@ class _Region:
     dontfork: list[bool]
     #: Still (part of) one mapping with every page mapped: a whole-region mremap succeeds.
     intact: bool = True
+    #: Mapped on a 2 MiB boundary (``"align": "pmd"``).
+    aligned: bool = False
 
     @classmethod
     def new(cls, pages: int, prot: str, registered: bool, intact: bool = True) -> _Region:
@@ -121,7 +135,7 @@ class _Region:
     def clone(self) -> _Region:
         return _Region(
             self.pages, list(self.prot), list(self.mapped), list(self.registered), list(self.written),
-            list(self.dontfork), self.intact,
+            list(self.dontfork), self.intact, self.aligned,
         )
 
     def unmap(self, start: int, n: int) -> None:
@@ -164,9 +178,12 @@ class _Proc:
 
 
 class _Gen:
-    def __init__(self, rng: random.Random, swap: bool = False) -> None:
+    def __init__(self, rng: random.Random, swap: bool = False, thp: bool = False) -> None:
         self.rng = rng
-        self.weights = WEIGHTS + SWAP_WEIGHTS if swap else WEIGHTS
+        self.weights: tuple[tuple[str, int], ...] = WEIGHTS + SWAP_WEIGHTS if swap else WEIGHTS
+        self.thp = thp
+        if thp:
+            self.weights += THP_WEIGHTS
         self.steps: list[dict[str, Any]] = []
         roots = 1 if rng.random() < 0.8 else 2
         self.roots = list(ROOT_NAMES[:roots])
@@ -250,6 +267,66 @@ class _Gen:
         if uffd:
             st["uffd"] = uffd
         p.regions[name] = _Region.new(pages, prot, uffd is not None, intact=not p.tainted)
+        return True
+
+    def op_thp_region(self) -> bool:
+        """A 2 MiB-aligned region of one or two PMDs, with hugepage (or nohugepage) advice over it
+        at once."""
+        if self.nregions >= self.max_regions:
+            return False
+        p = self.pick_proc(with_regions=False)
+        if p is None:
+            return False
+        rng = self.rng
+        name = f"r{self.nregions}"
+        self.nregions += 1
+        pages = PMD_PAGES * rng.choice((1, 1, 2))
+        uffd = "wp" if rng.random() < 0.5 else None
+        st = self.add("mmap", p.name, region=name, pages=pages, align="pmd")
+        if uffd:
+            st["uffd"] = uffd
+        advice = "hugepage" if rng.random() < 0.85 else "nohugepage"
+        self.add("madvise", p.name, at=[name, 0], pages=pages, advice=advice)
+        r = _Region.new(pages, "rw", uffd is not None, intact=not p.tainted)
+        r.aligned = True
+        p.regions[name] = r
+        return True
+
+    def op_hugepage(self) -> bool:
+        """Hugepage or nohugepage advice over a subrange of a region."""
+        p = self.pick_proc()
+        if p is None:
+            return False
+        name, r = self.pick_region(p)
+        start, n = self.subrange(r, whole=0.5)
+        self.add("madvise", p.name, at=[name, start], pages=n, advice=self.rng.choice(THP_ADVICE))
+        self.touch(p, r, start, n)
+        return True
+
+    def op_pmd_move(self) -> bool:
+        """A move of a whole PMD, between PMD boundaries of two aligned regions of a process (the
+        destination registered there)."""
+        cands = [
+            (self.procs[n], s, d)
+            for n in self.alive
+            for s, sr in self.procs[n].regions.items()
+            for d, dr in self.procs[n].regions.items()
+            if s != d and sr.aligned and dr.aligned and any(dr.registered)
+        ]
+        if not cands:
+            return False
+        rng = self.rng
+        p, sname, dname = rng.choice(cands)
+        s, d = p.regions[sname], p.regions[dname]
+        spage = PMD_PAGES * rng.randrange(s.pages // PMD_PAGES)
+        dpage = PMD_PAGES * rng.randrange(d.pages // PMD_PAGES)
+        st = self.add("move", p.name, dst=[dname, dpage], src=[sname, spage], pages=PMD_PAGES)
+        if rng.random() < 0.3:
+            st["mode"] = ["allow_src_holes"]
+        for i in range(PMD_PAGES):
+            if s.written[spage + i] and not d.written[dpage + i] and d.registered[dpage + i]:
+                d.written[dpage + i] = True
+                s.written[spage + i] = False
         return True
 
     def op_access(self, op: str) -> bool:
@@ -673,8 +750,11 @@ class _Gen:
     def run(self) -> list[dict[str, Any]]:
         rng = self.rng
         length = rng.randint(5, MAX_STEPS)
-        self.op_mmap()
-        self.op_mmap()  # at least two regions
+        for _ in range(2):  # at least two regions (with ``thp``, aligned ones half the time)
+            if self.thp and rng.random() < 0.5:
+                self.op_thp_region()
+            else:
+                self.op_mmap()
         ops = [o for o, _ in self.weights]
         weights = [w for _, w in self.weights]
         while len(self.steps) < length:
@@ -710,6 +790,12 @@ class _Gen:
                 self.op_copy(op)
             elif op == "wake":
                 self.op_wake()
+            elif op == "thp_region":
+                self.op_thp_region()
+            elif op == "hugepage":
+                self.op_hugepage()
+            elif op == "pmd_move":
+                self.op_pmd_move()
             else:
                 self.op_episode()
         while self.episode is not None:  # finish the open episode, where there is room
@@ -717,10 +803,11 @@ class _Gen:
         return self.steps
 
 
-def random_scenario(rng: random.Random, name: str, swap: bool = False) -> Scenario:
+def random_scenario(rng: random.Random, name: str, swap: bool = False, thp: bool = False) -> Scenario:
     """A random, valid scenario drawn from ``rng`` whose every answer is settled on the kernel;
-    with ``swap``, also with pageout, cold and ``pte`` steps."""
-    g = _Gen(rng, swap)
+    with ``swap``, also with pageout, cold and ``pte`` steps; with ``thp``, also with aligned
+    regions, hugepage advice and moves of whole PMDs."""
+    g = _Gen(rng, swap, thp)
     steps = g.run()
     s = Scenario(
         name=name,

@@ -58,6 +58,18 @@ folio stays in the swap cache, clean, until reclaim frees it, so what later step
 settled. ``swap_unavailable`` says why this cannot run (no oracle, no active swap, zram or
 zswap, whose synchronous writes free the page at once).
 
+Large folios
+------------
+``"align": "pmd"`` maps the region's length plus 2 MiB and unmaps the slack on both sides of
+the 2 MiB boundary inside it. ``pte`` adds, for a present page, ``pmd`` from the PAGEMAP_SCAN
+ioctl (PAGE_IS_HUGE over that one page) and ``head``/``tail`` from kpageflags; ``zero_page``
+covers the huge zero page (KPF_ZERO_PAGE). A large-folio scenario (``uses_thp``) runs under its
+THP settings (``thp_settings``: written to /sys/kernel/mm/transparent_hugepage/ under a lock,
+journalled, restored after) with khugepaged kept asleep and held back, and every step is checked against the
+counters that say its answer cannot be trusted (``thp_counters``): a step during which a huge
+page fault fell back to small pages, khugepaged collapsed pages or a large folio was swapped out
+whole is marked ``unreliable``. ``thp_unavailable`` says why such scenarios cannot run.
+
 Not disturbing the address space
 --------------------------------
 Helpers run with ``PYTHONMALLOC=malloc`` and ``MALLOC_ARENA_MAX=1`` (small allocations come from
@@ -96,12 +108,15 @@ threads; a fault the kernel refuses (SIGSEGV) ends the helper, and its steps the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import os
 import platform
+import re
 import select
 import signal
 import socket
@@ -110,6 +125,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .scenario import (
@@ -117,6 +133,7 @@ from .scenario import (
     FILL_VMAS_PAGES,
     MAX_PENDING_FAULTS,
     PAGE,
+    PMD_SIZE,
     Scenario,
     StepResult,
     copy_mode,
@@ -127,6 +144,7 @@ from .scenario import (
     move_mode,
     place,
     remap_flags,
+    uses_thp,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +161,10 @@ _MAP_FIXED, _MAP_FIXED_NOREPLACE = 0x10, 0x100000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PLUG_FLAGS = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
 _PROT = {"none": _PROT_NONE, "r": _PROT_READ, "rw": _PROT_READ | _PROT_WRITE}
-_MADV = {"dontneed": 4, "dontfork": 10, "dofork": 11, "wipeonfork": 18, "keeponfork": 19, "cold": 20, "pageout": 21}
+_MADV = {
+    "dontneed": 4, "dontfork": 10, "dofork": 11, "hugepage": 14, "nohugepage": 15, "wipeonfork": 18,
+    "keeponfork": 19, "cold": 20, "pageout": 21,
+}
 _SYS_MREMAP = {"x86_64": 25, "aarch64": 216}
 #: move_pages(2): an empty call with a node list drains every CPU's LRU batches (lru_add_drain_all).
 _SYS_MOVE_PAGES = {"x86_64": 279, "aarch64": 239}
@@ -193,6 +214,12 @@ _KPF_KSM = 1 << 21
 _KPF_THP = 1 << 22
 _KPF_ZERO_PAGE = 1 << 24
 _KPF_OWNER_2 = 1 << 34
+# PAGEMAP_SCAN (linux/fs.h): the page categories of a range of /proc/self/pagemap.
+_PAGE_IS_PRESENT = 1 << 3
+_PAGE_IS_SWAPPED = 1 << 4
+_PAGE_IS_PFNZERO = 1 << 5
+_PAGE_IS_HUGE = 1 << 6
+_PM_SCAN_RETURN = _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED | _PAGE_IS_PFNZERO | _PAGE_IS_HUGE
 #: How long a pageout waits for the swap writeback it started to end.
 _WRITEBACK_WAIT_S = 3.0
 _U64 = (1 << 64) - 1
@@ -245,6 +272,26 @@ class _UffdioZeropage(ctypes.Structure):
     ]
 
 
+class _PmScanArg(ctypes.Structure):
+    """struct pm_scan_arg."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages", "category_inverted",
+            "category_mask", "category_anyof_mask", "return_mask",
+        )
+    ]
+
+
+class _PageRegion(ctypes.Structure):
+    """struct page_region: one run of pages of the same categories."""
+
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+PAGEMAP_SCAN = _ioc(_IOC_READ_WRITE, ord("f"), 16, ctypes.sizeof(_PmScanArg))
+assert ctypes.sizeof(_PmScanArg) == 96 and ctypes.sizeof(_PageRegion) == 24
 assert ctypes.sizeof(_UffdioCopy) == 40 and ctypes.sizeof(_UffdioZeropage) == 32 and _UFFD_MSG.size == 32
 assert ctypes.sizeof(_UffdioApi) == 24 and ctypes.sizeof(_UffdioRegister) == 32
 assert ctypes.sizeof(_UffdioRange) == 16 and ctypes.sizeof(_UffdioMove) == 40
@@ -438,6 +485,328 @@ def uffd_move_unavailable() -> str | None:
             return f"no UFFD_FEATURE_MOVE: UFFDIO_API: {errno.errorcode.get(libc.errno(), libc.errno())}"
         if not api.features & UFFD_FEATURE_MOVE:
             return "no UFFD_FEATURE_MOVE"
+    finally:
+        os.close(fd)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Transparent hugepages: the settings a large-folio scenario runs under, and its settling
+
+#: Where the kernel keeps its transparent-hugepage settings.
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
+#: The settings every large-folio scenario starts from (a scenario's own ``thp`` settings go on
+#: top): huge pages only where MADV_HUGEPAGE asks for them, the huge zero page for read faults, the
+#: PMD size following ``enabled`` and no smaller size (every ``hugepages-*`` size but 2048kB that
+#: has an ``enabled`` file: "never").
+THP_BASELINE: dict[str, Any] = {"enabled": "madvise", "use_zero_page": True, "mthp": {"2048kB": "inherit"}}
+#: khugepaged's scan_sleep_millisecs while a large-folio scenario runs (an hour): khugepaged,
+#: woken by the write, scans once before the scenario's processes exist (and once more when the
+#: first of them asks for MADV_HUGEPAGE, if its list of processes was empty), then sleeps through
+#: the scenario instead of collapsing small pages into a huge one behind its back.
+KHUGEPAGED_SLEEP_MS = 3_600_000
+#: khugepaged's limits while a large-folio scenario runs: it collapses only a PMD range whose 512
+#: PTEs all map pages of their own (no empty PTE or zero page, no swap entry, no page shared with
+#: another process). A split THP with a hole, a zero page, a swap entry or a COW-shared page,
+#: which every scenario that splits one leaves, is then never collapsed, even by the scan that a
+#: partial unmap of a THP wakes khugepaged for at once (the sleep does not hold it back).
+KHUGEPAGED_LIMITS = {"max_ptes_none": 0, "max_ptes_swap": 0, "max_ptes_shared": 0}
+#: The counters that say a large-folio scenario's answer cannot be trusted: a huge page fault that
+#: fell back to smaller pages (no huge page, or no huge zero page, could be allocated or charged),
+#: khugepaged collapsing pages after all, and a large folio swapped out whole (the recordings were
+#: made with a swap file that takes no large folio, so pageout splits them: a swap device that
+#: takes them answers otherwise).
+_THP_VMSTAT = ("thp_fault_fallback", "thp_zero_page_alloc_failed", "thp_swpout")
+#: The per-size counters of the same (``hugepages-*/stats/``).
+_MTHP_STATS = ("anon_fault_fallback", "swpout")
+#: A setting that writing ``enabled`` may recompute (khugepaged's recommended minimum).
+_MIN_FREE_KBYTES = "/proc/sys/vm/min_free_kbytes"
+_CHOICE = re.compile(r"\[([a-z+]+)\]")
+
+
+def _state_dir() -> str:
+    """Where the settings lock and the restore journal live: /run (gone, like the settings,
+    after a reboot) where it is writable, else the temporary directory."""
+    return "/run" if os.access("/run", os.W_OK) else os.environ.get("TMPDIR", "/tmp")
+
+
+def _thp_lock_path() -> str:
+    return os.path.join(_state_dir(), "mmsim-conformance-thp.lock")
+
+
+def _thp_journal_path() -> str:
+    return os.path.join(_state_dir(), "mmsim-conformance-thp.restore.json")
+
+
+def read_thp_setting(path: str) -> str:
+    """A sysfs setting as it can be written back: the bracketed choice of a list ("always
+    [madvise] never" -> "madvise"), else the value."""
+    with open(path) as f:
+        text = f.read().strip()
+    m = _CHOICE.search(text)
+    return m.group(1) if m else text
+
+
+def _write_thp_setting(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+    if read_thp_setting(path) != value:
+        raise OSError(errno.EIO, f"{path} did not take {value!r}")
+
+
+def thp_settings_for(thp: dict[str, Any] | None, root: str | None = None) -> dict[str, str]:
+    """The sysfs files (paths under ``root``, default THP_SYSFS) and values a large-folio
+    scenario runs under: khugepaged asleep and held to KHUGEPAGED_LIMITS, THP_BASELINE, then the
+    scenario's own ``thp`` settings, in writing order."""
+    thp = thp or {}
+    root = root or THP_SYSFS
+    mthp = {
+        name.removeprefix("hugepages-"): "never"
+        for name in sorted(os.listdir(root))
+        if name.startswith("hugepages-") and os.path.exists(os.path.join(root, name, "enabled"))
+    }
+    mthp.update(THP_BASELINE["mthp"])
+    mthp.update(thp.get("mthp", {}))
+    out = {os.path.join(root, "khugepaged", "scan_sleep_millisecs"): str(KHUGEPAGED_SLEEP_MS)}
+    for name, limit in KHUGEPAGED_LIMITS.items():
+        out[os.path.join(root, "khugepaged", name)] = str(limit)
+    out[os.path.join(root, "enabled")] = str(thp.get("enabled", THP_BASELINE["enabled"]))
+    out[os.path.join(root, "use_zero_page")] = "1" if thp.get("use_zero_page", THP_BASELINE["use_zero_page"]) else "0"
+    for size, value in mthp.items():
+        out[os.path.join(root, f"hugepages-{size}", "enabled")] = str(value)
+    return out
+
+
+def _restore_thp(saved: dict[str, str]) -> list[str]:
+    """Write back the saved settings that differ now, in the reverse order of their change (so
+    min_free_kbytes, saved first, comes last): the problems, if any."""
+    problems = []
+    for path, value in reversed(list(saved.items())):
+        try:
+            if read_thp_setting(path) != value:
+                _write_thp_setting(path, value)
+        except OSError as e:
+            problems.append(f"{path}: {e.strerror or e}")
+    return problems
+
+
+def restore_pending_thp_settings() -> None:
+    """Restore what a run that died while it had THP settings changed left in the journal."""
+    path = _thp_journal_path()
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    problems = _restore_thp(saved)
+    if problems:
+        raise RuntimeError("cannot restore the transparent-hugepage settings: " + "; ".join(problems))
+    os.unlink(path)
+
+
+#: This process's mapping that keeps it on khugepaged's list (see _stay_on_khugepaged_list).
+_KHUGEPAGED_KEEPER: list[int] = []
+
+
+def _stay_on_khugepaged_list() -> None:
+    """Put this process on khugepaged's list of processes to scan, and keep it there: MADV_HUGEPAGE
+    on a 4 MiB mapping that is never touched and lives as long as the process. khugepaged wakes
+    at once when a process joins an empty list; with this one always on it, a helper's first
+    MADV_HUGEPAGE (or, with THP enabled always, its first mapping) does not wake it, so it sleeps
+    through the scenario (KHUGEPAGED_SLEEP_MS). Done again for every scenario, since it takes
+    only while THP is enabled."""
+    libc = _Libc()
+    if not _KHUGEPAGED_KEEPER:
+        flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+        p = libc.mmap(None, 2 * PMD_SIZE, _PROT_READ | _PROT_WRITE, flags, -1, 0)
+        if p == _MAP_FAILED or p is None:
+            return
+        _KHUGEPAGED_KEEPER.append(p)
+    libc.madvise(_KHUGEPAGED_KEEPER[0], 2 * PMD_SIZE, _MADV["hugepage"])
+
+
+#: How long khugepaged must not have run to count as asleep, and how long to wait for that.
+_KHUGEPAGED_QUIET_S, _KHUGEPAGED_WAIT_S = 0.03, 3.0
+
+
+def _khugepaged_pid() -> int | None:
+    """The khugepaged kernel thread's pid (a new one each time THP is switched back on), or None."""
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/comm") as f:
+                    if f.read().strip() == "khugepaged":
+                        return int(name)
+            except OSError:
+                continue
+    return None
+
+
+def _khugepaged_slices(pid: int | None) -> int:
+    """How many times khugepaged has been on a CPU (schedstat's third field), or -1."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _wait_khugepaged_asleep(pid: int | None, slices: int) -> None:
+    """Wait (up to _KHUGEPAGED_WAIT_S) until khugepaged (``pid``) has run since it had been on a
+    CPU ``slices`` times (the scan a settings write woke it for: khugepaged runs at nice 19, so
+    it may not have started yet) and has then sat for _KHUGEPAGED_QUIET_S in its own wait
+    between scans (not in a lock or an allocation inside one) without running again."""
+    if pid is None or slices < 0:
+        return
+    deadline = time.monotonic() + _KHUGEPAGED_WAIT_S
+    last, since = slices, time.monotonic()
+    while time.monotonic() < deadline:
+        now_slices = _khugepaged_slices(pid)
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                waiting = f.read().strip() == "khugepaged"
+        except OSError:
+            return
+        now = time.monotonic()
+        if now_slices < 0:
+            return
+        if now_slices != last or not waiting:
+            last, since = now_slices, now
+        elif last != slices and now - since >= _KHUGEPAGED_QUIET_S:
+            return
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def thp_settings(scenario: Scenario | None) -> Iterator[None]:
+    """Run a scenario under the settings it needs. Every kernel run holds a lock shared by this
+    machine's runs: shared for a scenario that is not a large-folio one (so no other run changes
+    the settings under it), exclusive for a large-folio one, which applies ``thp_settings_for``
+    (writing only what differs; the old values go to a journal first, so that a run killed
+    half-way is undone by the next one), keeps khugepaged asleep (_stay_on_khugepaged_list,
+    then waits for the scan the writes woke it for to end) and restores exactly what it changed
+    when it ends, however it ends."""
+    try:
+        lock: int | None = os.open(_thp_lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX if scenario is not None else fcntl.LOCK_SH)
+        if scenario is None:
+            yield
+            return
+        restore_pending_thp_settings()
+        wanted = thp_settings_for(scenario.thp)
+        saved = {path: old for path, value in wanted.items() if (old := read_thp_setting(path)) != value}
+        journal = _thp_journal_path()
+        if saved:
+            # Journalled first, so that a run killed half-way is undone by the next one; and
+            # min_free_kbytes too, which switching THP on or off recomputes.
+            saved = {_MIN_FREE_KBYTES: read_thp_setting(_MIN_FREE_KBYTES), **saved}
+            with open(journal, "w") as f:
+                json.dump(saved, f)
+        try:
+            for path in saved:
+                pid = _khugepaged_pid()
+                slices = _khugepaged_slices(pid)
+                if path != _MIN_FREE_KBYTES:
+                    _write_thp_setting(path, wanted[path])
+                if path.endswith("scan_sleep_millisecs"):
+                    # Written first: the scan it wakes khugepaged for ends before any other
+                    # setting (THP enabled always, say) widens what that scan may collapse.
+                    _wait_khugepaged_asleep(pid, slices)
+            _stay_on_khugepaged_list()
+            yield
+        finally:
+            problems = _restore_thp(saved)
+            if problems:
+                raise RuntimeError("cannot restore the transparent-hugepage settings: " + "; ".join(problems))
+            if saved:
+                os.unlink(journal)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def thp_counters(root: str | None = None, vmstat: str = "/proc/vmstat") -> dict[str, int]:
+    """The counters that move when a large-folio scenario's answer cannot be trusted (root:
+    default THP_SYSFS): huge page faults that fell back to smaller pages, large folios swapped
+    out whole (both per size too) and the pages khugepaged collapsed."""
+    root = root or THP_SYSFS
+    out: dict[str, int] = {}
+    with open(vmstat) as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            if name in _THP_VMSTAT:
+                out[name] = int(value)
+    for name in sorted(os.listdir(root)):
+        for counter in _MTHP_STATS:
+            stat = os.path.join(root, name, "stats", counter)
+            if name.startswith("hugepages-") and os.path.exists(stat):
+                with open(stat) as f:
+                    out[f"{name} {counter}"] = int(f.read())
+    with open(os.path.join(root, "khugepaged", "pages_collapsed")) as f:
+        out["khugepaged pages_collapsed"] = int(f.read())
+    return out
+
+
+def thp_disturbance(before: dict[str, int], after: dict[str, int]) -> str:
+    """Why a step during which the counters went from ``before`` to ``after`` is unreliable
+    ("" when none moved)."""
+    moved = [k for k in after if after[k] != before.get(k, 0)]
+    if not moved:
+        return ""
+    if any("fallback" in k or "failed" in k for k in moved):
+        what = "a huge page fault fell back to smaller pages (no huge page could be allocated)"
+    elif any("swpout" in k for k in moved):
+        what = "a large folio was swapped out whole (this swap device takes large folios, unlike the recordings')"
+    else:
+        what = "khugepaged collapsed pages while the scenario ran"
+    return f"{what}: " + ", ".join(f"{k} +{after[k] - before.get(k, 0)}" for k in moved)
+
+
+def thp_unavailable(scenario: Scenario | None = None) -> str | None:
+    """Why large-folio scenarios (or ``scenario``, with its mTHP sizes) cannot run on this
+    machine: no kernel oracle, no /proc/kpageflags, no transparent hugepages or settings that
+    cannot be written, a PMD size other than 2 MiB, no PAGEMAP_SCAN; or None if they can."""
+    why = oracle_unavailable()
+    if why is not None:
+        return why
+    try:
+        with open("/proc/kpageflags", "rb", buffering=0) as f:
+            if len(f.read(8)) != 8:
+                return "/proc/kpageflags unreadable"
+    except OSError as e:
+        return f"/proc/kpageflags unreadable: {e.strerror}"
+    try:
+        with open(os.path.join(THP_SYSFS, "hpage_pmd_size")) as f:
+            pmd = int(f.read())
+        wanted = thp_settings_for(scenario.thp if scenario is not None else None)
+        thp_counters()
+    except FileNotFoundError as e:
+        return f"no transparent hugepages: {e.filename} is missing"
+    except (OSError, ValueError) as e:
+        return f"transparent hugepages unreadable: {e}"
+    if pmd != PMD_SIZE:
+        return f"the PMD size is {pmd} bytes, not {PMD_SIZE}"
+    for path in wanted:
+        if not os.path.exists(path):
+            return f"no {os.path.relpath(path, THP_SYSFS)} (a size or setting this kernel lacks)"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+    libc = _Libc()
+    buf = ctypes.create_string_buffer(PAGE)
+    region = _PageRegion()
+    arg = _PmScanArg(
+        size=ctypes.sizeof(_PmScanArg), start=ctypes.addressof(buf) & ~(PAGE - 1), vec=ctypes.addressof(region),
+        vec_len=1, return_mask=_PM_SCAN_RETURN,
+    )
+    arg.end = arg.start + PAGE
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.ioctl(fd, PAGEMAP_SCAN, ctypes.addressof(arg)) < 0:
+            return f"no PAGEMAP_SCAN on /proc/self/pagemap (Linux 6.7): {errno.errorcode.get(libc.errno(), '?')}"
     finally:
         os.close(fd)
     return None
@@ -644,9 +1013,19 @@ class _Helper:
     # -- commands ------------------------------------------------------------------------------
 
     def do_mmap(self, c: dict[str, Any]) -> dict[str, Any]:
-        p = self.libc.mmap(None, c["len"], _PROT[c["prot"]], _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        slack = PMD_SIZE if c.get("align") == "pmd" else 0
+        p = self.libc.mmap(None, c["len"] + slack, _PROT[c["prot"]], _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if p == _MAP_FAILED or p is None:
             return {"errno": self.libc.errno()}
+        if slack:
+            # The 2 MiB boundary inside the mapping, and the slack below and above it unmapped.
+            start = (p + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+            end = p + c["len"] + slack
+            if (start > p and self.libc.munmap(p, start - p)) or (
+                end > start + c["len"] and self.libc.munmap(start + c["len"], end - start - c["len"])
+            ):
+                return {"errno": self.libc.errno(), "note": "munmap of the alignment slack failed"}
+            p = start
         out: dict[str, Any] = {"errno": 0, "addr": p, "guard": self.guard}
         if c.get("uffd"):
             err = self._register(p, c["len"], c["uffd"])
@@ -772,14 +1151,27 @@ class _Helper:
         if not entry & _PM_PRESENT:
             return {"errno": 0, "present": False}
         pfn = entry & _PM_PFN_MASK
-        if pfn == self.zero_pfn:
+        if pfn == self.zero_pfn or (self.kpageflags >= 0 and self._kpageflags(pfn) & _KPF_ZERO_PAGE):
             return {"errno": 0, "present": True, "mapcount": 0, "pfn": pfn}
         count = struct.unpack("<Q", os.pread(self.kpagecount, 8, pfn * 8))[0]
         return {"errno": 0, "present": True, "mapcount": count, "pfn": pfn}
 
+    def _scan(self, addr: int) -> int:
+        """The PAGEMAP_SCAN categories of the page at ``addr`` (PAGE_IS_*), or -errno."""
+        region = _PageRegion()
+        arg = _PmScanArg(
+            size=ctypes.sizeof(_PmScanArg), start=addr, end=addr + PAGE, vec=ctypes.addressof(region), vec_len=1,
+            return_mask=_PM_SCAN_RETURN,
+        )
+        n = self.libc.ioctl(self.pagemap, PAGEMAP_SCAN, ctypes.addressof(arg))
+        if n < 0:
+            return -self.libc.errno()
+        return int(region.categories) if n and region.start <= addr < region.end else 0
+
     def do_pte(self, c: dict[str, Any]) -> dict[str, Any]:
-        """The page's pagemap entry and, for a present page, its kpageflags and kpagecount; for
-        a swap entry, whether its folio is in the swap cache (mincore(2) says resident then)."""
+        """The page's pagemap entry and, for a present page, its kpageflags and kpagecount and
+        whether a huge PMD maps it (PAGEMAP_SCAN); for a swap entry, whether its folio is in the
+        swap cache (mincore(2) says resident then)."""
         addr = c["addr"] & ~(PAGE - 1)
         entry = self._pagemap(addr)
         out: dict[str, Any] = {
@@ -795,17 +1187,28 @@ class _Helper:
                 return {"errno": errno.EIO, "note": "/proc/kpageflags unreadable"}
             pfn = entry & _PM_PFN_MASK
             flags = self._kpageflags(pfn)
+            categories = self._scan(addr)
+            if categories < 0:
+                return {"errno": -categories, "note": "PAGEMAP_SCAN failed"}
             zero = bool(flags & _KPF_ZERO_PAGE) or pfn == self.zero_pfn
+            pmd = bool(categories & _PAGE_IS_HUGE)
+            tail = bool(flags & _KPF_COMPOUND_TAIL)
             out.update(
                 swapcache=bool(flags & _KPF_SWAPCACHE),
+                pmd=pmd,
                 thp=bool(flags & (_KPF_THP | _KPF_COMPOUND_HEAD | _KPF_COMPOUND_TAIL)),
+                head=bool(flags & _KPF_COMPOUND_HEAD),
+                tail=tail,
                 zero_page=zero,
                 ksm=bool(flags & _KPF_KSM),
                 mapcount=0 if zero else int(struct.unpack("<Q", os.pread(self.kpagecount, 8, pfn * 8))[0]),
                 pfn=pfn,
                 flags=flags,
             )
-            if flags & _KPF_ANON and not flags & _KPF_KSM:
+            # kpageflags shows PG_owner_2 of the folio's head: for a tail page that is its own
+            # PG_anon_exclusive only while a huge PMD maps the folio (which keeps the bit of the
+            # whole mapping on the head page).
+            if flags & _KPF_ANON and not flags & _KPF_KSM and (pmd or not tail):
                 out["anon_exclusive"] = bool(flags & _KPF_OWNER_2)
         elif entry & _PM_SWAP:
             vec = ctypes.create_string_buffer(1)
@@ -1225,7 +1628,7 @@ class _Run:
 #: The fields a ``pte`` step reports (those a reply lacks stay None: not reported).
 _PTE_FIELDS = (
     "present", "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "thp", "zero_page", "ksm", "mapcount",
-    "anon_exclusive",
+    "anon_exclusive", "pmd", "head", "tail",
 )
 
 
@@ -1238,11 +1641,20 @@ class KernelRunner:
         self.pids: list[int] = []
 
     def run(self, scenario: Scenario | dict[str, Any]) -> list[StepResult]:
+        """Run ``scenario``: one result per step. A large-folio scenario runs under its THP
+        settings (``thp_settings``), and a step during which a huge page fault fell back to
+        smaller pages, or khugepaged collapsed pages, is marked ``unreliable``."""
         if isinstance(scenario, dict):
             scenario = Scenario.from_dict(scenario)
+        thp = uses_thp(scenario)
+        with thp_settings(scenario if thp else None):
+            return self._run(scenario, thp)
+
+    def _run(self, scenario: Scenario, thp: bool) -> list[StepResult]:
         self.pids = []
         # Fault threads are made at the start, in every process, only if the scenario has faults.
         threads = MAX_PENDING_FAULTS if any(st["op"] == "fault" for st in scenario.steps) else 0
+        counters = thp_counters() if thp else {}
         run = _Run(list(scenario.processes), startup_timeout=max(15.0, self.step_timeout), fault_threads=threads)
         self.pids = run.pids
         addrs: dict[str, int] = {}
@@ -1250,7 +1662,12 @@ class KernelRunner:
         results: list[StepResult] = []
         try:
             for step in scenario.steps:
-                results.append(self._step(run, scenario, addrs, step, regions))
+                res = self._step(run, scenario, addrs, step, regions)
+                if thp:
+                    now = thp_counters()
+                    res.unreliable = thp_disturbance(counters, now)
+                    counters = now
+                results.append(res)
         finally:
             run.close()
         return results
@@ -1369,6 +1786,8 @@ class KernelRunner:
         cmd: dict[str, Any] = {"op": op}
         if op == "mmap":
             cmd.update(len=int(step["pages"]) * PAGE, prot=step.get("prot", "rw"), uffd=step.get("uffd"))
+            if "align" in step:
+                cmd["align"] = step["align"]
         elif op == "fill_vmas":
             cmd.update(len=FILL_VMAS_PAGES * PAGE, leave=int(step["leave"]))
         elif op in ("munmap", "madvise", "uffd_register", "uffd_unregister", "mprotect"):

@@ -14,6 +14,7 @@ from .scenario import (
     FIELDS,
     FILL_VMAS_PAGES,
     MAX_MAP_COUNT,
+    NOT_MODELLED,
     PAGE,
     UNRECORDED,
     Scenario,
@@ -25,6 +26,8 @@ from .scenario import (
     move_mode,
     place,
     remap_flags,
+    thp_steps,
+    uses_thp,
 )
 
 #: How long a ``fault`` or ``fault_status`` step waits for a fault to settle (asleep or done).
@@ -34,6 +37,21 @@ SETTLED_POLLS = 3
 POLL_S = 0.005
 #: The mprotects of a ``fill_vmas`` step go in Batch calls of this many (the server takes 10,000).
 FILL_BATCH = 5000
+
+
+class NotModelledError(NotImplementedError):
+    """A scenario that mmsim does not model yet (large folios: THP settings, an aligned ``mmap``,
+    hugepage or nohugepage advice): it runs on the kernel only."""
+
+
+def not_modelled(scenario: Scenario) -> str | None:
+    """Why mmsim cannot run ``scenario`` (naming the first step, or the settings, that needs what
+    it does not model), or None if it can."""
+    if not uses_thp(scenario):
+        return None
+    steps = thp_steps(scenario)
+    what = f"step {steps[0]} ({describe(scenario.steps[steps[0]])})" if steps else "its thp settings"
+    return f"{scenario.name}: {what}: {NOT_MODELLED}, so the scenario runs on the kernel only"
 
 
 @dataclass
@@ -64,7 +82,11 @@ class MmsimRunner:
 
     async def run(self, scenario: Scenario, kernel: list[StepResult] | None = None) -> list[StepResult]:
         """Run ``scenario``. With the kernel's results, each region is mapped at the very
-        address the kernel chose; without, mmsim places it."""
+        address the kernel chose; without, mmsim places it. A large-folio scenario raises
+        NotModelledError before anything runs."""
+        why = not_modelled(scenario)
+        if why is not None:
+            raise NotModelledError(why)
         run = _Run()
         for name in scenario.processes:
             run.procs[name] = await self.client.create_process()
@@ -255,16 +277,17 @@ class MmsimRunner:
     async def _pte(p: Process, addr: int, r: StepResult) -> None:
         """The page's pagemap entry, with the fields the kernel runner reports: the five pagemap
         bits always; for a swap entry also ``swapcache`` (mincore); for a present page also what
-        kpageflags and kpagecount say, ``anon_exclusive`` only for an anonymous page (not the zero
-        page)."""
+        kpageflags, kpagecount and PAGEMAP_SCAN say, ``anon_exclusive`` only for an anonymous page
+        (not the zero page) that is no tail page mapped by a PTE."""
         [e] = await p.pagemap(addr & ~(PAGE - 1), PAGE)
         r.present, r.swap, r.exclusive = e.present, e.swap, e.exclusive
         r.uffd_wp, r.soft_dirty = e.uffd_wp, e.soft_dirty
         if e.present:
             r.swapcache, r.zero_page, r.ksm = e.swapcache, e.zero_page, e.ksm
+            r.pmd, r.head, r.tail = e.pmd, e.head, e.tail
             r.thp = e.thp or e.head or e.tail
             r.mapcount = 0 if e.zero_page else e.mapcount
-            if not e.zero_page and not e.ksm:
+            if not e.zero_page and not e.ksm and (e.pmd or not e.tail):
                 r.anon_exclusive = e.anon_exclusive
         elif e.swap:
             r.swapcache = e.swapcache
@@ -336,7 +359,7 @@ class Difference:
 
 def describe(step: dict[str, Any]) -> str:
     parts = [step["op"], step.get("proc", "")]
-    for key in ("region", "at", "dst", "src", "pages", "len", "mode", "value", "advice", "child", "uffd"):
+    for key in ("region", "at", "dst", "src", "pages", "len", "mode", "value", "advice", "child", "uffd", "align"):
         if key in step:
             parts.append(f"{key}={step[key]}")
     return " ".join(str(p) for p in parts if p != "")

@@ -19,8 +19,9 @@ A scenario is a JSON document::
 
 Processes are named; ``processes`` lists the ones that exist at the start, ``fork`` adds a named
 child (which inherits its parent's memory, regions included). Regions are named ranges of pages
-created by ``mmap``; the address is chosen by the kernel when the kernel runs the scenario, and
-mmsim maps the region at that very address. A place is ``[region, page]`` or
+created by ``mmap``; the address is chosen by the kernel when the kernel runs the scenario (on a
+2 MiB boundary where the step asks for ``"align": "pmd"``), and mmsim maps the region at that
+very address. A place is ``[region, page]`` or
 ``[region, page, byte_offset]`` (to test misalignment).
 
 Steps (``proc`` names the process doing it):
@@ -28,13 +29,14 @@ Steps (``proc`` names the process doing it):
 ==================  ===========================================================================
 ``mmap``            ``region``, ``pages``, ``prot`` ("rw", "r" or "none", default "rw"),
                     ``uffd`` (null, "missing" or "wp": register the new range with the
-                    process's userfaultfd)
+                    process's userfaultfd), ``align`` (optional, "pmd": the region starts on a
+                    2 MiB boundary, so that a huge PMD can map its first 512 pages)
 ``munmap``          ``at``, ``pages``
 ``mprotect``        ``at``, ``pages``, ``prot`` ("none", "r" or "rw")
 ``madvise``         ``at``, ``pages``, ``advice`` (dontfork, dofork, wipeonfork, keeponfork,
-                    dontneed, pageout, cold). The kernel runner drains every CPU's LRU
-                    batches before pageout and cold, and waits for the swap writeback
-                    that pageout started to end (see ``pte``)
+                    dontneed, pageout, cold, hugepage, nohugepage). The kernel runner drains
+                    every CPU's LRU batches before pageout and cold, and waits for the swap
+                    writeback that pageout started to end (see ``pte``)
 ``mremap``          ``at`` (the old start), ``pages`` (the old length), ``new_pages``, ``flags``
                     (a list of "maymove", "fixed", "dontunmap"; default none), ``to`` (a place:
                     the MREMAP_FIXED target, required with "fixed", allowed only with it),
@@ -50,14 +52,19 @@ Steps (``proc`` names the process doing it):
 ``read``            ``at``: a faulting read (faults in the zero page); records ``value``
 ``peek``            ``at``: a non-faulting read; records ``present`` and, if present, ``value``
 ``present``         ``at``: records ``present``
-``mapcount``        ``at``: records ``present`` and ``mapcount`` (0 for the zero page)
+``mapcount``        ``at``: records ``present`` and ``mapcount`` (0 for the zero page and the
+                    huge zero page)
 ``pte``             ``at``: what the page table says of the page, without faulting: ``present``,
                     ``swap`` (a swap entry), ``exclusive`` (PM_MMAP_EXCLUSIVE: a present page
                     mapped once; never set for a swap entry), ``uffd_wp``, ``soft_dirty``
                     (pagemap bits 63, 62, 56, 57, 55); for a present page or a swap entry
                     ``swapcache`` (the folio is in the swap cache); for a present page
-                    ``thp``, ``zero_page``, ``ksm``, ``mapcount`` (0 for the zero page) and,
-                    for an anonymous one, ``anon_exclusive`` (PG_anon_exclusive)
+                    ``pmd`` (mapped by a huge PMD: PAGEMAP_SCAN's PAGE_IS_HUGE), ``thp``
+                    (part of a large folio), ``head`` and ``tail`` (the folio's first page,
+                    a later one: KPF_COMPOUND_HEAD/TAIL), ``zero_page`` (the zero page or the
+                    huge zero page), ``ksm``, ``mapcount`` (0 for either zero page) and, for
+                    an anonymous page, ``anon_exclusive`` (PG_anon_exclusive; not for a
+                    tail page mapped by a PTE, whose own bit kpageflags does not show)
 ``move``            ``dst``, ``src`` (places), ``pages`` or ``len`` (bytes), ``mode``: a list of
                     "dontwake", "allow_src_holes", or an integer of raw mode bits; records
                     ``errno`` and ``moved`` (bytes moved before the error, as the SDK reports it)
@@ -96,6 +103,12 @@ Steps (``proc`` names the process doing it):
 ``fork``            ``child``: a new process named so
 ``exit``            the process exits
 ==================  ===========================================================================
+
+A scenario may also carry ``"thp": {"enabled": "always"|"madvise"|"never", "use_zero_page":
+true|false, "mthp": {"64kB": "always"|"inherit"|"madvise"|"never", ...}}``: the settings of
+/sys/kernel/mm/transparent_hugepage/ the kernel runner applies before the scenario and restores
+after it (``hugepages-64kB/enabled`` for an ``mthp`` size). A scenario with such settings, an
+aligned ``mmap`` or hugepage/nohugepage advice is a large-folio scenario (``uses_thp``).
 
 Every step records ``errno`` (0 on success). A scenario may mark a step ``"expect": {...}`` with
 any of the recorded fields; both runners are then also checked against it. Recording (``mmsim
@@ -160,6 +173,7 @@ OP_OPTIONAL = {
     "mremap": {"flags", "to", "region"},
     "copy": {"value", "values"},
     "fault": {"write", "value"},
+    "mmap": {"align"},
 }
 #: The ops that take a length as ``pages`` or ``len``.
 LENGTH_OPS = ("move", "copy", "zeropage", "wake")
@@ -167,8 +181,19 @@ LENGTH_OPS = ("move", "copy", "zeropage", "wake")
 ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork")
 #: The advice that reclaims: pageout swaps a page out, cold deactivates it.
 RECLAIM_ADVICE = ("pageout", "cold")
+#: The advice that asks for large folios (MADV_HUGEPAGE) or refuses them (MADV_NOHUGEPAGE).
+THP_ADVICE = ("hugepage", "nohugepage")
 #: Every advice a scenario may give.
-ALL_ADVICE = (*ADVICE, "dontneed", *RECLAIM_ADVICE)
+ALL_ADVICE = (*ADVICE, "dontneed", *RECLAIM_ADVICE, *THP_ADVICE)
+#: What ``mmap``'s ``align`` may ask for.
+ALIGNS = ("pmd",)
+#: The size a huge PMD maps (x86_64, 4 KiB pages).
+PMD_SIZE = 2 << 20
+#: The keys of a scenario's ``thp`` settings and the values each takes (``mthp`` maps a size such
+#: as "64kB" to one of THP_MTHP_VALUES).
+THP_ENABLED_VALUES = ("always", "madvise", "never")
+THP_MTHP_VALUES = ("always", "inherit", "madvise", "never")
+THP_KEYS = ("enabled", "use_zero_page", "mthp")
 PROTS = ("none", "r", "rw")
 MOVE_MODES = {"dontwake": 1 << 0, "allow_src_holes": 1 << 1}
 COPY_MODES = {"dontwake": 1 << 0, "wp": 1 << 1}
@@ -187,12 +212,15 @@ FILL_VMAS_PAGES = 2 * MAX_MAP_COUNT + 4
 FIELDS = (
     "errno", "moved", "copied", "zeroed", "relocated", "value", "present", "mapcount", "blocked", "events",
     "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "thp", "zero_page", "ksm", "anon_exclusive",
+    "pmd", "head", "tail",
 )
 #: Fields whose answer depends on the kernel's configuration, not on the scenario: recording
 #: leaves them out of ``expect``. pagemap's soft-dirty bit is set for every page of a VMA with
 #: VM_SOFTDIRTY, which every new VMA has where the kernel has CONFIG_MEM_SOFT_DIRTY, and never
 #: where it lacks it.
 UNRECORDED = ("soft_dirty",)
+#: Why the mmsim runner refuses a large-folio scenario (it runs on the kernel only).
+NOT_MODELLED = "large folios are not modelled yet"
 
 
 class ScenarioError(ValueError):
@@ -206,6 +234,9 @@ class Scenario:
     processes: list[str] = field(default_factory=lambda: ["P"])
     description: str = ""
     path: str | None = None
+    #: The transparent-hugepage settings the kernel runner applies for the scenario (see the
+    #: module's text), or None: the machine's own.
+    thp: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], path: str | None = None) -> Scenario:
@@ -217,6 +248,7 @@ class Scenario:
             processes=list(doc.get("processes", ["P"])),
             description=str(doc.get("description", "")),
             path=path,
+            thp=doc.get("thp"),
         )
         s.validate()
         return s
@@ -235,6 +267,8 @@ class Scenario:
         if self.description:
             d["description"] = self.description
         d["processes"] = self.processes
+        if self.thp is not None:
+            d["thp"] = self.thp
         d["steps"] = self.steps
         return d
 
@@ -244,6 +278,8 @@ class Scenario:
         regions: set[str] = set()
         faults: dict[str, str] = {}  # fault id -> the process that started it
         where = self.path or self.name
+        if self.thp is not None:
+            _validate_thp(self.thp, where)
         for i, st in enumerate(self.steps):
             op = st.get("op")
             if op not in OPS:
@@ -268,6 +304,8 @@ class Scenario:
             if op in ("mmap", "mprotect") and st.get("prot", "rw") not in PROTS:
                 raise bad(f"prot must be one of {PROTS}")
             if op == "mmap":
+                if st.get("align", "pmd") not in ALIGNS:
+                    raise bad(f"align must be one of {ALIGNS}")
                 regions.add(st["region"])
             elif op == "fill_vmas":
                 leave = st["leave"]
@@ -315,6 +353,51 @@ class Scenario:
                     raise bad(f"{st['id']!r} is not a fault started earlier by {proc}")
 
 
+def _validate_thp(thp: Any, where: str) -> None:
+    """Check a scenario's ``thp`` settings."""
+    bad = _complainer(f"{where}: thp")
+    if not isinstance(thp, dict):
+        raise bad("must be an object")
+    unknown = set(thp) - set(THP_KEYS)
+    if unknown:
+        raise bad(f"unknown keys {sorted(unknown)} (known: {list(THP_KEYS)})")
+    if "enabled" in thp and thp["enabled"] not in THP_ENABLED_VALUES:
+        raise bad(f"enabled must be one of {THP_ENABLED_VALUES}")
+    if "use_zero_page" in thp and not isinstance(thp["use_zero_page"], bool):
+        raise bad("use_zero_page must be true or false")
+    mthp = thp.get("mthp", {})
+    if not isinstance(mthp, dict):
+        raise bad("mthp must be an object of sizes")
+    for size, value in mthp.items():
+        if not mthp_size_ok(size):
+            raise bad(f"mthp size {size!r} must be a power of two of kB between 8kB and 2048kB, as '64kB'")
+        if value not in THP_MTHP_VALUES:
+            raise bad(f"mthp {size} must be one of {THP_MTHP_VALUES}")
+
+
+def mthp_size_ok(size: Any) -> bool:
+    """True for an mTHP size as sysfs names it: "8kB" to "2048kB", a power of two."""
+    if not isinstance(size, str) or not size.endswith("kB") or not size[:-2].isdigit():
+        return False
+    kb = int(size[:-2])
+    return 8 <= kb <= PMD_SIZE >> 10 and kb & (kb - 1) == 0 and size == f"{kb}kB"
+
+
+def thp_steps(scenario: Scenario) -> list[int]:
+    """The steps of ``scenario`` that ask for or refuse large folios: an ``mmap`` with ``align``
+    and ``madvise`` hugepage or nohugepage."""
+    return [
+        i for i, st in enumerate(scenario.steps)
+        if (st["op"] == "mmap" and "align" in st) or (st["op"] == "madvise" and st.get("advice") in THP_ADVICE)
+    ]
+
+
+def uses_thp(scenario: Scenario) -> bool:
+    """True for a large-folio scenario: it has ``thp`` settings, an aligned ``mmap`` or hugepage
+    or nohugepage advice."""
+    return scenario.thp is not None or bool(thp_steps(scenario))
+
+
 def reclaims(step: dict[str, Any]) -> bool:
     """True for a ``madvise`` step with pageout or cold advice."""
     return step["op"] == "madvise" and step.get("advice") in RECLAIM_ADVICE
@@ -358,11 +441,17 @@ class StepResult:
     zero_page: bool | None = None
     ksm: bool | None = None
     anon_exclusive: bool | None = None
+    pmd: bool | None = None  # mapped by a huge PMD
+    head: bool | None = None  # the first page of a large folio
+    tail: bool | None = None  # a later page of a large folio
     addr: int | None = None  # mmap, mremap: where the region was placed (not compared)
     #: mmap: the PROT_NONE guard page the kernel runner keeps right above the regions (not
     #: compared): the mmsim runner maps it too, so that growing a region in place meets it.
     guard: int | None = None
     note: str = ""  # e.g. why a step could not run (not compared)
+    #: Why the kernel's answer here cannot be trusted, e.g. a huge page fault that fell back to
+    #: small pages for want of memory (not compared; a run with one is not recorded).
+    unreliable: str = ""
 
     def compared(self) -> dict[str, Any]:
         d = asdict(self)

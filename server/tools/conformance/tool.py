@@ -1,6 +1,10 @@
 """``mmsim conformance``: run scenarios on the live kernel and on mmsim, and show what differs.
 
 A scenario that pages out is skipped, with the reason, where the kernel has no usable swap.
+A large-folio scenario (THP settings, an aligned ``mmap``, hugepage or nohugepage advice) runs on
+the kernel only, against its own ``expect`` fields, since mmsim does not model large folios yet;
+it is skipped, with the reason, where the kernel cannot run it (``thp_unavailable``), and so is a
+run in which a huge page fault fell back to small pages for want of memory.
 ``record`` runs scenarios on the kernel and writes what it answered into their ``expect`` fields;
 ``replay_on_kernel`` runs one on the kernel only, against them.
 """
@@ -21,7 +25,7 @@ from rich.table import Table
 from mmsim.client import Client
 
 from .mmsim_runner import Difference, MmsimRunner, compare
-from .scenario import UNRECORDED, Scenario, StepResult, needs_swap
+from .scenario import NOT_MODELLED, UNRECORDED, Scenario, StepResult, needs_swap, uses_thp
 
 #: Exit statuses of the command.
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_NO_ORACLE = 0, 1, 2, 3
@@ -36,7 +40,8 @@ class Outcome:
     #: Run on the kernel only (replay_on_kernel): the differences are the kernel's answers
     #: against the scenario's ``expect`` fields.
     kernel_only: bool = False
-    #: Why the scenario was not run (no usable swap for a pageout), or None.
+    #: Why the scenario was not run (no usable swap for a pageout, no usable THP for a large-folio
+    #: scenario, a kernel run whose huge page faults fell back to small pages), or None.
     skipped: str | None = None
 
 
@@ -72,10 +77,13 @@ KERNEL_RUNS = 4
 
 
 async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> Outcome:
-    """Run ``scenario`` on the kernel and on mmsim and compare. The kernel is a live system that
+    """Run ``scenario`` on the kernel and on mmsim and compare (a large-folio scenario, which mmsim
+    does not model yet, on the kernel only: ``replay_on_kernel``). The kernel is a live system that
     other activity can disturb (reclaim isolating a folio, a background scan holding its lock), so
     a scenario that differs is run on the kernel again: a difference counts only against kernel
     answers that two runs in a row agree on."""
+    if uses_thp(scenario):
+        return await replay_on_kernel(scenario, kernel_runner)
     run = kernel_runner.run  # type: ignore[attr-defined]
     kernel = await asyncio.to_thread(run, scenario)
     mmsim = await MmsimRunner(client).run(scenario, kernel)
@@ -92,20 +100,32 @@ async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> 
     return Outcome(scenario, kernel, mmsim, diffs)
 
 
+def unreliable(results: list[StepResult]) -> str | None:
+    """Why a kernel run cannot be trusted (its first unreliable step), or None."""
+    return next((f"step {i}: {r.unreliable}" for i, r in enumerate(results) if r.unreliable), None)
+
+
 async def replay_on_kernel(scenario: Scenario, kernel_runner: object) -> Outcome:
     """Run ``scenario`` on the kernel only and check the answers against its ``expect`` fields,
-    again while two runs in a row do not agree (as in run_one)."""
+    again while two runs in a row do not agree (as in run_one) or a run is unreliable; if every
+    run is, the outcome is skipped with the reason."""
     run = kernel_runner.run  # type: ignore[attr-defined]
     kernel = await asyncio.to_thread(run, scenario)
     diffs = compare(scenario, None, kernel)
     for _ in range(KERNEL_RUNS - 1):
-        if not diffs:
+        if not diffs and unreliable(kernel) is None:
             break
         again = await asyncio.to_thread(run, scenario)
-        if [r.compared() for r in again] == [r.compared() for r in kernel]:
+        if (
+            unreliable(kernel) is None
+            and unreliable(again) is None
+            and [r.compared() for r in again] == [r.compared() for r in kernel]
+        ):
             break
         kernel = again
         diffs = compare(scenario, None, kernel)
+    if (why := unreliable(kernel)) is not None:
+        return Outcome(scenario, kernel, [], [], kernel_only=True, skipped=f"unreliable kernel run: {why}")
     return Outcome(scenario, kernel, [], diffs, kernel_only=True)
 
 
@@ -127,8 +147,10 @@ def record(paths: list[str], step_timeout: float = 5.0, console: Console | None 
     gets none, and no step gets the fields of UNRECORDED). Returns the command's exit status:
     EXIT_DIFFERENT if some file's runs never agreed or it was skipped (it pages out and swap is
     unavailable); such a file is left as it was. Steps that left a note (blocked, process gone)
-    are shown, to be read over."""
-    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable
+    are shown, to be read over. A large-folio scenario is skipped where the kernel cannot run it
+    (``thp_unavailable``), and so is one whose every run was unreliable (a huge page fault fell
+    back to small pages, or khugepaged collapsed pages)."""
+    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
     why = oracle_unavailable()
@@ -143,17 +165,29 @@ def record(paths: list[str], step_timeout: float = 5.0, console: Console | None 
             console.print(f"[yellow]skipped[/yellow]  {s.name}: {no_swap}")
             status = EXIT_DIFFERENT
             continue
-        last = [r.compared() for r in runner.run(s)]
-        for _ in range(KERNEL_RUNS - 1):
+        if uses_thp(s) and (no_thp := thp_unavailable(s)) is not None:
+            console.print(f"[yellow]skipped[/yellow]  {s.name}: {no_thp}")
+            status = EXIT_DIFFERENT
+            continue
+        last: list[dict[str, object]] | None = None
+        why = None
+        for _ in range(KERNEL_RUNS):
             again = runner.run(s)
+            if (why := unreliable(again)) is not None:
+                last = None  # a run that cannot be trusted agrees with nothing
+                continue
             now = [r.compared() for r in again]
             if now == last:
                 break
             last = now
         else:
-            console.print(f"[red]unsettled[/red]  {s.name}: {KERNEL_RUNS} kernel runs, no two in a row agree")
+            if why is not None:
+                console.print(f"[yellow]skipped[/yellow]  {s.name}: unreliable kernel run: {why}")
+            else:
+                console.print(f"[red]unsettled[/red]  {s.name}: {KERNEL_RUNS} kernel runs, no two in a row agree")
             status = EXIT_DIFFERENT
             continue
+        assert last is not None
         notes = [f"step {i}: {r.note}" for i, r in enumerate(again) if r.note]
         if notes:
             console.print(f"[yellow]noted[/yellow]  {s.name}: " + "; ".join(notes))
@@ -190,7 +224,9 @@ def render(outcome: Outcome, console: Console) -> None:
     if outcome.skipped is not None:
         console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}")
         return
-    only = "  (kernel only)" if outcome.kernel_only else ""
+    only = ""
+    if outcome.kernel_only:
+        only = f"  (kernel only: {NOT_MODELLED})" if uses_thp(s) else "  (kernel only)"
     if not outcome.differences:
         console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}")
         return
@@ -223,11 +259,14 @@ async def conformance(
     save: str | None = None,
     console: Console | None = None,
     swap: bool = False,
+    thp: bool = False,
 ) -> int:
     """The command's body; returns its exit status. ``swap``: the random scenarios also page out,
     deactivate and observe PTEs (those that page out are skipped where the kernel has no usable
-    swap)."""
-    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable
+    swap). ``thp``: the random scenarios also map 2 MiB-aligned regions, ask for huge pages and
+    move whole PMDs (they run on the kernel only, since mmsim does not model large folios yet).
+    Large-folio scenarios run on the kernel only, or are skipped where it cannot run them."""
+    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
     why = oracle_unavailable()
@@ -237,14 +276,30 @@ async def conformance(
     scenarios = load_scenarios(paths)
     no_swap = swap_unavailable() if swap or any(needs_swap(s) for s in scenarios) else None
     runner = KernelRunner(step_timeout=step_timeout)
-    different = skipped = 0
+    different = skipped = kernel_only = 0
+    reasons: list[str] = []
+
+    def cannot(s: Scenario) -> str | None:
+        """Why the kernel cannot run ``s`` here, or None."""
+        if no_swap is not None and needs_swap(s):
+            return no_swap
+        return thp_unavailable(s) if uses_thp(s) else None
+
+    def count(outcome: Outcome) -> None:
+        nonlocal skipped, kernel_only
+        if outcome.skipped is not None:
+            skipped += 1
+            reasons.append(outcome.skipped)
+        elif outcome.kernel_only:
+            kernel_only += 1
+
     async with mmsim_client(server) as client:
         for s in scenarios:
-            if no_swap is not None and needs_swap(s):
-                outcome = Outcome(s, [], [], [], skipped=no_swap)
-                skipped += 1
+            if (no := cannot(s)) is not None:
+                outcome = Outcome(s, [], [], [], skipped=no)
             else:
                 outcome = await run_one(s, runner, client)
+            count(outcome)
             render(outcome, console)
             different += bool(outcome.differences)
         if random_count:
@@ -252,12 +307,16 @@ async def conformance(
 
             rng = random.Random(seed)
             for n in range(random_count):
-                s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap)
-                if no_swap is not None and needs_swap(s):
-                    render(Outcome(s, [], [], [], skipped=no_swap), console)
-                    skipped += 1
+                s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap, thp=thp)
+                if (no := cannot(s)) is not None:
+                    outcome = Outcome(s, [], [], [], skipped=no)
+                    count(outcome)
+                    render(outcome, console)
                     continue
                 outcome = await run_one(s, runner, client)
+                count(outcome)
+                if outcome.skipped is not None:
+                    render(outcome, console)
                 if not outcome.differences:
                     continue
                 different += 1
@@ -274,6 +333,9 @@ async def conformance(
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
     total = len(scenarios) + random_count - skipped
+    notes = [f"{kernel_only} on the kernel only: {NOT_MODELLED}"] if kernel_only else []
+    if skipped:
+        notes.append(f"{skipped} skipped: " + "; ".join(dict.fromkeys(reasons)))
     console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim"
-                  + (f" ({skipped} skipped: {no_swap})" if skipped else ""))
+                  + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_DIFFERENT if different else EXIT_OK
