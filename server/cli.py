@@ -600,6 +600,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             save=args.save,
             console=Console(width=None if sys.stdout.isatty() else 140),
             swap=args.swap,
+            thp=args.thp,
         )
 
     try:
@@ -678,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--swap", action="store_true",
                       help="the random scenarios also page out, deactivate and observe PTEs (madvise pageout and "
                       "cold, pte); those that page out are skipped where the kernel has no usable swap")
+    conf.add_argument("--thp", action="store_true",
+                      help="the random scenarios also map 2 MiB-aligned regions and ask for huge pages (madvise "
+                      "hugepage, nohugepage), observed with pte; they run on the kernel only while mmsim has no "
+                      "large folios, and are skipped where the kernel has no transparent hugepages")
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")

@@ -166,3 +166,16 @@ def test_max_memory_takes_sizes(raw: str, value: int) -> None:
 @pytest.mark.parametrize("raw", ["0", "-1G", "4Q", "G", "1.5G"])
 def test_max_memory_rejects_bad_sizes(capsys, raw: str) -> None:
     assert _usage_error(capsys, ["serve", "--max-memory", raw]).startswith("mmsim serve: error: argument --max-memory")
+
+
+def test_conformance_random_thp_runs_them_on_the_kernel_only() -> None:
+    """``mmsim conformance --random N --thp``: the generated scenarios map aligned regions and ask for
+    huge pages; they run on the kernel only (or are skipped where it has no THP)."""
+    from mmsim.server.tools.conformance.kernel import oracle_unavailable
+
+    if (why := oracle_unavailable()) is not None:
+        pytest.skip(why)
+    r = _mmsim("conformance", "--random", "2", "--thp", "--seed", "5", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 random scenarios (seed 5) run" in r.stdout
+    assert "on the kernel only: large folios are not modelled yet" in r.stdout or "skipped" in r.stdout
