@@ -2,8 +2,10 @@
 
 A page-granular shadow, kept here independently of the model, predicts the VMA layout (prot,
 MADV_DONTFORK/WIPEONFORK, userfaultfd mode), the contents of every written page and which pages
-hold the zero page. After every step the model's own audit must be clean, the detectors silent,
-and the model must agree with the shadow.
+hold the zero page. Reclaim (MADV_PAGEOUT, MADV_COLD, the Reclaim call) may swap any written page
+out: the shadow does not predict which, but a swapped-out page must still read back its value. After
+every step the model's own audit must be clean, the detectors silent, and the model must agree
+with the shadow.
 
 Profiles: ``HYPOTHESIS_PROFILE=mmsim-ci`` (the default: derandomized, no example database) or
 ``mmsim-dev`` (random, more examples).
@@ -55,6 +57,7 @@ ERRNOS = {
     "mmap": {errno.EINVAL, errno.EEXIST, errno.ENOMEM},
     "munmap": {errno.EINVAL},
     "madvise": {errno.EINVAL, errno.ENOMEM},
+    "reclaim": set(),
     "uffd_register": {errno.EINVAL, errno.EBUSY},
     "uffd_unregister": {errno.EINVAL},
     "read": {errno.EFAULT},
@@ -466,6 +469,32 @@ class MemoryMachine(RuleBasedStateMachine):
             else:
                 assert holes, "a src hole moved without ALLOW_SRC_HOLES (ENOENT expected)"
 
+    # -- reclaim
+    @precondition(lambda self: self.pids)
+    @rule(p=st.integers(0, 7), i=st.integers(0, 20), off=st.integers(0, SLOT_PAGES - 1), npages=st.integers(1, 20),
+          advice=st.sampled_from(["pageout", "pageout", "cold"]))
+    def pageout(self, p: int, i: int, off: int, npages: int, advice: str) -> None:
+        """MADV_PAGEOUT or MADV_COLD: the layout and the contents stay; written pages mapped once
+        may become swap entries."""
+        pid = self.pid(p)
+        addr = self.addr(pid, i, off)
+        _, err = self.call("madvise", self.m.madvise(pid, addr, npages * P, advice))
+        if all(v in self.layout[pid] for v in self.pages(addr, npages)):
+            assert err is None, err
+        else:
+            assert err is not None and err.errno == errno.ENOMEM, err
+        event(f"{advice}: {sum(self.swapped(pid, v) for v in self.pages(addr, npages))} swapped out")
+
+    @precondition(lambda self: self.pids)
+    @rule(pages=st.sampled_from([1, 4, 32, 1000]))
+    def reclaim(self, pages: int) -> None:
+        freed, err = self.call("reclaim", self.m.reclaim(pages))
+        assert err is None and 0 <= freed
+        event(f"reclaim: {'some' if freed else 'none'} freed")
+
+    def swapped(self, pid: int, vpn: int) -> bool:
+        return self.m.pagemap(pid, vpn << SHIFT, P)[0].swap
+
     # -- rmap walk
     @precondition(lambda self: self.pids)
     @rule(p=st.integers(0, 7), i=st.integers(0, 40), off=st.integers(0, SLOT_PAGES - 1),
@@ -478,8 +507,9 @@ class MemoryMachine(RuleBasedStateMachine):
         else:
             addr = self.addr(pid, i, off)
         vpn = addr >> SHIFT
+        swapped = self.swapped(pid, vpn)
         w, err = self.call("walk", self.m.walk(pid, addr, blocking=blocking))
-        if vpn not in self.data[pid]:
+        if vpn not in self.data[pid] or swapped:
             assert err is not None and err.errno == errno.ENOENT
             return
         assert err is None, err
@@ -492,7 +522,7 @@ class MemoryMachine(RuleBasedStateMachine):
         folio = self.m.processes[pid].pte_lookup(addr).folio
         for mpid, maddr in w.mappings:
             assert mpid in self.pids
-            assert self.m.processes[mpid].pte_lookup(maddr).folio is folio
+            assert self.m.processes[mpid].pte_lookup(maddr).folio is folio  # type: ignore[union-attr]
             assert self.data[mpid][maddr >> SHIFT] == self.data[pid][vpn]
         assert 0 <= w.referenced <= len(w.mappings)
         # The young bits were cleared: a second walk with no access in between sees none.
@@ -520,7 +550,9 @@ class MemoryMachine(RuleBasedStateMachine):
             data, zero = self.data[pid], self.zero[pid]
             for vpn in layout:
                 f = m.folio(pid, vpn << SHIFT)
-                if vpn in data:
+                if vpn in data and f is None:  # swapped out (the audit checks its contents against the ledger)
+                    assert self.swapped(pid, vpn), (pid, hex(vpn << SHIFT))
+                elif vpn in data:
                     assert f is not None and not f.zero_page and f.value == data[vpn], (pid, hex(vpn << SHIFT), f)
                     assert f.mapcount >= 1 and (not f.writable or f.exclusive)
                 elif vpn in zero:
@@ -536,6 +568,7 @@ class MemoryMachine(RuleBasedStateMachine):
                 self.run(self.m.exit(pid))
             if self.pids:
                 assert self.m.k.folios_live == 0
+                assert self.m.k.swap.inuse_pages == 0 and len(self.m.k.lruvec) == 0
                 assert not self.m.k.anon_vma_cache.live
                 assert self.m.check_invariants() == []
         finally:
