@@ -522,7 +522,7 @@ class MemoryMachine(RuleBasedStateMachine):
         folio = self.m.processes[pid].pte_lookup(addr).folio
         for mpid, maddr in w.mappings:
             assert mpid in self.pids
-            assert self.m.processes[mpid].pte_lookup(maddr).folio is folio  # type: ignore[union-attr]
+            assert self.m.processes[mpid].pte_lookup(maddr).folio is folio
             assert self.data[mpid][maddr >> SHIFT] == self.data[pid][vpn]
         assert 0 <= w.referenced <= len(w.mappings)
         # The young bits were cleared: a second walk with no access in between sees none.
