@@ -69,7 +69,16 @@ async def test_fork_and_walk_with_the_address_from_the_environment() -> None:
     assert "remap in the parent moved 4096 bytes" in out and out.endswith("ok\n"), out
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "batch_and_stream.py", "fork_and_walk.py"])
+async def test_swap() -> None:
+    async with serve_in_process(log_level="warning") as addr:
+        rc, out = await _run(str(EXAMPLES / "swap.py"), addr)
+    assert rc == 0, out
+    assert "paged out:   PagemapEntry(swap=True" in out and "swapcache=True" in out, out
+    assert "remap of a swap entry moved 4096 bytes; dst: PagemapEntry(swap=True" in out, out
+    assert "swap-outs 4, swap-ins 2, swap-cache hits 1, slots in use 4" in out and out.endswith("ok\n"), out
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "batch_and_stream.py", "fork_and_walk.py", "swap.py"])
 async def test_scripts_fail_without_a_server(script: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
