@@ -92,3 +92,42 @@ async def test_deadline_exceeded(server, stub) -> None:
     finally:
         av.root.rwsem.up_write(holder)
     assert list((await stub.CheckInvariants(pb.CheckInvariantsRequest())).problems) == []
+
+
+async def test_cancel_a_pageout_and_a_reclaim_asleep_on_the_root(server, stub) -> None:
+    """MADV_PAGEOUT and a Reclaim whose unmap (try_to_unmap's rmap walk) sleeps on an anon_vma root
+    another task holds, cancelled by their clients: both run to their end once the root is free,
+    and the model is consistent with every page holding its value."""
+    p, src, _ = await _setup(stub, 8)
+    for i in range(8):
+        await stub.Write(pb.WriteRequest(process=p, addr=src + i * P, value=i + 1))
+    model = server.model
+    pid = int(p.split(".")[2])  # <shard>.<generation>.<pid>.<token>
+    av = model.processes[pid].pte_lookup(src).folio.mapping
+    holder = Current("holder")
+    assert av.root.rwsem.down_write(holder)  # a mover holding the root
+    pageout = stub.Madvise(pb.MadviseRequest(process=p, addr=src, length=4 * P, advice=pb.ADVICE_PAGEOUT))
+    while not av.root.rwsem.waiters:  # asleep in try_to_unmap
+        await asyncio.sleep(0)
+    pageout.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pageout
+    for _ in range(3):  # old enough for reclaim to take the other four (references kept them twice)
+        await stub.Read(pb.AccessRequest(process=p, addr=src + 4 * P))
+    reclaim = stub.Reclaim(pb.ReclaimRequest(pages=1))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    reclaim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reclaim
+    av.root.rwsem.up_write(holder)
+    while av.root.rwsem.waiters or av.root.rwsem.is_locked():  # the server's tasks finish their work
+        await asyncio.sleep(0)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert list((await stub.CheckInvariants(pb.CheckInvariantsRequest())).problems) == []
+    swapped = [e.swap for e in (await stub.Pagemap(pb.RangeRequest(process=p, addr=src, length=8 * P))).entries]
+    assert swapped[:4] == [True] * 4  # the pageout finished after its caller left
+    for i in range(8):
+        assert (await stub.Read(pb.AccessRequest(process=p, addr=src + i * P))).value == i + 1
+    assert list((await stub.CheckInvariants(pb.CheckInvariantsRequest())).problems) == []
