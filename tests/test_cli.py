@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.violations_expected  # the no-recheck rows
 def test_race_command_reports_and_passes_for_safe_protocols(capsys) -> None:
-    assert main(["race", "--seeds", "20", "--protocol", "recheck", "--protocol", "no-recheck"]) == 0
+    assert main(["race", "--seeds", "20", "--protocol", "recheck", "--protocol", "no-recheck"]) == 3  # known only
     out = capsys.readouterr().out
     assert "recheck" in out and "no-recheck" in out
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}

@@ -3,12 +3,22 @@ and the traces."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from mmsim.server.cli import main
-from mmsim.server.tools.explore import explore, follow, minimize, run_sync, token, untoken
+from mmsim.server.tools.explore import (
+    explore,
+    follow,
+    minimize,
+    random_strategy,
+    run_schedule,
+    run_sync,
+    token,
+    untoken,
+)
 from mmsim.server.tools.litmus import ScenarioError, load, parse
 
 LITMUS = Path(__file__).parent / "litmus"
@@ -285,3 +295,66 @@ def test_a_fault_handler_races_a_walk() -> None:
 def test_the_handler_operations_parse_strictly(text: str, why: str) -> None:
     with pytest.raises(ScenarioError, match=why):
         parse(text)
+
+
+#: A walker that returns holding its folio's anon_vma root rwsem for read: a writer of that root
+#: (exit's unlink_anon_vmas, in an uninterruptible step; fork's anon_vma_fork) then sleeps forever.
+LEAK = (
+    "from mmsim.server.mm.rmap import folio_referenced as default\n"
+    "from mmsim.server.mm.steps import Variant\n\n"
+    "async def folio_referenced(k, cur, folio, try_lock):\n"
+    "    rwc = await default(k, cur, folio, try_lock)\n"
+    "    if folio.mapping is not None and not folio.mapping.root.rwsem.down_read(cur):\n"
+    "        await folio.mapping.root.rwsem.wait(cur)\n"
+    "    return rwc\n\n"
+    "LEAK = Variant('leak-root', 'a walker that returns holding the root rwsem', "
+    "{'folio_referenced': folio_referenced})\n"
+)
+
+
+@pytest.mark.timeout(60)
+async def test_a_schedule_where_every_thread_sleeps_is_a_deadlock_not_a_hang(tmp_path: Path) -> None:
+    (tmp_path / "leak.py").write_text(LEAK)
+    scn = load(LITMUS / "exit-vs-blocking-walk.litmus")
+    # Both walkers return holding the root; the exiter then sleeps on it inside its teardown.
+    r = await asyncio.wait_for(run_schedule(scn, f"{tmp_path / 'leak.py'}:LEAK", None, random_strategy(0)), 20)
+    assert r.kinds == {"deadlock"}, (r.violations, r.problems)
+    assert r.violations == ["deadlock: asleep=exiter sleeps on anon_vma1.rwsem held by walker (ended holding it), "
+                            "parent_walker (ended holding it)"]
+    assert any(e.kind == "finding" and e.text.startswith("deadlock:") for e in r.events)
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # every thread, and its teardown's task, ended
+
+
+@pytest.mark.timeout(120)
+def test_all_collects_every_kind_over_the_search_and_a_deadlock_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "leak.py").write_text(LEAK)
+    variant = f"{tmp_path / 'leak.py'}:LEAK"
+    scn = load(LITMUS / "exit-vs-blocking-walk.litmus")
+    s = explore(scn, variant, strategy="random", schedules=200, stop_on_catch=False)
+    assert s.first is not None and s.first.kinds == {"deadlock"}
+    assert set(s.kinds) == {"deadlock", "invariant"} and sum(s.kinds.values()) == s.schedules
+    status = main(["explore", str(LITMUS / "exit-vs-blocking-walk.litmus"), "--variant", variant,
+                   "--strategy", "random", "--schedules", "200", "--all"])
+    out = " ".join(capsys.readouterr().out.split())  # the console may wrap long lines
+    assert status == 1
+    assert (f"caught over the whole search (2 kinds): deadlock in {s.kinds['deadlock']} schedules, "
+            f"invariant in {s.kinds['invariant']} schedules") in out
+    assert "violation deadlock: asleep=exiter sleeps on anon_vma1.rwsem held by walker" in out
+
+
+@pytest.mark.parametrize(("scenario", "protocol", "status"), [
+    ("typesafe-reuse-root-change", "recheck", 3),  # its known: line under recheck
+    ("fast-path-race", "recheck-slow-only", 1),
+    ("fast-path-race", "recheck", 0),
+])
+def test_the_exit_status_tells_a_known_finding_from_a_violation(
+    scenario: str, protocol: str, status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["explore", str(LITMUS / f"{scenario}.litmus"), "--protocol", protocol]) == status
+    out = capsys.readouterr().out
+    if status:
+        replay = next(line.split("--replay", 1)[1].strip() for line in out.splitlines() if "--replay" in line)
+        assert main(["explore", "--replay", replay.strip("'")]) == status
+    assert ("a known finding of this scenario" in out) == (status == 3)

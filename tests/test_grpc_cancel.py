@@ -94,10 +94,11 @@ async def test_deadline_exceeded(server, stub) -> None:
     assert list((await stub.CheckInvariants(pb.CheckInvariantsRequest())).problems) == []
 
 
-async def test_cancel_a_pageout_and_a_reclaim_asleep_on_the_root(server, stub) -> None:
-    """MADV_PAGEOUT and a Reclaim whose unmap (try_to_unmap's rmap walk) sleeps on an anon_vma root
-    another task holds, cancelled by their clients: both run to their end once the root is free,
-    and the model is consistent with every page holding its value."""
+async def test_cancel_a_pageout_asleep_on_the_root(server, stub) -> None:
+    """MADV_PAGEOUT whose unmap (try_to_unmap's rmap walk) sleeps on an anon_vma root another task
+    holds, cancelled by its client: it runs to its end once the root is free, and the model is
+    consistent with every page holding its value. A Reclaim meanwhile keeps the folios (its
+    references walk only tries the root)."""
     p, src, _ = await _setup(stub, 8)
     for i in range(8):
         await stub.Write(pb.WriteRequest(process=p, addr=src + i * P, value=i + 1))
@@ -112,14 +113,8 @@ async def test_cancel_a_pageout_and_a_reclaim_asleep_on_the_root(server, stub) -
     pageout.cancel()
     with pytest.raises(asyncio.CancelledError):
         await pageout
-    for _ in range(3):  # old enough for reclaim to take the other four (references kept them twice)
-        await stub.Read(pb.AccessRequest(process=p, addr=src + 4 * P))
-    reclaim = stub.Reclaim(pb.ReclaimRequest(pages=1))
-    for _ in range(100):
-        await asyncio.sleep(0)
-    reclaim.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await reclaim
+    # Reclaim meanwhile: its references walk trylocks the held root (contended: the folios are kept).
+    assert (await stub.Reclaim(pb.ReclaimRequest(pages=8))).reclaimed == 0
     av.root.rwsem.up_write(holder)
     while av.root.rwsem.waiters or av.root.rwsem.is_locked():  # the server's tasks finish their work
         await asyncio.sleep(0)

@@ -5,9 +5,11 @@ recheck path ran; the unsafe ones must be caught by the detectors within the sam
 """
 
 import functools
+from pathlib import Path
 
 import pytest
 
+from mmsim.server.cli import main
 from mmsim.server.tools.race import run_race
 
 SEEDS = range(200)
@@ -102,3 +104,43 @@ def test_gc_workload_catches_the_unsafe_protocols() -> None:
 
 def test_gc_workload_is_deterministic() -> None:
     assert run_race("recheck", 5, "gc").signature == run_race("recheck", 5, "gc").signature
+
+
+VARIANTS = (
+    "from mmsim.server.mm.rmap import folio_referenced as default\n"
+    "from mmsim.server.mm.steps import Variant\n\n"
+    "async def leaks(k, cur, folio, try_lock):\n"
+    "    rwc = await default(k, cur, folio, try_lock)\n"
+    "    if not folio.lock.lock(cur):\n"
+    "        await folio.lock.wait(cur)\n"
+    "    return rwc\n\n"
+    "async def raises(k, cur, folio, try_lock):\n"
+    "    raise RuntimeError('boom')\n\n"
+    "LEAK = Variant('leak-folio', 'a walker that returns holding the folio lock', {'folio_referenced': leaks})\n"
+    "CRASH = Variant('crash', 'a walker that raises', {'folio_referenced': raises})\n"
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workload", ["seed", "gc"])
+def test_a_seed_where_every_task_sleeps_is_a_deadlock_not_a_hang(tmp_path: Path, workload: str) -> None:
+    (tmp_path / "v.py").write_text(VARIANTS)
+    r = run_race(f"{tmp_path / 'v.py'}:LEAK", 1, workload)
+    assert r.failure.startswith("deadlock: no progress in "), r.failure
+    assert "walker 1 sleeps in wait on folio" in r.failure and ".lock held by " in r.failure
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.violations_expected  # the no-recheck rows
+def test_a_crash_or_a_hang_keeps_the_table_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "v.py").write_text(VARIANTS)
+    status = main(["race", "--seeds", "3", "--protocol", "no-recheck", "--variant", f"{tmp_path / 'v.py'}:CRASH",
+                   "--variant", f"{tmp_path / 'v.py'}:LEAK"])
+    out = capsys.readouterr().out
+    assert status == 1
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    assert set(rows) == {"no-recheck", "crash", "leak-folio"}
+    assert "3 crashed/hung" in rows["crash"] and "3 crashed/hung" in rows["leak-folio"]
+    assert "crash seed 0: crash: walker 1 raised RuntimeError: boom" in out
+    assert "leak-folio seed 0: deadlock: no progress" in out
+    assert main(["race", "--seeds", "3", "--protocol", "recheck"]) == 0

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_get, folio_put
-from mmsim.server.mm.mm_types import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, Vma
+from mmsim.server.mm.mm_types import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, SwapPte, Vma
 from mmsim.server.mm.rmap import (
     AnonVma,
     RmapWalkControl,
@@ -41,6 +41,7 @@ from mmsim.server.mm.rmap import (
     put_anon_vma,
 )
 from mmsim.server.mm.steps import Variant
+from mmsim.server.mm.swap_state import swap_cache_get_folio
 from mmsim.server.mm.trace import READ_ONCE
 from mmsim.server.mm.userfaultfd import move_zeropage_pte
 
@@ -146,18 +147,39 @@ async def move_pages_pte(
     takes the src folio lock, then both PTLs (move_present_ptes); holds nothing on return.
 
     6.18's step, less the src anon_vma's root write lock: every rmap walker now holds the folio
-    lock, so the folio lock alone keeps them out while the folio's mapping changes."""
+    lock, so the folio lock alone keeps them out while the folio's mapping changes. A swap PTE
+    moves as 6.18 moves it (its swap-cache folio locked; move_swap_pte takes no anon_vma lock)."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
-    src_folio_pte: Pte | None = None
+    src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes:  # !pte_none(dst_pte)
+        if not dst_pt.pte_none(dvpn):  # a present or a swap PTE at dst
             ret = -errno.EEXIST
             break
         src_pte = src_pt.ptes.get(svpn)
         if src_pte is None:
-            ret = PAGE_SIZE if holes else -errno.ENOENT
+            src_swp = src_pt.swap.get(svpn)
+            if src_swp is None:
+                ret = PAGE_SIZE if holes else -errno.ENOENT
+                break
+            if src_folio is not None and src_swp is not src_folio_pte:
+                ret = -errno.EAGAIN  # the PTE changed while we slept on the folio lock
+                break
+            if not src_swp.exclusive:  # a swap entry shared with a fork child
+                ret = -errno.EBUSY
+                break
+            if src_folio is None:
+                folio = swap_cache_get_folio(k.swap, src_swp.entry)  # referenced, if there is one
+                if folio is not None:
+                    cur.pins.append(folio)  # Kernel.give_back puts it if the call fails
+                    src_folio, src_folio_pte = folio, src_swp
+                    assert folio.lock is not None
+                    if not folio.lock.trylock(cur):
+                        if not folio.lock.lock(cur): await folio.lock.wait(cur)
+                        continue
+            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            ret = await k.ops.move_swap_pte(k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, src_swp, src_folio)
             break
         if src_folio is not None and src_pte is not src_folio_pte:
             ret = -errno.EAGAIN  # the PTE changed while we slept on the folio lock

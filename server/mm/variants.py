@@ -40,7 +40,7 @@ from .rmap import (
 )
 from .sched import uninterruptible
 from .steps import Variant
-from .swap_state import folio_matches_swap_entry
+from .swap_state import folio_matches_swap_entry, swap_cache_get_folio
 from .swapfile import SWAP_HAS_CACHE
 from .trace import READ_ONCE, trace_refcount, trace_store
 from .userfaultfd import check_ptes_for_batched_move, double_pt_unlock, move_store_window, move_zeropage_pte
@@ -417,18 +417,43 @@ async def move_pages_pte_no_anon_vma_lock(
     dst_pt: PageTable, src_pt: PageTable,
 ) -> int:
     """move_pages_pte without the src anon_vma's root write lock: the folio lock alone keeps
-    walkers out, which holds only where every walker takes the folio lock (~6.19)."""
+    walkers out, which holds only where every walker takes the folio lock (~6.19). Swap PTEs move
+    as 6.18 moves them (move_swap_pte takes no anon_vma lock either)."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
-    src_folio_pte: Pte | None = None
+    src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
         orig_src_pte = src_pt.ptes.get(svpn)
         if orig_src_pte is None:
-            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            orig_src_swp = src_pt.swap.get(svpn)
+            if orig_src_swp is None:
+                ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+                break
+            if src_folio is not None and orig_src_swp is not src_folio_pte:
+                ret = -errno.EAGAIN
+                break
+            if not orig_src_swp.exclusive:
+                ret = -errno.EBUSY
+                break
+            if src_folio is None:
+                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                if folio is not None:
+                    cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+                    src_folio = folio
+                    src_folio_pte = orig_src_swp
+                    assert folio.lock is not None
+                    if not folio.lock.trylock(cur):
+                        # now we can block and wait
+                        if not folio.lock.lock(cur): await folio.lock.wait(cur)
+                        continue
+            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            ret = await k.ops.move_swap_pte(
+                k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_swp, src_folio
+            )
             break
         # The PTE changed while we slept on the folio lock: start over
         if src_folio is not None and orig_src_pte is not src_folio_pte:
@@ -480,18 +505,37 @@ async def move_pages_pte_no_locks(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
     dst_pt: PageTable, src_pt: PageTable,
 ) -> int:
-    """move_pages_pte that takes neither the src folio lock nor the anon_vma lock."""
+    """move_pages_pte that takes neither the src folio lock nor the anon_vma lock (a swap PTE's
+    swap-cache folio is not locked either)."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
-    src_folio_pte: Pte | None = None
+    src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes:  # !pte_none(orig_dst_pte)
+        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
         orig_src_pte = src_pt.ptes.get(svpn)
         if orig_src_pte is None:
-            ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+            orig_src_swp = src_pt.swap.get(svpn)
+            if orig_src_swp is None:
+                ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+                break
+            if src_folio is not None and orig_src_swp is not src_folio_pte:
+                ret = -errno.EAGAIN
+                break
+            if not orig_src_swp.exclusive:
+                ret = -errno.EBUSY
+                break
+            if src_folio is None:
+                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                if folio is not None:
+                    cur.pins.append(folio)  # the mutant: no folio_trylock / folio_lock
+                    src_folio = folio
+                    src_folio_pte = orig_src_swp
+            ret = await k.ops.move_swap_pte(
+                k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_swp, src_folio
+            )
             break
         # The PTE changed while we slept on the folio lock: start over
         if src_folio is not None and orig_src_pte is not src_folio_pte:

@@ -34,9 +34,11 @@ import json
 import multiprocessing as mp
 import pickle
 import random
+import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,7 +61,7 @@ MAX_STEPS = 20_000
 
 
 class Thread:
-    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo")
+    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo", "waits", "sleeps_in")
 
     def __init__(self, index: int, name: str, ops: list[Op]) -> None:
         self.index = index
@@ -72,6 +74,10 @@ class Thread:
         self.held: list[str] = []
         #: The points it parked at since it last ran after another thread.
         self.solo: set[str] = set()
+        #: The lock it sleeps on, while it sleeps on one (known when lock operations are traced).
+        self.waits: Any = None
+        #: The function it last slept in (locks' wait, synchronize_rcu, userfault_wait).
+        self.sleeps_in = ""
 
 
 @dataclass(slots=True)
@@ -102,6 +108,10 @@ class Controller:
         self.cut = False
         #: Past the step limit: the threads run on unsupervised.
         self.detached = False
+        #: Every live thread asleep, none to wake it: the threads of a deadlock, else empty.
+        self.stuck: list[Thread] = []
+        #: Set when every live thread sleeps while they run unsupervised (past the step limit).
+        self.all_asleep: asyncio.Event | None = None
 
     def _thread(self) -> Thread | None:
         task = asyncio.current_task()
@@ -137,6 +147,7 @@ class Controller:
         th.point = point
         if point.startswith("lock:"):  # the sleep on it ended: granted
             th.held.append(point[5:])
+            th.waits = None
         if point != "start":
             self.record("point", point, th)
         th.state = "parked"
@@ -150,10 +161,18 @@ class Controller:
 
     def blocked(self, key: object) -> None:
         th = self._thread()
-        if th is None or self.detached:
+        if th is None:
+            return
+        self.sleepers[id(key)] = th
+        th.sleeps_in = sys._getframe(1).f_code.co_name
+        if self.detached:
+            # Unsupervised, a sleep is only counted: one sleeper per live thread is a deadlock.
+            live = [t for t in self.threads if t.state != "done"]
+            if self.all_asleep is not None and len(self.sleepers) >= len(live) and not self.stuck:
+                self.stuck = live
+                self.all_asleep.set()
             return
         th.state = "blocked"
-        self.sleepers[id(key)] = th
         self.record("point", "sleeps", th)
         self._check_idle()
 
@@ -164,7 +183,8 @@ class Controller:
 
     def done(self, th: Thread) -> None:
         th.state = "done"
-        self._check_idle()
+        if not self.detached:
+            self._check_idle()
 
     def _check_idle(self) -> None:
         if not any(t.state == "running" for t in self.threads):
@@ -175,9 +195,10 @@ class Controller:
         so a decision costs no turn of the event loop)."""
         runnable = [t.index for t in self.threads if t.state == "parked"]
         if not runnable:
-            blocked = [t for t in self.threads if t.state == "blocked"]
-            if blocked:
-                self.record("finding", "deadlock: " + ", ".join(f"{t.name} sleeps at {t.point}" for t in blocked))
+            # Every thread that has not ended sleeps, and none is left to wake it: a deadlock
+            # (run_schedule reports it and stops the sleepers; the controller decides no more).
+            self.stuck = [t for t in self.threads if t.state == "blocked"]
+            self.detached = bool(self.stuck)
             self.finished.set()
             return
         if self.step >= MAX_STEPS:
@@ -278,6 +299,8 @@ class _Trace:
             return
         if result is not False:
             th.held.append(lock.name)
+        elif "try" not in op:
+            th.waits = lock
         ok = "" if result is None else (" ✓" if result else (" ✗" if "try" in op else " (sleeps)"))
         ctl.record("lock", f"{op} {lock.name}{ok}", th)
 
@@ -454,21 +477,44 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             ctl.done(th)
 
     # The held locks are part of the exhaustive search's fingerprint: tracked whenever it hashes.
+    unstopped: list[Thread] = []
     with _tracing(m, ctl, locks=trace or hashing, state=trace):
         m.k.attach_controller(ctl)
         try:
             tasks = [asyncio.ensure_future(body(th)) for th in threads]
             await ctl.finished.wait()
-            if any(th.state == "blocked" for th in threads):  # a deadlock: stop the sleepers
-                for t in tasks:
-                    t.cancel()
-            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            if ctl.cut and not ctl.stuck:  # unsupervised now: until they end, or all of them sleep
+                ctl.all_asleep = asyncio.Event()
+                asleep = asyncio.ensure_future(ctl.all_asleep.wait())
+                await asyncio.wait([*tasks, asleep], return_when=asyncio.FIRST_COMPLETED)
+                while not ctl.stuck and not all(t.done() for t in tasks):
+                    await asyncio.wait([*(t for t in tasks if not t.done()), asleep],
+                                       return_when=asyncio.FIRST_COMPLETED)
+                asleep.cancel()
+            if ctl.stuck:  # a deadlock: report it with what each thread waits for, and stop them
+                if all(t.sleeps_in == "userfault_wait" for t in ctl.stuck):
+                    # A fault waits for user space, which the scenario has no thread to play:
+                    # as a process whose handler never answers, not a deadlock of the kernel.
+                    ctl.record("finding", f"ends with {_asleep(ctl)}: a userfault nobody resolves")
+                    ctl.stuck = []
+                else:
+                    m.detectors.report("deadlock", asleep=_asleep(ctl))
+                unstopped = [threads[i] for i in await _stop(ctl, tasks)]
+            done = [t for t in tasks if t.done()]
+            outcomes = dict(zip(done, await asyncio.gather(*done, return_exceptions=True), strict=True))
         finally:
             m.k.attach_controller(None)
-    problems = m.check_invariants()
-    for p in problems:
-        ctl.record("finding", f"invariant: {p}")
-    for th, out in zip(threads, outcomes, strict=True):
+    if ctl.stuck:  # stopped half-way (an uninterruptible step too): the model is not quiescent
+        problems = []
+        ctl.record("finding", "no audit: the threads were stopped in a deadlock")
+    else:
+        problems = m.check_invariants()
+        for p in problems:
+            ctl.record("finding", f"invariant: {p}")
+    for th in unstopped:
+        problems.append(f"hang: thread {th.name} did not stop when its schedule was cancelled")
+    for th, task in zip(threads, tasks, strict=True):
+        out = outcomes.get(task)
         # A thread's operation may fail only with an errno (recorded as its result), or with
         # Deadlock where the detector already reported a cycle; anything else is a model bug.
         if isinstance(out, BaseException) and not isinstance(out, (asyncio.CancelledError, Deadlock)):
@@ -477,6 +523,44 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     det = m.detectors
     findings = [str(f) for f in det.finding_events]
     return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
+
+
+#: Turns of the event loop a deadlocked schedule's threads get to end once cancelled.
+STOP_TURNS = 1000
+
+
+def _asleep(ctl: Controller) -> str:
+    """What each thread of a deadlock sleeps on and who holds it (the lock is known when lock
+    operations are traced: a search's schedule caught is run again with its whole trace)."""
+    parts = []
+    for th in ctl.stuck:
+        lock = th.waits
+        if lock is None:
+            parts.append(f"{th.name} sleeps in {th.sleeps_in} after {th.point}")
+            continue
+        holders = [t.name + (" itself" if t is th else " (ended holding it)" if t.state == "done" else "")
+                   for t in ctl.threads if lock.name in t.held]
+        owner = getattr(lock, "owner", None)
+        if not holders and owner is not None:
+            holders = [owner.name]
+        parts.append(f"{th.name} sleeps on {lock.name}" + (f" held by {', '.join(holders)}" if holders else ""))
+    return "; ".join(parts)
+
+
+async def _stop(ctl: Controller, tasks: list[asyncio.Task[None]]) -> list[int]:
+    """Cancel the threads of a deadlocked schedule, and the tasks of their uninterruptible steps
+    (which a cancellation of the thread alone would leave asleep), until every one has ended or
+    ``STOP_TURNS`` turns of the event loop went by; the indexes of the threads still running."""
+    cancelled: set[asyncio.Future[Any]] = set()
+    for _ in range(STOP_TURNS):
+        pending = [t for t in (*tasks, *ctl.by_task) if not t.done() and t not in cancelled]
+        if not pending and all(t.done() for t in tasks):
+            return []
+        for t in pending:
+            t.cancel()
+            cancelled.add(t)
+        await asyncio.sleep(0)
+    return [i for i, t in enumerate(tasks) if not t.done()]
 
 
 def run_sync(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int]) -> RunResult:
@@ -534,6 +618,8 @@ class Search:
     at: int = 0  # its schedule number (1-based)
     findings: set[str] = field(default_factory=set)  # documented findings seen (not violations)
     cut: int = 0
+    #: Each kind of check that caught a schedule (RunResult.kinds): the schedules it caught.
+    kinds: Counter[str] = field(default_factory=Counter)
 
     def account(self, r: RunResult, number: int) -> bool:
         """Count run ``r``, schedule ``number`` (1-based); True if it is the first caught."""
@@ -541,6 +627,8 @@ class Search:
         self.interleavings.add(r.signature())
         self.findings.update(r.findings)
         self.cut += r.cut
+        if r.caught:
+            self.kinds.update(r.kinds)
         if r.caught and self.first is None:
             self.first, self.at = r, number
             return True
@@ -552,6 +640,7 @@ class Search:
         self.interleavings |= other.interleavings
         self.findings |= other.findings
         self.cut += other.cut
+        self.kinds += other.kinds
         if other.first is not None and (self.first is None or other.at < self.at):
             self.first, self.at = other.first, other.at
 

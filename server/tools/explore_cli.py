@@ -19,7 +19,22 @@ from ..mm.steps import VariantError, is_file_spec, load_variant
 from .explore import RunResult, explore, follow, minimize, run_sync, token, trace_html, untoken
 from .litmus import Scenario, ScenarioError, load
 
-EXIT_CLEAN, EXIT_CAUGHT, EXIT_USAGE = 0, 1, 2
+#: Exit statuses: nothing caught; a violation the scenario does not declare; bad usage; only what
+#: the scenario's ``known:`` lines declare under the protocol explored.
+EXIT_CLEAN, EXIT_CAUGHT, EXIT_USAGE, EXIT_KNOWN = 0, 1, 2, 3
+
+
+def known_kinds(scn: Scenario, protocol: str, mutant: str | None) -> frozenset[str]:
+    """The kinds a catch may have and still be a known finding: the scenario's ``known:`` kinds
+    under ``protocol``; none under a mutant (the finding is the protocol's, not the mutant's)."""
+    return frozenset() if mutant is not None else scn.known.get(protocol, frozenset())
+
+
+def exit_status(kinds: set[str], known: frozenset[str]) -> int:
+    """0 when nothing was caught, 3 when every kind caught is a known finding, else 1."""
+    if not kinds:
+        return EXIT_CLEAN
+    return EXIT_KNOWN if kinds <= known else EXIT_CAUGHT
 
 
 def trace_table(scn: Scenario, r: RunResult, title: str) -> Table:
@@ -114,7 +129,7 @@ def explore_command(args: argparse.Namespace) -> int:
             what = (f"replay of {scn.name} under {_named(protocol)}"
                     + (f" with mutant {_named(mutant)}" if mutant else ""))
             _show(console, scn, r, what, args.trace_out)
-            return EXIT_CAUGHT if r.caught else EXIT_CLEAN
+            return exit_status(r.kinds, known_kinds(scn, protocol, mutant))
         if not args.scenario:
             args.parser.error("give a scenario file, or --replay TOKEN")
         scn = load(args.scenario)
@@ -137,12 +152,16 @@ def explore_command(args: argparse.Namespace) -> int:
     )
     for f in sorted(s.findings):
         console.print(f"[yellow]finding[/] (documented, not a violation) {_escape(f)}")
+    known = known_kinds(scn, run.protocol, run.mutant)
+    if args.all and s.kinds:
+        console.print(f"caught over the whole search ({len(s.kinds)} kinds): "
+                      + ", ".join(f"{k} in {n} schedule{'s' * (n != 1)}" + (" (known)" if k in known else "")
+                                  for k, n in sorted(s.kinds.items())))
     if s.first is None:
         console.print("nothing caught")
         return EXIT_CLEAN
     small = minimize(scn, run.protocol, run.mutant, s.first)
-    known = scn.known.get(run.protocol, frozenset())
-    if run.mutant is None and small.kinds <= known:
+    if small.kinds <= known:
         console.print(f"[yellow]a known finding of this scenario under {run.protocol}[/] "
                       f"({', '.join(sorted(known))}; docs/protocol.md)")
     tok = token(scn, run.protocol, run.mutant, small.preemptions)
@@ -153,4 +172,4 @@ def explore_command(args: argparse.Namespace) -> int:
     _show(console, scn, small, title, args.trace_out)
     console.print("replay it exactly with:")
     console.print(f"  mmsim explore --replay {shlex.quote(tok)}", soft_wrap=True)
-    return EXIT_CAUGHT
+    return exit_status(set(s.kinds), known)

@@ -5,6 +5,12 @@ destination VMA whose anon_vmas have different roots), then runs movers, trylock
 walkers, a forker and a writer as concurrent tasks under the seeded scheduler. It returns what
 the detectors saw, the walkers' retry counts and the audit at the end. The same protocol, seed and
 parameters always give the same interleaving and result.
+
+A seed's tasks run under a watchdog: when ``WATCHDOG_TURNS`` turns of the event loop go by with no
+progress (no preemption point passed, no operation done), every task sleeps on something nobody
+will release (a lock a task returned holding): the seed is reported as a ``deadlock`` with what
+each task waits on, its tasks are cancelled, and the race goes on with the next seed. A task that
+raises what the workload does not expect ends the seed the same way, as a ``crash``.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..mm.locks import Mutex, RwSem
 from ..mm.mm_types import PAGE_SIZE, MmError
 from ..mm.model import MemoryModel, WalkResult
 
@@ -34,6 +43,89 @@ class RaceResult:
     moves: int
     problems: list[str] = field(default_factory=list)
     signature: tuple[object, ...] = ()
+    #: "crash: ..." (a task raised what the workload does not expect) or "deadlock: ..." (the
+    #: watchdog saw no progress): the seed ended there; empty when it ran to its end.
+    failure: str = ""
+
+
+#: Turns of the event loop with no progress after which the watchdog calls a seed hung.
+WATCHDOG_TURNS = 20_000
+#: Turns of the event loop a hung or crashed seed's tasks get to end once cancelled.
+STOP_TURNS = 1000
+
+
+class SeedFailed(Exception):
+    """A seed's tasks crashed or hung (the text says which, and how)."""
+
+
+def _waits_on(task: asyncio.Task[Any]) -> str:
+    """Where a sleeping task sleeps: its innermost function, and the lock it waits for there."""
+    coro: Any = task.get_coro()
+    while getattr(getattr(coro, "cr_await", None), "cr_frame", None) is not None:  # down the awaits
+        coro = coro.cr_await
+    frame = getattr(coro, "cr_frame", None)
+    if frame is None:
+        return f"{task.get_name()} (not started)"
+    lock = frame.f_locals.get("self")
+    on = ""
+    if isinstance(lock, (Mutex, RwSem)):
+        on = f" on {lock.name}" + (f" held by {lock.owner.name}" if lock.owner is not None
+                                   else f" held by {lock.readers} reader(s)" if isinstance(lock, RwSem) else "")
+    return f"{task.get_name()} sleeps in {frame.f_code.co_name}{on}"
+
+
+async def _stop(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and every task they started (an uninterruptible step's own), until all
+    have ended or ``STOP_TURNS`` turns of the event loop went by."""
+    me = asyncio.current_task()
+    cancelled: set[asyncio.Task[Any]] = set()
+    for _ in range(STOP_TURNS):
+        pending = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+        if not pending:
+            return
+        for t in pending - cancelled:
+            t.cancel()
+            cancelled.add(t)
+        await asyncio.sleep(0)
+
+
+async def _supervise(named: list[tuple[str, Coroutine[Any, Any, None]]], progress: Callable[[], object]) -> None:
+    """Run the coroutines as tasks to their end under the watchdog; SeedFailed, with every task
+    stopped, if one raises or none makes ``progress`` for ``WATCHDOG_TURNS`` turns."""
+    tasks = [asyncio.ensure_future(c) for _, c in named]
+    for (name, _), t in zip(named, tasks, strict=True):
+        t.set_name(name)
+    last, idle = progress(), 0
+    failure = ""
+    while not all(t.done() for t in tasks):
+        crashed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+        if crashed is not None:
+            e = crashed.exception()
+            failure = f"crash: {crashed.get_name()} raised {type(e).__name__}: {' '.join(str(e).split())}"
+            break
+        await asyncio.sleep(0)
+        now = progress()
+        if now != last:
+            last, idle = now, 0
+            continue
+        idle += 1
+        if idle >= WATCHDOG_TURNS:
+            failure = "deadlock: no progress in " + f"{WATCHDOG_TURNS} turns; " + "; ".join(
+                _waits_on(t) for t in tasks if not t.done())
+            break
+    else:
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                e = t.exception()
+                failure = f"crash: {t.get_name()} raised {type(e).__name__}: {' '.join(str(e).split())}"
+                break
+        else:
+            return
+    await _stop(set(tasks))
+    for t in tasks:  # retrieved: an ended task's exception is what the failure says
+        if t.done() and not t.cancelled():
+            t.exception()
+    raise SeedFailed(failure)
 
 
 async def race(
@@ -136,10 +228,14 @@ async def race(
         finally:
             await events.aclose()
 
-    tasks = [mover(), mover(), forker(), writer()]
-    tasks += [walker(blocking=bool(j % 2)) for j in range(walkers)]
+    tasks = [("mover 1", mover()), ("mover 2", mover()), ("forker", forker()), ("writer", writer())]
+    tasks += [(f"walker {j + 1}", walker(blocking=bool(j % 2))) for j in range(walkers)]
     serving = asyncio.ensure_future(handler())
-    await asyncio.gather(*tasks)
+    serving.set_name("handler")
+    try:
+        await _supervise(tasks, lambda: (len(trace), m.k.sched.hits.total(), totals["walks"]))
+    except SeedFailed as e:
+        return _result(m, protocol, seed, totals, trace, str(e))
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     return _result(m, protocol, seed, totals, trace)
@@ -152,8 +248,10 @@ def _count_walk(totals: dict[str, int], w: WalkResult) -> None:
     totals["contended"] += w.contended
 
 
-def _result(m: MemoryModel, protocol: str, seed: int, totals: dict[str, int], trace: list[object]) -> RaceResult:
-    """What a workload's run gives: the detectors' counts, the audit, the walkers' figures."""
+def _result(m: MemoryModel, protocol: str, seed: int, totals: dict[str, int], trace: list[object],
+            failure: str = "") -> RaceResult:
+    """What a workload's run gives: the detectors' counts, the audit (none after a ``failure``:
+    the tasks were stopped half-way), the walkers' figures."""
     det = m.detectors
     return RaceResult(
         protocol=protocol,
@@ -165,8 +263,9 @@ def _result(m: MemoryModel, protocol: str, seed: int, totals: dict[str, int], tr
         contended=totals["contended"],
         walks=totals["walks"],
         moves=totals["moves"],
-        problems=m.check_invariants(),
+        problems=[] if failure else m.check_invariants(),
         signature=tuple(trace),
+        failure=failure,
     )
 
 
@@ -178,7 +277,11 @@ def run_race(protocol: str, seed: int, workload: str = "seed", **kw: object) -> 
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
     body = race if workload == "seed" else gc_race
-    return asyncio.run(body(protocol, seed, **kw))  # type: ignore[arg-type]
+    try:
+        return asyncio.run(body(protocol, seed, **kw))  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001 - a crash outside the supervised tasks (the setup) ends the seed too
+        return RaceResult(protocol, seed, {}, [], 0, 0, 0, 0, 0,
+                          failure=f"crash: the setup raised {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 #: Where the GC workload's heap is mapped.
@@ -268,14 +371,17 @@ async def gc_race(
         frm = (await m.mremap(pid, to, length, length, maymove=True, dontunmap=True)).start
         where.update({i: frm + i * PAGE_SIZE for i in range(pages)})
         done = asyncio.Event()
-        gc = asyncio.ensure_future(collector(frm, done))
         orders = []
         for _ in range(mutators):
             order = list(range(pages))
             rng.shuffle(order)
             orders.append(order)
-        await asyncio.gather(*(mutator(o) for o in orders), *(walker(bool(j % 2), done) for j in range(walkers)))
-        await done.wait()
-        await gc
+        try:
+            await _supervise([("collector", collector(frm, done)),
+                              *((f"mutator {j + 1}", mutator(o)) for j, o in enumerate(orders)),
+                              *((f"walker {j + 1}", walker(bool(j % 2), done)) for j in range(walkers))],
+                             lambda: (len(trace), m.k.sched.hits.total(), totals["walks"]))
+        except SeedFailed as e:
+            return _result(m, protocol, seed, totals, trace, str(e))
         await m.munmap(pid, frm, length)  # the emptied from-space
     return _result(m, protocol, seed, totals, trace)
