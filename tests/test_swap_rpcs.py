@@ -21,7 +21,7 @@ from mmsim.v1 import mmsim_pb2 as pb
 
 P = 4096
 A = 0x100000000
-#: The fields of a pagemap entry, as the brief of the RPC names them.
+#: The fields of a pagemap entry, named as /proc/PID/pagemap, /proc/kpageflags and mincore report them.
 FIELDS = ("present", "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "pmd", "thp", "head", "tail",
           "zero_page", "ksm", "anon_exclusive", "mapcount")
 
