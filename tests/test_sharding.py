@@ -157,6 +157,29 @@ async def test_discovery_from_the_first_address_reaches_every_shard(sharded: Ser
         assert await mm.protocol() == "recheck"
 
 
+async def test_reclaim_runs_on_every_shard_and_sums_what_they_freed(sharded: ServerProcess) -> None:
+    """Each shard has its own LRU lists and swap device: Client.reclaim runs on every shard and
+    returns the folios freed in all; ``shard=`` runs it on one."""
+    async with Client(sharded.addr) as mm:
+        procs = []
+        for shard in (0, 1):
+            p = await mm.create_process(shard=shard)
+            await p.mmap(8 * P, addr=SRC)
+            for i in range(8):
+                await p.write(SRC + i * P, 100 * shard + i)
+            await p.madvise(SRC, 8 * P, "pageout")  # written, kept in each shard's swap cache
+            procs.append(p)
+        assert await mm.reclaim(4, shard=1) == 4
+        assert (await mm.stats(shard=0))["swap_cache_folios"] == 8
+        assert (await mm.stats(shard=1))["swap_cache_folios"] == 4
+        assert await mm.reclaim(100) == 12  # both shards: 8 + the 4 left
+        for shard, p in enumerate(procs):
+            stats = await mm.stats(shard=shard)
+            assert stats["swap_cache_folios"] == 0 and stats["swap_slots_in_use"] == 8
+            assert [await p.read(SRC + i * P) for i in range(8)] == [100 * shard + i for i in range(8)]
+        assert await mm.check_invariants() == []
+
+
 async def _until(condition: Any, timeout: float = 60.0) -> Any:
     """Poll ``condition()`` (async) until it returns something true; its value."""
     deadline = time.monotonic() + timeout

@@ -342,3 +342,13 @@ async def test_fork_past_the_budget_reclaims_while_swap_has_room() -> None:
     clean(m)
     with pytest.raises(MemoryLimitExceeded):
         await fill_and_fork(MemoryModel(max_memory=limit, swap_bytes=0))
+
+
+async def test_reclaim_frees_no_more_than_asked() -> None:
+    m = MemoryModel()
+    pid = await written(m, 40)
+    await m.madvise(pid, SRC, 40 * P, "pageout")  # 40 clean folios in the swap cache
+    assert [await m.reclaim(n) for n in (1, 3, 7)] == [1, 3, 7]
+    assert len(m.k.swap.swap_table) == 40 - 11
+    assert await m.reclaim(1000) == 29
+    clean(m)

@@ -210,11 +210,13 @@ async def shrink_active_list(k: Kernel, cur: Current, nr_to_scan: int) -> None:
 
 
 async def shrink_inactive_list(k: Kernel, cur: Current, nr_to_scan: int, nr_to_reclaim: int) -> int:
-    """Reclaim from the inactive list's old end, SWAP_CLUSTER_MAX folios at a time, until
-    ``nr_to_scan`` were scanned or ``nr_to_reclaim`` freed."""
+    """Reclaim from the inactive list's old end, SWAP_CLUSTER_MAX folios at a time (fewer when
+    less is left to free, so that no more than ``nr_to_reclaim`` are), until ``nr_to_scan`` were
+    scanned or ``nr_to_reclaim`` freed."""
     reclaimed = 0
     while nr_to_scan > 0 and reclaimed < nr_to_reclaim:
-        folios = isolate_lru_folios(k, LRU_INACTIVE_ANON, min(nr_to_scan, SWAP_CLUSTER_MAX))
+        # At most what is left to reclaim: a batch frees no more than it isolates.
+        folios = isolate_lru_folios(k, LRU_INACTIVE_ANON, min(nr_to_scan, SWAP_CLUSTER_MAX, nr_to_reclaim - reclaimed))
         if not folios:
             break
         nr_to_scan -= len(folios)
