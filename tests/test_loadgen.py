@@ -130,7 +130,8 @@ async def test_open_loop_keeps_its_schedule_through_a_stall() -> None:
         assert report["late_sends"] >= 0.5 * rate * stall  # most sends due during the stall left late
         lat = report["overall"]["latency_ms"]
         assert lat["max"] >= 0.8 * stall * 1000  # measured from the intended time: the wait is in it
-        assert lat["p50"] < 100 < lat["p99"]
+        # Most sends were not held up by the stall (the median far below it), the slowest were.
+        assert lat["p50"] < 0.5 * stall * 1000 < lat["p99"]
         stats, problems = await server_state(s.addr)
         assert problems == [] and stats["processes"] == 0
 
