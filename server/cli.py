@@ -169,6 +169,14 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     scored = [k for k in kills if not k.equivalent]
     console = Console(width=None if sys.stdout.isatty() else 180)
     console.print(table)
+    history = Table(title="bugs from history: mutants that bring back a bug the kernel had")
+    for col in ("mutant", "fixed by", "killed by", "finding"):
+        history.add_column(col, overflow="fold")
+    for k in kills:
+        if k.fix:
+            history.add_row(k.mutant, k.fix, k.scenario or "[bold red]survived[/]", k.finding)
+    if history.row_count:
+        console.print(history)
     console.print(f"mutation score: {sum(k.killed for k in scored)}/{len(scored)} = {score:.0%}")
     return 0 if score == 1.0 else 1
 

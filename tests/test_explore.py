@@ -179,9 +179,23 @@ def test_mutate_scores_a_library_and_says_which_mutants_survive(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "fast-path-race.litmus").write_text((LITMUS / "fast-path-race.litmus").read_text())
     assert main(["mutate", "--litmus", str(tmp_path), "--schedules", "50"]) == 1  # one scenario kills too few
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "no-recheck-fast" in out and "survived" in out and "mutation score:" in out
+    # The bugs from history, killed or not: the fast path's recheck is killed by this scenario, the
+    # swap-cache fix (it needs a swap scenario) survives it.
+    history = out.split("bugs from history", 1)[1]
+    assert "no-recheck-fast" in history and "fast-path-race" in history and "wrong-root-walk" in history
+    assert "move-swap-keeps-mapping" in history and "c50f8e6053b0" in history and "survived" in history
     assert main(["mutate", "--litmus", str(tmp_path / "none")]) == 2
+
+
+def test_history_mutants_name_their_fix() -> None:
+    from mmsim.server.mm.kernel import MUTANTS
+
+    history = {name for name, m in MUTANTS.items() if m.fix}
+    assert {"no-recheck-fast", "move-swap-keeps-mapping"} <= history
+    assert all(m.fix.split()[0] in (LITMUS.parent.parent / "docs" / "mutants.md").read_text()
+               for m in MUTANTS.values() if m.fix)
 
 
 def _rows(r) -> list[tuple[int, int, str, str]]:

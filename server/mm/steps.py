@@ -84,7 +84,9 @@ class Variant:
     design says every rmap walker holds the folio lock (the detectors check it); None keeps the
     protocol's. For a mutant: ``applies_to`` (the protocols it is applied to, the first where its
     killing scenario runs), ``kernel`` (the kernel line it changes), ``failure`` (what it should
-    produce) and ``equivalent`` (no scenario the model can express tells it from the kernel)."""
+    produce) and ``equivalent`` (no scenario the model can express tells it from the kernel); a
+    mutant that brings back a bug the kernel had, ``fix``: the commit that fixed it, its id and
+    title."""
 
     name: str
     summary: str
@@ -94,6 +96,7 @@ class Variant:
     kernel: str = ""
     failure: str = ""
     equivalent: bool = False
+    fix: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):

@@ -738,6 +738,8 @@ MUTANTS: dict[str, Variant] = {
             {"folio_lock_anon_vma_read": flavr_recheck_slow_only}, applies_to=("recheck",),
             kernel="folio_lock_anon_vma_read, after down_read_trylock succeeds: "
             "`if (unlikely((unsigned long)READ_ONCE(folio->mapping) != anon_mapping))` removed",
+            fix="Peter Xu's review of v2 of \"userfaultfd: UFFDIO_REMAP: rmap preparation\" (2023-09-28): the "
+            "recheck added to the trylock fast path before the merge (6.8)",
             failure="wrong-root-walk: the fast-path race (a move completes between the walker's mapping read and "
             "its trylock)",
         ),
@@ -817,6 +819,7 @@ MUTANTS: dict[str, Variant] = {
             "src_folio->index = linear_page_index(dst_vma, dst_addr);` removed",
             failure="anon-rmap-mismatch: a swap-in at dst finds the cached folio at the source's anon_vma and index "
             "(the kernel's BUG_ON in __page_check_anon_rmap)",
+            fix="c50f8e6053b0 mm: fix kernel BUG when userfaultfd_move encounters swapcache (6.14)",
         ),
         Variant(
             "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",

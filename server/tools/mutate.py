@@ -29,6 +29,7 @@ class Kill:
     mutant: str  # its name
     equivalent: bool
     protocols: tuple[str, ...] = ()  # those it applies to
+    fix: str = ""  # a bug from history: the kernel commit that fixed it
     scenario: str | None = None
     protocol: str | None = None
     strategy: str | None = None
@@ -49,7 +50,7 @@ def kill(mutant: str, scenarios: list[Scenario], preemptions: int = 2, schedules
     """Search for a scenario and protocol that kill ``mutant`` (a built-in name or FILE.py:NAME;
     steps.VariantError if it is no mutant)."""
     m = resolve(mutant, "mutant")
-    k = Kill(m.name, m.equivalent, m.protocols)
+    k = Kill(m.name, m.equivalent, m.protocols, m.fix)
     if m.equivalent:
         return k
     for protocol in m.protocols:
