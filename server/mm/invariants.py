@@ -38,6 +38,8 @@ from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON
 from .swapfile import SWAP_SLOT_BYTES, SwpEntry, swap_info_check, swp_swapcount
 
 if TYPE_CHECKING:
+    from .kernel import Kernel
+    from .mm_types import Folio
     from .model import MemoryModel
     from .rmap import AnonVma
 
@@ -45,6 +47,11 @@ if TYPE_CHECKING:
 MAX_PROBLEMS = 1000
 
 _generations = count(1)
+
+
+def on_lru(k: Kernel, folio: Folio) -> bool:
+    """The folio is on one of the LRU lists, the one its ``lru`` names."""
+    return folio.lru in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) and folio in k.lruvec.lists[folio.lru]
 
 
 def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
@@ -218,7 +225,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 if f.refcount != f.mapcount + f.swapcache:
                     bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} + {int(f.swapcache)} "
                         "(the swap cache's) at a quiescent point")
-                if f.lru not in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) or f not in k.lruvec.lists[f.lru]:
+                if not on_lru(k, f):
                     bad(f"folio {f.id}: on no LRU list at a quiescent point")
                 if f.lock is not None and f.lock.is_locked():
                     bad(f"folio {f.id}: locked at a quiescent point")
@@ -240,7 +247,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 bad(f"folio {f.id} in the swap cache, unmapped, is PageAnonExclusive")
             if f.dirty and f.swap is not None and swp_swapcount(si, f.swap):
                 bad(f"folio {f.id} in the swap cache, unmapped, is dirty: its slot {off:#x} was never written")
-            if f.lru not in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) or f not in k.lruvec.lists[f.lru]:
+            if not on_lru(k, f):
                 bad(f"folio {f.id}: on no LRU list at a quiescent point")
         work += 1
         if work >= RESCHED_WORK:

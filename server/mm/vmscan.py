@@ -39,7 +39,7 @@ from .locks import Current
 from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put
 from .mm_types import FOLIO_BYTES, Folio
-from .rmap import RmapWalkControl, try_to_unmap
+from .rmap import folio_referenced, try_to_unmap
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
 from .swap_state import swap_cache_del_folio
@@ -81,21 +81,12 @@ def swap_writepage(k: Kernel, folio: Folio) -> None:
     k.stats["swap_out"] += 1
 
 
-async def folio_referenced_locked(k: Kernel, cur: Current, folio: Folio) -> RmapWalkControl:
-    """folio_referenced(folio, is_locked=1): the rmap walk of a folio the caller has locked, in
-    try_lock mode (a contended root returns at once, ``contended`` set)."""
-    rwc = RmapWalkControl(try_lock=True)
-    if not folio.mapcount or folio.mapping is None:
-        return rwc
-    rwc.mapcount = folio.mapcount
-    await k.ops.rmap_walk_anon(k, cur, folio, rwc)
-    return rwc
-
-
 async def folio_check_references(k: Kernel, cur: Current, folio: Folio) -> int:
     """What reclaim does with a locked folio whose PTEs may be young: keep it for another trip
     round the inactive list, activate it, or reclaim it."""
-    rwc = await folio_referenced_locked(k, cur, folio)
+    # folio_referenced(folio, is_locked=1): the folio is locked here, so the walk is 6.18's plain
+    # one (rmap.folio_referenced, not the protocol's step, which may lock the folio itself).
+    rwc = await folio_referenced(k, cur, folio, try_lock=True)
     if rwc.contended:
         return FOLIOREF_KEEP
     referenced_folio = folio.referenced
