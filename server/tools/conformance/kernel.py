@@ -1344,9 +1344,21 @@ class _Helper:
             out["value"] = t.value()
         return out
 
+    def _settle_faults(self, wait: float) -> None:
+        """Wait (at most ``wait``) until every pending fault has finished or sleeps in the
+        userfaultfd. A fault that an earlier step woke (UFFDIO_WAKE, or a resolving ioctl) is
+        runnable when that ioctl returns; it queues its next message, if any, before it sleeps."""
+        deadline = time.monotonic() + wait
+        pending = [t for t in self.faults.values() if not t.done.is_set()]
+        while pending and time.monotonic() < deadline:
+            pending = [t for t in pending if not t.done.is_set() and not _task_asleep_in_uffd(t.tid)]
+            if pending:
+                pending[0].done.wait(0.0005)
+
     def do_events(self, c: dict[str, Any]) -> dict[str, Any]:
         if self.uffd < 0:
             return {"errno": 0, "events": []}
+        self._settle_faults(c.get("wait", 0.0))
         raw = b""
         while True:
             try:
@@ -1676,7 +1688,7 @@ class KernelRunner:
 
     @property
     def _wait(self) -> float:
-        """How long a ``fault`` or ``fault_status`` step waits for its thread to settle."""
+        """How long a ``fault``, ``fault_status`` or ``events`` step waits for fault threads to settle."""
         return max(0.1, min(2.5, self.step_timeout / 2))
 
     def _step(
@@ -1695,7 +1707,7 @@ class KernelRunner:
             return StepResult(errno=errno.ESRCH, note="process gone")
         try:
             cmd = self._command(step, addrs)
-            if op in ("fault", "fault_status"):
+            if op in ("fault", "fault_status", "events"):
                 cmd["wait"] = self._wait
         except KeyError as e:
             return StepResult(errno=errno.EINVAL, note=f"region {e.args[0]!r} has no address")
