@@ -17,7 +17,7 @@ anon_vma and per swap slot in use (folios carry their own scratch counters).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import count
 from typing import TYPE_CHECKING
 
@@ -25,13 +25,20 @@ from .mm_types import (
     ANON_VMA_BYTES,
     AVC_BYTES,
     FOLIO_BYTES,
+    HPAGE_PMD_NR,
+    HUGE_PMD_BYTES,
+    HUGE_ZERO_FOLIO,
     MM_BYTES,
     PAGE_SHIFT,
     PGTABLE_BYTES,
     PMD_SHIFT,
+    PMD_SIZE,
     PTE_BYTES,
     VMA_BYTES,
     ZERO_PAGE,
+    Folio,
+    LargeFolio,
+    Vma,
 )
 from .sched import RESCHED_WORK
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON
@@ -39,7 +46,6 @@ from .swapfile import SWAP_SLOT_BYTES, SwpEntry, swap_info_check, swp_swapcount
 
 if TYPE_CHECKING:
     from .kernel import Kernel
-    from .mm_types import Folio
     from .model import MemoryModel
     from .rmap import AnonVma
 
@@ -52,6 +58,50 @@ _generations = count(1)
 def on_lru(k: Kernel, folio: Folio) -> bool:
     """The folio is on one of the LRU lists, the one its ``lru`` names."""
     return folio.lru in (LRU_INACTIVE_ANON, LRU_ACTIVE_ANON) and folio in k.lruvec.lists[folio.lru]
+
+
+def _audit_reset(f: Folio, gen: int) -> None:
+    """Start counting ``f``'s mappings for audit generation ``gen``."""
+    f.audit_gen = gen
+    f.audit_ptes = 0
+    if isinstance(f, LargeFolio):
+        f.audit_pages = [0] * f.nr_pages
+        f.audit_pmds = 0
+        f.audit_mms = {}
+
+
+def _check_mapped(bad: Callable[[str], None], where: str, f: Folio, vma: Vma, addr: int, index: int, lpi: int) -> None:
+    """A page of ``f`` (index ``index``) mapped at ``addr`` of ``vma``: its index and anon_vma."""
+    if index != lpi:
+        bad(f"{where}: folio {f.id} index {index:#x} != lpi {lpi:#x} at {addr:#x}")
+    anon_vma = f.mapping
+    if anon_vma is None:
+        bad(f"{where}: mapped folio {f.id} has no anon_vma")
+        return
+    if anon_vma.freed:
+        bad(f"{where}: folio {f.id} points at freed {anon_vma}")
+        return
+    if vma.anon_vma is None or anon_vma.root is not vma.anon_vma.root:
+        bad(f"{where}: folio {f.id} root differs from its VMA's at {addr:#x}")  # I2
+    if not any(avc.anon_vma is anon_vma for avc in vma.anon_vma_chain):
+        bad(f"{where}: {vma} not in folio {f.id}'s anon_vma tree (unreachable by rmap)")
+
+
+def _large_folio_problem(k: Kernel, f: LargeFolio) -> str | None:
+    """What is wrong with a large folio's counts against the mappings the audit found."""
+    if f.entire_mapcount != f.audit_pmds:
+        return f"entire_mapcount {f.entire_mapcount} != {f.audit_pmds} huge PMDs"
+    if f.pages_mapcount != f.audit_pages:
+        bad_pages = [i for i in range(f.nr_pages) if f.pages_mapcount[i] != f.audit_pages[i]]
+        return f"per-page mapcounts differ from the PTEs at pages {bad_pages[:8]}"
+    if f.mm_mapcounts != f.audit_mms:
+        return f"mappings per mm {f.mm_mapcounts} != {f.audit_mms}"
+    shared = [i for i in range(f.nr_pages) if f.anon_exclusive[i] and f.page_mapcount(i) > 1]
+    if shared:
+        return f"anon-exclusive pages mapped more than once: {shared[:8]}"
+    if f.deferred_split != (f in k.deferred_split_queue):
+        return "deferred_split flag disagrees with the deferred split queue"
+    return None
 
 
 def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
@@ -70,7 +120,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     active: Counter[AnonVma] = Counter()
     tree_avcs = 0  # AVCs reached from the VMAs (each must be in its anon_vma's tree)
     vmas = 0
-    charged = len(model.processes) * MM_BYTES + len(live_avs) * ANON_VMA_BYTES + k.folios_live * FOLIO_BYTES
+    charged = len(model.processes) * MM_BYTES + len(live_avs) * ANON_VMA_BYTES + k.folio_pages_live * FOLIO_BYTES
     si = k.swap
     if si.memcg is not None:
         charged += si.inuse_pages * SWAP_SLOT_BYTES
@@ -121,11 +171,48 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 yield
         if mm.map_count != len(mm.mm_mt):
             bad(f"{where}: map_count {mm.map_count} != {len(mm.mm_mt)} VMAs")
-        charged += len(mm.pgtables) * PGTABLE_BYTES
+        charged += len(mm.pgtables) * PGTABLE_BYTES + len(mm.huge_pmds) * HUGE_PMD_BYTES
         rss = 0
-        folio_ptes = 0
+        matched = 0  # ledger entries found mapped
         swapped = 0
         ledger: dict[int, int] = model.ledger.get(pid, {})
+        for idx, hp in mm.huge_pmds.items():
+            haddr = idx << PMD_SHIFT
+            if idx in mm.pgtables:
+                bad(f"{where}: {haddr:#x} has both a huge PMD and a PTE table")
+            if mm.pmd_lock(haddr).is_locked():
+                bad(f"{where}: PMD lock of {haddr:#x} held")
+            vma = mm.vma_lookup(haddr)
+            if vma is None or vma.end < haddr + PMD_SIZE:
+                bad(f"{where}: huge PMD at {haddr:#x} not inside one VMA")
+                continue
+            vpn0 = haddr >> PAGE_SHIFT
+            f: Folio = hp.folio
+            if f is HUGE_ZERO_FOLIO:
+                if hp.write:
+                    bad(f"{where}: writable huge zero PMD at {haddr:#x}")
+                matched += sum(1 for i in range(HPAGE_PMD_NR) if ledger.get(vpn0 + i) == 0)
+                continue
+            rss += HPAGE_PMD_NR
+            if f.audit_gen != gen:
+                _audit_reset(f, gen)
+            f.audit_ptes += 1
+            if isinstance(f, LargeFolio):
+                f.audit_pmds += 1
+                f.audit_mms[mm.id] = f.audit_mms.get(mm.id, 0) + 1
+            for i in range(HPAGE_PMD_NR):
+                expected = ledger.get(vpn0 + i)
+                if expected is not None:
+                    matched += 1
+                if (expected or 0) != f.page_value(i):
+                    bad(f"{where}: contents differ from the ledger: wrong value at {(vpn0 + i) << PAGE_SHIFT:#x}")
+                    break
+            if f.freed:
+                bad(f"{where}: huge PMD at {haddr:#x} maps freed folio {f.id}")
+                continue
+            if hp.write and not f.page_anon_exclusive(0):
+                bad(f"{where}: writable huge PMD at {haddr:#x} maps a folio whose head is not anon-exclusive")  # I4
+            _check_mapped(bad, where, f, vma, haddr, f.index, vma.linear_page_index(haddr))
         for idx, pt in mm.pgtables.items():
             if pt.ptl.is_locked():
                 bad(f"{where}: PTL {idx:#x} held")
@@ -161,49 +248,46 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     bad(f"{where}: PTE at {addr:#x} outside every VMA")
                     continue
                 f = pte.folio
+                expected = ledger.get(vpn)
                 if f is ZERO_PAGE:
                     if pte.write:
                         bad(f"{where}: writable zero-page PTE at {addr:#x}")
+                    if expected == 0:  # written zeros, then mapped by the zero page (a folio split)
+                        matched += 1
+                    elif expected is not None:
+                        bad(f"{where}: contents differ from the ledger: the zero page at {addr:#x}")
                     continue
                 rss += 1
-                folio_ptes += 1
                 if f.audit_gen != gen:
-                    f.audit_gen = gen
-                    f.audit_ptes = 0
+                    _audit_reset(f, gen)
                 f.audit_ptes += 1
-                expected = ledger.get(vpn)
+                i = pte.page
+                if isinstance(f, LargeFolio):
+                    f.audit_pages[i] += 1
+                    f.audit_mms[mm.id] = f.audit_mms.get(mm.id, 0) + 1
+                value = f.page_value(i)
                 if expected is None:
-                    bad(f"{where}: contents differ from the ledger: unexpected page at {addr:#x}")
-                elif expected != f.value:
-                    bad(f"{where}: contents differ from the ledger: wrong value at {addr:#x}")
+                    if not f.large or value:  # a large folio's page nobody wrote reads 0
+                        bad(f"{where}: contents differ from the ledger: unexpected page at {addr:#x}")
+                else:
+                    matched += 1
+                    if expected != value:
+                        bad(f"{where}: contents differ from the ledger: wrong value at {addr:#x}")
                 if f.freed:
                     bad(f"{where}: PTE at {addr:#x} maps freed folio {f.id}")
                     continue
-                if pte.write and not f.exclusive:
+                if pte.write and not f.page_anon_exclusive(i):
                     bad(f"{where}: writable PTE at {addr:#x} maps non-exclusive folio {f.id}")  # I4
-                if f.index != vma.linear_page_index(addr):
-                    bad(f"{where}: folio {f.id} index {f.index:#x} != lpi "
-                        f"{vma.linear_page_index(addr):#x} at {addr:#x}")
-                anon_vma = f.mapping
-                if anon_vma is None:
-                    bad(f"{where}: mapped folio {f.id} has no anon_vma")
-                    continue
-                if anon_vma.freed:
-                    bad(f"{where}: folio {f.id} points at freed {anon_vma}")
-                    continue
-                if vma.anon_vma is None or anon_vma.root is not vma.anon_vma.root:
-                    bad(f"{where}: folio {f.id} root differs from its VMA's at {addr:#x}")  # I2
-                if not any(avc.anon_vma is anon_vma for avc in vma.anon_vma_chain):
-                    bad(f"{where}: {vma} not in folio {f.id}'s anon_vma tree (unreachable by rmap)")
+                _check_mapped(bad, where, f, vma, addr, f.index + i, vma.linear_page_index(addr))
             work += 1 + len(pt.ptes)
             if work >= RESCHED_WORK:
                 work = 0
                 yield
         if rss != mm.rss_anon:
-            bad(f"{where}: RSS counter {mm.rss_anon} != {rss} mapped folios")
+            bad(f"{where}: RSS counter {mm.rss_anon} != {rss} mapped pages")
         if swapped != mm.swap_ents:
             bad(f"{where}: MM_SWAPENTS {mm.swap_ents} != {swapped} swap PTEs")
-        if len(ledger) != folio_ptes + swapped:
+        if len(ledger) != matched + swapped:
             lost = [vpn for vpn in ledger if mm.pte_lookup(vpn << PAGE_SHIFT) is None
                     and mm.swap_pte_lookup(vpn << PAGE_SHIFT) is None][:4]
             bad(f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}")
@@ -211,25 +295,32 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     # Pass 2: each folio once, against the PTEs counted on it.
     folios = 0
     for mm in model.processes.values():
-        for pt in mm.pgtables.values():
-            for pte in pt.ptes.values():
-                f = pte.folio
+        tables: list[Iterable[Folio]] = [(hp.folio for hp in mm.huge_pmds.values())]
+        tables.extend((pte.folio for pte in pt.ptes.values()) for pt in mm.pgtables.values())
+        for mapped in tables:
+            n = 0
+            for f in mapped:
+                n += 1
                 if f.audit_gen != gen:
                     continue
                 f.audit_gen = -gen  # seen
                 folios += 1
                 if f.mapcount != f.audit_ptes:
-                    bad(f"folio {f.id}: mapcount {f.mapcount} != {f.audit_ptes} PTEs")
-                if f.exclusive and f.mapcount != 1:
+                    bad(f"folio {f.id}: mapcount {f.mapcount} != {f.audit_ptes} PTEs and PMDs")
+                if isinstance(f, LargeFolio):
+                    problem = _large_folio_problem(k, f)
+                    if problem:
+                        bad(f"folio {f.id}: {problem}")
+                elif f.exclusive and f.mapcount != 1:
                     bad(f"folio {f.id}: exclusive with mapcount {f.mapcount}")
-                if f.refcount != f.mapcount + f.swapcache:
+                if f.refcount != f.mapcount + f.swapcache * f.nr_pages:
                     bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} + {int(f.swapcache)} "
                         "(the swap cache's) at a quiescent point")
                 if not on_lru(k, f):
                     bad(f"folio {f.id}: on no LRU list at a quiescent point")
                 if f.lock is not None and f.lock.is_locked():
                     bad(f"folio {f.id}: locked at a quiescent point")
-            work += 1 + len(pt.ptes)
+            work += 1 + n
             if work >= RESCHED_WORK:
                 work = 0
                 yield

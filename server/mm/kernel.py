@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING
 from .detectors import Detectors
 from .locks import Current, LockClass, LockdepState, Mutex, SpinLock, release_locks
 from .memcontrol import MemCgroup
-from .mm_types import DEFAULT_MAX_MAP_COUNT, FOLIO_BYTES, Folio
+from .mm_types import (
+    DEFAULT_MAX_MAP_COUNT,
+    FOLIO_BYTES,
+    HPAGE_PMD_ORDER,
+    PAGE_SHIFT,
+    Folio,
+    LargeFolio,
+    folio_bytes,
+)
 from .rcu import Rcu, TypesafeCache
 from .sched import Controller, Scheduler
 from .steps import Ops, Variant, VariantError, resolve
@@ -29,9 +37,27 @@ if TYPE_CHECKING:
     from .trace import Tracer
 
 __all__ = [
-    "ALL_PROTOCOLS", "MUTANTS", "PROTOCOLS", "RECHECK_FAMILY", "Deadlock", "IdCounter", "Kernel", "Unwind",
-    "Variant", "VariantError",
+    "ALL_PROTOCOLS", "MUTANTS", "PROTOCOLS", "RECHECK_FAMILY", "THP_ORDER_POLICIES", "THP_POLICIES", "Deadlock",
+    "IdCounter", "Kernel", "Unwind", "Variant", "VariantError", "thp_size_order",
 ]
+
+
+#: /sys/kernel/mm/transparent_hugepage/enabled, and each size's hugepages-<size>kB/enabled.
+THP_POLICIES = ("always", "madvise", "never")
+THP_ORDER_POLICIES = ("always", "inherit", "madvise", "never")
+
+
+def thp_size_order(size: str) -> int:
+    """The order of an mTHP size written as sysfs names it (``64kB``) or as ``64K``, ``2M``."""
+    s = size.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1:], 0)
+    if not mult or not s[:-1].isdigit():
+        raise ValueError(f"not a THP size: {size!r} (16K, 64K, ..., 2M)")
+    nbytes = int(s[:-1]) * mult
+    order = nbytes.bit_length() - 1 - PAGE_SHIFT
+    if nbytes != 1 << (order + PAGE_SHIFT) or not 2 <= order <= HPAGE_PMD_ORDER:
+        raise ValueError(f"not a THP size: {size!r} (a power of two from 16K to 2M)")
+    return order
 
 
 class IdCounter:
@@ -91,6 +117,9 @@ class Kernel:
         mutant: str | Variant | None = None,
         max_map_count: int = DEFAULT_MAX_MAP_COUNT,
         swap_bytes: int = DEFAULT_SWAP_BYTES,
+        thp: str = "madvise",
+        thp_orders: dict[int, str] | None = None,
+        thp_use_zero_page: bool = True,
     ) -> None:
         #: The protocol (a kernel generation or a user's variant) and the mutant applied to it.
         self.protocol = resolve(protocol, "protocol")
@@ -118,6 +147,19 @@ class Kernel:
         #: no budget, as memcg charges them to memory.swap) and the LRU lists (swap.py).
         self.swap = SwapInfo(swap_bytes)
         self.lruvec = Lruvec()
+        if thp not in THP_POLICIES:
+            raise ValueError(f"THP policy must be one of {', '.join(THP_POLICIES)}, not {thp!r}")
+        #: The THP policy as sysfs sets it: ``enabled`` (always, madvise, never), each size's own
+        #: (order -> always, inherit, madvise, never; an order not named is never) and
+        #: ``use_zero_page``. The default is this machine's: madvise, the PMD size inheriting it.
+        self.thp_enabled = thp
+        self.thp_orders = {HPAGE_PMD_ORDER: "inherit"} if thp_orders is None else dict(thp_orders)
+        for order, policy in self.thp_orders.items():
+            if not 2 <= order <= HPAGE_PMD_ORDER or policy not in THP_ORDER_POLICIES:
+                raise ValueError(f"THP order {order}: {policy!r}")
+        self.thp_use_zero_page = thp_use_zero_page
+        #: The deferred split queue: large folios mapped in part (deferred_split_folio).
+        self.deferred_split_queue: dict[LargeFolio, None] = {}
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 
@@ -126,6 +168,7 @@ class Kernel:
         self._folio_ids = IdCounter()
         self._vma_ids = IdCounter()
         self.folios_live = 0
+        self.folio_pages_live = 0  # the pages of the live folios
         self.vmas_live = 0
         self.stats: Counter[str] = Counter()
         #: UFFDIO_MOVE outcomes: "OK", or the errno's name (EAGAIN for a short move).
@@ -225,7 +268,16 @@ class Kernel:
         """A new folio; the caller has charged FOLIO_BYTES."""
         fid = self._folio_ids()
         self.folios_live += 1
+        self.folio_pages_live += 1
         return Folio(fid, Mutex(f"folio{fid}.lock", LockClass.FOLIO_LOCK, self.lockdep))
+
+    def folio_alloc_large(self, order: int) -> LargeFolio:
+        """A new zero-filled folio of ``order`` (vma_alloc_anon_folio_pmd, alloc_anon_folio); the
+        caller has charged folio_bytes(order)."""
+        fid = self._folio_ids()
+        self.folios_live += 1
+        self.folio_pages_live += 1 << order
+        return LargeFolio(fid, Mutex(f"folio{fid}.lock", LockClass.FOLIO_LOCK, self.lockdep), order)
 
     def folio_free(self, folio: Folio) -> None:
         """The last reference went: the mapping is reset only now (invariant I3)."""
@@ -234,9 +286,15 @@ class Kernel:
             lruvec_del_folio(self.lruvec, folio)
         folio.freed = True
         folio.mapping = None
-        folio.exclusive = False
         self.folios_live -= 1
-        self.memcg.uncharge(FOLIO_BYTES)
+        self.folio_pages_live -= folio.nr_pages
+        if isinstance(folio, LargeFolio):
+            self.deferred_split_queue.pop(folio, None)
+            folio.deferred_split = False
+            self.memcg.uncharge(folio_bytes(folio.order))
+        else:
+            folio.exclusive = False
+            self.memcg.uncharge(FOLIO_BYTES)
 
     def next_vma_id(self) -> int:
         return self._vma_ids()

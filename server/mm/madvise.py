@@ -36,9 +36,24 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from .huge_memory import __split_huge_pmd, split_folio
 from .locks import Current
-from .memory import zap_pte_range
-from .mm_types import PAGE_MASK, PAGE_SHIFT, VM_LOCKED, ZERO_PAGE, Folio, Mm, MmError
+from .memory import folio_put, zap_pte_range
+from .mm_types import (
+    HUGE_ZERO_FOLIO,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    PMD_SIZE,
+    VM_LOCKED,
+    ZERO_PAGE,
+    Folio,
+    LargeFolio,
+    Mm,
+    MmError,
+    PageTable,
+    Pte,
+)
 from .mmap import MADVISE, page_align
 from .mmap import do_madvise as madvise_vma_flags
 from .sched import RESCHED_WORK, cond_resched
@@ -96,6 +111,19 @@ async def madvise_dontneed(k: Kernel, cur: Current, mm: Mm, start: int, end: int
     await madvise_walk_vmas(mm, start, end, lambda addr, tmp: zap_pte_range(k, cur, mm, addr, tmp, unmapped))
 
 
+def _folio_pte_batch(pt: PageTable, vpn: int, top: int, pte: Pte) -> int:
+    """How many PTEs from ``vpn`` (below ``top``) map the following pages of ``pte``'s folio
+    (folio_pte_batch)."""
+    folio, page = pte.folio, pte.page
+    n = 1
+    while vpn + n < top:
+        nxt = pt.ptes.get(vpn + n)
+        if nxt is None or nxt.folio is not folio or nxt.page != page + n:
+            break
+        n += 1
+    return n
+
+
 async def madvise_cold_or_pageout_pte_range(
     k: Kernel, cur: Current, mm: Mm, start: int, end: int, pageout: bool
 ) -> int:
@@ -106,20 +134,78 @@ async def madvise_cold_or_pageout_pte_range(
     lruvec = k.lruvec
     folio_list: list[Folio] = []
     visited = 0
+    for idx in mm.huge_pmds_in(start, end):  # madvise_cold_or_pageout_pte_range's huge PMD part
+        haddr = idx << PMD_SHIFT
+        hp = mm.huge_pmds.get(idx)
+        if hp is None:
+            continue
+        vma = mm.vma_lookup(haddr)
+        assert vma is not None
+        if not (start <= haddr and haddr + PMD_SIZE <= end):
+            await __split_huge_pmd(k, cur, vma, haddr)  # the PTEs are done below
+            continue
+        visited += 1
+        folio: Folio = hp.folio
+        if folio is HUGE_ZERO_FOLIO or not isinstance(folio, LargeFolio) or folio.maybe_mapped_shared():
+            continue
+        if not pageout:
+            hp.young = False
+        folio.referenced = False
+        if pageout:
+            if folio_isolate_lru(k, folio):
+                folio_list.append(folio)
+        else:
+            folio_deactivate(lruvec, folio)
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes:
             continue
+        if pt.ptl.owner is not None:
+            await k.spin_on(cur, pt.ptl)
         pt.ptl.spin_lock(cur)
-        for vpn, pte in pt.ptes.items():
-            if not lo <= vpn < hi:
+        vpn = max(lo, idx << (PMD_SHIFT - PAGE_SHIFT))
+        top = min(hi, (idx + 1) << (PMD_SHIFT - PAGE_SHIFT))
+        while vpn < top:
+            pte = pt.ptes.get(vpn)
+            if pte is None:
+                vpn += 1
                 continue
-            visited += 1
             folio = pte.folio
-            if folio is ZERO_PAGE or not folio.lru or folio.mapcount != 1:
-                continue
-            if not pageout and pte.young:
-                pte.young = False  # clear_young_dirty_ptes(CYDP_CLEAR_YOUNG)
+            nr = 1
+            if isinstance(folio, LargeFolio):
+                nr = _folio_pte_batch(pt, vpn, top, pte)
+                if nr < folio.nr_pages:  # part of it in the range: split it, then look again
+                    lock = folio.lock
+                    assert lock is not None
+                    if folio.maybe_mapped_shared() or not lock.trylock(cur):
+                        vpn += nr
+                        visited += nr
+                        continue
+                    folio.refcount += 1  # folio_get
+                    cur.pins.append(folio)
+                    pt.ptl.spin_unlock(cur)
+                    head: Folio
+                    try:
+                        head = await split_folio(k, cur, folio)
+                    except MmError:
+                        head = folio
+                        vpn += nr
+                        visited += nr
+                    head_lock = head.lock
+                    assert head_lock is not None
+                    head_lock.unlock(cur)
+                    folio_put(k, head, cur)
+                    if pt.ptl.owner is not None:
+                        await k.spin_on(cur, pt.ptl)
+                    pt.ptl.spin_lock(cur)
+                    continue
+            visited += nr
+            vpn += nr
+            if folio is ZERO_PAGE or not folio.lru or folio.mapcount != folio.nr_pages:
+                continue  # another mapping's page, or off the LRU
+            if not pageout:
+                for v in range(vpn - nr, vpn):
+                    pt.ptes[v].young = False  # clear_young_dirty_ptes(CYDP_CLEAR_YOUNG)
             folio.referenced = False  # folio_clear_referenced
             if pageout:
                 if folio_isolate_lru(k, folio):

@@ -5,28 +5,48 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .huge_memory import (
+    copy_huge_pmd,
+    do_huge_pmd_anonymous_page,
+    do_huge_pmd_wp_page,
+    thp_vma_allowable_order,
+    thp_vma_suitable_order,
+    zap_huge_pmds,
+)
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
 from .mm_types import (
     FOLIO_BYTES,
+    HPAGE_PMD_NR,
+    HPAGE_PMD_ORDER,
     PAGE_SHIFT,
     PMD_SHIFT,
     PMD_SIZE,
     PTE_BYTES,
     VM_READ,
+    VM_UFFD_FLAGS,
     VM_UFFD_MISSING,
     VM_UFFD_WP,
     VM_WRITE,
     ZERO_PAGE,
     Folio,
+    LargeFolio,
     Mm,
     MmError,
     PageTable,
     Pte,
     SwapPte,
     Vma,
+    folio_bytes,
 )
-from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, folio_move_anon_rmap, unpin
+from .rmap import (
+    anon_vma_prepare,
+    folio_add_new_anon_rmap,
+    folio_dup_anon_rmap_pte,
+    folio_move_anon_rmap,
+    folio_remove_rmap_pte,
+    unpin,
+)
 from .sched import RESCHED_WORK, cond_resched
 from .swap import folio_add_lru
 from .swap_state import folio_matches_swap_entry, swap_cache_add_folio, swap_cache_del_folio, swap_cache_get_folio
@@ -77,8 +97,29 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
         raise MmError(errno.EFAULT, f"{'write' if write else 'read'} access to {addr:#x} not permitted (SIGSEGV)")
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
+    idx = addr >> PMD_SHIFT
     while True:
-        pt = mm.pgtables.get(addr >> PMD_SHIFT)
+        if mm.huge_pmds and (hp := mm.huge_pmds.get(idx)) is not None:  # pmd_trans_huge
+            folio = hp.folio
+            i = vpn & (HPAGE_PMD_NR - 1)
+            if not write:
+                hp.young = True
+                return folio.page_value(i)
+            if hp.write:
+                folio.set_page_value(i, value)
+                hp.young = hp.dirty = True
+                return value
+            if await do_huge_pmd_wp_page(k, cur, vma, addr, value, hp):
+                return value
+            continue
+        pt = mm.pgtables.get(idx)
+        if pt is None and not vma.flags & VM_UFFD_MISSING and thp_vma_allowable_order(k, vma, HPAGE_PMD_ORDER):
+            done = await do_huge_pmd_anonymous_page(k, cur, vma, addr, write, value)
+            if done is None:  # VM_FAULT_FALLBACK
+                done = await do_anonymous_page(k, cur, vma, addr, write, value)
+            if done:
+                return value if write else 0
+            continue
         pte = pt.ptes.get(vpn) if pt is not None else None
         if pte is None:
             swp = pt.swap.get(vpn) if pt is not None else None
@@ -94,9 +135,9 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
                 done = await do_anonymous_page(k, cur, vma, addr, write, value)
         elif not write:
             pte.young = True
-            return pte.folio.value
+            return pte.folio.page_value(pte.page)
         elif pte.write:
-            pte.folio.value = value
+            pte.folio.set_page_value(pte.page, value)
             pte.young = pte.dirty = True
             return value
         else:
@@ -150,6 +191,10 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
         await anon_vma_prepare(k, cur, vma)
     sched = k.sched
     if sched.active: await sched.point("fault:before-pte-lock")
+    if k.thp_orders.keys() - {HPAGE_PMD_ORDER} and not vma.flags & VM_UFFD_FLAGS:  # !userfaultfd_armed
+        done = await alloc_anon_folio(k, cur, vma, addr, value)
+        if done is not None:
+            return done
     pt = mm.pte_alloc(cur, addr)
     if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
         await k.spin_on(cur, pt.ptl)
@@ -172,6 +217,62 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     pt.ptl.spin_unlock(cur)
     k.stats["fault_new_folio"] += 1
     return True
+
+
+async def alloc_anon_folio(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool | None:
+    """A write fault's mTHP (alloc_anon_folio, then the rest of do_anonymous_page): the largest
+    order below the PMD's that the policy allows for ``vma``, whose naturally aligned range around
+    ``addr`` fits the VMA and has every PTE none, and that can be charged (each failure tries the
+    next order down). The folio is zeros but for ``value`` at ``addr``'s page, every page mapped
+    by a writable, dirty, young PTE. Returns None to fall back to a small folio, False when a PTE
+    appeared meanwhile (retry), True when done. Expects mmap_lock (or the VMA lock) held for read
+    and the VMA's anon_vma; takes the PTL."""
+    mm = vma.mm
+    pt = mm.pgtables.get(addr >> PMD_SHIFT)
+    for order in sorted(k.thp_orders, reverse=True):
+        if order >= HPAGE_PMD_ORDER or not thp_vma_allowable_order(k, vma, order):
+            continue
+        if not thp_vma_suitable_order(vma, addr, order):
+            continue
+        nr = 1 << order
+        vpn0 = (addr >> PAGE_SHIFT) & ~(nr - 1)
+        if pt is not None and any(not pt.pte_none(v) for v in range(vpn0, vpn0 + nr)):  # pte_range_none
+            continue
+        nbytes = folio_bytes(order) + nr * PTE_BYTES
+        try:
+            k.memcg.charge(cur, nbytes)
+        except MemoryLimitExceeded:
+            k.stats["mthp_fault_fallback"] += 1
+            continue
+        try:
+            pt = mm.pte_alloc(cur, addr)
+        except BaseException:
+            k.memcg.uncharge(nbytes)
+            raise
+        if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
+            try:
+                await k.spin_on(cur, pt.ptl)
+            except BaseException:
+                k.memcg.uncharge(nbytes)
+                raise
+        pt.ptl.spin_lock(cur)
+        if any(not pt.pte_none(v) for v in range(vpn0, vpn0 + nr)):
+            pt.ptl.spin_unlock(cur)
+            k.memcg.uncharge(nbytes)
+            return False
+        folio = k.folio_alloc_large(order)
+        folio.set_page_value((addr >> PAGE_SHIFT) - vpn0, value)
+        folio.refcount = nr
+        folio_add_new_anon_rmap(folio, vma, vpn0 << PAGE_SHIFT)
+        folio_add_lru(k.lruvec, folio)
+        ptes = pt.ptes
+        for i in range(nr):
+            ptes[vpn0 + i] = Pte(folio, True, True, True, page=i)
+        mm.rss_anon += nr
+        pt.ptl.spin_unlock(cur)
+        k.stats["mthp_fault_alloc"] += 1
+        return True
+    return None
 
 
 def vm_swap_full(si: SwapInfo) -> bool:
@@ -353,9 +454,10 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
 
         raise handle_userfault(k, cur, vma, addr, True, wp=True)
     folio = pte.folio
-    if folio is not ZERO_PAGE and (folio.exclusive or wp_can_reuse_anon_folio(k, cur, folio, vma)):
-        folio.exclusive = True  # SetPageAnonExclusive
-        folio.value = value
+    page = pte.page
+    if folio is not ZERO_PAGE and (folio.page_anon_exclusive(page) or wp_can_reuse_anon_folio(k, cur, folio, vma)):
+        folio.set_page_anon_exclusive(page, True)  # SetPageAnonExclusive
+        folio.set_page_value(page, value)
         pte.write = pte.young = pte.dirty = True
         pt.ptl.spin_unlock(cur)
         k.stats["fault_wp_reuse"] += 1
@@ -369,6 +471,8 @@ def wp_can_reuse_anon_folio(k: Kernel, cur: Current, folio: Folio, vma: Vma) -> 
     swap cache's aside: a folio in the swap cache leaves it, if no swap PTE still names its slot,
     folio_free_swap); the folio lock is only tried, never waited for. On success the folio moves
     to ``vma``'s own anon_vma (same root, so the root lock of any walker still covers it)."""
+    if isinstance(folio, LargeFolio):
+        return wp_can_reuse_large_anon_folio(k, cur, folio)
     if folio.refcount > 1 + folio.swapcache:
         return False
     lock = folio.lock
@@ -383,6 +487,22 @@ def wp_can_reuse_anon_folio(k: Kernel, cur: Current, folio: Folio, vma: Vma) -> 
     folio_move_anon_rmap(k, folio, vma)
     lock.unlock(cur)
     return True
+
+
+def wp_can_reuse_large_anon_folio(k: Kernel, cur: Current, folio: LargeFolio) -> bool:
+    """__wp_can_reuse_large_anon_folio: a large folio's page may be reused in place when more
+    than one of its pages is mapped, only by this mm, and every reference is a mapping's (the
+    swap cache let go of first, if its lock can be had at once). Expects the PTL held."""
+    if folio.mapcount <= 1 or folio.maybe_mapped_shared():
+        return False
+    if folio.swapcache:
+        lock = folio.lock
+        assert lock is not None
+        if not lock.trylock(cur):
+            return False
+        folio_free_swap(k, folio)
+        lock.unlock(cur)
+    return folio.mapcount == folio.refcount
 
 
 async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, value: int) -> bool:
@@ -410,7 +530,7 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     if old is ZERO_PAGE:
         mm.rss_anon += 1
     else:
-        old.mapcount -= 1
+        folio_remove_rmap_pte(k, old, orig.page, mm)
         folio_put(k, old)
     pt.ptl.spin_unlock(cur)
     k.stats["fault_cow"] += 1
@@ -429,7 +549,7 @@ async def zap_pte_range(
     for write; takes each PTL in turn. Visits only the PTE tables that exist and lets other tasks
     run between tables every RESCHED_WORK PTEs (no PTL held then). Appends the virtual page number
     of every folio unmapped to ``unmapped``. Returns the number of PTEs zapped."""
-    zapped = 0
+    zapped = await zap_huge_pmds(k, cur, mm, start, end, unmapped) if mm.huge_pmds else 0
     work = 0
     lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
     memcg = k.memcg
@@ -442,9 +562,13 @@ async def zap_pte_range(
         whole = _table_within(idx, lo, hi)
         vpns = list(ptes) if whole else [v for v in ptes if lo <= v < hi]
         for vpn in vpns:
-            folio = ptes.pop(vpn).folio
+            pte = ptes.pop(vpn)
+            folio = pte.folio
             if folio is not ZERO_PAGE:
-                folio.mapcount -= 1
+                if folio.large:
+                    folio_remove_rmap_pte(k, folio, pte.page, mm)
+                else:
+                    folio.mapcount -= 1
                 mm.rss_anon -= 1
                 if folio.swapcache and not folio.mapcount:
                     free_swap_cache(k, cur, folio)
@@ -521,6 +645,9 @@ async def copy_page_range(
     memcg = k.memcg
     copied = 0
     work = 0
+    for idx in src_mm.huge_pmds_in(src_vma.start, src_vma.end):
+        await copy_huge_pmd(k, cur, dst_vma, src_vma, idx, folio_vpns)
+        copied += 1
     for idx in src_mm.pgtables_in(src_vma.start, src_vma.end):
         src_pt = src_mm.pgtables.get(idx)
         if src_pt is None or not (src_pt.ptes or src_pt.swap):
@@ -551,14 +678,12 @@ async def copy_page_range(
                 continue
             folio = pte.folio
             if folio is not ZERO_PAGE:
-                folio.refcount += 1
-                folio.mapcount += 1
-                folio.exclusive = False
+                folio_dup_anon_rmap_pte(folio, pte.page, dst_mm)
                 pte.write = False
                 rss += 1
                 if folio_vpns is not None:
                     folio_vpns.append(vpn)
-            dst_ptes[vpn] = Pte(folio, False, False, pte.dirty, soft_dirty=pte.soft_dirty)
+            dst_ptes[vpn] = Pte(folio, False, False, pte.dirty, soft_dirty=pte.soft_dirty, page=pte.page)
         dst_mm.rss_anon += rss
         if src_pt.swap:
             dst_mm.swap_ents += copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)

@@ -25,7 +25,14 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
 PMD_SHIFT = 21
 PMD_SIZE = 1 << PMD_SHIFT
+PMD_MASK = ~(PMD_SIZE - 1)
 PTRS_PER_PTE = 1 << (PMD_SHIFT - PAGE_SHIFT)
+#: A PMD-mapped THP: order 9, 512 pages.
+HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT
+HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
+HPAGE_PMD_SIZE = PMD_SIZE
+#: PMD locks (pmd_lockptr) are the split locks of the PMD table pages: one per 1 GiB.
+PUD_SHIFT = 30
 #: x86_64 with 4-level page tables.
 TASK_SIZE = (1 << 47) - PAGE_SIZE
 #: Where top-down placement starts, below the stack gap.
@@ -49,6 +56,8 @@ VM_LOCKED = 0x00002000
 VM_DONTCOPY = 0x00020000
 VM_ACCOUNT = 0x00100000
 VM_WIPEONFORK = 0x02000000
+VM_HUGEPAGE = 0x20000000
+VM_NOHUGEPAGE = 0x40000000
 VM_SOFTDIRTY = 0x08000000
 VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
 VM_UFFD_FLAGS = VM_UFFD_MISSING | VM_UFFD_WP
@@ -67,6 +76,8 @@ PTE_BYTES = 160
 FOLIO_BYTES = 544
 #: A PTE table with its split PTL and its slot in the mm's table index.
 PGTABLE_BYTES = 512
+#: A huge PMD: its deposited page table and the PTEs the PMD's split fills in it.
+HUGE_PMD_BYTES = PGTABLE_BYTES + (1 << (PMD_SHIFT - PAGE_SHIFT)) * PTE_BYTES
 #: A vm_area_struct and its slot in the mm's VMA tree.
 VMA_BYTES = 512
 #: An anon_vma with its rwsem.
@@ -75,6 +86,12 @@ ANON_VMA_BYTES = 512
 AVC_BYTES = 128
 #: An mm_struct with its locks, tables and per-process bookkeeping (its ledger, its handle).
 MM_BYTES = 5120
+
+
+def folio_bytes(order: int) -> int:
+    """What a folio of ``order`` is charged: FOLIO_BYTES a page, what its pages come to as small
+    folios (so that split_folio, which the kernel does without allocating, needs no charge)."""
+    return FOLIO_BYTES << order
 
 
 class MmError(OSError):
@@ -96,7 +113,16 @@ class LimitExceeded(Exception):
 
 
 class Folio:
-    """A small (order-0) anonymous folio. ``value`` stands in for the page's contents."""
+    """A small (order-0) anonymous folio. ``value`` stands in for the page's contents.
+
+    Large folios are ``LargeFolio``; code that meets either reads a page's contents, precise
+    mapcount and PG_anon_exclusive through ``page_value``, ``page_mapcount`` and
+    ``page_anon_exclusive`` with the page's index in its folio (``Pte.page``)."""
+
+    #: folio_order / folio_nr_pages / folio_test_large of a small folio.
+    order = 0
+    nr_pages = 1
+    large = False
 
     __slots__ = (
         "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen",
@@ -104,13 +130,16 @@ class Folio:
     )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:
+        self._init_common(fid, lock)
+        self.value = 0
+        self.exclusive = False  # PageAnonExclusive
+
+    def _init_common(self, fid: int, lock: Mutex | None) -> None:
         self.id = fid
         self.mapping: AnonVma | None = None  # folio->mapping without the PAGE_MAPPING_ANON bit
         self.index = 0
-        self.value = 0
-        self.mapcount = 0  # _mapcount + 1
+        self.mapcount = 0  # _mapcount + 1 (of a large folio: _large_mapcount + 1)
         self.refcount = 0
-        self.exclusive = False  # PageAnonExclusive
         self.lock = lock
         self.freed = False
         # The audit's scratch space: the PTEs it counted, valid while audit_gen is its generation.
@@ -134,9 +163,110 @@ class Folio:
     def trace_name(self) -> str:
         return f"folio{self.id}"
 
+    def page_value(self, i: int) -> int:
+        """The contents of page ``i`` of the folio."""
+        return self.value
+
+    def set_page_value(self, i: int, value: int) -> None:
+        self.value = value
+
+    def page_mapcount(self, i: int) -> int:
+        """folio_precise_page_mapcount: the mappings of page ``i`` (a PMD maps every page)."""
+        return self.mapcount
+
+    def page_anon_exclusive(self, i: int) -> bool:
+        """PageAnonExclusive of page ``i`` (of a PMD-mapped folio: the head's bit is the mapping's)."""
+        return self.exclusive
+
+    def set_page_anon_exclusive(self, i: int, exclusive: bool) -> None:
+        self.exclusive = exclusive
+
 
 #: The shared zero page: mapped read-only, no rmap, never freed.
 ZERO_PAGE = Folio(0, None)
+
+
+class LargeFolio(Folio):
+    """A large (order > 0) anonymous folio, as 6.18 keeps one: per page its contents
+    (``values``), its PTE mappings (``pages_mapcount``: each page's _mapcount + 1) and its
+    PG_anon_exclusive (``anon_exclusive``); for the folio ``entire_mapcount`` (the huge PMDs
+    mapping it whole), ``mapcount`` (_large_mapcount + 1: every PTE and every PMD mapping it, one
+    each) and ``mm_mapcounts`` (the mappings per mm: the _mm_id slots' counts, which say whether
+    the folio may be mapped by more than one process; kept exactly here, for any number of mms).
+    ``deferred_split``: on the deferred split queue (mapped in part). Each mapping, PTE or PMD,
+    holds one reference."""
+
+    __slots__ = ("order", "nr_pages", "values", "pages_mapcount", "anon_exclusive", "entire_mapcount",
+                 "mm_mapcounts", "deferred_split", "audit_pages", "audit_pmds", "audit_mms")
+
+    large = True
+
+    def __init__(self, fid: int, lock: Mutex | None, order: int) -> None:
+        self._init_common(fid, lock)
+        self.order = order
+        self.nr_pages = nr = 1 << order
+        self.values = [0] * nr
+        self.pages_mapcount = [0] * nr
+        self.anon_exclusive = [False] * nr
+        self.entire_mapcount = 0
+        self.mm_mapcounts: dict[int, int] = {}
+        self.deferred_split = False
+        # The audit's scratch space (valid while audit_gen is its generation): the PTEs it counted
+        # per page, the huge PMDs, the mappings per mm.
+        self.audit_pages: list[int] = []
+        self.audit_pmds = 0
+        self.audit_mms: dict[int, int] = {}
+
+    @property
+    def value(self) -> int:
+        raise AttributeError(f"large folio {self.id}: a page's contents are page_value(i)")
+
+    @value.setter
+    def value(self, v: int) -> None:
+        raise AttributeError(f"large folio {self.id}: a page's contents are set_page_value(i, v)")
+
+    @property
+    def exclusive(self) -> bool:
+        raise AttributeError(f"large folio {self.id}: PG_anon_exclusive is per page (page_anon_exclusive)")
+
+    @exclusive.setter
+    def exclusive(self, v: bool) -> None:
+        raise AttributeError(f"large folio {self.id}: PG_anon_exclusive is per page (set_page_anon_exclusive)")
+
+    def __repr__(self) -> str:
+        return (f"<LargeFolio {self.id} order={self.order} idx={self.index:#x} map={self.mapcount} "
+                f"entire={self.entire_mapcount} ref={self.refcount}>")
+
+    def page_value(self, i: int) -> int:
+        return self.values[i]
+
+    def set_page_value(self, i: int, value: int) -> None:
+        self.values[i] = value
+
+    def page_mapcount(self, i: int) -> int:
+        return self.pages_mapcount[i] + self.entire_mapcount
+
+    def page_anon_exclusive(self, i: int) -> bool:
+        return self.anon_exclusive[i]
+
+    def set_page_anon_exclusive(self, i: int, exclusive: bool) -> None:
+        self.anon_exclusive[i] = exclusive
+
+    def maybe_mapped_shared(self) -> bool:
+        """folio_maybe_mapped_shared: mapped by more than one mm."""
+        return len(self.mm_mapcounts) > 1
+
+    def mm_map(self, mm_id: int, n: int) -> None:
+        """Count ``n`` more mappings (negative: fewer) by mm ``mm_id``."""
+        c = self.mm_mapcounts.get(mm_id, 0) + n
+        if c:
+            self.mm_mapcounts[mm_id] = c
+        else:
+            self.mm_mapcounts.pop(mm_id, None)
+
+
+#: The huge zero folio: mapped read-only by huge PMDs, no rmap, never freed.
+HUGE_ZERO_FOLIO = LargeFolio(0, None, HPAGE_PMD_ORDER)
 
 
 class Pte:
@@ -146,10 +276,11 @@ class Pte:
     where it is set apart from the dirty bit (x86's pte_mkdirty sets both): a move (6.15+) and a
     swap-in of a soft-dirty swap PTE; pagemap reports ``dirty or soft_dirty``."""
 
-    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp", "soft_dirty")
+    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp", "soft_dirty", "page")
 
     def __init__(
-        self, folio: Folio, write: bool, young: bool, dirty: bool, uffd_wp: bool = False, soft_dirty: bool = False
+        self, folio: Folio, write: bool, young: bool, dirty: bool, uffd_wp: bool = False, soft_dirty: bool = False,
+        page: int = 0,
     ) -> None:
         self.folio = folio
         self.write = write
@@ -157,6 +288,34 @@ class Pte:
         self.dirty = dirty
         self.uffd_wp = uffd_wp
         self.soft_dirty = soft_dirty
+        self.page = page  # the mapped page's index in its folio (folio_page_idx); 0 for a small one
+
+    @property
+    def value(self) -> int:
+        """The mapped page's contents."""
+        return self.folio.page_value(self.page)
+
+
+class HugePmd:
+    """A present huge PMD (pmd_trans_huge): the PMD-size folio (a LargeFolio, or HUGE_ZERO_FOLIO)
+    mapped whole, with the bits of its entry, and the page table deposited for the split
+    (pgtable_trans_huge_deposit; it becomes the PTE table when the PMD is split, and is charged as
+    one from the start). A huge PMD always lies wholly inside one VMA: whatever splits the VMA
+    inside it splits the PMD first (vma_adjust_trans_huge). Its lock is ``Mm.pmd_lock``."""
+
+    __slots__ = ("folio", "write", "young", "dirty", "uffd_wp", "soft_dirty", "deposit")
+
+    def __init__(
+        self, folio: LargeFolio, write: bool, young: bool, dirty: bool, deposit: PageTable, uffd_wp: bool = False,
+        soft_dirty: bool = False,
+    ) -> None:
+        self.folio = folio
+        self.write = write
+        self.young = young
+        self.dirty = dirty
+        self.uffd_wp = uffd_wp
+        self.soft_dirty = soft_dirty
+        self.deposit = deposit
 
 
 class SwapPte:
@@ -257,6 +416,10 @@ class Mm:
         # dst VMAs on every call, and a linked VMA's [start, end) is always its current extent.
         self.vmacache: list[Vma] = []
         self.pgtables: SortedDict[int, PageTable] = SortedDict()  # PMD index -> PTE table
+        # PMD index -> huge PMD. A PMD index is in at most one of pgtables and huge_pmds; in
+        # neither while its PMD is none.
+        self.huge_pmds: SortedDict[int, HugePmd] = SortedDict()
+        self.pmd_ptls: dict[int, SpinLock] = {}  # 1 GiB index -> the PMD table page's split lock
         self.users = 1  # mm_users
         self.rss_anon = 0  # MM_ANONPAGES
         self.swap_ents = 0  # MM_SWAPENTS
@@ -330,15 +493,33 @@ class Mm:
         return pt.swap.get(addr >> PAGE_SHIFT) if pt is not None else None
 
     def pte_alloc(self, cur: Current, addr: int) -> PageTable:
-        """The PTE table covering ``addr``, allocated (and charged: ENOMEM) if there is none."""
+        """The PTE table covering ``addr``, allocated (and charged: ENOMEM) if there is none.
+        Expects no huge PMD there (the caller has split it or taken its own path)."""
         idx = addr >> PMD_SHIFT
         pt = self.pgtables.get(idx)
         if pt is None:
+            assert idx not in self.huge_pmds, f"pte_alloc over the huge PMD at {addr:#x}"
             if self.memcg is not None:
                 self.memcg.charge(cur, PGTABLE_BYTES)
-            pt = PageTable(SpinLock(f"mm{self.id}.ptl[{idx:#x}]", LockClass.PTL, self.lockdep))
+            pt = self.new_pgtable(idx)
             self.pgtables[idx] = pt
         return pt
+
+    def new_pgtable(self, idx: int) -> PageTable:
+        """A PTE table for PMD index ``idx`` (pte_alloc_one), not yet installed; its charge is the
+        caller's."""
+        return PageTable(SpinLock(f"mm{self.id}.ptl[{idx:#x}]", LockClass.PTL, self.lockdep))
+
+    def pmd_lock(self, addr: int) -> SpinLock:
+        """The lock of the PMD covering ``addr`` (pmd_lockptr: its PMD table page's split lock)."""
+        gi = addr >> PUD_SHIFT
+        ptl = self.pmd_ptls.get(gi)
+        if ptl is None:
+            ptl = self.pmd_ptls[gi] = SpinLock(f"mm{self.id}.pmd_lock[{gi:#x}]", LockClass.PTL, self.lockdep)
+        return ptl
+
+    def huge_pmd_lookup(self, addr: int) -> HugePmd | None:
+        return self.huge_pmds.get(addr >> PMD_SHIFT) if self.huge_pmds else None
 
     def pte_free(self, idx: int) -> None:
         """Free the (empty) PTE table at PMD index ``idx``."""
@@ -346,6 +527,12 @@ class Mm:
         assert not pt.ptes and not pt.swap, "freeing a PTE table that still maps pages"
         if self.memcg is not None:
             self.memcg.uncharge(PGTABLE_BYTES)
+
+    def huge_pmds_in(self, start: int, end: int) -> list[int]:
+        """PMD indexes of the huge PMDs in [start, end)."""
+        if end <= start or not self.huge_pmds:
+            return []
+        return list(self.huge_pmds.irange(start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT))
 
     def pgtables_in(self, start: int, end: int) -> list[int]:
         """PMD indexes of the PTE tables that exist in [start, end)."""

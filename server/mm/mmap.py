@@ -15,6 +15,7 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .huge_memory import vma_adjust_trans_huge
 from .locks import Current
 from .memory import free_pgtables, zap_pte_range
 from .mm_types import (
@@ -26,10 +27,12 @@ from .mm_types import (
     PROT_FLAGS,
     VM_ACCOUNT,
     VM_DONTCOPY,
+    VM_HUGEPAGE,
     VM_IGNORE_MERGE,
     VM_MAYEXEC,
     VM_MAYREAD,
     VM_MAYWRITE,
+    VM_NOHUGEPAGE,
     VM_WIPEONFORK,
     VM_WRITE,
     VMA_BYTES,
@@ -241,6 +244,7 @@ async def __split_vma(k: Kernel, cur: Current, vma: Vma, addr: int) -> Vma:
     the root rwsem (anon_vma_clone)."""
     assert vma.start < addr < vma.end
     await vma_start_write(cur, vma)
+    await vma_adjust_trans_huge(k, cur, vma, addr)  # a huge PMD across the cut is split first
     mm = vma.mm
     k.memcg.reserve(cur, VMA_BYTES + len(vma.anon_vma_chain) * AVC_BYTES)  # ENOMEM: nothing changed
     new = vm_area_alloc(k, cur, mm, addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT), vma.flags)
@@ -317,16 +321,20 @@ async def do_munmap(
     return vmas
 
 
+#: The advice that changes VM flags: (flags set, flags cleared).
 MADVISE = {
-    "dontfork": (VM_DONTCOPY, True),
-    "dofork": (VM_DONTCOPY, False),
-    "wipeonfork": (VM_WIPEONFORK, True),
-    "keeponfork": (VM_WIPEONFORK, False),
+    "dontfork": (VM_DONTCOPY, 0),
+    "dofork": (0, VM_DONTCOPY),
+    "wipeonfork": (VM_WIPEONFORK, 0),
+    "keeponfork": (0, VM_WIPEONFORK),
+    "hugepage": (VM_HUGEPAGE, VM_NOHUGEPAGE),  # hugepage_madvise
+    "nohugepage": (VM_NOHUGEPAGE, VM_HUGEPAGE),
 }
 
 
 async def do_madvise(k: Kernel, cur: Current, mm: Mm, start: int, length: int, advice: str) -> None:
-    """madvise for the fork controls: MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK. A split refused
+    """madvise for the fork controls (MADV_DONTFORK/DOFORK/WIPEONFORK/KEEPONFORK) and the THP
+    controls (MADV_HUGEPAGE/NOHUGEPAGE, each clearing the other). A split refused
     at vm.max_map_count is EAGAIN (checked on 6.18), a hole in the range ENOMEM."""
     if advice not in MADVISE:
         raise MmError(errno.EINVAL, f"advice must be one of {', '.join(MADVISE)}, not {advice!r}")
@@ -340,11 +348,11 @@ async def do_madvise(k: Kernel, cur: Current, mm: Mm, start: int, length: int, a
         raise MmError(errno.EINVAL, "range wraps around the address space")
     if length == 0:
         return
-    bit, on = MADVISE[advice]
+    set_bits, clear_bits = MADVISE[advice]
     covered = sum(min(v.end, end) - max(v.start, start) for v in mm.vmas_in(start, end))
 
     def update(vma: Vma) -> tuple[int, UserfaultfdCtx | None] | None:
-        new_flags = vma.flags | bit if on else vma.flags & ~bit
+        new_flags = (vma.flags | set_bits) & ~clear_bits
         return None if new_flags == vma.flags else (new_flags, vma.uffd_ctx)
 
     try:

@@ -34,6 +34,8 @@ from .mm_types import (
     AVC_BYTES,
     DEFAULT_MAX_MAP_COUNT,
     FOLIO_BYTES,
+    HPAGE_PMD_NR,
+    HUGE_ZERO_FOLIO,
     MM_BYTES,
     PAGE_MASK,
     PAGE_SHIFT,
@@ -44,6 +46,7 @@ from .mm_types import (
     VM_WIPEONFORK,
     VMA_BYTES,
     ZERO_PAGE,
+    Folio,
     LimitExceeded,
     Mm,
     MmError,
@@ -119,6 +122,9 @@ class FolioInfo:
     anon_vma: int | None
     writable: bool
     young: bool
+    #: The folio's order (0: a small folio; 9: a PMD-size THP) and whether a huge PMD maps it here.
+    order: int = 0
+    pmd: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,10 +202,14 @@ class MemoryModel:
         audit_share: float = 1.0,
         max_map_count: int = DEFAULT_MAX_MAP_COUNT,
         swap_bytes: int = DEFAULT_SWAP_BYTES,
+        thp: str = "madvise",
+        thp_orders: dict[int, str] | None = None,
+        thp_use_zero_page: bool = True,
     ) -> None:
         self.k = Kernel(
             protocol=protocol, seed=seed, preempt=preempt, detectors=detectors, max_memory=max_memory, mutant=mutant,
-            max_map_count=max_map_count, swap_bytes=swap_bytes,
+            max_map_count=max_map_count, swap_bytes=swap_bytes, thp=thp, thp_orders=thp_orders,
+            thp_use_zero_page=thp_use_zero_page,
         )
         #: The high watermark: above it, with swap room, a call that allocates first reclaims down
         #: to the low one (_kswapd).
@@ -212,7 +222,8 @@ class MemoryModel:
         self.processes: dict[int, Mm] = {}
         self.parents: dict[int, int | None] = {}
         self._pids = IdCounter()
-        #: Expected contents: pid -> {virtual page number: value} for every page holding a folio.
+        #: Expected contents: pid -> {virtual page number: value} for every page written or filled
+        #: (a page of a large folio that is not in it must read 0).
         self.ledger: dict[int, PageLedger] = {}
         #: The audit's quiescent point: every call enters it at its start and leaves it at its end.
         self.gate = CallGate()
@@ -541,7 +552,7 @@ class MemoryModel:
     async def write(self, pid: int, addr: int, value: int) -> None:
         """A write access: a new folio, a COW copy, or the folio reused in place."""
         check_u64(value, "value")
-        if self.max_pages is not None and self.k.folios_live >= self.max_pages:
+        if self.max_pages is not None and self.k.folio_pages_live >= self.max_pages:
             pte = self._mm(pid).pte_lookup(addr & PAGE_MASK) if isinstance(addr, int) and addr >= 0 else None
             if pte is None or not pte.write:  # the write may need a new folio
                 raise LimitExceeded("max_pages", self.max_pages)
@@ -624,7 +635,7 @@ class MemoryModel:
         elif type(values) is not int or not 0 <= values <= U64_MAX:
             raise MmError(errno.EINVAL, "value must be an unsigned 64-bit integer")
         if self.max_pages is not None and type(length) is int and length > 0:
-            if self.k.folios_live + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT) > self.max_pages:
+            if self.k.folio_pages_live + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT) > self.max_pages:
                 raise LimitExceeded("max_pages", self.max_pages)
         return await self._fill("uffd_copy", pid, dst, length, values, dontwake, wp)
 
@@ -798,21 +809,31 @@ class MemoryModel:
         """The folio mapped at ``addr`` (no fault is taken), or None if nothing is mapped."""
         mm = self._mm(pid)
         check_u64(addr)
-        pte = mm.pte_lookup(addr)
-        if pte is None:
-            return None
-        f = pte.folio
-        if f is ZERO_PAGE:
-            return FolioInfo(True, 0, 0, False, 0, None, pte.write, pte.young)
+        hp = mm.huge_pmd_lookup(addr)
+        if hp is not None:
+            f: Folio = hp.folio
+            i = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+            write, young, pmd = hp.write, hp.young, True
+            if f is HUGE_ZERO_FOLIO:
+                return FolioInfo(True, 0, 0, False, 0, None, False, young, f.order, True)
+        else:
+            pte = mm.pte_lookup(addr)
+            if pte is None:
+                return None
+            f, i, write, young, pmd = pte.folio, pte.page, pte.write, pte.young, False
+            if f is ZERO_PAGE:
+                return FolioInfo(True, 0, 0, False, 0, None, write, young)
         return FolioInfo(
             zero_page=False,
-            value=f.value,
-            mapcount=f.mapcount,
-            exclusive=f.exclusive,
+            value=f.page_value(i),
+            mapcount=f.page_mapcount(i),
+            exclusive=f.page_anon_exclusive(0 if pmd else i),
             index=f.index,
             anon_vma=f.mapping.id if f.mapping is not None else None,
-            writable=pte.write,
-            young=pte.young,
+            writable=write,
+            young=young,
+            order=f.order,
+            pmd=pmd,
         )
 
     def vmas(self, pid: int) -> list[VmaInfo]:

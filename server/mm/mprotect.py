@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .huge_memory import change_huge_pmds
 from .locks import Current
 from .mm_types import (
     PAGE_MASK,
@@ -75,6 +76,8 @@ async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: in
     keep_wp = vma is not None and bool(vma.flags & VM_UFFD_WP)
     visited = 0
     work = 0
+    if mm.huge_pmds and vma is not None:
+        await change_huge_pmds(k, cur, vma, start, end, writable, keep_wp)
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes:
@@ -87,7 +90,8 @@ async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: in
             n += 1
             if not writable:
                 pte.write = False
-            elif not pte.write and pte.folio is not ZERO_PAGE and pte.folio.exclusive and not (keep_wp and pte.uffd_wp):
+            elif (not pte.write and pte.folio is not ZERO_PAGE and pte.folio.page_anon_exclusive(pte.page)
+                  and not (keep_wp and pte.uffd_wp)):
                 pte.write = True  # can_change_private_pte_writable
         pt.ptl.spin_unlock(cur)
         visited += n

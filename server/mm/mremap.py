@@ -47,14 +47,18 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .huge_memory import __split_huge_pmd, move_huge_pmd, pmd_none
 from .locks import Current
 from .mm_types import (
     AVC_BYTES,
+    HPAGE_PMD_NR,
     MMAP_MIN_ADDR,
     PAGE_MASK,
     PAGE_SHIFT,
     PGTABLE_BYTES,
+    PMD_MASK,
     PMD_SHIFT,
+    PMD_SIZE,
     VM_LOCKED,
     VM_UFFD_FLAGS,
     VM_UFFD_WP,
@@ -162,9 +166,21 @@ def _dst_pgtables(mm: Mm, old_addr: int, length: int, new_addr: int, fixed: bool
         for vpn in (*pt.ptes, *pt.swap):
             if lo <= vpn < hi:
                 need.add((vpn + delta) >> shift)
+    for idx in mm.huge_pmds_in(old_addr, old_addr + length):
+        if not _moves_whole(idx, old_addr, length, new_addr):  # split: its PTEs need tables there
+            first, last = max(idx << shift, lo), min((idx + 1) << shift, hi) - 1
+            need.update(((first + delta) >> shift, (last + delta) >> shift))
+        work += 1
     if not fixed:
         need = {i for i in need if i not in mm.pgtables}
     return len(need), work
+
+
+def _moves_whole(idx: int, old_addr: int, length: int, new_addr: int) -> bool:
+    """Does a move of [old_addr, +length) to new_addr take the huge PMD at ``idx`` whole (both
+    ends PMD-aligned, the PMD inside the range)?"""
+    haddr = idx << PMD_SHIFT
+    return old_addr <= haddr and haddr + PMD_SIZE <= old_addr + length and not (new_addr - old_addr) & ~PMD_MASK
 
 
 def _chain_len(vma: Vma | None) -> int:
@@ -251,6 +267,23 @@ async def move_page_tables(
     shift = PMD_SHIFT - PAGE_SHIFT
     count = 0
     work = 0
+    for idx in mm.huge_pmds_in(old_addr, old_addr + length):
+        old_vma, new_vma = mm.vma_lookup(idx << PMD_SHIFT), mm.vma_lookup((idx << PMD_SHIFT) + (delta << PAGE_SHIFT))
+        assert old_vma is not None
+        new_idx = idx + (delta >> shift)
+        if _moves_whole(idx, old_addr, length, new_addr) and new_vma is not None and pmd_none(mm, new_idx):
+            if root is not None:
+                await anon_vma_lock_write(cur, root)
+            try:
+                await move_huge_pmd(k, cur, old_vma, new_vma, idx, new_idx)
+            finally:
+                if root is not None:
+                    anon_vma_unlock_write(cur, root)
+            vpn0 = idx << shift
+            moved.extend((v, v + delta) for v in range(vpn0, vpn0 + HPAGE_PMD_NR))
+            count += 1
+        else:
+            await __split_huge_pmd(k, cur, old_vma, idx << PMD_SHIFT)
     for idx in mm.pgtables_in(old_addr, old_addr + length):
         src_pt = mm.pgtables.get(idx)
         if src_pt is None or not (src_pt.ptes or src_pt.swap):

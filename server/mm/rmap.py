@@ -33,6 +33,8 @@ from .mm_types import (
     VM_IGNORE_MERGE,
     VM_LOCKED,
     Folio,
+    LargeFolio,
+    Mm,
     SwapPte,
     Vma,
 )
@@ -407,13 +409,69 @@ async def unlink_anon_vmas(k: Kernel, cur: Current, vma: Vma) -> None:
 # Folio <-> anon_vma
 
 
-def folio_add_new_anon_rmap(folio: Folio, vma: Vma, addr: int) -> None:
-    """A new folio, born exclusive, mapped once at ``addr``. Expects the PTL held."""
+def folio_add_new_anon_rmap(folio: Folio, vma: Vma, addr: int, pmd: bool = False) -> None:
+    """A new folio, born exclusive, mapped at ``addr`` (its first page's address): a small folio
+    once; a large one by a huge PMD (``pmd``: one entire mapping, PG_anon_exclusive on the head
+    alone) or by a PTE per page (each page mapped once and PG_anon_exclusive). Expects the PTL
+    (or the PMD lock) held."""
     assert vma.anon_vma is not None
     folio.mapping = vma.anon_vma
     folio.index = vma.linear_page_index(addr)
-    folio.exclusive = True
-    folio.mapcount = 1
+    if not isinstance(folio, LargeFolio):
+        folio.exclusive = True
+        folio.mapcount = 1
+        return
+    nr = folio.nr_pages
+    if pmd:
+        folio.entire_mapcount = 1
+        folio.mapcount = 1
+        folio.anon_exclusive[0] = True
+        folio.mm_map(vma.mm.id, 1)
+    else:
+        folio.pages_mapcount = [1] * nr
+        folio.anon_exclusive = [True] * nr
+        folio.mapcount = nr
+        folio.mm_map(vma.mm.id, nr)
+
+
+def folio_remove_rmap_pte(k: Kernel, folio: Folio, page: int, mm: Mm) -> None:
+    """Page ``page`` of ``folio`` lost a PTE mapping in ``mm`` (folio_remove_rmap_pte); a large
+    folio left mapped in part goes on the deferred split queue. The reference is the caller's to
+    put. Expects the PTL held."""
+    folio.mapcount -= 1
+    if isinstance(folio, LargeFolio):
+        folio.pages_mapcount[page] -= 1
+        folio.mm_map(mm.id, -1)
+        if folio.mapcount and not folio.pages_mapcount[page] and not folio.entire_mapcount:
+            from .huge_memory import deferred_split_folio  # (huge_memory -> rmap)
+
+            deferred_split_folio(k, folio)
+
+
+def folio_remove_rmap_pmd(k: Kernel, folio: LargeFolio, mm: Mm) -> None:
+    """``folio`` lost a huge PMD mapping in ``mm`` (folio_remove_rmap_pmd); left mapped in part by
+    PTEs, it goes on the deferred split queue. Expects the PMD lock held."""
+    folio.mapcount -= 1
+    folio.entire_mapcount -= 1
+    folio.mm_map(mm.id, -1)
+    if folio.mapcount and not folio.entire_mapcount and not all(folio.pages_mapcount):
+        from .huge_memory import deferred_split_folio  # (huge_memory -> rmap)
+
+        deferred_split_folio(k, folio)
+
+
+def folio_dup_anon_rmap_pte(folio: Folio, page: int, mm: Mm) -> None:
+    """Fork maps page ``page`` of ``folio`` into the child ``mm`` too (folio_try_dup_anon_rmap_pte;
+    the model has no pins, so it never fails): one more mapping and reference, the page no longer
+    PG_anon_exclusive. Expects both PTLs held."""
+    folio.refcount += 1
+    folio.mapcount += 1
+    if isinstance(folio, LargeFolio):
+        folio.pages_mapcount[page] += 1
+        folio.anon_exclusive[page] = False
+        folio.mm_map(mm.id, 1)
+    else:
+        folio.exclusive = False
 
 
 def folio_move_anon_rmap(k: Kernel, folio: Folio, vma: Vma) -> None:
@@ -579,6 +637,7 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
     sched = k.sched
     try:
         pgoff_start = READ_ONCE(k, "rmap_walk_anon", folio, "index")  # folio_pgoff(folio)
+        pgoff_end = pgoff_start + folio.nr_pages - 1
         snap = walk_snapshot(k, cur, folio, anon_vma, pgoff_start) if k.detect else None
         if sched.active: await sched.point("walk:after-index-read")
         if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "walk start")
@@ -594,9 +653,10 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
                 stale = True
             for avc in avcs[chunk : chunk + RESCHED_WORK]:
                 vma = avc.vma
-                if not vma.pgoff <= pgoff_start < vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT):
+                if not (vma.pgoff <= pgoff_end and pgoff_start < vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT)):
                     continue
-                address = vma.start + ((pgoff_start - vma.pgoff) << PAGE_SHIFT)  # vma_address()
+                # vma_address(): the folio's first page in the VMA (a large folio may start before it)
+                address = vma.start + ((max(pgoff_start, vma.pgoff) - vma.pgoff) << PAGE_SHIFT)
                 if stale and snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
                 while (ptl := rmap_one(cur, folio, vma, address, rwc)) is not None:
                     await k.spin_on(cur, ptl)  # the PTL, held across a preemption point
@@ -671,9 +731,13 @@ def check_walk(
 
 def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> SpinLock | None:
     """Test and clear the young bit of the PTE at ``addr`` if it maps ``folio`` (counting the
-    mapping found in ``rwc``). Takes that PTL. Returns None; or, without doing anything, the PTL
-    when a task preempted inside its section holds it (spin, then call again).
+    mapping found in ``rwc``); of a large folio, of every huge PMD and PTE mapping one of its
+    pages in ``vma`` from ``addr`` on (page_vma_mapped_walk), a referenced mapping counted once.
+    Takes that PTL (the PMD lock, each PTL in turn). Returns None; or, without doing anything,
+    the PTL when a task preempted inside its section holds it (spin, then call again).
     """
+    if isinstance(folio, LargeFolio):
+        return folio_referenced_large(cur, folio, vma, addr, rwc)
     mm = vma.mm
     pt = mm.pgtables.get(addr >> PMD_SHIFT)
     if pt is None:
@@ -690,6 +754,48 @@ def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: R
         rwc.mapcount -= 1
         rwc.mappings.append((mm.id, addr))
     ptl.spin_unlock(cur)
+    return None
+
+
+def folio_referenced_large(
+    cur: Current, folio: LargeFolio, vma: Vma, addr: int, rwc: RmapWalkControl
+) -> SpinLock | None:
+    """folio_referenced_one for a large folio (see there)."""
+    mm = vma.mm
+    end = min(vma.end, addr + ((folio.index + folio.nr_pages - vma.linear_page_index(addr)) << PAGE_SHIFT))
+    hp_idx = [i for i in mm.huge_pmds_in(addr, end) if mm.huge_pmds[i].folio is folio]
+    pt_idx = [i for i in mm.pgtables_in(addr, end)]
+    locks = [mm.pmd_lock(i << PMD_SHIFT) for i in hp_idx] + [mm.pgtables[i].ptl for i in pt_idx]
+    for ptl in locks:
+        if ptl.owner is not None:
+            return ptl
+    for i in hp_idx:
+        ptl = mm.pmd_lock(i << PMD_SHIFT)
+        ptl.spin_lock(cur)
+        hp = mm.huge_pmds[i]
+        if hp.young:
+            hp.young = False
+            rwc.referenced += 1
+        rwc.mapcount -= 1
+        rwc.mappings.append((mm.id, i << PMD_SHIFT))
+        ptl.spin_unlock(cur)
+    lo, hi = addr >> PAGE_SHIFT, end >> PAGE_SHIFT
+    for i in pt_idx:
+        pt = mm.pgtables[i]
+        pt.ptl.spin_lock(cur)
+        young = False
+        first = None
+        for vpn in range(max(lo, i << (PMD_SHIFT - PAGE_SHIFT)), min(hi, (i + 1) << (PMD_SHIFT - PAGE_SHIFT))):
+            pte = pt.ptes.get(vpn)
+            if pte is not None and pte.folio is folio:
+                young |= pte.young
+                pte.young = False
+                rwc.mapcount -= 1
+                first = vpn if first is None else first
+        if first is not None:
+            rwc.mappings.append((mm.id, first << PAGE_SHIFT))
+            rwc.referenced += young
+        pt.ptl.spin_unlock(cur)
     return None
 
 

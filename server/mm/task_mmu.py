@@ -3,8 +3,9 @@
 
 One ``PagemapEntry`` per page, read without faulting: the page-table entry (present, swap, the
 PM_MMAP_EXCLUSIVE, uffd-wp and soft-dirty bits), and the folio behind it (in the swap cache, the
-zero page, PG_anon_exclusive, its mapcount). The model's folios are order-0 and it has no KSM, so
-``pmd``, ``thp``, ``head``, ``tail`` and ``ksm`` are false.
+zero page, PG_anon_exclusive, its mapcount). A page of a large folio is ``thp``, ``head`` or
+``tail``, and ``pmd`` while a huge PMD maps it (pagemap_pmd_range, and PAGEMAP_SCAN's
+PAGE_IS_HUGE); the model has no KSM, so ``ksm`` is false.
 
 Soft-dirty: the model keeps the bit in the PTE and the swap PTE as x86_64 does (set with the dirty
 bit, by a move since 6.15, carried through swap-out and swap-in). Its VMAs never carry
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .mm_types import PAGE_SHIFT, PMD_SHIFT, VM_SOFTDIRTY, ZERO_PAGE, Mm
+from .mm_types import HPAGE_PMD_NR, HUGE_ZERO_FOLIO, PAGE_SHIFT, PMD_SHIFT, VM_SOFTDIRTY, ZERO_PAGE, HugePmd, Mm
 from .swapfile import SwapInfo
 
 
@@ -54,8 +55,13 @@ def pagemap_read(mm: Mm, si: SwapInfo, start: int, pages: int) -> list[PagemapEn
     out: list[PagemapEntry] = []
     vpn0 = start >> PAGE_SHIFT
     pgtables = mm.pgtables
+    huge = mm.huge_pmds
     for vpn in range(vpn0, vpn0 + pages):
-        pt = pgtables.get(vpn >> (PMD_SHIFT - PAGE_SHIFT))
+        idx = vpn >> (PMD_SHIFT - PAGE_SHIFT)
+        if huge and (hp := huge.get(idx)) is not None:  # pagemap_pmd_range
+            out.append(_pmd_entry(mm, hp, vpn))
+            continue
+        pt = pgtables.get(idx)
         if pt is None:
             out.append(PM_NONE)
             continue
@@ -67,9 +73,12 @@ def pagemap_read(mm: Mm, si: SwapInfo, start: int, pages: int) -> list[PagemapEn
             if folio is ZERO_PAGE:
                 out.append(PagemapEntry(present=True, uffd_wp=pte.uffd_wp, soft_dirty=soft_dirty, zero_page=True))
             else:
+                i = pte.page
+                mapcount = folio.page_mapcount(i)
                 out.append(PagemapEntry(
-                    present=True, exclusive=folio.mapcount == 1, uffd_wp=pte.uffd_wp, soft_dirty=soft_dirty,
-                    swapcache=folio.swapcache, anon_exclusive=folio.exclusive, mapcount=folio.mapcount,
+                    present=True, exclusive=mapcount == 1, uffd_wp=pte.uffd_wp, soft_dirty=soft_dirty,
+                    swapcache=folio.swapcache, thp=folio.large, head=folio.large and not i, tail=i > 0,
+                    anon_exclusive=folio.page_anon_exclusive(i), mapcount=mapcount,
                 ))
             continue
         swp = pt.swap.get(vpn)
@@ -82,3 +91,22 @@ def pagemap_read(mm: Mm, si: SwapInfo, start: int, pages: int) -> list[PagemapEn
             continue
         out.append(PM_NONE)
     return out
+
+
+def _pmd_entry(mm: Mm, hp: HugePmd, vpn: int) -> PagemapEntry:
+    """A page mapped by a huge PMD: PM_MMAP_EXCLUSIVE and PG_anon_exclusive are the head page's
+    (pagemap_pmd_range reads them once for the whole PMD), the mapcount each page's own."""
+    vma = mm.vma_lookup(vpn << PAGE_SHIFT)
+    soft_dirty = hp.dirty or hp.soft_dirty or bool(vma is not None and vma.flags & VM_SOFTDIRTY)
+    i = vpn & (HPAGE_PMD_NR - 1)
+    folio = hp.folio
+    if folio is HUGE_ZERO_FOLIO:
+        return PagemapEntry(
+            present=True, uffd_wp=hp.uffd_wp, soft_dirty=soft_dirty, pmd=True, thp=True, head=not i, tail=i > 0,
+            zero_page=True,
+        )
+    return PagemapEntry(
+        present=True, exclusive=folio.page_mapcount(0) == 1, uffd_wp=hp.uffd_wp, soft_dirty=soft_dirty,
+        swapcache=folio.swapcache, pmd=True, thp=True, head=not i, tail=i > 0,
+        anon_exclusive=folio.page_anon_exclusive(0), mapcount=folio.page_mapcount(i),
+    )

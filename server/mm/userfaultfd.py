@@ -17,14 +17,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .huge_memory import __split_huge_pmd, move_pages_huge_pmd, pmd_none, split_folio
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
 from .memory import charge_pte
 from .mm_types import (
     FOLIO_BYTES,
+    HUGE_ZERO_FOLIO,
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PMD_MASK,
     PMD_SHIFT,
     PMD_SIZE,
     PTE_BYTES,
@@ -37,6 +40,7 @@ from .mm_types import (
     VM_WRITE,
     ZERO_PAGE,
     Folio,
+    LargeFolio,
     LimitExceeded,
     Mm,
     MmError,
@@ -480,6 +484,33 @@ async def move_pages(
         since_resched = 0
         while src_addr < src_end:
             src_pt = pgtables.get(src_addr >> PMD_SHIFT)
+            if mm.huge_pmds:
+                if (dst_addr >> PMD_SHIFT) in mm.huge_pmds:  # pmd_trans_huge(dst_pmdval): be strict
+                    err = errno.EEXIST
+                    break
+                src_hp = mm.huge_pmds.get(src_addr >> PMD_SHIFT)
+                if src_hp is not None:
+                    if move_splits_huge_pmd(dst_addr, src_addr, src_end) or not pmd_none(mm, dst_addr >> PMD_SHIFT):
+                        if src_hp.folio is not HUGE_ZERO_FOLIO and not src_hp.folio.page_anon_exclusive(0):
+                            err = errno.EBUSY
+                            break
+                        await __split_huge_pmd(k, cur, src_vma, src_addr)
+                        continue  # the folio is split by move_pages_pte
+                    step = await move_pages_huge_pmd(k, cur, dst_vma, src_vma, dst_addr, src_addr)
+                    if step < 0:
+                        err = -step
+                        if err == errno.EAGAIN:
+                            k.stats["move_retry"] += 1
+                            await asyncio.sleep(0)
+                            continue
+                        break
+                    progress.moved += step
+                    if progress.on_step is not None:
+                        progress.on_step(src_addr, dst_addr, step)
+                    src_addr += step
+                    dst_addr += step
+                    if sched.active: await sched.point("move:between-pages")
+                    continue
             if src_pt is None and not holes:
                 err = errno.ENOENT
                 break
@@ -521,6 +552,12 @@ async def move_pages(
             raise MmError(err, f"{_STEP_ERRORS.get(err, os.strerror(err))} (src {src_addr:#x}, dst {dst_addr:#x})")
     finally:
         uffd_move_unlock(cur, dst_vma, src_vma)
+
+
+def move_splits_huge_pmd(dst_addr: int, src_addr: int, src_end: int) -> bool:
+    """A move from ``src_addr`` cannot take the huge PMD there whole: either address is not
+    PMD-aligned, or less than a PMD is left to move."""
+    return bool(src_addr & ~PMD_MASK or dst_addr & ~PMD_MASK or src_end - src_addr < PMD_SIZE)
 
 
 async def find_vma_and_prepare_anon(k: Kernel, cur: Current, mm: Mm, addr: int) -> Vma:
@@ -649,11 +686,16 @@ async def move_pages_pte(
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
             folio = orig_src_pte.folio
-            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+            if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
                 ret = -errno.EBUSY
                 break
             assert folio.lock is not None
             locked = folio.lock.trylock(cur)
+            if not locked and folio.large:
+                # No sleep for a large folio's lock with a raised refcount: two movers would make
+                # each other's split fail forever (6.14).
+                ret = -errno.EAGAIN
+                break
             folio.refcount += 1  # folio_get(folio)
             if k.trace: trace_refcount(k, folio, 1)
             cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
@@ -664,6 +706,13 @@ async def move_pages_pte(
                 if not folio.lock.lock(cur): await folio.lock.wait(cur)
                 continue
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        if isinstance(src_folio, LargeFolio):
+            ret = await move_split_large_folio(k, cur, src_folio)
+            if ret:
+                break
+            src_folio = None  # split: reacquired, small, by the retry
+            continue
 
         if src_anon_vma is None:
             # folio_referenced walks the anon_vma tree without the folio lock: only the anon_vma
@@ -748,6 +797,23 @@ async def move_present_ptes(
     return ret
 
 
+async def move_split_large_folio(k: Kernel, cur: Current, folio: LargeFolio) -> int:
+    """move_pages_pte's split of the large src folio it locked and pinned (split_folio can block,
+    so the PTEs are let go first). Returns 0, the folio split and its head's lock and reference
+    given back (the step is retried), or a negative errno with the folio still locked and pinned.
+    Takes what split_folio takes."""
+    from .memory import folio_put
+
+    try:
+        head = await split_folio(k, cur, folio)
+    except MmError as e:
+        return -(e.errno or errno.EBUSY)
+    assert head.lock is not None
+    head.lock.unlock(cur)
+    folio_put(k, head, cur)  # the last reference if the head was mapped nowhere
+    return 0
+
+
 def check_ptes_for_batched_move(
     k: Kernel, cur: Current, dst_pt: PageTable, src_ptes: dict[int, Pte], dvpn: int, svpn: int,
     src_anon_vma: AnonVma | None,
@@ -757,7 +823,7 @@ def check_ptes_for_batched_move(
     if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:
         return None
     pte = src_ptes.get(svpn)
-    if pte is None or pte.folio is ZERO_PAGE:
+    if pte is None or pte.folio is ZERO_PAGE or pte.folio.large:
         return None
     folio = pte.folio
     assert folio.lock is not None
@@ -950,6 +1016,9 @@ async def mfill_atomic(
         i = 0
         since_resched = 0
         while addr < end:
+            if mm.huge_pmds and (addr >> PMD_SHIFT) in mm.huge_pmds:  # pmd_trans_huge(dst_pmdval)
+                err = errno.EEXIST
+                break
             try:
                 pt = mm.pte_alloc(cur, addr)  # mm_alloc_pmd / pte_alloc
                 if values is None:

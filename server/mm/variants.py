@@ -20,7 +20,19 @@ import errno
 from typing import TYPE_CHECKING
 
 from .locks import Current, SpinLock
-from .mm_types import ANON_VMA_BYTES, AVC_BYTES, PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, SwapPte, Vma
+from .mm_types import (
+    ANON_VMA_BYTES,
+    AVC_BYTES,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ZERO_PAGE,
+    Folio,
+    LargeFolio,
+    PageTable,
+    Pte,
+    SwapPte,
+    Vma,
+)
 from .rmap import (
     AnonVma,
     RmapWalkControl,
@@ -43,7 +55,13 @@ from .steps import Variant
 from .swap_state import folio_matches_swap_entry, swap_cache_get_folio
 from .swapfile import SWAP_HAS_CACHE
 from .trace import READ_ONCE, trace_refcount, trace_store
-from .userfaultfd import check_ptes_for_batched_move, double_pt_unlock, move_store_window, move_zeropage_pte
+from .userfaultfd import (
+    check_ptes_for_batched_move,
+    double_pt_unlock,
+    move_split_large_folio,
+    move_store_window,
+    move_zeropage_pte,
+)
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -467,7 +485,7 @@ async def move_pages_pte_no_anon_vma_lock(
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
             folio = orig_src_pte.folio
-            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+            if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
                 ret = -errno.EBUSY
                 break
             assert folio.lock is not None
@@ -482,6 +500,13 @@ async def move_pages_pte_no_anon_vma_lock(
                 if not folio.lock.lock(cur): await folio.lock.wait(cur)
                 continue
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        if isinstance(src_folio, LargeFolio):
+            ret = await move_split_large_folio(k, cur, src_folio)
+            if ret:
+                break
+            src_folio = None
+            continue
 
         # (no anon_vma lock: every walker holds the folio lock, which we hold)
         if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
@@ -549,7 +574,7 @@ async def move_pages_pte_no_locks(
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
             folio = orig_src_pte.folio
-            if not folio.exclusive:  # !PageAnonExclusive(&folio->page)
+            if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
                 ret = -errno.EBUSY
                 break
             folio.refcount += 1  # folio_get(folio); the mutant: no folio_trylock / folio_lock
@@ -557,6 +582,17 @@ async def move_pages_pte_no_locks(
             cur.pins.append(folio)
             src_folio = folio
             src_folio_pte = orig_src_pte
+            if isinstance(folio, LargeFolio):  # split_folio needs the lock even here
+                assert folio.lock is not None
+                if not folio.lock.trylock(cur):
+                    ret = -errno.EAGAIN
+                    break
+                ret = await move_split_large_folio(k, cur, folio)
+                if ret:
+                    folio.lock.unlock(cur)
+                    break
+                src_folio = None
+                continue
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
 
         # (no anon_vma lock either)
@@ -586,7 +622,7 @@ async def move_present_ptes_index_first(
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
     if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
         ret = -errno.EAGAIN
-    elif not src_folio.exclusive:
+    elif not src_folio.page_anon_exclusive(0):
         ret = -errno.EBUSY
     else:
         src_anon_vma = src_folio.mapping

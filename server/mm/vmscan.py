@@ -35,10 +35,11 @@ from __future__ import annotations
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from .huge_memory import split_folio
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put
-from .mm_types import FOLIO_BYTES, Folio
+from .mm_types import FOLIO_BYTES, Folio, LargeFolio, MmError
 from .rmap import folio_referenced, try_to_unmap
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
@@ -132,8 +133,21 @@ async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ig
                 references = await folio_check_references(k, cur, folio)
             else:
                 references = FOLIOREF_RECLAIM
+            if references == FOLIOREF_RECLAIM and isinstance(folio, LargeFolio):
+                # The swap device takes no large folio: split it, the other pages joining the
+                # list (split_folio_to_list), and go on with the head.
+                try:
+                    folio = await split_folio(k, cur, folio, folio_list, pinned=False)
+                except MmError:
+                    references = FOLIOREF_ACTIVATE
+                else:
+                    lock = folio.lock
+                    assert lock is not None
+                    stats["reclaim_thp_split"] += 1
             if references == FOLIOREF_ACTIVATE:
                 activate = True
+            elif references == FOLIOREF_RECLAIM and not folio.mapcount and not folio.swapcache:
+                freed = folio.refcount == 1  # a split left it mapped nowhere (a zero page now)
             elif references == FOLIOREF_RECLAIM:
                 if not folio.swapcache:
                     if folio_alloc_swap(cur, si, folio):
