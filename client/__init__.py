@@ -14,7 +14,7 @@ Example::
 
 from . import ops
 from ._client import BatchStream, Client, Process, Result, Timeout
-from ._types import AnonVma, FolioInfo, PagemapEntry, UserfaultEvent, Userfaults, Vma, WalkResult
+from ._types import AnonVma, FolioInfo, PagemapEntry, ThpSettings, UserfaultEvent, Userfaults, Vma, WalkResult
 from .credentials import read_token, tls_credentials
 from .errors import (
     DeadlineExceededError,
@@ -43,6 +43,7 @@ __all__ = [
     "Result",
     "ServerUnavailableError",
     "ShardRestartedError",
+    "ThpSettings",
     "Timeout",
     "UnauthenticatedError",
     "UserfaultEvent",

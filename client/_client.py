@@ -22,6 +22,7 @@ from ._types import (
     AnonVma,
     FolioInfo,
     PagemapEntry,
+    ThpSettings,
     UserfaultEvent,
     Userfaults,
     Vma,
@@ -29,6 +30,7 @@ from ._types import (
     anon_vma_from_pb,
     folio_from_pb,
     pagemap_from_pb,
+    thp_from_pb,
     userfault_from_pb,
     vma_from_pb,
     walk_from_pb,
@@ -183,7 +185,7 @@ class Client:
 
     ``routing`` forces one ("direct" or "proxy"; default "auto": told apart by that probe).
     ``create_process`` spreads new trees over the shards round-robin, or takes ``shard=``.
-    ``check_invariants``, ``stats``, ``protocol`` and ``ping`` ask every shard and merge.
+    ``check_invariants``, ``stats``, ``protocol``, ``thp`` and ``ping`` ask every shard and merge.
 
     ``target`` may also be a list of addresses (one channel each, no discovery): ``create_process``
     goes round-robin over them and each :class:`Process` stays on its server.
@@ -418,6 +420,24 @@ class Client:
                 seen.append(reply.protocol)
         return "+".join(seen)
 
+    async def thp(
+        self, *, target: str | None = None, shard: int | None = None, timeout: Timeout = ...
+    ) -> ThpSettings | None:
+        """The transparent hugepage settings the server runs with (``mmsim serve --thp``,
+        ``--mthp-sizes``, ``--thp-zero-page``), of every shard (or of ``target`` or ``shard``);
+        None from a server without large folios. Shards that run different settings raise
+        MmsimError (FAILED_PRECONDITION) naming them."""
+        found: list[tuple[int | None, ThpSettings | None]] = []
+        for r in await self._select(target, shard):
+            reply = await r.unary("GetStats", pb.StatsRequest(), self._deadline(timeout))
+            found.append((r.shard, thp_from_pb(reply)))
+        first = found[0][1]
+        if any(settings != first for _, settings in found):
+            shown = "; ".join(f"shard {i}: {settings}" for i, settings in found)
+            raise MmsimError(f"the shards run different THP settings: {shown}",
+                             code=grpc.StatusCode.FAILED_PRECONDITION)
+        return first
+
     async def shards(self, *, timeout: Timeout = ...) -> list[pb.ShardInfo]:
         """The deployment's shards as they are now (GetTopology): index, address, generation, state."""
         routes = await self.routes()
@@ -632,8 +652,10 @@ class Process:
     async def madvise(self, addr: int, length: int, advice: str, *, timeout: Timeout = ...) -> None:
         """``advice``: "dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed" (zap the
         range's pages: a later read sees the zero page, a write a new page), "cold" (deactivate the
-        range's exclusive pages: reclaim takes them first) or "pageout" (reclaim them now: each
-        becomes a swap entry, its folio written to swap and left in the swap cache)."""
+        range's exclusive pages: reclaim takes them first), "pageout" (reclaim them now: each
+        becomes a swap entry, its folio written to swap and left in the swap cache), "hugepage"
+        (MADV_HUGEPAGE: the range may have large folios where the server's THP settings say
+        "madvise") or "nohugepage" (MADV_NOHUGEPAGE: it gets none)."""
         await self._run(_ops.madvise(self, addr, length, advice), timeout)
 
     async def mprotect(self, addr: int, length: int, prot: str, *, timeout: Timeout = ...) -> None:
@@ -767,7 +789,8 @@ class Process:
 
     # -- inspection
     async def folio(self, addr: int, *, timeout: Timeout = ...) -> FolioInfo | None:
-        """The page mapped at ``addr`` (no fault is taken), or None."""
+        """The page mapped at ``addr`` (no fault is taken), or None; its ``order`` is that of its
+        folio (0: a small one) and ``pmd`` whether a huge PMD maps it here."""
         return await self._run(_ops.folio(self, addr), timeout)
 
     async def pagemap(self, addr: int, length: int, *, timeout: Timeout = ...) -> list[PagemapEntry]:

@@ -24,6 +24,8 @@ ADVICE_TO_PB: Mapping[str, pb.Advice] = {
     "dontneed": pb.ADVICE_DONTNEED,
     "cold": pb.ADVICE_COLD,
     "pageout": pb.ADVICE_PAGEOUT,
+    "hugepage": pb.ADVICE_HUGEPAGE,
+    "nohugepage": pb.ADVICE_NOHUGEPAGE,
 }
 
 
@@ -119,13 +121,37 @@ class FolioInfo:
     zero_page: bool
     value: int
     mapcount: int
+    """The page's own mapcount (what /proc/kpagecount says of it)."""
     exclusive: bool
     index: int
     anon_vma: int | None
     writable: bool
     young: bool
+    order: int = 0
+    """The order of the folio the page belongs to: 0 for a small folio, 9 for a PMD-size THP
+    (2 MiB), 2 to 8 for an mTHP (0 from a server without large folios)."""
+    pmd: bool = False
+    """Mapped here by a huge PMD rather than by a PTE."""
 
     __repr__ = _repr_in_hex("index")
+
+
+@dataclass(frozen=True)
+class ThpSettings:
+    """The transparent hugepage settings a server runs with (see ``Client.thp``), as
+    /sys/kernel/mm/transparent_hugepage/ shows them."""
+
+    enabled: str
+    """``"always"``, ``"madvise"`` or ``"never"``."""
+    use_zero_page: bool
+    """A read fault of a range that may have a huge page maps the huge zero page."""
+    sizes: dict[str, str]
+    """Every large folio size the server has, named as sysfs names it (``"64kB"``, ``"2048kB"``),
+    with its policy: ``"always"``, ``"inherit"`` (as ``enabled``), ``"madvise"`` or ``"never"``."""
+
+    def policy(self, size: str) -> str:
+        """The policy of ``size`` (a sysfs name); ``"never"`` for a size the server does not have."""
+        return self.sizes.get(size, "never")
 
 
 @dataclass(frozen=True)
@@ -218,7 +244,17 @@ def folio_from_pb(m: pb.FolioResponse) -> FolioInfo | None:
         anon_vma=m.anon_vma or None,
         writable=m.writable,
         young=m.young,
+        order=m.order,
+        pmd=m.pmd,
     )
+
+
+def thp_from_pb(m: pb.StatsResponse) -> ThpSettings | None:
+    """The server's THP settings from its GetStats reply; None from a server that has none."""
+    if not m.HasField("thp"):
+        return None
+    sizes = dict(sorted(m.thp.sizes.items(), key=lambda kv: (len(kv[0]), kv[0])))  # "16kB" ... "2048kB"
+    return ThpSettings(enabled=m.thp.enabled, use_zero_page=m.thp.use_zero_page, sizes=sizes)
 
 
 #: The fields of a pagemap entry, in the proto's order (the SDK's PagemapEntry has the same).
@@ -251,7 +287,7 @@ def anon_vma_from_pb(m: pb.AnonVma) -> AnonVma:
     )
 
 
-__all__ = ["AnonVma", "FolioInfo", "PagemapEntry", "Vma", "WalkResult"]
+__all__ = ["AnonVma", "FolioInfo", "PagemapEntry", "ThpSettings", "Vma", "WalkResult"]
 
 
 def userfault_from_pb(m: pb.UserfaultEvent) -> UserfaultEvent:

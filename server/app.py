@@ -37,6 +37,7 @@ from .mm.mm_types import LimitExceeded
 from .mm.model import MemoryModel
 from .mm.swapfile import DEFAULT_SWAP_BYTES
 from .service import Limits, MemoryManagerServicer, status_of
+from .thp import DEFAULT_MTHP_SIZES, parse_mthp_sizes
 from .topology import DOWN, SERVING, ShardInfo, Topology, follow_supervisor, new_generation, peer_credentials
 
 SERVICE_NAME = mmsim_pb2.DESCRIPTOR.services_by_name["MemoryManager"].full_name
@@ -71,6 +72,10 @@ class ServerConfig:
     max_pages: int = 2_000_000
     max_memory: int = 4 << 30  # the model's budget: 4 GiB, a sixth of this 24 GiB machine
     swap_bytes: int = DEFAULT_SWAP_BYTES  # the model's swap device: 1 GiB; 0: no swap
+    # Transparent hugepages (thp.py): transparent_hugepage/enabled, each size's policy, use_zero_page.
+    thp: str = "madvise"  # always | madvise | never
+    mthp_sizes: str = DEFAULT_MTHP_SIZES  # SIZE or SIZE:POLICY, comma-separated; sizes not listed: never
+    thp_zero_page: bool = True
     grace: float = 10.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
@@ -594,6 +599,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_pages=config.max_pages,
         max_memory=config.max_memory,
         swap_bytes=config.swap_bytes,
+        thp=config.thp,
+        thp_orders=parse_mthp_sizes(config.mthp_sizes),
+        thp_use_zero_page=config.thp_zero_page,
         max_pending_faults=config.max_pending_faults,
         max_pending_faults_per_process=config.max_pending_faults_per_process,
         max_userfault_streams=config.max_userfault_streams,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
-from .mm.kernel import MUTANTS, PROTOCOLS
+from .mm.kernel import MUTANTS, PROTOCOLS, THP_POLICIES
 from .mm.steps import Variant, VariantError, is_file_spec, load_variant, resolve
 from .tools.race import WORKLOADS, run_race
 
@@ -330,6 +330,17 @@ def _swap_bytes(raw: str) -> int:
     return v
 
 
+def _mthp_sizes(raw: str) -> str:
+    """Large folio sizes and their policies, ``SIZE`` or ``SIZE:POLICY`` comma-separated (thp.py),
+    written back in the one way that gives them; empty for none."""
+    from .thp import format_mthp_sizes, parse_mthp_sizes
+
+    try:
+        return format_mthp_sizes(parse_mthp_sizes(raw))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _listen_or_off(raw: str) -> str:
     """HOST:PORT, or empty for off."""
     return "" if raw.strip() == "" else _listen(raw)
@@ -435,6 +446,17 @@ SERVE_FLAGS: tuple[tuple[str, str, str, Callable[[str], object], str], ...] = (
      "size of the model's swap device, where reclaim (Reclaim, madvise pageout, an access past "
      "--max-memory) swaps pages out; its slots are not charged to --max-memory (as memcg charges them to "
      "memory.swap), and each one in use holds 256 bytes of the server's. 0: no swap; K, M, G suffixes"),
+    ("--thp", "MMSIM_THP", "thp", str,
+     "transparent hugepages, as /sys/kernel/mm/transparent_hugepage/enabled: always (large folios wherever "
+     "one fits, but in ranges given madvise nohugepage), madvise (only in ranges given madvise hugepage) or "
+     "never"),
+    ("--mthp-sizes", "MMSIM_MTHP_SIZES", "mthp_sizes", _mthp_sizes,
+     "the large folio sizes a fault may allocate, comma-separated, each SIZE or SIZE:POLICY (16K to 2M, a "
+     "power of two; POLICY always, inherit, madvise or never, as hugepages-<size>/enabled): a bare SIZE is "
+     "inherit (follows --thp), a size not listed is never; e.g. 2M,64K:always"),
+    ("--thp-zero-page", "MMSIM_THP_ZERO_PAGE", "thp_zero_page", _bool,
+     "on: a read fault of a range that may have a huge page maps the huge zero page "
+     "(transparent_hugepage/use_zero_page); off: it allocates"),
     ("--grace", "MMSIM_GRACE", "grace", _seconds, "seconds to drain calls on SIGTERM/SIGINT before cancelling them"),
     ("--max-connections", "MMSIM_MAX_CONNECTIONS", "max_connections", _non_negative,
      "connections open at once (beyond it a new one is closed at once); with --max-message-bytes it bounds "
@@ -655,12 +677,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = ServerConfig()
     choices = {"protocol": list(PROTOCOLS), "log_format": ["auto", "json", "console"],
-               "log_level": ["debug", "info", "warning", "error"]}
+               "log_level": ["debug", "info", "warning", "error"], "thp": list(THP_POLICIES)}
     metavars = {"listen": "HOST:PORT", "grace": "SECONDS", "access_log_sample": "FRACTION", "shards": "N",
                 "shard_index": "I", "peers": "HOST:PORT,...", "generation": "G", "metrics_listen": "HOST:PORT",
                 "token_file": "FILE", "max_request_bytes": "BYTES", "audit_share": "FRACTION", "tls_cert": "FILE",
                 "tls_key": "FILE", "tls_client_ca": "FILE",
                 "insecure": "BOOL", "peer_probe_interval": "SECONDS", "peer_probe_failures": "N",
+                "mthp_sizes": "SIZE[:POLICY],...", "thp_zero_page": "on|off",
                 **{d: "SECONDS" for d in ("max_connection_idle", "max_connection_age", "max_connection_age_grace",
                                           "keepalive_time", "keepalive_timeout", "min_ping_interval",
                                           "handshake_timeout")}}
@@ -693,16 +716,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     conf.add_argument("scenarios", nargs="*", help="scenario JSON files, or directories of them")
-    conf.add_argument("--server", help="an mmsim server HOST:PORT (default: one started in this process)")
+    conf.add_argument("--server", help="an mmsim server HOST:PORT; a scenario whose THP settings it does not "
+                      "have is skipped (default: servers started in this process, one per distinct THP settings)")
     conf.add_argument("--random", type=_non_negative, default=0, metavar="N", help="also run N random scenarios")
     conf.add_argument("--seed", type=_int, default=0, help="seed of the random scenarios")
     conf.add_argument("--swap", action="store_true",
                       help="the random scenarios also page out, deactivate and observe PTEs (madvise pageout and "
                       "cold, pte); those that page out are skipped where the kernel has no usable swap")
     conf.add_argument("--thp", action="store_true",
-                      help="the random scenarios also map 2 MiB-aligned regions and ask for huge pages (madvise "
-                      "hugepage, nohugepage), observed with pte; they run on the kernel only while mmsim has no "
-                      "large folios, and are skipped where the kernel has no transparent hugepages")
+                      help="the random scenarios also map 2 MiB-aligned regions, ask for huge pages (madvise "
+                      "hugepage, nohugepage) and move whole PMDs, observed with pte; they are skipped where the "
+                      "kernel has no transparent hugepages")
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")

@@ -272,6 +272,19 @@ class ModelCollector(Collector):
         for outcome in ("scanned", "freed", "activated", "deactivated"):
             reclaim.add_metric([outcome], stats.get(f"reclaim_{outcome}", 0))
         yield reclaim
+        # -- transparent hugepages (the kernel's thp_* vmstat events)
+        yield _counter("mmsim_thp_fault_allocs", "Page faults that allocated a PMD-size THP (thp_fault_alloc).",
+                       stats.get("thp_fault_alloc", 0))
+        yield _counter("mmsim_thp_fault_fallbacks",
+                       "Page faults that could have had a PMD-size THP and fell back to small pages "
+                       "(thp_fault_fallback).", stats.get("thp_fault_fallback", 0))
+        yield _counter("mmsim_thp_zero_page_faults", "Read faults that mapped the huge zero page by a huge PMD.",
+                       stats.get("thp_zero_page_fault", 0))
+        yield _counter("mmsim_thp_pmd_splits", "Huge PMDs split into page tables of PTEs (thp_split_pmd).",
+                       stats.get("thp_split_pmd", 0))
+        yield _counter("mmsim_thp_folio_splits", "Large folios split into smaller ones (thp_split_page).",
+                       stats.get("thp_split_page", 0))
+        yield _counter("mmsim_thp_pmd_moves", "Huge PMDs moved whole by UFFDIO_MOVE.", stats.get("thp_move_pmd", 0))
         yield _counter("mmsim_vma_merges", "VMA merges.", stats.get("vma_merge", 0))
         yield _counter("mmsim_vma_splits", "VMA splits.", stats.get("vma_split", 0))
         yield _counter("mmsim_rcu_grace_periods", "RCU grace periods completed.", s.rcu_gp_completed)

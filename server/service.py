@@ -34,6 +34,7 @@ from .mm.memcontrol import MemoryLimitExceeded
 from .mm.model import PAGE_SIZE, LimitExceeded, MemoryModel, MmError, PagemapEntry, ResultTooLarge, VmaInfo
 from .mm.sched import cond_resched
 from .mm.userfaultfd import UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES, UFFDIO_MOVE_MODE_DONTWAKE
+from .thp import size_policies
 from .topology import Topology, new_generation
 from .wire_encoding import (
     encode_error,
@@ -57,6 +58,8 @@ ADVICE_FROM_PB = {
     pb.ADVICE_DONTNEED: "dontneed",
     pb.ADVICE_COLD: "cold",
     pb.ADVICE_PAGEOUT: "pageout",
+    pb.ADVICE_HUGEPAGE: "hugepage",
+    pb.ADVICE_NOHUGEPAGE: "nohugepage",
 }
 #: The mode bits of UFFDIO_ZEROPAGE, and of UFFDIO_COPY (which also has UFFDIO_COPY_MODE_WP);
 #: any other bit is EINVAL.
@@ -382,6 +385,8 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             anon_vma=f.anon_vma or 0,
             writable=f.writable,
             young=f.young,
+            order=f.order,
+            pmd=f.pmd,
         )
 
     # -- RPCs: each operation a Batch can carry has its unary RPC made from its executor (_unary_rpc)
@@ -498,7 +503,9 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
         return pb.CheckInvariantsResponse(problems=await self.model.audit())
 
     async def GetStats(self, request, context):
-        return pb.StatsResponse(counters=self.model.stats(), protocol=self.model.protocol)
+        return pb.StatsResponse(
+            counters=self.model.stats(), protocol=self.model.protocol, thp=thp_settings_pb(self.model)
+        )
 
     async def Batch(self, request, context):
         return await self._unary(context, self._batch, request)
@@ -554,6 +561,13 @@ def _pagemap_field(e: PagemapEntry) -> bytes:
 
 def _userfault_pb(e: Any) -> pb.UserfaultEvent:
     return pb.UserfaultEvent(addr=e.addr, write=e.write, wp=e.wp)
+
+
+def thp_settings_pb(model: MemoryModel) -> pb.ThpSettings:
+    """The model's transparent hugepage settings, as sysfs shows them: every size it has."""
+    k = model.k
+    return pb.ThpSettings(enabled=k.thp_enabled, use_zero_page=k.thp_use_zero_page,
+                          sizes=size_policies(k.thp_orders))
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:

@@ -55,6 +55,19 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["serve", "--swap-bytes", "65G"], "mmsim serve: error: argument --swap-bytes: at most 68719476736 (64G)"),
         (["serve", "--swap-bytes", "-1"],
          "mmsim serve: error: argument --swap-bytes: expected a size such as 4294967296, 512M or 4G"),
+        (["serve", "--thp", "sometimes"], "mmsim serve: error: argument --thp: invalid choice: 'sometimes'"),
+        (["serve", "--mthp-sizes", "48K"],
+         "mmsim serve: error: argument --mthp-sizes: not a THP size: '48K' (a power of two from 16K to 2M)"),
+        (["serve", "--mthp-sizes", "8K"],
+         "mmsim serve: error: argument --mthp-sizes: not a THP size: '8K' (a power of two from 16K to 2M)"),
+        (["serve", "--mthp-sizes", "64K:on"], "mmsim serve: error: argument --mthp-sizes: 64K: the policy must be "
+         "one of always, inherit, madvise, never, not 'on'"),
+        (["serve", "--mthp-sizes", "2M,64K,2048kB:always"],
+         "mmsim serve: error: argument --mthp-sizes: 2M is given twice"),
+        (["serve", "--mthp-sizes", "2M,,64K"],
+         "mmsim serve: error: argument --mthp-sizes: expected SIZE or SIZE:POLICY, got ''"),
+        (["serve", "--thp-zero-page", "maybe"],
+         "mmsim serve: error: argument --thp-zero-page: expected true or false, got 'maybe'"),
         (["serve", "--detectors", "maybe"],
          "mmsim serve: error: argument --detectors: expected true or false, got 'maybe'"),
         (["serve", "--log-level", "verbose"], "mmsim serve: error: argument --log-level: invalid choice: 'verbose'"),
@@ -75,7 +88,7 @@ def test_bad_flag_values_are_one_line_and_status_2(capsys, argv: list[str], mess
 BAD_ENV = {cli._listen: "7077", cli._probability: "2", cli._int: "x", cli._bool: "maybe",
            cli._positive: "0", cli._seconds: "-1", cli._bytes: "4Q", str: "bogus", cli._shards: "1001",
            cli._shard_index: "-1", cli._addresses: "a,b", cli._non_negative: "-2", cli._listen_or_off: "x",
-           cli._file: "/no/such/file", cli._share: "0", cli._swap_bytes: "65G"}
+           cli._file: "/no/such/file", cli._share: "0", cli._swap_bytes: "65G", cli._mthp_sizes: "48K"}
 
 
 @pytest.mark.parametrize("flag", SERVE_FLAGS, ids=[f[1] for f in SERVE_FLAGS])
@@ -168,9 +181,9 @@ def test_max_memory_rejects_bad_sizes(capsys, raw: str) -> None:
     assert _usage_error(capsys, ["serve", "--max-memory", raw]).startswith("mmsim serve: error: argument --max-memory")
 
 
-def test_conformance_random_thp_runs_them_on_the_kernel_only() -> None:
+def test_conformance_random_thp_runs_them_on_both() -> None:
     """``mmsim conformance --random N --thp``: the generated scenarios map aligned regions and ask for
-    huge pages; they run on the kernel only (or are skipped where it has no THP)."""
+    huge pages; they run on the kernel and on mmsim (or are skipped where the kernel has no THP)."""
     from mmsim.server.tools.conformance.kernel import oracle_unavailable
 
     if (why := oracle_unavailable()) is not None:
@@ -178,4 +191,5 @@ def test_conformance_random_thp_runs_them_on_the_kernel_only() -> None:
     r = _mmsim("conformance", "--random", "2", "--thp", "--seed", "5", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 random scenarios (seed 5) run" in r.stdout
-    assert "on the kernel only: large folios are not modelled yet" in r.stdout or "skipped" in r.stdout
+    assert "kernel only" not in r.stdout
+    assert "2 of 2 scenarios behave the same on the kernel and on mmsim" in r.stdout or "skipped" in r.stdout

@@ -146,6 +146,38 @@ async def test_anon_vma_reuse_is_counted() -> None:
     assert value(s, "mmsim_processes") == 3
 
 
+THP_COUNTERS = ("mmsim_thp_fault_allocs_total", "mmsim_thp_fault_fallbacks_total", "mmsim_thp_zero_page_faults_total",
+                "mmsim_thp_pmd_splits_total", "mmsim_thp_folio_splits_total", "mmsim_thp_pmd_moves_total")
+
+
+async def test_thp_counters() -> None:
+    """A THP write fault, a huge zero page read, a whole-PMD move, then a one-page move out of the
+    moved THP (its PMD split, then the folio) are each counted once."""
+    huge = 2 << 20
+    m = MemoryModel(thp="always")
+    metrics = Metrics(m)
+    assert {name: value(scrape(metrics), name) for name in THP_COUNTERS} == dict.fromkeys(THP_COUNTERS, 0)
+    pid = await m.create_process()
+    await m.mmap(pid, 2 * huge, addr=A)
+    await m.mmap(pid, 2 * huge, addr=B)
+    await m.write(pid, A, 7)
+    assert await m.read(pid, A + huge) == 0
+    await m.uffd_register(pid, A, 2 * huge, "missing")
+    await m.uffd_register(pid, B, 2 * huge, "missing")
+    await m.move(pid, B, A, huge)
+    f = m.folio(pid, B)
+    assert f is not None and (f.order, f.pmd, f.value) == (9, True, 7)
+    await m.move(pid, B + huge, B + 5 * P, P)
+    s = scrape(metrics)
+    assert {name: value(s, name) for name in THP_COUNTERS} == {
+        "mmsim_thp_fault_allocs_total": 1, "mmsim_thp_fault_fallbacks_total": 0, "mmsim_thp_zero_page_faults_total": 1,
+        "mmsim_thp_pmd_splits_total": 1, "mmsim_thp_folio_splits_total": 1, "mmsim_thp_pmd_moves_total": 1,
+    }
+    stats = m.stats()
+    assert (stats["thp_fault_alloc"], stats["thp_zero_page_fault"], stats["thp_move_pmd"]) == (1, 1, 1)
+    assert m.check_invariants() == []
+
+
 @pytest.mark.violations_expected
 async def test_detector_violations_by_kind() -> None:
     m = MemoryModel()

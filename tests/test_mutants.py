@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from mmsim.server.mm.detectors import FINDING_KINDS, KINDS
-from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel
+from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel, Livelock
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_put
 from mmsim.server.mm.mm_types import PAGE_SIZE
@@ -152,6 +152,8 @@ SCRIPTS = {
     "ptl-no-address-order": "test_ptl_no_address_order",
     "folio-lock-walker-skips-lock": "test_folio_lock_walker_skips_lock",
     "move-swap-keeps-mapping": "test_move_swap_keeps_mapping",
+    "move-large-folio-lock-sleeps": "test_move_large_folio_lock_sleeps",
+    "split-under-rcu": "test_split_under_rcu",
 }
 
 
@@ -311,6 +313,91 @@ async def test_move_swap_keeps_mapping(mutant: str | None) -> None:
     assert await done(m.read(pid, DST)) == 0x5000
     assert folio_at(m, pid, DST) is f and f.mapcount == 1
     verdict(m, mutant, {"anon-rmap-mismatch"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Large folios: the 6.14 livelock, and the split under RCU
+
+THP = 0x4000_0000  # 2 MiB-aligned
+HPAGE = 512
+
+
+def _reached_or(bp: Any, ended: Callable[[], bool]) -> Callable[[], bool]:
+    """The condition: a task parked at ``bp``, or every mover ended."""
+    return lambda: bp.reached.is_set() or ended()
+
+
+async def thp_env(mutant: str | None) -> tuple[MemoryModel, int]:
+    """One process: a THP at THP (pages 0 and 1 written), its PMD split by a DONTNEED of its last
+    page (a large folio mapped by PTEs), and dst (registered MISSING)."""
+    m = MemoryModel(protocol="recheck", mutant=mutant)
+    pid = await m.create_process()
+    await m.mmap(pid, HPAGE * P, addr=THP)
+    await m.madvise(pid, THP, HPAGE * P, "hugepage")
+    await m.write(pid, THP, 0x5000)
+    await m.write(pid, THP + P, 0x5001)
+    await m.madvise(pid, THP + (HPAGE - 1) * P, P, "dontneed")
+    info = m.folio(pid, THP)
+    assert info is not None and info.order == 9 and not info.pmd
+    await m.mmap(pid, NPAGES * P, addr=DST)
+    await m.uffd_register(pid, DST, NPAGES * P, "missing")
+    return m, pid
+
+
+@pytest.mark.parametrize("mutant", killed("move-large-folio-lock-sleeps"))
+async def test_move_large_folio_lock_sleeps(mutant: str | None) -> None:
+    """M1 and M2 move two pages of one large folio; whoever holds its lock (to split it) stops at
+    ``move:after-folio-lock`` until the other has backed off or sleeps on the lock, round after
+    round. The kernel (6.14+): the other backs off (EAGAIN, no reference kept), so the first split
+    succeeds and both moves complete. The mutant: the other sleeps on the lock with its reference
+    raised, the split fails for that reference, and the roles swap every round: no split ever
+    succeeds, until the livelock detector stops one mover (the other then completes)."""
+    m, pid = await thp_env(mutant)
+    f = folio_at(m, pid, THP)
+    movers = [asyncio.create_task(m.move(pid, DST, THP, P)), asyncio.create_task(m.move(pid, DST + P, THP + P, P))]
+
+    def ended() -> bool:
+        return all(t.done() for t in movers)
+
+    for _ in range(64):  # rounds
+        bp = m.k.sched.pause_at("move:after-folio-lock")
+        await run_until(_reached_or(bp, ended), turns=2000)
+        if not bp.reached.is_set():
+            break
+        retries = m.k.stats["move_retry"]
+
+        def other_waits_or_backs_off(retries: int = retries) -> bool:
+            return bool(f.lock.waiters) or m.k.stats["move_retry"] > retries or any(t.done() for t in movers)
+
+        await run_until(other_waits_or_backs_off, turns=2000)
+        holder = f.lock.owner
+
+        def holder_went_on(holder: Current | None = holder) -> bool:
+            return f.lock.owner is not holder or ended()
+
+        bp.release()
+        await run_until(holder_went_on, turns=2000)
+    bp.release()
+    results = await done(asyncio.gather(*movers, return_exceptions=True))
+    if mutant is None:
+        assert results == [P, P]
+        assert await m.read(pid, DST) == 0x5000 and await m.read(pid, DST + P) == 0x5001
+    else:
+        assert sum(isinstance(r, Livelock) for r in results) == 1 and P in results, results
+        assert m.check_invariants() == []  # the stopped mover gave back its lock and reference
+    verdict(m, mutant, {"livelock"})
+
+
+@pytest.mark.parametrize("mutant", killed("split-under-rcu"))
+async def test_split_under_rcu(mutant: str | None) -> None:
+    """M moves one page out of a large folio: move_pages_pte splits the folio first. The kernel
+    lets the PTEs (and their RCU read section) go before split_folio, which sleeps on the
+    anon_vma rwsem; the mutant splits inside the section."""
+    m, pid = await thp_env(mutant)
+    assert await done(m.move(pid, DST, THP, P)) == P
+    info = m.folio(pid, THP + P)
+    assert info is not None and info.order == 0 and info.value == 0x5001
+    verdict(m, mutant, {"might-sleep"})
 
 
 # ---------------------------------------------------------------------------------------------

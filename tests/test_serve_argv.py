@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 
 from mmsim.server import cli
 from mmsim.server.app import ServerConfig
-from mmsim.server.mm.kernel import PROTOCOLS
+from mmsim.server.mm.kernel import PROTOCOLS, THP_ORDER_POLICIES, THP_POLICIES
 from mmsim.server.mm.swapfile import MAX_SWAP_BYTES
 from mmsim.server.supervisor import Supervisor, shard_environment
+from mmsim.server.thp import THP_ORDERS, format_mthp_sizes, parse_mthp_sizes
 from mmsim.server.topology import MAX_SHARDS
 
 CONFIG_VARS = {env for _, env, _, _, _ in cli.SERVE_FLAGS}
@@ -80,7 +81,10 @@ def _values(files: list[str]) -> dict[object, st.SearchStrategy[object]]:
         cli._seconds: _SECONDS,
         cli._bool: st.booleans(),
         cli._file: st.sampled_from(["", *files]),
+        cli._mthp_sizes: st.dictionaries(st.sampled_from(THP_ORDERS), st.sampled_from(THP_ORDER_POLICIES))
+        .map(format_mthp_sizes),
         "protocol": st.sampled_from(list(PROTOCOLS)),
+        "thp": st.sampled_from(THP_POLICIES),
         "log_format": st.sampled_from(["auto", "json", "console"]),
         "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
     }
@@ -129,6 +133,9 @@ def test_any_configuration_is_read_back_the_same(files: list[str], data: st.Data
     ({"shards": MAX_SHARDS, "shard_index": MAX_SHARDS - 1, "generation": 1 << 62},
      [f"--shards={MAX_SHARDS}", f"--shard-index={MAX_SHARDS - 1}", f"--generation={1 << 62}"]),
     ({"protocol": "no-recheck", "log_level": "debug"}, ["--protocol=no-recheck", "--log-level=debug"]),
+    ({"thp": "always", "mthp_sizes": "64K:always,2M", "thp_zero_page": False},
+     ["--thp=always", "--mthp-sizes=64K:always,2M", "--thp-zero-page=false"]),
+    ({"mthp_sizes": ""}, ["--mthp-sizes="]),
 ])
 def test_examples(changes: dict[str, object], argv: list[str]) -> None:
     config = dataclasses.replace(ServerConfig(), **changes)  # type: ignore[arg-type]
@@ -143,6 +150,31 @@ def test_swap_bytes_takes_the_size_syntax_and_zero(raw: str, swap_bytes: int) ->
     assert parse(["--swap-bytes", raw]).swap_bytes == swap_bytes
     assert parse([], {"MMSIM_SWAP_BYTES": raw}).swap_bytes == swap_bytes
     assert parse([]).swap_bytes == 1 << 30
+
+
+@pytest.mark.parametrize(("raw", "mthp_sizes", "orders"), [
+    ("2M", "2M", {9: "inherit"}),
+    ("2M,64K:always", "64K:always,2M", {4: "always", 9: "inherit"}),
+    (" 64kB : madvise , 2048kB:never ", "64K:madvise", {4: "madvise", 9: "never"}),
+    ("16K:inherit,1M:always", "16K,1M:always", {2: "inherit", 8: "always"}),
+    ("2M:never", "", {9: "never"}),
+])
+def test_mthp_sizes_take_size_or_size_policy(raw: str, mthp_sizes: str, orders: dict[int, str]) -> None:
+    """Each SIZE or SIZE:POLICY (a bare size inherits --thp), written back by size, sizes that are
+    never left out; from the flag and from MMSIM_MTHP_SIZES alike."""
+    assert parse(["--mthp-sizes", raw]).mthp_sizes == mthp_sizes
+    assert parse([], {"MMSIM_MTHP_SIZES": raw}).mthp_sizes == mthp_sizes
+    assert parse_mthp_sizes(raw) == orders
+    assert parse_mthp_sizes(mthp_sizes) == {o: p for o, p in orders.items() if p != "never"}
+
+
+def test_thp_settings_default_and_from_the_environment() -> None:
+    default = parse([])
+    assert (default.thp, default.mthp_sizes, default.thp_zero_page) == ("madvise", "2M", True)
+    env = parse([], {"MMSIM_THP": "always", "MMSIM_MTHP_SIZES": "64K", "MMSIM_THP_ZERO_PAGE": "off"})
+    assert (env.thp, env.mthp_sizes, env.thp_zero_page) == ("always", "64K", False)
+    flags = parse(["--thp", "never", "--thp-zero-page", "on"], {"MMSIM_THP": "always", "MMSIM_THP_ZERO_PAGE": "off"})
+    assert (flags.thp, flags.thp_zero_page) == ("never", True)
 
 
 def test_files_whose_names_look_like_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,6 +199,7 @@ def test_flags_override_the_environment_in_the_argv_too() -> None:
 def test_a_shard_runs_the_supervisors_configuration_but_its_own_place() -> None:
     config = parse(["--shards", "3", "--listen", "127.0.0.1:7000", "--metrics-listen", "127.0.0.1:9000",
                     "--protocol", "folio-lock", "--max-memory", "1G", "--swap-bytes", "0", "--detectors", "false",
+                    "--thp", "always", "--mthp-sizes", "2M,64K:madvise", "--thp-zero-page", "off",
                     "--grace", "2.5", "--insecure"])
     sup = Supervisor(config)
     for shard in sup.shards:

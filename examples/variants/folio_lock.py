@@ -28,7 +28,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from mmsim.server.mm.locks import Current
-from mmsim.server.mm.memory import folio_get, folio_put
+from mmsim.server.mm.memory import folio_put
 from mmsim.server.mm.mm_types import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, SwapPte, Vma
 from mmsim.server.mm.rmap import (
     AnonVma,
@@ -190,18 +190,25 @@ async def move_pages_pte(
 
         if src_folio is None:
             folio = src_pte.folio
-            if not folio.exclusive:  # !PageAnonExclusive: shared with a fork child
+            if not folio.page_anon_exclusive(0):  # !PageAnonExclusive: shared with a fork child
                 ret = -errno.EBUSY
                 break
-            assert folio.lock is not None
-            locked = folio.lock.trylock(cur)
-            folio_get(k, cur, folio)
+            # The kernel's step: a reference and the folio lock (a sleep for a small folio's, with
+            # only the VMA locks held: then look again; EAGAIN for a contended large folio).
+            ret = await k.ops.move_folio_lock(k, cur, folio)
+            if ret < 0:
+                break
             src_folio, src_folio_pte = folio, src_pte
-            if not locked:
-                # Sleep on the folio lock with only the VMA locks held, then look again.
-                if not folio.lock.lock(cur): await folio.lock.wait(cur)
+            if ret:
                 continue
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+
+        if src_folio.large:  # split it (the kernel's step), then look again
+            ret = await k.ops.move_split_large_folio(k, cur, src_folio)
+            if ret:
+                break
+            src_folio = None
+            continue
 
         # 6.18 write-locks the folio's anon_vma root here. The walkers it kept out now wait
         # for the folio lock we hold, so the step goes on to the PTLs; the point stays, as the

@@ -39,6 +39,12 @@ KINDS = (
     "anon-rmap-mismatch",
     "lock-order",  # a blocking acquisition against the lock order
     "deadlock",  # tasks spin on locks held by one another (ABBA): every CPU of the cycle hangs
+    # A blocking acquisition (a sleep) inside an RCU read section: might_sleep()'s "sleeping
+    # function called from invalid context".
+    "might-sleep",
+    # A retry loop that never progresses: a mover's split of a large folio failed again and again
+    # for references other tasks hold while they wait (UFFDIO_MOVE's large-folio livelock).
+    "livelock",
     "invariant",  # check_invariants() found a broken invariant
 )
 

@@ -17,7 +17,7 @@ anon_vma and per swap slot in use (folios carry their own scratch counters).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import count
 from typing import TYPE_CHECKING
 
@@ -175,7 +175,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         rss = 0
         matched = 0  # ledger entries found mapped
         swapped = 0
-        ledger: dict[int, int] = model.ledger.get(pid, {})
+        ledger: Mapping[int, int] = model.ledger.get(pid) or {}
         for idx, hp in mm.huge_pmds.items():
             haddr = idx << PMD_SHIFT
             if idx in mm.pgtables:

@@ -146,6 +146,13 @@ class _Lock:
         # Made on first contention: most locks (one per folio) are never waited for.
         self.waiters: deque[_Waiter] | None = None
 
+    def _might_sleep(self, cur: Current) -> None:
+        """might_sleep(): a blocking acquisition inside an RCU read section ("BUG: sleeping
+        function called from invalid context")."""
+        ld = self.lockdep
+        if ld.enabled and ld.detectors is not None:
+            ld.detectors.report("might-sleep", task=cur.name, acquiring=self.name, rcu_nesting=cur.rcu_nesting)
+
     def _check_order(self, cur: Current, nested: bool) -> None:
         """lockdep: a blocking acquisition must rank below every lock already held."""
         rank = self.rank
@@ -258,6 +265,7 @@ class RwSem(_Lock):
 
     # -- blocking acquisitions: True if taken now; False means "await self.wait(cur)"
     def down_read(self, cur: Current, nested: bool = False) -> bool:
+        if cur.rcu_nesting: self._might_sleep(cur)
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
         ok = self.owner is None and not self.waiters
@@ -271,6 +279,7 @@ class RwSem(_Lock):
         return ok
 
     def down_write(self, cur: Current, nested: bool = False) -> bool:
+        if cur.rcu_nesting: self._might_sleep(cur)
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
         ok = self.owner is None and self.readers == 0 and not self.waiters
@@ -350,6 +359,7 @@ class Mutex(_Lock):
         return ok
 
     def lock(self, cur: Current, nested: bool = False) -> bool:
+        if cur.rcu_nesting: self._might_sleep(cur)
         if cur.held and self.lockdep.enabled:
             self._check_order(cur, nested)
         ok = self.owner is None and not self.waiters

@@ -32,6 +32,7 @@ POINTS = (
     "move:between-ptls",  # double_pt_lock: the first PTL taken, before the nested one
     "move:after-mapping-store",  # move_present_ptes: folio->mapping stored, not folio->index
     "move:between-pages",  # move_pages: between two steps (cond_resched)
+    "spin:move-retry",  # move_pages: a step returned -EAGAIN, retried after cond_resched
     "fork:after-anon-vma-fork",  # dup_mmap: between linking anon_vma chains and copying PTEs
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
     "swapin:after-lookup",  # do_swap_page: the swap cache's folio referenced, not yet locked

@@ -66,6 +66,13 @@ STEPS: dict[str, Step] = {
              "but the first folio's lock. Returns the bytes moved or a negative errno"),
         Step("double_pt_lock", "userfaultfd", "neither PTL held by the caller",
              "both PTLs (one, if they are the same), the second nested; holds them on return"),
+        Step("move_folio_lock", "userfaultfd", "the dst and src VMAs read-locked; no folio lock",
+             "a reference (the task's pin) and the folio lock: 0 taken by trylock, 1 slept for (retry the step), "
+             "or -EAGAIN holding nothing"),
+        Step("move_split_large_folio", "userfaultfd",
+             "the dst and src VMAs read-locked; the large src folio locked and referenced; no PTL",
+             "what split_folio takes (the anon_vma root rwsem for write, each PMD lock and PTL); returns 0 with the "
+             "head's lock and reference given back, or a negative errno with the folio still locked and referenced"),
         Step("move_swap_pte", "userfaultfd",
              "the dst and src VMAs read-locked; the swap-cache folio, if any, locked and referenced",
              "both PTLs (double_pt_lock); holds nothing on return but the folio's lock. Returns PAGE_SIZE or a "
@@ -178,6 +185,8 @@ class Ops:
         move_pages_pte: Callable[..., Any]
         move_present_ptes: Callable[..., Any]
         double_pt_lock: Callable[..., Any]
+        move_folio_lock: Callable[..., Any]
+        move_split_large_folio: Callable[..., Any]
         move_swap_pte: Callable[..., Any]
 
 

@@ -501,7 +501,8 @@ async def move_pages(
                         err = -step
                         if err == errno.EAGAIN:
                             k.stats["move_retry"] += 1
-                            await asyncio.sleep(0)
+                            if sched.active: await sched.yield_now("spin:move-retry")
+                            else: await asyncio.sleep(0)
                             continue
                         break
                     progress.moved += step
@@ -532,7 +533,9 @@ async def move_pages(
                 err = -step
                 if err == errno.EAGAIN:
                     k.stats["move_retry"] += 1
-                    await asyncio.sleep(0)  # let whoever changed the PTE finish, then retry the step
+                    # let whoever changed the PTE finish, then retry the step
+                    if sched.active: await sched.yield_now("spin:move-retry")
+                    else: await asyncio.sleep(0)
                     continue
                 break
             progress.moved += step
@@ -689,26 +692,17 @@ async def move_pages_pte(
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
                 ret = -errno.EBUSY
                 break
-            assert folio.lock is not None
-            locked = folio.lock.trylock(cur)
-            if not locked and folio.large:
-                # No sleep for a large folio's lock with a raised refcount: two movers would make
-                # each other's split fail forever (6.14).
-                ret = -errno.EAGAIN
+            ret = await k.ops.move_folio_lock(k, cur, folio)
+            if ret < 0:
                 break
-            folio.refcount += 1  # folio_get(folio)
-            if k.trace: trace_refcount(k, folio, 1)
-            cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
             src_folio = folio
             src_folio_pte = orig_src_pte
-            if not locked:
-                # now we can block and wait
-                if not folio.lock.lock(cur): await folio.lock.wait(cur)
-                continue
+            if ret:
+                continue  # slept for the lock: retry
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
 
         if isinstance(src_folio, LargeFolio):
-            ret = await move_split_large_folio(k, cur, src_folio)
+            ret = await k.ops.move_split_large_folio(k, cur, src_folio)
             if ret:
                 break
             src_folio = None  # split: reacquired, small, by the retry
@@ -797,21 +791,72 @@ async def move_present_ptes(
     return ret
 
 
+async def move_folio_lock(k: Kernel, cur: Current, folio: Folio) -> int:
+    """move_pages_pte's pin and lock of the src folio: 0 when the trylock took it; 1 when it was
+    contended and slept for (with the PTEs let go: the caller retries from the top); -EAGAIN for a
+    contended large folio, which is not waited for with a raised refcount: two movers would make
+    each other's split fail for ever (6.14). Takes a reference (``cur``'s pin) unless it returns
+    -EAGAIN, and the folio lock, sleeping only in the second case."""
+    lock = folio.lock
+    assert lock is not None
+    locked = lock.trylock(cur)
+    if not locked and folio.large:
+        return -errno.EAGAIN
+    folio.refcount += 1  # folio_get(folio)
+    if k.trace: trace_refcount(k, folio, 1)
+    cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+    if locked:
+        return 0
+    # now we can block and wait
+    if not lock.lock(cur): await lock.wait(cur)
+    return 1
+
+
 async def move_split_large_folio(k: Kernel, cur: Current, folio: LargeFolio) -> int:
-    """move_pages_pte's split of the large src folio it locked and pinned (split_folio can block,
-    so the PTEs are let go first). Returns 0, the folio split and its head's lock and reference
-    given back (the step is retried), or a negative errno with the folio still locked and pinned.
-    Takes what split_folio takes."""
+    """move_pages_pte's split of the large src folio it locked and pinned, with the PTEs let go
+    (split_folio can block). Returns 0, the folio split and its head's lock and reference given
+    back (the step is retried), or a negative errno with the folio still locked and pinned
+    (-EAGAIN: others hold references; the move retries). Takes what split_folio takes. Two movers
+    whose splits fail for each other's references are the ``livelock`` detector's (split_failed)."""
     from .memory import folio_put
 
     try:
         head = await split_folio(k, cur, folio)
     except MmError as e:
+        if k.detect and e.errno == errno.EAGAIN: split_failed(k, cur, folio)
         return -(e.errno or errno.EBUSY)
+    k.split_failures.pop(cur, None)
     assert head.lock is not None
     head.lock.unlock(cur)
     folio_put(k, head, cur)  # the last reference if the head was mapped nowhere
     return 0
+
+
+def split_failed(k: Kernel, cur: Current, folio: LargeFolio) -> None:
+    """The livelock detector: ``cur``'s split of ``folio`` failed for references others hold. It
+    notes the tasks asleep on the folio's lock holding one (a retry loop that raised the refcount
+    it waits with). When one of them is itself a mover whose split of the folio failed for a
+    reference ``cur`` held while it slept, the two retry loops fail each other for ever: a
+    ``livelock``, and ``cur`` is stopped (Livelock). A reference held by anyone else (a walker,
+    reclaim, a fault) ends when its holder runs on."""
+    from .kernel import Livelock
+
+    waiters = folio.lock.waiters if folio.lock is not None else None
+    holders = frozenset(w.cur for w in waiters if folio in w.cur.pins) if waiters else frozenset()
+    if not holders:
+        k.split_failures.pop(cur, None)
+        return
+    for other in holders:
+        failed = k.split_failures.get(other)
+        if failed is not None and failed[0] is folio and cur in failed[1]:
+            del k.split_failures[other]
+            k.split_failures.pop(cur, None)
+            k.detectors.report(
+                "livelock", task=cur.name, folio=folio.id, fails_with=other.name, refcount=folio.refcount,
+                mapcount=folio.mapcount,
+            )
+            raise Livelock(f"{cur.name} and {other.name} fail each other's split of folio {folio.id}")
+    k.split_failures[cur] = (folio, holders)
 
 
 def check_ptes_for_batched_move(

@@ -488,21 +488,17 @@ async def move_pages_pte_no_anon_vma_lock(
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
                 ret = -errno.EBUSY
                 break
-            assert folio.lock is not None
-            locked = folio.lock.trylock(cur)
-            folio.refcount += 1  # folio_get(folio)
-            if k.trace: trace_refcount(k, folio, 1)
-            cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+            ret = await k.ops.move_folio_lock(k, cur, folio)
+            if ret < 0:
+                break
             src_folio = folio
             src_folio_pte = orig_src_pte
-            if not locked:
-                # now we can block and wait
-                if not folio.lock.lock(cur): await folio.lock.wait(cur)
-                continue
+            if ret:
+                continue  # slept for the lock: retry
         if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
 
         if isinstance(src_folio, LargeFolio):
-            ret = await move_split_large_folio(k, cur, src_folio)
+            ret = await k.ops.move_split_large_folio(k, cur, src_folio)
             if ret:
                 break
             src_folio = None
@@ -587,7 +583,7 @@ async def move_pages_pte_no_locks(
                 if not folio.lock.trylock(cur):
                     ret = -errno.EAGAIN
                     break
-                ret = await move_split_large_folio(k, cur, folio)
+                ret = await k.ops.move_split_large_folio(k, cur, folio)
                 if ret:
                     folio.lock.unlock(cur)
                     break
@@ -766,6 +762,32 @@ PROTOCOLS: dict[str, Variant] = {
 }
 
 
+async def move_folio_lock_sleeps_on_large(k: Kernel, cur: Current, folio: Folio) -> int:
+    """move_folio_lock before 6.14: a contended large folio's lock is slept for, its reference
+    raised (as for a small folio)."""
+    lock = folio.lock
+    assert lock is not None
+    locked = lock.trylock(cur)
+    folio.refcount += 1  # folio_get(folio), even for a large folio whose lock is contended
+    if k.trace: trace_refcount(k, folio, 1)
+    cur.pins.append(folio)
+    if locked:
+        return 0
+    if not lock.lock(cur): await lock.wait(cur)
+    return 1
+
+
+async def move_split_large_folio_under_rcu(k: Kernel, cur: Current, folio: LargeFolio) -> int:
+    """move_split_large_folio with the PTEs still mapped: split_folio called inside the RCU read
+    section that pte_offset_map opened."""
+    rcu = k.rcu
+    rcu.read_lock(cur)  # the PTE mapping's RCU section, not let go before the split
+    try:
+        return await move_split_large_folio(k, cur, folio)
+    finally:
+        rcu.read_unlock(cur)
+
+
 MUTANTS: dict[str, Variant] = {
     m.name: m
     for m in (
@@ -856,6 +878,23 @@ MUTANTS: dict[str, Variant] = {
             failure="anon-rmap-mismatch: a swap-in at dst finds the cached folio at the source's anon_vma and index "
             "(the kernel's BUG_ON in __page_check_anon_rmap)",
             fix="c50f8e6053b0 mm: fix kernel BUG when userfaultfd_move encounters swapcache (6.14)",
+        ),
+        Variant(
+            "move-large-folio-lock-sleeps", "a mover sleeps for a large folio's lock with its reference raised",
+            {"move_folio_lock": move_folio_lock_sleeps_on_large}, applies_to=RECHECK_FAMILY,
+            kernel="move_pages_pte: `if (!locked && folio_test_large(folio)) { spin_unlock(src_ptl); err = -EAGAIN; "
+            "goto out; }` removed (the folio_get and folio_lock of a small folio then apply to a large one too)",
+            failure="livelock: two movers of one large folio each hold a reference while the other tries to split it, "
+            "so every split fails and both retry for ever",
+            fix="37b338eed105 userfaultfd: do not block on locking a large folio with raised refcount (6.14)",
+        ),
+        Variant(
+            "split-under-rcu", "a mover splits a large folio inside the PTE mapping's RCU read section",
+            {"move_split_large_folio": move_split_large_folio_under_rcu}, applies_to=RECHECK_FAMILY,
+            kernel="move_pages_pte: `pte_unmap(&orig_src_pte); pte_unmap(&orig_dst_pte); src_pte = dst_pte = NULL;` "
+            "before `split_folio(src_folio)` removed",
+            failure="might-sleep: split_folio sleeps on the anon_vma rwsem inside an RCU read section",
+            fix="the UFFDIO_MOVE series before its merge (6.8): the PTEs are unmapped before split_folio",
         ),
         Variant(
             "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",

@@ -22,7 +22,9 @@ process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
 - ``mmap P ADDR PAGES [r|rw] [missing|wp|missing+wp]``; ``munmap P ADDR PAGES``
 - ``register P ADDR PAGES [missing|wp|missing+wp]``; ``unregister P ADDR PAGES``
 - ``madvise P ADDR PAGES dontfork|dofork|wipeonfork|keeponfork``
-- ``madvise P ADDR PAGES dontneed|pageout|cold``; ``mprotect P ADDR PAGES none|r|rw``
+- ``madvise P ADDR PAGES dontneed|pageout|cold``; ``madvise P ADDR PAGES hugepage|nohugepage``
+  (a write fault in a 2 MiB-aligned hugepage range then maps a THP by a huge PMD);
+  ``mprotect P ADDR PAGES none|r|rw``
 - ``mremap P ADDR PAGES NEWADDR [dontunmap]`` (MREMAP_MAYMOVE | MREMAP_FIXED, same size)
 - ``write P ADDR VALUE``; ``read P ADDR`` (a missing page of a MISSING range: the access sleeps
   until another thread's ``copy``, ``zeropage`` or ``remap`` fills it, or ``wake`` wakes it)
@@ -51,7 +53,7 @@ from ..mm.mm_types import PAGE_SIZE
 
 PROTS = ("r", "rw")
 UFFD_MODES = ("missing", "wp", "missing+wp")
-ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed", "pageout", "cold")
+ADVICE = ("dontfork", "dofork", "wipeonfork", "keeponfork", "dontneed", "pageout", "cold", "hugepage", "nohugepage")
 MPROT = ("none", "r", "rw")
 MAX_THREADS = 4
 

@@ -31,6 +31,8 @@ class Advice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADVICE_DONTNEED: _ClassVar[Advice]
     ADVICE_COLD: _ClassVar[Advice]
     ADVICE_PAGEOUT: _ClassVar[Advice]
+    ADVICE_HUGEPAGE: _ClassVar[Advice]
+    ADVICE_NOHUGEPAGE: _ClassVar[Advice]
 
 class FillMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +67,8 @@ ADVICE_KEEPONFORK: Advice
 ADVICE_DONTNEED: Advice
 ADVICE_COLD: Advice
 ADVICE_PAGEOUT: Advice
+ADVICE_HUGEPAGE: Advice
+ADVICE_NOHUGEPAGE: Advice
 FILL_MODE_NONE: FillMode
 FILL_MODE_DONTWAKE: FillMode
 FILL_MODE_WP: FillMode
@@ -392,7 +396,7 @@ class PagemapResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[PagemapEntry, _Mapping]]] = ...) -> None: ...
 
 class FolioResponse(_message.Message):
-    __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young")
+    __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young", "order", "pmd")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +406,8 @@ class FolioResponse(_message.Message):
     ANON_VMA_FIELD_NUMBER: _ClassVar[int]
     WRITABLE_FIELD_NUMBER: _ClassVar[int]
     YOUNG_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    PMD_FIELD_NUMBER: _ClassVar[int]
     present: bool
     zero_page: bool
     value: int
@@ -411,7 +417,9 @@ class FolioResponse(_message.Message):
     anon_vma: int
     writable: bool
     young: bool
-    def __init__(self, present: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., value: _Optional[int] = ..., mapcount: _Optional[int] = ..., exclusive: _Optional[bool] = ..., index: _Optional[int] = ..., anon_vma: _Optional[int] = ..., writable: _Optional[bool] = ..., young: _Optional[bool] = ...) -> None: ...
+    order: int
+    pmd: bool
+    def __init__(self, present: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., value: _Optional[int] = ..., mapcount: _Optional[int] = ..., exclusive: _Optional[bool] = ..., index: _Optional[int] = ..., anon_vma: _Optional[int] = ..., writable: _Optional[bool] = ..., young: _Optional[bool] = ..., order: _Optional[int] = ..., pmd: _Optional[bool] = ...) -> None: ...
 
 class ListVmasResponse(_message.Message):
     __slots__ = ("vmas",)
@@ -466,7 +474,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("counters", "protocol")
+    __slots__ = ("counters", "protocol", "thp")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -476,9 +484,28 @@ class StatsResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    THP_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
     protocol: str
-    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., protocol: _Optional[str] = ...) -> None: ...
+    thp: ThpSettings
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., protocol: _Optional[str] = ..., thp: _Optional[_Union[ThpSettings, _Mapping]] = ...) -> None: ...
+
+class ThpSettings(_message.Message):
+    __slots__ = ("enabled", "use_zero_page", "sizes")
+    class SizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    USE_ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    enabled: str
+    use_zero_page: bool
+    sizes: _containers.ScalarMap[str, str]
+    def __init__(self, enabled: _Optional[str] = ..., use_zero_page: _Optional[bool] = ..., sizes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Op(_message.Message):
     __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake", "reclaim")

@@ -124,7 +124,7 @@ _BY_HAND: dict[str, _Hand] = {
     "ListVmas": _Hand(mutates=False, sdk=("vmas",)),
     "DumpAnonVmaTree": _Hand(mutates=False, sdk=("anon_vma_tree",)),
     "CheckInvariants": _Hand(mutates=False),
-    "GetStats": _Hand(mutates=False, reserved=True, sdk=("stats", "protocol")),
+    "GetStats": _Hand(mutates=False, reserved=True, sdk=("stats", "protocol", "thp")),
     "Batch": _Hand(mutates=True),
     "BatchStream": _Hand(mutates=True, sdk=("batch_stream",)),
     "Ping": _Hand(mutates=False, reserved=True),

@@ -70,8 +70,8 @@ Large folios. With ``thp=True`` random steps also draw (``THP_WEIGHTS``) 2 MiB-a
 hugepage advice (nohugepage now and then) over the whole region, before anything touches it;
 hugepage or nohugepage advice over a subrange of any region; and moves of a whole PMD (512 pages,
 from a PMD boundary of one aligned region to one of another, registered, aligned region). Such
-scenarios run on the kernel only (mmsim does not model large folios yet). Without it (the
-default) the same ``rng`` state gives the very scenario it gave before.
+scenarios run on the kernel and on mmsim like any other. Without it (the default) the same
+``rng`` state gives the very scenario it gave before.
 
 The same ``rng`` state gives the same scenario (only ``rng`` is drawn from, and every choice is
 made over ordered lists).

@@ -1,4 +1,9 @@
-"""Replaying a scenario on mmsim through the SDK, and comparing it with the kernel's run."""
+"""Replaying a scenario on mmsim through the SDK, and comparing it with the kernel's run.
+
+A scenario runs on a server whose transparent hugepage settings are the ones it runs under on the
+kernel (its ``thp`` settings over THP_BASELINE): ``server_settings`` gives that server's
+settings, and a server with others refuses it with SettingsMismatch, naming what differs.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmsim.client import Client, MmsimError, Process, ops
+from mmsim.client import Client, MmsimError, Process, ThpSettings, ops
 
+from ...mm.kernel import thp_size_order
+from ...thp import format_mthp_sizes, size_policies
+from .kernel import THP_BASELINE
 from .scenario import (
     FIELDS,
     FILL_VMAS_PAGES,
     MAX_MAP_COUNT,
-    NOT_MODELLED,
     PAGE,
+    PMD_SIZE,
     UNRECORDED,
     Scenario,
     StepResult,
@@ -26,7 +34,6 @@ from .scenario import (
     move_mode,
     place,
     remap_flags,
-    thp_steps,
     uses_thp,
 )
 
@@ -39,19 +46,60 @@ POLL_S = 0.005
 FILL_BATCH = 5000
 
 
-class NotModelledError(NotImplementedError):
-    """A scenario that mmsim does not model yet (large folios: THP settings, an aligned ``mmap``,
-    hugepage or nohugepage advice): it runs on the kernel only."""
+class SettingsMismatch(Exception):
+    """The server's transparent hugepage settings are not the ones the scenario runs under (its
+    ``thp`` settings over the kernel runner's baseline, THP_BASELINE): the scenario cannot run
+    there, and is skipped with ``reason``. The message is ``NAME: reason``."""
+
+    def __init__(self, scenario: str, reason: str) -> None:
+        super().__init__(f"{scenario}: {reason}")
+        self.scenario = scenario
+        self.reason = reason
 
 
-def not_modelled(scenario: Scenario) -> str | None:
-    """Why mmsim cannot run ``scenario`` (naming the first step, or the settings, that needs what
-    it does not model), or None if it can."""
-    if not uses_thp(scenario):
+def thp_orders(scenario: Scenario) -> tuple[str, bool, dict[int, str]]:
+    """The THP settings ``scenario`` runs under, as the model takes them: ``enabled``,
+    ``use_zero_page`` and the policy of each large folio order. SettingsMismatch for an mTHP size
+    the model does not have (8kB) that is not ``never``."""
+    thp = scenario.thp or {}
+    orders: dict[int, str] = {}
+    for size, policy in {**THP_BASELINE["mthp"], **thp.get("mthp", {})}.items():
+        try:
+            orders[thp_size_order(size)] = policy
+        except ValueError:
+            if policy != "never":
+                raise SettingsMismatch(scenario.name, f"its thp settings ask for hugepages-{size} {policy}: mmsim "
+                                       "has no large folios of that size (16kB to 2048kB)") from None
+    enabled = thp.get("enabled", THP_BASELINE["enabled"])
+    return enabled, bool(thp.get("use_zero_page", THP_BASELINE["use_zero_page"])), orders
+
+
+def server_settings(scenario: Scenario) -> dict[str, Any]:
+    """The settings (``ServerConfig`` fields: ``thp``, ``mthp_sizes``, ``thp_zero_page``) of a
+    server that runs ``scenario`` under its THP settings; SettingsMismatch if no server can."""
+    enabled, zero_page, orders = thp_orders(scenario)
+    return {"thp": enabled, "mthp_sizes": format_mthp_sizes(orders), "thp_zero_page": zero_page}
+
+
+def settings_mismatch(scenario: Scenario, server: ThpSettings | None) -> str | None:
+    """Why a server with the THP settings ``server`` (None: it reports none, it has no large
+    folios) cannot run ``scenario``, naming each setting that differs; None if it can.
+    SettingsMismatch if no server can."""
+    enabled, zero_page, orders = thp_orders(scenario)
+    if server is None:
+        if not uses_thp(scenario):
+            return None
+        return "a large-folio scenario, and the server reports no THP settings"
+    wanted = size_policies(orders)
+    differ = [f"enabled {enabled} (the server: {server.enabled})"] if server.enabled != enabled else []
+    if server.use_zero_page != zero_page:
+        differ.append(f"use_zero_page {int(zero_page)} (the server: {int(server.use_zero_page)})")
+    for size in sorted({*wanted, *server.sizes}, key=lambda name: (len(name), name)):  # "16kB" ... "2048kB"
+        if (want := wanted.get(size, "never")) != (has := server.policy(size)):
+            differ.append(f"hugepages-{size} {want} (the server: {has})")
+    if not differ:
         return None
-    steps = thp_steps(scenario)
-    what = f"step {steps[0]} ({describe(scenario.steps[steps[0]])})" if steps else "its thp settings"
-    return f"{scenario.name}: {what}: {NOT_MODELLED}, so the scenario runs on the kernel only"
+    return f"runs under THP settings the server does not have: {', '.join(differ)}"
 
 
 @dataclass
@@ -80,13 +128,19 @@ class MmsimRunner:
     def __init__(self, client: Client) -> None:
         self.client = client
 
+    async def check(self, scenario: Scenario) -> None:
+        """Raise SettingsMismatch, with the reason, if the server's THP settings are not those
+        ``scenario`` runs under."""
+        why = settings_mismatch(scenario, await self.client.thp())
+        if why is not None:
+            raise SettingsMismatch(scenario.name, why)
+
     async def run(self, scenario: Scenario, kernel: list[StepResult] | None = None) -> list[StepResult]:
         """Run ``scenario``. With the kernel's results, each region is mapped at the very
-        address the kernel chose; without, mmsim places it. A large-folio scenario raises
-        NotModelledError before anything runs."""
-        why = not_modelled(scenario)
-        if why is not None:
-            raise NotModelledError(why)
+        address the kernel chose; without, mmsim places it (a region that asks for ``align``
+        on a 2 MiB boundary). Raises SettingsMismatch before anything runs if the server's THP
+        settings are not those the scenario runs under."""
+        await self.check(scenario)
         run = _Run()
         for name in scenario.processes:
             run.procs[name] = await self.client.create_process()
@@ -137,15 +191,15 @@ class MmsimRunner:
         procs, addrs = run.procs, run.addrs
         p = procs[st.get("proc") or next(iter(procs))]
         if op == "mmap":
-            v = await p.mmap(int(st["pages"]) * PAGE, prot=st.get("prot", "rw"), uffd=st.get("uffd"), addr=hint)
-            run.bind(st["region"], v.start, int(st["pages"]))
-            r.addr = v.start
+            start, end = await self._mmap(st, p, hint)
+            run.bind(st["region"], start, int(st["pages"]))
+            r.addr = start
             proc = st.get("proc") or next(iter(procs))
             if hint is None and proc not in run.guarded:
                 # Run alone, mmsim places the first region at the top of the mmap area: give it the
                 # PROT_NONE neighbour the kernel runner's regions have right above them.
                 try:
-                    await p.mmap(PAGE, prot="none", addr=v.end)
+                    await p.mmap(PAGE, prot="none", addr=end)
                 except OSError:
                     pass
                 run.guarded.add(proc)
@@ -224,6 +278,26 @@ class MmsimRunner:
             if op == "mapcount" and f is not None:
                 r.mapcount = f.mapcount
 
+
+    @staticmethod
+    async def _mmap(st: dict[str, Any], p: Process, hint: int | None) -> tuple[int, int]:
+        """Map an ``mmap`` step's region where the kernel put it, or, alone, where mmsim places it;
+        a region that asks for ``"align": "pmd"`` as the kernel runner maps one: 2 MiB more, then
+        the slack below and above the 2 MiB boundary in it unmapped (and registered after, so
+        only the region is). Its start and end."""
+        size, prot, uffd = int(st["pages"]) * PAGE, st.get("prot", "rw"), st.get("uffd")
+        if hint is not None or st.get("align") != "pmd":
+            v = await p.mmap(size, prot=prot, uffd=uffd, addr=hint)
+            return v.start, v.end
+        v = await p.mmap(size + PMD_SIZE, prot=prot)
+        start = (v.start + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
+        if start > v.start:
+            await p.munmap(v.start, start - v.start)
+        if v.end > start + size:
+            await p.munmap(start + size, v.end - start - size)
+        if uffd:
+            await p.uffd_register(start, size, mode=uffd)
+        return start, start + size
 
     async def _fill_vmas(self, st: dict[str, Any], run: _Run, p: Process, hint: int | None, r: StepResult) -> None:
         """The region where the kernel put it (or, alone, placed top-down with a hole page on each

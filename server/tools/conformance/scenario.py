@@ -21,7 +21,7 @@ Processes are named; ``processes`` lists the ones that exist at the start, ``for
 child (which inherits its parent's memory, regions included). Regions are named ranges of pages
 created by ``mmap``; the address is chosen by the kernel when the kernel runs the scenario (on a
 2 MiB boundary where the step asks for ``"align": "pmd"``), and mmsim maps the region at that
-very address. A place is ``[region, page]`` or
+very address (run alone, mmsim chooses it, on a 2 MiB boundary likewise). A place is ``[region, page]`` or
 ``[region, page, byte_offset]`` (to test misalignment).
 
 Steps (``proc`` names the process doing it):
@@ -107,8 +107,10 @@ Steps (``proc`` names the process doing it):
 A scenario may also carry ``"thp": {"enabled": "always"|"madvise"|"never", "use_zero_page":
 true|false, "mthp": {"64kB": "always"|"inherit"|"madvise"|"never", ...}}``: the settings of
 /sys/kernel/mm/transparent_hugepage/ the kernel runner applies before the scenario and restores
-after it (``hugepages-64kB/enabled`` for an ``mthp`` size). A scenario with such settings, an
-aligned ``mmap`` or hugepage/nohugepage advice is a large-folio scenario (``uses_thp``).
+after it (``hugepages-64kB/enabled`` for an ``mthp`` size); mmsim runs the scenario on a server
+started with the same settings (``mmsim serve --thp``, ``--mthp-sizes``, ``--thp-zero-page``). A
+scenario with such settings, an aligned ``mmap`` or hugepage/nohugepage advice is a large-folio
+scenario (``uses_thp``).
 
 Every step records ``errno`` (0 on success). A scenario may mark a step ``"expect": {...}`` with
 any of the recorded fields; both runners are then also checked against it. Recording (``mmsim
@@ -219,8 +221,6 @@ FIELDS = (
 #: VM_SOFTDIRTY, which every new VMA has where the kernel has CONFIG_MEM_SOFT_DIRTY, and never
 #: where it lacks it.
 UNRECORDED = ("soft_dirty",)
-#: Why the mmsim runner refuses a large-folio scenario (it runs on the kernel only).
-NOT_MODELLED = "large folios are not modelled yet"
 
 
 class ScenarioError(ValueError):

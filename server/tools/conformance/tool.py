@@ -1,10 +1,12 @@
 """``mmsim conformance``: run scenarios on the live kernel and on mmsim, and show what differs.
 
 A scenario that pages out is skipped, with the reason, where the kernel has no usable swap.
-A large-folio scenario (THP settings, an aligned ``mmap``, hugepage or nohugepage advice) runs on
-the kernel only, against its own ``expect`` fields, since mmsim does not model large folios yet;
-it is skipped, with the reason, where the kernel cannot run it (``thp_unavailable``), and so is a
-run in which a huge page fault fell back to small pages for want of memory.
+A scenario runs on an mmsim server with its transparent hugepage settings (``MmsimServers``: the
+servers started in this process, one per distinct settings; a ``--server`` with other settings
+skips it, with the reason). A large-folio scenario (THP settings, an aligned ``mmap``, hugepage
+or nohugepage advice) is skipped, with the reason, where the kernel cannot run it
+(``thp_unavailable``), and so is one whose every kernel run was unreliable (a huge page fault
+fell back to small pages for want of memory).
 ``record`` runs scenarios on the kernel and writes what it answered into their ``expect`` fields;
 ``replay_on_kernel`` runs one on the kernel only, against them.
 """
@@ -14,18 +16,20 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from mmsim.client import Client
 
-from .mmsim_runner import Difference, MmsimRunner, compare
-from .scenario import NOT_MODELLED, UNRECORDED, Scenario, StepResult, needs_swap, uses_thp
+from .mmsim_runner import Difference, MmsimRunner, SettingsMismatch, compare, server_settings
+from .scenario import UNRECORDED, Scenario, StepResult, needs_swap, uses_thp
 
 #: Exit statuses of the command.
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_NO_ORACLE = 0, 1, 2, 3
@@ -41,7 +45,8 @@ class Outcome:
     #: against the scenario's ``expect`` fields.
     kernel_only: bool = False
     #: Why the scenario was not run (no usable swap for a pageout, no usable THP for a large-folio
-    #: scenario, a kernel run whose huge page faults fell back to small pages), or None.
+    #: scenario, kernel runs whose huge page faults fell back to small pages, an mmsim server with
+    #: other THP settings), or None.
     skipped: str | None = None
 
 
@@ -55,21 +60,45 @@ def load_scenarios(paths: list[str]) -> list[Scenario]:
     return out
 
 
-@asynccontextmanager
-async def mmsim_client(server: str | None) -> AsyncIterator[Client]:
-    """A client of the given server, or of one started in this process."""
-    if server is not None:
-        async with Client(server) as c:
-            yield c
-        return
-    from mmsim.client.testing import serve_in_process
+class MmsimServers:
+    """The mmsim servers scenarios run on: the one given (``server``), or servers started in this
+    process, one per distinct THP settings (``server_settings``), each the first time a scenario
+    needs it. An async context manager: the clients are closed and the servers stopped at its end."""
 
-    # No edge limits: every request must reach the model, whose answers are compared.
-    async with serve_in_process(
-        log_level="warning", max_remap_bytes=(1 << 64) - 1, max_munmap_bytes=(1 << 64) - 1
-    ) as addr:
-        async with Client(addr) as c:
-            yield c
+    def __init__(self, server: str | None = None) -> None:
+        self.server = server
+        self._stack = AsyncExitStack()
+        #: The client of each server started, by its settings.
+        self._clients: dict[tuple[tuple[str, Any], ...], Client] = {}
+
+    async def __aenter__(self) -> MmsimServers:
+        await self._stack.__aenter__()
+        if self.server is not None:
+            self._clients[()] = await self._stack.enter_async_context(Client(self.server))
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        self._clients.clear()
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def client(self, scenario: Scenario) -> Client:
+        """The client of the server ``scenario`` runs on: the one given, or the one started with
+        its THP settings (started now if none is yet). SettingsMismatch if no server can run it."""
+        if self.server is not None:
+            return self._clients[()]
+        settings = server_settings(scenario)
+        key = tuple(sorted(settings.items()))
+        if key not in self._clients:
+            from mmsim.client.testing import serve_in_process
+
+            # No edge limits: every request must reach the model, whose answers are compared.
+            addr = await self._stack.enter_async_context(serve_in_process(
+                log_level="warning", max_remap_bytes=(1 << 64) - 1, max_munmap_bytes=(1 << 64) - 1, **settings
+            ))
+            self._clients[key] = await self._stack.enter_async_context(Client(addr))
+        return self._clients[key]
 
 
 #: Kernel runs of a scenario that differs, at most, until two in a row agree (see run_one).
@@ -77,25 +106,38 @@ KERNEL_RUNS = 4
 
 
 async def run_one(scenario: Scenario, kernel_runner: object, client: Client) -> Outcome:
-    """Run ``scenario`` on the kernel and on mmsim and compare (a large-folio scenario, which mmsim
-    does not model yet, on the kernel only: ``replay_on_kernel``). The kernel is a live system that
-    other activity can disturb (reclaim isolating a folio, a background scan holding its lock), so
-    a scenario that differs is run on the kernel again: a difference counts only against kernel
-    answers that two runs in a row agree on."""
-    if uses_thp(scenario):
-        return await replay_on_kernel(scenario, kernel_runner)
+    """Run ``scenario`` on the kernel and on mmsim (``client``'s server) and compare; skipped, with
+    the reason, if that server's THP settings are not the scenario's (before the kernel runs it).
+    The kernel is a live system that other activity can disturb (reclaim isolating a folio, a
+    background scan holding its lock, a huge page fault falling back to small pages), so an
+    unreliable kernel run is run again (if every one is, the outcome is skipped with the reason),
+    and a scenario that differs is run on the kernel again: a difference counts only against
+    kernel answers that two runs in a row agree on."""
+    mmsim_runner = MmsimRunner(client)
+    try:
+        await mmsim_runner.check(scenario)
+    except SettingsMismatch as e:
+        return Outcome(scenario, [], [], [], skipped=e.reason)
     run = kernel_runner.run  # type: ignore[attr-defined]
     kernel = await asyncio.to_thread(run, scenario)
-    mmsim = await MmsimRunner(client).run(scenario, kernel)
+    for _ in range(KERNEL_RUNS - 1):
+        if unreliable(kernel) is None:
+            break
+        kernel = await asyncio.to_thread(run, scenario)
+    if (why := unreliable(kernel)) is not None:
+        return Outcome(scenario, kernel, [], [], skipped=f"unreliable kernel run: {why}")
+    mmsim = await mmsim_runner.run(scenario, kernel)
     diffs = compare(scenario, kernel, mmsim)
     for _ in range(KERNEL_RUNS - 1):
         if not diffs:
             break
         again = await asyncio.to_thread(run, scenario)
+        if unreliable(again) is not None:
+            continue  # the last reliable run stands
         if [r.compared() for r in again] == [r.compared() for r in kernel]:
             break  # the kernel says the same twice: the difference is real
         kernel = again
-        mmsim = await MmsimRunner(client).run(scenario, kernel)
+        mmsim = await mmsim_runner.run(scenario, kernel)
         diffs = compare(scenario, kernel, mmsim)
     return Outcome(scenario, kernel, mmsim, diffs)
 
@@ -224,9 +266,7 @@ def render(outcome: Outcome, console: Console) -> None:
     if outcome.skipped is not None:
         console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}")
         return
-    only = ""
-    if outcome.kernel_only:
-        only = f"  (kernel only: {NOT_MODELLED})" if uses_thp(s) else "  (kernel only)"
+    only = "  (kernel only)" if outcome.kernel_only else ""
     if not outcome.differences:
         console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}")
         return
@@ -261,11 +301,12 @@ async def conformance(
     swap: bool = False,
     thp: bool = False,
 ) -> int:
-    """The command's body; returns its exit status. ``swap``: the random scenarios also page out,
-    deactivate and observe PTEs (those that page out are skipped where the kernel has no usable
-    swap). ``thp``: the random scenarios also map 2 MiB-aligned regions, ask for huge pages and
-    move whole PMDs (they run on the kernel only, since mmsim does not model large folios yet).
-    Large-folio scenarios run on the kernel only, or are skipped where it cannot run them."""
+    """The command's body; returns its exit status. ``server``: the mmsim server to run on (None:
+    servers started in this process, one per distinct THP settings). ``swap``: the random
+    scenarios also page out, deactivate and observe PTEs (those that page out are skipped where
+    the kernel has no usable swap). ``thp``: the random scenarios also map 2 MiB-aligned regions,
+    ask for huge pages and move whole PMDs. Large-folio scenarios are skipped where the kernel
+    cannot run them, and every scenario whose THP settings ``server`` does not have."""
     from .kernel import KernelRunner, oracle_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
@@ -276,7 +317,7 @@ async def conformance(
     scenarios = load_scenarios(paths)
     no_swap = swap_unavailable() if swap or any(needs_swap(s) for s in scenarios) else None
     runner = KernelRunner(step_timeout=step_timeout)
-    different = skipped = kernel_only = 0
+    different = skipped = 0
     reasons: list[str] = []
 
     def cannot(s: Scenario) -> str | None:
@@ -285,20 +326,26 @@ async def conformance(
             return no_swap
         return thp_unavailable(s) if uses_thp(s) else None
 
+    async def attempt(s: Scenario) -> tuple[Outcome, Client | None]:
+        """``s`` run on the kernel and on the mmsim server of its settings (and that server's
+        client), or skipped with the reason."""
+        if (no := cannot(s)) is not None:
+            return Outcome(s, [], [], [], skipped=no), None
+        try:
+            client = await servers.client(s)
+        except SettingsMismatch as e:
+            return Outcome(s, [], [], [], skipped=e.reason), None
+        return await run_one(s, runner, client), client
+
     def count(outcome: Outcome) -> None:
-        nonlocal skipped, kernel_only
+        nonlocal skipped
         if outcome.skipped is not None:
             skipped += 1
             reasons.append(outcome.skipped)
-        elif outcome.kernel_only:
-            kernel_only += 1
 
-    async with mmsim_client(server) as client:
+    async with MmsimServers(server) as servers:
         for s in scenarios:
-            if (no := cannot(s)) is not None:
-                outcome = Outcome(s, [], [], [], skipped=no)
-            else:
-                outcome = await run_one(s, runner, client)
+            outcome, _ = await attempt(s)
             count(outcome)
             render(outcome, console)
             different += bool(outcome.differences)
@@ -308,20 +355,15 @@ async def conformance(
             rng = random.Random(seed)
             for n in range(random_count):
                 s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap, thp=thp)
-                if (no := cannot(s)) is not None:
-                    outcome = Outcome(s, [], [], [], skipped=no)
-                    count(outcome)
-                    render(outcome, console)
-                    continue
-                outcome = await run_one(s, runner, client)
+                outcome, client = await attempt(s)
                 count(outcome)
                 if outcome.skipped is not None:
                     render(outcome, console)
-                if not outcome.differences:
+                if not outcome.differences or client is None:
                     continue
                 different += 1
 
-                async def fails(c: Scenario) -> bool:
+                async def fails(c: Scenario, client: Client = client) -> bool:
                     return bool((await run_one(c, runner, client)).differences)
 
                 small = await shrink(s, fails)
@@ -333,9 +375,7 @@ async def conformance(
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
     total = len(scenarios) + random_count - skipped
-    notes = [f"{kernel_only} on the kernel only: {NOT_MODELLED}"] if kernel_only else []
-    if skipped:
-        notes.append(f"{skipped} skipped: " + "; ".join(dict.fromkeys(reasons)))
+    notes = [f"{skipped} skipped: " + "; ".join(dict.fromkeys(reasons))] if skipped else []
     console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim"
                   + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_DIFFERENT if different else EXIT_OK
