@@ -633,6 +633,37 @@ async def test_random_scenarios_on_kernel(part: int) -> None:
         pytest.fail(_report(bad, ["minimal reproducers:", *reproducers]), pytrace=False)
 
 
+#: Random large-folio scenarios compared on the kernel and on mmsim (each in an aligned region,
+#: with hugepage advice, whole-PMD moves and the ``pte`` observation).
+RANDOM_THP_COUNT = 60
+
+
+@pytest.mark.parametrize("part", range(SLICES))
+async def test_random_thp_scenarios_on_kernel(part: int) -> None:
+    """Random large-folio scenarios give the same answers on the kernel and on mmsim (each on a
+    server of its THP settings); a kernel run whose huge page faults fell back to small pages is
+    skipped, as are scenarios the kernel's THP support cannot run."""
+    from mmsim.server.tools.conformance.kernel import thp_unavailable
+
+    runner = _oracle_or_skip()
+    rng = random.Random(RANDOM_SEED)
+    scenarios = [random_scenario(rng, name=f"thp-{RANDOM_SEED}-{n}", thp=True) for n in range(RANDOM_THP_COUNT)]
+    bad: list[Outcome] = []
+    ran = 0
+    async with MmsimServers() as servers:
+        for s in scenarios[part::SLICES]:
+            if thp_unavailable(s) is not None:
+                continue
+            outcome = await run_one(s, runner, await servers.client(s))
+            ran += outcome.skipped is None
+            if outcome.differences:
+                bad.append(outcome)
+    if bad:
+        pytest.fail(_report(bad), pytrace=False)
+    if not ran:
+        pytest.skip("transparent hugepages unavailable for every scenario of this slice")
+
+
 async def test_shrink_finds_a_one_minimal_reproducer() -> None:
     """The shrinker keeps only the steps a failure needs: here, a move that fails EBUSY."""
     noisy = Scenario.from_dict(

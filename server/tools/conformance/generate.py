@@ -312,6 +312,7 @@ class _Gen:
             for s, sr in self.procs[n].regions.items()
             for d, dr in self.procs[n].regions.items()
             if s != d and sr.aligned and dr.aligned and any(dr.registered)
+            and sr.pages >= PMD_PAGES and dr.pages >= PMD_PAGES
         ]
         if not cands:
             return False

@@ -76,9 +76,10 @@ Helpers run with ``PYTHONMALLOC=malloc`` and ``MALLOC_ARENA_MAX=1`` (small alloc
 the brk heap, not from mmap'd arenas, in every thread), import everything before touching
 memory, make what later steps need (below), learn the zero page's PFN with a scratch mapping
 that is unmapped again, fill the holes between the interpreter's mappings with PROT_NONE
-placeholders and then map one PROT_NONE guard page with ``mmap(NULL)``. Regions, placed
-top-down by ``mmap(NULL)``, therefore start right below the guard and never merge with the
-interpreter's own mappings.
+placeholders and then map a PROT_NONE guard with ``mmap(NULL)`` that starts on a 2 MiB (PMD)
+boundary. Regions, placed top-down by ``mmap(NULL)``, therefore start right below the guard,
+never merge with the interpreter's own mappings, and share no PMD with anything the helper
+touched (a PMD that has a page table changes what a fault or a move does there).
 
 Made at setup, above the guard: the source of ``copy`` steps, ``COPY_MAX_PAGES`` of PROT_NONE
 that a copy maps read-write (MAP_FIXED) over the pages it needs, fills with each page's value and
@@ -946,7 +947,16 @@ class _Helper:
                 self.zero_pfn = entry & _PM_PFN_MASK
             lib.munmap(p, PAGE)
         self._fill_holes()
+        # The guard starts on a PMD boundary: the regions below it then share no PMD with what
+        # the helper touched above (a PMD with a page table changes what a fault or a move does
+        # there: no huge page, a page table allocated for a move's destination).
         g = lib.mmap(None, PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+        if g != _MAP_FAILED and g & (PMD_SIZE - 1):
+            # Grow it down to the boundary below (free: the guard is the lowest mapping).
+            low = g & ~(PMD_SIZE - 1)
+            flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
+            if lib.mmap(low, g - low, _PROT_NONE, flags, -1, 0) == low:
+                g = low
         self.guard = 0 if g == _MAP_FAILED else g
 
     def _child_threads(self) -> None:
