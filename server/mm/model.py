@@ -127,6 +127,15 @@ class FolioInfo:
     pmd: bool = False
 
 
+def mapped_folio(mm: Mm, addr: int) -> Folio | None:
+    """The folio mapped at ``addr``, by a huge PMD or a PTE (either zero page too), or None."""
+    hp = mm.huge_pmd_lookup(addr)
+    if hp is not None:
+        return hp.folio
+    pte = mm.pte_lookup(addr & PAGE_MASK)
+    return pte.folio if pte is not None else None
+
+
 @dataclass(frozen=True)
 class WalkResult:
     referenced: int
@@ -553,8 +562,10 @@ class MemoryModel:
         """A write access: a new folio, a COW copy, or the folio reused in place."""
         check_u64(value, "value")
         if self.max_pages is not None and self.k.folio_pages_live >= self.max_pages:
-            pte = self._mm(pid).pte_lookup(addr & PAGE_MASK) if isinstance(addr, int) and addr >= 0 else None
-            if pte is None or not pte.write:  # the write may need a new folio
+            mm = self._mm(pid)
+            ok = isinstance(addr, int) and addr >= 0
+            entry = (mm.huge_pmd_lookup(addr) or mm.pte_lookup(addr & PAGE_MASK)) if ok else None
+            if entry is None or not entry.write:  # the write may need a new folio
                 raise LimitExceeded("max_pages", self.max_pages)
         await self._access(pid, addr, True, value)
 
@@ -718,13 +729,12 @@ class MemoryModel:
         if not self.gate.try_enter(): await self.gate.enter()
         cur = self._cur("walk", pid)
         try:
-            pte = mm.pte_lookup(addr)
-            if pte is None:
+            folio = mapped_folio(mm, addr)
+            if folio is None:
                 swapped = mm.swap_pte_lookup(addr) is not None
                 raise MmError(errno.ENOENT, f"the page at {addr:#x} is swapped out" if swapped else
                               f"nothing mapped at {addr:#x}")
-            folio = pte.folio
-            if folio is ZERO_PAGE:
+            if folio is ZERO_PAGE or folio is HUGE_ZERO_FOLIO:
                 raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
             folio.refcount += 1  # the caller's reference, as reclaim holds one
             try:
@@ -864,10 +874,10 @@ class MemoryModel:
         trees are known to hold more than ``max_mappings`` AVCs (the records' ``vmas`` entries)."""
         mm = self._mm(pid)
         if addr is not None:
-            pte = mm.pte_lookup(addr)
-            if pte is None or pte.folio is ZERO_PAGE or pte.folio.mapping is None:
+            folio = mapped_folio(mm, addr)
+            if folio is None or folio.mapping is None:  # none, or either zero page
                 raise MmError(errno.ENOENT, f"no anonymous folio at {addr:#x}")
-            roots = [pte.folio.mapping.root]
+            roots = [folio.mapping.root]
         else:
             seen_roots: dict[int, AnonVma] = {}
             work = 0

@@ -235,15 +235,45 @@ def inactive_is_low(k: Kernel) -> bool:
     return len(lists[LRU_INACTIVE_ANON]) < len(lists[LRU_ACTIVE_ANON])
 
 
+async def deferred_split_scan(k: Kernel, cur: Current, nr_to_scan: int) -> int:
+    """The deferred split shrinker (mm/huge_memory.c): split up to ``nr_to_scan`` of the large
+    folios queued as mapped in part, each trylocked (a contended or unsplittable one stays
+    queued), so that their unmapped pages are freed. Returns the pages freed."""
+    queue = k.deferred_split_queue
+    freed = 0
+    for folio in list(islice(queue, nr_to_scan)):
+        lock = folio.lock
+        assert lock is not None
+        if not lock.trylock(cur):
+            continue
+        folio.refcount += 1  # folio_try_get
+        cur.pins.append(folio)
+        before = k.folio_pages_live
+        try:
+            head = await split_folio(k, cur, folio)
+        except MmError:
+            lock.unlock(cur)
+            folio_put(k, folio, cur)
+            continue
+        head_lock = head.lock
+        assert head_lock is not None
+        head_lock.unlock(cur)
+        folio_put(k, head, cur)
+        freed += before - k.folio_pages_live  # the unmapped pages (and the zero-filled ones)
+        k.stats["thp_deferred_split"] += 1
+    return freed
+
+
 async def shrink_lruvec(k: Kernel, cur: Current, nr_to_reclaim: int) -> int:
     """Reclaim up to ``nr_to_reclaim`` folios (at least one pass), from DEF_PRIORITY down to 0;
     each pass ages the active list when the inactive one is low, then shrinks the inactive one.
-    Returns the folios freed. Nothing happens without swap: an anonymous folio has nowhere to go
-    (can_reclaim_anon_pages)."""
+    The deferred split queue's shrinker runs first (shrink_slab), its freed pages counted with
+    the folios. Returns the folios freed. Without swap only the shrinker frees anything: an
+    anonymous folio has nowhere to go (can_reclaim_anon_pages)."""
+    reclaimed = await deferred_split_scan(k, cur, SWAP_CLUSTER_MAX) if k.deferred_split_queue else 0
     if not k.swap.pages:
-        return 0
+        return reclaimed
     lists = k.lruvec.lists
-    reclaimed = 0
     for priority in range(DEF_PRIORITY, -1, -1):
         if inactive_is_low(k):
             await shrink_active_list(k, cur, max(len(lists[LRU_ACTIVE_ANON]) >> priority, 1))

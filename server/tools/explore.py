@@ -399,11 +399,18 @@ async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
 
 def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
     """The state a decision is taken in: where each thread is, and the shared state it races on
-    (each folio's anon_vma, index, mapcount and lock holder; each anon_vma's root and refcount)."""
+    (each folio's anon_vma, index, mapcount and lock holder, by PTE or huge PMD; each anon_vma's
+    root and refcount)."""
 
     def fp() -> object:
         folios: list[tuple[object, ...]] = []
         for mm in m.processes.values():
+            for idx, hp in mm.huge_pmds.items():  # huge PMDs: the folio mapped whole
+                hf = hp.folio
+                hmap = hf.mapping
+                folios.append((mm.id, -2, idx, hf.id, hmap.id if hmap else 0, hmap.root.id if hmap else 0,
+                               hmap.refcount if hmap else 0, hf.index, hf.mapcount, hf.refcount,
+                               bool(hf.lock and hf.lock.owner), hp.write))
             for pt in mm.pgtables.values():
                 for vpn, pte in pt.ptes.items():
                     f = pte.folio
@@ -412,7 +419,7 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                     folios.append((mm.id, vpn, getattr(f, "id", 0), mapping.id if mapping else 0,
                                    mapping.root.id if mapping else 0, mapping.refcount if mapping else 0,
                                    getattr(f, "index", 0), getattr(f, "mapcount", 0),
-                                   bool(lock and lock.owner)))
+                                   bool(lock and lock.owner), pte.page))
                 for vpn, swp in pt.swap.items():
                     folios.append((mm.id, vpn, -1, swp.entry.offset, int(swp.exclusive)))
         for off, f in m.k.swap.swap_table.items():  # the swap cache: mapped or not
