@@ -104,3 +104,25 @@ async def test_a_move_cancelled_in_the_split_leaves_the_model_consistent() -> No
     assert await m.move(pid, 0x6000_0000, BASE + P, P) == P
     assert await m.read(pid, 0x6000_0000) == 6 and m.folio(pid, BASE)
     assert m.check_invariants() == []
+
+
+async def test_pageout_of_part_leaves_the_huge_zero_page_and_a_shared_thp_alone() -> None:
+    """MADV_PAGEOUT over part of a huge PMD splits an exclusive THP's folio (its pages are then
+    paged out), but leaves the huge zero page and a THP shared with a fork child mapped whole."""
+    m = MemoryModel()
+    pid = await thp(m, 1)
+    await m.mmap(pid, HPAGE * P, addr=BASE + HPAGE * P)
+    await m.madvise(pid, BASE + HPAGE * P, HPAGE * P, "hugepage")
+    assert await m.read(pid, BASE + HPAGE * P) == 0  # the huge zero page
+    child = await m.fork(pid)
+    await m.madvise(pid, BASE + 100 * P, HPAGE * P, "pageout")  # part of each PMD
+    for at in (BASE, BASE + HPAGE * P):
+        info = m.folio(pid, at)
+        assert info is not None and info.pmd, hex(at)
+    await m.exit(child)
+    await m.madvise(pid, BASE + 100 * P, 8 * P, "pageout")  # exclusive again: split, paged out
+    info = m.folio(pid, BASE)
+    assert info is not None and not info.pmd and info.order == 0 and info.value == 1
+    [entry] = m.pagemap(pid, BASE + 100 * P, P)
+    assert entry.zero_page  # it read zeros: the split mapped the zero page there
+    assert m.k.stats["thp_split_page"] == 1 and m.check_invariants() == []

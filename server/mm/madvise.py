@@ -36,7 +36,7 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from .huge_memory import __split_huge_pmd, split_folio
+from .huge_memory import split_folio
 from .locks import Current
 from .memory import folio_put, zap_pte_range
 from .mm_types import (
@@ -134,19 +134,32 @@ async def madvise_cold_or_pageout_pte_range(
     lruvec = k.lruvec
     folio_list: list[Folio] = []
     visited = 0
+    skip: set[int] = set()  # PMDs whose folio could not be split: left alone
     for idx in mm.huge_pmds_in(start, end):  # madvise_cold_or_pageout_pte_range's huge PMD part
         haddr = idx << PMD_SHIFT
         hp = mm.huge_pmds.get(idx)
         if hp is None:
             continue
-        vma = mm.vma_lookup(haddr)
-        assert vma is not None
-        if not (start <= haddr and haddr + PMD_SIZE <= end):
-            await __split_huge_pmd(k, cur, vma, haddr)  # the PTEs are done below
-            continue
-        visited += 1
         folio: Folio = hp.folio
         if folio is HUGE_ZERO_FOLIO or not isinstance(folio, LargeFolio) or folio.maybe_mapped_shared():
+            continue  # the huge zero page, or other mappings' folio: not interfered with
+        visited += 1
+        if not (start <= haddr and haddr + PMD_SIZE <= end):
+            # Part of it in the range: split the folio (the PMD with it), then do its pages.
+            lock = folio.lock
+            assert lock is not None
+            folio.refcount += 1  # folio_get
+            cur.pins.append(folio)
+            head: Folio = folio
+            if not lock.lock(cur): await lock.wait(cur)
+            try:
+                head = await split_folio(k, cur, folio)
+            except MmError:
+                skip.add(idx)
+            head_lock = head.lock
+            assert head_lock is not None
+            head_lock.unlock(cur)
+            folio_put(k, head, cur)
             continue
         if not pageout:
             hp.young = False
@@ -158,7 +171,7 @@ async def madvise_cold_or_pageout_pte_range(
             folio_deactivate(lruvec, folio)
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
-        if pt is None or not pt.ptes:
+        if pt is None or not pt.ptes or idx in skip:
             continue
         if pt.ptl.owner is not None:
             await k.spin_on(cur, pt.ptl)
@@ -184,7 +197,6 @@ async def madvise_cold_or_pageout_pte_range(
                     folio.refcount += 1  # folio_get
                     cur.pins.append(folio)
                     pt.ptl.spin_unlock(cur)
-                    head: Folio
                     try:
                         head = await split_folio(k, cur, folio)
                     except MmError:
