@@ -78,7 +78,16 @@ async def test_swap() -> None:
     assert "swap-outs 4, swap-ins 2, swap-cache hits 1, slots in use 4" in out and out.endswith("ok\n"), out
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "batch_and_stream.py", "fork_and_walk.py", "swap.py"])
+async def test_thp() -> None:
+    async with serve_in_process(log_level="warning") as addr:
+        rc, out = await _run(str(EXAMPLES / "thp.py"), addr)
+    assert rc == 0, out
+    assert "after a write fault: PagemapEntry(present=True" in out and "pmd=True, thp=True, head=True" in out, out
+    assert "remap of the whole 2 MiB moved 2097152 bytes" in out, out
+    assert "THP faults 2, PMD moves 1, PMD splits 2, folio splits 1" in out and out.endswith("ok\n"), out
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "batch_and_stream.py", "fork_and_walk.py", "swap.py", "thp.py"])
 async def test_scripts_fail_without_a_server(script: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused
