@@ -13,7 +13,7 @@ Example::
 """
 
 from . import ops
-from ._client import BatchStream, Client, Process, Result, Timeout
+from ._client import BatchStream, Client, Pin, Process, Result, Timeout
 from ._types import AnonVma, FolioInfo, PagemapEntry, ThpSettings, UserfaultEvent, Userfaults, Vma, WalkResult
 from .credentials import read_token, tls_credentials
 from .errors import (
@@ -38,6 +38,7 @@ __all__ = [
     "LimitExceededError",
     "MmsimError",
     "PagemapEntry",
+    "Pin",
     "Process",
     "ProcessNotFoundError",
     "Result",

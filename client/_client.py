@@ -147,6 +147,7 @@ _DECODE: dict[str, Callable[[_Route, Client, Any], Result]] = {
     "uffd_copy": lambda route, client, m: m.copied,
     "uffd_zeropage": lambda route, client, m: m.zeroed,
     "reclaim": lambda route, client, m: m.reclaimed,
+    "pin": lambda route, client, m: m.pin,
     "empty": lambda route, client, m: None,
     "exit": lambda route, client, m: None,
 }
@@ -566,6 +567,35 @@ class BatchStream:
                 return
 
 
+class Pin:
+    """A FOLL_PIN pin of a process's pages (see ``Process.pin``): ``id`` names it in its
+    process, ``pages`` is the number of pages it holds."""
+
+    __slots__ = ("addr", "id", "length", "process")
+
+    def __init__(self, process: Process, id: int, addr: int, length: int) -> None:
+        self.process = process
+        self.id = id
+        self.addr = addr
+        self.length = length
+
+    @property
+    def pages(self) -> int:
+        return ((self.addr + self.length + 4095) >> 12) - (self.addr >> 12)
+
+    async def unpin(self, *, timeout: Timeout = ...) -> None:
+        await self.process.unpin(self, timeout=timeout)
+
+    async def __aenter__(self) -> Pin:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.unpin()
+
+    def __repr__(self) -> str:
+        return f"Pin(id={self.id}, addr={self.addr:#x}, length={self.length:#x}, process={self.process!r})"
+
+
 class Process:
     """A simulated process on the shard (or server) that issued it.
 
@@ -786,6 +816,22 @@ class Process:
     async def walk(self, addr: int, blocking: bool = False, *, timeout: Timeout = ...) -> WalkResult:
         """The rmap walk (folio_referenced) of the folio at ``addr``."""
         return await self._run(_ops.walk(self, addr, blocking), timeout)
+
+    # -- pins
+    async def pin(self, addr: int, length: int, *, timeout: Timeout = ...) -> Pin:
+        """FOLL_PIN the pages covering [addr, addr + length), as pin_user_pages(FOLL_WRITE |
+        FOLL_LONGTERM) does for an io_uring buffer registration: each page is made present,
+        writable and exclusive (a write fault that stores nothing), then pinned. While pinned, a
+        page is not moved (EBUSY), not swapped out, and copied for the child at fork; its large
+        folio is not split. Raises EFAULT for length 0 or more than 1 GiB, a hole or a
+        range not writable. The pin lasts until ``Pin.unpin`` or the process's exit; use it as an
+        async context manager to unpin on leaving."""
+        pin_id = await self._run(_ops.pin(self, addr, length), timeout)
+        return Pin(self, pin_id, addr, length)
+
+    async def unpin(self, pin: Pin | int, *, timeout: Timeout = ...) -> None:
+        """Give back a pin (a ``Pin`` or its id); ENOENT for one the process does not have."""
+        await self._run(_ops.unpin(self, pin.id if isinstance(pin, Pin) else pin), timeout)
 
     # -- inspection
     async def folio(self, addr: int, *, timeout: Timeout = ...) -> FolioInfo | None:

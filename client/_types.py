@@ -132,6 +132,8 @@ class FolioInfo:
     (2 MiB), 2 to 8 for an mTHP (0 from a server without large folios)."""
     pmd: bool = False
     """Mapped here by a huge PMD rather than by a PTE."""
+    pinned: bool = False
+    """folio_maybe_dma_pinned: a pin holds the folio (see ``Process.pin``)."""
 
     __repr__ = _repr_in_hex("index")
 
@@ -246,6 +248,7 @@ def folio_from_pb(m: pb.FolioResponse) -> FolioInfo | None:
         young=m.young,
         order=m.order,
         pmd=m.pmd,
+        pinned=m.pinned,
     )
 
 

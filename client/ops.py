@@ -164,6 +164,16 @@ def folio(p: Process, addr: int) -> Op:
     return Op(p, pb.Op(get_folio=pb.AccessRequest(process=p.id, addr=addr)))
 
 
+def pin(p: Process, addr: int, length: int) -> Op:
+    """FOLL_PIN the pages covering [addr, addr + length) (its result: the pin's id)."""
+    return Op(p, pb.Op(pin=pb.PinRequest(process=p.id, addr=addr, length=length)))
+
+
+def unpin(p: Process, pin: int) -> Op:
+    """Give back the pin ``pin`` (an id) of ``p``."""
+    return Op(p, pb.Op(unpin=pb.UnpinRequest(process=p.id, pin=pin)))
+
+
 def reclaim(pages: int) -> Op:
     """Reclaim up to ``pages`` folios of the server the batch runs on (its result: the folios freed)."""
     return Op(None, pb.Op(reclaim=pb.ReclaimRequest(pages=pages)))
@@ -180,6 +190,7 @@ __all__ = [
     "mprotect",
     "mremap",
     "munmap",
+    "pin",
     "read",
     "reclaim",
     "remap",
@@ -188,6 +199,7 @@ __all__ = [
     "uffd_unregister",
     "uffd_wake",
     "uffd_zeropage",
+    "unpin",
     "walk",
     "write",
 ]

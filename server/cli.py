@@ -643,6 +643,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             console=Console(width=None if sys.stdout.isatty() else 140),
             swap=args.swap,
             thp=args.thp,
+            pin=args.pin,
         )
 
     try:
@@ -727,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the random scenarios also map 2 MiB-aligned regions, ask for huge pages (madvise "
                       "hugepage, nohugepage) and move whole PMDs, observed with pte; they are skipped where the "
                       "kernel has no transparent hugepages")
+    conf.add_argument("--pin", action="store_true",
+                      help="the random scenarios also pin and unpin pages (FOLL_PIN, by io_uring buffer registration on "
+                      "the kernel); they are skipped where the kernel cannot pin")
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")

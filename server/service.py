@@ -355,6 +355,14 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
     async def _op_reclaim(self, request: pb.ReclaimRequest) -> pb.ReclaimResponse:
         return pb.ReclaimResponse(reclaimed=await self.model.reclaim(request.pages))
 
+    async def _op_pin(self, request: pb.PinRequest) -> pb.PinResponse:
+        pin, pages = await self.model.pin(self.pid(request.process), request.addr, request.length)
+        return pb.PinResponse(pin=pin, pages=pages)
+
+    async def _op_unpin(self, request: pb.UnpinRequest) -> pb.Empty:
+        await self.model.unpin(self.pid(request.process), request.pin)
+        return pb.Empty()
+
     async def _op_walk(self, request: pb.WalkRequest) -> pb.WalkResponse:
         w = await self.model.walk(self.pid(request.process), request.addr, request.blocking)
         reply = pb.WalkResponse(
@@ -387,6 +395,7 @@ class MemoryManagerServicer(mmsim_pb2_grpc.MemoryManagerServicer):
             young=f.young,
             order=f.order,
             pmd=f.pmd,
+            pinned=f.pinned,
         )
 
     # -- RPCs: each operation a Batch can carry has its unary RPC made from its executor (_unary_rpc)

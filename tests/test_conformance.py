@@ -17,6 +17,10 @@ each scenario gives its recorded ``expect`` fields (skipped, with the reason, wh
 cannot run them); on mmsim, each runs on a server started with its THP settings and must satisfy
 them too, but those of ``THP_NOT_YET``, strict xfails that must leave the set the day mmsim
 passes them. A server whose THP settings are not a scenario's refuses it, with the reason.
+
+Pins (``pin``, ``unpin``): on the kernel, each pin scenario gives its recorded ``expect`` fields;
+on mmsim (a server of its THP settings) it must satisfy them too, but those of ``PIN_NOT_YET``,
+strict xfails that must leave the set the day mmsim passes them.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from mmsim.server.tools.conformance.scenario import (
     Scenario,
     StepResult,
     needs_swap,
+    uses_pin,
     uses_swap,
     uses_thp,
 )
@@ -61,13 +66,19 @@ from mmsim.server.tools.conformance.tool import (
 
 CORPUS = Path(__file__).parent / "conformance"
 FILES = sorted(CORPUS.glob("*.json"))
+#: The corpus files with pins: each its own test, on the kernel and on mmsim (a server of its THP
+#: settings), whatever else they do.
+PIN_FILES = [p for p in FILES if uses_pin(Scenario.load(p))]
+#: The pin corpus files mmsim does not pass yet, by stem ("5NN-pin-..."): a strict xfail each on
+#: mmsim, to be taken out of the set the day mmsim passes it.
+PIN_NOT_YET: set[str] = set()
 #: The corpus files with large folios: each its own test on mmsim, on a server of its THP settings.
-THP_FILES = [p for p in FILES if uses_thp(Scenario.load(p))]
+THP_FILES = [p for p in FILES if uses_thp(Scenario.load(p)) and p not in PIN_FILES]
 #: The large-folio corpus files mmsim does not pass yet, by stem ("4NN-thp-..."): a strict xfail
 #: each on mmsim, to be taken out of the set the day mmsim passes it.
 THP_NOT_YET: set[str] = set()
 #: The corpus files with swap steps (pageout, cold, pte): each its own test on mmsim.
-SWAP_FILES = [p for p in FILES if uses_swap(Scenario.load(p)) and p not in THP_FILES]
+SWAP_FILES = [p for p in FILES if uses_swap(Scenario.load(p)) and p not in THP_FILES and p not in PIN_FILES]
 NAME = re.compile(r"^(\d{2,3})-([a-z]+)(-[a-z0-9]+)*$")
 
 #: Every category the corpus must cover: the word after the number in a file's name, which is
@@ -95,6 +106,7 @@ REQUIRED_CATEGORIES = {
     "wake",  # DONTWAKE resolutions and UFFDIO_WAKE
     "swap",  # pageout, cold and the pte observation: swap entries, the swap cache, swap-in
     "thp",  # large folios: PMD THP and mTHP faults, moves, fork, COW, splits, pageout
+    "pin",  # FOLL_PIN | FOLL_LONGTERM pins: moves, fork, unsharing, errors, reclaim, THP
 }
 
 RANDOM_SEED = 2026
@@ -154,7 +166,7 @@ async def test_corpus_expectations_on_mmsim() -> None:
     async with serve_in_process(log_level="error") as addr:
         async with Client(addr) as client:
             for s in load_scenarios([str(CORPUS)]):
-                if uses_swap(s) or uses_thp(s):
+                if uses_swap(s) or uses_thp(s) or uses_pin(s):
                     continue
                 results = await MmsimRunner(client).run(s)
                 for d in compare(s, None, results):
@@ -201,6 +213,54 @@ async def test_thp_corpus_on_mmsim(path: Path) -> None:
 
 def test_thp_not_yet_names_large_folio_corpus_files() -> None:
     assert THP_NOT_YET <= {p.stem for p in THP_FILES}
+
+
+def _pin_not_yet(path: Path) -> list[pytest.MarkDecorator]:
+    """A strict xfail for a pin corpus file of PIN_NOT_YET."""
+    if path.stem not in PIN_NOT_YET:
+        return []
+    what = path.stem.split("-", 2)[-1].replace("-", " ")
+    return [pytest.mark.xfail(strict=True, reason=f"pins: {what} not modelled yet")]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=_pin_not_yet(p)) for p in PIN_FILES],
+                         ids=[p.stem for p in PIN_FILES])
+async def test_pin_corpus_on_mmsim(path: Path) -> None:
+    """mmsim, started with the scenario's THP settings, satisfies every ``expect`` of a pin
+    scenario, leaves no step a note and the model sound."""
+    s = Scenario.load(path)
+    async with serve_in_process(log_level="error", **server_settings(s)) as addr:
+        async with Client(addr) as client:
+            results = await MmsimRunner(client).run(s)
+            assert await client.check_invariants() == []
+    assert [r.note for r in results if r.note] == []
+    assert [(d.step, d.kernel, d.mmsim) for d in compare(s, None, results)] == []
+
+
+def test_pin_not_yet_names_pin_corpus_files() -> None:
+    assert PIN_NOT_YET <= {p.stem for p in PIN_FILES}
+
+
+def test_pin_corpus_is_recorded() -> None:
+    """The pin scenarios: at least 15, named 5NN-pin-*, each with a pin, every observing step
+    with its recorded ``expect``; together they see a pin succeed and fail (EFAULT), an unpin, a
+    move refused for a pin (EBUSY) and cut short by one (EAGAIN), a fork and a THP."""
+    pin = [p for p in FILES if category(p) == "pin"]
+    assert len(pin) >= 15, f"only {len(pin)} pin scenarios"
+    assert set(pin) == set(PIN_FILES)
+    assert all(p.name.startswith("5") for p in pin)
+    seen: set[tuple[str, int]] = set()
+    ops: set[str] = set()
+    for p in pin:
+        s = Scenario.load(p)
+        ops |= {st["op"] for st in s.steps}
+        for i, st in enumerate(s.steps):
+            if st["op"] not in ("mmap", "fork", "exit"):
+                assert "expect" in st, f"{p.name}: step {i} has no expect"
+                seen.add((st["op"], st["expect"]["errno"]))
+    assert {("pin", 0), ("pin", errno.EFAULT), ("unpin", 0), ("move", errno.EBUSY), ("move", errno.EAGAIN)} <= seen
+    assert {"fork", "exit", "pte", "mremap", "munmap", "madvise"} <= ops
+    assert any(uses_thp(Scenario.load(p)) for p in pin)
 
 
 def test_thp_corpus_is_recorded() -> None:
@@ -551,7 +611,7 @@ async def test_corpus_on_kernel(part: int) -> None:
         async with Client(addr) as client:
             runnable = [
                 s for s in load_scenarios([str(CORPUS)])
-                if (no_swap is None or not needs_swap(s)) and not uses_thp(s)
+                if (no_swap is None or not needs_swap(s)) and not uses_thp(s) and not uses_pin(s)
             ]
             for s in runnable[part :: SLICES // 2]:
                 outcome = await run_one(s, runner, client)
@@ -598,6 +658,32 @@ async def test_thp_corpus_on_kernel(path: Path) -> None:
     s = Scenario.load(path)
     _swap_or_skip(s)
     _thp_or_skip(s)
+    outcome = await replay_on_kernel(s, runner)
+    assert outcome.kernel_only and outcome.mmsim == []
+    if outcome.skipped is not None:
+        pytest.skip(outcome.skipped)
+    if outcome.differences:
+        pytest.fail(_report([outcome]), pytrace=False)
+    assert [(i, r.note) for i, r in enumerate(outcome.kernel) if r.note] == []
+
+
+def _pin_or_skip() -> None:
+    from mmsim.server.tools.conformance.kernel import pin_unavailable
+
+    if (why := pin_unavailable()) is not None:
+        pytest.skip(f"pins unavailable: {why}")
+
+
+@pytest.mark.parametrize("path", PIN_FILES, ids=[p.stem for p in PIN_FILES])
+async def test_pin_corpus_on_kernel(path: Path) -> None:
+    """A pin scenario gives its recorded answers on the live kernel (replayed there alone, under
+    its THP settings where it has large folios), with no step left unsettled."""
+    runner = _oracle_or_skip()
+    _pin_or_skip()
+    s = Scenario.load(path)
+    _swap_or_skip(s)
+    if uses_thp(s):
+        _thp_or_skip(s)
     outcome = await replay_on_kernel(s, runner)
     assert outcome.kernel_only and outcome.mmsim == []
     if outcome.skipped is not None:
@@ -1215,3 +1301,75 @@ async def test_command_runs_random_thp_scenarios_on_both() -> None:
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert status == 0, out
     assert "6 of 6 scenarios behave the same on the kernel and on mmsim" in out and "kernel only" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pins: generated scenarios
+
+
+def test_pin_generator_deterministic_valid_and_drawn() -> None:
+    """With ``pin=True`` the generator draws pins (of pages of the process's own regions, never of
+    its MISSING-registered episode regions) and unpins of pins the process holds,
+    deterministically, valid and runnable; without it, none, and the very scenario ``pin=False``
+    gives."""
+    pins = unpins = 0
+    for seed in range(200):
+        a = random_scenario(random.Random(seed), name=f"p{seed}", pin=True)
+        assert a.to_dict() == random_scenario(random.Random(seed), name=f"p{seed}", pin=True).to_dict()
+        Scenario.from_dict(json.loads(json.dumps(a.to_dict())))
+        check_runnable(a)
+        _check_episodes(a)
+        missing = {(st["proc"], st["region"]) for st in a.steps if st["op"] == "mmap" and st.get("uffd") == "missing"}
+        held: dict[str, str] = {}
+        for i, st in enumerate(a.steps):
+            if st["op"] == "pin":
+                pins += 1
+                assert (st["proc"], st["at"][0]) not in missing, f"seed {seed} step {i}: a pin of a missing range"
+                held[st["pin"]] = st["proc"]
+            elif st["op"] == "unpin":
+                unpins += 1
+                assert held.pop(st["pin"]) == st["proc"]
+        plain = random_scenario(random.Random(seed), name=f"p{seed}")
+        assert not uses_pin(plain)
+        assert plain.to_dict() == random_scenario(random.Random(seed), name=f"p{seed}", pin=False).to_dict()
+    assert pins >= 100 and unpins >= 20, (pins, unpins)
+
+
+async def test_random_pin_scenarios_agree_twice_on_kernel() -> None:
+    """Generated scenarios with pins are settled on the kernel: two runs give the same answers at
+    every step, no step leaves a note (no pin blocked), and pins both succeed and fail."""
+    runner = _oracle_or_skip()
+    _pin_or_skip()
+    rng = random.Random(RANDOM_SEED)
+    scenarios = [s for s in (random_scenario(rng, name=f"pin-{RANDOM_SEED}-{n}", pin=True) for n in range(24))
+                 if uses_pin(s)]
+    assert len(scenarios) >= 8
+    problems = _disagreements(runner, scenarios)
+    assert not problems, "\n".join(problems)
+
+
+#: Random scenarios with pins (and swap steps) compared on the kernel and on mmsim.
+RANDOM_PIN_COUNT = 40
+
+
+async def test_random_pin_scenarios_on_kernel() -> None:
+    """Generated scenarios with pins, pageout, cold and ``pte`` give the same answers on the
+    kernel and on mmsim (those that page out are skipped where the kernel has no usable swap)."""
+    from mmsim.server.tools.conformance.kernel import swap_unavailable
+
+    runner = _oracle_or_skip()
+    _pin_or_skip()
+    no_swap = swap_unavailable()
+    rng = random.Random(RANDOM_SEED)
+    scenarios = [random_scenario(rng, name=f"pin-{RANDOM_SEED}-{n}", swap=True, pin=True)
+                 for n in range(RANDOM_PIN_COUNT)]
+    bad: list[Outcome] = []
+    async with serve_in_process(log_level="error") as addr, Client(addr) as client:
+        for s in scenarios:
+            if no_swap is not None and needs_swap(s):
+                continue
+            outcome = await run_one(s, runner, client)
+            if outcome.differences:
+                bad.append(outcome)
+    if bad:
+        pytest.fail(_report(bad), pytrace=False)

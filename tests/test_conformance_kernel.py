@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from typing import Any
 
 import pytest
@@ -776,3 +777,121 @@ def test_thp_unavailable_says_why_for_a_missing_size(monkeypatch: pytest.MonkeyP
     assert kernel.thp_unavailable(sc) == "no hugepages-8kB/enabled (a size or setting this kernel lacks)"
     monkeypatch.setattr(kernel, "THP_SYSFS", "/nonexistent/transparent_hugepage")
     assert (kernel.thp_unavailable() or "").startswith("no transparent hugepages: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pins: io_uring buffer registrations held by the helper that made them
+
+
+def _pin_or_skip() -> None:
+    from mmsim.server.tools.conformance.kernel import pin_unavailable
+
+    why = pin_unavailable()
+    if why is not None:
+        pytest.skip(f"pins unavailable: {why}")
+
+
+def pin(region: str, page: int, name: str, pages: int = 1, proc: str = "P") -> dict[str, Any]:
+    return {"op": "pin", "proc": proc, "at": [region, page], "pages": pages, "pin": name}
+
+
+def unpin(name: str, proc: str = "P") -> dict[str, Any]:
+    return {"op": "unpin", "proc": proc, "pin": name}
+
+
+def _rings(pid: int) -> int:
+    """The io_uring instances process ``pid`` has open."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[io_uring]"
+        except OSError:
+            pass
+    return n
+
+
+def test_pin_holds_a_page_until_its_unpin() -> None:
+    """A pinned page is EBUSY to move until its unpin; a second pin of the page holds it too; a
+    process that exits with pins held leaves nothing behind (``run`` checks)."""
+    _pin_or_skip()
+    r = run([mm("src", 2), mm("dst", 2, "wp"), w("src", 0, 7), pin("src", 0, "a"), mv(0, 0, 1),
+             pin("src", 0, "b", 2), unpin("a"), mv(0, 0, 1), unpin("b"), mv(0, 0, 1), at("peek", "dst", 0),
+             pin("src", 1, "c"), {"op": "exit", "proc": "P"}])
+    assert [x.note for x in r] == [""] * len(r)
+    assert [x.errno for x in r[3:10]] == [0, errno.EBUSY, 0, 0, errno.EBUSY, 0, 0]
+    assert r[9].moved == PAGE and r[10].value == 7
+    assert r[11].errno == 0 and r[12].errno == 0
+
+
+def test_pin_is_all_or_nothing_and_needs_write_access() -> None:
+    """A pin over a hole is EFAULT and holds nothing (the page before the hole was write-faulted
+    in, and moves); one of a read-only or PROT_NONE page is EFAULT; an unpin of a failed pin is
+    EINVAL; a pin of the zero page replaces it with a page of the process's own."""
+    _pin_or_skip()
+    r = run([mm("src", 3), mm("dst", 3, "wp"), {"op": "munmap", "proc": "P", "at": ["src", 1], "pages": 1},
+             pin("src", 0, "a", 3), at("pte", "src", 0), mv(0, 0, 1), unpin("a"),
+             {"op": "mmap", "proc": "P", "region": "ro", "pages": 1, "prot": "r"},
+             {"op": "mmap", "proc": "P", "region": "no", "pages": 1, "prot": "none"},
+             pin("ro", 0, "b"), pin("no", 0, "c"),
+             at("read", "src", 2), pin("src", 2, "d"), at("pte", "src", 2)])
+    assert r[3].compared() == {"errno": errno.EFAULT}
+    assert (r[4].present, r[4].mapcount, r[4].anon_exclusive) == (True, 1, True)
+    assert r[5].compared() == {"errno": 0, "moved": PAGE}
+    assert r[6].compared() == {"errno": errno.EINVAL}
+    assert [x.errno for x in r[9:11]] == [errno.EFAULT, errno.EFAULT]
+    assert r[12].errno == 0
+    assert (r[13].present, r[13].zero_page, r[13].mapcount, r[13].exclusive) == (True, False, 1, True)
+
+
+def test_pin_rings_are_the_pinning_process_alone() -> None:
+    """Each pin is a ring of the helper that made it; a fork child closes the rings it inherited
+    at once; an unpin closes its ring."""
+    from mmsim.server.tools.conformance.kernel import _Run
+
+    _pin_or_skip()
+    runner = KernelRunner(step_timeout=5.0)
+    sc = Scenario.from_dict({"name": "t", "steps": [
+        mm("a", 2), w("a", 0, 1), pin("a", 0, "p"), pin("a", 1, "q"), {"op": "fork", "proc": "P", "child": "C"},
+        pin("a", 0, "c", proc="C"), unpin("p"),
+    ]})
+    run_ = _Run(["P"], startup_timeout=15.0)
+    try:
+        addrs: dict[str, int] = {}
+        regions: dict[str, tuple[int, int]] = {}
+        steps = iter(sc.steps)
+        results = [runner._step(run_, sc, addrs, next(steps), regions) for _ in range(5)]
+        parent, child = run_.procs["P"].pid, run_.procs["C"].pid
+        assert (_rings(parent), _rings(child)) == (2, 0)
+        results += [runner._step(run_, sc, addrs, st, regions) for st in steps]
+        assert (_rings(parent), _rings(child)) == (1, 1)
+        assert [x.errno for x in results] == [0] * len(sc.steps)
+    finally:
+        run_.close()
+
+
+def test_pin_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmsim.server.tools.conformance import kernel
+
+    _pin_or_skip()
+    assert kernel.pin_unavailable() is None
+    monkeypatch.setattr(kernel._Libc, "io_uring_setup", lambda self, entries: -errno.EPERM)
+    assert (kernel.pin_unavailable() or "").startswith("no io_uring: io_uring_setup: EPERM (kernel.io_uring_disabled ")
+    monkeypatch.setattr(kernel, "oracle_unavailable", lambda: "not root")
+    assert kernel.pin_unavailable() == "not root"
+
+
+@pytest.mark.parametrize(
+    ("steps", "error"),
+    [
+        ([mm("a", 1), unpin("x")], "'x' is not a pin made earlier by P"),
+        ([mm("a", 1), pin("a", 0, "x"), unpin("x"), unpin("x")], "'x' is unpinned already"),
+        ([mm("a", 1), pin("a", 0, "x"), pin("a", 0, "x")], "pin must be a name not used by another pin"),
+        ([mm("a", 1), pin("a", 0, "x"), {"op": "fork", "proc": "P", "child": "C"}, unpin("x", proc="C")],
+         "'x' is not a pin made earlier by C"),
+        ([mm("a", 1), pin("a", 0, "x", pages=0)], "pages must be an integer in [1, 262144]"),
+        ([mm("a", 1), {"op": "pin", "proc": "P", "at": ["a", 0], "pin": "x"}], "missing ['pages']"),
+    ],
+)
+def test_pin_steps_are_validated(steps: list[dict[str, Any]], error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        Scenario.from_dict({"name": "t", "steps": steps})

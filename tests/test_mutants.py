@@ -5,12 +5,14 @@ Every killing script is parametrized over ``None`` (the kernel as the protocol h
 violation, a clean audit) and the mutant (the named detector fires, or lockdep's deadlock check).
 The two mutants no scenario can tell from the kernel get an equivalence witness instead: the
 script where they would matter, with the same verdict under both (docs/mutants.md argues it).
-Interleavings are scripted with ``Scheduler.pause_at`` breakpoints and event-loop turns only.
+Interleavings are scripted with ``Scheduler.pause_at`` breakpoints (``Stops`` for the explorer's
+points that it does not list) and event-loop turns only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,10 +20,10 @@ from typing import Any, TypeVar
 import pytest
 
 from mmsim.server.mm.detectors import FINDING_KINDS, KINDS
-from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel, Livelock
+from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_put
-from mmsim.server.mm.mm_types import PAGE_SIZE
+from mmsim.server.mm.mm_types import PAGE_SIZE, PMD_SHIFT, MmError
 from mmsim.server.mm.model import MemoryModel
 from mmsim.server.mm.rmap import RmapWalkControl, folio_referenced
 from mmsim.server.mm.sched import POINTS
@@ -154,6 +156,8 @@ SCRIPTS = {
     "move-swap-keeps-mapping": "test_move_swap_keeps_mapping",
     "move-large-folio-lock-sleeps": "test_move_large_folio_lock_sleeps",
     "split-under-rcu": "test_split_under_rcu",
+    "move-rmap-before-pin-check": "test_move_rmap_before_pin_check",
+    "move-pmd-rmap-before-pin-check": "test_move_pmd_rmap_before_pin_check",
 }
 
 
@@ -350,8 +354,9 @@ async def test_move_large_folio_lock_sleeps(mutant: str | None) -> None:
     ``move:after-folio-lock`` until the other has backed off or sleeps on the lock, round after
     round. The kernel (6.14+): the other backs off (EAGAIN, no reference kept), so the first split
     succeeds and both moves complete. The mutant: the other sleeps on the lock with its reference
-    raised, the split fails for that reference, and the roles swap every round: no split ever
-    succeeds, until the livelock detector stops one mover (the other then completes)."""
+    raised, so the split fails for that reference (where the split was retried, the roles swapped
+    every round and no split ever succeeded): the livelock detector reports it, and as 6.18 does
+    the mover whose split failed gives up with EBUSY (the other then completes)."""
     m, pid = await thp_env(mutant)
     f = folio_at(m, pid, THP)
     movers = [asyncio.create_task(m.move(pid, DST, THP, P)), asyncio.create_task(m.move(pid, DST + P, THP + P, P))]
@@ -383,8 +388,9 @@ async def test_move_large_folio_lock_sleeps(mutant: str | None) -> None:
         assert results == [P, P]
         assert await m.read(pid, DST) == 0x5000 and await m.read(pid, DST + P) == 0x5001
     else:
-        assert sum(isinstance(r, Livelock) for r in results) == 1 and P in results, results
-        assert m.check_invariants() == []  # the stopped mover gave back its lock and reference
+        # the mover whose split failed for the sleeper's reference gives up (6.18: EBUSY)
+        assert sum(isinstance(r, MmError) and r.errno == errno.EBUSY for r in results) == 1 and P in results, results
+        assert m.check_invariants() == []  # the failed mover gave back its lock and reference
     verdict(m, mutant, {"livelock"})
 
 
@@ -398,6 +404,129 @@ async def test_split_under_rcu(mutant: str | None) -> None:
     info = m.folio(pid, THP + P)
     assert info is not None and info.order == 0 and info.value == 0x5001
     verdict(m, mutant, {"might-sleep"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Pins: CVE-2024-27007, the folio changed before the mover's second pin check
+
+
+class Stop:
+    """One armed stop of :class:`Stops`: ``reached`` once a task parks there, ``release()`` lets it on."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self._go = asyncio.Event()
+
+    def release(self) -> None:
+        self._go.set()
+
+    async def wait_reached(self) -> None:
+        await self.reached.wait()
+
+
+class Stops:
+    """Breakpoints at any point, through the explorer's hook (``Kernel.attach_controller``): for
+    the points ``Scheduler.pause_at`` does not list, GUP-fast's and the mover's after its PTE or
+    PMD clear (taken only while a task is inside GUP-fast). A task parks at an armed point until
+    released; elsewhere (other points, a lock granted, a spinner) it yields one turn and goes on."""
+
+    def __init__(self, m: MemoryModel) -> None:
+        self.armed: dict[str, list[Stop]] = {}
+        m.k.attach_controller(self)
+
+    def pause_at(self, point: str) -> Stop:
+        stop = Stop()
+        self.armed.setdefault(point, []).append(stop)
+        return stop
+
+    def wants(self, point: str) -> bool:
+        return bool(self.armed.get(point))
+
+    async def park(self, point: str) -> None:
+        stops = self.armed.get(point)
+        if not stops:
+            await asyncio.sleep(0)
+            return
+        stop = stops.pop(0)
+        stop.reached.set()
+        await stop._go.wait()
+
+    def blocked(self, key: object) -> None:
+        pass
+
+    def woken(self, key: object) -> None:
+        pass
+
+
+async def pin_races_move(m: MemoryModel, pid: int, pin_at: int, move: Awaitable[int], cleared: str) -> tuple[int, int]:
+    """G pins the page at ``pin_at`` (GUP-fast) and stops after reading its entry; M (``move``)
+    checks the folio for pins (none yet), clears the entry and stops at ``cleared``; G takes its
+    pin and stops before reading the entry again; M checks again, finds the pin, puts the entry
+    back and fails with EBUSY; G finds the entry as it read it and keeps its pin. Returns G's pin."""
+    stops = Stops(m)
+    read = stops.pause_at("gup:pte-read")
+    pinner = asyncio.create_task(m.pin(pid, pin_at, P))
+    await read.wait_reached()
+    at_clear = stops.pause_at(cleared)
+    mover = asyncio.ensure_future(move)
+    await at_clear.wait_reached()
+    grabbed = stops.pause_at("gup:grabbed")
+    read.release()
+    await grabbed.wait_reached()
+    at_clear.release()
+    with pytest.raises(MmError) as e:
+        await done(mover)
+    assert e.value.errno == errno.EBUSY
+    grabbed.release()
+    return await done(pinner)
+
+
+def rmap_verdict(m: MemoryModel, mutant: str | None, f: Any, vma: Any, addr: int) -> None:
+    """The kernel: the folio still points where it is mapped. The mutant: it points at dst's
+    anon_vma and index, and the audit's rmap checks say where it is mapped no walk leads."""
+    assert (f.mapping is vma.anon_vma and f.index == vma.linear_page_index(addr)) == (mutant is None)
+    if mutant is not None:
+        problems = m.check_invariants()
+        assert any("index" in p for p in problems) and any("anon_vma tree" in p for p in problems), problems
+    verdict(m, mutant, {"invariant"})
+
+
+@pytest.mark.parametrize("mutant", killed("move-rmap-before-pin-check"))
+async def test_move_rmap_before_pin_check(mutant: str | None) -> None:
+    """The PTE half (d7a08838ab74): G pins F at src while M moves it to dst (``pin_races_move``).
+    The kernel changes nothing of F before the second check; the mutant had already pointed F at
+    dst's anon_vma and index, and the failed move leaves it so, mapped at src."""
+    m, pid = await env("recheck", mutant)
+    f = folio_at(m, pid, SRC)
+    _, pages = await pin_races_move(m, pid, SRC, m.move(pid, DST, SRC, P), "move:pte-cleared")
+    assert pages == 1 and folio_at(m, pid, SRC) is f and f.pincount == 1
+    assert m.processes[pid].pte_lookup(DST) is None
+    rmap_verdict(m, mutant, f, m.processes[pid].vma_lookup(SRC), SRC)
+
+
+THP_DST = 0x5000_0000  # 2 MiB-aligned
+
+
+@pytest.mark.parametrize("mutant", killed("move-pmd-rmap-before-pin-check"))
+async def test_move_pmd_rmap_before_pin_check(mutant: str | None) -> None:
+    """The THP half (c0205eaf3af9, CVE-2024-27007): a PMD-mapped THP at THP, a registered dst at
+    THP_DST; G pins its first page while M moves the whole PMD (``pin_races_move``, the mover
+    stopping at ``move:pmd-cleared``). The kernel changes nothing of the THP before the second
+    check; the mutant (6.8) had already pointed it at dst's anon_vma and index."""
+    m = MemoryModel(protocol="recheck", mutant=mutant)
+    pid = await m.create_process()
+    await m.mmap(pid, HPAGE * P, addr=THP)
+    await m.madvise(pid, THP, HPAGE * P, "hugepage")
+    await m.write(pid, THP, 0x5000)
+    await m.mmap(pid, HPAGE * P, addr=THP_DST)
+    await m.uffd_register(pid, THP_DST, HPAGE * P, "missing")
+    mm = m.processes[pid]
+    hp = mm.huge_pmds[THP >> PMD_SHIFT]
+    f = hp.folio
+    _, pages = await pin_races_move(m, pid, THP, m.move(pid, THP_DST, THP, HPAGE * P), "move:pmd-cleared")
+    assert pages == 1 and mm.huge_pmds.get(THP >> PMD_SHIFT) is hp and f.pincount == 1
+    assert (THP_DST >> PMD_SHIFT) not in mm.huge_pmds
+    rmap_verdict(m, mutant, f, mm.vma_lookup(THP), THP)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ def test_folio_repr() -> None:
     )
     assert repr(f) == (
         "FolioInfo(zero_page=False, value=42, mapcount=3, exclusive=True, index=0x200000, anon_vma=10, "
-        "writable=True, young=False, order=0, pmd=False)"
+        "writable=True, young=False, order=0, pmd=False, pinned=False)"
     )
-    assert repr(dataclasses.replace(f, order=9, pmd=True)).endswith("young=False, order=9, pmd=True)")
+    assert repr(dataclasses.replace(f, order=9, pmd=True)).endswith("young=False, order=9, pmd=True, pinned=False)")
 
 
 @pytest.mark.parametrize("pid", [1234, 4096])

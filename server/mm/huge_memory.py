@@ -44,6 +44,7 @@ from .mm_types import (
     Pte,
     Vma,
     folio_bytes,
+    folio_maybe_dma_pinned,
 )
 from .rmap import (
     AnonVma,
@@ -129,7 +130,7 @@ def map_anon_folio_pmd(k: Kernel, vma: Vma, haddr: int, folio: LargeFolio, depos
 
 
 async def do_huge_pmd_anonymous_page(
-    k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int
+    k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int | None
 ) -> bool | None:
     """A fault on a none PMD in a VMA that may have a PMD-size THP: a read maps the huge zero
     page (if use_zero_page), a write a new THP holding ``value`` at ``addr``'s page and zeros
@@ -166,7 +167,7 @@ async def do_huge_pmd_anonymous_page(
         k.memcg.uncharge(nbytes)
         return False
     folio = k.folio_alloc_large(HPAGE_PMD_ORDER)
-    if write:
+    if write and value is not None:
         folio.set_page_value((addr - haddr) >> PAGE_SHIFT, value)
     map_anon_folio_pmd(k, vma, haddr, folio, mm.new_pgtable(idx))
     ptl.spin_unlock(cur)
@@ -174,7 +175,9 @@ async def do_huge_pmd_anonymous_page(
     return True
 
 
-async def do_huge_pmd_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int, orig: HugePmd) -> bool:
+async def do_huge_pmd_wp_page(
+    k: Kernel, cur: Current, vma: Vma, addr: int, value: int | None, orig: HugePmd
+) -> bool:
     """A write fault on a write-protected huge PMD: a uffd-wp PMD in a VM_UFFD_WP VMA is a
     write-protect userfault; the huge zero page is replaced by a new THP (do_huge_zero_wp_pmd);
     a folio whose head is PageAnonExclusive, or that no one else holds (taken from the swap
@@ -232,14 +235,17 @@ async def do_huge_pmd_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, valu
             k.stats["thp_cow_split"] += 1
             return False
         k.stats["thp_wp_reuse"] += 1
-    folio.set_page_value(i, value)
+    if value is not None:
+        folio.set_page_value(i, value)
     orig.young = orig.dirty = True
     orig.write = True  # maybe_pmd_mkwrite: the VMA is writable (the fault checked)
     ptl.spin_unlock(cur)
     return True
 
 
-async def do_huge_zero_wp_pmd(k: Kernel, cur: Current, vma: Vma, addr: int, value: int, orig: HugePmd) -> bool:
+async def do_huge_zero_wp_pmd(
+    k: Kernel, cur: Current, vma: Vma, addr: int, value: int | None, orig: HugePmd
+) -> bool:
     """A write to the huge zero page: a new THP, zeros but for ``value``, replaces it (6.13);
     if none can be had, the PMD is split and the write retried on the small zero page's PTE.
     Expects mmap_lock (or the VMA lock) held for read and no PMD lock; takes the PMD lock."""
@@ -256,7 +262,8 @@ async def do_huge_zero_wp_pmd(k: Kernel, cur: Current, vma: Vma, addr: int, valu
         k.memcg.uncharge(nbytes)
         return False
     folio = k.folio_alloc_large(HPAGE_PMD_ORDER)
-    folio.set_page_value((addr - haddr) >> PAGE_SHIFT, value)
+    if value is not None:
+        folio.set_page_value((addr - haddr) >> PAGE_SHIFT, value)
     del mm.huge_pmds[idx]  # pmdp_huge_clear_flush; the deposited table stays for the new PMD
     map_anon_folio_pmd(k, vma, haddr, folio, orig.deposit)
     ptl.spin_unlock(cur)
@@ -359,12 +366,16 @@ async def zap_huge_pmds(k: Kernel, cur: Current, mm: Mm, start: int, end: int, u
 
 async def copy_huge_pmd(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, idx: int, folio_vpns: list[int] | None
-) -> None:
+) -> bool:
     """Fork's copy of the huge PMD at ``idx``: the child maps the same folio by a huge PMD (one
     more entire mapping and reference; the head no longer PageAnonExclusive), both PMDs
     write-protected, the child's old and without uffd-wp. Charges the child's PMD (ENOMEM before
-    anything changes). Expects both mmap_locks held for write; takes the child's PMD lock, then
-    the parent's nested."""
+    anything changes). An exclusive folio that may be pinned is not shared: the parent's PMD is
+    split and False returned (the PTE copy then copies each exclusive page for the child).
+    Expects both mmap_locks held for write; takes the child's PMD lock, then the parent's
+    nested."""
+    from .gup import folio_needs_cow_for_dma  # (gup -> huge_memory)
+
     src_mm, dst_mm = src_vma.mm, dst_vma.mm
     haddr = idx << PMD_SHIFT
     k.memcg.charge(cur, HUGE_PMD_BYTES)  # pte_alloc_one: the deposit
@@ -373,9 +384,16 @@ async def copy_huge_pmd(
     hp = src_mm.huge_pmds.get(idx)
     assert hp is not None and idx not in dst_mm.huge_pmds
     folio = hp.folio
+    if folio is not HUGE_ZERO_FOLIO and folio.page_anon_exclusive(0) and folio_needs_cow_for_dma(src_mm, folio):
+        # folio_try_dup_anon_rmap_pmd failed: split, and retry on the PTEs
+        src_ptl.spin_unlock(cur)
+        dst_ptl.spin_unlock(cur)
+        k.memcg.uncharge(HUGE_PMD_BYTES)
+        await __split_huge_pmd(k, cur, src_vma, haddr)
+        return False
     if folio is not HUGE_ZERO_FOLIO:
         folio.refcount += 1  # folio_get
-        # folio_try_dup_anon_rmap_pmd (the model has no pins, so it never fails)
+        # folio_try_dup_anon_rmap_pmd
         folio.entire_mapcount += 1
         folio.mapcount += 1
         folio.mm_map(dst_mm.id, 1)
@@ -391,6 +409,7 @@ async def copy_huge_pmd(
     src_ptl.spin_unlock(cur)
     dst_ptl.spin_unlock(cur)
     k.stats["thp_fork_copy"] += 1
+    return True
 
 
 async def change_huge_pmds(
@@ -644,8 +663,16 @@ async def move_pages_huge_pmd(
                     await double_pt_lock(k, cur, src_ptl, dst_ptl)
                     if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
                         err = -errno.EAGAIN
+        if not err and src_folio is not None and folio_maybe_dma_pinned(src_folio):
+            err = -errno.EBUSY
         if not err:
             hp = mm.huge_pmds.pop(src_idx)  # pmdp_huge_clear_flush
+            # GUP-fast takes no PMD lock: a pin may come in between the checks and the clear
+            if k.sched.active and k.gup_fast_tasks: await k.sched.point_unkillable("move:pmd-cleared")
+            if src_folio is not None and folio_maybe_dma_pinned(src_folio):
+                mm.huge_pmds[src_idx] = hp  # got pinned from under us: put it back, fail
+                err = -errno.EBUSY
+        if not err:
             if src_folio is not None:
                 folio_move_anon_rmap(k, src_folio, dst_vma)
                 src_folio.index = dst_vma.linear_page_index(dst_addr)

@@ -25,12 +25,15 @@ from .mm_types import (
     ANON_VMA_BYTES,
     AVC_BYTES,
     FOLIO_BYTES,
+    GUP_PIN_COUNTING_BIAS,
     HPAGE_PMD_NR,
     HUGE_PMD_BYTES,
     HUGE_ZERO_FOLIO,
     MM_BYTES,
     PAGE_SHIFT,
     PGTABLE_BYTES,
+    PIN_BYTES,
+    PIN_PAGE_BYTES,
     PMD_SHIFT,
     PMD_SIZE,
     PTE_BYTES,
@@ -104,6 +107,18 @@ def _large_folio_problem(k: Kernel, f: LargeFolio) -> str | None:
     return None
 
 
+def _check_refs(bad: Callable[[str], None], f: Folio, mapcount: int, pins: int) -> None:
+    """At a quiescent point a folio's references are its mappings', the swap cache's (one per
+    page) and its pins' (GUP_PIN_COUNTING_BIAS each on a small folio), and its pin count is the
+    pins'."""
+    expected = mapcount + f.swapcache * f.nr_pages + (pins if f.large else pins * GUP_PIN_COUNTING_BIAS)
+    if f.refcount != expected:
+        bad(f"folio {f.id}: refcount {f.refcount} != mapcount {mapcount} + {int(f.swapcache)} (the swap "
+            f"cache's) + {pins} pins at a quiescent point")
+    if f.pincount != pins:
+        bad(f"folio {f.id}: pin count {f.pincount} != {pins} pins held")
+
+
 def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     """Append every problem found to ``problems``, yielding every RESCHED_WORK units of work."""
     k = model.k
@@ -124,6 +139,12 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     si = k.swap
     if si.memcg is not None:
         charged += si.inuse_pages * SWAP_SLOT_BYTES
+    # The FOLL_PIN pins of every process: the references each folio owes them.
+    pinned: Counter[Folio] = Counter()
+    for mm in model.processes.values():
+        for pin in mm.pins.values():
+            charged += PIN_BYTES + len(pin.pages) * PIN_PAGE_BYTES
+            pinned.update(pin.pages)
     swap_refs: Counter[int] = Counter()  # slot offset -> swap PTEs naming it
     swap_exclusive: list[tuple[str, int]] = []
     work = 0
@@ -313,9 +334,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                         bad(f"folio {f.id}: {problem}")
                 elif f.exclusive and f.mapcount != 1:
                     bad(f"folio {f.id}: exclusive with mapcount {f.mapcount}")
-                if f.refcount != f.mapcount + f.swapcache * f.nr_pages:
-                    bad(f"folio {f.id}: refcount {f.refcount} != mapcount {f.mapcount} + {int(f.swapcache)} "
-                        "(the swap cache's) at a quiescent point")
+                _check_refs(bad, f, f.mapcount, pinned[f])
                 if not on_lru(k, f):
                     bad(f"folio {f.id}: on no LRU list at a quiescent point")
                 if f.lock is not None and f.lock.is_locked():
@@ -332,8 +351,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
             folios += 1
             if f.mapcount:
                 bad(f"folio {f.id} in the swap cache: mapcount {f.mapcount} but no PTE maps it")
-            if f.refcount != 1:
-                bad(f"folio {f.id} in the swap cache, unmapped: refcount {f.refcount} != 1 at a quiescent point")
+            _check_refs(bad, f, 0, pinned[f])
             if f.exclusive:
                 bad(f"folio {f.id} in the swap cache, unmapped, is PageAnonExclusive")
             if f.dirty and f.swap is not None and swp_swapcount(si, f.swap):
@@ -344,6 +362,17 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         if work >= RESCHED_WORK:
             work = 0
             yield
+    for f in pinned:  # pinned, and neither mapped nor in the swap cache
+        if f.audit_gen != -gen:
+            f.audit_gen = -gen
+            folios += 1
+            if f.freed:
+                bad(f"folio {f.id}: pinned but freed")
+            if f.mapcount:
+                bad(f"folio {f.id}: pinned, mapcount {f.mapcount} but no PTE maps it")
+            _check_refs(bad, f, 0, pinned[f])
+            if not on_lru(k, f):
+                bad(f"folio {f.id}: on no LRU list at a quiescent point")
     for off, n in swap_refs.items():
         have = swp_swapcount(si, SwpEntry(si.type, off))
         if have != n:
@@ -360,7 +389,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     if lru_total != k.folios_live:
         bad(f"{lru_total} folios on the LRU lists but {k.folios_live} live")
     if k.folios_live != folios:
-        bad(f"{k.folios_live} folios allocated but {folios} mapped or in the swap cache (leak)")
+        bad(f"{k.folios_live} folios allocated but {folios} mapped, in the swap cache or pinned (leak)")
 
     # anon_vma trees
     children: Counter[AnonVma] = Counter()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALL_PROTOCOLS", "MUTANTS", "PROTOCOLS", "RECHECK_FAMILY", "THP_ORDER_POLICIES", "THP_POLICIES", "Deadlock",
-    "IdCounter", "Livelock", "Kernel", "Unwind", "Variant", "VariantError", "thp_size_order",
+    "IdCounter", "Kernel", "Unwind", "Variant", "VariantError", "thp_size_order",
 ]
 
 
@@ -77,10 +77,6 @@ class IdCounter:
 
 class Deadlock(RuntimeError):
     """Raised in the task that closes a cycle of spinners (reported as a ``deadlock`` violation)."""
-
-
-class Livelock(Deadlock):
-    """Raised in a task whose retry loop the livelock detector stopped (a ``livelock`` violation)."""
 
 
 class Unwind:
@@ -164,9 +160,9 @@ class Kernel:
         self.thp_use_zero_page = thp_use_zero_page
         #: The deferred split queue: large folios mapped in part (deferred_split_folio).
         self.deferred_split_queue: dict[LargeFolio, None] = {}
-        #: The livelock detector's notes: a mover whose last split failed -> the folio, and the
-        #: tasks asleep on its lock with a reference then.
-        self.split_failures: dict[Current, tuple[LargeFolio, frozenset[Current]]] = {}
+        #: Tasks inside GUP-fast's lockless walk (gup.py): while there are some, a mover's PTE
+        #: clear is a point where one of them may run.
+        self.gup_fast_tasks = 0
         self.sched = Scheduler(seed=seed, preempt=preempt)
         from .rmap import AnonVma  # the anon_vma slab needs the lockdep state for its rwsems
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .gup import folio_needs_cow_for_dma
 from .huge_memory import (
     copy_huge_pmd,
     do_huge_pmd_anonymous_page,
@@ -84,8 +85,12 @@ def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
         k.folio_free(folio)
 
 
-async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int = 0) -> int:
+async def handle_mm_fault(
+    k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int | None = 0
+) -> int:
     """A user access at ``addr``: returns the value read (or written). Expects mmap_lock held (read).
+    A write with ``value`` None is a write fault that stores nothing (GUP's FOLL_WRITE: the page is
+    made present, writable and exclusive, its contents kept; a new page is zeros).
     A missing page in a VM_UFFD_MISSING VMA raises userfaultfd.VmFaultRetry (handle_userfault),
     and so does a write to a uffd-wp PTE in a VM_UFFD_WP VMA (do_wp_page). A swap PTE is faulted
     in (do_swap_page), registered or not.
@@ -106,11 +111,12 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
                 hp.young = True
                 return folio.page_value(i)
             if hp.write:
-                folio.set_page_value(i, value)
+                if value is not None:
+                    folio.set_page_value(i, value)
                 hp.young = hp.dirty = True
-                return value
+                return value or 0
             if await do_huge_pmd_wp_page(k, cur, vma, addr, value, hp):
-                return value
+                return value or 0
             continue
         pt = mm.pgtables.get(idx)
         if pt is None and not vma.flags & VM_UFFD_MISSING and thp_vma_allowable_order(k, vma, HPAGE_PMD_ORDER):
@@ -118,7 +124,7 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
             if done is None:  # VM_FAULT_FALLBACK
                 done = await do_anonymous_page(k, cur, vma, addr, write, value)
             if done:
-                return value if write else 0
+                return (value or 0) if write else 0
             continue
         pte = pt.ptes.get(vpn) if pt is not None else None
         if pte is None:
@@ -137,13 +143,14 @@ async def handle_mm_fault(k: Kernel, cur: Current, vma: Vma, addr: int, write: b
             pte.young = True
             return pte.folio.page_value(pte.page)
         elif pte.write:
-            pte.folio.set_page_value(pte.page, value)
+            if value is not None:
+                pte.folio.set_page_value(pte.page, value)
             pte.young = pte.dirty = True
-            return value
+            return value or 0
         else:
             done = await do_wp_page(k, cur, vma, addr, value)
         if done:
-            return value if write else 0
+            return (value or 0) if write else 0
 
 
 async def charge_pte(k: Kernel, cur: Current, pt: PageTable, nbytes: int) -> None:
@@ -168,7 +175,9 @@ async def charge_pte(k: Kernel, cur: Current, pt: PageTable, nbytes: int) -> Non
             raise
 
 
-async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int) -> bool:
+async def do_anonymous_page(
+    k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int | None
+) -> bool:
     """Fault on a none PTE: the zero page for a read, a new exclusive folio for a write.
 
     Returns False if the PTE changed under us and the fault must be retried.
@@ -208,7 +217,7 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
         memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
         return False
     folio = k.folio_alloc()
-    folio.value = value
+    folio.value = value or 0
     folio.refcount = 1
     folio_add_new_anon_rmap(folio, vma, addr)
     folio_add_lru(k.lruvec, folio)
@@ -219,7 +228,7 @@ async def do_anonymous_page(k: Kernel, cur: Current, vma: Vma, addr: int, write:
     return True
 
 
-async def alloc_anon_folio(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool | None:
+async def alloc_anon_folio(k: Kernel, cur: Current, vma: Vma, addr: int, value: int | None) -> bool | None:
     """A write fault's mTHP (alloc_anon_folio, then the rest of do_anonymous_page): the largest
     order below the PMD's that the policy allows for ``vma``, whose naturally aligned range around
     ``addr`` fits the VMA and has every PTE none, and that can be charged (each failure tries the
@@ -261,7 +270,8 @@ async def alloc_anon_folio(k: Kernel, cur: Current, vma: Vma, addr: int, value: 
             k.memcg.uncharge(nbytes)
             return False
         folio = k.folio_alloc_large(order)
-        folio.set_page_value((addr >> PAGE_SHIFT) - vpn0, value)
+        if value is not None:
+            folio.set_page_value((addr >> PAGE_SHIFT) - vpn0, value)
         folio.refcount = nr
         folio_add_new_anon_rmap(folio, vma, vpn0 << PAGE_SHIFT)
         folio_add_lru(k.lruvec, folio)
@@ -327,7 +337,9 @@ async def swapin_folio(k: Kernel, cur: Current, vma: Vma, entry: SwpEntry) -> Fo
     return folio
 
 
-async def do_swap_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int, orig: SwapPte) -> bool:
+async def do_swap_page(
+    k: Kernel, cur: Current, vma: Vma, addr: int, write: bool, value: int | None, orig: SwapPte
+) -> bool:
     """Fault on a swap PTE: find or read its folio (swapin_folio), lock it, and map it in place of
     the swap PTE, the slot's count put (swap_free). The page is mapped exclusive (RMAP_EXCLUSIVE)
     and writable if the VMA is when the swap PTE was exclusive or no one else holds the folio;
@@ -391,7 +403,7 @@ async def do_swap_page(k: Kernel, cur: Current, vma: Vma, addr: int, write: bool
         folio.mapcount += 1
         if rmap_exclusive:
             folio.exclusive = True
-    if dirty:
+    if dirty and value is not None:
         folio.value = value
     pt.ptes[vpn] = Pte(folio, writable, True, dirty, orig.uffd_wp, orig.soft_dirty)
     mm.rss_anon += 1
@@ -432,7 +444,7 @@ def free_swap_and_cache(k: Kernel, cur: Current, entry: SwpEntry) -> None:
     folio_put(k, folio)
 
 
-async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -> bool:
+async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int | None) -> bool:
     """Write fault on a present, write-protected PTE: a uffd-wp PTE in a VM_UFFD_WP VMA is a
     write-protect userfault (raises VmFaultRetry: the PTL is dropped first, the page stays as it
     is); otherwise reuse the folio if this is its only user (re-establishing exclusivity through
@@ -457,7 +469,8 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int) -
     page = pte.page
     if folio is not ZERO_PAGE and (folio.page_anon_exclusive(page) or wp_can_reuse_anon_folio(k, cur, folio, vma)):
         folio.set_page_anon_exclusive(page, True)  # SetPageAnonExclusive
-        folio.set_page_value(page, value)
+        if value is not None:
+            folio.set_page_value(page, value)
         pte.write = pte.young = pte.dirty = True
         pt.ptl.spin_unlock(cur)
         k.stats["fault_wp_reuse"] += 1
@@ -505,7 +518,7 @@ def wp_can_reuse_large_anon_folio(k: Kernel, cur: Current, folio: LargeFolio) ->
     return folio.mapcount == folio.refcount
 
 
-async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, value: int) -> bool:
+async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, value: int | None) -> bool:
     """Break COW: map a new exclusive folio holding the written value. Takes the anon_vma root
     (anon_vma_prepare), then the PTL."""
     if vma.anon_vma is None:
@@ -522,7 +535,7 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
         return False
     old = orig.folio
     new = k.folio_alloc()
-    new.value = value
+    new.value = orig.value if value is None else value  # None: the copy keeps the old contents
     new.refcount = 1
     folio_add_new_anon_rmap(new, vma, addr)
     folio_add_lru(k.lruvec, new)
@@ -535,6 +548,42 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     pt.ptl.spin_unlock(cur)
     k.stats["fault_cow"] += 1
     return True
+
+
+async def _fork_charge(k: Kernel, cur: Current, nbytes: int) -> None:
+    """Charge what fork copies of one PTE table, reclaiming first if the budget is full (as memcg
+    does for page tables)."""
+    try:
+        k.memcg.charge(cur, nbytes)
+    except MemoryLimitExceeded:
+        from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
+
+        # Reclaim may turn some of these PTEs into swap PTEs (one for one: the count holds).
+        await mem_cgroup_charge(k, cur, nbytes)
+
+
+def _count_cow_for_dma(mm: Mm, pt: PageTable, lo: int, hi: int, whole: bool) -> int:
+    """The present pages of ``pt`` in [lo, hi) that fork must copy at once (folio_needs_cow_for_dma
+    on an exclusive page)."""
+    if not mm.has_pinned:
+        return 0
+    return sum(
+        1 for vpn, pte in pt.ptes.items()
+        if (whole or lo <= vpn < hi) and pte.folio is not ZERO_PAGE and pte.folio.page_anon_exclusive(pte.page)
+        and folio_needs_cow_for_dma(mm, pte.folio)
+    )
+
+
+def copy_present_page(k: Kernel, dst_vma: Vma, addr: int, pte: Pte) -> Pte:
+    """copy_present_page: the child's own copy of a page the parent may have pinned: a new
+    exclusive folio holding the page's contents, mapped dirty and (in a writable VMA) writable;
+    the parent's PTE stays as it is. The caller has charged FOLIO_BYTES and holds both PTLs."""
+    new = k.folio_alloc()
+    new.value = pte.value
+    new.refcount = 1
+    folio_add_new_anon_rmap(new, dst_vma, addr)
+    folio_add_lru(k.lruvec, new)
+    return Pte(new, bool(dst_vma.flags & VM_WRITE), True, True, soft_dirty=pte.soft_dirty)
 
 
 def _table_within(idx: int, lo: int, hi: int) -> bool:
@@ -646,38 +695,55 @@ async def copy_page_range(
     copied = 0
     work = 0
     for idx in src_mm.huge_pmds_in(src_vma.start, src_vma.end):
-        await copy_huge_pmd(k, cur, dst_vma, src_vma, idx, folio_vpns)
-        copied += 1
+        if await copy_huge_pmd(k, cur, dst_vma, src_vma, idx, folio_vpns):
+            copied += 1  # else split: its PTE table is copied below
     for idx in src_mm.pgtables_in(src_vma.start, src_vma.end):
         src_pt = src_mm.pgtables.get(idx)
-        if src_pt is None or not (src_pt.ptes or src_pt.swap):
+        if src_pt is None:
             continue
         whole = _table_within(idx, lo, hi)
         n = len(src_pt.ptes) if whole else sum(1 for v in src_pt.ptes if lo <= v < hi)
         n += len(src_pt.swap) if whole else sum(1 for v in src_pt.swap if lo <= v < hi)
         if not n:
+            dst_mm.pte_alloc(cur, idx << PMD_SHIFT)  # copy_pte_range allocates the child's table all the same
             continue
-        try:
-            memcg.charge(cur, n * PTE_BYTES)
-        except MemoryLimitExceeded:
-            from .vmscan import mem_cgroup_charge  # (vmscan -> memory)
-
-            # Reclaim may turn some of these PTEs into swap PTEs (one for one: the count holds).
-            await mem_cgroup_charge(k, cur, n * PTE_BYTES)
+        # The pages the child gets a copy of at once, each a new folio charged here (the
+        # kernel's prealloc); counted again under the PTLs, as GUP-fast may pin meanwhile.
+        ncopy = _count_cow_for_dma(src_mm, src_pt, lo, hi, whole)
+        charged = n * PTE_BYTES + ncopy * FOLIO_BYTES
+        await _fork_charge(k, cur, charged)
         try:
             dst_pt: PageTable = dst_mm.pte_alloc(cur, idx << PMD_SHIFT)
         except BaseException:
-            memcg.uncharge(n * PTE_BYTES)
+            memcg.uncharge(charged)
             raise
-        dst_pt.ptl.spin_lock(cur)
-        src_pt.ptl.spin_lock(cur, nested=True)
+        while True:
+            dst_pt.ptl.spin_lock(cur)
+            src_pt.ptl.spin_lock(cur, nested=True)
+            more = _count_cow_for_dma(src_mm, src_pt, lo, hi, whole) - ncopy if src_mm.has_pinned else 0
+            if more <= 0:
+                break
+            src_pt.ptl.spin_unlock(cur)
+            dst_pt.ptl.spin_unlock(cur)
+            await _fork_charge(k, cur, more * FOLIO_BYTES)  # copy_pte_range's -EAGAIN: prealloc
+            ncopy += more
+            charged += more * FOLIO_BYTES
         dst_ptes = dst_pt.ptes
         rss = 0
+        copies = 0
         for vpn, pte in src_pt.ptes.items():
             if not whole and (vpn < lo or vpn >= hi):
                 continue
             folio = pte.folio
             if folio is not ZERO_PAGE:
+                if folio.page_anon_exclusive(pte.page) and folio_needs_cow_for_dma(src_mm, folio):
+                    # folio_try_dup_anon_rmap_pte fails (maybe pinned): copy_present_page
+                    dst_ptes[vpn] = copy_present_page(k, dst_vma, vpn << PAGE_SHIFT, pte)
+                    copies += 1
+                    rss += 1
+                    if folio_vpns is not None:
+                        folio_vpns.append(vpn)
+                    continue
                 folio_dup_anon_rmap_pte(folio, pte.page, dst_mm)
                 pte.write = False
                 rss += 1
@@ -689,6 +755,10 @@ async def copy_page_range(
             dst_mm.swap_ents += copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)
         src_pt.ptl.spin_unlock(cur)
         dst_pt.ptl.spin_unlock(cur)
+        if copies < ncopy:
+            memcg.uncharge((ncopy - copies) * FOLIO_BYTES)  # a pinned page unpinned meanwhile
+        if copies:
+            k.stats["fork_cow_for_dma"] += copies
         copied += n
         work += n + 1
         if work >= RESCHED_WORK:

@@ -86,6 +86,16 @@ ANON_VMA_BYTES = 512
 AVC_BYTES = 128
 #: An mm_struct with its locks, tables and per-process bookkeeping (its ledger, its handle).
 MM_BYTES = 5120
+#: What one pinned page costs its pin's owner (the page pointer array of the pin, io_uring's bvec).
+PIN_PAGE_BYTES = 16
+#: What one pin costs besides its pages.
+PIN_BYTES = 256
+#: The most one pin may cover (io_uring's limit on a registered buffer: EFAULT beyond).
+PIN_MAX_BYTES = 1 << 30
+#: GUP_PIN_COUNTING_BIAS: a FOLL_PIN of a small folio raises its refcount by this much, so that
+#: folio_maybe_dma_pinned can tell a pin from ordinary references (a large folio counts pins in
+#: _pincount and raises its refcount by one per pinned page).
+GUP_PIN_COUNTING_BIAS = 1 << 10
 
 
 def folio_bytes(order: int) -> int:
@@ -126,7 +136,7 @@ class Folio:
 
     __slots__ = (
         "id", "mapping", "index", "value", "mapcount", "refcount", "exclusive", "lock", "freed", "audit_gen",
-        "audit_ptes", "swap", "swapcache", "dirty", "lru", "referenced",
+        "audit_ptes", "swap", "swapcache", "dirty", "lru", "referenced", "pincount",
     )
 
     def __init__(self, fid: int, lock: Mutex | None) -> None:
@@ -155,6 +165,9 @@ class Folio:
         # and PG_referenced.
         self.lru = 0
         self.referenced = False
+        # The FOLL_PIN pins of its pages (a large folio's _pincount; a small one keeps its pins as
+        # GUP_PIN_COUNTING_BIAS each in its refcount, and this count only for the audit).
+        self.pincount = 0
 
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
@@ -267,6 +280,28 @@ class LargeFolio(Folio):
 
 #: The huge zero folio: mapped read-only by huge PMDs, no rmap, never freed.
 HUGE_ZERO_FOLIO = LargeFolio(0, None, HPAGE_PMD_ORDER)
+
+
+def folio_maybe_dma_pinned(folio: Folio) -> bool:
+    """folio_maybe_dma_pinned: a large folio with pins; a small one whose refcount reaches
+    GUP_PIN_COUNTING_BIAS (which enough plain references also do: "maybe")."""
+    if folio.large:
+        return folio.pincount > 0
+    return folio.refcount >= GUP_PIN_COUNTING_BIAS
+
+
+class GupPin:
+    """A FOLL_PIN pin of a range of a process's pages (pin_user_pages, as an io_uring buffer
+    registration makes one): per page, the folio pinned and the page's index in it. It outlives
+    the mapping (an unmapped pinned folio stays allocated and charged until unpinned); the
+    process's exit ends it."""
+
+    __slots__ = ("id", "addr", "pages")
+
+    def __init__(self, pid: int, addr: int) -> None:
+        self.id = pid
+        self.addr = addr
+        self.pages: list[Folio] = []
 
 
 class Pte:
@@ -426,6 +461,11 @@ class Mm:
         self.uffd: UserfaultfdCtx | None = None
         self.mmap_base = MMAP_BASE
         self.task_size = TASK_SIZE
+        # MMF_HAS_PINNED: set by the first FOLL_PIN of the mm's pages, never cleared, not inherited.
+        self.has_pinned = False
+        # The process's pins (gup.py), by id: each a list of (folio, refs) it holds.
+        self.pins: dict[int, GupPin] = {}
+        self.next_pin = 1
 
     # -- the VMA tree
     @property

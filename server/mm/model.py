@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import errno
 import heapq
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 from .audit import Auditor, CallGate
 from .fork import dup_mmap, exit_mmap
+from .gup import __get_user_pages as get_user_pages
+from .gup import gup_fast, unpin_user_pages
 from .invariants import audit_steps
 from .kernel import PROTOCOLS, IdCounter, Kernel
 from .ledger import PageLedger
@@ -40,6 +42,9 @@ from .mm_types import (
     PAGE_MASK,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PIN_BYTES,
+    PIN_MAX_BYTES,
+    PIN_PAGE_BYTES,
     VM_DONTCOPY,
     VM_UFFD_MISSING,
     VM_UFFD_WP,
@@ -47,10 +52,12 @@ from .mm_types import (
     VMA_BYTES,
     ZERO_PAGE,
     Folio,
+    GupPin,
     LimitExceeded,
     Mm,
     MmError,
     Vma,
+    folio_maybe_dma_pinned,
 )
 from .mmap import do_mmap, do_munmap, page_align
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_end_write_all
@@ -125,6 +132,9 @@ class FolioInfo:
     #: The folio's order (0: a small folio; 9: a PMD-size THP) and whether a huge PMD maps it here.
     order: int = 0
     pmd: bool = False
+    #: folio_maybe_dma_pinned: a FOLL_PIN pin holds the folio (or, for a small folio, enough
+    #: references to look like one).
+    pinned: bool = False
 
 
 def mapped_folio(mm: Mm, addr: int) -> Folio | None:
@@ -345,6 +355,7 @@ class MemoryModel:
                     vma_end_write_all(child)
                     child.mmap_lock.up_write(cur)
                 ledger = await self.ledger[pid].copy_pages(copied)
+                self._ledger_zeros(child, ledger, copied)  # pages of a large folio copied small
                 self.processes[cpid] = child
                 self.parents[cpid] = pid
                 self.ledger[cpid] = ledger
@@ -363,6 +374,9 @@ class MemoryModel:
 
         async def body() -> None:
             await exit_mmap(k, cur, mm)
+            for pin in mm.pins.values():  # exit_files: the pins' owner (the io_uring) goes
+                self._unpin(pin)
+            mm.pins.clear()
             k.memcg.uncharge(MM_BYTES)
             self.processes.pop(pid, None)
             ledger = self.ledger.pop(pid, None)
@@ -568,6 +582,105 @@ class MemoryModel:
             if entry is None or not entry.write:  # the write may need a new folio
                 raise LimitExceeded("max_pages", self.max_pages)
         await self._access(pid, addr, True, value)
+
+    # -- pins
+    async def pin(self, pid: int, addr: int, length: int) -> tuple[int, int]:
+        """pin_user_pages_fast(FOLL_WRITE | FOLL_LONGTERM) of the pages covering [addr, addr +
+        length), as an io_uring buffer registration takes them: GUP-fast first, then the slow path
+        under the mmap_lock, which write-faults (storing nothing) every page that is missing,
+        read-only, shared or the zero page, sleeping on a userfault like an access would. Returns
+        the pin's id and its pages. EFAULT (as io_uring's registration answers) for an empty
+        range, one over 1 GiB, one with a hole or one not writable (nothing stays pinned then).
+        The pin and its pages are charged to the memory budget; ``unpin`` or the process's exit
+        gives them back."""
+        mm = self._mm(pid)
+        check_u64(addr)
+        check_u64(length, "length")
+        if not length:
+            raise MmError(errno.EFAULT, "empty range")
+        if length > PIN_MAX_BYTES:
+            raise MmError(errno.EFAULT, f"a pin covers at most {PIN_MAX_BYTES} bytes")
+        start = addr & PAGE_MASK
+        end = page_align(addr + length)
+        if end > mm.task_size:
+            raise MmError(errno.EFAULT, f"range beyond the address space at {addr:#x}")
+        n = (end - start) >> PAGE_SHIFT
+        k = self.k
+        if not self.gate.try_enter(): await self.gate.enter()
+        in_call = True
+        cur = self._cur("pin", pid)
+        nbytes = PIN_BYTES + n * PIN_PAGE_BYTES
+        pin = GupPin(mm.next_pin, start)
+        try:
+            k.memcg.charge(cur, nbytes)
+            try:
+                mm.has_pinned = True  # mm_set_has_pinned_flag: before any page is pinned
+                await gup_fast(k, cur, mm, start, n, pin)
+                while len(pin.pages) < n:
+                    lock = mm.mmap_lock
+                    if not lock.down_read(cur): await lock.wait(cur)
+                    try:
+                        if mm.users == 0:
+                            raise MmError(errno.ESRCH, "process has exited")
+                        done = len(pin.pages)
+                        await get_user_pages(k, cur, mm, start + (done << PAGE_SHIFT), n - done, pin)
+                        continue
+                    except VmFaultRetry as retry:
+                        fault = retry
+                    finally:
+                        lock.up_read(cur)
+                    self._call_done(cur)
+                    in_call = False
+                    await userfault_wait(k, fault.ctx, fault.userfault)
+                    if not self.gate.try_enter(): await self.gate.enter()
+                    in_call = True
+                if mm.users == 0:
+                    raise MmError(errno.ESRCH, "process has exited")
+            except BaseException:
+                unpin_user_pages(k, pin)
+                k.memcg.uncharge(nbytes)
+                if cur.held or cur.pins or cur.rcu_nesting:
+                    await k.give_back(cur)
+                raise
+        finally:
+            if mm.users:  # the pages faulted in, also by a pin that then failed
+                self._ledger_zeros(mm, self.ledger[pid], range(start >> PAGE_SHIFT, end >> PAGE_SHIFT))
+            if in_call:
+                self._call_done(cur)
+        mm.next_pin += 1
+        mm.pins[pin.id] = pin
+        k.stats["gup_pin_pages"] += n
+        return pin.id, n
+
+    @staticmethod
+    def _ledger_zeros(mm: Mm, ledger: PageLedger, vpns: Iterable[int]) -> None:
+        """Pages nobody wrote (they read 0) that a small folio of their own now holds (a pin's
+        write fault, fork's copy of a pinned large folio's page): the ledger expects 0 there."""
+        for vpn in vpns:
+            if vpn not in ledger:
+                pte = mm.pte_lookup(vpn << PAGE_SHIFT)
+                if pte is not None and pte.folio is not ZERO_PAGE and not pte.folio.large:
+                    ledger[vpn] = 0
+
+    def _unpin(self, pin: GupPin) -> None:
+        n = len(pin.pages)
+        unpin_user_pages(self.k, pin)
+        self.k.memcg.uncharge(PIN_BYTES + n * PIN_PAGE_BYTES)
+        self.k.stats["gup_unpin_pages"] += n
+
+    async def unpin(self, pid: int, pin_id: int) -> None:
+        """unpin_user_pages of the pin ``pin_id`` of the process (ENOENT if it has none by that id):
+        a folio that only the pin still held is freed."""
+        mm = self._mm(pid)
+        if not self.gate.try_enter(): await self.gate.enter()
+        cur = self._cur("unpin", pid)
+        try:
+            pin = mm.pins.pop(pin_id, None)
+            if pin is None:
+                raise MmError(errno.ENOENT, f"process {pid} has no pin {pin_id}")
+            self._unpin(pin)
+        finally:
+            self._call_done(cur)
 
     # -- UFFDIO_MOVE
     async def move(
@@ -825,7 +938,7 @@ class MemoryModel:
             i = (addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
             write, young, pmd = hp.write, hp.young, True
             if f is HUGE_ZERO_FOLIO:
-                return FolioInfo(True, 0, 0, False, 0, None, False, young, f.order, True)
+                return FolioInfo(True, 0, 0, False, 0, None, False, young, f.order, True, False)
         else:
             pte = mm.pte_lookup(addr)
             if pte is None:
@@ -844,6 +957,7 @@ class MemoryModel:
             young=young,
             order=f.order,
             pmd=pmd,
+            pinned=folio_maybe_dma_pinned(f),
         )
 
     def vmas(self, pid: int) -> list[VmaInfo]:

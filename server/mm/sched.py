@@ -37,6 +37,10 @@ POINTS = (
     "fault:before-pte-lock",  # handle_mm_fault: after anon_vma_prepare, before taking the PTL
     "swapin:after-lookup",  # do_swap_page: the swap cache's folio referenced, not yet locked
     "move:swap-folio-locked",  # move_pages_pte: a swap PTE's swap-cache folio locked, before the PTLs
+    "move:pte-cleared",  # move_present_ptes: the src PTE cleared, before the second pin check (GUP-fast about)
+    "move:pmd-cleared",  # move_pages_huge_pmd: the src PMD cleared, before the second pin check (GUP-fast about)
+    "gup:pte-read",  # gup_fast: the PTE (or huge PMD) read locklessly, the folio not yet pinned
+    "gup:grabbed",  # gup_fast: the folio pinned, before the PTE is read again
     "reclaim:folio-locked",  # shrink_folio_list: the folio trylocked, before its references and unmap
     "exit:between-vmas",  # exit_mmap: between tearing down two VMAs
     "free:before-anon-vma-free",  # anon_vma_free: refcount zero, before the root handshake and the slab free

@@ -77,6 +77,11 @@ STEPS: dict[str, Step] = {
              "the dst and src VMAs read-locked; the swap-cache folio, if any, locked and referenced",
              "both PTLs (double_pt_lock); holds nothing on return but the folio's lock. Returns PAGE_SIZE or a "
              "negative errno (-EAGAIN: retry)"),
+        Step("move_pages_huge_pmd", "huge_memory",
+             "the dst and src VMAs read-locked (uffd_move_lock); the dst PMD none; no folio lock, no PMD lock",
+             "a reference and the folio lock (sleeping for it), the folio's anon_vma root rwsem for write, then both "
+             "PMD locks (double_pt_lock); the huge zero page: the PMD locks only. Holds nothing on return. Returns "
+             "HPAGE_PMD_SIZE or a negative errno (-EAGAIN: retry)"),
     )
 }
 
@@ -188,6 +193,7 @@ class Ops:
         move_folio_lock: Callable[..., Any]
         move_split_large_folio: Callable[..., Any]
         move_swap_pte: Callable[..., Any]
+        move_pages_huge_pmd: Callable[..., Any]
 
 
 #: The step tables made, by the replacements' identities (the functions are module-level: they

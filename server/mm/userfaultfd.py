@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .huge_memory import __split_huge_pmd, move_pages_huge_pmd, pmd_none, split_folio
+from .huge_memory import __split_huge_pmd, pmd_none, split_folio
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
 from .memory import charge_pte
@@ -48,6 +48,7 @@ from .mm_types import (
     Pte,
     SwapPte,
     Vma,
+    folio_maybe_dma_pinned,
 )
 from .mmap import vma_modify
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_start_read_locked
@@ -496,7 +497,7 @@ async def move_pages(
                             break
                         await __split_huge_pmd(k, cur, src_vma, src_addr)
                         continue  # the folio is split by move_pages_pte
-                    step = await move_pages_huge_pmd(k, cur, dst_vma, src_vma, dst_addr, src_addr)
+                    step = await k.ops.move_pages_huge_pmd(k, cur, dst_vma, src_vma, dst_addr, src_addr)
                     if step < 0:
                         err = -step
                         if err == errno.EAGAIN:
@@ -762,7 +763,7 @@ async def move_present_ptes(
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
     if dvpn in dst_ptes or dvpn in dst_pt.swap or src_ptes.get(svpn) is not orig_src_pte:
         ret = -errno.EAGAIN
-    elif not src_folio.exclusive:
+    elif folio_maybe_dma_pinned(src_folio) or not src_folio.exclusive:
         ret = -errno.EBUSY
     else:
         src_anon_vma = src_folio.mapping
@@ -770,6 +771,15 @@ async def move_present_ptes(
         ret = 0
         while True:
             pte = src_ptes.pop(svpn)  # ptep_get_and_clear
+            # GUP-fast takes no PTL: a pin may come in between the check above and the clear
+            if sched.active and k.gup_fast_tasks: await sched.point_unkillable("move:pte-cleared")
+            if folio_maybe_dma_pinned(src_folio):  # got pinned from under us: put it back, fail
+                src_ptes[svpn] = pte
+                if ret:
+                    src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+                else:
+                    ret = -errno.EBUSY
+                break
             folio_move_anon_rmap(k, src_folio, dst_vma)
             if sched.active: await move_store_window(k, src_folio)
             src_folio.index = index
@@ -815,17 +825,16 @@ async def move_folio_lock(k: Kernel, cur: Current, folio: Folio) -> int:
 async def move_split_large_folio(k: Kernel, cur: Current, folio: LargeFolio) -> int:
     """move_pages_pte's split of the large src folio it locked and pinned, with the PTEs let go
     (split_folio can block). Returns 0, the folio split and its head's lock and reference given
-    back (the step is retried), or a negative errno with the folio still locked and pinned
-    (-EAGAIN: others hold references; the move retries). Takes what split_folio takes. Two movers
-    whose splits fail for each other's references are the ``livelock`` detector's (split_failed)."""
+    back (the step is retried), or -EBUSY with the folio still locked and pinned: a split that
+    fails (others hold references: a pin, or a task that raised the refcount) ends the move
+    there, as 6.18 does (one attempt, no retry). Takes what split_folio takes."""
     from .memory import folio_put
 
     try:
         head = await split_folio(k, cur, folio)
     except MmError as e:
         if k.detect and e.errno == errno.EAGAIN: split_failed(k, cur, folio)
-        return -(e.errno or errno.EBUSY)
-    k.split_failures.pop(cur, None)
+        return -errno.EBUSY
     assert head.lock is not None
     head.lock.unlock(cur)
     folio_put(k, head, cur)  # the last reference if the head was mapped nowhere
@@ -833,30 +842,21 @@ async def move_split_large_folio(k: Kernel, cur: Current, folio: LargeFolio) -> 
 
 
 def split_failed(k: Kernel, cur: Current, folio: LargeFolio) -> None:
-    """The livelock detector: ``cur``'s split of ``folio`` failed for references others hold. It
-    notes the tasks asleep on the folio's lock holding one (a retry loop that raised the refcount
-    it waits with). When one of them is itself a mover whose split of the folio failed for a
-    reference ``cur`` held while it slept, the two retry loops fail each other for ever: a
-    ``livelock``, and ``cur`` is stopped (Livelock). A reference held by anyone else (a walker,
-    reclaim, a fault) ends when its holder runs on."""
-    from .kernel import Livelock
-
+    """The livelock detector: ``cur``'s split of ``folio`` failed for references others hold.
+    When one of them is a mover asleep on the folio's lock (a retry loop that raised the
+    refcount it waits with, what 6.14 took out of move_pages_pte), the movers fail each other's
+    splits: for ever where a failed split is retried (6.8 to 6.13), with a spurious EBUSY in
+    6.18. Reported as ``livelock``. A reference held by anyone else (a pin, a walker, reclaim, a
+    fault) is no violation."""
     waiters = folio.lock.waiters if folio.lock is not None else None
-    holders = frozenset(w.cur for w in waiters if folio in w.cur.pins) if waiters else frozenset()
-    if not holders:
-        k.split_failures.pop(cur, None)
-        return
-    for other in holders:
-        failed = k.split_failures.get(other)
-        if failed is not None and failed[0] is folio and cur in failed[1]:
-            del k.split_failures[other]
-            k.split_failures.pop(cur, None)
+    for w in waiters or ():
+        other = w.cur
+        if other.op == "move" and folio in other.pins:
             k.detectors.report(
                 "livelock", task=cur.name, folio=folio.id, fails_with=other.name, refcount=folio.refcount,
                 mapcount=folio.mapcount,
             )
-            raise Livelock(f"{cur.name} and {other.name} fail each other's split of folio {folio.id}")
-    k.split_failures[cur] = (folio, holders)
+            return
 
 
 def check_ptes_for_batched_move(

@@ -1,7 +1,8 @@
 """The built-in variants (steps.Variant): the kernel's protocol generations and the mutants.
 
-Each replacement below is the default step (in rmap.py or userfaultfd.py) as that generation or
-mutant has it; the comments mark what differs. The default steps are 6.18's (``recheck``).
+Each replacement below is the default step (in rmap.py, userfaultfd.py or huge_memory.py) as that
+generation or mutant has it; the comments mark what differs. The default steps are 6.18's
+(``recheck``).
 
 Protocols:
 
@@ -19,12 +20,17 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from .huge_memory import pmd_lock, pmd_none
 from .locks import Current, SpinLock
+from .memory import folio_put
 from .mm_types import (
     ANON_VMA_BYTES,
     AVC_BYTES,
+    HPAGE_PMD_SIZE,
+    HUGE_ZERO_FOLIO,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PMD_SHIFT,
     ZERO_PAGE,
     Folio,
     LargeFolio,
@@ -32,6 +38,7 @@ from .mm_types import (
     Pte,
     SwapPte,
     Vma,
+    folio_maybe_dma_pinned,
 )
 from .rmap import (
     AnonVma,
@@ -40,9 +47,12 @@ from .rmap import (
     anon_vma_alloc,
     anon_vma_chain_link,
     anon_vma_lock_read,
+    anon_vma_lock_write,
     anon_vma_put_testzero,
     anon_vma_tryget,
     anon_vma_unlock_read,
+    anon_vma_unlock_write,
+    folio_get_anon_vma,
     folio_move_anon_rmap,
     folio_referenced,
     get_anon_vma,
@@ -57,6 +67,7 @@ from .swapfile import SWAP_HAS_CACHE
 from .trace import READ_ONCE, trace_refcount, trace_store
 from .userfaultfd import (
     check_ptes_for_batched_move,
+    double_pt_lock,
     double_pt_unlock,
     move_split_large_folio,
     move_store_window,
@@ -616,9 +627,9 @@ async def move_present_ptes_index_first(
     dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
     sched = k.sched
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
-    if dvpn in dst_ptes or src_ptes.get(svpn) is not orig_src_pte:
+    if dvpn in dst_ptes or dvpn in dst_pt.swap or src_ptes.get(svpn) is not orig_src_pte:
         ret = -errno.EAGAIN
-    elif not src_folio.page_anon_exclusive(0):
+    elif folio_maybe_dma_pinned(src_folio) or not src_folio.exclusive:
         ret = -errno.EBUSY
     else:
         src_anon_vma = src_folio.mapping
@@ -626,6 +637,14 @@ async def move_present_ptes_index_first(
         ret = 0
         while True:
             pte = src_ptes.pop(svpn)  # ptep_get_and_clear
+            if sched.active and k.gup_fast_tasks: await sched.point_unkillable("move:pte-cleared")
+            if folio_maybe_dma_pinned(src_folio):  # got pinned from under us: put it back, fail
+                src_ptes[svpn] = pte
+                if ret:
+                    src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+                else:
+                    ret = -errno.EBUSY
+                break
             src_folio.index = index  # the mutant: the index first
             if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
             if sched.active: await move_store_window(k, src_folio)
@@ -645,6 +664,145 @@ async def move_present_ptes_index_first(
             src_folio = folio
     double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
     return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# CVE-2024-27007: the folio changed before the pin check
+
+
+async def move_present_ptes_rmap_before_pin_check(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int,
+    dst_pt: PageTable, src_pt: PageTable, orig_src_pte: Pte, src_folio: Folio,
+) -> int:
+    """move_present_ptes before d7a08838ab74 (6.8-rc): the folio is pointed at dst's anon_vma and
+    index before its PTE is cleared and the pin checked again, so a move that fails there (a
+    GUP-fast pin came in after the first check) puts the PTE back at src and leaves the folio
+    with dst's mapping and index: rmap walks no longer find it where it is mapped."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    dst_ptes, src_ptes = dst_pt.ptes, src_pt.ptes
+    sched = k.sched
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if dvpn in dst_ptes or dvpn in dst_pt.swap or src_ptes.get(svpn) is not orig_src_pte:
+        ret = -errno.EAGAIN
+    elif folio_maybe_dma_pinned(src_folio) or not src_folio.exclusive:
+        ret = -errno.EBUSY
+    else:
+        src_anon_vma = src_folio.mapping
+        index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index(dst_vma, dst_addr)
+        ret = 0
+        while True:
+            folio_move_anon_rmap(k, src_folio, dst_vma)  # the mutant: the stores before the clear
+            if sched.active: await move_store_window(k, src_folio)
+            src_folio.index = index
+            if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
+            pte = src_ptes.pop(svpn)  # ptep_get_and_clear
+            if sched.active and k.gup_fast_tasks: await sched.point_unkillable("move:pte-cleared")
+            if folio_maybe_dma_pinned(src_folio):  # got pinned from under us: put it back, fail
+                src_ptes[svpn] = pte  # (the folio keeps dst's anon_vma and index)
+                if ret:
+                    src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+                else:
+                    ret = -errno.EBUSY
+                break
+            dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
+            if ret:
+                src_folio.lock.unlock(cur)  # type: ignore[union-attr]
+            ret += PAGE_SIZE
+            if ret == extent:
+                break
+            dvpn += 1
+            svpn += 1
+            index += 1
+            folio = check_ptes_for_batched_move(k, cur, dst_pt, src_ptes, dvpn, svpn, src_anon_vma)
+            if folio is None:
+                break
+            src_folio = folio
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
+async def move_pages_huge_pmd_rmap_before_pin_check(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int
+) -> int:
+    """move_pages_huge_pmd as 6.8 has it, before c0205eaf3af9 (6.9-rc5): under both PMD locks the
+    folio is checked for pins, pointed at dst's anon_vma and index, and only then is the PMD
+    cleared and the pin checked again; a move that fails there (a GUP-fast pin came in after the
+    first check) puts the PMD back at src and leaves the THP with dst's mapping and index. Takes
+    what the default takes (the PMD locks through double_pt_lock itself, as the default does)."""
+    mm = src_vma.mm
+    src_idx, dst_idx = src_addr >> PMD_SHIFT, dst_addr >> PMD_SHIFT
+    src_ptl = await pmd_lock(k, cur, mm, src_addr)  # pmd_trans_huge_lock
+    src_pmdval = mm.huge_pmds.get(src_idx)
+    if src_pmdval is None:
+        src_ptl.spin_unlock(cur)
+        return -errno.ENOENT
+    src_folio: LargeFolio | None = None
+    if src_pmdval.folio is not HUGE_ZERO_FOLIO:
+        if not src_pmdval.folio.page_anon_exclusive(0):
+            src_ptl.spin_unlock(cur)
+            return -errno.EBUSY
+        src_folio = src_pmdval.folio
+        src_folio.refcount += 1  # folio_get
+        cur.pins.append(src_folio)
+    src_ptl.spin_unlock(cur)
+    src_anon_vma: AnonVma | None = None
+    err = 0
+    if src_folio is not None:
+        lock = src_folio.lock
+        assert lock is not None
+        if not lock.lock(cur): await lock.wait(cur)
+    dst_ptl = mm.pmd_lock(dst_addr)
+    try:
+        await double_pt_lock(k, cur, src_ptl, dst_ptl)
+        if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+            err = -errno.EAGAIN
+        elif src_folio is not None:
+            if not src_folio.page_anon_exclusive(0):
+                err = -errno.EBUSY
+            else:
+                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+                if src_anon_vma is None:
+                    err = -errno.EAGAIN
+                else:
+                    double_pt_unlock(cur, src_ptl, dst_ptl)
+                    await anon_vma_lock_write(cur, src_anon_vma)
+                    await double_pt_lock(k, cur, src_ptl, dst_ptl)
+                    if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+                        err = -errno.EAGAIN
+        if not err and src_folio is not None and folio_maybe_dma_pinned(src_folio):
+            err = -errno.EBUSY  # the first pin check, under both PMD locks
+        if not err:
+            if src_folio is not None:  # the mutant: the stores before the clear
+                folio_move_anon_rmap(k, src_folio, dst_vma)
+                src_folio.index = dst_vma.linear_page_index(dst_addr)
+            hp = mm.huge_pmds.pop(src_idx)  # pmdp_huge_clear_flush
+            if k.sched.active and k.gup_fast_tasks: await k.sched.point_unkillable("move:pmd-cleared")
+            if src_folio is not None and folio_maybe_dma_pinned(src_folio):
+                mm.huge_pmds[src_idx] = hp  # got pinned from under us: put it back, fail
+                err = -errno.EBUSY  # (the folio keeps dst's anon_vma and index)
+        if not err:
+            if src_folio is not None:
+                hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
+                hp.uffd_wp = False
+                hp.soft_dirty = True
+            else:
+                hp.uffd_wp = False  # clear_uffd_wp_pmd(move_soft_dirty_pmd())
+                hp.soft_dirty = True
+            mm.huge_pmds[dst_idx] = hp  # set_pmd_at, and the deposit withdrawn and deposited
+        double_pt_unlock(cur, src_ptl, dst_ptl)
+    finally:
+        if src_anon_vma is not None:
+            anon_vma_unlock_write(cur, src_anon_vma)
+            await put_anon_vma(k, cur, src_anon_vma)
+        if src_folio is not None:
+            assert src_folio.lock is not None
+            if src_folio.lock.owner is cur:
+                src_folio.lock.unlock(cur)
+            folio_put(k, src_folio, cur)
+    if err:
+        return err
+    k.stats["thp_move_pmd"] += 1
+    return HPAGE_PMD_SIZE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,8 +1042,9 @@ MUTANTS: dict[str, Variant] = {
             {"move_folio_lock": move_folio_lock_sleeps_on_large}, applies_to=RECHECK_FAMILY,
             kernel="move_pages_pte: `if (!locked && folio_test_large(folio)) { spin_unlock(src_ptl); err = -EAGAIN; "
             "goto out; }` removed (the folio_get and folio_lock of a small folio then apply to a large one too)",
-            failure="livelock: two movers of one large folio each hold a reference while the other tries to split it, "
-            "so every split fails and both retry for ever",
+            failure="livelock: a mover's split of a large folio fails for the reference of another mover asleep on "
+            "the folio's lock; where the failed split is retried (6.8 to 6.13) the two fail each other for ever, "
+            "6.18 fails the move with EBUSY",
             fix="37b338eed105 userfaultfd: do not block on locking a large folio with raised refcount (6.14)",
         ),
         Variant(
@@ -895,6 +1054,29 @@ MUTANTS: dict[str, Variant] = {
             "before `split_folio(src_folio)` removed",
             failure="might-sleep: split_folio sleeps on the anon_vma rwsem inside an RCU read section",
             fix="the UFFDIO_MOVE series before its merge (6.8): the PTEs are unmapped before split_folio",
+        ),
+        Variant(
+            "move-rmap-before-pin-check", "the mover changes the folio before the PTE clear and its pin check",
+            {"move_present_ptes": move_present_ptes_rmap_before_pin_check}, applies_to=ALL_PROTOCOLS,
+            kernel="move_present_pte (d7a08838ab74): `folio_move_anon_rmap(src_folio, dst_vma); "
+            "src_folio->index = linear_page_index(dst_vma, dst_addr);` moved back above `ptep_clear_flush` and the "
+            "`folio_maybe_dma_pinned` check that puts the PTE back",
+            failure="invariant (the audit's rmap checks): a GUP-fast pin lands between the first pin check and the "
+            "PTE clear; the move puts the PTE back and fails with EBUSY, the folio mapped at src with dst's anon_vma "
+            "and index, where no rmap walk finds it",
+            fix="d7a08838ab74 mm: userfaultfd: fix unexpected change to src_folio when UFFDIO_MOVE fails (6.8-rc)",
+        ),
+        Variant(
+            "move-pmd-rmap-before-pin-check", "the PMD mover changes the THP before the PMD clear and its pin check",
+            {"move_pages_huge_pmd": move_pages_huge_pmd_rmap_before_pin_check}, applies_to=ALL_PROTOCOLS,
+            kernel="move_pages_huge_pmd (c0205eaf3af9): `folio_move_anon_rmap(src_folio, dst_vma); "
+            "src_folio->index = linear_page_index(dst_vma, dst_addr);` moved back above `pmdp_huge_clear_flush` and "
+            "the `folio_maybe_dma_pinned` check that puts the PMD back",
+            failure="invariant (the audit's rmap checks): a GUP-fast pin of the THP lands between the first pin check "
+            "and the PMD clear; the move puts the PMD back and fails with EBUSY, the THP mapped at src with dst's "
+            "anon_vma and index (CVE-2024-27007)",
+            fix="c0205eaf3af9 userfaultfd: change src_folio after ensuring it's unpinned in UFFDIO_MOVE (6.9-rc5, "
+            "CVE-2024-27007)",
         ),
         Variant(
             "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",

@@ -39,7 +39,7 @@ from .huge_memory import split_folio
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
 from .memory import folio_put
-from .mm_types import FOLIO_BYTES, Folio, LargeFolio, MmError
+from .mm_types import FOLIO_BYTES, Folio, LargeFolio, MmError, folio_maybe_dma_pinned
 from .rmap import folio_referenced, try_to_unmap
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
@@ -133,6 +133,8 @@ async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ig
                 references = await folio_check_references(k, cur, folio)
             else:
                 references = FOLIOREF_RECLAIM
+            if references == FOLIOREF_RECLAIM and not folio.swapcache and folio_maybe_dma_pinned(folio):
+                references = FOLIOREF_KEEP  # never put a pinned page into the swap cache
             if references == FOLIOREF_RECLAIM and isinstance(folio, LargeFolio):
                 # The swap device takes no large folio: split it, the other pages joining the
                 # list (split_folio_to_list), and go on with the head.

@@ -382,6 +382,8 @@ _MODEL_CALLS: dict[str, tuple[Callable[[MemoryModel, int, tuple[Any, ...]], Awai
                                           dontunmap=bool(a[4]), fixed=a[3]), _span),
     "walk": (lambda m, pid, a: m.walk(pid, a[1], blocking=a[2] == "blocking"), _walked),
     "reclaim": (lambda m, pid, a: m.reclaim(a[0]), "reclaimed {}".format),
+    "pin": (lambda m, pid, a: m.pin(pid, a[1], a[2] * PAGE_SIZE), lambda r: f"pin {r[0]}"),
+    "unpin": (lambda m, pid, a: m.unpin(pid, a[1]), _ok),
 }
 require(_MODEL_CALLS, BY_LITMUS, "explore's model calls (explore._MODEL_CALLS)")
 
@@ -410,7 +412,7 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                 hmap = hf.mapping
                 folios.append((mm.id, -2, idx, hf.id, hmap.id if hmap else 0, hmap.root.id if hmap else 0,
                                hmap.refcount if hmap else 0, hf.index, hf.mapcount, hf.refcount,
-                               bool(hf.lock and hf.lock.owner), hp.write))
+                               bool(hf.lock and hf.lock.owner), hp.write, hf.pincount))
             for pt in mm.pgtables.values():
                 for vpn, pte in pt.ptes.items():
                     f = pte.folio
@@ -419,7 +421,7 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                     folios.append((mm.id, vpn, getattr(f, "id", 0), mapping.id if mapping else 0,
                                    mapping.root.id if mapping else 0, mapping.refcount if mapping else 0,
                                    getattr(f, "index", 0), getattr(f, "mapcount", 0),
-                                   bool(lock and lock.owner), pte.page))
+                                   bool(lock and lock.owner), pte.page, f.pincount))
                 for vpn, swp in pt.swap.items():
                     folios.append((mm.id, vpn, -1, swp.entry.offset, int(swp.exclusive)))
         for off, f in m.k.swap.swap_table.items():  # the swap cache: mapped or not

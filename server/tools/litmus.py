@@ -33,6 +33,8 @@ process of the setup, ``ADDR``/``VALUE`` are integers, decimal or 0x-hex):
   unlocked rmap walker, the inactive list swapped out)
 - ``copy P DST PAGES VALUE``; ``zeropage P DST PAGES``; ``wake P ADDR PAGES`` (UFFDIO_COPY,
   UFFDIO_ZEROPAGE, UFFDIO_WAKE)
+- ``pin P ADDR PAGES`` (FOLL_PIN, GUP-fast first: lockless); ``unpin P ID`` (a process's pins are
+  numbered from 1 in the order they were taken)
 
 In a thread, ``C = fork P`` names a process the thread's later operations may use.
 
@@ -169,6 +171,8 @@ SYNTAX: dict[str, tuple[Arg, ...]] = {
     "zeropage": (P, Num("DST"), Num("PAGES")),
     "wake": (P, Num("ADDR"), Num("PAGES")),
     "reclaim": (Num("PAGES", any_value=True),),
+    "pin": (P, Num("ADDR"), Num("PAGES")),
+    "unpin": (P, Num("ID", any_value=True)),
 }
 require(SYNTAX, BY_LITMUS, "the litmus language (litmus.SYNTAX)")
 #: The operations that define a name (``C = fork P``): those whose result is a process.

@@ -357,6 +357,32 @@ class ReclaimResponse(_message.Message):
     reclaimed: int
     def __init__(self, reclaimed: _Optional[int] = ...) -> None: ...
 
+class PinRequest(_message.Message):
+    __slots__ = ("process", "addr", "length")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    addr: int
+    length: int
+    def __init__(self, process: _Optional[str] = ..., addr: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("pin", "pages")
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    pin: int
+    pages: int
+    def __init__(self, pin: _Optional[int] = ..., pages: _Optional[int] = ...) -> None: ...
+
+class UnpinRequest(_message.Message):
+    __slots__ = ("process", "pin")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    process: str
+    pin: int
+    def __init__(self, process: _Optional[str] = ..., pin: _Optional[int] = ...) -> None: ...
+
 class PagemapEntry(_message.Message):
     __slots__ = ("present", "swap", "exclusive", "uffd_wp", "soft_dirty", "swapcache", "pmd", "thp", "head", "tail", "zero_page", "ksm", "anon_exclusive", "mapcount")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
@@ -396,7 +422,7 @@ class PagemapResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[PagemapEntry, _Mapping]]] = ...) -> None: ...
 
 class FolioResponse(_message.Message):
-    __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young", "order", "pmd")
+    __slots__ = ("present", "zero_page", "value", "mapcount", "exclusive", "index", "anon_vma", "writable", "young", "order", "pmd", "pinned")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     ZERO_PAGE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -408,6 +434,7 @@ class FolioResponse(_message.Message):
     YOUNG_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
     PMD_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     present: bool
     zero_page: bool
     value: int
@@ -419,7 +446,8 @@ class FolioResponse(_message.Message):
     young: bool
     order: int
     pmd: bool
-    def __init__(self, present: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., value: _Optional[int] = ..., mapcount: _Optional[int] = ..., exclusive: _Optional[bool] = ..., index: _Optional[int] = ..., anon_vma: _Optional[int] = ..., writable: _Optional[bool] = ..., young: _Optional[bool] = ..., order: _Optional[int] = ..., pmd: _Optional[bool] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, present: _Optional[bool] = ..., zero_page: _Optional[bool] = ..., value: _Optional[int] = ..., mapcount: _Optional[int] = ..., exclusive: _Optional[bool] = ..., index: _Optional[int] = ..., anon_vma: _Optional[int] = ..., writable: _Optional[bool] = ..., young: _Optional[bool] = ..., order: _Optional[int] = ..., pmd: _Optional[bool] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class ListVmasResponse(_message.Message):
     __slots__ = ("vmas",)
@@ -508,7 +536,7 @@ class ThpSettings(_message.Message):
     def __init__(self, enabled: _Optional[str] = ..., use_zero_page: _Optional[bool] = ..., sizes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Op(_message.Message):
-    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake", "reclaim")
+    __slots__ = ("create_process", "fork", "exit", "mmap", "munmap", "madvise", "uffd_register", "uffd_unregister", "read", "write", "remap", "walk", "get_folio", "mprotect", "mremap", "uffd_copy", "uffd_zeropage", "uffd_wake", "reclaim", "pin", "unpin")
     CREATE_PROCESS_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
@@ -528,6 +556,8 @@ class Op(_message.Message):
     UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
     UFFD_WAKE_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    UNPIN_FIELD_NUMBER: _ClassVar[int]
     create_process: CreateProcessRequest
     fork: ProcessRequest
     exit: ProcessRequest
@@ -547,7 +577,9 @@ class Op(_message.Message):
     uffd_zeropage: UffdZeropageRequest
     uffd_wake: RangeRequest
     reclaim: ReclaimRequest
-    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ..., mprotect: _Optional[_Union[MprotectRequest, _Mapping]] = ..., mremap: _Optional[_Union[MremapRequest, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyRequest, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageRequest, _Mapping]] = ..., uffd_wake: _Optional[_Union[RangeRequest, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimRequest, _Mapping]] = ...) -> None: ...
+    pin: PinRequest
+    unpin: UnpinRequest
+    def __init__(self, create_process: _Optional[_Union[CreateProcessRequest, _Mapping]] = ..., fork: _Optional[_Union[ProcessRequest, _Mapping]] = ..., exit: _Optional[_Union[ProcessRequest, _Mapping]] = ..., mmap: _Optional[_Union[MmapRequest, _Mapping]] = ..., munmap: _Optional[_Union[RangeRequest, _Mapping]] = ..., madvise: _Optional[_Union[MadviseRequest, _Mapping]] = ..., uffd_register: _Optional[_Union[UffdRegisterRequest, _Mapping]] = ..., uffd_unregister: _Optional[_Union[RangeRequest, _Mapping]] = ..., read: _Optional[_Union[AccessRequest, _Mapping]] = ..., write: _Optional[_Union[WriteRequest, _Mapping]] = ..., remap: _Optional[_Union[RemapRequest, _Mapping]] = ..., walk: _Optional[_Union[WalkRequest, _Mapping]] = ..., get_folio: _Optional[_Union[AccessRequest, _Mapping]] = ..., mprotect: _Optional[_Union[MprotectRequest, _Mapping]] = ..., mremap: _Optional[_Union[MremapRequest, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyRequest, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageRequest, _Mapping]] = ..., uffd_wake: _Optional[_Union[RangeRequest, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimRequest, _Mapping]] = ..., pin: _Optional[_Union[PinRequest, _Mapping]] = ..., unpin: _Optional[_Union[UnpinRequest, _Mapping]] = ...) -> None: ...
 
 class OpError(_message.Message):
     __slots__ = ("code", "message", "errno", "moved")
@@ -562,7 +594,7 @@ class OpError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., errno: _Optional[int] = ..., moved: _Optional[int] = ...) -> None: ...
 
 class OpResult(_message.Message):
-    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit", "uffd_copy", "uffd_zeropage", "reclaim")
+    __slots__ = ("error", "process", "empty", "vma", "read", "remap", "walk", "folio", "exit", "uffd_copy", "uffd_zeropage", "reclaim", "pin")
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
@@ -575,6 +607,7 @@ class OpResult(_message.Message):
     UFFD_COPY_FIELD_NUMBER: _ClassVar[int]
     UFFD_ZEROPAGE_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
     error: OpError
     process: Process
     empty: Empty
@@ -587,7 +620,8 @@ class OpResult(_message.Message):
     uffd_copy: UffdCopyResponse
     uffd_zeropage: UffdZeropageResponse
     reclaim: ReclaimResponse
-    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyResponse, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageResponse, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimResponse, _Mapping]] = ...) -> None: ...
+    pin: PinResponse
+    def __init__(self, error: _Optional[_Union[OpError, _Mapping]] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., empty: _Optional[_Union[Empty, _Mapping]] = ..., vma: _Optional[_Union[Vma, _Mapping]] = ..., read: _Optional[_Union[ReadResponse, _Mapping]] = ..., remap: _Optional[_Union[RemapResponse, _Mapping]] = ..., walk: _Optional[_Union[WalkResponse, _Mapping]] = ..., folio: _Optional[_Union[FolioResponse, _Mapping]] = ..., exit: _Optional[_Union[ExitResponse, _Mapping]] = ..., uffd_copy: _Optional[_Union[UffdCopyResponse, _Mapping]] = ..., uffd_zeropage: _Optional[_Union[UffdZeropageResponse, _Mapping]] = ..., reclaim: _Optional[_Union[ReclaimResponse, _Mapping]] = ..., pin: _Optional[_Union[PinResponse, _Mapping]] = ...) -> None: ...
 
 class BatchRequest(_message.Message):
     __slots__ = ("ops", "stop_on_error")

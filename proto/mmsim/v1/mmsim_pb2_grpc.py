@@ -134,6 +134,16 @@ class MemoryManagerStub:
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.SerializeToString,
                 response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Pin',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.PinRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/mmsim.v1.MemoryManager/Unpin',
+                request_serializer=mmsim_dot_v1_dot_mmsim__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
+                _registered_method=True)
         self.GetFolio = channel.unary_unary(
                 '/mmsim.v1.MemoryManager/GetFolio',
                 request_serializer=mmsim_dot_v1_dot_mmsim__pb2.AccessRequest.SerializeToString,
@@ -328,6 +338,26 @@ class MemoryManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """FOLL_PIN pins (pin_user_pages with FOLL_WRITE | FOLL_LONGTERM, as an io_uring buffer
+        registration takes them) of the pages covering [addr, addr + length): each is made present,
+        writable and exclusive (a write fault that stores nothing; in a MISSING-registered range it
+        blocks as a write access does), then pinned. A pinned page is not moved (EBUSY), not swapped,
+        copied for the child at fork, and its large folio is not split. EFAULT for length 0, more
+        than 1 GiB, a hole or a range not writable (nothing stays pinned). The pin holds its
+        pages, mapped or not, until Unpin or the process's exit. A forked child has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """ENOENT for a pin the process does not have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetFolio(self, request, context):
         """Inspection and audit
         """
@@ -499,6 +529,16 @@ def add_MemoryManagerServicer_to_server(servicer, server):
                     servicer.Reclaim,
                     request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.FromString,
                     response_serializer=mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.PinRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=mmsim_dot_v1_dot_mmsim__pb2.UnpinRequest.FromString,
+                    response_serializer=mmsim_dot_v1_dot_mmsim__pb2.Empty.SerializeToString,
             ),
             'GetFolio': grpc.unary_unary_rpc_method_handler(
                     servicer.GetFolio,
@@ -1091,6 +1131,60 @@ class MemoryManager:
             '/mmsim.v1.MemoryManager/Reclaim',
             mmsim_dot_v1_dot_mmsim__pb2.ReclaimRequest.SerializeToString,
             mmsim_dot_v1_dot_mmsim__pb2.ReclaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Pin',
+            mmsim_dot_v1_dot_mmsim__pb2.PinRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmsim.v1.MemoryManager/Unpin',
+            mmsim_dot_v1_dot_mmsim__pb2.UnpinRequest.SerializeToString,
+            mmsim_dot_v1_dot_mmsim__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

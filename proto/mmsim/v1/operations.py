@@ -119,6 +119,8 @@ _BY_HAND: dict[str, _Hand] = {
     "Remap": _Hand(mutates=True, reserved=True, litmus="remap", done="moved"),
     "Walk": _Hand(mutates=False, litmus="walk"),
     "Reclaim": _Hand(mutates=True, litmus="reclaim"),
+    "Pin": _Hand(mutates=True, litmus="pin"),
+    "Unpin": _Hand(mutates=True, reserved=True, litmus="unpin"),
     "GetFolio": _Hand(mutates=False, sdk=("folio",)),
     "Pagemap": _Hand(mutates=False),
     "ListVmas": _Hand(mutates=False, sdk=("vmas",)),

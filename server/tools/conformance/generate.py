@@ -73,6 +73,15 @@ from a PMD boundary of one aligned region to one of another, registered, aligned
 scenarios run on the kernel and on mmsim like any other. Without it (the default) the same
 ``rng`` state gives the very scenario it gave before.
 
+Pins. With ``pin=True`` random steps also draw (``PIN_WEIGHTS``) ``pin`` of 1 to 3 pages of a
+region, mostly from a present, writable page (written, mapped, read-write; now and then any
+page, so a hole or a read-only page answers EFAULT; rarely from a byte offset, still inside the
+region), and ``unpin`` of a pin the process still holds. A pin never touches a fault episode's
+MISSING-registered region (whose missing pages its write fault would wait on), and nothing
+write-protects a page, so a pin never blocks. A fork child holds none of its parent's pins; an
+exited process's pins are gone with it. Without it (the default) the same ``rng`` state gives
+the very scenario it gave before.
+
 The same ``rng`` state gives the same scenario (only ``rng`` is drawn from, and every choice is
 made over ordered lists).
 """
@@ -105,6 +114,10 @@ WEIGHTS = (
 SWAP_WEIGHTS = (("pageout", 12), ("cold", 3), ("pte", 10))
 #: The large-folio steps random steps also draw from with ``thp=True``.
 THP_WEIGHTS = (("thp_region", 6), ("hugepage", 3), ("pmd_move", 8))
+#: The pin steps random steps also draw from with ``pin=True``.
+PIN_WEIGHTS = (("pin", 10), ("unpin", 6))
+#: The most pages one random pin takes.
+PIN_PAGES = 3
 #: The pages of a huge PMD.
 PMD_PAGES = PMD_SIZE // PAGE
 #: Raw mode bits a copy or zero-fill may carry that no kernel knows (never 1 << 1: "wp").
@@ -161,6 +174,8 @@ class _Proc:
     dontfork: bool = False
     #: Faults started by this process (each may stay unfinished).
     faults: int = 0
+    #: The pins this process holds (a fork child holds none of them).
+    pins: list[str] = field(default_factory=list)
 
     def copy_for_child(self, name: str, wiped: set[str]) -> _Proc:
         child = _Proc(name, holey=self.holey or self.dontfork, tainted=self.tainted, dontfork=self.dontfork)
@@ -178,12 +193,14 @@ class _Proc:
 
 
 class _Gen:
-    def __init__(self, rng: random.Random, swap: bool = False, thp: bool = False) -> None:
+    def __init__(self, rng: random.Random, swap: bool = False, thp: bool = False, pin: bool = False) -> None:
         self.rng = rng
         self.weights: tuple[tuple[str, int], ...] = WEIGHTS + SWAP_WEIGHTS if swap else WEIGHTS
         self.thp = thp
         if thp:
             self.weights += THP_WEIGHTS
+        if pin:
+            self.weights += PIN_WEIGHTS
         self.steps: list[dict[str, Any]] = []
         roots = 1 if rng.random() < 0.8 else 2
         self.roots = list(ROOT_NAMES[:roots])
@@ -194,6 +211,7 @@ class _Gen:
         self.nregions = 0
         self.nremapped = 0
         self.nepisodes = 0
+        self.npins = 0
         self.episode: Iterator[None] | None = None
         self.wiped: dict[str, set[str]] = {}  # proc -> regions with wipeonfork somewhere (approx.)
 
@@ -328,6 +346,36 @@ class _Gen:
             if s.written[spage + i] and not d.written[dpage + i] and d.registered[dpage + i]:
                 d.written[dpage + i] = True
                 s.written[spage + i] = False
+        return True
+
+    def op_pin(self) -> bool:
+        """A pin of 1 to PIN_PAGES pages of a region (not a fault episode's), mostly from a present,
+        writable page."""
+        p = self.pick_proc()
+        if p is None:
+            return False
+        name, r = self.pick_region(p, prefer="written")
+        writable = [w and m and prot == "rw" for w, m, prot in zip(r.written, r.mapped, r.prot, strict=True)]
+        page = self.pick_page(r, prefer=writable)
+        n = self.rng.randint(1, min(PIN_PAGES, r.pages - page))
+        at: list[Any] = [name, page]
+        if self.rng.random() < 0.05 and page + n < r.pages:  # from a byte offset: the page after too
+            at.append(self.rng.choice((8, 2048)))
+        pin = f"pin{self.npins}"
+        self.npins += 1
+        self.add("pin", p.name, at=at, pages=n, pin=pin)
+        p.pins.append(pin)
+        return True
+
+    def op_unpin(self) -> bool:
+        """The unpin of a pin a live process holds."""
+        cands = [self.procs[n] for n in self.alive if self.procs[n].pins]
+        if not cands:
+            return False
+        p = self.rng.choice(cands)
+        pin = self.rng.choice(p.pins)
+        p.pins.remove(pin)
+        self.add("unpin", p.name, pin=pin)
         return True
 
     def op_access(self, op: str) -> bool:
@@ -797,6 +845,10 @@ class _Gen:
                 self.op_hugepage()
             elif op == "pmd_move":
                 self.op_pmd_move()
+            elif op == "pin":
+                self.op_pin()
+            elif op == "unpin":
+                self.op_unpin()
             else:
                 self.op_episode()
         while self.episode is not None:  # finish the open episode, where there is room
@@ -804,11 +856,13 @@ class _Gen:
         return self.steps
 
 
-def random_scenario(rng: random.Random, name: str, swap: bool = False, thp: bool = False) -> Scenario:
+def random_scenario(
+    rng: random.Random, name: str, swap: bool = False, thp: bool = False, pin: bool = False
+) -> Scenario:
     """A random, valid scenario drawn from ``rng`` whose every answer is settled on the kernel;
     with ``swap``, also with pageout, cold and ``pte`` steps; with ``thp``, also with aligned
-    regions, hugepage advice and moves of whole PMDs."""
-    g = _Gen(rng, swap, thp)
+    regions, hugepage advice and moves of whole PMDs; with ``pin``, also with pins and unpins."""
+    g = _Gen(rng, swap, thp, pin)
     steps = g.run()
     s = Scenario(
         name=name,

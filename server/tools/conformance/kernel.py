@@ -13,7 +13,9 @@ exits is reaped at once, also orphans: this machine's init does not reap) and fo
 per scenario root process. Each helper talks to the runner over its own ``AF_UNIX``
 ``SOCK_SEQPACKET`` socket pair, one JSON message per command and per reply. A ``fork`` step makes
 the parent's helper create a new socket pair and ``os.fork()``; the child keeps one end and
-serves on it, the parent passes the other end to the runner with ``SCM_RIGHTS`` in its reply.
+serves on it, the parent passes the other end to the runner with ``SCM_RIGHTS`` in its reply, once
+the child has sent it word on that pair that it has closed what it inherited of the parent's alone
+(its userfaultfd, the rings of its pins) and made its fault threads.
 
 Cleanup
 -------
@@ -85,6 +87,21 @@ Made at setup, above the guard: the source of ``copy`` steps, ``COPY_MAX_PAGES``
 that a copy maps read-write (MAP_FIXED) over the pages it needs, fills with each page's value and
 maps PROT_NONE again afterwards; and, only in a scenario that has ``fault`` steps, the fault
 threads (below) with a spare PROT_NONE area.
+
+Pins
+----
+A ``pin`` step pins the range the way io_uring's buffer registration does, with the raw system
+calls (no liburing): ``io_uring_setup`` of a ring of its own (one entry; its rings are never
+mapped, so the address space does not change) and ``io_uring_register(IORING_REGISTER_BUFFERS)``
+of one iovec over the range, which takes pin_user_pages(FOLL_WRITE | FOLL_LONGTERM) of every
+page, all or nothing (a failed registration unpins what it had pinned, and the step records its
+errno). Root has CAP_IPC_LOCK, so RLIMIT_MEMLOCK does not limit it. The helper that made the pin
+owns the ring; ``unpin`` is ``IORING_UNREGISTER_BUFFERS`` (which unpins the pages before it
+returns) and the ring's ``close``. A fork child closes every ring it inherited at once, before
+the ``fork`` step answers (the pins are its parent's alone); an exiting helper's rings go with
+its files (the kernel frees them, and unpins their pages, a little later, in a worker: nothing a
+later step can see, since the pages were the exiting process's alone). ``pin_unavailable`` says
+why pins cannot be made (no oracle, io_uring disabled by ``kernel.io_uring_disabled`` or absent).
 
 Fault threads and events
 ------------------------
@@ -170,6 +187,11 @@ _SYS_MREMAP = {"x86_64": 25, "aarch64": 216}
 #: move_pages(2): an empty call with a node list drains every CPU's LRU batches (lru_add_drain_all).
 _SYS_MOVE_PAGES = {"x86_64": 279, "aarch64": 239}
 _PR_SET_CHILD_SUBREAPER = 36
+#: io_uring's system calls (the same numbers on every architecture).
+_SYS_IO_URING_SETUP, _SYS_IO_URING_REGISTER = 425, 427
+_IORING_REGISTER_BUFFERS, _IORING_UNREGISTER_BUFFERS = 0, 1
+#: sizeof(struct io_uring_params): io_uring_setup takes it zeroed (no flags) and fills it in.
+_IO_URING_PARAMS_SIZE = 120
 
 
 def _ioc(direction: int, typ: int, nr: int, size: int) -> int:
@@ -354,6 +376,20 @@ class _Libc:
         nr = _SYS_USERFAULTFD[platform.machine()]
         return int(self.syscall(ctypes.c_long(nr), ctypes.c_long(flags)))
 
+    def io_uring_setup(self, entries: int) -> int:
+        """A new io_uring instance with ``entries`` submission entries (its rings left unmapped):
+        its fd, or -errno."""
+        c = ctypes.c_long
+        params = ctypes.create_string_buffer(_IO_URING_PARAMS_SIZE)
+        fd = int(self.syscall(c(_SYS_IO_URING_SETUP), c(entries), params))
+        return -self.errno() if fd < 0 else fd
+
+    def io_uring_register(self, fd: int, opcode: int, arg: int, nr_args: int) -> int:
+        """io_uring_register(2): 0 or errno."""
+        c = ctypes.c_long
+        rc = int(self.syscall(c(_SYS_IO_URING_REGISTER), c(fd), c(opcode), ctypes.c_void_p(arg or None), c(nr_args)))
+        return self.errno() if rc < 0 else 0
+
     def lru_add_drain_all(self) -> int:
         """Drain every CPU's LRU batches (an empty move_pages(2) of this process does it): 0 or
         errno."""
@@ -455,6 +491,41 @@ def swap_unusable(swaps: str, meminfo: str, zswap: str | None) -> str | None:
     free = int((fields.get("SwapFree") or ["0"])[0]) * 1024
     if free < SWAP_FREE_MIN:
         return f"only {free >> 20} MiB of swap free ({SWAP_FREE_MIN >> 20} MiB wanted)"
+    return None
+
+
+def pin_unavailable() -> str | None:
+    """Why ``pin`` steps cannot run on this machine (no kernel oracle; io_uring absent, disabled
+    by the kernel.io_uring_disabled sysctl, or refusing to register a buffer), or None if they
+    can: a ring is set up and one page of a scratch mapping registered and unregistered."""
+    why = oracle_unavailable()
+    if why is not None:
+        return why
+    libc = _Libc()
+    ring = libc.io_uring_setup(1)
+    if ring < 0:
+        try:
+            with open("/proc/sys/kernel/io_uring_disabled") as f:
+                disabled = f.read().strip()
+        except OSError:
+            disabled = "?"
+        return f"no io_uring: io_uring_setup: {errno.errorcode.get(-ring, -ring)} (kernel.io_uring_disabled {disabled})"
+    flags = _MAP_PRIVATE | _MAP_ANONYMOUS
+    page = libc.mmap(None, PAGE, _PROT_READ | _PROT_WRITE, flags, -1, 0)
+    try:
+        if page == _MAP_FAILED or page is None:
+            return "cannot map a scratch page"
+        iov = _Iovec(page, PAGE)
+        err = libc.io_uring_register(ring, _IORING_REGISTER_BUFFERS, ctypes.addressof(iov), 1)
+        if err:
+            return f"io_uring cannot register a buffer: {errno.errorcode.get(err, err)}"
+        err = libc.io_uring_register(ring, _IORING_UNREGISTER_BUFFERS, 0, 0)
+        if err:
+            return f"io_uring cannot unregister its buffers: {errno.errorcode.get(err, err)}"
+    finally:
+        os.close(ring)
+        if page != _MAP_FAILED and page is not None:
+            libc.munmap(page, PAGE)
     return None
 
 
@@ -831,6 +902,8 @@ def _maps() -> list[tuple[int, int, str]]:
     return out
 
 
+#: How long a fork waits for its child to close what it inherited of the parent's (milliseconds).
+_FORK_SETTLE_MS = 5000
 #: The stack size of fault threads (small: they run a few lines of Python and one libc call).
 _FAULT_STACK = 256 * 1024
 #: Room (above the guard) for what a fork child's new fault threads map (their stacks come from
@@ -922,6 +995,8 @@ class _Helper:
         self.nthreads = fault_threads
         self.threads: list[_FaultThread] = []
         self.faults: dict[str, _Fault] = {}
+        #: The pins this process holds: name -> the io_uring fd whose registered buffer they are.
+        self.pins: dict[str, int] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -1315,6 +1390,32 @@ class _Helper:
         rc = self.libc.ioctl(fd, UFFDIO_WAKE, ctypes.addressof(rng))
         return {"errno": self.libc.errno() if rc else 0}
 
+    def do_pin(self, c: dict[str, Any]) -> dict[str, Any]:
+        """Pin the range on a ring of its own: its buffer registration pins every page with
+        FOLL_WRITE | FOLL_LONGTERM, or none (then the ring is closed again)."""
+        ring = self.libc.io_uring_setup(1)
+        if ring < 0:
+            return {"errno": -ring, "note": "io_uring_setup failed"}
+        iov = _Iovec(c["addr"], c["len"])
+        err = self.libc.io_uring_register(ring, _IORING_REGISTER_BUFFERS, ctypes.addressof(iov), 1)
+        if err:
+            os.close(ring)
+            return {"errno": err}
+        self.pins[c["pin"]] = ring
+        return {"errno": 0}
+
+    def do_unpin(self, c: dict[str, Any]) -> dict[str, Any]:
+        """Unregister the pin's buffer (unpinning its pages) and close its ring; EINVAL for a pin
+        this process does not hold (its pin step failed)."""
+        ring = self.pins.pop(c["pin"], None)
+        if ring is None:
+            return {"errno": errno.EINVAL}
+        try:
+            err = self.libc.io_uring_register(ring, _IORING_UNREGISTER_BUFFERS, 0, 0)
+        finally:
+            os.close(ring)
+        return {"errno": err, "note": "IORING_UNREGISTER_BUFFERS failed"} if err else {"errno": 0}
+
     def do_fault(self, c: dict[str, Any]) -> dict[str, Any]:
         free = [t for t in self.threads if t.free]
         if not free:
@@ -1398,6 +1499,10 @@ class _Helper:
             if self.uffd >= 0:
                 os.close(self.uffd)
                 self.uffd = -1
+            # The parent's pins are the parent's: close the rings that hold them at once.
+            for ring in self.pins.values():
+                os.close(ring)
+            self.pins = {}
             os.close(self.pagemap)
             self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self.pid = os.getpid()
@@ -1406,8 +1511,16 @@ class _Helper:
             self.faults = {}
             if self.nthreads:
                 self._child_threads()
+            theirs.send(b"ready")  # to the parent, which waits for it before it answers
             raise _BecameChild
         theirs.close()
+        # The fork is done once the child has let go of what was the parent's alone (its rings,
+        # so that its pins are the parent's only, and its userfaultfd): wait for its word.
+        poller = select.poll()
+        poller.register(mine, select.POLLIN | select.POLLHUP)
+        if poller.poll(_FORK_SETTLE_MS):
+            with contextlib.suppress(OSError):
+                mine.recv(16)
         try:
             data = json.dumps({"errno": 0, "pid": pid}).encode()
             self.chan.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", mine.fileno()))])
@@ -1847,6 +1960,10 @@ class KernelRunner:
             cmd.update(addr=place(addrs, step["at"]), value=int(step["value"]))
         elif op in ("read", "peek", "present", "mapcount", "pte"):
             cmd["addr"] = place(addrs, step["at"])
+        elif op == "pin":
+            cmd.update(addr=place(addrs, step["at"]), len=int(step["pages"]) * PAGE, pin=step["pin"])
+        elif op == "unpin":
+            cmd["pin"] = step["pin"]
         elif op == "move":
             cmd.update(
                 dst=place(addrs, step["dst"]),

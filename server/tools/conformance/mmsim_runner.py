@@ -3,6 +3,9 @@
 A scenario runs on a server whose transparent hugepage settings are the ones it runs under on the
 kernel (its ``thp`` settings over THP_BASELINE): ``server_settings`` gives that server's
 settings, and a server with others refuses it with SettingsMismatch, naming what differs.
+
+``pin`` is ``Process.pin`` of the step's pages, kept by the scenario's pin name until ``unpin``
+(``Process.unpin``); an ``unpin`` whose pin step failed answers EINVAL, as the kernel runner does.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmsim.client import Client, MmsimError, Process, ThpSettings, ops
+from mmsim.client import Client, MmsimError, Pin, Process, ThpSettings, ops
 
 from ...mm.kernel import thp_size_order
 from ...thp import format_mthp_sizes, size_policies
@@ -115,6 +118,8 @@ class _Run:
     guarded: set[str] = field(default_factory=set)
     #: fault id -> (the access in flight, its process, its address).
     faults: dict[str, tuple[asyncio.Task[Any], Process, int]] = field(default_factory=dict)
+    #: pin name -> the pin, while it is held (a failed ``pin`` step leaves none).
+    pins: dict[str, Pin] = field(default_factory=dict)
 
     def bind(self, name: str, start: int, pages: int) -> None:
         self.addrs[name] = start
@@ -242,6 +247,12 @@ class MmsimRunner:
         if op == "fault_status":
             await self._fault_status(run, st["id"], r)
             return
+        if op == "unpin":
+            pin = run.pins.pop(st["pin"], None)
+            if pin is None:  # its pin step failed: nothing to release
+                raise OSError(errno_mod.EINVAL, f"no pin {st['pin']!r} is held")
+            await p.unpin(pin)
+            return
         addr = place(addrs, st["at"])
         if op == "mremap":
             await self._mremap(st, run, p, addr, hint, r)
@@ -251,6 +262,9 @@ class MmsimRunner:
             return
         if op == "pte":
             await self._pte(p, addr, r)
+            return
+        if op == "pin":
+            run.pins[st["pin"]] = await p.pin(addr, int(st["pages"]) * PAGE)
             return
         if op == "mprotect":
             await p.mprotect(addr, int(st["pages"]) * PAGE, st["prot"])
@@ -433,7 +447,8 @@ class Difference:
 
 def describe(step: dict[str, Any]) -> str:
     parts = [step["op"], step.get("proc", "")]
-    for key in ("region", "at", "dst", "src", "pages", "len", "mode", "value", "advice", "child", "uffd", "align"):
+    keys = ("region", "at", "dst", "src", "pages", "len", "mode", "value", "advice", "child", "uffd", "align", "pin")
+    for key in keys:
         if key in step:
             parts.append(f"{key}={step[key]}")
     return " ".join(str(p) for p in parts if p != "")

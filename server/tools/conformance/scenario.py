@@ -100,6 +100,17 @@ Steps (``proc`` names the process doing it):
                     VMAs. The two runners start from different counts (the kernel's helper has
                     its interpreter's mappings), so only the region's first page is laid out
                     alike in both; records ``errno``
+``pin``             ``at``, ``pages`` (at least 1), ``pin`` (a name, unique in the scenario):
+                    pins the pages that ``pages`` pages from ``at`` cover (with a byte
+                    offset, one page more), as io_uring's buffer registration does
+                    (pin_user_pages with FOLL_PIN, FOLL_WRITE and FOLL_LONGTERM: each page is
+                    write-faulted, so a zero page or a page shared after fork is replaced by a
+                    copy of the process's own, then pinned). All or nothing: over a hole, a
+                    read-only or PROT_NONE page it records EFAULT and holds nothing (the pages
+                    before that one stay faulted in). Records ``errno``
+``unpin``           ``pin`` (a pin made earlier by the same process): releases it; records
+                    ``errno`` (EINVAL where the pin step failed, so that there is nothing to
+                    release). A process's pins end when it exits; a ``fork`` child has none
 ``fork``            ``child``: a new process named so
 ``exit``            the process exits
 ==================  ===========================================================================
@@ -126,6 +137,15 @@ Region names in ``events``: an address is named after the region that contains i
 bound most recently (by ``mmap`` or ``mremap``) where several do; ``page`` counts from that
 region's start. A binding stays when its range is unmapped. An address in no region is
 ``["?", 0, kind]``.
+
+Pins: a pin is the pinning process's alone, and lasts until its ``unpin`` or the process's
+exit. A pinned page is never moved (UFFDIO_MOVE answers EBUSY) and a ``fork`` gives the child a
+copy of it instead of sharing it. Pin only pages whose write fault cannot wait for a userfaultfd:
+not a missing page of a MISSING-registered range, nor a page write-protected in a WP-registered
+one (the step would block, and the kernel runner record ETIMEDOUT and kill the process); the
+validator cannot tell this from the steps, so it is the scenario's to avoid. A ``pin`` takes
+at least one page: the kernel runner pins through io_uring, which answers EFAULT for an empty
+buffer, where mmsim's ``Process.pin`` answers EINVAL (and pin_user_pages pins nothing).
 
 Faults and threads: ``fault`` threads belong to the process that started them. A ``fork`` child
 has none of them (only the forking thread exists in a child), so ``fault_status`` in a child may
@@ -168,6 +188,8 @@ OPS = {
     "fork": {"child"},
     "exit": set(),
     "fill_vmas": {"region", "leave"},
+    "pin": {"at", "pages", "pin"},
+    "unpin": {"pin"},
 }
 OPTIONAL = {"prot", "uffd", "mode", "len", "expect", "note", "pages"}
 #: Fields only some operations take, beyond OPS and OPTIONAL.
@@ -205,6 +227,8 @@ REMAP_FLAGS = {"maymove": 1, "fixed": 2, "dontunmap": 4}
 COPY_MAX_PAGES = 64
 #: Unfinished faults one process may have at a time (its fault threads are made in advance).
 MAX_PENDING_FAULTS = 4
+#: The most pages one ``pin`` takes (io_uring registers buffers of up to 1 GiB).
+PIN_MAX_PAGES = (1 << 30) // PAGE
 #: The VMA count ``fill_vmas`` aims at: vm.max_map_count's default (the kernel runner reads the
 #: live sysctl, mmsim's server has this default).
 MAX_MAP_COUNT = 65530
@@ -277,6 +301,8 @@ class Scenario:
         procs = set(self.processes)
         regions: set[str] = set()
         faults: dict[str, str] = {}  # fault id -> the process that started it
+        pins: dict[str, str] = {}  # pin name -> the process that made it
+        unpinned: set[str] = set()
         where = self.path or self.name
         if self.thp is not None:
             _validate_thp(self.thp, where)
@@ -351,6 +377,20 @@ class Scenario:
             elif op == "fault_status":
                 if faults.get(st["id"]) != proc:
                     raise bad(f"{st['id']!r} is not a fault started earlier by {proc}")
+            elif op == "pin":
+                name, pages = st["pin"], st["pages"]
+                if not isinstance(name, str) or name in pins:
+                    raise bad(f"pin must be a name not used by another pin ({name!r})")
+                if not isinstance(pages, int) or isinstance(pages, bool) or not 1 <= pages <= PIN_MAX_PAGES:
+                    raise bad(f"pages must be an integer in [1, {PIN_MAX_PAGES}]")
+                pins[name] = proc
+            elif op == "unpin":
+                name = st["pin"]
+                if not isinstance(name, str) or pins.get(name) != proc:
+                    raise bad(f"{name!r} is not a pin made earlier by {proc}")
+                if name in unpinned:
+                    raise bad(f"{name!r} is unpinned already")
+                unpinned.add(name)
 
 
 def _validate_thp(thp: Any, where: str) -> None:
@@ -411,6 +451,11 @@ def uses_swap(scenario: Scenario) -> bool:
 def needs_swap(scenario: Scenario) -> bool:
     """True when the kernel needs an active swap device for ``scenario`` (it pages out)."""
     return any(st["op"] == "madvise" and st.get("advice") == "pageout" for st in scenario.steps)
+
+
+def uses_pin(scenario: Scenario) -> bool:
+    """True when ``scenario`` has a ``pin`` step."""
+    return any(st["op"] == "pin" for st in scenario.steps)
 
 
 def _complainer(prefix: str) -> Any:

@@ -29,7 +29,7 @@ from rich.table import Table
 from mmsim.client import Client
 
 from .mmsim_runner import Difference, MmsimRunner, SettingsMismatch, compare, server_settings
-from .scenario import UNRECORDED, Scenario, StepResult, needs_swap, uses_thp
+from .scenario import UNRECORDED, Scenario, StepResult, needs_swap, uses_pin, uses_thp
 
 #: Exit statuses of the command.
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_NO_ORACLE = 0, 1, 2, 3
@@ -192,7 +192,7 @@ def record(paths: list[str], step_timeout: float = 5.0, console: Console | None 
     are shown, to be read over. A large-folio scenario is skipped where the kernel cannot run it
     (``thp_unavailable``), and so is one whose every run was unreliable (a huge page fault fell
     back to small pages, or khugepaged collapsed pages)."""
-    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable, thp_unavailable
+    from .kernel import KernelRunner, oracle_unavailable, pin_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
     why = oracle_unavailable()
@@ -209,6 +209,10 @@ def record(paths: list[str], step_timeout: float = 5.0, console: Console | None 
             continue
         if uses_thp(s) and (no_thp := thp_unavailable(s)) is not None:
             console.print(f"[yellow]skipped[/yellow]  {s.name}: {no_thp}")
+            status = EXIT_DIFFERENT
+            continue
+        if uses_pin(s) and (no_pin := pin_unavailable()) is not None:
+            console.print(f"[yellow]skipped[/yellow]  {s.name}: {no_pin}")
             status = EXIT_DIFFERENT
             continue
         last: list[dict[str, object]] | None = None
@@ -300,14 +304,17 @@ async def conformance(
     console: Console | None = None,
     swap: bool = False,
     thp: bool = False,
+    pin: bool = False,
 ) -> int:
     """The command's body; returns its exit status. ``server``: the mmsim server to run on (None:
     servers started in this process, one per distinct THP settings). ``swap``: the random
     scenarios also page out, deactivate and observe PTEs (those that page out are skipped where
     the kernel has no usable swap). ``thp``: the random scenarios also map 2 MiB-aligned regions,
-    ask for huge pages and move whole PMDs. Large-folio scenarios are skipped where the kernel
-    cannot run them, and every scenario whose THP settings ``server`` does not have."""
-    from .kernel import KernelRunner, oracle_unavailable, swap_unavailable, thp_unavailable
+    ask for huge pages and move whole PMDs. ``pin``: the random scenarios also pin and unpin pages.
+    Large-folio scenarios are skipped where the kernel cannot run them, pin scenarios where it
+    cannot pin (``pin_unavailable``), and every scenario whose THP settings ``server`` does not
+    have."""
+    from .kernel import KernelRunner, oracle_unavailable, pin_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
     why = oracle_unavailable()
@@ -316,6 +323,7 @@ async def conformance(
         return EXIT_NO_ORACLE
     scenarios = load_scenarios(paths)
     no_swap = swap_unavailable() if swap or any(needs_swap(s) for s in scenarios) else None
+    no_pin = pin_unavailable() if pin or any(uses_pin(s) for s in scenarios) else None
     runner = KernelRunner(step_timeout=step_timeout)
     different = skipped = 0
     reasons: list[str] = []
@@ -324,6 +332,8 @@ async def conformance(
         """Why the kernel cannot run ``s`` here, or None."""
         if no_swap is not None and needs_swap(s):
             return no_swap
+        if no_pin is not None and uses_pin(s):
+            return no_pin
         return thp_unavailable(s) if uses_thp(s) else None
 
     async def attempt(s: Scenario) -> tuple[Outcome, Client | None]:
@@ -354,7 +364,7 @@ async def conformance(
 
             rng = random.Random(seed)
             for n in range(random_count):
-                s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap, thp=thp)
+                s = random_scenario(rng, name=f"random-{seed}-{n}", swap=swap, thp=thp, pin=pin)
                 outcome, client = await attempt(s)
                 count(outcome)
                 if outcome.skipped is not None:
