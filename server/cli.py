@@ -729,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "hugepage, nohugepage) and move whole PMDs, observed with pte; they are skipped where the "
                       "kernel has no transparent hugepages")
     conf.add_argument("--pin", action="store_true",
-                      help="the random scenarios also pin and unpin pages (FOLL_PIN, by io_uring buffer registration on "
-                      "the kernel); they are skipped where the kernel cannot pin")
+                      help="the random scenarios also pin and unpin pages (FOLL_PIN, by io_uring buffer registration "
+                      "on the kernel); they are skipped where the kernel cannot pin")
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")

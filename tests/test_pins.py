@@ -296,3 +296,20 @@ async def test_sdk_pin_in_a_batch(mm: Client) -> None:
     results = await mm.batch([ops.pin(p, v.start, 2 * P), ops.folio(p, v.start + P), ops.unpin(p, 1),
                               ops.folio(p, v.start + P)])
     assert results[0] == 1 and results[1].pinned and results[2] is None and not results[3].pinned
+
+
+async def test_two_pins_of_one_process_in_flight_at_once_get_their_own_ids() -> None:
+    """A pin asleep on a userfault while another pin of the process completes (found by a
+    generated program: both once got the same id, and one of them leaked)."""
+    m, pid, src, dst = await env()
+    first = asyncio.create_task(m.pin(pid, dst, P))
+    while not m.uffd_waiting(pid):
+        await asyncio.sleep(0)
+    second, _ = await m.pin(pid, src, P)
+    await m.uffd_copy(pid, dst, P, 3)
+    first_id, _ = await asyncio.wait_for(first, 5)
+    assert first_id != second and set(m.processes[pid].pins) == {first_id, second}
+    assert m.check_invariants() == []
+    await m.unpin(pid, first_id)
+    await m.unpin(pid, second)
+    assert m.check_invariants() == []

@@ -611,6 +611,7 @@ class MemoryModel:
         cur = self._cur("pin", pid)
         nbytes = PIN_BYTES + n * PIN_PAGE_BYTES
         pin = GupPin(mm.next_pin, start)
+        mm.next_pin += 1  # taken now: another pin of the process may run while this one sleeps
         try:
             k.memcg.charge(cur, nbytes)
             try:
@@ -647,7 +648,6 @@ class MemoryModel:
                 self._ledger_zeros(mm, self.ledger[pid], range(start >> PAGE_SHIFT, end >> PAGE_SHIFT))
             if in_call:
                 self._call_done(cur)
-        mm.next_pin += 1
         mm.pins[pin.id] = pin
         k.stats["gup_pin_pages"] += n
         return pin.id, n
