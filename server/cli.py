@@ -144,20 +144,35 @@ def cmd_mutate(args: argparse.Namespace) -> int:
             return variant_error("mutate", spec, f"mutant {v.name!r} applies to {', '.join(map(repr, unknown))}, "
                                  f"not a built-in protocol ({', '.join(PROTOCOLS)})")
         extra.append(variant_spec(spec))
-    try:
-        scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
-    except ScenarioError as e:
-        print(f"mmsim mutate: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    if not scenarios:
-        print(f"mmsim mutate: no .litmus file in {args.litmus or DEFAULT_LITMUS}", file=sys.stderr)
-        return 2
-    table = Table(title=f"mutants against {len(scenarios)} litmus scenarios "
+    if args.generated:
+        if args.litmus:
+            args.parser.error("--generated scores generated programs alone: no --litmus with it")
+        from .tools.generate import programs
+
+        scenarios = programs(args.seed, args.generated)
+        against = f"{len(scenarios)} generated programs (seed {args.seed}, no hand-written scenario)"
+    else:
+        try:
+            scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
+        except ScenarioError as e:
+            print(f"mmsim mutate: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        if not scenarios:
+            print(f"mmsim mutate: no .litmus file in {args.litmus or DEFAULT_LITMUS}", file=sys.stderr)
+            return 2
+        against = f"{len(scenarios)} litmus scenarios"
+    table = Table(title=f"mutants against {against} "
                         f"(exhaustive up to {args.preemptions} preemptions, then random; "
                         f"{args.schedules} schedules each)")
     for col in ("mutant", "applies to", "killed by", "protocol", "strategy", "schedule", "finding"):
         table.add_column(col, overflow="fold")
-    kills, score = mutation_score(scenarios, args.preemptions, args.schedules, extra)
+    from .tools.cluster import ClusterError
+
+    try:
+        kills, score = mutation_score(scenarios, args.preemptions, args.schedules, extra, cluster=args.cluster)
+    except ClusterError as e:
+        print(f"mmsim mutate: {e}", file=sys.stderr)
+        return 2
     for k in kills:
         applies = ", ".join(k.protocols)
         if k.equivalent:
@@ -621,14 +636,20 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     if args.record:
         from .tools.conformance.tool import record
 
-        if args.random or args.server is not None:
-            print("mmsim conformance: --record takes scenario files only (no --random, no --server)", file=sys.stderr)
+        if args.random or args.server is not None or args.cluster is not None:
+            print("mmsim conformance: --record takes scenario files only (no --random, no --server, no --cluster)",
+                  file=sys.stderr)
             return EXIT_USAGE
         try:
             return record(args.scenarios, step_timeout=args.step_timeout, console=Console())
         except (ScenarioError, OSError) as e:
             print(f"mmsim conformance: {' '.join(str(e).split())}", file=sys.stderr)
             return EXIT_USAGE
+
+    if args.cluster is not None and (not args.random or args.server is not None):
+        print("mmsim conformance: --cluster runs the --random scenarios, each worker on its own kernel and its own "
+              "mmsim (no --server)", file=sys.stderr)
+        return EXIT_USAGE
 
     async def run() -> int:
         if args.server is not None and (why := await _reach(args.server)) is not None:
@@ -644,7 +665,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
             swap=args.swap,
             thp=args.thp,
             pin=args.pin,
+            cluster=args.cluster,
         )
+
+    from .tools.cluster import ClusterError
 
     try:
         return asyncio.run(run())
@@ -654,7 +678,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         print(f"mmsim conformance: cannot reach the mmsim server at {args.server}: {' '.join(str(e).split())}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (ScenarioError, OSError) as e:
+    except (ScenarioError, OSError, ClusterError) as e:
         print(f"mmsim conformance: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -734,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--step-timeout", type=_seconds, default=5.0, metavar="SECONDS",
                       help="seconds before a kernel step counts as blocked")
     conf.add_argument("--save", metavar="DIR", help="write the shrunk reproducer of each random failure here")
+    conf.add_argument("--cluster", metavar="tcp://HOST:PORT",
+                      help="run the --random scenarios on the workers of this Dask scheduler (the cluster extra), one "
+                      "task each: each worker runs it on its own kernel and its own mmsim, shrinks a difference "
+                      "there, and its kernel release is shown beside it (scenario files still run here)")
     conf.add_argument("--record", action="store_true",
                       help="run the scenario files on the kernel only and write its answers into their expect fields")
     conf.set_defaults(func=cmd_conformance, parser=conf)
@@ -776,9 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--variant", metavar="FILE.py:NAME",
                     help="a user's variant, the Variant NAME of FILE.py: a protocol explored instead of --protocol, "
                     "or a mutant applied to it (docs/variants.md)")
-    ex.add_argument("--strategy", choices=["random", "pct", "exhaustive"], default="exhaustive",
-                    help="random picks, PCT priorities, or every schedule up to --preemptions (default)")
-    ex.add_argument("--schedules", type=_positive, default=10_000, help="most schedules to run (default 10000)")
+    ex.add_argument("--strategy", choices=["random", "pct", "exhaustive", "dpor"], default="exhaustive",
+                    help="random picks, PCT priorities, every schedule up to --preemptions (default), or dpor: one "
+                    "schedule per Mazurkiewicz trace, no bound (a complete search prints 'complete: N traces')")
+    ex.add_argument("--schedules", type=_positive,
+                    help="most schedules to run (default 10000; with --generate, random ones per program, default 300)")
+    ex.add_argument("--generate", type=_positive, metavar="N",
+                    help="explore N generated litmus programs (seeded by --seed): each caught one is shrunk to a "
+                    "minimal program and written to --save DIR (default .)")
+    ex.add_argument("--save", metavar="DIR", help="--generate: where the shrunk programs go")
     ex.add_argument("--preemptions", type=_non_negative, default=2,
                     help="exhaustive: preemptions per schedule (default 2)")
     ex.add_argument("--depth", type=_positive, default=3, help="pct: the bug depth d (default 3)")
@@ -787,16 +821,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--replay", metavar="TOKEN", help="run the schedule a replay token names, exactly")
     ex.add_argument("--all", action="store_true", help="go on after a catch and report the whole search")
     ex.add_argument("--jobs", type=_positive, default=1,
-                    help="random and pct: worker processes sharing the search; the result is the same for "
-                    "any number (default 1)")
+                    help="random and pct: worker processes sharing the search (with --cluster: parts, default one "
+                    "per worker thread); the result is the same for any number (default 1)")
+    ex.add_argument("--cluster", metavar="tcp://HOST:PORT",
+                    help="random and pct: run the search's parts on the workers of this Dask scheduler (the cluster "
+                    "extra); the result is the same as here")
     ex.set_defaults(func=cmd_explore, parser=ex)
     mu = sub.add_parser("mutate", help=cmd_mutate.__doc__, description=cmd_mutate.__doc__, epilog=MUTATE_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     mu.add_argument("--litmus", metavar="DIR", help="the scenarios (default: the library in tests/litmus)")
+    mu.add_argument("--generated", type=_positive, metavar="N",
+                    help="score N generated litmus programs (seeded by --seed) instead of a library: what the "
+                    "detectors and the search find in programs nobody wrote")
+    mu.add_argument("--seed", type=_int, default=0, help="--generated: the programs' seed (default 0)")
     mu.add_argument("--preemptions", type=_non_negative, default=2, help="exhaustive bound (default 2)")
     mu.add_argument("--schedules", type=_positive, default=2000, help="most schedules per search (default 2000)")
     mu.add_argument("--variant", action="append", metavar="FILE.py:NAME",
                     help="also score a user's mutant, the Variant NAME of FILE.py (repeatable; docs/variants.md)")
+    mu.add_argument("--cluster", metavar="tcp://HOST:PORT",
+                    help="run each mutant and protocol against each scenario as a task of this Dask scheduler's "
+                    "workers (the cluster extra; a --variant file must be at the same path on every worker); the "
+                    "score is the same as here")
     mu.set_defaults(func=cmd_mutate, parser=mu)
     from .deploy import add_commands  # nginx-config, health-probe
 

@@ -372,3 +372,17 @@ def test_the_exit_status_tells_a_known_finding_from_a_violation(
         replay = next(line.split("--replay", 1)[1].strip() for line in out.splitlines() if "--replay" in line)
         assert main(["explore", "--replay", replay.strip("'")]) == status
     assert ("a known finding of this scenario" in out) == (status == 3)
+
+
+def test_a_set_up_that_maps_the_zero_pages_keeps_them_through_the_snapshot() -> None:
+    """The explorer pickles the set-up once and starts every schedule from it: the zero page and the
+    huge zero folio must come back as the singletons, or every schedule's audit would find a
+    stranger mapped read-only."""
+    scn = parse("\n".join([
+        "name: zero-pages", "setup:", "  p = process", "  mmap p 0x100000 2", "  read p 0x100000",
+        "  mmap p 0x200000 512", "  madvise p 0x200000 512 hugepage", "  read p 0x200000",
+        "  mmap p 0x600000 2 rw missing", "thread a:", "  remap p 0x600000 0x100000 1",
+        "thread b:", "  read p 0x201000", "",
+    ]), "zero-pages.litmus")
+    s = explore(scn, "recheck", strategy="exhaustive", schedules=200)
+    assert s.schedules > 1 and s.first is None

@@ -3,7 +3,7 @@ script under the unmutated protocol reports nothing.
 
 Every killing script is parametrized over ``None`` (the kernel as the protocol has it: no
 violation, a clean audit) and the mutant (the named detector fires, or lockdep's deadlock check).
-The two mutants no scenario can tell from the kernel get an equivalence witness instead: the
+The mutants no scenario can tell from the kernel get an equivalence witness instead: the
 script where they would matter, with the same verdict under both (docs/mutants.md argues it).
 Interleavings are scripted with ``Scheduler.pause_at`` breakpoints (``Stops`` for the explorer's
 points that it does not list) and event-loop turns only.
@@ -23,11 +23,12 @@ from mmsim.server.mm.detectors import FINDING_KINDS, KINDS
 from mmsim.server.mm.kernel import MUTANTS, PROTOCOLS, Deadlock, Kernel
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_put
-from mmsim.server.mm.mm_types import PAGE_SIZE, PMD_SHIFT, MmError
+from mmsim.server.mm.mm_types import HUGE_ZERO_FOLIO, PAGE_SIZE, PMD_SHIFT, MmError
 from mmsim.server.mm.model import MemoryModel
 from mmsim.server.mm.rmap import RmapWalkControl, folio_referenced
 from mmsim.server.mm.sched import POINTS
 from mmsim.server.mm.steps import STEPS, default_step
+from mmsim.server.mm.variants import STRAY_PAGE_VALUE
 
 T = TypeVar("T")
 P = PAGE_SIZE
@@ -154,6 +155,10 @@ SCRIPTS = {
     "ptl-no-address-order": "test_ptl_no_address_order",
     "folio-lock-walker-skips-lock": "test_folio_lock_walker_skips_lock",
     "move-swap-keeps-mapping": "test_move_swap_keeps_mapping",
+    "move-swap-no-has-cache-check": "test_move_swap_no_has_cache_check",
+    "move-swap-no-folio-match-check": "test_move_swap_no_folio_match_check_is_equivalent",
+    "move-huge-zero-as-folio": "test_move_huge_zero_as_folio",
+    "move-huge-zero-pmd-from-null": "test_move_huge_zero_pmd_from_null",
     "move-large-folio-lock-sleeps": "test_move_large_folio_lock_sleeps",
     "split-under-rcu": "test_split_under_rcu",
     "move-rmap-before-pin-check": "test_move_rmap_before_pin_check",
@@ -317,6 +322,87 @@ async def test_move_swap_keeps_mapping(mutant: str | None) -> None:
     assert await done(m.read(pid, DST)) == 0x5000
     assert folio_at(m, pid, DST) is f and f.mapcount == 1
     verdict(m, mutant, {"anon-rmap-mismatch"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap: the 6.16 swap-cache races (0ea148a79919)
+
+
+async def swap_env(mutant: str | None) -> tuple[MemoryModel, int]:
+    """One process: dst (two pages, its page table made first, so that its PTL is taken first;
+    page 1 written; registered MISSING), and src's page paged out and its folio reclaimed: a
+    swap PTE at src, nothing in the swap cache."""
+    m = MemoryModel(protocol="recheck", mutant=mutant)
+    pid = await m.create_process()
+    await m.mmap(pid, 2 * P, addr=DST)
+    await m.write(pid, DST + P, 0xD001)
+    await m.uffd_register(pid, DST, 2 * P, "missing")
+    await m.mmap(pid, NPAGES * P, addr=SRC)
+    await m.write(pid, SRC, 0x5000)
+    await m.madvise(pid, SRC, P, "pageout")
+    assert await m.reclaim(1) == 1 and not m.k.swap.swap_table
+    return m, pid
+
+
+@pytest.mark.parametrize("mutant", killed("move-swap-no-has-cache-check"))
+async def test_move_swap_no_has_cache_check(mutant: str | None) -> None:
+    """M looks in the swap cache for src's entry (nothing) and stops between its PTLs (dst's
+    taken); src's page is read in (a new folio G, in the swap cache for the same entry and mapped
+    at src with src's anon_vma and index), written and paged out again: G keeps its slot and stays
+    in the swap cache, and src's new swap PTE reads as the old one. The kernel (6.16) sees
+    SWAP_HAS_CACHE under the PTLs and starts over, and G moves with the PTE; the mutant (6.15)
+    moves the PTE alone, and a read at dst swaps G in where its anon_vma and index do not lead."""
+    m, pid = await swap_env(mutant)
+    mm = m.processes[pid]
+    old = mm.swap_pte_lookup(SRC)
+    assert old is not None
+    bp = m.k.sched.pause_at("move:between-ptls")
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await bp.wait_reached()
+    assert await m.read(pid, SRC) == 0x5000
+    g = folio_at(m, pid, SRC)
+    await m.write(pid, SRC, 0x5001)
+    await m.madvise(pid, SRC, P, "pageout")
+    new = mm.swap_pte_lookup(SRC)
+    assert new is not None and new is not old and new.entry == old.entry and new.exclusive and g.swapcache
+    bp.release()
+    assert await done(mover) == P
+    assert m.k.stats["move_retry"] == (1 if mutant is None else 0)
+    assert (g.index == mm.vma_lookup(DST).linear_page_index(DST)) == (mutant is None)  # type: ignore[union-attr]
+    assert await done(m.read(pid, DST)) == 0x5001 and folio_at(m, pid, DST) is g
+    verdict(m, mutant, {"anon-rmap-mismatch"})
+    if mutant is not None:
+        assert any("index" in p for p in m.check_invariants())  # mapped where no rmap walk finds it
+
+
+@pytest.mark.parametrize("mutant", [None, "move-swap-no-folio-match-check"])
+async def test_move_swap_no_folio_match_check_is_equivalent(mutant: str | None) -> None:
+    """Where the folio check would matter: M finds F in the swap cache for src's entry (a
+    reference taken) and sleeps on F's lock, which reclaim holds (stopped at
+    ``reclaim:folio-locked``) to free F from the swap cache. Reclaim cannot: M's reference is one
+    more than the cache's and its own (__remove_mapping). So when M has F locked, F still backs
+    the entry (the other ways out of the swap cache need the slot's count at zero, which src's
+    swap PTE holds up), with or without the check: F moves with the PTE either way."""
+    m, pid = await env("recheck", mutant)
+    await m.madvise(pid, SRC, P, "pageout")
+    swp = m.processes[pid].swap_pte_lookup(SRC)
+    assert swp is not None
+    f = m.k.swap.swap_table[swp.entry.offset]
+    lock = f.lock
+    assert lock is not None
+    bp = m.k.sched.pause_at("reclaim:folio-locked")
+    reclaim = asyncio.create_task(m.reclaim(1))
+    await bp.wait_reached()
+    assert lock.owner is not None
+    mover = asyncio.create_task(m.move(pid, DST, SRC, P))
+    await run_until(lambda: bool(lock.waiters))
+    bp.release()
+    assert await done(reclaim) == 0  # F is referenced by the mover: kept
+    assert await done(mover) == P
+    dst = m.processes[pid].vma_lookup(DST)
+    assert dst is not None and f.swapcache and f.swap == swp.entry and f.index == dst.linear_page_index(DST)
+    assert await done(m.read(pid, DST)) == 0x5000 and folio_at(m, pid, DST) is f
+    assert not m.detectors.counts and m.check_invariants() == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +616,135 @@ async def test_move_pmd_rmap_before_pin_check(mutant: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The walker's lifetime rules
+# The huge zero page: 5d4747a6cc8e (6.8-rc1) and the 2026 fix
+
+
+async def huge_zero_move(mutant: str | None) -> tuple[MemoryModel, int, int | MmError]:
+    """A read of a hugepage range at THP maps the huge zero page by a huge PMD; M moves that PMD
+    whole to THP_DST (registered MISSING) while a reader sleeps on the userfault there. Returns
+    the move's result (or its error) once the reader has read (the move woke it) or still sleeps."""
+    m = MemoryModel(protocol="recheck", mutant=mutant)
+    pid = await m.create_process()
+    await m.mmap(pid, HPAGE * P, addr=THP)
+    await m.madvise(pid, THP, HPAGE * P, "hugepage")
+    assert await m.read(pid, THP) == 0
+    mm = m.processes[pid]
+    assert mm.huge_pmds[THP >> PMD_SHIFT].folio is HUGE_ZERO_FOLIO
+    await m.mmap(pid, HPAGE * P, addr=THP_DST, uffd="missing")
+    reader = asyncio.create_task(m.read(pid, THP_DST))
+    await run_until(lambda: mm.uffd is not None and bool(mm.uffd.faults))
+    try:
+        moved: int | MmError = await done(m.move(pid, THP_DST, THP, HPAGE * P))
+    except MmError as e:
+        moved = e
+    if isinstance(moved, MmError):
+        reader.cancel()  # nothing filled dst: the fault sleeps until its handler gives up
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    else:
+        await done(reader)
+    return m, pid, moved
+
+
+@pytest.mark.parametrize("mutant", killed("move-huge-zero-as-folio"))
+async def test_move_huge_zero_as_folio(mutant: str | None) -> None:
+    """The kernel (6.9+) moves the huge zero PMD with no folio and no lock; the mutant (6.8-rc1
+    before 5d4747a6cc8e) asks PageAnonExclusive of the huge zero page, which is not anonymous
+    (syzbot's VM_BUG_ON), and the move fails with EBUSY."""
+    m, pid, moved = await huge_zero_move(mutant)
+    mm = m.processes[pid]
+    if mutant is None:
+        assert moved == HPAGE * P and mm.huge_pmds[THP_DST >> PMD_SHIFT].folio is HUGE_ZERO_FOLIO
+        assert (THP >> PMD_SHIFT) not in mm.huge_pmds and await m.read(pid, THP_DST + P) == 0
+    else:
+        assert isinstance(moved, MmError) and moved.errno == errno.EBUSY
+        assert mm.huge_pmds[THP >> PMD_SHIFT].folio is HUGE_ZERO_FOLIO
+    assert HUGE_ZERO_FOLIO.mapping is None and HUGE_ZERO_FOLIO.refcount == 0
+    verdict(m, mutant, {"anon-rmap-mismatch"})
+    if mutant is not None:
+        assert m.check_invariants() == []  # nothing else changed: the report is the only trace
+
+
+@pytest.mark.parametrize("mutant", killed("move-huge-zero-pmd-from-null"))
+async def test_move_huge_zero_pmd_from_null(mutant: str | None) -> None:
+    """The kernel (with the 2026 fix) maps the huge zero page at dst, a special PMD: the reader
+    reads zeros. The mutant (6.16 on) builds dst's PMD from the NULL src folio: dst maps memory
+    the model does not own, someone else's data, with no anon_vma, mapcount or reference: the
+    audit's ledger and rmap checks."""
+    m, pid, moved = await huge_zero_move(mutant)
+    assert moved == HPAGE * P
+    hp = m.processes[pid].huge_pmds[THP_DST >> PMD_SHIFT]
+    assert (hp.folio is HUGE_ZERO_FOLIO) == (mutant is None) and not hp.write
+    assert await m.read(pid, THP_DST + P) == (0 if mutant is None else STRAY_PAGE_VALUE)
+    verdict(m, mutant, {"invariant"} if mutant is None else set())
+    if mutant is not None:
+        problems = m.check_invariants()
+        assert any("contents differ from the ledger" in p for p in problems), problems
+        assert any("has no anon_vma" in p for p in problems) and any("mapcount" in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------
+# The rmap sanity check at every folio_add_anon_rmap site
+
+
+@pytest.mark.parametrize("broken", [False, pytest.param(True, marks=MUTATION)])
+@pytest.mark.parametrize("site", ["swap-in", "fork-pte", "fork-pmd", "split-pmd", "split-folio"])
+async def test_anon_rmap_check_at_every_site(site: str, broken: bool) -> None:
+    """Each place the model adds a mapping of a folio already in the anon rmap checks, as
+    __page_check_anon_rmap does, that the folio's anon_vma root is the VMA's and its index the
+    VMA's linear page index there: the swap-in of a cached folio, fork's copy of a PTE and of a
+    huge PMD, the split of a huge PMD into PTEs and the remap of a split folio's pages. Each is
+    run on a folio whose index (or VMA's anon_vma) was made wrong just before (``broken``),
+    and on one left alone."""
+    m = MemoryModel(protocol="recheck")
+    pid = await m.create_process()
+    mm = m.processes[pid]
+    if site in ("swap-in", "fork-pte"):
+        await m.mmap(pid, NPAGES * P, addr=SRC)
+        await m.write(pid, SRC, 0x5000)
+        f = folio_at(m, pid, SRC)
+        if site == "swap-in":
+            await m.madvise(pid, SRC, P, "pageout")
+            f.index += broken
+            assert await m.read(pid, SRC) == 0x5000
+        else:
+            f.index += broken
+            await m.fork(pid)
+        at = SRC
+    else:
+        await m.mmap(pid, HPAGE * P, addr=THP)
+        await m.madvise(pid, THP, HPAGE * P, "hugepage")
+        await m.write(pid, THP, 0x5000)
+        await m.write(pid, THP + P, 0x5001)
+        f = mm.huge_pmds[THP >> PMD_SHIFT].folio
+        if site == "fork-pmd":
+            f.index += broken
+            await m.fork(pid)
+            at = THP
+        elif site == "split-pmd":
+            f.index += broken
+            await m.madvise(pid, THP + (HPAGE - 1) * P, P, "dontneed")
+            at = THP
+        else:  # split-folio: moving one page of a large folio mapped by PTEs splits it first
+            await m.madvise(pid, THP + (HPAGE - 1) * P, P, "dontneed")
+            await m.mmap(pid, NPAGES * P, addr=DST, uffd="missing")
+            vma = mm.vma_lookup(THP)
+            assert vma is not None and vma.anon_vma is not None
+            own = vma.anon_vma
+            if broken:
+                other = await m.create_process()
+                await m.mmap(other, P, addr=SRC)
+                await m.write(other, SRC, 1)
+                vma.anon_vma = anon_vma_at(m, other, SRC)  # another tree: another root
+            assert await m.move(pid, DST, THP + 2 * P, P) == P
+            vma.anon_vma = own
+            at = THP  # page 0, remapped to a folio of its own
+    events = [e for e in m.detectors.events if e.kind == "anon-rmap-mismatch"]
+    if not broken:
+        assert not m.detectors.counts and m.check_invariants() == []
+    else:
+        assert events and set(m.detectors.counts) == {"anon-rmap-mismatch"}, m.detectors.events
+        assert at in {e.detail["addr"] for e in events}, events
 
 
 @pytest.mark.parametrize("mutant", killed("walker-no-anon-vma-get"))

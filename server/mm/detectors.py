@@ -33,9 +33,10 @@ KINDS = (
     # is not the rwsem it locked: the anon_vma's root changed under it (freed and reused).
     "unlock-mismatch",
     "use-after-free",  # a freed anon_vma touched outside RCU protection
-    # A folio already in the anon rmap is mapped again (a swap-in) at an address where its
-    # anon_vma's root or its index is not what the VMA gives: the kernel's __page_check_anon_rmap
-    # (VM_BUG_ON_FOLIO / VM_BUG_ON_PAGE under CONFIG_DEBUG_VM).
+    # A folio already in the anon rmap gains a mapping (a swap-in, fork's copy, a split's remap)
+    # at an address where its anon_vma's root or its index is not what the VMA gives: the kernel's
+    # __page_check_anon_rmap (VM_BUG_ON_FOLIO / VM_BUG_ON_PAGE under CONFIG_DEBUG_VM); or
+    # PageAnonExclusive is asked of a page that is not anonymous (VM_BUG_ON_PGFLAGS).
     "anon-rmap-mismatch",
     "lock-order",  # a blocking acquisition against the lock order
     "deadlock",  # tasks spin on locks held by one another (ABBA): every CPU of the cycle hangs

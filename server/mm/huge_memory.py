@@ -48,6 +48,8 @@ from .mm_types import (
 )
 from .rmap import (
     AnonVma,
+    PageAnonExclusive,
+    __page_check_anon_rmap,
     anon_vma_lock_write,
     anon_vma_prepare,
     anon_vma_unlock_write,
@@ -301,6 +303,7 @@ def split_huge_pmd_locked(k: Kernel, vma: Vma, idx: int, hp: HugePmd) -> None:
     folio.mapcount += HPAGE_PMD_NR - 1
     folio.entire_mapcount -= 1
     folio.mm_map(mm.id, HPAGE_PMD_NR - 1)
+    if k.detect: __page_check_anon_rmap(k, None, folio, 0, vma, idx << PMD_SHIFT)
     k.stats["thp_split_pmd"] += 1
 
 
@@ -398,6 +401,7 @@ async def copy_huge_pmd(
         folio.mapcount += 1
         folio.mm_map(dst_mm.id, 1)
         folio.set_page_anon_exclusive(0, False)
+        if k.detect: __page_check_anon_rmap(k, cur, folio, 0, dst_vma, haddr)
         dst_mm.rss_anon += HPAGE_PMD_NR
         if folio_vpns is not None:
             vpn0 = idx << (PMD_SHIFT - PAGE_SHIFT)
@@ -600,6 +604,7 @@ async def __split_folio_mappings(
                         f.value = folio.values[i]
                     f.mapcount += 1
                     f.refcount += 1
+                    if k.detect: __page_check_anon_rmap(k, cur, f, 0, vma, vpn << PAGE_SHIFT)
                     ptes[vpn] = Pte(f, pte.write, pte.young, pte.dirty, pte.uffd_wp, pte.soft_dirty)
                 folio.pages_mapcount[i] -= 1
                 folio.mapcount -= 1
@@ -632,7 +637,7 @@ async def move_pages_huge_pmd(
         return -errno.ENOENT
     src_folio: LargeFolio | None = None
     if src_pmdval.folio is not HUGE_ZERO_FOLIO:
-        if not src_pmdval.folio.page_anon_exclusive(0):
+        if not PageAnonExclusive(k, src_pmdval.folio, 0):
             src_ptl.spin_unlock(cur)
             return -errno.EBUSY
         src_folio = src_pmdval.folio
@@ -651,7 +656,7 @@ async def move_pages_huge_pmd(
         if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
             err = -errno.EAGAIN
         elif src_folio is not None:
-            if not src_folio.page_anon_exclusive(0):
+            if not PageAnonExclusive(k, src_folio, 0):
                 err = -errno.EBUSY
             else:
                 src_anon_vma = folio_get_anon_vma(k, cur, src_folio)

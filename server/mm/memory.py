@@ -41,6 +41,7 @@ from .mm_types import (
     folio_bytes,
 )
 from .rmap import (
+    __page_check_anon_rmap,
     anon_vma_prepare,
     folio_add_new_anon_rmap,
     folio_dup_anon_rmap_pte,
@@ -392,14 +393,7 @@ async def do_swap_page(
             folio.mapping = vma.anon_vma.root
             folio.exclusive = False
     else:  # folio_add_anon_rmap_pte
-        av = folio.mapping
-        if (av.root is not (vma.anon_vma.root if vma.anon_vma is not None else None)
-                or folio.index != vma.linear_page_index(addr)):
-            if k.detect:
-                k.detectors.report(
-                    "anon-rmap-mismatch", task=cur.name, folio=folio.id, addr=addr, anon_vma=av.id,
-                    index=folio.index, linear_page_index=vma.linear_page_index(addr),
-                )
+        if k.detect: __page_check_anon_rmap(k, cur, folio, 0, vma, addr)
         folio.mapcount += 1
         if rmap_exclusive:
             folio.exclusive = True
@@ -606,6 +600,8 @@ async def zap_pte_range(
         pt = mm.pgtables.get(idx)
         if pt is None or not (pt.ptes or pt.swap):
             continue
+        if pt.ptl.owner is not None:  # MADV_DONTNEED runs beside a mover preempted in its PTL section
+            await k.spin_on(cur, pt.ptl)
         pt.ptl.spin_lock(cur)
         ptes = pt.ptes
         whole = _table_within(idx, lo, hi)
@@ -718,6 +714,9 @@ async def copy_page_range(
             memcg.uncharge(charged)
             raise
         while True:
+            # the parent's table may be shared with a VMA a mover (preempted in its PTL section) holds
+            if src_pt.ptl.owner is not None:
+                await k.spin_on(cur, src_pt.ptl)
             dst_pt.ptl.spin_lock(cur)
             src_pt.ptl.spin_lock(cur, nested=True)
             more = _count_cow_for_dma(src_mm, src_pt, lo, hi, whole) - ncopy if src_mm.has_pinned else 0
@@ -745,6 +744,7 @@ async def copy_page_range(
                         folio_vpns.append(vpn)
                     continue
                 folio_dup_anon_rmap_pte(folio, pte.page, dst_mm)
+                if k.detect: __page_check_anon_rmap(k, cur, folio, pte.page, dst_vma, vpn << PAGE_SHIFT)
                 pte.write = False
                 rss += 1
                 if folio_vpns is not None:

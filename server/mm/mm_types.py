@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from sortedcontainers import SortedDict
 
@@ -171,6 +171,13 @@ class Folio:
 
     def __repr__(self) -> str:
         return f"<Folio {self.id} idx={self.index:#x} map={self.mapcount} ref={self.refcount}>"
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        """The zero page and the huge zero folio stay the module's singletons through a pickle
+        (the explorer's snapshot of a scenario's set-up); any other folio pickles as usual."""
+        if self.lock is None and self.id == 0:
+            return "HUGE_ZERO_FOLIO" if self.large else "ZERO_PAGE"
+        return super().__reduce_ex__(protocol)
 
     @property
     def trace_name(self) -> str:

@@ -82,6 +82,8 @@ async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: in
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes:
             continue
+        if pt.ptl.owner is not None:  # the table may be shared with a VMA a preempted mover holds
+            await k.spin_on(cur, pt.ptl)
         pt.ptl.spin_lock(cur)
         n = 0
         for vpn, pte in pt.ptes.items():

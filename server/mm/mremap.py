@@ -304,6 +304,9 @@ async def move_page_tables(
         try:
             for dst_idx, group in groups.items():
                 dst_pt = mm.pte_alloc(cur, dst_idx << PMD_SHIFT)
+                # either table may be shared with a VMA a mover (preempted in its PTL section) holds
+                while (src_pt.ptl.owner or dst_pt.ptl.owner) is not None:
+                    await k.spin_on(cur, src_pt.ptl if src_pt.ptl.owner is not None else dst_pt.ptl)
                 src_pt.ptl.spin_lock(cur)  # move_ptes: the old PTL, then the new one nested
                 if dst_pt.ptl is not src_pt.ptl:
                     dst_pt.ptl.spin_lock(cur, nested=True)

@@ -474,6 +474,30 @@ def folio_dup_anon_rmap_pte(folio: Folio, page: int, mm: Mm) -> None:
         folio.exclusive = False
 
 
+def __page_check_anon_rmap(k: Kernel, cur: Current | None, folio: Folio, page: int, vma: Vma, addr: int) -> None:
+    """The kernel's rmap sanity check of a folio already in the anon rmap that gains a mapping of
+    page ``page`` at ``addr`` of ``vma`` (__page_check_anon_rmap, VM_BUG_ON_FOLIO / VM_BUG_ON_PAGE
+    under CONFIG_DEBUG_VM): its anon_vma's root is the VMA's and the page's index is the VMA's
+    linear_page_index of ``addr``. Anything else is reported as ``anon-rmap-mismatch``."""
+    av = folio.mapping
+    lpi = vma.linear_page_index(addr)
+    root = vma.anon_vma.root if vma.anon_vma is not None else None
+    if av is None or av.root is not root or folio.index + page != lpi:
+        k.detectors.report(
+            "anon-rmap-mismatch", task=cur.name if cur is not None else None, folio=folio.id, addr=addr,
+            anon_vma=av.id if av is not None else None, index=folio.index + page, linear_page_index=lpi,
+        )
+
+
+def PageAnonExclusive(k: Kernel, folio: Folio, page: int) -> bool:
+    """PG_anon_exclusive of page ``page``, with the kernel's check that the page is anonymous
+    (VM_BUG_ON_PGFLAGS(!PageAnon(page)) under CONFIG_DEBUG_VM_PGFLAGS): asked of a page that is not
+    (the huge zero page, the zero page), it is reported as ``anon-rmap-mismatch``."""
+    if folio.mapping is None and k.detect:
+        k.detectors.report("anon-rmap-mismatch", folio=folio.id, why="PageAnonExclusive of a page that is not anon")
+    return folio.page_anon_exclusive(page)
+
+
 def folio_move_anon_rmap(k: Kernel, folio: Folio, vma: Vma) -> None:
     """Point an exclusive folio at ``vma``'s own anon_vma.
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .huge_memory import __split_huge_pmd, pmd_none, split_folio
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
-from .memory import charge_pte
+from .memory import charge_pte, folio_put
 from .mm_types import (
     FOLIO_BYTES,
     HUGE_ZERO_FOLIO,
@@ -736,9 +736,7 @@ async def move_pages_pte(
     if src_folio is not None:
         assert src_folio.lock is not None
         src_folio.lock.unlock(cur)
-        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
-        src_folio.refcount -= 1
-        if k.trace: trace_refcount(k, src_folio, -1)
+        folio_put(k, src_folio, cur)  # the last reference if MADV_DONTNEED zapped the folio meanwhile
     return ret
 
 
@@ -828,7 +826,6 @@ async def move_split_large_folio(k: Kernel, cur: Current, folio: LargeFolio) -> 
     back (the step is retried), or -EBUSY with the folio still locked and pinned: a split that
     fails (others hold references: a pin, or a task that raised the refcount) ends the move
     there, as 6.18 does (one attempt, no retry). Takes what split_folio takes."""
-    from .memory import folio_put
 
     try:
         head = await split_folio(k, cur, folio)
@@ -890,6 +887,14 @@ async def move_store_window(k: Kernel, folio: Folio) -> None:
         del k.torn[folio]
 
 
+def swp_pte_same(pte: SwapPte | None, orig: SwapPte) -> bool:
+    """pte_same of a swap PTE and the one read before (is_pte_pages_stable): the same entry and
+    bits, whether or not it is the same PTE (a page swapped in and out again to the slot it had
+    reads the same)."""
+    return (pte is not None and pte.entry == orig.entry and pte.exclusive == orig.exclusive
+            and pte.uffd_wp == orig.uffd_wp and pte.soft_dirty == orig.soft_dirty)
+
+
 async def move_swap_pte(
     k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
     orig_src_pte: SwapPte, src_folio: Folio | None,
@@ -897,15 +902,17 @@ async def move_swap_pte(
     """Move an exclusive swap PTE as it is (its slot's count unchanged), marked soft-dirty (6.15+).
     Its folio in the swap cache, if any (``src_folio``, locked by the caller), goes to dst's
     anon_vma at dst's index (6.14+), without the anon_vma lock: the folio is mapped nowhere and
-    the entry is exclusive, so no rmap walk can reach it. EAGAIN (6.16+) when the folio no longer
-    backs the entry, or when there is no folio but the slot has SWAP_HAS_CACHE (a swap-in is
-    adding one). Takes both PTLs (double_pt_lock). Returns PAGE_SIZE or a negative errno."""
+    the entry is exclusive, so no rmap walk can reach it. The src PTE is compared by value
+    (swp_pte_same), so a swap-in and swap-out of the page to the same slot meanwhile goes unseen
+    there; EAGAIN (6.16+) when the folio no longer backs the entry, or when there is no folio but
+    the slot has SWAP_HAS_CACHE (a folio came into the swap cache since the lookup). Takes both
+    PTLs (double_pt_lock). Returns PAGE_SIZE or a negative errno."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     entry = orig_src_pte.entry
     if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
         return -errno.EAGAIN
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
-    if not dst_pt.pte_none(dvpn) or src_pt.swap.get(svpn) is not orig_src_pte:
+    if not dst_pt.pte_none(dvpn) or not swp_pte_same(src_pt.swap.get(svpn), orig_src_pte):
         ret = -errno.EAGAIN
     elif src_folio is None and k.swap.swap_map[entry.offset] & SWAP_HAS_CACHE:
         ret = -errno.EAGAIN
@@ -914,9 +921,9 @@ async def move_swap_pte(
             folio_move_anon_rmap(k, src_folio, dst_vma)
             src_folio.index = dst_vma.linear_page_index(dst_addr)
             if k.trace: trace_store(k, "move_swap_pte", src_folio, "index")
-        del src_pt.swap[svpn]  # ptep_get_and_clear
-        orig_src_pte.soft_dirty = True  # pte_swp_mksoft_dirty
-        dst_pt.swap[dvpn] = orig_src_pte
+        pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
+        pte.soft_dirty = True  # pte_swp_mksoft_dirty
+        dst_pt.swap[dvpn] = pte
         ret = PAGE_SIZE
     double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
     return ret

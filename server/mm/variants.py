@@ -26,6 +26,7 @@ from .memory import folio_put
 from .mm_types import (
     ANON_VMA_BYTES,
     AVC_BYTES,
+    HPAGE_PMD_ORDER,
     HPAGE_PMD_SIZE,
     HUGE_ZERO_FOLIO,
     PAGE_SHIFT,
@@ -42,6 +43,7 @@ from .mm_types import (
 )
 from .rmap import (
     AnonVma,
+    PageAnonExclusive,
     RmapWalkControl,
     __put_anon_vma,
     anon_vma_alloc,
@@ -72,6 +74,7 @@ from .userfaultfd import (
     move_split_large_folio,
     move_store_window,
     move_zeropage_pte,
+    swp_pte_same,
 )
 
 if TYPE_CHECKING:
@@ -527,9 +530,7 @@ async def move_pages_pte_no_anon_vma_lock(
     if src_folio is not None:
         assert src_folio.lock is not None
         src_folio.lock.unlock(cur)
-        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
-        src_folio.refcount -= 1
-        if k.trace: trace_refcount(k, src_folio, -1)
+        folio_put(k, src_folio, cur)  # the last reference if MADV_DONTNEED zapped the folio meanwhile
     return ret
 
 
@@ -612,9 +613,7 @@ async def move_pages_pte_no_locks(
         break
     # out:
     if src_folio is not None:
-        cur.pins.pop()  # folio_put(src_folio): never the last, the folio is mapped
-        src_folio.refcount -= 1
-        if k.trace: trace_refcount(k, src_folio, -1)
+        folio_put(k, src_folio, cur)  # the last reference if MADV_DONTNEED zapped the folio meanwhile
     return ret
 
 
@@ -738,7 +737,7 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
         return -errno.ENOENT
     src_folio: LargeFolio | None = None
     if src_pmdval.folio is not HUGE_ZERO_FOLIO:
-        if not src_pmdval.folio.page_anon_exclusive(0):
+        if not PageAnonExclusive(k, src_pmdval.folio, 0):
             src_ptl.spin_unlock(cur)
             return -errno.EBUSY
         src_folio = src_pmdval.folio
@@ -757,7 +756,7 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
         if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
             err = -errno.EAGAIN
         elif src_folio is not None:
-            if not src_folio.page_anon_exclusive(0):
+            if not PageAnonExclusive(k, src_folio, 0):
                 err = -errno.EBUSY
             else:
                 src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
@@ -806,7 +805,181 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fork, free, PTLs
+# The huge zero page: 5d4747a6cc8e (6.8-rc1) and the 2026 fix
+
+
+async def move_pages_huge_pmd_huge_zero_as_folio(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int
+) -> int:
+    """move_pages_huge_pmd before 5d4747a6cc8e (6.8-rc1): no case for the huge zero PMD, whose
+    page is taken for an anonymous THP: PageAnonExclusive is asked of it under the PMD lock (the
+    kernel's VM_BUG_ON_PGFLAGS(!PageAnon) under CONFIG_DEBUG_VM_PGFLAGS; otherwise the flag reads
+    clear and the move fails with EBUSY), and had it passed, the huge zero folio would have been
+    referenced and locked as a THP and its anon_vma (it has none) looked for. Takes what the
+    default takes."""
+    mm = src_vma.mm
+    src_idx, dst_idx = src_addr >> PMD_SHIFT, dst_addr >> PMD_SHIFT
+    src_ptl = await pmd_lock(k, cur, mm, src_addr)  # pmd_trans_huge_lock
+    src_pmdval = mm.huge_pmds.get(src_idx)
+    if src_pmdval is None:
+        src_ptl.spin_unlock(cur)
+        return -errno.ENOENT
+    src_folio = src_pmdval.folio  # the mutant: the huge zero page too (no is_huge_zero_pmd case)
+    if not PageAnonExclusive(k, src_folio, 0):
+        src_ptl.spin_unlock(cur)
+        return -errno.EBUSY
+    src_folio.refcount += 1  # folio_get
+    cur.pins.append(src_folio)
+    src_ptl.spin_unlock(cur)
+    src_anon_vma: AnonVma | None = None
+    err = 0
+    lock = src_folio.lock
+    assert lock is not None
+    if not lock.lock(cur): await lock.wait(cur)
+    dst_ptl = mm.pmd_lock(dst_addr)
+    try:
+        await double_pt_lock(k, cur, src_ptl, dst_ptl)
+        if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+            err = -errno.EAGAIN
+        elif not PageAnonExclusive(k, src_folio, 0):
+            err = -errno.EBUSY
+        else:
+            src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+            if src_anon_vma is None:
+                err = -errno.EAGAIN
+            else:
+                double_pt_unlock(cur, src_ptl, dst_ptl)
+                await anon_vma_lock_write(cur, src_anon_vma)
+                await double_pt_lock(k, cur, src_ptl, dst_ptl)
+                if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+                    err = -errno.EAGAIN
+        if not err and folio_maybe_dma_pinned(src_folio):
+            err = -errno.EBUSY
+        if not err:
+            hp = mm.huge_pmds.pop(src_idx)  # pmdp_huge_clear_flush
+            if k.sched.active and k.gup_fast_tasks: await k.sched.point_unkillable("move:pmd-cleared")
+            if folio_maybe_dma_pinned(src_folio):
+                mm.huge_pmds[src_idx] = hp  # got pinned from under us: put it back, fail
+                err = -errno.EBUSY
+        if not err:
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            src_folio.index = dst_vma.linear_page_index(dst_addr)
+            hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
+            hp.uffd_wp = False
+            hp.soft_dirty = True
+            mm.huge_pmds[dst_idx] = hp  # set_pmd_at, and the deposit withdrawn and deposited
+        double_pt_unlock(cur, src_ptl, dst_ptl)
+    finally:
+        if src_anon_vma is not None:
+            anon_vma_unlock_write(cur, src_anon_vma)
+            await put_anon_vma(k, cur, src_anon_vma)
+        if lock.owner is cur:
+            lock.unlock(cur)
+        folio_put(k, src_folio, cur)
+    if err:
+        return err
+    k.stats["thp_move_pmd"] += 1
+    return HPAGE_PMD_SIZE
+
+
+#: The contents of the memory a PMD built from a NULL folio maps.
+STRAY_PAGE_VALUE = 0x5A5A5A5A
+
+
+def folio_mk_pmd_null() -> LargeFolio:
+    """What ``folio_mk_pmd(NULL, prot)`` maps: the pages at folio_pfn(NULL), memory the model does
+    not own (no anon_vma, no mapcount or reference for the mapping, not on the LRU) holding
+    someone else's data (STRAY_PAGE_VALUE in every page)."""
+    stray = LargeFolio(-1, None, HPAGE_PMD_ORDER)
+    stray.values = [STRAY_PAGE_VALUE] * stray.nr_pages
+    return stray
+
+
+async def move_pages_huge_pmd_zero_pmd_from_null(
+    k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int
+) -> int:
+    """move_pages_huge_pmd from 6.16 to the 2026 fix ("mm/huge_memory: fix memory corruption on
+    huge zero page move"): the huge zero PMD's destination entry is built by folio_mk_pmd from
+    the src folio, which is NULL for the huge zero page, and is not marked special, so dst maps
+    the memory at folio_pfn(NULL) as a huge page. Takes what the default takes."""
+    mm = src_vma.mm
+    src_idx, dst_idx = src_addr >> PMD_SHIFT, dst_addr >> PMD_SHIFT
+    src_ptl = await pmd_lock(k, cur, mm, src_addr)  # pmd_trans_huge_lock
+    src_pmdval = mm.huge_pmds.get(src_idx)
+    if src_pmdval is None:
+        src_ptl.spin_unlock(cur)
+        return -errno.ENOENT
+    src_folio: LargeFolio | None = None
+    if src_pmdval.folio is not HUGE_ZERO_FOLIO:
+        if not PageAnonExclusive(k, src_pmdval.folio, 0):
+            src_ptl.spin_unlock(cur)
+            return -errno.EBUSY
+        src_folio = src_pmdval.folio
+        src_folio.refcount += 1  # folio_get
+        cur.pins.append(src_folio)
+    src_ptl.spin_unlock(cur)
+    src_anon_vma: AnonVma | None = None
+    err = 0
+    if src_folio is not None:
+        lock = src_folio.lock
+        assert lock is not None
+        if not lock.lock(cur): await lock.wait(cur)
+    dst_ptl = mm.pmd_lock(dst_addr)
+    try:
+        await double_pt_lock(k, cur, src_ptl, dst_ptl)
+        if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+            err = -errno.EAGAIN
+        elif src_folio is not None:
+            if not PageAnonExclusive(k, src_folio, 0):
+                err = -errno.EBUSY
+            else:
+                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+                if src_anon_vma is None:
+                    err = -errno.EAGAIN
+                else:
+                    double_pt_unlock(cur, src_ptl, dst_ptl)
+                    await anon_vma_lock_write(cur, src_anon_vma)
+                    await double_pt_lock(k, cur, src_ptl, dst_ptl)
+                    if mm.huge_pmds.get(src_idx) is not src_pmdval or not pmd_none(mm, dst_idx):
+                        err = -errno.EAGAIN
+        if not err and src_folio is not None and folio_maybe_dma_pinned(src_folio):
+            err = -errno.EBUSY
+        if not err:
+            hp = mm.huge_pmds.pop(src_idx)  # pmdp_huge_clear_flush
+            if k.sched.active and k.gup_fast_tasks: await k.sched.point_unkillable("move:pmd-cleared")
+            if src_folio is not None and folio_maybe_dma_pinned(src_folio):
+                mm.huge_pmds[src_idx] = hp  # got pinned from under us: put it back, fail
+                err = -errno.EBUSY
+        if not err:
+            if src_folio is not None:
+                folio_move_anon_rmap(k, src_folio, dst_vma)
+                src_folio.index = dst_vma.linear_page_index(dst_addr)
+                hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
+                hp.uffd_wp = False
+                hp.soft_dirty = True
+            else:
+                hp.folio = folio_mk_pmd_null()  # the mutant: folio_mk_pmd(src_folio), src_folio NULL
+                hp.uffd_wp = False
+                hp.soft_dirty = True
+            mm.huge_pmds[dst_idx] = hp  # set_pmd_at, and the deposit withdrawn and deposited
+        double_pt_unlock(cur, src_ptl, dst_ptl)
+    finally:
+        if src_anon_vma is not None:
+            anon_vma_unlock_write(cur, src_anon_vma)
+            await put_anon_vma(k, cur, src_anon_vma)
+        if src_folio is not None:
+            assert src_folio.lock is not None
+            if src_folio.lock.owner is cur:
+                src_folio.lock.unlock(cur)
+            folio_put(k, src_folio, cur)
+    if err:
+        return err
+    k.stats["thp_move_pmd"] += 1
+    return HPAGE_PMD_SIZE
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap PTEs: the 6.14 and 6.16 swap-cache fixes
 
 
 async def move_swap_pte_keeps_mapping(
@@ -820,18 +993,75 @@ async def move_swap_pte_keeps_mapping(
     if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
         return -errno.EAGAIN
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
-    if not dst_pt.pte_none(dvpn) or src_pt.swap.get(svpn) is not orig_src_pte:
+    if not dst_pt.pte_none(dvpn) or not swp_pte_same(src_pt.swap.get(svpn), orig_src_pte):
         ret = -errno.EAGAIN
     elif src_folio is None and k.swap.swap_map[entry.offset] & SWAP_HAS_CACHE:
         ret = -errno.EAGAIN
     else:
         # (the swap cache's folio is not pointed at dst_vma's anon_vma and index)
-        del src_pt.swap[svpn]
-        orig_src_pte.soft_dirty = True
-        dst_pt.swap[dvpn] = orig_src_pte
+        pte = src_pt.swap.pop(svpn)
+        pte.soft_dirty = True
+        dst_pt.swap[dvpn] = pte
         ret = PAGE_SIZE
     double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
     return ret
+
+
+async def move_swap_pte_no_has_cache_check(
+    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
+    orig_src_pte: SwapPte, src_folio: Folio | None,
+) -> int:
+    """move_swap_pte before 0ea148a79919 (6.15) as to a swap PTE whose lookup found no folio: the
+    PTE moves when it reads as it did, though a folio may have come into the swap cache for its
+    entry since (the page swapped in and out again to the same slot, as 6.16's commit draws it),
+    and that folio keeps the source's anon_vma and index."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    entry = orig_src_pte.entry
+    if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
+        return -errno.EAGAIN
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if not dst_pt.pte_none(dvpn) or not swp_pte_same(src_pt.swap.get(svpn), orig_src_pte):
+        ret = -errno.EAGAIN
+    else:  # the mutant: no `READ_ONCE(si->swap_map[offset]) & SWAP_HAS_CACHE` for a missing folio
+        if src_folio is not None:
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            src_folio.index = dst_vma.linear_page_index(dst_addr)
+        pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
+        pte.soft_dirty = True  # pte_swp_mksoft_dirty
+        dst_pt.swap[dvpn] = pte
+        ret = PAGE_SIZE
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
+async def move_swap_pte_no_folio_match_check(
+    k: Kernel, cur: Current, dst_vma: Vma, dst_addr: int, src_addr: int, dst_pt: PageTable, src_pt: PageTable,
+    orig_src_pte: SwapPte, src_folio: Folio | None,
+) -> int:
+    """move_swap_pte before 0ea148a79919 (6.15) as to the folio the lookup found: it is moved with
+    the PTE without checking, once locked, that it is still the swap cache's folio for the entry."""
+    dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
+    entry = orig_src_pte.entry
+    # the mutant: no `folio_test_swapcache(src_folio) && entry.val == src_folio->swap.val` check
+    await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
+    if not dst_pt.pte_none(dvpn) or not swp_pte_same(src_pt.swap.get(svpn), orig_src_pte):
+        ret = -errno.EAGAIN
+    elif src_folio is None and k.swap.swap_map[entry.offset] & SWAP_HAS_CACHE:
+        ret = -errno.EAGAIN
+    else:
+        if src_folio is not None:
+            folio_move_anon_rmap(k, src_folio, dst_vma)
+            src_folio.index = dst_vma.linear_page_index(dst_addr)
+        pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
+        pte.soft_dirty = True  # pte_swp_mksoft_dirty
+        dst_pt.swap[dvpn] = pte
+        ret = PAGE_SIZE
+    double_pt_unlock(cur, dst_pt.ptl, src_pt.ptl)
+    return ret
+
+
+# ---------------------------------------------------------------------------------------------
+# Fork, free, PTLs
 
 
 async def anon_vma_clone_unlocked(k: Kernel, cur: Current, dst: Vma, src: Vma, nofail: bool = False) -> None:
@@ -1038,6 +1268,27 @@ MUTANTS: dict[str, Variant] = {
             fix="c50f8e6053b0 mm: fix kernel BUG when userfaultfd_move encounters swapcache (6.14)",
         ),
         Variant(
+            "move-swap-no-has-cache-check", "a swap PTE whose lookup found no folio moves without looking again",
+            {"move_swap_pte": move_swap_pte_no_has_cache_check}, applies_to=ALL_PROTOCOLS,
+            kernel="move_swap_pte (6.15, before 0ea148a79919): `if (READ_ONCE(si->swap_map[swp_offset(entry)]) & "
+            "SWAP_HAS_CACHE) { double_pt_unlock(dst_ptl, src_ptl); return -EAGAIN; }` for a missing src_folio "
+            "removed",
+            failure="anon-rmap-mismatch: the page is swapped in and out again to the same slot between the mover's "
+            "swap-cache lookup (none) and its PTLs; the swap PTE reads the same, so it moves without the folio now "
+            "in the swap cache, and a swap-in at dst maps that folio at the source's anon_vma and index",
+            fix="0ea148a79919 mm: userfaultfd: fix race of userfaultfd_move and swap cache (6.16)",
+        ),
+        Variant(
+            "move-swap-no-folio-match-check", "the swap-cache folio is moved without checking it still backs the entry",
+            {"move_swap_pte": move_swap_pte_no_folio_match_check}, applies_to=ALL_PROTOCOLS,
+            kernel="move_swap_pte (6.15, before 0ea148a79919): `if (src_folio && unlikely(!folio_test_swapcache("
+            "src_folio) || entry.val != src_folio->swap.val)) return -EAGAIN;` removed",
+            failure="none in the model: while the mover holds its reference the folio leaves the swap cache only "
+            "once no swap PTE names its slot, and a freed slot is not handed out again within a scenario, so a swap "
+            "PTE that reads the same is backed by the folio found (docs/mutants.md)",
+            equivalent=True,
+        ),
+        Variant(
             "move-large-folio-lock-sleeps", "a mover sleeps for a large folio's lock with its reference raised",
             {"move_folio_lock": move_folio_lock_sleeps_on_large}, applies_to=RECHECK_FAMILY,
             kernel="move_pages_pte: `if (!locked && folio_test_large(folio)) { spin_unlock(src_ptl); err = -EAGAIN; "
@@ -1077,6 +1328,26 @@ MUTANTS: dict[str, Variant] = {
             "anon_vma and index (CVE-2024-27007)",
             fix="c0205eaf3af9 userfaultfd: change src_folio after ensuring it's unpinned in UFFDIO_MOVE (6.9-rc5, "
             "CVE-2024-27007)",
+        ),
+        Variant(
+            "move-huge-zero-as-folio", "the whole-PMD move takes the huge zero page for an anonymous THP",
+            {"move_pages_huge_pmd": move_pages_huge_pmd_huge_zero_as_folio}, applies_to=ALL_PROTOCOLS,
+            kernel="move_pages_huge_pmd (6.8-rc1, before 5d4747a6cc8e): the huge zero PMD case removed: "
+            "`if (unlikely(!PageAnonExclusive(src_page)))` asked of the huge zero page, then folio_get and folio_lock "
+            "of it as of a THP",
+            failure="anon-rmap-mismatch: PageAnonExclusive of the huge zero page, which is not anonymous (the "
+            "kernel's VM_BUG_ON_PGFLAGS, syzbot's report); the move then fails with EBUSY where 6.18 moves the PMD",
+            fix="5d4747a6cc8e userfaultfd: avoid huge_zero_page in UFFDIO_MOVE (6.8-rc1)",
+        ),
+        Variant(
+            "move-huge-zero-pmd-from-null", "the moved huge zero PMD is built from the NULL src folio",
+            {"move_pages_huge_pmd": move_pages_huge_pmd_zero_pmd_from_null}, applies_to=ALL_PROTOCOLS,
+            kernel="move_pages_huge_pmd (6.16 to the 2026 fix): the huge zero PMD's dst entry "
+            "`_dst_pmd = folio_mk_pmd(src_folio, dst_vma->vm_page_prot)` with src_folio NULL, where the fix builds it "
+            "from the huge zero folio and marks it special (pmd_mkspecial); the fix's commit id is not recorded here",
+            failure="invariant (the audit's rmap and ledger checks): dst maps the memory at folio_pfn(NULL) as a huge "
+            "page, a folio with no anon_vma, mapcount or reference, holding someone else's data (memory corruption)",
+            fix="mm/huge_memory: fix memory corruption on huge zero page move (Lorenzo Stoakes, 2026)",
         ),
         Variant(
             "folio-lock-walker-skips-lock", "under folio-lock, the walker does not take the folio lock",

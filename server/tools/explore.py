@@ -30,6 +30,7 @@ import base64
 import errno as errno_mod
 import hashlib
 import html
+import io
 import json
 import multiprocessing as mp
 import pickle
@@ -38,20 +39,31 @@ import sys
 import threading
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from sortedcontainers import SortedList, SortedSet
 
 from mmsim.v1.operations import BY_LITMUS, require
 
-from ..mm.kernel import Deadlock
-from ..mm.mm_types import PAGE_SIZE, MmError
+from ..mm import trace as mm_trace
+from ..mm.kernel import Deadlock, IdCounter, Kernel
+from ..mm.ledger import PageLedger
+from ..mm.locks import Mutex, RwSem, SpinLock, _Lock
+from ..mm.memcontrol import MemCgroup
+from ..mm.mm_types import PAGE_SIZE, Folio, GupPin, HugePmd, LargeFolio, Mm, MmError, PageTable, Pte, SwapPte, Vma
 from ..mm.model import MemoryModel
+from ..mm.rcu import Rcu, TypesafeCache, TypesafeObject
+from ..mm.rmap import AnonVma, AnonVmaChain
+from ..mm.swap import Lruvec
+from ..mm.swapfile import SwapInfo
+from ..mm.userfaultfd import Userfault, UserfaultfdCtx
 from .litmus import Op, Scenario, ScenarioError, parse
 
-STRATEGIES = ("random", "pct", "exhaustive")
+STRATEGIES = ("random", "pct", "exhaustive", "dpor")
 #: Decisions in one schedule before it is cut short (a thread that never stops retrying).
 MAX_STEPS = 20_000
 
@@ -112,6 +124,8 @@ class Controller:
         self.stuck: list[Thread] = []
         #: Set when every live thread sleeps while they run unsupervised (past the step limit).
         self.all_asleep: asyncio.Event | None = None
+        #: The DPOR search's record of each step's accesses (told of sleeps and wake-ups), if any.
+        self.watch: _Watch | None = None
 
     def _thread(self) -> Thread | None:
         task = asyncio.current_task()
@@ -180,6 +194,8 @@ class Controller:
         th = self.sleepers.pop(id(key), None)
         if th is not None:
             th.state = "running"  # it parks again before it touches anything
+            if self.watch is not None:
+                self.watch.woke(th)
 
     def done(self, th: Thread) -> None:
         th.state = "done"
@@ -313,21 +329,30 @@ class _Trace:
     def finding(self, text: str) -> None:
         self.ctl.record("finding", text)
 
+    def access(self, obj: Any, field: str, write: bool) -> None:
+        """The trace shows accesses as text (``state``)."""
+
 
 @contextmanager
-def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool) -> Iterator[None]:
+def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool,
+             watch: _Watch | None = None) -> Iterator[None]:
     """Record the model's events in ``ctl``'s trace for the run: detector reports always; lock
-    operations with ``locks``; marked accesses, refcounts, RCU and the cache with ``state``."""
+    operations with ``locks``; marked accesses, refcounts, RCU and the cache with ``state``; with
+    ``watch``, every access of the shared state too, step by step (the DPOR search)."""
     k = m.k
-    tr = _Trace(ctl)
+    tr = watch or _Trace(ctl)
     k.detectors.trace = tr
-    if locks:
+    if locks or watch is not None:
         k.lockdep.trace = tr
-    if state:
+    if state or watch is not None:
         k.trace = k.rcu.trace = tr
+    if watch is not None:
+        ctl.watch = watch
+        mm_trace.set_field_hook(watch.field)
     try:
         yield
     finally:
+        mm_trace.set_field_hook(None)
         k.attach_tracer(None)
 
 
@@ -454,19 +479,28 @@ async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
 
 
 async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
-                       hashing: bool = False, start: bytes | None = None, trace: bool = True) -> RunResult:
+                       hashing: bool = False, start: bytes | None = None, trace: bool = True,
+                       dpor: _Dpor | None = None) -> RunResult:
     """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
     ``hashing``, each decision carries the fingerprint of the state it is taken in. ``start``: a
     :func:`snapshot` of the setup to begin from (else the setup is run). Without ``trace`` the
     events are only the threads' points, operations, results and findings (what tells
     interleavings apart), not their locks and state accesses: a search runs so, and runs the
-    schedule it catches again with the whole trace (the same picks give the same run)."""
-    if start is not None:
+    schedule it catches again with the whole trace (the same picks give the same run). ``dpor``:
+    the DPOR search that watches every access of the run (with ``start`` given)."""
+    setup_objects: list[object] = []
+    if start is not None and dpor is not None:
+        u = pickle.Unpickler(io.BytesIO(start))
+        m, procs = u.load()
+        memo = u.memo.copy()
+        setup_objects = [memo[i] for i in sorted(memo)]
+    elif start is not None:
         m, procs = pickle.loads(start)
     else:
         m, procs = await set_up(scn, protocol, mutant)
     threads = [Thread(i, name, ops) for i, (name, ops) in enumerate(scn.threads)]
     ctl = Controller(threads, choose, _fingerprint(m, threads) if hashing else None)
+    watch = dpor.begin(ctl, m, setup_objects) if dpor is not None else None
 
     async def body(th: Thread) -> None:
         ctl.by_task[asyncio.current_task()] = th  # type: ignore[index]
@@ -487,11 +521,13 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
 
     # The held locks are part of the exhaustive search's fingerprint: tracked whenever it hashes.
     unstopped: list[Thread] = []
-    with _tracing(m, ctl, locks=trace or hashing, state=trace):
+    with _tracing(m, ctl, locks=trace or hashing, state=trace, watch=watch):
         m.k.attach_controller(ctl)
         try:
             tasks = [asyncio.ensure_future(body(th)) for th in threads]
             await ctl.finished.wait()
+            if watch is not None:
+                watch.finish()
             if ctl.cut and not ctl.stuck:  # unsupervised now: until they end, or all of them sleep
                 ctl.all_asleep = asyncio.Event()
                 asleep = asyncio.ensure_future(ctl.all_asleep.wait())
@@ -531,6 +567,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             ctl.record("finding", f"crash: {type(out).__name__}: {out}", th)
     det = m.detectors
     findings = [str(f) for f in det.finding_events]
+    if dpor is not None:
+        dpor.ended(m)
     return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
 
 
@@ -629,6 +667,11 @@ class Search:
     cut: int = 0
     #: Each kind of check that caught a schedule (RunResult.kinds): the schedules it caught.
     kinds: Counter[str] = field(default_factory=Counter)
+    #: DPOR: every trace explored (not cut short by --schedules, a catch or the step limit).
+    complete: bool = False
+    traces: int = 0  # DPOR: runs that were not sleep-set blocked (one per Mazurkiewicz trace)
+    blocked: int = 0  # DPOR: runs whose every enabled thread came to sleep (redundant)
+    states: int = 0  # DPOR: distinct states at the decisions of its runs
 
     def account(self, r: RunResult, number: int) -> bool:
         """Count run ``r``, schedule ``number`` (1-based); True if it is the first caught."""
@@ -656,17 +699,26 @@ class Search:
 
 def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
             schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
-            stop_on_catch: bool = True, jobs: int = 1) -> Search:
+            stop_on_catch: bool = True, jobs: int = 1, cluster: str | None = None) -> Search:
     """Search the schedules of ``scn``; stops at the first that a detector or the audit catches.
     ``jobs`` > 1 spreads a random or PCT search over that many worker processes (the exhaustive
-    search is one depth-first walk with one table of explored states, and runs in this process).
-    The result does not depend on ``jobs``: schedule i is the same schedule in every worker, and
-    the catch reported is the one with the lowest i."""
+    and DPOR searches are one depth-first walk each, and run in this process).
+    ``cluster``: a Dask scheduler's address; the random or PCT search's parts run on its workers
+    (``jobs`` parts, or one per worker thread when ``jobs`` is 1; cluster.ClusterError when it
+    cannot be used). The result does not depend on ``jobs`` or ``cluster``: schedule i is the same
+    schedule in every part, the catch reported is the one with the lowest i, and the figures count
+    the schedules up to it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if jobs < 1:
         raise ValueError("jobs must be at least 1")
-    if jobs > 1 and strategy != "exhaustive" and schedules > 1:
+    if cluster is not None:
+        if strategy not in ("random", "pct"):
+            raise ValueError(f"--cluster runs the random and pct strategies, not {strategy}: the exhaustive and "
+                             "DPOR searches are one depth-first walk each, with one table of explored states")
+        return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
+                                 jobs, cluster)
+    if jobs > 1 and strategy in ("random", "pct") and schedules > 1:
         return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
                                  min(jobs, schedules))
     return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch))
@@ -679,25 +731,44 @@ def _chooser(strategy: str, seed: int, i: int, threads: int, depth: int, steps: 
 
 
 def _explore_parallel(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
-                      depth: int, seed: int, stop_on_catch: bool, jobs: int) -> Search:
-    """A random or PCT search over ``jobs`` processes: worker w runs schedules w, w + jobs, ...;
-    a worker that catches one lowers the shared bound past which nobody starts a schedule, so
-    every schedule below the lowest catch is still run, and the catch is the sequential one."""
-    ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
-    bound = ctx.Value("q", schedules)
+                      depth: int, seed: int, stop_on_catch: bool, jobs: int, cluster: str | None = None) -> Search:
+    """A random or PCT search in ``jobs`` parts, over as many processes or on the Dask cluster at
+    ``cluster``: part w runs schedules w, w + jobs, ...; a part that catches one lowers the shared
+    bound past which no part starts a schedule, so every schedule below the lowest catch is still
+    run, and the catch is the sequential one. The figures count the schedules up to that catch,
+    as the sequential search does."""
     t0 = time.perf_counter()
-    with ctx.Pool(jobs, initializer=_worker_init, initargs=(bound,)) as pool:
-        parts = pool.starmap(_explore_part, [
-            (scn.text, scn.name, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch, w, jobs)
-            for w in range(jobs)
-        ])
+    args = [(scn.text, scn.name, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch)]
+    if cluster is None:
+        ctx = mp.get_context("fork" if threading.active_count() == 1 else "forkserver")
+        with ctx.Pool(jobs, initializer=_worker_init, initargs=(ctx.Value("q", schedules),)) as pool:
+            parts = pool.starmap(_explore_part, [(*args[0], w, jobs, _PoolBound()) for w in range(jobs)])
+    else:
+        from .cluster import explore_parts
+
+        parts = explore_parts(cluster, _explore_part, args[0], schedules, jobs)
     s = Search(strategy)
-    for part in parts:
-        s.merge(part)
-    if s.first is not None:  # again, with the whole trace
-        s.first = run_sync(scn, protocol, mutant, follow(dict(s.first.preemptions)))
+    first = min((p for p in parts if p.first is not None), key=lambda p: p.at, default=None)
+    limit = first.at if first is not None and stop_on_catch else schedules
+    for _, signature, findings, cut, kinds in (t for p in parts for t in p.tallies if t[0] < limit):
+        s.schedules += 1
+        s.interleavings.add(signature)
+        s.findings.update(findings)
+        s.cut += cut
+        s.kinds.update(kinds)
+    if first is not None and first.first is not None:  # again, with the whole trace
+        s.first, s.at = run_sync(scn, protocol, mutant, follow(dict(first.first.preemptions))), first.at
     s.seconds = time.perf_counter() - t0
     return s
+
+
+class Bound(Protocol):
+    """The schedule number past which no part of a parallel search starts a schedule (its lowest
+    catch so far), shared by the parts."""
+
+    def get(self) -> int: ...
+
+    def lower(self, i: int) -> None: ...
 
 
 _bound: Any = None
@@ -708,24 +779,49 @@ def _worker_init(bound: Any) -> None:
     _bound = bound
 
 
+class _PoolBound:
+    """The bound of a pool's processes: the shared value each got at its start (_worker_init)."""
+
+    def get(self) -> int:
+        return int(_bound.value)
+
+    def lower(self, i: int) -> None:
+        with _bound.get_lock():
+            _bound.value = min(_bound.value, i)
+
+
+@dataclass
+class _Part:
+    """What one part of a parallel search ran: per schedule, its number (0-based), its
+    signature, its findings, whether it was cut and the kinds that caught it; and its first catch
+    (``at``: its 1-based number)."""
+
+    tallies: list[tuple[int, str, tuple[str, ...], bool, tuple[str, ...]]] = field(default_factory=list)
+    first: RunResult | None = None
+    at: int = 0
+
+
 def _explore_part(text: str, name: str, protocol: str, mutant: str | None, strategy: str, schedules: int,
-                  depth: int, seed: int, stop_on_catch: bool, w: int, jobs: int) -> Search:
+                  depth: int, seed: int, stop_on_catch: bool, w: int, jobs: int, bound: Bound) -> _Part:
     scn = parse(text, f"{name}.litmus")
 
-    async def part() -> Search:
-        s = Search(strategy)
+    async def part() -> _Part:
+        p = _Part()
         start = await snapshot(scn, protocol, mutant)
         steps = await _pct_steps(scn, protocol, mutant, start) if strategy == "pct" else 0
         for i in range(w, schedules, jobs):
-            if stop_on_catch and i > _bound.value:
+            if stop_on_catch and i > bound.get():
                 break
             r = await run_schedule(scn, protocol, mutant, _chooser(strategy, seed, i, len(scn.threads), depth, steps),
                                    start=start, trace=False)
-            if s.account(r, i + 1) and stop_on_catch:
-                with _bound.get_lock():
-                    _bound.value = min(_bound.value, i)
-                break
-        return s
+            p.tallies.append((i, r.signature(), tuple(r.findings), r.cut,
+                              tuple(sorted(r.kinds)) if r.caught else ()))
+            if r.caught and p.first is None:
+                p.first, p.at = r, i + 1
+                if stop_on_catch:
+                    bound.lower(i)
+                    break
+        return p
 
     return asyncio.run(part())
 
@@ -750,6 +846,9 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
             if s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False), i + 1) \
                     and stop_on_catch:
                 break
+    elif strategy == "dpor":
+        await _explore_dpor(s, scn, protocol, mutant, start, schedules, stop_on_catch)
+        s.complete = s.complete and not s.cut
     else:
         # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
         seen: dict[object, int] = {}
@@ -778,6 +877,496 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         s.first = await run_schedule(scn, protocol, mutant, follow(dict(s.first.preemptions)), start=start)
     s.seconds = time.perf_counter() - t0
     return s
+
+
+# ---------------------------------------------------------------------------------------------
+# DPOR: source sets and sleep sets (Abdulla, Aronis, Jonsson, Sagonas, POPL 2014)
+#
+# A *step* is what one thread does between two decisions: the transition from its pick to the
+# next park, sleep or end. Two steps are dependent when they are the same thread's, or when one
+# writes what the other reads or writes. What a step reads and writes is watched, not declared:
+# while a DPOR search runs, every field of the model's shared objects (the classes in
+# _WATCHED: folios, PTEs, page tables, VMAs, mms, anon_vmas and their chains, locks, RCU, the
+# type-stable cache, swap, LRU, memcg, userfaultfd contexts, id counters) reports each read and
+# store (mm.trace.watch_fields), the marked accesses report through Tracer.access, and every lock
+# operation counts as a write of the lock. A container (dict, list, set, bytearray, ...) reached
+# through a field is a variable of its own: a step reads each container its thread has ever
+# reached (the thread may hold it in a local across a park) and writes it when its contents
+# differ after the step. Steps run atomically (one thread at a time), so a change made and undone
+# within one step is invisible to the others. A sleep on a lock, a grace period or a userfault,
+# the wake-up and the woken thread's next step write one variable per sleeper, so the wake-up
+# happens before the woken step. Variables are named the same way in every run: objects of the
+# set-up model by their place in its pickle, module-level objects by their name, objects a run
+# makes by their maker's thread and count, so that the steps of different runs (a sleep set's)
+# compare.
+#
+# A thread parked at a spin point (spin:*) whose step comes back to the same point having changed
+# nothing (a futile spin: the PTL's holder has not let go, the move step still says EAGAIN) is
+# not enabled again until another step changes something the spin read: a futile spin is a step
+# that leaves the state as it was, and this bounds the spins of a run, so every search ends.
+#
+# States are fingerprinted only to count them: no subtree is skipped for a state seen before.
+# Pruning a state already explored would hide the races between the current prefix and the steps
+# of the skipped subtree, and with them backtrack points the prefix needs (stateful DPOR needs a
+# summary of the skipped subtree's accesses for that, which this search does not keep).
+
+
+#: Fields that are bookkeeping, not shared state any step's outcome depends on (statistics, the
+#: watchers themselves, names and constants).
+_UNWATCHED = frozenset({"lockdep", "trace", "controller", "detectors", "sched", "stats", "move_results", "name",
+                        "rank", "key", "ops", "protocol", "mutant", "detect", "gate", "auditor", "waits"})
+
+#: The classes whose fields the DPOR search watches.
+_WATCHED: tuple[type, ...] = (
+    Folio, LargeFolio, Pte, HugePmd, SwapPte, PageTable, Vma, Mm, GupPin, AnonVma, AnonVmaChain, TypesafeObject,
+    _Lock, RwSem, Mutex, SpinLock, Rcu, TypesafeCache, MemCgroup, SwapInfo, Lruvec, UserfaultfdCtx, Userfault,
+    Kernel, IdCounter, MemoryModel, PageLedger,
+)
+
+_CONTAINERS = (dict, list, set, bytearray, deque, SortedList, SortedSet)
+
+#: The variable every lock's creation writes: lock keys come from one counter (locks._lock_seq),
+#: and double_pt_lock orders PTLs by key.
+_LOCK_SEQ = (("g", "locks._lock_seq"), "")
+
+
+def _freeze(v: Any) -> Any:
+    """A container's contents as a value (nested containers too; other objects by identity)."""
+    if isinstance(v, dict):
+        return tuple((k, _freeze(x)) for k, x in v.items())
+    if isinstance(v, (list, deque, tuple, SortedList, SortedSet)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, (set, frozenset)):
+        return frozenset(_freeze(x) for x in v)
+    if isinstance(v, bytearray):
+        return bytes(v)
+    return _Ident(v)
+
+
+class _Ident:
+    """Compares by identity (a model object inside a frozen container)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Ident):
+            return NotImplemented
+        a, b = self.obj, other.obj
+        if a is b:
+            return True
+        return type(a) is type(b) and isinstance(a, (int, str, bytes, float, tuple, frozenset, type(None))) and a == b
+
+    def __hash__(self) -> int:
+        a = self.obj
+        return hash(a) if isinstance(a, (int, str, bytes, float, tuple, frozenset)) else id(a)
+
+
+class _Step:
+    """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
+
+    __slots__ = ("thread", "reads", "writes", "changed", "olds", "spin", "futile")
+
+    def __init__(self, thread: int) -> None:
+        self.thread = thread
+        self.reads: set[object] = set()
+        self.writes: set[object] = set()
+        self.changed: set[object] = set()
+        self.olds: dict[object, tuple[Any, str, Any]] = {}
+        self.spin: str | None = None
+        self.futile = False
+
+
+def _dependent(a: _Step | None, b: _Step | None) -> bool:
+    """Whether two steps may not commute (a step not known depends on every other)."""
+    if a is None or b is None or a.thread == b.thread:
+        return True
+    return not (a.writes.isdisjoint(b.reads) and a.writes.isdisjoint(b.writes) and b.writes.isdisjoint(a.reads))
+
+
+def _module_objects() -> dict[int, object]:
+    """Names for the model's module-level objects (ZERO_PAGE, HUGE_ZERO_FOLIO) and their containers."""
+    names: dict[int, object] = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith(__package__.rsplit(".", 1)[0] + ".mm"):
+            continue
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, _WATCHED):
+                names[id(obj)] = ("g", mod_name, attr)
+                for slot in getattr(type(obj), "__slots__", ()):
+                    v = getattr(obj, slot, None)
+                    if isinstance(v, _CONTAINERS):
+                        names[id(v)] = ("g", mod_name, attr, slot)
+    return names
+
+
+class _Watch(_Trace):
+    """One DPOR run's record of the steps: the accesses of each thread's step under way, named
+    as every run names them."""
+
+    def __init__(self, ctl: Controller, setup: list[object], on_step: Callable[[_Step], None]) -> None:
+        super().__init__(ctl)
+        self.names: dict[int, object] = dict(_GLOBAL_NAMES)
+        for i, obj in enumerate(setup):
+            self.names[id(obj)] = ("s", i)
+        self.keep = setup  # alive for the run: no id is reused under another name
+        self.made: Counter[int] = Counter()
+        self.open: dict[int, _Step] = {}
+        #: Each thread's containers: id -> (variable, container), and their contents at its step's start.
+        self.reached: dict[int, dict[int, tuple[object, Any]]] = {th.index: {} for th in ctl.threads}
+        self.frozen: dict[int, dict[int, Any]] = {th.index: {} for th in ctl.threads}
+        self.on_step = on_step
+        self.active = True
+
+    def _name(self, obj: Any, th: int) -> object:
+        n = self.names.get(id(obj))
+        if n is None:
+            self.made[th] += 1
+            n = self.names[id(obj)] = (th, self.made[th])
+            self.keep.append(obj)
+        return n
+
+    def _step(self) -> tuple[int, _Step] | None:
+        ctl = self.ctl
+        if not self.active or ctl.detached:
+            return None
+        th = ctl._thread()
+        if th is None:
+            return None
+        st = self.open.get(th.index)
+        if st is None:
+            st = self.open[th.index] = _Step(th.index)
+        return th.index, st
+
+    def field(self, obj: Any, field: str, write: bool, old: Any, new: Any) -> None:
+        """mm.trace's field hook: one read or store of a watched field."""
+        if field in _UNWATCHED:
+            if write and field == "key" and isinstance(obj, _Lock):
+                got = self._step()
+                if got is not None:
+                    got[1].reads.add(_LOCK_SEQ)
+                    got[1].writes.add(_LOCK_SEQ)
+            return
+        got = self._step()
+        if got is None:
+            return
+        th, st = got
+        key = (self._name(obj, th), field)
+        if write:
+            st.writes.add(key)
+            if key not in st.olds:
+                st.olds[key] = (obj, field, old)
+        else:
+            st.reads.add(key)
+        if isinstance(new, _CONTAINERS):
+            self._reach(th, new)
+        elif type(new) is tuple:
+            for x in new:
+                if isinstance(x, _CONTAINERS):
+                    self._reach(th, x)
+
+    def _reach(self, th: int, c: Any) -> None:
+        reached = self.reached[th]
+        if id(c) not in reached:
+            reached[id(c)] = (self._name(c, th), c)
+            self.frozen[th][id(c)] = _freeze(c)
+
+    def access(self, obj: Any, field: str, write: bool) -> None:
+        got = self._step()
+        if got is None:
+            return
+        th, st = got
+        key = (self._name(obj, th), field)
+        (st.writes if write else st.reads).add(key)
+
+    def lock(self, op: str, lock: Any, result: bool | None) -> None:
+        super().lock(op, lock, result)
+        got = self._step()
+        if got is not None:
+            th, st = got
+            key = (self._name(lock, th), "lock")
+            st.reads.add(key)
+            st.writes.add(key)
+
+    def state(self, text: str) -> None:
+        """The text of the accesses is not kept (the structured ones are)."""
+
+    def woke(self, th: Thread) -> None:
+        """``th`` was woken by the running thread: its next step comes after this one."""
+        key = (("wait", th.index), "")
+        got = self._step()
+        if got is not None:
+            got[1].writes.add(key)
+        nxt = self.open.setdefault(th.index, _Step(th.index))
+        nxt.reads.add(key)
+        nxt.writes.add(key)
+
+    def begin(self, th: Thread) -> None:
+        """``th`` was picked: its step starts (its containers' contents noted)."""
+        st = self.open.setdefault(th.index, _Step(th.index))
+        st.spin = th.point if th.point.startswith("spin:") else None
+        mm_trace.set_field_hook(None)
+        try:
+            self.frozen[th.index] = {i: _freeze(c) for i, (_, c) in self.reached[th.index].items()}
+        finally:
+            mm_trace.set_field_hook(self.field)
+
+    def close(self, th: Thread) -> _Step:
+        """``th``'s step ended (it parked, slept or ended): what it read, wrote and changed."""
+        st = self.open.pop(th.index, None) or _Step(th.index)
+        mm_trace.set_field_hook(None)
+        try:
+            frozen = self.frozen[th.index]
+            key: object
+            for i, (var, c) in self.reached[th.index].items():
+                key = (var, "[]")
+                st.reads.add(key)
+                if i not in frozen or _freeze(c) != frozen[i]:
+                    st.writes.add(key)
+                    st.changed.add(key)
+            for key, (obj, field, old) in st.olds.items():
+                now = getattr(obj, field, mm_trace.UNSET)
+                if now is not old and not (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old):
+                    st.changed.add(key)
+        finally:
+            mm_trace.set_field_hook(self.field if self.active else None)
+        if th.state == "blocked":
+            key = (("wait", th.index), "")
+            st.reads.add(key)
+            st.writes.add(key)
+        st.olds = {}
+        st.futile = st.spin is not None and th.state == "parked" and th.point == st.spin and not st.changed
+        return st
+
+    def finish(self) -> None:
+        """The threads ended (or the run stopped): the last step closes; nothing more is watched."""
+        cur = self.ctl.current
+        if cur is not None and not self.ctl.detached:
+            self.on_step(self.close(cur))
+        self.active = False
+        mm_trace.set_field_hook(None)
+
+
+_GLOBAL_NAMES: dict[int, object] = {}
+#: Decisions of one DPOR run past which it is cut (and the search not complete).
+MAX_DPOR_STEPS = 500
+
+
+@dataclass
+class _Node:
+    """A decision of the current path: the threads enabled there, its sleep set (each sleeping
+    thread with its next step), the threads to explore (backtrack, a source set), those explored
+    (with their steps), the pick on the path and its step."""
+
+    enabled: tuple[int, ...]
+    sleep: dict[int, _Step | None]
+    backtrack: set[int]
+    pick: int
+    done: dict[int, _Step | None] = field(default_factory=dict)
+    step: _Step | None = None
+
+
+class _Dpor:
+    """Source-DPOR with sleep sets over the runs of one scenario: each run follows the path's
+    picks up to the node being explored, the new pick there, then its own (the running thread
+    while it can go on and is not asleep) until the threads end or every enabled thread sleeps."""
+
+    def __init__(self, full: bool = False) -> None:
+        #: Every schedule instead (no sleep sets, every enabled thread at every node): brute force.
+        self.full = full
+        self.path: list[_Node] = []
+        self.target: tuple[int, int] | None = None  # (depth, thread) of the next run's new pick
+        self.states: set[object] = set()
+        self.traces = 0  # runs that were not sleep-set blocked
+        self.blocked_runs = 0
+        # per run
+        self.ctl: Controller | None = None
+        self.watch: _Watch | None = None
+        self.recording = True
+        self.blocked = False
+        self.disabled: dict[int, set[object]] = {}
+        self.steps = 0
+        self.cut = False
+        self.last_model: MemoryModel | None = None
+
+    def begin(self, ctl: Controller, m: MemoryModel, setup: list[object]) -> _Watch:
+        """A run starts: watch it."""
+        self.ctl = ctl
+        self.recording = True
+        self.blocked = False
+        self.cut = False
+        self.disabled = {}
+        self.steps = 0
+        self.watch = _Watch(ctl, setup, self._stepped)
+        fp = ctl.fingerprint
+        if fp is not None:
+            def unwatched() -> object:
+                mm_trace.set_field_hook(None)
+                try:
+                    return fp()
+                finally:
+                    mm_trace.set_field_hook(self.watch.field if self.watch and self.watch.active else None)
+            ctl.fingerprint = unwatched
+        return self.watch
+
+    def ended(self, m: MemoryModel) -> None:
+        """A run ended: find its races and count it."""
+        self.last_model = m
+        if not self.full:
+            self._races(self.target[0] if self.target is not None else 0)
+        if self.blocked:
+            self.blocked_runs += 1
+        else:
+            self.traces += 1
+
+    def _stepped(self, st: _Step) -> None:
+        """A step closed: on the path, and what it enables or disables among the spinners."""
+        i = self.steps
+        self.steps += 1
+        if self.recording and i < len(self.path):
+            self.path[i].step = st
+        if st.changed:
+            for q in [q for q, reads in self.disabled.items() if q != st.thread and not reads.isdisjoint(st.changed)]:
+                del self.disabled[q]
+        if st.futile:
+            self.disabled[st.thread] = st.reads
+        else:
+            self.disabled.pop(st.thread, None)
+
+    def choose(self, d: Decision) -> int:
+        ctl = self.ctl
+        w = self.watch
+        assert ctl is not None and w is not None
+        if ctl.current is not None:
+            self._stepped(w.close(ctl.current))
+        pick = self._pick(d)
+        w.begin(ctl.threads[pick])
+        return pick
+
+    def _pick(self, d: Decision) -> int:
+        s = d.step
+        if not self.recording:
+            return d.default
+        if d.state is not None:
+            self.states.add(d.state)
+        enabled = tuple(t for t in d.runnable if t not in self.disabled)
+        depth = self.target[0] if self.target is not None else 0
+        if s < depth or (s == depth and self.target is not None):
+            node = self.path[s]
+            pick = self.target[1] if s == depth and self.target is not None else node.pick
+            if pick not in enabled:
+                raise RuntimeError(f"step {s}: the replayed pick {pick} is not enabled ({enabled}): "
+                                   "the model ran differently on the same picks")
+            node.pick = pick
+            node.enabled = enabled
+            return pick
+        sleep: dict[int, _Step | None] = {}
+        if s > 0 and not self.full:
+            parent = self.path[s - 1]
+            for q, st in (*parent.sleep.items(), *parent.done.items()):
+                if q != parent.pick and not _dependent(st, parent.step):
+                    sleep[q] = st
+        avail = [t for t in enabled if t not in sleep]
+        if s >= MAX_DPOR_STEPS:  # a run that does not end: cut (the search is not complete)
+            self.recording = False
+            self.cut = True
+            return d.default
+        if not avail:  # every enabled thread sleeps (or none is enabled: a livelock of spinners)
+            self.recording = False
+            self.blocked = bool(enabled)
+            return d.default
+        if d.current in avail and d.current not in d.spinning:
+            pick = d.current
+        else:
+            pick = next((t for t in avail if t not in d.spinning), avail[0])
+        self.path.append(_Node(enabled, sleep, set(enabled) if self.full else {pick}, pick))
+        return pick
+
+    def _races(self, start: int) -> None:
+        """Source-DPOR's race analysis of the run's new steps (from ``start``): for each race
+        i ⋖ j, a thread that can start the reversed order goes into node i's backtrack set,
+        unless one already is there."""
+        path = self.path
+        steps = [nd.step for nd in path]
+        n = len(steps)
+        pred = [0] * n  # happens-before predecessors, as bits
+        for j in range(n):
+            direct = [i for i in range(j) if _dependent(steps[i], steps[j])]
+            pj = 0
+            via = 0
+            for i in direct:
+                pj |= pred[i] | (1 << i)
+                via |= pred[i]
+            pred[j] = pj
+            if j < start:
+                continue
+            tj = path[j].pick
+            for i in direct:
+                if path[i].pick != tj and not (via >> i) & 1:
+                    self._reverse(i, j, pred)
+
+    def _reverse(self, i: int, j: int, pred: list[int]) -> None:
+        node = self.path[i]
+        v = [k for k in range(i + 1, j) if not (pred[k] >> i) & 1] + [j]
+        initials: set[int] = set()
+        seen: set[int] = set()
+        for x, k in enumerate(v):
+            t = self.path[k].pick
+            if t in seen:
+                continue
+            seen.add(t)
+            if not any((pred[k] >> k2) & 1 for k2 in v[:x]):
+                initials.add(t)
+        if initials & (node.backtrack | node.done.keys()) or initials & node.sleep.keys():
+            return
+        able = sorted(t for t in initials if t in node.enabled)
+        if able:
+            node.backtrack.add(able[0])
+        else:  # none of them can start here: every enabled thread
+            node.backtrack.update(t for t in node.enabled if t not in node.sleep)
+
+    def next_run(self) -> bool:
+        """Move to the deepest node with a thread left to explore; False when none is left."""
+        path = self.path
+        while path:
+            node = path[-1]
+            node.done[node.pick] = node.step
+            left = sorted(t for t in node.backtrack if t not in node.done and t not in node.sleep)
+            if left:
+                self.target = (len(path) - 1, left[0])
+                return True
+            path.pop()
+        return False
+
+
+async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | None, start: bytes,
+                        schedules: int, stop_on_catch: bool, full: bool = False,
+                        on_run: Callable[[RunResult, MemoryModel | None, bool], None] | None = None) -> None:
+    """The DPOR search (see above): every Mazurkiewicz trace of the scenario once, or until
+    ``schedules`` runs or a catch (with ``stop_on_catch``). ``full``: every schedule instead (the
+    futile spins aside), no reduction: what tests hold DPOR against. ``on_run``: told of each run,
+    its model after the threads ended, and whether it was sleep-set blocked."""
+    if not _GLOBAL_NAMES:
+        _GLOBAL_NAMES.update(_module_objects())
+    dp = _Dpor(full)
+    with mm_trace.watch_fields(_WATCHED):
+        while True:
+            r = await run_schedule(scn, protocol, mutant, dp.choose, hashing=True, start=start, trace=False, dpor=dp)
+            if on_run is not None:
+                on_run(r, dp.last_model, dp.blocked)
+            s.cut += dp.cut and not r.cut
+            if s.account(r, s.schedules + 1) and stop_on_catch:
+                break
+            if not dp.next_run():
+                s.complete = True
+                break
+            if s.schedules >= schedules:
+                break
+    s.traces = dp.traces
+    s.blocked = dp.blocked_runs
+    s.states = len(dp.states)
 
 
 def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> RunResult:

@@ -16,6 +16,7 @@ from rich.table import Table
 from ..cli import find_variant, variant_error, variant_spec
 from ..mm.kernel import PROTOCOLS
 from ..mm.steps import VariantError, is_file_spec, load_variant
+from .cluster import ClusterError
 from .explore import RunResult, explore, follow, minimize, run_sync, token, trace_html, untoken
 from .litmus import Scenario, ScenarioError, load
 
@@ -115,6 +116,35 @@ def _named(spec: str) -> str:
     return f"{load_variant(spec).name} ({spec})" if is_file_spec(spec) else spec
 
 
+#: --generate: random schedules per program after the exhaustive search, unless --schedules says.
+GENERATED_SCHEDULES = 300
+
+
+def _generated(console: Console, args: argparse.Namespace, run: _Choice) -> int:
+    """``--generate N``: programs 0 .. N-1 of ``--seed``, each searched exhaustively up to
+    ``--preemptions`` and then with random schedules; each caught one shrunk and written to
+    ``--save`` (default: the current directory) as ``gen-SEED-I.litmus``. Exit 1 if any was caught."""
+    from .generate import explore_generated
+
+    schedules = args.schedules or GENERATED_SCHEDULES
+
+    def told(name: str, kinds: frozenset[str]) -> None:
+        console.print(f"{name}: " + (f"[bold red]caught[/] ({', '.join(sorted(kinds))})" if kinds else "clean"))
+
+    catches = explore_generated(args.seed, args.generate, run.protocol, run.mutant, args.preemptions, schedules,
+                                on_program=told)
+    out = Path(args.save or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    for c in catches:
+        path = out / f"{c.name}.litmus"
+        head = (f"# drawn by mmsim explore --generate (seed {args.seed}), caught by {', '.join(sorted(c.kinds))} "
+                f"under {run}, shrunk from {len(c.text.splitlines())} lines\n")
+        path.write_text(head + c.small)
+        console.print(f"wrote {path}")
+    console.print(f"{args.generate} generated programs under {run}: {len(catches)} caught")
+    return 1 if catches else EXIT_CLEAN
+
+
 def explore_command(args: argparse.Namespace) -> int:
     # 160 columns when the output is not a terminal, unless COLUMNS says otherwise
     console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160, highlight=False)
@@ -122,6 +152,10 @@ def explore_command(args: argparse.Namespace) -> int:
         run = _choice(args)
     except VariantError as e:
         return variant_error("explore", args.variant, e)
+    if args.generate:
+        if args.scenario or args.replay:
+            args.parser.error("--generate draws its programs: no scenario file or --replay with it")
+        return _generated(console, args, run)
     try:
         if args.replay:
             scn, protocol, mutant, pre = untoken(args.replay)
@@ -133,9 +167,10 @@ def explore_command(args: argparse.Namespace) -> int:
         if not args.scenario:
             args.parser.error("give a scenario file, or --replay TOKEN")
         scn = load(args.scenario)
+        args.schedules = args.schedules or 10_000
         s = explore(scn, run.protocol, run.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
-                    args.seed, stop_on_catch=not args.all, jobs=args.jobs)
-    except ScenarioError as e:
+                    args.seed, stop_on_catch=not args.all, jobs=args.jobs, cluster=args.cluster)
+    except (ScenarioError, ClusterError) as e:
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:  # an unknown mutant, one that does not apply, a replay token's variant file gone
@@ -147,9 +182,15 @@ def explore_command(args: argparse.Namespace) -> int:
         + f", {args.strategy}: {s.schedules} schedules, {len(s.interleavings)} distinct interleavings"
         + (f", {s.pruned} states pruned" if args.strategy == "exhaustive" else "")
         + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s"
-        + (f" over {args.jobs} processes)" if args.jobs > 1 and args.strategy != "exhaustive" else ")")
+        + (f" on the cluster at {args.cluster})" if args.cluster
+           else f" over {args.jobs} processes)" if args.jobs > 1 and args.strategy != "exhaustive" else ")")
         + (f", {s.cut} cut at the step limit" if s.cut else "")
     )
+    if args.strategy == "dpor":
+        console.print(f"complete: {s.traces} traces, {s.states} states, {s.seconds:.1f} s" if s.complete else
+                      f"stopped: {s.traces} traces, {s.states} states, {s.seconds:.1f} s ("
+                      + ("a catch" if s.first is not None and not args.all else
+                         f"{s.cut} runs cut at the step limit" if s.cut else f"--schedules {args.schedules}") + ")")
     for f in sorted(s.findings):
         console.print(f"[yellow]finding[/] (documented, not a violation) {_escape(f)}")
     known = known_kinds(scn, run.protocol, run.mutant)

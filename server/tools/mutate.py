@@ -46,6 +46,16 @@ def library(directory: Path = DEFAULT_LITMUS) -> list[Scenario]:
     return [load(p) for p in sorted(directory.glob("*.litmus"))]
 
 
+@dataclass(frozen=True)
+class Trial:
+    """One scenario under one protocol against a mutant: the schedules run, and the kill if any."""
+
+    schedules: int = 0
+    strategy: str | None = None  # the strategy whose search killed it
+    schedule: int = 0
+    finding: str = ""
+
+
 def kill(mutant: str, scenarios: list[Scenario], preemptions: int = 2, schedules: int = 2000) -> Kill:
     """Search for a scenario and protocol that kill ``mutant`` (a built-in name or FILE.py:NAME;
     steps.VariantError if it is no mutant)."""
@@ -55,17 +65,37 @@ def kill(mutant: str, scenarios: list[Scenario], preemptions: int = 2, schedules
         return k
     for protocol in m.protocols:
         for scn in scenarios:
-            if not _clean(scn.text, scn.name, protocol, preemptions, schedules):
-                continue  # caught without the mutant too: it would prove nothing
-            for strategy in ("exhaustive", "random"):
-                s = explore(scn, protocol, mutant, strategy=strategy, schedules=schedules, preemptions=preemptions)
-                k.schedules += s.schedules
-                if s.first is not None:
-                    first = (s.first.violations or s.first.problems or ["caught"])[0]
-                    k.scenario, k.protocol, k.strategy, k.schedule = scn.name, protocol, strategy, s.at
-                    k.finding = first.split(":", 1)[0] if s.first.violations else "audit: " + first
-                    return k
+            if _take(k, scn.name, protocol, trial(mutant, scn.text, scn.name, protocol, preemptions, schedules)):
+                return k
     return k
+
+
+def trial(mutant: str, text: str, name: str, protocol: str, preemptions: int, schedules: int) -> Trial:
+    """Explore the scenario ``text`` (named ``name``) under ``protocol`` with ``mutant``: exhaustively
+    up to ``preemptions``, then randomly; no search if the scenario is caught without the mutant
+    too (it would prove nothing)."""
+    from .litmus import parse
+
+    if not _clean(text, name, protocol, preemptions, schedules):
+        return Trial()
+    scn = parse(text, f"{name}.litmus")
+    run = 0
+    for strategy in ("exhaustive", "random"):
+        s = explore(scn, protocol, mutant, strategy=strategy, schedules=schedules, preemptions=preemptions)
+        run += s.schedules
+        if s.first is not None:
+            first = (s.first.violations or s.first.problems or ["caught"])[0]
+            return Trial(run, strategy, s.at, first.split(":", 1)[0] if s.first.violations else "audit: " + first)
+    return Trial(run)
+
+
+def _take(k: Kill, scenario: str, protocol: str, t: Trial) -> bool:
+    """Count trial ``t`` into ``k``; True if it killed the mutant."""
+    k.schedules += t.schedules
+    if t.strategy is None:
+        return False
+    k.scenario, k.protocol, k.strategy, k.schedule, k.finding = scenario, protocol, t.strategy, t.schedule, t.finding
+    return True
 
 
 @functools.cache
@@ -81,13 +111,45 @@ def _clean(text: str, name: str, protocol: str, preemptions: int, schedules: int
 
 
 def mutation_score(scenarios: list[Scenario] | None = None, preemptions: int = 2,
-                   schedules: int = 2000, extra: Sequence[str] = ()) -> tuple[list[Kill], float]:
+                   schedules: int = 2000, extra: Sequence[str] = (),
+                   cluster: str | None = None) -> tuple[list[Kill], float]:
     """Every mutant's kill (or survival), and the score: the built-in mutants, then ``extra``
-    (user mutants, ``FILE.py:NAME``)."""
+    (user mutants, ``FILE.py:NAME``). ``cluster``: a Dask scheduler's address; each trial (a
+    mutant and a protocol against a scenario) is a task of its workers, and the kills are the same
+    as here (cluster.ClusterError when it cannot be used)."""
     scenarios = library() if scenarios is None else scenarios
-    kills = [kill(name, scenarios, preemptions, schedules) for name in (*MUTANTS, *extra)]
+    names = (*MUTANTS, *extra)
+    if cluster is not None:
+        kills = _kills_on_cluster(cluster, names, scenarios, preemptions, schedules)
+    else:
+        kills = [kill(name, scenarios, preemptions, schedules) for name in names]
     scored = [k for k in kills if not k.equivalent]
     return kills, (sum(k.killed for k in scored) / len(scored) if scored else 1.0)
+
+
+def _kills_on_cluster(address: str, names: Sequence[str], scenarios: list[Scenario], preemptions: int,
+                      schedules: int) -> list[Kill]:
+    """``kill`` of each mutant, its trials run on the cluster at ``address``: all are submitted at
+    once, and taken in the order ``kill`` runs them; a mutant's trials after its kill are
+    cancelled (and their schedules not counted, as ``kill`` never runs them)."""
+    from .cluster import connect, in_order
+
+    kills = []
+    with connect(address) as client:
+        queued = []
+        for name in names:
+            m = resolve(name, "mutant")
+            k = Kill(m.name, m.equivalent, m.protocols, m.fix)
+            order = [] if m.equivalent else [(scn, p) for p in m.protocols for scn in scenarios]
+            calls = [(name, scn.text, scn.name, p, preemptions, schedules) for scn, p in order]
+            queued.append((k, order, in_order(client, trial, calls)))
+        for k, order, results in queued:
+            for (scn, protocol), t in zip(order, results, strict=False):
+                if _take(k, scn.name, protocol, t):
+                    break
+            results.close()  # cancels the trials after the kill
+            kills.append(k)
+    return kills
 
 
 def killers(preemptions: int = 2, schedules: int = 2000) -> dict[str, tuple[str, str]]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -265,16 +267,18 @@ async def shrink(scenario: Scenario, fails: Callable[[Scenario], Awaitable[bool]
     return current
 
 
-def render(outcome: Outcome, console: Console) -> None:
+def render(outcome: Outcome, console: Console, kernel: str | None = None) -> None:
+    """Print ``outcome``; ``kernel``: the kernel that ran it, where it was not this machine's."""
     s = outcome.scenario
+    on = f"  [dim]on {kernel}[/dim]" if kernel else ""
     if outcome.skipped is not None:
-        console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}")
+        console.print(f"[yellow]skipped[/yellow]  {s.name}: {outcome.skipped}{on}")
         return
     only = "  (kernel only)" if outcome.kernel_only else ""
     if not outcome.differences:
-        console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}")
+        console.print(f"[green]same[/green]  {s.name}  ({len(s.steps)} steps){only}{on}")
         return
-    console.print(f"[red]DIFFERENT[/red]  {s.name}  ({s.path or 'generated'}){only}")
+    console.print(f"[red]DIFFERENT[/red]  {s.name}  ({s.path or 'generated'}){only}{on}")
     table = Table(show_lines=False)
     table.add_column("step", justify="right")
     table.add_column("operation")
@@ -305,9 +309,13 @@ async def conformance(
     swap: bool = False,
     thp: bool = False,
     pin: bool = False,
+    cluster: str | None = None,
 ) -> int:
     """The command's body; returns its exit status. ``server``: the mmsim server to run on (None:
-    servers started in this process, one per distinct THP settings). ``swap``: the random
+    servers started in this process, one per distinct THP settings). ``cluster``: a Dask
+    scheduler's address; each random scenario is a task of its workers, run on the worker's
+    kernel and an mmsim server started there, and shrunk there if it differs (random_on_worker;
+    cluster.ClusterError when the cluster cannot be used). ``swap``: the random
     scenarios also page out, deactivate and observe PTEs (those that page out are skipped where
     the kernel has no usable swap). ``thp``: the random scenarios also map 2 MiB-aligned regions,
     ask for huge pages and move whole PMDs. ``pin``: the random scenarios also pin and unpin pages.
@@ -317,7 +325,7 @@ async def conformance(
     from .kernel import KernelRunner, oracle_unavailable, pin_unavailable, swap_unavailable, thp_unavailable
 
     console = console or Console()
-    why = oracle_unavailable()
+    why = oracle_unavailable() if cluster is None or paths else None  # on a cluster, the workers' kernels
     if why is not None:
         console.print(f"kernel oracle unavailable: {why}")
         return EXIT_NO_ORACLE
@@ -359,7 +367,7 @@ async def conformance(
             count(outcome)
             render(outcome, console)
             different += bool(outcome.differences)
-        if random_count:
+        if random_count and cluster is None:
             from .generate import random_scenario
 
             rng = random.Random(seed)
@@ -384,8 +392,94 @@ async def conformance(
                     Path(save).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a command: nothing else runs
                     (Path(save) / f"{small.name}.json").write_text(json.dumps(small.to_dict(), indent=2) + "\n")
             console.print(f"{random_count} random scenarios (seed {seed}) run")
+    if random_count and cluster is not None:
+        from .generate import random_scenario
+
+        rng = random.Random(seed)  # the same scenarios as here, in the same order
+        docs = [random_scenario(rng, name=f"random-{seed}-{n}", swap=swap, thp=thp, pin=pin).to_dict()
+                for n in range(random_count)]
+        runs = await asyncio.to_thread(_on_cluster, cluster, docs, step_timeout, console)
+        kernels: Counter[str] = Counter()
+        for r in runs:
+            kernels[r.kernel] += 1
+            count(r.outcome)
+            if r.small is None or r.minimal is None:
+                continue
+            different += 1
+            if save:
+                Path(save).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a command: nothing else runs
+                (Path(save) / f"{r.small.name}.json").write_text(json.dumps(r.small.to_dict(), indent=2) + "\n")
+        console.print(f"{random_count} random scenarios (seed {seed}) run on the cluster at {cluster}: "
+                      + ", ".join(f"{n} on {k}" for k, n in sorted(kernels.items())))
     total = len(scenarios) + random_count - skipped
     notes = [f"{skipped} skipped: " + "; ".join(dict.fromkeys(reasons))] if skipped else []
     console.print(f"{total - different} of {total} scenarios behave the same on the kernel and on mmsim"
                   + (f" ({'; '.join(notes)})" if notes else ""))
     return EXIT_DIFFERENT if different else EXIT_OK
+
+
+@dataclass
+class RandomRun:
+    """A random scenario run by a cluster worker: its outcome and, where it differs, its shrunk
+    form and that one's outcome; ``kernel``: the worker's kernel release and host name."""
+
+    outcome: Outcome
+    kernel: str
+    small: Scenario | None = None
+    minimal: Outcome | None = None
+
+
+def _on_cluster(address: str, docs: list[dict[str, Any]], step_timeout: float, console: Console) -> list[RandomRun]:
+    """Run the scenarios ``docs`` on the cluster at ``address``, one task each; print each one
+    skipped or different, with the kernel that ran it, in their order as they come in."""
+    from ..cluster import run_in_order
+
+    runs = []
+    for r in run_in_order(address, random_on_worker, [(doc, step_timeout) for doc in docs]):
+        runs.append(r)
+        if r.outcome.skipped is not None:
+            render(r.outcome, console, r.kernel)
+        if r.small is not None and r.minimal is not None:
+            render(r.minimal, console, r.kernel)
+            console.print_json(json.dumps(r.small.to_dict()))
+    return runs
+
+
+def random_on_worker(doc: dict[str, Any], step_timeout: float = 5.0) -> RandomRun:
+    """A cluster task: run the scenario ``doc`` on this machine's kernel and on an mmsim server
+    started here, as ``conformance`` does, and shrink it here if it differs; skipped, with the
+    reason, where this kernel cannot run it."""
+    return asyncio.run(_random_here(Scenario.from_dict(doc), step_timeout))
+
+
+async def _random_here(s: Scenario, step_timeout: float) -> RandomRun:
+    from .kernel import KernelRunner, oracle_unavailable, pin_unavailable, swap_unavailable, thp_unavailable
+
+    here = RandomRun(Outcome(s, [], [], []), f"Linux {platform.release()} ({platform.node()})")
+    why = oracle_unavailable()
+    why = why and f"kernel oracle unavailable: {why}"
+    if why is None and needs_swap(s):
+        why = swap_unavailable()
+    if why is None and uses_pin(s):
+        why = pin_unavailable()
+    if why is None and uses_thp(s):
+        why = thp_unavailable(s)
+    if why is not None:
+        here.outcome.skipped = why
+        return here
+    runner = KernelRunner(step_timeout=step_timeout)
+    async with MmsimServers() as servers:
+        try:
+            client = await servers.client(s)
+        except SettingsMismatch as e:
+            here.outcome.skipped = e.reason
+            return here
+        here.outcome = await run_one(s, runner, client)
+        if here.outcome.differences:
+
+            async def fails(c: Scenario) -> bool:
+                return bool((await run_one(c, runner, client)).differences)
+
+            here.small = await shrink(s, fails)
+            here.minimal = await run_one(here.small, runner, client)
+    return here
