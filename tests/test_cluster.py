@@ -127,7 +127,10 @@ def test_a_search_gives_the_same_result_on_the_cluster_as_here(cluster: str, str
                             stop_on_catch=False, cluster=cluster)) == _figures(whole)
 
 
-def test_explore_on_the_cluster_from_the_command_line(cluster: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_explore_on_the_cluster_from_the_command_line(
+    cluster: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # one line per line, whatever the terminal the tests run in
     path = str(LITMUS / "fast-path-race.litmus")
     args = [path, "--protocol", "recheck-slow-only", "--strategy", "random", "--schedules", "400", "--seed", "2"]
     assert main(["explore", *args]) == 1

@@ -7,8 +7,9 @@ PMD, a fork tree one or two deep (a child that writes has its own anon_vma and f
 its pages shared), maybe a VMA split by ``mprotect`` so that a tree has several VMAs, and a
 MISSING-registered destination for moves. Its two or three threads each do one or two operations
 drawn from walk, move, fork, exit, munmap, mremap, fault (read or write), pageout, reclaim, split
-(a one-page ``dontneed`` or move inside the THP) and pin. Program ``i`` of seed ``s`` is the same
-text everywhere.
+(a one-page ``dontneed`` or move inside the THP) and pin, most of them on one "hot" page; in half
+the programs the first two threads open with a walk and a move of that page (the rmap's own
+race). Program ``i`` of seed ``s`` is the same text everywhere.
 
 ``shrink`` takes a program a search catches and drops operations (thread ones, then set-up ones)
 while the same kind of check still catches it, leaving a minimal litmus file to keep.
@@ -81,6 +82,8 @@ def program(seed: int, i: int) -> str:
         if rng.random() < 0.5:  # a COW: the child's own anon_vma and folio
             setup.append(f"write {child} {SRC + rng.randrange(SRC_PAGES) * PAGE_SIZE:#x} {0x70 + n}")
         parent = child
+    if d.children and rng.random() < 0.6:  # the parent breaks COW on the hot page: exclusive, movable
+        setup.append(f"write p {hot:#x} {0x60}")
     if rng.random() < 0.3:
         setup.append(f"madvise p {SRC + rng.randrange(SRC_PAGES) * PAGE_SIZE:#x} 1 pageout")
     if split_vma:  # two VMAs in one anon_vma tree
@@ -90,6 +93,9 @@ def program(seed: int, i: int) -> str:
     for t in range(rng.choice((2, 2, 3))):
         ops = [_operation(d) for _ in range(rng.choice((1, 1, 2)))]
         threads.append((f"t{t}", ops))
+    if rng.random() < 0.5:  # a walker and a mover meet on the hot page first: the rmap's own race
+        threads[0][1][0] = f"walk {d.proc()} {hot:#x} {rng.choice(('trylock', 'blocking'))}"
+        threads[1][1][0] = f"remap p {DST + rng.randrange(DST_PAGES) * PAGE_SIZE:#x} {hot:#x} 1"
     lines = [f"name: gen-{seed}-{i}", "setup:", *(f"  {s}" for s in setup)]
     for name, ops in threads:
         lines.append(f"thread {name}:")
