@@ -149,6 +149,7 @@ def test_a_bad_scenario_is_one_line_and_status_2(text: str, why: str, tmp_path: 
     assert main(["explore", "--replay", "not-a-token"]) == 2
 
 
+@pytest.mark.timeout(900)  # the whole mutation score: about 2.5 min alone, much more beside other tests
 def test_every_mutant_that_is_not_equivalent_is_killed_by_a_shipped_scenario() -> None:
     from mmsim.server.mm.kernel import MUTANTS
     from mmsim.server.tools.mutate import library, mutation_score

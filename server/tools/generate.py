@@ -7,9 +7,10 @@ PMD, a fork tree one or two deep (a child that writes has its own anon_vma and f
 its pages shared), maybe a VMA split by ``mprotect`` so that a tree has several VMAs, and a
 MISSING-registered destination for moves. Its two or three threads each do one or two operations
 drawn from walk, move, fork, exit, munmap, mremap, fault (read or write), pageout, reclaim, split
-(a one-page ``dontneed`` or move inside the THP) and pin, most of them on one "hot" page; in half
-the programs the first two threads open with a walk and a move of that page (the rmap's own
-race). Program ``i`` of seed ``s`` is the same text everywhere.
+(a one-page ``dontneed`` or move inside the THP) and pin, most of them on one "hot" page; in most
+programs the first two threads open with a move of that page and a walk of it (the rmap's own
+race), a move of its neighbour, a pin or a fault. Program ``i`` of seed ``s`` is the same text
+everywhere.
 
 ``shrink`` takes a program a search catches and drops operations (thread ones, then set-up ones)
 while the same kind of check still catches it, leaving a minimal litmus file to keep.
@@ -64,9 +65,13 @@ def program(seed: int, i: int) -> str:
         if rng.random() < 0.8:
             setup.append(f"write p {SRC + k * PAGE_SIZE:#x} {k + 1}")
     if thp:
-        setup += [f"mmap p {THP:#x} 512", f"madvise p {THP:#x} 512 hugepage", f"write p {THP:#x} 9"]
-        if rng.random() < 0.5:  # mapped by PTEs: a later move splits the folio itself
-            setup.append(f"madvise p {THP + 511 * PAGE_SIZE:#x} 1 dontneed")
+        setup += [f"mmap p {THP:#x} 512", f"madvise p {THP:#x} 512 hugepage"]
+        if rng.random() < 0.25:  # a read fault: the huge zero page
+            setup.append(f"read p {THP:#x}")
+        else:
+            setup.append(f"write p {THP:#x} 9")
+            if rng.random() < 0.5:  # mapped by PTEs: a later move splits the folio itself
+                setup.append(f"madvise p {THP + 511 * PAGE_SIZE:#x} 1 dontneed")
     split_vma = rng.random() < 0.2
     hot = SRC + rng.randrange(SRC_PAGES) * PAGE_SIZE
     if thp and rng.random() < 0.4:
@@ -93,9 +98,18 @@ def program(seed: int, i: int) -> str:
     for t in range(rng.choice((2, 2, 3))):
         ops = [_operation(d) for _ in range(rng.choice((1, 1, 2)))]
         threads.append((f"t{t}", ops))
-    if rng.random() < 0.5:  # a walker and a mover meet on the hot page first: the rmap's own race
-        threads[0][1][0] = f"walk {d.proc()} {hot:#x} {rng.choice(('trylock', 'blocking'))}"
-        threads[1][1][0] = f"remap p {DST + rng.randrange(DST_PAGES) * PAGE_SIZE:#x} {hot:#x} 1"
+    # Most programs open with two threads meeting on the hot page: a mover and a walker (the rmap's
+    # own race), another mover, a pinner, or a fault (a swap-in where the page was paged out).
+    if rng.random() < 0.7:
+        k = rng.randrange(DST_PAGES)
+        neighbour = hot - PAGE_SIZE if hot == SRC + (SRC_PAGES - 1) * PAGE_SIZE else hot + PAGE_SIZE
+        threads[0][1][0] = rng.choices([
+            f"walk {d.proc()} {hot:#x} {rng.choice(('trylock', 'blocking'))}",
+            f"remap p {DST + (k + 1) % DST_PAGES * PAGE_SIZE:#x} {neighbour:#x} 1",
+            f"pin p {hot:#x} 1",
+            f"read p {hot:#x}",
+        ], weights=(6, 2, 1, 1))[0]
+        threads[1][1][0] = f"remap p {DST + k * PAGE_SIZE:#x} {hot:#x} 1"
     lines = [f"name: gen-{seed}-{i}", "setup:", *(f"  {s}" for s in setup)]
     for name, ops in threads:
         lines.append(f"thread {name}:")
