@@ -132,7 +132,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .tools.litmus import ScenarioError
-    from .tools.mutate import DEFAULT_LITMUS, library, mutation_score
+    from .tools.mutate import DEFAULT_LITMUS, SAFE_PROTOCOLS, library, mutation_score
 
     extra = []
     for spec in args.variant or ():
@@ -150,7 +150,9 @@ def cmd_mutate(args: argparse.Namespace) -> int:
         from .tools.generate import programs
 
         scenarios = programs(args.seed, args.generated)
-        against = f"{len(scenarios)} generated programs (seed {args.seed}, no hand-written scenario)"
+        against = (f"{len(scenarios)} generated programs (seed {args.seed}, no hand-written scenario; "
+                   f"under {' and '.join(SAFE_PROTOCOLS)})")
+        only: tuple[str, ...] | None = SAFE_PROTOCOLS
     else:
         try:
             scenarios = library(Path(args.litmus) if args.litmus else DEFAULT_LITMUS)
@@ -161,6 +163,7 @@ def cmd_mutate(args: argparse.Namespace) -> int:
             print(f"mmsim mutate: no .litmus file in {args.litmus or DEFAULT_LITMUS}", file=sys.stderr)
             return 2
         against = f"{len(scenarios)} litmus scenarios"
+        only = None
     table = Table(title=f"mutants against {against} "
                         f"(exhaustive up to {args.preemptions} preemptions, then random; "
                         f"{args.schedules} schedules each)")
@@ -169,7 +172,8 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     from .tools.cluster import ClusterError
 
     try:
-        kills, score = mutation_score(scenarios, args.preemptions, args.schedules, extra, cluster=args.cluster)
+        kills, score = mutation_score(scenarios, args.preemptions, args.schedules, extra, cluster=args.cluster,
+                                      protocols=only)
     except ClusterError as e:
         print(f"mmsim mutate: {e}", file=sys.stderr)
         return 2

@@ -28,16 +28,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno as errno_mod
+import gc
 import hashlib
 import html
 import io
 import json
 import multiprocessing as mp
+import operator
 import pickle
 import random
 import sys
 import threading
 import time
+import types
 import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sortedcontainers import SortedList, SortedSet
+from sortedcontainers import SortedDict, SortedList, SortedSet
 
 from mmsim.v1.operations import BY_LITMUS, require
 
@@ -888,12 +891,25 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # while a DPOR search runs, every field of the model's shared objects (the classes in
 # _WATCHED: folios, PTEs, page tables, VMAs, mms, anon_vmas and their chains, locks, RCU, the
 # type-stable cache, swap, LRU, memcg, userfaultfd contexts, id counters) reports each read and
-# store (mm.trace.watch_fields), the marked accesses report through Tracer.access, and every lock
-# operation counts as a write of the lock. A container (dict, list, set, bytearray, ...) reached
-# through a field is a variable of its own: a step reads each container its thread has ever
-# reached (the thread may hold it in a local across a park) and writes it when its contents
-# differ after the step. Steps run atomically (one thread at a time), so a change made and undone
-# within one step is invisible to the others. A sleep on a lock, a grace period or a userfault,
+# store (mm.trace.watch_fields) and the marked accesses report through Tracer.access. Steps run
+# atomically (one thread at a time), so only what a step leaves behind matters to the others: a
+# field it stored but left as it found it counts as read, not written; so does a lock it took and
+# let go within the step (the lock's owner, reader holds and waiters are as before), and the two
+# orders of two such steps that touch nothing else in common end in the same state. A container
+# (dict, list, set, bytearray, ...) reached through a field is a variable of its own: a step reads
+# it when it reaches it through a field, or when the thread's suspended coroutines refer to it at
+# the step's start (a local, an iterator on their stack: _Watch._holding; a thread that picked
+# itself has not stopped, and reads every container it ever reached), and writes it when its
+# contents differ after the step. Some variables are watched entry by entry, by their owners'
+# methods (_keyed): the mm's VMA tree, page tables and huge PMDs (SortedDicts: a lookup reads its
+# key's entry, a store writes it; an iteration, a range or a size reads all, and a thread that
+# holds a view reads all of it in each later step), the page ledgers, the RCU reader set (one
+# entry per task) and each rwsem's read holds (one entry per thread; a writer reads them all, a
+# release that may hand the lock on writes them all). Bookkeeping that decides nothing while the
+# threads run is not watched (_ignored): statistics, mm->rss_anon, memcg's high-water mark, ids
+# and lock keys (which of two objects made at once gets the lower id is taken as immaterial),
+# and, where the scenario has no limit, no page budget or no reclaim to read them, memcg usage,
+# the live-folio counts and the LRU order. A sleep on a lock, a grace period or a userfault,
 # the wake-up and the woken thread's next step write one variable per sleeper, so the wake-up
 # happens before the woken step. Variables are named the same way in every run: objects of the
 # set-up model by their place in its pickle, module-level objects by their name, objects a run
@@ -925,22 +941,118 @@ _WATCHED: tuple[type, ...] = (
 
 _CONTAINERS = (dict, list, set, bytearray, deque, SortedList, SortedSet)
 
-#: The variable every lock's creation writes: lock keys come from one counter (locks._lock_seq),
-#: and double_pt_lock orders PTLs by key.
-_LOCK_SEQ = (("g", "locks._lock_seq"), "")
+#: Fields that only count (added to and subtracted from, never steering a step), read by the audit
+#: after the threads end: their changes commute. ``mm->rss_anon``; memcg's high-water mark and
+#: failure count; the id counters (which of two objects made at once gets the lower id is taken as
+#: immaterial: no protocol decision compares ids).
+_COUNTERS: dict[str, tuple[type, ...]] = {"rss_anon": (Mm,), "peak": (MemCgroup,), "failcnt": (MemCgroup,),
+                                          "next": (IdCounter,)}
+
+#: Containers watched entry by entry through their owners' methods (:func:`_keyed`), not as fields.
+_KEYED: dict[str, tuple[type, ...]] = {"readers": (Rcu, RwSem), "_holdouts": (Rcu,), "_pmds": (PageLedger,),
+                                       "_len": (PageLedger,)}
+
+
+def _ignored(scn: Scenario, m: MemoryModel) -> dict[str, tuple[type, ...]]:
+    """The fields a DPOR search of ``scn`` on ``m`` does not watch: :data:`_COUNTERS` always (the
+    RCU reader set and the ledger are watched per entry instead); memcg's usage when it has no
+    limit (it decides nothing then); the live-folio counts when no page budget reads them and no
+    thread reclaims (whose result counts the pages it freed); the LRU lists when no thread ages or
+    reclaims (their order is read only by reclaim and MADV_PAGEOUT/COLD, membership is the folio's
+    own ``lru`` field)."""
+    ignored = {**_COUNTERS, **_KEYED}
+    ops = {op.kind for _, thread_ops in scn.threads for op in thread_ops}
+    advice = {str(a) for _, thread_ops in scn.threads for op in thread_ops if op.kind == "madvise" for a in op.args}
+    reclaims = "reclaim" in ops or bool(advice & {"pageout", "cold"})
+    if m.k.memcg.limit is None:
+        for f in ("usage", "inflight"):
+            ignored[f] = (MemCgroup,)
+    if getattr(m, "max_pages", None) is None and not reclaims:
+        for f in ("folios_live", "folio_pages_live"):
+            ignored[f] = (Kernel,)
+    if not reclaims and m.k.memcg.limit is None:
+        ignored["lists"] = (Lruvec,)
+    return ignored
+
+
+#: Each type met inside a container: 0 a value, 1 a dict, 2 a sequence, 3 a set, 4 bytes (_kind).
+_KINDS: dict[type, int] = {}
+
+
+def _kind(t: type) -> int:
+    k = _KINDS.get(t)
+    if k is None:
+        k = _KINDS[t] = (1 if issubclass(t, dict) else 2 if issubclass(t, (list, deque, tuple, SortedList, SortedSet))
+                         else 3 if issubclass(t, (set, frozenset)) else 4 if issubclass(t, bytearray) else 0)
+    return k
+
+
+class _Same:
+    """Values that compare by identity, element by element (a flat container's contents)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: tuple[Any, ...]) -> None:
+        self.items = items
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        a, b = self.items, other.items
+        if len(a) != len(b):
+            return False
+        return all(map(operator.is_, a, b)) or all(map(operator.eq, map(_Ident, a), map(_Ident, b)))
+
+    def __hash__(self) -> int:
+        return hash(tuple(map(hash, map(_Ident, self.items))))
 
 
 def _freeze(v: Any) -> Any:
     """A container's contents as a value (nested containers too; other objects by identity)."""
-    if isinstance(v, dict):
-        return tuple((k, _freeze(x)) for k, x in v.items())
-    if isinstance(v, (list, deque, tuple, SortedList, SortedSet)):
-        return tuple(_freeze(x) for x in v)
-    if isinstance(v, (set, frozenset)):
+    k = _kind(type(v))
+    if k == 1:
+        values = tuple(v.values())
+        if not any(_kind(type(x)) for x in values):
+            return tuple(v), _Same(values)
+        return tuple((key, _freeze(x)) for key, x in v.items())
+    if k == 2:
+        items = tuple(v)
+        if not any(_kind(type(x)) for x in items):
+            return _Same(items)
+        return tuple(_freeze(x) for x in items)
+    if k == 3:
         return frozenset(_freeze(x) for x in v)
-    if isinstance(v, bytearray):
+    if k == 4:
         return bytes(v)
     return _Ident(v)
+
+
+#: Per type: whether a coroutine's reference to one may lead to a container (_looks_into).
+_LOOKS_INTO: dict[type, bool] = {}
+
+
+def _looks_into(t: type) -> bool:
+    """Whether :meth:`_Watch._holding` looks through an object of type ``t`` for the containers it
+    refers to: an iterator, a view, a bound method, a tuple or list of the interpreter's own, or a
+    helper object of the project's (a walk's control, an unwind record); not a watched model
+    object (its containers are reached through its fields), a value, or the event loop's."""
+    v = _LOOKS_INTO.get(t)
+    if v is None:
+        module = t.__module__ or ""
+        v = _LOOKS_INTO[t] = ((module in ("builtins", "itertools", "_collections", "collections")
+                               or module.startswith(__package__.split(".", 1)[0]))
+                              and not issubclass(t, (str, int, float, bytes, type, types.CodeType, types.FunctionType,
+                                                     types.ModuleType, *_WATCHED)))
+    return v
+
+
+def _nested(v: Any) -> Iterator[Any]:
+    """The containers inside container ``v``, at any depth."""
+    items = v.values() if isinstance(v, dict) else v if not isinstance(v, bytearray) else ()
+    for x in items:
+        if isinstance(x, (*_CONTAINERS, tuple, frozenset)):
+            yield x
+            yield from _nested(x)
 
 
 class _Ident:
@@ -967,14 +1079,19 @@ class _Ident:
 class _Step:
     """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
 
-    __slots__ = ("thread", "reads", "writes", "changed", "olds", "spin", "futile")
+    __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "spin", "futile")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
         self.reads: set[object] = set()
         self.writes: set[object] = set()
+        #: Writes of some entry of a keyed variable (v, "#any"): they race with a read of all of v,
+        #: not with each other (the entries' own keys say which).
+        self.some: set[object] = set()
         self.changed: set[object] = set()
         self.olds: dict[object, tuple[Any, str, Any]] = {}
+        #: Keyed entries written: key -> (how to read the entry now, its value at the first write).
+        self.kolds: dict[tuple[object, object], tuple[Callable[[], Any], Any]] = {}
         self.spin: str | None = None
         self.futile = False
 
@@ -983,7 +1100,9 @@ def _dependent(a: _Step | None, b: _Step | None) -> bool:
     """Whether two steps may not commute (a step not known depends on every other)."""
     if a is None or b is None or a.thread == b.thread:
         return True
-    return not (a.writes.isdisjoint(b.reads) and a.writes.isdisjoint(b.writes) and b.writes.isdisjoint(a.reads))
+    aw, bw = a.writes, b.writes
+    return not (aw.isdisjoint(b.reads) and aw.isdisjoint(bw) and bw.isdisjoint(a.reads)
+                and a.some.isdisjoint(b.reads) and b.some.isdisjoint(a.reads))
 
 
 def _module_objects() -> dict[int, object]:
@@ -1006,8 +1125,12 @@ class _Watch(_Trace):
     """One DPOR run's record of the steps: the accesses of each thread's step under way, named
     as every run names them."""
 
-    def __init__(self, ctl: Controller, setup: list[object], on_step: Callable[[_Step], None]) -> None:
+    def __init__(self, ctl: Controller, setup: list[object], on_step: Callable[[_Step], None],
+                 ignored: dict[str, tuple[type, ...]] | None = None) -> None:
         super().__init__(ctl)
+        self.ignored = ignored if ignored is not None else {**_COUNTERS, **_KEYED}
+        #: (class, field) -> whether the field is not watched (the cache of ``ignored``).
+        self.skip: dict[tuple[type, str], bool] = {}
         self.names: dict[int, object] = dict(_GLOBAL_NAMES)
         for i, obj in enumerate(setup):
             self.names[id(obj)] = ("s", i)
@@ -1017,6 +1140,12 @@ class _Watch(_Trace):
         #: Each thread's containers: id -> (variable, container), and their contents at its step's start.
         self.reached: dict[int, dict[int, tuple[object, Any]]] = {th.index: {} for th in ctl.threads}
         self.frozen: dict[int, dict[int, Any]] = {th.index: {} for th in ctl.threads}
+        #: Each thread's read holds of each rwsem: (id(rwsem), thread) -> count (_reader).
+        self.read_holds: dict[tuple[int, int], int] = {}
+        #: Containers nested in a reached one: id -> the reached one's id.
+        self.inner: dict[int, int] = {}
+        #: Each thread's keyed variables it holds a view of (held): id -> variable.
+        self.lazy: dict[int, dict[int, object]] = {th.index: {} for th in ctl.threads}
         self.on_step = on_step
         self.active = True
 
@@ -1042,12 +1171,12 @@ class _Watch(_Trace):
 
     def field(self, obj: Any, field: str, write: bool, old: Any, new: Any) -> None:
         """mm.trace's field hook: one read or store of a watched field."""
-        if field in _UNWATCHED:
-            if write and field == "key" and isinstance(obj, _Lock):
-                got = self._step()
-                if got is not None:
-                    got[1].reads.add(_LOCK_SEQ)
-                    got[1].writes.add(_LOCK_SEQ)
+        skip = self.skip.get((type(obj), field))
+        if skip is None:
+            ign = self.ignored.get(field)
+            skip = field in _UNWATCHED or (ign is not None and issubclass(type(obj), ign))
+            self.skip[(type(obj), field)] = skip
+        if skip:
             return
         got = self._step()
         if got is None:
@@ -1060,18 +1189,36 @@ class _Watch(_Trace):
                 st.olds[key] = (obj, field, old)
         else:
             st.reads.add(key)
-        if isinstance(new, _CONTAINERS):
-            self._reach(th, new)
-        elif type(new) is tuple:
+        t = type(new)
+        k = _KINDS.get(t)
+        if k is None:
+            k = _kind(t)
+        if not k or t is SortedDict:  # a value; or watched entry by entry (_keyed)
+            return
+        if t is tuple:
             for x in new:
-                if isinstance(x, _CONTAINERS):
+                if _kind(type(x)) and type(x) is not tuple:
                     self._reach(th, x)
+        elif t is not frozenset:
+            self._reach(th, new)
 
     def _reach(self, th: int, c: Any) -> None:
+        """Thread ``th``'s step reached container ``c`` through a field: it reads it, and writes
+        it if its contents differ at the step's end (noted now: nothing else changed it since the
+        step began, unless through a reference the thread held, which begin noted)."""
         reached = self.reached[th]
-        if id(c) not in reached:
-            reached[id(c)] = (self._name(c, th), c)
-            self.frozen[th][id(c)] = _freeze(c)
+        i = id(c)
+        if i not in reached:
+            reached[i] = (self._name(c, th), c)
+            for inner in _nested(c):
+                self.inner.setdefault(id(inner), i)
+        frozen = self.frozen[th]
+        if i not in frozen:
+            mm_trace.set_field_hook(None)
+            try:
+                frozen[i] = _freeze(c)
+            finally:
+                mm_trace.set_field_hook(self.field)
 
     def access(self, obj: Any, field: str, write: bool) -> None:
         got = self._step()
@@ -1082,13 +1229,71 @@ class _Watch(_Trace):
         (st.writes if write else st.reads).add(key)
 
     def lock(self, op: str, lock: Any, result: bool | None) -> None:
+        """A lock operation: the lock's own fields (owner, waiters) say what it read and changed,
+        so that a lock taken and let go within one step is only a read of it. An rwsem's reader
+        count is one entry per thread (each thread's read holds): two readers commute, a writer
+        reads every entry, a release that may hand the lock on writes them all."""
         super().lock(op, lock, result)
+        if not isinstance(lock, RwSem):
+            return
+        got = self._step()
+        if got is None:
+            return
+        th = got[0]
+        if op.startswith("down_read"):
+            if result:
+                self._reader(lock, th, 1)
+        elif op == "up_read":
+            self._reader(lock, th, -1)
+            if lock.waiters:
+                self.keyed(lock, None, True)
+        elif op.startswith("down_write"):
+            self.keyed(lock, None, False)
+        elif op == "up_write" and lock.waiters:
+            self.keyed(lock, None, True)
+
+    def _reader(self, lock: RwSem, th: int, delta: int) -> None:
+        """Thread ``th`` took (1) or let go of (-1) a read hold of ``lock``."""
+        key = (id(lock), th)
+        counts = self.read_holds
+        self.keyed(lock, ("r", th), True, lambda: counts.get(key, 0))
+        counts[key] = counts.get(key, 0) + delta
+
+    def held(self, obj: Any) -> None:
+        """The running thread holds a view or iterator of the keyed ``obj``: each of its later steps
+        reads all of it."""
         got = self._step()
         if got is not None:
-            th, st = got
-            key = (self._name(lock, th), "lock")
-            st.reads.add(key)
-            st.writes.add(key)
+            self.lazy[got[0]].setdefault(id(obj), self._name(obj, got[0]))
+
+    def keyed(self, obj: Any, key: object, write: bool, now: Callable[[], Any] | None = None, part: str = "") -> None:
+        """An access of one entry ``key`` of ``obj`` (a keyed variable: the RCU reader set, a
+        ledger); ``key`` None: all of it (a read of every entry, or a write that moves entries
+        wholesale). ``now`` reads the entry, so that a step that leaves it as it found it only
+        read it."""
+        got = self._step()
+        if got is None:
+            return
+        th, st = got
+        var = self._name(obj, th)
+        if part:  # one of several keyed variables of obj
+            var = (var, part)
+        if key is not None and not isinstance(key[1], (int, str)):  # type: ignore[index]
+            key = (key[0], self._name(key[1], th))  # type: ignore[index]
+        if key is None:
+            st.reads.add((var, "#any"))
+            st.reads.add((var, "*"))
+            if write:
+                st.writes.add((var, "*"))
+            return
+        k = (var, key)
+        st.reads.add((var, "*"))
+        st.reads.add(k)
+        if write:
+            st.writes.add(k)
+            st.some.add((var, "#any"))
+            if now is not None and k not in st.kolds:
+                st.kolds[k] = (now, now())
 
     def state(self, text: str) -> None:
         """The text of the accesses is not kept (the structured ones are)."""
@@ -1107,11 +1312,60 @@ class _Watch(_Trace):
         """``th`` was picked: its step starts (its containers' contents noted)."""
         st = self.open.setdefault(th.index, _Step(th.index))
         st.spin = th.point if th.point.startswith("spin:") else None
+        for var in self.lazy[th.index].values():
+            st.reads.add((var, "#any"))
+            st.reads.add((var, "*"))
         mm_trace.set_field_hook(None)
         try:
-            self.frozen[th.index] = {i: _freeze(c) for i, (_, c) in self.reached[th.index].items()}
+            reached = self.reached[th.index]
+            # A thread that picked itself has not stopped: its stack cannot be looked into (what it
+            # iterates over is not in its locals), so it may touch any container it reached.
+            holds = reached if self.ctl.by_task.get(asyncio.current_task()) is th else self._holding(th)  # type: ignore[arg-type]
+            self.frozen[th.index] = {i: _freeze(reached[i][1]) for i in holds}
         finally:
             mm_trace.set_field_hook(self.field)
+
+    def _holding(self, th: Thread) -> set[int]:
+        """The containers ``th`` reached that its coroutines, suspended, refer to (in a local, on
+        their stack, or through an iterator, view or bound method there): those its next step may
+        touch without going through a field."""
+        reached = self.reached[th.index]
+        inner = self.inner
+        found: set[int] = set()
+        if not reached:
+            return found
+
+        def note(obj: Any) -> bool:
+            i = id(obj)
+            if i in reached:
+                found.add(i)
+                return True
+            j = inner.get(i)
+            if j is not None and j in reached:
+                found.add(j)
+                return True
+            return False
+
+        tasks = [t for t, owner in self.ctl.by_task.items() if owner is th and not t.done()]
+        seen: set[int] = set()
+        while tasks:
+            c: Any = tasks.pop().get_coro()
+            while c is not None and id(c) not in seen:
+                seen.add(id(c))
+                nxt = None
+                for r in gc.get_referents(c):
+                    if note(r):
+                        continue
+                    t = type(r)
+                    if t is types.CoroutineType or t is types.GeneratorType or t is types.AsyncGeneratorType:
+                        nxt = r
+                    elif _looks_into(t):
+                        for r2 in gc.get_referents(r):
+                            note(r2)
+                    elif issubclass(t, asyncio.Task):
+                        tasks.append(r)
+                c = nxt
+        return found
 
     def close(self, th: Thread) -> _Step:
         """``th``'s step ended (it parked, slept or ended): what it read, wrote and changed."""
@@ -1119,17 +1373,30 @@ class _Watch(_Trace):
         mm_trace.set_field_hook(None)
         try:
             frozen = self.frozen[th.index]
+            reached = self.reached[th.index]
             key: object
-            for i, (var, c) in self.reached[th.index].items():
+            for i, before in frozen.items():
+                var, c = reached[i]
                 key = (var, "[]")
                 st.reads.add(key)
-                if i not in frozen or _freeze(c) != frozen[i]:
+                if _freeze(c) != before:
                     st.writes.add(key)
                     st.changed.add(key)
+            self.frozen[th.index] = {}
             for key, (obj, field, old) in st.olds.items():
                 now = getattr(obj, field, mm_trace.UNSET)
                 if now is not old and not (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old):
                     st.changed.add(key)
+                else:  # left as it was: to the others, the step only read it
+                    st.writes.discard(key)
+                    st.reads.add(key)
+            if st.kolds:
+                for key, (now_fn, old) in st.kolds.items():
+                    if now_fn() == old:
+                        st.writes.discard(key)
+                    else:
+                        st.changed.add(key)
+                st.some = {(k[0], "#any") for k in st.kolds if k in st.writes}
         finally:
             mm_trace.set_field_hook(self.field if self.active else None)
         if th.state == "blocked":
@@ -1137,6 +1404,7 @@ class _Watch(_Trace):
             st.reads.add(key)
             st.writes.add(key)
         st.olds = {}
+        st.kolds = {}
         st.futile = st.spin is not None and th.state == "parked" and th.point == st.spin and not st.changed
         return st
 
@@ -1147,6 +1415,190 @@ class _Watch(_Trace):
             self.on_step(self.close(cur))
         self.active = False
         mm_trace.set_field_hook(None)
+
+
+_ABSENT = object()
+
+#: How the DPOR search sees each method of a SortedDict (the mm's VMA tree, page tables and huge
+#: PMDs): a read or write of the entry its key names; a read of every entry (``lazy``: what it
+#: returns reads the dict later, so the thread reads all of it from then on); a write of all.
+_SD_KINDS = {
+    "__getitem__": "key-read", "get": "key-read", "__contains__": "key-read",
+    "__setitem__": "key-write", "__delitem__": "key-write", "pop": "key-write", "setdefault": "key-write",
+    "__iter__": "lazy", "__reversed__": "lazy", "keys": "lazy", "values": "lazy", "items": "lazy",
+    "clear": "write", "popitem": "write", "update": "write", "__ior__": "write",
+}
+#: The rest of a SortedDict's methods: reads of every entry.
+_SD_OTHER = ("__len__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__repr__", "__str__", "copy",
+             "__copy__", "peekitem", "__or__", "__ror__")
+#: The SortedList methods a SortedDict hands out as its own attributes (irange, bisect, ...): reads
+#: of every entry, lazy.
+_SD_LIST_METHODS = frozenset({"irange", "islice", "index", "bisect", "bisect_left", "bisect_right", "bisect_key",
+                              "bisect_key_left", "bisect_key_right", "irange_key", "_list"})
+
+
+def _watching() -> _Watch | None:
+    """The DPOR run's watch while it watches (not while it takes a fingerprint or closes a step)."""
+    hook = mm_trace.field_hook
+    return getattr(hook, "__self__", None)
+
+
+@contextmanager
+def _keyed() -> Iterator[None]:
+    """While in the block, the RCU reader set and the page ledgers report their accesses entry by
+    entry (_Watch.keyed): a task entering or leaving a read section writes its own entry (and its
+    holdout entry, if a grace period waits for it: the last to leave reads them all), a grace
+    period's start reads every reader and writes every holdout; a ledger's page lookups and
+    stores read and write that page's entry, its iteration and size read every entry, a PMD's
+    table carried over or a ledger let go writes them all; an rwsem's is_locked reads every read
+    hold; a SortedDict's methods as _SD_KINDS says. Two tasks' read sections, or two writers of
+    different pages, then commute."""
+    undo: list[tuple[type, str, Any]] = []
+
+    def patch(cls: type, attr: str, fn: Callable[..., Any]) -> None:
+        undo.append((cls, attr, cls.__dict__.get(attr, _ABSENT)))
+        setattr(cls, attr, fn)
+
+    rcu_lock, rcu_unlock, start_gp = Rcu.read_lock, Rcu.read_unlock, Rcu._start_gp
+
+    def read_lock(self: Rcu, cur: Any) -> None:
+        w = _watching()
+        if w is not None and cur.rcu_nesting == 0:
+            w.keyed(self, ("rcu", cur), True, lambda: cur in self.readers)
+        rcu_lock(self, cur)
+
+    def read_unlock(self: Rcu, cur: Any) -> None:
+        w = _watching()
+        if w is not None and cur.rcu_nesting == 1:
+            w.keyed(self, ("rcu", cur), True, lambda: cur in self.readers)
+            holdout = cur in self._holdouts
+            w.keyed(self, ("holdout", cur), holdout, lambda: cur in self._holdouts, part="holdouts")
+            if holdout:  # the last holdout to leave ends the grace period
+                w.keyed(self, None, False, part="holdouts")
+        rcu_unlock(self, cur)
+
+    def _start_gp(self: Rcu) -> None:
+        w = _watching()
+        if w is not None:  # reads every reader, makes them all holdouts
+            w.keyed(self, None, False)
+            w.keyed(self, None, True, part="holdouts")
+        start_gp(self)
+
+    get, getitem, setitem, delitem, contains, it, length, move_pmd, release = (
+        PageLedger.get, PageLedger.__getitem__, PageLedger.__setitem__, PageLedger.__delitem__,
+        PageLedger.__contains__, PageLedger.__iter__, PageLedger.__len__, PageLedger.move_pmd, PageLedger.release)
+
+    def entry(self: PageLedger, vpn: Any, write: bool) -> None:
+        w = _watching()
+        if w is not None:
+            w.keyed(self, ("page", vpn), write, (lambda: get(self, vpn, mm_trace.UNSET)) if write else None)
+
+    def whole(self: PageLedger, write: bool) -> None:
+        w = _watching()
+        if w is not None:
+            w.keyed(self, None, write)
+
+    def l_get(self: PageLedger, vpn: int, default: int | None = None) -> int | None:
+        entry(self, vpn, False)
+        return get(self, vpn, default)
+
+    def l_getitem(self: PageLedger, vpn: int) -> int:
+        entry(self, vpn, False)
+        return getitem(self, vpn)
+
+    def l_contains(self: PageLedger, vpn: object) -> bool:
+        entry(self, vpn, False)
+        return contains(self, vpn)
+
+    def l_setitem(self: PageLedger, vpn: int, value: int) -> None:
+        entry(self, vpn, True)
+        setitem(self, vpn, value)
+
+    def l_delitem(self: PageLedger, vpn: int) -> None:
+        entry(self, vpn, True)
+        delitem(self, vpn)
+
+    def l_iter(self: PageLedger) -> Iterator[int]:
+        whole(self, False)
+        return it(self)
+
+    def l_len(self: PageLedger) -> int:
+        whole(self, False)
+        return length(self)
+
+    def l_move_pmd(self: PageLedger, src_idx: int, dst_idx: int) -> None:
+        whole(self, True)
+        move_pmd(self, src_idx, dst_idx)
+
+    async def l_release(self: PageLedger) -> None:
+        whole(self, True)
+        await release(self)
+        whole(self, True)
+
+    def sd_method(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        kind = _SD_KINDS.get(name, "read")
+        if kind == "key-read" or kind == "key-write":
+            write = kind == "key-write"
+
+            def keyed_method(self: SortedDict, key: Any, *args: Any) -> Any:
+                w = _watching()
+                if w is not None:
+                    try:
+                        hash(key)
+                    except TypeError:
+                        w.keyed(self, None, write)
+                    else:
+                        w.keyed(self, ("key", key), write,
+                                (lambda: dict.get(self, key, mm_trace.UNSET)) if write else None)  # type: ignore[call-overload]
+                return orig(self, key, *args)
+
+            return keyed_method
+
+        def whole_method(self: SortedDict, *args: Any, **kwargs: Any) -> Any:
+            w = _watching()
+            if w is not None:
+                w.keyed(self, None, kind == "write")
+                if kind == "lazy":
+                    w.held(self)
+            return orig(self, *args, **kwargs)
+
+        return whole_method
+
+    def sd_getattribute(self: SortedDict, attr: str) -> Any:
+        if attr in _SD_LIST_METHODS:
+            w = _watching()
+            if w is not None:
+                w.keyed(self, None, False)
+                w.held(self)
+        return object.__getattribute__(self, attr)
+
+    is_locked = RwSem.is_locked
+
+    def rwsem_is_locked(self: RwSem) -> bool:
+        w = _watching()
+        if w is not None:
+            w.keyed(self, None, False)
+        return is_locked(self)
+
+    try:
+        patch(RwSem, "is_locked", rwsem_is_locked)
+        for attr in (*_SD_KINDS, *_SD_OTHER):
+            patch(SortedDict, attr, sd_method(attr, getattr(SortedDict, attr)))
+        patch(SortedDict, "__getattribute__", sd_getattribute)
+        patch(Rcu, "read_lock", read_lock)
+        patch(Rcu, "read_unlock", read_unlock)
+        patch(Rcu, "_start_gp", _start_gp)
+        for attr, fn in (("get", l_get), ("__getitem__", l_getitem), ("__contains__", l_contains),
+                         ("__setitem__", l_setitem), ("__delitem__", l_delitem), ("__iter__", l_iter),
+                         ("__len__", l_len), ("move_pmd", l_move_pmd), ("release", l_release)):
+            patch(PageLedger, attr, fn)
+        yield
+    finally:
+        for cls, attr, fn in reversed(undo):
+            if fn is _ABSENT:
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, fn)
 
 
 _GLOBAL_NAMES: dict[int, object] = {}
@@ -1176,6 +1628,9 @@ class _Dpor:
     def __init__(self, full: bool = False) -> None:
         #: Every schedule instead (no sleep sets, every enabled thread at every node): brute force.
         self.full = full
+        #: The scenario searched, and the fields its runs do not watch (_ignored).
+        self.scn: Scenario | None = None
+        self.ignored: dict[str, tuple[type, ...]] | None = None
         self.path: list[_Node] = []
         self.target: tuple[int, int] | None = None  # (depth, thread) of the next run's new pick
         self.states: set[object] = set()
@@ -1199,7 +1654,9 @@ class _Dpor:
         self.cut = False
         self.disabled = {}
         self.steps = 0
-        self.watch = _Watch(ctl, setup, self._stepped)
+        if self.ignored is None:
+            self.ignored = _ignored(self.scn, m) if self.scn is not None else None
+        self.watch = _Watch(ctl, setup, self._stepped, self.ignored)
         fp = ctl.fingerprint
         if fp is not None:
             def unwatched() -> object:
@@ -1351,7 +1808,8 @@ async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | N
     if not _GLOBAL_NAMES:
         _GLOBAL_NAMES.update(_module_objects())
     dp = _Dpor(full)
-    with mm_trace.watch_fields(_WATCHED):
+    dp.scn = scn
+    with mm_trace.watch_fields(_WATCHED), _keyed():
         while True:
             r = await run_schedule(scn, protocol, mutant, dp.choose, hashing=True, start=start, trace=False, dpor=dp)
             if on_run is not None:
