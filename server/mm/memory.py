@@ -719,7 +719,7 @@ async def copy_page_range(
                 await k.spin_on(cur, src_pt.ptl)
             dst_pt.ptl.spin_lock(cur)
             src_pt.ptl.spin_lock(cur, nested=True)
-            more = _count_cow_for_dma(src_mm, src_pt, lo, hi, whole) - ncopy if src_mm.has_pinned else 0
+            more = _count_cow_for_dma(src_mm, src_pt, lo, hi, whole) - ncopy
             if more <= 0:
                 break
             src_pt.ptl.spin_unlock(cur)

@@ -305,8 +305,8 @@ class GupPin:
 
     __slots__ = ("id", "addr", "pages")
 
-    def __init__(self, pid: int, addr: int) -> None:
-        self.id = pid
+    def __init__(self, pin_id: int, addr: int) -> None:
+        self.id = pin_id
         self.addr = addr
         self.pages: list[Folio] = []
 

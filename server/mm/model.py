@@ -554,10 +554,8 @@ class MemoryModel:
                         vma_end_read(cur, vma)  # type: ignore[arg-type]
                     else:
                         lock.up_read(cur)
-                self._call_done(cur)
                 in_call = False
-                await userfault_wait(k, fault.ctx, fault.userfault)
-                if not self.gate.try_enter(): await self.gate.enter()
+                await self._userfault_sleep(cur, fault)
                 in_call = True
         except BaseException:
             if cur.held or cur.pins or cur.rcu_nesting:
@@ -566,6 +564,14 @@ class MemoryModel:
         finally:
             if in_call:
                 self._call_done(cur)
+
+    async def _userfault_sleep(self, cur: Current, fault: VmFaultRetry) -> None:
+        """A call's sleep on a userfault, locks dropped: out of the audit's gate (no call in
+        progress) until woken, then back in. Expects the call inside the gate; leaves it inside,
+        or outside if the sleep is cancelled."""
+        self._call_done(cur)
+        await userfault_wait(self.k, fault.ctx, fault.userfault)
+        if not self.gate.try_enter(): await self.gate.enter()
 
     async def read(self, pid: int, addr: int) -> int:
         """A read access: faults in the zero page where nothing is mapped (in a MISSING range:
@@ -630,10 +636,8 @@ class MemoryModel:
                         fault = retry
                     finally:
                         lock.up_read(cur)
-                    self._call_done(cur)
                     in_call = False
-                    await userfault_wait(k, fault.ctx, fault.userfault)
-                    if not self.gate.try_enter(): await self.gate.enter()
+                    await self._userfault_sleep(cur, fault)
                     in_call = True
                 if mm.users == 0:
                     raise MmError(errno.ESRCH, "process has exited")
