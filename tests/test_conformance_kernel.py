@@ -730,13 +730,22 @@ def test_runs_hold_the_settings_lock() -> None:
         finally:
             os.close(fd)
 
+    def held_by_us() -> list[str]:
+        """This process's flock modes on the lock file (/proc/locks: other test workers may hold it
+        too, so a lock attempt cannot tell whether this process let go)."""
+        ino = os.stat(kernel._thp_lock_path()).st_ino
+        with open("/proc/locks") as f:
+            rows = [line.split() for line in f]
+        return [r[3] for r in rows if r[1] == "FLOCK" and r[4] == str(os.getpid()) and r[5].endswith(f":{ino}")]
+
     got: dict[str, bool] = {}
     with kernel.thp_settings(None):
         t = threading.Thread(target=lambda: got.update(ex=try_lock(fcntl.LOCK_EX), sh=try_lock(fcntl.LOCK_SH)))
         t.start()
         t.join()
+        assert held_by_us() == ["READ"]
     assert got == {"ex": False, "sh": True}
-    assert try_lock(fcntl.LOCK_EX)
+    assert held_by_us() == []  # let go when the run ends
 
 
 def test_thp_counters_and_what_a_move_of_them_means(tmp_path: Any) -> None:
