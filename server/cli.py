@@ -811,6 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--strategy", choices=["random", "pct", "exhaustive", "dpor"], default="exhaustive",
                     help="random picks, PCT priorities, every schedule up to --preemptions (default), or dpor: one "
                     "schedule per Mazurkiewicz trace, no bound (a complete search prints 'complete: N traces')")
+    ex.add_argument("--points", choices=["named", "all"],
+                    help="where threads may interleave: the named preemption points, lock sleeps and wake-ups, or "
+                    "also every marked access (READ_ONCE, WRITE_ONCE, a refcount) and lock operation, the hardware's "
+                    "granularity (default: all for dpor, named for the others)")
     ex.add_argument("--schedules", type=_positive,
                     help="most schedules to run (default 10000; with --generate, random ones per program, default 300)")
     ex.add_argument("--generate", type=_positive, metavar="N",

@@ -73,7 +73,7 @@ def test_a_caught_schedule_is_minimised_and_replays_identically() -> None:
     assert s.first is not None
     small = minimize(scn, "no-recheck", None, s.first)
     assert small.caught and len(small.preemptions) <= len(s.first.preemptions)
-    again, protocol, mutant, pre = untoken(token(scn, "no-recheck", None, small.preemptions))
+    again, protocol, mutant, pre, _ = untoken(token(scn, "no-recheck", None, small.preemptions))
     assert (again.text, protocol, mutant) == (scn.text, "no-recheck", None)
     replayed = run_sync(again, protocol, mutant, follow(pre))
     assert [(e.step, e.thread, e.kind, e.text) for e in replayed.events] == \

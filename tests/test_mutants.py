@@ -543,6 +543,9 @@ class Stops:
     def woken(self, key: object) -> None:
         pass
 
+    def park_sync(self, point: str) -> bool:
+        return False  # it stops tasks at the named points only
+
 
 async def pin_races_move(m: MemoryModel, pid: int, pin_at: int, move: Awaitable[int], cleared: str) -> tuple[int, int]:
     """G pins the page at ``pin_at`` (GUP-fast) and stops after reading its entry; M (``move``)

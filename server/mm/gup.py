@@ -148,9 +148,7 @@ async def follow_page(k: Kernel, cur: Current, mm: Mm, addr: int, nr_pages: int,
     pt = mm.pgtables.get(idx)
     if pt is None:
         return 0
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    pt.ptl.spin_lock(cur)
+    await k.spin_lock(cur, pt.ptl)  # a mover preempted inside its PTL section
     try:
         pte = pt.ptes.get(addr >> PAGE_SHIFT)
         if pte is None or not pte.write or pte.folio is ZERO_PAGE:  # can_follow_write_pte

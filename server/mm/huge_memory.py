@@ -96,9 +96,7 @@ async def pmd_lock(k: Kernel, cur: Current, mm: Mm, addr: int, nested: bool = Fa
     """Take the PMD lock covering ``addr`` (spinning first while a task preempted inside its
     section holds it). Returns it."""
     ptl = mm.pmd_lock(addr)
-    if ptl.owner is not None:
-        await k.spin_on(cur, ptl)
-    ptl.spin_lock(cur, nested=nested)
+    await k.spin_lock(cur, ptl, nested=nested)
     return ptl
 
 
@@ -450,9 +448,7 @@ async def move_huge_pmd(
     old_ptl = await pmd_lock(k, cur, old_mm, old_idx << PMD_SHIFT)
     new_ptl = new_mm.pmd_lock(new_idx << PMD_SHIFT)
     if new_ptl is not old_ptl:
-        if new_ptl.owner is not None:
-            await k.spin_on(cur, new_ptl)
-        new_ptl.spin_lock(cur, nested=True)
+        await k.spin_lock(cur, new_ptl, nested=True)
     hp = old_mm.huge_pmds.pop(old_idx)
     assert pmd_none(new_mm, new_idx), "move_huge_pmd onto a PMD that is not none"
     new_mm.huge_pmds[new_idx] = hp
@@ -488,7 +484,7 @@ async def split_folio(
     a reference, are appended to ``to_list`` (split_folio_to_list). Takes the anon_vma root rwsem
     for write (the walkers are kept out while the mappings change), then each PMD lock and PTL
     in turn."""
-    anon_vma = folio_get_anon_vma(k, cur, folio)
+    anon_vma = await folio_get_anon_vma(k, cur, folio)
     if anon_vma is None:
         raise MmError(errno.EBUSY, f"folio {folio.id} has no anon_vma")
     try:
@@ -583,9 +579,7 @@ async def __split_folio_mappings(
             pt = mm.pgtables.get(idx)
             if pt is None or not pt.ptes:
                 continue
-            if pt.ptl.owner is not None:
-                await k.spin_on(cur, pt.ptl)
-            pt.ptl.spin_lock(cur)
+            await k.spin_lock(cur, pt.ptl)
             ptes = pt.ptes
             for vpn in range(max(start >> PAGE_SHIFT, idx << (PMD_SHIFT - PAGE_SHIFT)),
                              min(end >> PAGE_SHIFT, (idx + 1) << (PMD_SHIFT - PAGE_SHIFT))):
@@ -659,7 +653,7 @@ async def move_pages_huge_pmd(
             if not PageAnonExclusive(k, src_folio, 0):
                 err = -errno.EBUSY
             else:
-                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+                src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
                 if src_anon_vma is None:
                     err = -errno.EAGAIN
                 else:

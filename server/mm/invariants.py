@@ -119,6 +119,10 @@ def _check_refs(bad: Callable[[str], None], f: Folio, mapcount: int, pins: int) 
         bad(f"folio {f.id}: pin count {f.pincount} != {pins} pins held")
 
 
+def _unchecked(p: str) -> None:
+    """A ledger difference where the ledger is not compared (MemoryModel.check_ledger)."""
+
+
 def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
     """Append every problem found to ``problems``, yielding every RESCHED_WORK units of work."""
     k = model.k
@@ -197,6 +201,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         matched = 0  # ledger entries found mapped
         swapped = 0
         ledger: Mapping[int, int] = model.ledger.get(pid) or {}
+        ledger_bad = bad if model.check_ledger else _unchecked
         for idx, hp in mm.huge_pmds.items():
             haddr = idx << PMD_SHIFT
             if idx in mm.pgtables:
@@ -226,7 +231,8 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 if expected is not None:
                     matched += 1
                 if (expected or 0) != f.page_value(i):
-                    bad(f"{where}: contents differ from the ledger: wrong value at {(vpn0 + i) << PAGE_SHIFT:#x}")
+                    at = (vpn0 + i) << PAGE_SHIFT
+                    ledger_bad(f"{where}: contents differ from the ledger: wrong value at {at:#x}")
                     break
             if f.freed:
                 bad(f"{where}: huge PMD at {haddr:#x} maps freed folio {f.id}")
@@ -256,9 +262,9 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 if value is None:
                     bad(f"{where}: swap PTE at {addr:#x} names slot {off:#x}, which holds nothing")
                 elif expected is None:
-                    bad(f"{where}: contents differ from the ledger: unexpected swapped-out page at {addr:#x}")
+                    ledger_bad(f"{where}: contents differ from the ledger: unexpected swapped-out page at {addr:#x}")
                 elif expected != value:
-                    bad(f"{where}: contents differ from the ledger: wrong swapped-out value at {addr:#x}")
+                    ledger_bad(f"{where}: contents differ from the ledger: wrong swapped-out value at {addr:#x}")
             swapped += len(pt.swap)
             for vpn, pte in pt.ptes.items():
                 addr = vpn << PAGE_SHIFT
@@ -276,7 +282,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     if expected == 0:  # written zeros, then mapped by the zero page (a folio split)
                         matched += 1
                     elif expected is not None:
-                        bad(f"{where}: contents differ from the ledger: the zero page at {addr:#x}")
+                        ledger_bad(f"{where}: contents differ from the ledger: the zero page at {addr:#x}")
                     continue
                 rss += 1
                 if f.audit_gen != gen:
@@ -289,11 +295,11 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 value = f.page_value(i)
                 if expected is None:
                     if not f.large or value:  # a large folio's page nobody wrote reads 0
-                        bad(f"{where}: contents differ from the ledger: unexpected page at {addr:#x}")
+                        ledger_bad(f"{where}: contents differ from the ledger: unexpected page at {addr:#x}")
                 else:
                     matched += 1
                     if expected != value:
-                        bad(f"{where}: contents differ from the ledger: wrong value at {addr:#x}")
+                        ledger_bad(f"{where}: contents differ from the ledger: wrong value at {addr:#x}")
                 if f.freed:
                     bad(f"{where}: PTE at {addr:#x} maps freed folio {f.id}")
                     continue
@@ -311,7 +317,7 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
         if len(ledger) != matched + swapped:
             lost = [vpn for vpn in ledger if mm.pte_lookup(vpn << PAGE_SHIFT) is None
                     and mm.swap_pte_lookup(vpn << PAGE_SHIFT) is None][:4]
-            bad(f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}")
+            ledger_bad(f"{where}: contents differ from the ledger: lost {[hex(v << PAGE_SHIFT) for v in lost]}")
 
     # Pass 2: each folio once, against the PTEs counted on it.
     folios = 0

@@ -239,6 +239,7 @@ class Kernel:
         self.sched.controller = controller
         self.sched.active = controller is not None or self.sched.preempt > 0.0
         self.lockdep.controller = controller
+        self.lockdep.spin = self.spin_on_sync if controller is not None else None
         self.rcu.controller = controller
 
     async def spin_on(self, cur: Current, ptl: SpinLock) -> None:
@@ -247,25 +248,49 @@ class Kernel:
         ``cur``; returns when it is free, without taking it (the caller takes it at once). Spins at
         the ``spin:ptl`` point. A cycle of spinners (each holding what the next spins on) is
         reported as a ``deadlock`` and broken by raising Deadlock here."""
-        spinning = self.spinning
-        spinning[cur] = ptl
+        self.spinning[cur] = ptl
         try:
             while ptl.owner is not None:
-                owner: Current | None = ptl.owner
-                seen = {cur}
-                while owner is not None and owner not in seen and owner in spinning:
-                    seen.add(owner)
-                    owner = spinning[owner].owner
-                if owner is cur:
-                    if self.detect:
-                        self.detectors.report(
-                            "deadlock", task=cur.name, spins_on=ptl.name,
-                            holds=[lk.name for lk in cur.held if isinstance(lk, SpinLock)],
-                        )
-                    raise Deadlock(f"{cur.name} spins on {ptl.name} in a cycle of spinning tasks")
+                self._spin_check(cur, ptl)
                 await self.sched.yield_now("spin:ptl")
         finally:
-            del spinning[cur]
+            del self.spinning[cur]
+
+    async def spin_lock(self, cur: Current, ptl: SpinLock, nested: bool = False) -> None:
+        """spin_lock(ptl), spinning first (spin_on) while a task preempted inside its section holds it."""
+        if ptl.owner is not None:
+            await self.spin_on(cur, ptl)
+        ptl.spin_lock(cur, nested)
+
+    def spin_on_sync(self, cur: Current, ptl: SpinLock) -> None:
+        """spin_on from synchronous code (SpinLock.spin_lock, contended), where the explorer can park
+        the running task anywhere (its points at the hardware's granularity); RuntimeError where it
+        cannot (a PTL held across a sleep is then a bug of the caller)."""
+        ctl = self.sched.controller
+        self.spinning[cur] = ptl
+        try:
+            while (owner := ptl.owner) is not None:
+                self._spin_check(cur, ptl)
+                if ctl is None or not ctl.park_sync("spin:ptl"):
+                    raise RuntimeError(f"{cur.name} spins on {ptl.name}, held by {owner.name} across a sleep")
+        finally:
+            del self.spinning[cur]
+
+    def _spin_check(self, cur: Current, ptl: SpinLock) -> None:
+        """Raise Deadlock (reported) when ``cur``, about to spin on ``ptl``, closes a cycle of spinners."""
+        spinning = self.spinning
+        owner: Current | None = ptl.owner
+        seen = {cur}
+        while owner is not None and owner not in seen and owner in spinning:
+            seen.add(owner)
+            owner = spinning[owner].owner
+        if owner is cur:
+            if self.detect:
+                self.detectors.report(
+                    "deadlock", task=cur.name, spins_on=ptl.name,
+                    holds=[lk.name for lk in cur.held if isinstance(lk, SpinLock)],
+                )
+            raise Deadlock(f"{cur.name} spins on {ptl.name} in a cycle of spinning tasks")
 
     def folio_alloc(self) -> Folio:
         """A new folio; the caller has charged FOLIO_BYTES."""

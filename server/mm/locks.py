@@ -26,6 +26,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .detectors import Detectors
     from .sched import Controller
     from .trace import Tracer
@@ -116,7 +118,7 @@ class _Waiter:
 class LockdepState:
     """Where violations go, and the lock-wait times; shared by all locks of one model instance."""
 
-    __slots__ = ("controller", "detectors", "enabled", "trace", "waits")
+    __slots__ = ("controller", "detectors", "enabled", "spin", "trace", "waits")
 
     def __init__(self, detectors: Detectors | None = None, enabled: bool = True) -> None:
         self.detectors = detectors
@@ -127,6 +129,9 @@ class LockdepState:
         self.controller: Controller | None = None
         #: Told of every acquisition and release (trace.Tracer); None while nobody watches.
         self.trace: Tracer | None = None
+        #: spin_lock's contended case where the running task can spin from synchronous code (the
+        #: explorer at the hardware's granularity: Kernel.spin_on_sync); None elsewhere.
+        self.spin: Callable[[Current, SpinLock], None] | None = None
 
 
 _lock_seq = 0
@@ -435,7 +440,9 @@ class SpinLock(_Lock):
                     self._check_order(cur, nested)
                     break
         if self.owner is not None:
-            raise RuntimeError(f"{cur.name} spins on {self.name}, held by {self.owner.name} across a sleep")
+            if self.lockdep.spin is None:
+                raise RuntimeError(f"{cur.name} spins on {self.name}, held by {self.owner.name} across a sleep")
+            self.lockdep.spin(cur, self)  # a holder preempted inside its section: spin until it lets go
         self.owner = cur
         cur.held.append(self)
         if self.lockdep.trace is not None:

@@ -173,9 +173,7 @@ async def madvise_cold_or_pageout_pte_range(
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes or idx in skip:
             continue
-        if pt.ptl.owner is not None:
-            await k.spin_on(cur, pt.ptl)
-        pt.ptl.spin_lock(cur)
+        await k.spin_lock(cur, pt.ptl)
         vpn = max(lo, idx << (PMD_SHIFT - PAGE_SHIFT))
         top = min(hi, (idx + 1) << (PMD_SHIFT - PAGE_SHIFT))
         while vpn < top:
@@ -207,9 +205,7 @@ async def madvise_cold_or_pageout_pte_range(
                     assert head_lock is not None
                     head_lock.unlock(cur)
                     folio_put(k, head, cur)
-                    if pt.ptl.owner is not None:
-                        await k.spin_on(cur, pt.ptl)
-                    pt.ptl.spin_lock(cur)
+                    await k.spin_lock(cur, pt.ptl)
                     continue
             visited += nr
             vpn += nr

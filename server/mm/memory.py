@@ -81,8 +81,9 @@ def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
     if cur is not None:
         unpin(cur, folio)
     folio.refcount -= 1
+    last = folio.refcount == 0  # folio_put_testzero: the test is the decrement's own
     if k.trace: trace_refcount(k, folio, -1)
-    if folio.refcount == 0:
+    if last:
         k.folio_free(folio)
 
 
@@ -447,9 +448,7 @@ async def do_wp_page(k: Kernel, cur: Current, vma: Vma, addr: int, value: int | 
     mm = vma.mm
     vpn = addr >> PAGE_SHIFT
     pt = mm.pgtables[addr >> PMD_SHIFT]
-    if pt.ptl.owner is not None:  # a mover preempted inside its PTL section
-        await k.spin_on(cur, pt.ptl)
-    pt.ptl.spin_lock(cur)
+    await k.spin_lock(cur, pt.ptl)  # a mover preempted inside its PTL section
     pte = pt.ptes.get(vpn)
     if pte is None or pte.write:
         pt.ptl.spin_unlock(cur)
@@ -522,7 +521,7 @@ async def wp_page_copy(k: Kernel, cur: Current, vma: Vma, addr: int, orig: Pte, 
     pt = mm.pgtables[addr >> PMD_SHIFT]
     memcg = k.memcg
     await charge_pte(k, cur, pt, FOLIO_BYTES)
-    pt.ptl.spin_lock(cur)
+    await k.spin_lock(cur, pt.ptl)
     if pt.ptes.get(vpn) is not orig or orig.write:
         pt.ptl.spin_unlock(cur)
         memcg.uncharge(FOLIO_BYTES)
@@ -600,9 +599,7 @@ async def zap_pte_range(
         pt = mm.pgtables.get(idx)
         if pt is None or not (pt.ptes or pt.swap):
             continue
-        if pt.ptl.owner is not None:  # MADV_DONTNEED runs beside a mover preempted in its PTL section
-            await k.spin_on(cur, pt.ptl)
-        pt.ptl.spin_lock(cur)
+        await k.spin_lock(cur, pt.ptl)  # MADV_DONTNEED runs beside a mover preempted in its PTL section
         ptes = pt.ptes
         whole = _table_within(idx, lo, hi)
         vpns = list(ptes) if whole else [v for v in ptes if lo <= v < hi]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, SupportsIndex
+from typing import TYPE_CHECKING, Any, SupportsIndex, TypeVar
 
 from sortedcontainers import SortedDict
 
@@ -102,6 +102,24 @@ def folio_bytes(order: int) -> int:
     """What a folio of ``order`` is charged: FOLIO_BYTES a page, what its pages come to as small
     folios (so that split_folio, which the kernel does without allocating, needs no charge)."""
     return FOLIO_BYTES << order
+
+
+_E = TypeVar("_E")
+
+
+class KeyedDict(dict[int, _E]):
+    """A dict of its own type, so that a schedule search can watch it entry by entry (two tasks'
+    accesses of different entries commute): a PTE table's entries by virtual page number, the
+    processes by pid, the swap cache and the swap device's contents by offset."""
+
+    __slots__ = ()
+
+
+class KeyedBytes(bytearray):
+    """A bytearray of its own type, watched byte by byte as KeyedDict is entry by entry (a swap
+    device's ``swap_map``)."""
+
+    __slots__ = ()
 
 
 class MmError(OSError):
@@ -229,7 +247,7 @@ class LargeFolio(Folio):
         self.pages_mapcount = [0] * nr
         self.anon_exclusive = [False] * nr
         self.entire_mapcount = 0
-        self.mm_mapcounts: dict[int, int] = {}
+        self.mm_mapcounts: KeyedDict[int] = KeyedDict()
         self.deferred_split = False
         # The audit's scratch space (valid while audit_gen is its generation): the PTEs it counted
         # per page, the huge PMDs, the mappings per mm.
@@ -383,8 +401,8 @@ class PageTable:
     __slots__ = ("ptes", "swap", "ptl")
 
     def __init__(self, ptl: SpinLock) -> None:
-        self.ptes: dict[int, Pte] = {}  # virtual page number -> present PTE
-        self.swap: dict[int, SwapPte] = {}  # virtual page number -> swap PTE
+        self.ptes: KeyedDict[Pte] = KeyedDict()  # virtual page number -> present PTE
+        self.swap: KeyedDict[SwapPte] = KeyedDict()  # virtual page number -> swap PTE
         self.ptl = ptl
 
     def pte_none(self, vpn: int) -> bool:

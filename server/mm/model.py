@@ -53,6 +53,7 @@ from .mm_types import (
     ZERO_PAGE,
     Folio,
     GupPin,
+    KeyedDict,
     LimitExceeded,
     Mm,
     MmError,
@@ -238,12 +239,17 @@ class MemoryModel:
         self.k.max_uffd_readers = max_userfault_streams
         self.max_processes = max_processes
         self.max_pages = max_pages
-        self.processes: dict[int, Mm] = {}
-        self.parents: dict[int, int | None] = {}
+        self.processes: KeyedDict[Mm] = KeyedDict()
+        self.parents: KeyedDict[int | None] = KeyedDict()
         self._pids = IdCounter()
         #: Expected contents: pid -> {virtual page number: value} for every page written or filled
         #: (a page of a large folio that is not in it must read 0).
         self.ledger: dict[int, PageLedger] = {}
+        #: Whether the audit compares the contents with the ledger. The ledger is written when an
+        #: operation returns, not where it takes effect (under its PTL): where other tasks may run
+        #: in between (the explorer at the hardware's granularity), two operations on one page can
+        #: reach it in the other order.
+        self.check_ledger = True
         #: The audit's quiescent point: every call enters it at its start and leaves it at its end.
         self.gate = CallGate()
         self.auditor = Auditor(self.gate, self.k.detectors, audit_share)

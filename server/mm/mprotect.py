@@ -82,9 +82,7 @@ async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: in
         pt = mm.pgtables.get(idx)
         if pt is None or not pt.ptes:
             continue
-        if pt.ptl.owner is not None:  # the table may be shared with a VMA a preempted mover holds
-            await k.spin_on(cur, pt.ptl)
-        pt.ptl.spin_lock(cur)
+        await k.spin_lock(cur, pt.ptl)  # the table may be shared with a VMA a preempted mover holds
         n = 0
         for vpn, pte in pt.ptes.items():
             if not lo <= vpn < hi:

@@ -166,8 +166,9 @@ async def put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
     if cur.pins:
         unpin(cur, anon_vma)
     anon_vma.refcount -= 1
+    last = anon_vma.refcount == 0  # atomic_dec_and_test: the test is the decrement's own
     if k.trace: trace_refcount(k, anon_vma, -1)
-    if anon_vma.refcount == 0:
+    if last:
         await __put_anon_vma(k, cur, anon_vma)
 
 
@@ -289,7 +290,7 @@ async def anon_vma_prepare(k: Kernel, cur: Current, vma: Vma) -> None:
             allocated.num_children -= 1
             await put_anon_vma(k, cur, allocated)
         raise
-    mm.page_table_lock.spin_lock(cur)
+    await k.spin_lock(cur, mm.page_table_lock)
     if vma.anon_vma is None:
         memcg.charge(cur, AVC_BYTES)
         vma.anon_vma = av
@@ -508,13 +509,11 @@ def folio_move_anon_rmap(k: Kernel, folio: Folio, vma: Vma) -> None:
     if k.trace: trace_store(k, "folio_move_anon_rmap", folio, "mapping")
 
 
-def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
+async def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
     """A referenced anon_vma of a mapped folio, or None: a pin held by ``cur`` until put_anon_vma.
-    Takes and drops the RCU read lock.
-
-    (The kernel tests folio_mapped again after the increment, against a concurrent unmap; no other
-    task runs inside this function here, so that second test is the assertion below.)
-    """
+    Takes and drops the RCU read lock. The folio is tested mapped again after the increment: a
+    concurrent unmap may have zapped it since the first test, and then the reference taken may
+    be all that keeps the anon_vma (put again, which may free it)."""
     rcu = k.rcu
     rcu.read_lock(cur)
     anon_vma = folio.mapping  # READ_ONCE(folio->mapping)
@@ -524,12 +523,15 @@ def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma | None:
         return None
     if anon_vma.freed: rcu.check_access(cur, anon_vma, "folio_get_anon_vma")
     if anon_vma.refcount == 0:  # atomic_inc_not_zero(&anon_vma->refcount) failed
-        anon_vma = None
-    else:
-        anon_vma.refcount += 1
-        if k.trace: trace_refcount(k, anon_vma, 1)
-        cur.pins.append(anon_vma)
-        assert folio.mapcount > 0
+        rcu.read_unlock(cur)
+        return None
+    anon_vma.refcount += 1
+    if k.trace: trace_refcount(k, anon_vma, 1)
+    cur.pins.append(anon_vma)
+    if not folio.mapcount:  # folio_mapped() again
+        rcu.read_unlock(cur)
+        await put_anon_vma(k, cur, anon_vma)
+        return None
     rcu.read_unlock(cur)
     return anon_vma
 
@@ -660,9 +662,10 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
     assert locked is not None
     sched = k.sched
     try:
+        # The walk's snapshot is taken with the index read, before the point that read is.
+        snap = walk_snapshot(k, cur, folio, anon_vma, folio.index) if k.detect else None
         pgoff_start = READ_ONCE(k, "rmap_walk_anon", folio, "index")  # folio_pgoff(folio)
         pgoff_end = pgoff_start + folio.nr_pages - 1
-        snap = walk_snapshot(k, cur, folio, anon_vma, pgoff_start) if k.detect else None
         if sched.active: await sched.point("walk:after-index-read")
         if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "walk start")
 

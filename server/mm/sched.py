@@ -107,6 +107,10 @@ class Controller(Protocol):
 
     def woken(self, key: object) -> None: ...  # the task sleeping on ``key`` may run again
 
+    # Park at ``point`` from synchronous code (a marked access, a lock operation, a spin_lock):
+    # False when the running task cannot stop there (it runs at the named points only).
+    def park_sync(self, point: str) -> bool: ...
+
 
 class Scheduler:
     def __init__(self, seed: int = 0, preempt: float = 0.0, max_burst: int = 4) -> None:

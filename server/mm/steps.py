@@ -66,9 +66,10 @@ STEPS: dict[str, Step] = {
              "but the first folio's lock. Returns the bytes moved or a negative errno"),
         Step("double_pt_lock", "userfaultfd", "neither PTL held by the caller",
              "both PTLs (one, if they are the same), the second nested; holds them on return"),
-        Step("move_folio_lock", "userfaultfd", "the dst and src VMAs read-locked; no folio lock",
-             "a reference (the task's pin) and the folio lock: 0 taken by trylock, 1 slept for (retry the step), "
-             "or -EAGAIN holding nothing"),
+        Step("move_folio_lock", "userfaultfd",
+             "the dst and src VMAs read-locked; the src PTL, which still maps the folio; no folio lock",
+             "lets the src PTL go; a reference (the task's pin) and the folio lock: 0 taken by trylock, 1 slept for "
+             "(retry the step), or -EAGAIN holding nothing"),
         Step("move_split_large_folio", "userfaultfd",
              "the dst and src VMAs read-locked; the large src folio locked and referenced; no PTL",
              "what split_folio takes (the anon_vma root rwsem for write, each PMD lock and PTL); returns 0 with the "

@@ -62,7 +62,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .memcontrol import MemCgroup, MemoryLimitExceeded
-from .mm_types import PAGE_SHIFT, Folio, MmError
+from .mm_types import PAGE_SHIFT, Folio, KeyedBytes, KeyedDict, MmError
 
 if TYPE_CHECKING:
     from .locks import Current
@@ -117,15 +117,15 @@ class SwapInfo:
         self.inuse_pages = 0
         #: nr_swap_pages: the free slots (the kernel's count over all devices; the model has one).
         self.nr_swap_pages = self.pages
-        self.swap_map = bytearray(self.max)
+        self.swap_map = KeyedBytes(self.max)
         if self.max:
             self.swap_map[0] = SWAP_MAP_BAD  # the swap header
         #: The continuation digits of the counts past SWAP_MAP_MAX: offset -> count // (SWAP_MAP_MAX + 1).
-        self.swap_cont: dict[int, int] = {}
+        self.swap_cont: KeyedDict[int] = KeyedDict()
         #: The swap cache (6.18's swap table, kept per cluster there): offset -> folio (swap_state.py).
-        self.swap_table: dict[int, Folio] = {}
+        self.swap_table: KeyedDict[Folio] = KeyedDict()
         #: What the device holds: offset -> the contents swap-out wrote there (swap_writepage).
-        self.swap_data: dict[int, int] = {}
+        self.swap_data: KeyedDict[int] = KeyedDict()
         #: Where the search for a free slot starts (the per-CPU cluster's next offset).
         self.next_offset = 1
         self.memcg = memcg

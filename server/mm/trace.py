@@ -32,7 +32,8 @@ class Tracer(Protocol):
 
     def access(self, obj: Any, field: str, write: bool) -> None:
         """A marked read (``write`` False) or write of ``obj->field``, structured: which object,
-        which field (what a partial-order search needs to tell which steps race)."""
+        which field (what a partial-order search needs to tell which steps race). Sent after the
+        access and its ``state`` text: at the hardware's granularity, other tasks may run here."""
 
 
 def name(obj: Any) -> str:
@@ -47,8 +48,8 @@ def READ_ONCE(k: Kernel, where: str, obj: Any, field: str) -> Any:
     """``READ_ONCE(obj->field)`` in the function ``where``: the read, shown in the trace."""
     value = getattr(obj, field)
     if k.trace is not None:
-        k.trace.access(obj, field, False)
         k.trace.state(f"{where}: reads {name(obj)}->{field} = {name(value)}")
+        k.trace.access(obj, field, False)
     return value
 
 
@@ -56,8 +57,8 @@ def WRITE_ONCE(k: Kernel, where: str, obj: Any, field: str, value: Any) -> None:
     """``WRITE_ONCE(obj->field, value)`` in the function ``where``: the store, shown in the trace."""
     setattr(obj, field, value)
     if k.trace is not None:
-        k.trace.access(obj, field, True)
         k.trace.state(f"{where}: {name(obj)}->{field} = {name(value)}")
+        k.trace.access(obj, field, True)
 
 
 def refcount_add(k: Kernel, obj: Any, delta: int) -> int:
@@ -65,8 +66,8 @@ def refcount_add(k: Kernel, obj: Any, delta: int) -> int:
     old = obj.refcount
     obj.refcount = new = old + delta
     if k.trace is not None:
-        k.trace.access(obj, "refcount", True)
         k.trace.state(f"{name(obj)} refcount {old} → {new}")
+        k.trace.access(obj, "refcount", True)
     return int(new)
 
 
@@ -74,23 +75,23 @@ def trace_refcount(k: Kernel, obj: Any, delta: int) -> None:
     """Show a change of ``obj->refcount`` by ``delta`` just made (hot paths change it inline and
     call this only while someone watches: ``if k.trace: trace_refcount(k, folio, 1)``)."""
     assert k.trace is not None
-    k.trace.access(obj, "refcount", True)
     k.trace.state(f"{name(obj)} refcount {obj.refcount - delta} → {obj.refcount}")
+    k.trace.access(obj, "refcount", True)
 
 
 def trace_load(k: Kernel, where: str, obj: Any, field: str) -> None:
     """Show a read of ``obj->field`` just made (the hot paths' form of READ_ONCE)."""
     assert k.trace is not None
-    k.trace.access(obj, field, False)
     k.trace.state(f"{where}: reads {name(obj)}->{field} = {name(getattr(obj, field))}")
+    k.trace.access(obj, field, False)
 
 
 def trace_store(k: Kernel, where: str, obj: Any, field: str) -> None:
     """Show a store to ``obj->field`` just made (the hot paths' form of WRITE_ONCE:
     ``if k.trace: trace_store(k, "move_present_ptes", folio, "index")``)."""
     assert k.trace is not None
-    k.trace.access(obj, field, True)
     k.trace.state(f"{where}: {name(obj)}->{field} = {name(getattr(obj, field))}")
+    k.trace.access(obj, field, True)
 
 
 # ---------------------------------------------------------------------------------------------

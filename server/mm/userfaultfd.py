@@ -397,12 +397,10 @@ async def double_pt_lock(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock
     a task preempted inside its section. Between the two is the ``move:between-ptls`` point."""
     if ptl1.key > ptl2.key:  # lock in virtual address order to avoid lock inversion
         ptl1, ptl2 = ptl2, ptl1
-    if ptl1.owner is not None: await k.spin_on(cur, ptl1)
-    ptl1.spin_lock(cur)
+    await k.spin_lock(cur, ptl1)
     if ptl2 is not ptl1:
         if k.sched.active: await k.sched.point("move:between-ptls")
-        if ptl2.owner is not None: await k.spin_on(cur, ptl2)
-        ptl2.spin_lock(cur, nested=True)
+        await k.spin_lock(cur, ptl2, nested=True)
 
 
 def double_pt_unlock(cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
@@ -636,9 +634,11 @@ async def move_pages_pte(
     (move_present_ptes). Returns the bytes moved (> 0), or a negative errno (-EAGAIN: retry).
 
     Expects the dst and src VMAs read-locked (uffd_move_lock). Takes the src folio lock, then the
-    src folio's anon_vma root rwsem for write, then both PTLs (move_present_ptes). A blocking
-    acquisition happens with only the VMA locks held, and the step starts over (``retry``) after
-    it, as after a preemption point where others ran; every way out goes through ``out``.
+    src folio's anon_vma root rwsem for write, then both PTLs (move_present_ptes). The PTEs are
+    read, and the folio pinned, under their PTLs. A blocking acquisition happens with only the VMA
+    locks held, and the step starts over (``retry``) after it; what changed while it did not
+    sleep, move_present_ptes finds under both PTLs (pte_same: -EAGAIN). Every way out goes
+    through ``out``.
     """
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     src_folio: Folio | None = None
@@ -646,12 +646,17 @@ async def move_pages_pte(
     src_anon_vma: AnonVma | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
+        await k.spin_lock(cur, dst_pt.ptl)
+        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
+        dst_pt.ptl.spin_unlock(cur)
+        if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        orig_src_pte = src_pt.ptes.get(svpn)
+        await k.spin_lock(cur, src_pt.ptl)
+        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
+        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
+        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
-            orig_src_swp = src_pt.swap.get(svpn)
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
                 break
@@ -673,7 +678,7 @@ async def move_pages_pte(
                         # now we can block and wait
                         if not folio.lock.lock(cur): await folio.lock.wait(cur)
                         continue
-            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            if sched.active and src_folio is not None: await sched.point("move:swap-folio-locked")
             ret = await k.ops.move_swap_pte(
                 k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_swp, src_folio
             )
@@ -689,18 +694,25 @@ async def move_pages_pte(
         # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
+            # Pin the folio under the PTL, so that it is not freed under us.
+            await k.spin_lock(cur, src_pt.ptl)
+            if src_pt.ptes.get(svpn) is not orig_src_pte:  # !pte_same(orig_src_pte, ptep_get(src_pte))
+                src_pt.ptl.spin_unlock(cur)
+                ret = -errno.EAGAIN
+                break
             folio = orig_src_pte.folio
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
+                src_pt.ptl.spin_unlock(cur)
                 ret = -errno.EBUSY
                 break
-            ret = await k.ops.move_folio_lock(k, cur, folio)
+            ret = await k.ops.move_folio_lock(k, cur, folio, src_pt.ptl)
             if ret < 0:
                 break
             src_folio = folio
             src_folio_pte = orig_src_pte
             if ret:
                 continue  # slept for the lock: retry
-        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+        if sched.active: await sched.point("move:after-folio-lock")
 
         if isinstance(src_folio, LargeFolio):
             ret = await k.ops.move_split_large_folio(k, cur, src_folio)
@@ -712,7 +724,7 @@ async def move_pages_pte(
         if src_anon_vma is None:
             # folio_referenced walks the anon_vma tree without the folio lock: only the anon_vma
             # (root) lock keeps it out while the folio changes anon_vma; the folio lock does not.
-            src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+            src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
             if src_anon_vma is None:
                 ret = -errno.EAGAIN  # page was unmapped from under us
                 break
@@ -720,7 +732,7 @@ async def move_pages_pte(
                 # now we can block and wait
                 await anon_vma_lock_write(cur, src_anon_vma)
                 continue
-        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+        if sched.active: await sched.point("move:anon-vma-locked")
 
         assert src_folio_pte is not None
         ret = await k.ops.move_present_ptes(
@@ -778,10 +790,7 @@ async def move_present_ptes(
                 else:
                     ret = -errno.EBUSY
                 break
-            folio_move_anon_rmap(k, src_folio, dst_vma)
-            if sched.active: await move_store_window(k, src_folio)
-            src_folio.index = index
-            if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, index)
             dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]
@@ -799,20 +808,23 @@ async def move_present_ptes(
     return ret
 
 
-async def move_folio_lock(k: Kernel, cur: Current, folio: Folio) -> int:
-    """move_pages_pte's pin and lock of the src folio: 0 when the trylock took it; 1 when it was
-    contended and slept for (with the PTEs let go: the caller retries from the top); -EAGAIN for a
-    contended large folio, which is not waited for with a raised refcount: two movers would make
-    each other's split fail for ever (6.14). Takes a reference (``cur``'s pin) unless it returns
-    -EAGAIN, and the folio lock, sleeping only in the second case."""
+async def move_folio_lock(k: Kernel, cur: Current, folio: Folio, ptl: SpinLock) -> int:
+    """move_pages_pte's pin and lock of the src folio, which its src PTE, under ``ptl``, still maps:
+    0 when the trylock took it; 1 when it was contended and slept for (with the PTEs let go: the
+    caller retries from the top); -EAGAIN for a contended large folio, which is not waited for with
+    a raised refcount: two movers would make each other's split fail for ever (6.14). Expects
+    ``ptl`` held, and lets it go before it returns (before it sleeps). Takes a reference (``cur``'s
+    pin) unless it returns -EAGAIN, and the folio lock, sleeping only in the second case."""
     lock = folio.lock
     assert lock is not None
     locked = lock.trylock(cur)
     if not locked and folio.large:
+        ptl.spin_unlock(cur)
         return -errno.EAGAIN
     folio.refcount += 1  # folio_get(folio)
     if k.trace: trace_refcount(k, folio, 1)
     cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
+    ptl.spin_unlock(cur)
     if locked:
         return 0
     # now we can block and wait
@@ -877,14 +889,18 @@ def check_ptes_for_batched_move(
     return folio
 
 
-async def move_store_window(k: Kernel, folio: Folio) -> None:
-    """The ``move:after-mapping-store`` point: meanwhile the folio's (mapping, index) pair, which
-    never held together, is in ``k.torn`` for the walkers' residual-window check."""
-    k.torn[folio] = (folio.mapping, folio.index)  # type: ignore[assignment]
-    try:
-        await k.sched.point_unkillable("move:after-mapping-store")
-    finally:
-        del k.torn[folio]
+async def move_anon_rmap_and_index(k: Kernel, folio: Folio, vma: Vma, index: int) -> None:
+    """move_present_ptes' two stores: folio_move_anon_rmap(folio, vma), then folio->index. From
+    the first to the second (the ``move:after-mapping-store`` point between them), the folio's
+    (mapping, index) pair, which never held together, is in ``k.torn`` for the walkers'
+    residual-window check. Expects the PTLs held (the folio lock and the old root too)."""
+    torn = k.sched.active
+    if torn: k.torn[folio] = (vma.anon_vma, folio.index)  # type: ignore[assignment]
+    folio_move_anon_rmap(k, folio, vma)
+    if torn: await k.sched.point_unkillable("move:after-mapping-store")
+    folio.index = index
+    if torn: del k.torn[folio]
+    if k.trace: trace_store(k, "move_present_ptes", folio, "index")
 
 
 def swp_pte_same(pte: SwapPte | None, orig: SwapPte) -> bool:
@@ -1115,7 +1131,7 @@ async def mfill_atomic_pte_copy(
     ptl = pt.ptl
     memcg = k.memcg
     await charge_pte(k, cur, pt, PTE_BYTES + FOLIO_BYTES)
-    ptl.spin_lock(cur)
+    await k.spin_lock(cur, ptl)
     if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
         memcg.uncharge(PTE_BYTES + FOLIO_BYTES)
@@ -1143,7 +1159,7 @@ async def mfill_atomic_pte_zeropage(k: Kernel, cur: Current, vma: Vma, pt: PageT
     ptl = pt.ptl
     memcg = k.memcg
     await charge_pte(k, cur, pt, PTE_BYTES)
-    ptl.spin_lock(cur)
+    await k.spin_lock(cur, ptl)
     if not pt.pte_none(vpn):
         ptl.spin_unlock(cur)
         memcg.uncharge(PTE_BYTES)

@@ -71,8 +71,8 @@ from .userfaultfd import (
     check_ptes_for_batched_move,
     double_pt_lock,
     double_pt_unlock,
+    move_anon_rmap_and_index,
     move_split_large_folio,
-    move_store_window,
     move_zeropage_pte,
     swp_pte_same,
 )
@@ -456,12 +456,17 @@ async def move_pages_pte_no_anon_vma_lock(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
+        await k.spin_lock(cur, dst_pt.ptl)
+        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
+        dst_pt.ptl.spin_unlock(cur)
+        if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        orig_src_pte = src_pt.ptes.get(svpn)
+        await k.spin_lock(cur, src_pt.ptl)
+        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
+        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
+        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
-            orig_src_swp = src_pt.swap.get(svpn)
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
                 break
@@ -482,7 +487,7 @@ async def move_pages_pte_no_anon_vma_lock(
                         # now we can block and wait
                         if not folio.lock.lock(cur): await folio.lock.wait(cur)
                         continue
-            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            if sched.active and src_folio is not None: await sched.point("move:swap-folio-locked")
             ret = await k.ops.move_swap_pte(
                 k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, orig_src_swp, src_folio
             )
@@ -498,18 +503,25 @@ async def move_pages_pte_no_anon_vma_lock(
         # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
+            # Pin the folio under the PTL, so that it is not freed under us.
+            await k.spin_lock(cur, src_pt.ptl)
+            if src_pt.ptes.get(svpn) is not orig_src_pte:  # !pte_same(orig_src_pte, ptep_get(src_pte))
+                src_pt.ptl.spin_unlock(cur)
+                ret = -errno.EAGAIN
+                break
             folio = orig_src_pte.folio
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
+                src_pt.ptl.spin_unlock(cur)
                 ret = -errno.EBUSY
                 break
-            ret = await k.ops.move_folio_lock(k, cur, folio)
+            ret = await k.ops.move_folio_lock(k, cur, folio, src_pt.ptl)
             if ret < 0:
                 break
             src_folio = folio
             src_folio_pte = orig_src_pte
             if ret:
                 continue  # slept for the lock: retry
-        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+        if sched.active: await sched.point("move:after-folio-lock")
 
         if isinstance(src_folio, LargeFolio):
             ret = await k.ops.move_split_large_folio(k, cur, src_folio)
@@ -519,7 +531,7 @@ async def move_pages_pte_no_anon_vma_lock(
             continue
 
         # (no anon_vma lock: every walker holds the folio lock, which we hold)
-        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+        if sched.active: await sched.point("move:anon-vma-locked")
 
         assert src_folio_pte is not None
         ret = await k.ops.move_present_ptes(
@@ -545,12 +557,17 @@ async def move_pages_pte_no_locks(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if dvpn in dst_pt.ptes or dvpn in dst_pt.swap:  # !pte_none(orig_dst_pte)
+        await k.spin_lock(cur, dst_pt.ptl)
+        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
+        dst_pt.ptl.spin_unlock(cur)
+        if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        orig_src_pte = src_pt.ptes.get(svpn)
+        await k.spin_lock(cur, src_pt.ptl)
+        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
+        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
+        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
-            orig_src_swp = src_pt.swap.get(svpn)
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
                 break
@@ -581,13 +598,20 @@ async def move_pages_pte_no_locks(
         # Pin and lock the source folio, then its anon_vma. With the PTEs mapped (an RCU read
         # section) we may not sleep: on contention, let the PTEs go, sleep for the lock, retry.
         if src_folio is None:
+            await k.spin_lock(cur, src_pt.ptl)
+            if src_pt.ptes.get(svpn) is not orig_src_pte:  # !pte_same(orig_src_pte, ptep_get(src_pte))
+                src_pt.ptl.spin_unlock(cur)
+                ret = -errno.EAGAIN
+                break
             folio = orig_src_pte.folio
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive(&folio->page)
+                src_pt.ptl.spin_unlock(cur)
                 ret = -errno.EBUSY
                 break
             folio.refcount += 1  # folio_get(folio); the mutant: no folio_trylock / folio_lock
             if k.trace: trace_refcount(k, folio, 1)
             cur.pins.append(folio)
+            src_pt.ptl.spin_unlock(cur)
             src_folio = folio
             src_folio_pte = orig_src_pte
             if isinstance(folio, LargeFolio):  # split_folio needs the lock even here
@@ -601,10 +625,10 @@ async def move_pages_pte_no_locks(
                     break
                 src_folio = None
                 continue
-        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+        if sched.active: await sched.point("move:after-folio-lock")
 
         # (no anon_vma lock either)
-        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+        if sched.active: await sched.point("move:anon-vma-locked")
 
         assert src_folio_pte is not None
         ret = await k.ops.move_present_ptes(
@@ -644,10 +668,13 @@ async def move_present_ptes_index_first(
                 else:
                     ret = -errno.EBUSY
                 break
+            torn = sched.active
+            if torn: k.torn[src_folio] = (src_folio.mapping, index)  # type: ignore[assignment]
             src_folio.index = index  # the mutant: the index first
             if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
-            if sched.active: await move_store_window(k, src_folio)
+            if torn: await sched.point_unkillable("move:after-mapping-store")
             folio_move_anon_rmap(k, src_folio, dst_vma)
+            if torn: del k.torn[src_folio]
             dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]
@@ -690,10 +717,7 @@ async def move_present_ptes_rmap_before_pin_check(
         index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index(dst_vma, dst_addr)
         ret = 0
         while True:
-            folio_move_anon_rmap(k, src_folio, dst_vma)  # the mutant: the stores before the clear
-            if sched.active: await move_store_window(k, src_folio)
-            src_folio.index = index
-            if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, index)  # the mutant: the stores before the clear
             pte = src_ptes.pop(svpn)  # ptep_get_and_clear
             if sched.active and k.gup_fast_tasks: await sched.point_unkillable("move:pte-cleared")
             if folio_maybe_dma_pinned(src_folio):  # got pinned from under us: put it back, fail
@@ -759,7 +783,7 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
             if not PageAnonExclusive(k, src_folio, 0):
                 err = -errno.EBUSY
             else:
-                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+                src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
                 if src_anon_vma is None:
                     err = -errno.EAGAIN
                 else:
@@ -844,7 +868,7 @@ async def move_pages_huge_pmd_huge_zero_as_folio(
         elif not PageAnonExclusive(k, src_folio, 0):
             err = -errno.EBUSY
         else:
-            src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+            src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
             if src_anon_vma is None:
                 err = -errno.EAGAIN
             else:
@@ -933,7 +957,7 @@ async def move_pages_huge_pmd_zero_pmd_from_null(
             if not PageAnonExclusive(k, src_folio, 0):
                 err = -errno.EBUSY
             else:
-                src_anon_vma = folio_get_anon_vma(k, cur, src_folio)
+                src_anon_vma = await folio_get_anon_vma(k, cur, src_folio)
                 if src_anon_vma is None:
                     err = -errno.EAGAIN
                 else:
@@ -1118,12 +1142,10 @@ async def anon_vma_free_no_handshake(k: Kernel, cur: Current, anon_vma: AnonVma)
 
 async def double_pt_lock_unordered(k: Kernel, cur: Current, ptl1: SpinLock, ptl2: SpinLock) -> None:
     """double_pt_lock that takes the PTLs in the order given (the dst's, then the src's)."""
-    if ptl1.owner is not None: await k.spin_on(cur, ptl1)
-    ptl1.spin_lock(cur)
+    await k.spin_lock(cur, ptl1)
     if ptl2 is not ptl1:
         if k.sched.active: await k.sched.point("move:between-ptls")
-        if ptl2.owner is not None: await k.spin_on(cur, ptl2)
-        ptl2.spin_lock(cur, nested=True)
+        await k.spin_lock(cur, ptl2, nested=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1150,7 +1172,7 @@ PROTOCOLS: dict[str, Variant] = {
 }
 
 
-async def move_folio_lock_sleeps_on_large(k: Kernel, cur: Current, folio: Folio) -> int:
+async def move_folio_lock_sleeps_on_large(k: Kernel, cur: Current, folio: Folio, ptl: SpinLock) -> int:
     """move_folio_lock before 6.14: a contended large folio's lock is slept for, its reference
     raised (as for a small folio)."""
     lock = folio.lock
@@ -1159,6 +1181,7 @@ async def move_folio_lock_sleeps_on_large(k: Kernel, cur: Current, folio: Folio)
     folio.refcount += 1  # folio_get(folio), even for a large folio whose lock is contended
     if k.trace: trace_refcount(k, folio, 1)
     cur.pins.append(folio)
+    ptl.spin_unlock(cur)
     if locked:
         return 0
     if not lock.lock(cur): await lock.wait(cur)

@@ -2,7 +2,10 @@
 
 The model's tasks are put under a :class:`Controller` (``Kernel.attach_controller``): at every
 named preemption point, at every sleep on a lock or an RCU grace period and after every wake-up the
-running thread parks, and the controller picks which parked thread goes on. Only one thread runs
+running thread parks, and the controller picks which parked thread goes on. At the hardware's
+granularity (``--points all``, the DPOR search's default) it parks after every marked access and
+lock operation too: those are plain calls in synchronous code, so each thread's steps run in a
+greenlet of their own (:class:`_GreenTask`) and park there (:meth:`Controller.park_sync`). Only one thread runs
 at a time, and the model is otherwise deterministic, so a run is a function of the scenario, the
 protocol, the mutant and the list of picks: the *schedule*.
 
@@ -48,6 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import greenlet
 from sortedcontainers import SortedDict, SortedList, SortedSet
 
 from mmsim.v1.operations import BY_LITMUS, require
@@ -57,7 +61,21 @@ from ..mm.kernel import Deadlock, IdCounter, Kernel
 from ..mm.ledger import PageLedger
 from ..mm.locks import Mutex, RwSem, SpinLock, _Lock
 from ..mm.memcontrol import MemCgroup
-from ..mm.mm_types import PAGE_SIZE, Folio, GupPin, HugePmd, LargeFolio, Mm, MmError, PageTable, Pte, SwapPte, Vma
+from ..mm.mm_types import (
+    PAGE_SIZE,
+    Folio,
+    GupPin,
+    HugePmd,
+    KeyedBytes,
+    KeyedDict,
+    LargeFolio,
+    Mm,
+    MmError,
+    PageTable,
+    Pte,
+    SwapPte,
+    Vma,
+)
 from ..mm.model import MemoryModel
 from ..mm.rcu import Rcu, TypesafeCache, TypesafeObject
 from ..mm.rmap import AnonVma, AnonVmaChain
@@ -67,6 +85,9 @@ from ..mm.userfaultfd import Userfault, UserfaultfdCtx
 from .litmus import Op, Scenario, ScenarioError, parse
 
 STRATEGIES = ("random", "pct", "exhaustive", "dpor")
+#: Where a search may interleave the threads (``--points``): at the named preemption points, lock
+#: sleeps and wake-ups; or there and at every marked access and lock operation too.
+POINT_SETS = ("named", "all")
 #: Decisions in one schedule before it is cut short (a thread that never stops retrying).
 MAX_STEPS = 20_000
 
@@ -75,8 +96,30 @@ MAX_STEPS = 20_000
 # The controller
 
 
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
+_PyTask: Any = asyncio.tasks._PyTask  # type: ignore[attr-defined]
+
+
+class _GreenTask(_PyTask):
+    """A task each of whose steps runs in a greenlet of its own, so that its thread can park in the
+    middle of synchronous code (Controller.park_sync): the model's marked accesses, lock operations
+    and spin_locks are plain calls, and at the hardware's granularity each is a point."""
+
+    def _Task__step(self, exc: BaseException | None = None) -> None:
+        g = greenlet.greenlet(_PyTask._Task__step)
+        g.gr_context = self._context
+        g.switch(self, exc)
+
+
+def _green_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    task: asyncio.Task[Any] = _GreenTask(coro, loop=loop, **kwargs)
+    return task
+
+
 class Thread:
-    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo", "waits", "sleeps_in")
+    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo", "waits", "sleeps_in",
+                 "inside", "spinlocks")
 
     def __init__(self, index: int, name: str, ops: list[Op]) -> None:
         self.index = index
@@ -93,6 +136,10 @@ class Thread:
         self.waits: Any = None
         #: The function it last slept in (locks' wait, synchronize_rcu, userfault_wait).
         self.sleeps_in = ""
+        #: Parked inside synchronous code (Controller.park_sync): its stack cannot be looked into.
+        self.inside = False
+        #: The spinlocks (PTLs) it holds, while lock operations are traced.
+        self.spinlocks = 0
 
 
 @dataclass(slots=True)
@@ -108,8 +155,10 @@ class Controller:
     """Runs the threads one at a time, asking ``choose`` at each decision (see module doc)."""
 
     def __init__(self, threads: list[Thread], choose: Callable[[Decision], int],
-                 fingerprint: Callable[[], object] | None = None) -> None:
+                 fingerprint: Callable[[], object] | None = None, fine: bool = False) -> None:
         self.threads = threads
+        #: Every marked access and lock operation is a decision too (the threads run as _GreenTasks).
+        self.fine = fine
         self.choose = choose
         #: The state each decision is taken in, when asked for (the exhaustive search prunes on it).
         self.fingerprint = fingerprint
@@ -175,6 +224,42 @@ class Controller:
             th.go = asyncio.get_running_loop().create_future()
             await th.go
         # else it picked itself: it goes on at once, without a turn of the event loop
+
+    def park_sync(self, point: str) -> bool:
+        """Park at ``point`` from synchronous code: a marked access, a lock operation or a contended
+        spin_lock, which are points of their own at the hardware's granularity (``fine``). The
+        running task's step is suspended where it is (its greenlet: _GreenTask) and goes on when
+        the thread is picked again. False where the task cannot stop (not fine, not a thread's
+        task, past the step limit)."""
+        if not self.fine:
+            return False
+        th = self._thread()
+        if th is None or self.detached:
+            return False
+        g = greenlet.getcurrent()
+        if g.parent is None:  # not inside a _GreenTask's step (a callback of the loop)
+            return False
+        th.point = point
+        th.state = "parked"
+        th.go = None
+        self._check_idle()
+        if th.state != "parked":  # it picked itself
+            return True
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        go = th.go = loop.create_future()
+        th.inside = True
+
+        def resume(_: object) -> None:
+            _enter_task(loop, task)
+            g.switch()
+
+        go.add_done_callback(resume)
+        _leave_task(loop, task)
+        g.parent.switch()  # back to the event loop; resume() comes back here
+        th.inside = False
+        return True
 
     def blocked(self, key: object) -> None:
         th = self._thread()
@@ -275,6 +360,8 @@ class RunResult:
     findings: list[str]
     problems: list[str]
     cut: bool
+    #: Run at the hardware's granularity (every marked access and lock operation a decision).
+    fine: bool = False
 
     @property
     def preemptions(self) -> list[tuple[int, int]]:
@@ -303,8 +390,10 @@ class _Trace:
     each thread holds), each marked access of the raced fields, refcount change, RCU section,
     cache free and reuse, and detector report, recorded under the thread that runs."""
 
-    def __init__(self, ctl: Controller) -> None:
+    def __init__(self, ctl: Controller, states: bool = True) -> None:
         self.ctl = ctl
+        #: Record the marked accesses, refcounts, RCU sections and the cache's frees as text.
+        self.states = states
 
     def lock(self, op: str, lock: Any, result: bool | None) -> None:
         ctl = self.ctl
@@ -315,25 +404,43 @@ class _Trace:
             if lock.name in th.held:
                 th.held.remove(lock.name)
             ctl.record("lock", f"{op} {lock.name}", th)
+            # A point once the release is whole (not while its waiters are still to be woken), and
+            # not inside a PTL section: what the thread does until its PTL goes is under that PTL,
+            # or a marked access (a point of its own).
+            if op == "spin_unlock":
+                th.spinlocks -= 1
+            if ctl.fine and not lock.waiters and not th.spinlocks:
+                ctl.park_sync(f"{op} {lock.name}")
             return
         if result is not False:
             th.held.append(lock.name)
+            th.spinlocks += op == "spin_lock"
         elif "try" not in op:
             th.waits = lock
         ok = "" if result is None else (" ✓" if result else (" ✗" if "try" in op else " (sleeps)"))
         ctl.record("lock", f"{op} {lock.name}{ok}", th)
+        # A point after every operation on a sleeping lock (another task may find it held there:
+        # its trylock fails, or it sleeps). Not after a spin_lock: a PTL is never trylocked, so
+        # another task can only spin on it, which ends as if it had waited before the section:
+        # a PTL section with no point inside stays in one step (the lock only read by it).
+        if ctl.fine and (result or "try" in op):  # not before a sleep: that is a decision of its own
+            ctl.park_sync(f"{op} {lock.name}")
 
     def state(self, text: str) -> None:
         ctl = self.ctl
         th = ctl.current
-        if th is not None and not ctl.detached:
+        if self.states and th is not None and not ctl.detached:
             ctl.record("state", text, th)
 
     def finding(self, text: str) -> None:
         self.ctl.record("finding", text)
 
     def access(self, obj: Any, field: str, write: bool) -> None:
-        """The trace shows accesses as text (``state``)."""
+        """A marked access: a point at the hardware's granularity (the trace shows it as text,
+        ``state``, which the model sends next)."""
+        ctl = self.ctl
+        if ctl.fine:
+            ctl.park_sync(f"{'WRITE_ONCE' if write else 'READ_ONCE'} {mm_trace.name(obj)}->{field}")
 
 
 @contextmanager
@@ -343,11 +450,11 @@ def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool,
     operations with ``locks``; marked accesses, refcounts, RCU and the cache with ``state``; with
     ``watch``, every access of the shared state too, step by step (the DPOR search)."""
     k = m.k
-    tr = watch or _Trace(ctl)
+    tr = watch or _Trace(ctl, state)
     k.detectors.trace = tr
-    if locks or watch is not None:
+    if locks or watch is not None or ctl.fine:
         k.lockdep.trace = tr
-    if state or watch is not None:
+    if state or watch is not None or ctl.fine:
         k.trace = k.rcu.trace = tr
     if watch is not None:
         ctl.watch = watch
@@ -483,14 +590,16 @@ async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
 
 async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
                        hashing: bool = False, start: bytes | None = None, trace: bool = True,
-                       dpor: _Dpor | None = None) -> RunResult:
+                       dpor: _Dpor | None = None, fine: bool = False) -> RunResult:
     """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
     ``hashing``, each decision carries the fingerprint of the state it is taken in. ``start``: a
     :func:`snapshot` of the setup to begin from (else the setup is run). Without ``trace`` the
     events are only the threads' points, operations, results and findings (what tells
     interleavings apart), not their locks and state accesses: a search runs so, and runs the
     schedule it catches again with the whole trace (the same picks give the same run). ``dpor``:
-    the DPOR search that watches every access of the run (with ``start`` given)."""
+    the DPOR search that watches every access of the run (with ``start`` given). ``fine``: every
+    marked access (READ_ONCE, WRITE_ONCE, a refcount's change) and lock operation is a decision
+    too, not only the named points, sleeps and wake-ups (the threads run as _GreenTasks)."""
     setup_objects: list[object] = []
     if start is not None and dpor is not None:
         u = pickle.Unpickler(io.BytesIO(start))
@@ -502,8 +611,14 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     else:
         m, procs = await set_up(scn, protocol, mutant)
     threads = [Thread(i, name, ops) for i, (name, ops) in enumerate(scn.threads)]
-    ctl = Controller(threads, choose, _fingerprint(m, threads) if hashing else None)
+    if fine:  # the ledger is written when an operation returns: other tasks may run before that
+        m.check_ledger = False
+    ctl = Controller(threads, choose, _fingerprint(m, threads) if hashing else None, fine)
     watch = dpor.begin(ctl, m, setup_objects) if dpor is not None else None
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    if fine:
+        loop.set_task_factory(_green_factory)
 
     async def body(th: Thread) -> None:
         ctl.by_task[asyncio.current_task()] = th  # type: ignore[index]
@@ -552,6 +667,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             outcomes = dict(zip(done, await asyncio.gather(*done, return_exceptions=True), strict=True))
         finally:
             m.k.attach_controller(None)
+            if fine:
+                loop.set_task_factory(factory)
     if ctl.stuck:  # stopped half-way (an uninterruptible step too): the model is not quiescent
         problems = []
         ctl.record("finding", "no audit: the threads were stopped in a deadlock")
@@ -572,7 +689,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     findings = [str(f) for f in det.finding_events]
     if dpor is not None:
         dpor.ended(m)
-    return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut)
+    return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut, fine)
 
 
 #: Turns of the event loop a deadlocked schedule's threads get to end once cancelled.
@@ -613,8 +730,9 @@ async def _stop(ctl: Controller, tasks: list[asyncio.Task[None]]) -> list[int]:
     return [i for i, t in enumerate(tasks) if not t.done()]
 
 
-def run_sync(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int]) -> RunResult:
-    return asyncio.run(run_schedule(scn, protocol, mutant, choose))
+def run_sync(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
+             fine: bool = False) -> RunResult:
+    return asyncio.run(run_schedule(scn, protocol, mutant, choose, fine=fine))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +793,7 @@ class Search:
     traces: int = 0  # DPOR: runs that were not sleep-set blocked (one per Mazurkiewicz trace)
     blocked: int = 0  # DPOR: runs whose every enabled thread came to sleep (redundant)
     states: int = 0  # DPOR: distinct states at the decisions of its runs
+    fine: bool = False  # interleaved at every marked access and lock operation too (--points all)
 
     def account(self, r: RunResult, number: int) -> bool:
         """Count run ``r``, schedule ``number`` (1-based); True if it is the first caught."""
@@ -702,7 +821,7 @@ class Search:
 
 def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
             schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
-            stop_on_catch: bool = True, jobs: int = 1, cluster: str | None = None) -> Search:
+            stop_on_catch: bool = True, jobs: int = 1, cluster: str | None = None, points: str | None = None) -> Search:
     """Search the schedules of ``scn``; stops at the first that a detector or the audit catches.
     ``jobs`` > 1 spreads a random or PCT search over that many worker processes (the exhaustive
     and DPOR searches are one depth-first walk each, and run in this process).
@@ -710,11 +829,19 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
     (``jobs`` parts, or one per worker thread when ``jobs`` is 1; cluster.ClusterError when it
     cannot be used). The result does not depend on ``jobs`` or ``cluster``: schedule i is the same
     schedule in every part, the catch reported is the one with the lowest i, and the figures count
-    the schedules up to it."""
+    the schedules up to it. ``points``: where the threads may be interleaved: ``named`` (the named
+    preemption points, lock sleeps and wake-ups) or ``all`` (those and every marked access and lock
+    operation: the hardware's granularity); by default ``all`` for dpor, ``named`` for the others."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if jobs < 1:
         raise ValueError("jobs must be at least 1")
+    points = points or ("all" if strategy == "dpor" else "named")
+    if points not in POINT_SETS:
+        raise ValueError(f"points must be one of {', '.join(POINT_SETS)}")
+    fine = points == "all"
+    if fine and (cluster is not None or (jobs > 1 and strategy in ("random", "pct") and schedules > 1)):
+        raise ValueError("--points all runs in one process: drop --jobs and --cluster")
     if cluster is not None:
         if strategy not in ("random", "pct"):
             raise ValueError(f"--cluster runs the random and pct strategies, not {strategy}: the exhaustive and "
@@ -724,7 +851,8 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
     if jobs > 1 and strategy in ("random", "pct") and schedules > 1:
         return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
                                  min(jobs, schedules))
-    return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch))
+    return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch,
+                                fine))
 
 
 def _chooser(strategy: str, seed: int, i: int, threads: int, depth: int, steps: int) -> Callable[[Decision], int]:
@@ -829,28 +957,28 @@ def _explore_part(text: str, name: str, protocol: str, mutant: str | None, strat
     return asyncio.run(part())
 
 
-async def _pct_steps(scn: Scenario, protocol: str, mutant: str | None, start: bytes) -> int:
+async def _pct_steps(scn: Scenario, protocol: str, mutant: str | None, start: bytes, fine: bool = False) -> int:
     """A PCT search's schedule length, to place its change points: the run with no preemption."""
-    return len((await run_schedule(scn, protocol, mutant, follow({}), start=start, trace=False)).decisions)
+    return len((await run_schedule(scn, protocol, mutant, follow({}), start=start, trace=False, fine=fine)).decisions)
 
 
 async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
-                   preemptions: int, depth: int, seed: int, stop_on_catch: bool) -> Search:
+                   preemptions: int, depth: int, seed: int, stop_on_catch: bool, fine: bool = False) -> Search:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
-    s = Search(strategy)
+    s = Search(strategy, fine=fine)
     t0 = time.perf_counter()
     start = await snapshot(scn, protocol, mutant)
 
     if strategy in ("random", "pct"):
-        steps = await _pct_steps(scn, protocol, mutant, start) if strategy == "pct" else 0
+        steps = await _pct_steps(scn, protocol, mutant, start, fine) if strategy == "pct" else 0
         for i in range(schedules):
             choose = _chooser(strategy, seed, i, len(scn.threads), depth, steps)
-            if s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False), i + 1) \
-                    and stop_on_catch:
+            if s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False, fine=fine),
+                         i + 1) and stop_on_catch:
                 break
     elif strategy == "dpor":
-        await _explore_dpor(s, scn, protocol, mutant, start, schedules, stop_on_catch)
+        await _explore_dpor(s, scn, protocol, mutant, start, schedules, stop_on_catch, fine=fine)
         s.complete = s.complete and not s.cut
     else:
         # Depth-first over the preemption choices, at most ``preemptions`` of them per schedule.
@@ -858,7 +986,8 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
         stack: list[dict[int, int]] = [{}]
         while stack and s.schedules < schedules:
             pre = stack.pop()
-            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start, trace=False)
+            r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start, trace=False,
+                                   fine=fine)
             if s.account(r, s.schedules + 1) and stop_on_catch:
                 break
             used = len(pre)
@@ -877,7 +1006,8 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
                     if alt != d.default:
                         stack.append({**pre, d.step: alt})
     if s.first is not None:  # again, with the whole trace
-        s.first = await run_schedule(scn, protocol, mutant, follow(dict(s.first.preemptions)), start=start)
+        s.first = await run_schedule(scn, protocol, mutant, follow(dict(s.first.preemptions)), start=start,
+                                     fine=s.first.fine)
     s.seconds = time.perf_counter() - t0
     return s
 
@@ -886,9 +1016,10 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # DPOR: source sets and sleep sets (Abdulla, Aronis, Jonsson, Sagonas, POPL 2014)
 #
 # A *step* is what one thread does between two decisions: the transition from its pick to the
-# next park, sleep or end. Two steps are dependent when they are the same thread's, or when one
-# writes what the other reads or writes. What a step reads and writes is watched, not declared:
-# while a DPOR search runs, every field of the model's shared objects (the classes in
+# next park, sleep or end (at the hardware's granularity, a park after a marked access or a lock
+# operation too: _Trace.access and _Trace.lock say which). Two steps are dependent when they are
+# the same thread's, or when one writes what the other reads or writes. What a step reads and
+# writes is watched, not declared: while a DPOR search runs, every field of the model's shared objects (the classes in
 # _WATCHED: folios, PTEs, page tables, VMAs, mms, anon_vmas and their chains, locks, RCU, the
 # type-stable cache, swap, LRU, memcg, userfaultfd contexts, id counters) reports each read and
 # store (mm.trace.watch_fields) and the marked accesses report through Tracer.access. Steps run
@@ -928,9 +1059,12 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 
 
 #: Fields that are bookkeeping, not shared state any step's outcome depends on (statistics, the
-#: watchers themselves, names and constants).
+#: watchers themselves, names and constants). ``Kernel.spinning`` (each spinner's PTL) is read only
+#: by a spinner that closes a cycle of them: whichever order two spinners enter, the one that
+#: spins second finds the cycle and reports the deadlock.
 _UNWATCHED = frozenset({"lockdep", "trace", "controller", "detectors", "sched", "stats", "move_results", "name",
-                        "rank", "key", "ops", "protocol", "mutant", "detect", "gate", "auditor", "waits"})
+                        "rank", "key", "ops", "protocol", "mutant", "detect", "gate", "auditor", "waits",
+                        "spinning"})
 
 #: The classes whose fields the DPOR search watches.
 _WATCHED: tuple[type, ...] = (
@@ -957,9 +1091,10 @@ def _ignored(scn: Scenario, m: MemoryModel) -> dict[str, tuple[type, ...]]:
     """The fields a DPOR search of ``scn`` on ``m`` does not watch: :data:`_COUNTERS` always (the
     RCU reader set and the ledger are watched per entry instead); memcg's usage when it has no
     limit (it decides nothing then); the live-folio counts when no page budget reads them and no
-    thread reclaims (whose result counts the pages it freed); the LRU lists when no thread ages or
-    reclaims (their order is read only by reclaim and MADV_PAGEOUT/COLD, membership is the folio's
-    own ``lru`` field)."""
+    thread reclaims (whose result counts the pages it freed); the LRU lists when no thread scans
+    them (their order is read only by shrink_lruvec: the ``reclaim`` operation, or reclaim under a
+    memcg limit or a page budget; MADV_PAGEOUT and MADV_COLD take the folios their PTEs map, and
+    membership is the folio's own ``lru`` field)."""
     ignored = {**_COUNTERS, **_KEYED}
     ops = {op.kind for _, thread_ops in scn.threads for op in thread_ops}
     advice = {str(a) for _, thread_ops in scn.threads for op in thread_ops if op.kind == "madvise" for a in op.args}
@@ -970,7 +1105,7 @@ def _ignored(scn: Scenario, m: MemoryModel) -> dict[str, tuple[type, ...]]:
     if getattr(m, "max_pages", None) is None and not reclaims:
         for f in ("folios_live", "folio_pages_live"):
             ignored[f] = (Kernel,)
-    if not reclaims and m.k.memcg.limit is None:
+    if "reclaim" not in ops and m.k.memcg.limit is None and getattr(m, "max_pages", None) is None:
         ignored["lists"] = (Lruvec,)
     return ignored
 
@@ -1193,7 +1328,8 @@ class _Watch(_Trace):
         k = _KINDS.get(t)
         if k is None:
             k = _kind(t)
-        if not k or t is SortedDict:  # a value; or watched entry by entry (_keyed)
+        if not k or t is SortedDict or t is KeyedDict or t is KeyedBytes:  # a value; or watched entry by entry
+            # (_keyed)
             return
         if t is tuple:
             for x in new:
@@ -1222,35 +1358,32 @@ class _Watch(_Trace):
 
     def access(self, obj: Any, field: str, write: bool) -> None:
         got = self._step()
-        if got is None:
-            return
-        th, st = got
-        key = (self._name(obj, th), field)
-        (st.writes if write else st.reads).add(key)
+        if got is not None:
+            th, st = got
+            key = (self._name(obj, th), field)
+            (st.writes if write else st.reads).add(key)
+        super().access(obj, field, write)
 
     def lock(self, op: str, lock: Any, result: bool | None) -> None:
         """A lock operation: the lock's own fields (owner, waiters) say what it read and changed,
         so that a lock taken and let go within one step is only a read of it. An rwsem's reader
         count is one entry per thread (each thread's read holds): two readers commute, a writer
         reads every entry, a release that may hand the lock on writes them all."""
-        super().lock(op, lock, result)
-        if not isinstance(lock, RwSem):
-            return
-        got = self._step()
-        if got is None:
-            return
-        th = got[0]
-        if op.startswith("down_read"):
-            if result:
-                self._reader(lock, th, 1)
-        elif op == "up_read":
-            self._reader(lock, th, -1)
-            if lock.waiters:
+        got = self._step() if isinstance(lock, RwSem) else None
+        if got is not None:
+            th = got[0]
+            if op.startswith("down_read"):
+                if result:
+                    self._reader(lock, th, 1)
+            elif op == "up_read":
+                self._reader(lock, th, -1)
+                if lock.waiters:
+                    self.keyed(lock, None, True)
+            elif op.startswith("down_write"):
+                self.keyed(lock, None, False)
+            elif op == "up_write" and lock.waiters:
                 self.keyed(lock, None, True)
-        elif op.startswith("down_write"):
-            self.keyed(lock, None, False)
-        elif op == "up_write" and lock.waiters:
-            self.keyed(lock, None, True)
+        super().lock(op, lock, result)  # records it, and parks there at the hardware's granularity
 
     def _reader(self, lock: RwSem, th: int, delta: int) -> None:
         """Thread ``th`` took (1) or let go of (-1) a read hold of ``lock``."""
@@ -1320,7 +1453,9 @@ class _Watch(_Trace):
             reached = self.reached[th.index]
             # A thread that picked itself has not stopped: its stack cannot be looked into (what it
             # iterates over is not in its locals), so it may touch any container it reached.
-            holds = reached if self.ctl.by_task.get(asyncio.current_task()) is th else self._holding(th)  # type: ignore[arg-type]
+            # So has one parked inside synchronous code (Controller.park_sync).
+            holds = (reached if th.inside or self.ctl.by_task.get(asyncio.current_task()) is th  # type: ignore[arg-type]
+                     else self._holding(th))
             self.frozen[th.index] = {i: _freeze(reached[i][1]) for i in holds}
         finally:
             mm_trace.set_field_hook(self.field)
@@ -1564,6 +1699,20 @@ def _keyed() -> Iterator[None]:
 
         return whole_method
 
+    def bytes_method(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        write = name == "__setitem__"
+
+        def keyed_byte(self: KeyedBytes, i: Any, *args: Any) -> Any:
+            w = _watching()
+            if w is not None:
+                if isinstance(i, int):
+                    w.keyed(self, ("key", i), write, (lambda: bytearray.__getitem__(self, i)) if write else None)
+                else:
+                    w.keyed(self, None, write)
+            return orig(self, i, *args)
+
+        return keyed_byte
+
     def sd_getattribute(self: SortedDict, attr: str) -> Any:
         if attr in _SD_LIST_METHODS:
             w = _watching()
@@ -1584,6 +1733,12 @@ def _keyed() -> Iterator[None]:
         patch(RwSem, "is_locked", rwsem_is_locked)
         for attr in (*_SD_KINDS, *_SD_OTHER):
             patch(SortedDict, attr, sd_method(attr, getattr(SortedDict, attr)))
+            if hasattr(dict, attr):  # a PTE table's entries: the same, by their dict methods
+                patch(KeyedDict, attr, sd_method(attr, getattr(dict, attr)))
+        for attr in ("__getitem__", "__setitem__"):  # a swap_map's bytes by offset; a slice: all of it
+            patch(KeyedBytes, attr, bytes_method(attr, getattr(bytearray, attr)))
+        for attr in ("find", "rfind", "index", "count", "__iter__", "__len__", "__contains__", "__eq__"):
+            patch(KeyedBytes, attr, sd_method(attr, getattr(bytearray, attr)))
         patch(SortedDict, "__getattribute__", sd_getattribute)
         patch(Rcu, "read_lock", read_lock)
         patch(Rcu, "read_unlock", read_unlock)
@@ -1800,18 +1955,21 @@ class _Dpor:
 
 async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | None, start: bytes,
                         schedules: int, stop_on_catch: bool, full: bool = False,
-                        on_run: Callable[[RunResult, MemoryModel | None, bool], None] | None = None) -> None:
+                        on_run: Callable[[RunResult, MemoryModel | None, bool], None] | None = None,
+                        fine: bool = True) -> None:
     """The DPOR search (see above): every Mazurkiewicz trace of the scenario once, or until
     ``schedules`` runs or a catch (with ``stop_on_catch``). ``full``: every schedule instead (the
     futile spins aside), no reduction: what tests hold DPOR against. ``on_run``: told of each run,
-    its model after the threads ended, and whether it was sleep-set blocked."""
+    its model after the threads ended, and whether it was sleep-set blocked. ``fine``: at the
+    hardware's granularity (run_schedule), else at the named points."""
     if not _GLOBAL_NAMES:
         _GLOBAL_NAMES.update(_module_objects())
     dp = _Dpor(full)
     dp.scn = scn
     with mm_trace.watch_fields(_WATCHED), _keyed():
         while True:
-            r = await run_schedule(scn, protocol, mutant, dp.choose, hashing=True, start=start, trace=False, dpor=dp)
+            r = await run_schedule(scn, protocol, mutant, dp.choose, hashing=True, start=start, trace=False, dpor=dp,
+                                   fine=fine)
             if on_run is not None:
                 on_run(r, dp.last_model, dp.blocked)
             s.cut += dp.cut and not r.cut
@@ -1832,13 +1990,13 @@ def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> 
 
     want = r.kinds
     pre = dict(r.preemptions)
-    best = run_sync(scn, protocol, mutant, follow(pre))
+    best = run_sync(scn, protocol, mutant, follow(pre), r.fine)
     changed = True
     while changed:
         changed = False
         for step in sorted(pre):
             trial = {k: v for k, v in pre.items() if k != step}
-            t = run_sync(scn, protocol, mutant, follow(trial))
+            t = run_sync(scn, protocol, mutant, follow(trial), r.fine)
             if t.caught and t.kinds & want:
                 pre, best, changed = trial, t, True
                 break
@@ -1849,19 +2007,24 @@ def minimize(scn: Scenario, protocol: str, mutant: str | None, r: RunResult) -> 
 # Replay tokens
 
 
-def token(scn: Scenario, protocol: str, mutant: str | None, preemptions: list[tuple[int, int]]) -> str:
+def token(scn: Scenario, protocol: str, mutant: str | None, preemptions: list[tuple[int, int]],
+          fine: bool = False) -> str:
+    """A replay token: the scenario, the protocol and mutant, and the schedule (its preemptions, at
+    the named points or, ``fine``, at the hardware's granularity)."""
     doc = {"v": 1, "name": scn.name, "scenario": scn.text, "protocol": protocol, "mutant": mutant,
-           "preemptions": preemptions}
+           "preemptions": preemptions, **({"fine": True} if fine else {})}
     packed = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 9)
     return base64.urlsafe_b64encode(packed).decode().rstrip("=")
 
 
-def untoken(tok: str) -> tuple[Scenario, str, str | None, dict[int, int]]:
+def untoken(tok: str) -> tuple[Scenario, str, str | None, dict[int, int], bool]:
+    """What :func:`token` packed: scenario, protocol, mutant, preemptions, and whether fine."""
     try:
         raw = zlib.decompress(base64.urlsafe_b64decode(tok + "=" * (-len(tok) % 4)))
         doc = json.loads(raw)
         scn = parse(doc["scenario"], f"{doc['name']}.litmus")
-        return scn, str(doc["protocol"]), doc.get("mutant"), {int(k): int(v) for k, v in doc["preemptions"]}
+        return (scn, str(doc["protocol"]), doc.get("mutant"), {int(k): int(v) for k, v in doc["preemptions"]},
+                bool(doc.get("fine", False)))
     except ScenarioError:
         raise
     except Exception as e:  # noqa: BLE001 - any damage to the token is one error

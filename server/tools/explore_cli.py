@@ -158,8 +158,8 @@ def explore_command(args: argparse.Namespace) -> int:
         return _generated(console, args, run)
     try:
         if args.replay:
-            scn, protocol, mutant, pre = untoken(args.replay)
-            r = run_sync(scn, protocol, mutant, follow(pre))
+            scn, protocol, mutant, pre, fine = untoken(args.replay)
+            r = run_sync(scn, protocol, mutant, follow(pre), fine)
             what = (f"replay of {scn.name} under {_named(protocol)}"
                     + (f" with mutant {_named(mutant)}" if mutant else ""))
             _show(console, scn, r, what, args.trace_out)
@@ -169,7 +169,7 @@ def explore_command(args: argparse.Namespace) -> int:
         scn = load(args.scenario)
         args.schedules = args.schedules or 10_000
         s = explore(scn, run.protocol, run.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
-                    args.seed, stop_on_catch=not args.all, jobs=args.jobs, cluster=args.cluster)
+                    args.seed, stop_on_catch=not args.all, jobs=args.jobs, cluster=args.cluster, points=args.points)
     except (ScenarioError, ClusterError) as e:
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
@@ -179,7 +179,8 @@ def explore_command(args: argparse.Namespace) -> int:
     rate = s.schedules / s.seconds if s.seconds else 0.0
     console.print(
         f"{scn.name}: {run}"
-        + f", {args.strategy}: {s.schedules} schedules, {len(s.interleavings)} distinct interleavings"
+        + f", {args.strategy} at {'every access' if s.fine else 'the named points'}: {s.schedules} schedules, "
+        + f"{len(s.interleavings)} distinct interleavings"
         + (f", {s.pruned} states pruned" if args.strategy == "exhaustive" else "")
         + f", {s.seconds:.3f} s ({rate:,.0f} schedules/s"
         + (f" on the cluster at {args.cluster})" if args.cluster
@@ -205,7 +206,7 @@ def explore_command(args: argparse.Namespace) -> int:
     if small.kinds <= known:
         console.print(f"[yellow]a known finding of this scenario under {run.protocol}[/] "
                       f"({', '.join(sorted(known))}; docs/protocol.md)")
-    tok = token(scn, run.protocol, run.mutant, small.preemptions)
+    tok = token(scn, run.protocol, run.mutant, small.preemptions, small.fine)
     title = (f"{scn.name} under {run}"
              + f": caught at schedule {s.at} (seed {args.seed}, {args.strategy}); "
              + f"minimised to {len(small.preemptions)} preemption(s) at steps "
