@@ -277,16 +277,20 @@ async def test_mover_no_folio_lock(mutant: str | None) -> None:
 
 @pytest.mark.parametrize("mutant", killed("ptl-no-address-order"))
 async def test_ptl_no_address_order(mutant: str | None) -> None:
-    """M1 moves src page 0 to dst, M2 dst page 1 to src: the two PTLs, in opposite roles. M1 stops
-    between its first PTL and its second; M2 runs into the PTL M1 holds and spins. In address
-    order both take the same PTL first, so M2 spins on it and M1 finishes; in argument order each
-    holds the PTL the other spins on."""
+    """M1 moves src page 0 to dst, M2 dst page 1 to src: the two PTLs, in opposite roles. M2 stops
+    with its folio and anon_vma locked (its PTEs read, under the PTLs, before); M1 stops between
+    its first PTL and its second; M2 goes on into its PTLs and spins. In address order both take
+    the same PTL first, so M2 spins on it and M1 finishes; in argument order each holds the PTL
+    the other spins on."""
     m, pid = await env("recheck", mutant, register_src=True, dst_pages=(1,))
     k = m.k
+    bp2 = k.sched.pause_at("move:anon-vma-locked")
+    m2 = asyncio.create_task(m.move(pid, SRC + P, DST + P, P))
+    await bp2.wait_reached()
     bp = k.sched.pause_at("move:between-ptls")
     m1 = asyncio.create_task(m.move(pid, DST, SRC, P))
     await bp.wait_reached()
-    m2 = asyncio.create_task(m.move(pid, SRC + P, DST + P, P))
+    bp2.release()
     await run_until(lambda: len(k.spinning) == 1)
     bp.release()
     if mutant is None:

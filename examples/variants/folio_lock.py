@@ -154,12 +154,17 @@ async def move_pages_pte(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        if not dst_pt.pte_none(dvpn):  # a present or a swap PTE at dst
+        await k.spin_lock(cur, dst_pt.ptl)  # the PTEs are read under their PTLs
+        dst_used = not dst_pt.pte_none(dvpn)
+        dst_pt.ptl.spin_unlock(cur)
+        if dst_used:  # a present or a swap PTE at dst
             ret = -errno.EEXIST
             break
+        await k.spin_lock(cur, src_pt.ptl)
         src_pte = src_pt.ptes.get(svpn)
+        src_swp = src_pt.swap.get(svpn) if src_pte is None else None
+        src_pt.ptl.spin_unlock(cur)
         if src_pte is None:
-            src_swp = src_pt.swap.get(svpn)
             if src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT
                 break
@@ -178,7 +183,7 @@ async def move_pages_pte(
                     if not folio.lock.trylock(cur):
                         if not folio.lock.lock(cur): await folio.lock.wait(cur)
                         continue
-            if sched.active and src_folio is not None and await sched.point("move:swap-folio-locked"): continue
+            if sched.active and src_folio is not None: await sched.point("move:swap-folio-locked")
             ret = await k.ops.move_swap_pte(k, cur, dst_vma, dst_addr, src_addr, dst_pt, src_pt, src_swp, src_folio)
             break
         if src_folio is not None and src_pte is not src_folio_pte:
@@ -189,19 +194,26 @@ async def move_pages_pte(
             break
 
         if src_folio is None:
+            await k.spin_lock(cur, src_pt.ptl)  # the folio pinned under the PTL that maps it
+            if src_pt.ptes.get(svpn) is not src_pte:  # the PTE changed since it was read
+                src_pt.ptl.spin_unlock(cur)
+                ret = -errno.EAGAIN
+                break
             folio = src_pte.folio
             if not folio.page_anon_exclusive(0):  # !PageAnonExclusive: shared with a fork child
+                src_pt.ptl.spin_unlock(cur)
                 ret = -errno.EBUSY
                 break
             # The kernel's step: a reference and the folio lock (a sleep for a small folio's, with
-            # only the VMA locks held: then look again; EAGAIN for a contended large folio).
-            ret = await k.ops.move_folio_lock(k, cur, folio)
+            # only the VMA locks held: then look again; EAGAIN for a contended large folio). It
+            # lets the PTL go.
+            ret = await k.ops.move_folio_lock(k, cur, folio, src_pt.ptl)
             if ret < 0:
                 break
             src_folio, src_folio_pte = folio, src_pte
             if ret:
                 continue
-        if sched.active and await sched.point("move:after-folio-lock"): continue  # others ran: retry
+        if sched.active: await sched.point("move:after-folio-lock")
 
         if src_folio.large:  # split it (the kernel's step), then look again
             ret = await k.ops.move_split_large_folio(k, cur, src_folio)
@@ -213,7 +225,7 @@ async def move_pages_pte(
         # 6.18 write-locks the folio's anon_vma root here. The walkers it kept out now wait
         # for the folio lock we hold, so the step goes on to the PTLs; the point stays, as the
         # place where a walker can run while the folio is locked and not yet moved.
-        if sched.active and await sched.point("move:anon-vma-locked"): continue  # others ran: retry
+        if sched.active: await sched.point("move:anon-vma-locked")
 
         assert src_folio_pte is not None
         ret = await k.ops.move_present_ptes(
