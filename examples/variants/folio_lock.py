@@ -43,7 +43,7 @@ from mmsim.server.mm.rmap import (
 from mmsim.server.mm.steps import Variant
 from mmsim.server.mm.swap_state import swap_cache_get_folio
 from mmsim.server.mm.trace import READ_ONCE
-from mmsim.server.mm.userfaultfd import move_zeropage_pte
+from mmsim.server.mm.userfaultfd import move_read_ptes, move_zeropage_pte
 
 if TYPE_CHECKING:
     from mmsim.server.mm.kernel import Kernel
@@ -154,16 +154,10 @@ async def move_pages_pte(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        await k.spin_lock(cur, dst_pt.ptl)  # the PTEs are read under their PTLs
-        dst_used = not dst_pt.pte_none(dvpn)
-        dst_pt.ptl.spin_unlock(cur)
+        dst_used, src_pte, src_swp = await move_read_ptes(k, cur, dst_pt, src_pt, dvpn, svpn)  # under their PTLs
         if dst_used:  # a present or a swap PTE at dst
             ret = -errno.EEXIST
             break
-        await k.spin_lock(cur, src_pt.ptl)
-        src_pte = src_pt.ptes.get(svpn)
-        src_swp = src_pt.swap.get(svpn) if src_pte is None else None
-        src_pt.ptl.spin_unlock(cur)
         if src_pte is None:
             if src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT

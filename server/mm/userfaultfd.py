@@ -626,6 +626,22 @@ def uffd_move_unlock(cur: Current, dst_vma: Vma, src_vma: Vma) -> None:
         src_vma.vm_lock.up_read(cur)
 
 
+async def move_read_ptes(
+    k: Kernel, cur: Current, dst_pt: PageTable, src_pt: PageTable, dvpn: int, svpn: int
+) -> tuple[bool, Pte | None, SwapPte | None]:
+    """move_pages_pte's reads of its PTEs, each under its PTL (spin_lock, ptep_get, spin_unlock):
+    whether the dst PTE is used (present or swap), and the src PTE, present or swap (None: none).
+    Expects neither PTL held; holds neither on return."""
+    await k.spin_lock(cur, dst_pt.ptl)
+    dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
+    dst_pt.ptl.spin_unlock(cur)
+    await k.spin_lock(cur, src_pt.ptl)
+    src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
+    src_swp = src_pt.swap.get(svpn) if src_pte is None else None
+    src_pt.ptl.spin_unlock(cur)
+    return dst_used, src_pte, src_swp
+
+
 async def move_pages_pte(
     k: Kernel, cur: Current, dst_vma: Vma, src_vma: Vma, dst_addr: int, src_addr: int, extent: int, holes: bool,
     dst_pt: PageTable, src_pt: PageTable,
@@ -646,16 +662,10 @@ async def move_pages_pte(
     src_anon_vma: AnonVma | None = None
     sched = k.sched
     while True:  # retry:
-        await k.spin_lock(cur, dst_pt.ptl)
-        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
-        dst_pt.ptl.spin_unlock(cur)
+        dst_used, orig_src_pte, orig_src_swp = await move_read_ptes(k, cur, dst_pt, src_pt, dvpn, svpn)
         if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        await k.spin_lock(cur, src_pt.ptl)
-        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
-        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
-        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole

@@ -72,6 +72,7 @@ from .userfaultfd import (
     double_pt_lock,
     double_pt_unlock,
     move_anon_rmap_and_index,
+    move_read_ptes,
     move_split_large_folio,
     move_zeropage_pte,
     swp_pte_same,
@@ -456,16 +457,10 @@ async def move_pages_pte_no_anon_vma_lock(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        await k.spin_lock(cur, dst_pt.ptl)
-        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
-        dst_pt.ptl.spin_unlock(cur)
+        dst_used, orig_src_pte, orig_src_swp = await move_read_ptes(k, cur, dst_pt, src_pt, dvpn, svpn)
         if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        await k.spin_lock(cur, src_pt.ptl)
-        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
-        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
-        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
@@ -557,16 +552,10 @@ async def move_pages_pte_no_locks(
     src_folio_pte: Pte | SwapPte | None = None
     sched = k.sched
     while True:  # retry:
-        await k.spin_lock(cur, dst_pt.ptl)
-        dst_used = dvpn in dst_pt.ptes or dvpn in dst_pt.swap  # orig_dst_pte = ptep_get(dst_pte)
-        dst_pt.ptl.spin_unlock(cur)
+        dst_used, orig_src_pte, orig_src_swp = await move_read_ptes(k, cur, dst_pt, src_pt, dvpn, svpn)
         if dst_used:  # !pte_none(orig_dst_pte)
             ret = -errno.EEXIST
             break
-        await k.spin_lock(cur, src_pt.ptl)
-        orig_src_pte = src_pt.ptes.get(svpn)  # orig_src_pte = ptep_get(src_pte)
-        orig_src_swp = src_pt.swap.get(svpn) if orig_src_pte is None else None
-        src_pt.ptl.spin_unlock(cur)
         if orig_src_pte is None:
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole

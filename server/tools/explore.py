@@ -210,20 +210,24 @@ class Controller:
         if self.detached:  # past the step limit: a plain yield, so that spinners let others run
             await asyncio.sleep(0)
             return
-        th.point = point
         if point.startswith("lock:"):  # the sleep on it ended: granted
             th.held.append(point[5:])
             th.waits = None
         if point != "start":
             self.record("point", point, th)
-        th.state = "parked"
         th.solo.add(point)
-        th.go = None
-        self._check_idle()
-        if th.state == "parked":  # another thread was picked (or still runs): wait for a pick
+        if self._stop(th, point):  # another thread was picked (or still runs): wait for a pick
             th.go = asyncio.get_running_loop().create_future()
             await th.go
         # else it picked itself: it goes on at once, without a turn of the event loop
+
+    def _stop(self, th: Thread, point: str) -> bool:
+        """``th`` parks at ``point`` and the next thread is picked; True unless it picked ``th``."""
+        th.point = point
+        th.state = "parked"
+        th.go = None
+        self._check_idle()
+        return th.state == "parked"
 
     def park_sync(self, point: str) -> bool:
         """Park at ``point`` from synchronous code: a marked access, a lock operation or a contended
@@ -239,11 +243,7 @@ class Controller:
         g = greenlet.getcurrent()
         if g.parent is None:  # not inside a _GreenTask's step (a callback of the loop)
             return False
-        th.point = point
-        th.state = "parked"
-        th.go = None
-        self._check_idle()
-        if th.state != "parked":  # it picked itself
+        if not self._stop(th, point):  # it picked itself
             return True
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
