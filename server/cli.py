@@ -817,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "granularity (default: all for dpor, named for the others)")
     ex.add_argument("--schedules", type=_positive,
                     help="most schedules to run (default 10000; with --generate, random ones per program, default 300)")
+    ex.add_argument("--time-limit", type=_positive, metavar="SECONDS",
+                    help="start no schedule after SECONDS (the search is then not complete; in one process)")
     ex.add_argument("--generate", type=_positive, metavar="N",
                     help="explore N generated litmus programs (seeded by --seed): each caught one is shrunk to a "
                     "minimal program and written to --save DIR (default .)")

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from mmsim.server.cli import main
 from mmsim.server.mm.model import MemoryModel
 from mmsim.server.tools import explore as ex
 from mmsim.server.tools.litmus import load, parse
@@ -88,6 +89,11 @@ def final_state(m: MemoryModel) -> tuple[Any, ...]:
     return tuple(procs), anon
 
 
+def _results(r: ex.RunResult) -> tuple[str, ...]:
+    """What each thread's operations returned (in no order: two traces of one run differ in it)."""
+    return tuple(sorted(f"{e.thread}: {e.text}" for e in r.events if e.kind == "result"))
+
+
 def _search(scn: Any, protocol: str, full: bool, mutant: str | None = None,
             fine: bool = False) -> tuple[ex.Search, set[Any], set[str]]:
     states: set[Any] = set()
@@ -96,7 +102,7 @@ def _search(scn: Any, protocol: str, full: bool, mutant: str | None = None,
     def on_run(r: ex.RunResult, m: MemoryModel | None, blocked: bool) -> None:
         assert m is not None
         if not blocked:  # a sleep-set blocked run's end is another trace's: DPOR must not need it
-            states.add(final_state(m))
+            states.add((final_state(m), _results(r)))
             caught.update(r.violations + r.findings + r.problems)
 
     async def go() -> ex.Search:
@@ -110,9 +116,26 @@ def _search(scn: Any, protocol: str, full: bool, mutant: str | None = None,
     return s, states, caught
 
 
+#: A write faulting through the VMA cache while a munmap takes the whole VMA away: the write
+#: succeeds or fails with EFAULT, as the munmap comes after or before its lookup (the search leaves
+#: the cache unwatched and reads the VMA and its tree entry on a hit).
+UNMAP_VS_WRITE = """\
+name: unmap-vs-write
+setup:
+  p = process
+  mmap p 0x100000 2
+  write p 0x100000 1
+thread a:
+  write p 0x101000 2
+thread b:
+  munmap p 0x100000 2
+"""
+
+
 @pytest.mark.parametrize("text,fine", [(TWO_WRITERS, False), (TWO_WRITERS_APART, False), (MOVE_VS_WALK, False),
-                                       (TWO_WRITERS_APART, True)],
-                         ids=["two-writers", "two-writers-apart", "move-vs-walk", "two-writers-apart-every-access"])
+                                       (TWO_WRITERS_APART, True), (UNMAP_VS_WRITE, True)],
+                         ids=["two-writers", "two-writers-apart", "move-vs-walk", "two-writers-apart-every-access",
+                              "unmap-vs-write-every-access"])
 def test_dpor_finds_what_brute_force_finds(text: str, fine: bool) -> None:
     scn = parse(text, "t.litmus")
     full, full_states, full_caught = _search(scn, "recheck", full=True, fine=fine)
@@ -165,14 +188,41 @@ def test_library_scenario_against_brute_force_at_every_access(name: str) -> None
     assert (dpor_states, dpor_caught) == (full_states, full_caught)
 
 
+@pytest.mark.parametrize("name", ["pin-vs-move", "pageout-vs-fork", "fork-vs-walk"])
+def test_random_schedules_end_where_dpor_ends_at_every_access(name: str) -> None:
+    """Where every schedule is too many to run, a sample: seeded random schedules at the
+    hardware's granularity end in final states, results and findings the complete DPOR search
+    found too. These scenarios exercise what the search does not watch as plain fields: a small
+    folio's pinned test (its refcount against the bias), fork's new processes, ledgers and
+    anon_vmas (the typesafe cache's live set), the VMA cache."""
+    scn = load(f"tests/litmus/{name}.litmus")
+    dpor, dpor_states, dpor_caught = _search(scn, "recheck", full=False, fine=True)
+    assert dpor.complete
+    sampled: set[Any] = set()
+
+    async def sample() -> None:
+        start = await ex.snapshot(scn, "recheck", None)
+        for seed in range(150):
+            models: list[MemoryModel] = []
+            r = await ex.run_schedule(scn, "recheck", None, ex.random_strategy(seed), start=start, trace=False,
+                                      fine=True, on_model=models.append)
+            sampled.add((final_state(models[0]), _results(r)))
+            assert set(r.violations + r.findings + r.problems) <= dpor_caught
+
+    asyncio.run(sample())
+    assert sampled <= dpor_states
+
+
 #: Library scenarios whose complete search at the named points takes long on two cores
 #: (BENCHMARKS.md "DPOR" has them).
 SLOW = {("anon-vma-reuse", "recheck"), ("large-folio-two-movers", "folio-lock")}
 LIBRARY = sorted(p.stem for p in (Path(__file__).parent / "litmus").glob("*.litmus"))
 #: Library scenarios whose complete search at the hardware's granularity takes seconds (the
 #: others, and their figures, are in BENCHMARKS.md "DPOR").
-FINE_QUICK = ["dontneed-vs-move", "fast-path-race", "huge-zero-move", "pin-vs-move", "pin-vs-pmd-move",
-              "pmd-move-vs-walk", "reclaim-vs-move", "slow-path-race", "swap-move-then-swapin", "swapin-vs-move"]
+FINE_QUICK = ["dontneed-vs-move", "exit-vs-blocking-walk", "fast-path-race", "fork-vs-walk", "gc-fault-vs-walk",
+              "huge-zero-move", "opposite-moves", "pageout-vs-fork", "pin-vs-move", "pin-vs-pmd-move",
+              "pmd-move-vs-fork", "pmd-move-vs-walk", "reclaim-vs-move", "slow-path-race", "swap-move-then-swapin",
+              "swapin-vs-move", "typesafe-reuse-root-change"]
 
 
 def _complete_and_clean(name: str, protocol: str, points: str) -> ex.Search:
@@ -228,8 +278,6 @@ def test_watch_leaves_the_classes_as_they_were() -> None:
 def test_known_finding_is_found_and_the_cli_says_complete(capsys: pytest.CaptureFixture[str]) -> None:
     """typesafe-reuse-root-change's known finding under recheck: DPOR finds it (exit 3) and, with
     --all, reports the search complete."""
-    from mmsim.server.cli import main
-
     rc = main(["explore", "tests/litmus/typesafe-reuse-root-change.litmus", "--strategy", "dpor", "--all",
                "--points", "named"])
     out = capsys.readouterr().out
@@ -383,3 +431,16 @@ def test_points_all_with_the_other_strategies() -> None:
         ex.explore(scn, "recheck", None, "random", 10, jobs=2, points="all")
     with pytest.raises(ValueError, match="points must be"):
         ex.explore(scn, "recheck", None, "dpor", 10, points="some")
+
+
+def test_time_limit_stops_the_search_not_complete(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--time-limit``: a search that would run for minutes stops starting runs and says why; it
+    is not complete. With --jobs it is refused (one process only)."""
+    scn = load("tests/litmus/split-vma-walk.litmus")
+    s = ex.explore(scn, "recheck", None, "dpor", 1_000_000, stop_on_catch=False, time_limit=1)
+    assert s.timed_out and not s.complete and 0 < s.traces < 1_000_000
+    assert main(["explore", "tests/litmus/split-vma-walk.litmus", "--strategy", "dpor", "--time-limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped:" in out and "(--time-limit 1)" in out and "complete:" not in out
+    assert main(["explore", "tests/litmus/split-vma-walk.litmus", "--strategy", "random", "--jobs", "2",
+                 "--time-limit", "1"]) == 2

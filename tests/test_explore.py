@@ -10,6 +10,7 @@ import pytest
 
 from mmsim.server.cli import main
 from mmsim.server.tools.explore import (
+    Decision,
     explore,
     follow,
     minimize,
@@ -387,3 +388,32 @@ def test_a_set_up_that_maps_the_zero_pages_keeps_them_through_the_snapshot() -> 
     ]), "zero-pages.litmus")
     s = explore(scn, "recheck", strategy="exhaustive", schedules=200)
     assert s.schedules > 1 and s.first is None
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_a_strategy_that_fails_mid_run_is_an_error_not_a_hang(fine: bool) -> None:
+    """A pick that raises (a search's own bug) ends the run with that error, the threads let run
+    out, instead of leaving every thread parked with nobody to decide."""
+    scn = load(LITMUS / "slow-path-race.litmus")
+
+    def choose(d: Decision) -> int:
+        if d.step == 5:
+            raise KeyError("the strategy's bug")
+        return d.default
+
+    with pytest.raises(RuntimeError, match="strategy failed at step 5") as info:
+        run_sync(scn, "recheck", None, choose, fine)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("fine", [False, True])
+def test_a_run_past_the_step_limit_runs_out_unsupervised(fine: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_STEPS the controller stops deciding: the thread that parked at the limit goes on
+    at once, the others are let go, and the run ends cut, audited, with every operation's result."""
+    import mmsim.server.tools.explore as ex
+
+    monkeypatch.setattr(ex, "MAX_STEPS", 5)
+    scn = load(LITMUS / "slow-path-race.litmus")
+    r = run_sync(scn, "recheck", None, random_strategy(1), fine)
+    assert r.cut and not r.problems
+    assert sum(e.kind == "result" for e in r.events) == sum(len(ops) for _, ops in scn.threads)

@@ -22,6 +22,7 @@ from .mm_types import (
     HPAGE_PMD_ORDER,
     PAGE_SHIFT,
     Folio,
+    KeyedDict,
     LargeFolio,
     folio_bytes,
 )
@@ -177,8 +178,9 @@ class Kernel:
         #: UFFDIO_MOVE outcomes: "OK", or the errno's name (EAGAIN for a short move).
         self.move_results: Counter[str] = Counter()
         #: Folios whose (mapping, index) pair is torn: a mover preempted between storing the two
-        #: (move_present_ptes) left this pair, which never held together, visible meanwhile.
-        self.torn: dict[Folio, tuple[AnonVma, int]] = {}
+        #: (move_present_ptes) left this pair, which never held together, visible meanwhile; by
+        #: folio id (keyed: a walker's look at its own folio's entry is all it reads of it).
+        self.torn: KeyedDict[tuple[AnonVma, int]] = KeyedDict()
         #: Tasks spinning on a PTL (spin_on), for the deadlock check.
         self.spinning: dict[Current, SpinLock] = {}
         # What a client can leave asleep, bounded (None: no bound): userfaults in all and per

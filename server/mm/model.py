@@ -244,7 +244,7 @@ class MemoryModel:
         self._pids = IdCounter()
         #: Expected contents: pid -> {virtual page number: value} for every page written or filled
         #: (a page of a large folio that is not in it must read 0).
-        self.ledger: dict[int, PageLedger] = {}
+        self.ledger: KeyedDict[PageLedger] = KeyedDict()
         #: Whether the audit compares the contents with the ledger. The ledger is written when an
         #: operation returns, not where it takes effect (under its PTL): where other tasks may run
         #: in between (the explorer at the hardware's granularity), two operations on one page can

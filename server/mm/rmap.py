@@ -708,8 +708,7 @@ class WalkSnapshot:
 
 
 def walk_snapshot(k: Kernel, cur: Current, folio: Folio, av: AnonVma, pgoff: int) -> WalkSnapshot:
-    torn = k.torn
-    residual = bool(torn) and torn.get(folio) == (av, pgoff)
+    residual = k.torn.get(folio.id) == (av, pgoff)
     if residual:
         # The mover stored folio->mapping and not yet folio->index: (av, pgoff) never held.
         k.detectors.note("residual-index-window", task=cur.name, folio=folio.id, anon_vma=av.id, index_read=pgoff)

@@ -905,11 +905,11 @@ async def move_anon_rmap_and_index(k: Kernel, folio: Folio, vma: Vma, index: int
     (mapping, index) pair, which never held together, is in ``k.torn`` for the walkers'
     residual-window check. Expects the PTLs held (the folio lock and the old root too)."""
     torn = k.sched.active
-    if torn: k.torn[folio] = (vma.anon_vma, folio.index)  # type: ignore[assignment]
+    if torn: k.torn[folio.id] = (vma.anon_vma, folio.index)  # type: ignore[assignment]
     folio_move_anon_rmap(k, folio, vma)
     if torn: await k.sched.point_unkillable("move:after-mapping-store")
     folio.index = index
-    if torn: del k.torn[folio]
+    if torn: del k.torn[folio.id]
     if k.trace: trace_store(k, "move_present_ptes", folio, "index")
 
 

@@ -658,12 +658,12 @@ async def move_present_ptes_index_first(
                     ret = -errno.EBUSY
                 break
             torn = sched.active
-            if torn: k.torn[src_folio] = (src_folio.mapping, index)  # type: ignore[assignment]
+            if torn: k.torn[src_folio.id] = (src_folio.mapping, index)  # type: ignore[assignment]
             src_folio.index = index  # the mutant: the index first
             if k.trace: trace_store(k, "move_present_ptes", src_folio, "index")
             if torn: await sched.point_unkillable("move:after-mapping-store")
             folio_move_anon_rmap(k, src_folio, dst_vma)
-            if torn: del k.torn[src_folio]
+            if torn: del k.torn[src_folio.id]
             dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]

@@ -56,12 +56,14 @@ from sortedcontainers import SortedDict, SortedList, SortedSet
 
 from mmsim.v1.operations import BY_LITMUS, require
 
+from ..mm import mm_types
 from ..mm import trace as mm_trace
 from ..mm.kernel import Deadlock, IdCounter, Kernel
 from ..mm.ledger import PageLedger
 from ..mm.locks import Mutex, RwSem, SpinLock, _Lock
 from ..mm.memcontrol import MemCgroup
 from ..mm.mm_types import (
+    GUP_PIN_COUNTING_BIAS,
     PAGE_SIZE,
     Folio,
     GupPin,
@@ -178,6 +180,8 @@ class Controller:
         self.all_asleep: asyncio.Event | None = None
         #: The DPOR search's record of each step's accesses (told of sleeps and wake-ups), if any.
         self.watch: _Watch | None = None
+        #: What ``choose`` raised, if it did (run_schedule raises it once the threads ran out).
+        self.error: Exception | None = None
 
     def _thread(self) -> Thread | None:
         task = asyncio.current_task()
@@ -227,6 +231,9 @@ class Controller:
         th.state = "parked"
         th.go = None
         self._check_idle()
+        if self.detached:  # the decision let the threads run out (the step limit, a failed pick)
+            th.state = "running"
+            return False
         return th.state == "parked"
 
     def park_sync(self, point: str) -> bool:
@@ -294,6 +301,14 @@ class Controller:
         if not any(t.state == "running" for t in self.threads):
             self._decide()
 
+    def _detach(self) -> None:
+        """Stop deciding: the parked threads run out unsupervised (the step limit, a failed pick)."""
+        self.cut = self.detached = True
+        for t in self.threads:
+            if t.go is not None and not t.go.done():
+                t.go.set_result(None)
+        self.finished.set()
+
     def _decide(self) -> None:
         """Nothing runs: pick the next thread (called by the task that just parked, slept or ended,
         so a decision costs no turn of the event loop)."""
@@ -306,18 +321,21 @@ class Controller:
             self.finished.set()
             return
         if self.step >= MAX_STEPS:
-            self.cut = self.detached = True
-            for t in self.threads:  # let them run out unsupervised
-                if t.go is not None and not t.go.done():
-                    t.go.set_result(None)
-            self.finished.set()
+            self._detach()
             return
         cur = self.current.index if self.current is not None else None
         spinning = frozenset(t.index for t in self.threads if t.state == "parked" and t.point.startswith("spin:"))
         d = Decision(self.step, tuple(runnable), cur, self.fingerprint() if self.fingerprint else None, spinning)
-        pick = self.choose(d)
-        if pick not in runnable:
-            raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
+        try:
+            pick = self.choose(d)
+            if pick not in runnable:
+                raise ValueError(f"step {self.step}: thread {pick} cannot run (runnable: {runnable})")
+        except Exception as e:  # noqa: BLE001 - the strategy's own failure: run_schedule raises it
+            # Raised here, it would surface in whichever model function the thread parked in, and
+            # no thread would be left to decide: the threads run out unsupervised instead.
+            self.error = e
+            self._detach()
+            return
         d.pick = pick
         self.decisions.append(d)
         th = self.threads[pick]
@@ -590,7 +608,8 @@ async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
 
 async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
                        hashing: bool = False, start: bytes | None = None, trace: bool = True,
-                       dpor: _Dpor | None = None, fine: bool = False) -> RunResult:
+                       dpor: _Dpor | None = None, fine: bool = False,
+                       on_model: Callable[[MemoryModel], None] | None = None) -> RunResult:
     """Run ``scn`` once under ``protocol`` (and ``mutant``), the picks made by ``choose``; with
     ``hashing``, each decision carries the fingerprint of the state it is taken in. ``start``: a
     :func:`snapshot` of the setup to begin from (else the setup is run). Without ``trace`` the
@@ -599,7 +618,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     schedule it catches again with the whole trace (the same picks give the same run). ``dpor``:
     the DPOR search that watches every access of the run (with ``start`` given). ``fine``: every
     marked access (READ_ONCE, WRITE_ONCE, a refcount's change) and lock operation is a decision
-    too, not only the named points, sleeps and wake-ups (the threads run as _GreenTasks)."""
+    too, not only the named points, sleeps and wake-ups (the threads run as _GreenTasks).
+    ``on_model``: told of the model once the threads ended (and it was audited)."""
     setup_objects: list[object] = []
     if start is not None and dpor is not None:
         u = pickle.Unpickler(io.BytesIO(start))
@@ -669,6 +689,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
             m.k.attach_controller(None)
             if fine:
                 loop.set_task_factory(factory)
+    if ctl.error is not None:
+        raise RuntimeError(f"the schedule's strategy failed at step {ctl.step}") from ctl.error
     if ctl.stuck:  # stopped half-way (an uninterruptible step too): the model is not quiescent
         problems = []
         ctl.record("finding", "no audit: the threads were stopped in a deadlock")
@@ -689,6 +711,8 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     findings = [str(f) for f in det.finding_events]
     if dpor is not None:
         dpor.ended(m)
+    if on_model is not None:
+        on_model(m)
     return RunResult(ctl.events, ctl.decisions, [str(v) for v in det.events], findings, problems, ctl.cut, fine)
 
 
@@ -794,6 +818,14 @@ class Search:
     blocked: int = 0  # DPOR: runs whose every enabled thread came to sleep (redundant)
     states: int = 0  # DPOR: distinct states at the decisions of its runs
     fine: bool = False  # interleaved at every marked access and lock operation too (--points all)
+    #: When it stops starting schedules (--time-limit), and whether it stopped for that.
+    deadline: float | None = None
+    timed_out: bool = False
+
+    def out_of_time(self) -> bool:
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.timed_out = True
+        return self.timed_out
 
     def account(self, r: RunResult, number: int) -> bool:
         """Count run ``r``, schedule ``number`` (1-based); True if it is the first caught."""
@@ -821,7 +853,8 @@ class Search:
 
 def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: str = "random",
             schedules: int = 1000, preemptions: int = 2, depth: int = 3, seed: int = 0,
-            stop_on_catch: bool = True, jobs: int = 1, cluster: str | None = None, points: str | None = None) -> Search:
+            stop_on_catch: bool = True, jobs: int = 1, cluster: str | None = None, points: str | None = None,
+            time_limit: float | None = None) -> Search:
     """Search the schedules of ``scn``; stops at the first that a detector or the audit catches.
     ``jobs`` > 1 spreads a random or PCT search over that many worker processes (the exhaustive
     and DPOR searches are one depth-first walk each, and run in this process).
@@ -831,7 +864,9 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
     schedule in every part, the catch reported is the one with the lowest i, and the figures count
     the schedules up to it. ``points``: where the threads may be interleaved: ``named`` (the named
     preemption points, lock sleeps and wake-ups) or ``all`` (those and every marked access and lock
-    operation: the hardware's granularity); by default ``all`` for dpor, ``named`` for the others."""
+    operation: the hardware's granularity); by default ``all`` for dpor, ``named`` for the others.
+    ``time_limit``: stop starting schedules after that many seconds (the search is then not
+    complete; in one process only)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     if jobs < 1:
@@ -842,6 +877,9 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
     fine = points == "all"
     if fine and (cluster is not None or (jobs > 1 and strategy in ("random", "pct") and schedules > 1)):
         raise ValueError("--points all runs in one process: drop --jobs and --cluster")
+    if time_limit is not None and (cluster is not None or (jobs > 1 and strategy in ("random", "pct")
+                                                           and schedules > 1)):
+        raise ValueError("--time-limit runs in one process: drop --jobs and --cluster")
     if cluster is not None:
         if strategy not in ("random", "pct"):
             raise ValueError(f"--cluster runs the random and pct strategies, not {strategy}: the exhaustive and "
@@ -852,7 +890,7 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
         return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
                                  min(jobs, schedules))
     return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch,
-                                fine))
+                                fine, time_limit))
 
 
 def _chooser(strategy: str, seed: int, i: int, threads: int, depth: int, steps: int) -> Callable[[Decision], int]:
@@ -963,19 +1001,22 @@ async def _pct_steps(scn: Scenario, protocol: str, mutant: str | None, start: by
 
 
 async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: str, schedules: int,
-                   preemptions: int, depth: int, seed: int, stop_on_catch: bool, fine: bool = False) -> Search:
+                   preemptions: int, depth: int, seed: int, stop_on_catch: bool, fine: bool = False,
+                   time_limit: float | None = None) -> Search:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
     s = Search(strategy, fine=fine)
     t0 = time.perf_counter()
+    if time_limit is not None:
+        s.deadline = t0 + time_limit
     start = await snapshot(scn, protocol, mutant)
 
     if strategy in ("random", "pct"):
         steps = await _pct_steps(scn, protocol, mutant, start, fine) if strategy == "pct" else 0
         for i in range(schedules):
             choose = _chooser(strategy, seed, i, len(scn.threads), depth, steps)
-            if s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False, fine=fine),
-                         i + 1) and stop_on_catch:
+            if (s.account(await run_schedule(scn, protocol, mutant, choose, start=start, trace=False, fine=fine),
+                         i + 1) and stop_on_catch) or s.out_of_time():
                 break
     elif strategy == "dpor":
         await _explore_dpor(s, scn, protocol, mutant, start, schedules, stop_on_catch, fine=fine)
@@ -988,7 +1029,7 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
             pre = stack.pop()
             r = await run_schedule(scn, protocol, mutant, follow(pre), hashing=True, start=start, trace=False,
                                    fine=fine)
-            if s.account(r, s.schedules + 1) and stop_on_catch:
+            if (s.account(r, s.schedules + 1) and stop_on_catch) or s.out_of_time():
                 break
             used = len(pre)
             last = max(pre) if pre else -1
@@ -1034,11 +1075,16 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # contents differ after the step. Some variables are watched entry by entry, by their owners'
 # methods (_keyed): the mm's VMA tree, page tables and huge PMDs (SortedDicts: a lookup reads its
 # key's entry, a store writes it; an iteration, a range or a size reads all, and a thread that
-# holds a view reads all of it in each later step), the page ledgers, the RCU reader set (one
-# entry per task) and each rwsem's read holds (one entry per thread; a writer reads them all, a
-# release that may hand the lock on writes them all). Bookkeeping that decides nothing while the
-# threads run is not watched (_ignored): statistics, mm->rss_anon, memcg's high-water mark, ids
-# and lock keys (which of two objects made at once gets the lower id is taken as immaterial),
+# holds a view or an iterator reads all of it in each later step; a bisection reads all of it
+# once), the KeyedDicts (each PTE table's entries, the processes, the page ledgers by process, the
+# swap cache, the torn (mapping, index) pairs by folio, ...), the page ledgers, the RCU reader set
+# (one entry per task) and each rwsem's read holds (one entry per thread; a writer reads them all,
+# a release that may hand the lock on writes them all). A small folio's folio_maybe_dma_pinned
+# reads its pinned test, which only a refcount change across GUP_PIN_COUNTING_BIAS writes; a
+# vma_lookup that the VMA cache answers reads the VMA's extent and its tree entry (the cache is
+# not watched). Bookkeeping that decides nothing while the threads run is not watched (_ignored):
+# statistics, mm->rss_anon, memcg's high-water mark, the anon_vma cache's live set, ids and lock
+# keys (which of two objects made at once gets the lower id is taken as immaterial),
 # and, where the scenario has no limit, no page budget or no reclaim to read them, memcg usage,
 # the live-folio counts and the LRU order. A sleep on a lock, a grace period or a userfault,
 # the wake-up and the woken thread's next step write one variable per sleeper, so the wake-up
@@ -1061,10 +1107,11 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 #: Fields that are bookkeeping, not shared state any step's outcome depends on (statistics, the
 #: watchers themselves, names and constants). ``Kernel.spinning`` (each spinner's PTL) is read only
 #: by a spinner that closes a cycle of them: whichever order two spinners enter, the one that
-#: spins second finds the cycle and reports the deadlock.
+#: spins second finds the cycle and reports the deadlock. ``Mm.vmacache`` saves vma_lookup its
+#: tree walk and is kept coherent: _keyed makes a hit read the VMA's extent and its tree entry.
 _UNWATCHED = frozenset({"lockdep", "trace", "controller", "detectors", "sched", "stats", "move_results", "name",
                         "rank", "key", "ops", "protocol", "mutant", "detect", "gate", "auditor", "waits",
-                        "spinning"})
+                        "spinning", "vmacache"})
 
 #: The classes whose fields the DPOR search watches.
 _WATCHED: tuple[type, ...] = (
@@ -1078,9 +1125,10 @@ _CONTAINERS = (dict, list, set, bytearray, deque, SortedList, SortedSet)
 #: Fields that only count (added to and subtracted from, never steering a step), read by the audit
 #: after the threads end: their changes commute. ``mm->rss_anon``; memcg's high-water mark and
 #: failure count; the id counters (which of two objects made at once gets the lower id is taken as
-#: immaterial: no protocol decision compares ids).
+#: immaterial: no protocol decision compares ids); the anon_vma cache's set of live objects (an
+#: allocation adds its own object, a free takes its own away: only the audit reads the set).
 _COUNTERS: dict[str, tuple[type, ...]] = {"rss_anon": (Mm,), "peak": (MemCgroup,), "failcnt": (MemCgroup,),
-                                          "next": (IdCounter,)}
+                                          "next": (IdCounter,), "live": (TypesafeCache,)}
 
 #: Containers watched entry by entry through their owners' methods (:func:`_keyed`), not as fields.
 _KEYED: dict[str, tuple[type, ...]] = {"readers": (Rcu, RwSem), "_holdouts": (Rcu,), "_pmds": (PageLedger,),
@@ -1240,12 +1288,17 @@ def _dependent(a: _Step | None, b: _Step | None) -> bool:
                 and a.some.isdisjoint(b.reads) and b.some.isdisjoint(a.reads))
 
 
+def _mm_modules() -> list[types.ModuleType]:
+    """The model's modules (server/mm)."""
+    prefix = __package__.rsplit(".", 1)[0] + ".mm"
+    return [mod for mod_name, mod in list(sys.modules.items()) if mod_name.startswith(prefix)]
+
+
 def _module_objects() -> dict[int, object]:
     """Names for the model's module-level objects (ZERO_PAGE, HUGE_ZERO_FOLIO) and their containers."""
     names: dict[int, object] = {}
-    for mod_name, mod in list(sys.modules.items()):
-        if not mod_name.startswith(__package__.rsplit(".", 1)[0] + ".mm"):
-            continue
+    for mod in _mm_modules():
+        mod_name = mod.__name__
         for attr, obj in vars(mod).items():
             if isinstance(obj, _WATCHED):
                 names[id(obj)] = ("g", mod_name, attr)
@@ -1392,6 +1445,14 @@ class _Watch(_Trace):
         self.keyed(lock, ("r", th), True, lambda: counts.get(key, 0))
         counts[key] = counts.get(key, 0) + delta
 
+    def pinned(self, folio: Folio) -> None:
+        """folio_maybe_dma_pinned of a small folio: a read of whether its refcount reaches
+        GUP_PIN_COUNTING_BIAS, not of the count (a reference taken or dropped below the bias
+        commutes with it; close writes the test's key when a step's change crosses the bias)."""
+        got = self._step()
+        if got is not None:
+            got[1].reads.add((self._name(folio, got[0]), _PINNED))
+
     def held(self, obj: Any) -> None:
         """The running thread holds a view or iterator of the keyed ``obj``: each of its later steps
         reads all of it."""
@@ -1522,6 +1583,12 @@ class _Watch(_Trace):
                 now = getattr(obj, field, mm_trace.UNSET)
                 if now is not old and not (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old):
                     st.changed.add(key)
+                    if (field == "refcount" and type(obj) is Folio and type(now) is int
+                            and ((old if type(old) is int else 0) >= GUP_PIN_COUNTING_BIAS)
+                            != (now >= GUP_PIN_COUNTING_BIAS)):
+                        pkey = (key[0], _PINNED)  # type: ignore[index]
+                        st.writes.add(pkey)
+                        st.changed.add(pkey)
                 else:  # left as it was: to the others, the step only read it
                     st.writes.discard(key)
                     st.reads.add(key)
@@ -1553,6 +1620,8 @@ class _Watch(_Trace):
 
 
 _ABSENT = object()
+#: The key of a small folio's pinned test (folio_maybe_dma_pinned: refcount ≥ the bias).
+_PINNED = "refcount>=GUP_PIN_COUNTING_BIAS"
 
 #: How the DPOR search sees each method of a SortedDict (the mm's VMA tree, page tables and huge
 #: PMDs): a read or write of the entry its key names; a read of every entry (``lazy``: what it
@@ -1570,6 +1639,8 @@ _SD_OTHER = ("__len__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge_
 #: of every entry, lazy.
 _SD_LIST_METHODS = frozenset({"irange", "islice", "index", "bisect", "bisect_left", "bisect_right", "bisect_key",
                               "bisect_key_left", "bisect_key_right", "irange_key", "_list"})
+#: Those of them whose result reads the dict later (an iterator, the list itself): lazy.
+_SD_LAZY = frozenset({"irange", "islice", "irange_key", "_list"})
 
 
 def _watching() -> _Watch | None:
@@ -1588,13 +1659,29 @@ def _keyed() -> Iterator[None]:
     table carried over or a ledger let go writes them all; an rwsem's is_locked reads every read
     hold; a SortedDict's methods as _SD_KINDS says. Two tasks' read sections, or two writers of
     different pages, then commute."""
-    undo: list[tuple[type, str, Any]] = []
+    undo: list[tuple[type | types.ModuleType, str, Any]] = []
 
-    def patch(cls: type, attr: str, fn: Callable[..., Any]) -> None:
+    def patch(cls: type | types.ModuleType, attr: str, fn: Callable[..., Any]) -> None:
         undo.append((cls, attr, cls.__dict__.get(attr, _ABSENT)))
         setattr(cls, attr, fn)
 
     rcu_lock, rcu_unlock, start_gp = Rcu.read_lock, Rcu.read_unlock, Rcu._start_gp
+    maybe_pinned = mm_types.folio_maybe_dma_pinned
+
+    def folio_maybe_dma_pinned(folio: Folio) -> bool:
+        w = _watching()
+        if w is None:
+            return maybe_pinned(folio)
+        mm_trace.set_field_hook(None)
+        try:
+            large = folio.large
+            got = maybe_pinned(folio) if not large else False
+        finally:
+            mm_trace.set_field_hook(w.field)
+        if large:  # its pincount: a field of its own
+            return maybe_pinned(folio)
+        w.pinned(folio)
+        return got
 
     def read_lock(self: Rcu, cur: Any) -> None:
         w = _watching()
@@ -1718,8 +1805,27 @@ def _keyed() -> Iterator[None]:
             w = _watching()
             if w is not None:
                 w.keyed(self, None, False)
-                w.held(self)
+                if attr in _SD_LAZY:
+                    w.held(self)
         return object.__getattribute__(self, attr)
+
+    lookup = Mm.vma_lookup
+
+    def vma_lookup(self: Mm, addr: int) -> Vma | None:
+        """Mm.vma_lookup as the search sees it: the VMA cache (unwatched: it only saves the tree
+        walk, and is kept coherent) hands out a VMA that contains ``addr``; such a hit reads that
+        VMA's extent and the tree's entry for it, which an unlink or a split writes. A miss reads
+        the tree as vma_lookup does."""
+        w = _watching()
+        if w is not None:
+            mm_trace.set_field_hook(None)
+            try:
+                hit = next((v for v in self.vmacache if v.start <= addr < v.end), None)
+            finally:
+                mm_trace.set_field_hook(w.field)
+            if hit is not None and hit.start <= addr < hit.end and self.mm_mt.get(hit.start) is hit:
+                return hit
+        return lookup(self, addr)
 
     is_locked = RwSem.is_locked
 
@@ -1731,6 +1837,7 @@ def _keyed() -> Iterator[None]:
 
     try:
         patch(RwSem, "is_locked", rwsem_is_locked)
+        patch(Mm, "vma_lookup", vma_lookup)
         for attr in (*_SD_KINDS, *_SD_OTHER):
             patch(SortedDict, attr, sd_method(attr, getattr(SortedDict, attr)))
             if hasattr(dict, attr):  # a PTE table's entries: the same, by their dict methods
@@ -1741,6 +1848,9 @@ def _keyed() -> Iterator[None]:
             patch(KeyedBytes, attr, sd_method(attr, getattr(bytearray, attr)))
         patch(SortedDict, "__getattribute__", sd_getattribute)
         patch(Rcu, "read_lock", read_lock)
+        for mod in _mm_modules():  # each module that imported it by name
+            if vars(mod).get("folio_maybe_dma_pinned") is maybe_pinned:
+                patch(mod, "folio_maybe_dma_pinned", folio_maybe_dma_pinned)
         patch(Rcu, "read_unlock", read_unlock)
         patch(Rcu, "_start_gp", _start_gp)
         for attr, fn in (("get", l_get), ("__getitem__", l_getitem), ("__contains__", l_contains),
@@ -1978,7 +2088,7 @@ async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | N
             if not dp.next_run():
                 s.complete = True
                 break
-            if s.schedules >= schedules:
+            if s.schedules >= schedules or s.out_of_time():
                 break
     s.traces = dp.traces
     s.blocked = dp.blocked_runs

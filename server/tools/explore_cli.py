@@ -155,6 +155,8 @@ def explore_command(args: argparse.Namespace) -> int:
     if args.generate:
         if args.scenario or args.replay:
             args.parser.error("--generate draws its programs: no scenario file or --replay with it")
+        if args.time_limit:
+            args.parser.error("--time-limit bounds one scenario's search, not --generate's")
         return _generated(console, args, run)
     try:
         if args.replay:
@@ -169,7 +171,8 @@ def explore_command(args: argparse.Namespace) -> int:
         scn = load(args.scenario)
         args.schedules = args.schedules or 10_000
         s = explore(scn, run.protocol, run.mutant, args.strategy, args.schedules, args.preemptions, args.depth,
-                    args.seed, stop_on_catch=not args.all, jobs=args.jobs, cluster=args.cluster, points=args.points)
+                    args.seed, stop_on_catch=not args.all, jobs=args.jobs, cluster=args.cluster, points=args.points,
+                    time_limit=args.time_limit)
     except (ScenarioError, ClusterError) as e:
         print(f"mmsim explore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
@@ -191,7 +194,8 @@ def explore_command(args: argparse.Namespace) -> int:
         console.print(f"complete: {s.traces} traces, {s.states} states, {s.seconds:.1f} s" if s.complete else
                       f"stopped: {s.traces} traces, {s.states} states, {s.seconds:.1f} s ("
                       + ("a catch" if s.first is not None and not args.all else
-                         f"{s.cut} runs cut at the step limit" if s.cut else f"--schedules {args.schedules}") + ")")
+                         f"{s.cut} runs cut at the step limit" if s.cut else
+                         f"--time-limit {args.time_limit}" if s.timed_out else f"--schedules {args.schedules}") + ")")
     for f in sorted(s.findings):
         console.print(f"[yellow]finding[/] (documented, not a violation) {_escape(f)}")
     known = known_kinds(scn, run.protocol, run.mutant)
