@@ -875,18 +875,17 @@ def explore(scn: Scenario, protocol: str, mutant: str | None = None, strategy: s
     if points not in POINT_SETS:
         raise ValueError(f"points must be one of {', '.join(POINT_SETS)}")
     fine = points == "all"
-    if fine and (cluster is not None or (jobs > 1 and strategy in ("random", "pct") and schedules > 1)):
-        raise ValueError("--points all runs in one process: drop --jobs and --cluster")
-    if time_limit is not None and (cluster is not None or (jobs > 1 and strategy in ("random", "pct")
-                                                           and schedules > 1)):
-        raise ValueError("--time-limit runs in one process: drop --jobs and --cluster")
+    workers = jobs > 1 and strategy in ("random", "pct") and schedules > 1  # worker processes
+    for option, given in (("--points all", fine), ("--time-limit", time_limit is not None)):
+        if given and (cluster is not None or workers):
+            raise ValueError(f"{option} runs in one process: drop --jobs and --cluster")
     if cluster is not None:
         if strategy not in ("random", "pct"):
             raise ValueError(f"--cluster runs the random and pct strategies, not {strategy}: the exhaustive and "
                              "DPOR searches are one depth-first walk each, with one table of explored states")
         return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
                                  jobs, cluster)
-    if jobs > 1 and strategy in ("random", "pct") and schedules > 1:
+    if workers:
         return _explore_parallel(scn, protocol, mutant, strategy, schedules, depth, seed, stop_on_catch,
                                  min(jobs, schedules))
     return asyncio.run(_explore(scn, protocol, mutant, strategy, schedules, preemptions, depth, seed, stop_on_catch,
@@ -1670,16 +1669,13 @@ def _keyed() -> Iterator[None]:
 
     def folio_maybe_dma_pinned(folio: Folio) -> bool:
         w = _watching()
-        if w is None:
+        if w is None or folio.large:  # a large folio's test reads its pincount: a field of its own
             return maybe_pinned(folio)
         mm_trace.set_field_hook(None)
         try:
-            large = folio.large
-            got = maybe_pinned(folio) if not large else False
+            got = maybe_pinned(folio)
         finally:
             mm_trace.set_field_hook(w.field)
-        if large:  # its pincount: a field of its own
-            return maybe_pinned(folio)
         w.pinned(folio)
         return got
 
