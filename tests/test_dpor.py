@@ -116,6 +116,25 @@ def _search(scn: Any, protocol: str, full: bool, mutant: str | None = None,
     return s, states, caught
 
 
+def _sample(scn: Any, seeds: int) -> tuple[set[Any], set[str]]:
+    """Seeded random schedules of ``scn`` at the hardware's granularity: the final states and
+    results they end in, and what they catch."""
+    sampled: set[Any] = set()
+    caught: set[str] = set()
+
+    async def sample() -> None:
+        start = await ex.snapshot(scn, "recheck", None)
+        for seed in range(seeds):
+            models: list[MemoryModel] = []
+            r = await ex.run_schedule(scn, "recheck", None, ex.random_strategy(seed), start=start, trace=False,
+                                      fine=True, on_model=models.append)
+            sampled.add((final_state(models[0]), _results(r)))
+            caught.update(r.violations + r.findings + r.problems)
+
+    asyncio.run(sample())
+    return sampled, caught
+
+
 #: A write faulting through the VMA cache while a munmap takes the whole VMA away: the write
 #: succeeds or fails with EFAULT, as the munmap comes after or before its lookup (the search leaves
 #: the cache unwatched and reads the VMA and its tree entry on a hit).
@@ -132,10 +151,30 @@ thread b:
 """
 
 
+#: A walk against a MADV_DONTNEED of its page: the walker's reference (taken and put back) and the
+#: zap's put of the mapping's are adds to one count that the last of them takes to zero, so that
+#: they do not commute (the walk finds the page, or not, and the last put frees it).
+WALK_VS_DONTNEED = """\
+name: walk-vs-dontneed
+setup:
+  p = process
+  mmap p 0x100000 1
+  write p 0x100000 1
+thread a:
+  walk p 0x100000 trylock
+thread b:
+  madvise p 0x100000 1 dontneed
+"""
+
+#: Two walkers of one page: their references to the folio (and to nothing else they write) are
+#: adds that commute.
+TWO_WALKERS = WALK_VS_DONTNEED.replace("madvise p 0x100000 1 dontneed", "walk p 0x100000 trylock")
+
+
 @pytest.mark.parametrize("text,fine", [(TWO_WRITERS, False), (TWO_WRITERS_APART, False), (MOVE_VS_WALK, False),
-                                       (TWO_WRITERS_APART, True), (UNMAP_VS_WRITE, True)],
+                                       (TWO_WRITERS_APART, True), (UNMAP_VS_WRITE, True), (WALK_VS_DONTNEED, True)],
                          ids=["two-writers", "two-writers-apart", "move-vs-walk", "two-writers-apart-every-access",
-                              "unmap-vs-write-every-access"])
+                              "unmap-vs-write-every-access", "walk-vs-dontneed-every-access"])
 def test_dpor_finds_what_brute_force_finds(text: str, fine: bool) -> None:
     scn = parse(text, "t.litmus")
     full, full_states, full_caught = _search(scn, "recheck", full=True, fine=fine)
@@ -198,24 +237,11 @@ def test_random_schedules_end_where_dpor_ends_at_every_access(name: str) -> None
     scn = load(f"tests/litmus/{name}.litmus")
     dpor, dpor_states, dpor_caught = _search(scn, "recheck", full=False, fine=True)
     assert dpor.complete
-    sampled: set[Any] = set()
-
-    async def sample() -> None:
-        start = await ex.snapshot(scn, "recheck", None)
-        for seed in range(150):
-            models: list[MemoryModel] = []
-            r = await ex.run_schedule(scn, "recheck", None, ex.random_strategy(seed), start=start, trace=False,
-                                      fine=True, on_model=models.append)
-            sampled.add((final_state(models[0]), _results(r)))
-            assert set(r.violations + r.findings + r.problems) <= dpor_caught
-
-    asyncio.run(sample())
+    sampled, caught = _sample(scn, 150)
+    assert caught <= dpor_caught
     assert sampled <= dpor_states
 
 
-#: Library scenarios whose complete search at the named points takes long on two cores
-#: (BENCHMARKS.md "DPOR" has them).
-SLOW = {("anon-vma-reuse", "recheck"), ("large-folio-two-movers", "folio-lock")}
 LIBRARY = sorted(p.stem for p in (Path(__file__).parent / "litmus").glob("*.litmus"))
 #: Library scenarios whose complete search at the hardware's granularity takes seconds (the
 #: others, and their figures, are in BENCHMARKS.md "DPOR").
@@ -239,8 +265,6 @@ def _complete_and_clean(name: str, protocol: str, points: str) -> ex.Search:
 def test_library_complete_and_clean(name: str, protocol: str) -> None:
     """Every library scenario's DPOR search at the named points ends (complete), and nothing it
     catches is new: a catch is one of the scenario's known findings under the protocol."""
-    if (name, protocol) in SLOW:
-        pytest.skip("a long search: BENCHMARKS.md")
     _complete_and_clean(name, protocol, "named")
 
 
@@ -310,11 +334,10 @@ MUTANT_SCENARIOS: dict[str, tuple[str, str]] = {
 }
 
 
-#: Mutants DPOR catches at the named points and not within the test's runs at the hardware's
-#: granularity, where its depth-first order reaches the catching interleaving late
-#: (BENCHMARKS.md "DPOR": move-large-folio-lock-sleeps, 3,000 runs of large-folio-two-movers;
-#: walker-root-read-outside-rcu, 20,000 runs of moved-twice-reuse).
-NAMED_POINTS = {"move-large-folio-lock-sleeps", "walker-root-read-outside-rcu"}
+#: Mutants DPOR catches at the named points within a few runs and at the hardware's granularity
+#: only after thousands, where its depth-first order reaches the catching interleaving late
+#: (BENCHMARKS.md "DPOR": walker-root-read-outside-rcu, 8,990 runs of moved-twice-reuse).
+NAMED_POINTS = {"walker-root-read-outside-rcu"}
 
 
 def _scored_mutants() -> list[str]:
@@ -444,3 +467,68 @@ def test_time_limit_stops_the_search_not_complete(capsys: pytest.CaptureFixture[
     assert "stopped:" in out and "(--time-limit 1)" in out and "complete:" not in out
     assert main(["explore", "tests/litmus/split-vma-walk.litmus", "--strategy", "random", "--jobs", "2",
                  "--time-limit", "1"]) == 2
+
+
+def _adder(thread: int, *deltas: int, before: int, raw: bool = False) -> ex._Step:
+    """A step of ``thread`` that adds ``deltas`` to the counter C, found at ``before`` (or that
+    reads it plainly, with ``raw``)."""
+    st = ex._Step(thread)
+    st.reads.add("C")
+    if raw:
+        return st
+    total, lo, hi = 0, 0, 0
+    for d in deltas:
+        total += d
+        lo, hi = min(lo, total), max(hi, total)
+    st.adds["C"] = [before, total, lo, hi]
+    if total:
+        st.writes.add("C")
+    return st
+
+
+def _free(*steps: ex._Step) -> list[bool]:
+    ex._commuting_adds(list(steps))
+    return ["C" in st.free for st in steps]
+
+
+def test_adds_commute_only_where_no_order_reaches_zero_or_the_bias() -> None:
+    """Two threads' atomic adds to one counter commute while every order that keeps each thread's
+    own order stays above zero and on one side of GUP_PIN_COUNTING_BIAS; a plain read of the
+    count ends a segment (every add depends on it)."""
+    bias = ex.GUP_PIN_COUNTING_BIAS
+    # A walker's get and put against a fork's get, from 1: the put never finds zero.
+    get, put, dup = _adder(0, 1, before=1), _adder(0, -1, before=3), _adder(1, 1, before=2)
+    assert _free(get, dup, put) == [True, True, True]
+    assert not ex._dependent(get, dup, adds=True) and ex._dependent(get, dup)
+    # The same against a zap's put: the zap first and the walker's put would free it.
+    get, zap, put = _adder(0, 1, before=1), _adder(1, -1, before=2), _adder(0, -1, before=1)
+    assert _free(get, zap, put) == [False, False, False]
+    assert ex._dependent(get, zap, adds=True)
+    # A get and put within one step, against another: its count never goes below where it was.
+    both, other = _adder(0, 1, -1, before=1), _adder(1, 1, -1, before=1)
+    assert _free(both, other) == [True, True]
+    # A pin across the bias against a get: the pinned test would read the order.
+    pin, get = _adder(0, bias, before=1), _adder(1, 1, before=bias + 1)
+    assert _free(pin, get) == [False, False]
+    # Adds above the bias commute (the count stays pinned).
+    a, b = _adder(0, 1, before=bias + 1), _adder(1, -1, before=bias + 2)
+    assert _free(a, b) == [True, True]
+    # A plain read between them: two segments of one add each, ordered through the read.
+    a, read, b = _adder(0, 1, before=1), _adder(2, before=2, raw=True), _adder(1, 1, before=2)
+    assert _free(a, read, b) == [False, False, False]
+    assert ex._dependent(a, read, adds=True) and ex._dependent(read, b, adds=True)
+
+
+def test_walkers_references_commute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two walkers of one page at every access: their gets and puts of the folio commute, so dpor
+    runs fewer traces than with every add a dependency, ends in the same states, and seeded random
+    schedules end in none it did not find (every schedule is too many to run)."""
+    scn = parse(TWO_WALKERS, "t.litmus")
+    dpor, states, caught = _search(scn, "recheck", full=False, fine=True)
+    monkeypatch.setattr(ex, "_commuting_adds", lambda steps: None)
+    strict, strict_states, strict_caught = _search(scn, "recheck", full=False, fine=True)
+    monkeypatch.undo()
+    assert dpor.complete and strict.complete and dpor.traces < strict.traces
+    assert (states, caught) == (strict_states, strict_caught)
+    sampled, sampled_caught = _sample(scn, 100)
+    assert sampled <= states and sampled_caught <= caught

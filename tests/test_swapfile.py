@@ -251,25 +251,25 @@ def test_folio_alloc_swap_puts_the_folio_in_the_swap_cache_and_deleting_lets_it_
     k = Kernel()
     si = device(4)
     folio = locked_folio(k)
-    assert folio_alloc_swap(CUR, si, folio) == 0
+    assert folio_alloc_swap(k, CUR, si, folio) == 0
     entry = folio.swap
     assert entry is not None and folio.swapcache and folio_matches_swap_entry(folio, entry)
     assert folio.refcount == 2  # its mapping's and the cache's
     assert si.swap_map[entry.offset] == SWAP_HAS_CACHE and si.swap_table == {entry.offset: folio}
     assert swap_info_check(si) == []
 
-    found = swap_cache_get_folio(si, entry)
+    found = swap_cache_get_folio(k, si, entry)
     assert found is folio and folio.refcount == 3  # a reference for the caller
     folio.refcount -= 1
-    assert swap_cache_get_folio(si, SwpEntry(0, entry.offset + 1)) is None
-    assert swap_cache_get_folio(si, SwpEntry(1, entry.offset)) is None
+    assert swap_cache_get_folio(k, si, SwpEntry(0, entry.offset + 1)) is None
+    assert swap_cache_get_folio(k, si, SwpEntry(1, entry.offset)) is None
 
     assert swap_duplicate(si, entry) == 0  # the unmap's swap PTE
-    swap_cache_del_folio(si, folio)
+    swap_cache_del_folio(k, si, folio)
     assert (folio.swap, folio.swapcache, folio.refcount) == (None, False, 1)
     assert not folio_matches_swap_entry(folio, entry)
     assert si.swap_map[entry.offset] == 1 and si.swap_table == {}  # the PTE still counts the slot
-    assert swap_cache_get_folio(si, entry) is None
+    assert swap_cache_get_folio(k, si, entry) is None
     assert swap_info_check(si) == []
     swap_free(si, entry)
     assert (si.swap_map[entry.offset], si.inuse_pages) == (0, 0)
@@ -279,10 +279,10 @@ def test_deleting_a_folio_whose_slot_has_no_count_frees_the_slot() -> None:
     k = Kernel()
     si = device(2)
     folio = locked_folio(k)
-    assert folio_alloc_swap(CUR, si, folio) == 0
+    assert folio_alloc_swap(k, CUR, si, folio) == 0
     entry = folio.swap
     assert entry is not None
-    swap_cache_del_folio(si, folio)
+    swap_cache_del_folio(k, si, folio)
     assert (si.swap_map[entry.offset], si.inuse_pages, si.nr_swap_pages) == (0, 0, 1)
     assert folio.refcount == 1 and not folio.swapcache
 
@@ -293,23 +293,23 @@ def test_swap_in_adds_a_folio_for_a_slot_it_pinned() -> None:
     entry = swapped(si)
     folio = locked_folio(k)
     assert swapcache_prepare(si, entry) == 0
-    swap_cache_add_folio(si, folio, entry)
-    assert swap_cache_get_folio(si, entry) is folio
+    swap_cache_add_folio(k, si, folio, entry)
+    assert swap_cache_get_folio(k, si, entry) is folio
     folio.refcount -= 1
     assert si.swap_map[entry.offset] == 1 | SWAP_HAS_CACHE and swap_info_check(si) == []
     with pytest.raises(AssertionError, match="already has a folio"):
-        swap_cache_add_folio(si, locked_folio(k), entry)
+        swap_cache_add_folio(k, si, locked_folio(k), entry)
 
 
 def test_folio_alloc_swap_on_a_full_device_fails_and_leaves_the_folio_alone() -> None:
     k = Kernel()
     si = device(2)
     first, second = locked_folio(k), locked_folio(k)
-    assert folio_alloc_swap(CUR, si, first) == 0
-    assert folio_alloc_swap(CUR, si, second) == -errno.ENOMEM
+    assert folio_alloc_swap(k, CUR, si, first) == 0
+    assert folio_alloc_swap(k, CUR, si, second) == -errno.ENOMEM
     assert (second.swap, second.swapcache, second.refcount) == (None, False, 1)
     assert len(si.swap_table) == 1 and swap_info_check(si) == []
-    assert folio_alloc_swap(CUR, device(1), second) == -errno.ENOMEM  # no swap at all
+    assert folio_alloc_swap(k, CUR, device(1), second) == -errno.ENOMEM  # no swap at all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_folio_alloc_swap_fails_when_the_swap_charge_fails() -> None:
     k = Kernel(max_memory=FOLIO_BYTES + SWAP_SLOT_BYTES // 2)
     si = SwapInfo(4 * PAGE_SIZE, k.memcg)
     folio = locked_folio(k)
-    assert folio_alloc_swap(CUR, si, folio) == -errno.ENOMEM
+    assert folio_alloc_swap(k, CUR, si, folio) == -errno.ENOMEM
     assert (folio.swapcache, si.inuse_pages, k.memcg.failcnt) == (False, 0, 1)
 
 
@@ -353,7 +353,7 @@ def test_the_invariant_check_catches_a_corrupted_swap_map() -> None:
     si = device(8)
     entry = swapped(si, count=2)
     folio = locked_folio(k)
-    assert folio_alloc_swap(CUR, si, folio) == 0
+    assert folio_alloc_swap(k, CUR, si, folio) == 0
     assert swap_info_check(si) == []
 
     si.swap_map[5] = 1  # a count nobody allocated
@@ -390,7 +390,7 @@ def test_a_device_pickles_with_its_cache() -> None:
     k = Kernel()
     si = device(3)
     folio = locked_folio(k)
-    assert folio_alloc_swap(CUR, si, folio) == 0
+    assert folio_alloc_swap(k, CUR, si, folio) == 0
     copy = pickle.loads(pickle.dumps(si))
     assert bytes(copy.swap_map) == bytes(si.swap_map) and copy.inuse_pages == 1
     [(off, cached)] = copy.swap_table.items()

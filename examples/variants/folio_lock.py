@@ -169,7 +169,7 @@ async def move_pages_pte(
                 ret = -errno.EBUSY
                 break
             if src_folio is None:
-                folio = swap_cache_get_folio(k.swap, src_swp.entry)  # referenced, if there is one
+                folio = swap_cache_get_folio(k, k.swap, src_swp.entry)  # referenced, if there is one
                 if folio is not None:
                     cur.pins.append(folio)  # Kernel.give_back puts it if the call fails
                     src_folio, src_folio_pte = folio, src_swp

@@ -37,17 +37,15 @@ from .mm_types import (
     MmError,
     folio_maybe_dma_pinned,
 )
+from .page_ref import folio_ref_add, folio_ref_sub_and_test
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
 
-def try_grab_folio(folio: Folio, refs: int, pin: GupPin) -> None:
+def try_grab_folio(k: Kernel, folio: Folio, refs: int, pin: GupPin) -> None:
     """Take ``refs`` FOLL_PIN references of ``folio`` for ``pin`` (one per page)."""
-    if folio.large:
-        folio.refcount += refs
-    else:
-        folio.refcount += refs * GUP_PIN_COUNTING_BIAS
+    folio_ref_add(k, folio, refs if folio.large else refs * GUP_PIN_COUNTING_BIAS)
     folio.pincount += refs
     pin.pages.extend([folio] * refs)
 
@@ -55,8 +53,7 @@ def try_grab_folio(folio: Folio, refs: int, pin: GupPin) -> None:
 def gup_put_folio(k: Kernel, folio: Folio, refs: int) -> None:
     """unpin_user_page: drop ``refs`` FOLL_PIN references; the last reference frees the folio."""
     folio.pincount -= refs
-    folio.refcount -= refs if folio.large else refs * GUP_PIN_COUNTING_BIAS
-    if folio.refcount == 0:
+    if folio_ref_sub_and_test(k, folio, refs if folio.large else refs * GUP_PIN_COUNTING_BIAS):
         k.folio_free(folio)
 
 
@@ -99,7 +96,7 @@ async def _gup_fast(k: Kernel, mm: Mm, addr: int, nr_pages: int, pin: GupPin) ->
             refs = min(nr_pages - done, HPAGE_PMD_NR - ((a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)))
             if sched.active: await sched.point("gup:pte-read")
             head = hp.folio
-            try_grab_folio(head, refs, pin)
+            try_grab_folio(k, head, refs, pin)
             if sched.active: await sched.point("gup:grabbed")
             if mm.huge_pmds.get(idx) is not hp:  # the PMD changed: put the pin back
                 del pin.pages[-refs:]
@@ -116,7 +113,7 @@ async def _gup_fast(k: Kernel, mm: Mm, addr: int, nr_pages: int, pin: GupPin) ->
         folio = pte.folio
         if folio.freed:  # the kernel's folio_try_get fails on a freed folio
             break
-        try_grab_folio(folio, 1, pin)
+        try_grab_folio(k, folio, 1, pin)
         if sched.active: await sched.point("gup:grabbed")
         if pt is None or pt.ptes.get(vpn) is not pte:  # the PTE changed: put the pin back
             pin.pages.pop()
@@ -141,7 +138,7 @@ async def follow_page(k: Kernel, cur: Current, mm: Mm, addr: int, nr_pages: int,
             if hp is None or not hp.write or hp.folio is HUGE_ZERO_FOLIO:  # can_follow_write_pmd
                 return 0
             refs = min(nr_pages, HPAGE_PMD_NR - ((addr >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)))
-            try_grab_folio(hp.folio, refs, pin)
+            try_grab_folio(k, hp.folio, refs, pin)
             return refs
         finally:
             ptl.spin_unlock(cur)
@@ -153,7 +150,7 @@ async def follow_page(k: Kernel, cur: Current, mm: Mm, addr: int, nr_pages: int,
         pte = pt.ptes.get(addr >> PAGE_SHIFT)
         if pte is None or not pte.write or pte.folio is ZERO_PAGE:  # can_follow_write_pte
             return 0
-        try_grab_folio(pte.folio, 1, pin)
+        try_grab_folio(k, pte.folio, 1, pin)
         return 1
     finally:
         pt.ptl.spin_unlock(cur)

@@ -46,6 +46,7 @@ from .mm_types import (
     folio_bytes,
     folio_maybe_dma_pinned,
 )
+from .page_ref import folio_ref_add
 from .rmap import (
     AnonVma,
     PageAnonExclusive,
@@ -206,7 +207,7 @@ async def do_huge_pmd_wp_page(
         lock = folio.lock
         assert lock is not None
         if not lock.trylock(cur):
-            folio.refcount += 1  # folio_get: the PMD lock is dropped while we sleep
+            folio_ref_add(k, folio, 1)  # folio_get: the PMD lock is dropped while we sleep
             cur.pins.append(folio)
             ptl.spin_unlock(cur)
             if not lock.lock(cur): await lock.wait(cur)
@@ -291,7 +292,7 @@ def split_huge_pmd_locked(k: Kernel, vma: Vma, idx: int, hp: HugePmd) -> None:
         k.stats["thp_split_pmd"] += 1
         return
     anon_exclusive = folio.page_anon_exclusive(0)
-    folio.refcount += HPAGE_PMD_NR - 1  # folio_ref_add
+    folio_ref_add(k, folio, HPAGE_PMD_NR - 1)
     # folio_add_anon_rmap_ptes(RMAP_EXCLUSIVE if the head was), then folio_remove_rmap_pmd
     for i in range(HPAGE_PMD_NR):
         folio.pages_mapcount[i] += 1
@@ -393,7 +394,7 @@ async def copy_huge_pmd(
         await __split_huge_pmd(k, cur, src_vma, haddr)
         return False
     if folio is not HUGE_ZERO_FOLIO:
-        folio.refcount += 1  # folio_get
+        folio_ref_add(k, folio, 1)  # folio_get
         # folio_try_dup_anon_rmap_pmd
         folio.entire_mapcount += 1
         folio.mapcount += 1
@@ -501,7 +502,8 @@ async def split_folio(
     head = small[0]
     if head is None:  # the head was mapped nowhere, or became the zero page: the caller's alone
         head = small[0] = __split_page(k, folio, 0, isolated)
-    # The caller's reference and lock move to the head.
+    # The caller's reference and lock move to the head. The split's reference counts change by
+    # plain stores: the kernel's change them frozen (folio_ref_freeze ... folio_ref_unfreeze).
     lock, head_lock = folio.lock, head.lock
     assert lock is not None and head_lock is not None
     folio.refcount -= 1
@@ -620,7 +622,11 @@ async def move_pages_huge_pmd(
     no longer huge. Expects both VMAs read-locked and the dst PMD none; takes the folio lock,
     the anon_vma root rwsem for write, then both PMD locks (double_pt_lock)."""
     from .memory import folio_put  # (memory -> huge_memory)
-    from .userfaultfd import double_pt_lock, double_pt_unlock  # (userfaultfd -> memory -> huge_memory)
+    from .userfaultfd import (  # (userfaultfd -> memory -> huge_memory)
+        double_pt_lock,
+        double_pt_unlock,
+        move_anon_rmap_and_index,
+    )
 
     mm = src_vma.mm
     src_idx, dst_idx = src_addr >> PMD_SHIFT, dst_addr >> PMD_SHIFT
@@ -635,7 +641,7 @@ async def move_pages_huge_pmd(
             src_ptl.spin_unlock(cur)
             return -errno.EBUSY
         src_folio = src_pmdval.folio
-        src_folio.refcount += 1  # folio_get
+        folio_ref_add(k, src_folio, 1)  # folio_get
         cur.pins.append(src_folio)
     src_ptl.spin_unlock(cur)
     src_anon_vma: AnonVma | None = None
@@ -673,8 +679,8 @@ async def move_pages_huge_pmd(
                 err = -errno.EBUSY
         if not err:
             if src_folio is not None:
-                folio_move_anon_rmap(k, src_folio, dst_vma)
-                src_folio.index = dst_vma.linear_page_index(dst_addr)
+                index = dst_vma.linear_page_index(dst_addr)
+                await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_pages_huge_pmd")
                 hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
                 hp.uffd_wp = False
                 hp.soft_dirty = True

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from .huge_memory import split_folio
 from .locks import Current
-from .memory import folio_put, zap_pte_range
+from .memory import folio_get, folio_put, zap_pte_range
 from .mm_types import (
     HUGE_ZERO_FOLIO,
     PAGE_MASK,
@@ -148,8 +148,7 @@ async def madvise_cold_or_pageout_pte_range(
             # Part of it in the range: split the folio (the PMD with it), then do its pages.
             lock = folio.lock
             assert lock is not None
-            folio.refcount += 1  # folio_get
-            cur.pins.append(folio)
+            folio_get(k, cur, folio)
             head: Folio = folio
             if not lock.lock(cur): await lock.wait(cur)
             try:
@@ -192,8 +191,7 @@ async def madvise_cold_or_pageout_pte_range(
                         vpn += nr
                         visited += nr
                         continue
-                    folio.refcount += 1  # folio_get
-                    cur.pins.append(folio)
+                    folio_get(k, cur, folio)
                     pt.ptl.spin_unlock(cur)
                     try:
                         head = await split_folio(k, cur, folio)

@@ -40,6 +40,7 @@ from .mm_types import (
     Vma,
     folio_bytes,
 )
+from .page_ref import folio_put_testzero, folio_ref_add
 from .rmap import (
     __page_check_anon_rmap,
     anon_vma_prepare,
@@ -62,7 +63,6 @@ from .swapfile import (
     swapcache_prepare,
     swp_swapcount,
 )
-from .trace import trace_refcount
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -71,8 +71,7 @@ if TYPE_CHECKING:
 def folio_get(k: Kernel, cur: Current, folio: Folio) -> None:
     """A reference on a mapped folio held by ``cur`` for a while (the mover's): a pin that
     folio_put(k, folio, cur) drops, or Kernel.give_back if the call fails."""
-    folio.refcount += 1
-    if k.trace: trace_refcount(k, folio, 1)
+    folio_ref_add(k, folio, 1)
     cur.pins.append(folio)
 
 
@@ -80,10 +79,7 @@ def folio_put(k: Kernel, folio: Folio, cur: Current | None = None) -> None:
     """Drop a reference (``cur``'s pin, with ``cur``); the last frees the folio."""
     if cur is not None:
         unpin(cur, folio)
-    folio.refcount -= 1
-    last = folio.refcount == 0  # folio_put_testzero: the test is the decrement's own
-    if k.trace: trace_refcount(k, folio, -1)
-    if last:
+    if folio_put_testzero(k, folio):
         k.folio_free(folio)
 
 
@@ -299,7 +295,7 @@ def folio_free_swap(k: Kernel, folio: Folio) -> bool:
     assert folio.swap is not None
     if swp_swapcount(si, folio.swap):  # folio_swapped
         return False
-    swap_cache_del_folio(si, folio)
+    swap_cache_del_folio(k, si, folio)
     folio.dirty = True  # folio_set_dirty
     return True
 
@@ -311,7 +307,7 @@ async def swapin_folio(k: Kernel, cur: Current, vma: Vma, entry: SwpEntry) -> Fo
     EEXIST: the fault is retried) or the slot is free again (the PTE changed). Charges a new
     folio (ENOMEM)."""
     si = k.swap
-    folio = swap_cache_get_folio(si, entry)
+    folio = swap_cache_get_folio(k, si, entry)
     if folio is not None:
         k.stats["swap_cache_hit"] += 1
         return folio
@@ -331,7 +327,7 @@ async def swapin_folio(k: Kernel, cur: Current, vma: Vma, entry: SwpEntry) -> Fo
     lock = folio.lock
     assert lock is not None
     lock.trylock(cur)  # a new folio: no one else can hold it
-    swap_cache_add_folio(si, folio, entry)
+    swap_cache_add_folio(k, si, folio, entry)
     folio.value = si.swap_data[entry.offset]  # swap_read_folio
     folio_add_lru(k.lruvec, folio)
     lock.unlock(cur)
@@ -426,14 +422,14 @@ def free_swap_and_cache(k: Kernel, cur: Current, entry: SwpEntry) -> None:
     si = k.swap
     if not swap_entries_put_map(si, entry):
         return
-    folio = swap_cache_get_folio(si, entry)
+    folio = swap_cache_get_folio(k, si, entry)
     if folio is None:
         return
     lock = folio.lock
     assert lock is not None
     if lock.trylock(cur):
         if not folio.mapcount and si.swap_map[entry.offset] == SWAP_HAS_CACHE:
-            swap_cache_del_folio(si, folio)
+            swap_cache_del_folio(k, si, folio)
             folio.dirty = True
         lock.unlock(cur)
     folio_put(k, folio)
@@ -740,7 +736,7 @@ async def copy_page_range(
                     if folio_vpns is not None:
                         folio_vpns.append(vpn)
                     continue
-                folio_dup_anon_rmap_pte(folio, pte.page, dst_mm)
+                folio_dup_anon_rmap_pte(k, folio, pte.page, dst_mm)
                 if k.detect: __page_check_anon_rmap(k, cur, folio, pte.page, dst_vma, vpn << PAGE_SHIFT)
                 pte.write = False
                 rss += 1

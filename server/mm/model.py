@@ -64,6 +64,7 @@ from .mmap import do_mmap, do_munmap, page_align
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_end_write_all
 from .mprotect import do_mprotect
 from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
+from .page_ref import folio_ref_add
 from .rmap import AnonVma
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .stats import read_stats
@@ -859,7 +860,7 @@ class MemoryModel:
                               f"nothing mapped at {addr:#x}")
             if folio is ZERO_PAGE or folio is HUGE_ZERO_FOLIO:
                 raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
-            folio.refcount += 1  # the caller's reference, as reclaim holds one
+            folio_ref_add(self.k, folio, 1)  # the caller's reference, as reclaim holds one
             try:
                 rwc = await self.k.ops.folio_referenced(self.k, cur, folio, try_lock=not blocking)
             except BaseException:

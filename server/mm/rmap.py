@@ -38,9 +38,10 @@ from .mm_types import (
     SwapPte,
     Vma,
 )
+from .page_ref import folio_ref_add, folio_ref_sub
 from .rcu import TypesafeObject
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
-from .trace import READ_ONCE, refcount_add, trace_load, trace_refcount, trace_store
+from .trace import READ_ONCE, atomic_add_return, atomic_inc_not_zero, trace_load, trace_store
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -103,7 +104,7 @@ async def anon_vma_alloc(k: Kernel, cur: Current) -> AnonVma:
     av.id = k.next_anon_vma_id()
     av.rwsem.name = f"anon_vma{av.id}.rwsem"  # lockdep's and the traces' name for it
     av.refcount = 1
-    if k.trace: trace_refcount(k, av, 1)
+    if k.trace: trace_store(k, "anon_vma_alloc", av, "refcount")
     av.num_children = 0
     av.num_active_vmas = 0
     av.parent = av
@@ -140,16 +141,14 @@ def slab_free_anon_vma(k: Kernel, anon_vma: AnonVma) -> None:
 
 
 def get_anon_vma(k: Kernel, anon_vma: AnonVma) -> None:
-    refcount_add(k, anon_vma, 1)
+    atomic_add_return(k, anon_vma, 1)
 
 
 def anon_vma_tryget(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
     """atomic_inc_not_zero(&anon_vma->refcount): a pin held by ``cur`` (put with put_anon_vma, or
     by Kernel.give_back if the call fails), or False if the count is zero (being freed)."""
-    if anon_vma.refcount == 0:
+    if not atomic_inc_not_zero(k, anon_vma):
         return False
-    anon_vma.refcount += 1
-    if k.trace: trace_refcount(k, anon_vma, 1)
     cur.pins.append(anon_vma)
     return True
 
@@ -157,7 +156,7 @@ def anon_vma_tryget(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
 def anon_vma_put_testzero(k: Kernel, cur: Current, anon_vma: AnonVma) -> bool:
     """atomic_dec_and_test(&anon_vma->refcount) on ``cur``'s pin: True if it was the last."""
     unpin(cur, anon_vma)
-    return refcount_add(k, anon_vma, -1) == 0
+    return atomic_add_return(k, anon_vma, -1) == 0
 
 
 async def put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
@@ -165,10 +164,7 @@ async def put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
     its root)."""
     if cur.pins:
         unpin(cur, anon_vma)
-    anon_vma.refcount -= 1
-    last = anon_vma.refcount == 0  # atomic_dec_and_test: the test is the decrement's own
-    if k.trace: trace_refcount(k, anon_vma, -1)
-    if last:
+    if atomic_add_return(k, anon_vma, -1) == 0:  # atomic_dec_and_test
         await __put_anon_vma(k, cur, anon_vma)
 
 
@@ -176,7 +172,7 @@ async def __put_anon_vma(k: Kernel, cur: Current, anon_vma: AnonVma) -> None:
     """Free ``anon_vma`` and drop its reference on the root (which may free the root)."""
     root = anon_vma.root
     await k.ops.anon_vma_free(k, cur, anon_vma)
-    if root is not anon_vma and refcount_add(k, root, -1) == 0:
+    if root is not anon_vma and atomic_add_return(k, root, -1) == 0:
         await k.ops.anon_vma_free(k, cur, root)
 
 
@@ -461,11 +457,11 @@ def folio_remove_rmap_pmd(k: Kernel, folio: LargeFolio, mm: Mm) -> None:
         deferred_split_folio(k, folio)
 
 
-def folio_dup_anon_rmap_pte(folio: Folio, page: int, mm: Mm) -> None:
+def folio_dup_anon_rmap_pte(k: Kernel, folio: Folio, page: int, mm: Mm) -> None:
     """Fork maps page ``page`` of ``folio`` into the child ``mm`` too (folio_try_dup_anon_rmap_pte;
     the model has no pins, so it never fails): one more mapping and reference, the page no longer
     PG_anon_exclusive. Expects both PTLs held."""
-    folio.refcount += 1
+    folio_ref_add(k, folio, 1)
     folio.mapcount += 1
     if isinstance(folio, LargeFolio):
         folio.pages_mapcount[page] += 1
@@ -522,11 +518,9 @@ async def folio_get_anon_vma(k: Kernel, cur: Current, folio: Folio) -> AnonVma |
         rcu.read_unlock(cur)
         return None
     if anon_vma.freed: rcu.check_access(cur, anon_vma, "folio_get_anon_vma")
-    if anon_vma.refcount == 0:  # atomic_inc_not_zero(&anon_vma->refcount) failed
+    if not atomic_inc_not_zero(k, anon_vma):  # being freed
         rcu.read_unlock(cur)
         return None
-    anon_vma.refcount += 1
-    if k.trace: trace_refcount(k, anon_vma, 1)
     cur.pins.append(anon_vma)
     if not folio.mapcount:  # folio_mapped() again
         rcu.read_unlock(cur)
@@ -552,7 +546,7 @@ class RmapWalkControl:
     locked: AnonVma | None = None
     #: What the walk does at each mapping (rwc->rmap_one): None for folio_referenced_one, or
     #: try_to_unmap_one.
-    rmap_one: Callable[[Current, Folio, Vma, int, RmapWalkControl], SpinLock | None] | None = None
+    rmap_one: Callable[[Kernel, Current, Folio, Vma, int, RmapWalkControl], SpinLock | None] | None = None
     #: try_to_unmap: the walk stopped at a mapping it may not unmap (rwc->done after a false rmap_one).
     aborted: bool = False
     #: try_to_unmap: the swap device whose slots the swap PTEs name.
@@ -685,7 +679,7 @@ async def rmap_walk_anon(k: Kernel, cur: Current, folio: Folio, rwc: RmapWalkCon
                 # vma_address(): the folio's first page in the VMA (a large folio may start before it)
                 address = vma.start + ((max(pgoff_start, vma.pgoff) - vma.pgoff) << PAGE_SHIFT)
                 if stale and snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
-                while (ptl := rmap_one(cur, folio, vma, address, rwc)) is not None:
+                while (ptl := rmap_one(k, cur, folio, vma, address, rwc)) is not None:
                     await k.spin_on(cur, ptl)  # the PTL, held across a preemption point
                     if snap: check_walk(k, cur, folio, anon_vma, locked, pgoff_start, snap, "visit")
                 if not rwc.mapcount or rwc.aborted:
@@ -755,7 +749,9 @@ def check_walk(
         )
 
 
-def folio_referenced_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> SpinLock | None:
+def folio_referenced_one(
+    k: Kernel, cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl
+) -> SpinLock | None:
     """Test and clear the young bit of the PTE at ``addr`` if it maps ``folio`` (counting the
     mapping found in ``rwc``); of a large folio, of every huge PMD and PTE mapping one of its
     pages in ``vma`` from ``addr`` on (page_vma_mapped_walk), a referenced mapping counted once.
@@ -825,7 +821,9 @@ def folio_referenced_large(
     return None
 
 
-def try_to_unmap_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl) -> SpinLock | None:
+def try_to_unmap_one(
+    k: Kernel, cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapWalkControl
+) -> SpinLock | None:
     """Replace the PTE at ``addr``, if it maps ``folio``, by a swap PTE for the folio's slot
     (``folio.swap``): the slot's count raised (swap_duplicate), PageAnonExclusive handed to the
     swap PTE's exclusive bit (folio_try_share_anon_rmap_pte), the uffd-wp and soft-dirty bits
@@ -862,7 +860,7 @@ def try_to_unmap_one(cur: Current, folio: Folio, vma: Vma, addr: int, rwc: RmapW
             mm.rss_anon -= 1
             mm.swap_ents += 1
             folio.mapcount -= 1  # folio_remove_rmap_pte
-            folio.refcount -= 1  # folio_put: the caller's reference stays
+            folio_ref_sub(k, folio, 1)  # folio_put: the caller's reference stays
             rwc.mapcount -= 1
             rwc.mappings.append((mm.id, addr))
     ptl.spin_unlock(cur)

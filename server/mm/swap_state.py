@@ -28,11 +28,17 @@ deleting assert it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .mm_types import Folio
+from .page_ref import folio_ref_add, folio_ref_sub
 from .swapfile import SWAP_HAS_CACHE, SwapInfo, SwpEntry, put_swap_folio
 
+if TYPE_CHECKING:
+    from .kernel import Kernel
 
-def swap_cache_add_folio(si: SwapInfo, folio: Folio, entry: SwpEntry) -> None:
+
+def swap_cache_add_folio(k: Kernel, si: SwapInfo, folio: Folio, entry: SwpEntry) -> None:
     """Put ``folio`` in the swap cache for ``entry`` (add_to_swap_cache before 6.18): sets
     ``folio.swap`` and ``folio.swapcache`` and takes the cache's reference. Expects the folio
     locked and not in the swap cache, and the slot pinned with SWAP_HAS_CACHE and without a
@@ -44,12 +50,12 @@ def swap_cache_add_folio(si: SwapInfo, folio: Folio, entry: SwpEntry) -> None:
         f"swap_cache_add_folio: {entry.trace_name} not pinned with SWAP_HAS_CACHE"
     assert off not in si.swap_table, f"swap_cache_add_folio: {entry.trace_name} already has a folio"
     si.swap_table[off] = folio
-    folio.refcount += 1
+    folio_ref_add(k, folio, 1)
     folio.swapcache = True
     folio.swap = entry
 
 
-def swap_cache_get_folio(si: SwapInfo, entry: SwpEntry) -> Folio | None:
+def swap_cache_get_folio(k: Kernel, si: SwapInfo, entry: SwpEntry) -> Folio | None:
     """The folio in the swap cache for ``entry``, with a reference taken for the caller (put it
     with memory.folio_put), or None. The folio is not locked: the caller locks it and checks that
     it still holds ``entry`` (folio_matches_swap_entry) before using it."""
@@ -58,7 +64,7 @@ def swap_cache_get_folio(si: SwapInfo, entry: SwpEntry) -> Folio | None:
     folio = si.swap_table.get(entry.offset)
     if folio is None:
         return None
-    folio.refcount += 1  # folio_try_get: the cache's own reference keeps it above zero
+    folio_ref_add(k, folio, 1)  # folio_try_get: the cache's own reference keeps it above zero
     return folio
 
 
@@ -68,7 +74,7 @@ def folio_matches_swap_entry(folio: Folio, entry: SwpEntry) -> bool:
     return folio.swapcache and folio.swap == entry
 
 
-def swap_cache_del_folio(si: SwapInfo, folio: Folio) -> None:
+def swap_cache_del_folio(k: Kernel, si: SwapInfo, folio: Folio) -> None:
     """Take ``folio`` out of the swap cache (delete_from_swap_cache before 6.18): clears
     ``folio.swap`` and ``folio.swapcache``, puts the slot's SWAP_HAS_CACHE (put_swap_folio: the
     slot is freed if no swap PTE counts it) and drops the cache's reference. Expects the folio
@@ -82,4 +88,4 @@ def swap_cache_del_folio(si: SwapInfo, folio: Folio) -> None:
     folio.swap = None
     folio.swapcache = False
     put_swap_folio(si, entry)
-    folio.refcount -= 1
+    folio_ref_sub(k, folio, 1)

@@ -65,6 +65,7 @@ from .memcontrol import MemCgroup, MemoryLimitExceeded
 from .mm_types import PAGE_SHIFT, Folio, KeyedBytes, KeyedDict, MmError
 
 if TYPE_CHECKING:
+    from .kernel import Kernel
     from .locks import Current
 
 #: swap_map: the slot is pinned for the swap cache.
@@ -190,7 +191,7 @@ def swap_alloc(cur: Current, si: SwapInfo) -> SwpEntry | None:
     return SwpEntry(si.type, off)
 
 
-def folio_alloc_swap(cur: Current, si: SwapInfo, folio: Folio) -> int:
+def folio_alloc_swap(k: Kernel, cur: Current, si: SwapInfo, folio: Folio) -> int:
     """Give the locked ``folio`` a slot and put it in the swap cache (swap_cache_add_folio), as
     6.18's shrink_folio_list does for an anonymous folio not yet in the swap cache
     (``folio_alloc_swap(folio, __GFP_HIGH | __GFP_NOWARN)``; older kernels called add_to_swap
@@ -203,7 +204,7 @@ def folio_alloc_swap(cur: Current, si: SwapInfo, folio: Folio) -> int:
     entry = swap_alloc(cur, si)
     if entry is None:
         return -errno.ENOMEM
-    swap_cache_add_folio(si, folio, entry)
+    swap_cache_add_folio(k, si, folio, entry)
     return 0
 
 

@@ -35,6 +35,13 @@ class Tracer(Protocol):
         which field (what a partial-order search needs to tell which steps race). Sent after the
         access and its ``state`` text: at the hardware's granularity, other tasks may run here."""
 
+    def refcount(self, obj: Any, old: int, new: int) -> None:
+        """An atomic add to ``obj->refcount`` (atomic_add_return, atomic_inc_not_zero, a folio's
+        folio_ref_add ...) took it from ``old`` to ``new`` (equal: an inc_not_zero that found it
+        zero). Nothing else read the count: two adds commute while neither's test (the count
+        reaching zero, or a folio's crossing GUP_PIN_COUNTING_BIAS) can come out differently.
+        A point at the hardware's granularity, as ``access``."""
+
 
 def name(obj: Any) -> str:
     """How the trace names a model object or a value."""
@@ -61,22 +68,39 @@ def WRITE_ONCE(k: Kernel, where: str, obj: Any, field: str, value: Any) -> None:
         k.trace.access(obj, field, True)
 
 
-def refcount_add(k: Kernel, obj: Any, delta: int) -> int:
-    """``atomic_add_return(delta, &obj->refcount)``: the count after, shown in the trace."""
+def atomic_add_return(k: Kernel, obj: Any, delta: int) -> int:
+    """``atomic_add_return(delta, &obj->refcount)``: the count after. Watched (``Kernel.trace``),
+    the add reaches the tracer as one (``Tracer.refcount``), not as a read and a store of the field."""
+    tr = k.trace
+    if tr is None:
+        obj.refcount = new = obj.refcount + delta
+        return int(new)
+    global field_hook
+    hook, field_hook = field_hook, None
     old = obj.refcount
     obj.refcount = new = old + delta
-    if k.trace is not None:
-        k.trace.state(f"{name(obj)} refcount {old} → {new}")
-        k.trace.access(obj, "refcount", True)
+    field_hook = hook
+    tr.refcount(obj, old, new)
     return int(new)
 
 
-def trace_refcount(k: Kernel, obj: Any, delta: int) -> None:
-    """Show a change of ``obj->refcount`` by ``delta`` just made (hot paths change it inline and
-    call this only while someone watches: ``if k.trace: trace_refcount(k, folio, 1)``)."""
-    assert k.trace is not None
-    k.trace.state(f"{name(obj)} refcount {obj.refcount - delta} → {obj.refcount}")
-    k.trace.access(obj, "refcount", True)
+def atomic_inc_not_zero(k: Kernel, obj: Any) -> bool:
+    """``atomic_inc_not_zero(&obj->refcount)``: a reference, unless the count is zero (the object
+    is being freed)."""
+    tr = k.trace
+    if tr is None:
+        if not obj.refcount:
+            return False
+        obj.refcount += 1
+        return True
+    global field_hook
+    hook, field_hook = field_hook, None
+    old = obj.refcount
+    if old:
+        obj.refcount = old + 1
+    field_hook = hook
+    tr.refcount(obj, old, old + 1 if old else 0)
+    return bool(old)
 
 
 def trace_load(k: Kernel, where: str, obj: Any, field: str) -> None:

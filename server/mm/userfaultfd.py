@@ -52,6 +52,7 @@ from .mm_types import (
 )
 from .mmap import vma_modify
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_start_read_locked
+from .page_ref import folio_ref_add
 from .rmap import (
     AnonVma,
     anon_vma_lock_write,
@@ -64,7 +65,7 @@ from .sched import RESCHED_WORK, cond_resched
 from .swap import folio_add_lru
 from .swap_state import folio_matches_swap_entry, swap_cache_get_folio
 from .swapfile import SWAP_HAS_CACHE
-from .trace import READ_ONCE, trace_refcount, trace_store
+from .trace import READ_ONCE, atomic_add_return, trace_store
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -678,7 +679,7 @@ async def move_pages_pte(
                 ret = -errno.EBUSY
                 break
             if src_folio is None:
-                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                folio = swap_cache_get_folio(k, k.swap, orig_src_swp.entry)
                 if folio is not None:
                     cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
                     src_folio = folio
@@ -753,8 +754,7 @@ async def move_pages_pte(
     if src_anon_vma is not None:
         src_anon_vma.root.rwsem.up_write(cur)  # anon_vma_unlock_write(src_anon_vma)
         cur.pins.pop()  # put_anon_vma(src_anon_vma): never the last, the src VMA (read-locked) holds one
-        src_anon_vma.refcount -= 1
-        if k.trace: trace_refcount(k, src_anon_vma, -1)
+        atomic_add_return(k, src_anon_vma, -1)
     if src_folio is not None:
         assert src_folio.lock is not None
         src_folio.lock.unlock(cur)
@@ -800,7 +800,7 @@ async def move_present_ptes(
                 else:
                     ret = -errno.EBUSY
                 break
-            await move_anon_rmap_and_index(k, src_folio, dst_vma, index)
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_present_ptes")
             dst_ptes[dvpn] = Pte(src_folio, True, True, pte.dirty, False, True)  # dirty if src was; soft-dirty
             if ret:
                 src_folio.lock.unlock(cur)  # type: ignore[union-attr]
@@ -831,8 +831,7 @@ async def move_folio_lock(k: Kernel, cur: Current, folio: Folio, ptl: SpinLock) 
     if not locked and folio.large:
         ptl.spin_unlock(cur)
         return -errno.EAGAIN
-    folio.refcount += 1  # folio_get(folio)
-    if k.trace: trace_refcount(k, folio, 1)
+    folio_ref_add(k, folio, 1)  # folio_get(folio)
     cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
     ptl.spin_unlock(cur)
     if locked:
@@ -899,18 +898,20 @@ def check_ptes_for_batched_move(
     return folio
 
 
-async def move_anon_rmap_and_index(k: Kernel, folio: Folio, vma: Vma, index: int) -> None:
-    """move_present_ptes' two stores: folio_move_anon_rmap(folio, vma), then folio->index. From
-    the first to the second (the ``move:after-mapping-store`` point between them), the folio's
-    (mapping, index) pair, which never held together, is in ``k.torn`` for the walkers'
-    residual-window check. Expects the PTLs held (the folio lock and the old root too)."""
+async def move_anon_rmap_and_index(k: Kernel, folio: Folio, vma: Vma, index: int, where: str) -> None:
+    """A move's two stores (move_present_ptes, move_swap_pte, move_pages_huge_pmd):
+    folio_move_anon_rmap(folio, vma), then folio->index. From the first to the second (the
+    ``move:after-mapping-store`` point between them), the folio's (mapping, index) pair, which
+    never held together, is in ``k.torn`` for the walkers' residual-window check. ``where``: the
+    caller, as the trace names the store. Expects the PTLs held (the folio lock and the old root
+    too)."""
     torn = k.sched.active
     if torn: k.torn[folio.id] = (vma.anon_vma, folio.index)  # type: ignore[assignment]
     folio_move_anon_rmap(k, folio, vma)
     if torn: await k.sched.point_unkillable("move:after-mapping-store")
     folio.index = index
     if torn: del k.torn[folio.id]
-    if k.trace: trace_store(k, "move_present_ptes", folio, "index")
+    if k.trace: trace_store(k, where, folio, "index")
 
 
 def swp_pte_same(pte: SwapPte | None, orig: SwapPte) -> bool:
@@ -944,9 +945,7 @@ async def move_swap_pte(
         ret = -errno.EAGAIN
     else:
         if src_folio is not None:
-            folio_move_anon_rmap(k, src_folio, dst_vma)
-            src_folio.index = dst_vma.linear_page_index(dst_addr)
-            if k.trace: trace_store(k, "move_swap_pte", src_folio, "index")
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, dst_vma.linear_page_index(dst_addr), "move_swap_pte")
         pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
         pte.soft_dirty = True  # pte_swp_mksoft_dirty
         dst_pt.swap[dvpn] = pte

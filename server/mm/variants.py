@@ -41,6 +41,7 @@ from .mm_types import (
     Vma,
     folio_maybe_dma_pinned,
 )
+from .page_ref import folio_ref_add
 from .rmap import (
     AnonVma,
     PageAnonExclusive,
@@ -66,7 +67,7 @@ from .sched import uninterruptible
 from .steps import Variant
 from .swap_state import folio_matches_swap_entry, swap_cache_get_folio
 from .swapfile import SWAP_HAS_CACHE
-from .trace import READ_ONCE, trace_refcount, trace_store
+from .trace import READ_ONCE, trace_store
 from .userfaultfd import (
     check_ptes_for_batched_move,
     double_pt_lock,
@@ -472,7 +473,7 @@ async def move_pages_pte_no_anon_vma_lock(
                 ret = -errno.EBUSY
                 break
             if src_folio is None:
-                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                folio = swap_cache_get_folio(k, k.swap, orig_src_swp.entry)
                 if folio is not None:
                     cur.pins.append(folio)  # the task's pin: Kernel.give_back puts it if the call fails
                     src_folio = folio
@@ -567,7 +568,7 @@ async def move_pages_pte_no_locks(
                 ret = -errno.EBUSY
                 break
             if src_folio is None:
-                folio = swap_cache_get_folio(k.swap, orig_src_swp.entry)
+                folio = swap_cache_get_folio(k, k.swap, orig_src_swp.entry)
                 if folio is not None:
                     cur.pins.append(folio)  # the mutant: no folio_trylock / folio_lock
                     src_folio = folio
@@ -597,8 +598,7 @@ async def move_pages_pte_no_locks(
                 src_pt.ptl.spin_unlock(cur)
                 ret = -errno.EBUSY
                 break
-            folio.refcount += 1  # folio_get(folio); the mutant: no folio_trylock / folio_lock
-            if k.trace: trace_refcount(k, folio, 1)
+            folio_ref_add(k, folio, 1)  # folio_get(folio); the mutant: no folio_trylock / folio_lock
             cur.pins.append(folio)
             src_pt.ptl.spin_unlock(cur)
             src_folio = folio
@@ -706,7 +706,8 @@ async def move_present_ptes_rmap_before_pin_check(
         index = ((dst_addr - dst_vma.start) >> PAGE_SHIFT) + dst_vma.pgoff  # linear_page_index(dst_vma, dst_addr)
         ret = 0
         while True:
-            await move_anon_rmap_and_index(k, src_folio, dst_vma, index)  # the mutant: the stores before the clear
+            # the mutant: the stores before the clear
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_present_ptes")
             pte = src_ptes.pop(svpn)  # ptep_get_and_clear
             if sched.active and k.gup_fast_tasks: await sched.point_unkillable("move:pte-cleared")
             if folio_maybe_dma_pinned(src_folio):  # got pinned from under us: put it back, fail
@@ -754,7 +755,7 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
             src_ptl.spin_unlock(cur)
             return -errno.EBUSY
         src_folio = src_pmdval.folio
-        src_folio.refcount += 1  # folio_get
+        folio_ref_add(k, src_folio, 1)  # folio_get
         cur.pins.append(src_folio)
     src_ptl.spin_unlock(cur)
     src_anon_vma: AnonVma | None = None
@@ -785,8 +786,8 @@ async def move_pages_huge_pmd_rmap_before_pin_check(
             err = -errno.EBUSY  # the first pin check, under both PMD locks
         if not err:
             if src_folio is not None:  # the mutant: the stores before the clear
-                folio_move_anon_rmap(k, src_folio, dst_vma)
-                src_folio.index = dst_vma.linear_page_index(dst_addr)
+                index = dst_vma.linear_page_index(dst_addr)
+                await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_pages_huge_pmd")
             hp = mm.huge_pmds.pop(src_idx)  # pmdp_huge_clear_flush
             if k.sched.active and k.gup_fast_tasks: await k.sched.point_unkillable("move:pmd-cleared")
             if src_folio is not None and folio_maybe_dma_pinned(src_folio):
@@ -841,7 +842,7 @@ async def move_pages_huge_pmd_huge_zero_as_folio(
     if not PageAnonExclusive(k, src_folio, 0):
         src_ptl.spin_unlock(cur)
         return -errno.EBUSY
-    src_folio.refcount += 1  # folio_get
+    folio_ref_add(k, src_folio, 1)  # folio_get
     cur.pins.append(src_folio)
     src_ptl.spin_unlock(cur)
     src_anon_vma: AnonVma | None = None
@@ -875,8 +876,8 @@ async def move_pages_huge_pmd_huge_zero_as_folio(
                 mm.huge_pmds[src_idx] = hp  # got pinned from under us: put it back, fail
                 err = -errno.EBUSY
         if not err:
-            folio_move_anon_rmap(k, src_folio, dst_vma)
-            src_folio.index = dst_vma.linear_page_index(dst_addr)
+            index = dst_vma.linear_page_index(dst_addr)
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_pages_huge_pmd")
             hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
             hp.uffd_wp = False
             hp.soft_dirty = True
@@ -928,7 +929,7 @@ async def move_pages_huge_pmd_zero_pmd_from_null(
             src_ptl.spin_unlock(cur)
             return -errno.EBUSY
         src_folio = src_pmdval.folio
-        src_folio.refcount += 1  # folio_get
+        folio_ref_add(k, src_folio, 1)  # folio_get
         cur.pins.append(src_folio)
     src_ptl.spin_unlock(cur)
     src_anon_vma: AnonVma | None = None
@@ -965,8 +966,8 @@ async def move_pages_huge_pmd_zero_pmd_from_null(
                 err = -errno.EBUSY
         if not err:
             if src_folio is not None:
-                folio_move_anon_rmap(k, src_folio, dst_vma)
-                src_folio.index = dst_vma.linear_page_index(dst_addr)
+                index = dst_vma.linear_page_index(dst_addr)
+                await move_anon_rmap_and_index(k, src_folio, dst_vma, index, "move_pages_huge_pmd")
                 hp.write = hp.dirty = hp.young = True  # pmd_mkwrite(pmd_mkdirty(folio_mk_pmd()))
                 hp.uffd_wp = False
                 hp.soft_dirty = True
@@ -1037,8 +1038,7 @@ async def move_swap_pte_no_has_cache_check(
         ret = -errno.EAGAIN
     else:  # the mutant: no `READ_ONCE(si->swap_map[offset]) & SWAP_HAS_CACHE` for a missing folio
         if src_folio is not None:
-            folio_move_anon_rmap(k, src_folio, dst_vma)
-            src_folio.index = dst_vma.linear_page_index(dst_addr)
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, dst_vma.linear_page_index(dst_addr), "move_swap_pte")
         pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
         pte.soft_dirty = True  # pte_swp_mksoft_dirty
         dst_pt.swap[dvpn] = pte
@@ -1063,8 +1063,7 @@ async def move_swap_pte_no_folio_match_check(
         ret = -errno.EAGAIN
     else:
         if src_folio is not None:
-            folio_move_anon_rmap(k, src_folio, dst_vma)
-            src_folio.index = dst_vma.linear_page_index(dst_addr)
+            await move_anon_rmap_and_index(k, src_folio, dst_vma, dst_vma.linear_page_index(dst_addr), "move_swap_pte")
         pte = src_pt.swap.pop(svpn)  # ptep_get_and_clear
         pte.soft_dirty = True  # pte_swp_mksoft_dirty
         dst_pt.swap[dvpn] = pte
@@ -1167,8 +1166,7 @@ async def move_folio_lock_sleeps_on_large(k: Kernel, cur: Current, folio: Folio,
     lock = folio.lock
     assert lock is not None
     locked = lock.trylock(cur)
-    folio.refcount += 1  # folio_get(folio), even for a large folio whose lock is contended
-    if k.trace: trace_refcount(k, folio, 1)
+    folio_ref_add(k, folio, 1)  # folio_get(folio), even for a large folio whose lock is contended
     cur.pins.append(folio)
     ptl.spin_unlock(cur)
     if locked:

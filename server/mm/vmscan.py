@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING
 from .huge_memory import split_folio
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
-from .memory import folio_put
+from .memory import folio_get, folio_put
 from .mm_types import FOLIO_BYTES, Folio, LargeFolio, MmError, folio_maybe_dma_pinned
+from .page_ref import folio_ref_add
 from .rmap import folio_referenced, try_to_unmap
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON, folio_putback_lru, lruvec_del_folio
 from .swap_state import swap_cache_del_folio
 from .swapfile import folio_alloc_swap
-from .trace import trace_refcount
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -68,8 +68,7 @@ def folio_isolate_lru(k: Kernel, folio: Folio) -> bool:
     if not folio.lru:
         return False
     lruvec_del_folio(k.lruvec, folio)
-    folio.refcount += 1
-    if k.trace: trace_refcount(k, folio, 1)
+    folio_ref_add(k, folio, 1)
     return True
 
 
@@ -152,7 +151,7 @@ async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ig
                 freed = folio.refcount == 1  # a split left it mapped nowhere (a zero page now)
             elif references == FOLIOREF_RECLAIM:
                 if not folio.swapcache:
-                    if folio_alloc_swap(cur, si, folio):
+                    if folio_alloc_swap(k, cur, si, folio):
                         activate = True  # no slot: as with no swap, the folio stays and is activated
                     else:
                         folio.dirty = True  # folio_mark_dirty: the slot holds nothing yet
@@ -163,7 +162,7 @@ async def shrink_folio_list(k: Kernel, cur: Current, folio_list: list[Folio], ig
                         swap_writepage(k, folio)
                         tail = True  # written: rotated to the old end once the write ends
                     elif folio.refcount == 2:  # __remove_mapping: only the cache's and ours
-                        swap_cache_del_folio(si, folio)
+                        swap_cache_del_folio(k, si, folio)
                         freed = True
             lock.unlock(cur)
             if freed:
@@ -248,8 +247,8 @@ async def deferred_split_scan(k: Kernel, cur: Current, nr_to_scan: int) -> int:
         assert lock is not None
         if not lock.trylock(cur):
             continue
-        folio.refcount += 1  # folio_try_get
-        cur.pins.append(folio)
+        folio_get(k, cur, folio)  # folio_try_get: its LRU place keeps it above zero
+
         before = k.folio_pages_live
         try:
             head = await split_folio(k, cur, folio)

@@ -460,6 +460,14 @@ class _Trace:
         if ctl.fine:
             ctl.park_sync(f"{'WRITE_ONCE' if write else 'READ_ONCE'} {mm_trace.name(obj)}->{field}")
 
+    def refcount(self, obj: Any, old: int, new: int) -> None:
+        """An atomic add to a reference count: shown, and a point at the hardware's granularity."""
+        what = f"{mm_trace.name(obj)} refcount"
+        self.state(f"{what} {old} → {new}" if new != old or old else f"{what} 0: inc_not_zero fails")
+        ctl = self.ctl
+        if ctl.fine:
+            ctl.park_sync(f"atomic_add {what}")
+
 
 @contextmanager
 def _tracing(m: MemoryModel, ctl: Controller, locks: bool, state: bool,
@@ -1079,7 +1087,10 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # swap cache, the torn (mapping, index) pairs by folio, ...), the page ledgers, the RCU reader set
 # (one entry per task) and each rwsem's read holds (one entry per thread; a writer reads them all,
 # a release that may hand the lock on writes them all). A small folio's folio_maybe_dma_pinned
-# reads its pinned test, which only a refcount change across GUP_PIN_COUNTING_BIAS writes; a
+# reads its pinned test, which only a refcount change across GUP_PIN_COUNTING_BIAS writes. A
+# reference count changes by atomic adds (mm.trace.atomic_add_return, _Watch.refcount), each a
+# read and a write of the count; the race analysis lets two threads' adds commute where no order
+# of them can change a test of the count (_commuting_adds), and sleep sets do not. A
 # vma_lookup that the VMA cache answers reads the VMA's extent and its tree entry (the cache is
 # not watched). Bookkeeping that decides nothing while the threads run is not watched (_ignored):
 # statistics, mm->rss_anon, memcg's high-water mark, the anon_vma cache's live set, ids and lock
@@ -1261,7 +1272,7 @@ class _Ident:
 class _Step:
     """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
 
-    __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "spin", "futile")
+    __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "adds", "free", "spin", "futile")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
@@ -1274,17 +1285,78 @@ class _Step:
         self.olds: dict[object, tuple[Any, str, Any]] = {}
         #: Keyed entries written: key -> (how to read the entry now, its value at the first write).
         self.kolds: dict[tuple[object, object], tuple[Callable[[], Any], Any]] = {}
+        #: The counters this step changed by atomic adds alone (no plain read or store of them):
+        #: counter -> [the count before its first add, the sum so far, the least and the greatest
+        #: sum after any of its adds (0 counted: the count before)] (_Watch.refcount).
+        self.adds: dict[object, list[int]] = {}
+        #: Of those, the ones whose adds commute with the other steps' adds in the run being
+        #: analysed (_commuting_adds).
+        self.free: set[object] = set()
         self.spin: str | None = None
         self.futile = False
 
 
-def _dependent(a: _Step | None, b: _Step | None) -> bool:
-    """Whether two steps may not commute (a step not known depends on every other)."""
+def _dependent(a: _Step | None, b: _Step | None, adds: bool = False) -> bool:
+    """Whether two steps may not commute (a step not known depends on every other). An atomic add
+    is a read and a write of its counter; with ``adds``, two steps whose only common accesses are
+    adds to counters free in both (_commuting_adds) commute."""
     if a is None or b is None or a.thread == b.thread:
         return True
     aw, bw = a.writes, b.writes
-    return not (aw.isdisjoint(b.reads) and aw.isdisjoint(bw) and bw.isdisjoint(a.reads)
-                and a.some.isdisjoint(b.reads) and b.some.isdisjoint(a.reads))
+    if (aw.isdisjoint(b.reads) and aw.isdisjoint(bw) and bw.isdisjoint(a.reads)
+            and a.some.isdisjoint(b.reads) and b.some.isdisjoint(a.reads)):
+        return False
+    if not (adds and a.free and b.free):
+        return True
+    ar, br = a.reads, b.reads
+    common = (aw & br) | (aw & bw) | (bw & ar) | (a.some & br) | (b.some & ar)
+    return not common <= (a.free & b.free)
+
+
+def _commuting_adds(steps: list[_Step | None]) -> None:
+    """Which atomic adds of the run commute with each other (each step's ``free``). A counter's adds
+    between two other accesses of it (a plain read or store, which every add depends on) make a
+    segment. From the count at its start, every order of the segment's adds that keeps each
+    thread's own order passes through counts between that count plus the sum, over the threads,
+    of the least partial sum of the thread's adds (0 counted), and that count plus the sum of the
+    greatest. If no count in that range is zero, and none crosses GUP_PIN_COUNTING_BIAS, no add's
+    own test (a put's zero test, an inc_not_zero, a folio's pinned test) comes out differently in
+    another order, and every order ends in the same count: the segment's adds commute. The range
+    is the same in every order of the run that keeps its other dependencies, so that every run of
+    a trace sees it the same."""
+    for st in steps:
+        if st is not None and st.free:
+            st.free = set()
+    counters: set[object] = set()
+    for st in steps:
+        if st is not None and st.adds:
+            counters.update(st.adds)
+    for c in counters:
+        seg: list[_Step] = []
+        start = 0
+        sums: dict[int, list[int]] = {}  # thread -> [its sum so far, least, greatest]
+        for st in [*steps, None]:
+            a = st.adds.get(c) if st is not None else None
+            if a is not None:
+                assert st is not None
+                if not seg:
+                    start = a[0]
+                seg.append(st)
+                t = sums.setdefault(st.thread, [0, 0, 0])
+                t[1] = min(t[1], t[0] + a[2])
+                t[2] = max(t[2], t[0] + a[3])
+                t[0] += a[1]
+                continue
+            if st is not None and c not in st.reads and c not in st.writes:
+                continue
+            if len(sums) > 1:
+                lo = start + sum(t[1] for t in sums.values())
+                hi = start + sum(t[2] for t in sums.values())
+                if lo > 0 and (hi < GUP_PIN_COUNTING_BIAS or lo >= GUP_PIN_COUNTING_BIAS):
+                    for x in seg:
+                        x.free.add(c)
+            seg = []
+            sums = {}
 
 
 def _mm_modules() -> list[types.ModuleType]:
@@ -1444,6 +1516,26 @@ class _Watch(_Trace):
         self.keyed(lock, ("r", th), True, lambda: counts.get(key, 0))
         counts[key] = counts.get(key, 0) + delta
 
+    def refcount(self, obj: Any, old: int, new: int) -> None:
+        """An atomic add to ``obj->refcount``: an add, not a read and a store (_Step.adds); one that
+        takes a small folio's count across GUP_PIN_COUNTING_BIAS writes its pinned test."""
+        got = self._step()
+        if got is not None:
+            th, st = got
+            key = (self._name(obj, th), "refcount")
+            a = st.adds.get(key)
+            if a is None:
+                a = st.adds[key] = [old, 0, 0, 0]
+            a[1] += new - old
+            if a[1] < a[2]:
+                a[2] = a[1]
+            elif a[1] > a[3]:
+                a[3] = a[1]
+            if type(obj) is Folio and (old >= GUP_PIN_COUNTING_BIAS) != (new >= GUP_PIN_COUNTING_BIAS):
+                st.writes.add((key[0], _PINNED))
+                st.changed.add((key[0], _PINNED))
+        super().refcount(obj, old, new)
+
     def pinned(self, folio: Folio) -> None:
         """folio_maybe_dma_pinned of a small folio: a read of whether its refcount reaches
         GUP_PIN_COUNTING_BIAS, not of the count (a reference taken or dropped below the bias
@@ -1591,6 +1683,13 @@ class _Watch(_Trace):
                 else:  # left as it was: to the others, the step only read it
                     st.writes.discard(key)
                     st.reads.add(key)
+            for key, a in list(st.adds.items()):  # an add is a read, and a write unless it came back
+                if key in st.reads or key in st.writes:  # read or stored plainly too: not an add
+                    del st.adds[key]
+                st.reads.add(key)
+                if a[1]:
+                    st.writes.add(key)
+                    st.changed.add(key)
             if st.kolds:
                 for key, (now_fn, old) in st.kolds.items():
                     if now_fn() == old:
@@ -1933,6 +2032,7 @@ class _Dpor:
         """A run ended: find its races and count it."""
         self.last_model = m
         if not self.full:
+            _commuting_adds([nd.step for nd in self.path])
             self._races(self.target[0] if self.target is not None else 0)
         if self.blocked:
             self.blocked_runs += 1
@@ -2011,7 +2111,7 @@ class _Dpor:
         n = len(steps)
         pred = [0] * n  # happens-before predecessors, as bits
         for j in range(n):
-            direct = [i for i in range(j) if _dependent(steps[i], steps[j])]
+            direct = [i for i in range(j) if _dependent(steps[i], steps[j], adds=True)]
             pj = 0
             via = 0
             for i in direct:
