@@ -532,3 +532,61 @@ def test_walkers_references_commute(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (states, caught) == (strict_states, strict_caught)
     sampled, sampled_caught = _sample(scn, 100)
     assert sampled <= states and sampled_caught <= caught
+
+
+class _Field:
+    """An object whose one field a spin iteration changes and restores."""
+
+    def __init__(self) -> None:
+        self.x = 0
+
+
+def _spin_step(thread: int, obj: _Field, new: int, reads: set[object], writes: set[object]) -> ex._Step:
+    """A step of ``thread`` that stored ``new`` in ``obj.x`` (found as it is now)."""
+    st = ex._Step(thread)
+    st.olds[("o", "x")] = (obj, "x", obj.x)
+    obj.x = new
+    st.reads, st.writes = set(reads), set(writes)
+    return st
+
+
+def test_a_spin_iteration_of_several_steps_is_futile_when_it_leaves_all_as_it_was() -> None:
+    """A retry that takes a reference in one step and puts it back in another (two decisions at
+    every access) comes back to its spin point having changed nothing: futile, unless a step of
+    another thread that ran in between depended on it. Another thread's futile spin does not
+    count: it changed nothing."""
+    x = ("o", "x")
+    obj = _Field()
+    it = ex._Spin("spin:move-retry")
+    it.add(_spin_step(0, obj, 1, {x}, {x}), [], False)
+    it.add(_spin_step(0, obj, 0, {x}, {x}), [], False)
+    assert it.clean and it.unchanged() and it.reads == {x}
+    # Left changed: not futile.
+    it = ex._Spin("spin:move-retry")
+    it.add(_spin_step(0, obj, 1, {x}, {x}), [], False)
+    assert not it.unchanged()
+    obj.x = 0
+    # A reader of the intermediate value in between: not clean.
+    it = ex._Spin("spin:move-retry")
+    it.add(_spin_step(0, obj, 1, {x}, {x}), [], False)
+    reader = ex._Step(1)
+    reader.reads.add(x)
+    it.other(reader)
+    it.add(_spin_step(0, obj, 0, {x}, {x}), [], False)
+    assert it.unchanged() and not it.clean
+    # A writer of something the iteration reads later: not clean either.
+    it = ex._Spin("spin:move-retry")
+    it.add(_spin_step(0, obj, 1, {x}, {x}), [], False)
+    writer = ex._Step(1)
+    writer.writes.add(("o", "y"))
+    it.other(writer)
+    it.add(_spin_step(0, obj, 0, {x, ("o", "y")}, {x}), [], False)
+    assert not it.clean
+    # Adds that sum to zero leave the count as it was; a raw store mixed with adds is not judged.
+    it = ex._Spin("spin:move-retry")
+    get, put = _adder(0, 1, before=1), _adder(0, -1, before=2)
+    it.add(get, [], False)
+    it.add(put, [], False)
+    assert it.clean and it.unchanged()
+    it.add(_adder(0, 1, before=1), [], True)
+    assert not it.clean

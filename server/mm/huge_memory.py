@@ -501,18 +501,21 @@ async def split_folio(
     isolated = not folio.lru
     head = small[0]
     if head is None:  # the head was mapped nowhere, or became the zero page: the caller's alone
-        head = small[0] = __split_page(k, folio, 0, isolated)
-    # The caller's reference and lock move to the head. The split's reference counts change by
-    # plain stores: the kernel's change them frozen (folio_ref_freeze ... folio_ref_unfreeze).
-    lock, head_lock = folio.lock, head.lock
-    assert lock is not None and head_lock is not None
+        head = small[0] = __split_page(k, cur, folio, 0, isolated)
+    # The caller's reference and lock move to the head (locked since it was made); the other new
+    # folios are let go. The split's reference counts change by plain stores: the kernel's change
+    # them frozen (folio_ref_freeze ... folio_ref_unfreeze).
+    lock = folio.lock
+    assert lock is not None
     folio.refcount -= 1
     head.refcount += 1
     if pinned:
         unpin(cur, folio)
         cur.pins.append(head)
-    head_lock.trylock(cur)
     lock.unlock(cur)
+    for f in small[1:]:
+        if f is not None:
+            f.lock.unlock(cur)  # type: ignore[union-attr]
     if isolated:
         for f in small[1:]:
             if f is not None:
@@ -537,10 +540,13 @@ async def split_folio(
     return head
 
 
-def __split_page(k: Kernel, folio: LargeFolio, i: int, isolated: bool) -> Folio:
+def __split_page(k: Kernel, cur: Current, folio: LargeFolio, i: int, isolated: bool) -> Folio:
     """Page ``i`` of ``folio`` as a small folio of its own (charged with the large folio), on the
-    LRU unless the large folio was isolated."""
+    LRU unless the large folio was isolated, and locked by ``cur`` (the kernel's new folios keep
+    the head's PG_locked until the split lets them go: nobody locks one half-made)."""
     f = k.folio_alloc()
+    assert f.lock is not None
+    f.lock.trylock(cur)
     f.mapping = folio.mapping
     f.index = folio.index + i
     f.value = folio.values[i]
@@ -595,7 +601,7 @@ async def __split_folio_mappings(
                 else:
                     f = small[i]
                     if f is None:
-                        f = small[i] = __split_page(k, folio, i, isolated)
+                        f = small[i] = __split_page(k, cur, folio, i, isolated)
                     else:
                         f.value = folio.values[i]
                     f.mapcount += 1

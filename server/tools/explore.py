@@ -1103,10 +1103,12 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # makes by their maker's thread and count, so that the steps of different runs (a sleep set's)
 # compare.
 #
-# A thread parked at a spin point (spin:*) whose step comes back to the same point having changed
+# A thread parked at a spin point (spin:*) whose steps come back to the same point having changed
 # nothing (a futile spin: the PTL's holder has not let go, the move step still says EAGAIN) is
-# not enabled again until another step changes something the spin read: a futile spin is a step
-# that leaves the state as it was, and this bounds the spins of a run, so every search ends.
+# not enabled again until another step changes something the spin read: a futile spin is an
+# iteration (one step or several: a retry's reference taken and put back are two decisions) that
+# leaves the state as it was while no other thread's step in between depended on it (_Spin), as
+# if it were one step, and this bounds the spins of a run, so every search ends.
 #
 # States are fingerprinted only to count them: no subtree is skipped for a state seen before.
 # Pruning a state already explored would hide the races between the current prefix and the steps
@@ -1272,7 +1274,8 @@ class _Ident:
 class _Step:
     """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
 
-    __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "adds", "free", "spin", "futile")
+    __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "adds", "free", "spin", "futile",
+                 "spun")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
@@ -1293,7 +1296,9 @@ class _Step:
         #: analysed (_commuting_adds).
         self.free: set[object] = set()
         self.spin: str | None = None
+        #: It ended a futile spin (_Watch._spun), which read ``spun``.
         self.futile = False
+        self.spun: set[object] = set()
 
 
 def _dependent(a: _Step | None, b: _Step | None, adds: bool = False) -> bool:
@@ -1380,6 +1385,64 @@ def _module_objects() -> dict[int, object]:
     return names
 
 
+def _same(now: Any, old: Any) -> bool:
+    """Whether a field holds what it held: the same object, or an equal number, string or flag."""
+    return now is old or (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old)
+
+
+class _Spin:
+    """One spin iteration of a thread under way (_Watch._spun): what its steps read and wrote,
+    what they found before their first change (fields, keyed entries, containers) and the sum of
+    their adds; what the other threads' steps meanwhile read and wrote; whether any of those
+    depended on one of its steps (``clean`` False)."""
+
+    __slots__ = ("point", "reads", "writes", "olds", "kolds", "conts", "net", "others_r", "others_w", "clean")
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.reads: set[object] = set()
+        self.writes: set[object] = set()
+        self.olds: dict[object, tuple[Any, str, Any]] = {}
+        self.kolds: dict[object, tuple[Callable[[], Any], Any]] = {}
+        self.conts: dict[int, tuple[Any, Any]] = {}
+        self.net: Counter[object] = Counter()
+        self.others_r: set[object] = set()
+        self.others_w: set[object] = set()
+        self.clean = True
+
+    def other(self, st: _Step) -> None:
+        """Another thread's step ran during the iteration."""
+        w = st.writes | st.some
+        if not (w.isdisjoint(self.reads) and w.isdisjoint(self.writes) and st.reads.isdisjoint(self.writes)):
+            self.clean = False
+        self.others_r |= st.reads
+        self.others_w |= w
+
+    def add(self, st: _Step, conts: list[tuple[int, Any, Any]], mixed: bool) -> None:
+        """One of its steps closed."""
+        w = st.writes | st.some
+        if mixed or not (w.isdisjoint(self.others_r) and w.isdisjoint(self.others_w)
+                         and st.reads.isdisjoint(self.others_w)):
+            self.clean = False
+        self.reads |= st.reads
+        self.writes |= w
+        for key, old in st.olds.items():
+            self.olds.setdefault(key, old)
+        for key, kold in st.kolds.items():
+            self.kolds.setdefault(key, kold)
+        for i, c, before in conts:
+            self.conts.setdefault(i, (c, before))
+        for key, a in st.adds.items():
+            self.net[key] += a[1]
+
+    def unchanged(self) -> bool:
+        """Whether the state it wrote is as it found it."""
+        return (all(_same(getattr(obj, f, mm_trace.UNSET), old) for obj, f, old in self.olds.values())
+                and all(now_fn() == old for now_fn, old in self.kolds.values())
+                and all(_freeze(c) == before for c, before in self.conts.values())
+                and not any(self.net.values()))
+
+
 class _Watch(_Trace):
     """One DPOR run's record of the steps: the accesses of each thread's step under way, named
     as every run names them."""
@@ -1407,6 +1470,8 @@ class _Watch(_Trace):
         self.lazy: dict[int, dict[int, object]] = {th.index: {} for th in ctl.threads}
         self.on_step = on_step
         self.active = True
+        #: Each thread's spin iteration under way.
+        self.spins: dict[int, _Spin] = {}
 
     def _name(self, obj: Any, th: int) -> object:
         n = self.names.get(id(obj))
@@ -1662,6 +1727,7 @@ class _Watch(_Trace):
             frozen = self.frozen[th.index]
             reached = self.reached[th.index]
             key: object
+            conts: list[tuple[int, Any, Any]] = []  # the containers it changed, with their contents before
             for i, before in frozen.items():
                 var, c = reached[i]
                 key = (var, "[]")
@@ -1669,10 +1735,11 @@ class _Watch(_Trace):
                 if _freeze(c) != before:
                     st.writes.add(key)
                     st.changed.add(key)
+                    conts.append((i, c, before))
             self.frozen[th.index] = {}
             for key, (obj, field, old) in st.olds.items():
                 now = getattr(obj, field, mm_trace.UNSET)
-                if now is not old and not (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old):
+                if not _same(now, old):
                     st.changed.add(key)
                     if (field == "refcount" and type(obj) is Folio and type(now) is int
                             and ((old if type(old) is int else 0) >= GUP_PIN_COUNTING_BIAS)
@@ -1683,9 +1750,11 @@ class _Watch(_Trace):
                 else:  # left as it was: to the others, the step only read it
                     st.writes.discard(key)
                     st.reads.add(key)
+            mixed = False
             for key, a in list(st.adds.items()):  # an add is a read, and a write unless it came back
                 if key in st.reads or key in st.writes:  # read or stored plainly too: not an add
                     del st.adds[key]
+                    mixed = True
                 st.reads.add(key)
                 if a[1]:
                     st.writes.add(key)
@@ -1697,16 +1766,42 @@ class _Watch(_Trace):
                     else:
                         st.changed.add(key)
                 st.some = {(k[0], "#any") for k in st.kolds if k in st.writes}
+            if th.state == "blocked":
+                key = (("wait", th.index), "")
+                st.reads.add(key)
+                st.writes.add(key)
+            self._spun(th, st, conts, mixed)
         finally:
             mm_trace.set_field_hook(self.field if self.active else None)
-        if th.state == "blocked":
-            key = (("wait", th.index), "")
-            st.reads.add(key)
-            st.writes.add(key)
         st.olds = {}
         st.kolds = {}
-        st.futile = st.spin is not None and th.state == "parked" and th.point == st.spin and not st.changed
         return st
+
+    def _spun(self, th: Thread, st: _Step, conts: list[tuple[int, Any, Any]], mixed: bool) -> None:
+        """Whether ``th``'s closing step ends a futile spin (``st.futile``, with what the spin read
+        in ``st.spun``): a spin iteration, from a step that began at a spin point to one that
+        parks there again, that left everything as it found it (each field stored, each keyed
+        entry, each container changed, the sum of each counter's adds) while no other thread's
+        step that ran meanwhile depended on any of its steps, but futile spins (which change
+        nothing: only their own thread waits on what they read). Such an iteration is as if it
+        were one step that changed nothing."""
+        spins = self.spins
+        it = spins.get(th.index)
+        if st.spin is not None:  # it began at a spin point: a new iteration (the last did not come back)
+            it = spins[th.index] = _Spin(st.spin)
+        if it is not None:
+            it.add(st, conts, mixed)
+            if th.state == "parked" and th.point == it.point:
+                del spins[th.index]
+                if it.clean and it.unchanged():
+                    st.futile = True
+                    st.spun = it.reads
+            elif th.state == "done":
+                del spins[th.index]
+        if not st.futile:
+            for t, other in spins.items():
+                if t != th.index:
+                    other.other(st)
 
     def finish(self) -> None:
         """The threads ended (or the run stopped): the last step closes; nothing more is watched."""
@@ -2049,7 +2144,7 @@ class _Dpor:
             for q in [q for q, reads in self.disabled.items() if q != st.thread and not reads.isdisjoint(st.changed)]:
                 del self.disabled[q]
         if st.futile:
-            self.disabled[st.thread] = st.reads
+            self.disabled[st.thread] = st.spun
         else:
             self.disabled.pop(st.thread, None)
 
