@@ -514,17 +514,16 @@ async def split_folio(
         cur.pins.append(head)
     lock.unlock(cur)
     for f in small[1:]:
-        if f is not None:
-            f.lock.unlock(cur)  # type: ignore[union-attr]
-    if isolated:
-        for f in small[1:]:
-            if f is not None:
-                f.refcount += 1  # the isolation's reference
-                if to_list is not None:
-                    to_list.append(f)
-                else:
-                    folio_putback_lru(k.lruvec, f)
-                    f.refcount -= 1
+        if f is None:
+            continue
+        f.lock.unlock(cur)  # type: ignore[union-attr]
+        if isolated:
+            f.refcount += 1  # the isolation's reference
+            if to_list is not None:
+                to_list.append(f)
+            else:
+                folio_putback_lru(k.lruvec, f)
+                f.refcount -= 1
     assert not folio.mapcount and not folio.refcount, f"split_folio: {folio!r} still referenced"
     # The large folio is retired; its charge (a small folio's a page) goes to the new folios.
     if folio.lru:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .mm_types import Folio
-from .page_ref import folio_ref_add, folio_ref_sub
+from .page_ref import folio_ref_add, folio_ref_sub, folio_try_get
 from .swapfile import SWAP_HAS_CACHE, SwapInfo, SwpEntry, put_swap_folio
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def swap_cache_get_folio(k: Kernel, si: SwapInfo, entry: SwpEntry) -> Folio | No
     folio = si.swap_table.get(entry.offset)
     if folio is None:
         return None
-    folio_ref_add(k, folio, 1)  # folio_try_get: the cache's own reference keeps it above zero
+    if not folio_try_get(k, folio):  # never fails: the cache's own reference keeps it above zero
+        return None
     return folio
 
 

@@ -248,7 +248,6 @@ async def deferred_split_scan(k: Kernel, cur: Current, nr_to_scan: int) -> int:
         if not lock.trylock(cur):
             continue
         folio_get(k, cur, folio)  # folio_try_get: its LRU place keeps it above zero
-
         before = k.folio_pages_live
         try:
             head = await split_folio(k, cur, folio)

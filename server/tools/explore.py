@@ -1385,6 +1385,16 @@ def _module_objects() -> dict[int, object]:
     return names
 
 
+def _pinned_test(st: _Step, var: object, obj: Any, old: Any, new: Any) -> None:
+    """``obj``'s refcount went from ``old`` to ``new`` in ``st``: if ``obj`` is a small folio and
+    the count crossed GUP_PIN_COUNTING_BIAS, the step wrote its pinned test (_Watch.pinned)."""
+    if (type(obj) is Folio and type(new) is int
+            and ((old if type(old) is int else 0) >= GUP_PIN_COUNTING_BIAS) != (new >= GUP_PIN_COUNTING_BIAS)):
+        key = (var, _PINNED)
+        st.writes.add(key)
+        st.changed.add(key)
+
+
 def _same(now: Any, old: Any) -> bool:
     """Whether a field holds what it held: the same object, or an equal number, string or flag."""
     return now is old or (isinstance(now, (int, str, bool)) and type(now) is type(old) and now == old)
@@ -1596,9 +1606,7 @@ class _Watch(_Trace):
                 a[2] = a[1]
             elif a[1] > a[3]:
                 a[3] = a[1]
-            if type(obj) is Folio and (old >= GUP_PIN_COUNTING_BIAS) != (new >= GUP_PIN_COUNTING_BIAS):
-                st.writes.add((key[0], _PINNED))
-                st.changed.add((key[0], _PINNED))
+            _pinned_test(st, key[0], obj, old, new)
         super().refcount(obj, old, new)
 
     def pinned(self, folio: Folio) -> None:
@@ -1741,12 +1749,8 @@ class _Watch(_Trace):
                 now = getattr(obj, field, mm_trace.UNSET)
                 if not _same(now, old):
                     st.changed.add(key)
-                    if (field == "refcount" and type(obj) is Folio and type(now) is int
-                            and ((old if type(old) is int else 0) >= GUP_PIN_COUNTING_BIAS)
-                            != (now >= GUP_PIN_COUNTING_BIAS)):
-                        pkey = (key[0], _PINNED)  # type: ignore[index]
-                        st.writes.add(pkey)
-                        st.changed.add(pkey)
+                    if field == "refcount":
+                        _pinned_test(st, key[0], obj, old, now)  # type: ignore[index]
                 else:  # left as it was: to the others, the step only read it
                     st.writes.discard(key)
                     st.reads.add(key)
