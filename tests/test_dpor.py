@@ -81,7 +81,7 @@ def final_state(m: MemoryModel) -> tuple[Any, ...]:
                 ptes.append((vpn, label(f), pte.page, pte.write, label(mapping),
                              label(mapping.root) if mapping else 0, f.index, f.mapcount, f.refcount))
             for vpn, swp in sorted(pt.swap.items()):
-                ptes.append((vpn, "swap", swp.entry.offset, swp.exclusive))
+                ptes.append((vpn, "swap", swp.slot.offset, swp.exclusive))
         huge = tuple((i, label(hp.folio), hp.write, hp.folio.index) for i, hp in sorted(mm.huge_pmds.items()))
         procs.append((pid, vmas, tuple(ptes), huge))
     anon = tuple(sorted((labels.get(id(a), -1), labels.get(id(a.root), -1), a.refcount)
@@ -336,8 +336,9 @@ MUTANT_SCENARIOS: dict[str, tuple[str, str]] = {
 
 #: Mutants DPOR catches at the named points within a few runs and at the hardware's granularity
 #: only after thousands, where its depth-first order reaches the catching interleaving late
-#: (BENCHMARKS.md "DPOR": walker-root-read-outside-rcu, 8,990 runs of moved-twice-reuse).
-NAMED_POINTS = {"walker-root-read-outside-rcu"}
+#: (BENCHMARKS.md "DPOR": walker-root-read-outside-rcu, 8,990 runs of moved-twice-reuse;
+#: move-large-folio-lock-sleeps, not within 2,010 runs of large-folio-two-movers).
+NAMED_POINTS = {"walker-root-read-outside-rcu", "move-large-folio-lock-sleeps"}
 
 
 def _scored_mutants() -> list[str]:

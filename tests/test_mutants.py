@@ -318,7 +318,7 @@ async def test_move_swap_keeps_mapping(mutant: str | None) -> None:
     await m.madvise(pid, SRC, P, "pageout")
     swp = m.processes[pid].swap_pte_lookup(SRC)
     assert swp is not None
-    f = m.k.swap.swap_table[swp.entry.offset]
+    f = m.k.swap.swap_table[swp.slot.offset]
     assert await done(m.move(pid, DST, SRC, P)) == P
     dst = m.processes[pid].vma_lookup(DST)
     assert dst is not None
@@ -391,7 +391,7 @@ async def test_move_swap_no_folio_match_check_is_equivalent(mutant: str | None) 
     await m.madvise(pid, SRC, P, "pageout")
     swp = m.processes[pid].swap_pte_lookup(SRC)
     assert swp is not None
-    f = m.k.swap.swap_table[swp.entry.offset]
+    f = m.k.swap.swap_table[swp.slot.offset]
     lock = f.lock
     assert lock is not None
     bp = m.k.sched.pause_at("reclaim:folio-locked")

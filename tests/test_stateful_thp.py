@@ -1005,8 +1005,8 @@ class ThpMachine(RuleBasedStateMachine):
                 if x := pte.value:
                     out[vpn] = x
             for vpn, swp in pt.swap.items():
-                cached = si.swap_table.get(swp.entry.offset)
-                x = cached.value if cached is not None else si.swap_data[swp.entry.offset]
+                cached = si.swap_table.get(swp.slot.offset)
+                x = cached.value if cached is not None else si.swap_data[swp.slot.offset]
                 if x:
                     out[vpn] = x
         return out

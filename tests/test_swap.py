@@ -156,7 +156,7 @@ async def test_fork_shares_swap_entries_and_exit_frees_them() -> None:
     si = m.k.swap
     for proc in (pid, child):
         swp = m.processes[proc].swap_pte_lookup(SRC)
-        assert swp is not None and not swp.exclusive and swp_swapcount(si, swp.entry) == 2
+        assert swp is not None and not swp.exclusive and swp_swapcount(si, swp.slot) == 2
     assert m.processes[child].swap_ents == 2
     clean(m)
     assert await m.read(child, SRC) == 1000
@@ -196,7 +196,7 @@ async def test_move_of_swap_entries() -> None:
     await m.uffd_register(pid, DST, 2 * P, "missing")
     await m.madvise(pid, SRC, 2 * P, "pageout")
     mm = m.processes[pid]
-    f = m.k.swap.swap_table[swp(m, pid, SRC).entry.offset]
+    f = m.k.swap.swap_table[swp(m, pid, SRC).slot.offset]
     assert await m.move(pid, DST, SRC, P) == P
     dst_vma = vma(m, pid, DST)
     assert f.mapping is dst_vma.anon_vma and f.index == dst_vma.linear_page_index(DST)
@@ -262,7 +262,7 @@ async def test_swap_in_cancelled_part_way_gives_back_its_folio() -> None:
     m = MemoryModel()
     pid = await written(m, 1)
     await m.madvise(pid, SRC, P, "pageout")
-    f = m.k.swap.swap_table[swp(m, pid, SRC).entry.offset]
+    f = m.k.swap.swap_table[swp(m, pid, SRC).slot.offset]
     lock = f.lock
     assert lock is not None
     bp = m.k.sched.pause_at("swapin:after-lookup")

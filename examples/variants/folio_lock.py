@@ -29,7 +29,18 @@ from typing import TYPE_CHECKING
 
 from mmsim.server.mm.locks import Current
 from mmsim.server.mm.memory import folio_put
-from mmsim.server.mm.mm_types import PAGE_SHIFT, PAGE_SIZE, ZERO_PAGE, Folio, PageTable, Pte, SwapPte, Vma
+from mmsim.server.mm.migrate import migration_entry_wait
+from mmsim.server.mm.mm_types import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ZERO_PAGE,
+    Folio,
+    PageTable,
+    Pte,
+    SwapPte,
+    Vma,
+    is_migration_entry,
+)
 from mmsim.server.mm.rmap import (
     AnonVma,
     RmapWalkControl,
@@ -161,6 +172,11 @@ async def move_pages_pte(
         if src_pte is None:
             if src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT
+                break
+            if is_migration_entry(src_swp.entry):  # a split has the page unmapped: wait, retry
+                if src_folio is None:
+                    await migration_entry_wait(k, cur, src_vma.mm, src_addr, src_swp)
+                ret = -errno.EAGAIN
                 break
             if src_folio is not None and src_swp is not src_folio_pte:
                 ret = -errno.EAGAIN  # the PTE changed while we slept on the folio lock

@@ -37,7 +37,7 @@ from .mm_types import (
     MmError,
     folio_maybe_dma_pinned,
 )
-from .page_ref import folio_ref_add, folio_ref_sub_and_test
+from .page_ref import folio_ref_add, folio_ref_sub_and_test, folio_try_get
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -48,6 +48,18 @@ def try_grab_folio(k: Kernel, folio: Folio, refs: int, pin: GupPin) -> None:
     folio_ref_add(k, folio, refs if folio.large else refs * GUP_PIN_COUNTING_BIAS)
     folio.pincount += refs
     pin.pages.extend([folio] * refs)
+
+
+def try_grab_folio_fast(k: Kernel, folio: Folio, refs: int, pin: GupPin) -> bool:
+    """GUP-fast's grab (try_grab_folio_fast): the first reference speculative (folio_try_get,
+    which fails on a count that is zero: the folio freed, or frozen by a split), the rest added
+    once it is held. False: nothing taken."""
+    if not folio_try_get(k, folio):
+        return False
+    folio_ref_add(k, folio, (refs if folio.large else refs * GUP_PIN_COUNTING_BIAS) - 1)
+    folio.pincount += refs
+    pin.pages.extend([folio] * refs)
+    return True
 
 
 def gup_put_folio(k: Kernel, folio: Folio, refs: int) -> None:
@@ -96,7 +108,8 @@ async def _gup_fast(k: Kernel, mm: Mm, addr: int, nr_pages: int, pin: GupPin) ->
             refs = min(nr_pages - done, HPAGE_PMD_NR - ((a >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)))
             if sched.active: await sched.point("gup:pte-read")
             head = hp.folio
-            try_grab_folio(k, head, refs, pin)
+            if not try_grab_folio_fast(k, head, refs, pin):
+                break
             if sched.active: await sched.point("gup:grabbed")
             if mm.huge_pmds.get(idx) is not hp:  # the PMD changed: put the pin back
                 del pin.pages[-refs:]
@@ -111,9 +124,8 @@ async def _gup_fast(k: Kernel, mm: Mm, addr: int, nr_pages: int, pin: GupPin) ->
             break
         if sched.active: await sched.point("gup:pte-read")
         folio = pte.folio
-        if folio.freed:  # the kernel's folio_try_get fails on a freed folio
+        if not try_grab_folio_fast(k, folio, 1, pin):  # freed, or frozen by a split
             break
-        try_grab_folio(k, folio, 1, pin)
         if sched.active: await sched.point("gup:grabbed")
         if pt is None or pt.ptes.get(vpn) is not pte:  # the PTE changed: put the pin back
             pin.pages.pop()

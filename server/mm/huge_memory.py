@@ -14,6 +14,7 @@ The huge PMD is charged with its deposited page table and the PTEs its split wou
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .locks import Current, SpinLock
@@ -38,15 +39,18 @@ from .mm_types import (
     Folio,
     HugePmd,
     LargeFolio,
+    MigrationEntry,
     Mm,
     MmError,
     PageTable,
     Pte,
+    SwapPte,
     Vma,
     folio_bytes,
     folio_maybe_dma_pinned,
+    is_migration_entry,
 )
-from .page_ref import folio_ref_add
+from .page_ref import folio_ref_add, folio_ref_freeze, folio_ref_sub
 from .rmap import (
     AnonVma,
     PageAnonExclusive,
@@ -61,6 +65,7 @@ from .rmap import (
     put_anon_vma,
     unpin,
 )
+from .sched import uninterruptible
 from .swap import folio_add_lru, folio_putback_lru, lruvec_del_folio
 
 if TYPE_CHECKING:
@@ -471,12 +476,14 @@ async def split_folio(
     k: Kernel, cur: Current, folio: LargeFolio, to_list: list[Folio] | None = None, pinned: bool = True
 ) -> Folio:
     """Split a large folio into small ones (split_folio, __folio_split). Every mapping found
-    through its anon_vma tree becomes a mapping of its page's own folio (unmap_folio and
-    remap_page in one pass: a huge PMD mapping it is split first); a page that reads all zeros
-    is mapped by the shared zero page instead (RMP_USE_SHARED_ZEROPAGE, but not in an mlocked
-    VMA). Each new folio keeps the page's contents, PG_anon_exclusive, the folio's anon_vma and
-    its own index, and goes on the LRU; the large folio is retired. Raises MmError: EBUSY when
-    the folio has no anon_vma, EAGAIN when someone else holds a reference (can_split_folio).
+    through its anon_vma tree is replaced by a migration entry (unmap_folio: a huge PMD mapping
+    it is split first); the count is frozen (folio_ref_freeze), and each migration entry becomes
+    a mapping of its page's own folio (remap_page), or of the shared zero page for a page that
+    reads all zeros (RMP_USE_SHARED_ZEROPAGE, but not in an mlocked VMA). Each new folio keeps
+    the page's contents, PG_anon_exclusive (the migration entry's), the folio's anon_vma and its
+    own index, and goes on the LRU; the large folio is retired. Raises MmError: EBUSY when the
+    folio has no anon_vma, EAGAIN when someone else holds a reference (can_split_folio, and the
+    freeze, which a reference taken since the check makes fail: the folio is mapped back whole).
 
     Expects the folio locked by ``cur`` with a reference of the caller's (``pinned``: ``cur``'s
     pin); returns the head, now a small folio, locked by ``cur`` and carrying that reference (the
@@ -484,30 +491,47 @@ async def split_folio(
     reclaim's) splits into isolated folios: the head stays off the LRU and the others, each with
     a reference, are appended to ``to_list`` (split_folio_to_list). Takes the anon_vma root rwsem
     for write (the walkers are kept out while the mappings change), then each PMD lock and PTL
-    in turn."""
+    in turn; once it holds the rwsem it runs to its end, cancelled or not (a migration entry left
+    behind would make every fault on it wait for ever)."""
     anon_vma = await folio_get_anon_vma(k, cur, folio)
     if anon_vma is None:
         raise MmError(errno.EBUSY, f"folio {folio.id} has no anon_vma")
     try:
         await anon_vma_lock_write(cur, anon_vma)
-        try:
-            if folio.refcount != folio.mapcount + 1 + (folio.nr_pages if folio.swapcache else 0):
-                raise MmError(errno.EAGAIN, f"folio {folio.id} has references besides its mappings")
-            small = await __split_folio_mappings(k, cur, folio, anon_vma, isolated=not folio.lru)
-        finally:
-            anon_vma_unlock_write(cur, anon_vma)
+        return await uninterruptible(lambda: __folio_split(k, cur, folio, anon_vma, to_list, pinned))
     finally:
         await put_anon_vma(k, cur, anon_vma)
-    isolated = not folio.lru
+
+
+async def __folio_split(
+    k: Kernel, cur: Current, folio: LargeFolio, anon_vma: AnonVma, to_list: list[Folio] | None, pinned: bool
+) -> Folio:
+    """split_folio's work under the anon_vma root rwsem, which it lets go."""
+    try:
+        # can_split_folio: the caller's reference, the swap cache's, one per mapping
+        extra = 1 + (folio.nr_pages if folio.swapcache else 0)
+        if folio.refcount != folio.mapcount + extra:
+            k.stats["thp_split_page_failed"] += 1
+            raise MmError(errno.EAGAIN, f"folio {folio.id} has references besides its mappings")
+        await unmap_folio(k, cur, folio, anon_vma)
+        if k.sched.active: await k.sched.point("split:unmapped")
+        if not folio_ref_freeze(k, folio, extra):  # a reference taken since (GUP-fast, a walker)
+            await remap_page(k, cur, folio, anon_vma, None, False)
+            k.stats["thp_split_page_failed"] += 1
+            raise MmError(errno.EAGAIN, f"folio {folio.id} took a reference while it was being split")
+        isolated = not folio.lru
+        small: list[Folio | None] = [None] * folio.nr_pages
+        await remap_page(k, cur, folio, anon_vma, small, isolated)
+    finally:
+        anon_vma_unlock_write(cur, anon_vma)
     head = small[0]
     if head is None:  # the head was mapped nowhere, or became the zero page: the caller's alone
         head = small[0] = __split_page(k, cur, folio, 0, isolated)
     # The caller's reference and lock move to the head (locked since it was made); the other new
-    # folios are let go. The split's reference counts change by plain stores: the kernel's change
-    # them frozen (folio_ref_freeze ... folio_ref_unfreeze).
+    # folios are let go. The new folios' counts are set by plain stores: nobody can reach them
+    # before their lock is let go, and the large folio's stays frozen at zero.
     lock = folio.lock
     assert lock is not None
-    folio.refcount -= 1
     head.refcount += 1
     if pinned:
         unpin(cur, folio)
@@ -556,24 +580,26 @@ def __split_page(k: Kernel, cur: Current, folio: LargeFolio, i: int, isolated: b
     return f
 
 
-async def __split_folio_mappings(
-    k: Kernel, cur: Current, folio: LargeFolio, anon_vma: AnonVma, isolated: bool
-) -> list[Folio | None]:
-    """Remap every mapping of ``folio`` to its page's new folio (or the zero page). Expects the
-    folio lock and the anon_vma root rwsem (write) held; takes each PMD lock and PTL in turn.
-    Returns the new folios by page (None: none was needed)."""
-    nr = folio.nr_pages
-    small: list[Folio | None] = [None] * nr
-    first = folio.index
-    for avc in list(anon_vma.rb_root):  # anon_vma_interval_tree_foreach over the folio's pages
+def _folio_ranges(folio: LargeFolio, anon_vma: AnonVma) -> Iterator[tuple[Vma, int, int]]:
+    """The ranges [start, end) of the VMAs of ``anon_vma``'s tree where ``folio``'s pages would
+    be mapped (anon_vma_interval_tree_foreach over its page offsets)."""
+    first, nr = folio.index, folio.nr_pages
+    for avc in list(anon_vma.rb_root):
         vma = avc.vma
         lo, hi = max(first, vma.pgoff), min(first + nr, vma.pgoff + vma.pages)
-        if lo >= hi:
-            continue
+        if lo < hi:
+            start = vma.start + ((lo - vma.pgoff) << PAGE_SHIFT)
+            yield vma, start, start + ((hi - lo) << PAGE_SHIFT)
+
+
+async def unmap_folio(k: Kernel, cur: Current, folio: LargeFolio, anon_vma: AnonVma) -> None:
+    """try_to_migrate over ``folio``'s mappings (TTU_SPLIT_HUGE_PMD): a huge PMD mapping it is
+    split into PTEs, and each PTE mapping one of its pages becomes a migration entry carrying
+    the PTE's bits; its mapcount and its reference are dropped. Expects the folio lock and the
+    anon_vma root rwsem (write) held; takes each PMD lock and PTL in turn."""
+    for vma, start, end in _folio_ranges(folio, anon_vma):
         mm = vma.mm
-        start = vma.start + ((lo - vma.pgoff) << PAGE_SHIFT)
-        end = start + ((hi - lo) << PAGE_SHIFT)
-        for idx in mm.huge_pmds_in(start, end):  # TTU_SPLIT_HUGE_PMD
+        for idx in mm.huge_pmds_in(start, end):
             hp = mm.huge_pmds.get(idx)
             if hp is not None and hp.folio is folio:
                 ptl = await pmd_lock(k, cur, mm, idx << PMD_SHIFT)
@@ -581,38 +607,93 @@ async def __split_folio_mappings(
                 if hp is not None and hp.folio is folio:
                     split_huge_pmd_locked(k, vma, idx, hp)
                 ptl.spin_unlock(cur)
-        zero_ok = not vma.flags & VM_LOCKED
-        for idx in mm.pgtables_in(start, end):
-            pt = mm.pgtables.get(idx)
-            if pt is None or not pt.ptes:
-                continue
+        for pt, vpn_lo, vpn_hi in _tables_in(mm, start, end):
             await k.spin_lock(cur, pt.ptl)
             ptes = pt.ptes
-            for vpn in range(max(start >> PAGE_SHIFT, idx << (PMD_SHIFT - PAGE_SHIFT)),
-                             min(end >> PAGE_SHIFT, (idx + 1) << (PMD_SHIFT - PAGE_SHIFT))):
+            n = 0
+            for vpn in range(vpn_lo, vpn_hi):
                 pte = ptes.get(vpn)
                 if pte is None or pte.folio is not folio:
                     continue
                 i = pte.page
-                if zero_ok and not folio.values[i]:  # try_to_map_unused_to_zeropage
-                    ptes[vpn] = Pte(ZERO_PAGE, False, pte.young, False, pte.uffd_wp, pte.soft_dirty or pte.dirty)
-                    mm.rss_anon -= 1
-                else:
-                    f = small[i]
-                    if f is None:
-                        f = small[i] = __split_page(k, cur, folio, i, isolated)
-                    else:
-                        f.value = folio.values[i]
-                    f.mapcount += 1
-                    f.refcount += 1
-                    if k.detect: __page_check_anon_rmap(k, cur, f, 0, vma, vpn << PAGE_SHIFT)
-                    ptes[vpn] = Pte(f, pte.write, pte.young, pte.dirty, pte.uffd_wp, pte.soft_dirty)
-                folio.pages_mapcount[i] -= 1
+                del ptes[vpn]
+                entry = MigrationEntry(folio, i, pte.write, folio.anon_exclusive[i], pte.young, pte.dirty)
+                pt.swap[vpn] = SwapPte(entry, False, pte.uffd_wp, pte.soft_dirty)
+                folio.anon_exclusive[i] = False  # folio_try_share_anon_rmap_pte: the entry keeps it
+                folio.pages_mapcount[i] -= 1  # folio_remove_rmap_pte
                 folio.mapcount -= 1
-                folio.refcount -= 1
                 folio.mm_map(mm.id, -1)
+                n += 1
+            if n:  # folio_put_refs, once for the table: the caller's reference keeps it above zero
+                folio_ref_sub(k, folio, n)
             pt.ptl.spin_unlock(cur)
-    return small
+
+
+async def remap_page(
+    k: Kernel, cur: Current, folio: LargeFolio, anon_vma: AnonVma, small: list[Folio | None] | None,
+    isolated: bool,
+) -> None:
+    """remove_migration_ptes over ``folio``'s migration entries, found again through the anon_vma
+    tree (a fork may have copied one meanwhile, a zap removed one, an mremap moved one). With
+    ``small`` (the split done: RMP_USE_SHARED_ZEROPAGE), page i is mapped by its new folio
+    ``small[i]`` (made on its first mapping) or by the zero page; without it (the freeze failed),
+    by ``folio`` again. The PTE gets the entry's bits, the uffd-wp and soft-dirty bits of the
+    swap PTE. Expects the folio lock and the anon_vma root rwsem (write) held; takes each PTL."""
+    for vma, start, end in _folio_ranges(folio, anon_vma):
+        mm = vma.mm
+        zero_ok = small is not None and not vma.flags & VM_LOCKED
+        for pt, vpn_lo, vpn_hi in _tables_in(mm, start, end):
+            if not pt.swap:
+                continue
+            await k.spin_lock(cur, pt.ptl)
+            swap = pt.swap
+            back = 0
+            for vpn in range(vpn_lo, vpn_hi):
+                swp = swap.get(vpn)
+                if swp is None:
+                    continue
+                entry = swp.entry
+                if not is_migration_entry(entry) or entry.folio is not folio:
+                    continue
+                del swap[vpn]
+                i = entry.page
+                f: Folio = folio
+                if small is None:  # back to the folio itself
+                    back += 1
+                    if entry.exclusive:
+                        folio.anon_exclusive[i] = True
+                    folio.pages_mapcount[i] += 1
+                    folio.mapcount += 1
+                    folio.mm_map(mm.id, 1)
+                elif zero_ok and not folio.values[i]:  # try_to_map_unused_to_zeropage
+                    pt.ptes[vpn] = Pte(ZERO_PAGE, False, entry.young, False, swp.uffd_wp, swp.soft_dirty or entry.dirty)
+                    mm.rss_anon -= 1
+                    continue
+                else:
+                    g = small[i]
+                    if g is None:
+                        g = small[i] = __split_page(k, cur, folio, i, isolated)
+                    g.exclusive = entry.exclusive
+                    g.mapcount += 1
+                    g.refcount += 1
+                    f = g
+                if k.detect: __page_check_anon_rmap(k, cur, f, i if f is folio else 0, vma, vpn << PAGE_SHIFT)
+                pt.ptes[vpn] = Pte(
+                    f, entry.write, entry.young, entry.dirty, swp.uffd_wp, swp.soft_dirty, page=i if f is folio else 0
+                )
+            if back:  # the mappings' references, once for the table
+                folio_ref_add(k, folio, back)
+            pt.ptl.spin_unlock(cur)
+
+
+def _tables_in(mm: Mm, start: int, end: int) -> Iterator[tuple[PageTable, int, int]]:
+    """The PTE tables of ``mm`` that exist in [start, end), each with the page numbers it covers
+    there."""
+    for idx in mm.pgtables_in(start, end):
+        pt = mm.pgtables.get(idx)
+        if pt is not None:
+            yield (pt, max(start >> PAGE_SHIFT, idx << (PMD_SHIFT - PAGE_SHIFT)),
+                   min(end >> PAGE_SHIFT, (idx + 1) << (PMD_SHIFT - PAGE_SHIFT)))
 
 
 async def move_pages_huge_pmd(

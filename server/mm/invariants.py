@@ -42,6 +42,7 @@ from .mm_types import (
     Folio,
     LargeFolio,
     Vma,
+    is_migration_entry,
 )
 from .sched import RESCHED_WORK
 from .swap import LRU_ACTIVE_ANON, LRU_INACTIVE_ANON
@@ -252,7 +253,13 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     bad(f"{where}: swap PTE {addr:#x} in the wrong table")
                 if mm.vma_lookup(addr) is None:
                     bad(f"{where}: swap PTE at {addr:#x} outside every VMA")
-                off = swp.entry.offset
+                entry = swp.entry
+                if is_migration_entry(entry):  # a split runs to its end within one call
+                    bad(f"{where}: migration entry for {entry.trace_name} left at {addr:#x}")
+                    rss += 1
+                    swapped -= 1
+                    continue
+                off = entry.offset
                 swap_refs[off] += 1
                 if swp.exclusive:
                     swap_exclusive.append((f"{where}: {addr:#x}", off))

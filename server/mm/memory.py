@@ -16,6 +16,7 @@ from .huge_memory import (
 )
 from .locks import Current
 from .memcontrol import MemoryLimitExceeded
+from .migrate import migration_entry_wait
 from .mm_types import (
     FOLIO_BYTES,
     HPAGE_PMD_NR,
@@ -32,6 +33,7 @@ from .mm_types import (
     ZERO_PAGE,
     Folio,
     LargeFolio,
+    MigrationEntry,
     Mm,
     MmError,
     PageTable,
@@ -39,6 +41,7 @@ from .mm_types import (
     SwapPte,
     Vma,
     folio_bytes,
+    is_migration_entry,
 )
 from .page_ref import folio_put_testzero, folio_ref_add
 from .rmap import (
@@ -353,6 +356,9 @@ async def do_swap_page(
     vpn = addr >> PAGE_SHIFT
     si = k.swap
     entry = orig.entry
+    if is_migration_entry(entry):  # is_migration_entry: a split has the page unmapped
+        await migration_entry_wait(k, cur, mm, addr, orig)
+        return False
     folio = await swapin_folio(k, cur, vma, entry)
     if folio is None:
         return False
@@ -618,10 +624,14 @@ async def zap_pte_range(
             swap = pt.swap
             vpns = list(swap) if whole else [v for v in swap if lo <= v < hi]
             for vpn in vpns:
-                free_swap_and_cache(k, cur, swap.pop(vpn).entry)
+                entry = swap.pop(vpn).entry
+                if is_migration_entry(entry):  # the split maps nothing here now
+                    mm.rss_anon -= 1
+                    continue
+                free_swap_and_cache(k, cur, entry)
+                mm.swap_ents -= 1
                 if unmapped is not None:
                     unmapped.append(vpn)
-            mm.swap_ents -= len(vpns)
             n += len(vpns)
         pt.ptl.spin_unlock(cur)
         memcg.uncharge(n * PTE_BYTES)
@@ -648,21 +658,36 @@ async def free_pgtables(mm: Mm, start: int, end: int) -> None:
 
 
 def copy_nonpresent_ptes(
-    k: Kernel, src_pt: PageTable, dst_pt: PageTable, lo: int, hi: int, whole: bool, folio_vpns: list[int] | None
+    k: Kernel, dst_mm: Mm, src_pt: PageTable, dst_pt: PageTable, lo: int, hi: int, whole: bool,
+    folio_vpns: list[int] | None,
 ) -> int:
     """Fork's copy of the swap PTEs of [lo, hi) (copy_nonpresent_pte): each slot's count raised
     (swap_duplicate), an exclusive parent's swap PTE made shared, the child's without the uffd-wp
-    bit (it is not registered). Expects both PTLs held. Returns the swap PTEs copied."""
+    bit (it is not registered). A migration entry is copied made readable in both (the page is
+    shared once the split maps it), and counts in the child's MM_ANONPAGES. Expects both PTLs
+    held. Returns the swap PTEs copied (migration entries not counted)."""
     si = k.swap
     dst = dst_pt.swap
     n = len(dst)
     for vpn, swp in src_pt.swap.items():
         if not whole and not lo <= vpn < hi:
             continue
-        err = swap_duplicate(si, swp.entry)
-        assert err == 0, f"copy_nonpresent_pte: swap_duplicate {swp.entry.trace_name}: {err}"
+        entry = swp.entry
+        if is_migration_entry(entry):
+            entry.write = entry.exclusive = False  # make_readable_migration_entry
+            dst[vpn] = SwapPte(
+                MigrationEntry(entry.folio, entry.page, False, False, entry.young, entry.dirty), False, False,
+                swp.soft_dirty,
+            )
+            dst_mm.rss_anon += 1
+            n += 1
+            if folio_vpns is not None:
+                folio_vpns.append(vpn)
+            continue
+        err = swap_duplicate(si, entry)
+        assert err == 0, f"copy_nonpresent_pte: swap_duplicate {entry.trace_name}: {err}"
         swp.exclusive = False  # pte_swp_clear_exclusive in the parent
-        dst[vpn] = SwapPte(swp.entry, False, False, swp.soft_dirty)
+        dst[vpn] = SwapPte(entry, False, False, swp.soft_dirty)
         if folio_vpns is not None:
             folio_vpns.append(vpn)
     return len(dst) - n
@@ -745,7 +770,7 @@ async def copy_page_range(
             dst_ptes[vpn] = Pte(folio, False, False, pte.dirty, soft_dirty=pte.soft_dirty, page=pte.page)
         dst_mm.rss_anon += rss
         if src_pt.swap:
-            dst_mm.swap_ents += copy_nonpresent_ptes(k, src_pt, dst_pt, lo, hi, whole, folio_vpns)
+            dst_mm.swap_ents += copy_nonpresent_ptes(k, dst_mm, src_pt, dst_pt, lo, hi, whole, folio_vpns)
         src_pt.ptl.spin_unlock(cur)
         dst_pt.ptl.spin_unlock(cur)
         if copies < ncopy:

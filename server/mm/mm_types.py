@@ -15,6 +15,8 @@ from sortedcontainers import SortedDict
 from .locks import Current, LockClass, LockdepState, Mutex, RwSem, SpinLock
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
     from .memcontrol import MemCgroup
     from .rmap import AnonVma, AnonVmaChain
     from .swapfile import SwpEntry
@@ -378,20 +380,59 @@ class HugePmd:
         self.deposit = deposit
 
 
+class MigrationEntry:
+    """A migration entry (a swp_entry_t of a migration type, non_swap_entry): page ``page`` of
+    ``folio`` while a split has it unmapped (try_to_migrate, TTU_SPLIT_HUGE_PMD), with what the
+    PTE it replaced said: ``write`` (a writable migration entry), ``exclusive`` (writable or
+    readable-exclusive: the page was PageAnonExclusive), ``young`` and ``dirty``. It holds no
+    mapcount and no reference; it counts in the mm's MM_ANONPAGES. Whoever meets one waits for
+    the folio's lock (migration_entry_wait) and retries; remove_migration_pte maps the page again."""
+
+    __slots__ = ("folio", "page", "write", "exclusive", "young", "dirty")
+
+    def __init__(self, folio: LargeFolio, page: int, write: bool, exclusive: bool, young: bool, dirty: bool) -> None:
+        self.folio = folio
+        self.page = page
+        self.write = write
+        self.exclusive = exclusive
+        self.young = young
+        self.dirty = dirty
+
+    @property
+    def trace_name(self) -> str:
+        return f"migration:folio{self.folio.id}[{self.page}]"
+
+
+def is_migration_entry(entry: SwpEntry | MigrationEntry) -> TypeIs[MigrationEntry]:
+    """is_migration_entry: a swap PTE that names a page being split, not a slot."""
+    return type(entry) is MigrationEntry
+
+
 class SwapPte:
     """A swap PTE (a non-present PTE holding a swap entry): the slot, and the bits 6.18 keeps in
     it: ``exclusive`` (pte_swp_exclusive: the page was exclusive when unmapped, so a swap-in may
     map it writable and exclusive again), ``uffd_wp`` and ``soft_dirty``. Kept in the PTE table's
     ``swap`` map, beside the present PTEs of ``ptes``: a page number is in at most one of them, and
-    in neither while its PTE is none. Charged PTE_BYTES, as a present PTE."""
+    in neither while its PTE is none. Charged PTE_BYTES, as a present PTE. Its ``entry`` is a
+    ``MigrationEntry`` while a split has the page unmapped (``exclusive`` is then False: the
+    entry's own bit says it)."""
 
     __slots__ = ("entry", "exclusive", "uffd_wp", "soft_dirty")
 
-    def __init__(self, entry: SwpEntry, exclusive: bool, uffd_wp: bool = False, soft_dirty: bool = False) -> None:
+    def __init__(
+        self, entry: SwpEntry | MigrationEntry, exclusive: bool, uffd_wp: bool = False, soft_dirty: bool = False
+    ) -> None:
         self.entry = entry
         self.exclusive = exclusive
         self.uffd_wp = uffd_wp
         self.soft_dirty = soft_dirty
+
+    @property
+    def slot(self) -> SwpEntry:
+        """The slot a swap entry names (never asked of a migration entry)."""
+        entry = self.entry
+        assert not is_migration_entry(entry), f"{entry.trace_name} names no swap slot"
+        return entry
 
 
 class PageTable:

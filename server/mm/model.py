@@ -59,12 +59,13 @@ from .mm_types import (
     MmError,
     Vma,
     folio_maybe_dma_pinned,
+    is_migration_entry,
 )
 from .mmap import do_mmap, do_munmap, page_align
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_end_write_all
 from .mprotect import do_mprotect
 from .mremap import MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, RemapLog, do_mremap
-from .page_ref import folio_ref_add
+from .page_ref import folio_try_get
 from .rmap import AnonVma
 from .sched import RESCHED_WORK, cond_resched, uninterruptible
 from .stats import read_stats
@@ -855,12 +856,15 @@ class MemoryModel:
         try:
             folio = mapped_folio(mm, addr)
             if folio is None:
-                swapped = mm.swap_pte_lookup(addr) is not None
-                raise MmError(errno.ENOENT, f"the page at {addr:#x} is swapped out" if swapped else
+                swp = mm.swap_pte_lookup(addr)
+                if swp is not None and is_migration_entry(swp.entry):
+                    raise MmError(errno.EAGAIN, f"the folio at {addr:#x} is being split")
+                raise MmError(errno.ENOENT, f"the page at {addr:#x} is swapped out" if swp is not None else
                               f"nothing mapped at {addr:#x}")
             if folio is ZERO_PAGE or folio is HUGE_ZERO_FOLIO:
                 raise MmError(errno.ENOENT, f"the zero page at {addr:#x} has no reverse map")
-            folio_ref_add(self.k, folio, 1)  # the caller's reference, as reclaim holds one
+            if not folio_try_get(self.k, folio):  # the caller's reference, as a PFN walker takes one
+                raise MmError(errno.EAGAIN, f"the folio at {addr:#x} is being split or freed")
             try:
                 rwc = await self.k.ops.folio_referenced(self.k, cur, folio, try_lock=not blocking)
             except BaseException:

@@ -40,6 +40,7 @@ from .mm_types import (
     Mm,
     MmError,
     Vma,
+    is_migration_entry,
 )
 from .mmap import __split_vma, page_align, split_vma, vma_merge, vma_modify_merges, vma_split_reserve
 from .mmap_lock import vma_start_write
@@ -67,7 +68,8 @@ def mprotect_newflags(vma: Vma, prot_bits: int) -> int:
 async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: int, writable: bool) -> int:
     """change_pte_range over [start, end) of one VMA whose flags just changed. Expects mmap_lock
     held for write; takes each PTE table's PTL in turn. Without VM_WRITE every PTE is
-    write-protected; with it, PTEs of exclusive anonymous folios become writable again. Lets other
+    write-protected; with it, PTEs of exclusive anonymous folios become writable again. A
+    migration entry is made readable either way (it keeps its exclusive bit). Lets other
     tasks run between tables every RESCHED_WORK PTEs. Returns the PTEs visited."""
     lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
     vma = mm.vma_lookup(start)
@@ -80,10 +82,14 @@ async def change_protection(k: Kernel, cur: Current, mm: Mm, start: int, end: in
         await change_huge_pmds(k, cur, vma, start, end, writable, keep_wp)
     for idx in mm.pgtables_in(start, end):
         pt = mm.pgtables.get(idx)
-        if pt is None or not pt.ptes:
+        if pt is None or not (pt.ptes or pt.swap):
             continue
         await k.spin_lock(cur, pt.ptl)  # the table may be shared with a VMA a preempted mover holds
         n = 0
+        for vpn, swp in pt.swap.items():
+            entry = swp.entry
+            if lo <= vpn < hi and is_migration_entry(entry):
+                entry.write = False  # a writable migration entry made readable(-exclusive)
         for vpn, pte in pt.ptes.items():
             if not lo <= vpn < hi:
                 continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .trace import atomic_add_return, atomic_inc_not_zero
+from .trace import atomic_add_return, atomic_cmpxchg, atomic_inc_not_zero
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -40,3 +40,10 @@ def folio_put_testzero(k: Kernel, folio: Folio) -> bool:
 def folio_try_get(k: Kernel, folio: Folio) -> bool:
     """``folio_try_get``: a reference unless the count is zero (the folio is being freed)."""
     return atomic_inc_not_zero(k, folio)
+
+
+def folio_ref_freeze(k: Kernel, folio: Folio, count: int) -> bool:
+    """``folio_ref_freeze``: the count set to zero if it is exactly ``count`` (the references the
+    caller accounts for), so that every speculative get (folio_try_get) fails while it stays
+    frozen; False if anyone else holds one."""
+    return atomic_cmpxchg(k, folio, count, 0)

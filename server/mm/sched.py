@@ -42,6 +42,7 @@ POINTS = (
     "gup:pte-read",  # gup_fast: the PTE (or huge PMD) read locklessly, the folio not yet pinned
     "gup:grabbed",  # gup_fast: the folio pinned, before the PTE is read again
     "reclaim:folio-locked",  # shrink_folio_list: the folio trylocked, before its references and unmap
+    "split:unmapped",  # __folio_split: every mapping a migration entry, before the count is frozen
     "exit:between-vmas",  # exit_mmap: between tearing down two VMAs
     "free:before-anon-vma-free",  # anon_vma_free: refcount zero, before the root handshake and the slab free
     "free:after-anon-vma-free",  # anon_vma_free: back in the SLAB_TYPESAFE_BY_RCU cache, reusable at once

@@ -17,7 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .mm_types import HPAGE_PMD_NR, HUGE_ZERO_FOLIO, PAGE_SHIFT, PMD_SHIFT, VM_SOFTDIRTY, ZERO_PAGE, HugePmd, Mm
+from .mm_types import (
+    HPAGE_PMD_NR,
+    HUGE_ZERO_FOLIO,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    VM_SOFTDIRTY,
+    ZERO_PAGE,
+    HugePmd,
+    Mm,
+    is_migration_entry,
+)
 from .swapfile import SwapInfo
 
 
@@ -84,6 +94,9 @@ def pagemap_read(mm: Mm, si: SwapInfo, start: int, pages: int) -> list[PagemapEn
         swp = pt.swap.get(vpn)
         if swp is not None:
             entry = swp.entry
+            if is_migration_entry(entry):  # a page a split has unmapped: PM_SWAP; resident to mincore
+                out.append(PagemapEntry(swap=True, uffd_wp=swp.uffd_wp, soft_dirty=swp.soft_dirty, swapcache=True))
+                continue
             out.append(PagemapEntry(
                 swap=True, uffd_wp=swp.uffd_wp, soft_dirty=swp.soft_dirty,
                 swapcache=entry.type == si.type and entry.offset in si.swap_table,

@@ -103,6 +103,28 @@ def atomic_inc_not_zero(k: Kernel, obj: Any) -> bool:
     return bool(old)
 
 
+def atomic_cmpxchg(k: Kernel, obj: Any, old: int, new: int) -> bool:
+    """``atomic_cmpxchg(&obj->refcount, old, new) == old``: the count set to ``new`` if it was
+    ``old``, in one step. Watched, a read of the count (a write where it took), not an add: an
+    add beside it does not commute with it."""
+    tr = k.trace
+    if tr is None:
+        if obj.refcount != old:
+            return False
+        obj.refcount = new
+        return True
+    global field_hook
+    hook, field_hook = field_hook, None
+    seen = obj.refcount
+    if seen == old:
+        obj.refcount = new
+    field_hook = hook
+    tr.state(f"{name(obj)} refcount cmpxchg {old} → {new}: " + ("done" if seen == old else f"fails ({seen})"))
+    done = bool(seen == old)
+    tr.access(obj, "refcount", done)
+    return done
+
+
 def trace_load(k: Kernel, where: str, obj: Any, field: str) -> None:
     """Show a read of ``obj->field`` just made (the hot paths' form of READ_ONCE)."""
     assert k.trace is not None

@@ -21,6 +21,7 @@ from .huge_memory import __split_huge_pmd, pmd_none, split_folio
 from .locks import Current, SpinLock
 from .memcontrol import MemoryLimitExceeded
 from .memory import charge_pte, folio_put
+from .migrate import migration_entry_wait
 from .mm_types import (
     FOLIO_BYTES,
     HUGE_ZERO_FOLIO,
@@ -49,6 +50,7 @@ from .mm_types import (
     SwapPte,
     Vma,
     folio_maybe_dma_pinned,
+    is_migration_entry,
 )
 from .mmap import vma_modify
 from .mmap_lock import lock_vma_under_rcu, vma_end_read, vma_start_read_locked
@@ -672,6 +674,11 @@ async def move_pages_pte(
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
                 break
             # A swap PTE (6.14+): its folio in the swap cache, if any, moves with it.
+            if is_migration_entry(orig_src_swp.entry):  # a split has the page unmapped: wait, retry
+                if src_folio is None:
+                    await migration_entry_wait(k, cur, src_vma.mm, src_addr, orig_src_swp)
+                ret = -errno.EAGAIN
+                break
             if src_folio is not None and orig_src_swp is not src_folio_pte:
                 ret = -errno.EAGAIN
                 break
@@ -936,6 +943,7 @@ async def move_swap_pte(
     PTLs (double_pt_lock). Returns PAGE_SIZE or a negative errno."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     entry = orig_src_pte.entry
+    assert not is_migration_entry(entry), "move_swap_pte of a migration entry"
     if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
         return -errno.EAGAIN
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)

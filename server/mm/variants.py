@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from .huge_memory import pmd_lock, pmd_none
 from .locks import Current, SpinLock
 from .memory import folio_put
+from .migrate import migration_entry_wait
 from .mm_types import (
     ANON_VMA_BYTES,
     AVC_BYTES,
@@ -40,6 +41,7 @@ from .mm_types import (
     SwapPte,
     Vma,
     folio_maybe_dma_pinned,
+    is_migration_entry,
 )
 from .page_ref import folio_ref_add
 from .rmap import (
@@ -466,6 +468,11 @@ async def move_pages_pte_no_anon_vma_lock(
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
                 break
+            if is_migration_entry(orig_src_swp.entry):  # a split has the page unmapped: wait, retry
+                if src_folio is None:
+                    await migration_entry_wait(k, cur, src_vma.mm, src_addr, orig_src_swp)
+                ret = -errno.EAGAIN
+                break
             if src_folio is not None and orig_src_swp is not src_folio_pte:
                 ret = -errno.EAGAIN
                 break
@@ -560,6 +567,11 @@ async def move_pages_pte_no_locks(
         if orig_src_pte is None:
             if orig_src_swp is None:
                 ret = PAGE_SIZE if holes else -errno.ENOENT  # nothing to do to move a hole
+                break
+            if is_migration_entry(orig_src_swp.entry):  # a split has the page unmapped: wait, retry
+                if src_folio is None:
+                    await migration_entry_wait(k, cur, src_vma.mm, src_addr, orig_src_swp)
+                ret = -errno.EAGAIN
                 break
             if src_folio is not None and orig_src_swp is not src_folio_pte:
                 ret = -errno.EAGAIN
@@ -1004,6 +1016,7 @@ async def move_swap_pte_keeps_mapping(
     keeps the source's anon_vma and index."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     entry = orig_src_pte.entry
+    assert not is_migration_entry(entry), "move_swap_pte of a migration entry"
     if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
         return -errno.EAGAIN
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
@@ -1031,6 +1044,7 @@ async def move_swap_pte_no_has_cache_check(
     and that folio keeps the source's anon_vma and index."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     entry = orig_src_pte.entry
+    assert not is_migration_entry(entry), "move_swap_pte of a migration entry"
     if src_folio is not None and not folio_matches_swap_entry(src_folio, entry):
         return -errno.EAGAIN
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
@@ -1055,6 +1069,7 @@ async def move_swap_pte_no_folio_match_check(
     the PTE without checking, once locked, that it is still the swap cache's folio for the entry."""
     dvpn, svpn = dst_addr >> PAGE_SHIFT, src_addr >> PAGE_SHIFT
     entry = orig_src_pte.entry
+    assert not is_migration_entry(entry), "move_swap_pte of a migration entry"
     # the mutant: no `folio_test_swapcache(src_folio) && entry.val == src_folio->swap.val` check
     await k.ops.double_pt_lock(k, cur, dst_pt.ptl, src_pt.ptl)
     if not dst_pt.pte_none(dvpn) or not swp_pte_same(src_pt.swap.get(svpn), orig_src_pte):

@@ -77,6 +77,7 @@ from ..mm.mm_types import (
     Pte,
     SwapPte,
     Vma,
+    is_migration_entry,
 )
 from ..mm.model import MemoryModel
 from ..mm.rcu import Rcu, TypesafeCache, TypesafeObject
@@ -584,7 +585,9 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                                    getattr(f, "index", 0), getattr(f, "mapcount", 0),
                                    bool(lock and lock.owner), pte.page, f.pincount))
                 for vpn, swp in pt.swap.items():
-                    folios.append((mm.id, vpn, -1, swp.entry.offset, int(swp.exclusive)))
+                    e = swp.entry
+                    folios.append((mm.id, vpn, -1, e.offset, int(swp.exclusive)) if not is_migration_entry(e) else
+                                  (mm.id, vpn, -2, e.folio.id, e.page, e.write, e.exclusive))
         for off, f in m.k.swap.swap_table.items():  # the swap cache: mapped or not
             mapping = f.mapping
             folios.append((-1, off, f.id, mapping.id if mapping else 0, f.index, f.mapcount,

@@ -9,8 +9,10 @@ MISSING-registered destination for moves. Its two or three threads each do one o
 drawn from walk, move, fork, exit, munmap, mremap, fault (read or write), pageout, reclaim, split
 (a one-page ``dontneed`` or move inside the THP) and pin, most of them on one "hot" page; in most
 programs the first two threads open with a move of that page and a walk of it (the rmap's own
-race), a move of its neighbour, a pin or a fault. Program ``i`` of seed ``s`` is the same text
-everywhere.
+race), a move of its neighbour, a pin or a fault. Some move the THP's huge PMD whole (a THP's
+or the huge zero page's), against a pin of it or a fault at its destination; some page the hot
+page out first, so that the opening fault is a swap-in against the move of its swap PTE.
+Program ``i`` of seed ``s`` is the same text everywhere.
 
 ``shrink`` takes a program a search catches and drops operations (thread ones, then set-up ones)
 while the same kind of check still catches it, leaving a minimal litmus file to keep.
@@ -33,6 +35,8 @@ THP = 0x200000
 DST = 0x600000
 DST_PAGES = 4
 REMAP_TO = 0x800000
+#: A whole PMD's destination (2 MiB-aligned, registered): a move of the THP's huge PMD whole.
+PMD_DST = 0xA00000
 
 
 @dataclass
@@ -60,6 +64,7 @@ def program(seed: int, i: int) -> str:
     """Program ``i`` of ``seed``: a litmus text named ``gen-SEED-I``."""
     rng = random.Random((seed * 1_000_003 + i) & 0xFFFFFFFF)
     thp = rng.random() < 0.3
+    huge_zero = pte_mapped = False
     setup = ["p = process", f"mmap p {SRC:#x} {SRC_PAGES}"]
     for k in range(SRC_PAGES):
         if rng.random() < 0.8:
@@ -68,10 +73,12 @@ def program(seed: int, i: int) -> str:
         setup += [f"mmap p {THP:#x} 512", f"madvise p {THP:#x} 512 hugepage"]
         if rng.random() < 0.25:  # a read fault: the huge zero page
             setup.append(f"read p {THP:#x}")
+            huge_zero = True
         else:
             setup.append(f"write p {THP:#x} 9")
             if rng.random() < 0.5:  # mapped by PTEs: a later move splits the folio itself
                 setup.append(f"madvise p {THP + 511 * PAGE_SIZE:#x} 1 dontneed")
+                pte_mapped = True
     split_vma = rng.random() < 0.2
     hot = SRC + rng.randrange(SRC_PAGES) * PAGE_SIZE
     if thp and rng.random() < 0.4:
@@ -100,7 +107,8 @@ def program(seed: int, i: int) -> str:
         threads.append((f"t{t}", ops))
     # Most programs open with two threads meeting on the hot page: a mover and a walker (the rmap's
     # own race), another mover, a pinner, or a fault (a swap-in where the page was paged out).
-    if rng.random() < 0.7:
+    opened = rng.random() < 0.7
+    if opened:
         k = rng.randrange(DST_PAGES)
         neighbour = hot - PAGE_SIZE if hot == SRC + (SRC_PAGES - 1) * PAGE_SIZE else hot + PAGE_SIZE
         threads[0][1][0] = rng.choices([
@@ -110,11 +118,31 @@ def program(seed: int, i: int) -> str:
             f"read p {hot:#x}",
         ], weights=(6, 2, 1, 1))[0]
         threads[1][1][0] = f"remap p {DST + k * PAGE_SIZE:#x} {hot:#x} 1"
+    _last_draws(rng, d, setup, threads, opened, huge_zero, pte_mapped)
     lines = [f"name: gen-{seed}-{i}", "setup:", *(f"  {s}" for s in setup)]
     for name, ops in threads:
         lines.append(f"thread {name}:")
         lines.extend(f"  {op}" for op in ops)
     return "\n".join(lines) + "\n"
+
+
+def _last_draws(
+    rng: random.Random, d: _Draw, setup: list[str], threads: list[tuple[str, list[str]]], opened: bool,
+    huge_zero: bool, pte_mapped: bool,
+) -> None:
+    """The draws made after the rest (so that they add to a program and change none of its other
+    lines): a move of the THP's huge PMD whole, maybe against a pin of one of its pages (or a
+    fault on the huge zero page's destination); and a hot page paged out that the first thread
+    faults in while the second moves it (a swap-in against a move of its swap PTE)."""
+    if d.thp and not pte_mapped and rng.random() < (0.8 if huge_zero else 0.4):
+        setup.append(f"mmap p {PMD_DST:#x} 512 rw missing")
+        mover = threads[-1][1]
+        mover.append(f"remap p {PMD_DST:#x} {THP:#x} 512")
+        if rng.random() < 0.5:
+            threads[0][1].insert(0, f"read p {PMD_DST:#x}" if huge_zero else f"pin p {THP:#x} 1")
+    if opened and d.hot < THP and rng.random() < 0.25:
+        setup.append(f"madvise p {d.hot:#x} 1 pageout")
+        threads[0][1][0] = f"read p {d.hot:#x}" if rng.random() < 0.5 else f"write p {d.hot:#x} {0x50}"
 
 
 def _operation(d: _Draw) -> str:
