@@ -814,7 +814,9 @@ class Process:
         return await self._run(op, timeout)
 
     async def walk(self, addr: int, blocking: bool = False, *, timeout: Timeout = ...) -> WalkResult:
-        """The rmap walk (folio_referenced) of the folio at ``addr``."""
+        """The rmap walk (folio_referenced) of the folio at ``addr``. Raises ENOENT where nothing
+        with a reverse map is mapped there (a hole, the zero page, a swapped-out page), and EAGAIN
+        while a split of its large folio has it unmapped or its count frozen (try again)."""
         return await self._run(_ops.walk(self, addr, blocking), timeout)
 
     # -- pins
