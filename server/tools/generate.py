@@ -133,7 +133,8 @@ def _last_draws(
     """The draws made after the rest (so that they add to a program and change none of its other
     lines): a move of the THP's huge PMD whole, maybe against a pin of one of its pages (or a
     fault on the huge zero page's destination); and a hot page paged out that the first thread
-    faults in while the second moves it (a swap-in against a move of its swap PTE)."""
+    faults in (and maybe pages out again) while the second moves it and maybe reads it at its
+    destination (a swap-in against a move of its swap PTE)."""
     if d.thp and not pte_mapped and rng.random() < (0.8 if huge_zero else 0.4):
         setup.append(f"mmap p {PMD_DST:#x} 512 rw missing")
         mover = threads[-1][1]
@@ -142,7 +143,13 @@ def _last_draws(
             threads[0][1].insert(0, f"read p {PMD_DST:#x}" if huge_zero else f"pin p {THP:#x} 1")
     if opened and d.hot < THP and rng.random() < 0.25:
         setup.append(f"madvise p {d.hot:#x} 1 pageout")
+        if rng.random() < 0.7:  # its folio reclaimed too: the swap cache holds nothing
+            setup.append("reclaim 1")
         threads[0][1][0] = f"read p {d.hot:#x}" if rng.random() < 0.5 else f"write p {d.hot:#x} {0x50}"
+        if rng.random() < 0.7:  # paged out again once faulted in: the same slot, a new folio
+            threads[0][1].insert(1, f"madvise p {d.hot:#x} 1 pageout")
+        if rng.random() < 0.7:  # the mover reads what it moved
+            threads[1][1].insert(1, f"read p {threads[1][1][0].split()[2]}")
 
 
 def _operation(d: _Draw) -> str:
