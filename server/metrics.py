@@ -284,6 +284,8 @@ class ModelCollector(Collector):
                        stats.get("thp_split_pmd", 0))
         yield _counter("mmsim_thp_folio_splits", "Large folios split into smaller ones (thp_split_page).",
                        stats.get("thp_split_page", 0))
+        yield _counter("mmsim_thp_folio_split_failures", "Splits of a large folio that failed for a reference "
+                       "besides its mappings (thp_split_page_failed).", stats.get("thp_split_page_failed", 0))
         yield _counter("mmsim_thp_pmd_moves", "Huge PMDs moved whole by UFFDIO_MOVE.", stats.get("thp_move_pmd", 0))
         yield _counter("mmsim_vma_merges", "VMA merges.", stats.get("vma_merge", 0))
         yield _counter("mmsim_vma_splits", "VMA splits.", stats.get("vma_split", 0))

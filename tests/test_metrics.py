@@ -178,6 +178,30 @@ async def test_thp_counters() -> None:
     assert m.check_invariants() == []
 
 
+async def test_a_failed_split_is_counted() -> None:
+    """A move of one page out of a THP with a pinned page: the split fails for the pin's
+    references (the move's EBUSY), and the failure is counted; the successful split is not."""
+    huge = 2 << 20
+    m = MemoryModel(thp="always")
+    metrics = Metrics(m)
+    pid = await m.create_process()
+    await m.mmap(pid, huge, addr=A)
+    await m.mmap(pid, huge, addr=B)
+    await m.write(pid, A, 7)
+    await m.uffd_register(pid, B, huge, "missing")
+    pin_id, _ = await m.pin(pid, A + P, P)
+    with pytest.raises(MmError) as e:
+        await m.move(pid, B, A, P)
+    assert e.value.errno == errno.EBUSY
+    s = scrape(metrics)
+    assert value(s, "mmsim_thp_folio_split_failures_total") == 1 and value(s, "mmsim_thp_folio_splits_total") == 0
+    await m.unpin(pid, pin_id)
+    assert await m.move(pid, B, A, P) == P
+    s = scrape(metrics)
+    assert value(s, "mmsim_thp_folio_split_failures_total") == 1 and value(s, "mmsim_thp_folio_splits_total") == 1
+    assert m.check_invariants() == []
+
+
 @pytest.mark.violations_expected
 async def test_detector_violations_by_kind() -> None:
     m = MemoryModel()
