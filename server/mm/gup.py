@@ -43,9 +43,10 @@ if TYPE_CHECKING:
     from .kernel import Kernel
 
 
-def try_grab_folio(k: Kernel, folio: Folio, refs: int, pin: GupPin) -> None:
-    """Take ``refs`` FOLL_PIN references of ``folio`` for ``pin`` (one per page)."""
-    folio_ref_add(k, folio, refs if folio.large else refs * GUP_PIN_COUNTING_BIAS)
+def try_grab_folio(k: Kernel, folio: Folio, refs: int, pin: GupPin, taken: int = 0) -> None:
+    """Take ``refs`` FOLL_PIN references of ``folio`` for ``pin`` (one per page), ``taken`` of
+    the references they count already held."""
+    folio_ref_add(k, folio, (refs if folio.large else refs * GUP_PIN_COUNTING_BIAS) - taken)
     folio.pincount += refs
     pin.pages.extend([folio] * refs)
 
@@ -56,9 +57,7 @@ def try_grab_folio_fast(k: Kernel, folio: Folio, refs: int, pin: GupPin) -> bool
     once it is held. False: nothing taken."""
     if not folio_try_get(k, folio):
         return False
-    folio_ref_add(k, folio, (refs if folio.large else refs * GUP_PIN_COUNTING_BIAS) - 1)
-    folio.pincount += refs
-    pin.pages.extend([folio] * refs)
+    try_grab_folio(k, folio, refs, pin, taken=1)
     return True
 
 

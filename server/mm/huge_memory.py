@@ -656,7 +656,7 @@ async def remap_page(
                 if not is_migration_entry(entry) or entry.folio is not folio:
                     continue
                 del swap[vpn]
-                i = entry.page
+                i = page = entry.page
                 f: Folio = folio
                 if small is None:  # back to the folio itself
                     back += 1
@@ -676,11 +676,9 @@ async def remap_page(
                     g.exclusive = entry.exclusive
                     g.mapcount += 1
                     g.refcount += 1
-                    f = g
-                if k.detect: __page_check_anon_rmap(k, cur, f, i if f is folio else 0, vma, vpn << PAGE_SHIFT)
-                pt.ptes[vpn] = Pte(
-                    f, entry.write, entry.young, entry.dirty, swp.uffd_wp, swp.soft_dirty, page=i if f is folio else 0
-                )
+                    f, page = g, 0
+                if k.detect: __page_check_anon_rmap(k, cur, f, page, vma, vpn << PAGE_SHIFT)
+                pt.ptes[vpn] = Pte(f, entry.write, entry.young, entry.dirty, swp.uffd_wp, swp.soft_dirty, page=page)
             if back:  # the mappings' references, once for the table
                 folio_ref_add(k, folio, back)
             pt.ptl.spin_unlock(cur)

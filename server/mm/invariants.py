@@ -256,9 +256,9 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                 entry = swp.entry
                 if is_migration_entry(entry):  # a split runs to its end within one call
                     bad(f"{where}: migration entry for {entry.trace_name} left at {addr:#x}")
-                    rss += 1
-                    swapped -= 1
+                    rss += 1  # MM_ANONPAGES counts it, MM_SWAPENTS does not
                     continue
+                swapped += 1
                 off = entry.offset
                 swap_refs[off] += 1
                 if swp.exclusive:
@@ -272,7 +272,6 @@ def audit_steps(model: MemoryModel, problems: list[str]) -> Iterator[None]:
                     ledger_bad(f"{where}: contents differ from the ledger: unexpected swapped-out page at {addr:#x}")
                 elif expected != value:
                     ledger_bad(f"{where}: contents differ from the ledger: wrong swapped-out value at {addr:#x}")
-            swapped += len(pt.swap)
             for vpn, pte in pt.ptes.items():
                 addr = vpn << PAGE_SHIFT
                 if vpn >> (PMD_SHIFT - PAGE_SHIFT) != idx:

@@ -116,11 +116,11 @@ def atomic_cmpxchg(k: Kernel, obj: Any, old: int, new: int) -> bool:
     global field_hook
     hook, field_hook = field_hook, None
     seen = obj.refcount
-    if seen == old:
+    done = bool(seen == old)
+    if done:
         obj.refcount = new
     field_hook = hook
-    tr.state(f"{name(obj)} refcount cmpxchg {old} → {new}: " + ("done" if seen == old else f"fails ({seen})"))
-    done = bool(seen == old)
+    tr.state(f"{name(obj)} refcount cmpxchg {old} → {new}: " + ("done" if done else f"fails ({seen})"))
     tr.access(obj, "refcount", done)
     return done
 
