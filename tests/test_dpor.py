@@ -591,3 +591,80 @@ def test_a_spin_iteration_of_several_steps_is_futile_when_it_leaves_all_as_it_wa
     assert it.clean and it.unchanged()
     it.add(_adder(0, 1, before=1), [], True)
     assert not it.clean
+
+
+class _Holder:
+    __slots__ = ("items", "table", "pair")
+    items: list[int]
+    table: dict[str, list[int]]
+    pair: tuple[list[int]]
+
+
+def test_a_container_a_parked_thread_refers_to_is_read_by_its_next_step() -> None:
+    """A thread parked inside synchronous code (a marked access) is on no coroutine's stack that
+    the garbage collector shows: _Watch._referred tells by reference counts which containers it
+    reached something still refers to (a local, a value on its stack, an iterator, an inner
+    container, one a field let go of), so that its next step reads them, and which only the
+    model holds, so that it does not."""
+    import greenlet
+
+    from mmsim.server.mm import trace as mm_trace
+
+    if not ex._REFCOUNTS:
+        pytest.skip("this interpreter's reference counts do not count a frame's stack")
+    owner = _Holder()
+    owner.items = [1, 2]
+    owner.table = {"k": [3]}
+    owner.pair = ([4],)
+    threads = [ex.Thread(0, "a", []), ex.Thread(1, "b", [])]
+    w = ex._Watch(ex.Controller(threads, lambda d: 0), [owner, owner.items, owner.table, owner.table["k"]],
+                  lambda st: None)
+    items, table, boxed = id(owner.items), id(owner.table), id(owner.pair[0])
+
+    def held() -> set[int]:
+        return w._referred(w.reached[0])
+
+    def iterates() -> None:
+        for _ in owner.items:
+            caller.switch()
+
+    def on_its_stack() -> None:
+        owner.items.append(caller.switch())
+
+    def in_a_local() -> None:
+        inner = owner.table["k"]
+        caller.switch()
+        inner.append(5)
+
+    def lets_go() -> None:
+        old = owner.items
+        owner.items = []
+        w.field(owner, "items", True, old, owner.items)  # what the watched slot reports
+        caller.switch()
+        old.append(6)
+
+    async def go() -> None:  # field() asks for the running task
+        for c in (owner.items, owner.table, *owner.pair):
+            w._reach(0, c)
+        w.loose.add(boxed)
+        assert held() == {boxed}  # only the model and the run's records: not held (a tuple's: always)
+        for body, want in ((iterates, items), (on_its_stack, items), (in_a_local, table)):
+            g = greenlet.greenlet(body)
+            g.switch()
+            assert held() == {want, boxed}, body.__name__
+            while not g.dead:
+                g.switch()
+            assert held() == {boxed}, body.__name__
+        w._reach(1, owner.items)  # another thread's reached entry is the run's own too
+        assert held() == {boxed}
+        g = greenlet.greenlet(lets_go)
+        g.switch()
+        assert items in held()  # only the thread refers to it now
+        g.switch()
+        assert g.dead
+
+    caller = greenlet.getcurrent()
+    try:
+        asyncio.run(go())
+    finally:
+        mm_trace.set_field_hook(None)

@@ -617,6 +617,16 @@ async def snapshot(scn: Scenario, protocol: str, mutant: str | None) -> bytes:
     return pickle.dumps(await set_up(scn, protocol, mutant), pickle.HIGHEST_PROTOCOL)
 
 
+def _restore(start: bytes) -> tuple[MemoryModel, dict[str, int], list[object]]:
+    """A :func:`snapshot` unpickled, with every object it made in the order it made them (how a
+    DPOR run names the set-up's objects). Only the list refers to them besides the model: the
+    unpickler and its memo are gone when this returns (_Watch counts the references)."""
+    u = pickle.Unpickler(io.BytesIO(start))
+    m, procs = u.load()
+    memo = u.memo.copy()
+    return m, procs, [memo[i] for i in sorted(memo)]
+
+
 async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose: Callable[[Decision], int],
                        hashing: bool = False, start: bytes | None = None, trace: bool = True,
                        dpor: _Dpor | None = None, fine: bool = False,
@@ -633,10 +643,7 @@ async def run_schedule(scn: Scenario, protocol: str, mutant: str | None, choose:
     ``on_model``: told of the model once the threads ended (and it was audited)."""
     setup_objects: list[object] = []
     if start is not None and dpor is not None:
-        u = pickle.Unpickler(io.BytesIO(start))
-        m, procs = u.load()
-        memo = u.memo.copy()
-        setup_objects = [memo[i] for i in sorted(memo)]
+        m, procs, setup_objects = _restore(start)
     elif start is not None:
         m, procs = pickle.loads(start)
     else:
@@ -1081,8 +1088,10 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # (dict, list, set, bytearray, ...) reached through a field is a variable of its own: a step reads
 # it when it reaches it through a field, or when the thread's suspended coroutines refer to it at
 # the step's start (a local, an iterator on their stack: _Watch._holding; a thread that picked
-# itself has not stopped, and reads every container it ever reached), and writes it when its
-# contents differ after the step. Some variables are watched entry by entry, by their owners'
+# itself, or parked inside synchronous code, is on no stack the garbage collector shows, and reads
+# each container it reached that something refers to besides the fields that hold it, the
+# container it sits in and the run's own records, as reference counts tell: _Watch._referred),
+# and writes it when its contents differ after the step. Some variables are watched entry by entry, by their owners'
 # methods (_keyed): the mm's VMA tree, page tables and huge PMDs (SortedDicts: a lookup reads its
 # key's entry, a store writes it; an iteration, a range or a size reads all, and a thread that
 # holds a view or an iterator reads all of it in each later step; a bisection reads all of it
@@ -1485,6 +1494,16 @@ class _Watch(_Trace):
         self.active = True
         #: Each thread's spin iteration under way.
         self.spins: dict[int, _Spin] = {}
+        #: The references to each of the set-up's containers when the run began (the model's, the
+        #: set-up list's, the pickle's intermediate state), and how many watched fields came to
+        #: hold each container since, less those that let go of it: what _referred expects.
+        self.base: dict[int, int] = {}
+        for obj in setup:
+            if type(obj) in _COUNTED:
+                self.base[id(obj)] = _refs(obj) - _REFS_OVERHEAD
+        self.stored: Counter[int] = Counter()
+        #: Reached containers held by something the run cannot count (a tuple in a field).
+        self.loose: set[int] = set()
 
     def _name(self, obj: Any, th: int) -> object:
         n = self.names.get(id(obj))
@@ -1515,6 +1534,11 @@ class _Watch(_Trace):
             self.skip[(type(obj), field)] = skip
         if skip:
             return
+        if write and old is not new:  # a field that comes to hold a container, or lets go of one
+            if type(old) in _COUNTED:
+                self.stored[id(old)] -= 1
+            if type(new) in _COUNTED:
+                self.stored[id(new)] += 1
         got = self._step()
         if got is None:
             return
@@ -1537,6 +1561,7 @@ class _Watch(_Trace):
             for x in new:
                 if _kind(type(x)) and type(x) is not tuple:
                     self._reach(th, x)
+                    self.loose.add(id(x))
         elif t is not frozenset:
             self._reach(th, new)
 
@@ -1679,14 +1704,51 @@ class _Watch(_Trace):
         mm_trace.set_field_hook(None)
         try:
             reached = self.reached[th.index]
-            # A thread that picked itself has not stopped: its stack cannot be looked into (what it
-            # iterates over is not in its locals), so it may touch any container it reached.
-            # So has one parked inside synchronous code (Controller.park_sync).
-            holds = (reached if th.inside or self.ctl.by_task.get(asyncio.current_task()) is th  # type: ignore[arg-type]
+            # A thread that picked itself has not stopped, and one parked inside synchronous code
+            # (Controller.park_sync) is on no coroutine's stack: neither can be looked into, and
+            # the containers it may touch are those something besides the model refers to.
+            holds = (self._referred(reached) if th.inside or self.ctl.by_task.get(asyncio.current_task()) is th  # type: ignore[arg-type]
                      else self._holding(th))
             self.frozen[th.index] = {i: _freeze(reached[i][1]) for i in holds}
         finally:
             mm_trace.set_field_hook(self.field)
+
+    def _referred(self, reached: dict[int, tuple[object, Any]]) -> set[int]:
+        """Of the containers a thread reached, those that something refers to besides the watched
+        fields that hold them, the run's own records (the set-up's objects, each thread's reached
+        entry) and the container they sit in: a thread's local, a value on its stack (executing
+        frames show neither to the garbage collector, but each counts in the reference count), an
+        iterator, a view or a bound method. Any thread's: it may be another's, never missed. Every
+        one reached where references are not counted (_REFCOUNTS false)."""
+        if not _REFCOUNTS:
+            return set(reached)
+        base = self.base
+        stored = self.stored
+        loose = self.loose
+        threads = self.reached.values()
+        held: set[int] = set()
+        for i, (_, c) in reached.items():
+            # One each: the set-up's references (or the run's list of what it named), the fields
+            # that came to hold it, each thread's reached entry.
+            known = base.get(i, 1) + stored[i] + sum(1 for r in threads if i in r)
+            if i in loose or _refs(c) - _REFS_OVERHEAD > known or self._inner_referred(c):
+                held.add(i)
+        return held
+
+    def _inner_referred(self, c: Any) -> bool:
+        """Whether something refers to a mutable container inside ``c`` (or to a tuple that holds
+        one), at any depth, besides the container it sits in (and the set-up's references, for
+        one of the set-up's): a thread may then change it without touching ``c``."""
+        base = self.base
+        for x in _items(c):
+            t = type(x)
+            if not _kind(t):
+                continue
+            if _refs(x) - _REFS_OVERHEAD > base.get(id(x), 1) and (t not in (tuple, frozenset) or _holds_mutable(x)):
+                return True
+            if self._inner_referred(x):
+                return True
+        return False
 
     def _holding(self, th: Thread) -> set[int]:
         """The containers ``th`` reached that its coroutines, suspended, refer to (in a local, on
@@ -1817,6 +1879,35 @@ class _Watch(_Trace):
             self.on_step(self.close(cur))
         self.active = False
         mm_trace.set_field_hook(None)
+
+
+def _refs(c: object) -> int:
+    """sys.getrefcount(c), called as _Watch._referred calls it."""
+    return sys.getrefcount(c)
+
+
+def _calibrate() -> int:
+    for c in (list[int](),):  # held by the tuple and this loop's variable, as a reached entry and its loop
+        return _refs(c) - 1
+    raise AssertionError
+
+
+#: The references _Watch._referred's own loop and calls add to each container it counts.
+_REFS_OVERHEAD = _calibrate()
+#: The containers whose references are counted (the others are watched entry by entry, or immutable).
+_COUNTED = frozenset({dict, list, set, bytearray, deque, Counter, SortedList, SortedSet})
+#: Whether reference counts count every reference to a container (CPython up to 3.13: a value on
+#: an executing frame's stack holds one; 3.14 may borrow them).
+_REFCOUNTS = sys.implementation.name == "cpython" and sys.version_info < (3, 14)
+
+
+def _items(c: Any) -> Any:
+    return c.values() if isinstance(c, dict) else () if isinstance(c, bytearray) else c
+
+
+def _holds_mutable(v: Any) -> bool:
+    """Whether a mutable container sits inside ``v`` at any depth."""
+    return any(_kind(type(x)) and (type(x) not in (tuple, frozenset) or _holds_mutable(x)) for x in _items(v))
 
 
 _ABSENT = object()
