@@ -568,6 +568,18 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
 
     def fp() -> object:
         folios: list[tuple[object, ...]] = []
+        seen: dict[int, tuple[object, ...]] = {}  # each folio once (a large folio's PTEs map the same)
+
+        def folio(f: Any) -> tuple[object, ...]:
+            k = seen.get(id(f))
+            if k is None:
+                mapping = getattr(f, "mapping", None)
+                lock = getattr(f, "lock", None)
+                k = seen[id(f)] = (getattr(f, "id", 0), mapping.id if mapping else 0, mapping.root.id if mapping else 0,
+                                   mapping.refcount if mapping else 0, getattr(f, "index", 0),
+                                   getattr(f, "mapcount", 0), bool(lock and lock.owner), f.pincount)
+            return k
+
         for mm in m.processes.values():
             for idx, hp in mm.huge_pmds.items():  # huge PMDs: the folio mapped whole
                 hf = hp.folio
@@ -577,13 +589,7 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                                bool(hf.lock and hf.lock.owner), hp.write, hf.pincount))
             for pt in mm.pgtables.values():
                 for vpn, pte in pt.ptes.items():
-                    f = pte.folio
-                    mapping = getattr(f, "mapping", None)
-                    lock = getattr(f, "lock", None)
-                    folios.append((mm.id, vpn, getattr(f, "id", 0), mapping.id if mapping else 0,
-                                   mapping.root.id if mapping else 0, mapping.refcount if mapping else 0,
-                                   getattr(f, "index", 0), getattr(f, "mapcount", 0),
-                                   bool(lock and lock.owner), pte.page, f.pincount))
+                    folios.append((mm.id, vpn, pte.page, folio(pte.folio)))
                 for vpn, swp in pt.swap.items():
                     e = swp.entry
                     folios.append((mm.id, vpn, -1, e.offset, int(swp.exclusive)) if not is_migration_entry(e) else
@@ -2187,6 +2193,8 @@ class _Dpor:
         self.path: list[_Node] = []
         self.target: tuple[int, int] | None = None  # (depth, thread) of the next run's new pick
         self.states: set[object] = set()
+        #: The run's state fingerprint (unwatched), when the search counts states.
+        self.fingerprint: Callable[[], object] | None = None
         self.traces = 0  # runs that were not sleep-set blocked
         self.blocked_runs = 0
         # per run
@@ -2211,14 +2219,16 @@ class _Dpor:
             self.ignored = _ignored(self.scn, m) if self.scn is not None else None
         self.watch = _Watch(ctl, setup, self._stepped, self.ignored)
         fp = ctl.fingerprint
-        if fp is not None:
+        self.fingerprint = None
+        if fp is not None:  # taken where the run is new (_pick), not by the controller at every decision
             def unwatched() -> object:
                 mm_trace.set_field_hook(None)
                 try:
                     return fp()
                 finally:
                     mm_trace.set_field_hook(self.watch.field if self.watch and self.watch.active else None)
-            ctl.fingerprint = unwatched
+            self.fingerprint = unwatched
+            ctl.fingerprint = None
         return self.watch
 
     def ended(self, m: MemoryModel) -> None:
@@ -2260,16 +2270,20 @@ class _Dpor:
         s = d.step
         if not self.recording:
             return d.default
-        if d.state is not None:
-            self.states.add(d.state)
         enabled = tuple(t for t in d.runnable if t not in self.disabled)
         depth = self.target[0] if self.target is not None else 0
+        if s >= depth and self.fingerprint is not None:  # the states before it: counted when first run
+            self.states.add(self.fingerprint())
         if s < depth or (s == depth and self.target is not None):
             node = self.path[s]
             pick = self.target[1] if s == depth and self.target is not None else node.pick
             if pick not in enabled:
-                raise RuntimeError(f"step {s}: the replayed pick {pick} is not enabled ({enabled}): "
-                                   "the model ran differently on the same picks")
+                if pick not in d.runnable:
+                    raise RuntimeError(f"step {s}: the replayed pick {pick} cannot run ({d.runnable}): "
+                                       "the model ran differently on the same picks")
+                # A futile spinner that a step woke in the first run and not now: what the steps
+                # are taken to read (the containers a thread still refers to) may differ.
+                enabled = tuple(sorted((*enabled, pick)))
             node.pick = pick
             node.enabled = enabled
             return pick
