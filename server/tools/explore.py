@@ -563,8 +563,8 @@ async def _apply(m: MemoryModel, procs: dict[str, int], op: Op) -> str:
 
 def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
     """The state a decision is taken in: where each thread is, and the shared state it races on
-    (each folio's anon_vma, index, mapcount and lock holder, by PTE or huge PMD; each anon_vma's
-    root and refcount)."""
+    (each folio's anon_vma, index, mapcount, reference count and lock holder, by PTE or huge PMD;
+    each anon_vma's root and refcount; swap and migration entries; the swap cache)."""
 
     def fp() -> object:
         folios: list[tuple[object, ...]] = []
@@ -577,7 +577,8 @@ def _fingerprint(m: MemoryModel, threads: list[Thread]) -> Callable[[], object]:
                 lock = getattr(f, "lock", None)
                 k = seen[id(f)] = (getattr(f, "id", 0), mapping.id if mapping else 0, mapping.root.id if mapping else 0,
                                    mapping.refcount if mapping else 0, getattr(f, "index", 0),
-                                   getattr(f, "mapcount", 0), bool(lock and lock.owner), f.pincount)
+                                   getattr(f, "mapcount", 0), getattr(f, "refcount", 0), bool(lock and lock.owner),
+                                   f.pincount)
             return k
 
         for mm in m.processes.values():
@@ -2315,21 +2316,50 @@ class _Dpor:
         unless one already is there."""
         path = self.path
         steps = [nd.step for nd in path]
-        n = len(steps)
-        pred = [0] * n  # happens-before predecessors, as bits
-        for j in range(n):
-            direct = [i for i in range(j) if _dependent(steps[i], steps[j], adds=True)]
-            pj = 0
-            via = 0
+        pred = [0] * len(steps)  # happens-before predecessors, as bits
+        # The steps so far that read, write, or write some entry of each variable (an index: a
+        # step's dependencies on other threads' steps are among those of what it touches), and
+        # those not known (dependent on every step).
+        readers: dict[object, list[int]] = {}
+        writers: dict[object, list[int]] = {}
+        somes: dict[object, list[int]] = {}
+        unknown: list[int] = []
+        last: dict[int, int] = {}  # each thread's latest step (its earlier ones come before it)
+        for j, b in enumerate(steps):
+            tj = path[j].pick
+            if b is None:
+                cand: set[int] = set(range(j))
+            else:
+                cand = set(unknown)
+                for k in b.reads:
+                    cand.update(writers.get(k, ()), somes.get(k, ()))
+                for k in b.writes:
+                    cand.update(writers.get(k, ()), readers.get(k, ()))
+                for k in b.some:
+                    cand.update(readers.get(k, ()))
+            direct = sorted(i for i in cand if path[i].pick != tj and _dependent(steps[i], b, adds=True))
+            mine = last.get(tj)
+            pj = via = 0
+            if mine is not None:
+                pj, via = pred[mine] | (1 << mine), pred[mine]
             for i in direct:
                 pj |= pred[i] | (1 << i)
                 via |= pred[i]
             pred[j] = pj
+            last[tj] = j
+            if b is None:
+                unknown.append(j)
+            else:
+                for k in b.reads:
+                    readers.setdefault(k, []).append(j)
+                for k in b.writes:
+                    writers.setdefault(k, []).append(j)
+                for k in b.some:
+                    somes.setdefault(k, []).append(j)
             if j < start:
                 continue
-            tj = path[j].pick
             for i in direct:
-                if path[i].pick != tj and not (via >> i) & 1:
+                if not (via >> i) & 1:
                     self._reverse(i, j, pred)
 
     def _reverse(self, i: int, j: int, pred: list[int]) -> None:
