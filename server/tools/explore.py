@@ -1541,16 +1541,16 @@ class _Watch(_Trace):
             self.skip[(type(obj), field)] = skip
         if skip:
             return
-        if write and old is not new:  # a field that comes to hold a container, or lets go of one
-            if type(old) in _COUNTED:
-                self.stored[id(old)] -= 1
-            if type(new) in _COUNTED:
-                self.stored[id(new)] += 1
         got = self._step()
         if got is None:
             return
         th, st = got
-        key = (self._name(obj, th), field)
+        key = (self._name(obj, th), field)  # named: alive for the run, so is its hold on a container
+        if write and old is not new:  # a field that comes to hold a container (reached below), or lets go of one
+            if type(old) in _COUNTED:
+                self.stored[id(old)] -= 1
+            if type(new) in _COUNTED:
+                self.stored[id(new)] += 1
         if write:
             st.writes.add(key)
             if key not in st.olds:
