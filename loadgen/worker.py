@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import grpc
 from hdrh.histogram import HdrHistogram
 
 from mmsim.client import BatchStream, Client, MmsimError, Process, ProcessNotFoundError, ops
@@ -179,6 +180,12 @@ class WrongValue(Exception):
 
 class GcMixError(Exception):
     """A GC operation on a lane without a GC heap."""
+
+
+#: How many times a walk's ENOENT is checked against pagemap while the server refuses the check
+#: for room, and the first wait between two (doubled each time).
+SWAP_CHECK_TRIES = 5
+SWAP_CHECK_BACKOFF_S = 0.01
 
 
 class SwappedOut(Exception):
@@ -372,11 +379,20 @@ class Worker:
         return Counter()
 
     async def _swapped_out(self, lane: Lane, addr: int) -> bool:
-        """Whether pagemap shows a swap entry at ``addr`` (False if it cannot tell)."""
-        try:
-            return (await lane.root.pagemap(addr, PAGE))[0].swap
-        except (OSError, MmsimError, IndexError):
-            return False
+        """Whether pagemap shows a swap entry at ``addr`` (False if it cannot tell). A server short of
+        room refuses the call (RESOURCE_EXHAUSTED: admission charges every call to --max-memory,
+        and a swap mix runs past the budget): asked again, up to SWAP_CHECK_TRIES times, while the
+        server reclaims. Only this lane swaps its pages in, so the answer is still the walk's."""
+        for attempt in range(SWAP_CHECK_TRIES):
+            try:
+                return (await lane.root.pagemap(addr, PAGE))[0].swap
+            except (OSError, MmsimError) as e:
+                if getattr(e, "code", None) != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt + 1 == SWAP_CHECK_TRIES:
+                    return False
+            except IndexError:
+                return False
+            await asyncio.sleep(SWAP_CHECK_BACKOFF_S * 2**attempt)
+        return False
 
     async def op_write(self, lane: Lane) -> Counter[str]:
         lane.value += 1

@@ -27,7 +27,7 @@ from mmsim.loadgen.cli import main
 from mmsim.loadgen.profiles import CALLS, PROFILES, is_gc, is_swap, parse_mix
 from mmsim.loadgen.report import validate
 from mmsim.loadgen.runner import run, swap_figures
-from mmsim.loadgen.worker import PAGEOUT_PAGES, SWAPPED_OUT, Recorder, Worker, WorkerSpec
+from mmsim.loadgen.worker import PAGEOUT_PAGES, SWAP_CHECK_TRIES, SWAPPED_OUT, Recorder, Worker, WorkerSpec
 from mmsim.loadgen.workload import PAGE, REGION_PAGES_MAX, TreeSpec, Workload
 
 #: The swap figures a reclaim run must move.
@@ -117,6 +117,8 @@ class FakeProcess:
         self.swapped: set[int] = set()
         self.fail: BaseException | None = None
         self.paged_out: list[tuple[int, int]] = []
+        #: Raised by the next pagemaps, one each (a server refusing them for room).
+        self.pagemap_fail: list[BaseException] = []
 
     def _check(self) -> None:
         fail, self.fail = self.fail, None
@@ -139,6 +141,8 @@ class FakeProcess:
             raise _errno(errno.ENOENT)
 
     async def pagemap(self, addr: int, length: int) -> list[PagemapEntry]:
+        if self.pagemap_fail:
+            raise self.pagemap_fail.pop(0)
         return [PagemapEntry(swap=addr in self.swapped, present=addr not in self.swapped and addr in self.values)]
 
     async def madvise(self, addr: int, length: int, advice: str) -> None:
@@ -223,6 +227,27 @@ async def test_a_walk_of_a_swapped_out_page_is_its_own_outcome(lane: tuple[Worke
         del p.values[addr]
     rec = await _call(worker, ln, "walk")
     assert rec.ops["walk"].errors == Counter(ENOENT=1)
+
+
+
+async def test_a_swapped_out_walk_is_told_even_when_the_server_refuses_the_check_for_a_while(
+        lane: tuple[Worker, Any, FakeProcess]) -> None:
+    """The pagemap that tells a swapped-out page from a missing one is a call the server may refuse
+    for room (RESOURCE_EXHAUSTED, ENOMEM) in a run past its budget: asked again, it tells; refused
+    every time, or failing otherwise, the walk's ENOENT stands."""
+    worker, ln, p = lane
+    own = [ln.tree.rw + i * PAGE for i in range(ln.spec.swap_first, ln.spec.swap_first + ln.spec.swap_pages)]
+    p.swapped.update(own)
+    p.pagemap_fail = [_errno(errno.ENOMEM), _errno(errno.ENOMEM)]
+    rec = await _call(worker, ln, "walk")
+    assert rec.ops["walk"].errors == Counter({SWAPPED_OUT: 1}) and p.pagemap_fail == []
+    p.pagemap_fail = [_errno(errno.ENOMEM) for _ in range(SWAP_CHECK_TRIES)]
+    rec = await _call(worker, ln, "walk")
+    assert rec.ops["walk"].errors == Counter(ENOENT=1) and p.pagemap_fail == []
+    unavailable = OSError(errno.EIO, "EIO")
+    p.pagemap_fail = [unavailable, _errno(errno.ENOMEM)]
+    rec = await _call(worker, ln, "walk")
+    assert rec.ops["walk"].errors == Counter(ENOENT=1) and len(p.pagemap_fail) == 1  # not asked again
 
 
 # -- against servers
