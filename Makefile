@@ -39,7 +39,7 @@ help: ## list the targets
 # (as root; elsewhere it says why, and they are skipped): see docs/conformance.md.
 test: lint ## set up the virtualenv, lint, and run the whole test suite, one worker per core
 	bash .ci/swapfile
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -rs -n auto
 
 # mypy reads the packages as their import names lay them out (see [tool.mypy] in pyproject.toml).
 lint: $(STAMP) ## ruff check and mypy (settings in pyproject.toml)
