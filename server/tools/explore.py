@@ -1260,10 +1260,14 @@ def _looks_into(t: type) -> bool:
     return v
 
 
+def _items(c: Any) -> Any:
+    """What container ``c`` holds (a dict: its values; bytes: nothing that refers to anything)."""
+    return c.values() if isinstance(c, dict) else () if isinstance(c, bytearray) else c
+
+
 def _nested(v: Any) -> Iterator[Any]:
     """The containers inside container ``v``, at any depth."""
-    items = v.values() if isinstance(v, dict) else v if not isinstance(v, bytearray) else ()
-    for x in items:
+    for x in _items(v):
         if isinstance(x, (*_CONTAINERS, tuple, frozenset)):
             yield x
             yield from _nested(x)
@@ -1902,19 +1906,15 @@ def _calibrate() -> int:
 #: The references _Watch._referred's own loop and calls add to each container it counts.
 _REFS_OVERHEAD = _calibrate()
 #: The containers whose references are counted (the others are watched entry by entry, or immutable).
-_COUNTED = frozenset({dict, list, set, bytearray, deque, Counter, SortedList, SortedSet})
+_COUNTED = frozenset({*_CONTAINERS, Counter})
 #: Whether reference counts count every reference to a container (CPython up to 3.13: a value on
 #: an executing frame's stack holds one; 3.14 may borrow them).
 _REFCOUNTS = sys.implementation.name == "cpython" and sys.version_info < (3, 14)
 
 
-def _items(c: Any) -> Any:
-    return c.values() if isinstance(c, dict) else () if isinstance(c, bytearray) else c
-
-
 def _holds_mutable(v: Any) -> bool:
     """Whether a mutable container sits inside ``v`` at any depth."""
-    return any(_kind(type(x)) and (type(x) not in (tuple, frozenset) or _holds_mutable(x)) for x in _items(v))
+    return any(not isinstance(x, (tuple, frozenset)) for x in _nested(v))
 
 
 _ABSENT = object()
