@@ -1129,6 +1129,13 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # leaves the state as it was while no other thread's step in between depended on it (_Spin), as
 # if it were one step, and this bounds the spins of a run, so every search ends.
 #
+# Spinlocks (the PTLs) are handled lock-aware in the race analysis, not in the sleep sets. A
+# release that hands a spinlock to another thread's acquisition is no race to reverse (the taker
+# first would only spin); the acquisitions' order is, and it is reversed at the step that took the
+# lock before. Where the two sections conflict with nothing after the acquisition (other than
+# through locks nested in this one in both), the hand-off is free (_Handoff): the lock orders
+# nothing between them, and the search explores one order of the two sections.
+#
 # States are fingerprinted only to count them: no subtree is skipped for a state seen before.
 # Pruning a state already explored would hide the races between the current prefix and the steps
 # of the skipped subtree, and with them backtrack points the prefix needs (stateful DPOR needs a
@@ -1298,7 +1305,7 @@ class _Step:
     """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
 
     __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "adds", "free", "spin", "futile",
-                 "spun")
+                 "spun", "acq", "hold", "rel", "locks")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
@@ -1322,6 +1329,14 @@ class _Step:
         #: It ended a futile spin (_Watch._spun), which read ``spun``.
         self.futile = False
         self.spun: set[object] = set()
+        #: The spinlocks (their owner fields) it took, those of them it still held at its end, and
+        #: those it let go of that an earlier step of its thread took (_races: a release that hands
+        #: a lock on is not a race to reverse).
+        self.acq: set[object] = set()
+        self.hold: set[object] = set()
+        self.rel: set[object] = set()
+        #: Its spinlock operations in order: (owner, True for spin_lock).
+        self.locks: list[tuple[object, bool]] = []
 
 
 def _dependent(a: _Step | None, b: _Step | None, adds: bool = False) -> bool:
@@ -1339,6 +1354,247 @@ def _dependent(a: _Step | None, b: _Step | None, adds: bool = False) -> bool:
     ar, br = a.reads, b.reads
     common = (aw & br) | (aw & bw) | (bw & ar) | (a.some & br) | (b.some & ar)
     return not common <= (a.free & b.free)
+
+
+def _common(a: _Step, b: _Step) -> set[object]:
+    """The variables through which two steps may not commute (_dependent, with ``adds``)."""
+    aw, bw, ar, br = a.writes, b.writes, a.reads, b.reads
+    common = (aw & br) | (aw & bw) | (bw & ar) | (a.some & br) | (b.some & ar)
+    if a.free and b.free:
+        common -= a.free & b.free
+    return common
+
+
+def _hands_on(a: _Step | None, b: _Step) -> bool:
+    """Whether ``a`` only hands ``b`` a spinlock: all they conflict on is the owner of spinlocks
+    that ``a`` let go of and ``b`` took. That order is not a race to reverse: ``b`` first would
+    find the lock held and spin, which changes nothing. The order that matters is that of the
+    acquisitions, and _races reverses it where ``b`` races with the step that took the lock
+    before ``a`` let it go, which the hand-off does not order before ``b``."""
+    if a is None or not a.rel or a.rel.isdisjoint(b.acq):
+        return False
+    return _common(a, b) <= (a.rel & b.acq)
+
+
+class _Handoff:
+    """A spinlock handed on in a run: thread ``t0``'s section of it (its steps from ``first``,
+    which took it, to ``last``, which let it go), then step ``taker`` of another thread took it,
+    after ``tries`` (the taker's steps that found it held), and held it to step ``until``.
+
+    The two sections are ordered by the lock alone (the hand-off is ``free``) when no step of the
+    first is ordered, other than by the lock or by its thread's later steps, before a step of
+    another thread from the acquisition on (``orders``). The other order of the two sections then
+    makes no other order of conflicting steps: a step of the section that conflicts with one of
+    the taker's before its acquisition is a race of its own, reversible where the section holds
+    the lock (the taker has not reached it there). The lock's owner is then no dependency between
+    the two sections' steps (the acquisition finds it free in either order, and a try that found
+    it held only waited), and the search explores one order of the two sections, as lock-aware
+    reductions do (LAPOR, Kokologiannakis et al., OOPSLA 2019)."""
+
+    __slots__ = ("key", "t0", "first", "last", "t1", "taker", "tries", "until", "free")
+
+    def __init__(self, key: object, t0: int, first: int, last: int, t1: int, taker: int, tries: list[int]) -> None:
+        self.key = key
+        self.t0 = t0
+        self.first = first
+        self.last = last
+        self.t1 = t1
+        self.taker = taker
+        self.tries = tries
+        self.until = taker
+        self.free = False
+
+    def takers(self) -> list[int]:
+        """The steps of the second section's thread, and of its tries, whose dependency on the
+        first section through the lock the hand-off hides when free (with the other thread's
+        steps: _happens_before tests them)."""
+        return [*self.tries, *range(self.taker, self.until + 1)]
+
+    def hides(self, i: int, ti: int) -> bool:
+        """Whether step ``i`` (thread ``ti``) is one of the first section's."""
+        return ti == self.t0 and self.first <= i <= self.last
+
+    def orders(self, steps: list[_Step | None], nests: list[dict[object, frozenset[object]]], pred: list[int],
+               direct: list[list[int]], threads: list[int], hidden: dict[int, list[_Handoff]]) -> bool:
+        """Whether a step of the section comes, other than through the lock or the section's
+        thread's later steps, before a step of another thread from the acquisition on. A
+        conflict on the lock alone is no such order (the lock's sections are ordered by their
+        own hand-offs), nor one on another spinlock that both steps take or let go of only while
+        they hold this one (its order is this lock's), or that is handed on freely between them
+        (``hidden``); one on another spinlock otherwise is (the order of two locks' sections
+        makes deadlocks)."""
+        t0, j, key = self.t0, self.taker, self.key
+        later = 0  # what comes before the other threads' steps from the acquisition on
+        for y in range(j, len(threads)):
+            if threads[y] != t0:
+                later |= pred[y] | (1 << y)
+        for z in range(self.first + 1, len(threads)):
+            if threads[z] == t0 or not (later >> z) & 1:
+                continue
+            b = steps[z]
+            for x in direct[z]:
+                if threads[x] != t0 or not self.first <= x <= self.last:
+                    continue
+                a = steps[x]
+                if a is None or b is None:
+                    return True
+                hides = _hidden(hidden, x, z, threads) if x in hidden or z in hidden else set()
+                for v in _common(a, b):
+                    if v != key and v not in hides and not (key in nests[x].get(v, ()) and key in nests[z].get(v, ())):
+                        return True
+        return False
+
+
+def _handoffs(steps: list[_Step | None], threads: list[int]) -> list[_Handoff]:
+    """The spinlocks handed on from one thread's section to another thread in a run."""
+    out: list[_Handoff] = []
+    took: dict[object, int] = {}  # each held spinlock's owner -> the step that took it
+    section: dict[object, tuple[int, int]] = {}  # each let-go spinlock -> its last section
+    holding: dict[object, _Handoff] = {}  # each held spinlock -> the hand-off that gave it
+    for j, b in enumerate(steps):
+        if b is None:
+            took.clear()
+            section.clear()
+            holding.clear()
+            continue
+        tj = threads[j]
+        for key in b.acq:
+            sec = section.get(key)
+            if sec is not None and threads[sec[0]] != tj:
+                tries = [x for x in range(sec[0] + 1, j) if threads[x] == tj and (st := steps[x]) is not None
+                         and key in st.reads and key not in st.acq]
+                h = _Handoff(key, threads[sec[0]], sec[0], sec[1], tj, j, tries)
+                out.append(h)
+                if key in b.hold:
+                    holding[key] = h
+        for key in b.rel:
+            a = took.pop(key, None)
+            if a is not None:
+                section[key] = (a, j)
+            given = holding.pop(key, None)
+            if given is not None:
+                given.until = j
+        for key in b.hold:
+            took[key] = j
+            section.pop(key, None)
+    for h in holding.values():  # held to the run's end
+        h.until = len(steps) - 1
+    return out
+
+
+def _lock_aware(steps: list[_Step | None], threads: list[int],
+                handoffs: bool = True) -> tuple[list[_Handoff], list[int], list[list[int]]]:
+    """A run's spinlock hand-offs (each marked free or not: _Handoff), and its steps' happens-before
+    predecessors and direct dependencies with the free ones not counted (every one counted
+    without ``handoffs``). The least fixed point: a hand-off is free when it orders nothing with
+    those found free before it not counted, so that no two justify each other."""
+    found = _handoffs(steps, threads) if handoffs else []
+    nests = _nesting(steps, threads) if found else []
+    while True:
+        free = [h for h in found if h.free]
+        pred, direct = _happens_before(steps, threads, free)
+        hidden = _hiding(threads, free)
+        freed = [h for h in found if not h.free and not h.orders(steps, nests, pred, direct, threads, hidden)]
+        if not freed:
+            return found, pred, direct
+        for h in freed:
+            h.free = True
+
+
+def _nesting(steps: list[_Step | None], threads: list[int]) -> list[dict[object, frozenset[object]]]:
+    """For each step, each spinlock it took or let go of -> the spinlocks its thread held at every
+    such operation (the others: those it was nested in)."""
+    held: dict[int, set[object]] = {}
+    out: list[dict[object, frozenset[object]]] = []
+    for j, b in enumerate(steps):
+        mine = held.setdefault(threads[j], set())
+        nest: dict[object, frozenset[object]] = {}
+        if b is not None:
+            for key, take in b.locks:
+                if take:
+                    now = frozenset(mine)
+                    mine.add(key)
+                else:
+                    mine.discard(key)
+                    now = frozenset(mine)
+                nest[key] = nest[key] & now if key in nest else now
+        out.append(nest)
+    return out
+
+
+def _hiding(threads: list[int], free: list[_Handoff]) -> dict[int, list[_Handoff]]:
+    """Each step of a taker's thread -> the free hand-offs that hide its dependencies through the
+    lock on the first section's steps."""
+    hidden: dict[int, list[_Handoff]] = {}
+    for h in free:
+        for x in h.takers():
+            if threads[x] == h.t1:
+                hidden.setdefault(x, []).append(h)
+    return hidden
+
+
+def _hidden(hidden: dict[int, list[_Handoff]], i: int, j: int, threads: list[int]) -> set[object]:
+    """The locks through which steps ``i`` and ``j`` do not depend on each other: those handed on
+    freely from the section of one to the other."""
+    return ({h.key for h in hidden.get(j, ()) if h.hides(i, threads[i])}
+            | {h.key for h in hidden.get(i, ()) if h.hides(j, threads[j])})
+
+
+def _happens_before(steps: list[_Step | None], threads: list[int],
+                    free: list[_Handoff]) -> tuple[list[int], list[list[int]]]:
+    """Each step's happens-before predecessors (as bits) and its direct dependencies on other
+    threads' steps, the spinlocks handed on ``free``ly not counted."""
+    hidden = _hiding(threads, free)
+    n = len(steps)
+    pred = [0] * n
+    direct: list[list[int]] = [[] for _ in range(n)]
+    # The steps so far that read, write, or write some entry of each variable (an index: a step's
+    # dependencies on other threads' steps are among those of what it touches), and those not
+    # known (dependent on every step).
+    readers: dict[object, list[int]] = {}
+    writers: dict[object, list[int]] = {}
+    somes: dict[object, list[int]] = {}
+    unknown: list[int] = []
+    last: dict[int, int] = {}  # each thread's latest step (its earlier ones come before it)
+    for j, b in enumerate(steps):
+        tj = threads[j]
+        if b is None:
+            cand: set[int] = set(range(j))
+        else:
+            cand = set(unknown)
+            for k in b.reads:
+                cand.update(writers.get(k, ()), somes.get(k, ()))
+            for k in b.writes:
+                cand.update(writers.get(k, ()), readers.get(k, ()))
+            for k in b.some:
+                cand.update(readers.get(k, ()))
+        dj: list[int] = []
+        for i in sorted(cand):
+            a = steps[i]
+            if threads[i] == tj or not _dependent(a, b, adds=True):
+                continue
+            if a is not None and b is not None and (i in hidden or j in hidden):
+                hides = _hidden(hidden, i, j, threads)
+                if hides and _common(a, b) <= hides:
+                    continue
+            dj.append(i)
+        direct[j] = dj
+        mine = last.get(tj)
+        pj = pred[mine] | (1 << mine) if mine is not None else 0
+        for i in dj:
+            pj |= pred[i] | (1 << i)
+        pred[j] = pj
+        last[tj] = j
+        if b is None:
+            unknown.append(j)
+        else:
+            for k in b.reads:
+                readers.setdefault(k, []).append(j)
+            for k in b.writes:
+                writers.setdefault(k, []).append(j)
+            for k in b.some:
+                somes.setdefault(k, []).append(j)
+    return pred, direct
 
 
 def _commuting_adds(steps: list[_Step | None]) -> None:
@@ -1607,6 +1863,21 @@ class _Watch(_Trace):
         so that a lock taken and let go within one step is only a read of it. An rwsem's reader
         count is one entry per thread (each thread's read holds): two readers commute, a writer
         reads every entry, a release that may hand the lock on writes them all."""
+        if type(lock) is SpinLock:
+            got = self._step()
+            if got is not None:
+                st = got[1]
+                key = (self._name(lock, got[0]), "owner")
+                st.locks.append((key, op == "spin_lock"))
+                if op == "spin_lock":
+                    st.acq.add(key)
+                    st.hold.add(key)
+                elif key in st.hold:
+                    st.hold.discard(key)
+                else:
+                    st.rel.add(key)
+            super().lock(op, lock, result)
+            return
         got = self._step() if isinstance(lock, RwSem) else None
         if got is not None:
             th = got[0]
@@ -2185,9 +2456,11 @@ class _Dpor:
     picks up to the node being explored, the new pick there, then its own (the running thread
     while it can go on and is not asleep) until the threads end or every enabled thread sleeps."""
 
-    def __init__(self, full: bool = False) -> None:
+    def __init__(self, full: bool = False, handoffs: bool = True) -> None:
         #: Every schedule instead (no sleep sets, every enabled thread at every node): brute force.
         self.full = full
+        #: Spinlocks handed on freely order nothing (_Handoff); else every hand-off orders.
+        self.handoffs = handoffs
         #: The scenario searched, and the fields its runs do not watch (_ignored).
         self.scn: Scenario | None = None
         self.ignored: dict[str, tuple[type, ...]] | None = None
@@ -2313,53 +2586,26 @@ class _Dpor:
     def _races(self, start: int) -> None:
         """Source-DPOR's race analysis of the run's new steps (from ``start``): for each race
         i ⋖ j, a thread that can start the reversed order goes into node i's backtrack set,
-        unless one already is there."""
+        unless one already is there. A spinlock handed on freely orders nothing (_Handoff)."""
         path = self.path
         steps = [nd.step for nd in path]
-        pred = [0] * len(steps)  # happens-before predecessors, as bits
-        # The steps so far that read, write, or write some entry of each variable (an index: a
-        # step's dependencies on other threads' steps are among those of what it touches), and
-        # those not known (dependent on every step).
-        readers: dict[object, list[int]] = {}
-        writers: dict[object, list[int]] = {}
-        somes: dict[object, list[int]] = {}
-        unknown: list[int] = []
-        last: dict[int, int] = {}  # each thread's latest step (its earlier ones come before it)
+        threads = [nd.pick for nd in path]
+        _, pred, direct = _lock_aware(steps, threads, self.handoffs)
+        last: dict[int, int] = {}  # each thread's latest step so far
         for j, b in enumerate(steps):
-            tj = path[j].pick
-            if b is None:
-                cand: set[int] = set(range(j))
-            else:
-                cand = set(unknown)
-                for k in b.reads:
-                    cand.update(writers.get(k, ()), somes.get(k, ()))
-                for k in b.writes:
-                    cand.update(writers.get(k, ()), readers.get(k, ()))
-                for k in b.some:
-                    cand.update(readers.get(k, ()))
-            direct = sorted(i for i in cand if path[i].pick != tj and _dependent(steps[i], b, adds=True))
-            mine = last.get(tj)
-            pj = via = 0
-            if mine is not None:
-                pj, via = pred[mine] | (1 << mine), pred[mine]
-            for i in direct:
-                pj |= pred[i] | (1 << i)
-                via |= pred[i]
-            pred[j] = pj
-            last[tj] = j
-            if b is None:
-                unknown.append(j)
-            else:
-                for k in b.reads:
-                    readers.setdefault(k, []).append(j)
-                for k in b.writes:
-                    writers.setdefault(k, []).append(j)
-                for k in b.some:
-                    somes.setdefault(k, []).append(j)
+            mine = last.get(threads[j])
+            last[threads[j]] = j
             if j < start:
                 continue
-            for i in direct:
-                if not (via >> i) & 1:
+            via = pred[mine] if mine is not None else 0
+            passed = 0  # the releases that handed it a spinlock (not races: _hands_on)
+            for i in direct[j]:
+                if self.handoffs and b is not None and b.acq and _hands_on(steps[i], b):
+                    passed |= 1 << i
+                else:
+                    via |= pred[i]
+            for i in direct[j]:
+                if not ((via | passed) >> i) & 1:
                     self._reverse(i, j, pred)
 
     def _reverse(self, i: int, j: int, pred: list[int]) -> None:
@@ -2397,17 +2643,19 @@ class _Dpor:
 
 
 async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | None, start: bytes,
-                        schedules: int, stop_on_catch: bool, full: bool = False,
+                        schedules: int, stop_on_catch: bool, full: bool = False, handoffs: bool = True,
                         on_run: Callable[[RunResult, MemoryModel | None, bool], None] | None = None,
                         fine: bool = True) -> None:
     """The DPOR search (see above): every Mazurkiewicz trace of the scenario once, or until
     ``schedules`` runs or a catch (with ``stop_on_catch``). ``full``: every schedule instead (the
     futile spins aside), no reduction: what tests hold DPOR against. ``on_run``: told of each run,
     its model after the threads ended, and whether it was sleep-set blocked. ``fine``: at the
-    hardware's granularity (run_schedule), else at the named points."""
+    hardware's granularity (run_schedule), else at the named points. ``handoffs``: the lock-aware
+    reduction of spinlock hand-offs (_Handoff); without it, every hand-off is an order to reverse
+    (what tests hold it against)."""
     if not _GLOBAL_NAMES:
         _GLOBAL_NAMES.update(_module_objects())
-    dp = _Dpor(full)
+    dp = _Dpor(full, handoffs)
     dp.scn = scn
     with mm_trace.watch_fields(_WATCHED), _keyed():
         while True:
