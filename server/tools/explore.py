@@ -1129,12 +1129,14 @@ async def _explore(scn: Scenario, protocol: str, mutant: str | None, strategy: s
 # leaves the state as it was while no other thread's step in between depended on it (_Spin), as
 # if it were one step, and this bounds the spins of a run, so every search ends.
 #
-# Spinlocks (the PTLs) are handled lock-aware in the race analysis, not in the sleep sets. A
-# release that hands a spinlock to another thread's acquisition is no race to reverse (the taker
-# first would only spin); the acquisitions' order is, and it is reversed at the step that took the
-# lock before. Where the two sections conflict with nothing after the acquisition (other than
-# through locks nested in this one in both), the hand-off is free (_Handoff): the lock orders
-# nothing between them, and the search explores one order of the two sections.
+# Exclusive locks (the PTLs, the folio lock, an rwsem held for write) are handled lock-aware in
+# the race analysis, not in the sleep sets. A release that hands a lock to another thread's
+# acquisition is no race to reverse (the taker first would only spin or sleep); the acquisitions'
+# order is, and it is reversed at the step that took the lock before. Where the first section
+# comes before nothing of another thread's from the acquisition on (other than through the lock,
+# locks nested the same way in both, or locks handed on freely), the hand-off is free (_Handoff):
+# the lock orders nothing between the two sections, and the search explores one order of them. A
+# failed trylock of the lock inside the section is an order (its thread went another way).
 #
 # States are fingerprinted only to count them: no subtree is skipped for a state seen before.
 # Pruning a state already explored would hide the races between the current prefix and the steps
@@ -1305,7 +1307,7 @@ class _Step:
     """What one step (a thread's transition) read and wrote; ``changed``: what it left different."""
 
     __slots__ = ("thread", "reads", "writes", "some", "changed", "olds", "kolds", "adds", "free", "spin", "futile",
-                 "spun", "acq", "hold", "rel", "locks")
+                 "spun", "acq", "hold", "rel", "locks", "waits")
 
     def __init__(self, thread: int) -> None:
         self.thread = thread
@@ -1329,13 +1331,14 @@ class _Step:
         #: It ended a futile spin (_Watch._spun), which read ``spun``.
         self.futile = False
         self.spun: set[object] = set()
-        #: The spinlocks (their owner fields) it took, those of them it still held at its end, and
-        #: those it let go of that an earlier step of its thread took (_races: a release that hands
-        #: a lock on is not a race to reverse).
+        #: The exclusive locks (spinlocks, mutexes, rwsems held for write: their owner fields) it
+        #: took, those of them it still held at its end, and those it let go of that an earlier
+        #: step of its thread took (_Handoff); those it went to sleep on.
         self.acq: set[object] = set()
         self.hold: set[object] = set()
         self.rel: set[object] = set()
-        #: Its spinlock operations in order: (owner, True for spin_lock).
+        self.waits: set[object] = set()
+        #: Its operations on them in order: (owner, True for an acquisition).
         self.locks: list[tuple[object, bool]] = []
 
 
@@ -1365,19 +1368,29 @@ def _common(a: _Step, b: _Step) -> set[object]:
     return common
 
 
-def _hands_on(a: _Step | None, b: _Step) -> bool:
-    """Whether ``a`` only hands ``b`` a spinlock: all they conflict on is the owner of spinlocks
-    that ``a`` let go of and ``b`` took. That order is not a race to reverse: ``b`` first would
-    find the lock held and spin, which changes nothing. The order that matters is that of the
+def _hands_on(a: _Step | None, b: _Step, lock_of: dict[object, object]) -> bool:
+    """Whether ``a`` only hands ``b`` an exclusive lock: all they conflict on belongs to locks
+    that ``a`` let go of and ``b`` took (_belongs). That order is not a race to reverse: ``b``
+    first would find the lock held, and spin or sleep. The order that matters is that of the
     acquisitions, and _races reverses it where ``b`` races with the step that took the lock
     before ``a`` let it go, which the hand-off does not order before ``b``."""
     if a is None or not a.rel or a.rel.isdisjoint(b.acq):
         return False
-    return _common(a, b) <= (a.rel & b.acq)
+    locks = a.rel & b.acq
+    return all(any(_belongs(v, k, b.thread, lock_of) for k in locks) for v in _common(a, b))
+
+
+def _belongs(v: object, key: object, taker: int, lock_of: dict[object, object]) -> bool:
+    """Whether variable ``v`` is part of the lock whose owner is ``key``, as its hand-off to
+    thread ``taker`` sees it: the lock's own fields and entries, its waiter queue, and the
+    taker's sleep on it."""
+    name = key[0]  # type: ignore[index]
+    obj = v[0]  # type: ignore[index]
+    return obj == name or lock_of.get(obj) == name or obj == ("wait", taker)
 
 
 class _Handoff:
-    """A spinlock handed on in a run: thread ``t0``'s section of it (its steps from ``first``,
+    """An exclusive lock handed on in a run: thread ``t0``'s section of it (its steps from ``first``,
     which took it, to ``last``, which let it go), then step ``taker`` of another thread took it,
     after ``tries`` (the taker's steps that found it held), and held it to step ``until``.
 
@@ -1391,10 +1404,12 @@ class _Handoff:
     it held only waited), and the search explores one order of the two sections, as lock-aware
     reductions do (LAPOR, Kokologiannakis et al., OOPSLA 2019)."""
 
-    __slots__ = ("key", "t0", "first", "last", "t1", "taker", "tries", "until", "free")
+    __slots__ = ("key", "t0", "first", "last", "t1", "taker", "tries", "until", "free", "lock_of")
 
-    def __init__(self, key: object, t0: int, first: int, last: int, t1: int, taker: int, tries: list[int]) -> None:
+    def __init__(self, key: object, t0: int, first: int, last: int, t1: int, taker: int, tries: list[int],
+                 lock_of: dict[object, object]) -> None:
         self.key = key
+        self.lock_of = lock_of
         self.t0 = t0
         self.first = first
         self.last = last
@@ -1414,15 +1429,22 @@ class _Handoff:
         """Whether step ``i`` (thread ``ti``) is one of the first section's."""
         return ti == self.t0 and self.first <= i <= self.last
 
-    def orders(self, steps: list[_Step | None], nests: list[dict[object, frozenset[object]]], pred: list[int],
-               direct: list[list[int]], threads: list[int], hidden: dict[int, list[_Handoff]]) -> bool:
+    def covers(self, v: object) -> bool:
+        """Whether variable ``v`` is part of the lock (_belongs)."""
+        return _belongs(v, self.key, self.t1, self.lock_of)
+
+    def orders(self, steps: list[_Step | None], nests: list[dict[object, tuple[frozenset[object],
+                                                                                 frozenset[object]]]], pred: list[int],
+               direct: list[list[int]], threads: list[int], hidden: dict[int, list[_Handoff]],
+               spinlocks: set[object]) -> bool:
         """Whether a step of the section comes, other than through the lock or the section's
         thread's later steps, before a step of another thread from the acquisition on. A
         conflict on the lock alone is no such order (the lock's sections are ordered by their
-        own hand-offs), nor one on another spinlock that both steps take or let go of only while
-        they hold this one (its order is this lock's), or that is handed on freely between them
-        (``hidden``); one on another spinlock otherwise is (the order of two locks' sections
-        makes deadlocks)."""
+        own hand-offs) unless the other step reads its owner plainly (a failed trylock, whose
+        thread goes another way), nor one on another lock that both steps take or let go of only
+        while they hold this one, or only while they do not (the inner lock's order follows the
+        outer's: _same_nesting), or that is handed on freely between them (``hidden``); one on
+        another lock otherwise is (two locks taken in the other order make a deadlock)."""
         t0, j, key = self.t0, self.taker, self.key
         later = 0  # what comes before the other threads' steps from the acquisition on
         for y in range(j, len(threads)):
@@ -1438,15 +1460,21 @@ class _Handoff:
                 a = steps[x]
                 if a is None or b is None:
                     return True
-                hides = _hidden(hidden, x, z, threads) if x in hidden or z in hidden else set()
+                hs = _hidden(hidden, x, z, threads) if x in hidden or z in hidden else []
                 for v in _common(a, b):
-                    if v != key and v not in hides and not (key in nests[x].get(v, ()) and key in nests[z].get(v, ())):
+                    if self.covers(v):
+                        if v == key and not (key in b.acq or key in b.rel or key in b.waits or key in spinlocks):
+                            return True  # a plain read of the owner: a failed trylock
+                    elif not any(h.covers(v) for h in hs) and not _same_nesting(key, v, nests[x], nests[z]):
                         return True
         return False
 
 
-def _handoffs(steps: list[_Step | None], threads: list[int]) -> list[_Handoff]:
-    """The spinlocks handed on from one thread's section to another thread in a run."""
+def _handoffs(steps: list[_Step | None], threads: list[int], lock_of: dict[object, object],
+              spinlocks: set[object]) -> list[_Handoff]:
+    """The exclusive locks handed on from one thread's section to another thread in a run. A
+    try is a step of the taker's that slept on the lock, or that read a spinlock's owner without
+    taking it (it spun: a spinlock is never trylocked)."""
     out: list[_Handoff] = []
     took: dict[object, int] = {}  # each held spinlock's owner -> the step that took it
     section: dict[object, tuple[int, int]] = {}  # each let-go spinlock -> its last section
@@ -1462,8 +1490,8 @@ def _handoffs(steps: list[_Step | None], threads: list[int]) -> list[_Handoff]:
             sec = section.get(key)
             if sec is not None and threads[sec[0]] != tj:
                 tries = [x for x in range(sec[0] + 1, j) if threads[x] == tj and (st := steps[x]) is not None
-                         and key in st.reads and key not in st.acq]
-                h = _Handoff(key, threads[sec[0]], sec[0], sec[1], tj, j, tries)
+                         and (key in st.waits or (key in spinlocks and key in st.reads and key not in st.acq))]
+                h = _Handoff(key, threads[sec[0]], sec[0], sec[1], tj, j, tries, lock_of)
                 out.append(h)
                 if key in b.hold:
                     holding[key] = h
@@ -1482,33 +1510,38 @@ def _handoffs(steps: list[_Step | None], threads: list[int]) -> list[_Handoff]:
     return out
 
 
-def _lock_aware(steps: list[_Step | None], threads: list[int],
-                handoffs: bool = True) -> tuple[list[_Handoff], list[int], list[list[int]]]:
-    """A run's spinlock hand-offs (each marked free or not: _Handoff), and its steps' happens-before
+def _lock_aware(steps: list[_Step | None], threads: list[int], handoffs: bool = True,
+                lock_of: dict[object, object] | None = None,
+                spinlocks: set[object] | None = None) -> tuple[list[_Handoff], list[int], list[list[int]]]:
+    """A run's lock hand-offs (each marked free or not: _Handoff), and its steps' happens-before
     predecessors and direct dependencies with the free ones not counted (every one counted
     without ``handoffs``). The least fixed point: a hand-off is free when it orders nothing with
     those found free before it not counted, so that no two justify each other."""
-    found = _handoffs(steps, threads) if handoffs else []
+    lock_of = lock_of if lock_of is not None else {}
+    spinlocks = spinlocks if spinlocks is not None else set()
+    found = _handoffs(steps, threads, lock_of, spinlocks) if handoffs else []
     nests = _nesting(steps, threads) if found else []
     while True:
         free = [h for h in found if h.free]
         pred, direct = _happens_before(steps, threads, free)
         hidden = _hiding(threads, free)
-        freed = [h for h in found if not h.free and not h.orders(steps, nests, pred, direct, threads, hidden)]
+        freed = [h for h in found
+                 if not h.free and not h.orders(steps, nests, pred, direct, threads, hidden, spinlocks)]
         if not freed:
             return found, pred, direct
         for h in freed:
             h.free = True
 
 
-def _nesting(steps: list[_Step | None], threads: list[int]) -> list[dict[object, frozenset[object]]]:
-    """For each step, each spinlock it took or let go of -> the spinlocks its thread held at every
-    such operation (the others: those it was nested in)."""
+def _nesting(steps: list[_Step | None], threads: list[int]) -> list[dict[object, tuple[frozenset[object],
+                                                                                     frozenset[object]]]]:
+    """For each step, each exclusive lock it took or let go of -> the other locks its thread held
+    at every such operation, and those it held at any of them."""
     held: dict[int, set[object]] = {}
-    out: list[dict[object, frozenset[object]]] = []
+    out: list[dict[object, tuple[frozenset[object], frozenset[object]]]] = []
     for j, b in enumerate(steps):
         mine = held.setdefault(threads[j], set())
-        nest: dict[object, frozenset[object]] = {}
+        nest: dict[object, tuple[frozenset[object], frozenset[object]]] = {}
         if b is not None:
             for key, take in b.locks:
                 if take:
@@ -1517,9 +1550,21 @@ def _nesting(steps: list[_Step | None], threads: list[int]) -> list[dict[object,
                 else:
                     mine.discard(key)
                     now = frozenset(mine)
-                nest[key] = nest[key] & now if key in nest else now
+                was = nest.get(key)
+                nest[key] = (was[0] & now, was[1] | now) if was is not None else (now, now)
         out.append(nest)
     return out
+
+
+def _same_nesting(key: object, v: object, x: dict[object, tuple[frozenset[object], frozenset[object]]],
+                  z: dict[object, tuple[frozenset[object], frozenset[object]]]) -> bool:
+    """Whether two steps take or let go of lock ``v`` (an owner) only while they hold lock ``key``,
+    or only while they do not: its order and that of ``key``'s sections are one (the inner's
+    follows the outer's), and no deadlock of the two is possible."""
+    a, b = x.get(v), z.get(v)
+    if a is None or b is None:
+        return False
+    return (key in a[0] and key in b[0]) or (key not in a[1] and key not in b[1])
 
 
 def _hiding(threads: list[int], free: list[_Handoff]) -> dict[int, list[_Handoff]]:
@@ -1533,11 +1578,11 @@ def _hiding(threads: list[int], free: list[_Handoff]) -> dict[int, list[_Handoff
     return hidden
 
 
-def _hidden(hidden: dict[int, list[_Handoff]], i: int, j: int, threads: list[int]) -> set[object]:
+def _hidden(hidden: dict[int, list[_Handoff]], i: int, j: int, threads: list[int]) -> list[_Handoff]:
     """The locks through which steps ``i`` and ``j`` do not depend on each other: those handed on
     freely from the section of one to the other."""
-    return ({h.key for h in hidden.get(j, ()) if h.hides(i, threads[i])}
-            | {h.key for h in hidden.get(i, ()) if h.hides(j, threads[j])})
+    return ([h for h in hidden.get(j, ()) if h.hides(i, threads[i])]
+            + [h for h in hidden.get(i, ()) if h.hides(j, threads[j])])
 
 
 def _happens_before(steps: list[_Step | None], threads: list[int],
@@ -1574,8 +1619,8 @@ def _happens_before(steps: list[_Step | None], threads: list[int],
             if threads[i] == tj or not _dependent(a, b, adds=True):
                 continue
             if a is not None and b is not None and (i in hidden or j in hidden):
-                hides = _hidden(hidden, i, j, threads)
-                if hides and _common(a, b) <= hides:
+                hs = _hidden(hidden, i, j, threads)
+                if hs and all(any(h.covers(v) for h in hs) for v in _common(a, b)):
                     continue
             dj.append(i)
         direct[j] = dj
@@ -1771,6 +1816,10 @@ class _Watch(_Trace):
         self.stored: Counter[int] = Counter()
         #: Reached containers held by something the run cannot count (a tuple in a field).
         self.loose: set[int] = set()
+        #: Each lock's waiter queue -> the lock (variable names), and the spinlocks' owners
+        #: (_Handoff: what belongs to a lock).
+        self.lock_of: dict[object, object] = {}
+        self.spinlocks: set[object] = set()
 
     def _name(self, obj: Any, th: int) -> object:
         n = self.names.get(id(obj))
@@ -1830,6 +1879,8 @@ class _Watch(_Trace):
                     self._reach(th, x)
                     self.loose.add(id(x))
         elif t is not frozenset:
+            if t is deque and field == "waiters":
+                self.lock_of[self._name(new, th)] = key[0]
             self._reach(th, new)
 
     def _reach(self, th: int, c: Any) -> None:
@@ -1863,22 +1914,14 @@ class _Watch(_Trace):
         so that a lock taken and let go within one step is only a read of it. An rwsem's reader
         count is one entry per thread (each thread's read holds): two readers commute, a writer
         reads every entry, a release that may hand the lock on writes them all."""
+        got = self._step()
+        if got is not None and (type(lock) is not RwSem or "write" in op):  # an exclusive hold
+            self._exclusive(got[1], (self._name(lock, got[0]), "owner"), op, result, type(lock) is SpinLock)
         if type(lock) is SpinLock:
-            got = self._step()
-            if got is not None:
-                st = got[1]
-                key = (self._name(lock, got[0]), "owner")
-                st.locks.append((key, op == "spin_lock"))
-                if op == "spin_lock":
-                    st.acq.add(key)
-                    st.hold.add(key)
-                elif key in st.hold:
-                    st.hold.discard(key)
-                else:
-                    st.rel.add(key)
             super().lock(op, lock, result)
             return
-        got = self._step() if isinstance(lock, RwSem) else None
+        if not isinstance(lock, RwSem):
+            got = None
         if got is not None:
             th = got[0]
             if op.startswith("down_read"):
@@ -1893,6 +1936,24 @@ class _Watch(_Trace):
             elif op == "up_write" and lock.waiters:
                 self.keyed(lock, None, True)
         super().lock(op, lock, result)  # records it, and parks there at the hardware's granularity
+
+    def _exclusive(self, st: _Step, key: object, op: str, result: bool | None, spin: bool) -> None:
+        """An operation of ``st`` on an exclusive lock (its owner ``key``): an acquisition, a
+        sleep on it, or a release (_Handoff). A failed trylock is only a read of the owner."""
+        if spin:
+            self.spinlocks.add(key)
+        if op in ("spin_unlock", "unlock", "up_write"):
+            st.locks.append((key, False))
+            if key in st.hold:
+                st.hold.discard(key)
+            else:
+                st.rel.add(key)
+        elif result or op == "spin_lock":
+            st.locks.append((key, True))
+            st.acq.add(key)
+            st.hold.add(key)
+        elif "try" not in op:
+            st.waits.add(key)
 
     def _reader(self, lock: RwSem, th: int, delta: int) -> None:
         """Thread ``th`` took (1) or let go of (-1) a read hold of ``lock``."""
@@ -1975,6 +2036,9 @@ class _Watch(_Trace):
         nxt = self.open.setdefault(th.index, _Step(th.index))
         nxt.reads.add(key)
         nxt.writes.add(key)
+        lock = th.waits
+        if isinstance(lock, Mutex) or (isinstance(lock, RwSem) and lock.owner is not None):  # granted it
+            self._exclusive(nxt, (self._name(lock, got[0] if got else th.index), "owner"), "grant", True, False)
 
     def begin(self, th: Thread) -> None:
         """``th`` was picked: its step starts (its containers' contents noted)."""
@@ -2459,7 +2523,7 @@ class _Dpor:
     def __init__(self, full: bool = False, handoffs: bool = True) -> None:
         #: Every schedule instead (no sleep sets, every enabled thread at every node): brute force.
         self.full = full
-        #: Spinlocks handed on freely order nothing (_Handoff); else every hand-off orders.
+        #: Exclusive locks handed on freely order nothing (_Handoff); else every hand-off orders.
         self.handoffs = handoffs
         #: The scenario searched, and the fields its runs do not watch (_ignored).
         self.scn: Scenario | None = None
@@ -2586,11 +2650,14 @@ class _Dpor:
     def _races(self, start: int) -> None:
         """Source-DPOR's race analysis of the run's new steps (from ``start``): for each race
         i ⋖ j, a thread that can start the reversed order goes into node i's backtrack set,
-        unless one already is there. A spinlock handed on freely orders nothing (_Handoff)."""
+        unless one already is there. A lock handed on freely orders nothing (_Handoff)."""
         path = self.path
         steps = [nd.step for nd in path]
         threads = [nd.pick for nd in path]
-        _, pred, direct = _lock_aware(steps, threads, self.handoffs)
+        w = self.watch
+        _, pred, direct = _lock_aware(steps, threads, self.handoffs, w.lock_of if w else None,
+                                      w.spinlocks if w else None)
+        lock_of = w.lock_of if w else {}
         last: dict[int, int] = {}  # each thread's latest step so far
         for j, b in enumerate(steps):
             mine = last.get(threads[j])
@@ -2600,7 +2667,7 @@ class _Dpor:
             via = pred[mine] if mine is not None else 0
             passed = 0  # the releases that handed it a spinlock (not races: _hands_on)
             for i in direct[j]:
-                if self.handoffs and b is not None and b.acq and _hands_on(steps[i], b):
+                if self.handoffs and b is not None and b.acq and _hands_on(steps[i], b, lock_of):
                     passed |= 1 << i
                 else:
                     via |= pred[i]
@@ -2651,8 +2718,8 @@ async def _explore_dpor(s: Search, scn: Scenario, protocol: str, mutant: str | N
     futile spins aside), no reduction: what tests hold DPOR against. ``on_run``: told of each run,
     its model after the threads ended, and whether it was sleep-set blocked. ``fine``: at the
     hardware's granularity (run_schedule), else at the named points. ``handoffs``: the lock-aware
-    reduction of spinlock hand-offs (_Handoff); without it, every hand-off is an order to reverse
-    (what tests hold it against)."""
+    reduction of exclusive locks' hand-offs (_Handoff); without it, every hand-off is an order to
+    reverse (what tests hold it against)."""
     if not _GLOBAL_NAMES:
         _GLOBAL_NAMES.update(_module_objects())
     dp = _Dpor(full, handoffs)
