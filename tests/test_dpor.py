@@ -245,10 +245,11 @@ def test_random_schedules_end_where_dpor_ends_at_every_access(name: str) -> None
 LIBRARY = sorted(p.stem for p in (Path(__file__).parent / "litmus").glob("*.litmus"))
 #: Library scenarios whose complete search at the hardware's granularity takes seconds (the
 #: others, and their figures, are in BENCHMARKS.md "DPOR").
-FINE_QUICK = ["dontneed-vs-move", "exit-vs-blocking-walk", "fast-path-race", "fork-vs-walk", "gc-fault-vs-walk",
-              "huge-zero-move", "moved-twice-reuse", "opposite-moves", "pageout-vs-fork", "pin-vs-move",
-              "pin-vs-pmd-move", "pmd-move-vs-fork", "pmd-move-vs-walk", "reclaim-vs-move", "slow-path-race",
-              "split-vma-walk", "swap-move-then-swapin", "swapin-vs-move", "typesafe-reuse-root-change"]
+FINE_QUICK = ["dontneed-vs-move", "double-swapout-vs-move", "exit-vs-blocking-walk", "fast-path-race", "fork-vs-walk",
+              "gc-fault-vs-walk", "huge-zero-move", "moved-twice-reuse", "opposite-moves", "pageout-vs-fork",
+              "pin-vs-move", "pin-vs-pmd-move", "pmd-move-vs-fork", "pmd-move-vs-walk", "reclaim-vs-move",
+              "slow-path-race", "split-vma-walk", "swap-move-then-swapin", "swapin-vs-move",
+              "typesafe-reuse-root-change"]
 
 
 def _complete_and_clean(name: str, protocol: str, points: str) -> ex.Search:
