@@ -335,13 +335,6 @@ MUTANT_SCENARIOS: dict[str, tuple[str, str]] = {
 }
 
 
-#: Mutants DPOR catches at the named points within a few runs and at the hardware's granularity
-#: only after thousands, where its depth-first order reaches the catching interleaving late
-#: (BENCHMARKS.md "DPOR": walker-root-read-outside-rcu, 8,990 runs of moved-twice-reuse;
-#: move-large-folio-lock-sleeps, not within 2,010 runs of large-folio-two-movers).
-NAMED_POINTS = {"walker-root-read-outside-rcu", "move-large-folio-lock-sleeps"}
-
-
 def _scored_mutants() -> list[str]:
     from mmsim.server.mm.kernel import MUTANTS
     from mmsim.server.mm.steps import resolve
@@ -352,13 +345,14 @@ def _scored_mutants() -> list[str]:
 @pytest.mark.violations_expected
 @pytest.mark.parametrize("mutant", _scored_mutants())
 def test_dpor_catches_every_mutant(mutant: str) -> None:
-    """Each non-equivalent mutant is caught by DPOR on its scenario, at the hardware's granularity
-    (but NAMED_POINTS), where DPOR proves the scenario clean without the mutant at the named points
-    (test_library_complete_and_clean) and, for the quick ones, at every access too."""
+    """Each non-equivalent mutant is caught by DPOR on its scenario, at the hardware's granularity,
+    where DPOR proves the scenario clean without the mutant at the named points
+    (test_library_complete_and_clean) and, for the quick ones, at every access too. The slowest
+    to catch (BENCHMARKS.md "DPOR"): move-large-folio-lock-sleeps, 134 runs of
+    large-folio-two-movers; walker-root-read-outside-rcu, 698 runs of moved-twice-reuse."""
     assert mutant in MUTANT_SCENARIOS, f"no scenario listed for the mutant {mutant}"
     name, protocol = MUTANT_SCENARIOS[mutant]
-    points = "named" if mutant in NAMED_POINTS else "all"
-    s = ex.explore(load(f"tests/litmus/{name}.litmus"), protocol, mutant, "dpor", 20_000, points=points)
+    s = ex.explore(load(f"tests/litmus/{name}.litmus"), protocol, mutant, "dpor", 20_000, points="all")
     assert s.first is not None and s.first.caught, f"{mutant} survived {s.schedules} runs of {name}"
 
 
