@@ -1354,9 +1354,7 @@ def _dependent(a: _Step | None, b: _Step | None, adds: bool = False) -> bool:
         return False
     if not (adds and a.free and b.free):
         return True
-    ar, br = a.reads, b.reads
-    common = (aw & br) | (aw & bw) | (bw & ar) | (a.some & br) | (b.some & ar)
-    return not common <= (a.free & b.free)
+    return bool(_common(a, b))
 
 
 def _common(a: _Step, b: _Step) -> set[object]:
@@ -1476,9 +1474,9 @@ def _handoffs(steps: list[_Step | None], threads: list[int], lock_of: dict[objec
     try is a step of the taker's that slept on the lock, or that read a spinlock's owner without
     taking it (it spun: a spinlock is never trylocked)."""
     out: list[_Handoff] = []
-    took: dict[object, int] = {}  # each held spinlock's owner -> the step that took it
-    section: dict[object, tuple[int, int]] = {}  # each let-go spinlock -> its last section
-    holding: dict[object, _Handoff] = {}  # each held spinlock -> the hand-off that gave it
+    took: dict[object, int] = {}  # each held lock's owner -> the step that took it
+    section: dict[object, tuple[int, int]] = {}  # each let-go lock -> its last section
+    holding: dict[object, _Handoff] = {}  # each held lock -> the hand-off that gave it
     for j, b in enumerate(steps):
         if b is None:
             took.clear()
@@ -1522,9 +1520,8 @@ def _lock_aware(steps: list[_Step | None], threads: list[int], handoffs: bool = 
     found = _handoffs(steps, threads, lock_of, spinlocks) if handoffs else []
     nests = _nesting(steps, threads) if found else []
     while True:
-        free = [h for h in found if h.free]
-        pred, direct = _happens_before(steps, threads, free)
-        hidden = _hiding(threads, free)
+        hidden = _hiding(threads, [h for h in found if h.free])
+        pred, direct = _happens_before(steps, threads, hidden)
         freed = [h for h in found
                  if not h.free and not h.orders(steps, nests, pred, direct, threads, hidden, spinlocks)]
         if not freed:
@@ -1586,10 +1583,9 @@ def _hidden(hidden: dict[int, list[_Handoff]], i: int, j: int, threads: list[int
 
 
 def _happens_before(steps: list[_Step | None], threads: list[int],
-                    free: list[_Handoff]) -> tuple[list[int], list[list[int]]]:
+                    hidden: dict[int, list[_Handoff]]) -> tuple[list[int], list[list[int]]]:
     """Each step's happens-before predecessors (as bits) and its direct dependencies on other
-    threads' steps, the spinlocks handed on ``free``ly not counted."""
-    hidden = _hiding(threads, free)
+    threads' steps, those through the locks handed on freely (``hidden``: _hiding) not counted."""
     n = len(steps)
     pred = [0] * n
     direct: list[list[int]] = [[] for _ in range(n)]
@@ -1917,12 +1913,7 @@ class _Watch(_Trace):
         got = self._step()
         if got is not None and (type(lock) is not RwSem or "write" in op):  # an exclusive hold
             self._exclusive(got[1], (self._name(lock, got[0]), "owner"), op, result, type(lock) is SpinLock)
-        if type(lock) is SpinLock:
-            super().lock(op, lock, result)
-            return
-        if not isinstance(lock, RwSem):
-            got = None
-        if got is not None:
+        if got is not None and isinstance(lock, RwSem):
             th = got[0]
             if op.startswith("down_read"):
                 if result:
@@ -2655,9 +2646,8 @@ class _Dpor:
         steps = [nd.step for nd in path]
         threads = [nd.pick for nd in path]
         w = self.watch
-        _, pred, direct = _lock_aware(steps, threads, self.handoffs, w.lock_of if w else None,
-                                      w.spinlocks if w else None)
-        lock_of = w.lock_of if w else {}
+        lock_of: dict[object, object] = w.lock_of if w else {}
+        _, pred, direct = _lock_aware(steps, threads, self.handoffs, lock_of, w.spinlocks if w else None)
         last: dict[int, int] = {}  # each thread's latest step so far
         for j, b in enumerate(steps):
             mine = last.get(threads[j])
@@ -2665,7 +2655,7 @@ class _Dpor:
             if j < start:
                 continue
             via = pred[mine] if mine is not None else 0
-            passed = 0  # the releases that handed it a spinlock (not races: _hands_on)
+            passed = 0  # the releases that handed it a lock (not races: _hands_on)
             for i in direct[j]:
                 if self.handoffs and b is not None and b.acq and _hands_on(steps[i], b, lock_of):
                     passed |= 1 << i
