@@ -1209,8 +1209,10 @@ def test_thp_generator_deterministic_valid_and_drawn() -> None:
 
 async def test_random_thp_scenarios_agree_twice_on_kernel() -> None:
     """Generated large-folio scenarios are settled on the kernel (THP settings applied,
-    khugepaged asleep): two runs give the same answers at every step, and no step leaves a note
-    or is unreliable."""
+    khugepaged asleep, no underused THP split by reclaim): two runs give the same answers at every
+    step, and no step leaves a note. A pair of runs with an unreliable step (the machine got in
+    the way: no huge page to allocate, say) is run again, up to three pairs: a scenario that is
+    never reliable is a problem too."""
     from mmsim.server.tools.conformance.kernel import thp_unavailable
 
     runner = _oracle_or_skip()
@@ -1223,11 +1225,18 @@ async def test_random_thp_scenarios_agree_twice_on_kernel() -> None:
     assert any(st["op"] == "move" and st.get("pages") == 512 for s in scenarios for st in s.steps)
     problems: list[str] = []
     for s in scenarios:
-        first, second = runner.run(s), runner.run(s)
+        for _ in range(3):
+            first, second = runner.run(s), runner.run(s)
+            unreliable = [
+                f"{s.name} step {i}: {x}" for run in (first, second) for i, r in enumerate(run) if (x := r.unreliable)
+            ]
+            if not unreliable:
+                break
+        problems += unreliable
         for i, (a, b) in enumerate(zip(first, second, strict=True)):
-            if a.compared() != b.compared():
+            if not unreliable and a.compared() != b.compared():
                 problems.append(f"{s.name} step {i} {s.steps[i]}: {a.compared()} then {b.compared()}")
-            problems += [f"{s.name} step {i}: {x}" for x in (a.note, a.unreliable, b.unreliable) if x]
+            problems += [f"{s.name} step {i}: {x}" for x in (a.note, b.note) if x]
     assert not problems, "\n".join(problems)
 
 

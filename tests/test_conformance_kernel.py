@@ -762,9 +762,10 @@ def test_thp_counters_and_what_a_move_of_them_means(tmp_path: Any) -> None:
     (root / "khugepaged" / "pages_collapsed").write_text("7\n")
     vmstat = tmp_path / "vmstat"
     vmstat.write_text("nr_free_pages 1\nthp_fault_alloc 9\nthp_fault_fallback 2\nthp_zero_page_alloc_failed 0\n"
-                      "thp_swpout 0\n")
+                      "thp_swpout 0\nthp_underused_split_page 4\nthp_migration_split 0\nthp_split_pmd 6\n")
     c = thp_counters(str(root), str(vmstat))
     assert c == {"thp_fault_fallback": 2, "thp_zero_page_alloc_failed": 0, "thp_swpout": 0,
+                 "thp_underused_split_page": 4, "thp_migration_split": 0,
                  "hugepages-2048kB anon_fault_fallback": 3, "hugepages-2048kB swpout": 0,
                  "hugepages-64kB anon_fault_fallback": 3, "hugepages-64kB swpout": 0,
                  "khugepaged pages_collapsed": 7}
@@ -774,6 +775,58 @@ def test_thp_counters_and_what_a_move_of_them_means(tmp_path: Any) -> None:
                                         "allocated): thp_fault_fallback +1, hugepages-2048kB anon_fault_fallback +1")
     assert thp_disturbance(c, {**c, "khugepaged pages_collapsed": 8}).startswith("khugepaged collapsed pages")
     assert thp_disturbance(c, {**c, "hugepages-64kB swpout": 1}).startswith("a large folio was swapped out whole")
+    assert thp_disturbance(c, {**c, "thp_underused_split_page": 5}) == (
+        "the shrinker split a huge page as underused (reclaim ran while the scenario ran): thp_underused_split_page +1")
+    assert thp_disturbance(c, {**c, "thp_migration_split": 1}).startswith("a migration split a huge page")
+
+
+def _drop_slab_before(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
+    """Make the kernel run every shrinker (drop_caches 2), as reclaim anywhere on the machine
+    would, right before step ``index`` of the next kernel run."""
+    seen = [0]
+    step = KernelRunner._step
+
+    def dropping(self: KernelRunner, *args: Any, **kwargs: Any) -> StepResult:
+        if seen[0] == index:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2\n")
+        seen[0] += 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(KernelRunner, "_step", dropping)
+
+
+@pytest.mark.parametrize("shrink_underused", ["0", "1"])
+def test_reclaim_does_not_split_an_underused_huge_page_behind_the_scenario(
+    monkeypatch: pytest.MonkeyPatch, shrink_underused: str
+) -> None:
+    """A huge page with one written page is underused (max_ptes_none is 0 while a large-folio
+    scenario runs), and the shrinker that reclaim runs splits such a page. A large-folio scenario
+    runs with that splitting off, so its THP stays PMD-mapped through a shrink and a move into it
+    still fails with EEXIST. With the splitting left on, the split is not taken for the
+    scenario's answer: the step is marked unreliable."""
+    from mmsim.server.tools.conformance import kernel
+
+    _thp_or_skip()
+    if not os.path.exists(f"{kernel.THP_SYSFS}/shrink_underused"):
+        pytest.skip("this kernel does not split underused huge pages (no shrink_underused)")
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        pytest.skip("/proc/sys/vm/drop_caches is not writable (running the shrinkers needs root)")
+    monkeypatch.setattr(kernel, "SHRINK_UNDERUSED", shrink_underused)
+    _drop_slab_before(monkeypatch, 5)
+    steps = [
+        {**mm("dst", 512, "wp"), "align": "pmd"}, mm("src", 1), adv("dst", 0, "hugepage", 512), w("dst", 7, 3),
+        at("pte", "src", 0), at("pte", "dst", 100), mv(100, 0, 1), at("peek", "dst", 7),
+    ]
+    r = run(steps)
+    if shrink_underused == "0":
+        assert r[5].pmd is True and r[5].present and [x.unreliable for x in r] == [""] * len(r)
+        assert (r[6].errno, r[6].moved) == (errno.EEXIST, 0)
+    else:
+        assert r[5].pmd is False, "the shrinker left the underused huge page whole"
+        assert r[5].unreliable.startswith("the shrinker split a huge page as underused"), r[5].unreliable
+        assert (r[6].errno, r[6].moved) == (errno.ENOENT, 0)
+    assert r[7].value == 3
 
 
 def test_thp_unavailable_says_why_for_a_missing_size(monkeypatch: pytest.MonkeyPatch) -> None:

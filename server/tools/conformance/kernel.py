@@ -69,8 +69,9 @@ covers the huge zero page (KPF_ZERO_PAGE). A large-folio scenario (``uses_thp``)
 THP settings (``thp_settings``: written to /sys/kernel/mm/transparent_hugepage/ under a lock,
 journalled, restored after) with khugepaged kept asleep and held back, and every step is checked against the
 counters that say its answer cannot be trusted (``thp_counters``): a step during which a huge
-page fault fell back to small pages, khugepaged collapsed pages or a large folio was swapped out
-whole is marked ``unreliable``. ``thp_unavailable`` says why such scenarios cannot run.
+page fault fell back to small pages, khugepaged collapsed pages, a large folio was swapped out
+whole or a huge page was split behind the scenario's back (the shrinker's splitting of underused
+THPs is off while it runs) is marked ``unreliable``. ``thp_unavailable`` says why such scenarios cannot run.
 
 Not disturbing the address space
 --------------------------------
@@ -583,12 +584,22 @@ KHUGEPAGED_SLEEP_MS = 3_600_000
 #: which every scenario that splits one leaves, is then never collapsed, even by the scan that a
 #: partial unmap of a THP wakes khugepaged for at once (the sleep does not hold it back).
 KHUGEPAGED_LIMITS = {"max_ptes_none": 0, "max_ptes_swap": 0, "max_ptes_shared": 0}
+#: The deferred-split shrinker's splitting of underused THPs, off while a large-folio scenario runs
+#: (where the kernel has the switch, 6.12 and later): with max_ptes_none at 0 every huge page that
+#: has a page of zeroes counts as underused, and any reclaim anywhere on the machine (kswapd, a
+#: memory cgroup at its limit, drop_caches) would split it behind the scenario's back.
+SHRINK_UNDERUSED = "0"
 #: The counters that say a large-folio scenario's answer cannot be trusted: a huge page fault that
 #: fell back to smaller pages (no huge page, or no huge zero page, could be allocated or charged),
 #: khugepaged collapsing pages after all, and a large folio swapped out whole (the recordings were
 #: made with a swap file that takes no large folio, so pageout splits them: a swap device that
-#: takes them answers otherwise).
-_THP_VMSTAT = ("thp_fault_fallback", "thp_zero_page_alloc_failed", "thp_swpout")
+#: takes them answers otherwise), and a huge page split behind the scenario's back: by the
+#: shrinker as underused (where it cannot be switched off) or by a migration that found no huge
+#: page to move it to.
+_THP_VMSTAT = (
+    "thp_fault_fallback", "thp_zero_page_alloc_failed", "thp_swpout", "thp_underused_split_page",
+    "thp_migration_split",
+)
 #: The per-size counters of the same (``hugepages-*/stats/``).
 _MTHP_STATS = ("anon_fault_fallback", "swpout")
 #: A setting that writing ``enabled`` may recompute (khugepaged's recommended minimum).
@@ -642,6 +653,8 @@ def thp_settings_for(thp: dict[str, Any] | None, root: str | None = None) -> dic
     out = {os.path.join(root, "khugepaged", "scan_sleep_millisecs"): str(KHUGEPAGED_SLEEP_MS)}
     for name, limit in KHUGEPAGED_LIMITS.items():
         out[os.path.join(root, "khugepaged", name)] = str(limit)
+    if os.path.exists(shrink := os.path.join(root, "shrink_underused")):
+        out[shrink] = SHRINK_UNDERUSED
     out[os.path.join(root, "enabled")] = str(thp.get("enabled", THP_BASELINE["enabled"]))
     out[os.path.join(root, "use_zero_page")] = "1" if thp.get("use_zero_page", THP_BASELINE["use_zero_page"]) else "0"
     for size, value in mthp.items():
@@ -804,7 +817,8 @@ def thp_settings(scenario: Scenario | None) -> Iterator[None]:
 def thp_counters(root: str | None = None, vmstat: str = "/proc/vmstat") -> dict[str, int]:
     """The counters that move when a large-folio scenario's answer cannot be trusted (root:
     default THP_SYSFS): huge page faults that fell back to smaller pages, large folios swapped
-    out whole (both per size too) and the pages khugepaged collapsed."""
+    out whole (both per size too), the pages khugepaged collapsed and huge pages split as
+    underused or by a migration."""
     root = root or THP_SYSFS
     out: dict[str, int] = {}
     with open(vmstat) as f:
@@ -833,6 +847,10 @@ def thp_disturbance(before: dict[str, int], after: dict[str, int]) -> str:
         what = "a huge page fault fell back to smaller pages (no huge page could be allocated)"
     elif any("swpout" in k for k in moved):
         what = "a large folio was swapped out whole (this swap device takes large folios, unlike the recordings')"
+    elif any("underused" in k for k in moved):
+        what = "the shrinker split a huge page as underused (reclaim ran while the scenario ran)"
+    elif any("migration" in k for k in moved):
+        what = "a migration split a huge page (no huge page to move it to)"
     else:
         what = "khugepaged collapsed pages while the scenario ran"
     return f"{what}: " + ", ".join(f"{k} +{after[k] - before.get(k, 0)}" for k in moved)
