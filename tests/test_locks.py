@@ -222,6 +222,68 @@ async def test_mutex_fifo_handoff() -> None:
     assert not mx.is_locked() and not d.counts
 
 
+async def test_wait_bit_sleeps_until_the_lock_is_let_go_and_takes_nothing() -> None:
+    """Mutex.wait_bit (folio_wait_bit on PG_locked, as migration_entry_wait_on_locked): free now,
+    it answers True and takes nothing; held, the waiter sleeps and the release wakes it without
+    handing it the lock, so a trylock right after succeeds. The first acquisition queued behind
+    bit waiters still gets the lock; a bit waiter behind that acquisition waits for its release."""
+    state, d = ld()
+    mx = Mutex("folio.lock", LockClass.FOLIO_LOCK, state)
+    a, b, c, e, x = (Current(n) for n in "abcex")
+    assert mx.wait_bit(b) and mx.owner is None and b.held == [] and b.waiting is None
+    assert mx.lock(a)
+    log: list[str] = []
+
+    async def wait_bit(cur: Current) -> None:
+        if not mx.wait_bit(cur):
+            await mx.wait(cur)
+        log.append(cur.name)
+
+    tb = asyncio.create_task(wait_bit(b))
+    await turns()
+    assert log == [] and [w.cur for w in mx.waiters or ()] == [b]
+    mx.unlock(a)
+    await tb
+    assert log == ["b"] and mx.owner is None and b.held == [] and not mx.waiters
+    assert mx.trylock(x)  # nothing was handed to the bit waiter: the lock is free
+    tb2 = asyncio.create_task(wait_bit(b))
+    tc = asyncio.create_task(acquire_mutex(mx, c, log))
+    te = asyncio.create_task(wait_bit(e))
+    await turns()
+    assert [w.cur for w in mx.waiters or ()] == [b, c, e]
+    mx.unlock(x)
+    await asyncio.gather(tb2, tc)
+    assert log == ["b", "b", "c"] and mx.owner is c and [w.cur for w in mx.waiters or ()] == [e]
+    mx.unlock(c)
+    await te
+    assert log == ["b", "b", "c", "e"] and not mx.is_locked() and not mx.waiters and not d.counts
+
+
+async def test_a_cancelled_bit_waiter_gives_nothing_back() -> None:
+    """A bit waiter cancelled after the release woke it, before it ran, leaves the lock as the
+    release left it (taken by the next acquisition, here): there is nothing of its own to give back."""
+    state, _ = ld()
+    mx = Mutex("m", LockClass.FOLIO_LOCK, state)
+    a, b, c = Current("a"), Current("b"), Current("c")
+    assert mx.lock(a)
+
+    async def wait_bit(cur: Current) -> None:
+        if not mx.wait_bit(cur):
+            await mx.wait(cur)
+
+    tb = asyncio.create_task(wait_bit(b))
+    tc = asyncio.create_task(acquire_mutex(mx, c))
+    await turns()
+    mx.unlock(a)
+    assert mx.owner is c
+    tb.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await tb
+    await tc
+    assert mx.owner is c and b.held == [] and b.waiting is None
+    mx.unlock(c)
+
+
 async def test_cancelled_waiter_leaves_queue_and_wakes_next() -> None:
     sem, _ = rwsem()
     r1, w, r2 = Current("r1"), Current("w"), Current("r2")

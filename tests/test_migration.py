@@ -55,7 +55,7 @@ def migration_entries(m: MemoryModel) -> int:
 
 async def test_a_fault_on_a_page_being_split_waits_and_a_cancelled_split_still_ends() -> None:
     """A move of one page out of a PTE-mapped THP splits it; while every mapping is a migration
-    entry (pagemap: PM_SWAP), a write to another of its pages sleeps on the folio lock. The move
+    entry (pagemap: PM_SWAP), a write to another of its pages sleeps on the folio lock's bit. The move
     is cancelled there: the split runs to its end all the same, the write then finds the page's
     new folio, and nothing is left unmapped."""
     m = MemoryModel()
@@ -70,6 +70,8 @@ async def test_a_fault_on_a_page_being_split_waits_and_a_cancelled_split_still_e
     lock = folio.lock
     assert lock is not None
     await until(lambda: lock.waiters)  # the write fault waits in migration_entry_wait
+    # on the lock's bit, to take nothing (migration_entry_wait_on_locked)
+    assert [w.write for w in lock.waiters or ()] == [None]
     mover.cancel()
     bp.release()
     await writer

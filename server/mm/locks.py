@@ -106,9 +106,12 @@ class Current:
 
 
 class _Waiter:
+    """A task queued on a lock: ``write`` True for an exclusive acquisition, False for a shared
+    one, None for a wait that takes nothing (Mutex.wait_bit)."""
+
     __slots__ = ("fut", "cur", "write", "since")
 
-    def __init__(self, fut: asyncio.Future[None], cur: Current, write: bool) -> None:
+    def __init__(self, fut: asyncio.Future[None], cur: Current, write: bool | None) -> None:
         self.fut = fut
         self.cur = cur
         self.write = write
@@ -211,10 +214,10 @@ class _Lock:
         finally:
             cur.waiting = None
         self.lockdep.waits.observe(self.rank, perf_counter() - w.since)
-        if ctl is not None:  # granted: runs again only when the explorer picks it
-            await ctl.park(f"lock:{self.name}")
+        if ctl is not None:  # granted (or, waiting on the bit, woken): runs again only when the explorer picks it
+            await ctl.park(f"lock:{self.name}" if w.write is not None else f"woken:{self.name}")
 
-    def _enqueue(self, cur: Current, write: bool) -> None:
+    def _enqueue(self, cur: Current, write: bool | None) -> None:
         fut = asyncio.get_running_loop().create_future()
         w = _Waiter(fut, cur, write)
         if self.waiters is None:
@@ -377,6 +380,18 @@ class Mutex(_Lock):
             self.lockdep.trace.lock("lock", self, ok)
         return ok
 
+    def wait_bit(self, cur: Current) -> bool:
+        """folio_wait_bit(PG_locked) as migration_entry_wait_on_locked uses it: wait until the lock
+        is let go, without taking it. True if it is free now; False means "await self.wait(cur)",
+        which returns once a release has woken ``cur`` (the lock may be taken again by then)."""
+        if cur.rcu_nesting: self._might_sleep(cur)
+        ok = self.owner is None
+        if not ok:
+            self._enqueue(cur, None)
+        if self.lockdep.trace is not None:
+            self.lockdep.trace.lock("wait_bit", self, ok)
+        return ok
+
     def unlock(self, cur: Current) -> None:
         self.owner = None
         cur.held.remove(self)
@@ -386,13 +401,19 @@ class Mutex(_Lock):
             self._wake()
 
     def _release_granted(self, w: _Waiter) -> None:
-        self.unlock(w.cur)
+        if w.write is not None:  # a bit waiter was given nothing
+            self.unlock(w.cur)
 
     def _wake(self) -> None:
+        """Wake the queue in order up to the first acquisition, which gets the lock: the bit
+        waiters before it are only woken (wake_up_page_bit)."""
         q = self.waiters
         while q and self.owner is None:
             w = q.popleft()
             if w.fut.done():  # cancelled before it could run
+                continue
+            if w.write is None:
+                self._grant(w)
                 continue
             self.owner = w.cur
             w.cur.held.append(self)

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 async def migration_entry_wait(k: Kernel, cur: Current, mm: Mm, addr: int, orig: SwapPte) -> None:
     """migration_entry_wait: if the PTE at ``addr`` still holds the migration entry ``orig``
     (looked at under its PTL), sleep until the folio's lock is let go: the split that holds it
-    has mapped the page again by then. The kernel sleeps on the lock bit without taking it
-    (migration_entry_wait_on_locked); here the lock is taken and let go at once. Expects no PTL
-    held (the mmap_lock or the VMA's lock for read may be); takes the PTL, then the folio lock."""
+    has mapped the page again by then. Sleeps on the lock bit without taking it
+    (migration_entry_wait_on_locked: folio_wait_bit). Expects no PTL held (the mmap_lock or the
+    VMA's lock for read may be); takes the PTL, lets it go, then waits on the folio lock."""
     pt = mm.pgtables.get(addr >> PMD_SHIFT)
     if pt is None:
         return
@@ -36,5 +36,4 @@ async def migration_entry_wait(k: Kernel, cur: Current, mm: Mm, addr: int, orig:
     k.stats["migration_entry_wait"] += 1
     lock = entry.folio.lock
     assert lock is not None
-    if not lock.lock(cur): await lock.wait(cur)
-    lock.unlock(cur)
+    if not lock.wait_bit(cur): await lock.wait(cur)

@@ -121,8 +121,8 @@ def _green_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) ->
 
 
 class Thread:
-    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo", "waits", "sleeps_in",
-                 "inside", "spinlocks")
+    __slots__ = ("index", "name", "ops", "state", "go", "point", "op_index", "held", "solo", "waits", "bit",
+                 "sleeps_in", "inside", "spinlocks")
 
     def __init__(self, index: int, name: str, ops: list[Op]) -> None:
         self.index = index
@@ -137,6 +137,8 @@ class Thread:
         self.solo: set[str] = set()
         #: The lock it sleeps on, while it sleeps on one (known when lock operations are traced).
         self.waits: Any = None
+        #: Whether it sleeps only on that lock's bit, to take nothing (Mutex.wait_bit).
+        self.bit = False
         #: The function it last slept in (locks' wait, synchronize_rcu, userfault_wait).
         self.sleeps_in = ""
         #: Parked inside synchronous code (Controller.park_sync): its stack cannot be looked into.
@@ -217,6 +219,8 @@ class Controller:
             return
         if point.startswith("lock:"):  # the sleep on it ended: granted
             th.held.append(point[5:])
+            th.waits = None
+        elif point.startswith("woken:"):  # the sleep on its bit ended: let go (Mutex.wait_bit)
             th.waits = None
         if point != "start":
             self.record("point", point, th)
@@ -431,11 +435,16 @@ class _Trace:
             if ctl.fine and not lock.waiters and not th.spinlocks:
                 ctl.park_sync(f"{op} {lock.name}")
             return
-        if result is not False:
+        if op == "wait_bit":  # nothing taken (Mutex.wait_bit): it sleeps on the bit or goes on
+            if result is False:
+                th.waits = lock
+                th.bit = True
+        elif result is not False:
             th.held.append(lock.name)
             th.spinlocks += op == "spin_lock"
         elif "try" not in op:
             th.waits = lock
+            th.bit = False
         ok = "" if result is None else (" ✓" if result else (" ✗" if "try" in op else " (sleeps)"))
         ctl.record("lock", f"{op} {lock.name}{ok}", th)
         # A point after every operation on a sleeping lock (another task may find it held there:
@@ -1933,6 +1942,10 @@ class _Watch(_Trace):
         sleep on it, or a release (_Handoff). A failed trylock is only a read of the owner."""
         if spin:
             self.spinlocks.add(key)
+        if op == "wait_bit":  # a read of the owner, and a sleep on it while held: nothing taken
+            if not result:
+                st.waits.add(key)
+            return
         if op in ("spin_unlock", "unlock", "up_write"):
             st.locks.append((key, False))
             if key in st.hold:
@@ -2028,6 +2041,8 @@ class _Watch(_Trace):
         nxt.reads.add(key)
         nxt.writes.add(key)
         lock = th.waits
+        if th.bit:
+            return  # woken on the lock's bit, given nothing (Mutex.wait_bit)
         if isinstance(lock, Mutex) or (isinstance(lock, RwSem) and lock.owner is not None):  # granted it
             self._exclusive(nxt, (self._name(lock, got[0] if got else th.index), "owner"), "grant", True, False)
 
