@@ -1838,13 +1838,17 @@ class _Watch(_Trace):
         ctl = self.ctl
         if not self.active or ctl.detached:
             return None
-        th = ctl._thread()
+        # The thread the search picked: only it runs (the others are parked, a woken sleeper
+        # parks before it touches anything), and a task it started and awaits counts as its own
+        # (Controller._thread), so the running task need not be looked up.
+        th = ctl.current
         if th is None:
             return None
-        st = self.open.get(th.index)
+        i = th.index
+        st = self.open.get(i)
         if st is None:
-            st = self.open[th.index] = _Step(th.index)
-        return th.index, st
+            st = self.open[i] = _Step(i)
+        return i, st
 
     def field(self, obj: Any, field: str, write: bool, old: Any, new: Any) -> None:
         """mm.trace's field hook: one read or store of a watched field."""
