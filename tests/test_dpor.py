@@ -249,7 +249,7 @@ FINE_QUICK = ["dontneed-vs-move", "double-swapout-vs-move", "exit-vs-blocking-wa
               "gc-fault-vs-walk", "huge-zero-move", "moved-twice-reuse", "opposite-moves", "pageout-vs-fork",
               "pin-vs-move", "pin-vs-pmd-move", "pmd-move-vs-fork", "pmd-move-vs-walk", "reclaim-vs-move",
               "slow-path-race", "split-vma-walk", "swap-move-then-swapin", "swapin-vs-move",
-              "typesafe-reuse-root-change"]
+              "two-movers-fresh-destination", "typesafe-reuse-root-change"]
 
 
 def _complete_and_clean(name: str, protocol: str, points: str) -> ex.Search:
