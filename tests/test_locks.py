@@ -257,6 +257,13 @@ async def test_wait_bit_sleeps_until_the_lock_is_let_go_and_takes_nothing() -> N
     mx.unlock(c)
     await te
     assert log == ["b", "b", "c", "e"] and not mx.is_locked() and not mx.waiters and not d.counts
+    # Queued while the lock is held, woken by its release before it came to sleep (a fault lets
+    # its PTL go in between): the sleep then ends at once.
+    assert mx.lock(a) and mx.wait_bit(b) is False
+    mx.unlock(a)
+    assert b.waiting is not None and b.waiting.fut.done()
+    await mx.wait(b)
+    assert b.waiting is None and b.held == [] and not mx.is_locked()
 
 
 async def test_a_cancelled_bit_waiter_gives_nothing_back() -> None:

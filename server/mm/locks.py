@@ -197,7 +197,10 @@ class _Lock:
         assert w is not None, "wait() without a queued acquisition"
         ctl = self.lockdep.controller
         if ctl is not None:
-            ctl.blocked(w.fut)
+            if w.fut.done():  # woken before it slept (a bit waiter that let its PTL go first):
+                _ = self.waiters  # the release that woke it is read here, as a wake-up would be
+            else:
+                ctl.blocked(w.fut)
         try:
             await w.fut
         except asyncio.CancelledError:

@@ -22,18 +22,20 @@ async def migration_entry_wait(k: Kernel, cur: Current, mm: Mm, addr: int, orig:
     (looked at under its PTL), sleep until the folio's lock is let go: the split that holds it
     has mapped the page again by then. Sleeps on the lock bit without taking it
     (migration_entry_wait_on_locked: folio_wait_bit). Expects no PTL held (the mmap_lock or the
-    VMA's lock for read may be); takes the PTL, lets it go, then waits on the folio lock."""
+    VMA's lock for read may be); takes the PTL, queues on the folio lock's bit under it (a release
+    after the PTL goes still wakes it), lets the PTL go, then sleeps."""
     pt = mm.pgtables.get(addr >> PMD_SHIFT)
     if pt is None:
         return
     await k.spin_lock(cur, pt.ptl)
     entry = orig.entry
-    still = pt.swap.get(addr >> PAGE_SHIFT) is orig
-    pt.ptl.spin_unlock(cur)
-    if not still:
+    if pt.swap.get(addr >> PAGE_SHIFT) is not orig:
+        pt.ptl.spin_unlock(cur)
         return
     assert is_migration_entry(entry)
     k.stats["migration_entry_wait"] += 1
     lock = entry.folio.lock
     assert lock is not None
-    if not lock.wait_bit(cur): await lock.wait(cur)
+    free = lock.wait_bit(cur)
+    pt.ptl.spin_unlock(cur)
+    if not free: await lock.wait(cur)
