@@ -59,6 +59,13 @@ async def acquire_mutex(mx: Mutex, cur: Current, log: list[str] | None = None) -
         log.append(cur.name)
 
 
+async def wait_bit(mx: Mutex, cur: Current, log: list[str] | None = None) -> None:
+    if not mx.wait_bit(cur):
+        await mx.wait(cur)
+    if log is not None:
+        log.append(cur.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # RwSem
 
@@ -233,22 +240,16 @@ async def test_wait_bit_sleeps_until_the_lock_is_let_go_and_takes_nothing() -> N
     assert mx.wait_bit(b) and mx.owner is None and b.held == [] and b.waiting is None
     assert mx.lock(a)
     log: list[str] = []
-
-    async def wait_bit(cur: Current) -> None:
-        if not mx.wait_bit(cur):
-            await mx.wait(cur)
-        log.append(cur.name)
-
-    tb = asyncio.create_task(wait_bit(b))
+    tb = asyncio.create_task(wait_bit(mx, b, log))
     await turns()
     assert log == [] and [w.cur for w in mx.waiters or ()] == [b]
     mx.unlock(a)
     await tb
     assert log == ["b"] and mx.owner is None and b.held == [] and not mx.waiters
     assert mx.trylock(x)  # nothing was handed to the bit waiter: the lock is free
-    tb2 = asyncio.create_task(wait_bit(b))
+    tb2 = asyncio.create_task(wait_bit(mx, b, log))
     tc = asyncio.create_task(acquire_mutex(mx, c, log))
-    te = asyncio.create_task(wait_bit(e))
+    te = asyncio.create_task(wait_bit(mx, e, log))
     await turns()
     assert [w.cur for w in mx.waiters or ()] == [b, c, e]
     mx.unlock(x)
@@ -273,12 +274,7 @@ async def test_a_cancelled_bit_waiter_gives_nothing_back() -> None:
     mx = Mutex("m", LockClass.FOLIO_LOCK, state)
     a, b, c = Current("a"), Current("b"), Current("c")
     assert mx.lock(a)
-
-    async def wait_bit(cur: Current) -> None:
-        if not mx.wait_bit(cur):
-            await mx.wait(cur)
-
-    tb = asyncio.create_task(wait_bit(b))
+    tb = asyncio.create_task(wait_bit(mx, b))
     tc = asyncio.create_task(acquire_mutex(mx, c))
     await turns()
     mx.unlock(a)
